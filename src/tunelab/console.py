@@ -1,0 +1,107 @@
+"""Terminal output with rich: the training progress bar, the before/after table, the data report."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+console = Console()
+
+
+@contextmanager
+def training_progress(total: int, done: int, enabled: bool = True) -> Iterator[Callable[..., None]]:
+    """Yield ``advance(loss=, lr=, tokens_per_s=)``, drawing loss, learning rate, tokens/s and ETA."""
+    if not enabled:
+        yield lambda **_: None
+        return
+    columns = (
+        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[speed]} tok/s"),
+        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("train", total=total, completed=done, loss="-", lr="-", speed="-")
+
+        def advance(loss: float, lr: float, tokens_per_s: float) -> None:
+            progress.update(task, advance=1, loss=f"{loss:.4f}", lr=f"{lr:.2e}", speed=f"{tokens_per_s:,.0f}")
+
+        yield advance
+
+
+def print_before_after(evaluation: dict[str, Any] | None) -> None:
+    if not evaluation or "base" not in evaluation:
+        if evaluation:
+            console.print(f"validation loss {evaluation['tuned']['loss']:.4f}")
+        return
+    base, tuned = evaluation["base"], evaluation["tuned"]
+    table = Table(title="Before / after (validation set)")
+    for column in ("metric", "base model", "fine-tuned", "change"):
+        table.add_column(column, justify="right" if column != "metric" else "left")
+    for key in ("loss", "perplexity"):
+        change = (tuned[key] - base[key]) / base[key] if base[key] else 0.0
+        style = "green" if change < 0 else "red"
+        table.add_row(key, f"{base[key]:.4f}", f"{tuned[key]:.4f}", Text(f"{change:+.1%}", style=style))
+    console.print(table)
+    for i, sample in enumerate(evaluation.get("samples", []), start=1):
+        samples = Table(title=f"Sample {i} ({sample['source']})", show_lines=True, expand=True)
+        samples.add_column("reference")
+        samples.add_column("base model")
+        samples.add_column("fine-tuned")
+        samples.add_row(sample["reference"], sample["base"], sample["tuned"])
+        console.print(Text(_last_user_turn(sample["prompt"]), style="bold"))
+        console.print(samples)
+
+
+def _last_user_turn(prompt: str, limit: int = 300) -> str:
+    return ("prompt: ..." + prompt[-limit:]) if len(prompt) > limit else f"prompt: {prompt}"
+
+
+def print_data_report(report: dict[str, Any]) -> None:
+    table = Table(title="Data report", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for info in report["files"]:
+        table.add_row(f"{info['role']} file", f"{info['path']} ({info['format']}, {info['records']} records)")
+    table.add_row("formats", ", ".join(f"{k}: {v}" for k, v in report["formats"].items()))
+    for key in ("records", "duplicates_removed", "overlap_removed", "dropped_overlong", "zero_supervised_examples"):
+        table.add_row(key.replace("_", " "), str(report[key]))
+    for split in ("train", "validation"):
+        stats = report[split]
+        lengths = stats["token_length"]
+        table.add_row(f"{split} examples", str(stats["examples"]))
+        if lengths:
+            table.add_row(f"{split} tokens p50/p90/p99/max",
+                          f"{lengths['p50']:.0f} / {lengths['p90']:.0f} / {lengths['p99']:.0f} / {lengths['max']:.0f}")
+        table.add_row(f"{split} supervised share", f"{stats['supervised_share']:.1%}")
+    table.add_row("truncation rate", f"{report['truncation_rate']:.1%}")
+    console.print(table)
+    for change in report["tokenizer_changes"]:
+        console.print(f"[yellow]tokenizer change:[/] {change}")
+    for warning in report["warnings"]:
+        console.print(f"[yellow]warning:[/] {warning}")
+    example = report.get("example")
+    if example:
+        console.print(f"\nExample {example['source']} ([green]green[/] = supervised tokens, which take the loss):")
+        text = Text()
+        for segment in example["segments"]:
+            text.append(segment["text"], style="bold green" if segment["supervised"] else "dim")
+        console.print(text)
+
+
+def print_runs(runs: list[dict[str, Any]]) -> None:
+    table = Table(title="Runs")
+    for column in ("run", "status", "technique", "model", "step", "train loss", "val loss base -> tuned"):
+        table.add_column(column)
+    for run in runs:
+        val = "-"
+        if run["tuned_val_loss"] is not None:
+            base = f"{run['base_val_loss']:.4f}" if run["base_val_loss"] is not None else "?"
+            val = f"{base} -> {run['tuned_val_loss']:.4f}"
+        loss = f"{run['train_loss']:.4f}" if run["train_loss"] is not None else "-"
+        table.add_row(run["run"], run["status"], str(run["technique"]), str(run["model"]), str(run["step"]), loss, val)
+    console.print(table)

@@ -1,0 +1,91 @@
+"""Rows, batches and the collate function.
+
+A *row* is a list of examples laid end to end. With packing, rows hold several examples (first-fit decreasing
+into ``max_length``); without it, one example each, and batches are grouped by length to limit padding.
+
+The collate function never builds an attention mask. Position ids restart at 0 for every example, and
+transformers' mask builder (``masking_utils.find_packed_sequence_indices``) turns each restart into a
+block-diagonal causal mask, so no example attends to another; flash-attention uses the same position ids for
+its variable-length kernel. Right padding is one more "example" of pad tokens with no labels, which only
+attends to itself.
+
+Targets are shifted per example *before* examples are concatenated: the last token of example A must not be
+asked to predict the first token of example B.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from tunelab.data.tokenize import IGNORE, TokenizedExample
+
+Row = list[int]  # indices of examples in one row
+
+
+def pack_rows(lengths: list[int], max_length: int) -> list[Row]:
+    """First-fit decreasing bin packing of example lengths into rows of at most ``max_length`` tokens.
+
+    Deterministic for the same lengths (ties broken by index), so resumed runs see the same rows.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[Row] = []
+    free: list[int] = []
+    for index in order:
+        size = lengths[index]
+        slot = next((r for r, room in enumerate(free) if room >= size), None)
+        if slot is None:
+            rows.append([index])
+            free.append(max_length - size)
+        else:
+            rows[slot].append(index)
+            free[slot] -= size
+    return rows
+
+
+def single_rows(count: int) -> list[Row]:
+    return [[i] for i in range(count)]
+
+
+def epoch_batches(row_lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
+    """The batches (lists of row indices) of one epoch: a seeded shuffle, optionally grouped by length.
+
+    Length grouping sorts within mega-batches of 64 batches, then shuffles the batches, like
+    transformers' ``group_by_length``: similar lengths share a batch but the order stays random.
+    """
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(row_lengths)))
+    rng.shuffle(order)
+    if group_by_length:
+        mega = batch_size * 64
+        order = [i for s in range(0, len(order), mega) for i in sorted(order[s : s + mega], key=lambda i: -row_lengths[i])]
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    if group_by_length:
+        rng.shuffle(batches)
+    return batches
+
+
+def collate(rows: list[list[TokenizedExample]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows of examples -> input_ids, position_ids and shifted targets, each (B, T)."""
+    ids_rows, pos_rows, tgt_rows = [], [], []
+    for row in rows:
+        ids, pos, tgt = [], [], []
+        for example in row:
+            ids += example.input_ids
+            pos += range(len(example.input_ids))
+            tgt += example.labels[1:] + [IGNORE]  # position t predicts token t+1 of the same example only
+        ids_rows.append(ids)
+        pos_rows.append(pos)
+        tgt_rows.append(tgt)
+    width = max(len(ids) for ids in ids_rows)
+    for ids, pos, tgt in zip(ids_rows, pos_rows, tgt_rows):
+        pad = width - len(ids)
+        ids += [pad_id] * pad
+        pos += range(pad)  # padding is its own segment: it restarts positions and so attends only to itself
+        tgt += [IGNORE] * pad
+    return {
+        "input_ids": torch.tensor(ids_rows, dtype=torch.long),
+        "position_ids": torch.tensor(pos_rows, dtype=torch.long),
+        "targets": torch.tensor(tgt_rows, dtype=torch.long),
+    }

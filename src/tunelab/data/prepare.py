@@ -1,0 +1,209 @@
+"""From data files to tokenized train/validation sets and the data report, cached by content hash."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedTokenizerBase
+
+from tunelab.config import DataConfig
+from tunelab.data.formats import DataError, Example, LoadedFile, load_file as load_data_file
+from tunelab.data.report import build_report
+from tunelab.data.tokenize import TokenizedExample, apply_length_policy, prepare_tokenizer, tokenize_example
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = "1"  # bump when tokenization or masking changes, so stale caches are not reused
+
+
+@dataclass
+class PreparedData:
+    train: list[TokenizedExample]
+    validation: list[TokenizedExample]
+    validation_examples: list[Example]  # the raw validation records, for sample generations
+    report: dict[str, Any]
+    from_cache: bool = False
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    parts = [vocab, str(tokenizer.chat_template), str(tokenizer.special_tokens_map), type(tokenizer).__name__]
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
+
+
+def cache_key(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> str:
+    relevant = config.model_dump(exclude={"packing", "cache"})
+    relevant["train"] = [_file_sha256(Path(p)) for p in config.train]
+    relevant["validation"] = [_file_sha256(Path(p)) for p in config.validation]
+    payload = json.dumps([CACHE_VERSION, relevant, tokenizer_fingerprint(tokenizer)], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+# ---------------------------------------------------------------- cache (safetensors + JSON, no pickle)
+
+
+def _save_split(examples: list[TokenizedExample], path: Path) -> list[dict[str, Any]]:
+    lengths = [len(e.input_ids) for e in examples]
+    flat_ids = [t for e in examples for t in e.input_ids]
+    flat_labels = [t for e in examples for t in e.labels]
+    save_file(
+        {"input_ids": torch.tensor(flat_ids, dtype=torch.int64), "labels": torch.tensor(flat_labels, dtype=torch.int64),
+         "lengths": torch.tensor(lengths, dtype=torch.int64)},
+        str(path),
+    )
+    return [{"source": e.source, "truncated": e.truncated} for e in examples]
+
+
+def _load_split(path: Path, meta: list[dict[str, Any]]) -> list[TokenizedExample]:
+    tensors = load_file(str(path))
+    ids, labels = tensors["input_ids"].tolist(), tensors["labels"].tolist()
+    out, start = [], 0
+    for length, info in zip(tensors["lengths"].tolist(), meta):
+        out.append(TokenizedExample(ids[start : start + length], labels[start : start + length], info["source"], info["truncated"]))
+        start += length
+    return out
+
+
+def save_cache(directory: Path, data: PreparedData) -> None:
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory.parent))
+    try:
+        meta = {
+            "train": _save_split(data.train, tmp / "train.safetensors"),
+            "validation": _save_split(data.validation, tmp / "validation.safetensors"),
+            "validation_examples": [asdict(e) for e in data.validation_examples],
+            "report": data.report,
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False))
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_cache(directory: Path) -> PreparedData | None:
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+        validation_examples = [
+            Example(e["format"], e["source"], tuple(tuple(m) for m in e["messages"]), e["prompt"], e["completion"])
+            for e in meta["validation_examples"]
+        ]
+        return PreparedData(
+            _load_split(directory / "train.safetensors", meta["train"]),
+            _load_split(directory / "validation.safetensors", meta["validation"]),
+            validation_examples, meta["report"], from_cache=True,
+        )
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------- the pipeline
+
+
+def _dedup(examples: list[Example]) -> tuple[list[Example], int]:
+    seen: set[str] = set()
+    kept = []
+    for example in examples:
+        key = example.key()
+        if key not in seen:
+            seen.add(key)
+            kept.append(example)
+    return kept, len(examples) - len(kept)
+
+
+def _split(examples: list[Example], val_size: float, seed: int) -> tuple[list[Example], list[Example]]:
+    count = int(val_size) if val_size >= 1 else round(len(examples) * val_size)
+    if val_size > 0 and count == 0 and len(examples) > 1:
+        count = 1
+    if count >= len(examples):
+        raise DataError(f"data.val_size={val_size} leaves no training examples out of {len(examples)}")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    chosen = set(order[:count])
+    return [e for i, e in enumerate(examples) if i not in chosen], [e for i, e in enumerate(examples) if i in chosen]
+
+
+def _tokenize_all(
+    examples: list[Example], tokenizer: PreTrainedTokenizerBase, config: DataConfig, counts: dict[str, int], zero: list[str]
+) -> list[TokenizedExample]:
+    out = []
+    for example in examples:
+        tokenized = apply_length_policy(tokenize_example(tokenizer, example, config.train_on_prompt), config.max_length, config.overlong)
+        if tokenized is None:
+            counts["dropped_overlong"] += 1
+        elif tokenized.num_supervised == 0:
+            zero.append(tokenized.source)
+        else:
+            out.append(tokenized)
+    return out
+
+
+def _load_all(paths: list[str], fmt: str) -> list[LoadedFile]:
+    return [load_data_file(path, fmt) for path in paths]
+
+
+def prepare_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, cache_dir: Path | None = None) -> PreparedData:
+    """Load, check, de-duplicate, split and tokenize; reuse the cached result when nothing changed."""
+    if not config.train:
+        raise DataError("data.train is empty: give at least one training file (.jsonl, .json, .csv or .parquet)")
+    train_files, val_files = _load_all(config.train, config.format), _load_all(config.validation, config.format)
+    needs_chat = any(f.format in ("messages", "alpaca") for f in train_files + val_files)
+    changes = prepare_tokenizer(tokenizer, config.chat_template, needs_chat)
+
+    key = cache_key(config, tokenizer) if config.cache and cache_dir else None
+    if key:
+        cached = load_cache(cache_dir / key)
+        if cached is not None:
+            log.info("tokenized data loaded from cache %s", cache_dir / key)
+            cached.report["tokenizer_changes"] = changes
+            return cached
+
+    train = [e for f in train_files for e in f.examples]
+    validation = [e for f in val_files for e in f.examples]
+    counts = {"records": len(train) + len(validation), "duplicates_removed": 0, "overlap_removed": 0, "dropped_overlong": 0}
+    if config.dedup:
+        train, dup_train = _dedup(train)
+        validation, dup_val = _dedup(validation)
+        counts["duplicates_removed"] = dup_train + dup_val
+    if not config.validation and config.val_size > 0:
+        train, validation = _split(train, config.val_size, config.seed)
+    if config.dedup and validation:  # a validation record seen in training would flatter the validation loss
+        val_keys = {e.key() for e in validation}
+        before = len(train)
+        train = [e for e in train if e.key() not in val_keys]
+        counts["overlap_removed"] = before - len(train)
+
+    zero: list[str] = []
+    train_tok = _tokenize_all(train, tokenizer, config, counts, zero)
+    val_tok = _tokenize_all(validation, tokenizer, config, counts, zero)
+    if not train_tok:
+        raise DataError(f"no usable training examples in {', '.join(config.train)} (see the counts: {counts})")
+    kept_val_sources = {e.source for e in val_tok}
+    files = [{"path": str(f.path), "format": f.format, "records": len(f.examples), "role": role}
+             for role, group in (("train", train_files), ("validation", val_files)) for f in group]
+    report = build_report(tokenizer=tokenizer, files=files, counts=counts, train=train_tok, validation=val_tok,
+                          zero_supervised=zero, tokenizer_changes=changes, max_length=config.max_length)
+    data = PreparedData(train_tok, val_tok, [e for e in validation if e.source in kept_val_sources], report)
+    if key:
+        save_cache(cache_dir / key, data)
+    return data

@@ -1,0 +1,119 @@
+"""The data report: what the data looks like after parsing and tokenization, before any training.
+
+It is a plain dict (written as ``data_report.json`` in every run, printed by ``tunelab data inspect``), built
+only from the tokenized examples and the preparation counts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from tunelab.data.tokenize import IGNORE, TokenizedExample
+
+
+def percentiles(values: list[int], points: tuple[int, ...] = (50, 90, 95, 99)) -> dict[str, float]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+    out: dict[str, float] = {f"p{p}": float(ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]) for p in points}
+    out["max"] = float(ordered[-1])
+    out["mean"] = round(sum(ordered) / len(ordered), 1)
+    return out
+
+
+def mask_segments(tokenizer: PreTrainedTokenizerBase, example: TokenizedExample) -> list[dict[str, Any]]:
+    """The example as consecutive runs of text, each marked supervised or not, for highlighting."""
+    segments: list[dict[str, Any]] = []
+    start = 0
+    flags = [label != IGNORE for label in example.labels]
+    for i in range(1, len(flags) + 1):
+        if i == len(flags) or flags[i] != flags[start]:
+            segments.append({"text": tokenizer.decode(example.input_ids[start:i]), "supervised": flags[start]})
+            start = i
+    return segments
+
+
+def end_of_turn_lint(tokenizer: PreTrainedTokenizerBase, examples: list[TokenizedExample]) -> int:
+    """Count untruncated examples whose last supervised token is not a special token (no trained stop)."""
+    specials = set(tokenizer.all_special_ids)
+    missing = 0
+    for example in examples:
+        supervised = [label for label in example.labels if label != IGNORE]
+        if supervised and not example.truncated and supervised[-1] not in specials:
+            missing += 1
+    return missing
+
+
+def split_stats(examples: list[TokenizedExample], max_length: int) -> dict[str, Any]:
+    lengths = [len(e.input_ids) for e in examples]
+    supervised = sum(e.num_supervised for e in examples)
+    total = sum(lengths)
+    return {
+        "examples": len(examples),
+        "tokens": total,
+        "supervised_tokens": supervised,
+        "supervised_share": round(supervised / total, 4) if total else 0.0,
+        "token_length": percentiles(lengths),
+        "truncated": sum(e.truncated for e in examples),
+        "max_length": max_length,
+    }
+
+
+def packing_stats(row_lengths: list[int], batch_size: int) -> dict[str, Any]:
+    """Share of computed token slots that hold real tokens, for rows batched `batch_size` at a time in order."""
+    computed = real = 0
+    for s in range(0, len(row_lengths), batch_size):
+        batch = row_lengths[s : s + batch_size]
+        computed += max(batch) * len(batch)
+        real += sum(batch)
+    return {"rows": len(row_lengths), "real_token_share": round(real / computed, 4) if computed else 0.0}
+
+
+def build_report(
+    *,
+    tokenizer: PreTrainedTokenizerBase,
+    files: list[dict[str, Any]],
+    counts: dict[str, int],
+    train: list[TokenizedExample],
+    validation: list[TokenizedExample],
+    zero_supervised: list[str],
+    tokenizer_changes: list[str],
+    max_length: int,
+) -> dict[str, Any]:
+    formats: dict[str, int] = {}
+    for info in files:
+        formats[info["format"]] = formats.get(info["format"], 0) + info["records"]
+    everything = train + validation
+    report: dict[str, Any] = {
+        "files": files,
+        "formats": formats,
+        **counts,
+        "zero_supervised_examples": len(zero_supervised),
+        "zero_supervised_sources": zero_supervised[:20],
+        "train": split_stats(train, max_length),
+        "validation": split_stats(validation, max_length),
+        "truncation_rate": round(sum(e.truncated for e in everything) / len(everything), 4) if everything else 0.0,
+        "missing_end_of_turn_supervision": end_of_turn_lint(tokenizer, everything),
+        "tokenizer_changes": tokenizer_changes,
+        "example": {"source": train[0].source, "segments": mask_segments(tokenizer, train[0])} if train else None,
+    }
+    report["warnings"] = report_warnings(report)
+    return report
+
+
+def report_warnings(report: dict[str, Any]) -> list[str]:
+    warnings = []
+    if report["zero_supervised_examples"]:
+        warnings.append(f"{report['zero_supervised_examples']} examples have no supervised token (left out of training)")
+    if report["truncation_rate"] > 0.05:
+        warnings.append(f"{report['truncation_rate']:.0%} of examples are truncated: consider raising data.max_length")
+    if report["missing_end_of_turn_supervision"]:
+        warnings.append(
+            f"{report['missing_end_of_turn_supervision']} examples do not supervise an end-of-turn token: "
+            "the model may not learn to stop"
+        )
+    if report["train"]["examples"] < 50:
+        warnings.append(f"only {report['train']['examples']} training examples: expect overfitting")
+    return warnings

@@ -1,0 +1,139 @@
+"""Chat templates and the supervised-token mask.
+
+Masking works on characters, not on guessed token boundaries: for every assistant turn i the template is
+rendered for messages[:i] with the generation prompt (everything the model is given) and for messages[:i+1]
+(everything through the end of the turn). The characters between the two are the assistant's content plus
+the template's end-of-turn marker; trailing whitespace after the marker is left out. Tokens whose character
+offsets overlap those spans are supervised. This supervises every assistant turn and always the end-of-turn
+token, whatever the pad token is, because the mask never looks at token ids.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from tunelab.data.formats import DataError, Example
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100  # label of a token that takes no loss (PyTorch cross_entropy's ignore_index)
+
+# tunelab's documented fallback for tokenizers without a chat template: ChatML-style role headers, and each
+# turn closed by the tokenizer's own EOS token, so "stop" is a token the model already knows.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    input_ids: list[int]
+    labels: list[int]  # same length; IGNORE where no loss is taken (not shifted)
+    source: str
+    truncated: bool = False
+
+    @property
+    def num_supervised(self) -> int:
+        return sum(label != IGNORE for label in self.labels)
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, chat_template: str | None, needs_chat: bool) -> list[str]:
+    """Make the tokenizer usable for training and return every change made, so it is logged and reported.
+
+    Nothing is changed silently: the pad token is only set when missing (to EOS; labels never depend on it),
+    and the chat template only when the config gives one or the tokenizer has none.
+    """
+    changes = []
+    if tokenizer.eos_token is None:
+        raise DataError("the tokenizer has no EOS token, so examples cannot end; use a tokenizer with eos_token set")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+        changes.append(f"pad_token was missing: set to the EOS token {tokenizer.eos_token!r} (labels never use it)")
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+        changes.append("chat_template replaced by data.chat_template from the config")
+    elif needs_chat and not tokenizer.chat_template:
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+        changes.append("the tokenizer had no chat template: using tunelab's ChatML fallback with EOS as end of turn")
+    for change in changes:
+        log.warning("tokenizer: %s", change)
+    return changes
+
+
+def render_chat(tokenizer: PreTrainedTokenizerBase, turns: tuple[tuple[str, str], ...], add_generation_prompt: bool) -> str:
+    messages = [{"role": role, "content": content} for role, content in turns]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _assistant_spans(tokenizer: PreTrainedTokenizerBase, example: Example, full: str) -> list[tuple[int, int]]:
+    spans = []
+    for i, (role, _) in enumerate(example.messages):
+        if role != "assistant":
+            continue
+        before = render_chat(tokenizer, example.messages[:i], add_generation_prompt=True)
+        through = render_chat(tokenizer, example.messages[: i + 1], add_generation_prompt=False)
+        if not (through.startswith(before) and full.startswith(through)):
+            raise DataError(
+                f"{example.source}: the chat template does not render conversations prefix by prefix (turn {i}), so "
+                "assistant tokens cannot be located. Set data.chat_template to a template without history rewriting."
+            )
+        spans.append((len(before), len(through.rstrip())))
+    return spans
+
+
+def _supervised_flags(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
+    return [any(start < span_end and end > span_start for span_start, span_end in spans) for start, end in offsets]
+
+
+def tokenize_example(
+    tokenizer: PreTrainedTokenizerBase, example: Example, train_on_prompt: bool = False
+) -> TokenizedExample:
+    """Token ids and labels of one example, with the loss on assistant turns / the completion (+ end token)."""
+    if example.messages:
+        text = render_chat(tokenizer, example.messages, add_generation_prompt=False)
+        spans = [(0, len(text.rstrip()))] if train_on_prompt else _assistant_spans(tokenizer, example, text)
+        # The template already contains any BOS it wants; adding special tokens again would double it.
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, flags = encoded["input_ids"], _supervised_flags(encoded["offset_mapping"], spans)
+    else:
+        text = example.prompt + example.completion
+        spans = [(0 if train_on_prompt else len(example.prompt), len(text))]
+        encoded = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+        ids, flags = encoded["input_ids"], _supervised_flags(encoded["offset_mapping"], spans)
+        if not ids or ids[-1] != tokenizer.eos_token_id:  # plain text ends with EOS, which is always supervised
+            ids, flags = ids + [tokenizer.eos_token_id], flags + [True]
+    labels = [token if flag else IGNORE for token, flag in zip(ids, flags)]
+    return TokenizedExample(list(ids), labels, example.source)
+
+
+def apply_length_policy(example: TokenizedExample, max_length: int, policy: str) -> TokenizedExample | None:
+    """Truncate, drop (None) or reject an example longer than max_length."""
+    if len(example.input_ids) <= max_length:
+        return example
+    if policy == "error":
+        raise DataError(
+            f"{example.source}: {len(example.input_ids)} tokens is longer than data.max_length={max_length}. "
+            "Raise max_length, or set data.overlong to 'truncate' or 'drop'."
+        )
+    if policy == "drop":
+        return None
+    return TokenizedExample(example.input_ids[:max_length], example.labels[:max_length], example.source, truncated=True)
+
+
+def prompt_for_generation(tokenizer: PreTrainedTokenizerBase, example: Example) -> tuple[str, str]:
+    """(prompt text, reference answer) for a sample generation: the conversation up to its last assistant turn."""
+    if example.messages:
+        last = max(i for i, (role, _) in enumerate(example.messages) if role == "assistant")
+        prompt = render_chat(tokenizer, example.messages[:last], add_generation_prompt=True)
+        return prompt, example.messages[last][1]
+    if example.format == "text":  # continued pre-training: continue the first third of the text
+        words = example.completion.split(" ")
+        cut = max(1, len(words) // 3)
+        return " ".join(words[:cut]), " ".join(words[cut:])
+    return example.prompt, example.completion

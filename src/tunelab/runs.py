@@ -1,0 +1,75 @@
+"""The run folder: every report is built from its files, never from logs.
+
+    runs/<name>/
+      config.yaml          the resolved config (defaults filled in)
+      data_report.json     the data report
+      metrics.jsonl        one JSON line per logged step / evaluation
+      eval.json            before/after: validation loss, perplexity, sample generations
+      adapter/ or model/   the result: a standard PEFT adapter, or a plain transformers model
+      tokenizer/           the tokenizer used for training, chat template included
+      checkpoints/         resumable checkpoints (latest and best)
+      status.json          running / interrupted / completed / failed, and the final step
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (temporary file + rename), so a crash never leaves half a report."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(run_dir: Path, last_step: int) -> None:
+    """On resume, forget metric lines written after the checkpoint: those steps are run again."""
+    kept = [m for m in read_metrics(run_dir) if m.get("step", 0) <= last_step]
+    tmp = run_dir / ".metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
+    os.replace(tmp, run_dir / "metrics.jsonl")
+
+
+def summarize_run(run_dir: Path) -> dict[str, Any] | None:
+    """Key figures of one run folder, or None when the folder is not a tunelab run."""
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        return None
+    config = yaml.safe_load(config_path.read_text()) or {}
+    status = read_json(run_dir / "status.json") or {}
+    evaluation = read_json(run_dir / "eval.json") or {}
+    train_losses = [m["loss"] for m in read_metrics(run_dir) if m.get("kind") == "train"]
+    return {
+        "run": str(run_dir),
+        "status": status.get("status", "unknown"),
+        "model": config.get("model", {}).get("name"),
+        "technique": config.get("technique", {}).get("name"),
+        "step": status.get("step"),
+        "train_loss": train_losses[-1] if train_losses else None,
+        "base_val_loss": (evaluation.get("base") or {}).get("loss"),
+        "tuned_val_loss": (evaluation.get("tuned") or {}).get("loss"),
+    }
+
+
+def list_runs(root: Path) -> list[dict[str, Any]]:
+    if not root.is_dir():
+        return []
+    found = [summarize_run(p) for p in sorted(root.iterdir()) if p.is_dir()]
+    return [r for r in found if r is not None]

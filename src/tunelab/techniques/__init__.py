@@ -1,0 +1,37 @@
+"""The technique registry: one explicit table, checked at import time.
+
+Adding a technique: write ``techniques/<name>.py`` with a settings class whose ``name`` is a ``Literal`` and a
+``TECHNIQUE`` object, then add it to ``_ALL`` below. The config schema's ``technique`` section is built from
+this table, so an unknown name is rejected when the config is read.
+"""
+
+from __future__ import annotations
+
+from typing import Union, get_args
+
+from tunelab.techniques import freeze, full, lora
+from tunelab.techniques.base import Technique, TechniqueSettings, count_parameters
+
+_ALL: tuple[Technique, ...] = (full.TECHNIQUE, freeze.TECHNIQUE, lora.TECHNIQUE)
+
+
+def _check(techniques: tuple[Technique, ...]) -> dict[str, Technique]:
+    registry: dict[str, Technique] = {}
+    for technique in techniques:
+        if technique.name in registry:
+            raise RuntimeError(f"technique {technique.name!r} is registered twice")
+        literal = get_args(technique.config_class.model_fields["name"].annotation)
+        if literal != (technique.name,):
+            raise RuntimeError(f"technique {technique.name!r}: its settings' name must be Literal[{technique.name!r}]")
+        if technique.result_dir_name not in ("adapter", "model"):
+            raise RuntimeError(f"technique {technique.name!r}: result_dir_name must be 'adapter' or 'model'")
+        registry[technique.name] = technique
+    return registry
+
+
+TECHNIQUES: dict[str, Technique] = _check(_ALL)
+
+# The union the config schema discriminates on `name`.
+TechniqueConfig = Union[tuple(t.config_class for t in _ALL)]  # type: ignore[valid-type]
+
+__all__ = ["TECHNIQUES", "Technique", "TechniqueConfig", "TechniqueSettings", "count_parameters"]

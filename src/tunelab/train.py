@@ -1,0 +1,442 @@
+"""The training loop: one visible function on accelerate, plus the small pieces it calls.
+
+Reading order: set up the run folder, data and model (``train``), then ``_loop`` runs optimizer steps. Each step
+takes ``grad_accum`` micro-batches, counts their supervised tokens first, and scales every micro-batch's summed
+loss by ``world_size / total_tokens`` (DDP averages gradients over processes, so the world size cancels): the
+step's gradient is exactly the gradient of the token-mean loss over the whole window.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import yaml
+from accelerate import Accelerator
+from transformers import get_scheduler, set_seed
+
+from tunelab import checkpoint as ckpt
+from tunelab.config import ConfigError, TunelabConfig
+from tunelab.data import PreparedData, collate, epoch_batches, pack_rows, prepare_data, single_rows
+from tunelab.eval import generate_samples, sample_prompts, validation_loss
+from tunelab.models import cache_root, load_model, load_tokenizer
+from tunelab.objectives import OBJECTIVES, ObjectiveSpec
+from tunelab.runs import read_json, truncate_metrics, write_json
+from tunelab.techniques import TECHNIQUES, count_parameters
+
+log = logging.getLogger(__name__)
+
+
+class TrainingAborted(RuntimeError):
+    """The run stopped on an error the user must fix (repeated non-finite steps, ...)."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    status: str  # completed, early_stopped, interrupted
+    step: int
+    evaluation: dict[str, Any] | None = None
+
+
+@dataclass
+class LoopState:
+    """Counters saved in every checkpoint's state.json; together with the weights, optimizer, scheduler and RNG
+    states they are everything needed to continue bit for bit."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    best_eval_loss: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    nonfinite_skipped: int = 0
+    consecutive_nonfinite: int = 0
+    last_eval: dict[str, Any] | None = None
+    history: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    rows: list[list[Any]]  # each row: the TokenizedExamples laid end to end in it
+    batches_per_epoch: int  # micro-batches per epoch on this process
+    total_steps: int
+    seed: int
+    micro_batch_size: int
+    group_by_length: bool
+    rank: int
+    world: int
+
+    def epoch(self, epoch: int) -> list[list[int]]:
+        lengths = [sum(len(e.input_ids) for e in row) for row in self.rows]
+        batches = epoch_batches(lengths, self.micro_batch_size, self.seed, epoch, self.group_by_length)
+        usable = len(batches) - len(batches) % self.world  # every process gets the same number of batches
+        return batches[:usable][self.rank :: self.world]
+
+    def micro_batches(self, start: int) -> Iterator[list[list[Any]]]:
+        """Rows of each micro-batch from global micro-batch index ``start`` on: resuming needs only the step."""
+        index, cached_epoch, batches = start, -1, []
+        while True:
+            epoch, position = divmod(index, self.batches_per_epoch)
+            if epoch != cached_epoch:
+                cached_epoch, batches = epoch, self.epoch(epoch)
+            yield [self.rows[r] for r in batches[position]]
+            index += 1
+
+
+def make_plan(config: TunelabConfig, data: PreparedData, rank: int, world: int) -> Plan:
+    lengths = [len(e.input_ids) for e in data.train]
+    row_indices = pack_rows(lengths, config.data.max_length) if config.data.packing else single_rows(len(lengths))
+    rows = [[data.train[i] for i in row] for row in row_indices]
+    per_epoch = len(rows) // config.training.micro_batch_size + bool(len(rows) % config.training.micro_batch_size)
+    per_epoch = per_epoch // world
+    if per_epoch < 1:
+        raise ConfigError(f"{len(rows)} training rows are fewer than one micro-batch per process; lower training.micro_batch_size")
+    steps = config.training.max_steps or math.ceil(config.training.epochs * per_epoch / config.training.grad_accum)
+    return Plan(rows, per_epoch, steps, config.training.seed, config.training.micro_batch_size,
+                not config.data.packing, rank, world)
+
+
+# ---------------------------------------------------------------- one optimizer step
+
+
+def accumulate_gradients(
+    model: torch.nn.Module, window: list[dict[str, torch.Tensor]], objective: ObjectiveSpec, accelerator: Accelerator,
+) -> tuple[torch.Tensor, int]:
+    """Backward over a window of micro-batches; returns (summed loss, total units) over all processes."""
+    local_units = sum(objective.count_units(b) for b in window)
+    total_units = int(accelerator.reduce(torch.tensor(local_units, device=accelerator.device), "sum").item())
+    scale = accelerator.num_processes / max(total_units, 1)
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for i, batch in enumerate(window):
+        last = i == len(window) - 1
+        with (nullcontext() if last else accelerator.no_sync(model)), accelerator.autocast():
+            result = objective.loss_sum(model, batch)
+        accelerator.backward(result.loss_sum * scale)
+        loss_sum += result.loss_sum.detach().float()
+    return accelerator.reduce(loss_sum, "sum"), total_units
+
+
+def make_optimizer(model: torch.nn.Module, config: TunelabConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not on biases and norm scales, the usual practice)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.training.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate, betas=config.training.adam_betas)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+class _StopRequest:
+    """Ctrl-C asks the loop to stop at the next step boundary and save; a second Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> "_StopRequest":
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread (e.g. a notebook worker): no handler, Ctrl-C raises as usual
+            self._previous = None
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("Ctrl-C: finishing this step, then saving a resumable checkpoint (Ctrl-C again to quit now)")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _loop(ctx: "_Context", state: LoopState) -> str:
+    config, accelerator, model, plan = ctx.config, ctx.accelerator, ctx.model, ctx.plan
+    micro = plan.micro_batches(state.step * config.training.grad_accum)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    clip = config.training.max_grad_norm or float("inf")
+    started, tokens_at_start = time.time(), state.tokens_seen
+    with ctx.progress(plan.total_steps, state.step) as advance, _StopRequest() as stop:
+        while state.step < plan.total_steps:
+            if stop.requested:
+                ctx.save_checkpoint(state)
+                return "interrupted"
+            rows = [next(micro) for _ in range(config.training.grad_accum)]
+            window = [{k: v.to(accelerator.device) for k, v in collate(r, ctx.pad_id).items()} for r in rows]
+            loss_sum, units = accumulate_gradients(model, window, ctx.objective, accelerator)
+            grad_norm = accelerator.clip_grad_norm_(trainable, clip)
+            finite = bool(torch.isfinite(loss_sum)) and bool(torch.isfinite(grad_norm))
+            if finite:
+                ctx.optimizer.step()
+                ctx.scheduler.step()
+                state.consecutive_nonfinite = 0
+            else:  # skip: no update, no schedule step; count it and give up after K in a row
+                state.nonfinite_skipped += 1
+                state.consecutive_nonfinite += 1
+            ctx.optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.tokens_seen += sum(len(e.input_ids) for r in rows for row in r for e in row) * accelerator.num_processes
+            loss = (loss_sum / max(units, 1)).item()
+            speed = (state.tokens_seen - tokens_at_start) / max(time.time() - started, 1e-9)
+            lr = ctx.scheduler.get_last_lr()[0]
+            advance(loss=loss, lr=lr, tokens_per_s=speed)
+            if state.step % config.training.log_every == 0 or not finite:
+                ctx.log_metrics({"kind": "train", "step": state.step, "loss": round(loss, 6), "lr": lr,
+                                 "grad_norm": round(float(grad_norm), 6), "tokens": state.tokens_seen,
+                                 "tokens_per_s": round(speed, 1), "skipped": not finite,
+                                 "elapsed_s": round(time.time() - started, 2)})
+            if state.consecutive_nonfinite >= config.training.max_consecutive_nonfinite:
+                raise TrainingAborted(
+                    f"{state.consecutive_nonfinite} steps in a row had a non-finite loss or gradient (last at step "
+                    f"{state.step}). Lower training.learning_rate, check the data, or use float32."
+                )
+            if not finite:
+                log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", state.step, state.consecutive_nonfinite)
+            last = state.step == plan.total_steps
+            if config.training.eval_every and (state.step % config.training.eval_every == 0 or last):
+                if ctx.evaluate(state) == "early_stop":
+                    return "early_stopped"
+            if config.training.save_every and state.step % config.training.save_every == 0:
+                ctx.save_checkpoint(state)
+    return "completed"
+
+
+# ---------------------------------------------------------------- set-up and wrap-up
+
+
+class _Context:
+    """Everything the loop needs, built once. Methods are the loop's side effects (logging, eval, saving)."""
+
+    def __init__(self, config: TunelabConfig, run_dir: Path, show_progress: bool) -> None:
+        self.config, self.run_dir, self.show_progress = config, run_dir, show_progress
+        self.accelerator = Accelerator(mixed_precision=_mixed_precision(config), cpu=not torch.cuda.is_available())
+        self.device = self.accelerator.device
+        self.objective = OBJECTIVES[config.objective.name]
+        self.technique = TECHNIQUES[config.technique.name]
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def log_metrics(self, record: dict[str, Any]) -> None:
+        if self.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a") as handle:
+                handle.write(_json_line(record))
+
+    def progress(self, total: int, done: int):  # noqa: ANN201 - a context manager yielding an update function
+        from tunelab.console import training_progress
+
+        return training_progress(total, done, enabled=self.show_progress and self.is_main)
+
+    def evaluate(self, state: LoopState) -> str | None:
+        result = validation_loss(self.model, self.data.validation, self.objective.loss_sum, self.pad_id,
+                                 self.config.eval.batch_size, self.device, self.accelerator)
+        state.last_eval = {"step": state.step, **result}
+        self.log_metrics({"kind": "eval", "step": state.step, "loss": result["loss"], "perplexity": result["perplexity"]})
+        if state.best_eval_loss is None or result["loss"] < state.best_eval_loss:
+            state.best_eval_loss, state.best_step, state.evals_without_improvement = result["loss"], state.step, 0
+            if self.config.training.save_every or self.config.training.early_stopping_patience:
+                self.save_checkpoint(state)  # the best checkpoint is what restore_best loads at the end
+        else:
+            state.evals_without_improvement += 1
+        patience = self.config.training.early_stopping_patience
+        return "early_stop" if patience and state.evals_without_improvement >= patience else None
+
+    def save_checkpoint(self, state: LoopState) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            root = self.run_dir / "checkpoints"
+            model = self.accelerator.unwrap_model(self.model)
+            ckpt.save_checkpoint(root, state.step, model, self.optimizer, self.scheduler, state.__dict__, ckpt.rng_state())
+            ckpt.rotate(root, {state.step} | ({state.best_step} if state.best_step is not None else set()))
+        self.accelerator.wait_for_everyone()
+
+
+def _mixed_precision(config: TunelabConfig) -> str:
+    from tunelab.models import resolve_dtype
+
+    if not torch.cuda.is_available():
+        return "no"
+    dtype = resolve_dtype(config.model.dtype, torch.device("cuda"))
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+
+
+def _json_line(record: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(record) + "\n"
+
+
+def _prepare_run_dir(config: TunelabConfig, resume: bool) -> Path:
+    run_dir = Path(config.output.dir or "runs/run")
+    if resume:
+        if ckpt.latest_checkpoint(run_dir / "checkpoints") is None:
+            raise ConfigError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
+        _check_resume_config(config, run_dir)
+        return run_dir
+    if (run_dir / "config.yaml").exists():
+        if not config.output.overwrite:
+            raise ConfigError(
+                f"{run_dir} already holds a run. Continue it with --resume, choose another folder with "
+                "--set output.dir=..., or replace it with --set output.overwrite=true"
+            )
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(config.to_yaml())
+    return run_dir
+
+
+# Fields that may change between a run and its resumption; anything else would make "resume" a different run.
+_RESUMABLE_CHANGES = {"training.max_steps", "training.epochs", "training.eval_every", "training.save_every",
+                      "training.early_stopping_patience", "output.overwrite", "eval"}
+
+
+def _check_resume_config(config: TunelabConfig, run_dir: Path) -> None:
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    current = yaml.safe_load(config.to_yaml())
+    changed = []
+    for section, fields in current.items():
+        for key, value in (fields or {}).items():
+            dotted = f"{section}.{key}"
+            if saved.get(section, {}).get(key) != value and dotted not in _RESUMABLE_CHANGES and section not in _RESUMABLE_CHANGES:
+                changed.append(f"{dotted}: {saved.get(section, {}).get(key)!r} -> {value!r}")
+    if changed:
+        raise ConfigError(f"--resume: the config differs from the run's {run_dir / 'config.yaml'}: " + "; ".join(changed))
+    (run_dir / "config.yaml").write_text(config.to_yaml())
+
+
+def _base_evaluation(ctx: _Context, samples: list[dict[str, str]]) -> dict[str, Any] | None:
+    """Validation loss and generations of the untouched model, computed once per run (before the technique)."""
+    path = ctx.run_dir / "base_eval.json"
+    if not ctx.config.eval.before_after or not ctx.data.validation:
+        return None
+    if path.is_file():
+        return read_json(path)
+    result = validation_loss(ctx.model, ctx.data.validation, ctx.objective.loss_sum, ctx.pad_id,
+                             ctx.config.eval.batch_size, ctx.device, ctx.accelerator)
+    result["samples"] = generate_samples(ctx.model, ctx.tokenizer, samples, ctx.config.eval.max_new_tokens, ctx.device,
+                                         plain_text=_plain_text(ctx.data)) if ctx.is_main else []
+    if ctx.is_main:
+        write_json(path, result)
+    return result
+
+
+def _plain_text(data: PreparedData) -> bool:
+    return bool(data.validation_examples) and not data.validation_examples[0].messages
+
+
+def _save_result(ctx: _Context) -> Path:
+    """Write the adapter or model (atomically: into a temporary folder, then renamed) and the tokenizer."""
+    model = ctx.accelerator.unwrap_model(ctx.model)
+    tmp = ctx.run_dir / ".tmp-result"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    written = ctx.technique.save(model, tmp)
+    if ctx.technique.result_dir_name == "model":
+        ctx.tokenizer.save_pretrained(written)  # a full model folder is self-contained
+    final = ctx.run_dir / written.name
+    shutil.rmtree(final, ignore_errors=True)
+    written.rename(final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    ctx.tokenizer.save_pretrained(ctx.run_dir / "tokenizer")
+    return final
+
+
+def _final_evaluation(ctx: _Context, state: LoopState, base: dict[str, Any] | None, samples: list[dict[str, str]]) -> dict[str, Any] | None:
+    if not ctx.data.validation:
+        return None
+    best_restored = state.best_step is not None and state.best_step != state.step and ctx.config.training.restore_best
+    if state.last_eval and (state.last_eval["step"] == state.step or best_restored):
+        tuned = {k: v for k, v in state.last_eval.items() if k != "step"}
+        if best_restored:
+            tuned = {"loss": state.best_eval_loss, "perplexity": round(math.exp(min(state.best_eval_loss, 50.0)), 4),
+                     "tokens": state.last_eval["tokens"]}
+    else:
+        tuned = validation_loss(ctx.model, ctx.data.validation, ctx.objective.loss_sum, ctx.pad_id,
+                                ctx.config.eval.batch_size, ctx.device, ctx.accelerator)
+    evaluation: dict[str, Any] = {"step": state.step, "weights_from_step": state.best_step if best_restored else state.step,
+                                  "tuned": tuned}
+    if base is not None:
+        outputs = generate_samples(ctx.model, ctx.tokenizer, samples, ctx.config.eval.max_new_tokens, ctx.device,
+                                   plain_text=_plain_text(ctx.data)) if ctx.is_main else []
+        evaluation["base"] = {k: v for k, v in base.items() if k != "samples"}
+        evaluation["loss_change"] = round(tuned["loss"] - base["loss"], 6)
+        evaluation["relative_loss_change"] = round((tuned["loss"] - base["loss"]) / base["loss"], 4) if base["loss"] else None
+        evaluation["samples"] = [{**s, "base": b, "tuned": t} for s, b, t in zip(samples, base["samples"], outputs)]
+    return evaluation
+
+
+def train(config: TunelabConfig, resume: bool = False, progress: bool = True) -> RunResult:
+    """Fine-tune ``config.model`` on ``config.data`` with ``config.technique``; see the module docstring."""
+    run_dir = _prepare_run_dir(config, resume)
+    ctx = _Context(config, run_dir, progress)
+    set_seed(config.training.seed)
+    ctx.tokenizer = load_tokenizer(config.model)
+    ctx.data = prepare_data(config.data, ctx.tokenizer, cache_root() / "data")
+    ctx.pad_id = ctx.tokenizer.pad_token_id
+    if ctx.is_main:
+        write_json(run_dir / "data_report.json", ctx.data.report)
+    ctx.model = load_model(config.model, ctx.device)
+    samples = sample_prompts(ctx.tokenizer, ctx.data.validation_examples, config.eval.num_samples)
+    base = _base_evaluation(ctx, samples)
+    if config.training.gradient_checkpointing:
+        ctx.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    set_seed(config.training.seed)  # the technique's initialisation does not depend on whether base eval ran
+    ctx.model = ctx.technique.prepare(ctx.model, config.technique)
+    trainable, total = count_parameters(ctx.model)
+    log.info("technique %s: %s of %s parameters trainable (%.3f%%)", config.technique.name, f"{trainable:,}",
+             f"{total:,}", 100 * trainable / total)
+    ctx.plan = make_plan(config, ctx.data, ctx.accelerator.process_index, ctx.accelerator.num_processes)
+    ctx.optimizer = make_optimizer(ctx.model, config)
+    ctx.scheduler = get_scheduler(
+        {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[config.training.schedule],
+        ctx.optimizer, num_warmup_steps=math.ceil(config.training.warmup_ratio * ctx.plan.total_steps),
+        num_training_steps=ctx.plan.total_steps,
+    )
+    ctx.model, ctx.optimizer = ctx.accelerator.prepare(ctx.model, ctx.optimizer)
+    ctx.model.train()
+    state = LoopState()
+    if resume:
+        latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
+        state = LoopState(**ckpt.load_checkpoint(latest, ctx.accelerator.unwrap_model(ctx.model), ctx.optimizer, ctx.scheduler))
+        state.history.append(f"resumed from {latest.name}")
+        if ctx.is_main:
+            truncate_metrics(run_dir, state.step)
+    _write_status(ctx, "running", state)
+    try:
+        status = _loop(ctx, state)
+    except BaseException as exc:
+        _write_status(ctx, "failed" if not isinstance(exc, KeyboardInterrupt) else "interrupted", state, str(exc))
+        raise
+    if status == "interrupted":
+        _write_status(ctx, status, state)
+        return RunResult(run_dir, status, state.step)
+    if config.training.restore_best and state.best_step is not None and state.best_step != state.step:
+        ckpt.load_trainable(run_dir / "checkpoints" / ckpt.checkpoint_name(state.best_step), ctx.accelerator.unwrap_model(ctx.model))
+        log.info("restored the best weights (step %d, validation loss %.4f)", state.best_step, state.best_eval_loss)
+    evaluation = _final_evaluation(ctx, state, base, samples)
+    if ctx.is_main:
+        _save_result(ctx)
+        if evaluation is not None:
+            write_json(run_dir / "eval.json", evaluation)
+    _write_status(ctx, status, state)
+    return RunResult(run_dir, status, state.step, evaluation)
+
+
+def _write_status(ctx: _Context, status: str, state: LoopState, error: str | None = None) -> None:
+    if ctx.is_main:
+        write_json(ctx.run_dir / "status.json", {"status": status, "step": state.step, "total_steps": ctx.plan.total_steps
+                                                 if hasattr(ctx, "plan") else None, "nonfinite_skipped": state.nonfinite_skipped,
+                                                 "error": error})
