@@ -1,0 +1,156 @@
+"""The command line: verbs named after the lifecycle of a fine-tune (data, train, runs, quickstart, ...)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune open language models, measure, ship.")
+config_app = typer.Typer(no_args_is_help=True, help="Inspect configs.")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect and validate data before training.")
+app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")
+
+SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config field: --set training.max_steps=10")]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    from tunelab.console import console
+
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from tunelab.config import ConfigError
+    from tunelab.data import DataError
+    from tunelab.models import ModelLoadError
+    from tunelab.trainer import TrainingAborted
+
+    return ConfigError, DataError, ModelLoadError, TrainingAborted
+
+
+def _setup_logging() -> None:
+    from rich.logging import RichHandler
+
+    from tunelab.console import console
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
+    for noisy in ("httpx", "datasets", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="YAML config file")],
+    set_: SetOption = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run folder's latest checkpoint")] = False,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar")] = True,
+) -> None:
+    """Fine-tune a model as the config says; writes a run folder (see `tunelab runs`)."""
+    _setup_logging()
+    from tunelab.config import load_config
+
+    try:
+        cfg = load_config(config, set_)
+        _run_training(cfg, resume, progress)
+    except _user_errors() as exc:
+        _fail(str(exc))
+
+
+def _run_training(cfg, resume: bool, progress: bool) -> None:  # noqa: ANN001 - TunelabConfig, imported lazily
+    from tunelab.console import console, print_before_after
+    from tunelab.trainer import train as run_train
+
+    result = run_train(cfg, resume=resume, progress=progress)
+    if result.status == "interrupted":
+        console.print(f"[yellow]Interrupted at step {result.step}.[/] Continue with: "
+                      f"tunelab train CONFIG --resume --set output.dir={result.run_dir}")
+        raise typer.Exit(130)
+    print_before_after(result.evaluation)
+    console.print(f"[bold green]{result.status}[/] after {result.step} steps. Run folder: {result.run_dir}")
+
+
+@config_app.command("show")
+def config_show(config: Annotated[Path, typer.Argument(help="YAML config file")], set_: SetOption = None) -> None:
+    """Print the resolved config, every default filled in."""
+    from tunelab.config import ConfigError, load_config
+
+    try:
+        typer.echo(load_config(config, set_).to_yaml())
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+@data_app.command("inspect")
+def data_inspect(
+    file: Annotated[list[Path], typer.Argument(help="Data file(s) to inspect")],
+    config: Annotated[Optional[Path], typer.Option(help="Config whose model/tokenizer and data settings to use")] = None,
+    set_: SetOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
+) -> None:
+    """Validate data files and print the data report, with one example's supervised tokens highlighted."""
+    _setup_logging()
+    from tunelab.api import inspect_data
+    from tunelab.console import print_data_report
+
+    try:
+        report = inspect_data(file, config, set_)
+    except _user_errors() as exc:
+        _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        print_data_report(report)
+
+
+@app.command()
+def runs(root: Annotated[Path, typer.Argument(help="Folder holding run folders")] = Path("runs")) -> None:
+    """List runs with their key figures (read from each run folder's files)."""
+    from tunelab.console import console, print_runs
+    from tunelab.runs import list_runs
+
+    found = list_runs(root)
+    if not found:
+        console.print(f"no runs in {root}")
+        return
+    print_runs(found)
+
+
+@app.command()
+def quickstart(
+    set_: SetOption = None,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar")] = True,
+) -> None:
+    """LoRA on the embedded SmolLM2-135M-Instruct with the shipped pydoc Q&A data, then a before/after table."""
+    _setup_logging()
+    from tunelab.api import quickstart_config
+    from tunelab.checkpoint import latest_checkpoint
+    from tunelab.runs import read_json
+
+    try:
+        cfg = quickstart_config(set_)
+        run_dir = Path(cfg.output.dir)
+        status = (read_json(run_dir / "status.json") or {}).get("status")
+        resume = status in ("interrupted", "failed", "running") and latest_checkpoint(run_dir / "checkpoints") is not None
+        cfg.output.overwrite = not resume  # the quickstart folder is tunelab's own demo output
+        _run_training(cfg, resume, progress)
+    except _user_errors() as exc:
+        _fail(str(exc))
+
+
+def main() -> None:
+    app(prog_name="tunelab")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
