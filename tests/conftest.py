@@ -26,6 +26,15 @@ CORPUS = [
 ANIMALS = ["cat", "dog", "fox", "owl", "cow", "bee"]
 
 
+CPU_THREADS = torch.get_num_threads()
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Tiny models run far faster on one thread (thread start-up dominates a 64-wide matmul); the real tier
+    gets every core."""
+    torch.set_num_threads(CPU_THREADS if item.get_closest_marker("real") else 1)
+
+
 def build_tokenizer(path: Path) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on a tiny corpus, with ChatML special tokens and template."""
     tok = Tokenizer(models.BPE())

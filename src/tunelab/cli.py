@@ -20,9 +20,9 @@ SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="Override 
 
 
 def _fail(message: str, code: int = 2) -> None:
-    from tunelab.console import console
+    from tunelab.console import err_console
 
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -36,11 +36,15 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 
 def _setup_logging() -> None:
+    import warnings
+
     from rich.logging import RichHandler
 
-    from tunelab.console import console
+    from tunelab.console import err_console
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
+    # Logs go to stderr so that stdout stays clean for results (`data inspect --json`, `config show`).
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=err_console, show_path=False)])
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     for noisy in ("httpx", "datasets", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     import transformers

@@ -182,6 +182,15 @@ class TunelabConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation and before/after report.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where the run folder goes.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _technique_name_defaults_to_lora(cls, values: Any) -> Any:
+        # The discriminated union needs `name`; a section such as {r: 8} (or --set technique.r=8) means the
+        # default technique, as it does when the whole section is left out.
+        if isinstance(values, dict) and isinstance(values.get("technique"), dict) and "name" not in values["technique"]:
+            values = {**values, "technique": {"name": "lora", **values["technique"]}}
+        return values
+
     @property
     def learning_rate(self) -> float:
         """The learning rate actually used: the user's, or the technique's recommended starting point."""
@@ -267,20 +276,33 @@ def _model_at(path: tuple[Any, ...], data: dict[str, Any]) -> type[BaseModel] | 
     return model
 
 
-def format_validation_error(exc: ValidationError, data: dict[str, Any], source: str, text: str | None) -> str:
+def _nearest_key(key: str, valid: list[str]) -> str | None:
+    """The valid key a misspelt or renamed one most likely meant ('lerning_rate' -> 'learning_rate', 'rank' -> 'r')."""
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if close:
+        return close[0]
+    prefixed = [v for v in valid if key.startswith(v) or v.startswith(key)]
+    return max(prefixed, key=len) if prefixed else None
+
+
+def format_validation_error(
+    exc: ValidationError, data: dict[str, Any], source: str, text: str | None, overridden: set[str] | frozenset[str] = frozenset()
+) -> str:
     lines_of = _line_index(text) if text else {}
     messages = []
     for err in exc.errors():
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in TECHNIQUES and err["loc"][0] == "technique"))
         dotted = ".".join(str(p) for p in loc) or "(top level)"
+        if err["type"] == "union_tag_invalid":  # the offending value is technique.name, not the section
+            loc, dotted = loc + ("name",), f"{dotted}.name"
         line = lines_of.get(tuple(str(p) for p in loc))
-        where = f"{source}:{line}" if line else source
+        where = f"--set {dotted}" if dotted in overridden else f"{source}:{line}" if line else source
         if err["type"] == "extra_forbidden":
             owner = _model_at(loc, data)
             valid = list(owner.model_fields) if owner else []
-            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            messages.append(f"{where}: unknown key '{dotted}'{hint} Valid keys here: {', '.join(valid)}")
+            close = _nearest_key(str(loc[-1]), valid)
+            hint = f" Did you mean '{close}'?" if close else ""
+            messages.append(f"{where}: unknown key '{dotted}'.{hint} Valid keys here: {', '.join(valid)}")
         elif err["type"] == "union_tag_invalid":
             messages.append(f"{where}: technique.name must be one of {', '.join(TECHNIQUES)} (got {err.get('ctx', {}).get('tag', err['input'])!r})")
         else:
@@ -311,7 +333,8 @@ def build_config(
     try:
         config = TunelabConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, data, source, text)) from None
+        overridden = {".".join(path) for path, _ in parse_overrides(overrides)}
+        raise ConfigError(format_validation_error(exc, data, source, text, overridden)) from None
     return _resolve_paths(config, base_dir or Path.cwd())
 
 

@@ -11,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 console = Console()
+err_console = Console(stderr=True)  # logs and errors; stdout is for results
 
 
 @contextmanager

@@ -7,6 +7,7 @@ Every record becomes an :class:`Example`: either a chat (``messages``) or a prom
 
 from __future__ import annotations
 
+import csv
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,13 +109,26 @@ def read_records(path: Path) -> tuple[list[dict[str, Any]], list[int] | None]:
         if bad is not None:
             raise DataError(f"{path}: record {bad + 1}: expected a JSON object, got {type(items[bad]).__name__}")
         return items, None
+    options: dict[str, Any] = {}
+    if builder == "csv":  # CSV has no types: keep every cell as text, so "4" or "None" is not read as a number or null
+        with path.open(encoding="utf-8-sig", newline="") as handle:  # utf-8-sig: pandas drops a BOM too
+            header = next(csv.reader(handle), [])
+        options = {"features": datasets.Features({name: datasets.Value("string") for name in header}),
+                   "keep_default_na": False}
     previous = datasets.utils.logging.get_verbosity()
-    datasets.utils.logging.set_verbosity_error()
+    datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)  # a failed read becomes one DataError below
     datasets.disable_progress_bars()
     try:
-        dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
+        # Dataset.from_json/from_csv/from_parquet run the same builders as load_dataset without its Hub round trip
+        # (load_dataset sends a download-count request per call, which stalls for seconds on offline machines).
+        dataset = getattr(datasets.Dataset, f"from_{builder}")(str(path), **options)
     except Exception as exc:  # datasets raises many types (Arrow, JSON, casting); turn them into one clear message
         detail = _diagnose_json(path) if builder == "json" else None
+        if builder == "json" and detail is None:
+            # Every line is a JSON object, but their value types differ (a string here, a list there), which Arrow
+            # cannot hold in one table: read them as they are, so the record checks can name the bad line.
+            with path.open(encoding="utf-8") as handle:
+                return [json.loads(text) for text in handle if text.strip()], _jsonl_lines(path)
         raise DataError(detail or f"{path}: could not be read as {builder} ({type(exc).__name__}: {exc})") from None
     finally:
         datasets.utils.logging.set_verbosity(previous)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
@@ -113,7 +114,7 @@ def load_cache(directory: Path) -> PreparedData | None:
             _load_split(directory / "validation.safetensors", meta["validation"]),
             validation_examples, meta["report"], from_cache=True,
         )
-    except (OSError, KeyError, ValueError):
+    except (OSError, KeyError, ValueError, SafetensorError):  # missing or damaged: tokenize again
         return None
 
 

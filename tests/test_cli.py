@@ -1,0 +1,198 @@
+"""The command line, in-process through typer's CliRunner: `config show` and `data inspect`, and exit code 2 with a
+clear message for user errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import toy_chat_records, write_jsonl
+from typer.testing import CliRunner
+
+from tunelab.cli import app
+from tunelab.techniques import TECHNIQUES
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def invoke(*args: str):  # noqa: ANN201 - typer.testing.Result
+    # A wide console, so rich neither wraps file paths nor squeezes the table.
+    result = CliRunner(env={"COLUMNS": "250", "NO_COLOR": "1"}).invoke(app, [str(a) for a in args])
+    result.clean = ANSI.sub("", result.output)
+    return result
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(f"model:\n  name: {tiny_model_dir}\ndata:\n  val_size: 0.1\n")
+    return path
+
+
+@pytest.fixture
+def chat_file(tmp_path: Path) -> Path:
+    records = toy_chat_records(30)
+    return write_jsonl(tmp_path / "chat.jsonl", records + records[:2])  # two duplicates
+
+
+# ---------------------------------------------------------------- config show
+
+
+def test_config_show_prints_the_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    result = invoke("config", "show", path)
+    assert result.exit_code == 0, result.output
+    shown = yaml.safe_load(result.stdout)
+    assert set(shown) == {"model", "data", "technique", "objective", "training", "eval", "output"}
+    assert shown["technique"]["name"] == "lora"
+    assert shown["training"]["learning_rate"] == TECHNIQUES["lora"].default_learning_rate  # resolved, not None
+    assert shown["data"]["max_length"] == 1024 and shown["data"]["packing"] is True
+    assert shown["output"]["dir"] == str(Path("runs") / "empty")
+
+
+def test_config_show_applies_set(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  max_steps: 5\n")
+    result = invoke("config", "show", path, "--set", "training.max_steps=9", "--set", "technique.name=full")
+    assert result.exit_code == 0, result.output
+    shown = yaml.safe_load(result.stdout)
+    assert shown["training"]["max_steps"] == 9
+    assert shown["technique"] == {"name": "full"}
+    assert shown["training"]["learning_rate"] == TECHNIQUES["full"].default_learning_rate
+
+
+def test_config_show_bad_config_exits_2_with_the_message(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("training:\n  lerning_rate: 0.1\n")
+    result = invoke("config", "show", path)
+    assert result.exit_code == 2
+    assert "error:" in result.clean
+    assert f"{path}:2" in result.clean
+    assert "training.lerning_rate" in result.clean and "learning_rate" in result.clean
+    assert "Traceback" not in result.clean
+
+
+def test_config_show_refuses_python_tags(tmp_path: Path) -> None:
+    marker = tmp_path / "executed"
+    path = tmp_path / "evil.yaml"
+    path.write_text(f'model: !!python/object/apply:os.system ["touch {marker}"]\n')
+    result = invoke("config", "show", path)
+    assert result.exit_code == 2
+    assert "not plain YAML" in result.clean
+    assert not marker.exists()
+
+
+def test_config_show_bad_set_exits_2(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("{}\n")
+    result = invoke("config", "show", path, "--set", "training.nope=1")
+    assert result.exit_code == 2
+    assert "--set training.nope" in result.clean
+
+
+def test_config_show_missing_file_exits_2(tmp_path: Path) -> None:
+    result = invoke("config", "show", tmp_path / "missing.yaml")
+    assert result.exit_code == 2 and "not found" in result.clean
+
+
+# ---------------------------------------------------------------- data inspect
+
+
+def test_data_inspect_prints_the_report(chat_file: Path, tiny_config: Path) -> None:
+    result = invoke("data", "inspect", chat_file, "--config", tiny_config)
+    assert result.exit_code == 0, result.output
+    out = result.clean
+    assert "Data report" in out
+    assert "messages: 32" in out  # formats
+    assert "duplicates removed" in out and re.search(r"duplicates removed\s*│\s*2\s", out)
+    assert re.search(r"train tokens p50/p90/p99/max\s*│\s*\d+ / \d+ / \d+ / \d+", out)
+    assert re.search(r"validation tokens p50/p90/p99/max\s*│\s*\d+ / \d+ / \d+ / \d+", out)
+    assert "supervised share" in out and "truncation rate" in out
+    assert re.search(rf"Example {re.escape(str(chat_file))}:\d+ ", out)  # the highlighted example names its source
+    assert re.search(r"(\w+) \1 \1<\|im_end\|>", out)  # ... and shows its text
+
+
+def test_data_inspect_json(chat_file: Path, tiny_config: Path) -> None:
+    result = invoke("data", "inspect", chat_file, "--config", tiny_config, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    for key in ("files", "formats", "records", "duplicates_removed", "overlap_removed", "dropped_overlong",
+                "zero_supervised_examples", "train", "validation", "truncation_rate", "tokenizer_changes", "warnings",
+                "example"):
+        assert key in report, key
+    assert report["formats"] == {"messages": 32}
+    assert report["records"] == 32 and report["duplicates_removed"] == 2
+    assert report["train"]["examples"] + report["validation"]["examples"] == 30
+    assert report["validation"]["examples"] == 3
+    assert {"p50", "p90", "p95", "p99", "max", "mean"} <= set(report["train"]["token_length"])
+    assert 0 < report["train"]["supervised_share"] < 1
+    assert report["files"] == [{"path": str(chat_file), "format": "messages", "records": 32, "role": "train"}]
+
+
+def test_data_inspect_several_files_and_set(tmp_path: Path, tiny_config: Path) -> None:
+    chats = write_jsonl(tmp_path / "a.jsonl", toy_chat_records(10))
+    pairs = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"say {i}", "completion": f" {i} {i}"} for i in range(5)])
+    result = invoke("data", "inspect", chats, pairs, "--config", tiny_config, "--set", "data.val_size=0", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["formats"] == {"messages": 10, "prompt_completion": 5}
+    assert report["validation"]["examples"] == 0 and report["train"]["examples"] == 15
+
+
+def test_data_inspect_malformed_file_exits_2_with_file_and_line(tmp_path: Path, tiny_config: Path) -> None:
+    good = json.dumps(toy_chat_records(1)[0])
+    path = tmp_path / "bad.jsonl"
+    path.write_text(f"{good}\n{good}\n{{\"messages\": [\n{good}\n")
+    result = invoke("data", "inspect", path, "--config", tiny_config)
+    assert result.exit_code == 2
+    assert f"{path}:3" in result.clean and "not valid JSON" in result.clean
+    assert "Traceback" not in result.clean
+
+
+def test_data_inspect_wrong_shape_exits_2_with_line(tmp_path: Path, tiny_config: Path) -> None:
+    records = toy_chat_records(5)
+    records[3] = {"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "hello"}]}
+    path = write_jsonl(tmp_path / "bot.jsonl", records)
+    result = invoke("data", "inspect", path, "--config", tiny_config)
+    assert result.exit_code == 2
+    assert f"{path}:4" in result.clean and "'bot'" in result.clean
+
+
+def test_data_inspect_bad_config_exits_2(chat_file: Path, tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("data:\n  overlong: cut\n")
+    result = invoke("data", "inspect", chat_file, "--config", config)
+    assert result.exit_code == 2
+    assert f"{config}:2" in result.clean and "data.overlong" in result.clean
+
+
+def test_data_inspect_missing_model_dir_exits_2(chat_file: Path, tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  name: ./no-such-model\n")
+    result = invoke("data", "inspect", chat_file, "--config", config)
+    assert result.exit_code == 2
+    assert "does not exist" in result.clean
+
+
+def test_data_inspect_json_stays_parseable_with_log_output(
+    chat_file: Path, tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = tmp_path / "model-without-pad"
+    shutil.copytree(tiny_model_dir, model)
+    tokenizer_config = json.loads((model / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("pad_token", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    config = tmp_path / "nopad.yaml"
+    config.write_text(f"model:\n  name: {model}\n")
+    # As in a real shell: no logging handler yet, so the CLI's own logging setup takes effect (pytest adds one).
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
+    result = invoke("data", "inspect", chat_file, "--config", config, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert any("pad_token" in change for change in report["tokenizer_changes"])

@@ -1,0 +1,237 @@
+"""The config: YAML loading, clear errors with file:line and the nearest key, --set overrides, path resolution."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tunelab.config import ConfigError, DataConfig, TunelabConfig, build_config, load_config, parse_overrides
+from tunelab.techniques import TECHNIQUES
+
+
+def write_config(tmp_path: Path, text: str, name: str = "config.yaml") -> Path:
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def config_error(path: Path, overrides: list[str] | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    return str(info.value)
+
+
+# ---------------------------------------------------------------- unknown keys, types, tags
+
+
+def test_unknown_key_names_path_nearest_key_and_line(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "model:\n  dtype: float32\ntraining:\n  max_steps: 10\n  lerning_rate: 1.0e-4\n")
+    message = config_error(path)
+    assert f"{path}:5" in message  # the line of `lerning_rate`
+    assert "training.lerning_rate" in message
+    assert "did you mean 'learning_rate'" in message.lower()
+
+
+def test_unknown_top_level_section_suggests_the_section(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "model:\n  dtype: float32\ntrainig:\n  max_steps: 3\n")
+    message = config_error(path)
+    assert f"{path}:3" in message
+    assert "'trainig'" in message and "did you mean 'training'" in message.lower()
+
+
+def test_wrong_type_names_path_line_and_expected_type(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "training:\n  epochs: 1\n  max_steps: ten\n")
+    message = config_error(path)
+    assert f"{path}:3" in message
+    assert "training.max_steps" in message
+    assert "valid integer" in message
+    assert "'ten'" in message
+
+
+def test_constraint_violation_names_the_bound(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "data:\n  max_length: 4\n")
+    message = config_error(path)
+    assert f"{path}:2" in message and "data.max_length" in message and "greater than 8" in message
+
+
+def test_python_tag_is_refused_and_not_executed(tmp_path: Path) -> None:
+    marker = tmp_path / "executed"
+    path = write_config(tmp_path, f'model: !!python/object/apply:os.system ["touch {marker}"]\n')
+    message = config_error(path)
+    assert f"{path}:1" in message
+    assert "safe_load" in message and "python/object" in message
+    assert not marker.exists()
+
+
+def test_echo_tag_from_the_issue_is_refused(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    path = write_config(tmp_path, 'training: !!python/object/apply:os.system ["echo hi"]\n')
+    message = config_error(path)
+    assert "not plain YAML" in message
+    assert "hi" not in capfd.readouterr().out  # nothing ran
+
+
+def test_unknown_technique_lists_valid_ones(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "technique:\n  name: lorra\n")
+    message = config_error(path)
+    assert f"{path}:2" in message  # the line of `name:`
+    assert "'lorra'" in message
+    for name in TECHNIQUES:
+        assert name in message
+
+
+def test_technique_specific_unknown_key(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "technique:\n  name: lora\n  rank: 8\n")
+    message = config_error(path)
+    assert f"{path}:3" in message
+    assert "technique.rank" in message
+    assert "did you mean 'r'" in message.lower()
+    assert "alpha" in message and "target_modules" in message  # lora's keys, not another technique's
+
+
+def test_key_of_another_technique_is_unknown(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "technique:\n  name: full\n  r: 8\n")
+    message = config_error(path)
+    assert f"{path}:3" in message and "technique.r" in message
+
+
+def test_technique_section_without_name_is_lora(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path, "technique:\n  r: 4\n"))
+    assert config.technique.name == "lora" and config.technique.r == 4
+
+
+def test_early_stopping_needs_eval_every(tmp_path: Path) -> None:
+    message = config_error(write_config(tmp_path, "training:\n  early_stopping_patience: 3\n"))
+    assert "early_stopping_patience" in message and "eval_every" in message
+    ok = load_config(write_config(tmp_path, "training:\n  early_stopping_patience: 3\n  eval_every: 10\n", "ok.yaml"))
+    assert ok.training.early_stopping_patience == 3
+
+
+def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
+    message = config_error(write_config(tmp_path, "- a\n- b\n"))
+    assert "expected a mapping" in message
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    assert "not found" in config_error(tmp_path / "nope.yaml")
+
+
+# ---------------------------------------------------------------- --set overrides
+
+
+def test_parse_overrides_yaml_scalars() -> None:
+    parsed = dict((".".join(k), v) for k, v in parse_overrides(
+        ["training.max_steps=10", "training.learning_rate=0.001", "data.packing=false", "technique.target_modules=[q_proj, v_proj]",
+         "model.name=some/model"]
+    ))
+    assert parsed == {
+        "training.max_steps": 10, "training.learning_rate": 0.001, "data.packing": False,
+        "technique.target_modules": ["q_proj", "v_proj"], "model.name": "some/model",
+    }
+    assert isinstance(parsed["training.max_steps"], int) and isinstance(parsed["training.learning_rate"], float)
+
+
+def test_set_overrides_apply(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "training:\n  max_steps: 5\n  learning_rate: 0.1\n")
+    config = load_config(path, [
+        "training.max_steps=12",            # int, replacing a file value
+        "training.learning_rate=1e-4",      # exponent without a dot: YAML reads a string, pydantic makes it a float
+        "training.warmup_ratio=0.25",       # float
+        "data.packing=false",               # bool
+        "technique.target_modules=[q_proj, v_proj]",  # list
+        "training.adam_betas=[0.8, 0.95]",
+        "technique.r=4",                    # into the default technique (lora), no name given
+    ])
+    assert config.training.max_steps == 12
+    assert config.training.learning_rate == pytest.approx(1e-4) and config.learning_rate == pytest.approx(1e-4)
+    assert config.training.warmup_ratio == 0.25
+    assert config.data.packing is False
+    assert config.technique.name == "lora"
+    assert config.technique.target_modules == ["q_proj", "v_proj"] and config.technique.r == 4
+    assert config.training.adam_betas == (0.8, 0.95)
+
+
+def test_set_switches_technique(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path, "{}\n"), ["technique.name=freeze", "technique.layers=[-1]"])
+    assert config.technique.name == "freeze" and config.technique.layers == [-1]
+    assert config.learning_rate == TECHNIQUES["freeze"].default_learning_rate
+
+
+def test_set_unknown_key_errors_and_names_the_option(tmp_path: Path) -> None:
+    message = config_error(write_config(tmp_path, "{}\n"), ["training.lerning_rate=0.1"])
+    assert "--set training.lerning_rate" in message
+    assert "did you mean 'learning_rate'" in message.lower()
+
+
+def test_set_unknown_technique_names_the_option(tmp_path: Path) -> None:
+    message = config_error(write_config(tmp_path, "{}\n"), ["technique.name=qlora"])
+    assert "--set technique.name" in message and "'qlora'" in message and "full, freeze, lora" in message
+
+
+def test_set_wrong_type_errors(tmp_path: Path) -> None:
+    message = config_error(write_config(tmp_path, "{}\n"), ["training.max_steps=abc"])
+    assert "training.max_steps" in message and "valid integer" in message
+
+
+@pytest.mark.parametrize("item", ["training.max_steps", "=3"])
+def test_set_needs_key_and_value(item: str) -> None:
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_overrides([item])
+
+
+def test_set_into_a_value_errors(tmp_path: Path) -> None:
+    message = config_error(write_config(tmp_path, "training:\n  max_steps: 3\n"), ["training.max_steps.x=1"])
+    assert "holds a value, not a section" in message
+
+
+# ---------------------------------------------------------------- paths, defaults
+
+
+def test_relative_data_paths_resolve_against_the_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config_dir = tmp_path / "configs" / "nested"
+    path = write_config(config_dir, "data:\n  train: ../data/train.jsonl\n  validation: [val.jsonl, /abs/v.jsonl]\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = load_config(path)
+    assert config.data.train == [str((tmp_path / "configs" / "data" / "train.jsonl").resolve())]
+    assert config.data.validation == [str((config_dir / "val.jsonl").resolve()), "/abs/v.jsonl"]
+    assert config.output.dir == str(Path("runs") / "config")  # output dir stays relative to the working directory
+
+
+def test_local_model_dir_resolves_against_the_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    path = write_config(tmp_path, "model:\n  name: models/tiny\n")
+    monkeypatch.chdir(tmp_path.parent)
+    assert load_config(path).model.name == str((tmp_path / "models" / "tiny").resolve())
+    hub = load_config(write_config(tmp_path, "model:\n  name: Org/Some-Model\n", "hub.yaml"))
+    assert hub.model.name == "Org/Some-Model"  # a hub id is left alone
+
+
+def test_defaults_and_learning_rate_per_technique() -> None:
+    config = build_config({})
+    assert config.technique.name == "lora"
+    assert config.data == DataConfig()
+    assert config.learning_rate == TECHNIQUES["lora"].default_learning_rate
+    assert build_config({"technique": {"name": "full"}}).learning_rate == TECHNIQUES["full"].default_learning_rate
+
+
+def test_to_yaml_round_trips() -> None:
+    config = build_config({"technique": {"name": "freeze", "layers": [-1]}, "training": {"max_steps": 3}})
+    dumped = yaml.safe_load(config.to_yaml())
+    assert dumped["training"]["learning_rate"] == TECHNIQUES["freeze"].default_learning_rate
+    again = TunelabConfig.model_validate(dumped)
+    assert again.technique == config.technique and again.training.max_steps == 3
+
+
+def test_every_field_has_a_description() -> None:
+    missing = []
+    sections = [TunelabConfig, *(f.annotation for f in TunelabConfig.model_fields.values() if isinstance(f.annotation, type))]
+    sections += [t.config_class for t in TECHNIQUES.values()]
+    for section in sections:
+        for name, field in section.model_fields.items():
+            if not field.description:
+                missing.append(f"{section.__name__}.{name}")
+    assert not missing
