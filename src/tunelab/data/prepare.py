@@ -53,8 +53,9 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 
 def cache_key(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> str:
     relevant = config.model_dump(exclude={"packing", "cache"})
-    relevant["train"] = [_file_sha256(Path(p)) for p in config.train]
-    relevant["validation"] = [_file_sha256(Path(p)) for p in config.validation]
+    # Paths too, not only contents: cached examples carry their file:line sources for error messages and reports.
+    relevant["train"] = [(p, _file_sha256(Path(p))) for p in config.train]
+    relevant["validation"] = [(p, _file_sha256(Path(p))) for p in config.validation]
     payload = json.dumps([CACHE_VERSION, relevant, tokenizer_fingerprint(tokenizer)], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
