@@ -1,4 +1,4 @@
-"""The training loop: one visible function on accelerate, plus the small pieces it calls.
+"""The training loop (module `trainer`, so that `tunelab.train(...)` stays the API function): one visible function on accelerate, plus the small pieces it calls.
 
 Reading order: set up the run folder, data and model (``train``), then ``_loop`` runs optimizer steps. Each step
 takes ``grad_accum`` micro-batches, counts their supervised tokens first, and scales every micro-batch's summed

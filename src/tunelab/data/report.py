@@ -61,16 +61,6 @@ def split_stats(examples: list[TokenizedExample], max_length: int) -> dict[str, 
     }
 
 
-def packing_stats(row_lengths: list[int], batch_size: int) -> dict[str, Any]:
-    """Share of computed token slots that hold real tokens, for rows batched `batch_size` at a time in order."""
-    computed = real = 0
-    for s in range(0, len(row_lengths), batch_size):
-        batch = row_lengths[s : s + batch_size]
-        computed += max(batch) * len(batch)
-        real += sum(batch)
-    return {"rows": len(row_lengths), "real_token_share": round(real / computed, 4) if computed else 0.0}
-
-
 def build_report(
     *,
     tokenizer: PreTrainedTokenizerBase,
