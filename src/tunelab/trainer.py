@@ -240,9 +240,14 @@ class _Context:
 
         return training_progress(total, done, enabled=self.show_progress and self.is_main)
 
+    def validation_loss(self) -> dict[str, float]:
+        """Token-weighted loss on the first ``eval.max_examples`` validation examples (the same ones every time)."""
+        examples = self.data.validation[: self.config.eval.max_examples]
+        return validation_loss(self.model, examples, self.objective.loss_sum, self.pad_id, self.config.eval.batch_size,
+                               self.device, self.accelerator)
+
     def evaluate(self, state: LoopState) -> str | None:
-        result = validation_loss(self.model, self.data.validation, self.objective.loss_sum, self.pad_id,
-                                 self.config.eval.batch_size, self.device, self.accelerator)
+        result = self.validation_loss()
         state.last_eval = {"step": state.step, **result}
         self.log_metrics({"kind": "eval", "step": state.step, "loss": result["loss"], "perplexity": result["perplexity"]})
         if state.best_eval_loss is None or result["loss"] < state.best_eval_loss:
@@ -324,8 +329,7 @@ def _base_evaluation(ctx: _Context, samples: list[dict[str, str]]) -> dict[str, 
         return None
     if path.is_file():
         return read_json(path)
-    result = validation_loss(ctx.model, ctx.data.validation, ctx.objective.loss_sum, ctx.pad_id,
-                             ctx.config.eval.batch_size, ctx.device, ctx.accelerator)
+    result = ctx.validation_loss()
     result["samples"] = generate_samples(ctx.model, ctx.tokenizer, samples, ctx.config.eval.max_new_tokens, ctx.device,
                                          plain_text=_plain_text(ctx.data)) if ctx.is_main else []
     if ctx.is_main:
@@ -364,8 +368,7 @@ def _final_evaluation(ctx: _Context, state: LoopState, base: dict[str, Any] | No
             tuned = {"loss": state.best_eval_loss, "perplexity": round(math.exp(min(state.best_eval_loss, 50.0)), 4),
                      "tokens": state.last_eval["tokens"]}
     else:
-        tuned = validation_loss(ctx.model, ctx.data.validation, ctx.objective.loss_sum, ctx.pad_id,
-                                ctx.config.eval.batch_size, ctx.device, ctx.accelerator)
+        tuned = ctx.validation_loss()
     evaluation: dict[str, Any] = {"step": state.step, "weights_from_step": state.best_step if best_restored else state.step,
                                   "tuned": tuned}
     if base is not None:
