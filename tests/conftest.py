@@ -58,6 +58,9 @@ def build_model(path: Path, vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, eos_token_id=2, pad_token_id=0,
         bos_token_id=None,
+        # 0.1 rather than transformers' 0.02: with a frozen random output head of std 0.02 and hidden size 64,
+        # logits cannot spread by more than ~1.3, so adapter-only techniques could not fit even a toy task.
+        initializer_range=0.1,
     )
     model = LlamaForCausalLM(config)
     model.save_pretrained(path)

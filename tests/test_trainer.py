@@ -1,0 +1,334 @@
+"""The training loop's reliability properties, each with a negative control where one makes sense:
+gradient accumulation equals the big batch, resume equals an uninterrupted run, checkpoints are atomic,
+non-finite steps are skipped, every technique learns, early stopping restores the best weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from accelerate import Accelerator
+from conftest import toy_chat_records, write_jsonl
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tunelab import checkpoint as ckpt
+from tunelab import trainer
+from tunelab.config import ConfigError, build_config
+from tunelab.data import IGNORE, TokenizedExample, collate
+from tunelab.objectives import OBJECTIVES, LossSum, ObjectiveSpec
+from tunelab.runs import list_runs, read_metrics
+from tunelab.techniques import TECHNIQUES
+from tunelab.trainer import TrainingAborted, accumulate_gradients, train
+
+
+def make_config(model_dir: Path, tmp_path: Path, data: Path | None = None, **sections: dict[str, Any]):
+    data = data or write_jsonl(tmp_path / "train.jsonl", toy_chat_records(48))
+    base: dict[str, Any] = {
+        "model": {"name": str(model_dir)},
+        "data": {"train": [str(data)], "val_size": 8, "max_length": 64},
+        "technique": {"name": "lora", "r": 4, "dropout": 0.1},
+        "training": {"max_steps": 10, "micro_batch_size": 2, "grad_accum": 2, "learning_rate": 3e-3},
+        "eval": {"num_samples": 1, "max_new_tokens": 4},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    for section, values in sections.items():
+        base[section] = values if section == "technique" else {**base.get(section, {}), **values}
+    return build_config(base)
+
+
+# ---------------------------------------------------------------- gradient accumulation
+
+
+def _example(length: int, supervised: int, seed: int) -> TokenizedExample:
+    ids = torch.randint(3, 300, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+    labels = [IGNORE] * (length - supervised) + ids[length - supervised:]
+    return TokenizedExample(ids, labels, f"synthetic:{seed}")
+
+
+def _grads_after(model: torch.nn.Module, window: list[dict[str, torch.Tensor]], spec: ObjectiveSpec) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    accumulate_gradients(model, window, spec, Accelerator(cpu=True))
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_gradient_accumulation_equals_the_big_batch(tiny_model_dir: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()  # eval: no dropout, same maths both ways
+    examples = [_example(50, 40, 0), _example(12, 3, 1), _example(30, 25, 2), _example(8, 4, 3)]  # 40 vs 3 tokens
+    spec = OBJECTIVES["sft"]
+    big = _grads_after(model, [collate([[e] for e in examples], pad_id=0)], spec)
+    accumulated = _grads_after(model, [collate([[e]], pad_id=0) for e in examples], spec)
+    assert big.keys() == accumulated.keys() and big
+    for name in big:
+        torch.testing.assert_close(accumulated[name], big[name], rtol=1e-5, atol=1e-7, msg=name)
+
+    # Negative control: the naive mean of per-micro-batch means weights the 3-token batch like the 40-token one.
+    def mean_of_means(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossSum:
+        result = spec.loss_sum(model, batch)
+        return LossSum(result.loss_sum / result.num_units / len(examples), 1)
+
+    naive = _grads_after(model, [collate([[e]], pad_id=0) for e in examples], ObjectiveSpec(mean_of_means, lambda b: 1))
+    assert any(not torch.allclose(naive[n], big[n], rtol=1e-3) for n in big)
+
+
+# ---------------------------------------------------------------- resume
+
+
+class _StopAfter:
+    """Stand-in for trainer._StopRequest that asks to stop (as Ctrl-C would) before step ``after + 1``."""
+
+    def __init__(self, after: int) -> None:
+        self.after, self.checks = after, 0
+
+    def __call__(self) -> "_StopAfter":
+        return self
+
+    def __enter__(self) -> "_StopAfter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    @property
+    def requested(self) -> bool:
+        self.checks += 1
+        return self.checks > self.after
+
+
+def _checkpoint_tensors(run_dir: Path, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    path = run_dir / "checkpoints" / ckpt.checkpoint_name(step)
+    return load_file(str(path / "trainable.safetensors")), torch.load(path / "optimizer.pt", weights_only=True)
+
+
+def _assert_optimizer_equal(a: dict[str, Any], b: dict[str, Any]) -> None:
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    for key in a["state"]:
+        for name, value in a["state"][key].items():
+            assert torch.equal(value, b["state"][key][name]), f"optimizer state {key}.{name} differs"
+
+
+def _resume_pair(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    data = write_jsonl(tmp_path / "train.jsonl", toy_chat_records(24))
+    sections = {"training": {"save_every": 5}, "eval": {"before_after": False}}
+    straight = make_config(tiny_model_dir, tmp_path, data, output={"dir": str(tmp_path / "straight")}, **sections)
+    assert train(straight, progress=False).step == 10
+    split = make_config(tiny_model_dir, tmp_path, data, output={"dir": str(tmp_path / "split")}, **sections)
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "_StopRequest", _StopAfter(5))
+        first = train(split, progress=False)
+    assert (first.status, first.step) == ("interrupted", 5)
+    second = train(split, resume=True, progress=False)
+    assert (second.status, second.step) == ("completed", 10)
+    return straight.output.dir, split.output.dir
+
+
+def test_resume_equals_an_uninterrupted_run(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    straight, split = _resume_pair(tiny_model_dir, tmp_path, monkeypatch)
+    weights_a, optim_a = _checkpoint_tensors(Path(straight), 10)
+    weights_b, optim_b = _checkpoint_tensors(Path(split), 10)
+    assert weights_a.keys() == weights_b.keys()
+    for name in weights_a:
+        assert torch.equal(weights_a[name], weights_b[name]), name
+    _assert_optimizer_equal(optim_a, optim_b)
+    losses = lambda run: [m["loss"] for m in read_metrics(Path(run)) if m["kind"] == "train"]  # noqa: E731
+    assert losses(straight) == losses(split) and len(losses(split)) == 10
+
+
+def test_resume_without_rng_restore_differs(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Negative control: the LoRA dropout masks after resume depend on the restored RNG state."""
+    monkeypatch.setattr(ckpt, "restore_rng", lambda state: torch.manual_seed(1234))
+    straight, split = _resume_pair(tiny_model_dir, tmp_path, monkeypatch)
+    weights_a, _ = _checkpoint_tensors(Path(straight), 10)
+    weights_b, _ = _checkpoint_tensors(Path(split), 10)
+    assert any(not torch.equal(weights_a[n], weights_b[n]) for n in weights_a)
+
+
+# ---------------------------------------------------------------- atomic checkpoints
+
+
+def test_crash_mid_save_keeps_the_previous_checkpoint_and_resume_uses_it(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = make_config(tiny_model_dir, tmp_path, training={"max_steps": 6, "save_every": 2}, eval={"before_after": False})
+    real_save, calls = torch.save, {"n": 0}
+
+    def failing_save(obj: Any, path: Any, *args: Any, **kwargs: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 4:  # the second checkpoint, after its weights were written
+            raise OSError("disk full (injected)")
+        real_save(obj, path, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ckpt.torch, "save", failing_save)
+        with pytest.raises(OSError, match="injected"):
+            train(config, progress=False)
+    root = Path(config.output.dir) / "checkpoints"
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-000002"]
+    assert not list(root.glob(".tmp-*")), "a failed save cleans up its temporary folder"
+    assert json.loads((Path(config.output.dir) / "status.json").read_text())["status"] == "failed"
+
+    # A hard kill leaves a half-written temporary folder: it is never taken for a checkpoint.
+    (root / ".tmp-step-000004").mkdir()
+    (root / ".tmp-step-000004" / "trainable.safetensors").write_bytes(b"partial")
+    assert ckpt.latest_checkpoint(root).name == "step-000002"
+    assert ckpt.read_state(ckpt.latest_checkpoint(root))["step"] == 2
+
+    result = train(config, resume=True, progress=False)
+    assert (result.status, result.step) == ("completed", 6)
+    steps = [m["step"] for m in read_metrics(Path(config.output.dir)) if m["kind"] == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_rotation_keeps_the_latest_and_the_best(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    for step in (1, 2, 3, 4):
+        ckpt.save_checkpoint(root, step, model, optimizer, scheduler, {"step": step}, ckpt.rng_state())
+        ckpt.rotate(root, {step, 2})
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-000002", "step-000004"]
+
+
+# ---------------------------------------------------------------- non-finite steps
+
+
+def _nan_on_calls(calls_with_nan: set[int] | None) -> ObjectiveSpec:
+    real, counter = OBJECTIVES["sft"], {"n": 0}
+
+    def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossSum:
+        counter["n"] += 1
+        result = real.loss_sum(model, batch)
+        if calls_with_nan is None or counter["n"] in calls_with_nan:
+            return LossSum(result.loss_sum * float("nan"), result.num_units)
+        return result
+
+    return ObjectiveSpec(loss_sum, real.count_units)
+
+
+def test_a_non_finite_step_is_skipped_and_counted(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(OBJECTIVES, "sft", _nan_on_calls({3}))
+    config = make_config(tiny_model_dir, tmp_path, technique={"name": "full"},
+                         training={"max_steps": 3, "grad_accum": 1, "save_every": 2, "learning_rate": 1e-3},
+                         eval={"before_after": False})
+    result = train(config, progress=False)
+    run = Path(config.output.dir)
+    assert result.status == "completed"
+    metrics = [m for m in read_metrics(run) if m["kind"] == "train"]
+    assert [m["skipped"] for m in metrics] == [False, False, True]
+    assert json.loads((run / "status.json").read_text())["nonfinite_skipped"] == 1
+    after_step_2, _ = _checkpoint_tensors(run, 2)
+    final = load_file(str(run / "model" / "model.safetensors"))
+    for name, value in after_step_2.items():
+        assert torch.equal(final[name], value), f"{name} changed during the skipped step"
+    initial = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert any(not torch.equal(initial[n], after_step_2[n]) for n in after_step_2), "steps 1-2 must update weights"
+
+
+def test_repeated_non_finite_steps_abort_with_a_clear_message(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(OBJECTIVES, "sft", _nan_on_calls(None))
+    config = make_config(tiny_model_dir, tmp_path, training={"max_consecutive_nonfinite": 3}, eval={"before_after": False})
+    with pytest.raises(TrainingAborted, match="3 steps in a row had a non-finite loss"):
+        train(config, progress=False)
+    status = json.loads((Path(config.output.dir) / "status.json").read_text())
+    assert status["status"] == "failed" and status["nonfinite_skipped"] == 3
+
+
+# ---------------------------------------------------------------- every technique learns
+
+
+@pytest.mark.parametrize("technique, lr", [({"name": "full"}, 3e-3), ({"name": "freeze", "layers": [-1]}, 1e-2),
+                                            ({"name": "lora", "r": 8, "dropout": 0.0}, 1e-2)])
+def test_each_technique_drives_the_loss_down(tiny_model_dir: Path, tmp_path: Path, technique: dict, lr: float) -> None:
+    config = make_config(tiny_model_dir, tmp_path, technique=technique,
+                         training={"max_steps": 30, "grad_accum": 1, "learning_rate": lr, "warmup_ratio": 0.0})
+    result = train(config, progress=False)
+    losses = [m["loss"] for m in read_metrics(result.run_dir) if m["kind"] == "train"]
+    assert sum(losses[-3:]) / 3 < 0.6 * sum(losses[:3]) / 3, losses
+    assert result.evaluation["tuned"]["loss"] < 0.7 * result.evaluation["base"]["loss"]
+    assert (result.run_dir / TECHNIQUES[technique["name"]].result_dir_name).is_dir()
+
+
+def test_lora_adapter_loads_in_plain_peft_with_identical_logits(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    config = make_config(tiny_model_dir, tmp_path, training={"max_steps": 4, "save_every": 4},
+                         technique={"name": "lora", "r": 4, "dropout": 0.0}, eval={"before_after": False})
+    result = train(config, progress=False)
+    # Reference: tunelab's own model rebuilt from the checkpoint (the loop's weights, by parameter name).
+    reference = TECHNIQUES["lora"].prepare(AutoModelForCausalLM.from_pretrained(tiny_model_dir), config.technique)
+    ckpt.load_trainable(result.run_dir / "checkpoints" / "step-000004", reference)
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), result.run_dir / "adapter")
+    ids = torch.tensor([[1, 5, 9, 42, 77, 2]])
+    with torch.no_grad():
+        expected, got = reference.eval()(ids).logits, plain.eval()(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()(ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    assert not torch.allclose(got, base, atol=1e-4), "the adapter must change the output"
+    adapter_config = json.loads((result.run_dir / "adapter" / "adapter_config.json").read_text())
+    assert Path(adapter_config["base_model_name_or_path"]) == tiny_model_dir
+
+
+def test_full_and_freeze_results_load_in_plain_transformers(tiny_model_dir: Path, tmp_path: Path) -> None:
+    config = make_config(tiny_model_dir, tmp_path, technique={"name": "freeze", "layers": [-1]},
+                         training={"max_steps": 3}, eval={"before_after": False})
+    result = train(config, progress=False)
+    model_dir = result.run_dir / "model"
+    AutoModelForCausalLM.from_pretrained(model_dir)
+    assert AutoTokenizer.from_pretrained(model_dir).chat_template
+    before, after = load_file(str(tiny_model_dir / "model.safetensors")), load_file(str(model_dir / "model.safetensors"))
+    for name in before:
+        changed = not torch.equal(before[name], after[name])
+        assert changed == name.startswith("model.layers.1."), f"{name}: changed={changed}"
+
+
+def test_registry_rejects_a_mismatched_name() -> None:
+    from dataclasses import replace
+
+    from tunelab.techniques import _check
+
+    with pytest.raises(RuntimeError, match="Literal"):
+        _check((replace(TECHNIQUES["lora"], name="lora2"),))
+    with pytest.raises(RuntimeError, match="twice"):
+        _check((TECHNIQUES["lora"], TECHNIQUES["lora"]))
+
+
+# ---------------------------------------------------------------- early stopping, run folder
+
+
+def test_early_stopping_restores_the_best_checkpoint(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    scripted = iter([3.0, 2.0, 2.5, 2.6])  # evaluations at steps 2, 4, 6, 8: best at 4, patience 2 stops at 8
+
+    def fake_loss(*args: Any, **kwargs: Any) -> dict[str, float]:
+        return {"loss": next(scripted), "perplexity": 1.0, "tokens": 10}
+
+    monkeypatch.setattr(trainer, "validation_loss", fake_loss)
+    config = make_config(tiny_model_dir, tmp_path, training={"max_steps": 20, "eval_every": 2, "early_stopping_patience": 2},
+                         technique={"name": "full"}, eval={"before_after": False})
+    result = train(config, progress=False)
+    assert (result.status, result.step) == ("early_stopped", 8)
+    evaluation = json.loads((result.run_dir / "eval.json").read_text())
+    assert evaluation["weights_from_step"] == 4 and evaluation["tuned"]["loss"] == 2.0
+    best, _ = _checkpoint_tensors(result.run_dir, 4)
+    final = load_file(str(result.run_dir / "model" / "model.safetensors"))
+    assert all(torch.equal(final[n], best[n]) for n in best)
+    assert [p.name for p in ckpt.list_checkpoints(result.run_dir / "checkpoints")] == ["step-000004"]
+
+
+def test_existing_run_folder_is_never_overwritten_by_accident(tiny_model_dir: Path, tmp_path: Path) -> None:
+    config = make_config(tiny_model_dir, tmp_path, training={"max_steps": 1}, eval={"before_after": False})
+    train(config, progress=False)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(config, progress=False)
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        train(config, resume=True, progress=False)
+    config.output.overwrite = True
+    assert train(config, progress=False).status == "completed"
+    [summary] = list_runs(tmp_path)
+    assert summary["status"] == "completed" and summary["technique"] == "lora" and summary["step"] == 1
