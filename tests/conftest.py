@@ -85,9 +85,9 @@ def tiny_tokenizer(tiny_model_dir: Path) -> PreTrainedTokenizerFast:
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test gets its own tunelab cache, except the real-model cache which is shared (conversion is slow)."""
-    import os
+    from tunelab.models import model_cache_dir
 
-    shared_models = Path(os.environ.get("TUNELAB_MODEL_CACHE", Path.home() / ".cache" / "tunelab" / "models"))
+    shared_models = model_cache_dir()  # resolved before TUNELAB_CACHE is redirected below
     monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "tunelab-cache"))
     monkeypatch.setenv("TUNELAB_MODEL_CACHE", str(shared_models))
 
