@@ -54,8 +54,8 @@ class LoopState:
 
     step: int = 0
     tokens_seen: int = 0
-    best_eval_loss: float | None = None
     best_step: int | None = None
+    best_eval: dict[str, Any] | None = None  # {step, loss, perplexity, tokens} of the best evaluation so far
     evals_without_improvement: int = 0
     nonfinite_skipped: int = 0
     consecutive_nonfinite: int = 0
@@ -219,6 +219,15 @@ def _loop(ctx: "_Context", state: LoopState) -> str:
 class _Context:
     """Everything the loop needs, built once. Methods are the loop's side effects (logging, eval, saving)."""
 
+    # Set by `train` in the order it builds them (tokenizer and data first: the model needs the pad id).
+    tokenizer: Any
+    data: PreparedData
+    pad_id: int
+    model: torch.nn.Module
+    plan: Plan | None = None
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+
     def __init__(self, config: TunelabConfig, run_dir: Path, show_progress: bool) -> None:
         self.config, self.run_dir, self.show_progress = config, run_dir, show_progress
         self.accelerator = Accelerator(mixed_precision=_mixed_precision(config), cpu=not torch.cuda.is_available())
@@ -250,8 +259,8 @@ class _Context:
         result = self.validation_loss()
         state.last_eval = {"step": state.step, **result}
         self.log_metrics({"kind": "eval", "step": state.step, "loss": result["loss"], "perplexity": result["perplexity"]})
-        if state.best_eval_loss is None or result["loss"] < state.best_eval_loss:
-            state.best_eval_loss, state.best_step, state.evals_without_improvement = result["loss"], state.step, 0
+        if state.best_eval is None or result["loss"] < state.best_eval["loss"]:
+            state.best_eval, state.best_step, state.evals_without_improvement = state.last_eval, state.step, 0
             if self.config.training.save_every or self.config.training.early_stopping_patience:
                 self.save_checkpoint(state)  # the best checkpoint is what restore_best loads at the end
         else:
@@ -358,17 +367,22 @@ def _save_result(ctx: _Context) -> Path:
     return final
 
 
+def _best_is_restored(ctx: _Context, state: LoopState) -> bool:
+    return ctx.config.training.restore_best and state.best_step is not None and state.best_step != state.step
+
+
 def _final_evaluation(ctx: _Context, state: LoopState, base: dict[str, Any] | None, samples: list[dict[str, str]]) -> dict[str, Any] | None:
+    """Before/after figures of the weights being saved: the restored best ones, or the last ones."""
     if not ctx.data.validation:
         return None
-    best_restored = state.best_step is not None and state.best_step != state.step and ctx.config.training.restore_best
-    if state.last_eval and (state.last_eval["step"] == state.step or best_restored):
-        tuned = {k: v for k, v in state.last_eval.items() if k != "step"}
-        if best_restored:
-            tuned = {"loss": state.best_eval_loss, "perplexity": round(math.exp(min(state.best_eval_loss, 50.0)), 4),
-                     "tokens": state.last_eval["tokens"]}
+    best_restored = _best_is_restored(ctx, state)
+    if best_restored:
+        tuned = state.best_eval
+    elif state.last_eval and state.last_eval["step"] == state.step:
+        tuned = state.last_eval
     else:
         tuned = ctx.validation_loss()
+    tuned = {k: v for k, v in tuned.items() if k != "step"}
     evaluation: dict[str, Any] = {"step": state.step, "weights_from_step": state.best_step if best_restored else state.step,
                                   "tuned": tuned}
     if base is not None:
@@ -426,9 +440,9 @@ def train(config: TunelabConfig, resume: bool = False, progress: bool = True) ->
     if status == "interrupted":
         _write_status(ctx, status, state)
         return RunResult(run_dir, status, state.step)
-    if config.training.restore_best and state.best_step is not None and state.best_step != state.step:
+    if _best_is_restored(ctx, state):
         ckpt.load_trainable(run_dir / "checkpoints" / ckpt.checkpoint_name(state.best_step), ctx.accelerator.unwrap_model(ctx.model))
-        log.info("restored the best weights (step %d, validation loss %.4f)", state.best_step, state.best_eval_loss)
+        log.info("restored the best weights (step %d, validation loss %.4f)", state.best_step, state.best_eval["loss"])
     evaluation = _final_evaluation(ctx, state, base, samples)
     if ctx.is_main:
         _save_result(ctx)
@@ -440,6 +454,7 @@ def train(config: TunelabConfig, resume: bool = False, progress: bool = True) ->
 
 def _write_status(ctx: _Context, status: str, state: LoopState, error: str | None = None) -> None:
     if ctx.is_main:
-        write_json(ctx.run_dir / "status.json", {"status": status, "step": state.step, "total_steps": ctx.plan.total_steps
-                                                 if hasattr(ctx, "plan") else None, "nonfinite_skipped": state.nonfinite_skipped,
-                                                 "error": error})
+        write_json(ctx.run_dir / "status.json", {
+            "status": status, "step": state.step, "total_steps": ctx.plan.total_steps if ctx.plan else None,
+            "nonfinite_skipped": state.nonfinite_skipped, "error": error,
+        })
