@@ -194,6 +194,15 @@ def test_rotation_keeps_the_latest_and_the_best(tmp_path: Path) -> None:
     assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-000002", "step-000004"]
 
 
+def test_checkpoints_sort_by_step_past_six_digits(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    for name in ("step-999999", "step-1000000", "step-not-a-number"):
+        (root / name).mkdir(parents=True)
+        (root / name / ckpt.COMPLETE).touch()
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-999999", "step-1000000"]
+    assert ckpt.latest_checkpoint(root).name == "step-1000000"
+
+
 # ---------------------------------------------------------------- non-finite steps
 
 

@@ -91,8 +91,9 @@ def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints, oldest first. Temporary and half-written folders are ignored."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / COMPLETE).is_file()]
-    return sorted(found, key=lambda p: p.name)
+    found = [p for p in root.iterdir()
+             if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit() and (p / COMPLETE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[5:]))  # by step: step-1000000 comes after step-999999
 
 
 def latest_checkpoint(root: Path) -> Path | None:

@@ -230,6 +230,7 @@ class _Context:
 
     def __init__(self, config: TunelabConfig, run_dir: Path, show_progress: bool) -> None:
         self.config, self.run_dir, self.show_progress = config, run_dir, show_progress
+        self.saved_step: int | None = None  # the step of this process's last checkpoint
         self.accelerator = Accelerator(mixed_precision=_mixed_precision(config), cpu=not torch.cuda.is_available())
         self.device = self.accelerator.device
         self.objective = OBJECTIVES[config.objective.name]
@@ -261,7 +262,7 @@ class _Context:
         self.log_metrics({"kind": "eval", "step": state.step, "loss": result["loss"], "perplexity": result["perplexity"]})
         if state.best_eval is None or result["loss"] < state.best_eval["loss"]:
             state.best_eval, state.best_step, state.evals_without_improvement = state.last_eval, state.step, 0
-            if self.config.training.save_every or self.config.training.early_stopping_patience:
+            if self.config.training.save_every or self.config.training.early_stopping_patience or self.config.training.restore_best:
                 self.save_checkpoint(state)  # the best checkpoint is what restore_best loads at the end
         else:
             state.evals_without_improvement += 1
@@ -269,6 +270,8 @@ class _Context:
         return "early_stop" if patience and state.evals_without_improvement >= patience else None
 
     def save_checkpoint(self, state: LoopState) -> None:
+        if state.step == self.saved_step:  # best and periodic checkpoint (or Ctrl-C) at one step: nothing changed since
+            return
         self.accelerator.wait_for_everyone()
         if self.is_main:
             root = self.run_dir / "checkpoints"
@@ -276,6 +279,7 @@ class _Context:
             ckpt.save_checkpoint(root, state.step, model, self.optimizer, self.scheduler, state.__dict__, ckpt.rng_state())
             ckpt.rotate(root, {state.step} | ({state.best_step} if state.best_step is not None else set()))
         self.accelerator.wait_for_everyone()
+        self.saved_step = state.step
 
 
 def _mixed_precision(config: TunelabConfig) -> str:
