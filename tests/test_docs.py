@@ -31,13 +31,16 @@ def _sandbox(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def _run(kind: str, code: str, cwd: Path) -> None:
+def _run(kind: str, code: str, cwd: Path) -> str | None:
+    """Run one block; return a failure report, or None when every command exited 0."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     commands = [code] if kind == "python" else [line for line in code.splitlines() if line.strip() and not line.startswith("#")]
     for command in commands:
         argv = [sys.executable, "-c", command] if kind == "python" else ["bash", "-c", command]
         done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, f"{kind} block failed:\n{command}\n--- stdout\n{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-3000:]}"
+        if done.returncode != 0:
+            return f"{kind} block failed:\n{command}\n--- stdout\n{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-3000:]}"
+    return None
 
 
 def test_docs_have_code_blocks() -> None:
@@ -49,11 +52,20 @@ def test_docs_have_code_blocks() -> None:
 def test_doc_code_blocks_run(path: Path, tmp_path: Path) -> None:
     cwd = _sandbox(tmp_path)
     for kind, code in code_blocks(path):
-        _run(kind, code, cwd)
+        failure = _run(kind, code, cwd)
+        assert failure is None, failure
 
 
 def test_readme_python_runs(tmp_path: Path) -> None:
     blocks = [code for kind, code in code_blocks(ROOT / "README.md") if kind == "python"]
     assert blocks
     for code in blocks:
-        _run("python", code, _sandbox(tmp_path))
+        failure = _run("python", code, _sandbox(tmp_path))
+        assert failure is None, failure
+
+
+def test_a_failing_block_is_reported(tmp_path: Path) -> None:
+    # Negative control: the runner must not swallow a failing command.
+    assert _run("bash", "true\nfalse", tmp_path) is not None
+    assert _run("python", "raise SystemExit(3)", tmp_path) is not None
+    assert _run("bash", "true", tmp_path) is None
