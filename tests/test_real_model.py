@@ -72,3 +72,34 @@ def test_two_lora_steps_on_smollm2_and_adapter_reloads_in_plain_peft(tmp_path: P
     with torch.no_grad():
         tuned_logits, base_logits = model(ids).logits, base(ids).logits
     assert not torch.allclose(tuned_logits, base_logits), "the adapter changed nothing after 2 steps at lr 1e-3"
+
+
+@pytest.mark.parametrize("technique", [{"name": "full"}, {"name": "freeze", "layers": [-1]}], ids=lambda t: t["name"])
+def test_full_and_freeze_step_on_smollm2_and_reload_in_plain_transformers(technique: dict, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.trainer import train
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(QUICKSTART_DATA.read_text().splitlines()[:24]) + "\n")
+    config = build_config({
+        "data": {"train": [str(data)], "val_size": 4, "max_length": 128},
+        "technique": technique,
+        "training": {"max_steps": 1, "micro_batch_size": 2, "learning_rate": 1e-4},
+        "eval": {"before_after": False},
+        "output": {"dir": str(tmp_path / "run")},
+    })
+    result = train(config, progress=False)
+    assert result.status == "completed" and result.step == 1
+    model_dir = result.run_dir / "model"
+    base_dir = embedded_model_dir(EMBEDDED_DEFAULT_MODEL)
+    tuned = AutoModelForCausalLM.from_pretrained(model_dir).eval()  # plain transformers, no tunelab
+    assert tuned.lm_head.weight.data_ptr() == tuned.model.embed_tokens.weight.data_ptr()  # tied weights stay tied
+    before, after = load_file(str(base_dir / "model.safetensors")), load_file(str(model_dir / "model.safetensors"))
+    assert set(before) == set(after)
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    if technique["name"] == "freeze":
+        assert changed and all(name.startswith("model.layers.29.") for name in changed), sorted(changed)[:5]
+    else:
+        assert any(name.startswith("model.layers.0.") for name in changed) and "model.embed_tokens.weight" in changed

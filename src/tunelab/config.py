@@ -120,7 +120,8 @@ class TrainingConfig(Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule after warmup.")
-    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of the steps spent on linear warmup.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of the steps (rounded up) spent on linear "
+                                "warmup; warmup step s of W runs at (s+1)/(W+1) of the peak, so no step is wasted at 0.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; None disables clipping.")
     eval_every: int | None = Field(
         None, gt=0, description="Evaluate validation loss every N steps (and always at the end)."

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import torch
 import yaml
 from accelerate import Accelerator
-from transformers import get_scheduler, set_seed
+from transformers import set_seed
 
 from tunelab import checkpoint as ckpt
 from tunelab.config import ConfigError, TunelabConfig
@@ -30,6 +30,7 @@ from tunelab.eval import generate_samples, sample_prompts, validation_loss
 from tunelab.models import cache_root, load_model, load_tokenizer
 from tunelab.objectives import OBJECTIVES, ObjectiveSpec
 from tunelab.runs import read_json, truncate_metrics, write_json
+from tunelab.schedule import make_scheduler
 from tunelab.techniques import TECHNIQUES, count_parameters
 
 log = logging.getLogger(__name__)
@@ -177,6 +178,7 @@ def _loop(ctx: "_Context", state: LoopState) -> str:
             window = [{k: v.to(accelerator.device) for k, v in collate(r, ctx.pad_id).items()} for r in rows]
             loss_sum, units = accumulate_gradients(model, window, ctx.objective, accelerator)
             grad_norm = accelerator.clip_grad_norm_(trainable, clip)
+            lr = ctx.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler then moves on)
             finite = bool(torch.isfinite(loss_sum)) and bool(torch.isfinite(grad_norm))
             if finite:
                 ctx.optimizer.step()
@@ -190,7 +192,6 @@ def _loop(ctx: "_Context", state: LoopState) -> str:
             state.tokens_seen += sum(len(e.input_ids) for r in rows for row in r for e in row) * accelerator.num_processes
             loss = (loss_sum / max(units, 1)).item()
             speed = (state.tokens_seen - tokens_at_start) / max(time.time() - started, 1e-9)
-            lr = ctx.scheduler.get_last_lr()[0]
             advance(loss=loss, lr=lr, tokens_per_s=speed)
             if state.step % config.training.log_every == 0 or not finite:
                 ctx.log_metrics({"kind": "train", "step": state.step, "loss": round(loss, 6), "lr": lr,
@@ -421,11 +422,8 @@ def train(config: TunelabConfig, resume: bool = False, progress: bool = True) ->
              f"{total:,}", 100 * trainable / total)
     ctx.plan = make_plan(config, ctx.data, ctx.accelerator.process_index, ctx.accelerator.num_processes)
     ctx.optimizer = make_optimizer(ctx.model, config)
-    ctx.scheduler = get_scheduler(
-        {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[config.training.schedule],
-        ctx.optimizer, num_warmup_steps=math.ceil(config.training.warmup_ratio * ctx.plan.total_steps),
-        num_training_steps=ctx.plan.total_steps,
-    )
+    ctx.scheduler = make_scheduler(ctx.optimizer, config.training.schedule, config.training.warmup_ratio,
+                                   ctx.plan.total_steps)
     ctx.model, ctx.optimizer = ctx.accelerator.prepare(ctx.model, ctx.optimizer)
     ctx.model.train()
     state = LoopState()
