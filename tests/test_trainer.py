@@ -341,3 +341,18 @@ def test_existing_run_folder_is_never_overwritten_by_accident(tiny_model_dir: Pa
     assert train(config, progress=False).status == "completed"
     [summary] = list_runs(tmp_path)
     assert summary["status"] == "completed" and summary["technique"] == "lora" and summary["step"] == 1
+
+
+def test_a_folder_with_the_users_files_is_never_used_or_cleared(tiny_model_dir: Path, tmp_path: Path) -> None:
+    config = make_config(tiny_model_dir, tmp_path, training={"max_steps": 1}, eval={"before_after": False})
+    run_dir = Path(config.output.dir)
+    run_dir.mkdir(parents=True)
+    (run_dir / "notes.txt").write_text("mine")
+    (run_dir / "config.yaml").write_text("someone else's config")
+    config.output.overwrite = True
+    with pytest.raises(ConfigError, match="not a tunelab run folder.*notes.txt"):
+        train(config, progress=False)
+    assert (run_dir / "notes.txt").read_text() == "mine" and (run_dir / "config.yaml").read_text() == "someone else's config"
+    (run_dir / "notes.txt").unlink()
+    assert train(config, progress=False).status == "completed"  # only tunelab's names left: overwrite replaces them
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()

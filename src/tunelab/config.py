@@ -165,7 +165,8 @@ class OutputConfig(Section):
         None, description="Run folder. Default: runs/<config file name>. Relative paths are relative to the working "
         "directory."
     )
-    overwrite: bool = Field(False, description="Replace an existing finished run folder instead of refusing.")
+    overwrite: bool = Field(False, description="Replace the run already in `dir` instead of refusing. Only files "
+                           "tunelab wrote are removed; a folder holding anything else is never used.")
 
 
 TechniqueField = Annotated[TechniqueConfig, Field(discriminator="name")]

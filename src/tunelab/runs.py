@@ -15,10 +15,35 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+
+# Every name tunelab writes into a run folder. Overwriting a run removes these and nothing else.
+RUN_ENTRIES = frozenset({"config.yaml", "data_report.json", "metrics.jsonl", "eval.json", "base_eval.json",
+                         "status.json", "adapter", "model", "tokenizer", "checkpoints"})
+
+
+def _written_by_tunelab(name: str) -> bool:
+    # Besides RUN_ENTRIES: their atomic-write temporaries (".eval.json.tmp") and the result's ".tmp-result".
+    return name in RUN_ENTRIES or name == ".tmp-result" or (name.endswith(".tmp") and name[1:-4] in RUN_ENTRIES)
+
+
+def foreign_entries(run_dir: Path) -> list[str]:
+    """Names in ``run_dir`` that tunelab did not write."""
+    if not run_dir.is_dir():
+        return []
+    return sorted(p.name for p in run_dir.iterdir() if not _written_by_tunelab(p.name))
+
+
+def clear_run(run_dir: Path) -> None:
+    """Remove a previous run's files, and only those: anything else in the folder is the user's."""
+    for entry in run_dir.iterdir():
+        if _written_by_tunelab(entry.name):
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -29,7 +29,7 @@ from tunelab.data import PreparedData, collate, epoch_batches, pack_rows, prepar
 from tunelab.eval import generate_samples, sample_prompts, validation_loss
 from tunelab.models import cache_root, load_model, load_tokenizer
 from tunelab.objectives import OBJECTIVES, ObjectiveSpec
-from tunelab.runs import read_json, truncate_metrics, write_json
+from tunelab.runs import clear_run, foreign_entries, read_json, truncate_metrics, write_json
 from tunelab.schedule import make_scheduler
 from tunelab.techniques import TECHNIQUES, count_parameters
 
@@ -305,13 +305,19 @@ def _prepare_run_dir(config: TunelabConfig, resume: bool) -> Path:
             raise ConfigError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
         _check_resume_config(config, run_dir)
         return run_dir
+    foreign = foreign_entries(run_dir)
+    if foreign:  # never write into (let alone clear) a folder holding someone's files
+        raise ConfigError(
+            f"output.dir {run_dir} is not empty and is not a tunelab run folder (it holds {', '.join(foreign[:5])}"
+            f"{', ...' if len(foreign) > 5 else ''}); choose a new folder with --set output.dir=..."
+        )
     if (run_dir / "config.yaml").exists():
         if not config.output.overwrite:
             raise ConfigError(
                 f"{run_dir} already holds a run. Continue it with --resume, choose another folder with "
                 "--set output.dir=..., or replace it with --set output.overwrite=true"
             )
-        shutil.rmtree(run_dir)
+        clear_run(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(config.to_yaml())
     return run_dir
