@@ -55,11 +55,19 @@ def generate(
     model.eval()
     encoded = tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens).to(device)
     output = model.generate(
-        **encoded, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+        **encoded, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_token_ids(model, tokenizer),
         pad_token_id=tokenizer.pad_token_id,
     )
     model.train(was_training)
     return tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def stop_token_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokenizer's EOS and the model's own end tokens (a chat model may end turns with a token, such as
+    <|im_end|> or <|eot_id|>, that is not the tokenizer's EOS)."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = configured if isinstance(configured, list) else [configured]
+    return list(dict.fromkeys(i for i in [tokenizer.eos_token_id, *configured] if i is not None))
 
 
 def sample_prompts(tokenizer: PreTrainedTokenizerBase, examples: list[Example], count: int) -> list[dict[str, str]]:
