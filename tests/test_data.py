@@ -172,6 +172,51 @@ def test_unsupported_and_missing_files(tmp_path: Path) -> None:
         load_file(empty)
 
 
+def test_a_directory_or_an_empty_path_is_named(tiny_tokenizer, tmp_path: Path) -> None:
+    folder = tmp_path / "data.jsonl"  # a folder with a data file's name is not "not found" either
+    folder.mkdir()
+    for path in (tmp_path, folder):
+        assert data_error(path) == f"{path}: is a directory: give a data file (.jsonl, .json, .csv or .parquet)"
+    with pytest.raises(DataError, match="path is empty: give a data file"):
+        load_file("")
+    with pytest.raises(DataError, match=f"{folder}: is a directory"):  # a config's data.train naming a folder
+        prepare_data(DataConfig(train=[str(folder)], cache=False), tiny_tokenizer)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "line"),
+    [
+        ("read.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', 2),  # datasets reads it; the line count did not
+        ("broken.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n{"text": 5\n', 2),  # datasets fails: the diagnosis
+        ("array.json", b'[\n{"text": "ok"},\n{"text": "caf\xe9"}\n]\n', 3),
+        ("header.csv", b"prompt,caf\xe9\na,b\n", 1),
+        ("row.csv", b"prompt,completion\na,b\nc,caf\xe9\n", 3),
+    ],
+    ids=["jsonl-read", "jsonl-diagnosed", "json-array", "csv-header", "csv-row"],
+)
+def test_non_utf8_file_names_the_line(tmp_path: Path, name: str, content: bytes, line: int) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)  # "café" in Latin-1
+    message = data_error(path)
+    assert message.startswith(f"{path}:{line}: not UTF-8 text") and "the file must be UTF-8" in message
+
+
+def test_csv_row_with_an_extra_column_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "extra.csv"
+    path.write_text('prompt,completion\n"a\nmulti-line cell",b\n\nc,d, e\nf,g\n')
+    message = data_error(path)
+    assert message.startswith(f"{path}:5: 3 columns, but the header has 2")
+
+
+def test_header_only_csv_has_no_records_like_an_empty_jsonl(tmp_path: Path) -> None:
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("prompt,completion\n")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert data_error(header_only) == f"{header_only}: no records"
+    assert data_error(empty) == f"{empty}: no records"
+
+
 # ---------------------------------------------------------------- errors name the file and line
 
 
@@ -184,6 +229,15 @@ def test_invalid_json_line_is_named(tmp_path: Path, capfd: pytest.CaptureFixture
     assert f"{path}:3" in message and "not valid JSON" in message
     out, err = capfd.readouterr()
     assert "Failed to load JSON" not in out + err  # the one clear message, not datasets' Arrow error log besides it
+
+
+def test_invalid_json_line_gives_the_parser_reason_once(tmp_path: Path) -> None:
+    path = jsonl_lines(tmp_path / "bad.jsonl", [GOOD, '{"messages": "no closing quote'])
+    # with its newline still on, the line read as "Invalid control character at at column 30"
+    assert data_error(path) == f"{path}:2: not valid JSON (Unterminated string starting at column 14)"
+    array = tmp_path / "bad.json"
+    array.write_text('[\n{"text": "no closing quote\n]')
+    assert data_error(array) == f"{array}:2: not valid JSON (Invalid control character at column 27)"
 
 
 def test_non_object_line_is_named(tmp_path: Path) -> None:
@@ -558,6 +612,59 @@ def test_report_has_the_required_figures(tiny_tokenizer, tmp_path: Path) -> None
     assert "".join(s["text"] for s in segments) == tiny_tokenizer.decode(data.train[0].input_ids)
     assert segments[-2]["supervised"] and segments[-2]["text"].endswith(END)
     assert any("expect overfitting" in w for w in report["warnings"])
+
+
+def _empty_response_files(tmp_path: Path) -> tuple[Path, Path, Path]:
+    chats = toy_chat_records(12)
+    chats[4] = {"messages": [{"role": "user", "content": "say nothing"}, {"role": "assistant", "content": " \n"}]}
+    chats[7] = {**MULTI_TURN, "messages": MULTI_TURN["messages"][:2] + [{"role": "assistant", "content": ""}]
+                + MULTI_TURN["messages"][3:]}  # a blank turn in the middle counts too
+    alpaca = write_jsonl(tmp_path / "alpaca.jsonl", [ALPACA, {**ALPACA_INPUT, "output": ""}])
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("prompt,completion\n1 + 1 =,2\n2 + 2 =,\n")  # a missing cell reads as an empty string
+    return write_jsonl(tmp_path / "chats.jsonl", chats), alpaca, pairs
+
+
+def test_empty_responses_are_kept_counted_and_logged(tiny_tokenizer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    chats, alpaca, pairs = _empty_response_files(tmp_path)
+    config = DataConfig(train=[str(chats), str(alpaca), str(pairs)], val_size=0, cache=False)
+    with caplog.at_level("WARNING", logger="tunelab.data.prepare"):
+        data = prepare_data(config, tiny_tokenizer)
+    sources = [f"{chats}:5", f"{chats}:8", f"{alpaca}:2", f"{pairs}: row 2 (after the header)"]
+    assert data.report["empty_responses"] == {"count": 4, "examples": sources}
+    assert len(data.train) == 16  # kept: a blank answer can be what the user wants
+    (warning,) = [w for w in data.report["warnings"] if "empty response" in w]
+    assert warning.startswith("4 records have an empty response") and all(source in warning for source in sources)
+    (record,) = [r for r in caplog.records if "empty response" in r.getMessage()]
+    assert record.levelname == "WARNING" and sources[0] in record.getMessage()
+
+
+def test_empty_responses_list_the_first_few_and_show_in_inspect(tiny_tokenizer, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from rich.console import Console
+
+    from tunelab import console as console_module
+
+    blank = {"prompt": "say nothing", "completion": ""}
+    records = [{"prompt": f"say {i}", "completion": f" {i}"} for i in range(10)] + [blank] * 7
+    path = write_jsonl(tmp_path / "pairs.jsonl", records)
+    report = prepare_data(DataConfig(train=[str(path)], val_size=0, dedup=False, cache=False), tiny_tokenizer).report
+    assert report["empty_responses"] == {"count": 7, "examples": [f"{path}:{n}" for n in range(11, 16)]}
+    assert report["train"]["examples"] == 17
+    printed = io.StringIO()
+    monkeypatch.setattr(console_module, "console", Console(file=printed, width=400))
+    console_module.print_data_report(report)
+    assert f"7 records have an empty response, which teaches the model to answer nothing: {path}:11," in printed.getvalue()
+    assert f"{path}:15, ..." in printed.getvalue()
+
+
+def test_no_empty_responses_no_warning(tiny_tokenizer, tmp_path: Path) -> None:
+    text = write_jsonl(tmp_path / "text.jsonl", [TEXT, {"text": "a b c"}, {"text": "c d e"}])  # no answer to be empty
+    report = prepare_data(DataConfig(train=[str(text)], val_size=0, cache=False), tiny_tokenizer).report
+    assert report["empty_responses"] == {"count": 0, "examples": []}
+    assert not any("empty response" in w for w in report["warnings"])
 
 
 def test_percentiles() -> None:

@@ -11,7 +11,7 @@ import csv
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 FORMATS = ("messages", "alpaca", "prompt_completion", "text")
 ROLES = ("system", "user", "assistant")
@@ -22,6 +22,7 @@ EXPECTED_SHAPES = (
     "text: {\"text\": str}"
 )
 SUFFIX_TO_BUILDER = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+GIVE_A_DATA_FILE = "give a data file (.jsonl, .json, .csv or .parquet)"
 
 
 class DataError(ValueError):
@@ -41,6 +42,13 @@ class Example:
     messages: tuple[tuple[str, str], ...] = ()
     prompt: str = ""
     completion: str = ""
+
+    @property
+    def has_empty_response(self) -> bool:
+        """An assistant turn or completion that is blank: valid, but it teaches the model to answer nothing."""
+        if self.messages:
+            return any(role == "assistant" and not content.strip() for role, content in self.messages)
+        return self.format == "prompt_completion" and not self.completion.strip()
 
     def key(self) -> str:
         """Identity for de-duplication and train/validation overlap (format and content, not the source)."""
@@ -62,57 +70,115 @@ def _location(path: Path, row: int, line_of_row: list[int] | None) -> str:
     return f"{path}: record {row + 1}"
 
 
+def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based number, text) of each line, line ending kept, raising DataError on the first line that is not UTF-8.
+
+    Lines are decoded one by one, from bytes, so a bad byte is reported with its line (a text-mode read fails on
+    whichever buffer holds it, with no line). UTF-8 never uses the newline byte inside a character, so splitting
+    on it first is safe, even inside a quoted multi-line CSV cell.
+    """
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                byte = exc.object[exc.start]
+                raise DataError(f"{path}:{number}: not UTF-8 text (byte {byte:#04x} at column {exc.start + 1}); "
+                                "the file must be UTF-8: save it again with UTF-8 encoding") from None
+
+
 def _jsonl_lines(path: Path) -> list[int]:
     """1-based line number of each non-blank line: datasets skips blank lines, so row i is on line lines[i]."""
-    lines = []
-    with path.open(encoding="utf-8") as handle:
-        for number, text in enumerate(handle, start=1):
-            if text.strip():
-                lines.append(number)
-    return lines
+    return [number for number, text in _text_lines(path) if text.strip()]
+
+
+def _json_reason(exc: json.JSONDecodeError) -> str:
+    # json's messages end in "at" when it appends the position itself ("Unterminated string starting at")
+    return f"{exc.msg.removesuffix(' at')} at column {exc.colno}"
 
 
 def _diagnose_json(path: Path) -> str | None:
     """Find the first line that is not a JSON object, for a clear message when datasets' reader fails."""
-    try:
-        with path.open(encoding="utf-8") as handle:
-            for number, text in enumerate(handle, start=1):
-                if not text.strip():
-                    continue
-                try:
-                    value = json.loads(text)
-                except json.JSONDecodeError as exc:
-                    return f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})"
-                if not isinstance(value, dict):
-                    return f"{path}:{number}: expected a JSON object per line, got {type(value).__name__}"
-    except UnicodeDecodeError as exc:
-        return f"{path}: not UTF-8 text ({exc})"
+    for number, text in _text_lines(path):
+        if not text.strip():
+            continue
+        try:
+            # without its line ending: with it, an unclosed string reads as an "invalid control character"
+            value = json.loads(text.rstrip("\r\n"))
+        except json.JSONDecodeError as exc:
+            return f"{path}:{number}: not valid JSON ({_json_reason(exc)})"
+        if not isinstance(value, dict):
+            return f"{path}:{number}: expected a JSON object per line, got {type(value).__name__}"
     return None
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """(line where the row starts, cells) of each non-blank CSV row, the header included."""
+    reader = csv.reader(text.removeprefix("\ufeff") if number == 1 else text  # a BOM, as pandas drops it
+                        for number, text in _text_lines(path))
+    start = 1
+    for row in reader:
+        if row:  # pandas skips blank lines
+            yield start, row
+        start = reader.line_num + 1
+
+
+def _csv_header(path: Path) -> tuple[list[str], bool]:
+    """The header's cells, and whether any row follows it (read from the top, not the whole file)."""
+    rows = _csv_rows(path)
+    try:
+        return next(rows, (0, []))[1], next(rows, None) is not None
+    finally:
+        rows.close()
+
+
+def _diagnose_csv(path: Path, header: list[str]) -> str | None:
+    """Find the first row with more cells than the header (the only shape pandas' reader refuses)."""
+    for line, row in _csv_rows(path):
+        if len(row) > len(header):
+            return (f"{path}:{line}: {len(row)} columns, but the header has {len(header)}; a cell holding a comma "
+                    "must be in double quotes")
+    return None
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    # datasets wraps the reader's own error (e.g. pandas' ParserError) in a generic DatasetGenerationError
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
+
+
+def _read_json_array(path: Path) -> list[dict[str, Any]]:
+    """Items of a plain JSON array file: rows are array items, no per-row line numbers."""
+    try:
+        items = json.loads("".join(text for _, text in _text_lines(path)))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: not valid JSON ({_json_reason(exc)})") from None
+    bad = next((i for i, item in enumerate(items) if not isinstance(item, dict)), None)
+    if bad is not None:
+        raise DataError(f"{path}: record {bad + 1}: expected a JSON object, got {type(items[bad]).__name__}")
+    return items
 
 
 def read_records(path: Path) -> tuple[list[dict[str, Any]], list[int] | None]:
     """Rows of a data file as dicts, plus the line number of each row when the file is JSON Lines."""
     import datasets
 
+    if path.is_dir():  # checked first: a directory has no suffix, and a "data.jsonl" folder is not "not found"
+        raise DataError(f"{path}: is a directory: {GIVE_A_DATA_FILE}")
     builder = SUFFIX_TO_BUILDER.get(path.suffix.lower())
     if builder is None:
         raise DataError(f"{path}: unsupported file type '{path.suffix}'; expected one of {', '.join(SUFFIX_TO_BUILDER)}")
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
-    is_json_array = builder == "json" and path.read_text(encoding="utf-8", errors="replace").lstrip().startswith("[")
-    if is_json_array:  # a plain JSON array: rows are array items, no per-row line numbers
-        try:
-            items = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
-        bad = next((i for i, item in enumerate(items) if not isinstance(item, dict)), None)
-        if bad is not None:
-            raise DataError(f"{path}: record {bad + 1}: expected a JSON object, got {type(items[bad]).__name__}")
-        return items, None
+    if builder == "json" and path.read_text(encoding="utf-8", errors="replace").lstrip().startswith("["):
+        return _read_json_array(path), None
     options: dict[str, Any] = {}
+    header: list[str] = []
     if builder == "csv":  # CSV has no types: keep every cell as text, so "4" or "None" is not read as a number or null
-        with path.open(encoding="utf-8-sig", newline="") as handle:  # utf-8-sig: pandas drops a BOM too
-            header = next(csv.reader(handle), [])
+        header, has_rows = _csv_header(path)
+        if not has_rows:  # pandas fails on a header-only file; load_file reports it as having no records
+            return [], None
         options = {"features": datasets.Features({name: datasets.Value("string") for name in header}),
                    "keep_default_na": False}
     previous = datasets.utils.logging.get_verbosity()
@@ -123,13 +189,13 @@ def read_records(path: Path) -> tuple[list[dict[str, Any]], list[int] | None]:
         # (load_dataset sends a download-count request per call, which stalls for seconds on offline machines).
         dataset = getattr(datasets.Dataset, f"from_{builder}")(str(path), **options)
     except Exception as exc:  # datasets raises many types (Arrow, JSON, casting); turn them into one clear message
-        detail = _diagnose_json(path) if builder == "json" else None
+        detail = _diagnose_csv(path, header) if builder == "csv" else _diagnose_json(path) if builder == "json" else None
         if builder == "json" and detail is None:
             # Every line is a JSON object, but their value types differ (a string here, a list there), which Arrow
             # cannot hold in one table: read them as they are, so the record checks can name the bad line.
-            with path.open(encoding="utf-8") as handle:
-                return [json.loads(text) for text in handle if text.strip()], _jsonl_lines(path)
-        raise DataError(detail or f"{path}: could not be read as {builder} ({type(exc).__name__}: {exc})") from None
+            return [json.loads(text) for _, text in _text_lines(path) if text.strip()], _jsonl_lines(path)
+        cause = _root_cause(exc)
+        raise DataError(detail or f"{path}: could not be read as {builder} ({type(cause).__name__}: {cause})") from None
     finally:
         datasets.utils.logging.set_verbosity(previous)
     lines = _jsonl_lines(path) if builder == "json" else None
@@ -206,6 +272,8 @@ def to_example(record: dict[str, Any], fmt: str, where: str) -> Example:
 
 def load_file(path: str | Path, fmt: str = "auto") -> LoadedFile:
     """Read a file and check every record against one format ('auto': the first record's)."""
+    if not str(path).strip():  # Path("") is ".", which would be reported as the current directory
+        raise DataError(f"the data file path is empty: {GIVE_A_DATA_FILE}")
     path = Path(path)
     records, lines = read_records(path)
     if not records:

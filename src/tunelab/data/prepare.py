@@ -20,11 +20,11 @@ from transformers import PreTrainedTokenizerBase
 
 from tunelab.config import DataConfig
 from tunelab.data.formats import DataError, Example, LoadedFile, load_file as load_data_file
-from tunelab.data.report import build_report
+from tunelab.data.report import build_report, empty_response_summary, empty_response_warning
 from tunelab.data.tokenize import TokenizedExample, apply_length_policy, prepare_tokenizer, tokenize_example
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = "1"  # bump when tokenization or masking changes, so stale caches are not reused
+CACHE_VERSION = "2"  # bump when tokenization, masking or the report's keys change, so stale caches are not reused
 
 
 @dataclass
@@ -164,6 +164,15 @@ def _load_all(paths: list[str], fmt: str) -> list[LoadedFile]:
     return [load_data_file(path, fmt) for path in paths]
 
 
+def _empty_responses(files: list[LoadedFile]) -> dict[str, Any]:
+    """Records with a blank answer, counted in every loaded file (duplicates too: each is a line to fix) and logged
+    on every call, cache hit or not, because they are kept and train the model to answer nothing."""
+    empty = empty_response_summary([e.source for f in files for e in f.examples if e.has_empty_response])
+    if empty["count"]:
+        log.warning("data: %s", empty_response_warning(empty))
+    return empty
+
+
 def prepare_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, cache_dir: Path | None = None) -> PreparedData:
     """Load, check, de-duplicate, split and tokenize; reuse the cached result when nothing changed."""
     if not config.train:
@@ -171,6 +180,7 @@ def prepare_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, cache_d
     train_files, val_files = _load_all(config.train, config.format), _load_all(config.validation, config.format)
     needs_chat = any(f.format in ("messages", "alpaca") for f in train_files + val_files)
     changes = prepare_tokenizer(tokenizer, config.chat_template, needs_chat)
+    empty = _empty_responses(train_files + val_files)
 
     key = cache_key(config, tokenizer) if config.cache and cache_dir else None
     if key:
@@ -204,7 +214,8 @@ def prepare_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, cache_d
     files = [{"path": str(f.path), "format": f.format, "records": len(f.examples), "role": role}
              for role, group in (("train", train_files), ("validation", val_files)) for f in group]
     report = build_report(tokenizer=tokenizer, files=files, counts=counts, train=train_tok, validation=val_tok,
-                          zero_supervised=zero, tokenizer_changes=changes, max_length=config.max_length)
+                          zero_supervised=zero, empty_responses=empty, tokenizer_changes=changes,
+                          max_length=config.max_length)
     data = PreparedData(train_tok, val_tok, [e for e in validation if e.source in kept_val_sources], report)
     if key:
         save_cache(cache_dir / key, data)

@@ -12,6 +12,20 @@ from transformers import PreTrainedTokenizerBase
 
 from tunelab.data.tokenize import IGNORE, TokenizedExample
 
+EMPTY_RESPONSE_EXAMPLES = 5  # file:line places listed in the report and its warning; enough to find the pattern
+
+
+def empty_response_summary(sources: list[str]) -> dict[str, Any]:
+    """How many records have a blank answer, and the first few file:line places, to find and fix them."""
+    return {"count": len(sources), "examples": sources[:EMPTY_RESPONSE_EXAMPLES]}
+
+
+def empty_response_warning(empty: dict[str, Any]) -> str:
+    """One line for the log and the report's warnings. Such records are kept: a blank answer can be intended."""
+    more = ", ..." if empty["count"] > len(empty["examples"]) else ""
+    return (f"{empty['count']} records have an empty response, which teaches the model to answer nothing: "
+            f"{', '.join(empty['examples'])}{more}")
+
 
 def percentiles(values: list[int], points: tuple[int, ...] = (50, 90, 95, 99)) -> dict[str, float]:
     if not values:
@@ -69,6 +83,7 @@ def build_report(
     train: list[TokenizedExample],
     validation: list[TokenizedExample],
     zero_supervised: list[str],
+    empty_responses: dict[str, Any],
     tokenizer_changes: list[str],
     max_length: int,
 ) -> dict[str, Any]:
@@ -82,6 +97,7 @@ def build_report(
         **counts,
         "zero_supervised_examples": len(zero_supervised),
         "zero_supervised_sources": zero_supervised[:20],
+        "empty_responses": empty_responses,
         "train": split_stats(train, max_length),
         "validation": split_stats(validation, max_length),
         "truncation_rate": round(sum(e.truncated for e in everything) / len(everything), 4) if everything else 0.0,
@@ -97,6 +113,8 @@ def report_warnings(report: dict[str, Any]) -> list[str]:
     warnings = []
     if report["zero_supervised_examples"]:
         warnings.append(f"{report['zero_supervised_examples']} examples have no supervised token (left out of training)")
+    if report["empty_responses"]["count"]:
+        warnings.append(empty_response_warning(report["empty_responses"]))
     if report["truncation_rate"] > 0.05:
         warnings.append(f"{report['truncation_rate']:.0%} of examples are truncated: consider raising data.max_length")
     if report["missing_end_of_turn_supervision"]:
