@@ -32,7 +32,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tiny_model_dir: Path, tmp
         f"output: {{dir: {tmp_path / 'run'}}}\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(_tunelab("train", str(config), "--no-progress"), env=env,
+    process = subprocess.Popen(_tunelab("train", str(config), "--no-progress", "--set", "eval.max_new_tokens=5"), env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 120
@@ -43,6 +43,8 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tiny_model_dir: Path, tmp
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 130, output
     assert "Interrupted at step" in output
+    # The hint repeats the user's overrides: without them a resume would be a different run.
+    assert f"Continue with: tunelab train {config} --resume --set=eval.max_new_tokens=5\n" in output, output
 
     checkpoint = latest_checkpoint(tmp_path / "run" / "checkpoints")
     assert checkpoint is not None, "Ctrl-C must leave a resumable checkpoint"
@@ -50,7 +52,8 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tiny_model_dir: Path, tmp
     assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "interrupted"
 
     resumed = subprocess.run(
-        _tunelab("train", str(config), "--resume", "--no-progress", "--set", f"training.max_steps={stopped_at + 3}"),
+        _tunelab("train", str(config), "--resume", "--no-progress", "--set=eval.max_new_tokens=5",
+                 "--set", f"training.max_steps={stopped_at + 3}"),
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr

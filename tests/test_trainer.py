@@ -356,3 +356,61 @@ def test_a_folder_with_the_users_files_is_never_used_or_cleared(tiny_model_dir: 
     (run_dir / "notes.txt").unlink()
     assert train(config, progress=False).status == "completed"  # only tunelab's names left: overwrite replaces them
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------- errors that must come early and clearly
+
+
+def test_evaluation_without_validation_data_is_a_config_error(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # Without this check an empty validation set scored loss 0.0, "best" forever: the step-1 weights were kept.
+    config = make_config(tiny_model_dir, tmp_path, training={"eval_every": 1})
+    config.data.val_size = 0
+    with pytest.raises(ConfigError, match="eval_every needs validation data"):
+        train(config, progress=False)
+
+
+@pytest.mark.parametrize("technique, message", [
+    ({"name": "lora", "target_modules": ["q_proj", "nope_proj"]}, r"\['nope_proj'\] match no module"),
+    ({"name": "lora", "target_modules": "qproj"}, r"\['qproj'\] match no module.*q_proj"),
+    ({"name": "freeze", "layers": [40]}, "index 40 is out of range"),
+    ({"name": "freeze", "layers": [], "modules": ["norm.*"]}, "match no parameter name"),
+], ids=["lora-one-typo", "lora-single-name", "freeze-layer", "freeze-module"])
+def test_a_technique_that_does_not_fit_the_model_fails_before_the_base_evaluation(
+    tiny_model_dir: Path, tmp_path: Path, technique: dict, message: str,
+) -> None:
+    config = make_config(tiny_model_dir, tmp_path, technique=technique)
+    with pytest.raises(ConfigError, match=message):
+        train(config, progress=False)
+    run_dir = Path(config.output.dir)
+    assert not (run_dir / "base_eval.json").exists(), "the check must come before the slow base evaluation"
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "failed"
+
+
+def test_a_single_lora_module_name_means_that_module(tiny_model_dir: Path, tmp_path: Path) -> None:
+    config = make_config(tiny_model_dir, tmp_path, technique={"name": "lora", "r": 2, "target_modules": "q_proj"},
+                         training={"max_steps": 1}, eval={"before_after": False})
+    assert config.technique.target_modules == ["q_proj"]
+    result = train(config, progress=False)
+    adapter_config = json.loads((result.run_dir / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["target_modules"] == ["q_proj"]
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_can_simply_be_rerun(tiny_model_dir: Path, tmp_path: Path) -> None:
+    config = make_config(tiny_model_dir, tmp_path, technique={"name": "freeze", "layers": [40]})
+    with pytest.raises(ConfigError):
+        train(config, progress=False)
+    fixed = make_config(tiny_model_dir, tmp_path, technique={"name": "freeze", "layers": [-1]},
+                        training={"max_steps": 1}, eval={"before_after": False})
+    assert train(fixed, progress=False).status == "completed"  # no --resume, no overwrite needed
+    # Control: a finished run is still never replaced by accident.
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(fixed, progress=False)
+
+
+def test_resume_warns_about_changed_step_counts(tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    config = make_config(tiny_model_dir, tmp_path, training={"max_steps": 2, "save_every": 1}, eval={"before_after": False})
+    train(config, progress=False)
+    longer = make_config(tiny_model_dir, tmp_path, training={"max_steps": 3, "save_every": 1}, eval={"before_after": False})
+    with caplog.at_level("WARNING", logger="tunelab.trainer"):
+        assert train(longer, resume=True, progress=False).step == 3
+    assert "--resume changes training.max_steps: 2 -> 3" in caplog.text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -16,7 +17,7 @@ data_app = typer.Typer(no_args_is_help=True, help="Inspect and validate data bef
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
 
-SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config field: --set training.max_steps=10")]
+SetOption = Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override a config field (repeatable): --set training.max_steps=10")]
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -30,9 +31,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from tunelab.config import ConfigError
     from tunelab.data import DataError
     from tunelab.models import ModelLoadError
+    from tunelab.techniques import TechniqueError
     from tunelab.trainer import TrainingAborted
 
-    return ConfigError, DataError, ModelLoadError, TrainingAborted
+    return ConfigError, DataError, ModelLoadError, TechniqueError, TrainingAborted
 
 
 def _setup_logging() -> None:
@@ -55,7 +57,7 @@ def _setup_logging() -> None:
 
 @app.command()
 def train(
-    config: Annotated[Path, typer.Argument(help="YAML config file")],
+    config: Annotated[Path, typer.Argument(metavar="CONFIG", help="YAML config file")],
     set_: SetOption = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run folder's latest checkpoint")] = False,
     progress: Annotated[bool, typer.Option(help="Show the progress bar")] = True,
@@ -66,26 +68,32 @@ def train(
 
     try:
         cfg = load_config(config, set_)
-        _run_training(cfg, resume, progress)
+        # The way back after Ctrl-C: this very command with --resume, every --set repeated.
+        again = ["tunelab", "train", str(config), "--resume", *(f"--set={item}" for item in set_ or [])]
+        _run_training(cfg, resume, progress, resume_command=shlex.join(again))
     except _user_errors() as exc:
         _fail(str(exc))
 
 
-def _run_training(cfg, resume: bool, progress: bool) -> None:  # noqa: ANN001 - TunelabConfig, imported lazily
+def _run_training(cfg, resume: bool, progress: bool, resume_command: str) -> None:  # noqa: ANN001 - TunelabConfig
     from tunelab.console import console, print_before_after
     from tunelab.trainer import train as run_train
 
-    result = run_train(cfg, resume=resume, progress=progress)
+    try:
+        result = run_train(cfg, resume=resume, progress=progress)
+    except KeyboardInterrupt:  # a Ctrl-C before the first step, or a second one: no traceback, say what is kept
+        _fail("interrupted. The run folder keeps its last checkpoint, if any; running the same command again "
+              "starts over when there is none.", code=130)
     if result.status == "interrupted":
-        console.print(f"[yellow]Interrupted at step {result.step}.[/] Continue with: "
-                      f"tunelab train CONFIG --resume --set output.dir={result.run_dir}")
+        console.print(f"[yellow]Interrupted at step {result.step}.[/] Continue with: {resume_command}", highlight=False,
+                      soft_wrap=True)  # soft_wrap: no line breaks inside a command meant to be copied
         raise typer.Exit(130)
     print_before_after(result.evaluation)
     console.print(f"[bold green]{result.status}[/] after {result.step} steps. Run folder: {result.run_dir}")
 
 
 @config_app.command("show")
-def config_show(config: Annotated[Path, typer.Argument(help="YAML config file")], set_: SetOption = None) -> None:
+def config_show(config: Annotated[Path, typer.Argument(metavar="CONFIG", help="YAML config file")], set_: SetOption = None) -> None:
     """Print the resolved config, every default filled in."""
     from tunelab.config import ConfigError, load_config
 
@@ -97,7 +105,7 @@ def config_show(config: Annotated[Path, typer.Argument(help="YAML config file")]
 
 @data_app.command("inspect")
 def data_inspect(
-    file: Annotated[list[Path], typer.Argument(help="Data file(s) to inspect")],
+    file: Annotated[list[Path], typer.Argument(metavar="FILE...", help="Data file(s) to inspect")],
     config: Annotated[Optional[Path], typer.Option(help="Config whose model/tokenizer and data settings to use")] = None,
     set_: SetOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
@@ -118,7 +126,7 @@ def data_inspect(
 
 
 @app.command()
-def runs(root: Annotated[Path, typer.Argument(help="Folder holding run folders")] = Path("runs")) -> None:
+def runs(root: Annotated[Path, typer.Argument(metavar="FOLDER", help="Folder holding run folders")] = Path("runs")) -> None:
     """List runs with their key figures (read from each run folder's files)."""
     from tunelab.console import console, print_runs
     from tunelab.runs import list_runs
@@ -147,7 +155,9 @@ def quickstart(
         status = (read_json(run_dir / "status.json") or {}).get("status")
         resume = status in ("interrupted", "failed", "running") and latest_checkpoint(run_dir / "checkpoints") is not None
         cfg.output.overwrite = not resume  # the quickstart folder is tunelab's own demo output
-        _run_training(cfg, resume, progress)
+        # `make quickstart` (or `tunelab quickstart`) again resumes an interrupted quickstart by itself.
+        _run_training(cfg, resume, progress,
+                      resume_command=shlex.join(["tunelab", "quickstart", *(f"--set={item}" for item in set_ or [])]))
     except _user_errors() as exc:
         _fail(str(exc))
 

@@ -96,8 +96,9 @@ def print_data_report(report: dict[str, Any]) -> None:
 
 def print_runs(runs: list[dict[str, Any]]) -> None:
     table = Table(title="Runs")
-    for column in ("run", "status", "technique", "model", "step", "train loss", "val loss base -> tuned"):
-        table.add_column(column)
+    table.add_column("run", overflow="fold", ratio=2)  # fold, never truncate: the name is how rows differ
+    for column in ("status", "technique", "model", "step", "train loss", "val loss base -> tuned"):
+        table.add_column(column, overflow="fold")
     for run in runs:
         val = "-"
         if run["tuned_val_loss"] is not None:

@@ -31,7 +31,7 @@ from tunelab.models import cache_root, load_model, load_tokenizer
 from tunelab.objectives import OBJECTIVES, ObjectiveSpec
 from tunelab.runs import clear_run, foreign_entries, read_json, truncate_metrics, write_json
 from tunelab.schedule import make_scheduler
-from tunelab.techniques import TECHNIQUES, count_parameters
+from tunelab.techniques import TECHNIQUES, TechniqueError, count_parameters
 
 log = logging.getLogger(__name__)
 
@@ -311,6 +311,9 @@ def _prepare_run_dir(config: TunelabConfig, resume: bool) -> Path:
             f"output.dir {run_dir} is not empty and is not a tunelab run folder (it holds {', '.join(foreign[:5])}"
             f"{', ...' if len(foreign) > 5 else ''}); choose a new folder with --set output.dir=..."
         )
+    if (run_dir / "config.yaml").exists() and _nothing_to_lose(run_dir):
+        log.info("%s holds a run that stopped before its first checkpoint; starting it again", run_dir)
+        clear_run(run_dir)
     if (run_dir / "config.yaml").exists():
         if not config.output.overwrite:
             raise ConfigError(
@@ -323,6 +326,15 @@ def _prepare_run_dir(config: TunelabConfig, resume: bool) -> Path:
     return run_dir
 
 
+def _nothing_to_lose(run_dir: Path) -> bool:
+    """A run that failed or was stopped before writing a checkpoint or a result: re-running it loses nothing."""
+    status = (read_json(run_dir / "status.json") or {}).get("status")
+    if status not in ("failed", "interrupted"):  # "starting"/"running" may be another process at work
+        return False
+    has_result = (run_dir / "adapter").exists() or (run_dir / "model").exists()
+    return not has_result and ckpt.latest_checkpoint(run_dir / "checkpoints") is None
+
+
 # Fields that may change between a run and its resumption; anything else would make "resume" a different run.
 _RESUMABLE_CHANGES = {"training.max_steps", "training.epochs", "training.eval_every", "training.save_every",
                       "training.early_stopping_patience", "output.overwrite", "eval"}
@@ -331,14 +343,17 @@ _RESUMABLE_CHANGES = {"training.max_steps", "training.epochs", "training.eval_ev
 def _check_resume_config(config: TunelabConfig, run_dir: Path) -> None:
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     current = yaml.safe_load(config.to_yaml())
-    changed = []
+    changed, allowed = [], []
     for section, fields in current.items():
         for key, value in (fields or {}).items():
-            dotted = f"{section}.{key}"
-            if saved.get(section, {}).get(key) != value and dotted not in _RESUMABLE_CHANGES and section not in _RESUMABLE_CHANGES:
-                changed.append(f"{dotted}: {saved.get(section, {}).get(key)!r} -> {value!r}")
+            dotted, before = f"{section}.{key}", saved.get(section, {}).get(key)
+            if before != value:
+                resumable = dotted in _RESUMABLE_CHANGES or section in _RESUMABLE_CHANGES
+                (allowed if resumable else changed).append(f"{dotted}: {before!r} -> {value!r}")
     if changed:
         raise ConfigError(f"--resume: the config differs from the run's {run_dir / 'config.yaml'}: " + "; ".join(changed))
+    for change in allowed:  # e.g. a --set the user forgot to repeat: say so rather than quietly run fewer steps
+        log.warning("--resume changes %s", change)
     (run_dir / "config.yaml").write_text(config.to_yaml())
 
 
@@ -410,13 +425,44 @@ def train(config: TunelabConfig, resume: bool = False, progress: bool = True) ->
     """Fine-tune ``config.model`` on ``config.data`` with ``config.technique``; see the module docstring."""
     run_dir = _prepare_run_dir(config, resume)
     ctx = _Context(config, run_dir, progress)
+    state = LoopState()
+    try:  # any failure, set-up included, is recorded in status.json (a failed start can simply be re-run)
+        _write_status(ctx, "starting", state)
+        state, base, samples = _set_up(ctx, resume)
+        _write_status(ctx, "running", state)
+        status = _loop(ctx, state)
+    except BaseException as exc:
+        _write_status(ctx, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", state, str(exc))
+        raise
+    if status == "interrupted":
+        _write_status(ctx, status, state)
+        return RunResult(run_dir, status, state.step)
+    if _best_is_restored(ctx, state):
+        ckpt.load_trainable(run_dir / "checkpoints" / ckpt.checkpoint_name(state.best_step), ctx.accelerator.unwrap_model(ctx.model))
+        log.info("restored the best weights (step %d, validation loss %.4f)", state.best_step, state.best_eval["loss"])
+    evaluation = _final_evaluation(ctx, state, base, samples)
+    if ctx.is_main:
+        _save_result(ctx)
+        if evaluation is not None:
+            write_json(run_dir / "eval.json", evaluation)
+    _write_status(ctx, status, state)
+    return RunResult(run_dir, status, state.step, evaluation)
+
+
+def _set_up(ctx: _Context, resume: bool) -> tuple[LoopState, dict[str, Any] | None, list[dict[str, str]]]:
+    """Tokenizer, data, model, base evaluation, technique, optimizer; then the checkpoint when resuming."""
+    config, run_dir = ctx.config, ctx.run_dir
     set_seed(config.training.seed)
     ctx.tokenizer = load_tokenizer(config.model)
     ctx.data = prepare_data(config.data, ctx.tokenizer, cache_root() / "data")
     ctx.pad_id = ctx.tokenizer.pad_token_id
     if ctx.is_main:
         write_json(run_dir / "data_report.json", ctx.data.report)
+    if config.training.eval_every and not ctx.data.validation:
+        raise ConfigError("training.eval_every needs validation data, and there is none: set data.val_size above 0 "
+                          "or give data.validation (or leave eval_every unset)")
     ctx.model = load_model(config.model, ctx.device)
+    _check_technique_fits(ctx)  # seconds, on a weightless copy: before the minutes of base evaluation
     samples = sample_prompts(ctx.tokenizer, ctx.data.validation_examples, config.eval.num_samples)
     base = _base_evaluation(ctx, samples)
     if config.training.gradient_checkpointing:
@@ -439,25 +485,18 @@ def train(config: TunelabConfig, resume: bool = False, progress: bool = True) ->
         state.history.append(f"resumed from {latest.name}")
         if ctx.is_main:
             truncate_metrics(run_dir, state.step)
-    _write_status(ctx, "running", state)
+    return state, base, samples
+
+
+def _check_technique_fits(ctx: _Context) -> None:
+    """Apply the technique to a weightless (meta-device) copy of the model, so a setting that does not fit it
+    (a layer index, a module name) is reported as a config error at once."""
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):  # meta: no memory, no RNG draws
+        skeleton = type(ctx.model)(ctx.model.config)
     try:
-        status = _loop(ctx, state)
-    except BaseException as exc:
-        _write_status(ctx, "failed" if not isinstance(exc, KeyboardInterrupt) else "interrupted", state, str(exc))
-        raise
-    if status == "interrupted":
-        _write_status(ctx, status, state)
-        return RunResult(run_dir, status, state.step)
-    if _best_is_restored(ctx, state):
-        ckpt.load_trainable(run_dir / "checkpoints" / ckpt.checkpoint_name(state.best_step), ctx.accelerator.unwrap_model(ctx.model))
-        log.info("restored the best weights (step %d, validation loss %.4f)", state.best_step, state.best_eval["loss"])
-    evaluation = _final_evaluation(ctx, state, base, samples)
-    if ctx.is_main:
-        _save_result(ctx)
-        if evaluation is not None:
-            write_json(run_dir / "eval.json", evaluation)
-    _write_status(ctx, status, state)
-    return RunResult(run_dir, status, state.step, evaluation)
+        ctx.technique.prepare(skeleton, ctx.config.technique)
+    except TechniqueError as exc:
+        raise ConfigError(f"{exc} (model {ctx.config.model.name})") from exc
 
 
 def _write_status(ctx: _Context, status: str, state: LoopState, error: str | None = None) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Union, get_args
 
 from tunelab.techniques import freeze, full, lora
-from tunelab.techniques.base import Technique, TechniqueSettings, count_parameters
+from tunelab.techniques.base import Technique, TechniqueError, TechniqueSettings, count_parameters
 
 _ALL: tuple[Technique, ...] = (full.TECHNIQUE, freeze.TECHNIQUE, lora.TECHNIQUE)
 
@@ -34,4 +34,4 @@ TECHNIQUES: dict[str, Technique] = _check(_ALL)
 # The union the config schema discriminates on `name`.
 TechniqueConfig = Union[tuple(t.config_class for t in _ALL)]  # type: ignore[valid-type]
 
-__all__ = ["TECHNIQUES", "Technique", "TechniqueConfig", "TechniqueSettings", "count_parameters"]
+__all__ = ["TECHNIQUES", "Technique", "TechniqueConfig", "TechniqueError", "TechniqueSettings", "count_parameters"]

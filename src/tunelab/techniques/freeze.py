@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import Field
 from torch import nn
 
-from tunelab.techniques.base import Technique, TechniqueSettings, save_full_model
+from tunelab.techniques.base import Technique, TechniqueError, TechniqueSettings, save_full_model
 
 
 class FreezeSettings(TechniqueSettings):
@@ -35,7 +35,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The stack of transformer blocks: the longest ModuleList in the model (works across architectures)."""
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
     if not lists:
-        raise ValueError("technique 'freeze': this model has no list of layers to choose from")
+        raise TechniqueError("technique 'freeze': this model has no list of layers to choose from")
     return max(lists, key=len)
 
 
@@ -44,7 +44,7 @@ def prepare(model: nn.Module, settings: FreezeSettings) -> nn.Module:
     n = len(layers)
     for index in settings.layers:
         if not -n <= index < n:
-            raise ValueError(f"technique.layers: index {index} is out of range for a model with {n} layers")
+            raise TechniqueError(f"technique.layers: index {index} is out of range for a model with {n} layers")
     chosen = {index % n for index in settings.layers}
     for param in model.parameters():
         param.requires_grad_(False)
@@ -60,9 +60,9 @@ def prepare(model: nn.Module, settings: FreezeSettings) -> nn.Module:
     missing = [p for p in settings.modules if p not in matched]
     if missing:
         names = [name for name, _ in model.named_parameters()][:8]
-        raise ValueError(f"technique.modules: {missing} match no parameter name (names look like {names} ...)")
+        raise TechniqueError(f"technique.modules: {missing} match no parameter name (names look like {names} ...)")
     if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError("technique 'freeze': nothing left to train; choose layers or modules")
+        raise TechniqueError("technique 'freeze': nothing left to train; choose layers or modules")
     return model
 
 

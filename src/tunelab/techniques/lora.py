@@ -13,10 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from typing import Any
+
+from pydantic import Field, field_validator
 from torch import nn
 
-from tunelab.techniques.base import Technique, TechniqueSettings
+from tunelab.techniques.base import Technique, TechniqueError, TechniqueSettings
 
 
 class LoraSettings(TechniqueSettings):
@@ -27,13 +29,31 @@ class LoraSettings(TechniqueSettings):
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear",
         description="Linear layers to adapt: 'all-linear' (every linear layer except the output head) or module "
-        "names such as ['q_proj', 'v_proj'].",
+        "names such as ['q_proj', 'v_proj'] (a single name is a list of one). Every name must match a module.",
     )
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _one_name_is_a_list(cls, value: Any) -> Any:
+        # PEFT reads a plain string as a regex; here `--set technique.target_modules=q_proj` means that one module.
+        return [value] if isinstance(value, str) and value != "all-linear" else value
+
+
+def check_target_modules(model: nn.Module, names: list[str]) -> None:
+    """Every listed name must match some module (PEFT only fails when *none* does, so a typo would go unseen)."""
+    module_names = [name for name, _ in model.named_modules()]
+    missing = [t for t in names if not any(m == t or m.endswith("." + t) for m in module_names)]
+    if missing:
+        linear = sorted({m.rsplit(".", 1)[-1] for m, mod in model.named_modules() if isinstance(mod, nn.Linear)})
+        raise TechniqueError(f"technique.target_modules: {missing} match no module of this model; its linear "
+                             f"layers are named {linear} (or use 'all-linear')")
 
 
 def prepare(model: nn.Module, settings: LoraSettings) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
+    if settings.target_modules != "all-linear":
+        check_target_modules(model, settings.target_modules)
     peft_config = LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
@@ -43,8 +63,8 @@ def prepare(model: nn.Module, settings: LoraSettings) -> nn.Module:
     )
     try:
         return get_peft_model(model, peft_config)
-    except ValueError as exc:  # PEFT names the missing modules; add where to look
-        raise ValueError(f"technique.target_modules: {exc}") from exc
+    except ValueError as exc:  # e.g. a module type PEFT cannot adapt
+        raise TechniqueError(f"technique: {exc}") from exc
 
 
 def save(model: nn.Module, run_dir: Path) -> Path:
