@@ -196,3 +196,16 @@ def test_data_inspect_json_stays_parseable_with_log_output(
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert any("pad_token" in change for change in report["tokenizer_changes"])
+
+
+def test_config_show_set_path_is_relative_to_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The README's own command: the config in examples/beginner/, the data file in the working directory.
+    config = tmp_path / "examples" / "beginner" / "own.yaml"
+    config.parent.mkdir(parents=True)
+    config.write_text("data:\n  train: ../data/chat.jsonl\n")
+    monkeypatch.chdir(tmp_path)
+    result = invoke("config", "show", "examples/beginner/own.yaml", "--set", "data.train=my_data.jsonl")
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load(result.stdout)["data"]["train"] == [str(tmp_path / "my_data.jsonl")]

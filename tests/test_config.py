@@ -73,6 +73,33 @@ def test_echo_tag_from_the_issue_is_refused(tmp_path: Path, capfd: pytest.Captur
     assert "hi" not in capfd.readouterr().out  # nothing ran
 
 
+# ---------------------------------------------------------------- duplicate keys, YAML syntax
+
+
+def test_duplicate_section_names_file_line_and_first_line(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "data:\n  val_size: 2\ntraining:\n  max_steps: 3\ndata:\n  max_length: 64\n")
+    message = config_error(path)
+    assert f"{path}:5: duplicate key 'data' (first at line 1)" in message
+
+
+def test_duplicate_key_inside_a_section_names_the_key_path(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "training:\n  max_steps: 3\n  epochs: 2\n  max_steps: 5\n")
+    message = config_error(path)
+    assert f"{path}:4: duplicate key 'training.max_steps' (first at line 2)" in message
+
+
+def test_same_key_in_different_sections_is_not_a_duplicate(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path, "data:\n  seed: 1\ntraining:\n  seed: 2\n"))
+    assert config.data.seed == 1 and config.training.seed == 2
+
+
+def test_syntax_error_does_not_blame_python_tags(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "technique:\n  target_modules: [q_proj, v_proj\ntraining:\n  max_steps: 3\n")
+    message = config_error(path)
+    assert f"{path}:" in message and "']'" in message
+    assert "python/object" not in message and "tags" not in message
+
+
 def test_unknown_technique_lists_valid_ones(tmp_path: Path) -> None:
     path = write_config(tmp_path, "technique:\n  name: lorra\n")
     message = config_error(path)
@@ -175,6 +202,30 @@ def test_set_wrong_type_errors(tmp_path: Path) -> None:
     assert "training.max_steps" in message and "valid integer" in message
 
 
+def test_set_error_names_the_set_item_not_the_file(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "model:\n  dtype: float32\n", "base.yaml")
+    message = config_error(path, ["foo.bar=1"])
+    assert "--set foo.bar=1" in message and "base.yaml" not in message
+    message = config_error(path, ["training.max_steps=abc"])
+    assert "--set training.max_steps=abc: training.max_steps" in message and "base.yaml" not in message
+
+
+def test_set_error_in_a_section_of_the_file_names_the_set_item(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "model:\n  dtype: float32\ntraining:\n  max_steps: 3\n", "base.yaml")
+    message = config_error(path, ["training.early_stopping_patience=2"])
+    assert "--set training.early_stopping_patience=2" in message and "eval_every" in message
+    # A --set of an unrelated field is not blamed for the file's own combination.
+    path = write_config(tmp_path, "training:\n  early_stopping_patience: 2\n", "file.yaml")
+    message = config_error(path, ["training.max_steps=9"])
+    assert f"{path}:1" in message and "--set" not in message
+
+
+def test_set_replacing_a_file_value_is_blamed_not_the_file_line(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "training:\n  max_steps: 3\n", "base.yaml")
+    message = config_error(path, ["training.max_steps=0"])
+    assert "--set training.max_steps=0" in message and "base.yaml" not in message
+
+
 @pytest.mark.parametrize("item", ["training.max_steps", "=3"])
 def test_set_needs_key_and_value(item: str) -> None:
     with pytest.raises(ConfigError, match="KEY=VALUE"):
@@ -184,6 +235,27 @@ def test_set_needs_key_and_value(item: str) -> None:
 def test_set_into_a_value_errors(tmp_path: Path) -> None:
     message = config_error(write_config(tmp_path, "training:\n  max_steps: 3\n"), ["training.max_steps.x=1"])
     assert "holds a value, not a section" in message
+
+
+# ---------------------------------------------------------------- union-typed fields
+
+
+@pytest.mark.parametrize("value", ["5", "[q_proj, 5]", "{a: 1}"])
+def test_union_field_error_is_one_message_listing_the_shapes(tmp_path: Path, value: str) -> None:
+    message = config_error(write_config(tmp_path, "{}\n"), [f"technique.target_modules={value}"])
+    lines = message.splitlines()[1:]
+    assert len(lines) == 1, message  # one error for the field, not one per union branch
+    assert f"--set technique.target_modules={value}: technique.target_modules: expected a list of strings or " \
+           "'all-linear'" in lines[0]
+    assert "literal[" not in message and "list[str]" not in message
+
+
+def test_union_field_error_in_the_file_names_its_line(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "technique:\n  name: lora\n  target_modules: 7\n  r: 0\n")
+    message = config_error(path)
+    assert len(message.splitlines()) == 3  # the heading, the union field once, and r
+    assert f"{path}:3: technique.target_modules: expected a list of strings or 'all-linear' (got 7)" in message
+    assert f"{path}:4: technique.r" in message
 
 
 # ---------------------------------------------------------------- paths, defaults
@@ -199,6 +271,32 @@ def test_relative_data_paths_resolve_against_the_config_file(tmp_path: Path, mon
     assert config.data.train == [str((tmp_path / "configs" / "data" / "train.jsonl").resolve())]
     assert config.data.validation == [str((config_dir / "val.jsonl").resolve()), "/abs/v.jsonl"]
     assert config.output.dir == str(Path("runs") / "config")  # output dir stays relative to the working directory
+
+
+def test_set_paths_are_relative_to_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config_dir = tmp_path / "examples" / "beginner"
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    path = write_config(config_dir, "data:\n  train: ../data/a.jsonl\n  validation: v.jsonl\n")
+    monkeypatch.chdir(tmp_path)
+    config = load_config(path.relative_to(tmp_path), ["data.train=my_data.jsonl", "model.name=models/tiny"])
+    assert config.data.train == [str(tmp_path / "my_data.jsonl")]  # as the shell user meant it
+    assert config.data.validation == [str(config_dir / "v.jsonl")]  # the file's own path stays file-relative
+    assert config.model.name == str(tmp_path / "models" / "tiny")
+    assert load_config(path, ["data.train=/abs/t.jsonl"]).data.train == ["/abs/t.jsonl"]
+    whole = load_config(path, ["data={train: [b.jsonl]}"])  # a whole section given with --set
+    assert whole.data.train == [str(tmp_path / "b.jsonl")]
+
+
+@pytest.mark.parametrize("item", ["data.train=", "data.validation=''", "model.name="])
+def test_empty_path_is_an_error_naming_the_set_item(tmp_path: Path, item: str) -> None:
+    message = config_error(write_config(tmp_path, "{}\n"), [item])
+    assert f"--set {item}" in message and "empty" in message
+
+
+def test_empty_path_in_the_file_is_an_error_with_its_line(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "data:\n  val_size: 2\n  train: ''\n")
+    message = config_error(path)
+    assert f"{path}:3" in message and "data.train" in message and "empty" in message
 
 
 def test_local_model_dir_resolves_against_the_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -235,3 +333,10 @@ def test_every_field_has_a_description() -> None:
             if not field.description:
                 missing.append(f"{section.__name__}.{name}")
     assert not missing
+
+
+def test_a_tag_with_a_bad_value_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("training:\n  max_steps: !!int abc\n")
+    with pytest.raises(ConfigError, match="invalid YAML value"):
+        load_config(path)

@@ -1,18 +1,22 @@
 """The run configuration: one pydantic schema, documented once in its field descriptions.
 
 A config is YAML with the sections ``model``, ``data``, ``technique``, ``objective``, ``training``,
-``eval`` and ``output``. It is read with ``yaml.safe_load`` (no Python tags), unknown keys are errors
-that name the nearest valid key, and ``--set a.b=c`` overrides any field before validation.
+``eval`` and ``output``. It is read with ``yaml.safe_load`` (no Python tags), unknown and duplicate keys are
+errors that name the line, and ``--set a.b=c`` overrides any field before validation. Relative paths written
+in the file are relative to the file's folder; those given with ``--set`` to the working directory.
 """
 
 from __future__ import annotations
 
 import difflib
+import re
+import types
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunelab.techniques import TECHNIQUES, TechniqueConfig
 
@@ -45,11 +49,20 @@ class ModelConfig(Section):
         False, description="Allow model code from the hub to run. Off by default: remote code needs this explicit flag."
     )
 
+    @field_validator("name")
+    @classmethod
+    def _name_not_empty(cls, value: str) -> str:
+        # An empty name would resolve to the config's own folder and load whatever is there.
+        if not value.strip():
+            raise ValueError("empty model name: give 'smollm2-135m-instruct', a model folder or a hub id")
+        return value
+
 
 class DataConfig(Section):
     train: list[str] = Field(
         default_factory=list,
-        description="Training file(s): .jsonl, .json, .csv or .parquet. Relative paths are relative to the config file.",
+        description="Training file(s): .jsonl, .json, .csv or .parquet. Relative paths are relative to the config "
+        "file, or to the working directory when given with --set.",
     )
     validation: list[str] = Field(
         default_factory=list,
@@ -96,6 +109,14 @@ class DataConfig(Section):
                 if isinstance(values.get(key), str):
                     values[key] = [values[key]]
         return values
+
+    @field_validator("train", "validation")
+    @classmethod
+    def _paths_not_empty(cls, paths: list[str]) -> list[str]:
+        # An empty path would resolve to the config's folder and fail later as a confusing "not a file".
+        if any(not p.strip() for p in paths):
+            raise ValueError("empty path: give a data file")
+        return paths
 
 
 class ObjectiveConfig(Section):
@@ -222,6 +243,11 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[list[str], Any]]:
     return parsed
 
 
+def _override_items(overrides: list[str] | None) -> dict[str, str]:
+    """Map each key path set on the command line to its ``--set`` item, as the user typed it (the last one wins)."""
+    return {".".join(path): item.strip() for (path, _), item in zip(parse_overrides(overrides), overrides or [])}
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
     for path, value in parse_overrides(overrides):
         node = data
@@ -234,6 +260,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
             node = child
         node[path[-1]] = value
     return data
+
+
+def _set_on_command_line(dotted: str, overridden: Mapping[str, str]) -> str | None:
+    """The --set item that gave the value at `dotted` (itself or a whole section above it), if any."""
+    for key, item in overridden.items():
+        if dotted == key or dotted.startswith(key + "."):
+            return item
+    return None
 
 
 def _line_index(text: str) -> dict[tuple[str, ...], int]:
@@ -257,6 +291,63 @@ def _line_index(text: str) -> dict[tuple[str, ...], int]:
     return index
 
 
+def _duplicate_keys(root: yaml.Node | None) -> list[tuple[str, int, int]]:
+    """(key path, line, line of the first occurrence) of each key repeated in one mapping; safe_load keeps the last."""
+    found: list[tuple[str, int, int]] = []
+    seen_nodes: set[int] = set()  # an alias repeats a node: check it once (and never loop on a recursive one)
+
+    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+        if id(node) in seen_nodes:
+            return
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict[tuple[str, Any], int] = {}
+            for key_node, value_node in node.value:
+                child = path + (str(key_node.value),)
+                line = key_node.start_mark.line + 1
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    key = (key_node.tag, key_node.value)  # the tag too: `1` and `'1'` are different keys
+                    if key in first:
+                        found.append((".".join(child), line, first[key]))
+                    first.setdefault(key, line)
+                walk(value_node, child)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, path + (str(i),))
+
+    if root is not None:
+        walk(root, ())
+    return found
+
+
+def _yaml_error_message(exc: yaml.YAMLError, path: Path) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}" if mark else str(path)
+    problem = getattr(exc, "problem", None) or str(exc)
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and context_mark and mark and context_mark.line != mark.line:  # e.g. where an unclosed '[' opened
+        problem = f"{problem}; {context} started at line {context_mark.line + 1}"
+    # Only a tag safe_load has no constructor for is a refused (Python) tag; a missing ']' is plain bad syntax.
+    if isinstance(exc, yaml.constructor.ConstructorError) and "constructor for the tag" in problem:
+        return (f"{where}: not plain YAML ({problem}). tunelab reads configs with yaml.safe_load, so Python tags "
+                "such as !!python/object are refused.")
+    return f"{where}: invalid YAML ({problem})"
+
+
+def _read_yaml(path: Path, text: str) -> Any:
+    """Parse a config's text with ``safe_load``; syntax errors, refused tags and duplicate keys name the line."""
+    try:
+        duplicates = _duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader))
+        if duplicates:
+            raise ConfigError("\n".join(f"{path}:{line}: duplicate key '{key}' (first at line {first})"
+                                        for key, line, first in duplicates))
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(_yaml_error_message(exc, path)) from None
+    except ValueError as exc:  # a known tag with a bad value, e.g. `!!int abc` or `!!timestamp x`
+        raise ConfigError(f"{path}: invalid YAML value ({exc})") from None
+
+
 def _model_at(path: tuple[Any, ...], data: dict[str, Any]) -> type[BaseModel] | None:
     """The pydantic section class that owns `path` (used to suggest the nearest valid key)."""
     model: type[BaseModel] = TunelabConfig
@@ -267,7 +358,7 @@ def _model_at(path: tuple[Any, ...], data: dict[str, Any]) -> type[BaseModel] | 
         annotation = field.annotation
         if str(part) == "technique" and depth == 0:
             name = (data.get("technique") or {}).get("name", "lora")
-            spec = TECHNIQUES.get(name)
+            spec = TECHNIQUES.get(name) if isinstance(name, str) else None
             if spec is None:
                 return None
             model = spec.config_class
@@ -287,18 +378,107 @@ def _nearest_key(key: str, valid: list[str]) -> str | None:
     return max(prefixed, key=len) if prefixed else None
 
 
-def format_validation_error(
-    exc: ValidationError, data: dict[str, Any], source: str, text: str | None, overridden: set[str] | frozenset[str] = frozenset()
-) -> str:
-    lines_of = _line_index(text) if text else {}
-    messages = []
+_SHAPES: dict[Any, tuple[str, str]] = {
+    str: ("a string", "strings"), int: ("an integer", "integers"), float: ("a number", "numbers"),
+    bool: ("true or false", "booleans"),
+}
+
+
+def _union_arms(annotation: Any) -> tuple[Any, ...]:
+    """The alternatives of a union annotation (None counts as one), or () when it is no union."""
+    if get_origin(annotation) not in (Union, types.UnionType):
+        return ()
+    arms = get_args(annotation)
+    return arms if len([a for a in arms if a is not type(None)]) > 1 else ()  # `X | None` reports plainly
+
+
+def _describe_shape(arm: Any) -> str:
+    """One accepted shape in words: list[str] -> 'a list of strings', Literal['all-linear'] -> "'all-linear'"."""
+    if arm is type(None):
+        return "null"
+    if get_origin(arm) is Literal:
+        return " or ".join(repr(v) for v in get_args(arm))
+    if get_origin(arm) in (list, tuple, set):
+        item = (get_args(arm) or (Any,))[0]
+        return f"a list of {_SHAPES.get(item, ('', 'values'))[1]}"
+    if isinstance(arm, type) and issubclass(arm, BaseModel):
+        return "a mapping of settings"
+    return _SHAPES.get(arm, (getattr(arm, "__name__", str(arm)),))[0]
+
+
+def _union_field(loc: tuple[str, ...], data: dict[str, Any]) -> tuple[int, tuple[Any, ...]] | None:
+    """(length of the field's loc, its union arms) when `loc` lies inside one branch of a union-typed field.
+
+    pydantic reports a value that fits no branch once per branch, each loc extended by the branch's type name
+    ('list[str]', "literal['all-linear']"); those errors are one mistake. The discriminated technique union is
+    left alone: its branch is chosen by `name`, and the loc already drops the tag.
+    """
+    for depth in range(len(loc) - 1):
+        owner = _model_at(loc[: depth + 1], data)
+        field = owner.model_fields.get(loc[depth]) if owner else None
+        if field is not None and field.discriminator is None and _union_arms(field.annotation):
+            return depth + 1, _union_arms(field.annotation)
+    return None
+
+
+def _user_errors(exc: ValidationError, data: dict[str, Any]) -> list[dict[str, Any]]:
+    """pydantic's errors with locs as the user writes keys (no technique tag), and one error per union field."""
+    errors: list[dict[str, Any]] = []
+    unions: dict[tuple[str, ...], dict[str, Any]] = {}
     for err in exc.errors():
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in TECHNIQUES and err["loc"][0] == "technique"))
-        dotted = ".".join(str(p) for p in loc) or "(top level)"
+        raw = err["loc"]
+        loc = tuple(str(p) for p in raw if not (raw[0] == "technique" and isinstance(p, str) and p in TECHNIQUES))
+        union = _union_field(loc, data)
+        if union is None:
+            errors.append({**err, "loc": loc, "msg": err["msg"].removeprefix("Value error, ")})
+            continue
+        size, arms = union
+        shapes = [_describe_shape(a) for a in arms]
+        msg = "expected " + (", ".join(shapes[:-1]) + " or " + shapes[-1])
+        merged = unions.get(loc[:size])
+        if merged is None:
+            merged = unions[loc[:size]] = {"type": "union", "loc": loc[:size], "msg": msg, "input": err["input"]}
+            errors.append(merged)
+        if len(loc) == size + 1:  # a branch-level error holds the whole value; a nested one only an item of it
+            merged["input"] = err["input"]
+    return errors
+
+
+def _where(loc: tuple[str, ...], msg: str, source: str, lines_of: dict[tuple[str, ...], int],
+           overridden: Mapping[str, str]) -> str:
+    """Where the user fixes an error: the --set item that gave the value, else the file (and line).
+
+    A section-level error (a model validator such as 'early_stopping_patience needs eval_every') is about a
+    combination: it names the section's line in the file and each --set inside the section whose key it mentions;
+    a section that only --set wrote names those --set items.
+    """
+    dotted = ".".join(loc)
+    item = _set_on_command_line(dotted, overridden)
+    if item is not None:
+        return f"--set {item}"
+    inside = {key: item for key, item in overridden.items() if not loc or key.startswith(dotted + ".")}
+    mentioned = [f"--set {item}" for key, item in inside.items()
+                 if re.search(rf"\b{re.escape(key.split('.')[-1])}\b", msg)]
+    line = lines_of.get(loc)
+    if line is None and inside:
+        return " and ".join(mentioned or [f"--set {item}" for item in inside.values()])
+    return " and ".join([f"{source}:{line}" if line else source, *mentioned])
+
+
+def format_validation_error(
+    exc: ValidationError, data: dict[str, Any], source: str, text: str | None,
+    overridden: Mapping[str, str] | None = None,
+) -> str:
+    """One line per mistake: where to fix it (file:line or the --set item), the key path, what was expected."""
+    lines_of = _line_index(text) if text else {}
+    overridden = overridden or {}
+    messages = []
+    for err in _user_errors(exc, data):
+        loc = err["loc"]
         if err["type"] == "union_tag_invalid":  # the offending value is technique.name, not the section
-            loc, dotted = loc + ("name",), f"{dotted}.name"
-        line = lines_of.get(tuple(str(p) for p in loc))
-        where = f"--set {dotted}" if dotted in overridden else f"{source}:{line}" if line else source
+            loc = loc + ("name",)
+        dotted = ".".join(loc) or "(top level)"
+        where = _where(loc, err["msg"], source, lines_of, overridden)
         if err["type"] == "extra_forbidden":
             owner = _model_at(loc, data)
             valid = list(owner.model_fields) if owner else []
@@ -314,16 +494,24 @@ def format_validation_error(
     return "invalid config:\n  " + "\n  ".join(messages)
 
 
-def _resolve_paths(config: TunelabConfig, base_dir: Path) -> TunelabConfig:
-    def resolve(path: str) -> str:
-        p = Path(path).expanduser()
-        return str(p if p.is_absolute() else (base_dir / p).resolve())
+def _resolve_paths(config: TunelabConfig, base_dir: Path, overridden: Mapping[str, str]) -> TunelabConfig:
+    """Make data files and a local model folder absolute, each against the folder its text is relative to.
 
-    config.data.train = [resolve(p) for p in config.data.train]
-    config.data.validation = [resolve(p) for p in config.data.validation]
-    model_path = base_dir / config.model.name
-    if config.model.name.startswith((".", "/", "~")) or model_path.is_dir():
-        config.model.name = resolve(config.model.name)
+    A path written in the config file is relative to the file's folder (so a config and its data move together);
+    one given with --set is relative to the working directory, as anything typed in a shell is.
+    """
+    def base_for(dotted: str) -> Path:
+        return Path.cwd() if _set_on_command_line(dotted, overridden) is not None else base_dir
+
+    def resolve(path: str, base: Path) -> str:
+        p = Path(path).expanduser()
+        return str(p if p.is_absolute() else (base / p).resolve())
+
+    config.data.train = [resolve(p, base_for("data.train")) for p in config.data.train]
+    config.data.validation = [resolve(p, base_for("data.validation")) for p in config.data.validation]
+    model_base = base_for("model.name")
+    if config.model.name.startswith((".", "/", "~")) or (model_base / config.model.name).is_dir():
+        config.model.name = resolve(config.model.name, model_base)
     return config
 
 
@@ -331,13 +519,14 @@ def build_config(
     data: dict[str, Any], overrides: list[str] | None = None, source: str = "<config>", text: str | None = None,
     base_dir: Path | None = None,
 ) -> TunelabConfig:
+    """Apply ``--set`` overrides to parsed YAML, validate, and resolve relative paths (file ones against `base_dir`)."""
+    overridden = _override_items(overrides)
     data = apply_overrides(dict(data), overrides)
     try:
         config = TunelabConfig.model_validate(data)
     except ValidationError as exc:
-        overridden = {".".join(path) for path, _ in parse_overrides(overrides)}
         raise ConfigError(format_validation_error(exc, data, source, text, overridden)) from None
-    return _resolve_paths(config, base_dir or Path.cwd())
+    return _resolve_paths(config, base_dir or Path.cwd(), overridden)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> TunelabConfig:
@@ -346,16 +535,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Tunelab
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     text = path.read_text()
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(
-            f"{where}: not plain YAML ({problem}). tunelab reads configs with yaml.safe_load, so Python tags such as "
-            "!!python/object are refused."
-        ) from None
+    data = _read_yaml(path, text) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping with sections model, data, technique, training, eval, output")
     config = build_config(data, overrides, source=str(path), text=text, base_dir=path.parent.resolve())
