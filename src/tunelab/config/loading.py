@@ -21,7 +21,6 @@ from tunelab.config.schema import ConfigError, TunelabConfig
 from tunelab.techniques import TECHNIQUES
 
 
-
 def parse_overrides(overrides: list[str] | None) -> list[tuple[list[str], Any]]:
     """Turn ``['training.max_steps=10']`` into ``[(['training', 'max_steps'], 10)]``; values are YAML scalars."""
     parsed = []
