@@ -138,6 +138,18 @@ def test_resume_equals_an_uninterrupted_run(tiny_model_dir: Path, tmp_path: Path
     assert losses(straight) == losses(split) and len(losses(split)) == 10
 
 
+def test_same_seed_same_run_and_another_seed_another_run(tiny_model_dir: Path, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "train.jsonl", toy_chat_records(24))
+    runs = {}
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        config = make_config(tiny_model_dir, tmp_path, data, training={"max_steps": 3, "seed": seed},
+                             eval={"before_after": False}, output={"dir": str(tmp_path / name)})
+        run_dir = train(config, progress=False).run_dir
+        runs[name] = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(runs["a"][n], runs["b"][n]) for n in runs["a"])  # dropout, shuffling, LoRA init: seeded
+    assert not all(torch.equal(runs["a"][n], runs["c"][n]) for n in runs["a"])  # control: the seed matters
+
+
 def test_resume_without_rng_restore_differs(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Negative control: the LoRA dropout masks after resume depend on the restored RNG state."""
     monkeypatch.setattr(ckpt, "restore_rng", lambda state: torch.manual_seed(1234))
