@@ -426,3 +426,13 @@ def test_resume_warns_about_changed_step_counts(tiny_model_dir: Path, tmp_path: 
     with caplog.at_level("WARNING", logger="tunelab.trainer"):
         assert train(longer, resume=True, progress=False).step == 3
     assert "--resume changes training.max_steps: 2 -> 3" in caplog.text
+
+
+def test_a_run_without_validation_data_says_so_in_eval_json(tiny_model_dir: Path, tmp_path: Path) -> None:
+    config = make_config(tiny_model_dir, tmp_path, training={"max_steps": 1})
+    config.data.val_size = 0
+    result = train(config, progress=False)
+    evaluation = json.loads((result.run_dir / "eval.json").read_text())
+    assert evaluation["tuned"] is None and "no validation data" in evaluation["note"]
+    [summary] = list_runs(tmp_path)
+    assert summary["status"] == "completed" and summary["tuned_val_loss"] is None

@@ -35,9 +35,13 @@ def training_progress(total: int, done: int, enabled: bool = True) -> Iterator[C
 
 
 def print_before_after(evaluation: dict[str, Any] | None) -> None:
-    if not evaluation or "base" not in evaluation:
-        if evaluation:
-            console.print(f"validation loss {evaluation['tuned']['loss']:.4f}")
+    if not evaluation:
+        return
+    if evaluation["tuned"] is None:
+        console.print(f"[yellow]{evaluation['note']}[/]")
+        return
+    if "base" not in evaluation:  # eval.before_after is off
+        console.print(f"validation loss {evaluation['tuned']['loss']:.4f}")
         return
     base, tuned = evaluation["base"], evaluation["tuned"]
     table = Table(title="Before / after (validation set)")

@@ -397,10 +397,14 @@ def _best_is_restored(ctx: _Context, state: LoopState) -> bool:
     return ctx.config.training.restore_best and state.best_step is not None and state.best_step != state.step
 
 
-def _final_evaluation(ctx: _Context, state: LoopState, base: dict[str, Any] | None, samples: list[dict[str, str]]) -> dict[str, Any] | None:
+NO_VALIDATION_NOTE = ("no validation data, so no before/after figures: set data.val_size above 0 or give "
+                      "data.validation")
+
+
+def _final_evaluation(ctx: _Context, state: LoopState, base: dict[str, Any] | None, samples: list[dict[str, str]]) -> dict[str, Any]:
     """Before/after figures of the weights being saved: the restored best ones, or the last ones."""
-    if not ctx.data.validation:
-        return None
+    if not ctx.data.validation:  # eval.json is still written: it says why it holds no figures
+        return {"step": state.step, "weights_from_step": state.step, "tuned": None, "note": NO_VALIDATION_NOTE}
     best_restored = _best_is_restored(ctx, state)
     if best_restored:
         tuned = state.best_eval
@@ -443,8 +447,7 @@ def train(config: TunelabConfig, resume: bool = False, progress: bool = True) ->
     evaluation = _final_evaluation(ctx, state, base, samples)
     if ctx.is_main:
         _save_result(ctx)
-        if evaluation is not None:
-            write_json(run_dir / "eval.json", evaluation)
+        write_json(run_dir / "eval.json", evaluation)
     _write_status(ctx, status, state)
     return RunResult(run_dir, status, state.step, evaluation)
 
