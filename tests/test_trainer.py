@@ -74,6 +74,31 @@ def test_gradient_accumulation_equals_the_big_batch(tiny_model_dir: Path) -> Non
     assert any(not torch.allclose(naive[n], big[n], rtol=1e-3) for n in big)
 
 
+@pytest.mark.parametrize("technique", [{"name": "full"}, {"name": "lora", "r": 4, "dropout": 0.0}], ids=["full", "lora"])
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir: Path, technique: dict,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import transformers.modeling_utils
+
+    settings = build_config({"technique": technique}).technique
+    window = [collate([[_example(40, 30, 0)], [_example(20, 5, 1)]], pad_id=0)]
+    grads = {}
+    for checkpointing in (False, True):
+        calls: list[int] = []
+        original = transformers.modeling_utils.checkpoint  # what enabling wraps: count the recomputed layers
+        monkeypatch.setattr(transformers.modeling_utils, "checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k))
+        torch.manual_seed(0)  # the same LoRA initialisation both times
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        if checkpointing:
+            trainer.enable_activation_checkpointing(model)
+        model = TECHNIQUES[settings.name].prepare(model, settings).train()  # train(): checkpointing only runs then
+        grads[checkpointing] = _grads_after(model, window, OBJECTIVES["sft"])
+        monkeypatch.undo()
+        assert bool(calls) == checkpointing, "checkpointing must run exactly when enabled"
+    assert grads[False].keys() == grads[True].keys() and grads[False]
+    for name in grads[False]:
+        torch.testing.assert_close(grads[True][name], grads[False][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 # ---------------------------------------------------------------- resume
 
 

@@ -469,7 +469,7 @@ def _set_up(ctx: _Context, resume: bool) -> tuple[LoopState, dict[str, Any] | No
     samples = sample_prompts(ctx.tokenizer, ctx.data.validation_examples, config.eval.num_samples)
     base = _base_evaluation(ctx, samples)
     if config.training.gradient_checkpointing:
-        ctx.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(ctx.model)
     set_seed(config.training.seed)  # the technique's initialisation does not depend on whether base eval ran
     ctx.model = ctx.technique.prepare(ctx.model, config.technique)
     trainable, total = count_parameters(ctx.model)
@@ -489,6 +489,15 @@ def _set_up(ctx: _Context, resume: bool) -> tuple[LoopState, dict[str, Any] | No
         if ctx.is_main:
             truncate_metrics(run_dir, state.step)
     return state, base, samples
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each layer's activations in backward (transformers 5 renamed gradient_ to activation_)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _check_technique_fits(ctx: _Context) -> None:
