@@ -209,3 +209,25 @@ def test_config_show_set_path_is_relative_to_the_working_directory(
     result = invoke("config", "show", "examples/beginner/own.yaml", "--set", "data.train=my_data.jsonl")
     assert result.exit_code == 0, result.output
     assert yaml.safe_load(result.stdout)["data"]["train"] == [str(tmp_path / "my_data.jsonl")]
+
+
+# ---------------------------------------------------------------- user text is never read as Rich markup
+
+BRACKETS = "A tag [/INST] [red]x and d[key]"
+
+
+def test_brackets_in_samples_print_as_they_are(capsys: pytest.CaptureFixture[str]) -> None:
+    from tunelab.console import print_before_after
+
+    metrics = {"loss": 2.0, "perplexity": 7.389}
+    print_before_after({"base": metrics, "tuned": {"loss": 1.0, "perplexity": 2.718}, "samples": [
+        {"source": "[b]val.jsonl:1", "prompt": f"user: {BRACKETS}", "reference": BRACKETS, "base": BRACKETS,
+         "tuned": BRACKETS}]})
+    out = capsys.readouterr().out
+    assert out.count("[/INST]") == 4 and "d[key]" in out and "[b]val.jsonl:1" in out
+
+
+def test_brackets_in_a_data_error_print_as_they_are(tmp_path: Path, tiny_config: Path) -> None:
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "[/INST]", "content": "x"}]}])
+    result = invoke("data", "inspect", bad, "--config", tiny_config)
+    assert result.exit_code == 2 and "[/INST]" in result.clean and "Traceback" not in result.clean

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.text import Text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune open language models, measure, ship.")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect configs.")
@@ -23,7 +24,7 @@ SetOption = Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VA
 def _fail(message: str, code: int = 2) -> None:
     from tunelab.console import err_console
 
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    err_console.print(Text.assemble(("error: ", "bold red"), message), highlight=False)
     raise typer.Exit(code)
 
 
@@ -85,11 +86,12 @@ def _run_training(cfg, resume: bool, progress: bool, resume_command: str) -> Non
         _fail("interrupted. The run folder keeps its last checkpoint, if any; running the same command again "
               "starts over when there is none.", code=130)
     if result.status == "interrupted":
-        console.print(f"[yellow]Interrupted at step {result.step}.[/] Continue with: {resume_command}", highlight=False,
+        console.print(Text.assemble((f"Interrupted at step {result.step}.", "yellow"), " Continue with: ", resume_command),
+                      highlight=False,
                       soft_wrap=True)  # soft_wrap: no line breaks inside a command meant to be copied
         raise typer.Exit(130)
     print_before_after(result.evaluation)
-    console.print(f"[bold green]{result.status}[/] after {result.step} steps. Run folder: {result.run_dir}")
+    console.print(Text.assemble((result.status, "bold green"), f" after {result.step} steps. Run folder: {result.run_dir}"))
 
 
 @config_app.command("show")

@@ -10,8 +10,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-console = Console()
-err_console = Console(stderr=True)  # logs and errors; stdout is for results
+# markup=False: printed text holds user data (code with [brackets], chat tags like [/INST]) that Rich must not
+# read as markup; styles are given explicitly with Text and style=.
+console = Console(markup=False)
+err_console = Console(stderr=True, markup=False)  # logs and errors; stdout is for results
 
 
 @contextmanager
@@ -38,7 +40,7 @@ def print_before_after(evaluation: dict[str, Any] | None) -> None:
     if not evaluation:
         return
     if evaluation["tuned"] is None:
-        console.print(f"[yellow]{evaluation['note']}[/]")
+        console.print(evaluation["note"], style="yellow")
         return
     if "base" not in evaluation:  # eval.before_after is off
         console.print(f"validation loss {evaluation['tuned']['loss']:.4f}")
@@ -86,12 +88,13 @@ def print_data_report(report: dict[str, Any]) -> None:
     table.add_row("truncation rate", f"{report['truncation_rate']:.1%}")
     console.print(table)
     for change in report["tokenizer_changes"]:
-        console.print(f"[yellow]tokenizer change:[/] {change}")
+        console.print(Text.assemble(("tokenizer change: ", "yellow"), change))
     for warning in report["warnings"]:
-        console.print(f"[yellow]warning:[/] {warning}")
+        console.print(Text.assemble(("warning: ", "yellow"), warning))
     example = report.get("example")
     if example:
-        console.print(f"\nExample {example['source']} ([green]green[/] = supervised tokens, which take the loss):")
+        console.print(Text.assemble("\nExample ", example["source"], " (", ("green", "bold green"),
+                                    " = supervised tokens, which take the loss):"))
         text = Text()
         for segment in example["segments"]:
             text.append(segment["text"], style="bold green" if segment["supervised"] else "dim")
