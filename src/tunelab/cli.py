@@ -133,6 +133,8 @@ def runs(root: Annotated[Path, typer.Argument(metavar="FOLDER", help="Folder hol
     from tunelab.console import console, print_runs
     from tunelab.runs import list_runs
 
+    if not root.is_dir():
+        _fail(f"{root}: no such folder (give the folder that holds run folders, by default runs/)")
     found = list_runs(root)
     if not found:
         console.print(f"no runs in {root}")

@@ -14,12 +14,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+log = logging.getLogger(__name__)
 
 
 # Every name tunelab writes into a run folder. Overwriting a run removes these and nothing else.
@@ -61,7 +64,15 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a kill mid-write: the metrics around it still count
+            log.warning("%s:%d: skipped a damaged metrics line", path, number)
+    return records
 
 
 def truncate_metrics(run_dir: Path, last_step: int) -> None:
@@ -96,5 +107,14 @@ def summarize_run(run_dir: Path) -> dict[str, Any] | None:
 def list_runs(root: Path) -> list[dict[str, Any]]:
     if not root.is_dir():
         return []
-    found = [summarize_run(p) for p in sorted(root.iterdir()) if p.is_dir()]
-    return [r for r in found if r is not None]
+    found = []
+    for run_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        try:
+            summary = summarize_run(run_dir)
+        except (OSError, ValueError, yaml.YAMLError, AttributeError) as exc:  # one damaged run must not hide the rest
+            summary = {"run": str(run_dir), "status": f"unreadable ({type(exc).__name__})", "model": None,
+                       "technique": None, "step": None, "train_loss": None, "base_val_loss": None,
+                       "tuned_val_loss": None}
+        if summary is not None:
+            found.append(summary)
+    return found
