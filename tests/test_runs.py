@@ -39,5 +39,5 @@ def test_runs_on_a_missing_folder_is_an_error(tmp_path: Path) -> None:
 
     from tunelab.cli import app
 
-    result = CliRunner().invoke(app, ["runs", str(tmp_path / "nowhere")])
+    result = CliRunner(env={"COLUMNS": "250"}).invoke(app, ["runs", str(tmp_path / "nowhere")])
     assert result.exit_code == 2 and "no such folder" in result.output
