@@ -461,3 +461,29 @@ def test_a_run_without_validation_data_says_so_in_eval_json(tiny_model_dir: Path
     assert evaluation["tuned"] is None and "no validation data" in evaluation["note"]
     [summary] = list_runs(tmp_path)
     assert summary["status"] == "completed" and summary["tuned_val_loss"] is None
+
+
+def test_resume_refuses_changed_data_and_a_step_count_below_the_checkpoint(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    data = write_jsonl(tmp_path / "train.jsonl", toy_chat_records(24))
+    config = make_config(tiny_model_dir, tmp_path, data, training={"max_steps": 6}, eval={"before_after": False})
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "_StopRequest", _StopAfter(3))
+        assert train(config, progress=False).status == "interrupted"
+    shorter = make_config(tiny_model_dir, tmp_path, data, training={"max_steps": 2}, eval={"before_after": False})
+    with pytest.raises(ConfigError, match="checkpoint is at step 3, past the 2 steps"):
+        train(shorter, resume=True, progress=False)
+    write_jsonl(data, toy_chat_records(24)[::-1])  # same records, another order: another run
+    with pytest.raises(ConfigError, match="data files changed"):
+        train(config, resume=True, progress=False)
+    write_jsonl(data, toy_chat_records(24))  # control: the original data resumes
+    assert train(config, resume=True, progress=False).step == 6
+
+
+def test_a_finished_run_is_refused_without_suggesting_resume(tiny_model_dir: Path, tmp_path: Path) -> None:
+    config = make_config(tiny_model_dir, tmp_path, training={"max_steps": 1}, eval={"before_after": False})
+    train(config, progress=False)
+    with pytest.raises(ConfigError, match=r"already holds a run that is finished \(completed\), choose") as error:
+        train(config, progress=False)
+    assert "--resume" not in str(error.value)

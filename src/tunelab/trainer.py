@@ -300,10 +300,17 @@ def _json_line(record: dict[str, Any]) -> str:
 
 def _prepare_run_dir(config: TunelabConfig, resume: bool) -> Path:
     run_dir = Path(config.output.dir or "runs/run")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"output.dir {run_dir} is a file; give a folder for the run")
     if resume:
         if ckpt.latest_checkpoint(run_dir / "checkpoints") is None:
             raise ConfigError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
-        _check_resume_config(config, run_dir)
+        blocking, allowed = resume_config_changes(config, run_dir)
+        if blocking:
+            raise ConfigError(f"--resume: the config differs from the run's {run_dir / 'config.yaml'}: " + "; ".join(blocking))
+        for change in allowed:  # e.g. a --set the user forgot to repeat: say so rather than quietly run fewer steps
+            log.warning("--resume changes %s", change)
+        (run_dir / "config.yaml").write_text(config.to_yaml())
         return run_dir
     foreign = foreign_entries(run_dir)
     if foreign:  # never write into (let alone clear) a folder holding someone's files
@@ -316,14 +323,21 @@ def _prepare_run_dir(config: TunelabConfig, resume: bool) -> Path:
         clear_run(run_dir)
     if (run_dir / "config.yaml").exists():
         if not config.output.overwrite:
-            raise ConfigError(
-                f"{run_dir} already holds a run. Continue it with --resume, choose another folder with "
-                "--set output.dir=..., or replace it with --set output.overwrite=true"
-            )
+            raise ConfigError(f"{run_dir} already holds a run{_how_to_continue(run_dir)}, choose another folder with "
+                              "--set output.dir=..., or replace it with --set output.overwrite=true")
         clear_run(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(config.to_yaml())
     return run_dir
+
+
+def _how_to_continue(run_dir: Path) -> str:
+    status = (read_json(run_dir / "status.json") or {}).get("status", "unknown")
+    if status in ("completed", "early_stopped"):
+        return f" that is finished ({status})"
+    if ckpt.latest_checkpoint(run_dir / "checkpoints") is not None:
+        return f" ({status}, with a checkpoint). Continue it with --resume"
+    return f" ({status})"
 
 
 def _nothing_to_lose(run_dir: Path) -> bool:
@@ -337,24 +351,22 @@ def _nothing_to_lose(run_dir: Path) -> bool:
 
 # Fields that may change between a run and its resumption; anything else would make "resume" a different run.
 _RESUMABLE_CHANGES = {"training.max_steps", "training.epochs", "training.eval_every", "training.save_every",
-                      "training.early_stopping_patience", "output.overwrite", "eval"}
+                      "training.early_stopping_patience", "eval"}
+_NOT_PART_OF_THE_RUN = {"output.overwrite"}  # how the folder was claimed, not what the run computes
 
 
-def _check_resume_config(config: TunelabConfig, run_dir: Path) -> None:
+def resume_config_changes(config: TunelabConfig, run_dir: Path) -> tuple[list[str], list[str]]:
+    """Differences between ``config`` and the run's saved config: (ones that forbid resuming, allowed ones)."""
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     current = yaml.safe_load(config.to_yaml())
-    changed, allowed = [], []
+    blocking, allowed = [], []
     for section, fields in current.items():
         for key, value in (fields or {}).items():
             dotted, before = f"{section}.{key}", saved.get(section, {}).get(key)
-            if before != value:
+            if before != value and dotted not in _NOT_PART_OF_THE_RUN:
                 resumable = dotted in _RESUMABLE_CHANGES or section in _RESUMABLE_CHANGES
-                (allowed if resumable else changed).append(f"{dotted}: {before!r} -> {value!r}")
-    if changed:
-        raise ConfigError(f"--resume: the config differs from the run's {run_dir / 'config.yaml'}: " + "; ".join(changed))
-    for change in allowed:  # e.g. a --set the user forgot to repeat: say so rather than quietly run fewer steps
-        log.warning("--resume changes %s", change)
-    (run_dir / "config.yaml").write_text(config.to_yaml())
+                (allowed if resumable else blocking).append(f"{dotted}: {before!r} -> {value!r}")
+    return blocking, allowed
 
 
 def _base_evaluation(ctx: _Context, samples: list[dict[str, str]]) -> dict[str, Any] | None:
@@ -459,6 +471,8 @@ def _set_up(ctx: _Context, resume: bool) -> tuple[LoopState, dict[str, Any] | No
     ctx.tokenizer = load_tokenizer(config.model)
     ctx.data = prepare_data(config.data, ctx.tokenizer, cache_root() / "data")
     ctx.pad_id = ctx.tokenizer.pad_token_id
+    if resume:
+        _check_same_data(run_dir, ctx.data.report)
     if ctx.is_main:
         write_json(run_dir / "data_report.json", ctx.data.report)
     if config.training.eval_every and not ctx.data.validation:
@@ -486,6 +500,9 @@ def _set_up(ctx: _Context, resume: bool) -> tuple[LoopState, dict[str, Any] | No
         latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
         state = LoopState(**ckpt.load_checkpoint(latest, ctx.accelerator.unwrap_model(ctx.model), ctx.optimizer, ctx.scheduler))
         state.history.append(f"resumed from {latest.name}")
+        if state.step > ctx.plan.total_steps:
+            raise ConfigError(f"--resume: the checkpoint is at step {state.step}, past the {ctx.plan.total_steps} steps "
+                              "this config plans; raise training.max_steps (or epochs)")
         if ctx.is_main:
             truncate_metrics(run_dir, state.step)
     return state, base, samples
@@ -498,6 +515,14 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _check_same_data(run_dir: Path, report: dict[str, Any]) -> None:
+    saved = (read_json(run_dir / "data_report.json") or {}).get("data_fingerprint")
+    if saved is not None and saved != report["data_fingerprint"]:
+        raise ConfigError(f"--resume: the data files changed since {run_dir} started (content hash {saved} -> "
+                          f"{report['data_fingerprint']}); resuming would mix two datasets. Restore the files, or "
+                          "start a new run in another output.dir")
 
 
 def _check_technique_fits(ctx: _Context) -> None:

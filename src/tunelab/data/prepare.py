@@ -51,11 +51,17 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
 
 
-def cache_key(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> str:
+def data_fingerprint(config: DataConfig) -> str:
+    """Hash of the data files' contents, in order: a resumed run checks it trains on the same data."""
+    contents = [[_file_sha256(Path(p)) for p in config.train], [_file_sha256(Path(p)) for p in config.validation]]
+    return hashlib.sha256(json.dumps(contents).encode()).hexdigest()[:24]
+
+
+def cache_key(config: DataConfig, tokenizer: PreTrainedTokenizerBase, fingerprint: str) -> str:
+    """``fingerprint``: ``data_fingerprint(config)``, computed once per run (hashing large files takes time)."""
     relevant = config.model_dump(exclude={"packing", "cache"})
     # Paths too, not only contents: cached examples carry their file:line sources for error messages and reports.
-    relevant["train"] = [(p, _file_sha256(Path(p))) for p in config.train]
-    relevant["validation"] = [(p, _file_sha256(Path(p))) for p in config.validation]
+    relevant["contents"] = fingerprint
     payload = json.dumps([CACHE_VERSION, relevant, tokenizer_fingerprint(tokenizer)], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
@@ -182,12 +188,14 @@ def prepare_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, cache_d
     changes = prepare_tokenizer(tokenizer, config.chat_template, needs_chat)
     empty = _empty_responses(train_files + val_files)
 
-    key = cache_key(config, tokenizer) if config.cache and cache_dir else None
+    fingerprint = data_fingerprint(config)
+    key = cache_key(config, tokenizer, fingerprint) if config.cache and cache_dir else None
     if key:
         cached = load_cache(cache_dir / key)
         if cached is not None:
             log.info("tokenized data loaded from cache %s", cache_dir / key)
             cached.report["tokenizer_changes"] = changes
+            cached.report["data_fingerprint"] = fingerprint
             return cached
 
     train = [e for f in train_files for e in f.examples]
@@ -216,6 +224,7 @@ def prepare_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, cache_d
     report = build_report(tokenizer=tokenizer, files=files, counts=counts, train=train_tok, validation=val_tok,
                           zero_supervised=zero, empty_responses=empty, tokenizer_changes=changes,
                           max_length=config.max_length)
+    report["data_fingerprint"] = fingerprint
     data = PreparedData(train_tok, val_tok, [e for e in validation if e.source in kept_val_sources], report)
     if key:
         save_cache(cache_dir / key, data)
