@@ -40,6 +40,31 @@ def inspect_data(files: list[str | Path] | str | Path, config: TunelabConfig | s
     return prepare_data(data_config, tokenizer).report
 
 
+QUICKSTART_DIR = "runs/quickstart"
+
+
 def quickstart_config(overrides: list[str] | None = None) -> TunelabConfig:
     """The quickstart recipe: LoRA on the embedded SmolLM2-135M-Instruct with the shipped pydoc Q&A data."""
-    return load_config(RECIPES / "quickstart.yaml", ["output.dir=runs/quickstart", *(overrides or [])])
+    return load_config(RECIPES / "quickstart.yaml", [f"output.dir={QUICKSTART_DIR}", *(overrides or [])])
+
+
+def quickstart(overrides: list[str] | None = None, progress: bool = True):  # noqa: ANN201 - RunResult
+    """Run the quickstart recipe. Run again, it resumes an interrupted quickstart with the same config, and
+    otherwise replaces its own previous demo run in runs/quickstart; any other output.dir is treated as
+    `train` treats it (an existing run there is never replaced unless output.overwrite says so)."""
+    import logging
+
+    from tunelab.checkpoint import latest_checkpoint
+    from tunelab.runs import read_json
+    from tunelab.trainer import resume_config_changes, train as run_train
+
+    config = quickstart_config(overrides)
+    run_dir = Path(config.output.dir)
+    status = (read_json(run_dir / "status.json") or {}).get("status")
+    resume = status in ("interrupted", "failed", "running") and latest_checkpoint(run_dir / "checkpoints") is not None
+    if resume and resume_config_changes(config, run_dir)[0]:
+        logging.getLogger(__name__).warning("the config differs from the interrupted quickstart in %s: starting over", run_dir)
+        resume = False
+    if not resume and run_dir.resolve() == Path(QUICKSTART_DIR).resolve():
+        config.output.overwrite = True  # the demo's own folder: its previous run is tunelab's output, not the user's
+    return run_train(config, resume=resume, progress=progress)

@@ -7,7 +7,7 @@ import logging
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 from rich.text import Text
@@ -65,23 +65,24 @@ def train(
 ) -> None:
     """Fine-tune a model as the config says; writes a run folder (see `tunelab runs`)."""
     _setup_logging()
+    from tunelab.api import train as run_train
     from tunelab.config import load_config
 
     try:
         cfg = load_config(config, set_)
         # The way back after Ctrl-C: this very command with --resume, every --set repeated.
         again = ["tunelab", "train", str(config), "--resume", *(f"--set={item}" for item in set_ or [])]
-        _run_training(cfg, resume, progress, resume_command=shlex.join(again))
+        _run_training(lambda: run_train(cfg, resume=resume, progress=progress), resume_command=shlex.join(again))
     except _user_errors() as exc:
         _fail(str(exc))
 
 
-def _run_training(cfg, resume: bool, progress: bool, resume_command: str) -> None:  # noqa: ANN001 - TunelabConfig
+def _run_training(start: Callable[[], Any], resume_command: str) -> None:
+    """Run ``start()`` (a training run), then print its before/after table or how to continue it."""
     from tunelab.console import console, print_before_after
-    from tunelab.trainer import train as run_train
 
     try:
-        result = run_train(cfg, resume=resume, progress=progress)
+        result = start()
     except KeyboardInterrupt:  # a Ctrl-C before the first step, or a second one: no traceback, say what is kept
         _fail("interrupted. The run folder keeps its last checkpoint, if any; running the same command again "
               "starts over when there is none.", code=130)
@@ -149,19 +150,12 @@ def quickstart(
 ) -> None:
     """LoRA on the embedded SmolLM2-135M-Instruct with the shipped pydoc Q&A data, then a before/after table."""
     _setup_logging()
-    from tunelab.api import quickstart_config
-    from tunelab.checkpoint import latest_checkpoint
-    from tunelab.runs import read_json
+    from tunelab.api import quickstart as run_quickstart
 
     try:
-        cfg = quickstart_config(set_)
-        run_dir = Path(cfg.output.dir)
-        status = (read_json(run_dir / "status.json") or {}).get("status")
-        resume = status in ("interrupted", "failed", "running") and latest_checkpoint(run_dir / "checkpoints") is not None
-        cfg.output.overwrite = not resume  # the quickstart folder is tunelab's own demo output
-        # `make quickstart` (or `tunelab quickstart`) again resumes an interrupted quickstart by itself.
-        _run_training(cfg, resume, progress,
-                      resume_command=shlex.join(["tunelab", "quickstart", *(f"--set={item}" for item in set_ or [])]))
+        # Running the same command again resumes an interrupted quickstart by itself.
+        again = shlex.join(["tunelab", "quickstart", *(f"--set={item}" for item in set_ or [])])
+        _run_training(lambda: run_quickstart(set_, progress=progress), resume_command=again)
     except _user_errors() as exc:
         _fail(str(exc))
 

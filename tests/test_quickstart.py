@@ -1,0 +1,62 @@
+"""`tunelab quickstart` run again: it resumes an interrupted quickstart, starts over when the config changed,
+replaces its own demo run, and never replaces a run in any other folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import toy_chat_records, write_jsonl
+from test_trainer import _StopAfter
+
+from tunelab import api, trainer
+from tunelab.config import ConfigError
+
+
+@pytest.fixture
+def tiny_recipe(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The quickstart recipe swapped for a tiny one, run from an empty working folder."""
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    data = write_jsonl(tmp_path / "train.jsonl", toy_chat_records(24))
+    (recipes / "quickstart.yaml").write_text(
+        f"model: {{name: {tiny_model_dir}}}\ndata: {{train: {data}, val_size: 4, max_length: 64}}\n"
+        "technique: {name: lora, r: 2}\ntraining: {max_steps: 4, micro_batch_size: 2, save_every: 1}\n"
+        "eval: {before_after: false}\n"
+    )
+    monkeypatch.setattr(api, "RECIPES", recipes)
+    monkeypatch.chdir(tmp_path)
+    return recipes
+
+
+def _interrupted_after(steps: int, overrides: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "_StopRequest", _StopAfter(steps))
+        assert api.quickstart(overrides, progress=False).status == "interrupted"
+
+
+def test_run_again_replaces_its_own_demo_run(tiny_recipe: Path) -> None:
+    assert api.quickstart(progress=False).status == "completed"
+    assert api.quickstart(progress=False).status == "completed"
+
+
+def test_run_again_after_ctrl_c_resumes(tiny_recipe: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _interrupted_after(2, [], monkeypatch)
+    result = api.quickstart(progress=False)
+    assert (result.status, result.step) == ("completed", 4)
+    history = trainer.read_json(result.run_dir / "checkpoints" / "step-000004" / "state.json")["history"]
+    assert history == ["resumed from step-000002"]
+
+
+def test_run_again_with_another_config_starts_over(tiny_recipe: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _interrupted_after(2, [], monkeypatch)
+    result = api.quickstart(["data.val_size=3"], progress=False)  # no dead end on "--resume: the config differs"
+    assert (result.status, result.step) == ("completed", 4)
+    history = trainer.read_json(result.run_dir / "checkpoints" / "step-000004" / "state.json")["history"]
+    assert history == []
+
+
+def test_another_folder_is_never_replaced(tiny_recipe: Path) -> None:
+    assert api.quickstart(["output.dir=runs/mywork"], progress=False).status == "completed"
+    with pytest.raises(ConfigError, match="already holds a run"):
+        api.quickstart(["output.dir=runs/mywork"], progress=False)
