@@ -340,3 +340,9 @@ def test_a_tag_with_a_bad_value_is_a_config_error(tmp_path: Path) -> None:
     path.write_text("training:\n  max_steps: !!int abc\n")
     with pytest.raises(ConfigError, match="invalid YAML value"):
         load_config(path)
+
+
+def test_chat_template_must_be_jinja_text() -> None:
+    with pytest.raises(ConfigError, match="data.chat_template.*Jinja template text"):
+        build_config({"data": {"chat_template": "chatml"}})
+    assert build_config({"data": {"chat_template": "{{ messages }}"}}).data.chat_template == "{{ messages }}"

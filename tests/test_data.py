@@ -683,3 +683,15 @@ def test_report_lints_examples_without_a_trained_stop(tiny_tokenizer, tmp_path: 
     no_stop = TokenizedExample(good.input_ids, cut, good.source)
     assert end_of_turn_lint(tiny_tokenizer, [good]) == 0
     assert end_of_turn_lint(tiny_tokenizer, [good, no_stop]) == 1
+
+
+def test_no_usable_examples_says_why(tiny_tokenizer, tmp_path: Path) -> None:
+    from tunelab.config import DataConfig
+    from tunelab.data import DataError, prepare_data
+
+    records = [{"prompt": "word " * 40, "completion": " answer"} for _ in range(3)]
+    records = [{"prompt": f"{i} " + r["prompt"], "completion": r["completion"]} for i, r in enumerate(records)]
+    path = write_jsonl(tmp_path / "long.jsonl", records)
+    config = DataConfig(train=[str(path)], val_size=0, max_length=16)
+    with pytest.raises(DataError, match=r"3 with no supervised token left .*truncated away at data.max_length=16"):
+        prepare_data(config, tiny_tokenizer)

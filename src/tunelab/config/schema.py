@@ -112,6 +112,14 @@ class DataConfig(Section):
             raise ValueError("empty path: give a data file")
         return paths
 
+    @field_validator("chat_template")
+    @classmethod
+    def _template_is_jinja(cls, template: str | None) -> str | None:
+        # The field holds the template text itself; a name such as 'chatml' would render as that literal word.
+        if template is not None and "{{" not in template and "{%" not in template:
+            raise ValueError("expected the Jinja template text itself (with {{ ... }} or {% ... %}), not a name")
+        return template
+
 
 class ObjectiveConfig(Section):
     name: Literal["sft"] = Field(

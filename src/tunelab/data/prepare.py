@@ -179,6 +179,20 @@ def _empty_responses(files: list[LoadedFile]) -> dict[str, Any]:
     return empty
 
 
+def _no_training_examples_message(config: DataConfig, train: list[Example], counts: dict[str, int], zero: list[str]) -> str:
+    reasons = []
+    if counts["overlap_removed"]:
+        reasons.append(f"{counts['overlap_removed']} removed because the validation data holds them too")
+    if counts["dropped_overlong"]:
+        reasons.append(f"{counts['dropped_overlong']} dropped as longer than data.max_length={config.max_length}")
+    if zero:
+        reasons.append(f"{len(zero)} with no supervised token left (e.g. {zero[0]}): the answer was truncated away "
+                       f"at data.max_length={config.max_length}, or is empty")
+    if not train:
+        reasons.append("none left after de-duplication and the validation split")
+    return f"no usable training examples in {', '.join(config.train)}: " + "; ".join(reasons or ["the files are empty"])
+
+
 def prepare_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, cache_dir: Path | None = None) -> PreparedData:
     """Load, check, de-duplicate, split and tokenize; reuse the cached result when nothing changed."""
     if not config.train:
@@ -217,7 +231,7 @@ def prepare_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, cache_d
     train_tok = _tokenize_all(train, tokenizer, config, counts, zero)
     val_tok = _tokenize_all(validation, tokenizer, config, counts, zero)
     if not train_tok:
-        raise DataError(f"no usable training examples in {', '.join(config.train)} (see the counts: {counts})")
+        raise DataError(_no_training_examples_message(config, train, counts, zero))
     kept_val_sources = {e.source for e in val_tok}
     files = [{"path": str(f.path), "format": f.format, "records": len(f.examples), "role": role}
              for role, group in (("train", train_files), ("validation", val_files)) for f in group]
