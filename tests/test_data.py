@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -329,6 +330,28 @@ def test_multi_turn_supervises_every_assistant_turn_and_nothing_else(tiny_tokeni
         if message["role"] != "assistant":
             assert message["content"] in unsupervised
     assert "<|im_start|>assistant\n" in unsupervised  # the role header is given, not learned
+
+
+def test_an_assistant_turn_with_weight_0_is_context_only(tiny_tokenizer, tmp_path: Path) -> None:
+    record = copy.deepcopy(MULTI_TURN)
+    first_answer = next(m for m in record["messages"] if m["role"] == "assistant")
+    first_answer["weight"] = 0  # OpenAI's fine-tuning format: keep the turn as context, take no loss on it
+    example = tokenize_record(tiny_tokenizer, tmp_path, record)
+    assert supervised_segments(tiny_tokenizer, example) == ["one two three four five" + END]
+    first_answer["weight"] = 1  # control: weight 1 is the default
+    assert len(supervised_segments(tiny_tokenizer, tokenize_record(tiny_tokenizer, tmp_path, record))) == 2
+
+
+@pytest.mark.parametrize("message, expected", [
+    ({"role": "user", "content": "hi", "weight": 0}, "only for assistant messages"),
+    ({"role": "assistant", "content": "hi", "weight": 0.5}, "expected 0 .* or 1"),
+])
+def test_a_bad_weight_names_the_message(tmp_path: Path, message: dict, expected: str) -> None:
+    record = {"messages": [message, {"role": "assistant", "content": "ok"}] if message["role"] == "user"
+              else [{"role": "user", "content": "q"}, message]}
+    path = write_jsonl(tmp_path / "w.jsonl", [record])
+    error = data_error(path)
+    assert f"{path}:1" in error and re.search(expected, error), error
 
 
 def test_train_on_prompt_supervises_everything(tiny_tokenizer, tmp_path: Path) -> None:

@@ -64,7 +64,8 @@ class DataConfig(Section):
     )
     format: Literal["auto", "messages", "alpaca", "prompt_completion", "text"] = Field(
         "auto",
-        description="Record shape. 'messages': OpenAI chat {messages: [{role, content}]}; 'alpaca': "
+        description="Record shape. 'messages': OpenAI chat {messages: [{role, content, weight?}]}, where an assistant "
+        "turn with weight 0 is context only (no loss); 'alpaca': "
         "{instruction, input?, output, system?}; 'prompt_completion': {prompt, completion}; 'text': {text} for "
         "continued pre-training. 'auto' detects it from the first record and checks every record against it.",
     )

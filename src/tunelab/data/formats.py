@@ -16,7 +16,7 @@ from typing import Any, Iterator
 FORMATS = ("messages", "alpaca", "prompt_completion", "text")
 ROLES = ("system", "user", "assistant")
 EXPECTED_SHAPES = (
-    "messages: {\"messages\": [{\"role\": \"system\"|\"user\"|\"assistant\", \"content\": str}, ...]}; "
+    "messages: {\"messages\": [{\"role\": \"system\"|\"user\"|\"assistant\", \"content\": str, \"weight\"?: 0|1}, ...]}; "
     "alpaca: {\"instruction\": str, \"input\"?: str, \"output\": str, \"system\"?: str}; "
     "prompt_completion: {\"prompt\": str, \"completion\": str}; "
     "text: {\"text\": str}"
@@ -42,6 +42,7 @@ class Example:
     messages: tuple[tuple[str, str], ...] = ()
     prompt: str = ""
     completion: str = ""
+    untrained_turns: tuple[int, ...] = ()  # indices of assistant messages with OpenAI's "weight": 0 (context only)
 
     @property
     def has_empty_response(self) -> bool:
@@ -52,7 +53,8 @@ class Example:
 
     def key(self) -> str:
         """Identity for de-duplication and train/validation overlap (format and content, not the source)."""
-        return json.dumps([self.format, self.messages, self.prompt, self.completion], ensure_ascii=False)
+        return json.dumps([self.format, self.messages, self.prompt, self.completion, self.untrained_turns],
+                          ensure_ascii=False)
 
 
 @dataclass
@@ -225,11 +227,13 @@ def _require_str(record: dict[str, Any], key: str, where: str, fmt: str, optiona
     return value
 
 
-def _messages(record: dict[str, Any], where: str) -> tuple[tuple[str, str], ...]:
+def _messages(record: dict[str, Any], where: str) -> tuple[tuple[tuple[str, str], ...], tuple[int, ...]]:
+    """The (role, content) turns, and the indices of assistant turns with "weight": 0 (OpenAI's fine-tuning
+    format: such a turn is context for later turns but takes no loss)."""
     raw = record.get("messages")
     if not isinstance(raw, list) or not raw:
         raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
-    turns = []
+    turns, untrained = [], []
     for i, message in enumerate(raw):
         if not isinstance(message, dict):
             raise DataError(f"{where}: messages[{i}] is a {type(message).__name__}; expected {{\"role\", \"content\"}}")
@@ -240,10 +244,23 @@ def _messages(record: dict[str, Any], where: str) -> tuple[tuple[str, str], ...]
             raise DataError(f"{where}: messages[{i}].content is {type(content).__name__}; expected a string")
         if role == "system" and i != 0:
             raise DataError(f"{where}: messages[{i}] is a system message; only the first message may be one")
+        if _untrained(message, role, f"{where}: messages[{i}]"):
+            untrained.append(i)
         turns.append((role, content))
     if not any(role == "assistant" for role, _ in turns):
         raise DataError(f"{where}: no assistant message, so there is nothing to learn from this record")
-    return tuple(turns)
+    return tuple(turns), tuple(untrained)
+
+
+def _untrained(message: dict[str, Any], role: str, where: str) -> bool:
+    weight = message.get("weight")
+    if weight is None:
+        return False
+    if role != "assistant":
+        raise DataError(f"{where}: 'weight' is only for assistant messages (it says whether the turn is trained)")
+    if isinstance(weight, bool) or weight not in (0, 1):
+        raise DataError(f"{where}: weight is {weight!r}; expected 0 (context only, no loss) or 1 (trained)")
+    return weight == 0
 
 
 def to_example(record: dict[str, Any], fmt: str, where: str) -> Example:
@@ -256,7 +273,8 @@ def to_example(record: dict[str, Any], fmt: str, where: str) -> Example:
             f"Expected shapes: {EXPECTED_SHAPES}"
         )
     if fmt == "messages":
-        return Example(fmt, where, messages=_messages(record, where))
+        turns, untrained = _messages(record, where)
+        return Example(fmt, where, messages=turns, untrained_turns=untrained)
     if fmt == "alpaca":
         instruction = _require_str(record, "instruction", where, fmt)
         extra = _require_str(record, "input", where, fmt, optional=True)

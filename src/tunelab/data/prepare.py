@@ -24,7 +24,7 @@ from tunelab.data.report import build_report, empty_response_summary, empty_resp
 from tunelab.data.tokenize import TokenizedExample, apply_length_policy, prepare_tokenizer, tokenize_example
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = "2"  # bump when tokenization, masking or the report's keys change, so stale caches are not reused
+CACHE_VERSION = "3"  # bump when tokenization, masking or the report's keys change, so stale caches are not reused
 
 
 @dataclass
@@ -113,7 +113,8 @@ def load_cache(directory: Path) -> PreparedData | None:
     try:
         meta = json.loads((directory / "meta.json").read_text())
         validation_examples = [
-            Example(e["format"], e["source"], tuple(tuple(m) for m in e["messages"]), e["prompt"], e["completion"])
+            Example(e["format"], e["source"], tuple(tuple(m) for m in e["messages"]), e["prompt"], e["completion"],
+                    tuple(e["untrained_turns"]))
             for e in meta["validation_examples"]
         ]
         return PreparedData(

@@ -74,7 +74,7 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, turns: tuple[tuple[str, str]
 def _assistant_spans(tokenizer: PreTrainedTokenizerBase, example: Example, full: str) -> list[tuple[int, int]]:
     spans = []
     for i, (role, _) in enumerate(example.messages):
-        if role != "assistant":
+        if role != "assistant" or i in example.untrained_turns:
             continue
         before = render_chat(tokenizer, example.messages[:i], add_generation_prompt=True)
         through = render_chat(tokenizer, example.messages[: i + 1], add_generation_prompt=False)
