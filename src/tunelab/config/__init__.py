@@ -4,7 +4,6 @@ validated config (``loading``)."""
 from tunelab.config.loading import build_config, format_validation_error, load_config, parse_overrides
 from tunelab.config.schema import (
     EMBEDDED_DEFAULT_MODEL,
-    ConfigError,
     DataConfig,
     EvalConfig,
     ModelConfig,
@@ -13,6 +12,7 @@ from tunelab.config.schema import (
     TrainingConfig,
     TunelabConfig,
 )
+from tunelab.errors import ConfigError
 
 __all__ = [
     "EMBEDDED_DEFAULT_MODEL", "ConfigError", "DataConfig", "EvalConfig", "ModelConfig", "ObjectiveConfig",

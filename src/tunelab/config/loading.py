@@ -17,7 +17,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from tunelab.config.schema import ConfigError, TunelabConfig
+from tunelab.config.schema import TunelabConfig
+from tunelab.errors import ConfigError
 from tunelab.techniques import TECHNIQUES
 
 
@@ -325,6 +326,8 @@ def build_config(
 def load_config(path: str | Path, overrides: list[str] | None = None) -> TunelabConfig:
     """Read a YAML config with ``safe_load``, apply ``--set`` overrides, validate, resolve relative paths."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory; give a YAML config file (see examples/)")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     text = path.read_text()

@@ -17,10 +17,6 @@ from tunelab.techniques import TECHNIQUES, TechniqueConfig
 EMBEDDED_DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
-class ConfigError(ValueError):
-    """A config that cannot be used, with the file, the line or key, and what was expected."""
-
-
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -191,6 +187,13 @@ class OutputConfig(Section):
     )
     overwrite: bool = Field(False, description="Replace the run already in `dir` instead of refusing. Only files "
                            "tunelab wrote are removed; a folder holding anything else is never used.")
+
+    @field_validator("dir")
+    @classmethod
+    def _dir_not_empty(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("empty path: give a folder for the run, or leave it unset for runs/<config name>")
+        return value
 
 
 TechniqueField = Annotated[TechniqueConfig, Field(discriminator="name")]

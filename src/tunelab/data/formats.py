@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
+from tunelab.errors import DataError as DataError  # defined in tunelab.errors; importable from here too
 
 FORMATS = ("messages", "alpaca", "prompt_completion", "text")
 ROLES = ("system", "user", "assistant")
@@ -23,10 +24,6 @@ EXPECTED_SHAPES = (
 )
 SUFFIX_TO_BUILDER = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 GIVE_A_DATA_FILE = "give a data file (.jsonl, .json, .csv or .parquet)"
-
-
-class DataError(ValueError):
-    """A data file or record that cannot be used: the message names the file, the line and what was expected."""
 
 
 @dataclass(frozen=True)

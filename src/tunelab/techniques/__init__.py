@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Union, get_args
 
 from tunelab.techniques import freeze, full, lora
-from tunelab.techniques.base import Technique, TechniqueError, TechniqueSettings, count_parameters
+from tunelab.errors import TechniqueError
+from tunelab.techniques.base import Technique, TechniqueSettings, count_parameters
 
 _ALL: tuple[Technique, ...] = (full.TECHNIQUE, freeze.TECHNIQUE, lora.TECHNIQUE)
 

@@ -10,10 +10,6 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 
-class TechniqueError(ValueError):
-    """A technique setting that does not fit the model (a layer index out of range, a module name not found)."""
-
-
 class TechniqueSettings(BaseModel):
     """Base class of each technique's config section; `name` is the registry key (a Literal)."""
 

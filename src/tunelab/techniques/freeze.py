@@ -16,7 +16,8 @@ from typing import Literal
 from pydantic import Field
 from torch import nn
 
-from tunelab.techniques.base import Technique, TechniqueError, TechniqueSettings, save_full_model
+from tunelab.errors import TechniqueError
+from tunelab.techniques.base import Technique, TechniqueSettings, save_full_model
 
 
 class FreezeSettings(TechniqueSettings):

@@ -18,7 +18,8 @@ from typing import Any
 from pydantic import Field, field_validator
 from torch import nn
 
-from tunelab.techniques.base import Technique, TechniqueError, TechniqueSettings
+from tunelab.errors import TechniqueError
+from tunelab.techniques.base import Technique, TechniqueSettings
 
 
 class LoraSettings(TechniqueSettings):
