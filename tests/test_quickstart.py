@@ -11,6 +11,7 @@ from test_trainer import _StopAfter
 
 from tunelab import api, trainer
 from tunelab.config import ConfigError
+from tunelab.runs import read_json
 
 
 @pytest.fixture
@@ -44,7 +45,7 @@ def test_run_again_after_ctrl_c_resumes(tiny_recipe: Path, monkeypatch: pytest.M
     _interrupted_after(2, [], monkeypatch)
     result = api.quickstart(progress=False)
     assert (result.status, result.step) == ("completed", 4)
-    history = trainer.read_json(result.run_dir / "checkpoints" / "step-000004" / "state.json")["history"]
+    history = read_json(result.run_dir / "checkpoints" / "step-000004" / "state.json")["history"]
     assert history == ["resumed from step-000002"]
 
 
@@ -52,7 +53,7 @@ def test_run_again_with_another_config_starts_over(tiny_recipe: Path, monkeypatc
     _interrupted_after(2, [], monkeypatch)
     result = api.quickstart(["data.val_size=3"], progress=False)  # no dead end on "--resume: the config differs"
     assert (result.status, result.step) == ("completed", 4)
-    history = trainer.read_json(result.run_dir / "checkpoints" / "step-000004" / "state.json")["history"]
+    history = read_json(result.run_dir / "checkpoints" / "step-000004" / "state.json")["history"]
     assert history == []
 
 

@@ -54,9 +54,9 @@ def quickstart(overrides: list[str] | None = None, progress: bool = True):  # no
     `train` treats it (an existing run there is never replaced unless output.overwrite says so)."""
     import logging
 
-    from tunelab.checkpoint import latest_checkpoint
-    from tunelab.runs import read_json
-    from tunelab.trainer import resume_config_changes, train as run_train
+    from tunelab.runs import latest_checkpoint, read_json
+    from tunelab.runs import resume_config_changes
+    from tunelab.trainer import train as run_train
 
     config = quickstart_config(overrides)
     run_dir = Path(config.output.dir)

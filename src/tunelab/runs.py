@@ -18,9 +18,14 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+from tunelab.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tunelab.config import TunelabConfig
 
 log = logging.getLogger(__name__)
 
@@ -118,3 +123,94 @@ def list_runs(root: Path) -> list[dict[str, Any]]:
         if summary is not None:
             found.append(summary)
     return found
+
+
+# ---------------------------------------------------------------- claiming a run folder, checking a resume
+
+
+def latest_checkpoint(run_checkpoints: Path) -> Path | None:
+    # Imported here: tunelab.checkpoint imports torch, which `tunelab runs` does not need.
+    from tunelab.checkpoint import latest_checkpoint as latest
+
+    return latest(run_checkpoints)
+
+
+def prepare_run_dir(config: TunelabConfig, resume: bool) -> Path:
+    """Claim the run folder: check a resume against the saved run, or start a new run without ever clearing
+    anyone's files. Writes the resolved config.yaml."""
+    run_dir = Path(config.output.dir or "runs/run")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"output.dir {run_dir} is a file; give a folder for the run")
+    if resume:
+        if latest_checkpoint(run_dir / "checkpoints") is None:
+            raise ConfigError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
+        blocking, allowed = resume_config_changes(config, run_dir)
+        if blocking:
+            raise ConfigError(f"--resume: the config differs from the run's {run_dir / 'config.yaml'}: " + "; ".join(blocking))
+        for change in allowed:  # e.g. a --set the user forgot to repeat: say so rather than quietly run fewer steps
+            log.warning("--resume changes %s", change)
+        (run_dir / "config.yaml").write_text(config.to_yaml())
+        return run_dir
+    foreign = foreign_entries(run_dir)
+    if foreign:  # never write into (let alone clear) a folder holding someone's files
+        raise ConfigError(
+            f"output.dir {run_dir} is not empty and is not a tunelab run folder (it holds {', '.join(foreign[:5])}"
+            f"{', ...' if len(foreign) > 5 else ''}); choose a new folder with --set output.dir=..."
+        )
+    if (run_dir / "config.yaml").exists() and _nothing_to_lose(run_dir):
+        log.info("%s holds a run that stopped before its first checkpoint; starting it again", run_dir)
+        clear_run(run_dir)
+    if (run_dir / "config.yaml").exists():
+        if not config.output.overwrite:
+            raise ConfigError(f"{run_dir} already holds a run{_how_to_continue(run_dir)}, choose another folder with "
+                              "--set output.dir=..., or replace it with --set output.overwrite=true")
+        clear_run(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(config.to_yaml())
+    return run_dir
+
+
+def _how_to_continue(run_dir: Path) -> str:
+    status = (read_json(run_dir / "status.json") or {}).get("status", "unknown")
+    if status in ("completed", "early_stopped"):
+        return f" that is finished ({status})"
+    if latest_checkpoint(run_dir / "checkpoints") is not None:
+        return f" ({status}, with a checkpoint). Continue it with --resume"
+    return f" ({status})"
+
+
+def _nothing_to_lose(run_dir: Path) -> bool:
+    """A run that failed or was stopped before writing a checkpoint or a result: re-running it loses nothing."""
+    status = (read_json(run_dir / "status.json") or {}).get("status")
+    if status not in ("failed", "interrupted"):  # "starting"/"running" may be another process at work
+        return False
+    has_result = (run_dir / "adapter").exists() or (run_dir / "model").exists()
+    return not has_result and latest_checkpoint(run_dir / "checkpoints") is None
+
+
+# Fields that may change between a run and its resumption; anything else would make "resume" a different run.
+_RESUMABLE_CHANGES = {"training.max_steps", "training.epochs", "training.eval_every", "training.save_every",
+                      "training.early_stopping_patience", "eval"}
+_NOT_PART_OF_THE_RUN = {"output.overwrite"}  # how the folder was claimed, not what the run computes
+
+
+def resume_config_changes(config: TunelabConfig, run_dir: Path) -> tuple[list[str], list[str]]:
+    """Differences between ``config`` and the run's saved config: (ones that forbid resuming, allowed ones)."""
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    current = yaml.safe_load(config.to_yaml())
+    blocking, allowed = [], []
+    for section, fields in current.items():
+        for key, value in (fields or {}).items():
+            dotted, before = f"{section}.{key}", saved.get(section, {}).get(key)
+            if before != value and dotted not in _NOT_PART_OF_THE_RUN:
+                resumable = dotted in _RESUMABLE_CHANGES or section in _RESUMABLE_CHANGES
+                (allowed if resumable else blocking).append(f"{dotted}: {before!r} -> {value!r}")
+    return blocking, allowed
+
+
+def check_same_data(run_dir: Path, report: dict[str, Any]) -> None:
+    saved = (read_json(run_dir / "data_report.json") or {}).get("data_fingerprint")
+    if saved is not None and saved != report["data_fingerprint"]:
+        raise ConfigError(f"--resume: the data files changed since {run_dir} started (content hash {saved} -> "
+                          f"{report['data_fingerprint']}); resuming would mix two datasets. Restore the files, or "
+                          "start a new run in another output.dir")

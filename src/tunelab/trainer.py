@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-import yaml
 from accelerate import Accelerator
 from transformers import set_seed
 
@@ -29,7 +28,7 @@ from tunelab.data import PreparedData, collate, epoch_batches, pack_rows, prepar
 from tunelab.eval import generate_samples, sample_prompts, validation_loss
 from tunelab.models import cache_root, load_model, load_tokenizer
 from tunelab.objectives import OBJECTIVES, ObjectiveSpec
-from tunelab.runs import clear_run, foreign_entries, read_json, truncate_metrics, write_json
+from tunelab.runs import check_same_data, prepare_run_dir, read_json, truncate_metrics, write_json
 from tunelab.schedule import make_scheduler
 from tunelab.techniques import TECHNIQUES, TechniqueError, count_parameters
 
@@ -298,77 +297,6 @@ def _json_line(record: dict[str, Any]) -> str:
     return json.dumps(record) + "\n"
 
 
-def _prepare_run_dir(config: TunelabConfig, resume: bool) -> Path:
-    run_dir = Path(config.output.dir or "runs/run")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"output.dir {run_dir} is a file; give a folder for the run")
-    if resume:
-        if ckpt.latest_checkpoint(run_dir / "checkpoints") is None:
-            raise ConfigError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
-        blocking, allowed = resume_config_changes(config, run_dir)
-        if blocking:
-            raise ConfigError(f"--resume: the config differs from the run's {run_dir / 'config.yaml'}: " + "; ".join(blocking))
-        for change in allowed:  # e.g. a --set the user forgot to repeat: say so rather than quietly run fewer steps
-            log.warning("--resume changes %s", change)
-        (run_dir / "config.yaml").write_text(config.to_yaml())
-        return run_dir
-    foreign = foreign_entries(run_dir)
-    if foreign:  # never write into (let alone clear) a folder holding someone's files
-        raise ConfigError(
-            f"output.dir {run_dir} is not empty and is not a tunelab run folder (it holds {', '.join(foreign[:5])}"
-            f"{', ...' if len(foreign) > 5 else ''}); choose a new folder with --set output.dir=..."
-        )
-    if (run_dir / "config.yaml").exists() and _nothing_to_lose(run_dir):
-        log.info("%s holds a run that stopped before its first checkpoint; starting it again", run_dir)
-        clear_run(run_dir)
-    if (run_dir / "config.yaml").exists():
-        if not config.output.overwrite:
-            raise ConfigError(f"{run_dir} already holds a run{_how_to_continue(run_dir)}, choose another folder with "
-                              "--set output.dir=..., or replace it with --set output.overwrite=true")
-        clear_run(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(config.to_yaml())
-    return run_dir
-
-
-def _how_to_continue(run_dir: Path) -> str:
-    status = (read_json(run_dir / "status.json") or {}).get("status", "unknown")
-    if status in ("completed", "early_stopped"):
-        return f" that is finished ({status})"
-    if ckpt.latest_checkpoint(run_dir / "checkpoints") is not None:
-        return f" ({status}, with a checkpoint). Continue it with --resume"
-    return f" ({status})"
-
-
-def _nothing_to_lose(run_dir: Path) -> bool:
-    """A run that failed or was stopped before writing a checkpoint or a result: re-running it loses nothing."""
-    status = (read_json(run_dir / "status.json") or {}).get("status")
-    if status not in ("failed", "interrupted"):  # "starting"/"running" may be another process at work
-        return False
-    has_result = (run_dir / "adapter").exists() or (run_dir / "model").exists()
-    return not has_result and ckpt.latest_checkpoint(run_dir / "checkpoints") is None
-
-
-# Fields that may change between a run and its resumption; anything else would make "resume" a different run.
-_RESUMABLE_CHANGES = {"training.max_steps", "training.epochs", "training.eval_every", "training.save_every",
-                      "training.early_stopping_patience", "eval"}
-_NOT_PART_OF_THE_RUN = {"output.overwrite"}  # how the folder was claimed, not what the run computes
-
-
-def resume_config_changes(config: TunelabConfig, run_dir: Path) -> tuple[list[str], list[str]]:
-    """Differences between ``config`` and the run's saved config: (ones that forbid resuming, allowed ones)."""
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    current = yaml.safe_load(config.to_yaml())
-    blocking, allowed = [], []
-    for section, fields in current.items():
-        for key, value in (fields or {}).items():
-            dotted, before = f"{section}.{key}", saved.get(section, {}).get(key)
-            if before != value and dotted not in _NOT_PART_OF_THE_RUN:
-                resumable = dotted in _RESUMABLE_CHANGES or section in _RESUMABLE_CHANGES
-                (allowed if resumable else blocking).append(f"{dotted}: {before!r} -> {value!r}")
-    return blocking, allowed
-
-
 def _base_evaluation(ctx: _Context, samples: list[dict[str, str]]) -> dict[str, Any] | None:
     """Validation loss and generations of the untouched model, computed once per run (before the technique)."""
     path = ctx.run_dir / "base_eval.json"
@@ -439,7 +367,7 @@ def _final_evaluation(ctx: _Context, state: LoopState, base: dict[str, Any] | No
 
 def train(config: TunelabConfig, resume: bool = False, progress: bool = True) -> RunResult:
     """Fine-tune ``config.model`` on ``config.data`` with ``config.technique``; see the module docstring."""
-    run_dir = _prepare_run_dir(config, resume)
+    run_dir = prepare_run_dir(config, resume)
     ctx = _Context(config, run_dir, progress)
     state = LoopState()
     try:  # any failure, set-up included, is recorded in status.json (a failed start can simply be re-run)
@@ -472,7 +400,7 @@ def _set_up(ctx: _Context, resume: bool) -> tuple[LoopState, dict[str, Any] | No
     ctx.data = prepare_data(config.data, ctx.tokenizer, cache_root() / "data")
     ctx.pad_id = ctx.tokenizer.pad_token_id
     if resume:
-        _check_same_data(run_dir, ctx.data.report)
+        check_same_data(run_dir, ctx.data.report)
     if ctx.is_main:
         write_json(run_dir / "data_report.json", ctx.data.report)
     if config.training.eval_every and not ctx.data.validation:
@@ -515,14 +443,6 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def _check_same_data(run_dir: Path, report: dict[str, Any]) -> None:
-    saved = (read_json(run_dir / "data_report.json") or {}).get("data_fingerprint")
-    if saved is not None and saved != report["data_fingerprint"]:
-        raise ConfigError(f"--resume: the data files changed since {run_dir} started (content hash {saved} -> "
-                          f"{report['data_fingerprint']}); resuming would mix two datasets. Restore the files, or "
-                          "start a new run in another output.dir")
 
 
 def _check_technique_fits(ctx: _Context) -> None:
