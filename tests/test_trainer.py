@@ -21,7 +21,7 @@ from tunelab.config import ConfigError, build_config
 from tunelab.data import IGNORE, TokenizedExample, collate
 from tunelab.objectives import OBJECTIVES, LossSum, ObjectiveSpec
 from tunelab.runs import list_runs, read_metrics
-from tunelab.techniques import TECHNIQUES
+from tunelab.techniques import TECHNIQUES, TechniqueError
 from tunelab.trainer import TrainingAborted, accumulate_gradients, train
 
 
@@ -416,7 +416,7 @@ def test_a_technique_that_does_not_fit_the_model_fails_before_the_base_evaluatio
     tiny_model_dir: Path, tmp_path: Path, technique: dict, message: str,
 ) -> None:
     config = make_config(tiny_model_dir, tmp_path, technique=technique)
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(TechniqueError, match=message):
         train(config, progress=False)
     run_dir = Path(config.output.dir)
     assert not (run_dir / "base_eval.json").exists(), "the check must come before the slow base evaluation"
@@ -434,7 +434,7 @@ def test_a_single_lora_module_name_means_that_module(tiny_model_dir: Path, tmp_p
 
 def test_a_run_that_failed_before_its_first_checkpoint_can_simply_be_rerun(tiny_model_dir: Path, tmp_path: Path) -> None:
     config = make_config(tiny_model_dir, tmp_path, technique={"name": "freeze", "layers": [40]})
-    with pytest.raises(ConfigError):
+    with pytest.raises(TechniqueError):
         train(config, progress=False)
     fixed = make_config(tiny_model_dir, tmp_path, technique={"name": "freeze", "layers": [-1]},
                         training={"max_steps": 1}, eval={"before_after": False})
@@ -487,3 +487,50 @@ def test_a_finished_run_is_refused_without_suggesting_resume(tiny_model_dir: Pat
     with pytest.raises(ConfigError, match=r"already holds a run that is finished \(completed\), choose") as error:
         train(config, progress=False)
     assert "--resume" not in str(error.value)
+
+
+def test_ctrl_c_during_the_final_evaluation_keeps_the_trained_steps(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config = make_config(tiny_model_dir, tmp_path, training={"max_steps": 3})
+    real_final_evaluation = trainer._final_evaluation
+
+    def ctrl_c(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "_final_evaluation", ctrl_c)
+        with pytest.raises(KeyboardInterrupt):
+            train(config, progress=False)
+    run_dir = Path(config.output.dir)
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "interrupted"
+    assert ckpt.read_state(ckpt.latest_checkpoint(run_dir / "checkpoints"))["step"] == 3
+    assert trainer._final_evaluation is real_final_evaluation
+    result = train(config, resume=True, progress=False)  # nothing left to train: evaluate and save
+    assert (result.status, result.step) == ("completed", 3) and (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert [m["step"] for m in read_metrics(run_dir) if m["kind"] == "train"] == [1, 2, 3]
+
+
+def test_a_refused_resume_leaves_the_run_as_it_was(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = make_config(tiny_model_dir, tmp_path, training={"max_steps": 6}, eval={"before_after": False})
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "_StopRequest", _StopAfter(3))
+        train(config, progress=False)
+    run_dir = Path(config.output.dir)
+    saved_config, saved_status = (run_dir / "config.yaml").read_text(), (run_dir / "status.json").read_text()
+    shorter = make_config(tiny_model_dir, tmp_path, training={"max_steps": 2}, eval={"before_after": False})
+    with pytest.raises(ConfigError, match="past the 2 steps"):
+        train(shorter, resume=True, progress=False)
+    assert (run_dir / "config.yaml").read_text() == saved_config
+    assert (run_dir / "status.json").read_text() == saved_status
+
+
+def test_freeze_modules_match_a_tied_weight_by_either_name() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, tie_word_embeddings=True)
+    settings = build_config({"technique": {"name": "freeze", "layers": [], "modules": ["lm_head.*"]}}).technique
+    model = TECHNIQUES["freeze"].prepare(LlamaForCausalLM(config), settings)
+    assert model.model.embed_tokens.weight.requires_grad  # the one tensor behind lm_head.weight
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["model.embed_tokens.weight"]

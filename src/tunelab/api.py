@@ -62,7 +62,7 @@ def quickstart(overrides: list[str] | None = None, progress: bool = True):  # no
     run_dir = Path(config.output.dir)
     status = (read_json(run_dir / "status.json") or {}).get("status")
     resume = status in ("interrupted", "failed", "running") and latest_checkpoint(run_dir / "checkpoints") is not None
-    if resume and resume_config_changes(config, run_dir)[0]:
+    if resume and any(resume_config_changes(config, run_dir)):  # any change at all: the user asked for another run
         logging.getLogger(__name__).warning("the config differs from the interrupted quickstart in %s: starting over", run_dir)
         resume = False
     if not resume and run_dir.resolve() == Path(QUICKSTART_DIR).resolve():

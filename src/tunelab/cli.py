@@ -83,9 +83,9 @@ def _run_training(start: Callable[[], Any], resume_command: str) -> None:
 
     try:
         result = start()
-    except KeyboardInterrupt:  # a Ctrl-C before the first step, or a second one: no traceback, say what is kept
-        _fail("interrupted. The run folder keeps its last checkpoint, if any; running the same command again "
-              "starts over when there is none.", code=130)
+    except KeyboardInterrupt:  # Ctrl-C outside the loop's step boundary (set-up, final evaluation) or a second one
+        _fail(f"interrupted. If the run folder has a checkpoint, continue with: {resume_command} ; if it has none, "
+              "the same command without --resume starts over.", code=130)
     if result.status == "interrupted":
         console.print(Text.assemble((f"Interrupted at step {result.step}.", "yellow"), " Continue with: ", resume_command),
                       highlight=False,

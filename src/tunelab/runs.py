@@ -137,7 +137,7 @@ def latest_checkpoint(run_checkpoints: Path) -> Path | None:
 
 def prepare_run_dir(config: TunelabConfig, resume: bool) -> Path:
     """Claim the run folder: check a resume against the saved run, or start a new run without ever clearing
-    anyone's files. Writes the resolved config.yaml."""
+    anyone's files (and write its resolved config.yaml)."""
     run_dir = Path(config.output.dir or "runs/run")
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"output.dir {run_dir} is a file; give a folder for the run")
@@ -149,8 +149,7 @@ def prepare_run_dir(config: TunelabConfig, resume: bool) -> Path:
             raise ConfigError(f"--resume: the config differs from the run's {run_dir / 'config.yaml'}: " + "; ".join(blocking))
         for change in allowed:  # e.g. a --set the user forgot to repeat: say so rather than quietly run fewer steps
             log.warning("--resume changes %s", change)
-        (run_dir / "config.yaml").write_text(config.to_yaml())
-        return run_dir
+        return run_dir  # the trainer saves the new config.yaml once the resume is under way
     foreign = foreign_entries(run_dir)
     if foreign:  # never write into (let alone clear) a folder holding someone's files
         raise ConfigError(

@@ -369,27 +369,43 @@ def train(config: TunelabConfig, resume: bool = False, progress: bool = True) ->
     """Fine-tune ``config.model`` on ``config.data`` with ``config.technique``; see the module docstring."""
     run_dir = prepare_run_dir(config, resume)
     ctx = _Context(config, run_dir, progress)
-    state = LoopState()
-    try:  # any failure, set-up included, is recorded in status.json (a failed start can simply be re-run)
-        _write_status(ctx, "starting", state)
+    state, phase = LoopState(), "set-up"
+    try:
+        if not resume:
+            _write_status(ctx, "starting", state)
         state, base, samples = _set_up(ctx, resume)
+        if resume:  # only now, once the checkpoint, data and config all fit: a refused resume changes nothing
+            (run_dir / "config.yaml").write_text(config.to_yaml())
         _write_status(ctx, "running", state)
+        phase = "loop"
         status = _loop(ctx, state)
+        if status == "interrupted":
+            _write_status(ctx, status, state)
+            return RunResult(run_dir, status, state.step)
+        phase = "trained"
+        if _best_is_restored(ctx, state):
+            phase = "best restored"
+            ckpt.load_trainable(run_dir / "checkpoints" / ckpt.checkpoint_name(state.best_step), ctx.accelerator.unwrap_model(ctx.model))
+            log.info("restored the best weights (step %d, validation loss %.4f)", state.best_step, state.best_eval["loss"])
+        evaluation = _final_evaluation(ctx, state, base, samples)
+        if ctx.is_main:
+            _save_result(ctx)
+            write_json(run_dir / "eval.json", evaluation)
     except BaseException as exc:
-        _write_status(ctx, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", state, str(exc))
+        _record_failure(ctx, state, phase, resume, exc)
         raise
-    if status == "interrupted":
-        _write_status(ctx, status, state)
-        return RunResult(run_dir, status, state.step)
-    if _best_is_restored(ctx, state):
-        ckpt.load_trainable(run_dir / "checkpoints" / ckpt.checkpoint_name(state.best_step), ctx.accelerator.unwrap_model(ctx.model))
-        log.info("restored the best weights (step %d, validation loss %.4f)", state.best_step, state.best_eval["loss"])
-    evaluation = _final_evaluation(ctx, state, base, samples)
-    if ctx.is_main:
-        _save_result(ctx)
-        write_json(run_dir / "eval.json", evaluation)
     _write_status(ctx, status, state)
     return RunResult(run_dir, status, state.step, evaluation)
+
+
+def _record_failure(ctx: _Context, state: LoopState, phase: str, resume: bool, exc: BaseException) -> None:
+    """Leave the run folder resumable and say what happened in status.json."""
+    if resume and phase == "set-up":  # a refused or failed resume: the run stays as it was, still resumable
+        return
+    interrupted = isinstance(exc, KeyboardInterrupt)
+    if interrupted and phase == "trained":  # Ctrl-C during the final evaluation: keep the trained steps
+        ctx.save_checkpoint(state)
+    _write_status(ctx, "interrupted" if interrupted else "failed", state, str(exc))
 
 
 def _set_up(ctx: _Context, resume: bool) -> tuple[LoopState, dict[str, Any] | None, list[dict[str, str]]]:
@@ -447,13 +463,13 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
 
 def _check_technique_fits(ctx: _Context) -> None:
     """Apply the technique to a weightless (meta-device) copy of the model, so a setting that does not fit it
-    (a layer index, a module name) is reported as a config error at once."""
+    (a layer index, a module name) is reported at once, not after minutes of base evaluation."""
     with torch.random.fork_rng(devices=[]), torch.device("meta"):  # meta: no memory, no RNG draws
         skeleton = type(ctx.model)(ctx.model.config)
     try:
         ctx.technique.prepare(skeleton, ctx.config.technique)
     except TechniqueError as exc:
-        raise ConfigError(f"{exc} (model {ctx.config.model.name})") from exc
+        raise TechniqueError(f"{exc} (model {ctx.config.model.name})") from None
 
 
 def _write_status(ctx: _Context, status: str, state: LoopState, error: str | None = None) -> None:

@@ -53,7 +53,8 @@ def prepare(model: nn.Module, settings: FreezeSettings) -> nn.Module:
         for param in layers[index].parameters():
             param.requires_grad_(True)
     matched = set()
-    for name, param in model.named_parameters():
+    # remove_duplicate=False: a tied weight answers to every name it has (lm_head.weight is embed_tokens.weight).
+    for name, param in model.named_parameters(remove_duplicate=False):
         for pattern in settings.modules:
             if fnmatch.fnmatchcase(name, pattern):
                 param.requires_grad_(True)
