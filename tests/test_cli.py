@@ -231,3 +231,11 @@ def test_brackets_in_a_data_error_print_as_they_are(tmp_path: Path, tiny_config:
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "[/INST]", "content": "x"}]}])
     result = invoke("data", "inspect", bad, "--config", tiny_config)
     assert result.exit_code == 2 and "[/INST]" in result.clean and "Traceback" not in result.clean
+
+
+def test_inspect_marks_supervised_tokens_without_colour(chat_file: Path, tiny_config: Path) -> None:
+    result = invoke("data", "inspect", chat_file, "--config", tiny_config)  # CliRunner: not a terminal
+    assert result.exit_code == 0, result.output
+    assert "⟦...⟧ = supervised tokens" in result.clean
+    marked = re.findall(r"⟦(.*?)⟧", result.clean.split("supervised tokens, which take the loss")[1], re.S)
+    assert marked and all(m.endswith("<|im_end|>") for m in marked), marked  # each answer with its end token

@@ -93,12 +93,22 @@ def print_data_report(report: dict[str, Any]) -> None:
         console.print(Text.assemble(("warning: ", "yellow"), warning))
     example = report.get("example")
     if example:
-        console.print(Text.assemble("\nExample ", example["source"], " (", ("green", "bold green"),
-                                    " = supervised tokens, which take the loss):"))
-        text = Text()
-        for segment in example["segments"]:
+        print_supervised_example(example)
+
+
+def print_supervised_example(example: dict[str, Any]) -> None:
+    """One example with its supervised tokens in green; without colour (a pipe, a CI log, NO_COLOR) they are
+    marked ⟦like this⟧ instead, so the mask can still be read."""
+    colour = console.is_terminal and not console.no_color
+    legend = ("green", "bold green") if colour else "⟦...⟧"
+    console.print(Text.assemble("\nExample ", example["source"], " (", legend, " = supervised tokens, which take the loss):"))
+    text = Text()
+    for segment in example["segments"]:
+        if colour:
             text.append(segment["text"], style="bold green" if segment["supervised"] else "dim")
-        console.print(text)
+        else:
+            text.append(f"⟦{segment['text']}⟧" if segment["supervised"] else segment["text"])
+    console.print(text)
 
 
 def print_runs(runs: list[dict[str, Any]]) -> None:
