@@ -487,7 +487,7 @@ def test_truncated_prompt_leaves_zero_supervised_example_out(tiny_tokenizer, tmp
     assert data.report["zero_supervised_examples"] == 1
     assert data.report["zero_supervised_sources"] == [f"{path}:3"]
     assert len(data.train) == 5 and all(e.num_supervised > 0 for e in data.train)
-    assert any("no supervised token" in w for w in data.report["warnings"])
+    assert any("no supervised token" in w and w.endswith(f"{path}:3") for w in data.report["warnings"])
 
 
 # ---------------------------------------------------------------- dedup, split, validation file

@@ -112,7 +112,10 @@ def build_report(
 def report_warnings(report: dict[str, Any]) -> list[str]:
     warnings = []
     if report["zero_supervised_examples"]:
-        warnings.append(f"{report['zero_supervised_examples']} examples have no supervised token (left out of training)")
+        places = report["zero_supervised_sources"][:5]
+        more = ", ..." if report["zero_supervised_examples"] > len(places) else ""
+        warnings.append(f"{report['zero_supervised_examples']} examples have no supervised token (left out of "
+                        f"training; an answer truncated away or a weight-0 turn): {', '.join(places)}{more}")
     if report["empty_responses"]["count"]:
         warnings.append(empty_response_warning(report["empty_responses"]))
     if report["truncation_rate"] > 0.05:
