@@ -84,7 +84,8 @@ def print_data_report(report: dict[str, Any]) -> None:
         if lengths:
             table.add_row(f"{split} tokens p50/p90/p99/max",
                           f"{lengths['p50']:.0f} / {lengths['p90']:.0f} / {lengths['p99']:.0f} / {lengths['max']:.0f}")
-        table.add_row(f"{split} supervised share", f"{stats['supervised_share']:.1%}")
+        if stats["examples"]:  # an empty split has no share to show (0.0% would read as a masking bug)
+            table.add_row(f"{split} supervised share", f"{stats['supervised_share']:.1%}")
     table.add_row("truncation rate", f"{report['truncation_rate']:.1%}")
     console.print(table)
     for change in report["tokenizer_changes"]:
