@@ -534,3 +534,14 @@ def test_freeze_modules_match_a_tied_weight_by_either_name() -> None:
     model = TECHNIQUES["freeze"].prepare(LlamaForCausalLM(config), settings)
     assert model.model.embed_tokens.weight.requires_grad  # the one tensor behind lm_head.weight
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["model.embed_tokens.weight"]
+
+
+def test_progress_false_quiets_library_bars_and_restores_them(tiny_model_dir: Path, tmp_path: Path,
+                                                              capfd: pytest.CaptureFixture[str]) -> None:
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()
+    config = make_config(tiny_model_dir, tmp_path, training={"max_steps": 1}, eval={"before_after": False})
+    train(config, progress=False)
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # a notebook's own later loads still show their bars

@@ -13,7 +13,7 @@ import math
 import shutil
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -367,6 +367,26 @@ def _final_evaluation(ctx: _Context, state: LoopState, base: dict[str, Any] | No
 
 def train(config: TunelabConfig, resume: bool = False, progress: bool = True) -> RunResult:
     """Fine-tune ``config.model`` on ``config.data`` with ``config.technique``; see the module docstring."""
+    with _library_progress_bars(progress):
+        return _train(config, resume, progress)
+
+
+@contextmanager
+def _library_progress_bars(enabled: bool) -> Iterator[None]:
+    """progress=False (a script, a test) also quiets transformers' own bars ("Loading weights"), then restores them."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled and not enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _train(config: TunelabConfig, resume: bool, progress: bool) -> RunResult:
     run_dir = prepare_run_dir(config, resume)
     ctx = _Context(config, run_dir, progress)
     state, phase = LoopState(), "set-up"
