@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
+
 from tunelab.errors import DataError as DataError  # defined in tunelab.errors; importable from here too
 
 FORMATS = ("messages", "alpaca", "prompt_completion", "text")
