@@ -540,8 +540,13 @@ def test_progress_false_quiets_library_bars_and_restores_them(tiny_model_dir: Pa
                                                               capfd: pytest.CaptureFixture[str]) -> None:
     from transformers.utils import logging as hf_logging
 
-    assert hf_logging.is_progress_bar_enabled()
-    config = make_config(tiny_model_dir, tmp_path, training={"max_steps": 1}, eval={"before_after": False})
-    train(config, progress=False)
-    assert "Loading weights" not in capfd.readouterr().err
-    assert hf_logging.is_progress_bar_enabled()  # a notebook's own later loads still show their bars
+    was_enabled = hf_logging.is_progress_bar_enabled()  # the in-process CLI tests turn the bars off
+    hf_logging.enable_progress_bar()
+    try:
+        config = make_config(tiny_model_dir, tmp_path, training={"max_steps": 1}, eval={"before_after": False})
+        train(config, progress=False)
+        assert "Loading weights" not in capfd.readouterr().err
+        assert hf_logging.is_progress_bar_enabled()  # a notebook's own later loads still show their bars
+    finally:
+        if not was_enabled:
+            hf_logging.disable_progress_bar()
