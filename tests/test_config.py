@@ -346,3 +346,9 @@ def test_chat_template_must_be_jinja_text() -> None:
     with pytest.raises(ConfigError, match="data.chat_template.*Jinja template text"):
         build_config({"data": {"chat_template": "chatml"}})
     assert build_config({"data": {"chat_template": "{{ messages }}"}}).data.chat_template == "{{ messages }}"
+
+
+def test_build_config_never_edits_the_callers_dict() -> None:
+    data = {"training": {"max_steps": 5}}
+    build_config(data, ["training.max_steps=7"])
+    assert data == {"training": {"max_steps": 5}}

@@ -718,3 +718,13 @@ def test_no_usable_examples_says_why(tiny_tokenizer, tmp_path: Path) -> None:
     config = DataConfig(train=[str(path)], val_size=0, max_length=16)
     with pytest.raises(DataError, match=r"3 with no supervised token left .*truncated away at data.max_length=16"):
         prepare_data(config, tiny_tokenizer)
+
+
+def test_an_empty_weight_0_turn_is_not_an_empty_response(tmp_path: Path) -> None:
+    record = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "", "weight": 0},
+                           {"role": "user", "content": "b"}, {"role": "assistant", "content": "answer"}]}
+    [example] = load_file(write_jsonl(tmp_path / "w.jsonl", [record])).examples
+    assert not example.has_empty_response
+    record["messages"][1].pop("weight")  # control: a trained empty turn is one
+    [example] = load_file(write_jsonl(tmp_path / "w2.jsonl", [record])).examples
+    assert example.has_empty_response

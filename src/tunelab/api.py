@@ -54,8 +54,7 @@ def quickstart(overrides: list[str] | None = None, progress: bool = True):  # no
     `train` treats it (an existing run there is never replaced unless output.overwrite says so)."""
     import logging
 
-    from tunelab.runs import latest_checkpoint, read_json
-    from tunelab.runs import resume_config_changes
+    from tunelab.runs import latest_checkpoint, read_json, resume_config_changes
     from tunelab.trainer import train as run_train
 
     config = quickstart_config(overrides)

@@ -7,6 +7,7 @@ working directory.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 import types
@@ -315,7 +316,7 @@ def build_config(
 ) -> TunelabConfig:
     """Apply ``--set`` overrides to parsed YAML, validate, and resolve relative paths (file ones against `base_dir`)."""
     overridden = _override_items(overrides)
-    data = apply_overrides(dict(data), overrides)
+    data = apply_overrides(copy.deepcopy(data), overrides)  # deep: never edit the caller's nested sections
     try:
         config = TunelabConfig.model_validate(data)
     except ValidationError as exc:

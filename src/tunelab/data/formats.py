@@ -46,7 +46,8 @@ class Example:
     def has_empty_response(self) -> bool:
         """An assistant turn or completion that is blank: valid, but it teaches the model to answer nothing."""
         if self.messages:
-            return any(role == "assistant" and not content.strip() for role, content in self.messages)
+            return any(role == "assistant" and not content.strip() and i not in self.untrained_turns
+                       for i, (role, content) in enumerate(self.messages))  # a weight-0 turn is only context
         return self.format == "prompt_completion" and not self.completion.strip()
 
     def key(self) -> str:
@@ -160,6 +161,13 @@ def _read_json_array(path: Path) -> list[dict[str, Any]]:
     return items
 
 
+def _starts_with_bracket(path: Path) -> bool:
+    """A JSON array rather than JSON Lines; only the file's start is read (data files can be gigabytes)."""
+    with path.open("rb") as handle:
+        head = handle.read(1 << 16).decode("utf-8", errors="replace")
+    return head.lstrip("\ufeff \t\r\n").startswith("[")
+
+
 def read_records(path: Path) -> tuple[list[dict[str, Any]], list[int] | None]:
     """Rows of a data file as dicts, plus the line number of each row when the file is JSON Lines."""
     import datasets
@@ -171,7 +179,7 @@ def read_records(path: Path) -> tuple[list[dict[str, Any]], list[int] | None]:
         raise DataError(f"{path}: unsupported file type '{path.suffix}'; expected one of {', '.join(SUFFIX_TO_BUILDER)}")
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
-    if builder == "json" and path.read_text(encoding="utf-8", errors="replace").lstrip().startswith("["):
+    if builder == "json" and _starts_with_bracket(path):
         return _read_json_array(path), None
     options: dict[str, Any] = {}
     header: list[str] = []
