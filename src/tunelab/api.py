@@ -27,6 +27,13 @@ def train(config: TunelabConfig | str | Path | dict[str, Any], overrides: list[s
     return run_train(as_config(config, overrides), resume=resume, progress=progress)
 
 
+def load_run(run: str | Path, device: Any = None, dtype: str | None = None):  # noqa: ANN201 - LoadedRun (torch)
+    """Open a finished run folder: its model (any technique's result) and tokenizer, ready for inference."""
+    from tunelab.result import load_run as open_run
+
+    return open_run(run, device=device, dtype=dtype)
+
+
 def inspect_data(files: list[str | Path] | str | Path, config: TunelabConfig | str | Path | dict[str, Any] | None = None,
                  overrides: list[str] | None = None) -> dict[str, Any]:
     """Validate data files and return the data report (the same one every run writes to data_report.json)."""

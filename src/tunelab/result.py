@@ -1,0 +1,70 @@
+"""Opening a finished run: the one function that eval, merge, export, serve and compare use to get a result back.
+
+``load_run(RUN)`` reads the run folder's resolved ``config.yaml``, loads the tokenizer the run saved, and asks the
+run's technique (from the registry) to rebuild its result: a plain transformers model from ``model/``, or the base
+model with the run's adapter attached. Nothing here knows a technique by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tunelab.errors import ConfigError
+
+
+@dataclass
+class LoadedRun:
+    run_dir: Path
+    config: Any  # TunelabConfig (imported lazily: tunelab.config imports the technique registry)
+    model: nn.Module  # in eval mode, on `device`
+    tokenizer: Any
+    result_dir: Path  # adapter/ or model/ (or a technique's own folder name)
+
+
+def result_dir(run_dir: Path, technique_name: str) -> Path:
+    from tunelab.techniques import TECHNIQUES
+
+    return run_dir / TECHNIQUES[technique_name].result_dir_name
+
+
+def load_run(run: str | Path, device: torch.device | str | None = None, dtype: str | None = None) -> LoadedRun:
+    """Rebuild the model and tokenizer a finished run saved, for any technique.
+
+    ``dtype`` overrides the run's ``model.dtype`` (for example 'float32' to compare on a CPU)."""
+    from transformers import AutoTokenizer
+
+    from tunelab.config import build_config
+    from tunelab.models import default_device
+    from tunelab.techniques import TECHNIQUES
+    import yaml
+
+    run_dir = Path(run)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise ConfigError(f"{run_dir}: not a tunelab run folder (no config.yaml)")
+    config = build_config(yaml.safe_load(config_path.read_text()) or {})
+    if dtype is not None:
+        config.model.dtype = dtype
+    technique = TECHNIQUES[config.technique.name]
+    folder = run_dir / technique.result_dir_name
+    if not folder.is_dir():
+        status = ((_read_json(run_dir / "status.json") or {}).get("status")) or "unknown"
+        raise ConfigError(f"{run_dir}: the run has no result in {folder.name}/ (status: {status}); "
+                          "only a finished run can be opened")
+    device = torch.device(device) if device is not None else default_device()
+    tokenizer_dir = run_dir / "tokenizer"
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir if tokenizer_dir.is_dir() else folder)
+    model = technique.load_result(config, folder, device)
+    model.eval()
+    return LoadedRun(run_dir, config, model, tokenizer, folder)
+
+
+def _read_json(path: Path) -> Any:
+    import json
+
+    return json.loads(path.read_text()) if path.is_file() else None
