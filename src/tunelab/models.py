@@ -15,12 +15,16 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab.config import EMBEDDED_DEFAULT_MODEL, ModelConfig
 from tunelab.errors import ModelLoadError as ModelLoadError  # defined in tunelab.errors; importable from here too
+
+if TYPE_CHECKING:
+    from tunelab.techniques.base import BaseLoad
 
 log = logging.getLogger(__name__)
 
@@ -160,11 +164,54 @@ def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
     )
 
 
-def load_model(config: ModelConfig, device: torch.device | None = None) -> PreTrainedModel:
+def load_model(config: ModelConfig, device: torch.device | None = None, base_load: "BaseLoad | None" = None) -> PreTrainedModel:
+    """Load ``model.name`` as the technique asks (``base_load``: quantization, dtype, device map)."""
     device = device or default_device()
     path = resolve_model_path(config.name)
-    kwargs = {"dtype": resolve_dtype(config.dtype, device), "trust_remote_code": config.trust_remote_code}
+    kwargs = _load_kwargs(config, device, base_load)
+    model = _from_hub_or_cache(AutoModelForCausalLM.from_pretrained, path, config.name, revision=config.revision, **kwargs)
+    if base_load is not None and base_load.note:
+        log.info("base model: %s", base_load.note)
+    # A quantized model is placed by its device map while loading; bitsandbytes weights refuse `.to` afterwards.
+    return model if "device_map" in kwargs else model.to(device)
+
+
+def _load_kwargs(config: ModelConfig, device: torch.device, base_load: "BaseLoad | None") -> dict[str, Any]:
+    dtype = base_load.dtype if base_load is not None and base_load.dtype is not None else resolve_dtype(config.dtype, device)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": config.trust_remote_code}
     if config.attn_implementation:
         kwargs["attn_implementation"] = config.attn_implementation
-    model = _from_hub_or_cache(AutoModelForCausalLM.from_pretrained, path, config.name, revision=config.revision, **kwargs)
-    return model.to(device)
+    if base_load is not None and base_load.quantization_config is not None:
+        kwargs["quantization_config"] = base_load.quantization_config
+        kwargs["device_map"] = base_load.device_map if base_load.device_map is not None else {"": str(device)}
+    elif base_load is not None and base_load.device_map is not None:
+        kwargs["device_map"] = base_load.device_map
+    return kwargs
+
+
+def model_skeleton(model_config: Any, base_load: "BaseLoad | None" = None, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """The model's architecture on the meta device: no memory, no weights read, no RNG draws.
+
+    With a quantization config, its linear layers are swapped for the quantized ones exactly as transformers
+    does before loading weights, so a technique sees the same module types it will see in training.
+    ``model_config`` is a transformers config (e.g. ``model.config``)."""
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
+    quantization = base_load.quantization_config if base_load is not None else None
+    if quantization is not None:
+        from transformers.integrations import replace_with_bnb_linear
+
+        skeleton = replace_with_bnb_linear(skeleton, modules_to_not_convert=["lm_head"], quantization_config=quantization)
+        skeleton.is_loaded_in_4bit = bool(getattr(quantization, "load_in_4bit", False))
+        skeleton.is_loaded_in_8bit = bool(getattr(quantization, "load_in_8bit", False))
+        skeleton.is_quantized = True
+    return skeleton
+
+
+def load_model_config(config: ModelConfig) -> Any:
+    """The transformers config of ``model.name`` (a small JSON file: no weights are read)."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(config.name)
+    return _from_hub_or_cache(AutoConfig.from_pretrained, path, config.name, revision=config.revision,
+                              trust_remote_code=config.trust_remote_code)

@@ -26,11 +26,11 @@ from tunelab import checkpoint as ckpt
 from tunelab.config import ConfigError, TunelabConfig
 from tunelab.data import PreparedData, collate, epoch_batches, pack_rows, prepare_data, single_rows
 from tunelab.eval import generate_samples, sample_prompts, validation_loss
-from tunelab.models import cache_root, load_model, load_tokenizer
+from tunelab.models import cache_root, load_model, load_tokenizer, model_skeleton
 from tunelab.objectives import OBJECTIVES, ObjectiveSpec
 from tunelab.runs import check_same_data, prepare_run_dir, read_json, truncate_metrics, write_json
 from tunelab.schedule import make_scheduler
-from tunelab.techniques import TECHNIQUES, TechniqueError, count_parameters
+from tunelab.techniques import TECHNIQUES, RunContext, TechniqueError, count_parameters
 
 log = logging.getLogger(__name__)
 
@@ -125,13 +125,10 @@ def accumulate_gradients(
 
 
 def make_optimizer(model: torch.nn.Module, config: TunelabConfig) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (not on biases and norm scales, the usual practice)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.training.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate, betas=config.training.adam_betas)
+    """AdamW over the technique's parameter groups (by default: weight decay on matrices only)."""
+    technique = TECHNIQUES[config.technique.name]
+    groups = technique.param_groups(model, config.technique, config.learning_rate, config.training.weight_decay)
+    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=config.training.adam_betas)
 
 
 # ---------------------------------------------------------------- the loop
@@ -182,6 +179,7 @@ def _loop(ctx: "_Context", state: LoopState) -> str:
             if finite:
                 ctx.optimizer.step()
                 ctx.scheduler.step()
+                ctx.technique_step(state.step + 1)
                 state.consecutive_nonfinite = 0
             else:  # skip: no update, no schedule step; count it and give up after K in a row
                 state.nonfinite_skipped += 1
@@ -235,6 +233,11 @@ class _Context:
         self.device = self.accelerator.device
         self.objective = OBJECTIVES[config.objective.name]
         self.technique = TECHNIQUES[config.technique.name]
+
+    def technique_step(self, step: int) -> None:
+        """The technique's per-step hook (e.g. AdaLoRA's rank reallocation), after the update, gradients still set."""
+        if self.technique.on_step is not None:
+            self.technique.on_step(self.accelerator.unwrap_model(self.model), self.config.technique, step)
 
     @property
     def is_main(self) -> bool:
@@ -442,18 +445,18 @@ def _set_up(ctx: _Context, resume: bool) -> tuple[LoopState, dict[str, Any] | No
     if config.training.eval_every and not ctx.data.validation:
         raise ConfigError("training.eval_every needs validation data, and there is none: set data.val_size above 0 "
                           "or give data.validation (or leave eval_every unset)")
-    ctx.model = load_model(config.model, ctx.device)
+    ctx.model = load_model(config.model, ctx.device, ctx.technique.base_load(config.technique, ctx.device))
     _check_technique_fits(ctx)  # seconds, on a weightless copy: before the minutes of base evaluation
     samples = sample_prompts(ctx.tokenizer, ctx.data.validation_examples, config.eval.num_samples)
     base = _base_evaluation(ctx, samples)
     if config.training.gradient_checkpointing:
         enable_activation_checkpointing(ctx.model)
+    ctx.plan = make_plan(config, ctx.data, ctx.accelerator.process_index, ctx.accelerator.num_processes)
     set_seed(config.training.seed)  # the technique's initialisation does not depend on whether base eval ran
-    ctx.model = ctx.technique.prepare(ctx.model, config.technique)
+    ctx.model = ctx.technique.apply(ctx.model, config.technique, RunContext(total_steps=ctx.plan.total_steps))
     trainable, total = count_parameters(ctx.model)
     log.info("technique %s: %s of %s parameters trainable (%.3f%%)", config.technique.name, f"{trainable:,}",
              f"{total:,}", 100 * trainable / total)
-    ctx.plan = make_plan(config, ctx.data, ctx.accelerator.process_index, ctx.accelerator.num_processes)
     ctx.optimizer = make_optimizer(ctx.model, config)
     ctx.scheduler = make_scheduler(ctx.optimizer, config.training.schedule, config.training.warmup_ratio,
                                    ctx.plan.total_steps)
@@ -484,10 +487,10 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
 def _check_technique_fits(ctx: _Context) -> None:
     """Apply the technique to a weightless (meta-device) copy of the model, so a setting that does not fit it
     (a layer index, a module name) is reported at once, not after minutes of base evaluation."""
-    with torch.random.fork_rng(devices=[]), torch.device("meta"):  # meta: no memory, no RNG draws
-        skeleton = type(ctx.model)(ctx.model.config)
+    base_load = ctx.technique.base_load(ctx.config.technique, ctx.device)
+    skeleton = model_skeleton(ctx.model.config, base_load)  # the same module types as the loaded base
     try:
-        ctx.technique.prepare(skeleton, ctx.config.technique)
+        ctx.technique.apply(skeleton, ctx.config.technique)
     except TechniqueError as exc:
         raise TechniqueError(f"{exc} (model {ctx.config.model.name})") from None
 

@@ -164,8 +164,15 @@ def _model_at(path: tuple[Any, ...], data: dict[str, Any]) -> type[BaseModel] | 
     return model
 
 
+_SYNONYMS = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+             "init_lora_weights": "init", "loraplus_ratio": "loraplus_lr_ratio"}
+
+
 def _nearest_key(key: str, valid: list[str]) -> str | None:
     """The valid key a misspelt or renamed one most likely meant ('lerning_rate' -> 'learning_rate', 'rank' -> 'r')."""
+    synonym = _SYNONYMS.get(key)
+    if synonym in valid:  # PEFT's and other trainers' names for the same setting
+        return synonym
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     if close:
         return close[0]

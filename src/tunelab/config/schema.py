@@ -220,6 +220,14 @@ class TunelabConfig(Section):
             values = {**values, "technique": {"name": "lora", **values["technique"]}}
         return values
 
+    @model_validator(mode="after")
+    def _technique_supports_the_rest(self) -> "TunelabConfig":
+        # The technique's declared compatibility (techniques/compat.py): packing, checkpointing, objective.
+        from tunelab.techniques.compat import check_config
+
+        check_config(self)
+        return self
+
     @property
     def learning_rate(self) -> float:
         """The learning rate actually used: the user's, or the technique's recommended starting point."""

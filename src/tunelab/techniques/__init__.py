@@ -11,7 +11,7 @@ from typing import Union, get_args
 
 from tunelab.techniques import freeze, full, lora
 from tunelab.errors import TechniqueError
-from tunelab.techniques.base import Technique, TechniqueSettings, count_parameters
+from tunelab.techniques.base import BaseLoad, MergeResult, RunContext, Technique, TechniqueSettings, count_parameters
 
 _ALL: tuple[Technique, ...] = (full.TECHNIQUE, freeze.TECHNIQUE, lora.TECHNIQUE)
 
@@ -24,6 +24,8 @@ def _check(techniques: tuple[Technique, ...]) -> dict[str, Technique]:
         literal = get_args(technique.config_class.model_fields["name"].annotation)
         if literal != (technique.name,):
             raise RuntimeError(f"technique {technique.name!r}: its settings' name must be Literal[{technique.name!r}]")
+        if technique.merge is None and "merge" not in technique.refuses:
+            raise RuntimeError(f"technique {technique.name!r}: merge needs a merge function or a refusal reason")
         if technique.result_dir_name not in ("adapter", "model"):
             raise RuntimeError(f"technique {technique.name!r}: result_dir_name must be 'adapter' or 'model'")
         registry[technique.name] = technique
@@ -35,4 +37,4 @@ TECHNIQUES: dict[str, Technique] = _check(_ALL)
 # The union the config schema discriminates on `name`.
 TechniqueConfig = Union[tuple(t.config_class for t in _ALL)]  # type: ignore[valid-type]
 
-__all__ = ["TECHNIQUES", "Technique", "TechniqueConfig", "TechniqueError", "TechniqueSettings", "count_parameters"]
+__all__ = ["TECHNIQUES", "BaseLoad", "MergeResult", "RunContext", "Technique", "TechniqueConfig", "TechniqueError", "TechniqueSettings", "count_parameters"]

@@ -1,13 +1,23 @@
-"""What every technique provides, so the registry can check it and the loop can stay technique-agnostic."""
+"""What every technique provides, so the registry can check it and the loop, the model loader, config validation,
+merge and the docs can stay technique-agnostic.
+
+A technique declares, in one place:
+- how its base model is loaded (``base_load``: a quantization config, a dtype, a device map);
+- how it changes the model (``prepare``), with the run's step count when there is a run;
+- what it is compatible with (``refuses``: feature -> reason), read by config validation and rendered as the
+  docs' compatibility table;
+- its optimizer parameter groups (``param_groups``) and an optional per-step hook (``on_step``);
+- how its result is saved, reloaded (``load_result``) and merged (``merge``).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
-
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
@@ -18,49 +28,145 @@ class TechniqueSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# The features a technique may refuse, with the column title of the docs' compatibility table. An objective
+# appears as "objective:<name>" (one column per registered objective).
+FEATURES: dict[str, str] = {
+    "packing": "packing",
+    "gradient_checkpointing": "gradient checkpointing",
+    "merge": "merge",
+    "quantized_base": "4/8-bit base",
+}
+OBJECTIVE_PREFIX = "objective:"
+
+# Reasons shared by several techniques.
+STANDALONE = "nothing to merge: the result in model/ is already a standalone transformers model"
+TRAINS_BASE_WEIGHTS = "it trains the base weights themselves, and 4/8-bit weights take no gradient updates"
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a technique may need to know about the run when it prepares the model.
+
+    ``total_steps`` is None when the model is a weightless skeleton (the fit check, ``tunelab techniques``)."""
+
+    total_steps: int | None = None
+
+
+@dataclass(frozen=True)
+class BaseLoad:
+    """How a technique wants the base model loaded (extra ``from_pretrained`` arguments).
+
+    ``quantization_config`` is a transformers quantization config (e.g. ``BitsAndBytesConfig``); ``dtype``
+    overrides ``model.dtype`` (a torch dtype); ``device_map`` replaces the plain ``.to(device)`` (quantized
+    weights cannot be moved after loading). ``note`` says in words what this load does, for the log."""
+
+    quantization_config: Any = None
+    dtype: torch.dtype | None = None
+    device_map: Any = None
+    note: str = ""
+
+
+def plain_load(settings: TechniqueSettings, device: torch.device) -> BaseLoad:
+    return BaseLoad()
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    model: nn.Module  # a plain transformers model (no adapter modules)
+    note: str  # what was merged into what, printed and saved with the merge check
+
+
 @dataclass(frozen=True)
 class Technique:
     """One technique family.
 
-    - ``prepare(model, settings)`` freezes what must not train and injects any new modules. It returns the
-      model to train; trainable parameters are exactly those with ``requires_grad``.
+    - ``prepare(model, settings, context)`` freezes what must not train and injects any new modules. It returns
+      the model to train; trainable parameters are exactly those with ``requires_grad``. A two-argument
+      ``prepare(model, settings)`` is accepted too (it ignores the run context).
     - ``save(model, run_dir)`` writes the result in its standard format and returns the folder.
     - ``result_dir_name`` is 'adapter' (a standard PEFT adapter) or 'model' (a plain transformers model).
     - ``load_result(config, folder, device)`` rebuilds the trained model from that folder (``tunelab.load_run``
       calls it); the default opens a plain transformers model or the configured base with a PEFT adapter.
+    - ``base_load(settings, device)`` says how the base is loaded (``models.load_model`` and the meta-device
+      skeleton both use it).
+    - ``refuses`` maps a feature of ``FEATURES`` (or ``objective:<name>``) to the reason it cannot work; what
+      is not listed is supported.
+    - ``param_groups(model, settings, lr, weight_decay)`` gives the optimizer's parameter groups.
+    - ``on_step(model, settings, step)`` runs after each optimizer update, before gradients are cleared.
+    - ``merge(config, folder, device)`` folds the result into a standalone model (only when "merge" is not
+      refused); the default merges a PEFT adapter into the base it was trained on.
     """
 
     name: str
     config_class: type[TechniqueSettings]
-    prepare: Callable[[nn.Module, TechniqueSettings], nn.Module]
+    prepare: Callable[..., nn.Module]
     save: Callable[[nn.Module, Path], Path]
     result_dir_name: str
     default_learning_rate: float
     summary: str
     load_result: Callable[[Any, Path, torch.device], nn.Module] | None = None
+    base_load: Callable[[Any, torch.device], BaseLoad] = plain_load
+    refuses: Mapping[str, str] = field(default_factory=dict)
+    param_groups: Callable[[nn.Module, Any, float, float], list[dict[str, Any]]] | None = None
+    on_step: Callable[[nn.Module, Any, int], None] | None = None
+    merge: Callable[[Any, Path, torch.device], MergeResult] | None = None
 
     def __post_init__(self) -> None:
         if self.load_result is None:
             loader = load_full_model if self.result_dir_name == "model" else load_peft_adapter
             object.__setattr__(self, "load_result", loader)
+        if self.param_groups is None:
+            object.__setattr__(self, "param_groups", decay_param_groups)
+        if self.merge is None and "merge" not in self.refuses:
+            object.__setattr__(self, "merge", merge_peft_adapter)
+        if len(inspect.signature(self.prepare).parameters) == 2:  # prepare(model, settings): no run context
+            two_args = self.prepare
+            object.__setattr__(self, "prepare", lambda model, settings, context=None: two_args(model, settings))
+
+    def refusal(self, feature: str) -> str | None:
+        """Why this technique cannot work with ``feature`` (a FEATURES key or 'objective:<name>'), or None."""
+        return self.refuses.get(feature)
+
+    def apply(self, model: nn.Module, settings: Any, context: RunContext | None = None) -> nn.Module:
+        return self.prepare(model, settings, context or RunContext())
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; tied weights are counted once."""
+    """(trainable, total) parameter counts; tied weights are counted once. A 4-bit weight counts its logical
+    size (bitsandbytes packs two values per byte; ``quant_shape`` gives the unpacked shape)."""
     seen: set[int] = set()
     trainable = total = 0
     for param in model.parameters():
         if id(param) in seen:
             continue
         seen.add(id(param))
-        total += param.numel()
-        trainable += param.numel() if param.requires_grad else 0
+        state = getattr(param, "quant_state", None)
+        numel = int(torch.Size(state.shape).numel()) if state is not None else param.numel()
+        total += numel
+        trainable += numel if param.requires_grad else 0
     return trainable, total
+
+
+def decay_param_groups(model: nn.Module, settings: Any, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on matrices only (not on biases and norm scales, the usual practice)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay, "lr": lr},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": lr},
+    ]
+    return [g for g in groups if g["params"]]
 
 
 def save_full_model(model: nn.Module, run_dir: Path) -> Path:
     """Save every weight as safetensors in ``run_dir/model`` so plain transformers can load it."""
     out = run_dir / "model"
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def save_peft_adapter(model: nn.Module, run_dir: Path) -> Path:
+    """Save a PEFT model's adapter (adapter_config.json + adapter_model.safetensors) in ``run_dir/adapter``."""
+    out = run_dir / "adapter"
     model.save_pretrained(out, safe_serialization=True)
     return out
 
@@ -76,10 +182,26 @@ def load_full_model(config: Any, folder: Path, device: torch.device) -> nn.Modul
 
 
 def load_peft_adapter(config: Any, folder: Path, device: torch.device) -> nn.Module:
-    """An ``adapter/`` result: the run's base model (as configured) with the saved PEFT adapter attached."""
+    """An ``adapter/`` result: the run's base model (loaded as the technique loads it) with the saved adapter."""
     from peft import PeftModel
 
     from tunelab.models import load_model
 
-    base = load_model(config.model, device)
-    return PeftModel.from_pretrained(base, folder).to(device)
+    base = load_model(config.model, device, base_load_for(config, device))
+    model = PeftModel.from_pretrained(base, folder)
+    return model if base_load_for(config, device).device_map is not None else model.to(device)
+
+
+def base_load_for(config: Any, device: torch.device) -> BaseLoad:
+    """The BaseLoad of a run config's technique."""
+    from tunelab.techniques import TECHNIQUES
+
+    return TECHNIQUES[config.technique.name].base_load(config.technique, device)
+
+
+def merge_peft_adapter(config: Any, folder: Path, device: torch.device) -> MergeResult:
+    """Fold the adapter into the base weights it was trained on: W = W0 + delta(W), exact for additive and
+    multiplicative weight adapters (LoRA family, IA3, LoHa, LoKr, VeRA, AdaLoRA)."""
+    model = load_peft_adapter(config, folder, device)
+    merged = model.merge_and_unload()
+    return MergeResult(merged, f"merged the {config.technique.name} adapter into the base weights of {config.model.name}")

@@ -17,7 +17,7 @@ from pydantic import Field
 from torch import nn
 
 from tunelab.errors import TechniqueError
-from tunelab.techniques.base import Technique, TechniqueSettings, save_full_model
+from tunelab.techniques.base import STANDALONE, TRAINS_BASE_WEIGHTS, Technique, TechniqueSettings, save_full_model
 
 
 class FreezeSettings(TechniqueSettings):
@@ -75,5 +75,6 @@ TECHNIQUE = Technique(
     save=save_full_model,
     result_dir_name="model",
     default_learning_rate=5e-5,
+    refuses={"merge": STANDALONE, "quantized_base": TRAINS_BASE_WEIGHTS},
     summary="train chosen top layers only (less memory, keeps lower layers intact)",
 )

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field
 from torch import nn
 
-from tunelab.techniques.base import Technique, TechniqueSettings, save_full_model
+from tunelab.techniques.base import STANDALONE, TRAINS_BASE_WEIGHTS, Technique, TechniqueSettings, save_full_model
 
 
 class FullSettings(TechniqueSettings):
@@ -33,5 +33,6 @@ TECHNIQUE = Technique(
     save=save_full_model,
     result_dir_name="model",
     default_learning_rate=2e-5,
+    refuses={"merge": STANDALONE, "quantized_base": TRAINS_BASE_WEIGHTS},
     summary="train all weights (most memory, most capacity)",
 )

@@ -1,36 +1,52 @@
-"""LoRA: low-rank adapters on frozen linear layers, through PEFT.
+"""LoRA: low-rank adapters on frozen linear layers, through PEFT, with its main variants as options.
 
 For a frozen weight W0 (d_out, d_in), LoRA learns B (d_out, r) and A (r, d_in) with r << min(d_in, d_out):
-    h = W0 x + (alpha / r) * B A x          (B starts at zero, so training starts from the base model)
+    h = W0 x + s * B A x,   s = alpha / r          (B starts at zero, so training starts from the base model)
 Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", https://arxiv.org/abs/2106.09685.
-Trainable parameters per adapted layer: r * (d_in + d_out). Gradients and AdamW state exist only for A and B,
-so memory is close to inference memory plus activations. The result is a standard PEFT adapter
-(adapter_config.json + adapter_model.safetensors) that loads with ``peft.PeftModel.from_pretrained``.
+Options:
+- rsLoRA (Kalajdzievski 2023, https://arxiv.org/abs/2312.03732): s = alpha / sqrt(r), stable at high rank.
+- DoRA (Liu et al. 2024, https://arxiv.org/abs/2402.09353): W = m * (W0 + s B A) / ||W0 + s B A||_c, a learned
+  magnitude m (d_out,) per output row on top of the low-rank direction update.
+- PiSSA (Meng et al. 2024, https://arxiv.org/abs/2404.02948): A, B start from the top-r singular vectors of W0 and
+  the residual W0 - s B A stays frozen; OLoRA (Buyukakyuz 2024, https://arxiv.org/abs/2406.01775) starts from a
+  QR decomposition. Both change the frozen base, so the saved adapter is converted (to rank 2r) so that it
+  applies to the original base.
+- LoRA+ (Hayou et al. 2024, https://arxiv.org/abs/2402.12354): B learns at `loraplus_lr_ratio` times A's rate.
+Trainable parameters per adapted layer: r * (d_in + d_out) (+ d_out with DoRA). The result is a standard PEFT
+adapter (adapter_config.json + adapter_model.safetensors) that loads with ``peft.PeftModel.from_pretrained``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from typing import Any
-
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from tunelab.errors import TechniqueError
-from tunelab.techniques.base import Technique, TechniqueSettings
+from tunelab.techniques.base import RunContext, Technique, TechniqueSettings, decay_param_groups
+
+INITS = {"default": True, "gaussian": "gaussian", "pissa": "pissa_niter_16", "olora": "olora"}
+# PiSSA and OLoRA rewrite the frozen base weights at initialisation; the saved adapter must be converted.
+BASE_CHANGING_INITS = ("pissa", "olora")
 
 
-class LoraSettings(TechniqueSettings):
-    name: Literal["lora"] = Field("lora", description="Low-rank adapters on frozen linear layers (PEFT LoRA).")
-    r: int = Field(16, gt=0, description="Rank of the update B A. 8-64 is typical; higher adds capacity and memory.")
-    alpha: float = Field(32, gt=0, description="Scale numerator: the update is multiplied by alpha / r.")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input.")
+class AdapterTargets(TechniqueSettings):
+    """Which linear layers an adapter wraps (shared by every weight-adapter technique)."""
+
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear",
         description="Linear layers to adapt: 'all-linear' (every linear layer except the output head) or module "
         "names such as ['q_proj', 'v_proj'] (a single name is a list of one). Every name must match a module.",
+    )
+    layers_to_transform: list[int] | None = Field(
+        None, description="Only adapt these decoder layer indices (0 is the lowest); None adapts every layer.",
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=list,
+        description="Modules trained in full and saved with the adapter, e.g. ['lm_head'] for a new output format. "
+        "Costs their full size in trainable parameters.",
     )
 
     @field_validator("target_modules", mode="before")
@@ -38,6 +54,49 @@ class LoraSettings(TechniqueSettings):
     def _one_name_is_a_list(cls, value: Any) -> Any:
         # PEFT reads a plain string as a regex; here `--set technique.target_modules=q_proj` means that one module.
         return [value] if isinstance(value, str) and value != "all-linear" else value
+
+    def peft_targets(self) -> dict[str, Any]:
+        return {"target_modules": self.target_modules, "layers_to_transform": self.layers_to_transform,
+                "modules_to_save": self.modules_to_save or None}
+
+
+class LoraOptions(AdapterTargets):
+    """LoRA's settings without its name, so that QLoRA can reuse them."""
+
+    r: int = Field(16, gt=0, description="Rank of the update B A. 8-64 is typical; higher adds capacity and memory.")
+    alpha: float = Field(32, gt=0, description="Scale numerator: the update is multiplied by alpha / r (alpha / "
+                         "sqrt(r) with rslora).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input.")
+    use_dora: bool = Field(False, description="DoRA: learn a per-row magnitude and a low-rank direction update.")
+    use_rslora: bool = Field(False, description="rsLoRA: scale by alpha / sqrt(r) instead of alpha / r (stable at high r).")
+    init: Literal["default", "gaussian", "pissa", "olora"] = Field(
+        "default",
+        description="Initialisation of A and B. 'default': Kaiming A, zero B (starts at the base model); 'gaussian': "
+        "Gaussian A scaled by 1/r, zero B; 'pissa': principal singular vectors of W0 (faster convergence); 'olora': "
+        "QR of W0. pissa/olora change the frozen base; the saved adapter is converted to apply to the original base.",
+    )
+    loraplus_lr_ratio: float | None = Field(
+        None, gt=0, description="LoRA+: B matrices learn at this many times the learning rate (16 is the paper's "
+        "default); None trains A and B at one rate.",
+    )
+    rank_pattern: dict[str, int] = Field(
+        default_factory=dict, description="Per-module ranks overriding r, keyed by a module name or regex, e.g. "
+        "{'down_proj': 32}.",
+    )
+    alpha_pattern: dict[str, float] = Field(
+        default_factory=dict, description="Per-module alphas overriding alpha, keyed like rank_pattern.",
+    )
+
+    @model_validator(mode="after")
+    def _conversion_supports_the_options(self) -> "LoraOptions":
+        if self.init in BASE_CHANGING_INITS and self.use_dora:
+            raise ValueError(f"init '{self.init}' cannot be combined with use_dora: the saved adapter could not be "
+                             "converted back to the original base")
+        return self
+
+
+class LoraSettings(LoraOptions):
+    name: Literal["lora"] = Field("lora", description="Low-rank adapters on frozen linear layers (PEFT LoRA).")
 
 
 def check_target_modules(model: nn.Module, names: list[str]) -> None:
@@ -50,28 +109,87 @@ def check_target_modules(model: nn.Module, names: list[str]) -> None:
                              f"layers are named {linear} (or use 'all-linear')")
 
 
-def prepare(model: nn.Module, settings: LoraSettings) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
-
+def check_targets(model: nn.Module, settings: AdapterTargets) -> None:
     if settings.target_modules != "all-linear":
         check_target_modules(model, settings.target_modules)
-    peft_config = LoraConfig(
-        r=settings.r,
-        lora_alpha=settings.alpha,
-        lora_dropout=settings.dropout,
-        target_modules=settings.target_modules,
-        task_type="CAUSAL_LM",
-    )
+    if settings.modules_to_save:
+        check_target_modules(model, settings.modules_to_save)
+    if settings.layers_to_transform is not None:
+        from tunelab.techniques.freeze import decoder_layers
+
+        n = len(decoder_layers(model))
+        bad = [i for i in settings.layers_to_transform if not 0 <= i < n]
+        if bad:
+            raise TechniqueError(f"technique.layers_to_transform: {bad} out of range for a model with {n} layers (0..{n - 1})")
+
+
+def wrap(model: nn.Module, peft_config: Any) -> nn.Module:
+    """get_peft_model, with PEFT's refusals as TechniqueErrors."""
+    from peft import get_peft_model
+
     try:
         return get_peft_model(model, peft_config)
-    except ValueError as exc:  # e.g. a module type PEFT cannot adapt
+    except (ValueError, TypeError, NotImplementedError) as exc:  # e.g. a module type PEFT cannot adapt
         raise TechniqueError(f"technique: {exc}") from exc
+
+
+def lora_config(settings: LoraOptions) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, use_dora=settings.use_dora,
+        use_rslora=settings.use_rslora, init_lora_weights=INITS[settings.init], rank_pattern=settings.rank_pattern,
+        alpha_pattern=settings.alpha_pattern, task_type="CAUSAL_LM", **settings.peft_targets(),
+    )
+
+
+def prepare(model: nn.Module, settings: LoraOptions, context: RunContext | None = None) -> nn.Module:
+    check_targets(model, settings)
+    on_meta = any(p.is_meta for p in model.parameters())
+    if on_meta and settings.init in BASE_CHANGING_INITS:  # an SVD/QR of weights that are not there: count with the default init
+        settings = settings.model_copy(update={"init": "default"})
+    peft_model = wrap(model, lora_config(settings))
+    if settings.init in BASE_CHANGING_INITS:
+        # Keep the starting adapter: at save time PEFT needs it to turn (residual base, A, B) into an adapter
+        # on the original base (rank 2r). Kept on the model so that it travels with it.
+        from peft import get_peft_model_state_dict
+
+        peft_model._tunelab_initial_adapter = {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+    return peft_model
 
 
 def save(model: nn.Module, run_dir: Path) -> Path:
     out = run_dir / "adapter"
-    model.save_pretrained(out, safe_serialization=True)
+    initial = getattr(model, "_tunelab_initial_adapter", None)
+    if initial is None:
+        model.save_pretrained(out, safe_serialization=True)
+        return out
+    import shutil
+
+    from safetensors.torch import save_file
+
+    init_dir = run_dir / "initial-adapter"  # inside the technique's temporary save folder; removed below
+    init_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in initial.items()}, init_dir / "adapter_model.safetensors")
+    model.save_pretrained(out, safe_serialization=True, path_initial_model_for_weight_conversion=str(init_dir))
+    shutil.rmtree(init_dir)
     return out
+
+
+def loraplus_param_groups(model: nn.Module, settings: LoraOptions, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+    """LoRA+: B matrices (and, as in the paper's code, 1-d adapter parameters) at ratio x lr; the rest at lr."""
+    if settings.loraplus_lr_ratio is None:
+        return decay_param_groups(model, settings, lr, weight_decay)
+    a, b = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (b if "lora_B" in name else a).append(param)
+    groups = [
+        {"params": [p for p in a if p.ndim >= 2], "weight_decay": weight_decay, "lr": lr},
+        {"params": [p for p in a if p.ndim < 2], "weight_decay": 0.0, "lr": lr},
+        {"params": b, "weight_decay": weight_decay, "lr": lr * settings.loraplus_lr_ratio},
+    ]
+    return [g for g in groups if g["params"]]
 
 
 TECHNIQUE = Technique(
@@ -81,5 +199,7 @@ TECHNIQUE = Technique(
     save=save,
     result_dir_name="adapter",
     default_learning_rate=2e-4,
-    summary="low-rank adapters on frozen weights (small, fast, mergeable)",
+    summary="low-rank adapters on frozen weights (small, fast, mergeable); DoRA, rsLoRA, PiSSA, LoRA+ as options",
+    refuses={"quantized_base": "a 4/8-bit base is what technique 'qlora' loads: use it for LoRA on a quantized base"},
+    param_groups=loraplus_param_groups,
 )

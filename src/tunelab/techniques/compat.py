@@ -1,0 +1,97 @@
+"""The compatibility matrix: every technique against every feature and objective, from what each declares.
+
+Config validation reads it (``check_config``), ``tunelab techniques`` prints it, and the docs table in
+``docs/techniques/compatibility.md`` is generated from it (``python -m tunelab.techniques.compat --write``; a
+test keeps the file equal to the output).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from tunelab.techniques.base import FEATURES, OBJECTIVE_PREFIX
+
+DOCS_TABLE = Path(__file__).parents[3] / "docs" / "techniques" / "compatibility.md"
+BEGIN, END = "<!-- BEGIN GENERATED TABLE -->", "<!-- END GENERATED TABLE -->"
+
+
+def columns() -> dict[str, str]:
+    """Feature key -> column title: the FEATURES, then one column per registered objective."""
+    from tunelab.objectives import OBJECTIVES
+
+    return {**FEATURES, **{f"{OBJECTIVE_PREFIX}{name}": f"objective {name}" for name in OBJECTIVES}}
+
+
+def matrix() -> dict[str, dict[str, str | None]]:
+    """technique -> feature -> None (works) or the reason it is refused."""
+    from tunelab.techniques import TECHNIQUES
+
+    keys = columns()
+    for technique in TECHNIQUES.values():
+        unknown = set(technique.refuses) - set(keys)
+        if unknown:
+            raise RuntimeError(f"technique {technique.name!r} refuses unknown features {sorted(unknown)}; known: {sorted(keys)}")
+    return {name: {key: t.refusal(key) for key in keys} for name, t in TECHNIQUES.items()}
+
+
+def markdown_table() -> str:
+    titles = columns()
+    rows = ["| technique | " + " | ".join(titles.values()) + " |", "|---|" + "---|" * len(titles)]
+    notes: list[str] = []
+    for name, cells in matrix().items():
+        marks = []
+        for key, reason in cells.items():
+            if reason is None:
+                marks.append("yes")
+            else:
+                notes.append(f"- **{name}**, {titles[key]}: {reason}")
+                marks.append(f"no [{len(notes)}]")
+        rows.append(f"| `{name}` | " + " | ".join(marks) + " |")
+    numbered = [f"{i}. {note[2:]}" for i, note in enumerate(notes, 1)]
+    return "\n".join(rows) + "\n\nWhy each \"no\":\n\n" + "\n".join(numbered) + "\n"
+
+
+def render_docs(text: str) -> str:
+    """``text`` (the compatibility page) with its generated table replaced by the current one."""
+    head, _, rest = text.partition(BEGIN)
+    _, _, tail = rest.partition(END)
+    return f"{head}{BEGIN}\n{markdown_table()}{END}{tail}"
+
+
+def check_config(config: Any) -> None:
+    """Refuse a combination the technique declares impossible, with its reason (raises ValueError).
+
+    ``data.packing`` left at its default is turned off for a technique that cannot pack (and logged), so that
+    switching ``technique.name`` alone always gives a valid config; an explicit ``packing: true`` is refused."""
+    from tunelab.techniques import TECHNIQUES
+
+    technique = TECHNIQUES[config.technique.name]
+    name = config.technique.name
+    reason = technique.refusal("packing")
+    if reason and config.data.packing:
+        if "packing" in config.data.model_fields_set:
+            raise ValueError(f"data.packing: technique '{name}' cannot pack examples ({reason}); set data.packing: false")
+        import logging
+
+        logging.getLogger(__name__).info("data.packing: off, because technique '%s' cannot pack (%s)", name, reason)
+        object.__setattr__(config.data, "packing", False)  # no re-validation loop; the resolved config shows it
+    reason = technique.refusal("gradient_checkpointing")
+    if reason and config.training.gradient_checkpointing:
+        raise ValueError(f"training.gradient_checkpointing: technique '{name}' cannot use it ({reason})")
+    reason = technique.refusal(f"{OBJECTIVE_PREFIX}{config.objective.name}")
+    if reason:
+        raise ValueError(f"objective.name: technique '{name}' cannot train with objective '{config.objective.name}' ({reason})")
+
+
+def main(argv: list[str]) -> int:
+    if argv == ["--write"]:
+        DOCS_TABLE.write_text(render_docs(DOCS_TABLE.read_text()))
+        return 0
+    sys.stdout.write(markdown_table())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
