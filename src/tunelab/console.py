@@ -86,6 +86,8 @@ def print_data_report(report: dict[str, Any]) -> None:
                           f"{lengths['p50']:.0f} / {lengths['p90']:.0f} / {lengths['p99']:.0f} / {lengths['max']:.0f}")
         if stats["examples"]:  # an empty split has no share to show (0.0% would read as a masking bug)
             table.add_row(f"{split} supervised share", f"{stats['supervised_share']:.1%}")
+    for name, counts in (report.get("tasks") or {}).items():
+        table.add_row(f"task {name}", f"{counts['train']} train / {counts['validation']} validation")
     table.add_row("truncation rate", f"{report['truncation_rate']:.1%}")
     console.print(table)
     for change in report["tokenizer_changes"]:

@@ -63,7 +63,8 @@ class DataConfig(Section):
         description="Record shape. 'messages': OpenAI chat {messages: [{role, content, weight?}]}, where an assistant "
         "turn with weight 0 is context only (no loss); 'alpaca': "
         "{instruction, input?, output, system?}; 'prompt_completion': {prompt, completion}; 'text': {text} for "
-        "continued pre-training. 'auto' detects it from the first record and checks every record against it.",
+        "continued pre-training. 'auto' detects it from the first record and checks every record against it. Any "
+        "format may add a 'task' name (multi-task data: counted per task, validation split stratified by task).",
     )
     val_size: float = Field(
         0.05, ge=0, description="Validation split taken from `train` when `validation` is empty: a fraction (<1) or a count."

@@ -11,6 +11,11 @@ attends to itself.
 
 Targets are shifted per example *before* examples are concatenated: the last token of example A must not be
 asked to predict the first token of example B.
+
+Multi-task data (examples with a ``task``) adds two tensors the model side can read: ``token_task_ids`` (B, T),
+the task index of every token (-1 on padding), exact even when a packed row mixes tasks; and ``task_ids`` (B,),
+the task of each row, which is -1 when the row mixes tasks (only possible with packing). A technique that gates
+or conditions per sequence reads ``task_ids`` and therefore refuses packing.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import random
 
 import torch
 
-from tunelab.data.tokenize import IGNORE, TokenizedExample
+from tunelab.data.tokenize import IGNORE, NO_TASK, TokenizedExample
 
 Row = list[int]  # indices of examples in one row
 
@@ -67,25 +72,39 @@ def epoch_batches(row_lengths: list[int], batch_size: int, seed: int, epoch: int
 
 
 def collate(rows: list[list[TokenizedExample]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Rows of examples -> input_ids, position_ids and shifted targets, each (B, T)."""
-    ids_rows, pos_rows, tgt_rows = [], [], []
+    """Rows of examples -> input_ids, position_ids and shifted targets, each (B, T); with multi-task data also
+    token_task_ids (B, T) and task_ids (B,) (see the module docstring)."""
+    ids_rows, pos_rows, tgt_rows, task_rows = [], [], [], []
     for row in rows:
-        ids, pos, tgt = [], [], []
+        ids, pos, tgt, tasks = [], [], [], []
         for example in row:
             ids += example.input_ids
             pos += range(len(example.input_ids))
             tgt += example.labels[1:] + [IGNORE]  # position t predicts token t+1 of the same example only
+            tasks += [example.task_id] * len(example.input_ids)
         ids_rows.append(ids)
         pos_rows.append(pos)
         tgt_rows.append(tgt)
+        task_rows.append(tasks)
     width = max(len(ids) for ids in ids_rows)
-    for ids, pos, tgt in zip(ids_rows, pos_rows, tgt_rows):
+    for ids, pos, tgt, tasks in zip(ids_rows, pos_rows, tgt_rows, task_rows):
         pad = width - len(ids)
         ids += [pad_id] * pad
         pos += range(pad)  # padding is its own segment: it restarts positions and so attends only to itself
         tgt += [IGNORE] * pad
-    return {
+        tasks += [NO_TASK] * pad
+    batch = {
         "input_ids": torch.tensor(ids_rows, dtype=torch.long),
         "position_ids": torch.tensor(pos_rows, dtype=torch.long),
         "targets": torch.tensor(tgt_rows, dtype=torch.long),
     }
+    if any(example.task_id != NO_TASK for row in rows for example in row):
+        batch["token_task_ids"] = torch.tensor(task_rows, dtype=torch.long)  # (B, T)
+        batch["task_ids"] = torch.tensor([_row_task(row) for row in rows], dtype=torch.long)  # (B,)
+    return batch
+
+
+def _row_task(row: list[TokenizedExample]) -> int:
+    """The row's task index, or NO_TASK when its examples belong to different tasks (a packed row)."""
+    tasks = {example.task_id for example in row}
+    return tasks.pop() if len(tasks) == 1 else NO_TASK

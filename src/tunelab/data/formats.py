@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -21,7 +21,8 @@ EXPECTED_SHAPES = (
     "messages: {\"messages\": [{\"role\": \"system\"|\"user\"|\"assistant\", \"content\": str, \"weight\"?: 0|1}, ...]}; "
     "alpaca: {\"instruction\": str, \"input\"?: str, \"output\": str, \"system\"?: str}; "
     "prompt_completion: {\"prompt\": str, \"completion\": str}; "
-    "text: {\"text\": str}"
+    "text: {\"text\": str}; "
+    "any format may add \"task\": str (multi-task data)"
 )
 SUFFIX_TO_BUILDER = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 GIVE_A_DATA_FILE = "give a data file (.jsonl, .json, .csv or .parquet)"
@@ -41,6 +42,7 @@ class Example:
     prompt: str = ""
     completion: str = ""
     untrained_turns: tuple[int, ...] = ()  # indices of assistant messages with OpenAI's "weight": 0 (context only)
+    task: str | None = None  # the optional "task" field of multi-task data (any format); None: no task given
 
     @property
     def has_empty_response(self) -> bool:
@@ -52,7 +54,8 @@ class Example:
 
     def key(self) -> str:
         """Identity for de-duplication and train/validation overlap (format and content, not the source)."""
-        return json.dumps([self.format, self.messages, self.prompt, self.completion, self.untrained_turns],
+        # The task is part of the identity: the same text under two tasks is two examples, not a duplicate.
+        return json.dumps([self.format, self.messages, self.prompt, self.completion, self.untrained_turns, self.task],
                           ensure_ascii=False)
 
 
@@ -269,8 +272,23 @@ def _untrained(message: dict[str, Any], role: str, where: str) -> bool:
     return weight == 0
 
 
+def _task(record: dict[str, Any], where: str) -> str | None:
+    """The record's task name, or None when it has none. A CSV cell cannot be absent, so an empty cell is "none"."""
+    task = record.get("task")
+    if task is None or task == "":
+        return None
+    if not isinstance(task, str) or not task.strip():
+        got = f"a {type(task).__name__}" if not isinstance(task, str) else "blank"
+        raise DataError(f"{where}: 'task' is {got}; expected a task name (a non-empty string), or leave it out")
+    return task
+
+
 def to_example(record: dict[str, Any], fmt: str, where: str) -> Example:
     """Check one record against `fmt` and return its canonical form (or raise DataError naming `where`)."""
+    return replace(_content(record, fmt, where), task=_task(record, where))
+
+
+def _content(record: dict[str, Any], fmt: str, where: str) -> Example:
     found = detect_format(record)
     if found != fmt:
         keys = ", ".join(sorted(k for k, v in record.items() if v is not None)) or "none"

@@ -9,7 +9,7 @@ import os
 import random
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from tunelab.data.report import build_report, empty_response_summary, empty_resp
 from tunelab.data.tokenize import TokenizedExample, apply_length_policy, prepare_tokenizer, tokenize_example
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = "3"  # bump when tokenization, masking or the report's keys change, so stale caches are not reused
+CACHE_VERSION = "4"  # bump when tokenization, masking or the report's keys change, so stale caches are not reused
 
 
 @dataclass
@@ -34,6 +34,11 @@ class PreparedData:
     validation_examples: list[Example]  # the raw validation records, for sample generations
     report: dict[str, Any]
     from_cache: bool = False
+
+    @property
+    def tasks(self) -> list[str]:
+        """Task names of multi-task data, sorted; an example's ``task_id`` indexes this list. Empty: no tasks."""
+        return list(self.report.get("tasks") or {})
 
 
 def _file_sha256(path: Path) -> str:
@@ -78,7 +83,7 @@ def _save_split(examples: list[TokenizedExample], path: Path) -> list[dict[str, 
          "lengths": torch.tensor(lengths, dtype=torch.int64)},
         str(path),
     )
-    return [{"source": e.source, "truncated": e.truncated} for e in examples]
+    return [{"source": e.source, "truncated": e.truncated, "task": e.task, "task_id": e.task_id} for e in examples]
 
 
 def _load_split(path: Path, meta: list[dict[str, Any]]) -> list[TokenizedExample]:
@@ -86,7 +91,8 @@ def _load_split(path: Path, meta: list[dict[str, Any]]) -> list[TokenizedExample
     ids, labels = tensors["input_ids"].tolist(), tensors["labels"].tolist()
     out, start = [], 0
     for length, info in zip(tensors["lengths"].tolist(), meta):
-        out.append(TokenizedExample(ids[start : start + length], labels[start : start + length], info["source"], info["truncated"]))
+        out.append(TokenizedExample(ids[start : start + length], labels[start : start + length], info["source"],
+                                    info["truncated"], info["task"], info["task_id"]))
         start += length
     return out
 
@@ -114,7 +120,7 @@ def load_cache(directory: Path) -> PreparedData | None:
         meta = json.loads((directory / "meta.json").read_text())
         validation_examples = [
             Example(e["format"], e["source"], tuple(tuple(m) for m in e["messages"]), e["prompt"], e["completion"],
-                    tuple(e["untrained_turns"]))
+                    tuple(e["untrained_turns"]), e["task"])
             for e in meta["validation_examples"]
         ]
         return PreparedData(
@@ -141,15 +147,60 @@ def _dedup(examples: list[Example]) -> tuple[list[Example], int]:
 
 
 def _split(examples: list[Example], val_size: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """A seeded train/validation split; with multi-task data, stratified so each task keeps its share."""
     count = int(val_size) if val_size >= 1 else round(len(examples) * val_size)
     if val_size > 0 and count == 0 and len(examples) > 1:
         count = 1
     if count >= len(examples):
         raise DataError(f"data.val_size={val_size} leaves no training examples out of {len(examples)}")
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    chosen = set(order[:count])
+    rng = random.Random(seed)
+    if examples and examples[0].task is not None:
+        chosen = _stratified_choice(examples, count, rng)
+    else:
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        chosen = set(order[:count])
     return [e for i, e in enumerate(examples) if i not in chosen], [e for i, e in enumerate(examples) if i in chosen]
+
+
+def _stratified_choice(examples: list[Example], count: int, rng: random.Random) -> set[int]:
+    """Indices of ``count`` validation examples, spread over tasks in proportion to their sizes.
+
+    Quotas are the largest-remainder rounding of count * n_task / n; a task with at least two examples gets at
+    least one validation example while the total allows it (so every task is measured), and never all of them
+    (so every task is trained)."""
+    by_task: dict[str, list[int]] = {}
+    for index, example in enumerate(examples):
+        by_task.setdefault(example.task or "", []).append(index)
+    names = sorted(by_task)
+    exact = {t: count * len(by_task[t]) / len(examples) for t in names}
+    quota = {t: min(int(exact[t]), len(by_task[t]) - 1) for t in names}
+    for t in sorted(names, key=lambda t: (-(exact[t] - int(exact[t])), t)):  # largest remainders first
+        if sum(quota.values()) < count and quota[t] < len(by_task[t]) - 1:
+            quota[t] += 1
+    for t in names:  # an unmeasured task takes one from the largest quota
+        donor = max(names, key=lambda d: (quota[d], d))
+        if quota[t] == 0 and len(by_task[t]) > 1 and quota[donor] > 1:
+            quota[t], quota[donor] = 1, quota[donor] - 1
+    chosen: set[int] = set()
+    for t in names:
+        members = list(by_task[t])
+        rng.shuffle(members)
+        chosen.update(members[: quota[t]])
+    return chosen
+
+
+def _check_tasks(examples: list[Example]) -> list[str]:
+    """The sorted task names; multi-task data needs a task on every record (a record without one could not be
+    counted, stratified or routed)."""
+    with_task = next((e for e in examples if e.task is not None), None)
+    if with_task is None:
+        return []
+    without = next((e for e in examples if e.task is None), None)
+    if without is not None:
+        raise DataError(f"{without.source}: no 'task', but {with_task.source} has one ({with_task.task!r}); in "
+                        "multi-task data every record needs a task name")
+    return sorted({e.task for e in examples if e.task is not None})
 
 
 def _tokenize_all(
@@ -165,6 +216,12 @@ def _tokenize_all(
         else:
             out.append(tokenized)
     return out
+
+
+def _with_task_ids(examples: list[TokenizedExample], task_ids: dict[str, int]) -> list[TokenizedExample]:
+    if not task_ids:
+        return examples
+    return [replace(e, task_id=task_ids[e.task]) for e in examples]
 
 
 def _load_all(paths: list[str], fmt: str) -> list[LoadedFile]:
@@ -215,6 +272,7 @@ def prepare_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, cache_d
 
     train = [e for f in train_files for e in f.examples]
     validation = [e for f in val_files for e in f.examples]
+    task_ids = {name: index for index, name in enumerate(_check_tasks(train + validation))}
     counts = {"records": len(train) + len(validation), "duplicates_removed": 0, "overlap_removed": 0, "dropped_overlong": 0}
     if config.dedup:
         train, dup_train = _dedup(train)
@@ -229,8 +287,8 @@ def prepare_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, cache_d
         counts["overlap_removed"] = before - len(train)
 
     zero: list[str] = []
-    train_tok = _tokenize_all(train, tokenizer, config, counts, zero)
-    val_tok = _tokenize_all(validation, tokenizer, config, counts, zero)
+    train_tok = _with_task_ids(_tokenize_all(train, tokenizer, config, counts, zero), task_ids)
+    val_tok = _with_task_ids(_tokenize_all(validation, tokenizer, config, counts, zero), task_ids)
     if not train_tok:
         raise DataError(_no_training_examples_message(config, train, counts, zero))
     kept_val_sources = {e.source for e in val_tok}
@@ -238,7 +296,7 @@ def prepare_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, cache_d
              for role, group in (("train", train_files), ("validation", val_files)) for f in group]
     report = build_report(tokenizer=tokenizer, files=files, counts=counts, train=train_tok, validation=val_tok,
                           zero_supervised=zero, empty_responses=empty, tokenizer_changes=changes,
-                          max_length=config.max_length)
+                          max_length=config.max_length, tasks=list(task_ids))
     report["data_fingerprint"] = fingerprint
     data = PreparedData(train_tok, val_tok, [e for e in validation if e.source in kept_val_sources], report)
     if key:

@@ -75,6 +75,17 @@ def split_stats(examples: list[TokenizedExample], max_length: int) -> dict[str, 
     }
 
 
+def task_counts(tasks: list[str], train: list[TokenizedExample], validation: list[TokenizedExample]) -> dict[str, Any]:
+    """Examples per task in each split, in task-index order ({} for data without tasks)."""
+    counts = {name: {"train": 0, "validation": 0} for name in tasks}
+    if not counts:
+        return counts
+    for split, examples in (("train", train), ("validation", validation)):
+        for example in examples:
+            counts[example.task][split] += 1
+    return counts
+
+
 def build_report(
     *,
     tokenizer: PreTrainedTokenizerBase,
@@ -86,6 +97,7 @@ def build_report(
     empty_responses: dict[str, Any],
     tokenizer_changes: list[str],
     max_length: int,
+    tasks: list[str] | None = None,
 ) -> dict[str, Any]:
     formats: dict[str, int] = {}
     for info in files:
@@ -98,6 +110,7 @@ def build_report(
         "zero_supervised_examples": len(zero_supervised),
         "zero_supervised_sources": zero_supervised[:20],
         "empty_responses": empty_responses,
+        "tasks": task_counts(tasks or [], train, validation),
         "train": split_stats(train, max_length),
         "validation": split_stats(validation, max_length),
         "truncation_rate": round(sum(e.truncated for e in everything) / len(everything), 4) if everything else 0.0,
@@ -125,6 +138,9 @@ def report_warnings(report: dict[str, Any]) -> list[str]:
             f"{report['missing_end_of_turn_supervision']} examples do not supervise an end-of-turn token: "
             "the model may not learn to stop"
         )
+    untrained = [name for name, counts in report["tasks"].items() if not counts["train"]]
+    if untrained:
+        warnings.append(f"tasks with no training example (all in validation, dropped or truncated away): {', '.join(untrained)}")
     if report["train"]["examples"] < 50:
         warnings.append(f"only {report['train']['examples']} training examples: expect overfitting")
     return warnings

@@ -11,7 +11,7 @@ token, whatever the pad token is, because the mask never looks at token ids.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from transformers import PreTrainedTokenizerBase
 
@@ -20,6 +20,7 @@ from tunelab.data.formats import DataError, Example
 log = logging.getLogger(__name__)
 
 IGNORE = -100  # label of a token that takes no loss (PyTorch cross_entropy's ignore_index)
+NO_TASK = -1  # task index of an example without a task, and of padding
 
 # tunelab's documented fallback for tokenizers without a chat template: ChatML-style role headers, and each
 # turn closed by the tokenizer's own EOS token, so "stop" is a token the model already knows.
@@ -37,6 +38,8 @@ class TokenizedExample:
     labels: list[int]  # same length; IGNORE where no loss is taken (not shifted)
     source: str
     truncated: bool = False
+    task: str | None = None  # multi-task data: the example's task name
+    task_id: int = NO_TASK  # its index in the run's sorted task list (PreparedData.tasks), set by prepare_data
 
     @property
     def num_supervised(self) -> int:
@@ -109,7 +112,7 @@ def tokenize_example(
         if not ids or ids[-1] != tokenizer.eos_token_id:  # plain text ends with EOS, which is always supervised
             ids, flags = ids + [tokenizer.eos_token_id], flags + [True]
     labels = [token if flag else IGNORE for token, flag in zip(ids, flags)]
-    return TokenizedExample(list(ids), labels, example.source)
+    return TokenizedExample(list(ids), labels, example.source, task=example.task)
 
 
 def apply_length_policy(example: TokenizedExample, max_length: int, policy: str) -> TokenizedExample | None:
@@ -123,7 +126,7 @@ def apply_length_policy(example: TokenizedExample, max_length: int, policy: str)
         )
     if policy == "drop":
         return None
-    return TokenizedExample(example.input_ids[:max_length], example.labels[:max_length], example.source, truncated=True)
+    return replace(example, input_ids=example.input_ids[:max_length], labels=example.labels[:max_length], truncated=True)
 
 
 def prompt_for_generation(tokenizer: PreTrainedTokenizerBase, example: Example) -> tuple[str, str]:
