@@ -143,6 +143,55 @@ def runs(root: Annotated[Path, typer.Argument(metavar="FOLDER", help="Folder hol
     print_runs(found)
 
 
+@app.command("eval")
+def eval_command(
+    target: Annotated[str, typer.Argument(metavar="TARGET", help="A run folder, a model folder or name, or a PEFT adapter folder")],
+    data: Annotated[list[Path], typer.Option("--data", help="Evaluation file(s), in any training data format")],
+    against: Annotated[Optional[list[str]], typer.Option("--against", help="Compare with 'base' (the target's base model), a run folder or a model (repeatable)")] = None,
+    adapter: Annotated[Optional[Path], typer.Option(help="A PEFT adapter to put on TARGET (a model)")] = None,
+    output: Annotated[Optional[Path], typer.Option(help="Report folder (default: RUN/evals/<data name>, or evals/<target>-<data name>)")] = None,
+    metric: Annotated[Optional[list[str]], typer.Option("--metric", help="Generation metric (repeatable): exact_match, bleu, chrf, rouge_1, rouge_2, rouge_l, or module:function. Default: all built-in ones")] = None,
+    labels: Annotated[Optional[str], typer.Option(help="Classification: comma-separated labels, chosen by their log-likelihood")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Token budget of each generation")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Examples per forward pass / generation batch")] = 8,
+    max_examples: Annotated[Optional[int], typer.Option(help="Evaluate only the first N examples")] = None,
+    sample: Annotated[bool, typer.Option("--sample", help="Sample instead of greedy decoding (seeded by --seed)")] = False,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (with --sample)")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling (with --sample)")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of sampling and of the bootstrap")] = 0,
+    resamples: Annotated[int, typer.Option(help="Bootstrap resamples for the confidence intervals")] = 1000,
+    top_n: Annotated[int, typer.Option(help="Biggest improvements and regressions shown")] = 5,
+    primary: Annotated[Optional[str], typer.Option(help="Metric that ranks improvements/regressions (default rouge_l, accuracy or exact_match)")] = None,
+    keep_case: Annotated[bool, typer.Option("--keep-case", help="Exact match: do not lowercase")] = False,
+    keep_punctuation: Annotated[bool, typer.Option("--keep-punctuation", help="Exact match: do not strip punctuation")] = False,
+    dtype: Annotated[str, typer.Option(help="Weight dtype: auto, float32, bfloat16, float16")] = "auto",
+    progress: Annotated[bool, typer.Option(help="Show progress bars")] = True,
+) -> None:
+    """Task metrics of a model on a data file, compared with its base or other runs, with 95% intervals.
+
+    Examples: tunelab eval runs/quickstart --data test.jsonl --against base ;
+    tunelab eval runs/lora --data test.jsonl --against runs/full --against base
+    """
+    _setup_logging()
+    from tunelab.console import print_eval_report
+    from tunelab.eval.metrics import Normalization
+    from tunelab.eval.runner import EvalSettings, evaluate
+
+    defaults = EvalSettings()
+    settings = EvalSettings(
+        metrics=metric or defaults.metrics, labels=[x.strip() for x in labels.split(",")] if labels else None,
+        normalization=Normalization(lowercase=not keep_case, strip_punctuation=not keep_punctuation),
+        max_new_tokens=max_new_tokens, batch_size=batch_size, max_examples=max_examples, do_sample=sample,
+        temperature=temperature, top_p=top_p, seed=seed, resamples=resamples, top_n=top_n, primary=primary, dtype=dtype,
+    )
+    try:
+        report = evaluate(target, data, against or [], adapter=adapter, output=output, settings=settings,
+                          progress=progress)
+    except _user_errors() as exc:
+        _fail(str(exc))
+    print_eval_report(report)
+
+
 @app.command()
 def quickstart(
     set_: SetOption = None,

@@ -127,3 +127,34 @@ def print_runs(runs: list[dict[str, Any]]) -> None:
         loss = f"{run['train_loss']:.4f}" if run["train_loss"] is not None else "-"
         table.add_row(run["run"], run["status"], str(run["technique"]), str(run["model"]), str(run["step"]), loss, val)
     console.print(table)
+
+
+def print_eval_report(report: dict[str, Any]) -> None:
+    """Scores of every system, then each comparison's deltas with intervals and the biggest changes."""
+    names = [s["name"] for s in report["systems"]]
+    table = Table(title=f"{report['examples']} examples: {', '.join(report['data'])}")
+    table.add_column("metric")
+    for name in names:
+        table.add_column(name, justify="right", overflow="fold")
+    for metric, info in report["metrics"].items():
+        table.add_row(f"{metric} {'↑' if info['higher_is_better'] else '↓'}",
+                      *(f"{info['scores'][n]:.4f}" for n in names))
+    console.print(table)
+    for comparison in report["comparisons"]:
+        table = Table(title=f"{report['target']} - {comparison['against']} (paired bootstrap 95% interval)")
+        for column in ("metric", "delta", "interval", "verdict", "wins/losses/ties"):
+            table.add_column(column, justify="left" if column in ("metric", "verdict") else "right")
+        for metric, c in comparison["metrics"].items():
+            style = {"better": "green", "worse": "red"}.get(c["verdict"], "")
+            table.add_row(metric, f"{c['delta']:+.4f}", f"[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]",
+                          Text(c["verdict"], style=style), f"{c['wins']}/{c['losses']}/{c['ties']}")
+        console.print(table)
+        for key, title in (("improved", "improved most"), ("worsened", "worsened most")):
+            for example in comparison[key][:3]:
+                changes = Table(title=f"{title} ({report['primary_metric']}): {example['source']}", show_lines=True,
+                                expand=True)
+                for column in ("reference", report["target"], comparison["against"]):
+                    changes.add_column(column, overflow="fold")
+                changes.add_row(example["reference"] or "", example["target"] or "", example["other"] or "")
+                console.print(changes)
+    console.print(f"report: {report['output']}/report.html (and report.md, eval.json, predictions.jsonl)")

@@ -68,3 +68,59 @@ def _read_json(path: Path) -> Any:
     import json
 
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+# ---------------------------------------------------------------- any evaluable model: run, model folder, model + adapter
+
+
+@dataclass
+class OpenedModel:
+    """A model ready for evaluation, whatever it came from."""
+
+    name: str  # how reports call it
+    model: nn.Module
+    tokenizer: Any
+    base: str | None  # the model name `--against base` means for it (None: it has no base)
+    dtype: str
+
+
+def open_model(target: str | Path, adapter: str | Path | None = None, device: torch.device | str | None = None,
+               dtype: str = "auto") -> OpenedModel:
+    """Open TARGET for evaluation: a run folder (through ``load_run``), a PEFT adapter folder (on the base its
+    adapter_config.json names), a model folder, hub id or the embedded alias, optionally with ``adapter``."""
+    from tunelab.config.schema import ModelConfig
+    from tunelab.models import default_device, load_model, load_tokenizer
+
+    device = torch.device(device) if device is not None else default_device()
+    path = Path(target)
+    if adapter is None and (path / "config.yaml").is_file():
+        loaded = load_run(path, device=device, dtype=None if dtype == "auto" else dtype)
+        return OpenedModel(path.name, loaded.model, loaded.tokenizer, loaded.config.model.name, loaded.config.model.dtype)
+    if adapter is None and (path / "adapter_config.json").is_file():
+        adapter, target = path, _adapter_base(path)
+    model_config = ModelConfig(name=str(target), dtype=dtype)
+    model = load_model(model_config, device)
+    tokenizer = load_tokenizer(model_config)
+    name = Path(str(target)).name or str(target)
+    if adapter is not None:
+        from peft import PeftModel
+
+        adapter = Path(adapter)
+        if not (adapter / "adapter_config.json").is_file():
+            raise ConfigError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
+        if (adapter.parent / "tokenizer").is_dir():  # an adapter inside a run folder: the run's tokenizer
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(adapter.parent / "tokenizer")
+        model = PeftModel.from_pretrained(model, adapter).to(device)
+        return OpenedModel(f"{name}+{adapter.name if adapter.name != 'adapter' else adapter.parent.name}",
+                           model.eval(), tokenizer, str(target), dtype)
+    return OpenedModel(name, model.eval(), tokenizer, None, dtype)
+
+
+def _adapter_base(adapter: Path) -> str:
+    base = (_read_json(adapter / "adapter_config.json") or {}).get("base_model_name_or_path")
+    if not base:
+        raise ConfigError(f"{adapter / 'adapter_config.json'}: no base_model_name_or_path; give the base model as "
+                          "TARGET and the adapter with --adapter")
+    return base

@@ -9,6 +9,9 @@
       tokenizer/           the tokenizer used for training, chat template included
       checkpoints/         resumable checkpoints (latest and best)
       status.json          running / interrupted / completed / failed, and the final step
+      run_info.json        parameters, peak memory, wall time per phase, tokens/s, library versions, hardware
+      evals/<data name>/   reports of `tunelab eval` on this run (eval.json, report.md/html, predictions.jsonl)
+      tensorboard/, mlruns/  TensorBoard events and a local MLflow store, when training.report_to asks for them
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ log = logging.getLogger(__name__)
 
 # Every name tunelab writes into a run folder. Overwriting a run removes these and nothing else.
 RUN_ENTRIES = frozenset({"config.yaml", "data_report.json", "metrics.jsonl", "eval.json", "base_eval.json",
-                         "status.json", "adapter", "model", "tokenizer", "checkpoints"})
+                         "status.json", "adapter", "model", "tokenizer", "checkpoints",
+                         "run_info.json", "evals", "tensorboard", "mlruns"})
 
 
 def _written_by_tunelab(name: str) -> bool:

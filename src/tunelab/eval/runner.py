@@ -1,0 +1,383 @@
+"""``tunelab eval TARGET --data FILE [--against base|RUN ...]``: score one model and compare it with others.
+
+Systems are evaluated one at a time (one model in memory), in chunks of ``batch_size`` examples. Each chunk's
+texts go straight to a per-system file and only per-example statistics stay in memory (see ``metrics``), so
+memory stays flat as the set grows. At the end the per-system files are merged line by line into
+``predictions.jsonl``, and the scores, paired bootstrap intervals, wins/losses/ties and the biggest changes are
+computed from the statistics and written as ``eval.json``, ``report.md`` and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from tunelab.errors import ConfigError, DataError
+from tunelab.eval.bootstrap import paired_interval, resample_indices, wins_losses_ties
+from tunelab.eval.metrics import Classification, Metric, Normalization, example_scores, loss_metrics, resolve_metrics
+
+log = logging.getLogger(__name__)
+
+OUTPUT_FILES = ("eval.json", "report.md", "report.html", "predictions.jsonl")
+MARKER = ".tunelab-eval"  # written first into every output folder: only a folder holding it is ever overwritten
+
+
+@dataclass
+class EvalSettings:
+    metrics: list[str] = field(default_factory=lambda: ["exact_match", "bleu", "chrf", "rouge_1", "rouge_2", "rouge_l"])
+    labels: list[str] | None = None  # classification by label scoring; generation metrics are then off by default
+    normalization: Normalization = field(default_factory=Normalization)
+    max_new_tokens: int = 128
+    batch_size: int = 8
+    max_length: int = 1024
+    max_examples: int | None = None
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    resamples: int = 1000
+    confidence: float = 0.95
+    top_n: int = 5
+    primary: str | None = None  # the per-example metric that ranks improvements and regressions
+    dtype: str = "auto"
+
+
+@dataclass
+class SystemScores:
+    name: str
+    spec: str
+    stats: dict[str, np.ndarray]  # metric name -> (examples, k) statistics
+    predictions_path: Path
+    confusion: list[list[int]] | None = None
+
+
+# ---------------------------------------------------------------- the output folder
+
+
+def default_output(target: str | Path, data_files: list[Path]) -> Path:
+    stem = "-".join(p.stem for p in data_files)[:80]
+    if (Path(target) / "config.yaml").is_file():  # a run: its evaluations live with it
+        return Path(target) / "evals" / stem
+    return Path("evals") / f"{Path(str(target)).name or 'model'}-{stem}"
+
+
+def claim_output(folder: Path) -> None:
+    """Use ``folder`` only if it is new, empty, or an earlier ``tunelab eval`` output (it holds the marker)."""
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"--output {folder} is a file; give a folder for the report")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / MARKER).is_file():
+        raise ConfigError(f"--output {folder} is not empty and was not written by tunelab eval; choose another folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MARKER).write_text("written by tunelab eval; its eval.json, report.md, report.html and "
+                                 "predictions.jsonl are replaced by the next evaluation into this folder\n")
+
+
+# ---------------------------------------------------------------- evaluating one system
+
+
+def _chunks(n: int, size: int) -> Iterator[range]:
+    for start in range(0, n, size):
+        yield range(start, min(start + size, n))
+
+
+def score_system(opened: Any, examples: list[Any], prompts: list[str], plain_text: bool, metrics: list[Metric],
+                 settings: EvalSettings, out_path: Path, device: Any, on_chunk: Callable[[int], None] | None = None,
+                 ) -> SystemScores:
+    """Loss, generations and metric statistics of one model over ``examples``; its outputs go to ``out_path``."""
+    import torch
+
+    from tunelab.data.tokenize import apply_length_policy, tokenize_example
+    from tunelab.eval.classify import check_labels, label_log_likelihoods
+    from tunelab.eval.generation import Sampling, generate_batch
+    from tunelab.eval.loss import example_losses
+
+    tokenizer, model = opened.tokenizer, opened.model
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # for batching only; logged once by the caller
+    n = len(examples)
+    stats: dict[str, np.ndarray] = {"loss": np.zeros((n, 2))}
+    classification = Classification(settings.labels) if settings.labels else None
+    truth = check_labels(examples, settings.labels) if settings.labels else []
+    if classification:
+        for metric in classification.metrics:
+            stats[metric.name] = np.zeros((n, len(settings.labels) ** 2))
+    sampling = Sampling(settings.do_sample, settings.temperature, settings.top_p, settings.seed)
+    with open(out_path, "w") as handle:
+        for chunk in _chunks(n, settings.batch_size):
+            tokenized = [apply_length_policy(tokenize_example(tokenizer, examples[i]), settings.max_length, "truncate")
+                         for i in chunk]
+            losses = list(example_losses(model, tokenized, pad_id, settings.batch_size, device))
+            outputs = (generate_batch(model, tokenizer, [prompts[i] for i in chunk], settings.max_new_tokens, device,
+                                      add_special_tokens=plain_text, sampling=sampling)
+                       if metrics else [None] * len(chunk))
+            scored = (label_log_likelihoods(model, tokenizer, [examples[i] for i in chunk], settings.labels, pad_id,
+                                            settings.batch_size, device) if classification else [None] * len(chunk))
+            for offset, i in enumerate(chunk):
+                record: dict[str, Any] = {"index": i, "loss": losses[offset][0], "tokens": losses[offset][1]}
+                stats["loss"][i] = losses[offset]
+                if outputs[offset] is not None:
+                    record["output"] = outputs[offset]
+                    for metric in metrics:
+                        row = metric.example_stats(outputs[offset], _reference(examples[i]))
+                        if metric.name not in stats:  # sized by the first example: each metric's vector length
+                            stats[metric.name] = np.zeros((n, len(row)))
+                        stats[metric.name][i] = row
+                if scored[offset] is not None:
+                    predicted = int(np.argmax(scored[offset]))
+                    record.update(predicted_label=settings.labels[predicted], label_log_likelihoods=scored[offset])
+                    for metric in classification.metrics:
+                        stats[metric.name][i] = classification.cell(truth[i], predicted)
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            if on_chunk:
+                on_chunk(len(chunk))
+            del tokenized
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    confusion = None
+    if classification:
+        k = len(settings.labels)
+        confusion = stats["accuracy"].sum(0).reshape(k, k).astype(int).tolist()
+    return SystemScores(opened.name, "", stats, out_path, confusion)
+
+
+def _reference(example: Any) -> str:
+    from tunelab.eval.classify import answer_of
+
+    return answer_of(example)
+
+
+# ---------------------------------------------------------------- comparing systems
+
+
+def all_metrics(metrics: list[Metric], settings: EvalSettings) -> list[Metric]:
+    extra = Classification(settings.labels).metrics if settings.labels else []
+    return [*loss_metrics(), *metrics, *extra]
+
+
+def _stats_key(metric: Metric) -> str:
+    return "loss" if metric.name == "perplexity" else metric.name
+
+
+def compare(target: SystemScores, other: SystemScores, metrics: list[Metric], settings: EvalSettings,
+            indices: np.ndarray) -> dict[str, Any]:
+    """Every metric's delta (target - other), its paired bootstrap interval, and wins/losses/ties."""
+    result: dict[str, Any] = {}
+    for metric in metrics:
+        a, b = target.stats[_stats_key(metric)], other.stats[_stats_key(metric)]
+        interval = paired_interval(metric, a, b, indices, settings.confidence)
+        per_example = wins_losses_ties(example_scores(metric, a), example_scores(metric, b), metric.higher_is_better)
+        better = interval.low > 0 if metric.higher_is_better else interval.high < 0
+        worse = interval.high < 0 if metric.higher_is_better else interval.low > 0
+        result[metric.name] = {**interval.as_dict(), **per_example,
+                               "verdict": "better" if better else "worse" if worse else "no clear difference"}
+    return result
+
+
+def primary_metric(metrics: list[Metric], settings: EvalSettings) -> Metric:
+    names = {m.name: m for m in metrics}
+    if settings.primary:
+        if settings.primary not in names:
+            raise ConfigError(f"--primary {settings.primary!r} is not among the computed metrics: {', '.join(names)}")
+        return names[settings.primary]
+    for preferred in ("rouge_l", "accuracy", "exact_match"):
+        if preferred in names:
+            return names[preferred]
+    return next(m for m in metrics if m.name not in ("perplexity",)) if len(metrics) > 1 else metrics[0]
+
+
+def biggest_changes(target: SystemScores, other: SystemScores, metric: Metric, top_n: int) -> tuple[list[int], list[int]]:
+    """Indices of the ``top_n`` examples the target improved most and worsened most, by ``metric``."""
+    key = _stats_key(metric)
+    sign = 1 if metric.higher_is_better else -1
+    diff = sign * (example_scores(metric, target.stats[key]) - example_scores(metric, other.stats[key]))
+    order = np.argsort(-diff, kind="stable")
+    improved = [int(i) for i in order[:top_n] if diff[i] > 1e-9]
+    worsened = [int(i) for i in order[::-1][:top_n] if diff[i] < -1e-9]
+    return improved, worsened
+
+
+# ---------------------------------------------------------------- the whole evaluation
+
+
+def evaluate(target: str | Path, data_files: list[str | Path], against: list[str] | None = None,
+             adapter: str | Path | None = None, output: str | Path | None = None,
+             settings: EvalSettings | None = None, device: Any = None, progress: bool = False) -> dict[str, Any]:
+    """Evaluate ``target`` on ``data_files`` and compare it with each of ``against`` ('base', a run folder, a
+    model folder or name); returns eval.json's content and writes the report files."""
+    import torch
+
+    from tunelab.data.formats import load_file
+    from tunelab.data.tokenize import prompt_for_generation
+    from tunelab.models import default_device
+    from tunelab.result import open_model
+
+    settings = settings or EvalSettings()
+    against = list(against or [])
+    files = [Path(f) for f in data_files]
+    if not files:
+        raise ConfigError("no evaluation data: give --data FILE")
+    out_dir = Path(output) if output is not None else default_output(target, files)
+    metrics = resolve_metrics([] if settings.labels and settings.metrics == EvalSettings().metrics else settings.metrics,
+                              settings.normalization)
+    device = torch.device(device) if device is not None else default_device()
+    examples = [e for f in files for e in load_file(f).examples][: settings.max_examples]
+    if not examples:
+        raise DataError(f"{', '.join(map(str, files))}: no examples to evaluate")
+    claim_output(out_dir)
+    opened = open_model(target, adapter, device, settings.dtype)
+    tokenizer = opened.tokenizer  # renders every system's prompts: the same inputs for all
+    prompts = [prompt_for_generation(tokenizer, e)[0] for e in examples]
+    references = [_reference(e) for e in examples]
+    plain_text = not examples[0].messages
+    specs = [str(target)] + [_against_spec(a, opened) for a in against]
+    systems: list[SystemScores] = []
+    for position, spec in enumerate(specs):
+        if position > 0:
+            opened = open_model(spec, None, device, settings.dtype)
+            opened.tokenizer = tokenizer
+        name = _unique(opened.name if position else opened.name, [s.name for s in systems], against, position)
+        log.info("evaluating %s on %d examples", name, len(examples))
+        with _progress(progress, name, len(examples)) as advance:
+            scores = score_system(opened, examples, prompts, plain_text, metrics, settings,
+                                  out_dir / f".system-{position}.jsonl.tmp", device, advance)
+        scores.name, scores.spec = name, spec
+        systems.append(scores)
+        del opened
+        gc.collect()
+    report = build_report(systems, examples, references, files, metrics, settings)
+    write_predictions(out_dir, systems, examples, prompts, references)
+    from tunelab.eval.report import write_reports
+
+    _attach_examples(report, out_dir)
+    write_reports(out_dir, report)
+    report["output"] = str(out_dir)
+    return report
+
+
+def _against_spec(spec: str, target: Any) -> str:
+    if spec != "base":
+        return spec
+    if target.base is None:
+        raise ConfigError("--against base: the target is a plain model, so it has no base; give a run folder or "
+                          "an adapter as TARGET, or name the other model")
+    return target.base
+
+
+def _unique(name: str, taken: list[str], against: list[str], position: int) -> str:
+    if position > 0 and against[position - 1] == "base":
+        name = f"base ({name})"
+    candidate, k = name, 2
+    while candidate in taken:
+        candidate, k = f"{name} #{k}", k + 1
+    return candidate
+
+
+class _progress:
+    """A rich progress bar over examples (or nothing)."""
+
+    def __init__(self, enabled: bool, name: str, total: int) -> None:
+        self.enabled, self.name, self.total = enabled, name, total
+
+    def __enter__(self) -> Callable[[int], None] | None:
+        if not self.enabled:
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        from tunelab.console import err_console
+
+        self._bar = Progress(TextColumn(f"eval {self.name}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                             console=err_console, transient=True)
+        self._bar.__enter__()
+        task = self._bar.add_task("eval", total=self.total)
+        return lambda k: self._bar.update(task, advance=k)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.enabled:
+            self._bar.__exit__(*exc)
+
+
+def build_report(systems: list[SystemScores], examples: list[Any], references: list[str], files: list[Path],
+                 metrics: list[Metric], settings: EvalSettings) -> dict[str, Any]:
+    scored = all_metrics(metrics, settings)
+    target = systems[0]
+    indices = resample_indices(len(examples), settings.resamples, settings.seed)
+    primary = primary_metric(scored, settings)
+    report: dict[str, Any] = {
+        "target": target.name,
+        "systems": [{"name": s.name, "spec": s.spec} for s in systems],
+        "data": [str(f) for f in files],
+        "examples": len(examples),
+        "settings": {**asdict(settings), "normalization": asdict(settings.normalization)},
+        "metrics": {m.name: {"higher_is_better": m.higher_is_better,
+                             "scores": {s.name: m.score(s.stats[_stats_key(m)].sum(0)) for s in systems}}
+                    for m in scored},
+        "primary_metric": primary.name,
+        "comparisons": [],
+    }
+    if settings.labels:
+        report["classification"] = {"labels": settings.labels, "confusion": {s.name: s.confusion for s in systems}}
+    for other in systems[1:]:
+        improved, worsened = biggest_changes(target, other, primary, settings.top_n)
+        report["comparisons"].append({
+            "against": other.name,
+            "metrics": compare(target, other, scored, settings, indices),
+            "improved": improved, "worsened": worsened,
+        })
+    return report
+
+
+def write_predictions(out_dir: Path, systems: list[SystemScores], examples: list[Any], prompts: list[str],
+                      references: list[str]) -> None:
+    """One line per example: its prompt, reference and every system's output and per-example scores."""
+    tmp = out_dir / ".predictions.jsonl.tmp"
+    handles = [open(s.predictions_path) for s in systems]
+    try:
+        with open(tmp, "w") as out:
+            for i, lines in enumerate(zip(*handles)):
+                records = [json.loads(line) for line in lines]
+                row: dict[str, Any] = {"index": i, "source": examples[i].source, "prompt": prompts[i],
+                                       "reference": references[i], "outputs": {}, "loss": {}}
+                for system, record in zip(systems, records):
+                    if "output" in record:
+                        row["outputs"][system.name] = record["output"]
+                    if "predicted_label" in record:
+                        row.setdefault("predicted_label", {})[system.name] = record["predicted_label"]
+                        row.setdefault("label_log_likelihoods", {})[system.name] = record["label_log_likelihoods"]
+                    row["loss"][system.name] = {"loss_sum": record["loss"], "tokens": record["tokens"]}
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    finally:
+        for handle in handles:
+            handle.close()
+    os.replace(tmp, out_dir / "predictions.jsonl")
+    for system in systems:
+        system.predictions_path.unlink(missing_ok=True)
+
+
+def _attach_examples(report: dict[str, Any], out_dir: Path) -> None:
+    """Put the texts of each comparison's biggest changes into the report (read back from predictions.jsonl,
+    so only those examples are ever held in memory)."""
+    wanted = {i for c in report["comparisons"] for i in c["improved"] + c["worsened"]}
+    found: dict[int, dict[str, Any]] = {}
+    if wanted:
+        with open(out_dir / "predictions.jsonl") as handle:
+            for line in handle:
+                row = json.loads(line)
+                if row["index"] in wanted:
+                    found[row["index"]] = row
+    for comparison in report["comparisons"]:
+        for key in ("improved", "worsened"):
+            comparison[key] = [_side_by_side(found[i], report["target"], comparison["against"]) for i in comparison[key]]
+
+
+def _side_by_side(row: dict[str, Any], target: str, other: str) -> dict[str, Any]:
+    pick = row.get("outputs") or row.get("predicted_label") or {}
+    return {"index": row["index"], "source": row["source"], "prompt": row["prompt"], "reference": row["reference"],
+            "target": pick.get(target), "other": pick.get(other)}
