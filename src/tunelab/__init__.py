@@ -10,10 +10,10 @@ Errors a user can fix are ConfigError, DataError, ModelLoadError and TechniqueEr
 names the file, line or key and what was expected.
 """
 
-from tunelab.api import inspect_data, load_run, quickstart, quickstart_config, train
+from tunelab.api import inspect_data, load_adapter, load_run, quickstart, quickstart_config, train
 from tunelab.config import TunelabConfig, load_config
 from tunelab.errors import ConfigError, DataError, ModelLoadError, TechniqueError
 
 __version__ = "0.1.0"
 __all__ = ["ConfigError", "DataError", "ModelLoadError", "TechniqueError", "TunelabConfig", "inspect_data",
-           "load_config", "load_run", "quickstart", "quickstart_config", "train"]
+           "load_adapter", "load_config", "load_run", "quickstart", "quickstart_config", "train"]

@@ -34,6 +34,14 @@ def load_run(run: str | Path, device: Any = None, dtype: str | None = None):  # 
     return open_run(run, device=device, dtype=dtype)
 
 
+def load_adapter(model: Any, path: str | Path):  # noqa: ANN201 - the adapted model (torch)
+    """Attach a saved adapter (an adapter folder or a run folder) to a plain transformers model of its base:
+    bottleneck and routing adapters in place, a PEFT adapter as a PeftModel. See tunelab.techniques.attach."""
+    from tunelab.techniques.attach import load_adapter as attach
+
+    return attach(model, path)
+
+
 def inspect_data(files: list[str | Path] | str | Path, config: TunelabConfig | str | Path | dict[str, Any] | None = None,
                  overrides: list[str] | None = None) -> dict[str, Any]:
     """Validate data files and return the data report (the same one every run writes to data_report.json)."""

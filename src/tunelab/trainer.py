@@ -176,10 +176,11 @@ def _loop(ctx: "_Context", state: LoopState) -> str:
             grad_norm = accelerator.clip_grad_norm_(trainable, clip)
             lr = ctx.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler then moves on)
             finite = bool(torch.isfinite(loss_sum)) and bool(torch.isfinite(grad_norm))
+            step_metrics: dict[str, Any] = {}
             if finite:
                 ctx.optimizer.step()
                 ctx.scheduler.step()
-                ctx.technique_step(state.step + 1)
+                step_metrics = ctx.technique_step(state.step + 1)
                 state.consecutive_nonfinite = 0
             else:  # skip: no update, no schedule step; count it and give up after K in a row
                 state.nonfinite_skipped += 1
@@ -194,7 +195,7 @@ def _loop(ctx: "_Context", state: LoopState) -> str:
                 ctx.log_metrics({"kind": "train", "step": state.step, "loss": round(loss, 6), "lr": lr,
                                  "grad_norm": round(float(grad_norm), 6), "tokens": state.tokens_seen,
                                  "tokens_per_s": round(speed, 1), "skipped": not finite,
-                                 "elapsed_s": round(time.time() - started, 2)})
+                                 "elapsed_s": round(time.time() - started, 2), **step_metrics})
             if state.consecutive_nonfinite >= config.training.max_consecutive_nonfinite:
                 raise TrainingAborted(
                     f"{state.consecutive_nonfinite} steps in a row had a non-finite loss or gradient (last at step "
@@ -234,10 +235,19 @@ class _Context:
         self.objective = OBJECTIVES[config.objective.name]
         self.technique = TECHNIQUES[config.technique.name]
 
-    def technique_step(self, step: int) -> None:
-        """The technique's per-step hook (e.g. AdaLoRA's rank reallocation), after the update, gradients still set."""
-        if self.technique.on_step is not None:
-            self.technique.on_step(self.accelerator.unwrap_model(self.model), self.config.technique, step)
+    def technique_step(self, step: int) -> dict[str, Any]:
+        """The technique's per-step hook (e.g. AdaLoRA's rank reallocation), after the update, gradients still set.
+        What it returns (e.g. adapter routing's mean gates) goes into this step's metrics line."""
+        if self.technique.on_step is None:
+            return {}
+        return self.technique.on_step(self.accelerator.unwrap_model(self.model), self.config.technique, step) or {}
+
+    def technique_evaluation(self) -> dict[str, Any]:
+        """The technique's own figures for eval.json (e.g. how a router splits each task), or nothing."""
+        if self.technique.evaluate is None or not self.is_main:
+            return {}
+        return self.technique.evaluate(self.accelerator.unwrap_model(self.model), self.data, self.pad_id, self.device,
+                                       self.config.eval.max_examples)
 
     @property
     def is_main(self) -> bool:
@@ -411,6 +421,7 @@ def _train(config: TunelabConfig, resume: bool, progress: bool) -> RunResult:
             ckpt.load_trainable(run_dir / "checkpoints" / ckpt.checkpoint_name(state.best_step), ctx.accelerator.unwrap_model(ctx.model))
             log.info("restored the best weights (step %d, validation loss %.4f)", state.best_step, state.best_eval["loss"])
         evaluation = _final_evaluation(ctx, state, base, samples)
+        evaluation.update(ctx.technique_evaluation())
         if ctx.is_main:
             _save_result(ctx)
             write_json(run_dir / "eval.json", evaluation)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Union, get_args
 
-from tunelab.techniques import freeze, full, lora
+from tunelab.techniques import adapter, adapter_routing, freeze, full, lora
 from tunelab.errors import TechniqueError
 from tunelab.techniques.base import BaseLoad, MergeResult, RunContext, Technique, TechniqueSettings, count_parameters
 
-_ALL: tuple[Technique, ...] = (full.TECHNIQUE, freeze.TECHNIQUE, lora.TECHNIQUE)
+_ALL: tuple[Technique, ...] = (full.TECHNIQUE, freeze.TECHNIQUE, lora.TECHNIQUE, adapter.TECHNIQUE, adapter_routing.TECHNIQUE)
 
 
 def _check(techniques: tuple[Technique, ...]) -> dict[str, Technique]:

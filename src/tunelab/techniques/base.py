@@ -92,7 +92,10 @@ class Technique:
     - ``refuses`` maps a feature of ``FEATURES`` (or ``objective:<name>``) to the reason it cannot work; what
       is not listed is supported.
     - ``param_groups(model, settings, lr, weight_decay)`` gives the optimizer's parameter groups.
-    - ``on_step(model, settings, step)`` runs after each optimizer update, before gradients are cleared.
+    - ``on_step(model, settings, step)`` runs after each optimizer update, before gradients are cleared; a dict
+      it returns is added to that step's metrics.jsonl line.
+    - ``evaluate(model, data, pad_id, device, max_examples)`` returns the technique's own figures for eval.json
+      (a dict merged into it), computed on the trained model and the run's PreparedData.
     - ``merge(config, folder, device)`` folds the result into a standalone model (only when "merge" is not
       refused); the default merges a PEFT adapter into the base it was trained on.
     """
@@ -108,7 +111,8 @@ class Technique:
     base_load: Callable[[Any, torch.device], BaseLoad] = plain_load
     refuses: Mapping[str, str] = field(default_factory=dict)
     param_groups: Callable[[nn.Module, Any, float, float], list[dict[str, Any]]] | None = None
-    on_step: Callable[[nn.Module, Any, int], None] | None = None
+    on_step: Callable[[nn.Module, Any, int], dict[str, Any] | None] | None = None
+    evaluate: Callable[[nn.Module, Any, int, torch.device, int | None], dict[str, Any]] | None = None
     merge: Callable[[Any, Path, torch.device], MergeResult] | None = None
 
     def __post_init__(self) -> None:

@@ -1,0 +1,242 @@
+"""Routing over several named adapters with a learned router (AdapterFusion / X-LoRA / Polytropon style).
+
+Per decoder layer, a router turns the layer's input into gates g (B, T, E) over E adapters (experts), and each
+adapted site adds sum_e g_e * delta_e instead of one adapter's delta:
+    g_t = softmax(W_r rms(h_t) / tau)                         per token
+    g_t = softmax(mean_{s <= t} W_r rms(h_s) / tau)           per sequence (causal prefix mean within the example)
+    top-k: all but the k largest logits are dropped before the softmax, so exactly k experts are used per token.
+Two modes: ``router_only`` trains W_r over frozen, already trained adapters (AdapterFusion, Pfeiffer et al. 2021,
+https://arxiv.org/abs/2005.00247; X-LoRA, Buehler & Buehler 2024, https://arxiv.org/abs/2402.07148), and
+``joint`` trains the adapters and the router together (Polytropon, Ponti et al. 2023,
+https://arxiv.org/abs/2202.13914), optionally with new, zero-initialised bottleneck adapters.
+Experts are LoRA runs (PEFT adapters) and bottleneck adapter runs, named ``{name: run folder}``. The result,
+``adapter/`` (type ``tunelab-routing``), holds the experts' weights too, so it loads without the source runs.
+The modules are in ``tunelab.techniques.routing``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from tunelab.errors import TechniqueError
+from tunelab.techniques import bottleneck as bn
+from tunelab.techniques import routing as rt
+from tunelab.techniques.adapter import BottleneckOptions
+from tunelab.techniques.base import RunContext, Technique, TechniqueSettings, base_load_for
+
+SPEC_ATTRIBUTE = "_tunelab_routing_spec"
+NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+MERGE_REFUSAL = ("the router's weights change with every token, so no single weight matrix equals the routed "
+                 "model; serve it as base + routed adapter")
+
+
+class AdapterRoutingSettings(TechniqueSettings):
+    name: Literal["adapter_routing"] = Field(
+        "adapter_routing", description="Several named adapters combined by a learned router.")
+    adapters: dict[str, str] = Field(
+        default_factory=dict, description="Trained adapters to route between, {name: run folder}: finished runs of "
+        "technique 'lora' or 'adapter' on this run's model (or their adapter/ folders). Relative paths are "
+        "relative to the working directory, like output.dir.",
+    )
+    new_adapters: list[str] = Field(
+        default_factory=list, description="Names of new bottleneck adapters, trained from zero together with the "
+        "router (mode 'joint' only), shaped by `new_adapter`.",
+    )
+    new_adapter: BottleneckOptions = Field(default_factory=BottleneckOptions,
+                                           description="Placement and size of the new adapters.")
+    mode: Literal["router_only", "joint"] = Field(
+        "router_only", description="'router_only': train only the router over frozen adapters; 'joint': train the "
+        "adapters and the router together.",
+    )
+    gating: Literal["token", "sequence"] = Field(
+        "token", description="'token': a gate per token; 'sequence': the gate of the mean router logit over the "
+        "example so far (causal, so generation sees the gates training saw).",
+    )
+    top_k: int | None = Field(None, gt=0, description="Use only the k highest-scoring adapters per token (None: all).")
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature of the gates: below 1 sharper, above 1 flatter.")
+
+    @model_validator(mode="after")
+    def _a_routable_set(self) -> "AdapterRoutingSettings":
+        names = list(self.adapters) + list(self.new_adapters)
+        bad = [n for n in names if not NAME.match(n)]
+        if bad:
+            raise ValueError(f"adapter names {bad}: use letters, digits, '_' and '-' only")
+        if len(set(names)) != len(names):
+            raise ValueError(f"adapter names must be unique across adapters and new_adapters (got {names})")
+        if len(names) < 2:
+            raise ValueError(f"routing needs at least two adapters (adapters and new_adapters give {len(names)})")
+        if self.new_adapters and self.mode != "joint":
+            raise ValueError("new_adapters need mode 'joint': a new adapter starts at zero, and frozen it would stay zero")
+        if self.top_k is not None and self.top_k > len(names):
+            raise ValueError(f"top_k={self.top_k} is more than the {len(names)} adapters")
+        return self
+
+
+# ---------------------------------------------------------------- reading the expert runs
+
+
+def adapter_folder(source: str, key: str) -> Path:
+    """A run folder's adapter/ (or the adapter folder itself), checked to hold an adapter."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise TechniqueError(f"{key}: {source} does not exist; give a finished run folder of technique 'lora' or 'adapter'")
+    folder = path / "adapter" if (path / "adapter").is_dir() else path
+    if not (folder / bn.CONFIG_NAME).is_file():
+        raise TechniqueError(f"{key}: {source} holds no adapter ({folder / bn.CONFIG_NAME} is missing); is the run "
+                             "finished, and of technique 'lora' or 'adapter'?")
+    return folder
+
+
+def _expert(model: nn.Module, name: str, source: str) -> rt.Expert:
+    key = f"technique.adapters.{name}"
+    folder = adapter_folder(source, key)
+    config = bn.read_config(folder)
+    if config.get("type") == bn.BOTTLENECK_TYPE:
+        spec = bn.BottleneckSpec.from_dict(config, str(folder / bn.CONFIG_NAME))
+        bn.add_adapter(model, spec, name)
+        bn.load_adapter_state(model, name, bn.read_weights(folder), key)
+        return rt.Expert(name, "bottleneck", asdict(spec), str(source))
+    if "peft_type" in config:
+        _, weights = rt.lora_weights(folder, key)
+        rt.add_lora_expert(model, name, weights, key)
+        return rt.Expert(name, "lora", {"scales": {p: s for p, (_, _, s) in weights.items()}}, str(source))
+    raise TechniqueError(f"{key}: {folder} holds a {config.get('type')!r} adapter; routing takes LoRA and bottleneck adapters")
+
+
+def _check_same_model(model: nn.Module, settings: AdapterRoutingSettings) -> None:
+    """An adapter trained on another base model would load only if shapes happen to agree: compare the runs'
+    configured model names with this model's (the shape checks catch the rest)."""
+    import yaml
+
+    here = bn.model_base_path(model)
+    for name, source in settings.adapters.items():
+        run_config = Path(source) / "config.yaml"
+        if not run_config.is_file() or here is None:
+            continue
+        theirs = ((yaml.safe_load(run_config.read_text()) or {}).get("model") or {}).get("name")
+        if theirs and _same_model(theirs) != _same_model(here):
+            raise TechniqueError(f"technique.adapters.{name}: that run trained on model {theirs!r}, this run uses "
+                                 f"{here!r}; routed adapters must share the base model")
+
+
+def _same_model(name: str) -> str:
+    from tunelab.models import resolve_model_path
+
+    try:
+        return str(Path(resolve_model_path(name)).resolve())
+    except Exception:  # a hub id that is not cached: compare the names as written
+        return name
+
+
+# ---------------------------------------------------------------- the technique
+
+
+def prepare(model: nn.Module, settings: AdapterRoutingSettings, context: RunContext | None = None) -> nn.Module:
+    _check_same_model(model, settings)
+    experts = [_expert(model, name, source) for name, source in settings.adapters.items()]
+    if settings.new_adapters:
+        spec = settings.new_adapter.spec(model)
+        for name in settings.new_adapters:
+            bn.add_adapter(model, spec, name)
+            experts.append(rt.Expert(name, "bottleneck", asdict(spec)))
+    routing = rt.RoutingSpec(experts, settings.gating, settings.top_k, settings.temperature, settings.mode,
+                             base_model_name_or_path=bn.model_base_path(model))
+    rt.attach_routers(model, routing)
+    for name, param in model.named_parameters():
+        param.requires_grad_(rt.is_router_parameter(name) or (settings.mode == "joint" and rt.is_expert_parameter(name)))
+    setattr(model, SPEC_ATTRIBUTE, routing)
+    return model
+
+
+def save(model: nn.Module, run_dir: Path) -> Path:
+    return rt.save_routing(model, _spec(model), run_dir / "adapter")
+
+
+def _spec(model: nn.Module) -> rt.RoutingSpec:
+    spec = getattr(model, SPEC_ATTRIBUTE, None)
+    if spec is None:
+        raise TechniqueError("this model has no adapter routing (it was not prepared by technique 'adapter_routing')")
+    return spec
+
+
+def load_result(config: Any, folder: Path, device: torch.device) -> nn.Module:
+    from tunelab.models import load_model
+
+    model = load_model(config.model, device, base_load_for(config, device))
+    setattr(model, SPEC_ATTRIBUTE, rt.load_routing(model, folder))
+    return model
+
+
+def on_step(model: nn.Module, settings: AdapterRoutingSettings, step: int) -> dict[str, Any] | None:
+    """The mean gate per adapter over this step's forward passes, for metrics.jsonl."""
+    means = rt.gate_means(model, _spec(model))
+    return {"gates": means} if means else None
+
+
+@torch.no_grad()
+def routing_split(model: nn.Module, examples: list[Any], tasks: list[str], pad_id: int, device: torch.device,
+                  batch_size: int = 8) -> dict[str, Any]:
+    """How the router splits the tokens of each task: the mean gate per adapter over the task's tokens and every
+    router layer ({"all": ...} as well, and only that for data without tasks)."""
+    from tunelab.data import collate
+
+    spec, layers = _spec(model), rt.routers(model)
+    was_training = model.training
+    model.eval()
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    try:
+        for start in range(0, len(examples), batch_size):
+            batch = examples[start : start + batch_size]
+            tensors = collate([[e] for e in batch], pad_id)
+            real = torch.zeros_like(tensors["input_ids"], dtype=torch.bool)  # (B, T): not padding
+            for row, example in enumerate(batch):
+                real[row, : len(example.input_ids)] = True
+            for router in layers:
+                router.recording = []
+            model(input_ids=tensors["input_ids"].to(device), position_ids=tensors["position_ids"].to(device), use_cache=False)
+            gates = torch.stack([router.recording[0] for router in layers]).mean(0)  # (B, T, E) averaged over layers
+            task_ids = tensors.get("token_task_ids")
+            groups = {"all": real}
+            for index, task in enumerate(tasks):
+                if task_ids is not None:
+                    groups[task] = real & (task_ids == index)
+            for group, mask in groups.items():
+                sums[group] = sums.get(group, torch.zeros(gates.shape[-1])) + gates[mask].sum(0)
+                counts[group] = counts.get(group, 0) + int(mask.sum())
+    finally:
+        for router in layers:
+            router.recording = None
+        model.train(was_training)
+    names = [e.name for e in spec.experts]
+    split = {group: {n: round(float(v), 4) for n, v in zip(names, sums[group] / max(counts[group], 1))}
+             for group in sums if counts[group]}
+    return {"adapters": names, "gating": spec.gating, "top_k": spec.top_k, "tokens": counts, "mean_gate": split}
+
+
+def evaluate(model: nn.Module, data: Any, pad_id: int, device: torch.device, max_examples: int | None) -> dict[str, Any]:
+    """For eval.json: the routing split of the validation examples per task."""
+    examples = data.validation[:max_examples] if data.validation else data.train[:max_examples]
+    return {"routing": {"split": "validation" if data.validation else "train", **routing_split(model, examples, data.tasks, pad_id, device)}}
+
+
+TECHNIQUE = Technique(
+    name="adapter_routing",
+    config_class=AdapterRoutingSettings,
+    prepare=prepare,
+    save=save,
+    result_dir_name="adapter",
+    default_learning_rate=1e-3,
+    summary="a learned router over several named adapters (LoRA or bottleneck runs), per token or per sequence",
+    load_result=load_result,
+    refuses={"merge": MERGE_REFUSAL},
+    on_step=on_step,
+    evaluate=evaluate,
+)

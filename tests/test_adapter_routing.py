@@ -1,0 +1,240 @@
+"""Adapter routing: gates, causal sequence gating, LoRA experts equal PEFT's, the two-task routing experiment,
+joint mode, gate logging, the per-task split in eval.json, round trip, refusals at config time."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import write_jsonl
+import tunelab
+from tunelab.config import ConfigError, build_config
+from tunelab.techniques import TechniqueError
+from tunelab.techniques import routing as rt
+from tunelab.techniques.attach import adapters_disabled, remove_adapters
+
+ANIMALS = ["cat", "dog", "fox", "owl", "cow", "bee"]
+NUMBERS = ["one", "two", "three", "four", "five"]
+
+
+def task_a(n: int) -> list[dict]:
+    """'say cat 3' -> 'cat cat cat'."""
+    return [{"messages": [{"role": "user", "content": f"say {ANIMALS[i % 6]} {i}"},
+                          {"role": "assistant", "content": " ".join([ANIMALS[i % 6]] * 3)}], "task": "animals"}
+            for i in range(n)]
+
+
+def task_b(n: int) -> list[dict]:
+    """'count to three 7' -> 'one two three'."""
+    return [{"messages": [{"role": "user", "content": f"count to {NUMBERS[2 + i % 3]} {i}"},
+                          {"role": "assistant", "content": " ".join(NUMBERS[: 3 + i % 3])}], "task": "count"}
+            for i in range(n)]
+
+
+def _fresh(tiny_model_dir: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+
+# ---------------------------------------------------------------- the router on its own
+
+
+@pytest.mark.parametrize("gating", ["token", "sequence"])
+@pytest.mark.parametrize("top_k", [None, 1, 2])
+def test_gates_sum_to_one_and_top_k_keeps_exactly_k(gating: str, top_k: int | None) -> None:
+    torch.manual_seed(0)
+    router = rt.Router(16, 4, gating, top_k, temperature=0.5, layer=0)
+    router.proj.weight.data.normal_(0, 3.0)  # sharp logits: a chosen weight could underflow without the guard
+    hidden = torch.randn(3, 10, 16) * 5
+    gates = router.gates(hidden, torch.arange(10).expand(3, 10))  # (B, T, E)
+    assert torch.allclose(gates.sum(-1), torch.ones(3, 10), atol=1e-6)
+    assert (gates >= 0).all()
+    if top_k is not None:
+        assert ((gates > 0).sum(-1) == top_k).all()
+    else:
+        assert (gates > 0).all()
+
+
+def test_top_k_passes_a_gradient_to_the_router() -> None:
+    router = rt.Router(8, 3, "token", 1, 1.0, 0)
+    gates = router.gates(torch.randn(2, 5, 8))
+    (gates * torch.randn_like(gates)).sum().backward()
+    assert router.proj.weight.grad.abs().sum() > 0
+
+
+def test_sequence_gating_is_causal_and_restarts_per_example() -> None:
+    torch.manual_seed(0)
+    router = rt.Router(8, 3, "sequence", None, 1.0, 0).eval()
+    a, b = torch.randn(1, 4, 8), torch.randn(1, 6, 8)
+    alone_a = router.gates(a, torch.arange(4)[None])
+    alone_b = router.gates(b, torch.arange(6)[None])
+    packed = router.gates(torch.cat([a, b], 1), torch.cat([torch.arange(4), torch.arange(6)])[None])
+    assert torch.allclose(packed[:, :4], alone_a, atol=1e-6) and torch.allclose(packed[:, 4:], alone_b, atol=1e-6)
+    changed_future = torch.cat([a[:, :2], torch.randn(1, 2, 8)], 1)
+    assert torch.allclose(router.gates(changed_future, torch.arange(4)[None])[:, :2], alone_a[:, :2], atol=1e-6)
+    # decoding with a KV cache: one token at a time continues the prefix mean from the previous call
+    router.gates(b[:, :5], torch.arange(5)[None])
+    step = router.gates(b[:, 5:], torch.tensor([[5]]))
+    assert torch.allclose(step, alone_b[:, 5:], atol=1e-6)
+    # per token, the gate at t is the softmax of the mean router logit so far
+    logits = router.proj(a * torch.rsqrt(a.pow(2).mean(-1, keepdim=True) + 1e-6))
+    expected = torch.softmax(logits.cumsum(1) / torch.arange(1, 5).view(1, 4, 1), -1)
+    assert torch.allclose(alone_a, expected, atol=1e-6)
+
+
+# ---------------------------------------------------------------- trained experts (shared by the tests below)
+
+
+def _config(tiny_model_dir: Path, data: list[Path], technique: dict, out: Path, steps: int, lr: float, **data_options) -> dict:
+    return {
+        "model": {"name": str(tiny_model_dir)},
+        "data": {"train": [str(p) for p in data], "val_size": 0.2, "max_length": 64, **data_options},
+        "technique": technique,
+        "training": {"max_steps": steps, "micro_batch_size": 8, "learning_rate": lr, "warmup_ratio": 0.0},
+        "eval": {"num_samples": 0, "max_examples": 64}, "output": {"dir": str(out)},
+    }
+
+
+@pytest.fixture(scope="module")
+def experiment(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Adapter 'animals' (bottleneck, Houlsby) trained on task A; adapter 'count' (LoRA) on task B; data files for
+    each task and for both together (multi-task)."""
+    root = tmp_path_factory.mktemp("routing")
+    files = {"animals": write_jsonl(root / "animals.jsonl", task_a(60)),
+             "count": write_jsonl(root / "count.jsonl", task_b(60))}
+    files["both"] = write_jsonl(root / "both.jsonl", task_a(60) + task_b(60))
+    runs = {}
+    techniques = {"animals": {"name": "adapter", "placement": "houlsby", "reduction_factor": 4},
+                  "count": {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0}}
+    for name, technique in techniques.items():
+        config = build_config(_config(tiny_model_dir, [files[name]], technique, root / name, 60, 1e-2))
+        runs[name] = tunelab.train(config, progress=False).run_dir
+    return {"root": root, "files": files, "runs": runs}
+
+
+def _task_losses(model: torch.nn.Module, tokenizer, files: dict[str, Path]) -> dict[str, float]:
+    """Token-mean loss on held-out examples of each task (ids 1000+, never trained on)."""
+    from tunelab.data import Example, collate, tokenize_example
+    from tunelab.objectives.sft import sft_loss_sum
+
+    out = {}
+    for name, records in (("animals", task_a(90)[60:]), ("count", task_b(90)[60:])):
+        rows = [[tokenize_example(tokenizer, Example("messages", "x", tuple((m["role"], m["content"]) for m in r["messages"])))]
+                for r in records]
+        with torch.no_grad():
+            result = sft_loss_sum(model.eval(), collate(rows, tokenizer.pad_token_id))
+        out[name] = result.loss_sum.item() / result.num_units
+    out["both"] = (out["animals"] + out["count"]) / 2
+    return out
+
+
+@pytest.fixture(scope="module")
+def routed(experiment: dict, tiny_model_dir: Path) -> Path:
+    config = build_config(_config(
+        tiny_model_dir, [experiment["files"]["both"]],
+        {"name": "adapter_routing", "adapters": {k: str(v) for k, v in experiment["runs"].items()}, "gating": "sequence", "temperature": 0.3},
+        experiment["root"] / "routed", 150, 5e-2))
+    return tunelab.train(config, progress=False).run_dir
+
+
+def test_lora_expert_equals_peft(experiment: dict, tiny_model_dir: Path) -> None:
+    """The LoRA expert loader computes what PEFT computes for the same adapter (scale, weights, modules)."""
+    folder = experiment["runs"]["count"] / "adapter"
+    peft_model = tunelab.load_adapter(_fresh(tiny_model_dir), folder)
+    ours = _fresh(tiny_model_dir)
+    _, weights = rt.lora_weights(folder, "test")
+    rt.add_lora_expert(ours, "count", weights, "test")  # no router: the plain sum, i.e. this one expert
+    ids = torch.randint(3, 300, (2, 12))
+    assert torch.allclose(ours(ids).logits, peft_model(ids).logits, atol=1e-5)
+
+
+def test_router_sends_each_task_to_its_own_adapter(routed: Path, experiment: dict, tiny_model_dir: Path, tiny_tokenizer) -> None:
+    evaluation = json.loads((routed / "eval.json").read_text())
+    split = evaluation["routing"]["mean_gate"]
+    share_a, share_b = split["animals"]["animals"], split["count"]["count"]
+    print(f"routing share: animals -> animals {share_a:.3f}, count -> count {share_b:.3f}")
+    # measured: animals -> animals 0.99, count -> count 0.83 (the shared chat-template tokens at the start of every
+    # prompt cannot tell the tasks apart, and a causal gate cannot look ahead)
+    assert share_a > 0.75 and share_b > 0.75, split
+
+    losses = {name: _task_losses(tunelab.load_run(run, device="cpu").model, tiny_tokenizer, experiment["files"])
+              for name, run in {**experiment["runs"], "routed": routed}.items()}
+    print("held-out losses:", json.dumps(losses, indent=1))
+    for task in ("animals", "count"):
+        # measured: animals 2.138 routed vs 2.139 for its own adapter; count 0.771 vs 0.752 (within 3%: the
+        # template tokens before the task shows up are routed by the shared prefix, not by the task)
+        best_single = min(losses["animals"][task], losses["count"][task])
+        assert losses["routed"][task] <= best_single * 1.05, losses
+    assert losses["routed"]["both"] < min(losses["animals"]["both"], losses["count"]["both"]), losses
+
+
+def test_gates_are_logged_and_only_the_router_trains(routed: Path, experiment: dict) -> None:
+    lines = [json.loads(line) for line in (routed / "metrics.jsonl").read_text().splitlines()]
+    gates = [line["gates"] for line in lines if line["kind"] == "train"]
+    assert len(gates) == 150 and set(gates[0]) == {"animals", "count"}
+    assert all(abs(sum(g.values()) - 1) < 1e-3 for g in gates)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(routed / "adapter" / "adapter_model.safetensors"))
+    source = load_file(str(experiment["runs"]["animals"] / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(saved[f"experts.animals.{k}"], v) for k, v in source.items())  # router-only: frozen
+
+
+def test_routed_round_trip(routed: Path, tiny_model_dir: Path) -> None:
+    opened = tunelab.load_run(routed, device="cpu").model
+    attached = tunelab.load_adapter(_fresh(tiny_model_dir), routed)
+    ids, base = torch.randint(3, 300, (2, 12)), _fresh(tiny_model_dir)
+    assert torch.equal(opened(ids).logits, attached(ids).logits)
+    with adapters_disabled(attached):
+        assert torch.equal(attached(ids).logits, base(ids).logits)
+    remove_adapters(attached)
+    assert torch.equal(attached(ids).logits, base(ids).logits)
+    assert [n for n, _ in attached.named_parameters()] == [n for n, _ in base.named_parameters()]
+
+
+def test_joint_mode_lowers_the_loss_on_both_tasks(experiment: dict, tiny_model_dir: Path, tiny_tokenizer) -> None:
+    """Poly style: two new adapters and the router trained together from zero, per-sequence gates, top-1."""
+    config = build_config(_config(
+        tiny_model_dir, [experiment["files"]["both"]],
+        {"name": "adapter_routing", "mode": "joint", "new_adapters": ["s1", "s2"], "gating": "sequence", "top_k": 1,
+         "new_adapter": {"placement": "parallel", "reduction_factor": 4}},
+        experiment["root"] / "joint", 60, 1e-2))
+    run = tunelab.train(config, progress=False).run_dir
+    model = tunelab.load_run(run, device="cpu").model
+    after = _task_losses(model, tiny_tokenizer, experiment["files"])
+    with adapters_disabled(model):
+        before = _task_losses(model, tiny_tokenizer, experiment["files"])
+    print("joint mode, held-out loss before -> after:", before, after)
+    assert after["animals"] < 0.6 * before["animals"] and after["count"] < 0.6 * before["count"]
+
+
+def test_config_time_refusals() -> None:
+    def refused(technique: dict, match: str) -> None:
+        with pytest.raises(ConfigError, match=match):
+            build_config({"technique": {"name": "adapter_routing", **technique}})
+
+    refused({"adapters": {"a": "x"}}, "at least two adapters")
+    refused({"adapters": {"a": "x", "b": "y"}, "top_k": 3}, "top_k=3 is more than the 2 adapters")
+    refused({"adapters": {"a": "x"}, "new_adapters": ["b"]}, "new_adapters need mode 'joint'")
+    refused({"adapters": {"a.b": "x", "c": "y"}}, "letters, digits")
+    refused({"adapters": {"a": "x"}, "new_adapters": ["a"], "mode": "joint"}, "unique")
+    config = build_config({"technique": {"name": "adapter_routing", "adapters": {"a": "x", "b": "y"}}})
+    from tunelab.techniques import TECHNIQUES
+
+    assert "router" in TECHNIQUES["adapter_routing"].refusal("merge")
+
+
+def test_missing_or_wrong_runs_are_clear_errors(tmp_path: Path, tiny_model_dir: Path, experiment: dict) -> None:
+    from tunelab.techniques.adapter_routing import AdapterRoutingSettings, prepare
+
+    settings = AdapterRoutingSettings(adapters={"a": str(tmp_path / "nope"), "b": str(experiment["runs"]["count"])})
+    with pytest.raises(TechniqueError, match="technique.adapters.a: .*nope does not exist"):
+        prepare(_fresh(tiny_model_dir), settings)
+    (tmp_path / "empty").mkdir()
+    settings = AdapterRoutingSettings(adapters={"a": str(tmp_path / "empty"), "b": str(experiment["runs"]["count"])})
+    with pytest.raises(TechniqueError, match="holds no adapter"):
+        prepare(_fresh(tiny_model_dir), settings)
