@@ -356,7 +356,8 @@ def test_a_bad_weight_names_the_message(tmp_path: Path, message: dict, expected:
 
 def test_train_on_prompt_supervises_everything(tiny_tokenizer, tmp_path: Path) -> None:
     example = tokenize_record(tiny_tokenizer, tmp_path, MULTI_TURN, train_on_prompt=True)
-    rendered = tiny_tokenizer.decode(example.input_ids)
+    rendered = tiny_tokenizer.decode(example.input_ids[1:])  # but the first token: no position predicts it
+    assert example.labels[0] == IGNORE
     assert supervised_text(tiny_tokenizer, example) == rendered.rstrip()
     default = tokenize_record(tiny_tokenizer, tmp_path, MULTI_TURN)
     assert example.num_supervised > default.num_supervised
@@ -418,13 +419,47 @@ def test_prompt_completion_supervises_completion_and_eos(tiny_tokenizer, tmp_pat
     assert tiny_tokenizer.decode(example.input_ids) == PROMPT_COMPLETION["prompt"] + PROMPT_COMPLETION["completion"] + END
     assert example.labels[-1] == tiny_tokenizer.eos_token_id
     with_prompt = tokenize_record(tiny_tokenizer, tmp_path, PROMPT_COMPLETION, train_on_prompt=True)
-    assert supervised_text(tiny_tokenizer, with_prompt) == PROMPT_COMPLETION["prompt"] + PROMPT_COMPLETION["completion"] + END
+    assert supervised_text(tiny_tokenizer, with_prompt) == tiny_tokenizer.decode(with_prompt.input_ids[1:])
+    assert supervised_text(tiny_tokenizer, with_prompt).endswith(PROMPT_COMPLETION["completion"] + END)
 
 
-def test_text_supervises_all_of_it(tiny_tokenizer, tmp_path: Path) -> None:
+def test_text_supervises_all_of_it_but_the_first_token(tiny_tokenizer, tmp_path: Path) -> None:
     example = tokenize_record(tiny_tokenizer, tmp_path, TEXT)
-    assert supervised_text(tiny_tokenizer, example) == TEXT["text"] + END
-    assert example.num_supervised == len(example.input_ids)
+    # No position predicts the first token, so it takes no loss and is not counted as supervised.
+    assert example.labels[0] == IGNORE
+    assert supervised_text(tiny_tokenizer, example) == tiny_tokenizer.decode(example.input_ids[1:])
+    assert supervised_text(tiny_tokenizer, example).endswith(END)
+    assert example.num_supervised == len(example.input_ids) - 1
+    targets = collate([[example]], pad_id=0)["targets"]
+    assert example.num_supervised == int((targets != IGNORE).sum())  # what the report counts is what trains
+
+
+def test_report_counts_the_tokens_that_take_a_loss(tiny_tokenizer, tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "text.jsonl", [{"text": f"the quick brown fox {i}"} for i in range(6)])
+    data = prepare_data(DataConfig(train=[str(path)], val_size=0, cache=False), tiny_tokenizer)
+    trained = sum(int((collate([[e]], pad_id=0)["targets"] != IGNORE).sum()) for e in data.train)
+    assert data.report["train"]["supervised_tokens"] == trained
+
+
+def _eos_appending(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    """The tokenizer with a post-processor that appends EOS itself, as Llama-style add_eos_token tokenizers do."""
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer = copy.deepcopy(tokenizer)
+    eos = (tokenizer.eos_token, tokenizer.eos_token_id)
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single=f"$A {eos[0]}", pair=f"$A $B {eos[0]}",
+                                                                    special_tokens=[eos])
+    assert tokenizer("a b")["input_ids"][-1] == tokenizer.eos_token_id
+    return tokenizer
+
+
+@pytest.mark.parametrize("record", [PROMPT_COMPLETION, TEXT], ids=["prompt_completion", "text"])
+def test_eos_is_supervised_when_the_tokenizer_appends_it(tiny_tokenizer, tmp_path: Path, record: dict) -> None:
+    tokenizer = _eos_appending(tiny_tokenizer)
+    example = tokenize_record(tokenizer, tmp_path, record)
+    assert example.input_ids[-1] == tokenizer.eos_token_id and example.input_ids.count(tokenizer.eos_token_id) == 1
+    assert example.labels[-1] == tokenizer.eos_token_id, "the model must learn to stop"
+    assert supervised_text(tokenizer, example).endswith(END)
 
 
 def test_alpaca_supervises_only_the_output(tiny_tokenizer, tmp_path: Path) -> None:
@@ -728,3 +763,118 @@ def test_an_empty_weight_0_turn_is_not_an_empty_response(tmp_path: Path) -> None
     record["messages"][1].pop("weight")  # control: a trained empty turn is one
     [example] = load_file(write_jsonl(tmp_path / "w2.jsonl", [record])).examples
     assert example.has_empty_response
+
+
+# ---------------------------------------------------------------- overlap with dedup off
+
+
+def test_dedup_off_still_counts_and_warns_about_overlap(tiny_tokenizer, tmp_path: Path) -> None:
+    records = toy_chat_records(10)
+    train = write_jsonl(tmp_path / "train.jsonl", records)
+    val = write_jsonl(tmp_path / "val.jsonl", [records[2], records[5], {"messages": [
+        {"role": "user", "content": "only in validation"}, {"role": "assistant", "content": "yes"}]}])
+    config = DataConfig(train=[str(train)], validation=[str(val)], dedup=False, cache=False)
+    report = prepare_data(config, tiny_tokenizer).report
+    assert report["overlap_kept"] == 2 and report["overlap_removed"] == 0
+    (warning,) = [w for w in report["warnings"] if "also appear in the validation data" in w]
+    assert warning.startswith("2 training records") and "data.dedup is off" in warning
+    deduped = prepare_data(config.model_copy(update={"dedup": True}), tiny_tokenizer).report
+    assert deduped["overlap_removed"] == 2 and deduped["overlap_kept"] == 0
+    assert not any("also appear in the validation data" in w for w in deduped["warnings"])
+
+
+# ---------------------------------------------------------------- prompt_completion on a chat model
+
+
+def test_prompt_completion_uses_the_chat_template_by_default(tiny_tokenizer, tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "pairs.jsonl", [PROMPT_COMPLETION, {"prompt": "count", "completion": "one two"}])
+    data = prepare_data(DataConfig(train=[str(path)], val_size=0, cache=False), tiny_tokenizer)
+    example = data.train[0]
+    chat = [("user", PROMPT_COMPLETION["prompt"]), ("assistant", PROMPT_COMPLETION["completion"])]
+    assert tiny_tokenizer.decode(example.input_ids) == render_chat(tiny_tokenizer, tuple(chat), False)
+    assert supervised_text(tiny_tokenizer, example) == PROMPT_COMPLETION["completion"] + END  # the assistant turn
+    assert data.report["prompt_completion"].startswith("chat template (prompt = user turn")
+    assert data.report["formats"] == {"prompt_completion": 2}
+
+
+def test_prompt_completion_raw_is_an_explicit_choice(tiny_tokenizer, tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "pairs.jsonl", [PROMPT_COMPLETION])
+    data = prepare_data(DataConfig(train=[str(path)], val_size=0, cache=False, prompt_completion="raw"), tiny_tokenizer)
+    text = PROMPT_COMPLETION["prompt"] + PROMPT_COMPLETION["completion"] + END
+    assert tiny_tokenizer.decode(data.train[0].input_ids) == text
+    assert data.report["prompt_completion"].startswith("raw text")
+
+
+def test_prompt_completion_without_a_chat_template_stays_raw(tiny_tokenizer, tmp_path: Path) -> None:
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = None  # a base model
+    path = write_jsonl(tmp_path / "pairs.jsonl", [PROMPT_COMPLETION])
+    data = prepare_data(DataConfig(train=[str(path)], val_size=0, cache=False), tokenizer)
+    assert tokenizer.decode(data.train[0].input_ids) == PROMPT_COMPLETION["prompt"] + PROMPT_COMPLETION["completion"] + END
+    assert data.report["prompt_completion"].startswith("raw text") and not data.report["tokenizer_changes"]
+
+
+def test_the_report_has_no_rendering_without_prompt_completion_data(tiny_tokenizer, tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "toy.jsonl", toy_chat_records(6))
+    assert prepare_data(DataConfig(train=[str(path)], val_size=0, cache=False), tiny_tokenizer).report["prompt_completion"] is None
+
+
+# ---------------------------------------------------------------- missing columns and data.columns
+
+
+def test_csv_missing_a_column_names_it_for_the_nearest_format(tmp_path: Path) -> None:
+    path = tmp_path / "pairs.csv"
+    path.write_text("prompt,answer\n1 + 1 =,2\n")
+    error = data_error(path)
+    assert "missing column 'completion' of the prompt_completion format" in error, error
+    assert "columns: answer, prompt" in error and "data.columns" in error
+    alpaca = tmp_path / "alpaca.csv"
+    alpaca.write_text("instruction,input,response\ncount,,one two\n")
+    assert "missing column 'output' of the alpaca format" in data_error(alpaca)
+    jsonl = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "a", "reply": "b"}])
+    assert "missing key 'completion' of the prompt_completion format" in data_error(jsonl)
+
+
+def test_a_record_that_fits_no_format_at_all_points_at_data_columns(tmp_path: Path) -> None:
+    path = tmp_path / "qa.csv"
+    path.write_text("question,response\na,b\n")
+    error = data_error(path)
+    assert "cannot tell the format (columns: question, response)" in error and "data.columns" in error
+
+
+def test_an_explicit_format_names_the_missing_key(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "a", "reply": "b"}])
+    assert "it lacks 'completion'" in data_error(path, "prompt_completion")
+
+
+def test_data_columns_maps_file_names_to_canonical_ones(tiny_tokenizer, tmp_path: Path) -> None:
+    path = tmp_path / "qa.csv"
+    path.write_text("question,response\nwhat is the capital of france?,paris.\ncount,one two\n")
+    loaded = load_file(path, columns={"question": "prompt", "response": "completion"})
+    assert loaded.format == "prompt_completion"
+    assert (loaded.examples[0].prompt, loaded.examples[0].completion) == ("what is the capital of france?", "paris.")
+    config = DataConfig(train=[str(path)], val_size=0, cache=False, columns={"question": "prompt", "response": "completion"})
+    assert len(prepare_data(config, tiny_tokenizer).train) == 2
+
+
+def test_data_columns_errors_are_clear(tmp_path: Path) -> None:
+    path = tmp_path / "qa.csv"
+    path.write_text("question,response\na,b\n")
+    with pytest.raises(DataError, match=r"qa.csv: data.columns names column 'reply', which the file does not have "
+                                        r"\(columns: question, response\)"):
+        load_file(path, columns={"question": "prompt", "reply": "completion"})
+    both = write_jsonl(tmp_path / "both.jsonl", [{"prompt": "a", "response": "b", "completion": "c"}])
+    with pytest.raises(DataError, match=r"both.jsonl:1: holds both 'response' and 'completion'"):
+        load_file(both, columns={"response": "completion"})
+
+
+@pytest.mark.parametrize("columns, message", [
+    ({"response": "answer"}, "'response' is mapped to 'answer', which is not a canonical name"),
+    ({"a": "prompt", "b": "prompt"}, "several columns are mapped to 'prompt'"),
+    ({" ": "prompt"}, "an empty column name"),
+])
+def test_data_columns_config_is_checked(columns: dict, message: str) -> None:
+    from tunelab.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_config({"data": {"columns": columns}})

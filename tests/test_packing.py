@@ -220,3 +220,37 @@ def test_packed_rows_of_real_examples_collate_within_max_length(tokenizer, examp
     assert batch["input_ids"].shape[1] <= max_length
     assert count_supervised_tokens(batch) == sum(count_supervised_tokens(collate([[e]], 0)) for e in pool)
     assert len(rows) < len(pool)
+
+
+# ---------------------------------------------------------------- pack_rows: O(n log n), same rows as the scan
+
+
+def _first_fit_by_scan(lengths: list[int], max_length: int) -> list[list[int]]:
+    """The quadratic first-fit decreasing that pack_rows replaced: scan every row for room."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for index in order:
+        slot = next((r for r, room in enumerate(free) if room >= lengths[index]), None)
+        if slot is None:
+            rows.append([index])
+            free.append(max_length - lengths[index])
+        else:
+            rows[slot].append(index)
+            free[slot] -= lengths[index]
+    return rows
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pack_rows_packs_exactly_like_the_quadratic_scan(seed: int) -> None:
+    rng = random.Random(seed)
+    max_length = rng.choice([16, 64, 1024])
+    count = rng.choice([0, 1, 7, 300, 2000])
+    lengths = [rng.randint(1, max_length) for _ in range(count)]
+    if count and seed % 2:  # ties, full rows and an over-long example (a row of its own)
+        lengths[: count // 3] = [max_length // 2] * (count // 3)
+        lengths[-1] = max_length + 5
+    rows = pack_rows(lengths, max_length)
+    assert rows == _first_fit_by_scan(lengths, max_length)  # same rows, so the same packing quality
+    assert sorted(i for row in rows for i in row) == list(range(count))
+    assert all(sum(lengths[i] for i in row) <= max_length or len(row) == 1 for row in rows)

@@ -75,8 +75,12 @@ def print_data_report(report: dict[str, Any]) -> None:
     for info in report["files"]:
         table.add_row(f"{info['role']} file", f"{info['path']} ({info['format']}, {info['records']} records)")
     table.add_row("formats", ", ".join(f"{k}: {v}" for k, v in report["formats"].items()))
-    for key in ("records", "duplicates_removed", "overlap_removed", "dropped_overlong", "zero_supervised_examples"):
-        table.add_row(key.replace("_", " "), str(report[key]))
+    for key in ("records", "duplicates_removed", "overlap_removed", "overlap_kept", "dropped_overlong",
+                "zero_supervised_examples"):
+        if key in report and (key != "overlap_kept" or report[key]):  # kept overlap: only when there is some
+            table.add_row(key.replace("_", " "), str(report[key]))
+    if report.get("prompt_completion"):
+        table.add_row("prompt_completion rendered as", report["prompt_completion"])
     for split in ("train", "validation"):
         stats = report[split]
         lengths = stats["token_length"]

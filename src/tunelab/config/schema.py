@@ -89,7 +89,21 @@ class DataConfig(Section):
         description="Pack several examples per row without padding. Position ids restart for each example and no "
         "example attends to another. When off, batches are grouped by length to limit padding.",
     )
-    dedup: bool = Field(True, description="Drop exact duplicate records and train records that also appear in validation.")
+    prompt_completion: Literal["auto", "chat", "raw"] = Field(
+        "auto",
+        description="How prompt_completion records are rendered. 'chat': through the tokenizer's chat template, the "
+        "prompt as the user turn and the completion as the assistant turn (what a chat model sees at inference); "
+        "'raw': prompt and completion as plain text laid end to end, with no separator added. 'auto': 'chat' when "
+        "the tokenizer has a chat template (or data.chat_template is set), else 'raw'. The data report says which.",
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Rename keys (JSON) or columns (CSV, Parquet) of the data files to the canonical ones, as "
+        "{file name: canonical name}, e.g. {question: prompt, response: completion}. Canonical names: "
+        "messages, instruction, input, output, system, prompt, completion, text, task.",
+    )
+    dedup: bool = Field(True, description="Drop exact duplicate records and train records that also appear in "
+                        "validation. When off, such overlap is kept but still counted and warned about.")
     cache: bool = Field(True, description="Cache tokenized data by content hash so a second run does not tokenize again.")
     seed: int = Field(0, description="Seed of the train/validation split.")
 
@@ -109,6 +123,23 @@ class DataConfig(Section):
         if any(not p.strip() for p in paths):
             raise ValueError("empty path: give a data file")
         return paths
+
+    @field_validator("columns")
+    @classmethod
+    def _columns_map_to_canonical_names(cls, columns: dict[str, str]) -> dict[str, str]:
+        from tunelab.data.formats import CANONICAL_KEYS
+
+        for source, target in columns.items():
+            if not source.strip():
+                raise ValueError("an empty column name: give the name used in the data file")
+            if target not in CANONICAL_KEYS:
+                raise ValueError(f"'{source}' is mapped to '{target}', which is not a canonical name; expected one of "
+                                 f"{', '.join(CANONICAL_KEYS)}")
+        targets = list(columns.values())
+        doubled = sorted({t for t in targets if targets.count(t) > 1})
+        if doubled:
+            raise ValueError(f"several columns are mapped to {', '.join(repr(t) for t in doubled)}; map one column to each name")
+        return columns
 
     @field_validator("chat_template")
     @classmethod

@@ -32,20 +32,36 @@ Row = list[int]  # indices of examples in one row
 def pack_rows(lengths: list[int], max_length: int) -> list[Row]:
     """First-fit decreasing bin packing of example lengths into rows of at most ``max_length`` tokens.
 
-    Deterministic for the same lengths (ties broken by index), so resumed runs see the same rows.
+    Deterministic for the same lengths (ties broken by index), so resumed runs see the same rows. Each example
+    goes into the first (oldest) row with room for it, found in O(log n) by a max-tree over the rows' free room:
+    O(n log n) in all, where scanning the rows for each example took O(n^2) (minutes for 200k examples).
+    Written by hand because no library on this stack offers first-fit packing (TRL's best-fit packer is a
+    different algorithm, with different rows). An example longer than ``max_length`` gets a row of its own.
     """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    leaves = 1
+    while leaves < len(lengths):
+        leaves *= 2
+    # room[k]: the most free room among the rows under tree node k; rows are the leaves room[leaves + r], and rows
+    # not opened yet have all of max_length free, so the first row with room is an open one or the next new one.
+    room = [max_length] * (2 * leaves)
     rows: list[Row] = []
-    free: list[int] = []
-    for index in order:
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
         size = lengths[index]
-        slot = next((r for r, room in enumerate(free) if room >= size), None)
-        if slot is None:
-            rows.append([index])
-            free.append(max_length - size)
-        else:
-            rows[slot].append(index)
-            free[slot] -= size
+        if room[1] >= size:
+            node = 1
+            while node < leaves:  # descend to the leftmost leaf with enough room
+                node = 2 * node if room[2 * node] >= size else 2 * node + 1
+        else:  # fits no row, not even an empty one: a row of its own
+            node = leaves + len(rows)
+        slot = node - leaves
+        if slot == len(rows):
+            rows.append([])
+        rows[slot].append(index)
+        room[node] -= size
+        node //= 2
+        while node:
+            room[node] = max(room[2 * node], room[2 * node + 1])
+            node //= 2
     return rows
 
 

@@ -213,8 +213,69 @@ def read_records(path: Path) -> tuple[list[dict[str, Any]], list[int] | None]:
     return dataset.to_list(), lines
 
 
+# The keys each format needs, for naming what is missing when a record fits none (optional keys left out).
+REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
+    "messages": ("messages",), "alpaca": ("instruction", "output"), "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+}
+CANONICAL_KEYS = ("messages", "instruction", "input", "output", "system", "prompt", "completion", "text", "task")
+
+
+def _present_keys(record: dict[str, Any]) -> set[str]:
+    return {k for k, v in record.items() if v is not None}
+
+
+def nearest_format(record: dict[str, Any]) -> tuple[str, list[str]] | None:
+    """The format whose required keys the record holds the largest share of, and the ones it lacks (None when it
+    holds none of any format's keys). Ties go to the earlier format in FORMATS."""
+    keys = _present_keys(record)
+    share = {fmt: sum(k in keys for k in need) / len(need) for fmt, need in REQUIRED_KEYS.items()}
+    best = max(FORMATS, key=lambda fmt: share[fmt])
+    if share[best] == 0:
+        return None
+    return best, [k for k in REQUIRED_KEYS[best] if k not in keys]
+
+
+def _unknown_format_message(record: dict[str, Any], where: str, column_word: str) -> str:
+    keys = ", ".join(sorted(_present_keys(record))) or "none"
+    nearest = nearest_format(record)
+    hint = ("; if the data uses other names, map them with data.columns (for example {response: completion})")
+    if nearest is None:
+        return f"{where}: cannot tell the format ({column_word}s: {keys}){hint}. Expected shapes: {EXPECTED_SHAPES}"
+    fmt, missing = nearest
+    named = ", ".join(f"'{k}'" for k in missing)
+    return (f"{where}: cannot tell the format: missing {column_word} {named} of the {fmt} format ({column_word}s: "
+            f"{keys}){hint}. Expected shapes: {EXPECTED_SHAPES}")
+
+
+def rename_columns(record: dict[str, Any], columns: dict[str, str], where: str) -> dict[str, Any]:
+    """``data.columns`` ({file key: canonical key}) applied to one record; a record holding both names is an error
+    (which one is meant would be a guess)."""
+    if not columns:
+        return record
+    renamed = dict(record)
+    for source, target in columns.items():
+        if source not in renamed:
+            continue
+        if renamed.get(target) is not None and source != target:
+            raise DataError(f"{where}: holds both '{source}' and '{target}', and data.columns maps '{source}' to "
+                            f"'{target}'; remove one of them or the mapping")
+        renamed[target] = renamed.pop(source)
+    return renamed
+
+
+def _check_mapped_columns(path: Path, records: list[dict[str, Any]], columns: dict[str, str], column_word: str) -> None:
+    """Every column that data.columns names must be somewhere in the file (a typo would otherwise go unseen)."""
+    seen = {key for record in records for key in record}
+    absent = [source for source in columns if source not in seen]
+    if absent:
+        keys = ", ".join(sorted(seen)) or "none"
+        raise DataError(f"{path}: data.columns names {column_word} {', '.join(repr(a) for a in absent)}, which the file "
+                        f"does not have ({column_word}s: {keys})")
+
+
 def detect_format(record: dict[str, Any]) -> str | None:
-    keys = {k for k, v in record.items() if v is not None}
+    keys = _present_keys(record)
     if "messages" in keys:
         return "messages"
     if {"instruction", "output"} <= keys:
@@ -291,9 +352,11 @@ def to_example(record: dict[str, Any], fmt: str, where: str) -> Example:
 def _content(record: dict[str, Any], fmt: str, where: str) -> Example:
     found = detect_format(record)
     if found != fmt:
-        keys = ", ".join(sorted(k for k, v in record.items() if v is not None)) or "none"
+        keys = ", ".join(sorted(_present_keys(record))) or "none"
+        missing = [k for k in REQUIRED_KEYS[fmt] if k not in _present_keys(record)]
+        lacks = f"it lacks {', '.join(repr(k) for k in missing)}; " if missing else ""
         raise DataError(
-            f"{where}: record does not match the '{fmt}' format of this file (its keys: {keys}). "
+            f"{where}: record does not match the '{fmt}' format of this file ({lacks}its keys: {keys}). "
             f"Expected shapes: {EXPECTED_SHAPES}"
         )
     if fmt == "messages":
@@ -312,19 +375,24 @@ def _content(record: dict[str, Any], fmt: str, where: str) -> Example:
     return Example(fmt, where, completion=_require_str(record, "text", where, fmt))
 
 
-def load_file(path: str | Path, fmt: str = "auto") -> LoadedFile:
-    """Read a file and check every record against one format ('auto': the first record's)."""
+def load_file(path: str | Path, fmt: str = "auto", columns: dict[str, str] | None = None) -> LoadedFile:
+    """Read a file and check every record against one format ('auto': the first record's), after renaming its
+    keys with ``columns`` ({file key: canonical key}, the config's data.columns)."""
     if not str(path).strip():  # Path("") is ".", which would be reported as the current directory
         raise DataError(f"the data file path is empty: {GIVE_A_DATA_FILE}")
     path = Path(path)
     records, lines = read_records(path)
     if not records:
         raise DataError(f"{path}: no records")
+    column_word = "column" if path.suffix.lower() in (".csv", ".parquet") else "key"
+    columns = columns or {}
+    if columns:
+        _check_mapped_columns(path, records, columns, column_word)
+        records = [rename_columns(r, columns, _location(path, row, lines)) for row, r in enumerate(records)]
     if fmt == "auto":
         fmt = detect_format(records[0]) or ""
         if not fmt:
-            keys = ", ".join(sorted(records[0])) or "none"
-            raise DataError(f"{_location(path, 0, lines)}: cannot tell the format (keys: {keys}). Expected shapes: {EXPECTED_SHAPES}")
+            raise DataError(_unknown_format_message(records[0], _location(path, 0, lines), column_word))
     loaded = LoadedFile(path, fmt)
     for row, record in enumerate(records):
         loaded.examples.append(to_example(record, fmt, _location(path, row, lines)))

@@ -24,7 +24,7 @@ from tunelab.data.report import build_report, empty_response_summary, empty_resp
 from tunelab.data.tokenize import TokenizedExample, apply_length_policy, prepare_tokenizer, tokenize_example
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = "4"  # bump when tokenization, masking or the report's keys change, so stale caches are not reused
+CACHE_VERSION = "5"  # bump when tokenization, masking or the report's keys change, so stale caches are not reused
 
 
 @dataclass
@@ -224,8 +224,30 @@ def _with_task_ids(examples: list[TokenizedExample], task_ids: dict[str, int]) -
     return [replace(e, task_id=task_ids[e.task]) for e in examples]
 
 
-def _load_all(paths: list[str], fmt: str) -> list[LoadedFile]:
-    return [load_data_file(path, fmt) for path in paths]
+def _load_all(paths: list[str], fmt: str, columns: dict[str, str]) -> list[LoadedFile]:
+    return [load_data_file(path, fmt, columns) for path in paths]
+
+
+PROMPT_COMPLETION_RENDERING = {
+    "chat": "chat template (prompt = user turn, completion = assistant turn)",
+    "raw": "raw text (prompt and completion laid end to end, no separator)",
+}
+
+
+def prompt_completion_mode(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> str:
+    """'chat' or 'raw': how prompt_completion records are rendered (data.prompt_completion, 'auto' resolved).
+
+    A chat model is prompted through its template at inference, so by default it is trained through it too;
+    training it on glued raw text would teach a prompt format nobody will use.
+    """
+    if config.prompt_completion != "auto":
+        return config.prompt_completion
+    return "chat" if config.chat_template is not None or tokenizer.chat_template else "raw"
+
+
+def as_chat(example: Example) -> Example:
+    """A prompt/completion pair as a two-turn conversation; the format stays prompt_completion in reports."""
+    return replace(example, messages=(("user", example.prompt), ("assistant", example.completion)))
 
 
 def _empty_responses(files: list[LoadedFile]) -> dict[str, Any]:
@@ -255,9 +277,14 @@ def prepare_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, cache_d
     """Load, check, de-duplicate, split and tokenize; reuse the cached result when nothing changed."""
     if not config.train:
         raise DataError("data.train is empty: give at least one training file (.jsonl, .json, .csv or .parquet)")
-    train_files, val_files = _load_all(config.train, config.format), _load_all(config.validation, config.format)
-    needs_chat = any(f.format in ("messages", "alpaca") for f in train_files + val_files)
+    train_files = _load_all(config.train, config.format, config.columns)
+    val_files = _load_all(config.validation, config.format, config.columns)
+    has_pairs = any(f.format == "prompt_completion" for f in train_files + val_files)
+    pair_mode = prompt_completion_mode(config, tokenizer) if has_pairs else None
+    needs_chat = pair_mode == "chat" or any(f.format in ("messages", "alpaca") for f in train_files + val_files)
     changes = prepare_tokenizer(tokenizer, config.chat_template, needs_chat)
+    if pair_mode:
+        log.info("data: prompt_completion records rendered as %s", PROMPT_COMPLETION_RENDERING[pair_mode])
     empty = _empty_responses(train_files + val_files)
 
     fingerprint = data_fingerprint(config)
@@ -270,21 +297,26 @@ def prepare_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, cache_d
             cached.report["data_fingerprint"] = fingerprint
             return cached
 
-    train = [e for f in train_files for e in f.examples]
-    validation = [e for f in val_files for e in f.examples]
+    render = as_chat if pair_mode == "chat" else (lambda e: e)
+    train = [render(e) if e.format == "prompt_completion" else e for f in train_files for e in f.examples]
+    validation = [render(e) if e.format == "prompt_completion" else e for f in val_files for e in f.examples]
     task_ids = {name: index for index, name in enumerate(_check_tasks(train + validation))}
-    counts = {"records": len(train) + len(validation), "duplicates_removed": 0, "overlap_removed": 0, "dropped_overlong": 0}
+    counts = {"records": len(train) + len(validation), "duplicates_removed": 0, "overlap_removed": 0,
+              "overlap_kept": 0, "dropped_overlong": 0}
     if config.dedup:
         train, dup_train = _dedup(train)
         validation, dup_val = _dedup(validation)
         counts["duplicates_removed"] = dup_train + dup_val
     if not config.validation and config.val_size > 0:
         train, validation = _split(train, config.val_size, config.seed)
-    if config.dedup and validation:  # a validation record seen in training would flatter the validation loss
+    if validation:  # a validation record seen in training flatters the validation loss: removed, or counted
         val_keys = {e.key() for e in validation}
-        before = len(train)
-        train = [e for e in train if e.key() not in val_keys]
-        counts["overlap_removed"] = before - len(train)
+        overlapping = sum(e.key() in val_keys for e in train)
+        if config.dedup:
+            train = [e for e in train if e.key() not in val_keys]
+            counts["overlap_removed"] = overlapping
+        else:
+            counts["overlap_kept"] = overlapping
 
     zero: list[str] = []
     train_tok = _with_task_ids(_tokenize_all(train, tokenizer, config, counts, zero), task_ids)
@@ -296,7 +328,8 @@ def prepare_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, cache_d
              for role, group in (("train", train_files), ("validation", val_files)) for f in group]
     report = build_report(tokenizer=tokenizer, files=files, counts=counts, train=train_tok, validation=val_tok,
                           zero_supervised=zero, empty_responses=empty, tokenizer_changes=changes,
-                          max_length=config.max_length, tasks=list(task_ids))
+                          max_length=config.max_length, tasks=list(task_ids),
+                          prompt_completion=PROMPT_COMPLETION_RENDERING[pair_mode] if pair_mode else None)
     report["data_fingerprint"] = fingerprint
     data = PreparedData(train_tok, val_tok, [e for e in validation if e.source in kept_val_sources], report)
     if key:

@@ -98,6 +98,7 @@ def build_report(
     tokenizer_changes: list[str],
     max_length: int,
     tasks: list[str] | None = None,
+    prompt_completion: str | None = None,
 ) -> dict[str, Any]:
     formats: dict[str, int] = {}
     for info in files:
@@ -116,6 +117,7 @@ def build_report(
         "truncation_rate": round(sum(e.truncated for e in everything) / len(everything), 4) if everything else 0.0,
         "missing_end_of_turn_supervision": end_of_turn_lint(tokenizer, everything),
         "tokenizer_changes": tokenizer_changes,
+        "prompt_completion": prompt_completion,  # how prompt_completion records were rendered (None: there were none)
         "example": {"source": train[0].source, "segments": mask_segments(tokenizer, train[0])} if train else None,
     }
     report["warnings"] = report_warnings(report)
@@ -129,6 +131,9 @@ def report_warnings(report: dict[str, Any]) -> list[str]:
         more = ", ..." if report["zero_supervised_examples"] > len(places) else ""
         warnings.append(f"{report['zero_supervised_examples']} examples have no supervised token (left out of "
                         f"training; an answer truncated away or a weight-0 turn): {', '.join(places)}{more}")
+    if report.get("overlap_kept"):
+        warnings.append(f"{report['overlap_kept']} training records also appear in the validation data and were kept "
+                        "(data.dedup is off): the validation loss will look better than it is")
     if report["empty_responses"]["count"]:
         warnings.append(empty_response_warning(report["empty_responses"]))
     if report["truncation_rate"] > 0.05:

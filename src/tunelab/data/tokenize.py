@@ -109,10 +109,22 @@ def tokenize_example(
         spans = [(0 if train_on_prompt else len(example.prompt), len(text))]
         encoded = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
         ids, flags = encoded["input_ids"], _supervised_flags(encoded["offset_mapping"], spans)
-        if not ids or ids[-1] != tokenizer.eos_token_id:  # plain text ends with EOS, which is always supervised
-            ids, flags = ids + [tokenizer.eos_token_id], flags + [True]
+        ids, flags = _end_with_supervised_eos(tokenizer, list(ids), flags)
     labels = [token if flag else IGNORE for token, flag in zip(ids, flags)]
+    if labels:  # no position predicts the first token, so it never takes a loss (and is not counted as supervised)
+        labels[0] = IGNORE
     return TokenizedExample(list(ids), labels, example.source, task=example.task)
+
+
+def _end_with_supervised_eos(tokenizer: PreTrainedTokenizerBase, ids: list[int], flags: list[bool]) -> tuple[list[int], list[bool]]:
+    """Plain text ends with EOS, and that EOS is always supervised (it is how the model learns to stop).
+
+    A tokenizer whose post-processor appends EOS itself (Llama-style ``add_eos_token``) gives that token the
+    empty character span (0, 0), which overlaps no supervised span: it is marked supervised here, not added twice.
+    """
+    if ids and ids[-1] == tokenizer.eos_token_id:
+        return ids, flags[:-1] + [True]
+    return ids + [tokenizer.eos_token_id], flags + [True]
 
 
 def apply_length_policy(example: TokenizedExample, max_length: int, policy: str) -> TokenizedExample | None:
