@@ -48,6 +48,8 @@ def _setup_logging() -> None:
     # Logs go to stderr so that stdout stays clean for results (`data inspect --json`, `config show`).
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=err_console, show_path=False)])
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    # bitsandbytes warns on import (through peft) that an optional CPU kernel package is absent: not actionable.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     for noisy in ("httpx", "datasets", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     import transformers
@@ -205,6 +207,52 @@ def quickstart(
         # Running the same command again resumes an interrupted quickstart by itself.
         again = shlex.join(["tunelab", "quickstart", *(f"--set={item}" for item in set_ or [])])
         _run_training(lambda: run_quickstart(set_, progress=progress), resume_command=again)
+    except _user_errors() as exc:
+        _fail(str(exc))
+
+
+RunArgument = Annotated[Path, typer.Argument(metavar="RUN", help="A finished run folder (e.g. runs/quickstart)")]
+
+
+@app.command()
+def generate(
+    run: RunArgument,
+    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="A prompt (repeatable)")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="JSONL/JSON/CSV/Parquet file of prompts: messages, instruction, prompt or text")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to generate per prompt")] = 128,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy (the default); above 0 samples")] = 0.0,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for sampling")] = None,
+    raw: Annotated[Optional[bool], typer.Option("--raw/--chat", help="Raw text or the run's chat template (default: as the run was trained)")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts generated together")] = 8,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON line per prompt (prompt, output, finish reason)")] = False,
+) -> None:
+    """Generate from a finished run: one-shot (--prompt) or batch (--data), greedy by default."""
+    _setup_logging()
+    from tunelab.use import generate_from_run
+
+    if bool(prompt) == bool(data):
+        _fail("give --prompt TEXT (repeatable) or --data FILE, not both and not neither")
+    try:
+        for record in generate_from_run(run, prompt, data, max_new_tokens, temperature, seed, raw, batch_size):
+            typer.echo(json.dumps(record, ensure_ascii=False) if as_json or data else record["output"])
+    except _user_errors() as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def chat(
+    run: RunArgument,
+    system: Annotated[Optional[str], typer.Option(help="A system message to start the conversation")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens per reply")] = 256,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy (the default)")] = 0.0,
+) -> None:
+    """Talk to a finished run in the terminal, with the run's chat template and end tokens.
+    /reset starts over, /exit (or Ctrl-D) leaves; Ctrl-C stops a reply."""
+    _setup_logging()
+    from tunelab.use import chat_loop
+
+    try:
+        chat_loop(run, system, max_new_tokens, temperature)
     except _user_errors() as exc:
         _fail(str(exc))
 

