@@ -257,6 +257,36 @@ def chat(
         _fail(str(exc))
 
 
+@app.command()
+def serve(
+    runs: Annotated[list[Path], typer.Argument(metavar="RUN...", help="Run folders whose adapters to serve (one base)")],
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 exposes it to the network)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port")] = 8000,
+    max_concurrent: Annotated[int, typer.Option(min=1, help="Requests at once; more get 429")] = 64,
+    max_tokens_limit: Annotated[int, typer.Option(min=1, help="The most tokens one request may ask for")] = 1024,
+    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds before a request is cancelled (408)")] = 120.0,
+    max_batch_size: Annotated[int, typer.Option(min=1, help="Requests generated together")] = 16,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow a model that needs remote code")] = False,
+) -> None:
+    """OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics) and web UI
+    over one base with each run's adapter; a request picks its adapter with `model` (run name, or 'base')."""
+    _setup_logging()
+    from tunelab.serve.app import ServeSettings
+    from tunelab.serve.server import build_app, serve as run_server
+
+    settings = ServeSettings(max_concurrent=max_concurrent, max_tokens_limit=max_tokens_limit, request_timeout_s=timeout,
+                             max_batch_size=max_batch_size)
+    try:
+        application = build_app(runs, settings, allow_remote_code=trust_remote_code)
+    except _user_errors() as exc:
+        _fail(str(exc))
+    from tunelab.console import err_console
+
+    names = ", ".join(application.state.engine.served)
+    err_console.print(f"serving {names} at http://{host}:{port}/v1 ", highlight=False)
+    run_server(application, host, port)
+
+
 def main() -> None:
     app(prog_name="tunelab")
 

@@ -1,0 +1,79 @@
+"""Request bodies of the OpenAI-compatible endpoints, validated strictly: a wrong type is a 400, never a 500.
+
+Fields OpenAI defines but a local server cannot honour (n > 1, logprobs, tools) are refused with a clear message
+rather than silently ignored; unknown fields are ignored, as clients add their own (``user``, ``metadata``)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: StrictStr
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "developer"]
+    content: StrictStr | Annotated[list[TextPart], Field(min_length=1)]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: StrictBool = False
+
+
+Number = StrictFloat | StrictInt
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: StrictStr
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: Number | None = Field(None, ge=0, le=2)
+    top_p: Number | None = Field(None, gt=0, le=1)
+    n: StrictInt | None = Field(None, ge=1, le=1, description="one choice per request (greedy decoding has one answer)")
+    stream: StrictBool | None = False
+    stream_options: StreamOptions | None = None
+    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=4)] | None = None
+    seed: StrictInt | None = None
+
+    def stop_list(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return [s for s in stops if s]
+
+
+class ChatCompletionRequest(_Common):
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    logprobs: Literal[False] | None = None
+    tools: None = None
+
+    @field_validator("messages")
+    @classmethod
+    def _ends_for_an_answer(cls, messages: list[Message]) -> list[Message]:
+        if all(m.role in ("system", "developer") for m in messages):
+            raise ValueError("needs at least one user or assistant message (only system messages were given)")
+        return messages
+
+    def budget(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(_Common):
+    prompt: StrictStr | Annotated[list[StrictStr], Field(min_length=1, max_length=32)]
+    echo: StrictBool | None = False
+    logprobs: None = None
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    def budget(self) -> int | None:
+        return self.max_tokens

@@ -1,0 +1,54 @@
+"""Starting the server: in the foreground (`tunelab serve`) or on a background thread (tests, notebooks)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from tunelab.serve.app import ServeSettings, create_app
+from tunelab.serve.engine import Engine, load_models
+
+
+def build_app(runs: list[Path], settings: ServeSettings | None = None, device: Any = None,
+              allow_remote_code: bool = False) -> Any:
+    """Load the runs (checked: same base, safetensors only) and return the FastAPI app over them."""
+    settings = settings or ServeSettings()
+    model, served = load_models(runs, device=device, allow_remote_code=allow_remote_code)
+    return create_app(Engine(model, served, max_batch_size=settings.max_batch_size), settings)
+
+
+def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+class BackgroundServer:
+    """uvicorn on a thread, on a free local port; ``url`` is its base address. Use as a context manager."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1") -> None:
+        import uvicorn
+
+        with socket.socket() as probe:
+            probe.bind((host, 0))
+            port = probe.getsockname()[1]
+        self.app, self.url = app, f"http://{host}:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "BackgroundServer":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.app.state.engine.close()

@@ -1,0 +1,315 @@
+"""The OpenAI-compatible server: the official client gets what offline greedy generation gives, for each adapter
+and the base, streamed or not; mixed concurrent batches equal single requests; bad input is a 4xx in OpenAI's
+error shape, never a 500; adapters load only from the given run folders; limits, deadlines and disconnects."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+from trained_runs import adapter_runs
+from transformers import AutoModelForCausalLM
+
+from tunelab.errors import ConfigError
+from tunelab.inference import render_chat
+from tunelab.result import load_run
+from tunelab.serve.app import ServeSettings, create_app
+from tunelab.serve.engine import Engine, load_models
+from tunelab.serve.server import BackgroundServer, build_app
+
+LIMITS = ServeSettings(max_concurrent=48, max_tokens_limit=64, default_max_tokens=8, request_timeout_s=60)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Path]:
+    return adapter_runs(tmp_path_factory, tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def server(runs: dict[str, Path]):  # noqa: ANN201 - a running BackgroundServer
+    app = build_app(list(runs.values()), LIMITS, device="cpu")
+    with BackgroundServer(app) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server: BackgroundServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def offline(runs: dict[str, Path], tiny_model_dir: Path) -> dict[str, tuple[Any, Any]]:
+    """name -> (model, tokenizer) opened the ordinary way: load_run for each adapter, transformers for the base."""
+    models = {name: (lambda r: (r.model, r.tokenizer))(load_run(path, device="cpu")) for name, path in runs.items()}
+    models["base"] = (AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), models["cats"][1])
+    return models
+
+
+def offline_greedy(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int, special: bool = False) -> str:
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=special)["input_ids"]])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def chat_reference(offline: dict, name: str, question: str, max_tokens: int) -> str:
+    model, tokenizer = offline[name]
+    return offline_greedy(model, tokenizer, render_chat(tokenizer, [{"role": "user", "content": question}]), max_tokens)
+
+
+# ---------------------------------------------------------------- the official client
+
+
+@pytest.mark.parametrize("name", ["cats", "dogs", "base"])
+def test_openai_client_chat_equals_offline_greedy(client: openai.OpenAI, offline: dict, name: str) -> None:
+    question = "say something 11"
+    expected = chat_reference(offline, name, question, 10)
+    reply = client.chat.completions.create(model=name, messages=[{"role": "user", "content": question}],
+                                           max_tokens=10, temperature=0)
+    assert reply.choices[0].message.content == expected and reply.model == name
+    assert reply.usage.completion_tokens > 0
+    stream = client.chat.completions.create(model=name, messages=[{"role": "user", "content": question}],
+                                            max_tokens=10, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+
+
+def test_adapters_really_differ(client: openai.OpenAI) -> None:
+    # Negative control for the equalities above: each adapter answers its own word, so a mix-up would show.
+    answers = {name: client.chat.completions.create(model=name, messages=[{"role": "user", "content": "say something 2"}],
+                                                    max_tokens=6).choices[0].message.content for name in ("cats", "dogs", "owls")}
+    assert "cat" in answers["cats"] and "dog" in answers["dogs"] and "owl" in answers["owls"]
+
+
+def test_completions_and_models(client: openai.OpenAI, offline: dict) -> None:
+    model, tokenizer = offline["owls"]
+    prompts = ["the quick brown", "python is a"]
+    result = client.completions.create(model="owls", prompt=prompts, max_tokens=6)
+    assert [c.text for c in result.choices] == [offline_greedy(model, tokenizer, p, 6, special=True) for p in prompts]
+    assert {m.id for m in client.models.list()} == {"base", "cats", "dogs", "owls"}
+
+
+def test_32_concurrent_mixed_requests_equal_single_requests(client: openai.OpenAI, server: BackgroundServer) -> None:
+    names = ["cats", "dogs", "owls", "base"]
+    cases = [(names[i % 4], f"say something {i}" + " again" * (i % 3)) for i in range(32)]
+
+    def ask(case: tuple[str, str]) -> str:
+        return client.chat.completions.create(model=case[0], messages=[{"role": "user", "content": case[1]}],
+                                              max_tokens=8).choices[0].message.content
+
+    alone = [ask(case) for case in cases]
+    engine = server.app.state.engine
+    batches, rows = engine.batches, engine.batch_rows
+    with ThreadPoolExecutor(32) as pool:
+        together = list(pool.map(ask, cases))
+    assert together == alone
+    assert (engine.batch_rows - rows) / (engine.batches - batches) > 1.5  # they really shared batches
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def post(server: BackgroundServer, path: str, body: Any, raw: bytes | None = None) -> httpx.Response:
+    if raw is not None:
+        return httpx.post(f"{server.url}{path}", content=raw, headers={"content-type": "application/json"}, timeout=30)
+    return httpx.post(f"{server.url}{path}", json=body, timeout=30)
+
+
+def assert_openai_error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert isinstance(error["message"], str) and error["message"] and "type" in error and "param" in error
+    return error
+
+
+USER = [{"role": "user", "content": "hi"}]
+BAD_CHAT = {
+    "unknown model": ({"model": "nope", "messages": USER}, 404),
+    "path traversal as model": ({"model": "../cats", "messages": USER}, 404),
+    "path inside model": ({"model": "cats/../../etc/passwd", "messages": USER}, 404),
+    "messages not a list": ({"model": "cats", "messages": "hi"}, 400),
+    "empty messages": ({"model": "cats", "messages": []}, 400),
+    "only a system message": ({"model": "cats", "messages": [{"role": "system", "content": "x"}]}, 400),
+    "unknown role": ({"model": "cats", "messages": [{"role": "wizard", "content": "x"}]}, 400),
+    "content a number": ({"model": "cats", "messages": [{"role": "user", "content": 5}]}, 400),
+    "max_tokens a string": ({"model": "cats", "messages": USER, "max_tokens": "10"}, 400),
+    "max_tokens zero": ({"model": "cats", "messages": USER, "max_tokens": 0}, 400),
+    "max_tokens over the limit": ({"model": "cats", "messages": USER, "max_tokens": 65}, 400),
+    "temperature a string": ({"model": "cats", "messages": USER, "temperature": "hot"}, 400),
+    "n above one": ({"model": "cats", "messages": USER, "n": 2}, 400),
+    "stream not a bool": ({"model": "cats", "messages": USER, "stream": "yes"}, 400),
+    "model missing": ({"messages": USER}, 400),
+    "prompt over the context length": ({"model": "cats", "messages": [{"role": "user", "content": "cat " * 600}]}, 400),
+    "body a list": ([1, 2], 400),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CHAT, ids=list(BAD_CHAT))
+def test_each_bad_chat_request_gets_its_4xx(server: BackgroundServer, case: str) -> None:
+    body, status = BAD_CHAT[case]
+    error = assert_openai_error(post(server, "/v1/chat/completions", body), status)
+    if case == "prompt over the context length":
+        assert error["code"] == "context_length_exceeded"
+    if case == "max_tokens over the limit":
+        assert error["param"] == "max_tokens"
+
+
+def test_malformed_json_and_other_paths(server: BackgroundServer) -> None:
+    assert_openai_error(post(server, "/v1/chat/completions", None, raw=b'{"model": "cats", "messages": ['), 400)
+    assert_openai_error(post(server, "/v1/completions", None, raw=b"\xff\xfe not json"), 400)
+    assert_openai_error(post(server, "/v1/completions", {"model": "cats", "prompt": 7}), 400)
+    assert_openai_error(post(server, "/v1/completions", {"model": "cats", "prompt": ["a", "b"], "stream": True}), 400)
+    assert_openai_error(httpx.get(f"{server.url}/v1/nowhere"), 404)
+    assert_openai_error(httpx.get(f"{server.url}/v1/chat/completions"), 405)
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+                    max_leaves=12)
+MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "tool", 3]),
+                                 "content": st.one_of(st.text(max_size=30), JSON)})
+NEAR_VALID = st.fixed_dictionaries(
+    {"model": st.sampled_from(["cats", "base", "owls", "", "../dogs", 1])},
+    optional={"messages": st.lists(MESSAGE, max_size=3) | JSON, "prompt": st.text(max_size=30) | JSON,
+              "max_tokens": st.integers(-5, 5000) | JSON, "temperature": st.floats(-1, 3) | JSON,
+              "top_p": st.floats(-1, 2) | JSON, "stop": st.text(max_size=3) | JSON, "stream": st.booleans() | JSON,
+              "n": st.integers(0, 3), "seed": JSON, "stream_options": JSON},
+)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+@given(path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]), body=NEAR_VALID | JSON)
+def test_fuzzed_bodies_never_get_a_500(server: BackgroundServer, path: str, body: Any) -> None:
+    response = post(server, path, body)
+    assert response.status_code < 500, response.text
+    if response.status_code >= 400:
+        assert_openai_error(response, response.status_code)
+
+
+def test_health_answers_after_the_fuzzing(server: BackgroundServer) -> None:
+    health = httpx.get(f"{server.url}/health")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+# ---------------------------------------------------------------- limits, deadlines, disconnects
+
+
+@pytest.fixture
+def slow_server(server: BackgroundServer, request: pytest.FixtureRequest):  # noqa: ANN201
+    """A second app over the same loaded model, whose every forward step takes 50 ms."""
+    engine = server.app.state.engine
+    settings_ = request.param
+    network = engine.model.get_base_model()  # generate() calls the transformers model, not PEFT's wrapper
+    hook = network.register_forward_hook(lambda *args: time.sleep(0.05))
+    app = create_app(Engine(engine.model, engine.served), settings_)
+    try:
+        with BackgroundServer(app) as running:
+            yield running
+    finally:
+        hook.remove()
+
+
+def metric(server: BackgroundServer, name: str) -> float:
+    text = httpx.get(f"{server.url}/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+@pytest.mark.parametrize("slow_server", [ServeSettings(max_concurrent=1, max_tokens_limit=64)], indirect=True)
+def test_requests_over_the_concurrency_limit_get_429(slow_server: BackgroundServer) -> None:
+    body = {"model": "base", "messages": USER, "max_tokens": 40, "stream": True}  # the base rambles on
+    with httpx.stream("POST", f"{slow_server.url}/v1/chat/completions", json=body, timeout=30) as first:
+        lines = first.iter_lines()  # kept: a discarded iterator closes the response (a disconnect)
+        next(lines)  # the first one is generating
+        assert_openai_error(post(slow_server, "/v1/chat/completions", {"model": "dogs", "messages": USER}), 429)
+    assert metric(slow_server, 'tunelab_rejected_requests_total{reason="concurrency"}') == 1
+
+
+@pytest.mark.parametrize("slow_server", [ServeSettings(request_timeout_s=0.5, max_tokens_limit=64)], indirect=True)
+def test_a_request_past_its_deadline_is_cancelled(slow_server: BackgroundServer) -> None:
+    started = time.monotonic()
+    error = assert_openai_error(post(slow_server, "/v1/chat/completions", {"model": "base", "messages": USER, "max_tokens": 60}), 408)
+    assert error["code"] == "request_timeout" and time.monotonic() - started < 2.5  # 60 steps would take 3 s
+    assert metric(slow_server, 'tunelab_cancelled_generations_total{reason="timeout"}') == 1
+    assert metric(slow_server, "tunelab_completion_tokens_total") < 60
+
+
+@pytest.mark.parametrize("slow_server", [ServeSettings(max_tokens_limit=64)], indirect=True)
+def test_a_client_that_disconnects_stops_its_generation(slow_server: BackgroundServer) -> None:
+    engine = slow_server.app.state.engine
+    seen: list[Any] = []
+    original = engine.submit
+    engine.submit = lambda job: (seen.append(job.request), original(job))[-1]
+    body = {"model": "base", "messages": USER, "max_tokens": 60, "stream": True}
+    with httpx.stream("POST", f"{slow_server.url}/v1/chat/completions", json=body, timeout=30) as response:
+        lines = response.iter_lines()
+        next(lines), next(lines)  # the role chunk, then a blank line: generation has started
+    deadline = time.monotonic() + 10
+    while not seen[0].done and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert seen[0].finish_reason == "cancelled" and len(seen[0].token_ids) < 40
+    assert httpx.get(f"{slow_server.url}/health").json()["in_flight"] == 0
+
+
+def test_metrics_are_prometheus_text(server: BackgroundServer) -> None:
+    response = httpx.get(f"{server.url}/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    assert "# TYPE tunelab_requests_total counter" in response.text
+    assert metric(server, 'tunelab_requests_total{endpoint="/v1/chat/completions",model="cats",status="200"}') >= 1
+
+
+# ---------------------------------------------------------------- security: what may be loaded
+
+
+def copy_run(run: Path, tmp_path: Path, name: str) -> Path:
+    target = tmp_path / name
+    shutil.copytree(run, target, ignore=shutil.ignore_patterns("checkpoints"))
+    return target
+
+
+def test_a_pickle_weights_file_is_refused(runs: dict[str, Path], tmp_path: Path) -> None:
+    bad = copy_run(runs["cats"], tmp_path, "pickled")
+    torch.save({"x": torch.zeros(1)}, bad / "adapter" / "adapter_model.bin")
+    with pytest.raises(ConfigError, match="pickle"):
+        load_models([runs["dogs"], bad], device="cpu")
+    (bad / "adapter" / "adapter_model.bin").unlink()
+    (bad / "adapter" / "adapter_model.safetensors").unlink()
+    with pytest.raises(ConfigError, match="no .safetensors"):
+        load_models([bad], device="cpu")
+
+
+def test_an_adapter_for_another_base_is_refused(runs: dict[str, Path], tmp_path: Path, tiny_model_dir: Path) -> None:
+    other_base = tmp_path / "other-base"
+    shutil.copytree(tiny_model_dir, other_base)
+    moved = copy_run(runs["cats"], tmp_path, "elsewhere")
+    config = (moved / "config.yaml").read_text().replace(str(tiny_model_dir), str(other_base))
+    (moved / "config.yaml").write_text(config)
+    with pytest.raises(ConfigError, match="one server serves adapters of one base"):
+        load_models([runs["dogs"], moved], device="cpu")
+    relabelled = copy_run(runs["cats"], tmp_path, "relabelled")
+    adapter_config = json.loads((relabelled / "adapter" / "adapter_config.json").read_text())
+    adapter_config["base_model_name_or_path"] = str(other_base)
+    (relabelled / "adapter" / "adapter_config.json").write_text(json.dumps(adapter_config))
+    with pytest.raises(ConfigError, match="another base"):
+        load_models([runs["dogs"], relabelled], device="cpu")
+
+
+def test_remote_code_needs_the_flag(runs: dict[str, Path], tmp_path: Path) -> None:
+    remote = copy_run(runs["cats"], tmp_path, "remote")
+    (remote / "config.yaml").write_text((remote / "config.yaml").read_text().replace("trust_remote_code: false",
+                                                                                     "trust_remote_code: true"))
+    with pytest.raises(ConfigError, match="--trust-remote-code"):
+        load_models([remote], device="cpu")
