@@ -36,13 +36,27 @@ def test_example_starts_with_its_command_and_validates(path: Path) -> None:
 def test_example_trains_two_steps_on_tiny_model(path: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
     from tunelab.trainer import train
 
-    config = load_config(path, [
+    tiny = [
         f"model.name={tiny_model_dir}", "training.max_steps=2", "training.eval_every=null",
         "training.early_stopping_patience=null", "eval.num_samples=1", "eval.max_new_tokens=4", "eval.max_examples=8",
-        f"output.dir={tmp_path / 'run'}",
-    ])
+    ]
+    config = load_config(path, [*tiny, f"output.dir={tmp_path / 'run'}"])
+    experts = getattr(config.technique, "adapters", None)
+    if experts:  # a routing example names the runs its first-line commands make: make them on the tiny model too
+        made = [f"technique.adapters.{name}={_tiny_adapter_run(config, tiny, tmp_path / name)}" for name in experts]
+        config = load_config(path, [*tiny, f"output.dir={tmp_path / 'run'}", *made])
     result = train(config, progress=False)
     assert result.status == "completed" and result.step == 2
     evaluation = json.loads((result.run_dir / "eval.json").read_text())
     assert evaluation["tuned"]["loss"] > 0 and "base" in evaluation
     assert (result.run_dir / TECHNIQUES[config.technique.name].result_dir_name).is_dir()
+
+
+def _tiny_adapter_run(config, tiny: list[str], out: Path) -> Path:
+    """A two-step bottleneck adapter run on the routing example's data, as an expert for it."""
+    from tunelab.config import build_config
+    from tunelab.trainer import train
+
+    data = config.data.model_dump(mode="json")
+    expert = build_config({"data": data, "technique": {"name": "adapter"}, "output": {"dir": str(out)}}, tiny)
+    return train(expert, progress=False).run_dir

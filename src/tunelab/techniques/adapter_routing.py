@@ -223,7 +223,11 @@ def routing_split(model: nn.Module, examples: list[Any], tasks: list[str], pad_i
 
 def evaluate(model: nn.Module, data: Any, pad_id: int, device: torch.device, max_examples: int | None) -> dict[str, Any]:
     """For eval.json: the routing split of the validation examples per task."""
-    examples = data.validation[:max_examples] if data.validation else data.train[:max_examples]
+    pool = data.validation or data.train
+    examples = pool[:max_examples]
+    if data.tasks and max_examples is not None:  # an equal share of each task, not the first task's examples only
+        share = -(-max_examples // len(data.tasks))
+        examples = [e for index in range(len(data.tasks)) for e in [x for x in pool if x.task_id == index][:share]]
     return {"routing": {"split": "validation" if data.validation else "train", **routing_split(model, examples, data.tasks, pad_id, device)}}
 
 
