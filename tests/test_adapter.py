@@ -118,8 +118,8 @@ def test_each_placement_learns_the_toy_task(trained_runs: dict[str, Path], place
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_round_trip_and_disable(trained_runs: dict[str, Path], tiny_model_dir: Path, placement: str) -> None:
     run = trained_runs[placement]
-    files = sorted(p.name for p in (run / "adapter").iterdir())
-    assert files == ["adapter_config.json", "adapter_model.safetensors"]
+    files = {p.name for p in (run / "adapter").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= files  # (and the model card, README.md)
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert config["type"] == "tunelab-bottleneck" and config["placement"] == PLACEMENTS[placement]["placement"]
 
