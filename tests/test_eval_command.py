@@ -4,6 +4,7 @@ with the base and with another run, classification by label scoring, and flat me
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -126,3 +127,70 @@ def test_default_output_of_a_run_lives_in_the_run_and_is_tunelabs(runs: dict[str
     assert Path(report["output"]) == runs["b"] / "evals" / "test"
     assert (runs["b"] / "evals" / "test" / "report.html").is_file()
     assert foreign_entries(runs["b"]) == []  # the run folder still counts as tunelab's own
+
+
+def _label_records(n: int, offset: int = 0) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": f"say {ANIMALS[i % len(ANIMALS)]} {i + offset}"},
+                          {"role": "assistant", "content": ANIMALS[i % len(ANIMALS)]}]} for i in range(n)]
+
+
+def test_classification_by_label_scoring_reaches_every_label(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A toy model trained to answer with its label is scored 100% by label log-likelihood; the untrained base
+    is not (the control that shows the test can fail)."""
+    data = write_jsonl(tmp_path / "train.jsonl", _label_records(96))
+    config = make_config(tiny_model_dir, tmp_path, data=data, technique={"name": "full"},
+                         training={"max_steps": 150, "grad_accum": 1, "learning_rate": 3e-3, "warmup_ratio": 0.0})
+    run = trainer.train(config, progress=False).run_dir
+    test = write_jsonl(tmp_path / "test.jsonl", _label_records(30, offset=500))
+    report = evaluate(run, [test], ["base"], output=tmp_path / "report",
+                      settings=EvalSettings(labels=ANIMALS, resamples=100))
+    assert report["metrics"]["accuracy"]["scores"][report["target"]] == 1.0
+    assert report["metrics"]["macro_f1"]["scores"][report["target"]] == 1.0
+    base = report["systems"][1]["name"]
+    assert report["metrics"]["accuracy"]["scores"][base] < 0.5
+    confusion = report["classification"]["confusion"][report["target"]]
+    assert np.trace(confusion) == 30 and np.sum(confusion) == 30
+    rows = [json.loads(line) for line in (tmp_path / "report" / "predictions.jsonl").read_text().splitlines()]
+    assert all(r["predicted_label"][report["target"]] == r["reference"] for r in rows)
+    assert "exact_match" not in report["metrics"]  # labels are scored, not generated and parsed
+
+
+def test_classification_refuses_a_reference_outside_the_labels(runs: dict[str, Path], tmp_path: Path) -> None:
+    from tunelab.errors import DataError
+
+    with pytest.raises(DataError, match=r"test.jsonl:1: the reference answer .* is not one of the labels"):
+        evaluate(runs["a"], [runs["test"]], output=tmp_path / "r", settings=EvalSettings(labels=["yes", "no"]))
+
+
+_MEASURE = """
+import json, resource, sys
+sys.path.insert(0, {tests!r})
+from conftest import toy_chat_records, write_jsonl
+from pathlib import Path
+from tunelab.eval.runner import EvalSettings, evaluate
+data = write_jsonl(Path({tmp!r}) / "data-{n}.jsonl", toy_chat_records({n}))
+evaluate({model!r}, [data], output=Path({tmp!r}) / "out-{n}",
+         settings=EvalSettings(metrics=["rouge_l", "bleu"], max_new_tokens=2, batch_size=16, resamples=10), device="cpu")
+print(json.dumps({{"peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}}))
+"""
+
+
+def test_peak_memory_does_not_grow_with_the_eval_set(tmp_path: Path) -> None:
+    """Peak RSS of a whole evaluation (a fresh process each) at 100 and at 1,000 examples, on a tiny model with
+    an 8,192-token output head. Keeping each example's logits, even at supervised positions only, would add
+    1,000 x ~5 tokens x 8,192 x 4 bytes = ~160 MB; the per-example statistics and texts that are kept add a
+    few MB."""
+    from conftest import build_model, build_tokenizer
+
+    model_dir = tmp_path / "wide-head"
+    build_tokenizer(model_dir)
+    build_model(model_dir, vocab_size=8192)
+    peaks = {}
+    for n in (100, 1000):
+        script = _MEASURE.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), n=n, model=str(model_dir))
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-2000:]
+        peaks[n] = json.loads(done.stdout.strip().splitlines()[-1])["peak_kib"] / 1024
+        assert sum(1 for _ in open(tmp_path / f"out-{n}" / "predictions.jsonl")) == n
+    assert peaks[1000] - peaks[100] < 40, peaks
