@@ -18,20 +18,22 @@ err_console = Console(stderr=True, markup=False)  # logs and errors; stdout is f
 
 @contextmanager
 def training_progress(total: int, done: int, enabled: bool = True) -> Iterator[Callable[..., None]]:
-    """Yield ``advance(loss=, lr=, tokens_per_s=)``, drawing loss, learning rate, tokens/s and ETA."""
+    """Yield ``advance(loss=, lr=, tokens_per_s=, note=)``, drawing loss, learning rate, tokens/s, ETA and the
+    last evaluation's note (validation loss, the best metric, the overfitting gap)."""
     if not enabled:
         yield lambda **_: None
         return
     columns = (
         TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[speed]} tok/s"),
-        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[note]}"),
     )
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("train", total=total, completed=done, loss="-", lr="-", speed="-")
+        task = progress.add_task("train", total=total, completed=done, loss="-", lr="-", speed="-", note="")
 
-        def advance(loss: float, lr: float, tokens_per_s: float) -> None:
-            progress.update(task, advance=1, loss=f"{loss:.4f}", lr=f"{lr:.2e}", speed=f"{tokens_per_s:,.0f}")
+        def advance(loss: float, lr: float, tokens_per_s: float, note: str = "") -> None:
+            # note: the last evaluation (validation loss, best metric, train-validation gap and its trend)
+            progress.update(task, advance=1, loss=f"{loss:.4f}", lr=f"{lr:.2e}", speed=f"{tokens_per_s:,.0f}", note=note)
 
         yield advance
 

@@ -193,7 +193,7 @@ def _nothing_to_lose(run_dir: Path) -> bool:
 
 # Fields that may change between a run and its resumption; anything else would make "resume" a different run.
 _RESUMABLE_CHANGES = {"training.max_steps", "training.epochs", "training.eval_every", "training.save_every",
-                      "training.early_stopping_patience", "eval"}
+                      "training.early_stopping_patience", "training.report_to", "eval"}
 _NOT_PART_OF_THE_RUN = {"output.overwrite"}  # how the folder was claimed, not what the run computes
 
 

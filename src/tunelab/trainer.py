@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+import yaml
 from accelerate import Accelerator
 from transformers import set_seed
 
@@ -27,8 +28,12 @@ from tunelab.card import write_card
 from tunelab.config import ConfigError, TunelabConfig
 from tunelab.data import PreparedData, collate, epoch_batches, pack_rows, prepare_data, single_rows
 from tunelab.eval import generate_samples, sample_prompts, validation_loss
+from tunelab.eval.forgetting import forgetting_check, forgetting_message, heldout_loss
+from tunelab.eval.training import (OverfittingSignal, compare_samples, is_better, metric_direction, progress_note,
+                                   sample_scores)
 from tunelab.models import cache_root, load_model, load_tokenizer, model_skeleton
 from tunelab.objectives import OBJECTIVES, ObjectiveSpec
+from tunelab.run_info import RunInfo
 from tunelab.runs import check_same_data, prepare_run_dir, read_json, truncate_metrics, write_json
 from tunelab.schedule import make_scheduler
 from tunelab.techniques import TECHNIQUES, RunContext, TechniqueError, count_parameters
@@ -62,6 +67,7 @@ class LoopState:
     consecutive_nonfinite: int = 0
     last_eval: dict[str, Any] | None = None
     history: list[str] = field(default_factory=list)
+    gaps: list[float] = field(default_factory=list)  # validation - training loss at each evaluation (overfitting signal)
 
 
 @dataclass
@@ -191,7 +197,7 @@ def _loop(ctx: "_Context", state: LoopState) -> str:
             state.tokens_seen += sum(len(e.input_ids) for r in rows for row in r for e in row) * accelerator.num_processes
             loss = (loss_sum / max(units, 1)).item()
             speed = (state.tokens_seen - tokens_at_start) / max(time.time() - started, 1e-9)
-            advance(loss=loss, lr=lr, tokens_per_s=speed)
+            advance(loss=loss, lr=lr, tokens_per_s=speed, note=ctx.progress_note)
             if state.step % config.training.log_every == 0 or not finite:
                 ctx.log_metrics({"kind": "train", "step": state.step, "loss": round(loss, 6), "lr": lr,
                                  "grad_norm": round(float(grad_norm), 6), "tokens": state.tokens_seen,
@@ -235,6 +241,11 @@ class _Context:
         self.device = self.accelerator.device
         self.objective = OBJECTIVES[config.objective.name]
         self.technique = TECHNIQUES[config.technique.name]
+        self.info = RunInfo()  # run_info.json: phases, parameters, memory, versions
+        self.samples: list[dict[str, str]] = []  # validation prompts generated at evaluations
+        self.overfitting = OverfittingSignal()
+        self.progress_note = ""  # the last evaluation, as the progress bar shows it
+        self.trackers: Any = None  # training.report_to (TensorBoard, MLflow), main process only
 
     def technique_step(self, step: int) -> dict[str, Any]:
         """The technique's per-step hook (e.g. AdaLoRA's rank reallocation), after the update, gradients still set.
@@ -255,9 +266,13 @@ class _Context:
         return self.accelerator.is_main_process
 
     def log_metrics(self, record: dict[str, Any]) -> None:
+        if record["kind"] == "train" and not record.get("skipped"):
+            self.overfitting.observe_train(record["loss"])
         if self.is_main:
             with open(self.run_dir / "metrics.jsonl", "a") as handle:
                 handle.write(_json_line(record))
+            if self.trackers is not None:
+                self.trackers.log(record)
 
     def progress(self, total: int, done: int):  # noqa: ANN201 - a context manager yielding an update function
         from tunelab.console import training_progress
@@ -270,11 +285,25 @@ class _Context:
         return validation_loss(self.model, examples, self.objective.loss_sum, self.pad_id, self.config.eval.batch_size,
                                self.device, self.accelerator)
 
+    def sample_outputs(self) -> list[str]:
+        model = self.accelerator.unwrap_model(self.model)
+        return generate_samples(model, self.tokenizer, self.samples, self.config.eval.max_new_tokens, self.device,
+                                plain_text=_plain_text(self.data), batch_size=self.config.eval.batch_size)
+
     def evaluate(self, state: LoopState) -> str | None:
+        """Validation loss, the training.eval_metrics on the sample prompts, and the overfitting signal; then the
+        best-checkpoint and early-stopping rule on training.best_metric."""
+        training = self.config.training
         result = self.validation_loss()
+        if training.eval_metrics:  # every process generates the same greedy outputs, so all agree on "best"
+            result.update(sample_scores(training.eval_metrics, self.sample_outputs(), [s["reference"] for s in self.samples]))
         state.last_eval = {"step": state.step, **result}
-        self.log_metrics({"kind": "eval", "step": state.step, "loss": result["loss"], "perplexity": result["perplexity"]})
-        if state.best_eval is None or result["loss"] < state.best_eval["loss"]:
+        signal = self.overfitting.update(result["loss"])
+        state.gaps = self.overfitting.gaps
+        record = {"kind": "eval", "step": state.step, **{k: v for k, v in result.items() if k != "tokens"}, **signal}
+        self.log_metrics(record)
+        self.progress_note = progress_note(record, training.best_metric)
+        if is_better(result, state.best_eval, training.best_metric, metric_direction(training.best_metric, training.best_mode)):
             state.best_eval, state.best_step, state.evals_without_improvement = state.last_eval, state.step, 0
             if self.config.training.save_every or self.config.training.early_stopping_patience or self.config.training.restore_best:
                 self.save_checkpoint(state)  # the best checkpoint is what restore_best loads at the end
@@ -314,16 +343,39 @@ def _json_line(record: dict[str, Any]) -> str:
 def _base_evaluation(ctx: _Context, samples: list[dict[str, str]]) -> dict[str, Any] | None:
     """Validation loss and generations of the untouched model, computed once per run (before the technique)."""
     path = ctx.run_dir / "base_eval.json"
-    if not ctx.config.eval.before_after or not ctx.data.validation:
+    before_after = ctx.config.eval.before_after and bool(ctx.data.validation)
+    if not before_after and not ctx.config.eval.forgetting:
         return None
     if path.is_file():
         return read_json(path)
-    result = ctx.validation_loss()
-    result["samples"] = generate_samples(ctx.model, ctx.tokenizer, samples, ctx.config.eval.max_new_tokens, ctx.device,
-                                         plain_text=_plain_text(ctx.data)) if ctx.is_main else []
+    result: dict[str, Any] = {}
+    if before_after:
+        result = ctx.validation_loss()
+        result["samples"] = generate_samples(ctx.model, ctx.tokenizer, samples, ctx.config.eval.max_new_tokens, ctx.device,
+                                             plain_text=_plain_text(ctx.data), batch_size=ctx.config.eval.batch_size)
+    if ctx.config.eval.forgetting:
+        result["forgetting"] = _heldout_loss(ctx, ctx.model)
     if ctx.is_main:
         write_json(path, result)
     return result
+
+
+def _heldout_loss(ctx: _Context, model: torch.nn.Module) -> dict[str, float]:
+    return heldout_loss(model, ctx.tokenizer, ctx.config.eval.forgetting_max_tokens, ctx.device,
+                        ctx.config.eval.forgetting_text, ctx.config.eval.batch_size)
+
+
+def _forgetting(ctx: _Context, base: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The forgetting check on the weights being saved, against the base figure measured before training."""
+    if not ctx.config.eval.forgetting:
+        return None
+    if not base or "forgetting" not in base:  # e.g. switched on at --resume, after the base was measured
+        return {"note": "no held-out loss of the base model was measured for this run, so no forgetting check"}
+    check = forgetting_check(base["forgetting"], _heldout_loss(ctx, ctx.accelerator.unwrap_model(ctx.model)),
+                             ctx.config.eval.forgetting_threshold, ctx.config.eval.forgetting_text)
+    if check["flagged"]:
+        log.warning(forgetting_message(check))
+    return check
 
 
 def _plain_text(data: PreparedData) -> bool:
@@ -357,8 +409,10 @@ NO_VALIDATION_NOTE = ("no validation data, so no before/after figures: set data.
 
 def _final_evaluation(ctx: _Context, state: LoopState, base: dict[str, Any] | None, samples: list[dict[str, str]]) -> dict[str, Any]:
     """Before/after figures of the weights being saved: the restored best ones, or the last ones."""
+    forgetting = _forgetting(ctx, base)
     if not ctx.data.validation:  # eval.json is still written: it says why it holds no figures
-        return {"step": state.step, "weights_from_step": state.step, "tuned": None, "note": NO_VALIDATION_NOTE}
+        return {"step": state.step, "weights_from_step": state.step, "tuned": None, "note": NO_VALIDATION_NOTE,
+                **({"forgetting": forgetting} if forgetting else {})}
     best_restored = _best_is_restored(ctx, state)
     if best_restored:
         tuned = state.best_eval
@@ -369,13 +423,17 @@ def _final_evaluation(ctx: _Context, state: LoopState, base: dict[str, Any] | No
     tuned = {k: v for k, v in tuned.items() if k != "step"}
     evaluation: dict[str, Any] = {"step": state.step, "weights_from_step": state.best_step if best_restored else state.step,
                                   "tuned": tuned}
-    if base is not None:
-        outputs = generate_samples(ctx.model, ctx.tokenizer, samples, ctx.config.eval.max_new_tokens, ctx.device,
-                                   plain_text=_plain_text(ctx.data)) if ctx.is_main else []
-        evaluation["base"] = {k: v for k, v in base.items() if k != "samples"}
+    if base is not None and "loss" in base:
+        outputs = ctx.sample_outputs() if ctx.is_main else []
+        evaluation["base"] = {k: v for k, v in base.items() if k not in ("samples", "forgetting")}
         evaluation["loss_change"] = round(tuned["loss"] - base["loss"], 6)
         evaluation["relative_loss_change"] = round((tuned["loss"] - base["loss"]) / base["loss"], 4) if base["loss"] else None
         evaluation["samples"] = [{**s, "base": b, "tuned": t} for s, b, t in zip(samples, base["samples"], outputs)]
+        if ctx.is_main and ctx.config.eval.metrics:  # task metrics of the samples, with paired bootstrap intervals
+            evaluation["metrics"] = compare_samples(ctx.config.eval.metrics, base["samples"], outputs,
+                                                    [s["reference"] for s in samples], seed=ctx.config.training.seed)
+    if forgetting:
+        evaluation["forgetting"] = forgetting
     return evaluation
 
 
@@ -407,32 +465,50 @@ def _train(config: TunelabConfig, resume: bool, progress: bool) -> RunResult:
     try:
         if not resume:
             _write_status(ctx, "starting", state)
-        state, base, samples = _set_up(ctx, resume)
+        with ctx.info.phase("set-up"):
+            state, base, samples = _set_up(ctx, resume)
         if resume:  # only now, once the checkpoint, data and config all fit: a refused resume changes nothing
             (run_dir / "config.yaml").write_text(config.to_yaml())
         _write_status(ctx, "running", state)
-        phase = "loop"
-        status = _loop(ctx, state)
+        phase, tokens_before = "loop", state.tokens_seen
+        with ctx.info.phase("training"):
+            status = _loop(ctx, state)
+        ctx.info.figures["training_tokens_this_session"] = state.tokens_seen - tokens_before
         if status == "interrupted":
             _write_status(ctx, status, state)
+            _finish_tracking(ctx, state, status)
             return RunResult(run_dir, status, state.step)
         phase = "trained"
         if _best_is_restored(ctx, state):
             phase = "best restored"
             ckpt.load_trainable(run_dir / "checkpoints" / ckpt.checkpoint_name(state.best_step), ctx.accelerator.unwrap_model(ctx.model))
-            log.info("restored the best weights (step %d, validation loss %.4f)", state.best_step, state.best_eval["loss"])
-        evaluation = _final_evaluation(ctx, state, base, samples)
-        evaluation.update(ctx.technique_evaluation())
+            best = config.training.best_metric
+            log.info("restored the best weights (step %d, %s %.4f)", state.best_step, best, state.best_eval[best])
+        with ctx.info.phase("final evaluation"):
+            evaluation = _final_evaluation(ctx, state, base, samples)
+            evaluation.update(ctx.technique_evaluation())
         if ctx.is_main:
-            _save_result(ctx)
+            with ctx.info.phase("saving"):
+                _save_result(ctx)
             write_json(run_dir / "eval.json", evaluation)
     except BaseException as exc:
         _record_failure(ctx, state, phase, resume, exc)
         raise
     _write_status(ctx, status, state)
+    _finish_tracking(ctx, state, status)
     if ctx.is_main:  # after status.json: the card states the final status
         write_card(run_dir, run_dir / ctx.technique.result_dir_name)
     return RunResult(run_dir, status, state.step, evaluation)
+
+
+def _finish_tracking(ctx: _Context, state: LoopState, status: str) -> None:
+    """run_info.json, and the end of the TensorBoard/MLflow logs."""
+    if not ctx.is_main:
+        return
+    tokens = ctx.info.figures.pop("training_tokens_this_session", 0)
+    write_json(ctx.run_dir / "run_info.json", {"step": state.step, **ctx.info.as_dict(status, tokens, ctx.accelerator.num_processes)})
+    if ctx.trackers is not None:
+        ctx.trackers.close("FINISHED" if status in ("completed", "early_stopped") else "KILLED")
 
 
 def _record_failure(ctx: _Context, state: LoopState, phase: str, resume: bool, exc: BaseException) -> None:
@@ -443,6 +519,10 @@ def _record_failure(ctx: _Context, state: LoopState, phase: str, resume: bool, e
     if interrupted and phase == "trained":  # Ctrl-C during the final evaluation: keep the trained steps
         ctx.save_checkpoint(state)
     _write_status(ctx, "interrupted" if interrupted else "failed", state, str(exc))
+    try:
+        _finish_tracking(ctx, state, "interrupted" if interrupted else "failed")
+    except Exception as secondary:  # the run's own error is the one to report
+        log.warning("could not write run_info.json: %s", secondary)
 
 
 def _set_up(ctx: _Context, resume: bool) -> tuple[LoopState, dict[str, Any] | None, list[dict[str, str]]]:
@@ -462,13 +542,16 @@ def _set_up(ctx: _Context, resume: bool) -> tuple[LoopState, dict[str, Any] | No
     ctx.model = load_model(config.model, ctx.device, ctx.technique.base_load(config.technique, ctx.device))
     _check_technique_fits(ctx)  # seconds, on a weightless copy: before the minutes of base evaluation
     samples = sample_prompts(ctx.tokenizer, ctx.data.validation_examples, config.eval.num_samples)
-    base = _base_evaluation(ctx, samples)
+    ctx.samples = samples
+    with ctx.info.phase("base evaluation"):
+        base = _base_evaluation(ctx, samples)
     if config.training.gradient_checkpointing:
         enable_activation_checkpointing(ctx.model)
     ctx.plan = make_plan(config, ctx.data, ctx.accelerator.process_index, ctx.accelerator.num_processes)
     set_seed(config.training.seed)  # the technique's initialisation does not depend on whether base eval ran
     ctx.model = ctx.technique.apply(ctx.model, config.technique, RunContext(total_steps=ctx.plan.total_steps))
     trainable, total = count_parameters(ctx.model)
+    ctx.info.figures.update(trainable_parameters=trainable, total_parameters=total)
     log.info("technique %s: %s of %s parameters trainable (%.3f%%)", config.technique.name, f"{trainable:,}",
              f"{total:,}", 100 * trainable / total)
     ctx.optimizer = make_optimizer(ctx.model, config)
@@ -486,6 +569,11 @@ def _set_up(ctx: _Context, resume: bool) -> tuple[LoopState, dict[str, Any] | No
                               "this config plans; raise training.max_steps (or epochs)")
         if ctx.is_main:
             truncate_metrics(run_dir, state.step)
+        ctx.overfitting = OverfittingSignal(state.gaps)
+    if config.training.report_to and ctx.is_main:
+        from tunelab.tracking import Trackers
+
+        ctx.trackers = Trackers(config.training.report_to, run_dir, yaml.safe_load(config.to_yaml()), resume)
     return state, base, samples
 
 

@@ -311,6 +311,8 @@ def _resolve_paths(config: TunelabConfig, base_dir: Path, overridden: Mapping[st
 
     config.data.train = [resolve(p, base_for("data.train")) for p in config.data.train]
     config.data.validation = [resolve(p, base_for("data.validation")) for p in config.data.validation]
+    if config.eval.forgetting_text:
+        config.eval.forgetting_text = resolve(config.eval.forgetting_text, base_for("eval.forgetting_text"))
     model_base = base_for("model.name")
     if config.model.name.startswith((".", "/", "~")) or (model_base / config.model.name).is_dir():
         config.model.name = resolve(config.model.name, model_base)

@@ -181,11 +181,28 @@ class TrainingConfig(Section):
     save_every: int | None = Field(
         None, gt=0, description="Write a resumable checkpoint every N steps. Rotation keeps the best and the latest."
     )
+    eval_metrics: list[str] = Field(
+        default_factory=list, description="Generation metrics also computed at every evaluation, on the "
+        "`eval.num_samples` validation prompts: exact_match, bleu, chrf, rouge_1, rouge_2, rouge_l, or a user metric "
+        "'module:function'. They are logged in metrics.jsonl and can choose the best checkpoint (`best_metric`)."
+    )
+    best_metric: str = Field(
+        "loss", description="What 'best' means for early stopping and the best checkpoint: loss, perplexity, or one "
+        "of `eval_metrics`."
+    )
+    best_mode: Literal["auto", "min", "max"] = Field(
+        "auto", description="Whether `best_metric` is minimised or maximised; 'auto' asks the metric (loss: min, "
+        "ROUGE: max, a user metric: max unless its function sets higher_is_better = False)."
+    )
     early_stopping_patience: int | None = Field(
-        None, gt=0, description="Stop after N evaluations without a better validation loss; needs `eval_every`."
+        None, gt=0, description="Stop after N evaluations without a better `best_metric`; needs `eval_every`."
     )
     restore_best: bool = Field(
-        True, description="At the end, load the weights with the best validation loss before saving the result."
+        True, description="At the end, load the weights with the best `best_metric` before saving the result."
+    )
+    report_to: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list, description="Also log metrics to TensorBoard event files (RUN/tensorboard) and/or a "
+        "local MLflow store (RUN/mlruns); both work offline. Needs `pip install 'tunelab[tracking]'`."
     )
     max_consecutive_nonfinite: int = Field(
         5, gt=0, description="A non-finite loss or gradient skips the step; this many in a row aborts the run."
@@ -197,7 +214,21 @@ class TrainingConfig(Section):
     def _patience_needs_eval(self) -> "TrainingConfig":
         if self.early_stopping_patience is not None and self.eval_every is None:
             raise ValueError("early_stopping_patience needs eval_every: set training.eval_every to a step count")
+        if self.best_metric not in ("loss", "perplexity", *self.eval_metrics):
+            raise ValueError(f"best_metric {self.best_metric!r} is not computed: use loss, perplexity, or add it to "
+                             "training.eval_metrics")
         return self
+
+    @field_validator("eval_metrics")
+    @classmethod
+    def _known_metrics(cls, names: list[str]) -> list[str]:
+        from tunelab.eval.metrics import GENERATION_METRICS
+
+        for name in names:  # user metrics ('module:function') are imported when the run starts
+            if name not in GENERATION_METRICS and ":" not in name:
+                raise ValueError(f"unknown metric {name!r}: expected one of {', '.join(GENERATION_METRICS)}, or "
+                                 "'module:function'")
+        return names
 
 
 class EvalConfig(Section):
@@ -210,6 +241,30 @@ class EvalConfig(Section):
     num_samples: int = Field(4, ge=0, description="Validation prompts generated greedily by base and tuned model.")
     max_new_tokens: int = Field(96, gt=0, description="Token budget of each sample generation.")
     batch_size: int = Field(8, gt=0, description="Rows per forward pass during evaluation.")
+    metrics: list[str] = Field(
+        default_factory=lambda: ["exact_match", "rouge_l"],
+        description="Generation metrics of the before/after report, on the `num_samples` sample generations, each "
+        "with its delta and a paired bootstrap 95% interval.",
+    )
+    forgetting: bool = Field(
+        True, description="Forgetting check: loss on general held-out text (shipped public-domain prose) before and "
+        "after training; the run is flagged when it rises past `forgetting_threshold`."
+    )
+    forgetting_threshold: float = Field(
+        0.1, ge=0, description="Relative rise of the held-out loss that flags forgetting (0.1 = 10%)."
+    )
+    forgetting_max_tokens: int = Field(
+        256, ge=16, description="Tokens of held-out text scored (a few hundred keep the check to seconds on a CPU)."
+    )
+    forgetting_text: str | None = Field(
+        None, description="Your own held-out text instead of the shipped one: a plain-text file, paragraphs "
+        "separated by blank lines. Relative paths are relative to the config file."
+    )
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, names: list[str]) -> list[str]:
+        return TrainingConfig._known_metrics(names)
 
 
 class OutputConfig(Section):

@@ -1,0 +1,109 @@
+"""run_info.json: what a run cost and where it ran — parameters, peak memory, wall time per phase, tokens/s,
+library versions and hardware. Written at the end of every run (also when it stops early or fails), so a
+report or ``tunelab runs`` never has to parse logs."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import sys
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+LIBRARIES = ("torch", "transformers", "peft", "accelerate", "datasets", "safetensors", "tunelab")
+
+
+class RunInfo:
+    def __init__(self) -> None:
+        self.started = datetime.now(timezone.utc)
+        self.phases: dict[str, float] = {}
+        self.figures: dict[str, Any] = {}
+        self._open: list[tuple[str, float]] = []  # nested phases: (name, time it last resumed)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Add the wall time of the block to phase ``name`` (a phase may run more than once). A phase opened
+        inside another pauses it, so the phases add up to the wall time instead of counting it twice."""
+        now = time.perf_counter()
+        if self._open:
+            self._stop(now)
+        self._open.append((name, now))
+        try:
+            yield
+        finally:
+            now = time.perf_counter()
+            self._stop(now)
+            self._open.pop()
+            if self._open:
+                self._open[-1] = (self._open[-1][0], now)
+
+    def _stop(self, now: float) -> None:
+        name, since = self._open[-1]
+        self.phases[name] = round(self.phases.get(name, 0.0) + now - since, 3)
+        self._open[-1] = (name, now)
+
+    def as_dict(self, status: str, training_tokens: int, world_size: int) -> dict[str, Any]:
+        training_s = self.phases.get("training", 0.0)
+        finished = datetime.now(timezone.utc)
+        return {
+            "status": status,
+            "started": self.started.isoformat(timespec="seconds"),
+            "finished": finished.isoformat(timespec="seconds"),
+            "wall_time_s": round((finished - self.started).total_seconds(), 3),
+            "phases_s": self.phases,
+            **self.figures,
+            "training_tokens": training_tokens,
+            "tokens_per_s": round(training_tokens / training_s, 1) if training_s else None,
+            "peak_memory": peak_memory(),
+            "world_size": world_size,
+            "versions": versions(),
+            "hardware": hardware(),
+        }
+
+
+def peak_memory() -> dict[str, Any]:
+    """Peak resident memory of this process (ru_maxrss: KiB on Linux, bytes on macOS) and, on a GPU, the most
+    memory torch ever allocated on it."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_bytes = rss if sys.platform == "darwin" else rss * 1024
+    result: dict[str, Any] = {"rss_bytes": rss_bytes, "rss_gib": round(rss_bytes / 2**30, 3)}
+    import torch
+
+    if torch.cuda.is_available():
+        allocated = torch.cuda.max_memory_allocated()
+        result.update(gpu_max_allocated_bytes=allocated, gpu_max_allocated_gib=round(allocated / 2**30, 3))
+    return result
+
+
+def versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def hardware() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {"platform": platform.platform(), "machine": platform.machine(),
+                            "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def _cpu_model() -> str | None:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or None
