@@ -126,3 +126,30 @@ def test_report_to_tensorboard_and_mlflow_offline(tiny_model_dir: Path, tmp_path
     from tunelab.runs import foreign_entries
 
     assert foreign_entries(run_dir) == []
+
+
+def test_runs_table_and_runs_show(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+    from tunelab.runs import list_runs, smoothed_loss
+
+    config = make_config(tiny_model_dir, tmp_path, training={"max_steps": 20, "learning_rate": 2e-3},
+                         output={"dir": str(tmp_path / "runs" / "r1")})
+    run_dir = trainer.train(config, progress=False).run_dir
+    losses = [m["loss"] for m in read_metrics(run_dir) if m["kind"] == "train"]
+    (summary,) = list_runs(tmp_path / "runs")
+    assert summary["train_loss_smoothed"] == pytest.approx(sum(losses[-2:]) / 2)  # the last 10% of 20 steps
+    assert summary["learning_rate"] == 2e-3 and summary["duration_s"] > 0 and summary["started"].startswith("20")
+    assert smoothed_loss([5.0] * 900 + [1.0] * 100) == pytest.approx(1.0)  # at most 50 steps, all in the last 10%
+    runner = CliRunner(env={"COLUMNS": "250"})
+    listed = runner.invoke(app, ["runs", str(tmp_path / "runs")])
+    assert listed.exit_code == 0, listed.output
+    assert "2.0e-03" in listed.output and summary["started"][:10] in listed.output and f"{summary['train_loss_smoothed']:.4f}" in listed.output
+    shown = runner.invoke(app, ["runs", "show", str(run_dir)])
+    assert shown.exit_code == 0, shown.output
+    for text in ("trainable parameters", "tokens/s", "peak memory", "forgetting check", "exact_match base -> tuned",
+                 "torch"):
+        assert text in shown.output, text
+    missing = runner.invoke(app, ["runs", "show", str(tmp_path)])
+    assert missing.exit_code == 2 and "not a tunelab run folder" in missing.output

@@ -131,16 +131,30 @@ def data_inspect(
 
 
 @app.command()
-def runs(root: Annotated[Path, typer.Argument(metavar="FOLDER", help="Folder holding run folders")] = Path("runs")) -> None:
-    """List runs with their key figures (read from each run folder's files)."""
-    from tunelab.console import console, print_runs
-    from tunelab.runs import list_runs
+def runs(
+    folder: Annotated[Path, typer.Argument(metavar="FOLDER|show", help="Folder holding run folders (default runs/), or 'show'")] = Path("runs"),
+    run: Annotated[Optional[Path], typer.Argument(metavar="[RUN]", help="With 'show': the run folder to describe")] = None,
+) -> None:
+    """List runs with their key figures, or describe one: `tunelab runs show RUN`.
 
-    if not root.is_dir():
-        _fail(f"{root}: no such folder (give the folder that holds run folders, by default runs/)")
-    found = list_runs(root)
+    Figures come from each run folder's files (config.yaml, status.json, metrics.jsonl, eval.json, run_info.json).
+    """
+    from tunelab.console import console, print_run_details, print_runs
+    from tunelab.runs import list_runs, run_details
+
+    if str(folder) == "show" and run is not None:
+        try:
+            print_run_details(run_details(run))
+        except _user_errors() as exc:
+            _fail(str(exc))
+        return
+    if run is not None:
+        _fail(f"unexpected argument {run}: use `tunelab runs [FOLDER]` or `tunelab runs show RUN`")
+    if not folder.is_dir():
+        _fail(f"{folder}: no such folder (give the folder that holds run folders, by default runs/)")
+    found = list_runs(folder)
     if not found:
-        console.print(f"no runs in {root}")
+        console.print(f"no runs in {folder}")
         return
     print_runs(found)
 

@@ -43,9 +43,11 @@ def print_before_after(evaluation: dict[str, Any] | None) -> None:
         return
     if evaluation["tuned"] is None:
         console.print(evaluation["note"], style="yellow")
+        print_forgetting(evaluation.get("forgetting"))
         return
     if "base" not in evaluation:  # eval.before_after is off
         console.print(f"validation loss {evaluation['tuned']['loss']:.4f}")
+        print_forgetting(evaluation.get("forgetting"))
         return
     base, tuned = evaluation["base"], evaluation["tuned"]
     table = Table(title="Before / after (validation set)")
@@ -55,7 +57,14 @@ def print_before_after(evaluation: dict[str, Any] | None) -> None:
         change = (tuned[key] - base[key]) / base[key] if base[key] else 0.0
         style = "green" if change < 0 else "red"
         table.add_row(key, f"{base[key]:.4f}", f"{tuned[key]:.4f}", Text(f"{change:+.1%}", style=style))
+    for name, m in (evaluation.get("metrics") or {}).items():
+        good = m["delta"] * (1 if m["higher_is_better"] else -1)
+        style = "green" if m["ci_low" if m["higher_is_better"] else "ci_high"] * (1 if m["higher_is_better"] else -1) > 0 else (
+            "red" if good < 0 else "")
+        table.add_row(f"{name} ({m['examples']} samples)", f"{m['base']:.4f}", f"{m['tuned']:.4f}",
+                      Text(f"{m['delta']:+.4f} [{m['ci_low']:+.3f}, {m['ci_high']:+.3f}]", style=style))
     console.print(table)
+    print_forgetting(evaluation.get("forgetting"))
     for i, sample in enumerate(evaluation.get("samples", []), start=1):
         samples = Table(title=f"Sample {i} ({sample['source']})", show_lines=True, expand=True)
         samples.add_column("reference")
@@ -64,6 +73,15 @@ def print_before_after(evaluation: dict[str, Any] | None) -> None:
         samples.add_row(sample["reference"], sample["base"], sample["tuned"])
         console.print(Text(_last_user_turn(sample["prompt"]), style="bold"))
         console.print(samples)
+
+
+def print_forgetting(check: dict[str, Any] | None) -> None:
+    if not check or "flagged" not in check:
+        return
+    line = (f"forgetting check: held-out text loss {check['base_loss']:.4f} -> {check['tuned_loss']:.4f} "
+            f"({check['relative_change']:+.1%}, threshold {check['threshold']:.0%})")
+    console.print(Text.assemble((line, "bold red" if check["flagged"] else "dim"),
+                                (" FLAGGED: the model may have lost general ability" if check["flagged"] else " ok", "")))
 
 
 def _last_user_turn(prompt: str, limit: int = 300) -> str:
@@ -120,18 +138,73 @@ def print_supervised_example(example: dict[str, Any]) -> None:
     console.print(text)
 
 
+def _figure(value: Any, spec: str = ".4f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
 def print_runs(runs: list[dict[str, Any]]) -> None:
     table = Table(title="Runs")
     table.add_column("run", overflow="fold", ratio=2)  # fold, never truncate: the name is how rows differ
-    for column in ("status", "technique", "model", "step", "train loss", "val loss base -> tuned"):
+    for column in ("status", "date", "duration", "technique", "model", "lr", "step", "train loss (final 10%)",
+                   "val loss base -> tuned"):
         table.add_column(column, overflow="fold")
     for run in runs:
         val = "-"
-        if run["tuned_val_loss"] is not None:
-            base = f"{run['base_val_loss']:.4f}" if run["base_val_loss"] is not None else "?"
+        if run.get("tuned_val_loss") is not None:
+            base = f"{run['base_val_loss']:.4f}" if run.get("base_val_loss") is not None else "?"
             val = f"{base} -> {run['tuned_val_loss']:.4f}"
-        loss = f"{run['train_loss']:.4f}" if run["train_loss"] is not None else "-"
-        table.add_row(run["run"], run["status"], str(run["technique"]), str(run["model"]), str(run["step"]), loss, val)
+            if run.get("forgetting_flagged"):
+                val += " (forgetting!)"
+        started = (run.get("started") or "-").replace("T", " ")[:16]
+        table.add_row(run["run"], run["status"], started, duration(run.get("duration_s")), str(run.get("technique")),
+                      str(run.get("model")), _figure(run.get("learning_rate"), ".1e"), str(run.get("step")),
+                      _figure(run.get("train_loss_smoothed")), val)
+    console.print(table)
+
+
+def print_run_details(details: dict[str, Any]) -> None:
+    """``tunelab runs show RUN``: one run's figures, from its files."""
+    summary, info, evaluation = details["summary"], details["run_info"], details["eval"]
+    table = Table(title=f"Run {summary['run']}", show_header=False)
+    table.add_column("what")
+    table.add_column("value", overflow="fold")
+    rows = [("status", f"{summary['status']} at step {summary['step']}"), ("started", summary.get("started")),
+            ("duration", duration(summary.get("duration_s"))), ("model", summary["model"]),
+            ("technique", summary["technique"]), ("learning rate", _figure(summary["learning_rate"], ".2e")),
+            ("train loss: last / final-10% mean", f"{_figure(summary['train_loss'])} / {_figure(summary['train_loss_smoothed'])}")]
+    if info:
+        params = info.get("trainable_parameters"), info.get("total_parameters")
+        if params[0] is not None:
+            rows.append(("trainable parameters", f"{params[0]:,} of {params[1]:,} ({100 * params[0] / params[1]:.3f}%)"))
+        rows += [("tokens/s (training)", _figure(info.get("tokens_per_s"), ",.1f")),
+                 ("peak memory", f"{_figure((info.get('peak_memory') or {}).get('rss_gib'), '.2f')} GiB RSS"
+                  + (f", {info['peak_memory']['gpu_max_allocated_gib']:.2f} GiB GPU" if "gpu_max_allocated_gib" in info.get("peak_memory", {}) else "")),
+                 ("phases", ", ".join(f"{k} {duration(v)}" for k, v in (info.get("phases_s") or {}).items())),
+                 ("versions", ", ".join(f"{k} {v}" for k, v in (info.get("versions") or {}).items() if v)),
+                 ("hardware", f"{(info.get('hardware') or {}).get('cpu')} x{(info.get('hardware') or {}).get('cpu_count')}"
+                  + (f", {', '.join(info['hardware']['gpus'])}" if info.get("hardware", {}).get("gpus") else ""))]
+    base, tuned = evaluation.get("base") or {}, evaluation.get("tuned") or {}
+    if tuned:
+        rows.append(("validation loss base -> tuned", f"{_figure(base.get('loss'))} -> {_figure(tuned.get('loss'))}"))
+    for name, m in (evaluation.get("metrics") or {}).items():
+        rows.append((f"{name} base -> tuned", f"{m['base']:.4f} -> {m['tuned']:.4f} ({m['delta']:+.4f}, 95% interval "
+                                              f"[{m['ci_low']:+.4f}, {m['ci_high']:+.4f}])"))
+    forgetting = evaluation.get("forgetting") or {}
+    if "flagged" in forgetting:
+        rows.append(("forgetting check", f"held-out loss {forgetting['base_loss']:.4f} -> {forgetting['tuned_loss']:.4f} "
+                                         f"({forgetting['relative_change']:+.1%}; {'FLAGGED' if forgetting['flagged'] else 'ok'})"))
+    for path in details["evaluations"]:
+        rows.append(("tunelab eval report", path))
+    for key, value in rows:
+        table.add_row(key, str(value))
     console.print(table)
 
 

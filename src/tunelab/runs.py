@@ -92,6 +92,15 @@ def truncate_metrics(run_dir: Path, last_step: int) -> None:
     os.replace(tmp, run_dir / "metrics.jsonl")
 
 
+def smoothed_loss(losses: list[float], share: float = 0.1, most: int = 50) -> float | None:
+    """Mean training loss over the final window (the last 10% of logged steps, 1 to 50 of them): one step's
+    loss is noisy, and the final window says where training ended up."""
+    if not losses:
+        return None
+    window = max(1, min(most, round(len(losses) * share)))
+    return sum(losses[-window:]) / window
+
+
 def summarize_run(run_dir: Path) -> dict[str, Any] | None:
     """Key figures of one run folder, or None when the folder is not a tunelab run."""
     config_path = run_dir / "config.yaml"
@@ -100,17 +109,32 @@ def summarize_run(run_dir: Path) -> dict[str, Any] | None:
     config = yaml.safe_load(config_path.read_text()) or {}
     status = read_json(run_dir / "status.json") or {}
     evaluation = read_json(run_dir / "eval.json") or {}
-    train_losses = [m["loss"] for m in read_metrics(run_dir) if m.get("kind") == "train"]
+    info = read_json(run_dir / "run_info.json") or {}
+    train_losses = [m["loss"] for m in read_metrics(run_dir) if m.get("kind") == "train" and not m.get("skipped")]
+    forgetting = evaluation.get("forgetting") or {}
     return {
         "run": str(run_dir),
         "status": status.get("status", "unknown"),
+        "started": info.get("started") or _modified(config_path),
+        "duration_s": info.get("wall_time_s"),
         "model": config.get("model", {}).get("name"),
         "technique": config.get("technique", {}).get("name"),
+        "learning_rate": config.get("training", {}).get("learning_rate"),
         "step": status.get("step"),
         "train_loss": train_losses[-1] if train_losses else None,
+        "train_loss_smoothed": smoothed_loss(train_losses),
         "base_val_loss": (evaluation.get("base") or {}).get("loss"),
         "tuned_val_loss": (evaluation.get("tuned") or {}).get("loss"),
+        "forgetting_flagged": forgetting.get("flagged"),
+        "tokens_per_s": info.get("tokens_per_s"),
+        "peak_rss_gib": (info.get("peak_memory") or {}).get("rss_gib"),
     }
+
+
+def _modified(path: Path) -> str:
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")
 
 
 def list_runs(root: Path) -> list[dict[str, Any]]:
@@ -120,13 +144,29 @@ def list_runs(root: Path) -> list[dict[str, Any]]:
     for run_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         try:
             summary = summarize_run(run_dir)
-        except (OSError, ValueError, yaml.YAMLError, AttributeError) as exc:  # one damaged run must not hide the rest
-            summary = {"run": str(run_dir), "status": f"unreadable ({type(exc).__name__})", "model": None,
-                       "technique": None, "step": None, "train_loss": None, "base_val_loss": None,
-                       "tuned_val_loss": None}
+        except (OSError, ValueError, yaml.YAMLError, AttributeError, TypeError) as exc:  # one damaged run must not hide the rest
+            summary = {"run": str(run_dir), "status": f"unreadable ({type(exc).__name__})"}
         if summary is not None:
             found.append(summary)
     return found
+
+
+def run_details(run_dir: Path) -> dict[str, Any]:
+    """Everything ``tunelab runs show`` prints: the summary plus the run's files, read as they are."""
+    summary = summarize_run(run_dir)
+    if summary is None:
+        raise ConfigError(f"{run_dir}: not a tunelab run folder (no config.yaml)")
+    evals = run_dir / "evals"
+    return {
+        "summary": summary,
+        "config": yaml.safe_load((run_dir / "config.yaml").read_text()) or {},
+        "status": read_json(run_dir / "status.json") or {},
+        "run_info": read_json(run_dir / "run_info.json") or {},
+        "eval": read_json(run_dir / "eval.json") or {},
+        "data": {k: v for k, v in (read_json(run_dir / "data_report.json") or {}).items()
+                 if k in ("records", "train", "validation", "truncation_rate", "warnings")},
+        "evaluations": sorted(str(p.relative_to(run_dir)) for p in evals.glob("*/eval.json")) if evals.is_dir() else [],
+    }
 
 
 # ---------------------------------------------------------------- claiming a run folder, checking a resume
