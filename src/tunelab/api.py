@@ -42,6 +42,27 @@ def load_adapter(model: Any, path: str | Path):  # noqa: ANN201 - the adapted mo
     return attach(model, path)
 
 
+def evaluate(target: str | Path, data: list[str | Path] | str | Path, against: list[str] | None = None,
+             adapter: str | Path | None = None, output: str | Path | None = None, progress: bool = False,
+             **settings: Any) -> dict[str, Any]:
+    """``tunelab eval`` in Python: score ``target`` on ``data`` and compare it with ``against`` ('base', runs or
+    models). ``settings`` are EvalSettings fields (metrics, labels, max_new_tokens, ...); returns eval.json's
+    content and writes the report files."""
+    from dataclasses import fields
+
+    from tunelab.errors import ConfigError
+    from tunelab.eval.runner import EvalSettings
+    from tunelab.eval.runner import evaluate as run_eval
+
+    known = {f.name for f in fields(EvalSettings)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ConfigError(f"unknown evaluation setting(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}")
+    files = [data] if isinstance(data, (str, Path)) else list(data)
+    return run_eval(target, files, against, adapter=adapter, output=output, settings=EvalSettings(**settings),
+                    progress=progress)
+
+
 def inspect_data(files: list[str | Path] | str | Path, config: TunelabConfig | str | Path | dict[str, Any] | None = None,
                  overrides: list[str] | None = None) -> dict[str, Any]:
     """Validate data files and return the data report (the same one every run writes to data_report.json)."""

@@ -65,7 +65,8 @@ def print_before_after(evaluation: dict[str, Any] | None) -> None:
                       Text(f"{m['delta']:+.4f} [{m['ci_low']:+.3f}, {m['ci_high']:+.3f}]", style=style))
     console.print(table)
     print_forgetting(evaluation.get("forgetting"))
-    for i, sample in enumerate(evaluation.get("samples", []), start=1):
+    shown = evaluation.get("samples", [])[:MAX_SAMPLES_SHOWN]
+    for i, sample in enumerate(shown, start=1):
         samples = Table(title=f"Sample {i} ({sample['source']})", show_lines=True, expand=True)
         samples.add_column("reference")
         samples.add_column("base model")
@@ -73,6 +74,12 @@ def print_before_after(evaluation: dict[str, Any] | None) -> None:
         samples.add_row(sample["reference"], sample["base"], sample["tuned"])
         console.print(Text(_last_user_turn(sample["prompt"]), style="bold"))
         console.print(samples)
+    hidden = len(evaluation.get("samples", [])) - len(shown)
+    if hidden > 0:
+        console.print(f"... and {hidden} more sample generations in eval.json", style="dim")
+
+
+MAX_SAMPLES_SHOWN = 3  # the rest are in eval.json
 
 
 def print_forgetting(check: dict[str, Any] | None) -> None:
