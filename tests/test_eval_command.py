@@ -59,7 +59,7 @@ class _Collector(HTMLParser):
 
 def test_eval_against_base_and_another_run_writes_every_report(runs: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "report"
-    result = CliRunner().invoke(app, ["eval", str(runs["a"]), "--data", str(runs["test"]), "--against", "base",
+    result = CliRunner(env={"COLUMNS": "250"}).invoke(app, ["eval", str(runs["a"]), "--data", str(runs["test"]), "--against", "base",
                                       "--against", str(runs["b"]), "--output", str(out), "--max-new-tokens", "6",
                                       "--resamples", "200", "--no-progress"])
     assert result.exit_code == 0, result.output
@@ -85,7 +85,7 @@ def test_eval_against_base_and_another_run_writes_every_report(runs: dict[str, P
         assert metric in text
     markdown = (out / "report.md").read_text()
     assert all(metric in markdown for metric in report["metrics"])
-    assert "against" in result.output and "report.html" in result.output
+    assert "paired bootstrap 95% interval" in result.output and f"{out}/report.html" in result.output
 
 
 def test_predictions_recompute_the_reported_rouge_l(runs: dict[str, Path], tmp_path: Path) -> None:

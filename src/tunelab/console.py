@@ -243,4 +243,5 @@ def print_eval_report(report: dict[str, Any]) -> None:
                     changes.add_column(column, overflow="fold")
                 changes.add_row(example["reference"] or "", example["target"] or "", example["other"] or "")
                 console.print(changes)
-    console.print(f"report: {report['output']}/report.html (and report.md, eval.json, predictions.jsonl)")
+    console.print(f"report: {report['output']}/report.html (and report.md, eval.json, predictions.jsonl)",
+                  soft_wrap=True)  # a path to copy: never broken across lines
