@@ -301,6 +301,31 @@ def serve(
     run_server(application, host, port)
 
 
+@app.command()
+def quantize(
+    run: RunArgument,
+    methods: Annotated[str, typer.Option(help="Comma-separated: int8, nf4, fp4, dynamic-int8, gptq, awq")] = "int8,nf4,fp4,dynamic-int8,gptq,awq",
+    samples: Annotated[int, typer.Option(min=1, help="Validation prompts for the speed and same-answer figures")] = 4,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens generated per prompt when timing")] = 16,
+) -> None:
+    """Quantize a run's result several ways and compare size, memory, speed and validation loss with the
+    unquantized model; the table is saved as RUN/quantize.json. Methods that cannot run here say why."""
+    _setup_logging()
+    import logging
+
+    from tunelab.console import print_quantize_table
+    from tunelab.export.quantize import parse_methods, quantize_run
+
+    say = logging.getLogger("tunelab.quantize").info
+    try:
+        report = quantize_run(run, parse_methods(methods), samples=samples, max_new_tokens=max_new_tokens,
+                              on_row=lambda row: say("%s: %s", row.method, "measured" if row.status == "ok" else row.reason))
+    except _user_errors() as exc:
+        _fail(str(exc))
+    print_quantize_table(report)
+    typer.echo(f"saved {run / 'quantize.json'}")
+
+
 def main() -> None:
     app(prog_name="tunelab")
 

@@ -245,3 +245,26 @@ def print_eval_report(report: dict[str, Any]) -> None:
                 console.print(changes)
     console.print(f"report: {report['output']}/report.html (and report.md, eval.json, predictions.jsonl)",
                   soft_wrap=True)  # a path to copy: never broken across lines
+
+
+def print_quantize_table(report: dict[str, Any]) -> None:
+    """One row per method: size, memory, speed and quality against the unquantized model, or why it was skipped."""
+    table = Table(title=f"quantization of {report['run']} on {report['device']} ({report['prompts']} prompts × "
+                        f"{report['max_new_tokens']} tokens; {report['validation_tokens']} validation tokens)")
+    for column in ("method", "size MB", "memory MB", "tokens/s", "val loss", "Δ loss", "same answers"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+
+    def cell(value: Any, fmt: str) -> str:
+        return "" if value is None else format(value, fmt)
+
+    for row in report["rows"]:
+        if row["status"] != "ok":
+            table.add_row(row["method"], Text("skipped (below)", style="yellow"), "", "", "", "", "")
+            continue
+        table.add_row(row["method"], cell(row["size_mb"], ".1f"), cell(row["memory_mb"], ".1f"),
+                      cell(row["tokens_per_s"], ".1f"), cell(row["val_loss"], ".4f"), cell(row["loss_change"], "+.4f"),
+                      cell(row["same_answers"], ".0%"))
+    console.print(table)
+    for row in report["rows"]:
+        if row["status"] != "ok":
+            console.print(Text.assemble((f"{row['method']} skipped: ", "yellow"), row["reason"]), highlight=False)

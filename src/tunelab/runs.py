@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 # Every name tunelab writes into a run folder. Overwriting a run removes these and nothing else.
 RUN_ENTRIES = frozenset({"config.yaml", "data_report.json", "metrics.jsonl", "eval.json", "base_eval.json",
                          "status.json", "adapter", "model", "tokenizer", "checkpoints",
-                         "run_info.json", "evals", "tensorboard", "mlruns"})
+                         "run_info.json", "evals", "tensorboard", "mlruns",
+                         "quantize.json", "exports"})
 
 
 def _written_by_tunelab(name: str) -> bool:

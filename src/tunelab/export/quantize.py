@@ -1,0 +1,239 @@
+"""`tunelab quantize RUN`: quantize a run's result several ways and measure each against the unquantized model.
+
+Every method starts from the same merged float32 model (the technique's own merge for an adapter run, the
+saved model for a full run) and is measured the same way:
+- size on disk: the quantized model saved with ``save_pretrained`` (safetensors), or the serialized
+  state dict where a method has no safetensors form (torch dynamic int8);
+- memory: bytes of the model's parameters and buffers once loaded (transformers' ``get_memory_footprint``);
+- speed: greedy tokens per second over the validation prompts, a fixed number of new tokens each;
+- quality: validation loss on the run's own validation split (change against the unquantized model), and the
+  share of prompts whose greedy answer is identical to the unquantized model's.
+
+Methods: bitsandbytes ``int8`` (LLM.int8), ``nf4`` and ``fp4`` (4-bit, CPU and CUDA), ``dynamic-int8``
+(torch's own dynamic quantization of linear layers, CPU), ``gptq`` and ``awq`` (calibrated 4-bit; CUDA only,
+through a maintained library). A method that cannot run here gets a row with the reason instead of figures.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from tunelab.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+METHODS = ("int8", "nf4", "fp4", "dynamic-int8", "gptq", "awq")
+REFERENCE = "float32"
+REPORT_NAME = "quantize.json"
+
+
+@dataclass
+class Measured:
+    method: str
+    status: str  # "ok" or "skipped"
+    reason: str | None = None
+    size_mb: float | None = None
+    memory_mb: float | None = None
+    tokens_per_s: float | None = None
+    val_loss: float | None = None
+    loss_change: float | None = None
+    same_answers: float | None = None  # share of prompts answered exactly as the unquantized model does
+    load_s: float | None = None
+
+
+def parse_methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ConfigError(f"--methods: unknown {unknown or 'empty list'}; choose from {', '.join(METHODS)}")
+    return list(dict.fromkeys(methods))
+
+
+def skip_reason(method: str, device: torch.device) -> str | None:
+    """Why ``method`` cannot run on this machine, or None when it can."""
+    import importlib.util
+
+    if method in ("int8", "nf4", "fp4") and importlib.util.find_spec("bitsandbytes") is None:
+        return "bitsandbytes is not installed (pip install bitsandbytes)"
+    if method == "dynamic-int8" and device.type != "cpu":
+        return "torch dynamic quantization runs on the CPU only; use int8 (bitsandbytes) on a GPU"
+    if method in ("gptq", "awq"):
+        if device.type != "cuda":
+            return (f"{method.upper()} needs a CUDA GPU for calibration and its kernels; this machine has none "
+                    "(int8, nf4 and fp4 are the 8- and 4-bit options that run here)")
+        package = {"gptq": "gptqmodel", "awq": "llm-compressor"}[method]
+        return (f"{method.upper()} is not built into tunelab yet: merge the run and quantize the merged folder with "
+                f"{package} on this GPU")
+    return None
+
+
+def _save_size_mb(model: Any) -> float:
+    with tempfile.TemporaryDirectory(prefix="tunelab-q-") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        return sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file()) / 2**20
+
+
+def _state_dict_mb(model: Any) -> float:
+    buffer = io.BytesIO()  # written here, never read back: no pickle is ever loaded
+    torch.save(model.state_dict(), buffer)
+    return buffer.tell() / 2**20
+
+
+def _load_bnb(merged_dir: Path, method: str, device: torch.device) -> Any:
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if method == "int8":
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=method, bnb_4bit_compute_dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(merged_dir, quantization_config=config, device_map=device.type)
+
+
+def _load_dynamic_int8(merged_dir: Path, device: torch.device) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    with warnings.catch_warnings():  # torch.ao is deprecated in favour of torchao, which does not run on every CPU
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import quantize_dynamic
+
+        # The output head stays float: it is tied to the embeddings in many models, and quantizing it costs the
+        # most quality for the least memory (the same exclusion bitsandbytes makes by default).
+        linear = {name for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear) and name != "lm_head"}
+        return quantize_dynamic(model, linear, dtype=torch.qint8)
+
+
+class _Measurer:
+    """What every method is measured on: the validation examples, prompts and the reference's answers."""
+
+    def __init__(self, config: Any, tokenizer: Any, device: torch.device, samples: int, max_new_tokens: int) -> None:
+        from tunelab.data import prepare_data
+        from tunelab.eval import sample_prompts
+        from tunelab.inference import encode
+        from tunelab.models import cache_root
+        from tunelab.objectives import OBJECTIVES
+
+        self.config, self.tokenizer, self.device = config, tokenizer, device
+        data = prepare_data(config.data, tokenizer, cache_root() / "data")
+        if not data.validation:
+            raise ConfigError("quantize: the run has no validation data to measure quality on (data.val_size is 0 "
+                              "and data.validation is empty)")
+        self.validation, self.objective = data.validation, OBJECTIVES[config.objective.name]
+        chat = bool(data.validation_examples[0].messages)
+        prompts = [s["prompt"] for s in sample_prompts(tokenizer, data.validation_examples, samples)]
+        self.prompt_ids = [encode(tokenizer, p, special=not chat) for p in prompts]
+        self.max_new_tokens = max_new_tokens
+        self.reference_answers: list[list[int]] | None = None
+
+    def measure(self, model: Any, method: str, size_mb: float, load_s: float, reference: Measured | None) -> Measured:
+        from tunelab.eval import validation_loss
+
+        memory_mb = model.get_memory_footprint() / 2**20 if hasattr(model, "get_memory_footprint") else None
+        if method == "dynamic-int8":  # packed int8 weights are not parameters: count the serialized state instead
+            memory_mb = _state_dict_mb(model)
+        loss = validation_loss(model, self.validation, self.objective.loss_sum, self.tokenizer.pad_token_id,
+                               self.config.eval.batch_size, self.device)["loss"]
+        answers, seconds = self._answers(model)
+        tokens = sum(len(a) for a in answers)
+        if self.reference_answers is None:
+            self.reference_answers = answers
+        same = sum(a == r for a, r in zip(answers, self.reference_answers)) / max(1, len(answers))
+        return Measured(method, "ok", size_mb=round(size_mb, 2), memory_mb=round(memory_mb, 2) if memory_mb else None,
+                        tokens_per_s=round(tokens / seconds, 2) if seconds else None, val_loss=round(loss, 5),
+                        loss_change=round(loss - reference.val_loss, 5) if reference else 0.0,
+                        same_answers=round(same, 3), load_s=round(load_s, 2))
+
+    @torch.no_grad()
+    def _answers(self, model: Any) -> tuple[list[list[int]], float]:
+        answers, started = [], time.perf_counter()
+        for ids in self.prompt_ids:  # one at a time: the speed of a single request, as a chat user sees it
+            tensor = torch.tensor([ids], device=self.device)
+            out = model.generate(input_ids=tensor, attention_mask=torch.ones_like(tensor), do_sample=False,
+                                 max_new_tokens=self.max_new_tokens, min_new_tokens=self.max_new_tokens,
+                                 pad_token_id=self.tokenizer.pad_token_id)
+            answers.append(out[0, len(ids):].tolist())
+        return answers, time.perf_counter() - started
+
+
+def _merged_float(run_dir: Path, device: torch.device) -> tuple[Any, Any, Any]:
+    """(merged float32 model, tokenizer, run config): the technique's own merge for an adapter, else the model."""
+    from tunelab.result import load_run
+    from tunelab.techniques import TECHNIQUES
+
+    loaded = load_run(run_dir, device=device, dtype="float32")
+    technique = TECHNIQUES[loaded.config.technique.name]
+    if technique.result_dir_name == "model":
+        return loaded.model, loaded.tokenizer, loaded.config
+    del loaded.model
+    merge = getattr(technique, "merge", None)
+    if merge is None:
+        raise ConfigError(f"{run_dir}: a {technique.name} result cannot be merged into the base, so it cannot be "
+                          "quantized as one model")
+    return merge(loaded.config, loaded.result_dir, device).model.eval(), loaded.tokenizer, loaded.config
+
+
+def quantize_run(run: Path, methods: list[str], samples: int = 4, max_new_tokens: int = 16,
+                 device: torch.device | str | None = None,
+                 on_row: Callable[[Measured], None] | None = None) -> dict[str, Any]:
+    """Measure the unquantized model and each method; write and return the report (RUN/quantize.json)."""
+    from tunelab.models import default_device
+    from tunelab.runs import write_json
+
+    run_dir = Path(run)
+    device = torch.device(device) if device is not None else default_device()
+    merged, tokenizer, config = _merged_float(run_dir, device)
+    measurer = _Measurer(config, tokenizer, device, samples, max_new_tokens)
+    rows: list[Measured] = []
+    tmp = Path(tempfile.mkdtemp(prefix="tunelab-merged-"))
+    try:
+        merged.save_pretrained(tmp, safe_serialization=True)  # the start point every method loads from
+        reference = measurer.measure(merged, REFERENCE, _save_size_mb(merged), 0.0, None)
+        rows.append(reference)
+        _report(on_row, reference)
+        del merged
+        for method in methods:
+            rows.append(_one_method(tmp, method, device, measurer, reference))
+            _report(on_row, rows[-1])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    report = {"run": str(run_dir), "device": device.type, "model": config.model.name,
+              "technique": config.technique.name, "prompts": len(measurer.prompt_ids),
+              "max_new_tokens": max_new_tokens, "validation_tokens": sum(len(e.input_ids) for e in measurer.validation),
+              "rows": [vars(r) for r in rows]}
+    write_json(run_dir / REPORT_NAME, report)
+    return report
+
+
+def _report(on_row: Callable[[Measured], None] | None, row: Measured) -> None:
+    if on_row is not None:
+        on_row(row)
+
+
+def _one_method(merged_dir: Path, method: str, device: torch.device, measurer: _Measurer, reference: Measured) -> Measured:
+    reason = skip_reason(method, device)
+    if reason:
+        return Measured(method, "skipped", reason=reason)
+    started = time.perf_counter()
+    try:
+        if method in ("int8", "nf4", "fp4"):
+            model = _load_bnb(merged_dir, method, device)
+            size = _save_size_mb(model)
+        else:  # dynamic-int8 (skip_reason has ruled out every other method)
+            model = _load_dynamic_int8(merged_dir, device)
+            size = _state_dict_mb(model)
+    except (RuntimeError, ValueError, ImportError, NotImplementedError, ConfigError) as exc:
+        log.warning("%s failed: %s", method, exc)
+        return Measured(method, "skipped", reason=f"failed on this machine: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+    load_s = time.perf_counter() - started
+    model.eval()
+    return measurer.measure(model, method, size, load_s, reference)

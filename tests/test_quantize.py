@@ -1,0 +1,65 @@
+"""`tunelab quantize`: one row per method with measured figures, or the reason it was skipped; the unquantized
+row reproduces the run's own validation loss, and smaller formats really are smaller."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from trained_runs import adapter_runs
+from typer.testing import CliRunner
+
+from tunelab.cli import app
+from tunelab.errors import ConfigError
+from tunelab.export.quantize import METHODS, parse_methods, quantize_run
+from tunelab.runs import foreign_entries
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict:
+    run = adapter_runs(tmp_path_factory, tiny_model_dir)["cats"]
+    return quantize_run(run, list(METHODS), samples=2, max_new_tokens=4, device="cpu")
+
+
+def test_a_row_per_method_with_figures_or_a_reason(report: dict) -> None:
+    rows = {r["method"]: r for r in report["rows"]}
+    assert list(rows) == ["float32", *METHODS]
+    for method in ("int8", "nf4", "fp4", "dynamic-int8"):
+        row = rows[method]
+        assert row["status"] == "ok", row
+        assert all(row[k] is not None for k in ("size_mb", "memory_mb", "tokens_per_s", "val_loss", "loss_change", "same_answers"))
+    for method in ("gptq", "awq"):  # this machine has no CUDA GPU
+        assert rows[method]["status"] == "skipped" and "CUDA" in rows[method]["reason"]
+    assert rows["float32"]["loss_change"] == 0 and rows["float32"]["same_answers"] == 1
+    assert rows["nf4"]["size_mb"] < rows["int8"]["size_mb"] < rows["float32"]["size_mb"]
+    assert rows["nf4"]["memory_mb"] < rows["float32"]["memory_mb"]
+
+
+def test_the_unquantized_row_reproduces_the_runs_validation_loss(report: dict) -> None:
+    run = Path(report["run"])
+    trained = json.loads((run / "eval.json").read_text())["tuned"]["loss"]
+    assert report["rows"][0]["val_loss"] == pytest.approx(trained, abs=1e-4)  # the merge kept the adapter's effect
+    base = json.loads((run / "eval.json").read_text())["base"]["loss"]
+    assert abs(report["rows"][0]["val_loss"] - base) > 1e-2  # negative control: the base alone scores otherwise
+
+
+def test_the_report_is_saved_in_the_run_folder(report: dict) -> None:
+    run = Path(report["run"])
+    assert json.loads((run / "quantize.json").read_text()) == report
+    assert "quantize.json" not in foreign_entries(run)  # tunelab's own file: replaced with the run, never the user's
+
+
+def test_unknown_methods_are_refused() -> None:
+    with pytest.raises(ConfigError, match="unknown.*'int3'"):
+        parse_methods("int8,int3")
+    assert parse_methods("nf4, int8,nf4") == ["nf4", "int8"]
+
+
+def test_cli_prints_the_table(report: dict) -> None:
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["quantize", report["run"], "--methods", "dynamic-int8,gptq",
+                                                            "--samples", "1", "--max-new-tokens", "2"])
+    assert result.exit_code == 0, result.output
+    assert "dynamic-int8" in result.output and "gptq skipped: GPTQ needs a CUDA GPU" in result.output
+    result = CliRunner().invoke(app, ["quantize", report["run"], "--methods", "int3"])
+    assert result.exit_code == 2 and "unknown" in result.output
