@@ -28,10 +28,10 @@ def smollm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data = root / "train.jsonl"
     data.write_text("\n".join(QUICKSTART_DATA.read_text().splitlines()[:24]) + "\n")
     config = build_config({
-        "data": {"train": [str(data)], "val_size": 4, "max_length": 128},
+        "data": {"train": [str(data)], "val_size": 2, "max_length": 96},
         "technique": {"name": "lora", "r": 8, "dropout": 0.0},
         "training": {"max_steps": 2, "micro_batch_size": 2, "learning_rate": 1e-3},
-        "eval": {"num_samples": 1, "max_new_tokens": 8},
+        "eval": {"before_after": False, "num_samples": 0},  # the serving is under test here, not the training
         "output": {"dir": str(root / "pydoc-lora")},
     })
     return train(config, progress=False).run_dir

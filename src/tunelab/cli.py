@@ -326,6 +326,37 @@ def quantize(
     typer.echo(f"saved {run / 'quantize.json'}")
 
 
+@app.command()
+def export(
+    run: RunArgument,
+    format_: Annotated[str, typer.Option("--format", help="Export format: gguf")] = "gguf",
+    quant: Annotated[str, typer.Option(help="GGUF type: f32, f16, q8_0, q5_1, q5_0, q4_1, q4_0")] = "f16",
+    out: Annotated[Optional[Path], typer.Option(help="Output file (default RUN/exports/<run>-<quant>.gguf)")] = None,
+    check: Annotated[bool, typer.Option(help="Read the file back and compare greedy tokens with the float model")] = True,
+) -> None:
+    """Export a run's merged model to one GGUF file (llama.cpp, Ollama, LM Studio), chat template included,
+    then load it back and compare its greedy tokens with the unexported model."""
+    _setup_logging()
+    from tunelab.console import console
+    from tunelab.export.gguf import export_gguf
+
+    if format_ != "gguf":
+        _fail(f"--format {format_}: only gguf is exported here (merged safetensors come from `tunelab merge`)")
+    try:
+        report = export_gguf(run, quant, out, check=check)
+    except _user_errors() as exc:
+        _fail(str(exc))
+    console.print(f"wrote {report['file']} ({report['size_mb']} MB, {report['type']})", highlight=False)
+    result = report.get("check")
+    if result:
+        console.print(f"check ({result['loader']}): greedy tokens equal on {result['same_greedy_tokens']:.0%} of "
+                      f"{result['prompts']} prompts (required {result['required_same_greedy_tokens']:.0%} for "
+                      f"{report['type']}), tokenization equal on {result['same_tokenization']:.0%}, chat template "
+                      f"{'carried' if result['chat_template_carried'] else 'LOST'}", highlight=False)
+        if not result["passed"]:
+            _fail("the exported file does not reproduce the model within this type's tolerance", code=1)
+
+
 def main() -> None:
     app(prog_name="tunelab")
 

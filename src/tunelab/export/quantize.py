@@ -165,7 +165,7 @@ class _Measurer:
         return answers, time.perf_counter() - started
 
 
-def _merged_float(run_dir: Path, device: torch.device) -> tuple[Any, Any, Any]:
+def merged_float(run_dir: Path, device: torch.device) -> tuple[Any, Any, Any]:
     """(merged float32 model, tokenizer, run config): the technique's own merge for an adapter, else the model."""
     from tunelab.result import load_run
     from tunelab.techniques import TECHNIQUES
@@ -191,7 +191,7 @@ def quantize_run(run: Path, methods: list[str], samples: int = 4, max_new_tokens
 
     run_dir = Path(run)
     device = torch.device(device) if device is not None else default_device()
-    merged, tokenizer, config = _merged_float(run_dir, device)
+    merged, tokenizer, config = merged_float(run_dir, device)
     measurer = _Measurer(config, tokenizer, device, samples, max_new_tokens)
     rows: list[Measured] = []
     tmp = Path(tempfile.mkdtemp(prefix="tunelab-merged-"))
