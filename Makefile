@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: quickstart test setup clean
+.PHONY: quickstart test mutants setup clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Break each claim in mutants/*.yaml in a scratch copy and run the tests that guard it; any survivor fails.
+# ONLY=word1,word2 runs the mutation files whose name contains one of the words.
+mutants: $(STAMP)
+	$(BIN)/python scripts/mutants.py $(if $(ONLY),--only '$(ONLY)')
 
 clean:
 	rm -rf $(VENV) runs

@@ -63,3 +63,28 @@ def test_another_folder_is_never_replaced(tiny_recipe: Path) -> None:
     assert api.quickstart(["output.dir=runs/mywork"], progress=False).status == "completed"
     with pytest.raises(ConfigError, match="already holds a run"):
         api.quickstart(["output.dir=runs/mywork"], progress=False)
+
+
+def test_a_quickstart_another_live_process_is_writing_is_left_alone(tiny_recipe: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from tunelab.runs import LOCK
+
+    _interrupted_after(2, [], monkeypatch)
+    run_dir = Path(api.QUICKSTART_DIR)
+    status = (run_dir / "status.json").read_text()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:  # e.g. a `make quickstart` still running in another terminal
+        (run_dir / LOCK).write_text(json.dumps({"pid": other.pid, "host": socket.gethostname()}))
+        for overrides in ([], ["training.max_steps=5"]):  # would resume it / would start over
+            with pytest.raises(ConfigError, match=f"being written by another tunelab process \\(pid {other.pid}"):
+                api.quickstart(overrides, progress=False)
+        assert (run_dir / "status.json").read_text() == status
+        assert ckpt.latest_checkpoint(run_dir / "checkpoints").name == "step-000002"
+    finally:
+        other.kill()
+        other.wait()
+    assert api.quickstart(progress=False).status == "completed"  # the lock's process is gone: resumed

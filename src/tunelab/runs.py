@@ -1,9 +1,11 @@
 """The run folder: every report is built from its files, never from logs.
 
     runs/<name>/
+      .tunelab-run.json    the ownership record: which entries tunelab created here (see below)
       config.yaml          the resolved config (defaults filled in)
       data_report.json     the data report
       metrics.jsonl        one JSON line per logged step / evaluation
+      base_eval.json       the untouched model's figures (with the eval settings they were computed with)
       eval.json            before/after: validation loss, perplexity, sample generations
       adapter/ or model/   the result: a standard PEFT adapter, or a plain transformers model
       tokenizer/           the tokenizer used for training, chat template included
@@ -12,6 +14,30 @@
       run_info.json        parameters, peak memory, wall time per phase, tokens/s, library versions, hardware
       evals/<data name>/   reports of `tunelab eval` on this run (eval.json, report.md/html, predictions.jsonl)
       tensorboard/, mlruns/  TensorBoard events and a local MLflow store, when training.report_to asks for them
+      .tunelab-lock        while a process writes the run: its pid and host (a second writer is refused)
+
+Ownership (what tunelab may delete)
+-----------------------------------
+A folder's entries are tunelab's only if tunelab *recorded* creating them, never because of their names: a user's
+own ``model/`` folder or ``eval.json.tmp`` file looks exactly like tunelab's. The record is ``.tunelab-run.json``
+(``{"format": 1, "entries": [...]}``), one top-level name per entry; an entry that is a folder is owned with
+everything in it. Clearing a run (``output.overwrite``, a failed pre-flight) removes recorded entries and their
+temporaries and nothing else.
+
+Every part of tunelab that writes a new file or folder into a run folder goes through this API (the set of
+entries is open: eval reports, merges, quantized exports add their own names):
+
+- ``run_entry(run_dir, name)``: record ``name`` as tunelab's, then return ``run_dir / name`` to write to. The name
+  is recorded *before* anything is written, so a crash mid-write leaves nothing unowned. An entry already there
+  that tunelab did not record is the user's: ``ConfigError``, it is never written over.
+- ``write_run_json(run_dir, name, data)`` / ``write_run_text(run_dir, name, text)``: a whole file, atomically
+  (temporary ``.NAME.tmp`` + rename).
+- ``append_run_line(run_dir, name, line)``: one line appended (metrics.jsonl).
+- ``with new_run_folder(run_dir, name) as tmp:`` fill ``tmp`` (``.tmp-NAME``); on success it replaces ``NAME`` in
+  one rename (the old one moved to ``.old-NAME`` first and deleted last), on an error it is removed.
+- ``remove_run_entry(run_dir, name)``: delete a recorded entry (an unrecorded one is left alone).
+
+Temporaries are recognised exactly: ``.NAME.tmp``, ``.tmp-NAME`` and ``.old-NAME`` for a recorded ``NAME``.
 """
 
 from __future__ import annotations
@@ -20,8 +46,10 @@ import json
 import logging
 import os
 import shutil
+import socket
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import yaml
 
@@ -32,35 +60,206 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-
-# Every name tunelab writes into a run folder. Overwriting a run removes these and nothing else.
+MARKER = ".tunelab-run.json"
+# The entries the trainer itself writes. Informational only: ownership is what the MARKER records, never a name.
 RUN_ENTRIES = frozenset({"config.yaml", "data_report.json", "metrics.jsonl", "eval.json", "base_eval.json",
                          "status.json", "adapter", "model", "tokenizer", "checkpoints",
                          "run_info.json", "evals", "tensorboard", "mlruns",
                          "quantize.json", "exports"})
+LOCK = ".tunelab-lock"
+_FORMAT = 1
 
 
-def _written_by_tunelab(name: str) -> bool:
-    # Besides RUN_ENTRIES: their atomic-write temporaries (".eval.json.tmp") and the result's ".tmp-result".
-    return name in RUN_ENTRIES or name == ".tmp-result" or (name.endswith(".tmp") and name[1:-4] in RUN_ENTRIES)
+# ---------------------------------------------------------------- ownership: what tunelab created here
+
+
+def _check_name(name: str) -> None:
+    if not name or "/" in name or os.sep in name or name.startswith(".") or name in (MARKER, LOCK):
+        raise ValueError(f"run folder entry {name!r}: give one plain name (no '/', not starting with '.')")
+
+
+def owned_entries(run_dir: Path) -> set[str]:
+    """The names tunelab recorded creating in ``run_dir`` (empty for a folder it never claimed)."""
+    try:
+        record = read_json(run_dir / MARKER)
+    except (OSError, ValueError):  # a damaged record: own nothing (deleting too little is the safe side)
+        log.warning("%s is damaged; tunelab treats nothing in %s as its own", run_dir / MARKER, run_dir)
+        return set()
+    if not isinstance(record, dict) or not isinstance(record.get("entries"), list):
+        return set()
+    return {name for name in record["entries"] if isinstance(name, str)}
+
+
+def is_claimed(run_dir: Path) -> bool:
+    return (run_dir / MARKER).is_file()
+
+
+def claim_run_dir(run_dir: Path) -> None:
+    """Create ``run_dir`` if needed and start its ownership record (kept if there is one)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not is_claimed(run_dir):
+        write_json(run_dir / MARKER, {"format": _FORMAT, "entries": []})
+
+
+def _temporaries(name: str) -> tuple[str, str, str]:
+    return f".{name}.tmp", f".tmp-{name}", f".old-{name}"
+
+
+def _is_owned(entry: str, owned: set[str]) -> bool:
+    if entry in owned or entry in (MARKER, LOCK, f".{MARKER}.tmp"):
+        return True
+    return any(entry in _temporaries(name) for name in owned)
+
+
+def run_entry(run_dir: Path, name: str) -> Path:
+    """Record ``name`` as created by tunelab and return its path; refuse a same-named entry that is the user's."""
+    _check_name(name)
+    owned = owned_entries(run_dir)
+    if name in owned:
+        return run_dir / name
+    path = run_dir / name
+    if path.exists() or path.is_symlink():
+        raise ConfigError(f"{path} exists and was not created by tunelab; it is left alone. Move it, or choose "
+                          "another output folder")
+    claim_run_dir(run_dir)
+    write_json(run_dir / MARKER, {"format": _FORMAT, "entries": sorted(owned | {name})})
+    return path
+
+
+def write_run_json(run_dir: Path, name: str, data: Any) -> Path:
+    path = run_entry(run_dir, name)
+    write_json(path, data)
+    return path
+
+
+def write_run_text(run_dir: Path, name: str, text: str) -> Path:
+    path = run_entry(run_dir, name)
+    tmp = path.with_name(f".{name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def append_run_line(run_dir: Path, name: str, line: str) -> None:
+    with open(run_entry(run_dir, name), "a") as handle:
+        handle.write(line if line.endswith("\n") else line + "\n")
+
+
+@contextmanager
+def new_run_folder(run_dir: Path, name: str) -> Iterator[Path]:
+    """Build a folder entry in a temporary folder; it replaces ``name`` only once it is complete."""
+    final = run_entry(run_dir, name)
+    _, tmp_name, old_name = _temporaries(name)
+    tmp, old = run_dir / tmp_name, run_dir / old_name
+    _remove(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    _remove(old)
+    if final.exists():
+        final.rename(old)  # the previous one stays whole until the new one is in place
+    tmp.rename(final)
+    _remove(old)
+
+
+def remove_run_entry(run_dir: Path, name: str) -> None:
+    """Delete a recorded entry and its temporaries; an entry tunelab did not record is never touched."""
+    owned = owned_entries(run_dir)
+    if name not in owned:
+        return
+    for entry in (name, *_temporaries(name)):
+        _remove(run_dir / entry)
+    write_json(run_dir / MARKER, {"format": _FORMAT, "entries": sorted(owned - {name})})
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def foreign_entries(run_dir: Path) -> list[str]:
-    """Names in ``run_dir`` that tunelab did not write."""
+    """Names in ``run_dir`` that tunelab did not record creating."""
     if not run_dir.is_dir():
         return []
-    return sorted(p.name for p in run_dir.iterdir() if not _written_by_tunelab(p.name))
+    owned = owned_entries(run_dir)
+    return sorted(p.name for p in run_dir.iterdir() if not _is_owned(p.name, owned))
 
 
 def clear_run(run_dir: Path) -> None:
-    """Remove a previous run's files, and only those: anything else in the folder is the user's."""
+    """Remove what tunelab recorded creating in ``run_dir``, and only that: anything else is the user's."""
+    owned = owned_entries(run_dir)
     for entry in run_dir.iterdir():
-        if _written_by_tunelab(entry.name):
-            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        if entry.name not in (MARKER, LOCK) and _is_owned(entry.name, owned):
+            _remove(entry)
+    if is_claimed(run_dir):
+        write_json(run_dir / MARKER, {"format": _FORMAT, "entries": []})
+
+
+def release_run_dir(run_dir: Path, created_folder: bool) -> None:
+    """Undo a claim that came to nothing: clear what tunelab wrote, and the folder itself if tunelab made it."""
+    if not run_dir.is_dir():
+        return
+    clear_run(run_dir)
+    if not foreign_entries(run_dir):
+        for name in (MARKER, LOCK):
+            _remove(run_dir / name)
+        if created_folder and not any(run_dir.iterdir()):
+            run_dir.rmdir()
+
+
+# ---------------------------------------------------------------- one writer at a time
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def lock_owner(run_dir: Path) -> dict[str, Any] | None:
+    """The live process holding ``run_dir``'s lock, or None (no lock, or its process is gone)."""
+    try:
+        owner = json.loads((run_dir / LOCK).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(owner, dict) or not isinstance(owner.get("pid"), int):
+        return None
+    if owner.get("host") == socket.gethostname() and not _pid_alive(owner["pid"]):
+        return None  # a stale lock: its process died (killed, power loss)
+    return owner if owner["pid"] != os.getpid() or owner.get("host") != socket.gethostname() else None
+
+
+def acquire_lock(run_dir: Path) -> None:
+    """Refuse to write a run that another live process is writing; otherwise take the lock (pid and host)."""
+    owner = lock_owner(run_dir)
+    if owner is not None:
+        raise ConfigError(f"{run_dir} is being written by another tunelab process (pid {owner['pid']} on "
+                          f"{owner.get('host')}); wait for it to finish, stop it, or choose another output.dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / LOCK, {"pid": os.getpid(), "host": socket.gethostname()})
+
+
+def release_lock(run_dir: Path) -> None:
+    owner = read_json(run_dir / LOCK) if (run_dir / LOCK).is_file() else None
+    if isinstance(owner, dict) and owner.get("pid") == os.getpid():
+        (run_dir / LOCK).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- reading and writing files
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temporary file + rename), so a crash never leaves half a report."""
+    """Write JSON atomically (temporary file + rename), so a crash never leaves half a report. Inside a run
+    folder, use ``write_run_json`` (it records the entry as tunelab's)."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
@@ -182,41 +381,86 @@ def latest_checkpoint(run_checkpoints: Path) -> Path | None:
 
 def prepare_run_dir(config: TunelabConfig, resume: bool) -> Path:
     """Claim the run folder: check a resume against the saved run, or start a new run without ever clearing
-    anyone's files (and write its resolved config.yaml)."""
+    anyone's files (and write its resolved config.yaml). Takes the folder's writer lock (``release_lock``)."""
     run_dir = Path(config.output.dir or "runs/run")
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"output.dir {run_dir} is a file; give a folder for the run")
+    _refuse_a_live_writer(run_dir)
     if resume:
-        if latest_checkpoint(run_dir / "checkpoints") is None:
-            raise ConfigError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
-        blocking, allowed = resume_config_changes(config, run_dir)
-        if blocking:
-            raise ConfigError(f"--resume: the config differs from the run's {run_dir / 'config.yaml'}: " + "; ".join(blocking))
-        for change in allowed:  # e.g. a --set the user forgot to repeat: say so rather than quietly run fewer steps
-            log.warning("--resume changes %s", change)
+        _check_resumable(config, run_dir)
+        acquire_lock(run_dir)
         return run_dir  # the trainer saves the new config.yaml once the resume is under way
     foreign = foreign_entries(run_dir)
     if foreign:  # never write into (let alone clear) a folder holding someone's files
+        unclaimed = "" if is_claimed(run_dir) else " (tunelab keeps a record of what it creates, and there is none here)"
         raise ConfigError(
-            f"output.dir {run_dir} is not empty and is not a tunelab run folder (it holds {', '.join(foreign[:5])}"
-            f"{', ...' if len(foreign) > 5 else ''}); choose a new folder with --set output.dir=..."
+            f"output.dir {run_dir} is not empty and is not a tunelab run folder{unclaimed}: it holds "
+            f"{', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}, which tunelab did not create; choose a "
+            "new folder with --set output.dir=..."
         )
-    if (run_dir / "config.yaml").exists() and _nothing_to_lose(run_dir):
+    has_run = "config.yaml" in owned_entries(run_dir)
+    if has_run and _nothing_to_lose(run_dir):
         log.info("%s holds a run that stopped before its first checkpoint; starting it again", run_dir)
         clear_run(run_dir)
-    if (run_dir / "config.yaml").exists():
+    elif has_run:
         if not config.output.overwrite:
             raise ConfigError(f"{run_dir} already holds a run{_how_to_continue(run_dir)}, choose another folder with "
                               "--set output.dir=..., or replace it with --set output.overwrite=true")
         clear_run(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(config.to_yaml())
+    claim_run_dir(run_dir)
+    acquire_lock(run_dir)
+    write_run_text(run_dir, "config.yaml", config.to_yaml())
     return run_dir
+
+
+def _refuse_a_live_writer(run_dir: Path) -> None:
+    owner = lock_owner(run_dir) if run_dir.is_dir() else None
+    if owner is not None:
+        raise ConfigError(f"{run_dir} is being written by another tunelab process (pid {owner['pid']} on "
+                          f"{owner.get('host')}); wait for it to finish, stop it, or choose another output.dir")
+
+
+def finished_status(run_dir: Path) -> str | None:
+    """'completed' or 'early_stopped' when the run folder holds a finished run, else None."""
+    status = (read_json(run_dir / "status.json") or {}).get("status")
+    return status if status in ("completed", "early_stopped") else None
+
+
+def _check_resumable(config: TunelabConfig, run_dir: Path) -> None:
+    if not is_claimed(run_dir) or "config.yaml" not in owned_entries(run_dir):
+        raise ConfigError(f"--resume: {run_dir} holds no run that tunelab started (no {MARKER} record of one)")
+    latest = latest_checkpoint(run_dir / "checkpoints")
+    blocking, allowed = resume_config_changes(config, run_dir)
+    finished = finished_status(run_dir)
+    if finished is not None:
+        _check_extending(run_dir, finished, latest, allowed)
+    if latest is None:
+        raise ConfigError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
+    if blocking:
+        raise ConfigError(f"--resume: the config differs from the run's {run_dir / 'config.yaml'}: " + "; ".join(blocking))
+    for change in allowed:  # e.g. a --set the user forgot to repeat: say so rather than quietly run fewer steps
+        log.warning("--resume changes %s", change)
+
+
+def _check_extending(run_dir: Path, finished: str, latest: Path | None, allowed: list[str]) -> None:
+    """A finished run resumes only to train further (more steps or epochs) from a checkpoint of its last step:
+    an older checkpoint would roll the run back and replace its result with a retrained one."""
+    step = (read_json(run_dir / "status.json") or {}).get("step")
+    more_steps = any(c.startswith(("training.max_steps:", "training.epochs:")) for c in allowed)
+    if not more_steps:
+        raise ConfigError(f"--resume: {run_dir} is already finished ({finished} at step {step}); there is nothing "
+                          "to resume, and its result and eval.json stay as they are. To train it further, raise "
+                          "training.max_steps (or epochs) with --resume, or start a new run in another output.dir")
+    latest_step = int(latest.name.split("-")[1]) if latest is not None else None
+    if latest_step != step:
+        raise ConfigError(f"--resume: {run_dir} is already finished ({finished} at step {step}) and has no checkpoint "
+                          f"of that step (latest: {latest.name if latest else 'none'}), so it cannot be continued "
+                          "without retraining and replacing its result; start a new run in another output.dir")
 
 
 def _how_to_continue(run_dir: Path) -> str:
     status = (read_json(run_dir / "status.json") or {}).get("status", "unknown")
-    if status in ("completed", "early_stopped"):
+    if finished_status(run_dir):
         return f" that is finished ({status})"
     if latest_checkpoint(run_dir / "checkpoints") is not None:
         return f" ({status}, with a checkpoint). Continue it with --resume"

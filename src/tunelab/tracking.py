@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tunelab.runs import run_entry  # recorded in the run's ownership record before it is written
 from tunelab.errors import ConfigError
 
 INSTALL_HINT = "install it with: pip install 'tunelab[tracking]'"
@@ -23,7 +24,7 @@ class Trackers:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise ConfigError(f"training.report_to: tensorboard needs the tensorboard package; {INSTALL_HINT}") from None
-            self._tensorboard = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            self._tensorboard = SummaryWriter(log_dir=str(run_entry(run_dir, "tensorboard")))
         if "mlflow" in names:
             try:
                 import mlflow
@@ -32,7 +33,7 @@ class Trackers:
             # A plain folder store: it needs no database package and opens with `mlflow ui`. MLflow 3 keeps it in
             # maintenance mode behind this documented opt-in (a database store would need SQLAlchemy and Alembic).
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-            self._mlflow = mlflow.tracking.MlflowClient(tracking_uri=(run_dir / "mlruns").resolve().as_uri())
+            self._mlflow = mlflow.tracking.MlflowClient(tracking_uri=run_entry(run_dir, "mlruns").resolve().as_uri())
             self._mlflow_run = self._start_mlflow_run(run_dir, config, resume)
 
     def _start_mlflow_run(self, run_dir: Path, config: dict[str, Any], resume: bool) -> str:

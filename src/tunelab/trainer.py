@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import signal
 import time
 from contextlib import contextmanager, nullcontext
@@ -34,7 +33,8 @@ from tunelab.eval.training import (OverfittingSignal, compare_samples, is_better
 from tunelab.models import cache_root, load_model, load_tokenizer, model_skeleton
 from tunelab.objectives import OBJECTIVES, ObjectiveSpec
 from tunelab.run_info import RunInfo
-from tunelab.runs import check_same_data, prepare_run_dir, read_json, truncate_metrics, write_json
+from tunelab import runs
+from tunelab.runs import check_same_data, prepare_run_dir, read_json, truncate_metrics, write_run_json
 from tunelab.schedule import make_scheduler
 from tunelab.techniques import TECHNIQUES, RunContext, TechniqueError, count_parameters
 
@@ -269,8 +269,7 @@ class _Context:
         if record["kind"] == "train" and not record.get("skipped"):
             self.overfitting.observe_train(record["loss"])
         if self.is_main:
-            with open(self.run_dir / "metrics.jsonl", "a") as handle:
-                handle.write(_json_line(record))
+            runs.append_run_line(self.run_dir, "metrics.jsonl", _json_line(record))
             if self.trackers is not None:
                 self.trackers.log(record)
 
@@ -317,7 +316,7 @@ class _Context:
             return
         self.accelerator.wait_for_everyone()
         if self.is_main:
-            root = self.run_dir / "checkpoints"
+            root = runs.run_entry(self.run_dir, "checkpoints")
             model = self.accelerator.unwrap_model(self.model)
             ckpt.save_checkpoint(root, state.step, model, self.optimizer, self.scheduler, state.__dict__, ckpt.rng_state())
             ckpt.rotate(root, {state.step} | ({state.best_step} if state.best_step is not None else set()))
@@ -346,8 +345,14 @@ def _base_evaluation(ctx: _Context, samples: list[dict[str, str]]) -> dict[str, 
     before_after = ctx.config.eval.before_after and bool(ctx.data.validation)
     if not before_after and not ctx.config.eval.forgetting:
         return None
-    if path.is_file():
-        return read_json(path)
+    # The settings the figures depend on: a resume with other eval.* settings must not compare base figures from
+    # one validation subset with tuned figures from another. (The data cannot change on resume: fingerprinted.)
+    settings = ctx.config.eval.model_dump(mode="json", exclude={"batch_size"})
+    saved = read_json(path) if path.is_file() else None
+    if saved is not None and saved.get("settings") == settings:
+        return saved
+    if saved is not None:
+        log.info("eval settings changed since base_eval.json was computed: computing the base figures again")
     result: dict[str, Any] = {}
     if before_after:
         result = ctx.validation_loss()
@@ -355,8 +360,9 @@ def _base_evaluation(ctx: _Context, samples: list[dict[str, str]]) -> dict[str, 
                                              plain_text=_plain_text(ctx.data), batch_size=ctx.config.eval.batch_size)
     if ctx.config.eval.forgetting:
         result["forgetting"] = _heldout_loss(ctx, ctx.model)
+    result["settings"] = settings
     if ctx.is_main:
-        write_json(path, result)
+        write_run_json(ctx.run_dir, path.name, result)
     return result
 
 
@@ -385,18 +391,17 @@ def _plain_text(data: PreparedData) -> bool:
 def _save_result(ctx: _Context) -> Path:
     """Write the adapter or model (atomically: into a temporary folder, then renamed) and the tokenizer."""
     model = ctx.accelerator.unwrap_model(ctx.model)
-    tmp = ctx.run_dir / ".tmp-result"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    written = ctx.technique.save(model, tmp)
-    if ctx.technique.result_dir_name == "model":
-        ctx.tokenizer.save_pretrained(written)  # a full model folder is self-contained
-    final = ctx.run_dir / written.name
-    shutil.rmtree(final, ignore_errors=True)
-    written.rename(final)
-    shutil.rmtree(tmp, ignore_errors=True)
-    ctx.tokenizer.save_pretrained(ctx.run_dir / "tokenizer")
-    return final
+    name = ctx.technique.result_dir_name
+    with runs.new_run_folder(ctx.run_dir, name) as tmp:
+        written = ctx.technique.save(model, tmp)  # a technique saves into <folder>/<result_dir_name>
+        if name == "model":
+            ctx.tokenizer.save_pretrained(written)  # a full model folder is self-contained
+        for item in list(written.iterdir()):  # lift it into the entry's own temporary folder
+            item.rename(tmp / item.name)
+        written.rmdir()
+    with runs.new_run_folder(ctx.run_dir, "tokenizer") as tmp:
+        ctx.tokenizer.save_pretrained(tmp)
+    return ctx.run_dir / name
 
 
 def _best_is_restored(ctx: _Context, state: LoopState) -> bool:
@@ -425,7 +430,7 @@ def _final_evaluation(ctx: _Context, state: LoopState, base: dict[str, Any] | No
                                   "tuned": tuned}
     if base is not None and "loss" in base:
         outputs = ctx.sample_outputs() if ctx.is_main else []
-        evaluation["base"] = {k: v for k, v in base.items() if k not in ("samples", "forgetting")}
+        evaluation["base"] = {k: v for k, v in base.items() if k not in ("samples", "forgetting", "settings")}
         evaluation["loss_change"] = round(tuned["loss"] - base["loss"], 6)
         evaluation["relative_loss_change"] = round((tuned["loss"] - base["loss"]) / base["loss"], 4) if base["loss"] else None
         evaluation["samples"] = [{**s, "base": b, "tuned": t} for s, b, t in zip(samples, base["samples"], outputs)]
@@ -459,7 +464,15 @@ def _library_progress_bars(enabled: bool) -> Iterator[None]:
 
 
 def _train(config: TunelabConfig, resume: bool, progress: bool) -> RunResult:
+    created = not Path(config.output.dir or "runs/run").exists()
     run_dir = prepare_run_dir(config, resume)
+    try:
+        return _train_in(config, run_dir, resume, progress, created)
+    finally:
+        runs.release_lock(run_dir)
+
+
+def _train_in(config: TunelabConfig, run_dir: Path, resume: bool, progress: bool, created: bool) -> RunResult:
     ctx = _Context(config, run_dir, progress)
     state, phase = LoopState(), "set-up"
     try:
@@ -468,7 +481,7 @@ def _train(config: TunelabConfig, resume: bool, progress: bool) -> RunResult:
         with ctx.info.phase("set-up"):
             state, base, samples = _set_up(ctx, resume)
         if resume:  # only now, once the checkpoint, data and config all fit: a refused resume changes nothing
-            (run_dir / "config.yaml").write_text(config.to_yaml())
+            runs.write_run_text(run_dir, "config.yaml", config.to_yaml())
         _write_status(ctx, "running", state)
         phase, tokens_before = "loop", state.tokens_seen
         with ctx.info.phase("training"):
@@ -490,9 +503,9 @@ def _train(config: TunelabConfig, resume: bool, progress: bool) -> RunResult:
         if ctx.is_main:
             with ctx.info.phase("saving"):
                 _save_result(ctx)
-            write_json(run_dir / "eval.json", evaluation)
+            write_run_json(run_dir, "eval.json", evaluation)
     except BaseException as exc:
-        _record_failure(ctx, state, phase, resume, exc)
+        _record_failure(ctx, state, phase, resume, exc, created)
         raise
     _write_status(ctx, status, state)
     _finish_tracking(ctx, state, status)
@@ -506,14 +519,20 @@ def _finish_tracking(ctx: _Context, state: LoopState, status: str) -> None:
     if not ctx.is_main:
         return
     tokens = ctx.info.figures.pop("training_tokens_this_session", 0)
-    write_json(ctx.run_dir / "run_info.json", {"step": state.step, **ctx.info.as_dict(status, tokens, ctx.accelerator.num_processes)})
+    write_run_json(ctx.run_dir, "run_info.json",
+                   {"step": state.step, **ctx.info.as_dict(status, tokens, ctx.accelerator.num_processes)})
     if ctx.trackers is not None:
         ctx.trackers.close("FINISHED" if status in ("completed", "early_stopped") else "KILLED")
 
 
-def _record_failure(ctx: _Context, state: LoopState, phase: str, resume: bool, exc: BaseException) -> None:
+def _record_failure(ctx: _Context, state: LoopState, phase: str, resume: bool, exc: BaseException,
+                    created: bool) -> None:
     """Leave the run folder resumable and say what happened in status.json."""
     if resume and phase == "set-up":  # a refused or failed resume: the run stays as it was, still resumable
+        return
+    if phase == "set-up":  # a pre-flight error: the run never started, so it leaves nothing behind
+        if ctx.is_main:
+            runs.release_run_dir(ctx.run_dir, created)
         return
     interrupted = isinstance(exc, KeyboardInterrupt)
     if interrupted and phase == "trained":  # Ctrl-C during the final evaluation: keep the trained steps
@@ -535,7 +554,7 @@ def _set_up(ctx: _Context, resume: bool) -> tuple[LoopState, dict[str, Any] | No
     if resume:
         check_same_data(run_dir, ctx.data.report)
     if ctx.is_main:
-        write_json(run_dir / "data_report.json", ctx.data.report)
+        write_run_json(run_dir, "data_report.json", ctx.data.report)
     if config.training.eval_every and not ctx.data.validation:
         raise ConfigError("training.eval_every needs validation data, and there is none: set data.val_size above 0 "
                           "or give data.validation (or leave eval_every unset)")
@@ -599,7 +618,7 @@ def _check_technique_fits(ctx: _Context) -> None:
 
 def _write_status(ctx: _Context, status: str, state: LoopState, error: str | None = None) -> None:
     if ctx.is_main:
-        write_json(ctx.run_dir / "status.json", {
+        write_run_json(ctx.run_dir, "status.json", {
             "status": status, "step": state.step, "total_steps": ctx.plan.total_steps if ctx.plan else None,
             "nonfinite_skipped": state.nonfinite_skipped, "error": error,
         })
