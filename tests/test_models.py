@@ -24,7 +24,8 @@ def test_offline_hub_id_says_what_to_download_and_where(monkeypatch: pytest.Monk
     with pytest.raises(ModelLoadError) as error:
         load_model(ModelConfig(name="HuggingFaceTB/SmolLM2-360M-Instruct"))
     message = str(error.value)
-    assert "huggingface-cli download HuggingFaceTB/SmolLM2-360M-Instruct --local-dir models/SmolLM2-360M-Instruct" in message
+    assert "hf download HuggingFaceTB/SmolLM2-360M-Instruct --local-dir models/SmolLM2-360M-Instruct" in message
+    assert "huggingface-cli" not in message  # huggingface_hub 1.x no longer ships it
     assert "model.name: models/SmolLM2-360M-Instruct" in message and "smollm2-135m-instruct" in message
 
 
@@ -45,3 +46,26 @@ def test_embedded_alias_needs_its_package(monkeypatch: pytest.MonkeyPatch, tmp_p
 def test_dtype_auto_is_float32_on_cpu() -> None:
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+
+
+def test_the_download_command_in_the_hint_exists() -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    hf = shutil.which("hf", path=str(Path(sys.executable).parent))
+    assert hf is not None, "huggingface_hub's `hf` command is what the hint names"
+    done = subprocess.run([hf, "download", "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "--local-dir" in done.stdout
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "SmolLM2-135M-Instruct", "smollm2-135m-instruc", "smol-135m-instruct"])
+def test_a_near_miss_of_the_embedded_alias_gets_a_did_you_mean(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout_s=3.0: pytest.fail("must not ask the hub"))
+    with pytest.raises(ModelLoadError, match="did you mean 'smollm2-135m-instruct'"):
+        load_tokenizer(ModelConfig(name=name))
+
+
+def test_a_hub_id_or_an_unrelated_name_is_not_second_guessed() -> None:
+    assert resolve_model_path("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+    assert resolve_model_path("gpt2") == "gpt2"

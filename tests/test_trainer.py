@@ -65,13 +65,22 @@ def test_gradient_accumulation_equals_the_big_batch(tiny_model_dir: Path) -> Non
     for name in big:
         torch.testing.assert_close(accumulated[name], big[name], rtol=1e-5, atol=1e-7, msg=name)
 
-    # Negative control: the naive mean of per-micro-batch means weights the 3-token batch like the 40-token one.
+    # Negative control: the naive mean of per-micro-batch means, (1/M) * sum_i mean_i (each micro-batch counts as
+    # one unit, so the loop's 1/total scale is exactly 1/M), weights the 3-token batch like the 40-token one...
     def mean_of_means(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossSum:
         result = spec.loss_sum(model, batch)
-        return LossSum(result.loss_sum / result.num_units / len(examples), 1)
+        return LossSum(result.loss_sum / result.num_units, 1)
 
-    naive = _grads_after(model, [collate([[e]], pad_id=0) for e in examples], ObjectiveSpec(mean_of_means, lambda b: 1))
+    naive_spec = ObjectiveSpec(mean_of_means, lambda b: 1)
+    naive = _grads_after(model, [collate([[e]], pad_id=0) for e in examples], naive_spec)
     assert any(not torch.allclose(naive[n], big[n], rtol=1e-3) for n in big)
+    # ... and equals the big batch when every micro-batch has the same number of supervised tokens: the control
+    # is the true mean of means, different only where token counts differ.
+    even = [_example(20, 10, 4), _example(35, 10, 5), _example(12, 10, 6), _example(28, 10, 7)]
+    even_big = _grads_after(model, [collate([[e] for e in even], pad_id=0)], spec)
+    even_naive = _grads_after(model, [collate([[e]], pad_id=0) for e in even], naive_spec)
+    for name in even_big:
+        torch.testing.assert_close(even_naive[name], even_big[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 @pytest.mark.parametrize("technique", [{"name": "full"}, {"name": "lora", "r": 4, "dropout": 0.0}], ids=["full", "lora"])

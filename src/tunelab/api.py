@@ -64,8 +64,10 @@ def evaluate(target: str | Path, data: list[str | Path] | str | Path, against: l
 
 
 def inspect_data(files: list[str | Path] | str | Path, config: TunelabConfig | str | Path | dict[str, Any] | None = None,
-                 overrides: list[str] | None = None) -> dict[str, Any]:
-    """Validate data files and return the data report (the same one every run writes to data_report.json)."""
+                 overrides: list[str] | None = None, index: int = 0, count: int = 1) -> dict[str, Any]:
+    """Validate data files and return the data report (the same one every run writes to data_report.json), plus
+    ``examples``: records ``index`` to ``index + count - 1`` (0-based, over the files in order) tokenized, each as
+    segments marked supervised or not."""
     from tunelab.data import prepare_data
     from tunelab.models import load_tokenizer
 
@@ -73,7 +75,24 @@ def inspect_data(files: list[str | Path] | str | Path, config: TunelabConfig | s
     cfg = as_config(config or {}, overrides)
     data_config = cfg.data.model_copy(update={"train": [str(Path(f).resolve()) for f in files], "cache": False})
     tokenizer = load_tokenizer(cfg.model)
-    return prepare_data(data_config, tokenizer).report
+    report = prepare_data(data_config, tokenizer).report  # also sets the tokenizer's chat template as training would
+    report["examples"] = _tokenized_records(data_config, tokenizer, index, count)
+    return report
+
+
+def _tokenized_records(data_config: Any, tokenizer: Any, index: int, count: int) -> list[dict[str, Any]]:
+    from tunelab.data import DataError, load_file, tokenize_example
+    from tunelab.data.report import mask_segments
+
+    if index < 0 or count < 1:
+        raise DataError(f"index {index}, count {count}: give an index of 0 or more and a count of 1 or more")
+    records = [e for path in data_config.train for e in load_file(path, data_config.format).examples]
+    if index >= len(records):
+        raise DataError(f"--index {index}: the data has {len(records)} records, so the index goes from 0 to "
+                        f"{len(records) - 1}")
+    return [{"source": e.source,
+             "segments": mask_segments(tokenizer, tokenize_example(tokenizer, e, data_config.train_on_prompt))}
+            for e in records[index:index + count]]
 
 
 QUICKSTART_DIR = "runs/quickstart"

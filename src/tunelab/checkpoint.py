@@ -8,8 +8,10 @@ A checkpoint is a folder ``checkpoints/step-000010/`` holding:
 - ``state.json``: the loop's counters (step, best validation loss, skipped steps, ...);
 - ``COMPLETE``: written last.
 
-Everything is written into ``.tmp-step-000010`` first, then renamed: a crash mid-save leaves only a temporary
-folder, which is ignored, and the previous checkpoint intact. Rotation keeps the latest and the best.
+Everything is written into ``.tmp-step-000010`` first, every file and the folder are fsynced, then ``COMPLETE``
+is written (and fsynced), then the folder is renamed: a crash mid-save leaves only a temporary folder, which is
+ignored, and the previous checkpoints intact. Saving a step that already has a checkpoint moves the old one to
+``.old-step-000010`` and deletes it only once the new one is in place. Rotation keeps the latest and the best.
 """
 
 from __future__ import annotations
@@ -58,13 +60,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
 def save_checkpoint(
     root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
     state: dict[str, Any], rng: dict[str, Any],
 ) -> Path:
+    """Write a checkpoint; a crash or power loss at any moment leaves the previous complete checkpoints intact."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
-    tmp = root / f".tmp-{checkpoint_name(step)}"
+    tmp, old = root / f".tmp-{checkpoint_name(step)}", root / f".old-{checkpoint_name(step)}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -73,24 +81,44 @@ def save_checkpoint(
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng, tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        # Every file's data and the folder's names reach the disk before the marker says "complete": otherwise a
+        # power loss could leave a COMPLETE checkpoint whose files are truncated (the OS writes back in any order).
+        for path in sorted(tmp.iterdir()):
+            _fsync_file(path)
+        _fsync_dir(tmp)
         with open(tmp / COMPLETE, "w") as handle:
             handle.write(f"step {step}\n")
             handle.flush()
             os.fsync(handle.fileno())
-        if final.exists():  # the same step saved again (e.g. Ctrl-C right after a periodic save)
-            shutil.rmtree(final)
+        _fsync_dir(tmp)
+        if final.exists():  # the same step saved again (e.g. Ctrl-C right after a resume): keep it until replaced
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)  # the atomic moment: before it the old checkpoints are all there is
         _fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.is_dir() and not final.exists():
+            os.replace(old, final)
         raise
+    shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _recover_replaced(root: Path) -> None:
+    """A hard kill between moving a checkpoint aside (``.old-step-N``) and renaming its replacement in leaves no
+    ``step-N``: put the complete old one back."""
+    for old in root.glob(".old-step-*"):
+        final = root / old.name[len(".old-"):]
+        if not final.exists() and (old / COMPLETE).is_file():
+            os.replace(old, final)
 
 
 def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints, oldest first. Temporary and half-written folders are ignored."""
     if not root.is_dir():
         return []
+    _recover_replaced(root)
     found = [p for p in root.iterdir()
              if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit() and (p / COMPLETE).is_file()]
     return sorted(found, key=lambda p: int(p.name[5:]))  # by step: step-1000000 comes after step-999999

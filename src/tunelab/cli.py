@@ -12,13 +12,52 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 from rich.text import Text
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune open language models, measure, ship.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune open language models, measure, ship.",
+                  epilog="Start with `tunelab quickstart`; `tunelab COMMAND --help` shows each command's examples.")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect configs.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect and validate data before training.")
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
 
 SetOption = Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override a config field (repeatable): --set training.max_steps=10")]
+DataSetOption = Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override a config field (repeatable): --set data.max_length=512")]
+
+
+def _examples(*lines: str) -> str:
+    """A --help epilog: one example command per line (\b keeps click from re-flowing them into one paragraph)."""
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"tunelab {version('tunelab')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit")] = False,
+) -> None:
+    """Fine-tune open language models, measure, ship."""
+
+
+def invoked_as(argv0: str | None = None) -> str:
+    """The command the user typed to start tunelab, so a printed command can be pasted back as it is:
+    `.venv/bin/tunelab` when that is how it was run (it is not on PATH then), `tunelab` when PATH finds it."""
+    import shutil
+
+    argv0 = sys.argv[0] if argv0 is None else argv0
+    path = Path(argv0)
+    if path.name in ("tunelab", "tunelab.exe"):
+        found = shutil.which("tunelab")
+        if found and Path(found).resolve() == path.resolve():
+            return "tunelab"
+        return argv0
+    if path.name in ("cli.py", "__main__.py") and path.parent.name == "tunelab":
+        return f"{shlex.quote(sys.executable)} -m tunelab"
+    return "tunelab"  # an embedding program (tests, a notebook): the documented name
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -58,7 +97,11 @@ def _setup_logging() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-@app.command()
+@app.command(epilog=_examples(
+    ".venv/bin/tunelab train examples/beginner/lora-own-chat-data.yaml --set data.train=my_data.jsonl",
+    ".venv/bin/tunelab train CONFIG --set training.max_steps=20 --set output.dir=runs/short",
+    ".venv/bin/tunelab train CONFIG --resume          # after Ctrl-C: continue from the checkpoint",
+))
 def train(
     config: Annotated[Path, typer.Argument(metavar="CONFIG", help="YAML config file")],
     set_: SetOption = None,
@@ -73,8 +116,9 @@ def train(
     try:
         cfg = load_config(config, set_)
         # The way back after Ctrl-C: this very command with --resume, every --set repeated.
-        again = ["tunelab", "train", str(config), "--resume", *(f"--set={item}" for item in set_ or [])]
-        _run_training(lambda: run_train(cfg, resume=resume, progress=progress), resume_command=shlex.join(again))
+        again = ["train", str(config), "--resume", *(f"--set={item}" for item in set_ or [])]
+        _run_training(lambda: run_train(cfg, resume=resume, progress=progress),
+                      resume_command=f"{invoked_as()} {shlex.join(again)}")
     except _user_errors() as exc:
         _fail(str(exc))
 
@@ -97,31 +141,47 @@ def _run_training(start: Callable[[], Any], resume_command: str) -> None:
     console.print(Text.assemble((result.status, "bold green"), f" after {result.step} steps. Run folder: {result.run_dir}"))
 
 
-@config_app.command("show")
-def config_show(config: Annotated[Path, typer.Argument(metavar="CONFIG", help="YAML config file")], set_: SetOption = None) -> None:
-    """Print the resolved config, every default filled in."""
+@config_app.command("show", epilog=_examples(
+    ".venv/bin/tunelab config show examples/beginner/lora-own-chat-data.yaml",
+    ".venv/bin/tunelab config show CONFIG --set technique.r=16 --no-descriptions",
+))
+def config_show(
+    config: Annotated[Path, typer.Argument(metavar="CONFIG", help="YAML config file")], set_: SetOption = None,
+    descriptions: Annotated[bool, typer.Option(help="Put each field's description above it, as a YAML comment")] = True,
+) -> None:
+    """Print the resolved config, every default filled in, each field with its description."""
+    import yaml
+
     from tunelab.config import ConfigError, load_config
+    from tunelab.config.describe import describe_yaml
 
     try:
-        typer.echo(load_config(config, set_).to_yaml())
+        cfg = load_config(config, set_)
     except ConfigError as exc:
         _fail(str(exc))
+    typer.echo(describe_yaml(cfg, yaml.safe_load(cfg.to_yaml())) if descriptions else cfg.to_yaml())
 
 
-@data_app.command("inspect")
+@data_app.command("inspect", epilog=_examples(
+    ".venv/bin/tunelab data inspect my_data.jsonl --config examples/beginner/lora-own-chat-data.yaml",
+    ".venv/bin/tunelab data inspect my_data.jsonl --index 10 --count 3   # records 10, 11 and 12",
+    ".venv/bin/tunelab data inspect a.jsonl b.csv --set data.max_length=512 --json",
+))
 def data_inspect(
     file: Annotated[list[Path], typer.Argument(metavar="FILE...", help="Data file(s) to inspect")],
     config: Annotated[Optional[Path], typer.Option(help="Config whose model/tokenizer and data settings to use")] = None,
-    set_: SetOption = None,
+    set_: DataSetOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
+    index: Annotated[int, typer.Option(min=0, help="First record to show tokenized (0 = the first, counted over the files in order)")] = 0,
+    count: Annotated[int, typer.Option(min=1, help="How many records to show from --index on")] = 1,
 ) -> None:
-    """Validate data files and print the data report, with one example's supervised tokens highlighted."""
+    """Validate data files and print the data report, with records' supervised tokens highlighted."""
     _setup_logging()
     from tunelab.api import inspect_data
     from tunelab.console import print_data_report
 
     try:
-        report = inspect_data(file, config, set_)
+        report = inspect_data(file, config, set_, index=index, count=count)
     except _user_errors() as exc:
         _fail(str(exc))
     if as_json:
@@ -130,7 +190,8 @@ def data_inspect(
         print_data_report(report)
 
 
-@app.command()
+@app.command(epilog=_examples(".venv/bin/tunelab runs", ".venv/bin/tunelab runs path/to/folder-of-runs",
+                             ".venv/bin/tunelab runs show runs/quickstart"))
 def runs(
     folder: Annotated[Path, typer.Argument(metavar="FOLDER|show", help="Folder holding run folders (default runs/), or 'show'")] = Path("runs"),
     run: Annotated[Optional[Path], typer.Argument(metavar="[RUN]", help="With 'show': the run folder to describe")] = None,
@@ -208,7 +269,10 @@ def eval_command(
     print_eval_report(report)
 
 
-@app.command()
+@app.command(epilog=_examples(
+    ".venv/bin/tunelab quickstart                       # run again after Ctrl-C: it resumes",
+    ".venv/bin/tunelab quickstart --set training.max_steps=10",
+))
 def quickstart(
     set_: SetOption = None,
     progress: Annotated[bool, typer.Option(help="Show the progress bar")] = True,
@@ -219,7 +283,7 @@ def quickstart(
 
     try:
         # Running the same command again resumes an interrupted quickstart by itself.
-        again = shlex.join(["tunelab", "quickstart", *(f"--set={item}" for item in set_ or [])])
+        again = f"{invoked_as()} {shlex.join(['quickstart', *(f'--set={item}' for item in set_ or [])])}"
         _run_training(lambda: run_quickstart(set_, progress=progress), resume_command=again)
     except _user_errors() as exc:
         _fail(str(exc))

@@ -125,8 +125,7 @@ def print_data_report(report: dict[str, Any]) -> None:
         console.print(Text.assemble(("tokenizer change: ", "yellow"), change))
     for warning in report["warnings"]:
         console.print(Text.assemble(("warning: ", "yellow"), warning))
-    example = report.get("example")
-    if example:
+    for example in report.get("examples") or ([report["example"]] if report.get("example") else []):
         print_supervised_example(example)
 
 

@@ -113,7 +113,23 @@ def resolve_model_path(name: str) -> str:
         return str(path)
     if name.startswith((".", "/", "~")):
         raise ModelLoadError(f"model.name: local directory {path} does not exist")
+    near = _near_embedded_alias(name)
+    if near is not None:
+        raise ModelLoadError(f"model.name: '{name}' is neither a local folder nor an embedded model; did you mean "
+                             f"'{near}' (embedded, works offline)? A hub id has the form owner/name.")
     return name
+
+
+def _near_embedded_alias(name: str) -> str | None:
+    """An embedded alias that ``name`` (a bare word, not a hub id owner/name) is a near miss of."""
+    import difflib
+
+    if "/" in name:
+        return None
+    if name.lower() in EMBEDDED_MODELS:
+        return name.lower()
+    matches = difflib.get_close_matches(name.lower(), list(EMBEDDED_MODELS), n=1, cutoff=0.6)
+    return matches[0] if matches else None
 
 
 def _hub_reachable(timeout_s: float = 3.0) -> bool:
@@ -149,8 +165,9 @@ def _offline_help(name: str, exc: Exception) -> ModelLoadError:
     folder = Path("models") / name.split("/")[-1]
     return ModelLoadError(
         f"model.name: could not load '{name}' ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
-        f"This machine cannot reach the Hugging Face Hub. Download it where the Hub is reachable with\n"
-        f"    huggingface-cli download {name} --local-dir {folder}\n"
+        f"This machine cannot reach the Hugging Face Hub. Download it where the Hub is reachable with "
+        f"huggingface_hub's command line (`pip install huggingface_hub`):\n"
+        f"    hf download {name} --local-dir {folder}\n"
         f"copy {folder} here and set model.name: {folder}. "
         f"Or use the embedded default, model.name: {EMBEDDED_DEFAULT_MODEL}."
     )
