@@ -72,6 +72,11 @@ def claim_output(folder: Path) -> None:
     """Use ``folder`` only if it is new, empty, or an earlier ``tunelab eval`` output (it holds the marker)."""
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"--output {folder} is a file; give a folder for the report")
+    run_dir = folder.parent.parent
+    if folder.parent.name == "evals" and (run_dir / "config.yaml").is_file():
+        from tunelab.runs import run_entry
+
+        run_entry(run_dir, "evals")  # recorded in the run's ownership record (refused if evals/ is the user's)
     if folder.is_dir() and any(folder.iterdir()) and not (folder / MARKER).is_file():
         raise ConfigError(f"--output {folder} is not empty and was not written by tunelab eval; choose another folder")
     folder.mkdir(parents=True, exist_ok=True)
