@@ -202,7 +202,7 @@ def export_gguf(run: Path, quant: str = "f16", out: Path | None = None, check: b
     """Merge the run, write the GGUF file (default RUN/exports/<run>-<quant>.gguf), check it; return the report."""
     from tunelab.export.quantize import merged_float
     from tunelab.inference import render_chat
-    from tunelab.runs import write_json
+    from tunelab.runs import run_entry, write_json
 
     quant = check_type(quant)
     run_dir = Path(run)
@@ -212,6 +212,8 @@ def export_gguf(run: Path, quant: str = "f16", out: Path | None = None, check: b
     if path.suffix != ".gguf":
         raise ConfigError(f"--out {path}: a GGUF file name ends in .gguf")
     own_folder = path.parent.resolve() == (run_dir / "exports").resolve()  # tunelab's folder in the run
+    if own_folder:
+        run_entry(run_dir, "exports")  # recorded in the run's ownership record (refused if exports/ is the user's)
     if path.exists() and not own_folder:
         raise ConfigError(f"--out {path}: the file exists; remove it or give another name (tunelab never replaces "
                           "a file it did not write)")

@@ -187,7 +187,7 @@ def quantize_run(run: Path, methods: list[str], samples: int = 4, max_new_tokens
                  on_row: Callable[[Measured], None] | None = None) -> dict[str, Any]:
     """Measure the unquantized model and each method; write and return the report (RUN/quantize.json)."""
     from tunelab.models import default_device
-    from tunelab.runs import write_json
+    from tunelab.runs import write_run_json
 
     run_dir = Path(run)
     device = torch.device(device) if device is not None else default_device()
@@ -210,7 +210,7 @@ def quantize_run(run: Path, methods: list[str], samples: int = 4, max_new_tokens
               "technique": config.technique.name, "prompts": len(measurer.prompt_ids),
               "max_new_tokens": max_new_tokens, "validation_tokens": sum(len(e.input_ids) for e in measurer.validation),
               "rows": [vars(r) for r in rows]}
-    write_json(run_dir / REPORT_NAME, report)
+    write_run_json(run_dir, REPORT_NAME, report)  # recorded in the run's ownership record
     return report
 
 
