@@ -23,6 +23,7 @@ from accelerate import Accelerator
 from transformers import set_seed
 
 from tunelab import checkpoint as ckpt
+from tunelab import distributed
 from tunelab.card import write_card
 from tunelab.config import ConfigError, TunelabConfig
 from tunelab.data import PreparedData, collate, epoch_batches, pack_rows, prepare_data, single_rows
@@ -174,7 +175,7 @@ def _loop(ctx: "_Context", state: LoopState) -> str:
     started, tokens_at_start = time.time(), state.tokens_seen
     with ctx.progress(plan.total_steps, state.step) as advance, _StopRequest() as stop:
         while state.step < plan.total_steps:
-            if stop.requested:
+            if distributed.any_process(stop.requested):  # every process stops at the same step
                 ctx.save_checkpoint(state)
                 return "interrupted"
             rows = [next(micro) for _ in range(config.training.grad_accum)]
@@ -281,8 +282,14 @@ class _Context:
     def validation_loss(self) -> dict[str, float]:
         """Token-weighted loss on the first ``eval.max_examples`` validation examples (the same ones every time)."""
         examples = self.data.validation[: self.config.eval.max_examples]
-        return validation_loss(self.model, examples, self.objective.loss_sum, self.pad_id, self.config.eval.batch_size,
-                               self.device, self.accelerator)
+        return validation_loss(self.inner_model, examples, self.objective.loss_sum, self.pad_id,
+                               self.config.eval.batch_size, self.device, self.accelerator)
+
+    @property
+    def inner_model(self) -> torch.nn.Module:
+        """The model without accelerate's DDP wrapper: evaluation, generation and saving use it (the wrapper has no
+        ``generate``, and its forward syncs buffers across processes, which uneven evaluation shares would hang)."""
+        return self.accelerator.unwrap_model(self.model)
 
     def sample_outputs(self) -> list[str]:
         model = self.accelerator.unwrap_model(self.model)
@@ -315,10 +322,12 @@ class _Context:
         if state.step == self.saved_step:  # best and periodic checkpoint (or Ctrl-C) at one step: nothing changed since
             return
         self.accelerator.wait_for_everyone()
+        rngs = distributed.all_rng_states(ckpt.rng_state())  # every process's dropout stream, for an exact resume
         if self.is_main:
             root = runs.run_entry(self.run_dir, "checkpoints")
             model = self.accelerator.unwrap_model(self.model)
-            ckpt.save_checkpoint(root, state.step, model, self.optimizer, self.scheduler, state.__dict__, ckpt.rng_state())
+            rng = rngs[0] if len(rngs) == 1 else {**rngs[0], "ranks": rngs}
+            ckpt.save_checkpoint(root, state.step, model, self.optimizer, self.scheduler, state.__dict__, rng)
             ckpt.rotate(root, {state.step} | ({state.best_step} if state.best_step is not None else set()))
         self.accelerator.wait_for_everyone()
         self.saved_step = state.step
@@ -356,8 +365,9 @@ def _base_evaluation(ctx: _Context, samples: list[dict[str, str]]) -> dict[str, 
     result: dict[str, Any] = {}
     if before_after:
         result = ctx.validation_loss()
-        result["samples"] = generate_samples(ctx.model, ctx.tokenizer, samples, ctx.config.eval.max_new_tokens, ctx.device,
-                                             plain_text=_plain_text(ctx.data), batch_size=ctx.config.eval.batch_size)
+        result["samples"] = generate_samples(ctx.inner_model, ctx.tokenizer, samples, ctx.config.eval.max_new_tokens,
+                                             ctx.device, plain_text=_plain_text(ctx.data),
+                                             batch_size=ctx.config.eval.batch_size)
     if ctx.config.eval.forgetting:
         result["forgetting"] = _heldout_loss(ctx, ctx.model)
     result["settings"] = settings
@@ -465,7 +475,7 @@ def _library_progress_bars(enabled: bool) -> Iterator[None]:
 
 def _train(config: TunelabConfig, resume: bool, progress: bool) -> RunResult:
     created = not Path(config.output.dir or "runs/run").exists()
-    run_dir = prepare_run_dir(config, resume)
+    run_dir = distributed.main_decides(lambda: prepare_run_dir(config, resume))  # one process claims the folder
     try:
         return _train_in(config, run_dir, resume, progress, created)
     finally:
@@ -473,6 +483,10 @@ def _train(config: TunelabConfig, resume: bool, progress: bool) -> RunResult:
 
 
 def _train_in(config: TunelabConfig, run_dir: Path, resume: bool, progress: bool, created: bool) -> RunResult:
+    distributed.quiet_other_processes()
+    if resume:
+        distributed.check_world_size((read_json(run_dir / "status.json") or {}).get("world_size"),
+                                     distributed.process_state().num_processes, run_dir)
     ctx = _Context(config, run_dir, progress)
     state, phase = LoopState(), "set-up"
     try:
@@ -544,12 +558,16 @@ def _record_failure(ctx: _Context, state: LoopState, phase: str, resume: bool, e
         log.warning("could not write run_info.json: %s", secondary)
 
 
+def _tokenizer_and_data(config: TunelabConfig) -> tuple[Any, PreparedData]:
+    tokenizer = load_tokenizer(config.model)
+    return tokenizer, prepare_data(config.data, tokenizer, cache_root() / "data")
+
+
 def _set_up(ctx: _Context, resume: bool) -> tuple[LoopState, dict[str, Any] | None, list[dict[str, str]]]:
     """Tokenizer, data, model, base evaluation, technique, optimizer; then the checkpoint when resuming."""
     config, run_dir = ctx.config, ctx.run_dir
     set_seed(config.training.seed)
-    ctx.tokenizer = load_tokenizer(config.model)
-    ctx.data = prepare_data(config.data, ctx.tokenizer, cache_root() / "data")
+    ctx.tokenizer, ctx.data = distributed.main_decides(lambda: _tokenizer_and_data(config))  # tokenized once
     ctx.pad_id = ctx.tokenizer.pad_token_id
     if resume:
         check_same_data(run_dir, ctx.data.report)
@@ -582,6 +600,9 @@ def _set_up(ctx: _Context, resume: bool) -> tuple[LoopState, dict[str, Any] | No
     if resume:
         latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
         state = LoopState(**ckpt.load_checkpoint(latest, ctx.accelerator.unwrap_model(ctx.model), ctx.optimizer, ctx.scheduler))
+        if ctx.accelerator.num_processes > 1:  # load_checkpoint restored the main's RNG; each rank gets its own
+            saved = torch.load(latest / "rng.pt", weights_only=True)
+            ckpt.restore_rng(distributed.rank_rng_state(saved, ctx.accelerator.process_index))
         state.history.append(f"resumed from {latest.name}")
         if state.step > ctx.plan.total_steps:
             raise ConfigError(f"--resume: the checkpoint is at step {state.step}, past the {ctx.plan.total_steps} steps "
@@ -621,4 +642,5 @@ def _write_status(ctx: _Context, status: str, state: LoopState, error: str | Non
         write_run_json(ctx.run_dir, "status.json", {
             "status": status, "step": state.step, "total_steps": ctx.plan.total_steps if ctx.plan else None,
             "nonfinite_skipped": state.nonfinite_skipped, "error": error,
+            "world_size": ctx.accelerator.num_processes,
         })

@@ -15,6 +15,7 @@ from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
 from tunelab.data.tokenize import IGNORE
@@ -30,7 +31,7 @@ def logits_only_where(model: nn.Module, keep: torch.Tensor) -> Iterator[None]:
     returns logits (N, V). Techniques that prepend virtual tokens make T longer than ``keep``: the mask is
     left-padded with False to match.
     """
-    head = model.get_output_embeddings()
+    head = extract_model_from_parallel(model).get_output_embeddings()  # under DDP, the wrapped model's head
 
     def select(module: nn.Module, args: tuple) -> tuple:
         hidden = args[0]  # (B, T', H)

@@ -1,0 +1,51 @@
+"""Run under torchrun by tests/test_distributed.py (not a test module): in the same two processes, an
+uninterrupted run, then the same run stopped after step 3 (as Ctrl-C would) and resumed. Every process gets
+the configs as JSON in argv[1]: {"straight": {...}, "split": {...}}."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from tunelab import trainer
+from tunelab.config import build_config
+
+
+class StopAfter:
+    """Stand-in for trainer._StopRequest: asks to stop before step ``after + 1`` (on every process)."""
+
+    def __init__(self, after: int) -> None:
+        self.after, self.checks = after, 0
+
+    def __call__(self) -> "StopAfter":
+        return self
+
+    def __enter__(self) -> "StopAfter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    @property
+    def requested(self) -> bool:
+        self.checks += 1
+        return self.checks > self.after
+
+
+def main() -> None:
+    configs = json.loads(sys.argv[1])
+    straight = trainer.train(build_config(configs["straight"]), progress=False)
+    real_stop = trainer._StopRequest
+    trainer._StopRequest = StopAfter(3)
+    try:
+        first = trainer.train(build_config(configs["split"]), progress=False)
+    finally:
+        trainer._StopRequest = real_stop
+    second = trainer.train(build_config(configs["split"]), resume=True, progress=False)
+    print("DRIVER", json.dumps({"straight": [straight.status, straight.step], "first": [first.status, first.step],
+                                "second": [second.status, second.step]}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
