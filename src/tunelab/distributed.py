@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import torch
-from accelerate import PartialState
+from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, gather_object
 
 from tunelab.errors import ConfigError
@@ -31,6 +31,17 @@ T = TypeVar("T")
 def process_state() -> PartialState:
     """The process group (created on first use): CPU processes talk through gloo, GPUs through NCCL."""
     return PartialState(cpu=not torch.cuda.is_available())
+
+
+def make_accelerator(mixed_precision: str) -> Accelerator:
+    """accelerate's Accelerator on this process group. Its state is process-wide and refuses another precision;
+    a single process training twice with another model.dtype (a notebook) starts that state afresh."""
+    from accelerate.state import AcceleratorState
+
+    current = AcceleratorState._shared_state.get("_mixed_precision")
+    if current is not None and current != mixed_precision and process_state().num_processes == 1:
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
 
 
 def main_decides(compute: Callable[[], T]) -> T:

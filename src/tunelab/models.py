@@ -51,12 +51,11 @@ def default_device() -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """'auto' is float32 on CPU (bf16 is emulated and ~15x slower there) and bf16 on GPUs that support it."""
-    if dtype == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return getattr(torch, dtype)
+    """'auto' is float32 on CPU and bf16 on GPUs that support it; bfloat16 on a CPU without native bf16 is float32
+    (emulated bf16 is ~15x slower). The rules live in ``tunelab.precision``."""
+    from tunelab.precision import load_dtype
+
+    return load_dtype(dtype, device)
 
 
 def _gguf_path(alias: str) -> Path:

@@ -24,6 +24,7 @@ from transformers import set_seed
 
 from tunelab import checkpoint as ckpt
 from tunelab import distributed
+from tunelab.precision import keep_trainable_in_float32, training_precision
 from tunelab.card import write_card
 from tunelab.config import ConfigError, TunelabConfig
 from tunelab.data import PreparedData, collate, epoch_batches, pack_rows, prepare_data, single_rows
@@ -31,7 +32,7 @@ from tunelab.eval import generate_samples, sample_prompts, validation_loss
 from tunelab.eval.forgetting import forgetting_check, forgetting_message, heldout_loss
 from tunelab.eval.training import (OverfittingSignal, compare_samples, is_better, metric_direction, progress_note,
                                    sample_scores)
-from tunelab.models import cache_root, load_model, load_tokenizer, model_skeleton
+from tunelab.models import cache_root, default_device, load_model, load_tokenizer, model_skeleton
 from tunelab.objectives import OBJECTIVES, ObjectiveSpec
 from tunelab.run_info import RunInfo
 from tunelab import runs
@@ -238,7 +239,8 @@ class _Context:
     def __init__(self, config: TunelabConfig, run_dir: Path, show_progress: bool) -> None:
         self.config, self.run_dir, self.show_progress = config, run_dir, show_progress
         self.saved_step: int | None = None  # the step of this process's last checkpoint
-        self.accelerator = Accelerator(mixed_precision=_mixed_precision(config), cpu=not torch.cuda.is_available())
+        self.precision = training_precision(config.model.dtype, default_device())
+        self.accelerator = distributed.make_accelerator(self.precision.mixed_precision)
         self.device = self.accelerator.device
         self.objective = OBJECTIVES[config.objective.name]
         self.technique = TECHNIQUES[config.technique.name]
@@ -282,8 +284,9 @@ class _Context:
     def validation_loss(self) -> dict[str, float]:
         """Token-weighted loss on the first ``eval.max_examples`` validation examples (the same ones every time)."""
         examples = self.data.validation[: self.config.eval.max_examples]
-        return validation_loss(self.inner_model, examples, self.objective.loss_sum, self.pad_id,
-                               self.config.eval.batch_size, self.device, self.accelerator)
+        with self.accelerator.autocast():  # float32 trainable and half-precision frozen weights meet as in training
+            return validation_loss(self.inner_model, examples, self.objective.loss_sum, self.pad_id,
+                                   self.config.eval.batch_size, self.device, self.accelerator)
 
     @property
     def inner_model(self) -> torch.nn.Module:
@@ -293,8 +296,9 @@ class _Context:
 
     def sample_outputs(self) -> list[str]:
         model = self.accelerator.unwrap_model(self.model)
-        return generate_samples(model, self.tokenizer, self.samples, self.config.eval.max_new_tokens, self.device,
-                                plain_text=_plain_text(self.data), batch_size=self.config.eval.batch_size)
+        with self.accelerator.autocast():
+            return generate_samples(model, self.tokenizer, self.samples, self.config.eval.max_new_tokens, self.device,
+                                    plain_text=_plain_text(self.data), batch_size=self.config.eval.batch_size)
 
     def evaluate(self, state: LoopState) -> str | None:
         """Validation loss, the training.eval_metrics on the sample prompts, and the overfitting signal; then the
@@ -331,15 +335,6 @@ class _Context:
             ckpt.rotate(root, {state.step} | ({state.best_step} if state.best_step is not None else set()))
         self.accelerator.wait_for_everyone()
         self.saved_step = state.step
-
-
-def _mixed_precision(config: TunelabConfig) -> str:
-    from tunelab.models import resolve_dtype
-
-    if not torch.cuda.is_available():
-        return "no"
-    dtype = resolve_dtype(config.model.dtype, torch.device("cuda"))
-    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
 
 
 def _json_line(record: dict[str, Any]) -> str:
@@ -474,6 +469,7 @@ def _library_progress_bars(enabled: bool) -> Iterator[None]:
 
 
 def _train(config: TunelabConfig, resume: bool, progress: bool) -> RunResult:
+    training_precision(config.model.dtype, default_device())  # a refusal (float16 on a CPU) before any folder exists
     created = not Path(config.output.dir or "runs/run").exists()
     run_dir = distributed.main_decides(lambda: prepare_run_dir(config, resume))  # one process claims the folder
     try:
@@ -484,6 +480,9 @@ def _train(config: TunelabConfig, resume: bool, progress: bool) -> RunResult:
 
 def _train_in(config: TunelabConfig, run_dir: Path, resume: bool, progress: bool, created: bool) -> RunResult:
     distributed.quiet_other_processes()
+    note = training_precision(config.model.dtype, default_device()).note
+    if note:
+        log.warning(note)
     if resume:
         distributed.check_world_size((read_json(run_dir / "status.json") or {}).get("world_size"),
                                      distributed.process_state().num_processes, run_dir)
@@ -587,6 +586,8 @@ def _set_up(ctx: _Context, resume: bool) -> tuple[LoopState, dict[str, Any] | No
     ctx.plan = make_plan(config, ctx.data, ctx.accelerator.process_index, ctx.accelerator.num_processes)
     set_seed(config.training.seed)  # the technique's initialisation does not depend on whether base eval ran
     ctx.model = ctx.technique.apply(ctx.model, config.technique, RunContext(total_steps=ctx.plan.total_steps))
+    if keep_trainable_in_float32(ctx.model):  # mixed precision: float32 master weights, half-precision autocast
+        log.info("trainable weights kept in float32; autocast computes in %s", ctx.precision.load_dtype)
     trainable, total = count_parameters(ctx.model)
     ctx.info.figures.update(trainable_parameters=trainable, total_parameters=total)
     log.info("technique %s: %s of %s parameters trainable (%.3f%%)", config.technique.name, f"{trainable:,}",

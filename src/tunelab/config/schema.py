@@ -30,7 +30,10 @@ class ModelConfig(Section):
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when `name` is a hub id.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weight dtype. 'auto' is float32 on CPU and bfloat16 on GPUs that support it."
+        "auto", description="Weight dtype. 'auto' is float32 on CPU and bfloat16 on GPUs that support it. With "
+        "bfloat16/float16, weights that train are kept in float32 (master weights) and autocast computes in half "
+        "precision. bfloat16 on a CPU without native bfloat16 trains in float32 (emulated bf16 is ~15x slower), "
+        "with a logged reason; float16 on a CPU is refused."
     )
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
         None, description="Attention kernel passed to transformers; None keeps transformers' default (sdpa)."

@@ -1,0 +1,79 @@
+"""Precision: which dtype the weights are loaded in, and how training keeps small updates.
+
+Mixed precision here means: weights that train are float32 ("master weights"), the forward and backward run
+under autocast in bfloat16/float16, and weights that do not train stay in the half-precision dtype they were
+loaded in (memory). Training bfloat16 weights directly loses every update smaller than 2^-8 of the weight
+(bfloat16 keeps 8 bits of mantissa), which at a learning rate of 1e-5 is most of them; float16 weights cannot be
+trained at all without loss scaling, and a gradient scaler refuses float16 gradients.
+
+- ``auto``: bfloat16 on a GPU that supports it, else float32 (on a CPU, float32: see below).
+- ``bfloat16``: on a CPU without native bfloat16 (no AVX512-BF16/AMX), bfloat16 is emulated and about 15x slower
+  than float32, so float32 is used instead and the reason logged. A GPU without bfloat16 is refused.
+- ``float16``: on a GPU, autocast with a gradient scaler (accelerate's) over float32 master weights. On a CPU it
+  is refused: there is no scaler path there and float16 matmuls are emulated.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tunelab.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+CPU_BF16_FALLBACK = ("model.dtype bfloat16: this CPU has no native bfloat16 (AVX512-BF16 or AMX), so bfloat16 "
+                     "would be emulated, about 15x slower than float32; training in float32 instead")
+
+
+@dataclass(frozen=True)
+class Precision:
+    load_dtype: torch.dtype  # the dtype weights are loaded in (frozen weights stay in it)
+    mixed_precision: str  # accelerate's setting: "no", "bf16" or "fp16"
+    note: str | None = None  # why the request was changed, logged once
+
+
+def native_cpu_bf16() -> bool:
+    """Whether this CPU runs bfloat16 matmuls natively (oneDNN's check for AVX512-BF16 / AMX)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # an older or unusual build: assume emulation, the safe side
+        return False
+
+
+def load_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The dtype to load weights in, for training or inference (never refuses; see ``training_precision``)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if dtype == "bfloat16" and device.type == "cpu" and not native_cpu_bf16():
+        return torch.float32
+    return getattr(torch, dtype)
+
+
+def training_precision(dtype: str, device: torch.device) -> Precision:
+    """How a run trains with ``model.dtype``; raises ConfigError with the reason for a setting that cannot train."""
+    loaded = load_dtype(dtype, device)
+    if dtype == "float16" and device.type != "cuda":
+        raise ConfigError("model.dtype float16 cannot train on a CPU: float16 needs loss scaling, which has no CPU "
+                          "path, and its matmuls are emulated there; use float32 (or bfloat16 on a CPU with native "
+                          "bfloat16)")
+    if dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("model.dtype bfloat16: this GPU does not support bfloat16; use float16 (trained with a "
+                          "loss scaler) or float32")
+    note = CPU_BF16_FALLBACK if dtype == "bfloat16" and loaded == torch.float32 else None
+    mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(loaded, "no")
+    return Precision(loaded, mixed, note)
+
+
+def keep_trainable_in_float32(model: nn.Module) -> int:
+    """Make every trainable parameter float32 (the master weights; autocast computes in half precision).
+    Returns how many parameters were converted."""
+    converted = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+            converted += 1
+    return converted
