@@ -171,3 +171,20 @@ def test_config_time_refusals(tiny_model_dir: Path) -> None:
 def test_layer_out_of_range_is_a_technique_error(tiny_model_dir: Path) -> None:
     with pytest.raises(TechniqueError, match=r"technique.layers: \[5\] out of range for a model with 2 layers"):
         TECHNIQUES["adapter"].apply(_fresh(tiny_model_dir), AdapterSettings(layers=[5]))
+
+
+@pytest.mark.parametrize("mode", ["sequential", "parallel"])
+def test_site_adds_the_adapter_of_the_right_input(mode: str) -> None:
+    """sequential: y = F(x) + a(F(x)); parallel: y = F(x) + a(x) (x: the sub-layer's input)."""
+    torch.manual_seed(0)
+    spec = bn.BottleneckSpec(placement="houlsby" if mode == "sequential" else "parallel", locations=["mlp"], layers=[0],
+                             hidden_size=8, bottleneck_size=3, scaling=2.0)
+    site = bn.Site(mode, 0, "mlp")
+    site.adapters["default"] = adapter = bn.Bottleneck(spec)
+    site.active.append("default")
+    torch.nn.init.normal_(adapter.up.weight)
+    x, out = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    expected = out + adapter(out if mode == "sequential" else x)
+    assert torch.allclose(site.hook(torch.nn.Identity(), (x,), {}, out), expected)
+    assert torch.allclose(site.hook(torch.nn.Identity(), (), {"hidden_states": x}, (out, None))[0], expected)
+    assert torch.allclose(adapter(x), 2.0 * adapter.up(torch.relu(adapter.down(x))))

@@ -238,3 +238,54 @@ def test_missing_or_wrong_runs_are_clear_errors(tmp_path: Path, tiny_model_dir: 
     settings = AdapterRoutingSettings(adapters={"a": str(tmp_path / "empty"), "b": str(experiment["runs"]["count"])})
     with pytest.raises(TechniqueError, match="holds no adapter"):
         prepare(_fresh(tiny_model_dir), settings)
+
+
+# ---------------------------------------------------------------- PEFT's own routers, where they fit
+
+
+def _two_peft_loras(tiny_model_dir: Path, root: Path) -> dict[str, str]:
+    from peft import LoraConfig, get_peft_model
+
+    paths = {}
+    for seed, name in enumerate(("a", "b")):
+        torch.manual_seed(seed)
+        model = get_peft_model(_fresh(tiny_model_dir), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                   init_lora_weights=False))
+        model.save_pretrained(root / name)
+        paths[name] = str(root / name)
+    return paths
+
+
+@pytest.mark.xfail(strict=True, raises=KeyError, reason="PEFT 0.21.2's X-LoRA fails its forward pass on transformers 5 "
+                   "(KeyError in disable_adapter_layers); strict, so a PEFT that fixes it turns this red and we revisit")
+def test_peft_xlora_on_this_stack(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from peft import XLoraConfig, get_peft_model
+
+    base = _fresh(tiny_model_dir)
+    base.config.use_cache = False  # X-LoRA refuses a model that caches
+    model = get_peft_model(base, XLoraConfig(task_type="CAUSAL_LM", hidden_size=64, xlora_depth=1,
+                                             adapters=_two_peft_loras(tiny_model_dir, tmp_path)))
+    model(input_ids=torch.randint(3, 300, (2, 8)))
+
+
+def test_peft_poly_reads_tunelabs_task_ids(tiny_model_dir: Path, tiny_tokenizer, tmp_path: Path) -> None:
+    """PEFT's Poly (task-id routing over LoRA skills trained from scratch) takes the task_ids (B,) that tunelab's
+    multi-task batches carry: each task gets its own mixture of skills."""
+    from peft import PolyConfig, get_peft_model
+
+    from tunelab.config import DataConfig
+    from tunelab.data import collate, prepare_data
+
+    path = write_jsonl(tmp_path / "both.jsonl", task_a(4) + task_b(4))
+    data = prepare_data(DataConfig(train=[str(path)], val_size=0, cache=False, packing=False), tiny_tokenizer)
+    a = next(e for e in data.train if e.task == "animals")
+    batch = collate([[a], [a.__class__(a.input_ids, a.labels, a.source, task="count", task_id=1)]], 0)
+    torch.manual_seed(0)
+    model = get_peft_model(_fresh(tiny_model_dir), PolyConfig(task_type="CAUSAL_LM", r=4, n_tasks=2, n_skills=2,
+                                                              n_splits=1, target_modules=["q_proj", "v_proj"]))
+    for name, param in model.named_parameters():  # non-zero skills and distinct task logits, as after training
+        if "poly_" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    logits = model(input_ids=batch["input_ids"], task_ids=batch["task_ids"]).logits  # same tokens, two tasks
+    assert batch["task_ids"].tolist() == [0, 1]
+    assert not torch.allclose(logits[0], logits[1])
