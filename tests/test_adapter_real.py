@@ -17,8 +17,9 @@ pytestmark = pytest.mark.real
 ROOT = Path(__file__).parents[1]
 ADAPTER_EXAMPLE = ROOT / "examples" / "intermediate" / "adapter.yaml"
 ROUTING_EXAMPLE = ROOT / "examples" / "expert" / "adapter-routing.yaml"
-SHORT = ["training.max_steps=2", "training.micro_batch_size=2", "data.max_length=96", "eval.num_samples=1",
-         "eval.max_new_tokens=8", "eval.max_examples=8"]
+# short and cheap: the base-model evaluation and sample generations are covered by the LoRA real tier
+SHORT = ["training.max_steps=2", "training.micro_batch_size=1", "data.max_length=96", "eval.num_samples=0",
+         "eval.before_after=false", "eval.max_examples=8"]
 
 
 def _train(config: Path, out: Path, *sets: str) -> dict:
@@ -36,7 +37,7 @@ def placement_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     runs = {}
     for placement in ("houlsby", "pfeiffer", "parallel"):
         evaluation = _train(ADAPTER_EXAMPLE, root / placement, f"technique.placement={placement}")
-        assert evaluation["tuned"]["loss"] > 0 and evaluation["base"]["loss"] > 0
+        assert evaluation["tuned"]["loss"] > 0
         runs[placement] = root / placement
     return runs
 
