@@ -344,6 +344,7 @@ def serve(
     max_tokens_limit: Annotated[int, typer.Option(min=1, help="The most tokens one request may ask for")] = 1024,
     timeout: Annotated[float, typer.Option(min=0.1, help="Seconds before a request is cancelled (408)")] = 120.0,
     max_batch_size: Annotated[int, typer.Option(min=1, help="Requests generated together")] = 16,
+    runs_root: Annotated[Optional[Path], typer.Option(help="Folder of runs the web UI lists (default: the first run's parent)")] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow a model that needs remote code")] = False,
 ) -> None:
     """OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics) and web UI
@@ -353,7 +354,7 @@ def serve(
     from tunelab.serve.server import build_app, serve as run_server
 
     settings = ServeSettings(max_concurrent=max_concurrent, max_tokens_limit=max_tokens_limit, request_timeout_s=timeout,
-                             max_batch_size=max_batch_size)
+                             max_batch_size=max_batch_size, runs_root=runs_root or runs[0].resolve().parent)
     try:
         application = build_app(runs, settings, allow_remote_code=trust_remote_code)
     except _user_errors() as exc:
@@ -361,7 +362,7 @@ def serve(
     from tunelab.console import err_console
 
     names = ", ".join(application.state.engine.served)
-    err_console.print(f"serving {names} at http://{host}:{port}/v1 ", highlight=False)
+    err_console.print(f"serving {names} at http://{host}:{port}/v1 ; web UI at http://{host}:{port}/", highlight=False)
     run_server(application, host, port)
 
 
