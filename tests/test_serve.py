@@ -171,6 +171,7 @@ def test_malformed_json_and_other_paths(server: BackgroundServer) -> None:
     assert_openai_error(post(server, "/v1/chat/completions", None, raw=b'{"model": "cats", "messages": ['), 400)
     assert_openai_error(post(server, "/v1/completions", None, raw=b"\xff\xfe not json"), 400)
     assert_openai_error(post(server, "/v1/completions", {"model": "cats", "prompt": 7}), 400)
+    assert_openai_error(post(server, "/v1/completions", {"model": "cats", "prompt": ""}), 400)  # found by the fuzzer
     assert_openai_error(post(server, "/v1/completions", {"model": "cats", "prompt": ["a", "b"], "stream": True}), 400)
     assert_openai_error(httpx.get(f"{server.url}/v1/nowhere"), 404)
     assert_openai_error(httpx.get(f"{server.url}/v1/chat/completions"), 405)

@@ -171,6 +171,9 @@ async def _generate(app: FastAPI, http: Request, body: ChatCompletionRequest | C
                     prompts: list[str], chat: bool) -> Response:
     engine, settings, metrics = app.state.engine, app.state.settings, app.state.metrics
     ids = [encode(served.tokenizer, p, special=not chat) for p in prompts]
+    if any(not i for i in ids):
+        raise APIError(400, "the prompt is empty (it encodes to no tokens); give some text to continue",
+                       param="prompt" if not chat else "messages")
     budgets = [_budget(engine, settings, body.budget(), len(i)) for i in ids]
     if app.state.in_flight >= settings.max_concurrent:
         metrics.rejected.labels("concurrency").inc()
