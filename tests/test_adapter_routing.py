@@ -48,15 +48,13 @@ def _fresh(tiny_model_dir: Path) -> torch.nn.Module:
 def test_gates_sum_to_one_and_top_k_keeps_exactly_k(gating: str, top_k: int | None) -> None:
     torch.manual_seed(0)
     router = rt.Router(16, 4, gating, top_k, temperature=0.5, layer=0)
-    router.proj.weight.data.normal_(0, 3.0)  # sharp logits: a chosen weight could underflow without the guard
+    router.proj.weight.data.normal_(0, 30.0)  # logits hundreds apart: a chosen weight underflows without the guard
     hidden = torch.randn(3, 10, 16) * 5
     gates = router.gates(hidden, torch.arange(10).expand(3, 10))  # (B, T, E)
     assert torch.allclose(gates.sum(-1), torch.ones(3, 10), atol=1e-6)
     assert (gates >= 0).all()
     if top_k is not None:
         assert ((gates > 0).sum(-1) == top_k).all()
-    else:
-        assert (gates > 0).all()
 
 
 def test_top_k_passes_a_gradient_to_the_router() -> None:

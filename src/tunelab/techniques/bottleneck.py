@@ -114,27 +114,38 @@ class Bottleneck(nn.Module):
 class Site(nn.Module):
     """The adapters at one sub-layer, and the forward hook that adds their output to the sub-layer's.
 
-    ``gate`` (set by routing) returns the current gates (B, T, E) and ``gate_index`` maps an adapter name to its
-    column; without a gate, the active adapters are summed (PEFT's behaviour for several active adapters)."""
+    Each adapter has its mode: a sequential one reads the sub-layer's output F(x), a parallel one its input x;
+    both read the sub-layer's own values, so adapters of both modes can share a site (routing over a Pfeiffer
+    and a parallel adapter) and each computes what it computed in its own run. ``gate`` (set by routing)
+    returns the current gates (B, T, E) and ``gate_index`` maps an adapter name to its column; without a gate,
+    the active adapters are summed (PEFT's behaviour for several active adapters)."""
 
-    def __init__(self, mode: str, layer: int, location: str) -> None:
+    def __init__(self, layer: int, location: str) -> None:
         super().__init__()
-        self.mode, self.layer, self.location = mode, layer, location
+        self.layer, self.location = layer, location
         self.adapters = nn.ModuleDict()
+        self.modes: dict[str, str] = {}  # adapter name -> "sequential" | "parallel"
         self.enabled = True
         self.active: list[str] = []
         self.gate: Callable[[], torch.Tensor | None] | None = None
         self.gate_index: dict[str, int] = {}
         self.handle: Any = None
 
-    def delta(self, source: torch.Tensor) -> torch.Tensor | None:  # (B, T, H) -> (B, T, H)
+    def add(self, name: str, adapter: Bottleneck, mode: str, activate: bool = True) -> None:
+        self.adapters[name] = adapter
+        self.modes[name] = mode
+        if activate:
+            self.active.append(name)
+
+    def delta(self, output: torch.Tensor, source: torch.Tensor) -> torch.Tensor | None:
+        """sum_e g_e a_e(.) over the active adapters, (B, T, H); ``output`` F(x), ``source`` x."""
         names = [n for n in self.active if n in self.adapters]
         if not names:
             return None
         gates = self.gate() if self.gate is not None else None  # (B, T, E)
         total = None
         for name in names:
-            out = self.adapters[name](source)
+            out = self.adapters[name](output if self.modes[name] == "sequential" else source)
             if gates is not None:
                 out = out * gates[..., self.gate_index[name]].unsqueeze(-1).to(out.dtype)
             total = out if total is None else total + out
@@ -144,8 +155,7 @@ class Site(nn.Module):
         if not self.enabled:
             return None  # None: the sub-layer's output is used unchanged
         hidden = output[0] if isinstance(output, tuple) else output  # (B, T, H)
-        source = hidden if self.mode == "sequential" else (args[0] if args else kwargs["hidden_states"])
-        delta = self.delta(source)
+        delta = self.delta(hidden, args[0] if args else kwargs.get("hidden_states", hidden))
         if delta is None:
             return None
         new = hidden + delta.to(hidden.dtype)
@@ -232,27 +242,22 @@ def add_adapter(model: nn.Module, spec: BottleneckSpec, name: str = "default", a
     for index in spec.layers:
         for location in spec.locations:
             sublayer = getattr(stack[index], sublayer_name(stack[index], location))
-            site = _site_of(sublayer, spec.mode, index, location)
+            site = _site_of(sublayer, index, location)
             if name in site.adapters:
                 raise TechniqueError(f"an adapter called {name!r} is already attached at layer {index} {location}")
             # created on the base's device, in float32: bf16 adapter weights would round away small updates
             device = next((p.device for p in sublayer.parameters()), torch.device("cpu"))
-            site.adapters[name] = Bottleneck(spec).to(device=device, dtype=torch.float32)
-            if activate:
-                site.active.append(name)
+            site.add(name, Bottleneck(spec).to(device=device, dtype=torch.float32), spec.mode, activate)
             out.append(site)
     return out
 
 
-def _site_of(sublayer: nn.Module, mode: str, layer: int, location: str) -> Site:
+def _site_of(sublayer: nn.Module, layer: int, location: str) -> Site:
     site = getattr(sublayer, ADAPTER_MARKER, None)
     if site is None:
-        site = Site(mode, layer, location)
+        site = Site(layer, location)
         setattr(sublayer, ADAPTER_MARKER, site)  # a child module: its parameters carry the marker in their names
         site.handle = sublayer.register_forward_hook(site.hook, with_kwargs=True)
-    elif site.mode != mode:
-        raise TechniqueError(f"layer {layer} {location} already holds {site.mode} adapters; one site cannot mix "
-                             f"{site.mode} and {mode} adapters")
     return site
 
 
