@@ -142,3 +142,14 @@ def test_a_checkpoint_keeps_each_ranks_random_stream() -> None:
     states = {"torch": torch.tensor([0]), "ranks": [{"torch": torch.tensor([0])}, {"torch": torch.tensor([1])}]}
     assert torch.equal(distributed.rank_rng_state(states, 1)["torch"], torch.tensor([1]))
     assert distributed.rank_rng_state({"torch": torch.tensor([5])}, 1)["torch"].item() == 5  # a one-process checkpoint
+
+
+def test_the_printed_resume_command_starts_as_many_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("WORLD_SIZE", "TORCHELASTIC_RUN_ID", "LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.launcher_prefix() == ""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    prefix = distributed.launcher_prefix()
+    assert prefix.endswith("torchrun --nproc_per_node 2 ") and "--nnodes" not in prefix

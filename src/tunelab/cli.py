@@ -112,13 +112,14 @@ def train(
     _setup_logging()
     from tunelab.api import train as run_train
     from tunelab.config import load_config
+    from tunelab.distributed import launcher_prefix
 
     try:
         cfg = load_config(config, set_)
         # The way back after Ctrl-C: this very command with --resume, every --set repeated.
         again = ["train", str(config), "--resume", *(f"--set={item}" for item in set_ or [])]
         _run_training(lambda: run_train(cfg, resume=resume, progress=progress),
-                      resume_command=f"{invoked_as()} {shlex.join(again)}")
+                      resume_command=f"{launcher_prefix()}{invoked_as()} {shlex.join(again)}")
     except _user_errors() as exc:
         _fail(str(exc))
 

@@ -15,6 +15,9 @@ CPU (``cpu=True``), else it reports one process and every rank trains alone (glo
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import sys
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -104,3 +107,17 @@ def check_world_size(recorded: int | None, world: int, run_dir: Path) -> None:
         raise ConfigError(f"--resume: {run_dir} was trained on {recorded} process(es) and this launch has {world}; "
                           f"resume with the same number (torchrun --nproc_per_node {recorded} ...), since it sets "
                           "the global batch and the order of the data")
+
+
+def launcher_prefix() -> str:
+    """``torchrun --nproc_per_node N `` when this process was started by torchrun with several processes (a printed
+    resume command must start as many again), else nothing."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return ""
+    beside = Path(sys.executable).with_name("torchrun")  # .venv/bin/torchrun is not on PATH in the README's workflow
+    found = shutil.which("torchrun")
+    program = "torchrun" if found and Path(found).resolve() == beside.resolve() else str(beside)
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+    per_node = os.environ.get("LOCAL_WORLD_SIZE", str(world))
+    return f"{program} {'--nnodes ' + str(nodes) + ' ' if nodes > 1 else ''}--nproc_per_node {per_node} "

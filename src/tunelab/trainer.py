@@ -196,7 +196,8 @@ def _loop(ctx: "_Context", state: LoopState) -> str:
                 state.consecutive_nonfinite += 1
             ctx.optimizer.zero_grad(set_to_none=True)
             state.step += 1
-            state.tokens_seen += sum(len(e.input_ids) for r in rows for row in r for e in row) * accelerator.num_processes
+            local_tokens = torch.tensor(sum(len(e.input_ids) for r in rows for row in r for e in row), device=accelerator.device)
+            state.tokens_seen += int(accelerator.reduce(local_tokens, "sum").item())  # every process's own count
             loss = (loss_sum / max(units, 1)).item()
             speed = (state.tokens_seen - tokens_at_start) / max(time.time() - started, 1e-9)
             advance(loss=loss, lr=lr, tokens_per_s=speed, note=ctx.progress_note)
