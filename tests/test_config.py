@@ -193,8 +193,8 @@ def test_set_unknown_key_errors_and_names_the_option(tmp_path: Path) -> None:
 
 
 def test_set_unknown_technique_names_the_option(tmp_path: Path) -> None:
-    message = config_error(write_config(tmp_path, "{}\n"), ["technique.name=qlora"])
-    assert "--set technique.name" in message and "'qlora'" in message and "full, freeze, lora" in message
+    message = config_error(write_config(tmp_path, "{}\n"), ["technique.name=qlorra"])
+    assert "--set technique.name" in message and "'qlorra'" in message and "full, freeze, lora" in message
 
 
 def test_set_wrong_type_errors(tmp_path: Path) -> None:

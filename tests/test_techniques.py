@@ -4,12 +4,16 @@ parameter groups, per-step hooks, how the base is loaded, and the meta-device sk
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from conftest import toy_chat_records, write_jsonl
 from transformers import AutoModelForCausalLM
 
 from tunelab.config import ConfigError, build_config
+from tunelab.data import TokenizedExample, collate
+from tunelab.objectives import OBJECTIVES
 from tunelab.techniques import TECHNIQUES
 from tunelab.techniques import compat
 from tunelab.trainer import make_optimizer
@@ -62,3 +66,142 @@ def test_the_skeleton_has_no_weights_and_the_same_modules(tiny_model_dir: Path) 
     skeleton = model_skeleton(model.config)
     assert all(p.is_meta for p in skeleton.parameters())
     assert [n for n, _ in skeleton.named_parameters()] == [n for n, _ in model.named_parameters()]
+
+
+# ---------------------------------------------------------------- the matrix in config validation and in training
+
+def _refusable(name: str) -> list[tuple[dict[str, Any], str]]:
+    """(config sections that ask for a refused feature, the feature) for each refusal a config can express."""
+    technique = TECHNIQUES[name]
+    asks = []
+    if technique.refusal("packing"):
+        asks.append(({"data": {"packing": True}}, "packing"))
+    if technique.refusal("gradient_checkpointing"):
+        asks.append(({"training": {"gradient_checkpointing": True}}, "gradient_checkpointing"))
+    for objective in OBJECTIVES:
+        if technique.refusal(f"objective:{objective}"):
+            asks.append(({"objective": {"name": objective}}, f"objective:{objective}"))
+    return asks
+
+
+REFUSED = [(name, sections, feature) for name in TECHNIQUES for sections, feature in _refusable(name)]
+
+
+def test_some_refusals_are_expressible_in_a_config() -> None:
+    assert {name for name, _, _ in REFUSED} >= {"prompt_tuning", "prefix_tuning", "p_tuning"}
+
+
+@pytest.mark.parametrize("name, sections, feature", REFUSED, ids=[f"{n}-{f}" for n, _, f in REFUSED])
+def test_every_refused_pair_is_refused_with_its_reason(name: str, sections: dict[str, Any], feature: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        build_config({"technique": {"name": name}, **sections})
+    assert TECHNIQUES[name].refusal(feature) in str(error.value)
+
+
+def test_default_packing_is_turned_off_for_a_technique_that_cannot_pack(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("INFO"):
+        config = build_config({"technique": {"name": "prompt_tuning"}})
+    assert config.data.packing is False and "cannot pack" in caplog.text
+    assert "packing: false" in config.to_yaml()
+    assert build_config({"technique": {"name": "lora"}}).data.packing is True
+
+
+def _runs_with_defaults(name: str) -> bool:
+    """False for a technique whose settings have no usable default (adapter_routing needs its adapters named)."""
+    try:
+        build_config({"technique": {"name": name}, "data": {"packing": False}})
+    except ConfigError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("name", [n for n in TECHNIQUES if _runs_with_defaults(n)])
+def test_every_allowed_pair_runs_two_steps(name: str, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Each technique trains 2 steps with every feature it allows switched on together (packing, checkpointing)."""
+    from tunelab.trainer import train
+
+    technique = TECHNIQUES[name]
+    small = {"lora": {"r": 2}, "qlora": {"r": 2}, "adalora": {"init_r": 2, "target_r": 1}, "vera": {"r": 8},
+             "loha": {"r": 2}, "lokr": {"r": 2}, "prompt_tuning": {"num_virtual_tokens": 2},
+             "prefix_tuning": {"num_virtual_tokens": 2}, "p_tuning": {"num_virtual_tokens": 2},
+             "multitask_prompt_tuning": {"num_virtual_tokens": 2}}.get(name, {})
+    records = toy_chat_records(12)
+    for i, record in enumerate(records):  # multi-task data (only multitask prompt tuning needs it; others ignore it)
+        record["task"] = "even" if i % 2 == 0 else "odd"
+    data = write_jsonl(tmp_path / "train.jsonl", records)
+    config = build_config({
+        "model": {"name": str(tiny_model_dir)}, "technique": {"name": name, **small},
+        "data": {"train": [str(data)], "val_size": 2, "max_length": 64,
+                 "packing": technique.refusal("packing") is None},
+        "training": {"max_steps": 2, "micro_batch_size": 2,
+                     "gradient_checkpointing": technique.refusal("gradient_checkpointing") is None},
+        "eval": {"before_after": False}, "output": {"dir": str(tmp_path / "run")},
+    })
+    result = train(config, progress=False)
+    assert result.status == "completed" and result.step == 2
+    assert (result.run_dir / technique.result_dir_name).is_dir()
+
+
+def _rows_loss(model: torch.nn.Module, rows: list[list[TokenizedExample]]) -> float:
+    batch = collate(rows, 0)
+    with torch.no_grad():
+        result = OBJECTIVES["sft"].loss_sum(model, batch)
+    return float(result.loss_sum) / result.num_units
+
+
+@pytest.mark.parametrize("name, packing_changes_the_loss", [("prompt_tuning", True), ("lora", False)])
+def test_packing_changes_the_loss_only_for_prompt_learning(tiny_model_dir: Path, name: str, packing_changes_the_loss: bool) -> None:
+    """Why prompt-learning methods refuse packing: PEFT drops their position ids, so two examples packed in one
+    row attend to each other and the loss changes. LoRA (positive control) keeps position ids: packing is exact."""
+    torch.manual_seed(0)
+    settings = build_config({"technique": {"name": name, **({"num_virtual_tokens": 3} if name != "lora" else {"r": 2, "init": "gaussian"})},
+                             "data": {"packing": False}}).technique
+    model = TECHNIQUES[name].apply(AutoModelForCausalLM.from_pretrained(tiny_model_dir), settings).eval()
+    a = TokenizedExample(list(range(5, 17)), list(range(5, 17)), "a")
+    b = TokenizedExample(list(range(30, 40)), list(range(30, 40)), "b")
+    separate = (_rows_loss(model, [[a]]) * 11 + _rows_loss(model, [[b]]) * 9) / 20  # token-weighted, as one batch
+    packed = _rows_loss(model, [[a, b]])
+    assert (abs(packed - separate) > 1e-3) == packing_changes_the_loss, (packed, separate)
+
+
+# ---------------------------------------------------------------- LoRA initialisations and AdaLoRA's hook
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_base_changing_init_saves_an_adapter_for_the_original_base(init: str, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """PiSSA/OLoRA rewrite the frozen base at initialisation; the saved adapter is converted so that plain PEFT on
+    the *original* base gives the trained model's logits."""
+    from peft import PeftModel
+
+    settings = build_config({"technique": {"name": "lora", "r": 4, "dropout": 0.0, "init": init}}).technique
+    model = TECHNIQUES["lora"].apply(AutoModelForCausalLM.from_pretrained(tiny_model_dir), settings).eval()
+    with torch.no_grad():  # stand-in for training: move every adapter weight
+        for param in (p for p in model.parameters() if p.requires_grad):
+            param.add_(0.05 * torch.randn_like(param))
+    folder = TECHNIQUES["lora"].save(model, tmp_path)
+    assert not (tmp_path / "initial-adapter").exists()  # the temporary starting adapter is gone
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), folder).eval()
+    with torch.no_grad():
+        assert (plain(ids).logits - model(input_ids=ids).logits).abs().max() < 1e-4
+
+
+def test_adalora_reallocates_its_rank_budget_during_training(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The loop's per-step hook runs AdaLoRA's allocator: the saved adapter has fewer ranks than it started with."""
+    import json
+
+    from tunelab.trainer import train
+
+    data = write_jsonl(tmp_path / "train.jsonl", toy_chat_records(16))
+    config = build_config({
+        "model": {"name": str(tiny_model_dir)},
+        "technique": {"name": "adalora", "init_r": 6, "target_r": 2, "warmup_ratio": 0.0, "final_ratio": 0.0},
+        "data": {"train": [str(data)], "val_size": 2, "max_length": 64},
+        "training": {"max_steps": 4, "micro_batch_size": 2, "learning_rate": 1e-2},
+        "eval": {"before_after": False}, "output": {"dir": str(tmp_path / "run")},
+    })
+    run = train(config, progress=False).run_dir
+    saved = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    ranks = list((saved.get("rank_pattern") or {}).values())
+    assert ranks, "no allocation was recorded"
+    kept = sum(sum(1 for keep in r if keep) if isinstance(r, list) else r for r in ranks)
+    assert kept < 6 * len(ranks), ranks  # some singular triplets were pruned

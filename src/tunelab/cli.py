@@ -270,6 +270,55 @@ def eval_command(
     print_eval_report(report)
 
 
+@app.command()
+def techniques(
+    model: Annotated[str, typer.Option(help="Model to count trainable parameters for (no weights are read)")] = "smollm2-135m-instruct",
+) -> None:
+    """List every technique: what it does, the parameters it trains on MODEL, whether it merges and packs."""
+    _setup_logging()
+    from rich.table import Table
+
+    from tunelab.console import console
+    from tunelab.techniques.catalog import catalog
+
+    try:
+        entries = catalog(model)
+    except _user_errors() as exc:
+        _fail(str(exc))
+    table = Table(title=f"Techniques (parameter counts for {model}, default settings)", title_justify="left")
+    for column in ("technique", "trains", "share", "merges", "packs", "summary"):
+        table.add_column(column, justify="right" if column in ("trains", "share") else "left")
+    for e in entries:
+        trains = f"{e.trainable:,}" if e.trainable is not None else "does not fit"
+        share = f"{100 * e.trainable / e.total:.3f}%" if e.trainable is not None else ""
+        table.add_row(e.name, trains, share, "yes" if e.merges is None else "no", "yes" if e.packs is None else "no",
+                      e.summary if e.problem is None else f"{e.summary} ({e.problem})")
+    console.print(table)
+    console.print("Why a technique does not merge or pack: docs/techniques/compatibility.md", highlight=False)
+
+
+@app.command()
+def merge(
+    run: Annotated[Path, typer.Argument(metavar="RUN", help="A finished run folder")],
+    out: Annotated[Optional[Path], typer.Option(help="Folder for the merged model (default: RUN/merged)")] = None,
+) -> None:
+    """Fold the run's adapter into the base weights: a standalone model, checked against the adapter model."""
+    _setup_logging()
+    from tunelab.console import console
+    from tunelab.export.merge import merge_run
+
+    try:
+        outcome = merge_run(run, out)
+    except _user_errors() as exc:
+        _fail(str(exc))
+    check = outcome.check
+    console.print(check.note, highlight=False)
+    console.print(f"merge check on {check.tokens} tokens of {check.batches} batches ({check.source}): "
+                  f"max logit difference {check.max_logit_diff:.3g}, mean KL {check.mean_kl:.3g}", highlight=False)
+    console.print(Text.assemble(("merged", "bold green"), f" into {outcome.out_dir} (loads with plain transformers; "
+                                "the check is saved there as merge_check.json)"), highlight=False)
+
+
 @app.command(epilog=_examples(
     ".venv/bin/tunelab quickstart                       # run again after Ctrl-C: it resumes",
     ".venv/bin/tunelab quickstart --set training.max_steps=10",

@@ -188,8 +188,21 @@ def load_model(config: ModelConfig, device: torch.device | None = None, base_loa
     model = _from_hub_or_cache(AutoModelForCausalLM.from_pretrained, path, config.name, revision=config.revision, **kwargs)
     if base_load is not None and base_load.note:
         log.info("base model: %s", base_load.note)
+    _keep_bitsandbytes_trainable_on_cpu(model)
     # A quantized model is placed by its device map while loading; bitsandbytes weights refuse `.to` afterwards.
     return model if "device_map" in kwargs else model.to(device)
+
+
+def _keep_bitsandbytes_trainable_on_cpu(model: torch.nn.Module) -> None:
+    """Turn off bitsandbytes' CPU inference repacking of 4-bit weights.
+
+    On CPUs with AVX512-BF16, a 4-bit layer called in eval mode without gradients repacks its weight once, for
+    good, into a layout whose kernel has no backward and whose scales are rounded to bfloat16. A base evaluation
+    before training would then change the numbers and silently break gradients through the frozen layers.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _load_kwargs(config: ModelConfig, device: torch.device, base_load: "BaseLoad | None") -> dict[str, Any]:

@@ -65,7 +65,7 @@ MARKER = ".tunelab-run.json"
 RUN_ENTRIES = frozenset({"config.yaml", "data_report.json", "metrics.jsonl", "eval.json", "base_eval.json",
                          "status.json", "adapter", "model", "tokenizer", "checkpoints",
                          "run_info.json", "evals", "tensorboard", "mlruns",
-                         "quantize.json", "exports"})
+                         "quantize.json", "exports", "merged"})
 LOCK = ".tunelab-lock"
 _FORMAT = 1
 

@@ -586,7 +586,7 @@ def _set_up(ctx: _Context, resume: bool) -> tuple[LoopState, dict[str, Any] | No
         enable_activation_checkpointing(ctx.model)
     ctx.plan = make_plan(config, ctx.data, ctx.accelerator.process_index, ctx.accelerator.num_processes)
     set_seed(config.training.seed)  # the technique's initialisation does not depend on whether base eval ran
-    ctx.model = ctx.technique.apply(ctx.model, config.technique, RunContext(total_steps=ctx.plan.total_steps))
+    ctx.model = ctx.technique.apply(ctx.model, config.technique, RunContext(total_steps=ctx.plan.total_steps, tasks=tuple(ctx.data.tasks)))
     if keep_trainable_in_float32(ctx.model):  # mixed precision: float32 master weights, half-precision autocast
         log.info("trainable weights kept in float32; autocast computes in %s", ctx.precision.load_dtype)
     trainable, total = count_parameters(ctx.model)
@@ -634,7 +634,7 @@ def _check_technique_fits(ctx: _Context) -> None:
     base_load = ctx.technique.base_load(ctx.config.technique, ctx.device)
     skeleton = model_skeleton(ctx.model.config, base_load)  # the same module types as the loaded base
     try:
-        ctx.technique.apply(skeleton, ctx.config.technique)
+        ctx.technique.apply(skeleton, ctx.config.technique, RunContext(tasks=tuple(ctx.data.tasks)))
     except TechniqueError as exc:
         raise TechniqueError(f"{exc} (model {ctx.config.model.name})") from None
 

@@ -1,2 +1,2 @@
-"""After training: quantize (``quantize``) and export to GGUF (``gguf``). Merging is the technique's own
-(``Technique.merge``)."""
+"""After training: merge (``merge``: a technique's ``Technique.merge`` plus the merge check), quantize
+(``quantize``) and export to GGUF (``gguf``)."""

@@ -20,6 +20,7 @@ from torch import nn
 
 from tunelab.data.tokenize import IGNORE
 from tunelab.objectives.base import LossSum
+from tunelab.techniques.base import forward_inputs
 
 
 @contextmanager
@@ -51,7 +52,8 @@ def sft_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> LossSum:
     targets = batch["targets"]  # (B, T), already shifted: targets[:, t] is the label of position t's prediction
     keep = targets != IGNORE  # (B, T)
     with logits_only_where(model, keep):
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits  # (N, V)
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                       **forward_inputs(model, batch)).logits  # (N, V)
     loss_sum = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
     return LossSum(loss_sum, int(keep.sum()))
 

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 from typing import Union, get_args
 
-from tunelab.techniques import adapter, adapter_routing, freeze, full, lora
+from tunelab.techniques import (adalora, adapter, adapter_routing, freeze, full, ia3, loha, lokr, lora,
+                                 multitask_prompt_tuning, p_tuning, prefix_tuning, prompt_tuning, qlora, vera)
 from tunelab.errors import TechniqueError
 from tunelab.techniques.base import BaseLoad, MergeResult, RunContext, Technique, TechniqueSettings, count_parameters
 
-_ALL: tuple[Technique, ...] = (full.TECHNIQUE, freeze.TECHNIQUE, lora.TECHNIQUE, adapter.TECHNIQUE, adapter_routing.TECHNIQUE)
+_ALL: tuple[Technique, ...] = (
+    full.TECHNIQUE, freeze.TECHNIQUE, lora.TECHNIQUE, qlora.TECHNIQUE, adalora.TECHNIQUE, ia3.TECHNIQUE, loha.TECHNIQUE,
+    lokr.TECHNIQUE, vera.TECHNIQUE, prompt_tuning.TECHNIQUE, multitask_prompt_tuning.TECHNIQUE,
+    prefix_tuning.TECHNIQUE, p_tuning.TECHNIQUE, adapter.TECHNIQUE, adapter_routing.TECHNIQUE,
+)
 
 
 def _check(techniques: tuple[Technique, ...]) -> dict[str, Technique]:

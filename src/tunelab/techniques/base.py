@@ -41,6 +41,11 @@ OBJECTIVE_PREFIX = "objective:"
 # Reasons shared by several techniques.
 STANDALONE = "nothing to merge: the result in model/ is already a standalone transformers model"
 TRAINS_BASE_WEIGHTS = "it trains the base weights themselves, and 4/8-bit weights take no gradient updates"
+NOT_QUANTIZED = "this technique loads a full-precision base; technique 'qlora' is the one that trains on a 4/8-bit base"
+VIRTUAL_TOKENS = ("it learns virtual tokens (or keys and values) fed to the model, not a change to any weight: "
+                  "there is nothing to fold into the weights; keep the adapter and load it with PEFT")
+NO_POSITION_IDS = ("PEFT drops the per-example position ids of prompt-learning methods, so examples packed in one "
+                   "row would attend to each other; each example gets its own row instead")
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,9 @@ class RunContext:
     ``total_steps`` is None when the model is a weightless skeleton (the fit check, ``tunelab techniques``)."""
 
     total_steps: int | None = None
+    # The run's sorted task names (an example's task_id indexes them); () for data without tasks; None when
+    # there is no data (parameter counts on a skeleton).
+    tasks: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -135,6 +143,13 @@ class Technique:
         return self.prepare(model, settings, context or RunContext())
 
 
+def forward_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch tensors a technique's model reads besides input ids and positions (e.g. multitask prompt tuning's
+    ``task_ids``): the model its ``prepare`` returned names them in ``tunelab_forward_inputs``."""
+    wanted = getattr(getattr(model, "module", model), "tunelab_forward_inputs", ())  # DDP keeps the model in .module
+    return {key: batch[key] for key in wanted if key in batch}
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; tied weights are counted once. A 4-bit weight counts its logical
     size (bitsandbytes packs two values per byte; ``quant_shape`` gives the unpacked shape)."""
@@ -191,9 +206,11 @@ def load_peft_adapter(config: Any, folder: Path, device: torch.device) -> nn.Mod
 
     from tunelab.models import load_model
 
-    base = load_model(config.model, device, base_load_for(config, device))
+    base_load = base_load_for(config, device)
+    base = load_model(config.model, device, base_load)
     model = PeftModel.from_pretrained(base, folder)
-    return model if base_load_for(config, device).device_map is not None else model.to(device)
+    placed = base_load.device_map is not None or base_load.quantization_config is not None  # placed while loading
+    return model if placed else model.to(device)
 
 
 def base_load_for(config: Any, device: torch.device) -> BaseLoad:

@@ -40,9 +40,6 @@ class AdapterTargets(TechniqueSettings):
         description="Linear layers to adapt: 'all-linear' (every linear layer except the output head) or module "
         "names such as ['q_proj', 'v_proj'] (a single name is a list of one). Every name must match a module.",
     )
-    layers_to_transform: list[int] | None = Field(
-        None, description="Only adapt these decoder layer indices (0 is the lowest); None adapts every layer.",
-    )
     modules_to_save: list[str] = Field(
         default_factory=list,
         description="Modules trained in full and saved with the adapter, e.g. ['lm_head'] for a new output format. "
@@ -56,11 +53,21 @@ class AdapterTargets(TechniqueSettings):
         return [value] if isinstance(value, str) and value != "all-linear" else value
 
     def peft_targets(self) -> dict[str, Any]:
-        return {"target_modules": self.target_modules, "layers_to_transform": self.layers_to_transform,
-                "modules_to_save": self.modules_to_save or None}
+        return {"target_modules": self.target_modules, "modules_to_save": self.modules_to_save or None}
 
 
-class LoraOptions(AdapterTargets):
+class LayeredTargets(AdapterTargets):
+    """Adapter targets that can also be limited to some decoder layers."""
+
+    layers_to_transform: list[int] | None = Field(
+        None, description="Only adapt these decoder layer indices (0 is the lowest); None adapts every layer.",
+    )
+
+    def peft_targets(self) -> dict[str, Any]:
+        return {**super().peft_targets(), "layers_to_transform": self.layers_to_transform}
+
+
+class LoraOptions(LayeredTargets):
     """LoRA's settings without its name, so that QLoRA can reuse them."""
 
     r: int = Field(16, gt=0, description="Rank of the update B A. 8-64 is typical; higher adds capacity and memory.")
@@ -114,7 +121,7 @@ def check_targets(model: nn.Module, settings: AdapterTargets) -> None:
         check_target_modules(model, settings.target_modules)
     if settings.modules_to_save:
         check_target_modules(model, settings.modules_to_save)
-    if settings.layers_to_transform is not None:
+    if getattr(settings, "layers_to_transform", None) is not None:
         from tunelab.techniques.freeze import decoder_layers
 
         n = len(decoder_layers(model))

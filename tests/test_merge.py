@@ -1,0 +1,130 @@
+"""tunelab merge: a standalone model that plain transformers loads, a saved merge check, refusals with reasons,
+and the user's folders left alone. And tunelab techniques: counts without loading weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import toy_chat_records, write_jsonl
+from typer.testing import CliRunner
+
+from tunelab.cli import app
+from tunelab.config import build_config
+from tunelab.trainer import train
+
+runner = CliRunner(env={"COLUMNS": "250", "NO_COLOR": "1"})
+
+
+def trained_run(root: Path, model_dir: Path, technique: dict) -> Path:
+    data = write_jsonl(root / "train.jsonl", toy_chat_records(16))
+    config = build_config({
+        "model": {"name": str(model_dir)}, "technique": technique,
+        "data": {"train": [str(data)], "val_size": 4, "max_length": 64},
+        "training": {"max_steps": 3, "micro_batch_size": 2, "learning_rate": 1e-2},
+        "eval": {"before_after": False}, "output": {"dir": str(root / "run")},
+    })
+    return train(config, progress=False).run_dir
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return trained_run(tmp_path_factory.mktemp("lora"), tiny_model_dir, {"name": "lora", "r": 4, "dropout": 0.0})
+
+
+def test_merge_writes_a_standalone_checked_model(lora_run: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.result import load_run
+
+    out = tmp_path / "merged"
+    result = runner.invoke(app, ["merge", str(lora_run), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "max logit difference" in result.output and "mean KL" in result.output
+    check = json.loads((out / "merge_check.json").read_text())
+    assert check["max_logit_diff"] < 1e-4 and abs(check["mean_kl"]) < 1e-9 and check["tokens"] > 0
+    assert check["source"] == "validation examples"
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    adapter = load_run(lora_run, device="cpu").model
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        assert (merged(ids).logits - adapter(input_ids=ids).logits).abs().max() < 1e-4
+
+
+def test_merge_defaults_into_the_run_folder_and_replaces_only_its_own_output(lora_run: Path, tmp_path: Path) -> None:
+    assert runner.invoke(app, ["merge", str(lora_run)]).exit_code == 0
+    assert (lora_run / "merged" / "merge_check.json").is_file()
+    assert runner.invoke(app, ["merge", str(lora_run)]).exit_code == 0  # its own earlier output: replaced
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    result = runner.invoke(app, ["merge", str(lora_run), "--out", str(mine)])
+    assert result.exit_code == 2 and "did not write" in result.output
+    assert (mine / "notes.txt").read_text() == "keep me" and len(list(mine.iterdir())) == 1
+
+
+@pytest.mark.parametrize("technique, reason", [
+    ({"name": "prompt_tuning", "num_virtual_tokens": 2}, "virtual tokens"),
+    ({"name": "freeze", "layers": [-1]}, "already a standalone"),
+])
+def test_merge_refuses_with_the_reason(tiny_model_dir: Path, tmp_path: Path, technique: dict, reason: str) -> None:
+    run = trained_run(tmp_path, tiny_model_dir, technique)
+    result = runner.invoke(app, ["merge", str(run)])
+    assert result.exit_code == 2 and "cannot be merged" in result.output and reason in result.output
+    assert not (run / "merged").exists()
+
+
+def test_qlora_merges_into_the_dequantized_base_and_says_so(tiny_model_dir: Path, tmp_path: Path) -> None:
+    run = trained_run(tmp_path, tiny_model_dir, {"name": "qlora", "r": 4, "dropout": 0.0})
+    result = runner.invoke(app, ["merge", str(run)])
+    assert result.exit_code == 0, result.output
+    check = json.loads((run / "merged" / "merge_check.json").read_text())
+    assert "DEQUANTIZED" in check["note"] and "DEQUANTIZED" in result.output
+    assert check["max_logit_diff"] < 1e-3
+    config = json.loads((run / "merged" / "config.json").read_text())
+    assert "quantization_config" not in config  # a plain full-precision model
+
+
+def test_techniques_lists_counts_without_loading_weights(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import transformers
+
+    from tunelab.techniques import TECHNIQUES
+
+    def no_weights(*args, **kwargs):  # noqa: ANN002, ANN003
+        raise AssertionError("tunelab techniques must not load weights")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
+    result = runner.invoke(app, ["techniques", "--model", str(tiny_model_dir)], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    for name in TECHNIQUES:
+        assert name in result.output
+    # lora r=16 on all 7 linear layers of 2 layers of the tiny model: 16 * sum(d_in + d_out)
+    per_layer = 16 * ((64 + 64) * 2 + (64 + 32) * 2 + (64 + 128) * 3)
+    assert f"{2 * per_layer:,}" in result.output
+
+
+def test_the_merge_check_sees_a_wrong_merge(lora_run: Path) -> None:
+    """Negative control: a merged model whose weights are slightly off is reported as different."""
+    from tunelab.export.merge import _check_batches, compare
+    from tunelab.result import load_run
+
+    loaded = load_run(lora_run, device="cpu")
+    batches, source = _check_batches(loaded, 2, 2)
+    wrong = load_run(lora_run, device="cpu").model.merge_and_unload()
+    with torch.no_grad():
+        for param in wrong.parameters():
+            param.add_(0.01 * torch.randn_like(param))
+    check = compare(loaded.model, wrong, batches, source, "a wrong merge")
+    assert check.max_logit_diff > 1e-2 and check.mean_kl > 1e-6
+
+
+def test_a_users_merged_folder_inside_the_run_is_never_written(tiny_model_dir: Path, tmp_path: Path) -> None:
+    run = trained_run(tmp_path, tiny_model_dir, {"name": "lora", "r": 2})
+    (run / "merged").mkdir()
+    (run / "merged" / "mine.txt").write_text("keep me")
+    result = runner.invoke(app, ["merge", str(run)])
+    assert result.exit_code == 2 and "not created by tunelab" in result.output
+    assert [p.name for p in (run / "merged").iterdir()] == ["mine.txt"]
