@@ -6,6 +6,7 @@ one file share a working folder, so a later block can read the run an earlier on
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -54,6 +55,12 @@ def test_doc_code_blocks_run(path: Path, tmp_path: Path) -> None:
     for kind, code in code_blocks(path):
         failure = _run(kind, code, cwd)
         assert failure is None, failure
+    # What the docs promise beyond exit code 0: every run their commands start ends finished, with its result and
+    # its before/after report (a run left failed or interrupted means a documented command does not work).
+    for run_dir in sorted(p.parent for p in cwd.glob("runs/**/config.yaml") if (p.parent / "status.json").is_file()):
+        status = json.loads((run_dir / "status.json").read_text())
+        assert status["status"] in ("completed", "early_stopped"), f"{path.name}: {run_dir.name} ended {status}"
+        assert (run_dir / "eval.json").is_file() and (run_dir / "tokenizer").is_dir(), f"{path.name}: {run_dir.name}"
 
 
 def test_readme_python_runs(tmp_path: Path) -> None:

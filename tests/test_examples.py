@@ -48,8 +48,26 @@ def test_example_trains_two_steps_on_tiny_model(path: Path, tiny_model_dir: Path
     result = train(config, progress=False)
     assert result.status == "completed" and result.step == 2
     evaluation = json.loads((result.run_dir / "eval.json").read_text())
-    assert evaluation["tuned"]["loss"] > 0 and "base" in evaluation
+    # Before/after on one and the same validation subset, with finite figures.
+    assert evaluation["base"]["tokens"] == evaluation["tuned"]["tokens"] > 0
+    assert 0 < evaluation["tuned"]["loss"] < float("inf") and 0 < evaluation["base"]["loss"] < float("inf")
     assert (result.run_dir / TECHNIQUES[config.technique.name].result_dir_name).is_dir()
+    # The saved result is a trained model, not the base: it opens with load_run and its logits moved.
+    _assert_result_differs_from_base(result.run_dir, tiny_model_dir)
+
+
+def _assert_result_differs_from_base(run_dir: Path, base_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.result import load_run
+
+    loaded = load_run(run_dir, device="cpu", dtype="float32")
+    ids = loaded.tokenizer("say fox 3", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        tuned = loaded.model(input_ids=ids).logits[:, -1]  # (1, V): the last position (virtual tokens come first)
+        base = AutoModelForCausalLM.from_pretrained(base_dir).eval()(input_ids=ids).logits[:, -1]
+    assert tuned.shape == base.shape and not torch.allclose(tuned, base, atol=1e-6), "two steps changed nothing"
 
 
 def _tiny_adapter_run(config, tiny: list[str], out: Path) -> Path:
