@@ -19,7 +19,8 @@ from tunelab.config import load_config
 from tunelab.trainer import RunResult
 
 ROOT = Path(__file__).parents[1]
-COMMANDS = [["train"], ["quickstart"], ["runs"], ["config", "show"], ["data", "inspect"]]
+COMMANDS = [["train"], ["quickstart"], ["runs"], ["config", "show"], ["data", "inspect"], ["generate"], ["chat"], ["serve"],
+            ["quantize"], ["export"]]
 
 
 def test_version() -> None:

@@ -342,7 +342,7 @@ def quickstart(
 RunArgument = Annotated[Path, typer.Argument(metavar="RUN", help="A finished run folder (e.g. runs/quickstart)")]
 
 
-@app.command()
+@app.command(epilog=_examples('.venv/bin/tunelab generate runs/quickstart --prompt "What does json.dumps do?"', ".venv/bin/tunelab generate runs/quickstart --data prompts.jsonl --json > outputs.jsonl"))
 def generate(
     run: RunArgument,
     prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="A prompt (repeatable)")] = None,
@@ -367,7 +367,7 @@ def generate(
         _fail(str(exc))
 
 
-@app.command()
+@app.command(epilog=_examples(".venv/bin/tunelab chat runs/quickstart", '.venv/bin/tunelab chat runs/quickstart --system "Answer briefly."'))
 def chat(
     run: RunArgument,
     system: Annotated[Optional[str], typer.Option(help="A system message to start the conversation")] = None,
@@ -385,7 +385,7 @@ def chat(
         _fail(str(exc))
 
 
-@app.command()
+@app.command(epilog=_examples(".venv/bin/tunelab serve runs/quickstart", ".venv/bin/tunelab serve runs/lora-a runs/lora-b --port 8080"))
 def serve(
     runs: Annotated[list[Path], typer.Argument(metavar="RUN...", help="Run folders whose adapters to serve (one base)")],
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 exposes it to the network)")] = "127.0.0.1",
@@ -416,7 +416,7 @@ def serve(
     run_server(application, host, port)
 
 
-@app.command()
+@app.command(epilog=_examples(".venv/bin/tunelab quantize runs/quickstart", ".venv/bin/tunelab quantize runs/quickstart --methods int8,dynamic-int8"))
 def quantize(
     run: RunArgument,
     methods: Annotated[str, typer.Option(help="Comma-separated: int8, nf4, fp4, dynamic-int8, gptq, awq")] = "int8,nf4,fp4,dynamic-int8,gptq,awq",
@@ -441,7 +441,7 @@ def quantize(
     typer.echo(f"saved {run / 'quantize.json'}")
 
 
-@app.command()
+@app.command(epilog=_examples(".venv/bin/tunelab export runs/quickstart --quant q8_0", ".venv/bin/tunelab export runs/quickstart --out model.gguf"))
 def export(
     run: RunArgument,
     format_: Annotated[str, typer.Option("--format", help="Export format: gguf")] = "gguf",
