@@ -118,3 +118,14 @@ def test_the_trainers_rotation_keeps_the_best_checkpoint(tiny_model_dir: Path, t
     final = load_file(str(result.run_dir / "model" / "model.safetensors"))
     assert all(torch.equal(final[n], best[n]) for n in best), "restore_best saves the best step's weights"
     assert json.loads((result.run_dir / "eval.json").read_text())["weights_from_step"] == 4
+
+
+def test_a_checkpoint_folder_without_its_marker_is_never_resumed_from(tmp_path: Path) -> None:
+    """A step folder whose COMPLETE marker never made it (a copy cut short, a disk that lost the last writes) is
+    not a checkpoint, whatever files it holds."""
+    root = tmp_path / "checkpoints"
+    _save(root, 2, "complete")
+    half = _save(root, 4, "half")
+    (half / ckpt.COMPLETE).unlink()
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-000002"]
+    assert ckpt.read_state(ckpt.latest_checkpoint(root))["marker"] == "complete"
