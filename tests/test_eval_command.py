@@ -194,3 +194,17 @@ def test_peak_memory_does_not_grow_with_the_eval_set(tmp_path: Path) -> None:
         peaks[n] = json.loads(done.stdout.strip().splitlines()[-1])["peak_kib"] / 1024
         assert sum(1 for _ in open(tmp_path / f"out-{n}" / "predictions.jsonl")) == n
     assert peaks[1000] - peaks[100] < 40, peaks
+
+
+def test_target_as_run_adapter_folder_or_model_plus_adapter_gives_the_same_scores(runs: dict[str, Path],
+                                                                                   tmp_path: Path) -> None:
+    settings = dict(metrics=["rouge_l"], max_new_tokens=4, resamples=20)
+    as_run = evaluate(runs["a"], [runs["test"]], output=tmp_path / "run", settings=EvalSettings(**settings))
+    as_adapter = evaluate(runs["a"] / "adapter", [runs["test"]], output=tmp_path / "adapter",
+                          settings=EvalSettings(**settings))
+    plus = evaluate(_plain_model(runs), [runs["test"]], adapter=runs["a"] / "adapter", output=tmp_path / "plus",
+                    settings=EvalSettings(**settings))
+    scores = [r["metrics"]["loss"]["scores"][r["target"]] for r in (as_run, as_adapter, plus)]
+    assert scores[0] == pytest.approx(scores[1], rel=1e-6) and scores[0] == pytest.approx(scores[2], rel=1e-6)
+    plain = evaluate(_plain_model(runs), [runs["test"]], output=tmp_path / "plain", settings=EvalSettings(**settings))
+    assert plain["metrics"]["loss"]["scores"][plain["target"]] != pytest.approx(scores[0], rel=1e-3)

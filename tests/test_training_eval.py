@@ -101,7 +101,8 @@ def test_run_info_records_parameters_memory_phases_and_versions(tiny_model_dir: 
     assert 0 < info["trainable_parameters"] < info["total_parameters"]
     assert info["peak_memory"]["rss_bytes"] > 50 * 2**20
     assert {"set-up", "base evaluation", "training", "final evaluation", "saving"} <= set(info["phases_s"])
-    assert sum(info["phases_s"].values()) <= info["wall_time_s"] + 0.01  # nested phases are not counted twice
+    phases = sum(info["phases_s"].values())  # nested phases are not counted twice, and the phases cover the run
+    assert 0.8 * info["wall_time_s"] <= phases <= info["wall_time_s"] + 0.01, (phases, info)
     assert info["training_tokens"] > 0 and info["tokens_per_s"] > 0
     assert info["versions"]["torch"] == torch.__version__.split("+")[0] or info["versions"]["torch"].startswith(torch.__version__[:4])
     assert info["hardware"]["cpu_count"] >= 1 and info["status"] == "completed" and info["step"] == 3

@@ -248,7 +248,7 @@ def evaluate(target: str | Path, data_files: list[str | Path], against: list[str
         if position > 0:
             opened = open_model(spec, None, device, settings.dtype)
             opened.tokenizer = tokenizer
-        name = _unique(opened.name if position else opened.name, [s.name for s in systems], against, position)
+        name = _unique(opened.name, [s.name for s in systems], against, position)
         log.info("evaluating %s on %d examples", name, len(examples))
         with _progress(progress, name, len(examples)) as advance:
             scores = score_system(opened, examples, prompts, plain_text, metrics, settings,
