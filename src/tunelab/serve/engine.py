@@ -80,14 +80,18 @@ def _read_run(run_dir: Path, allow_remote_code: bool) -> tuple[Any, Path]:
     return config, folder
 
 
+def _adapter_config(folder: Path) -> dict[str, Any]:
+    path = folder / "adapter_config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def _check_adapter(folder: Path, run_dir: Path, base_key: str) -> None:
     """A served adapter must be a LoRA (PEFT's mixed batches are LoRA's) of the same base."""
-    adapter_config = json.loads((folder / "adapter_config.json").read_text()) if (folder / "adapter_config.json").is_file() else None
-    if adapter_config is None:
-        raise ConfigError(f"{run_dir}: its result is a full model, not an adapter; serve it alone (tunelab serve {run_dir})")
+    adapter_config = _adapter_config(folder)
     if adapter_config.get("peft_type") != "LORA":
-        raise ConfigError(f"{run_dir}: a {adapter_config.get('peft_type')} adapter; several adapters in one batch "
-                          "work for LoRA adapters only, so serve it alone")
+        kind = adapter_config.get("peft_type") or f"'{folder.name}/'"
+        raise ConfigError(f"{run_dir}: its result ({kind}) is not a LoRA adapter; several runs share one batch only "
+                          f"as LoRA adapters of one base, so serve it alone (tunelab serve {run_dir})")
     named = adapter_config.get("base_model_name_or_path") or ""
     if named and _base_key(named) != base_key:
         raise ConfigError(f"{run_dir}: its adapter was trained on another base ({named}), not on the served "
@@ -113,7 +117,7 @@ def load_models(runs: list[Path], device: Any = None, allow_remote_code: bool = 
         raise ConfigError(f"two runs share a folder name ({', '.join(sorted(n for n in names if names.count(n) > 1))}); "
                           "each served model needs its own name")
     first_dir, first_config, first_folder = checked[0]
-    if len(checked) == 1 and not (first_folder / "adapter_config.json").is_file():  # one full fine-tune, served alone
+    if len(checked) == 1 and _adapter_config(first_folder).get("peft_type") != "LORA":  # any other result, served alone
         loaded = load_run(first_dir, device=device)
         return loaded.model, {names[0]: ServedModel(names[0], first_dir, "", loaded.tokenizer)}
     base_key = _base_key(first_config.model.name)
