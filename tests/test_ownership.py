@@ -138,14 +138,3 @@ def test_a_live_writer_blocks_a_second_one_and_a_dead_ones_lock_does_not(tiny_mo
         other.wait()
     assert train(config, progress=False).status == "completed"  # its process is gone: a stale lock
 
-
-def test_only_rank_0_of_a_multi_process_run_claims_and_locks_the_folder(tiny_model_dir: Path, tmp_path: Path,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    config = make_config(tiny_model_dir, tmp_path, output={"dir": str(tmp_path / "run")})
-    monkeypatch.setenv("RANK", "1")
-    assert runs.prepare_run_dir(config, resume=False) == tmp_path / "run"
-    assert not (tmp_path / "run").exists()  # rank 1 never claims, clears or locks (rank 0 holds the lock)
-    monkeypatch.setenv("RANK", "0")
-    runs.prepare_run_dir(config, resume=False)
-    assert (tmp_path / "run" / runs.LOCK).is_file() and runs.owned_entries(tmp_path / "run") == {"config.yaml"}
-    runs.release_lock(tmp_path / "run")

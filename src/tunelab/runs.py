@@ -383,8 +383,6 @@ def prepare_run_dir(config: TunelabConfig, resume: bool) -> Path:
     """Claim the run folder: check a resume against the saved run, or start a new run without ever clearing
     anyone's files (and write its resolved config.yaml). Takes the folder's writer lock (``release_lock``)."""
     run_dir = Path(config.output.dir or "runs/run")
-    if int(os.environ.get("RANK", "0")) != 0:  # another process of a multi-process run: rank 0 claims, checks,
-        return run_dir                          # locks and writes the folder (every write is the main process's)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"output.dir {run_dir} is a file; give a folder for the run")
     _refuse_a_live_writer(run_dir)
