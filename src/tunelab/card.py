@@ -14,17 +14,10 @@ from typing import Any
 
 import yaml
 
+from tunelab.data.prepare import file_sha256  # one file hash for data fingerprints and model cards
 from tunelab.runs import read_json, read_metrics
 
 CARD_NAME = "README.md"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def base_identity(model_name: str, revision: str | None = None) -> dict[str, Any]:

@@ -41,7 +41,7 @@ class PreparedData:
         return list(self.report.get("tasks") or {})
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -58,7 +58,7 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 
 def data_fingerprint(config: DataConfig) -> str:
     """Hash of the data files' contents, in order: a resumed run checks it trains on the same data."""
-    contents = [[_file_sha256(Path(p)) for p in config.train], [_file_sha256(Path(p)) for p in config.validation]]
+    contents = [[file_sha256(Path(p)) for p in config.train], [file_sha256(Path(p)) for p in config.validation]]
     return hashlib.sha256(json.dumps(contents).encode()).hexdigest()[:24]
 
 
