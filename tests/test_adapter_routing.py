@@ -43,7 +43,7 @@ def _fresh(tiny_model_dir: Path) -> torch.nn.Module:
 # ---------------------------------------------------------------- the router on its own
 
 
-@pytest.mark.parametrize("gating", ["token", "sequence"])
+@pytest.mark.parametrize("gating", ["token", "sequence", "prompt"])
 @pytest.mark.parametrize("top_k", [None, 1, 2])
 def test_gates_sum_to_one_and_top_k_keeps_exactly_k(gating: str, top_k: int | None) -> None:
     torch.manual_seed(0)
@@ -134,7 +134,7 @@ def _task_losses(model: torch.nn.Module, tokenizer, files: dict[str, Path]) -> d
 def routed(experiment: dict, tiny_model_dir: Path) -> Path:
     config = build_config(_config(
         tiny_model_dir, [experiment["files"]["both"]],
-        {"name": "adapter_routing", "adapters": {k: str(v) for k, v in experiment["runs"].items()}, "gating": "sequence", "temperature": 0.3},
+        {"name": "adapter_routing", "adapters": {k: str(v) for k, v in experiment["runs"].items()}, "gating": "prompt", "temperature": 0.3},
         experiment["root"] / "routed", 150, 5e-2))
     return tunelab.train(config, progress=False).run_dir
 
@@ -151,23 +151,118 @@ def test_lora_expert_equals_peft(experiment: dict, tiny_model_dir: Path) -> None
 
 
 def test_router_sends_each_task_to_its_own_adapter(routed: Path, experiment: dict, tiny_model_dir: Path, tiny_tokenizer) -> None:
+    """The issue's routing claims, strictly: each task goes mostly to its own adapter, the routed model is at least
+    as good as the better single adapter on each task and better than either on both tasks together."""
     evaluation = json.loads((routed / "eval.json").read_text())
     split = evaluation["routing"]["mean_gate"]
     share_a, share_b = split["animals"]["animals"], split["count"]["count"]
-    print(f"routing share: animals -> animals {share_a:.3f}, count -> count {share_b:.3f}")
-    # measured: animals -> animals 0.99, count -> count 0.83 (the shared chat-template tokens at the start of every
-    # prompt cannot tell the tasks apart, and a causal gate cannot look ahead)
-    assert share_a > 0.75 and share_b > 0.75, split
+    print(f"routing share: animals -> animals {share_a:.4f}, count -> count {share_b:.4f}")
+    # measured with prompt gating: animals -> animals 0.998, count -> count 0.9999 (every token, prompt included;
+    # the causal 'sequence' gate gave count -> count 0.77 on the prompt's tokens: the shared chat-template prefix
+    # comes before the task shows)
+    assert share_a >= 0.95 and share_b >= 0.95, split
 
     losses = {name: _task_losses(tunelab.load_run(run, device="cpu").model, tiny_tokenizer, experiment["files"])
               for name, run in {**experiment["runs"], "routed": routed}.items()}
     print("held-out losses:", json.dumps(losses, indent=1))
     for task in ("animals", "count"):
-        # measured: animals 2.138 routed vs 2.139 for its own adapter; count 0.771 vs 0.752 (within 3%: the
-        # template tokens before the task shows up are routed by the shared prefix, not by the task)
+        # measured: animals 2.1373 routed vs 2.1385 for its own adapter; count 0.751969 vs 0.751967 (the other
+        # adapter's gate, 1e-4, moves the loss by 2e-6); the causal gate gave count 0.771, 2.5% worse
         best_single = min(losses["animals"][task], losses["count"][task])
-        assert losses["routed"][task] <= best_single * 1.05, losses
+        assert losses["routed"][task] <= best_single + 1e-4, losses
     assert losses["routed"]["both"] < min(losses["animals"]["both"], losses["count"]["both"]), losses
+
+
+def test_prompt_gate_is_the_prompts_for_every_token_of_the_example() -> None:
+    """Prompt gating: one gate per example from its prompt's tokens (those before the first supervised one),
+    the same whether the example is packed, carries its answer and targets (training), or is a bare prompt
+    followed by decoding steps (generation)."""
+    torch.manual_seed(0)
+    router = rt.Router(8, 3, "prompt", None, 1.0, 0).eval()
+    prompt_a, answer_a = torch.randn(1, 4, 8), torch.randn(1, 3, 8)
+    prompt_b, answer_b = torch.randn(1, 5, 8), torch.randn(1, 2, 8)
+    ignore = rt.IGNORE
+
+    def targets(prompt_len: int, answer_len: int) -> torch.Tensor:  # shifted: position t predicts token t+1
+        return torch.tensor([[ignore] * (prompt_len - 1) + [7] * answer_len + [ignore]])
+
+    def rms(x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    router.targets = targets(4, 3)
+    alone_a = router.gates(torch.cat([prompt_a, answer_a], 1), torch.arange(7)[None])  # (1, 7, 3)
+    expected = torch.softmax(router.proj(rms(prompt_a)).mean(1), -1)  # (1, 3): the prompt's mean logit
+    assert torch.allclose(alone_a, expected.unsqueeze(1).expand(1, 7, 3), atol=1e-6)
+    # the answer does not move the gate, not even the prompt's own tokens' gates
+    router.targets = targets(4, 3)
+    other_answer = router.gates(torch.cat([prompt_a, torch.randn(1, 3, 8)], 1), torch.arange(7)[None])
+    assert torch.allclose(other_answer, alone_a, atol=1e-6)
+    # packed with another example: each keeps its own prompt's gate
+    router.targets = targets(5, 2)
+    alone_b = router.gates(torch.cat([prompt_b, answer_b], 1), torch.arange(7)[None])
+    router.targets = torch.cat([targets(4, 3), targets(5, 2)], 1)
+    packed = router.gates(torch.cat([prompt_a, answer_a, prompt_b, answer_b], 1), torch.cat([torch.arange(7)] * 2)[None])
+    assert torch.allclose(packed, torch.cat([alone_a, alone_b], 1), atol=1e-6)
+    # generation: the bare prompt (no targets) gets the training gate, and decoding steps keep it
+    router.targets = None
+    prefill = router.gates(prompt_a, torch.arange(4)[None])
+    step = router.gates(answer_a[:, :1], torch.tensor([[4]]))
+    assert torch.allclose(prefill, alone_a[:, :4], atol=1e-6) and torch.allclose(step, alone_a[:, 4:5], atol=1e-6)
+
+
+def test_routed_model_decodes_with_the_gates_it_trained_with(routed: Path) -> None:
+    """Generation (the bare prompt, then one cached token at a time) gives the logits of the training forward
+    (prompt and answer at once, with the targets that mark where the prompt ends)."""
+    from tunelab.data import Example, collate, tokenize_example
+
+    opened = tunelab.load_run(routed, device="cpu")
+    model, tokenizer = opened.model.eval(), opened.tokenizer
+    record = task_b(61)[60]
+    example = tokenize_example(tokenizer, Example("messages", "x", tuple((m["role"], m["content"]) for m in record["messages"])))
+    batch = collate([[example]], tokenizer.pad_token_id)
+    ids = batch["input_ids"]  # (1, T)
+    prompt = next(i for i, label in enumerate(example.labels) if label != rt.IGNORE)  # the answer's first token
+    with torch.no_grad():
+        trained = model(input_ids=ids, position_ids=batch["position_ids"], targets=batch["targets"], use_cache=False).logits
+        out = model(input_ids=ids[:, :prompt], use_cache=True)
+        decoded = [out.logits[:, -1]]
+        for t in range(prompt, ids.shape[1] - 1):
+            out = model(input_ids=ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+            decoded.append(out.logits[:, -1])
+    assert torch.allclose(torch.stack(decoded, 1), trained[:, prompt - 1 : -1], atol=1e-4)
+    # `tunelab eval`'s per-example losses route by the prompt too (the targets reach the router), as training did
+    from tunelab.eval.loss import example_losses
+    from tunelab.objectives.sft import sft_loss_sum
+
+    loss_sum, tokens = next(example_losses(model, [example], tokenizer.pad_token_id, 1, torch.device("cpu")))
+    seen = rt.routers(model)[0].targets  # what the router was told about the last forward
+    assert seen is not None and torch.equal(seen, batch["targets"])
+    with torch.no_grad():
+        trained_loss = sft_loss_sum(model, batch)
+    assert tokens == trained_loss.num_units and abs(loss_sum - trained_loss.loss_sum.item()) < 1e-4
+
+
+def test_tunelab_eval_reports_the_router_split_of_each_task(routed: Path, tmp_path: Path) -> None:
+    """`tunelab eval RUN --data FILE` on a routed run: the share of gate weight each adapter gets over each task's
+    tokens of that data, printed and saved in the report's eval.json."""
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", task_a(72)[60:] + task_b(72)[60:])  # never trained on
+    result = CliRunner(env={"COLUMNS": "200", "NO_COLOR": "1"}).invoke(app, [
+        "eval", str(routed), "--data", str(held_out), "--metric", "exact_match", "--max-new-tokens", "4",
+        "--resamples", "10", "--output", str(tmp_path / "report"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    routing = json.loads((tmp_path / "report" / "eval.json").read_text())["technique"]["routing"]
+    assert routing["split"] == "the evaluation data" and routing["adapters"] == ["animals", "count"]
+    assert routing["tokens"]["animals"] > 0 and routing["tokens"]["count"] > 0
+    share = routing["mean_gate"]
+    print("tunelab eval split:", share)
+    assert share["animals"]["animals"] >= 0.95 and share["count"]["count"] >= 0.95, share  # as in training's eval.json
+    printed = [line.replace("│", " ").split() for line in result.output.splitlines()]  # the table's rows
+    rows = {line[0]: line[1:3] for line in printed if len(line) == 4 and line[0] in ("animals", "count")}
+    assert rows == {task: [f"{share[task]['animals']:.3f}", f"{share[task]['count']:.3f}"] for task in ("animals", "count")}, result.output
 
 
 def test_gates_are_logged_and_only_the_router_trains(routed: Path, experiment: dict) -> None:

@@ -242,8 +242,25 @@ def print_eval_report(report: dict[str, Any]) -> None:
                     changes.add_column(column, overflow="fold")
                 changes.add_row(example["reference"] or "", example["target"] or "", example["other"] or "")
                 console.print(changes)
+    print_routing_split(report.get("technique") or {})
     console.print(f"report: {report['output']}/report.html (and report.md, eval.json, predictions.jsonl)",
                   soft_wrap=True)  # a path to copy: never broken across lines
+
+
+def print_routing_split(figures: dict[str, Any]) -> None:
+    """A router's mean gate per adapter over each task's tokens (rows: tasks, then all tokens), when the
+    technique's figures hold one."""
+    routing = figures.get("routing")
+    if not routing:
+        return
+    table = Table(title=f"router split ({routing['gating']} gating): mean gate per adapter over each task's tokens")
+    table.add_column("task")
+    for name in routing["adapters"]:
+        table.add_column(name, justify="right")
+    table.add_column("tokens", justify="right")
+    for group, shares in routing["mean_gate"].items():
+        table.add_row(group, *(f"{shares[name]:.3f}" for name in routing["adapters"]), str(routing["tokens"][group]))
+    console.print(table)
 
 
 def print_quantize_table(report: dict[str, Any]) -> None:

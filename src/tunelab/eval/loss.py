@@ -18,6 +18,7 @@ from tunelab.data.batching import collate
 from tunelab.data.tokenize import IGNORE, TokenizedExample
 from tunelab.objectives import Objective
 from tunelab.objectives.sft import logits_only_where
+from tunelab.techniques.base import forward_inputs
 
 
 @torch.no_grad()
@@ -61,7 +62,8 @@ def example_losses(model: nn.Module, examples: list[TokenizedExample], pad_id: i
         targets = tensors["targets"]  # (B, T)
         keep = targets != IGNORE  # (B, T)
         with logits_only_where(model, keep):
-            logits = model(input_ids=tensors["input_ids"], position_ids=tensors["position_ids"], use_cache=False).logits  # (N, V)
+            logits = model(input_ids=tensors["input_ids"], position_ids=tensors["position_ids"], use_cache=False,
+                           **forward_inputs(model, tensors)).logits  # (N, V)
         token_losses = F.cross_entropy(logits.float(), targets[keep], reduction="none")  # (N,)
         rows = keep.nonzero()[:, 0]  # (N,) the example each supervised position belongs to
         sums = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(0, rows, token_losses.double())

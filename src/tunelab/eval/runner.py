@@ -244,6 +244,7 @@ def evaluate(target: str | Path, data_files: list[str | Path], against: list[str
     plain_text = not examples[0].messages
     specs = [str(target)] + [_against_spec(a, opened) for a in against]
     systems: list[SystemScores] = []
+    figures: dict[str, Any] | None = None
     for position, spec in enumerate(specs):
         if position > 0:
             opened = open_model(spec, None, device, settings.dtype)
@@ -255,9 +256,15 @@ def evaluate(target: str | Path, data_files: list[str | Path], against: list[str
                                   out_dir / f".system-{position}.jsonl.tmp", device, advance)
         scores.name, scores.spec = name, spec
         systems.append(scores)
+        if position == 0:  # the target run's technique's own figures on this data (e.g. a router's split per task)
+            from tunelab.eval.technique import technique_figures
+
+            figures = technique_figures(target, opened, examples, settings.max_length, device)
         del opened
         gc.collect()
     report = build_report(systems, examples, references, files, metrics, settings)
+    if figures:
+        report["technique"] = figures
     write_predictions(out_dir, systems, examples, prompts, references)
     from tunelab.eval.report import write_reports
 

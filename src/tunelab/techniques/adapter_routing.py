@@ -4,6 +4,7 @@ Per decoder layer, a router turns the layer's input into gates g (B, T, E) over 
 adapted site adds sum_e g_e * delta_e instead of one adapter's delta:
     g_t = softmax(W_r rms(h_t) / tau)                         per token
     g_t = softmax(mean_{s <= t} W_r rms(h_s) / tau)           per sequence (causal prefix mean within the example)
+    g_t = softmax(mean_{s in prompt} W_r rms(h_s) / tau)      per prompt (one gate for the whole example)
     top-k: all but the k largest logits are dropped before the softmax, so exactly k experts are used per token.
 Two modes: ``router_only`` trains W_r over frozen, already trained adapters (AdapterFusion, Pfeiffer et al. 2021,
 https://arxiv.org/abs/2005.00247; X-LoRA, Buehler & Buehler 2024, https://arxiv.org/abs/2402.07148), and
@@ -29,7 +30,7 @@ from tunelab.errors import TechniqueError
 from tunelab.techniques import bottleneck as bn
 from tunelab.techniques import routing as rt
 from tunelab.techniques.adapter import BottleneckOptions
-from tunelab.techniques.base import RunContext, Technique, TechniqueSettings, base_load_for
+from tunelab.techniques.base import RunContext, Technique, TechniqueSettings, base_load_for, forward_inputs
 
 SPEC_ATTRIBUTE = "_tunelab_routing_spec"
 NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -55,9 +56,11 @@ class AdapterRoutingSettings(TechniqueSettings):
         "router_only", description="'router_only': train only the router over frozen adapters; 'joint': train the "
         "adapters and the router together.",
     )
-    gating: Literal["token", "sequence"] = Field(
+    gating: Literal["token", "sequence", "prompt"] = Field(
         "token", description="'token': a gate per token; 'sequence': the gate of the mean router logit over the "
-        "example so far (causal, so generation sees the gates training saw).",
+        "example so far (causal, so generation sees the gates training saw); 'prompt': one gate per example, from "
+        "the mean router logit over its prompt (the tokens before the first supervised one; in generation, the "
+        "prompt given), used for every token of the example, the prompt's own included.",
     )
     top_k: int | None = Field(None, gt=0, description="Use only the k highest-scoring adapters per token (None: all).")
     temperature: float = Field(1.0, gt=0, description="Softmax temperature of the gates: below 1 sharper, above 1 flatter.")
@@ -201,7 +204,9 @@ def routing_split(model: nn.Module, examples: list[Any], tasks: list[str], pad_i
                 real[row, : len(example.input_ids)] = True
             for router in layers:
                 router.recording = []
-            model(input_ids=tensors["input_ids"].to(device), position_ids=tensors["position_ids"].to(device), use_cache=False)
+            extra = {k: v.to(device) for k, v in forward_inputs(model, tensors).items()}  # prompt gating: the targets
+            model(input_ids=tensors["input_ids"].to(device), position_ids=tensors["position_ids"].to(device), use_cache=False,
+                  **extra)
             gates = torch.stack([router.recording[0] for router in layers]).mean(0)  # (B, T, E) averaged over layers
             task_ids = tensors.get("token_task_ids")
             groups = {"all": real}
@@ -228,7 +233,8 @@ def evaluate(model: nn.Module, data: Any, pad_id: int, device: torch.device, max
     if data.tasks and max_examples is not None:  # an equal share of each task, not the first task's examples only
         share = -(-max_examples // len(data.tasks))
         examples = [e for index in range(len(data.tasks)) for e in [x for x in pool if x.task_id == index][:share]]
-    return {"routing": {"split": "validation" if data.validation else "train", **routing_split(model, examples, data.tasks, pad_id, device)}}
+    split = data.report.get("evaluated") or ("validation" if data.validation else "train")
+    return {"routing": {"split": split, **routing_split(model, examples, data.tasks, pad_id, device)}}
 
 
 TECHNIQUE = Technique(

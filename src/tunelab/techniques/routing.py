@@ -4,10 +4,17 @@ For a decoder layer with input hidden states h_t (t = 1..T) and E named adapters
     z_t = W_r rms(h_t)                                   W_r (E, H); rms(h) = h / sqrt(mean(h^2)) (scale-free)
     per token:     g_t = softmax(z_t / tau)
     per sequence:  g_t = softmax(zbar_t / tau),   zbar_t = mean_{s <= t, s in t's example} z_s
+    per prompt:    g_t = softmax(zbar_P / tau),   zbar_P = mean_{s in P} z_s,  P = the prompt of t's example
     top-k:         the E - k smallest entries of z / tau are set to -inf before the softmax
 and every adapted site in that layer adds sum_e g_{t,e} * delta_e(x_t) instead of the plain sum. Sequence gating
 is causal (a prefix mean restarted at each example's first position), so packed rows and generation with a KV
-cache see the same gates as training. A bottleneck expert's delta_e is its adapter output; a LoRA expert's is
+cache see the same gates as training. Prompt gating gives every token of an example, the prompt's own tokens
+included, the one gate of its prompt: the tokens before the example's first supervised token when the forward
+carries the batch's shifted targets (training and loss evaluation), else every token of the call (generation's
+first pass is the prompt); decoding steps keep the gate of their prompt. Measured on two toy tasks whose prompts
+share a chat-template prefix, a causal gate routes that prefix before the task is known (count -> count 0.77 on
+the prompt tokens, 0.99 on the answer), and the answer then reads keys and values its adapter never produced;
+the prompt gate routes the whole example (see tests/test_adapter_routing.py). A bottleneck expert's delta_e is its adapter output; a LoRA expert's is
 s_e B_e A_e x at each linear layer it adapts.
 
 This is AdapterFusion's idea (Pfeiffer et al. 2021, https://arxiv.org/abs/2005.00247: a learned, per-layer
@@ -37,6 +44,7 @@ from tunelab.techniques import bottleneck as bn
 ROUTER_MARKER = "adapter_router"  # attribute of a decoder layer holding its router
 LORA_MARKER = "routed_lora"  # attribute of a linear layer holding its LoRA experts
 ROUTING_TYPE = "tunelab-routing"
+IGNORE = -100  # tunelab.data.tokenize.IGNORE (unsupervised target); importing tunelab.data here would be circular
 FORMAT_VERSION = 1
 
 
@@ -54,6 +62,7 @@ class Router(nn.Module):
         nn.init.zeros_(self.proj.bias)
         self.gating, self.top_k, self.temperature, self.layer = gating, top_k, temperature, layer
         self.current: torch.Tensor | None = None  # (B, T, E), read by the layer's sites
+        self.targets: torch.Tensor | None = None  # (B, T) shifted targets of this forward, set by the model's pre-hook
         self.carry: tuple[torch.Tensor, torch.Tensor] | None = None  # (sum (B, E), count (B,)) of the last segment
         self.recording: list[torch.Tensor] | None = None  # set by routing_split: every forward's gates
         self.stat_sum = torch.zeros(experts)  # gate mass per expert over the training forwards since the last read
@@ -71,6 +80,8 @@ class Router(nn.Module):
         logits = self.proj(x)  # (B, T, E)
         if self.gating == "sequence":
             logits = self._prefix_mean(logits, position_ids)
+        elif self.gating == "prompt":
+            logits = self._prompt_mean(logits, position_ids)
         logits = logits / self.temperature
         gates = F.softmax(logits, dim=-1)  # (B, T, E)
         if self.top_k is not None and self.top_k < logits.shape[-1]:
@@ -112,6 +123,34 @@ class Router(nn.Module):
         mean = (totals - offset) / count
         if not self.training:  # remember the running sum for the next decoding step
             self.carry = (mean[:, -1] * count[:, -1], count[:, -1, 0])
+        return mean
+
+    def _prompt_mean(self, logits: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+        """Every token gets the mean logit over its example's prompt (B, T, E). The prompt: the tokens up to and
+        including the first one whose target is supervised (it predicts the answer's first token), or all of the
+        example's tokens in this call when there are no targets. Tokens continuing the previous call's example
+        (decoding with a KV cache) keep that example's prompt mean."""
+        batch, length, _ = logits.shape
+        index = torch.arange(length, device=logits.device).expand(batch, length)  # (B, T)
+        starts = index == 0 if position_ids is None else position_ids.expand(batch, length) == 0
+        last_start = torch.where(starts, index, torch.full_like(index, -1)).cummax(dim=1).values  # (B, T)
+        continued = last_start < 0  # before this call's first example start: the previous call's example
+        segment = last_start.clamp(min=0)  # (B, T): index of the token's example start (continued tokens: 0)
+        if self.targets is None:
+            in_prompt = torch.ones_like(index, dtype=torch.bool)
+        else:
+            supervised = (self.targets.to(logits.device) != IGNORE).long()  # (B, T)
+            seen = supervised.cumsum(dim=1) - supervised  # supervised targets before t in the row
+            in_prompt = (seen - seen.gather(1, segment)) == 0  # none yet in t's example
+        weight = in_prompt.to(logits.dtype).unsqueeze(-1)  # (B, T, 1)
+        sums = torch.zeros_like(logits).scatter_add(1, segment.unsqueeze(-1).expand_as(logits), logits * weight)
+        counts = torch.zeros_like(weight).scatter_add(1, segment.unsqueeze(-1), weight)  # (B, T, 1) at starts
+        mean = sums.gather(1, segment.unsqueeze(-1).expand_as(logits)) / counts.gather(1, segment.unsqueeze(-1)).clamp(min=1)
+        carry = self.carry if self.carry is not None and self.carry[0].shape[0] == batch else None
+        if carry is not None and bool(continued.any()):
+            mean = torch.where(continued.unsqueeze(-1), carry[0].to(logits.dtype).unsqueeze(1), mean)
+        if not self.training:  # the prompt's mean, kept for the decoding steps that follow
+            self.carry = (mean[:, -1], torch.ones(batch, device=logits.device))
         return mean
 
     def read_stats(self) -> torch.Tensor | None:
@@ -316,6 +355,26 @@ def attach_routers(model: nn.Module, spec: RoutingSpec) -> None:
         router = by_layer[site.layer]
         site.gate = _reader(router)
         site.gate_index = index
+    if spec.gating == "prompt":
+        _pass_targets_to(model, list(by_layer.values()))
+
+
+TARGETS_HOOK = "_tunelab_routing_targets_hook"
+
+
+def _pass_targets_to(model: nn.Module, layer_routers: list[Router]) -> None:
+    """Prompt gating must know where each example's prompt ends: the loss passes the batch's shifted targets to
+    the forward (``tunelab_forward_inputs``), and this pre-hook hands them to the routers before transformers
+    sees the call (a forward without them, as in generation, gets None: the whole call is prompt)."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        targets = kwargs.pop("targets", None)
+        for router in layer_routers:
+            router.targets = targets
+        return args, kwargs
+
+    setattr(model, TARGETS_HOOK, model.register_forward_pre_hook(hook, with_kwargs=True))
+    model.tunelab_forward_inputs = ("targets",)
 
 
 def _reader(router: Router) -> Any:
@@ -376,6 +435,11 @@ def set_routing_enabled(model: nn.Module, enabled: bool) -> None:
 
 def remove_routing(model: nn.Module) -> nn.Module:
     """Detach routers, experts and their hooks: the base model again, module for module."""
+    hook = getattr(model, TARGETS_HOOK, None)
+    if hook is not None:
+        hook.remove()
+        delattr(model, TARGETS_HOOK)
+        del model.tunelab_forward_inputs
     for module in list(model.modules()):
         for marker, kind in ((ROUTER_MARKER, Router), (LORA_MARKER, LoraExperts)):
             site = getattr(module, marker, None)
