@@ -1,9 +1,13 @@
 """`tunelab quantize`: one row per method with measured figures, or the reason it was skipped; the unquantized
-row reproduces the run's own validation loss, and smaller formats really are smaller."""
+row reproduces the run's own validation loss, and smaller formats really are smaller. The table is a section of
+the run's evaluation reports (HTML and Markdown), built from quantize.json, whichever of eval and quantize ran
+first."""
 
 from __future__ import annotations
 
 import json
+import re
+from html import escape as html_escape
 from pathlib import Path
 
 import pytest
@@ -12,13 +16,23 @@ from typer.testing import CliRunner
 
 from tunelab.cli import app
 from tunelab.errors import ConfigError
+from tunelab.eval.runner import EvalSettings, evaluate
 from tunelab.export.quantize import METHODS, parse_methods, quantize_run
 from tunelab.runs import foreign_entries
+
+EVAL = EvalSettings(metrics=["exact_match"], max_new_tokens=2, max_examples=2, resamples=10)
+BEFORE_QUANTIZE: dict[str, str] = {}  # the report of an evaluation made before `tunelab quantize`, as it was then
+
+
+def _eval_data(run: Path) -> Path:
+    return run.parents[1] / f"{run.name}.jsonl"  # the run's own training file (trained_runs writes it there)
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict:
     run = adapter_runs(tmp_path_factory, tiny_model_dir)["cats"]
+    earlier = evaluate(run, [_eval_data(run)], output=run / "evals" / "before-quantize", settings=EVAL, device="cpu")
+    BEFORE_QUANTIZE["html"] = (Path(earlier["output"]) / "report.html").read_text()
     return quantize_run(run, list(METHODS), samples=2, max_new_tokens=4, device="cpu")
 
 
@@ -63,3 +77,37 @@ def test_cli_prints_the_table(report: dict) -> None:
     assert "dynamic-int8" in result.output and "gptq skipped: GPTQ needs a CUDA GPU" in result.output
     result = CliRunner().invoke(app, ["quantize", report["run"], "--methods", "int3"])
     assert result.exit_code == 2 and "unknown" in result.output
+
+
+def _quantize_rows_in(html: str) -> dict[str, str]:
+    """{method: its row's text} from the Quantization section of a report.html."""
+    section = html.split("<h2 id='quantization'>Quantization</h2>", 1)[1].split("</table>", 1)[0]
+    rows = re.findall(r"<tr><td>([^<]+)</td>(.*?)</tr>", section)
+    return {method: re.sub(r"<[^>]+>", " ", cells) for method, cells in rows}
+
+
+def _expect_table(html: str, run: Path) -> None:
+    report = json.loads((run / "quantize.json").read_text())  # the latest measurement (the CLI test re-measures)
+    rows = _quantize_rows_in(html)
+    assert list(rows) == [r["method"] for r in report["rows"]]
+    for row in report["rows"]:
+        if row["status"] == "ok":  # the figures are quantize.json's, formatted
+            assert f"{row['size_mb']:.1f}" in rows[row["method"]] and f"{row['val_loss']:.4f}" in rows[row["method"]]
+        else:
+            assert f"skipped: {html_escape(row['reason'])}" in rows[row["method"]]
+
+
+def test_an_earlier_evaluations_report_gains_the_table(report: dict) -> None:
+    assert "Quantization" not in BEFORE_QUANTIZE["html"]  # negative control: no table before quantize ran
+    folder = Path(report["run"]) / "evals" / "before-quantize"
+    _expect_table((folder / "report.html").read_text(), folder.parents[1])
+    markdown = (folder / "report.md").read_text()
+    assert "## Quantization" in markdown and "| gptq | skipped: GPTQ needs a CUDA GPU" in markdown
+    assert "| dynamic-int8 | " in markdown
+    assert "quantize" not in json.loads((folder / "eval.json").read_text())  # eval.json stays the evaluation's own
+
+
+def test_a_later_evaluation_of_the_run_has_the_table(report: dict, tmp_path: Path) -> None:
+    run = Path(report["run"])
+    later = evaluate(run, [_eval_data(run)], output=tmp_path / "later", settings=EVAL, device="cpu")
+    _expect_table((Path(later["output"]) / "report.html").read_text(), run)

@@ -1,6 +1,11 @@
 """The evaluation report in three forms: ``eval.json`` (everything, for programs), ``report.md`` and a
 self-contained ``report.html`` (inline CSS and SVG plots: no script, no remote asset, opens offline).
 
+When the evaluated target is a run that ``tunelab quantize`` has measured, ``report.md`` and ``report.html`` end
+with its quantization table, read from the run's ``quantize.json``. ``tunelab quantize`` re-renders the reports of
+the run's existing evaluations from their ``eval.json`` (:func:`refresh_reports`), so the section follows the
+latest measurement whichever command ran first.
+
 The plots are hand-written SVG rather than matplotlib: two small chart types (a dot-and-whisker plot of deltas
 with their intervals, and grouped bars of wins/losses/ties) do not justify a plotting dependency, and SVG text
 stays searchable and sharp at any zoom.
@@ -15,10 +20,29 @@ from pathlib import Path
 from typing import Any
 
 
-def write_reports(out_dir: Path, report: dict[str, Any]) -> None:
+def write_reports(out_dir: Path, report: dict[str, Any], quantize: dict[str, Any] | None = None) -> None:
+    """``quantize``: the evaluated run's quantize.json, when it has one (a section of report.md and report.html)."""
     _atomic_write(out_dir / "eval.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    _atomic_write(out_dir / "report.md", markdown(report))
-    _atomic_write(out_dir / "report.html", html_report(report))
+    _render(out_dir, report, quantize)
+
+
+def _render(out_dir: Path, report: dict[str, Any], quantize: dict[str, Any] | None) -> None:
+    _atomic_write(out_dir / "report.md", markdown(report, quantize))
+    _atomic_write(out_dir / "report.html", html_report(report, quantize))
+
+
+def refresh_reports(run_dir: Path, quantize: dict[str, Any]) -> list[Path]:
+    """Re-render report.md and report.html of every ``tunelab eval`` output inside ``run_dir/evals`` from its own
+    eval.json, with ``quantize`` as the quantization section; returns the folders refreshed. Only folders that
+    tunelab eval wrote (they hold its marker) are touched."""
+    from tunelab.eval.runner import MARKER
+
+    refreshed = []
+    for folder in sorted((run_dir / "evals").glob("*/")) if (run_dir / "evals").is_dir() else []:
+        if (folder / MARKER).is_file() and (folder / "eval.json").is_file():
+            _render(folder, json.loads((folder / "eval.json").read_text()), quantize)
+            refreshed.append(folder)
+    return refreshed
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -42,7 +66,7 @@ def signed(value: float) -> str:
 # ---------------------------------------------------------------- Markdown
 
 
-def markdown(report: dict[str, Any]) -> str:
+def markdown(report: dict[str, Any], quantize: dict[str, Any] | None = None) -> str:
     names = [s["name"] for s in report["systems"]]
     lines = [f"# Evaluation of {report['target']}", "",
              f"{report['examples']} examples from {', '.join(report['data'])}.", "", "## Scores", "",
@@ -74,8 +98,53 @@ def markdown(report: dict[str, Any]) -> str:
             lines += ["", f"## Confusion matrix of {name} (rows: reference, columns: predicted)", "",
                       "| | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
             lines += [f"| {label} | " + " | ".join(str(x) for x in row) + " |" for label, row in zip(labels, matrix)]
+    if quantize:
+        lines += ["", *quantize_markdown(quantize)]
     lines += ["", "Every example's prompt, reference and outputs: `predictions.jsonl`.", ""]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the quantization section (from quantize.json)
+
+QUANTIZE_COLUMNS = (("size MB", "size_mb", ".1f"), ("memory MB", "memory_mb", ".1f"), ("tokens/s", "tokens_per_s", ".1f"),
+                    ("val loss", "val_loss", ".4f"), ("Δ loss", "loss_change", "+.4f"), ("same answers", "same_answers", ".0%"))
+
+
+def _quantize_cell(row: dict[str, Any], key: str, spec: str) -> str:
+    return "-" if row.get(key) is None else format(row[key], spec)
+
+
+def _quantize_caption(quantize: dict[str, Any]) -> str:
+    return (f"`tunelab quantize` on {quantize['device']}: {quantize['prompts']} prompts × {quantize['max_new_tokens']} "
+            f"greedy tokens for speed and same answers, {quantize['validation_tokens']} validation tokens for the loss; "
+            f"Δ loss and same answers are against the unquantized model ({quantize['rows'][0]['method']}).")
+
+
+def quantize_markdown(quantize: dict[str, Any]) -> list[str]:
+    lines = ["## Quantization", "", _quantize_caption(quantize), "",
+             "| method | " + " | ".join(c[0] for c in QUANTIZE_COLUMNS) + " |", "|---|" + "---:|" * len(QUANTIZE_COLUMNS)]
+    for row in quantize["rows"]:
+        if row["status"] == "ok":
+            lines.append(f"| {row['method']} | " + " | ".join(_quantize_cell(row, k, f) for _, k, f in QUANTIZE_COLUMNS) + " |")
+        else:
+            lines.append(f"| {row['method']} | skipped: {row.get('reason') or 'no reason recorded'} |" + " |" * (len(QUANTIZE_COLUMNS) - 1))
+    return lines
+
+
+def quantize_html(quantize: dict[str, Any]) -> str:
+    esc = html.escape
+    caption = esc(_quantize_caption(quantize)).replace("`tunelab quantize`", "<code>tunelab quantize</code>", 1)
+    parts = ["<h2 id='quantization'>Quantization</h2>", f"<p>{caption}</p>", "<table><tr><th>method</th>"
+             + "".join(f"<th>{esc(c[0])}</th>" for c in QUANTIZE_COLUMNS) + "</tr>"]
+    for row in quantize["rows"]:
+        if row["status"] == "ok":
+            parts.append(f"<tr><td>{esc(row['method'])}</td>"
+                         + "".join(f"<td>{_quantize_cell(row, k, f)}</td>" for _, k, f in QUANTIZE_COLUMNS) + "</tr>")
+        else:
+            parts.append(f"<tr><td>{esc(row['method'])}</td><td colspan='{len(QUANTIZE_COLUMNS)}' class='skipped'>"
+                         f"skipped: {esc(row.get('reason') or 'no reason recorded')}</td></tr>")
+    parts.append("</table>")
+    return "".join(parts)
 
 
 def _md_quote(label: str, text: str | None) -> str:
@@ -93,11 +162,12 @@ table{border-collapse:collapse;margin:1rem 0}th,td{border:1px solid #ccc;padding
 th:first-child,td:first-child{text-align:left}.better{color:#137333}.worse{color:#b3261e}
 .pair{display:grid;grid-template-columns:1fr 1fr 1fr;gap:.5rem;margin:.5rem 0 1.5rem}
 .pair div{background:#f6f6f6;padding:.5rem;white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:.85rem}
+td.skipped{text-align:left;color:#8a5a00}
 .prompt{white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:.8rem;color:#555}
 """
 
 
-def html_report(report: dict[str, Any]) -> str:
+def html_report(report: dict[str, Any], quantize: dict[str, Any] | None = None) -> str:
     esc = html.escape
     names = [s["name"] for s in report["systems"]]
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>Evaluation of {esc(report['target'])}"
@@ -141,6 +211,8 @@ def html_report(report: dict[str, Any]) -> str:
             parts += [f"<tr><td>{esc(label)}</td>" + "".join(f"<td>{x}</td>" for x in row) + "</tr>"
                       for label, row in zip(labels, matrix)]
             parts.append("</table>")
+    if quantize:
+        parts.append(quantize_html(quantize))
     parts.append("<p>Every example's prompt, reference and outputs: <code>predictions.jsonl</code>.</p></body></html>\n")
     return "\n".join(parts)
 

@@ -269,9 +269,18 @@ def evaluate(target: str | Path, data_files: list[str | Path], against: list[str
     from tunelab.eval.report import write_reports
 
     _attach_examples(report, out_dir)
-    write_reports(out_dir, report)
+    write_reports(out_dir, report, _run_quantize_report(target))
     report["output"] = str(out_dir)
     return report
+
+
+def _run_quantize_report(target: str | Path) -> dict[str, Any] | None:
+    """The target run's quantize.json (a section of the report), or None for a model or an unquantized run."""
+    from tunelab.export.quantize import REPORT_NAME
+    from tunelab.runs import read_json
+
+    run_dir = Path(target)
+    return read_json(run_dir / REPORT_NAME) if (run_dir / "config.yaml").is_file() else None
 
 
 def _against_spec(spec: str, target: Any) -> str:

@@ -186,6 +186,7 @@ def quantize_run(run: Path, methods: list[str], samples: int = 4, max_new_tokens
                  device: torch.device | str | None = None,
                  on_row: Callable[[Measured], None] | None = None) -> dict[str, Any]:
     """Measure the unquantized model and each method; write and return the report (RUN/quantize.json)."""
+    from tunelab.eval.report import refresh_reports
     from tunelab.models import default_device
     from tunelab.runs import write_run_json
 
@@ -211,6 +212,8 @@ def quantize_run(run: Path, methods: list[str], samples: int = 4, max_new_tokens
               "max_new_tokens": max_new_tokens, "validation_tokens": sum(len(e.input_ids) for e in measurer.validation),
               "rows": [vars(r) for r in rows]}
     write_run_json(run_dir, REPORT_NAME, report)  # recorded in the run's ownership record
+    for folder in refresh_reports(run_dir, report):  # their HTML and Markdown reports gain this table
+        log.info("quantization table added to %s", folder / "report.html")
     return report
 
 
