@@ -20,7 +20,7 @@ from tunelab.trainer import RunResult
 
 ROOT = Path(__file__).parents[1]
 COMMANDS = [["train"], ["quickstart"], ["runs"], ["config", "show"], ["data", "inspect"], ["generate"], ["chat"], ["serve"],
-            ["quantize"], ["export"]]
+            ["quantize"], ["export"], ["ui"]]
 
 
 def test_version() -> None:

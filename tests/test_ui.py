@@ -87,3 +87,71 @@ def test_chat_in_headless_chromium(server: BackgroundServer) -> None:
         finally:
             browser.close()
     assert (ARTIFACTS / "ui-chat.png").stat().st_size > 10_000
+
+
+@pytest.fixture
+def started_by_cli(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
+    """Run a `tunelab ui ...` command line and return the app it would serve, instead of blocking in uvicorn."""
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app as cli_app
+    from tunelab.serve import server
+
+    started: dict = {}
+    monkeypatch.setattr(server, "serve", lambda application, host, port, log_level="info": started.update(
+        app=application, host=host, port=port))
+
+    def start(*args: str):  # noqa: ANN202
+        result = CliRunner(env={"COLUMNS": "250", "NO_COLOR": "1"}).invoke(cli_app, ["ui", *map(str, args)])
+        assert result.exit_code == 0, result.output
+        return started["app"], result.output
+
+    return start
+
+
+def test_tunelab_ui_without_runs_browses_and_says_how_to_chat(started_by_cli, runs: dict[str, Path]) -> None:  # noqa: ANN001
+    app, output = started_by_cli("--runs-root", runs["cats"].parent, "--port", "8123")
+    assert "web UI at http://127.0.0.1:8123/" in output and "no model loaded" in output
+    with BackgroundServer(app) as server:
+        assert "<title>tunelab</title>" in httpx.get(f"{server.url}/").text  # the page tunelab serve serves
+        listed = httpx.get(f"{server.url}/ui/api/runs").json()["runs"]
+        assert {r["name"]: r["served"] for r in listed} == {"cats": False, "dogs": False, "owls": False}
+        assert httpx.get(f"{server.url}/ui/api/runs/owls").json()["curves"]["train"]
+        assert httpx.get(f"{server.url}/v1/models").json()["data"] == []
+        chat = httpx.post(f"{server.url}/v1/chat/completions", json={
+            "model": "base", "messages": [{"role": "user", "content": "hi"}]})
+        assert chat.status_code == 404 and "tunelab ui RUN" in chat.json()["error"]["message"]
+        assert httpx.get(f"{server.url}/health").json() == {"status": "ok", "models": [], "in_flight": 0}
+        chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+        if chromium is not None:  # the page itself turns to the runs and says how to chat (no model to pick)
+            playwright = pytest.importorskip("playwright.sync_api")
+            with playwright.sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+                try:
+                    page = browser.new_page()
+                    page.goto(server.url + "/")
+                    page.wait_for_selector("#runs-table tr[data-run=owls]")  # it opens on the runs
+                    page.click("nav button[data-tab=chat]")
+                    assert page.is_visible("#no-models") and "tunelab ui RUN" in page.inner_text("#no-models")
+                    assert page.is_disabled("#send")
+                finally:
+                    browser.close()
+
+
+def test_tunelab_ui_with_runs_serves_them_as_tunelab_serve_does(started_by_cli, runs: dict[str, Path]) -> None:  # noqa: ANN001
+    app, output = started_by_cli(runs["cats"], runs["dogs"])
+    assert "serving base, cats, dogs" in output
+    assert app.state.settings.runs_root == runs["cats"].resolve().parent  # browse the runs beside the first
+    with BackgroundServer(app) as server:
+        reply = httpx.post(f"{server.url}/v1/chat/completions", timeout=30, json={
+            "model": "dogs", "messages": [{"role": "user", "content": "say something 3"}], "max_tokens": 8})
+        assert reply.status_code == 200 and "dog" in reply.json()["choices"][0]["message"]["content"]
+
+
+def test_tunelab_ui_refuses_a_missing_runs_folder(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app as cli_app
+
+    result = CliRunner(env={"COLUMNS": "250"}).invoke(cli_app, ["ui", "--runs-root", str(tmp_path / "nowhere")])
+    assert result.exit_code != 0 and "not a folder" in result.output

@@ -409,10 +409,44 @@ def serve(
         application = build_app(runs, settings, allow_remote_code=trust_remote_code)
     except _user_errors() as exc:
         _fail(str(exc))
+    _announce(application, host, port)
+    run_server(application, host, port)
+
+
+def _announce(application: Any, host: str, port: int) -> None:
     from tunelab.console import err_console
 
     names = ", ".join(application.state.engine.served)
-    err_console.print(f"serving {names} at http://{host}:{port}/v1 ; web UI at http://{host}:{port}/", highlight=False)
+    if names:
+        err_console.print(f"serving {names} at http://{host}:{port}/v1 ; web UI at http://{host}:{port}/", highlight=False)
+    else:
+        err_console.print(f"web UI at http://{host}:{port}/ (runs in {application.state.settings.runs_root}; no model "
+                          "loaded: give run folders to chat with them)", highlight=False)
+
+
+@app.command(epilog=_examples(".venv/bin/tunelab ui", ".venv/bin/tunelab ui runs/quickstart --port 8080",
+                              ".venv/bin/tunelab ui --runs-root experiments/runs"))
+def ui(
+    runs: Annotated[Optional[list[Path]], typer.Argument(metavar="[RUN]...", help="Run folders to chat with (one base); none: browse only")] = None,
+    runs_root: Annotated[Optional[Path], typer.Option(help="Folder of runs to browse (default: the first run's parent, else runs/)")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 exposes it to the network)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port")] = 8000,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow a model that needs remote code")] = False,
+) -> None:
+    """Web UI in the browser: runs with their loss curves, eval reports and quantization tables, a compare view,
+    and chat with the given runs side by side with their base. It is the page `tunelab serve` serves at /, over
+    the same OpenAI-compatible API; with no RUN nothing is loaded and the page only browses runs."""
+    _setup_logging()
+    from tunelab.serve.app import ServeSettings
+    from tunelab.serve.server import build_ui_app, serve as run_server
+
+    runs = list(runs or [])
+    root = runs_root or (runs[0].resolve().parent if runs else Path("runs"))
+    try:
+        application = build_ui_app(runs, ServeSettings(runs_root=root), allow_remote_code=trust_remote_code)
+    except _user_errors() as exc:
+        _fail(str(exc))
+    _announce(application, host, port)
     run_server(application, host, port)
 
 

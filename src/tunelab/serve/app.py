@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunelab.errors import ConfigError
 from tunelab.inference import GenerationRequest, Sampling, encode, render_chat
-from tunelab.serve.engine import Engine, Job, ServedModel
+from tunelab.serve.engine import Engine, Job, NoModels, ServedModel
 from tunelab.serve.metrics import Metrics
 from tunelab.serve.schemas import ChatCompletionRequest, CompletionRequest
 
@@ -68,7 +68,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"{param or 'body'}: {first.get('msg', 'invalid')}{more}", param
 
 
-def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI:
+def create_app(engine: Engine | NoModels, settings: ServeSettings | None = None) -> FastAPI:
     settings = settings or ServeSettings()
     app = FastAPI(title="tunelab", description="OpenAI-compatible API over tunelab runs", version="1")
     app.state.engine, app.state.settings = engine, settings
@@ -146,8 +146,12 @@ def _model_card(model: ServedModel) -> dict[str, Any]:
             "root": str(model.run_dir) if model.run_dir else None}
 
 
-def _served(engine: Engine, name: str) -> ServedModel:
+def _served(engine: Engine | NoModels, name: str) -> ServedModel:
     # The name is only ever a key of this table: it never reaches the file system.
+    if not engine.served:
+        raise APIError(404, f"The model '{name[:200]}' does not exist: this server loads no model (it was started "
+                       "without run folders); to chat, start it with them: tunelab ui RUN [RUN ...]",
+                       param="model", code="model_not_found")
     if name not in engine.served:
         raise APIError(404, f"The model '{name[:200]}' does not exist; served models: {', '.join(engine.served)}",
                        param="model", code="model_not_found")

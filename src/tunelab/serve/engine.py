@@ -225,6 +225,25 @@ class Engine:
                 job.finished(job, error)
 
 
+class NoModels:
+    """The engine of a page-only server (`tunelab ui` with no RUN): nothing is loaded, so nothing is served.
+    Every request names a model, and the empty table refuses each one before anything would be submitted."""
+
+    def __init__(self) -> None:
+        self.served: dict[str, ServedModel] = {}
+        self.batches = self.batch_rows = 0
+        self.context_length = 0
+
+    def alive(self) -> bool:
+        return True
+
+    def submit(self, job: Job) -> None:
+        raise RuntimeError("no model is loaded in this server")  # unreachable: no name passes the model table
+
+    def close(self) -> None:
+        pass
+
+
 def _context_length(model: Any, tokenizer: Any) -> int:
     config = getattr(model, "config", None)
     limit = getattr(config, "max_position_embeddings", None)

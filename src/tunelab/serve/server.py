@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.serve.app import ServeSettings, create_app
-from tunelab.serve.engine import Engine, load_models
+from tunelab.serve.engine import Engine, NoModels, load_models
 
 
 def build_app(runs: list[Path], settings: ServeSettings | None = None, device: Any = None,
@@ -18,6 +18,19 @@ def build_app(runs: list[Path], settings: ServeSettings | None = None, device: A
     settings = settings or ServeSettings()
     model, served = load_models(runs, device=device, allow_remote_code=allow_remote_code)
     return create_app(Engine(model, served, max_batch_size=settings.max_batch_size), settings)
+
+
+def build_ui_app(runs: list[Path], settings: ServeSettings, device: Any = None, allow_remote_code: bool = False) -> Any:
+    """`tunelab ui`: the app `tunelab serve` builds over ``runs`` (the API the page chats through included), or,
+    with no run, the same page and run browser over ``settings.runs_root`` with no model loaded."""
+    from tunelab.errors import ConfigError
+
+    if settings.runs_root is None or not settings.runs_root.is_dir():
+        raise ConfigError(f"--runs-root {settings.runs_root}: not a folder; give the folder that holds your run "
+                          "folders (tunelab train writes them under runs/ by default)")
+    if runs:
+        return build_app(runs, settings, device=device, allow_remote_code=allow_remote_code)
+    return create_app(NoModels(), settings)
 
 
 def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
