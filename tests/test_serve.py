@@ -119,6 +119,31 @@ def test_32_concurrent_mixed_requests_equal_single_requests(client: openai.OpenA
     assert (engine.batch_rows - rows) / (engine.batches - batches) > 1.5  # they really shared batches
 
 
+@pytest.mark.parametrize("mix", [True, False])
+def test_adapters_share_a_batch_unless_told_not_to(client: openai.OpenAI, server: BackgroundServer, mix: bool,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from tunelab.serve import engine as engine_module
+
+    seen: list[set[str]] = []
+    real = engine_module.generate_batch
+
+    def recording(model: Any, tokenizer: Any, requests: list, *args: Any) -> Any:  # noqa: ANN401
+        seen.append({r.adapter for r in requests})
+        return real(model, tokenizer, requests, *args)
+
+    monkeypatch.setattr(engine_module, "generate_batch", recording)
+    monkeypatch.setattr(server.app.state.engine, "mix_adapters", mix)
+    cases = [(("cats", "dogs")[i % 2], f"say something {i}") for i in range(12)]
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda c: client.chat.completions.create(
+            model=c[0], messages=[{"role": "user", "content": c[1]}], max_tokens=4).choices[0].message.content, cases))
+    assert all(answers) and seen
+    if mix:
+        assert max(len(adapters) for adapters in seen) == 2  # cats and dogs rows in one batch
+    else:
+        assert all(len(adapters) == 1 for adapters in seen) and {a for s in seen for a in s} == {"cats", "dogs"}
+
+
 # ---------------------------------------------------------------- bad input
 
 

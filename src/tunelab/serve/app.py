@@ -37,6 +37,7 @@ class ServeSettings:
     default_max_tokens: int = 256  # when a request does not say
     request_timeout_s: float = 120.0  # a request still generating after this is cancelled (408)
     max_batch_size: int = 16
+    mix_adapters: bool = True  # requests for different adapters share a batch (False: one adapter per batch)
     runs_root: Path | None = None  # the folder the web UI browses
 
 

@@ -159,9 +159,11 @@ class Engine:
     """Owns the model; one worker thread generates, so the model is never used by two threads at once."""
 
     def __init__(self, model: Any, served: dict[str, ServedModel], max_batch_size: int = 16,
-                 batch_wait_s: float = 0.01) -> None:
+                 batch_wait_s: float = 0.01, mix_adapters: bool = True) -> None:
         self.model, self.served = model, served
         self.max_batch_size, self.batch_wait_s = max_batch_size, batch_wait_s
+        # False: a batch holds one adapter's requests only (the comparison point of benchmarks/serve.py)
+        self.mix_adapters = mix_adapters
         self.tokenizer = next(iter(served.values())).tokenizer  # decoding: every served tokenizer shares the vocab
         self.mixed = any(m.adapter for m in served.values())  # adapters: pass adapter_names to PEFT
         self.context_length = _context_length(model, self.tokenizer)
@@ -198,8 +200,9 @@ class Engine:
                 self._queue.put(None)
                 break
             self._held.append(job)
-        sampling = self._held[0].sampling
-        batch = [j for j in self._held if j.sampling == sampling][: self.max_batch_size]
+        first = self._held[0]
+        batch = [j for j in self._held if j.sampling == first.sampling
+                 and (self.mix_adapters or j.request.adapter == first.request.adapter)][: self.max_batch_size]
         self._held = [j for j in self._held if all(j is not b for b in batch)]
         return batch
 

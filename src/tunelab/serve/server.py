@@ -17,7 +17,8 @@ def build_app(runs: list[Path], settings: ServeSettings | None = None, device: A
     """Load the runs (checked: same base, safetensors only) and return the FastAPI app over them."""
     settings = settings or ServeSettings()
     model, served = load_models(runs, device=device, allow_remote_code=allow_remote_code)
-    return create_app(Engine(model, served, max_batch_size=settings.max_batch_size), settings)
+    engine = Engine(model, served, max_batch_size=settings.max_batch_size, mix_adapters=settings.mix_adapters)
+    return create_app(engine, settings)
 
 
 def build_ui_app(runs: list[Path], settings: ServeSettings, device: Any = None, allow_remote_code: bool = False) -> Any:
