@@ -37,7 +37,7 @@ test: $(STAMP) browser
 # Break each claim in mutants/*.yaml in a scratch copy and run the tests that guard it; any survivor fails.
 # ONLY=word1,word2 runs the mutation files whose name contains one of the words.
 mutants: $(STAMP)
-	$(BIN)/python scripts/mutants.py $(if $(ONLY),--only '$(ONLY)')
+	$(BIN)/python scripts/mutants.py $(if $(ONLY),--only '$(ONLY)') $(if $(JOBS),--jobs $(JOBS))
 
 clean:
 	rm -rf $(VENV) runs

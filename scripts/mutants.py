@@ -3,6 +3,8 @@
 For each ``mutants/<name>.yaml`` the runner copies the project (the files git tracks or would track) into a scratch
 folder, replaces the ``find`` text of ``file`` with ``replace``, and runs only the mutation's ``tests`` there, with
 the scratch ``src/`` first on the import path. A mutation whose tests still pass *survived*: the claim is unguarded.
+Mutations run in parallel (``--jobs``, one per core by default), each worker in its own scratch copy and with
+torch's threads divided between the workers.
 
 Before mutating anything it runs every selected mutation's tests once on the unmutated copy: a test that already
 fails would make every mutation look killed. Each test run is a child forked from the runner, which has imported
@@ -13,6 +15,7 @@ with no named claims, and take hours on a training loop; here each mutation is a
 
     python scripts/mutants.py                      # every mutation
     python scripts/mutants.py --only best,pickle   # mutation files whose stem contains one of these words
+    python scripts/mutants.py --jobs 1             # one at a time (what `make mutants JOBS=1` runs)
 """
 
 from __future__ import annotations
@@ -95,18 +98,30 @@ def make_scratch(root: Path) -> Path:
     return scratch
 
 
-def _pytest_command(tests: list[str]) -> list[str]:
-    return ["-q", "-x", "-p", "no:cacheprovider", "-o", "addopts=", *tests]
+def _pytest_command(tests: list[str], basetemp: Path) -> list[str]:
+    # Each scratch copy gets its own --basetemp: parallel children must not share (or clean up) pytest's temp dirs.
+    return ["-q", "-x", "-p", "no:cacheprovider", "-o", "addopts=", f"--basetemp={basetemp}", *tests]
 
 
-def run_tests(scratch: Path, tests: list[str], timeout: float) -> tuple[str, float, str]:
-    """('passed' | 'failed' | 'timeout' | 'error', seconds, output tail) of pytest on ``tests`` in ``scratch``.
+@dataclass
+class Child:
+    """One pytest run in a forked child, on one scratch copy."""
 
-    The tests run in a child forked from this process, which has already imported torch, transformers and peft
-    (but never tunelab): each run then pays only for its own tests, not ~10 s of imports, and still imports the
-    scratch copy's (mutated) tunelab afresh."""
-    started = time.time()
+    pid: int
+    scratch: Path
+    log: Path
+    started: float
+
+
+def start_tests(scratch: Path, tests: list[str], threads: int) -> Child:
+    """Fork a child that runs pytest on ``tests`` in ``scratch`` and exits with pytest's code.
+
+    The child is forked from this process, which has already imported torch, transformers and peft (but never
+    tunelab): each run then pays only for its own tests, not ~10 s of imports, and still imports the scratch
+    copy's (mutated) tunelab afresh. ``threads`` caps torch's intra-op threads, so that parallel children share
+    the cores instead of oversubscribing them."""
     log = scratch.parent / f"{scratch.name}.log"
+    started = time.time()
     pid = os.fork()
     if pid == 0:  # the child: never returns
         code = 3
@@ -120,31 +135,80 @@ def run_tests(scratch: Path, tests: list[str], timeout: float) -> tuple[str, flo
             import importlib.util
 
             import pytest
+            import torch
 
+            torch.set_num_threads(threads)
             origin = importlib.util.find_spec("tunelab").origin or ""
             if not Path(origin).resolve().is_relative_to(scratch.resolve()):
                 print(f"mutants: tunelab would come from {origin}, not the scratch copy")
                 os._exit(4)
 
-            code = int(pytest.main(_pytest_command(tests)))
+            code = int(pytest.main(_pytest_command(tests, scratch.parent / f"{scratch.name}.tmp")))
             sys.stdout.flush()
             sys.stderr.flush()
         finally:
             os._exit(code)
-    outcome = "timeout"
-    while time.time() - started < timeout:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            code = os.waitstatus_to_exitcode(status)
-            outcome = {0: "passed", 1: "failed"}.get(code, "error")  # 2-5: interrupted, usage, no tests
-            break
-        time.sleep(0.2)
+    return Child(pid, scratch, log, started)
+
+
+def poll(child: Child, timeout: float) -> tuple[str, float, str] | None:
+    """None while ``child`` runs; then ('passed' | 'failed' | 'timeout' | 'error', seconds, output tail).
+    A child past ``timeout`` is killed and counts as 'timeout' (a hang is a kill for a mutation)."""
+    done, status = os.waitpid(child.pid, os.WNOHANG)
+    if done:
+        code = os.waitstatus_to_exitcode(status)
+        outcome = {0: "passed", 1: "failed"}.get(code, "error")  # 2-5: interrupted, usage, no tests
+    elif time.time() - child.started > timeout:
+        os.kill(child.pid, 9)
+        os.waitpid(child.pid, 0)
+        outcome = "timeout"
     else:
-        os.kill(pid, 9)
-        os.waitpid(pid, 0)
-    text = log.read_text(errors="replace") if log.is_file() else ""
-    log.unlink(missing_ok=True)
-    return outcome, time.time() - started, "\n".join(text.strip().splitlines()[-15:])
+        return None
+    text = child.log.read_text(errors="replace") if child.log.is_file() else ""
+    child.log.unlink(missing_ok=True)
+    return outcome, time.time() - child.started, "\n".join(text.strip().splitlines()[-15:])
+
+
+def run_tests(scratch: Path, tests: list[str], timeout: float, threads: int) -> tuple[str, float, str]:
+    """Run ``tests`` in ``scratch`` in one forked child and wait for its outcome (see ``poll``)."""
+    child = start_tests(scratch, tests, threads)
+    while (result := poll(child, timeout)) is None:
+        time.sleep(0.2)
+    return result
+
+
+def run_mutations(mutations: list[Mutation], scratches: list[Path], timeout: float, threads: int) -> list[Mutation]:
+    """Apply each mutation in a free scratch copy and run its tests there, one child per copy at a time.
+    Prints each verdict as it comes; returns the survivors. A copy is restored as soon as its child ends."""
+    pending = list(enumerate(mutations, start=1))
+    free = list(scratches)
+    running: dict[int, tuple[int, Mutation, Child, str]] = {}
+    survivors: list[Mutation] = []
+    while pending or running:
+        while pending and free:
+            i, mutation = pending.pop(0)
+            scratch = free.pop()
+            target = scratch / mutation.file
+            original = target.read_text()
+            target.write_text(original.replace(mutation.find, mutation.replace, 1))
+            child = start_tests(scratch, mutation.tests, threads)
+            running[child.pid] = (i, mutation, child, original)
+        time.sleep(0.2)
+        for pid, (i, mutation, child, original) in list(running.items()):
+            result = poll(child, timeout)
+            if result is None:
+                continue
+            del running[pid]
+            (child.scratch / mutation.file).write_text(original)
+            free.append(child.scratch)
+            outcome, seconds, tail = result
+            verdict = "SURVIVED" if outcome == "passed" else f"killed ({outcome})"
+            print(f"[{i}/{len(mutations)}] {verdict:<18} {seconds:5.0f}s  {mutation.name}: {mutation.claim}", flush=True)
+            if outcome == "passed":
+                survivors.append(mutation)
+            elif outcome == "error":  # not a test failure: collection broke (an import the mutation removed?)
+                print("    " + tail.replace("\n", "\n    "))
+    return sorted(survivors, key=lambda m: m.name)
 
 
 def preload() -> None:
@@ -184,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=os.environ.get("ONLY") or None,
                         help="comma-separated words: run the mutation files whose name contains one")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per test run (a hang counts as killed)")
+    parser.add_argument("--jobs", type=int, default=int(os.environ.get("JOBS") or (os.cpu_count() or 1)),
+                        help="mutations run in parallel, each in its own scratch copy (default: one per core)")
     parser.add_argument("--no-baseline", action="store_true", help="skip running the tests unmutated first")
     parser.add_argument("--root", type=Path, default=ROOT, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -196,43 +262,35 @@ def main(argv: list[str] | None = None) -> int:
             mutations.append(load_mutation(path, root))
         except MutationFileError as exc:
             invalid.append(str(exc))
-    scratch = make_scratch(root)
+    jobs = max(1, min(args.jobs, len(mutations)))
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    scratches = [make_scratch(root) for _ in range(jobs)]  # one copy per parallel child: mutations edit files
+    survivors: list[Mutation] = []
+    started = time.time()
     try:
-        check_imports_scratch(scratch)
+        check_imports_scratch(scratches[0])
         preload()
         if mutations and not args.no_baseline:
             tests = list(dict.fromkeys(t for m in mutations for t in m.tests))
             print(f"baseline: {len(tests)} test selections on the unmutated copy ...", flush=True)
-            outcome, seconds, tail = run_tests(scratch, tests, args.timeout * 2)
+            outcome, seconds, tail = run_tests(scratches[0], tests, args.timeout * 2, os.cpu_count() or 1)
             if outcome != "passed":
                 print(tail)
                 raise SystemExit(f"mutants: the guarding tests do not pass unmutated ({outcome}, {seconds:.0f}s): "
                                  "fix them first (or name the right tests)")
-            print(f"baseline: passed in {seconds:.0f}s", flush=True)
-        survivors = []
-        for i, mutation in enumerate(mutations, start=1):
-            target = scratch / mutation.file
-            original = target.read_text()
-            target.write_text(original.replace(mutation.find, mutation.replace, 1))
-            try:
-                outcome, seconds, tail = run_tests(scratch, mutation.tests, args.timeout)
-            finally:
-                target.write_text(original)
-            verdict = "SURVIVED" if outcome == "passed" else f"killed ({outcome})"
-            print(f"[{i}/{len(mutations)}] {verdict:<18} {seconds:5.0f}s  {mutation.name}: {mutation.claim}", flush=True)
-            if outcome == "passed":
-                survivors.append(mutation)
-            elif outcome == "error":  # not a test failure: collection broke (an import the mutation removed?)
-                print("    " + tail.replace("\n", "\n    "))
+            print(f"baseline: passed in {seconds:.0f}s; mutating with {jobs} parallel run(s)", flush=True)
+        survivors = run_mutations(mutations, scratches, args.timeout, threads)
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        for scratch in scratches:
+            shutil.rmtree(scratch, ignore_errors=True)
+            shutil.rmtree(scratch.parent / f"{scratch.name}.tmp", ignore_errors=True)
 
     for message in invalid:
         print(f"INVALID {message}")
     for mutation in survivors:
         print(f"SURVIVED {mutation.name} ({mutation.file}): {mutation.claim}\n    guarded by {' '.join(mutation.tests)}")
     print(f"{len(mutations)} mutations: {len(mutations) - len(survivors)} killed, {len(survivors)} survived, "
-          f"{len(invalid)} invalid files")
+          f"{len(invalid)} invalid files ({time.time() - started:.0f}s)")
     return 1 if survivors or invalid else 0
 
 
