@@ -208,3 +208,21 @@ def test_target_as_run_adapter_folder_or_model_plus_adapter_gives_the_same_score
     assert scores[0] == pytest.approx(scores[1], rel=1e-6) and scores[0] == pytest.approx(scores[2], rel=1e-6)
     plain = evaluate(_plain_model(runs), [runs["test"]], output=tmp_path / "plain", settings=EvalSettings(**settings))
     assert plain["metrics"]["loss"]["scores"][plain["target"]] != pytest.approx(scores[0], rel=1e-3)
+
+
+def test_a_missing_run_folder_is_named_not_sent_to_the_hub(runs: dict[str, Path], tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tunelab eval runs/x` with `runs/` here but no `x` says so (with the runs there), instead of a download hint."""
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "support-lora").symlink_to(runs["a"], target_is_directory=True)
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cases = {"runs/support-lor": "no such run, adapter or model folder; did you mean runs/support-lora?",
+             "runs/other": "no such run, adapter or model folder; runs in runs: support-lora",
+             "empty": "empty: this folder is not a tunelab run (no config.yaml)"}
+    for target, expected in cases.items():
+        result = CliRunner().invoke(app, ["eval", target, "--data", str(runs["test"])])
+        assert result.exit_code != 0, result.output
+        flat = " ".join(result.output.split())
+        assert expected in flat, flat
+        assert "hf download" not in flat

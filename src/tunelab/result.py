@@ -93,6 +93,7 @@ def open_model(target: str | Path, adapter: str | Path | None = None, device: to
 
     device = torch.device(device) if device is not None else default_device()
     path = Path(target)
+    check_local_target(path)
     if adapter is None and (path / "config.yaml").is_file():
         loaded = load_run(path, device=device, dtype=None if dtype == "auto" else dtype)
         return OpenedModel(path.name, loaded.model, loaded.tokenizer, loaded.config.model.name, loaded.config.model.dtype)
@@ -116,6 +117,30 @@ def open_model(target: str | Path, adapter: str | Path | None = None, device: to
         return OpenedModel(f"{name}+{adapter.name if adapter.name != 'adapter' else adapter.parent.name}",
                            model.eval(), tokenizer, str(target), dtype)
     return OpenedModel(name, model.eval(), tokenizer, None, dtype)
+
+
+def check_local_target(path: Path) -> None:
+    """Refuse, with what is there instead, a TARGET that names a local folder which is missing or holds no result.
+
+    A missing ``runs/x`` would otherwise fall through to the model loader, which reads ``owner/name`` as a hub id
+    and answers with a download hint. A name counts as local when it exists, starts with ``.``, ``/`` or ``~``,
+    or when its parent folder exists here (``runs/`` for ``runs/x``)."""
+    if path.is_dir():
+        if not any((path / name).is_file() for name in ("config.yaml", "adapter_config.json", "config.json")):
+            raise ConfigError(f"{path}: this folder is not a tunelab run (no config.yaml), a PEFT adapter (no "
+                              "adapter_config.json) or a model (no config.json)")
+        return
+    text = str(path)
+    local = text.startswith((".", "/", "~")) or (path.parent != Path(".") and path.parent.is_dir())
+    if path.exists() or not local:
+        return
+    runs = sorted(p.name for p in path.parent.iterdir() if (p / "config.yaml").is_file()) if path.parent.is_dir() else []
+    import difflib
+
+    close = difflib.get_close_matches(path.name, runs, n=1)
+    hint = (f"; did you mean {path.parent / close[0]}?" if close else
+            f"; runs in {path.parent}: {', '.join(runs[:8])}" if runs else "")
+    raise ConfigError(f"{path}: no such run, adapter or model folder{hint}")
 
 
 def _adapter_base(adapter: Path) -> str:
