@@ -205,3 +205,130 @@ def test_adalora_reallocates_its_rank_budget_during_training(tiny_model_dir: Pat
     assert ranks, "no allocation was recorded"
     kept = sum(sum(1 for keep in r if keep) if isinstance(r, list) else r for r in ranks)
     assert kept < 6 * len(ranks), ranks  # some singular triplets were pruned
+
+
+# ---------------------------------------------------------------- AdaLoRA: orthogonality penalty, allocator state
+
+
+def _adalora(tiny_model_dir: Path, **settings: Any) -> tuple[torch.nn.Module, Any]:
+    from tunelab.techniques.base import RunContext
+
+    config = build_config({"model": {"name": str(tiny_model_dir)},
+                           "technique": {"name": "adalora", "init_r": 4, "target_r": 2, **settings}})
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = TECHNIQUES["adalora"].apply(base, config.technique, RunContext(total_steps=10)).eval()
+    with torch.no_grad():  # move A and B away from PEFT's small init, so the penalty is far from its floor
+        for name, param in model.named_parameters():
+            if ".lora_A." in name or ".lora_B." in name:
+                param.add_(torch.randn_like(param) * 0.3)
+    return model, config.technique
+
+
+def test_adalora_penalty_is_the_one_peft_adds_to_its_own_loss(tiny_model_dir: Path) -> None:
+    """tunelab adds AdaLoRA's orthogonality penalty itself; it equals what PEFT's forward adds to a labelled loss."""
+    from tunelab.techniques.adalora import orthogonality_penalty
+
+    model, settings = _adalora(tiny_model_dir, orth_reg_weight=0.7)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    peft_config = model.peft_config["default"]
+    with torch.no_grad():
+        with_penalty = model(input_ids=ids, labels=ids).loss
+        peft_config.orth_reg_weight = 0.0
+        without = model(input_ids=ids, labels=ids).loss
+        ours = orthogonality_penalty(model, settings)
+    assert float(ours) > 0.1  # not a vanishing term: the comparison below means something
+    assert abs(float(with_penalty - without) - float(ours)) < 1e-5, (float(with_penalty - without), float(ours))
+    assert orthogonality_penalty(model, settings.model_copy(update={"orth_reg_weight": 0.0})) is None
+
+
+def test_the_loop_adds_the_technique_penalty_once_per_step(tiny_model_dir: Path) -> None:
+    """Gradients of a window = gradients of (token loss / tokens + penalty), the penalty counted once, not per
+    micro-batch; without the penalty they differ (negative control)."""
+    from accelerate import Accelerator
+
+    from tunelab.techniques.adalora import orthogonality_penalty
+    from tunelab.trainer import accumulate_gradients
+
+    model, settings = _adalora(tiny_model_dir, orth_reg_weight=0.5)
+    spec = OBJECTIVES["sft"]
+    rows = [[TokenizedExample(list(range(5, 5 + n)), [-100] * 2 + list(range(7, 5 + n)), f"x{n}")] for n in (9, 6, 12)]
+    window = [collate([row], 0) for row in rows]  # three micro-batches of one row
+
+    def grads(penalty: Any) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        _, units, value = accumulate_gradients(model, window, spec, Accelerator(cpu=True), penalty)
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, units, value
+
+    looped, units, value = grads(lambda: orthogonality_penalty(model, settings))
+    model.zero_grad(set_to_none=True)
+    total = sum(spec.loss_sum(model, batch).loss_sum for batch in window) / units
+    (total + orthogonality_penalty(model, settings)).backward()
+    by_hand = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert value is not None and value > 0
+    assert looped.keys() == by_hand.keys()
+    for name in by_hand:
+        assert torch.allclose(looped[name], by_hand[name], atol=1e-6), name
+    plain, _, none = grads(None)
+    assert none is None
+    assert any(not torch.allclose(plain[n], by_hand[n], atol=1e-6) for n in by_hand if ".lora_A." in n)
+
+
+def _adalora_resume_pair(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    from test_trainer import _StopAfter, make_config
+
+    from tunelab import trainer
+
+    data = write_jsonl(tmp_path / "train.jsonl", toy_chat_records(24))
+    technique = {"name": "adalora", "init_r": 4, "target_r": 1, "warmup_ratio": 0.0, "final_ratio": 0.2,
+                 "dropout": 0.1}
+    sections = {"technique": technique, "training": {"save_every": 5}, "eval": {"before_after": False}}
+    straight = make_config(tiny_model_dir, tmp_path, data, output={"dir": str(tmp_path / "straight")}, **sections)
+    assert trainer.train(straight, progress=False).step == 10
+    split = make_config(tiny_model_dir, tmp_path, data, output={"dir": str(tmp_path / "split")}, **sections)
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "_StopRequest", _StopAfter(5))
+        assert trainer.train(split, progress=False).status == "interrupted"
+    assert trainer.train(split, resume=True, progress=False).status == "completed"
+    return straight.output.dir, split.output.dir
+
+
+def test_adalora_resume_continues_its_allocation_exactly(tiny_model_dir: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The allocator's statistics travel in the checkpoint: resumed = uninterrupted, losses and adapter bit for bit."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from tunelab.runs import read_metrics
+
+    straight, split = _adalora_resume_pair(tiny_model_dir, tmp_path, monkeypatch)
+    losses = lambda run: [m["loss"] for m in read_metrics(Path(run)) if m["kind"] == "train"]  # noqa: E731
+    assert losses(straight) == losses(split) and len(losses(split)) == 10
+    penalties = [m["penalty"] for m in read_metrics(Path(split)) if m["kind"] == "train"]
+    assert len(penalties) == 10 and all(p > 0 for p in penalties)
+    a = load_file(str(Path(straight) / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(Path(split) / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    pattern = lambda run: json.loads((Path(run) / "adapter" / "adapter_config.json").read_text())["rank_pattern"]  # noqa: E731
+    assert pattern(straight) == pattern(split)
+    from tunelab.checkpoint import load_technique_state
+
+    _, extras = load_technique_state(Path(split) / "checkpoints" / "step-000010")  # after the final allocation
+    kept = extras["rank_pattern"]
+    assert kept and all(len(mask) == 4 for mask in kept.values())
+    assert sum(map(sum, kept.values())) < 4 * len(kept)  # pruned triplets: a real allocation was saved
+
+
+def test_adalora_resume_without_the_allocator_state_differs(tiny_model_dir: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Negative control: restarting the allocator's statistics on resume changes the run."""
+    from safetensors.torch import load_file
+
+    from tunelab import checkpoint
+
+    monkeypatch.setattr(checkpoint, "load_technique_state", lambda path: None)
+    straight, split = _adalora_resume_pair(tiny_model_dir, tmp_path, monkeypatch)
+    a = load_file(str(Path(straight) / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(Path(split) / "adapter" / "adapter_model.safetensors"))
+    assert any(not torch.equal(a[n], b[n]) for n in a)

@@ -6,6 +6,8 @@ A checkpoint is a folder ``checkpoints/step-000010/`` holding:
 - ``optimizer.pt`` / ``scheduler.pt`` / ``rng.pt``: torch state dicts, read back with ``weights_only=True``
   (plain tensors and numbers, never arbitrary pickle);
 - ``state.json``: the loop's counters (step, best validation loss, skipped steps, ...);
+- ``technique.safetensors``: only for a technique that keeps state beyond its weights (AdaLoRA's sensitivity
+  statistics), its tensors, with its other state as JSON in the file's metadata;
 - ``COMPLETE``: written last.
 
 Everything is written into ``.tmp-step-000010`` first, every file and the folder are fsynced, then ``COMPLETE``
@@ -28,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 COMPLETE = "COMPLETE"
+TECHNIQUE_STATE = "technique.safetensors"
 
 
 def checkpoint_name(step: int) -> str:
@@ -68,6 +71,7 @@ def _fsync_file(path: Path) -> None:
 def save_checkpoint(
     root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
     state: dict[str, Any], rng: dict[str, Any],
+    technique_state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
 ) -> Path:
     """Write a checkpoint; a crash or power loss at any moment leaves the previous complete checkpoints intact."""
     root.mkdir(parents=True, exist_ok=True)
@@ -81,6 +85,10 @@ def save_checkpoint(
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng, tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        if technique_state is not None:
+            tensors, extras = technique_state
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / TECHNIQUE_STATE),
+                      metadata={"extras": json.dumps(extras)})
         # Every file's data and the folder's names reach the disk before the marker says "complete": otherwise a
         # power loss could leave a COMPLETE checkpoint whose files are truncated (the OS writes back in any order).
         for path in sorted(tmp.iterdir()):
@@ -143,6 +151,18 @@ def load_trainable(path: Path, model: nn.Module) -> None:
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value.to(params[name].device, params[name].dtype))
+
+
+def load_technique_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """A checkpoint's technique state (tensors, extras), or None when its technique keeps none."""
+    file = path / TECHNIQUE_STATE
+    if not file.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as handle:
+        extras = json.loads((handle.metadata() or {}).get("extras", "{}"))
+    return load_file(str(file)), extras
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import yaml
@@ -118,19 +118,27 @@ def make_plan(config: TunelabConfig, data: PreparedData, rank: int, world: int) 
 
 def accumulate_gradients(
     model: torch.nn.Module, window: list[dict[str, torch.Tensor]], objective: ObjectiveSpec, accelerator: Accelerator,
-) -> tuple[torch.Tensor, int]:
-    """Backward over a window of micro-batches; returns (summed loss, total units) over all processes."""
+    penalty: Callable[[], torch.Tensor | None] | None = None,
+) -> tuple[torch.Tensor, int, float | None]:
+    """Backward over a window of micro-batches; returns (summed loss, total units) over all processes, and the
+    technique's penalty (added once, with the last micro-batch: one big batch would add it once too)."""
     local_units = sum(objective.count_units(b) for b in window)
     total_units = int(accelerator.reduce(torch.tensor(local_units, device=accelerator.device), "sum").item())
     scale = accelerator.num_processes / max(total_units, 1)
     loss_sum = torch.zeros((), device=accelerator.device)
+    penalty_value = None
     for i, batch in enumerate(window):
         last = i == len(window) - 1
         with (nullcontext() if last else accelerator.no_sync(model)), accelerator.autocast():
             result = objective.loss_sum(model, batch)
-        accelerator.backward(result.loss_sum * scale)
+        loss = result.loss_sum * scale
+        extra = penalty() if last and penalty is not None else None
+        if extra is not None:  # every process adds the same term; DDP's gradient mean keeps it once
+            loss = loss + extra
+            penalty_value = float(extra.detach())
+        accelerator.backward(loss)
         loss_sum += result.loss_sum.detach().float()
-    return accelerator.reduce(loss_sum, "sum"), total_units
+    return accelerator.reduce(loss_sum, "sum"), total_units, penalty_value
 
 
 def make_optimizer(model: torch.nn.Module, config: TunelabConfig) -> torch.optim.Optimizer:
@@ -181,7 +189,7 @@ def _loop(ctx: "_Context", state: LoopState) -> str:
                 return "interrupted"
             rows = [next(micro) for _ in range(config.training.grad_accum)]
             window = [{k: v.to(accelerator.device) for k, v in collate(r, ctx.pad_id).items()} for r in rows]
-            loss_sum, units = accumulate_gradients(model, window, ctx.objective, accelerator)
+            loss_sum, units, penalty = accumulate_gradients(model, window, ctx.objective, accelerator, ctx.penalty)
             grad_norm = accelerator.clip_grad_norm_(trainable, clip)
             lr = ctx.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler then moves on)
             finite = bool(torch.isfinite(loss_sum)) and bool(torch.isfinite(grad_norm))
@@ -205,7 +213,8 @@ def _loop(ctx: "_Context", state: LoopState) -> str:
                 ctx.log_metrics({"kind": "train", "step": state.step, "loss": round(loss, 6), "lr": lr,
                                  "grad_norm": round(float(grad_norm), 6), "tokens": state.tokens_seen,
                                  "tokens_per_s": round(speed, 1), "skipped": not finite,
-                                 "elapsed_s": round(time.time() - started, 2), **step_metrics})
+                                 "elapsed_s": round(time.time() - started, 2), **step_metrics,
+                                 **({"penalty": round(penalty, 6)} if penalty is not None else {})})
             if state.consecutive_nonfinite >= config.training.max_consecutive_nonfinite:
                 raise TrainingAborted(
                     f"{state.consecutive_nonfinite} steps in a row had a non-finite loss or gradient (last at step "
@@ -257,6 +266,19 @@ class _Context:
         if self.technique.on_step is None:
             return {}
         return self.technique.on_step(self.accelerator.unwrap_model(self.model), self.config.technique, step) or {}
+
+    @property
+    def penalty(self) -> Callable[[], torch.Tensor | None] | None:
+        """The technique's own loss term as a thunk for accumulate_gradients, or None when it has none."""
+        if self.technique.penalty is None:
+            return None
+        return lambda: self.technique.penalty(self.accelerator.unwrap_model(self.model), self.config.technique)
+
+    def technique_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """What the technique keeps beyond its weights (saved in each checkpoint), or None."""
+        if self.technique.state is None:
+            return None
+        return self.technique.state.save(self.accelerator.unwrap_model(self.model))
 
     def technique_evaluation(self) -> dict[str, Any]:
         """The technique's own figures for eval.json (e.g. how a router splits each task), or nothing."""
@@ -332,7 +354,8 @@ class _Context:
             root = runs.run_entry(self.run_dir, "checkpoints")
             model = self.accelerator.unwrap_model(self.model)
             rng = rngs[0] if len(rngs) == 1 else {**rngs[0], "ranks": rngs}
-            ckpt.save_checkpoint(root, state.step, model, self.optimizer, self.scheduler, state.__dict__, rng)
+            ckpt.save_checkpoint(root, state.step, model, self.optimizer, self.scheduler, state.__dict__, rng,
+                                 self.technique_state())
             ckpt.rotate(root, {state.step} | ({state.best_step} if state.best_step is not None else set()))
         self.accelerator.wait_for_everyone()
         self.saved_step = state.step
@@ -602,6 +625,9 @@ def _set_up(ctx: _Context, resume: bool) -> tuple[LoopState, dict[str, Any] | No
     if resume:
         latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
         state = LoopState(**ckpt.load_checkpoint(latest, ctx.accelerator.unwrap_model(ctx.model), ctx.optimizer, ctx.scheduler))
+        saved_technique_state = ckpt.load_technique_state(latest)
+        if saved_technique_state is not None and ctx.technique.state is not None:
+            ctx.technique.state.load(ctx.accelerator.unwrap_model(ctx.model), *saved_technique_state)
         if ctx.accelerator.num_processes > 1:  # load_checkpoint restored the main's RNG; each rank gets its own
             saved = torch.load(latest / "rng.pt", weights_only=True)
             ckpt.restore_rng(distributed.rank_rng_state(saved, ctx.accelerator.process_index))

@@ -6,7 +6,8 @@ A technique declares, in one place:
 - how it changes the model (``prepare``), with the run's step count when there is a run;
 - what it is compatible with (``refuses``: feature -> reason), read by config validation and rendered as the
   docs' compatibility table;
-- its optimizer parameter groups (``param_groups``) and an optional per-step hook (``on_step``);
+- its optimizer parameter groups (``param_groups``), an optional per-step hook (``on_step``), an optional loss
+  term of its own (``penalty``) and any state that a checkpoint must keep beyond the weights (``state``);
 - how its result is saved, reloaded (``load_result``) and merged (``merge``).
 """
 
@@ -46,6 +47,17 @@ VIRTUAL_TOKENS = ("it learns virtual tokens (or keys and values) fed to the mode
                   "there is nothing to fold into the weights; keep the adapter and load it with PEFT")
 NO_POSITION_IDS = ("PEFT drops the per-example position ids of prompt-learning methods, so examples packed in one "
                    "row would attend to each other; each example gets its own row instead")
+
+
+@dataclass(frozen=True)
+class TechniqueState:
+    """State a technique keeps outside the parameters and the optimizer (e.g. AdaLoRA's sensitivity EMAs). Each
+    checkpoint saves it, so that a resumed run continues exactly as an uninterrupted one would.
+
+    ``save(model)`` returns (tensors by name, JSON-able extras); ``load(model, tensors, extras)`` restores them."""
+
+    save: Callable[[nn.Module], tuple[dict[str, torch.Tensor], dict[str, Any]]]
+    load: Callable[[nn.Module, dict[str, torch.Tensor], dict[str, Any]], None]
 
 
 @dataclass(frozen=True)
@@ -102,6 +114,10 @@ class Technique:
     - ``param_groups(model, settings, lr, weight_decay)`` gives the optimizer's parameter groups.
     - ``on_step(model, settings, step)`` runs after each optimizer update, before gradients are cleared; a dict
       it returns is added to that step's metrics.jsonl line.
+    - ``penalty(model, settings)`` is a loss term of the technique's own (a scalar tensor, or None when it is
+      off), added once per optimizer step, as one big batch's forward would add it, so that gradient
+      accumulation still equals the big batch.
+    - ``state`` saves and restores what the technique keeps beyond its weights, in every checkpoint.
     - ``evaluate(model, data, pad_id, device, max_examples)`` returns the technique's own figures for eval.json
       (a dict merged into it), computed on the trained model and the run's PreparedData.
     - ``merge(config, folder, device)`` folds the result into a standalone model (only when "merge" is not
@@ -120,6 +136,8 @@ class Technique:
     refuses: Mapping[str, str] = field(default_factory=dict)
     param_groups: Callable[[nn.Module, Any, float, float], list[dict[str, Any]]] | None = None
     on_step: Callable[[nn.Module, Any, int], dict[str, Any] | None] | None = None
+    penalty: Callable[[nn.Module, Any], torch.Tensor | None] | None = None
+    state: TechniqueState | None = None
     evaluate: Callable[[nn.Module, Any, int, torch.device, int | None], dict[str, Any]] | None = None
     merge: Callable[[Any, Path, torch.device], MergeResult] | None = None
 
