@@ -12,6 +12,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from conftest import toy_chat_records, write_jsonl
+from ddp_driver import StopAfter as _StopAfter  # Ctrl-C after N steps, shared with the torchrun driver
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -109,27 +110,6 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir: Path, t
 
 
 # ---------------------------------------------------------------- resume
-
-
-class _StopAfter:
-    """Stand-in for trainer._StopRequest that asks to stop (as Ctrl-C would) before step ``after + 1``."""
-
-    def __init__(self, after: int) -> None:
-        self.after, self.checks = after, 0
-
-    def __call__(self) -> "_StopAfter":
-        return self
-
-    def __enter__(self) -> "_StopAfter":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-    @property
-    def requested(self) -> bool:
-        self.checks += 1
-        return self.checks > self.after
 
 
 def _checkpoint_tensors(run_dir: Path, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
