@@ -45,6 +45,7 @@ def test_a_row_per_method_with_figures_or_a_reason(report: dict) -> None:
         assert all(row[k] is not None for k in ("size_mb", "memory_mb", "tokens_per_s", "val_loss", "loss_change", "same_answers"))
     for method in ("gptq", "awq"):  # this machine has no CUDA GPU
         assert rows[method]["status"] == "skipped" and "CUDA" in rows[method]["reason"]
+        assert rows[method]["reason"].endswith("(int8, nf4, fp4, dynamic-int8 run here)")  # exactly those measured above
     assert rows["float32"]["loss_change"] == 0 and rows["float32"]["same_answers"] == 1
     assert rows["nf4"]["size_mb"] < rows["int8"]["size_mb"] < rows["float32"]["size_mb"]
     assert rows["nf4"]["memory_mb"] < rows["float32"]["memory_mb"]
@@ -62,6 +63,19 @@ def test_the_report_is_saved_in_the_run_folder(report: dict) -> None:
     run = Path(report["run"])
     assert json.loads((run / "quantize.json").read_text()) == report
     assert "quantize.json" not in foreign_entries(run)  # tunelab's own file: replaced with the run, never the user's
+
+
+def test_the_skip_reason_names_only_methods_that_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    import torch
+
+    from tunelab.export import quantize
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    reason = quantize.skip_reason("gptq", torch.device("cpu"))
+    assert reason.endswith("this machine has none (dynamic-int8 runs here)")  # no bitsandbytes: no int8/nf4/fp4
 
 
 def test_unknown_methods_are_refused() -> None:

@@ -69,8 +69,9 @@ def skip_reason(method: str, device: torch.device) -> str | None:
         return "torch dynamic quantization runs on the CPU only; use int8 (bitsandbytes) on a GPU"
     if method in ("gptq", "awq"):
         if device.type != "cuda":
-            return (f"{method.upper()} needs a CUDA GPU for calibration and its kernels; this machine has none "
-                    "(int8, nf4 and fp4 are the 8- and 4-bit options that run here)")
+            here = [m for m in ("int8", "nf4", "fp4", "dynamic-int8") if skip_reason(m, device) is None]
+            options = f" ({', '.join(here)} {'run' if len(here) > 1 else 'runs'} here)" if here else ""
+            return f"{method.upper()} needs a CUDA GPU for calibration and its kernels; this machine has none{options}"
         package = {"gptq": "gptqmodel", "awq": "llm-compressor"}[method]
         return (f"{method.upper()} is not built into tunelab yet: merge the run and quantize the merged folder with "
                 f"{package} on this GPU")
