@@ -11,7 +11,9 @@ K-quants (q4_k_m, ...) need llama.cpp's ``llama-quantize``, which the error for 
 
 The check after writing reads the file back with transformers' GGUF loader (an independent reader that
 dequantizes and undoes the permutation), and compares greedy tokens with the merged float model, tokenization,
-and the chat template.
+and the chat template. llama.cpp itself is not a dependency (its Python binding compiles it on install); that
+it loads every type written here and answers as transformers does is verified by benchmarks/gguf_llamacpp.py,
+with the figures in docs/deployment.md.
 """
 
 from __future__ import annotations
