@@ -349,8 +349,9 @@ def _two_peft_loras(tiny_model_dir: Path, root: Path) -> dict[str, str]:
     return paths
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason="PEFT 0.21.2's X-LoRA fails its forward pass on transformers 5 "
-                   "(KeyError in disable_adapter_layers); strict, so a PEFT that fixes it turns this red and we revisit")
+@pytest.mark.xfail(strict=True, raises=KeyError, reason="PEFT 0.21.2's X-LoRA (checked with transformers 5.24) fails its "
+                   "first forward pass: its pre-hook calls disable_adapter_layers, which looks up peft_config['a'] "
+                   "(tuners_utils.py:558) and raises KeyError: 'a'; strict, so a PEFT that fixes it turns this red")
 def test_peft_xlora_on_this_stack(tiny_model_dir: Path, tmp_path: Path) -> None:
     from peft import XLoraConfig, get_peft_model
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from tunelab.errors import TechniqueError
 from tunelab.techniques import bottleneck as bn
-from tunelab.techniques.base import RunContext, Technique, TechniqueSettings, base_load_for
+from tunelab.techniques.base import NOT_QUANTIZED, RunContext, Technique, TechniqueSettings, base_load_for
 
 MERGE_REFUSAL = ("a bottleneck adapter is not linear (W_up f(W_down h) has a non-linearity in the middle), so it "
                  "cannot be folded into the base weights; serve or export the base model with the adapter attached")
@@ -111,5 +111,5 @@ TECHNIQUE = Technique(
     default_learning_rate=1e-3,
     summary="bottleneck adapter layers inside the frozen model (Houlsby, Pfeiffer or parallel; not mergeable)",
     load_result=load_result,
-    refuses={"merge": MERGE_REFUSAL},
+    refuses={"merge": MERGE_REFUSAL, "quantized_base": NOT_QUANTIZED},
 )
