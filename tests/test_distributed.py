@@ -47,7 +47,9 @@ def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TUNELAB_CACHE": str(cwd / "cache")}  # never the user's cache
     command = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", *args]
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    if result.returncode != 0:  # each rank's own error first: a crash on one rank shows as "closed by peer" on the other
+        errors = [line for line in result.stderr.splitlines() if line.startswith("[rank") and "Error" in line]
+        raise AssertionError("\n".join(errors) + "\n" + result.stdout[-3000:] + result.stderr[-6000:])
     return result
 
 

@@ -517,7 +517,8 @@ def _train_in(config: TunelabConfig, run_dir: Path, resume: bool, progress: bool
             _write_status(ctx, "starting", state)
         with ctx.info.phase("set-up"):
             state, base, samples = _set_up(ctx, resume)
-        if resume:  # only now, once the checkpoint, data and config all fit: a refused resume changes nothing
+        if resume and ctx.is_main:  # only now, once the checkpoint, data and config all fit: a refused resume
+            # changes nothing. One writer: two processes renaming the same temporary file race (one finds it gone).
             runs.write_run_text(run_dir, "config.yaml", config.to_yaml())
         _write_status(ctx, "running", state)
         phase, tokens_before = "loop", state.tokens_seen
