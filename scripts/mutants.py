@@ -271,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         check_imports_scratch(scratches[0])
         preload()
         if mutations and not args.no_baseline:
-            tests = list(dict.fromkeys(t for m in mutations for t in m.tests))
+            # Grouped by file (stable): a module's tests must run together, as in `make test`, or pytest tears
+            # down and rebuilds its module-scoped fixtures over state that the first build already changed.
+            tests = sorted(dict.fromkeys(t for m in mutations for t in m.tests), key=lambda t: t.split("::")[0])
             print(f"baseline: {len(tests)} test selections on the unmutated copy ...", flush=True)
             outcome, seconds, tail = run_tests(scratches[0], tests, args.timeout * 2, os.cpu_count() or 1)
             if outcome != "passed":
