@@ -47,7 +47,7 @@ def config_file(small_data: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     return path
 
 
-# adapter and adapter_routing have their own real-model test (tests/test_adapter_real.py, through the CLI too).
+# adapter and adapter_routing have their own real-model test (tests/test_real_adapter.py, through the CLI too).
 REAL = [name for name in TECHNIQUES if name not in ("adapter", "adapter_routing")]
 
 

@@ -1,0 +1,44 @@
+"""The test suite's own rules, read from the source (nothing is imported or run):
+one naming rule for the tiers: a file is `tests/test_real_*.py` exactly when its tests carry the `real` marker
+(module-wide, so `-m "not real"` leaves the whole file out)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).parent
+TEST_FILES = sorted(TESTS.glob("test_*.py"))
+
+
+def _tree(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(), filename=str(path))
+
+
+def _is_real_marker(node: ast.AST) -> bool:
+    """`pytest.mark.real` (possibly inside a list of marks)."""
+    return (isinstance(node, ast.Attribute) and node.attr == "real" and isinstance(node.value, ast.Attribute)
+            and node.value.attr == "mark")
+
+
+def _module_marks(tree: ast.Module) -> list[ast.AST]:
+    """The marks assigned to `pytestmark` at module level: `pytestmark = pytest.mark.x` or `= [..]`."""
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "pytestmark" for t in node.targets):
+            return list(node.value.elts) if isinstance(node.value, (ast.List, ast.Tuple)) else [node.value]
+    return []
+
+
+@pytest.mark.parametrize("path", TEST_FILES, ids=lambda p: p.name)
+def test_real_tier_files_are_named_test_real_and_carry_the_marker(path: Path) -> None:
+    tree = _tree(path)
+    module_wide = any(_is_real_marker(mark) for mark in _module_marks(tree))
+    anywhere = any(_is_real_marker(node) for node in ast.walk(tree))
+    if path.name.startswith("test_real_"):
+        assert module_wide, f"{path.name}: a real-tier file needs `pytestmark = pytest.mark.real` at module level"
+    else:
+        assert not anywhere, (f"{path.name}: uses the `real` marker; real-model tests live in tests/test_real_*.py "
+                              "(rename the file or move the test)")
+
