@@ -131,3 +131,30 @@ def test_a_users_merged_folder_inside_the_run_is_never_written(tiny_model_dir: P
     result = runner.invoke(app, ["merge", str(run)])
     assert result.exit_code == 2 and "not created by tunelab" in result.output
     assert [p.name for p in (run / "merged").iterdir()] == ["mine.txt"]
+
+
+def test_tunelab_merge_reports_a_wrong_merge_as_wrong(lora_run: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the command: a merge that comes out wrong must show up in merge_check.json. Guards what `tunelab
+    merge` hands to the comparison (the adapter model as reference), not only the comparison itself."""
+    import dataclasses
+
+    from tunelab.techniques import TECHNIQUES
+
+    lora = TECHNIQUES["lora"]
+    right_merge = lora.merge
+
+    def wrong_merge(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        merged = right_merge(*args, **kwargs)
+        with torch.no_grad():
+            head = merged.model.get_output_embeddings().weight  # a merge bug: the head is off, row by row
+            head.add_(0.05 * torch.randn(head.shape, generator=torch.Generator().manual_seed(0)))
+        return merged
+
+    monkeypatch.setitem(TECHNIQUES, "lora", dataclasses.replace(lora, merge=wrong_merge))
+    out = tmp_path / "merged"
+    result = runner.invoke(app, ["merge", str(lora_run), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    check = json.loads((out / "merge_check.json").read_text())
+    assert check["tokens"] > 0
+    assert check["max_logit_diff"] > 1e-2 and check["mean_kl"] > 1e-6, check
