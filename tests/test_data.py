@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerFast
 from tunelab.config import DataConfig
 from tunelab.data import IGNORE, DataError, Example, collate, load_file, prepare_data, prepare_tokenizer, tokenize_example
 from tunelab.data.report import mask_segments, percentiles
-from tunelab.data.tokenize import FALLBACK_CHAT_TEMPLATE, apply_length_policy, render_chat
+from tunelab.data.tokenize import FALLBACK_CHAT_TEMPLATE, apply_length_policy, pad_token_id, render_chat
 
 END = "<|im_end|>"  # the tiny tokenizer's EOS and ChatML end-of-turn token
 
@@ -373,6 +373,16 @@ def test_end_token_supervised_when_pad_is_eos(tiny_tokenizer: PreTrainedTokenize
     batch = collate([[example]], pad_id=tokenizer.pad_token_id)
     targets = batch["targets"][0].tolist()
     assert targets.count(tokenizer.eos_token_id) == 2  # the pad id is a real target, once per assistant turn
+
+
+def test_the_pad_id_rule_is_pad_then_eos_then_0(tiny_tokenizer: PreTrainedTokenizerFast) -> None:
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.pad_token = "<|im_start|>"
+    assert pad_token_id(tokenizer) == tokenizer.convert_tokens_to_ids("<|im_start|>") != tokenizer.eos_token_id
+    tokenizer.pad_token = None
+    assert pad_token_id(tokenizer) == tokenizer.eos_token_id is not None  # what prepare_tokenizer would set
+    tokenizer.eos_token = None
+    assert pad_token_id(tokenizer) == 0
 
 
 def test_tokenizer_without_chat_template_gets_the_fallback(tiny_tokenizer: PreTrainedTokenizerFast, tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ import torch
 from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from tunelab.data.tokenize import pad_token_id
 from tunelab.errors import ConfigError
 
 BASE = "base"  # the name that means "no adapter", in requests and in the CLI
@@ -146,7 +147,7 @@ def generate_batch(model: Any, tokenizer: PreTrainedTokenizerBase, requests: lis
     if not requests:
         return requests
     device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_token_ids(model, tokenizer) or [0])[0]
+    pad_id = pad_token_id(tokenizer)
     width = max(len(r.prompt_ids) for r in requests)
     input_ids = torch.full((len(requests), width), pad_id, dtype=torch.long)  # (B, T), left-padded
     attention = torch.zeros((len(requests), width), dtype=torch.long)

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from tunelab.config.schema import TunelabConfig
 from tunelab.errors import ConfigError
-from tunelab.techniques import TECHNIQUES
+from tunelab.techniques import DEFAULT_TECHNIQUE, TECHNIQUES
 
 
 def parse_overrides(overrides: list[str] | None) -> list[tuple[list[str], Any]]:
@@ -152,7 +152,7 @@ def _model_at(path: tuple[Any, ...], data: dict[str, Any]) -> type[BaseModel] | 
             return None
         annotation = field.annotation
         if str(part) == "technique" and depth == 0:
-            name = (data.get("technique") or {}).get("name", "lora")
+            name = (data.get("technique") or {}).get("name", DEFAULT_TECHNIQUE)
             spec = TECHNIQUES.get(name) if isinstance(name, str) else None
             if spec is None:
                 return None

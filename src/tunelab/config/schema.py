@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tunelab.techniques import TECHNIQUES, TechniqueConfig
+from tunelab.techniques import DEFAULT_TECHNIQUE, TECHNIQUES, TechniqueConfig
 
 EMBEDDED_DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -293,7 +293,7 @@ class TunelabConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig, description="Which model to load and how.")
     data: DataConfig = Field(default_factory=DataConfig, description="Training and validation data.")
     technique: TechniqueField = Field(
-        default_factory=lambda: TECHNIQUES["lora"].config_class(),
+        default_factory=lambda: TECHNIQUES[DEFAULT_TECHNIQUE].config_class(),
         description=f"Fine-tuning technique, chosen by `name`: one of {', '.join(TECHNIQUES)}.",
     )
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig, description="Training objective.")
@@ -303,11 +303,11 @@ class TunelabConfig(Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _technique_name_defaults_to_lora(cls, values: Any) -> Any:
+    def _technique_name_defaults(cls, values: Any) -> Any:
         # The discriminated union needs `name`; a section such as {r: 8} (or --set technique.r=8) means the
         # default technique, as it does when the whole section is left out.
         if isinstance(values, dict) and isinstance(values.get("technique"), dict) and "name" not in values["technique"]:
-            values = {**values, "technique": {"name": "lora", **values["technique"]}}
+            values = {**values, "technique": {"name": DEFAULT_TECHNIQUE, **values["technique"]}}
         return values
 
     @model_validator(mode="after")

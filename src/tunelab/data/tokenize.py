@@ -69,6 +69,17 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, chat_template: str | N
     return changes
 
 
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id that fills padding: the tokenizer's pad token, else its EOS (what ``prepare_tokenizer`` sets), else 0.
+
+    Padding is masked wherever it is read (attention mask or its own position segment, IGNORE targets), so the
+    value only has to be a valid token id; this is the one rule for it."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
 def render_chat(tokenizer: PreTrainedTokenizerBase, turns: tuple[tuple[str, str], ...], add_generation_prompt: bool) -> str:
     messages = [{"role": role, "content": content} for role, content in turns]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from tunelab.data.formats import DataError, Example
-from tunelab.data.tokenize import TokenizedExample, tokenize_example
+from tunelab.data.tokenize import TokenizedExample, pad_token_id, tokenize_example
 from tunelab.eval.loss import example_losses, loss_summary
 
 HELDOUT_TEXT = Path(__file__).resolve().parent.parent / "assets" / "heldout_text" / "alice.txt"
@@ -66,7 +66,7 @@ def heldout_loss(model: nn.Module, tokenizer: PreTrainedTokenizerBase, max_token
                  path: str | Path | None = None, batch_size: int = 4) -> dict[str, float]:
     """Token-weighted loss and perplexity of ``model`` on the held-out text."""
     examples = heldout_examples(tokenizer, max_tokens, path)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     total, tokens = 0.0, 0
     for loss_sum, count in example_losses(model, examples, pad_id, batch_size, device):
         total, tokens = total + loss_sum, tokens + count

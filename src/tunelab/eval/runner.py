@@ -98,13 +98,13 @@ def score_system(opened: Any, examples: list[Any], prompts: list[str], plain_tex
     """Loss, generations and metric statistics of one model over ``examples``; its outputs go to ``out_path``."""
     import torch
 
-    from tunelab.data.tokenize import apply_length_policy, tokenize_example
+    from tunelab.data.tokenize import apply_length_policy, pad_token_id, tokenize_example
     from tunelab.eval.classify import check_labels, label_log_likelihoods
     from tunelab.eval.generation import Sampling, generate_batch
     from tunelab.eval.loss import example_losses
 
     tokenizer, model = opened.tokenizer, opened.model
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # for batching only; logged once by the caller
     n = len(examples)

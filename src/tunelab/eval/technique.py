@@ -29,7 +29,7 @@ def technique_figures(target: str | Path, opened: Any, examples: list[Any], max_
     """``{"technique": name, ...its figures}`` on ``examples`` for a run whose technique has ``evaluate``, or None.
     Examples carrying a ``task`` are grouped by it (task ids index the sorted task names, as in training)."""
     from tunelab.data.prepare import PreparedData
-    from tunelab.data.tokenize import apply_length_policy, tokenize_example
+    from tunelab.data.tokenize import apply_length_policy, pad_token_id, tokenize_example
 
     technique = run_technique(target)
     if technique is None or technique.evaluate is None:
@@ -44,6 +44,6 @@ def technique_figures(target: str | Path, opened: Any, examples: list[Any], max_
     counts = {task: sum(e.task == task for e in examples) for task in tasks}
     data = PreparedData(train=[], validation=tokenized, validation_examples=examples,
                         report={"tasks": counts, "evaluated": "the evaluation data"})
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     figures = technique.evaluate(opened.model, data, pad_id, device, None)
     return {"technique": technique.name, **figures} if figures else None

@@ -120,7 +120,7 @@ def _check_batches(loaded: Any, batches: int, batch_size: int) -> tuple[list[dic
     """Up to ``batches`` batches of the run's validation examples (else its first training examples, else a few
     fixed texts when the run's data files are gone)."""
     from tunelab.data import collate, prepare_data
-    from tunelab.data.tokenize import TokenizedExample
+    from tunelab.data.tokenize import TokenizedExample, pad_token_id
     from tunelab.models import cache_root
 
     try:
@@ -132,7 +132,7 @@ def _check_batches(loaded: Any, batches: int, batch_size: int) -> tuple[list[dic
     if not examples:
         examples, source = [TokenizedExample(ids, ids, "fixed") for ids in loaded.tokenizer(FALLBACK_TEXTS)["input_ids"]], "fixed texts"
     examples = examples[: batches * batch_size]
-    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    pad = pad_token_id(loaded.tokenizer)
     rows = [[e] for e in examples]
     return [collate(rows[i : i + batch_size], pad) for i in range(0, len(rows), batch_size)], source
 

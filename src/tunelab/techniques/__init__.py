@@ -39,7 +39,10 @@ def _check(techniques: tuple[Technique, ...]) -> dict[str, Technique]:
 
 TECHNIQUES: dict[str, Technique] = _check(_ALL)
 
+# What a config trains when its technique section, or the section's `name`, is left out.
+DEFAULT_TECHNIQUE: str = lora.TECHNIQUE.name
+
 # The union the config schema discriminates on `name`.
 TechniqueConfig = Union[tuple(t.config_class for t in _ALL)]  # type: ignore[valid-type]
 
-__all__ = ["TECHNIQUES", "BaseLoad", "MergeResult", "RunContext", "Technique", "TechniqueConfig", "TechniqueError", "TechniqueSettings", "count_parameters"]
+__all__ = ["DEFAULT_TECHNIQUE", "TECHNIQUES", "BaseLoad", "MergeResult", "RunContext", "Technique", "TechniqueConfig", "TechniqueError", "TechniqueSettings", "count_parameters"]
