@@ -10,7 +10,7 @@ from rouge_score import rouge_scorer
 
 from tunelab.errors import ConfigError
 from tunelab.eval.bootstrap import paired_interval, resample_indices, wins_losses_ties
-from tunelab.eval.metrics import (Classification, Metric, Normalization, accuracy, macro_f1, resolve_metrics,
+from tunelab.metrics import (Classification, Metric, Normalization, accuracy, macro_f1, resolve_metrics,
                                   score_all, _mean)
 
 PREDICTIONS = ["The cat sat on the mat.", "a quick brown fox", "json.dumps returns a string", "", "Hello, World!"]

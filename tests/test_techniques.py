@@ -15,13 +15,13 @@ from tunelab.config import ConfigError, build_config
 from tunelab.data import TokenizedExample, collate
 from tunelab.objectives import OBJECTIVES
 from tunelab.techniques import TECHNIQUES
-from tunelab.techniques import compat
+from tunelab.config import compat
 from tunelab.trainer import make_optimizer
 
 
 def test_docs_compatibility_table_equals_the_declarations() -> None:
     text = compat.DOCS_TABLE.read_text()
-    assert compat.render_docs(text) == text, "run: python -m tunelab.techniques.compat --write"
+    assert compat.render_docs(text) == text, "run: python -m tunelab.config.compat --write"
     for name in TECHNIQUES:
         assert f"| `{name}` |" in text
 

@@ -252,7 +252,7 @@ def eval_command(
     """
     _setup_logging()
     from tunelab.console import print_eval_report
-    from tunelab.eval.metrics import Normalization
+    from tunelab.metrics import Normalization
     from tunelab.eval.runner import EvalSettings, evaluate
 
     defaults = EvalSettings()

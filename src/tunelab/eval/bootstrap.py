@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tunelab.eval.metrics import Metric
+from tunelab.metrics import Metric
 
 
 @dataclass(frozen=True)

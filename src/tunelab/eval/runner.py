@@ -21,7 +21,7 @@ import numpy as np
 
 from tunelab.errors import ConfigError, DataError
 from tunelab.eval.bootstrap import paired_interval, resample_indices, wins_losses_ties
-from tunelab.eval.metrics import Classification, Metric, Normalization, example_scores, loss_metrics, resolve_metrics
+from tunelab.metrics import Classification, Metric, Normalization, example_scores, loss_metrics, resolve_metrics
 
 log = logging.getLogger(__name__)
 

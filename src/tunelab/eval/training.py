@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from tunelab.eval.bootstrap import paired_interval, resample_indices, wins_losses_ties
-from tunelab.eval.metrics import Metric, example_scores, resolve_metrics
+from tunelab.metrics import Metric, example_scores, resolve_metrics
 
 LOSS_METRICS = {"loss": False, "perplexity": False}  # name -> higher is better
 

@@ -7,13 +7,15 @@ and divides every micro-batch's ``loss_sum`` by that total before backward.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from tunelab.objectives.base import LossSum
 from tunelab.objectives.sft import count_supervised_tokens, sft_loss_sum
+from tunelab.settings import Settings
 
 Objective = Callable[[nn.Module, dict[str, torch.Tensor]], LossSum]
 
@@ -25,8 +27,22 @@ class ObjectiveSpec:
 
     loss_sum: Objective
     count_units: Callable[[dict[str, torch.Tensor]], int]
+    summary: str = ""  # one line for the config reference: what the loss is
 
 
-OBJECTIVES: dict[str, ObjectiveSpec] = {"sft": ObjectiveSpec(sft_loss_sum, count_supervised_tokens)}
+OBJECTIVES: dict[str, ObjectiveSpec] = {
+    "sft": ObjectiveSpec(sft_loss_sum, count_supervised_tokens, "next-token cross-entropy on supervised tokens"),
+}
+DEFAULT_OBJECTIVE = "sft"
 
-__all__ = ["OBJECTIVES", "LossSum", "Objective", "ObjectiveSpec"]
+
+class ObjectiveConfig(Settings):
+    """The config's ``objective`` section: which registered objective trains the model."""
+
+    name: Literal[tuple(OBJECTIVES)] = Field(  # type: ignore[valid-type]
+        DEFAULT_OBJECTIVE, description="Training objective. "
+        + "; ".join(f"'{name}': {spec.summary}" for name, spec in OBJECTIVES.items()) + ".",
+    )
+
+
+__all__ = ["DEFAULT_OBJECTIVE", "OBJECTIVES", "LossSum", "Objective", "ObjectiveConfig", "ObjectiveSpec"]

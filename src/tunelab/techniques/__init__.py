@@ -12,7 +12,7 @@ from typing import Union, get_args
 from tunelab.techniques import (adalora, adapter, adapter_routing, freeze, full, ia3, loha, lokr, lora,
                                  multitask_prompt_tuning, p_tuning, prefix_tuning, prompt_tuning, qlora, vera)
 from tunelab.errors import TechniqueError
-from tunelab.techniques.base import BaseLoad, MergeResult, RunContext, Technique, TechniqueSettings, count_parameters
+from tunelab.techniques.base import BaseLoad, MergeResult, RunContext, Technique, count_parameters
 
 _ALL: tuple[Technique, ...] = (
     full.TECHNIQUE, freeze.TECHNIQUE, lora.TECHNIQUE, qlora.TECHNIQUE, adalora.TECHNIQUE, ia3.TECHNIQUE, loha.TECHNIQUE,
@@ -45,4 +45,4 @@ DEFAULT_TECHNIQUE: str = lora.TECHNIQUE.name
 # The union the config schema discriminates on `name`.
 TechniqueConfig = Union[tuple(t.config_class for t in _ALL)]  # type: ignore[valid-type]
 
-__all__ = ["DEFAULT_TECHNIQUE", "TECHNIQUES", "BaseLoad", "MergeResult", "RunContext", "Technique", "TechniqueConfig", "TechniqueError", "TechniqueSettings", "count_parameters"]
+__all__ = ["DEFAULT_TECHNIQUE", "TECHNIQUES", "BaseLoad", "MergeResult", "RunContext", "Technique", "TechniqueConfig", "TechniqueError", "count_parameters"]

@@ -24,15 +24,17 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from tunelab.errors import TechniqueError
+from tunelab.models import load_model
+from tunelab.settings import Settings
 from tunelab.techniques import bottleneck as bn
-from tunelab.techniques.base import NOT_QUANTIZED, RunContext, Technique, TechniqueSettings, base_load_for
+from tunelab.techniques.base import NOT_QUANTIZED, RunContext, Technique, base_load_for
 
 MERGE_REFUSAL = ("a bottleneck adapter is not linear (W_up f(W_down h) has a non-linearity in the middle), so it "
                  "cannot be folded into the base weights; serve or export the base model with the adapter attached")
 SPEC_ATTRIBUTE = "_tunelab_bottleneck_spec"  # the spec travels with the model from prepare to save
 
 
-class BottleneckOptions(TechniqueSettings):
+class BottleneckOptions(Settings):
     """The settings of a bottleneck adapter, without a technique name (routing reuses them for new adapters)."""
 
     placement: Literal["houlsby", "pfeiffer", "parallel"] = Field(
@@ -94,8 +96,6 @@ def save(model: nn.Module, run_dir: Path) -> Path:
 
 def load_result(config: Any, folder: Path, device: torch.device) -> nn.Module:
     """The run's base model (as configured) with the saved adapter attached."""
-    from tunelab.models import load_model
-
     model = load_model(config.model, device, base_load_for(config, device))
     spec = bn.load_bottleneck(model, folder)
     setattr(model, SPEC_ATTRIBUTE, spec)

@@ -26,11 +26,14 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from tunelab.data import collate
 from tunelab.errors import TechniqueError
+from tunelab.models import load_model, resolve_model_path
+from tunelab.settings import Settings
 from tunelab.techniques import bottleneck as bn
 from tunelab.techniques import routing as rt
 from tunelab.techniques.adapter import BottleneckOptions
-from tunelab.techniques.base import NOT_QUANTIZED, RunContext, Technique, TechniqueSettings, base_load_for, forward_inputs
+from tunelab.techniques.base import NOT_QUANTIZED, RunContext, Technique, base_load_for, forward_inputs
 
 SPEC_ATTRIBUTE = "_tunelab_routing_spec"
 NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -38,7 +41,7 @@ MERGE_REFUSAL = ("the router's weights change with every token, so no single wei
                  "model; serve it as base + routed adapter")
 
 
-class AdapterRoutingSettings(TechniqueSettings):
+class AdapterRoutingSettings(Settings):
     name: Literal["adapter_routing"] = Field(
         "adapter_routing", description="Several named adapters combined by a learned router.")
     adapters: dict[str, str] = Field(
@@ -130,8 +133,6 @@ def _check_same_model(model: nn.Module, settings: AdapterRoutingSettings) -> Non
 
 
 def _same_model(name: str) -> str:
-    from tunelab.models import resolve_model_path
-
     try:
         return str(Path(resolve_model_path(name)).resolve())
     except Exception:  # a hub id that is not cached: compare the names as written
@@ -170,8 +171,6 @@ def _spec(model: nn.Module) -> rt.RoutingSpec:
 
 
 def load_result(config: Any, folder: Path, device: torch.device) -> nn.Module:
-    from tunelab.models import load_model
-
     model = load_model(config.model, device, base_load_for(config, device))
     setattr(model, SPEC_ATTRIBUTE, rt.load_routing(model, folder))
     return model
@@ -188,8 +187,6 @@ def routing_split(model: nn.Module, examples: list[Any], tasks: list[str], pad_i
                   batch_size: int = 8) -> dict[str, Any]:
     """How the router splits the tokens of each task: the mean gate per adapter over the task's tokens and every
     router layer ({"all": ...} as well, and only that for data without tasks)."""
-    from tunelab.data import collate
-
     spec, layers = _spec(model), rt.routers(model)
     was_training = model.training
     model.eval()

@@ -19,14 +19,11 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from torch import nn
+from transformers import AutoModelForCausalLM
 
-
-class TechniqueSettings(BaseModel):
-    """Base class of each technique's config section; `name` is the registry key (a Literal)."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from tunelab.models import BaseLoad, load_model, resolve_dtype
+from tunelab.settings import Settings
 
 
 # The features a technique may refuse, with the column title of the docs' compatibility table. An objective
@@ -72,21 +69,7 @@ class RunContext:
     tasks: tuple[str, ...] | None = None
 
 
-@dataclass(frozen=True)
-class BaseLoad:
-    """How a technique wants the base model loaded (extra ``from_pretrained`` arguments).
-
-    ``quantization_config`` is a transformers quantization config (e.g. ``BitsAndBytesConfig``); ``dtype``
-    overrides ``model.dtype`` (a torch dtype); ``device_map`` replaces the plain ``.to(device)`` (quantized
-    weights cannot be moved after loading). ``note`` says in words what this load does, for the log."""
-
-    quantization_config: Any = None
-    dtype: torch.dtype | None = None
-    device_map: Any = None
-    note: str = ""
-
-
-def plain_load(settings: TechniqueSettings, device: torch.device) -> BaseLoad:
+def plain_load(settings: Settings, device: torch.device) -> BaseLoad:
     return BaseLoad()
 
 
@@ -125,7 +108,7 @@ class Technique:
     """
 
     name: str
-    config_class: type[TechniqueSettings]
+    config_class: type[Settings]
     prepare: Callable[..., nn.Module]
     save: Callable[[nn.Module, Path], Path]
     result_dir_name: str
@@ -210,19 +193,13 @@ def save_peft_adapter(model: nn.Module, run_dir: Path) -> Path:
 
 def load_full_model(config: Any, folder: Path, device: torch.device) -> nn.Module:
     """A ``model/`` result: a plain transformers model folder."""
-    from transformers import AutoModelForCausalLM
-
-    from tunelab.models import resolve_dtype
-
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(config.model.dtype, device))
     return model.to(device)
 
 
 def load_peft_adapter(config: Any, folder: Path, device: torch.device) -> nn.Module:
     """An ``adapter/`` result: the run's base model (loaded as the technique loads it) with the saved adapter."""
-    from peft import PeftModel
-
-    from tunelab.models import load_model
+    from peft import PeftModel  # peft is imported when an adapter is used, not on every start
 
     base_load = base_load_for(config, device)
     base = load_model(config.model, device, base_load)

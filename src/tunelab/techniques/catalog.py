@@ -6,8 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from pydantic import ValidationError
 
-from tunelab.errors import ConfigError, TechniqueError
+from tunelab.errors import TechniqueError
+from tunelab.models import ModelConfig, load_model_config, model_skeleton
+from tunelab.techniques import TECHNIQUES, count_parameters
 from tunelab.techniques.base import RunContext
 
 
@@ -23,26 +26,30 @@ class Entry:
 
 
 def catalog(model_name: str) -> list[Entry]:
-    from tunelab.config import ModelConfig, build_config
-    from tunelab.models import load_model_config, model_skeleton
-    from tunelab.techniques import TECHNIQUES
-
     model_config = load_model_config(ModelConfig(name=model_name))
     entries = []
     for name, technique in TECHNIQUES.items():
         trainable = total = None
         problem = None
         try:
-            settings = build_config({"technique": {"name": name}, "data": {"packing": False}}).technique
+            settings = technique.config_class()
+        except ValidationError as exc:  # no usable default settings (e.g. adapter_routing names its adapters)
+            entries.append(Entry(name, technique.summary, None, None, technique.refusal("merge"),
+                                 technique.refusal("packing"), "needs settings: " + _first_error(exc)[:160]))
+            continue
+        try:
             base_load = technique.base_load(settings, torch.device("cpu"))
             skeleton = model_skeleton(model_config, base_load)
-            from tunelab.techniques import count_parameters
-
             trainable, total = count_parameters(technique.apply(skeleton, settings, RunContext()))
-        except ConfigError as exc:  # no usable default settings (e.g. adapter_routing names its adapters)
-            problem = "needs settings: " + str(exc).splitlines()[-1].strip()[:160]
         except (TechniqueError, ValueError, TypeError, RuntimeError) as exc:
             problem = str(exc).splitlines()[0][:160]
         entries.append(Entry(name, technique.summary, trainable, total, technique.refusal("merge"),
                              technique.refusal("packing"), problem))
     return entries
+
+
+def _first_error(exc: ValidationError) -> str:
+    """pydantic's first message, as config errors print it: 'technique: <what is wrong>'."""
+    error = exc.errors()[0]
+    where = ".".join(str(p) for p in ("technique", *error["loc"]))
+    return f"{where}: {error['msg'].removeprefix('Value error, ')}"

@@ -17,10 +17,11 @@ from pydantic import Field
 from torch import nn
 
 from tunelab.errors import TechniqueError
-from tunelab.techniques.base import STANDALONE, TRAINS_BASE_WEIGHTS, Technique, TechniqueSettings, save_full_model
+from tunelab.settings import Settings
+from tunelab.techniques.base import STANDALONE, TRAINS_BASE_WEIGHTS, Technique, save_full_model
 
 
-class FreezeSettings(TechniqueSettings):
+class FreezeSettings(Settings):
     name: Literal["freeze"] = Field("freeze", description="Train only chosen layers/modules; freeze everything else.")
     layers: list[int] = Field(
         default_factory=lambda: [-2, -1],

@@ -13,10 +13,11 @@ from typing import Literal
 from pydantic import Field
 from torch import nn
 
-from tunelab.techniques.base import STANDALONE, TRAINS_BASE_WEIGHTS, Technique, TechniqueSettings, save_full_model
+from tunelab.settings import Settings
+from tunelab.techniques.base import STANDALONE, TRAINS_BASE_WEIGHTS, Technique, save_full_model
 
 
-class FullSettings(TechniqueSettings):
+class FullSettings(Settings):
     name: Literal["full"] = Field("full", description="Train every parameter of the model.")
 
 

@@ -25,14 +25,16 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from tunelab.errors import TechniqueError
-from tunelab.techniques.base import RunContext, Technique, TechniqueSettings, decay_param_groups
+from tunelab.settings import Settings
+from tunelab.techniques.base import RunContext, Technique, decay_param_groups
+from tunelab.techniques.freeze import decoder_layers
 
 INITS = {"default": True, "gaussian": "gaussian", "pissa": "pissa_niter_16", "olora": "olora"}
 # PiSSA and OLoRA rewrite the frozen base weights at initialisation; the saved adapter must be converted.
 BASE_CHANGING_INITS = ("pissa", "olora")
 
 
-class AdapterTargets(TechniqueSettings):
+class AdapterTargets(Settings):
     """Which linear layers an adapter wraps (shared by every weight-adapter technique)."""
 
     target_modules: list[str] | Literal["all-linear"] = Field(
@@ -122,8 +124,6 @@ def check_targets(model: nn.Module, settings: AdapterTargets) -> None:
     if settings.modules_to_save:
         check_target_modules(model, settings.modules_to_save)
     if getattr(settings, "layers_to_transform", None) is not None:
-        from tunelab.techniques.freeze import decoder_layers
-
         n = len(decoder_layers(model))
         bad = [i for i in settings.layers_to_transform if not 0 <= i < n]
         if bad:

@@ -7,7 +7,8 @@ import warnings
 
 from pydantic import Field
 
-from tunelab.techniques.base import NO_POSITION_IDS, NOT_QUANTIZED, VIRTUAL_TOKENS, TechniqueSettings
+from tunelab.settings import Settings
+from tunelab.techniques.base import NO_POSITION_IDS, NOT_QUANTIZED, VIRTUAL_TOKENS
 
 REFUSES = {"packing": NO_POSITION_IDS, "merge": VIRTUAL_TOKENS, "quantized_base": NOT_QUANTIZED}
 
@@ -16,7 +17,7 @@ REFUSES = {"packing": NO_POSITION_IDS, "merge": VIRTUAL_TOKENS, "quantized_base"
 warnings.filterwarnings("ignore", message="Position ids are not supported for parameter efficient tuning")
 
 
-class VirtualTokens(TechniqueSettings):
+class VirtualTokens(Settings):
     num_virtual_tokens: int = Field(20, gt=0, description="Learned virtual tokens prepended to every input.")
 
 

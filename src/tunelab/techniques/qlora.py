@@ -22,6 +22,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from tunelab.models import load_model, resolve_dtype
 from tunelab.techniques import lora
 from tunelab.techniques.base import BaseLoad, MergeResult, RunContext, Technique
 
@@ -54,8 +55,6 @@ class QloraSettings(lora.LoraOptions):
 def quantization_config(settings: QloraSettings, device: torch.device) -> Any:
     from transformers import BitsAndBytesConfig
 
-    from tunelab.models import resolve_dtype
-
     if settings.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["lm_head"])
     return BitsAndBytesConfig(
@@ -83,8 +82,6 @@ def prepare(model: nn.Module, settings: QloraSettings, context: RunContext | Non
 def merge(config: Any, folder: Path, device: torch.device) -> MergeResult:
     """Fold the adapter into the dequantized base: W = dequant(Q, c) + s B A, exactly the weights it trained with."""
     from peft import PeftModel
-
-    from tunelab.models import load_model, resolve_dtype
 
     settings = config.technique
     base = load_model(config.model, device, base_load(settings, device))

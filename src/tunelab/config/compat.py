@@ -1,17 +1,23 @@
 """The compatibility matrix: every technique against every feature and objective, from what each declares.
 
 Config validation reads it (``check_config``), ``tunelab techniques`` prints it, and the docs table in
-``docs/techniques/compatibility.md`` is generated from it (``python -m tunelab.techniques.compat --write``; a
-test keeps the file equal to the output).
+``docs/techniques/compatibility.md`` is generated from it (``python -m tunelab.config.compat --write``; a
+test keeps the file equal to the output). It lives in ``config``, above both ``techniques`` and ``objectives``,
+because it crosses the two registries.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Any
 
+from tunelab.objectives import OBJECTIVES
+from tunelab.techniques import TECHNIQUES
 from tunelab.techniques.base import FEATURES, OBJECTIVE_PREFIX
+
+log = logging.getLogger(__name__)
 
 DOCS_TABLE = Path(__file__).parents[3] / "docs" / "techniques" / "compatibility.md"
 BEGIN, END = "<!-- BEGIN GENERATED TABLE -->", "<!-- END GENERATED TABLE -->"
@@ -19,15 +25,11 @@ BEGIN, END = "<!-- BEGIN GENERATED TABLE -->", "<!-- END GENERATED TABLE -->"
 
 def columns() -> dict[str, str]:
     """Feature key -> column title: the FEATURES, then one column per registered objective."""
-    from tunelab.objectives import OBJECTIVES
-
     return {**FEATURES, **{f"{OBJECTIVE_PREFIX}{name}": f"objective {name}" for name in OBJECTIVES}}
 
 
 def matrix() -> dict[str, dict[str, str | None]]:
     """technique -> feature -> None (works) or the reason it is refused."""
-    from tunelab.techniques import TECHNIQUES
-
     keys = columns()
     for technique in TECHNIQUES.values():
         unknown = set(technique.refuses) - set(keys)
@@ -65,17 +67,13 @@ def check_config(config: Any) -> None:
 
     ``data.packing`` left at its default is turned off for a technique that cannot pack (and logged), so that
     switching ``technique.name`` alone always gives a valid config; an explicit ``packing: true`` is refused."""
-    from tunelab.techniques import TECHNIQUES
-
     technique = TECHNIQUES[config.technique.name]
     name = config.technique.name
     reason = technique.refusal("packing")
     if reason and config.data.packing:
         if "packing" in config.data.model_fields_set:
             raise ValueError(f"data.packing: technique '{name}' cannot pack examples ({reason}); set data.packing: false")
-        import logging
-
-        logging.getLogger(__name__).info("data.packing: off, because technique '%s' cannot pack (%s)", name, reason)
+        log.info("data.packing: off, because technique '%s' cannot pack (%s)", name, reason)
         object.__setattr__(config.data, "packing", False)  # no re-validation loop; the resolved config shows it
     reason = technique.refusal("gradient_checkpointing")
     if reason and config.training.gradient_checkpointing:
