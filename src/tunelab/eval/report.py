@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+QUANTIZE_REPORT = "quantize.json"  # written into a run by `tunelab quantize`; a section of the run's eval reports
 
 def write_reports(out_dir: Path, report: dict[str, Any], quantize: dict[str, Any] | None = None) -> None:
     """``quantize``: the evaluated run's quantize.json, when it has one (a section of report.md and report.html)."""

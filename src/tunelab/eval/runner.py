@@ -21,6 +21,7 @@ import numpy as np
 
 from tunelab.errors import ConfigError, DataError
 from tunelab.eval.bootstrap import paired_interval, resample_indices, wins_losses_ties
+from tunelab.eval.report import QUANTIZE_REPORT
 from tunelab.metrics import Classification, Metric, Normalization, example_scores, loss_metrics, resolve_metrics
 
 log = logging.getLogger(__name__)
@@ -276,11 +277,10 @@ def evaluate(target: str | Path, data_files: list[str | Path], against: list[str
 
 def _run_quantize_report(target: str | Path) -> dict[str, Any] | None:
     """The target run's quantize.json (a section of the report), or None for a model or an unquantized run."""
-    from tunelab.export.quantize import REPORT_NAME
     from tunelab.runs import read_json
 
     run_dir = Path(target)
-    return read_json(run_dir / REPORT_NAME) if (run_dir / "config.yaml").is_file() else None
+    return read_json(run_dir / QUANTIZE_REPORT) if (run_dir / "config.yaml").is_file() else None
 
 
 def _against_spec(spec: str, target: Any) -> str:

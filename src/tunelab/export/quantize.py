@@ -29,12 +29,12 @@ from typing import Any, Callable
 import torch
 
 from tunelab.errors import ConfigError
+from tunelab.eval.report import QUANTIZE_REPORT as REPORT_NAME  # the eval reports of the run read it too
 
 log = logging.getLogger(__name__)
 
 METHODS = ("int8", "nf4", "fp4", "dynamic-int8", "gptq", "awq")
 REFERENCE = "float32"
-REPORT_NAME = "quantize.json"
 
 
 @dataclass

@@ -26,8 +26,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tunelab.errors import ConfigError
 from tunelab.inference import GenerationRequest, Sampling, encode, render_chat
 from tunelab.serve.engine import Engine, Job, NoModels, ServedModel
+from tunelab.serve.errors import APIError, error_body, error_response
 from tunelab.serve.metrics import Metrics
 from tunelab.serve.schemas import ChatCompletionRequest, CompletionRequest
+from tunelab.serve.ui import add_ui
 
 
 @dataclass
@@ -39,21 +41,6 @@ class ServeSettings:
     max_batch_size: int = 16
     mix_adapters: bool = True  # requests for different adapters share a batch (False: one adapter per batch)
     runs_root: Path | None = None  # the folder the web UI browses
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-
-def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
-def error_response(exc: APIError) -> JSONResponse:
-    return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -136,8 +123,6 @@ def create_app(engine: Engine | NoModels, settings: ServeSettings | None = None)
         return await _generate(app, request, body, served, body.prompts(), chat=False)
 
     if settings.runs_root is not None:
-        from tunelab.serve.ui import add_ui
-
         add_ui(app, settings.runs_root)
     return app
 

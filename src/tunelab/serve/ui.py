@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from fastapi.responses import FileResponse, HTMLResponse
 
 from tunelab.runs import list_runs, read_json, read_metrics, run_details
+from tunelab.serve.errors import APIError
 
 
 def _runs(root: Path) -> dict[str, Path]:
@@ -29,8 +30,6 @@ def _curves(run_dir: Path) -> dict[str, list[list[float]]]:
 
 
 def add_ui(app: FastAPI, runs_root: Path) -> None:
-    from tunelab.serve.app import APIError
-
     page = resources.files("tunelab.serve").joinpath("static/index.html").read_text(encoding="utf-8")
 
     def find(name: str) -> Path:
