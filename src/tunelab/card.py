@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from tunelab.data.prepare import file_sha256  # one file hash for data fingerprints and model cards
-from tunelab.runs import read_json, read_metrics
+from tunelab.runs import read_json, read_metrics, read_run_config
 
 CARD_NAME = "README.md"
 
@@ -64,7 +64,7 @@ def _combined_sha256(files: list[Path]) -> str:
 
 def build_card(run_dir: Path) -> str:
     """The card's Markdown text for a finished run folder."""
-    config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    config = read_run_config(run_dir)
     model, technique, training = config.get("model", {}), config.get("technique", {}), config.get("training", {})
     report = read_json(run_dir / "data_report.json") or {}
     evaluation = read_json(run_dir / "eval.json") or {}

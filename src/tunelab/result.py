@@ -40,14 +40,14 @@ def load_run(run: str | Path, device: torch.device | str | None = None, dtype: s
 
     from tunelab.config import build_config
     from tunelab.models import default_device
+    from tunelab.runs import read_run_config
     from tunelab.techniques import TECHNIQUES
-    import yaml
 
     run_dir = Path(run)
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise ConfigError(f"{run_dir}: not a tunelab run folder (no config.yaml)")
-    config = build_config(yaml.safe_load(config_path.read_text()) or {})
+    config = build_config(read_run_config(run_dir))
     if dtype is not None:
         config.model.dtype = dtype
     technique = TECHNIQUES[config.technique.name]

@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import yaml
 
+from tunelab.config.loading import read_yaml_file
 from tunelab.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -301,12 +302,22 @@ def smoothed_loss(losses: list[float], share: float = 0.1, most: int = 50) -> fl
     return sum(losses[-window:]) / window
 
 
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    """A run folder's config.yaml as plain data. Every reader of a run's config comes here: ``safe_load`` (a
+    Python tag is refused, never run), and a damaged file is a ConfigError naming the file and line."""
+    path = run_dir / "config.yaml"
+    data = read_yaml_file(path) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with sections model, data, technique, training, eval, output")
+    return data
+
+
 def summarize_run(run_dir: Path) -> dict[str, Any] | None:
     """Key figures of one run folder, or None when the folder is not a tunelab run."""
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         return None
-    config = yaml.safe_load(config_path.read_text()) or {}
+    config = read_run_config(run_dir)
     status = read_json(run_dir / "status.json") or {}
     evaluation = read_json(run_dir / "eval.json") or {}
     info = read_json(run_dir / "run_info.json") or {}
@@ -359,7 +370,7 @@ def run_details(run_dir: Path) -> dict[str, Any]:
     evals = run_dir / "evals"
     return {
         "summary": summary,
-        "config": yaml.safe_load((run_dir / "config.yaml").read_text()) or {},
+        "config": read_run_config(run_dir),
         "status": read_json(run_dir / "status.json") or {},
         "run_info": read_json(run_dir / "run_info.json") or {},
         "eval": read_json(run_dir / "eval.json") or {},
@@ -484,7 +495,7 @@ _NOT_PART_OF_THE_RUN = {"output.overwrite"}  # how the folder was claimed, not w
 
 def resume_config_changes(config: TunelabConfig, run_dir: Path) -> tuple[list[str], list[str]]:
     """Differences between ``config`` and the run's saved config: (ones that forbid resuming, allowed ones)."""
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    saved = read_run_config(run_dir)
     current = yaml.safe_load(config.to_yaml())
     blocking, allowed = [], []
     for section, fields in current.items():

@@ -33,7 +33,10 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[list[str], Any]]:
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({exc})") from exc
+            if _is_refused_tag(exc):
+                raise ConfigError(f"--set {item!r}: not plain YAML ({exc.problem}). tunelab reads --set values with "
+                                  "yaml.safe_load, so Python tags such as !!python/object are refused.") from None
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({exc})") from None
         parsed.append((key.strip().split("."), value))
     return parsed
 
@@ -122,11 +125,21 @@ def _yaml_error_message(exc: yaml.YAMLError, path: Path) -> str:
     context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
     if context and context_mark and mark and context_mark.line != mark.line:  # e.g. where an unclosed '[' opened
         problem = f"{problem}; {context} started at line {context_mark.line + 1}"
-    # Only a tag safe_load has no constructor for is a refused (Python) tag; a missing ']' is plain bad syntax.
-    if isinstance(exc, yaml.constructor.ConstructorError) and "constructor for the tag" in problem:
+    if _is_refused_tag(exc):
         return (f"{where}: not plain YAML ({problem}). tunelab reads configs with yaml.safe_load, so Python tags "
                 "such as !!python/object are refused.")
     return f"{where}: invalid YAML ({problem})"
+
+
+def _is_refused_tag(exc: yaml.YAMLError) -> bool:
+    """Only a tag safe_load has no constructor for is a refused (Python) tag; a missing ']' is plain bad syntax."""
+    return isinstance(exc, yaml.constructor.ConstructorError) and "constructor for the tag" in str(exc.problem)
+
+
+def read_yaml_file(path: Path) -> Any:
+    """A YAML file tunelab reads back (a run folder's config.yaml), with ``safe_load``: a Python tag is refused,
+    never run, and any error names the file and line."""
+    return _read_yaml(path, path.read_text())
 
 
 def _read_yaml(path: Path, text: str) -> Any:

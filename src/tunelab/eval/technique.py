@@ -11,17 +11,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import yaml
+from tunelab.runs import read_run_config
 
 
 def run_technique(target: str | Path) -> Any | None:
     """The registry entry of the run folder ``target``'s technique (None: not a run folder)."""
     from tunelab.techniques import TECHNIQUES
 
-    config = Path(target) / "config.yaml"
-    if not config.is_file():
+    if not (Path(target) / "config.yaml").is_file():
         return None
-    name = ((yaml.safe_load(config.read_text()) or {}).get("technique") or {}).get("name")
+    name = (read_run_config(Path(target)).get("technique") or {}).get("name")
     return TECHNIQUES.get(name)
 
 

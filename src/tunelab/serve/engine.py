@@ -62,14 +62,13 @@ def _base_key(name: str) -> str:
 
 def _read_run(run_dir: Path, allow_remote_code: bool) -> tuple[Any, Path]:
     """(config, adapter folder) of one run, after every check that needs no weights."""
-    import yaml
-
     from tunelab.config import build_config
+    from tunelab.runs import read_run_config
     from tunelab.techniques import TECHNIQUES
 
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir}: not a tunelab run folder (no config.yaml)")
-    config = build_config(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
+    config = build_config(read_run_config(run_dir))
     if config.model.trust_remote_code and not allow_remote_code:
         raise ConfigError(f"{run_dir}: its model needs remote code (model.trust_remote_code); serving it runs that "
                           "code, so it needs --trust-remote-code")

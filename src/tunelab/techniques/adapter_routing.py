@@ -126,7 +126,10 @@ def _check_same_model(model: nn.Module, settings: AdapterRoutingSettings) -> Non
         run_config = Path(source) / "config.yaml"
         if not run_config.is_file() or here is None:
             continue
-        theirs = ((yaml.safe_load(run_config.read_text()) or {}).get("model") or {}).get("name")
+        try:  # safe_load: a Python tag in another run's config is refused, never run
+            theirs = ((yaml.safe_load(run_config.read_text()) or {}).get("model") or {}).get("name")
+        except yaml.YAMLError as exc:
+            raise TechniqueError(f"technique.adapters.{name}: {run_config} is not a readable run config ({exc})") from None
         if theirs and _same_model(theirs) != _same_model(here):
             raise TechniqueError(f"technique.adapters.{name}: that run trained on model {theirs!r}, this run uses "
                                  f"{here!r}; routed adapters must share the base model")
