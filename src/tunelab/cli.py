@@ -12,6 +12,8 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 from rich.text import Text
 
+from tunelab.serve.schemas import DEFAULT_MAX_BODY_BYTES  # pydantic only (no FastAPI): cheap at start-up
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune open language models, measure, ship.",
                   epilog="Start with `tunelab quickstart`; `tunelab COMMAND --help` shows each command's examples.")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect configs.")
@@ -385,6 +387,14 @@ def chat(
         _fail(str(exc))
 
 
+# The HTTP guard options `serve` and `ui` share.
+ApiKeyOption = Annotated[Optional[str], typer.Option(
+    envvar="TUNELAB_API_KEY", show_default=False,
+    help="Require 'Authorization: Bearer KEY' on every route but /health and the page (401 otherwise); "
+         "prefer the environment variable, which stays out of shell history and process lists")]
+MaxBodyOption = Annotated[int, typer.Option(min=1, help="Largest request body in bytes; a larger one gets 413 unread")]
+
+
 @app.command(epilog=_examples(".venv/bin/tunelab serve runs/quickstart", ".venv/bin/tunelab serve runs/lora-a runs/lora-b --port 8080"))
 def serve(
     runs: Annotated[list[Path], typer.Argument(metavar="RUN...", help="Run folders whose adapters to serve (one base)")],
@@ -396,6 +406,8 @@ def serve(
     max_batch_size: Annotated[int, typer.Option(min=1, help="Requests generated together")] = 16,
     runs_root: Annotated[Optional[Path], typer.Option(help="Folder of runs the web UI lists (default: the first run's parent)")] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow a model that needs remote code")] = False,
+    api_key: ApiKeyOption = None,
+    max_body_bytes: MaxBodyOption = DEFAULT_MAX_BODY_BYTES,
 ) -> None:
     """OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics) and web UI
     over one base with each run's adapter; a request picks its adapter with `model` (run name, or 'base')."""
@@ -403,9 +415,11 @@ def serve(
     from tunelab.serve.app import ServeSettings
     from tunelab.serve.server import build_app, serve as run_server
 
-    settings = ServeSettings(max_concurrent=max_concurrent, max_tokens_limit=max_tokens_limit, request_timeout_s=timeout,
-                             max_batch_size=max_batch_size, runs_root=runs_root or runs[0].resolve().parent)
     try:
+        settings = ServeSettings(max_concurrent=max_concurrent, max_tokens_limit=max_tokens_limit,
+                                 request_timeout_s=timeout, max_batch_size=max_batch_size,
+                                 runs_root=runs_root or runs[0].resolve().parent, api_key=api_key,
+                                 max_body_bytes=max_body_bytes)
         application = build_app(runs, settings, allow_remote_code=trust_remote_code)
     except _user_errors() as exc:
         _fail(str(exc))
@@ -415,7 +429,14 @@ def serve(
 
 def _announce(application: Any, host: str, port: int) -> None:
     from tunelab.console import err_console
+    from tunelab.serve.server import exposure_warning
 
+    warning = exposure_warning(host, application.state.settings.api_key)
+    if warning:
+        err_console.print(warning, style="bold yellow", highlight=False)
+    elif application.state.settings.api_key is not None:
+        err_console.print(f"every route but /health and the page needs 'Authorization: Bearer <key>'; the page asks "
+                          f"for the key, or open http://{host}:{port}/#key=<key>", highlight=False)
     names = ", ".join(application.state.engine.served)
     if names:
         err_console.print(f"serving {names} at http://{host}:{port}/v1 ; web UI at http://{host}:{port}/", highlight=False)
@@ -432,6 +453,8 @@ def ui(
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 exposes it to the network)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port")] = 8000,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow a model that needs remote code")] = False,
+    api_key: ApiKeyOption = None,
+    max_body_bytes: MaxBodyOption = DEFAULT_MAX_BODY_BYTES,
 ) -> None:
     """Web UI in the browser: runs with their loss curves, eval reports and quantization tables, a compare view,
     and chat with the given runs side by side with their base. It is the page `tunelab serve` serves at /, over
@@ -443,7 +466,8 @@ def ui(
     runs = list(runs or [])
     root = runs_root or (runs[0].resolve().parent if runs else Path("runs"))
     try:
-        application = build_ui_app(runs, ServeSettings(runs_root=root), allow_remote_code=trust_remote_code)
+        settings = ServeSettings(runs_root=root, api_key=api_key, max_body_bytes=max_body_bytes)
+        application = build_ui_app(runs, settings, allow_remote_code=trust_remote_code)
     except _user_errors() as exc:
         _fail(str(exc))
     _announce(application, host, port)

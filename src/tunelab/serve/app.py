@@ -6,15 +6,22 @@ shape here) and publishes an OpenAPI schema; uvicorn is the usual ASGI server fo
 server-sent events (``data: {json}`` lines, then ``data: [DONE]``), the format the official ``openai`` client
 reads. Generation runs on the engine's worker thread; each request waits on its own asyncio queue, so a slow
 generation never blocks the event loop, and a client that goes away cancels its row of the batch.
+
+Two ASGI middlewares guard the door before FastAPI sees a request: with an API key set, every path but
+``OPEN_PATHS`` needs ``Authorization: Bearer <key>`` (401 otherwise); and a body over ``max_body_bytes`` gets 413
+before any of it is parsed. Both are plain ASGI (not Starlette's BaseHTTPMiddleware), so streaming responses and
+disconnect detection pass through untouched.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -28,7 +35,7 @@ from tunelab.inference import GenerationRequest, Sampling, encode, render_chat
 from tunelab.serve.engine import Engine, Job, NoModels, ServedModel
 from tunelab.serve.errors import APIError, error_body, error_response
 from tunelab.serve.metrics import Metrics
-from tunelab.serve.schemas import ChatCompletionRequest, CompletionRequest
+from tunelab.serve.schemas import DEFAULT_MAX_BODY_BYTES, ChatCompletionRequest, CompletionRequest
 from tunelab.serve.ui import add_ui
 
 
@@ -41,6 +48,109 @@ class ServeSettings:
     max_batch_size: int = 16
     mix_adapters: bool = True  # requests for different adapters share a batch (False: one adapter per batch)
     runs_root: Path | None = None  # the folder the web UI browses
+    api_key: str | None = field(default=None, repr=False)  # None: no authentication (a loopback-only server)
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # a larger request body gets 413 before it is parsed
+
+    def __post_init__(self) -> None:
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError("--api-key (or TUNELAB_API_KEY) is empty; give a non-empty key, or leave it unset "
+                              "for a server without authentication")
+        if self.max_body_bytes < 1:
+            raise ConfigError(f"--max-body-bytes is {self.max_body_bytes}; it must be at least 1")
+
+
+# What a server with an API key answers without it: liveness probes, and the page (static HTML that asks the
+# user for the key and sends it on every call it makes).
+OPEN_PATHS = frozenset({"/health", "/"})
+
+Scope = dict[str, Any]
+
+
+async def _send_error(send: Any, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+    payload = json.dumps(body).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": payload})
+
+
+def _digest(secret: bytes) -> bytes:
+    # Equal-length digests, so the constant-time comparison does not even reveal the key's length.
+    return hashlib.sha256(secret).digest()
+
+
+class RequireAPIKey:
+    """Every path but OPEN_PATHS needs ``Authorization: Bearer <key>``; otherwise 401 in OpenAI's error shape,
+    before the body is read. The key is compared in constant time (hmac.compare_digest)."""
+
+    def __init__(self, app: Any, api_key: str, metrics: Metrics) -> None:
+        self.app, self.expected, self.metrics = app, _digest(api_key.encode()), metrics
+
+    def authorized(self, scope: Scope) -> bool:
+        values = [v for k, v in scope.get("headers", []) if k == b"authorization"]
+        if len(values) != 1:
+            return False
+        scheme, _, token = values[0].strip().partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(_digest(token.strip()), self.expected)
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or self.authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        given = any(k == b"authorization" for k, _ in scope.get("headers", []))
+        message = ("Incorrect API key provided" if given else "This server needs an API key: send the header "
+                   "'Authorization: Bearer <key>' with the key the server was started with (--api-key or TUNELAB_API_KEY)")
+        self.metrics.rejected.labels("auth").inc()
+        self.metrics.request(scope["path"], "-", 401)
+        await _send_error(send, 401, error_body(message, "invalid_request_error", code="invalid_api_key"),
+                          {"www-authenticate": "Bearer"})
+
+
+class LimitBody:
+    """A request body over ``max_bytes`` gets 413 before the app sees any of it: a declared Content-Length is
+    checked before a byte is read; a body sent in chunks is counted as it arrives and handed on only once
+    complete (so the app never parses part of one)."""
+
+    def __init__(self, app: Any, max_bytes: int, metrics: Metrics) -> None:
+        self.app, self.max_bytes, self.metrics = app, max_bytes, metrics
+
+    async def refuse(self, scope: Scope, send: Any, size: str) -> None:
+        self.metrics.rejected.labels("body_size").inc()
+        self.metrics.request(scope["path"], "-", 413)
+        message = f"the request body is {size}, over this server's limit of {self.max_bytes} bytes (--max-body-bytes)"
+        await _send_error(send, 413, error_body(message, "invalid_request_error", code="request_too_large"),
+                          {"connection": "close"})
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = [v for k, v in scope.get("headers", []) if k == b"content-length"]
+        if declared and declared[0].isdigit() and int(declared[0]) > self.max_bytes:
+            await self.refuse(scope, send, f"{int(declared[0])} bytes (Content-Length)")
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left before its body was complete
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await self.refuse(scope, send, f"at least {size} bytes (sent in chunks)")
+                return
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: disconnect detection reads the real channel
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -62,6 +172,9 @@ def create_app(engine: Engine | NoModels, settings: ServeSettings | None = None)
     app.state.engine, app.state.settings = engine, settings
     app.state.in_flight = 0
     metrics = app.state.metrics = Metrics(engine)
+    app.add_middleware(LimitBody, max_bytes=settings.max_body_bytes, metrics=metrics)
+    if settings.api_key is not None:  # added last, so it runs first: a request without the key is not even read
+        app.add_middleware(RequireAPIKey, api_key=settings.api_key, metrics=metrics)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

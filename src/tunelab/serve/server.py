@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import threading
 import time
@@ -32,6 +33,25 @@ def build_ui_app(runs: list[Path], settings: ServeSettings, device: Any = None, 
     if runs:
         return build_app(runs, settings, device=device, allow_remote_code=allow_remote_code)
     return create_app(NoModels(), settings)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine (127.0.0.0/8, ::1, 'localhost')."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """The warning `tunelab serve` and `tunelab ui` print when they listen beyond this machine without a key."""
+    if api_key is not None or is_loopback(host):
+        return None
+    return (f"warning: listening on {host} without an API key: anyone who can reach this address can generate with "
+            "the served models and read the runs (their configs, data paths, figures and reports). Set --api-key "
+            "(or TUNELAB_API_KEY), or listen on 127.0.0.1 behind a proxy that authenticates")
 
 
 def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
