@@ -15,7 +15,8 @@ from typing import Any
 import yaml
 
 from tunelab.data.prepare import file_sha256  # one file hash for data fingerprints and model cards
-from tunelab.runs import read_json, read_metrics, read_run_config
+from tunelab.config import read_run_config
+from tunelab.runs import read_json, read_metrics
 
 CARD_NAME = "README.md"
 

@@ -40,7 +40,7 @@ def load_run(run: str | Path, device: torch.device | str | None = None, dtype: s
 
     from tunelab.config import build_config
     from tunelab.models import default_device
-    from tunelab.runs import read_run_config
+    from tunelab.config import read_run_config
     from tunelab.techniques import TECHNIQUES
 
     run_dir = Path(run)

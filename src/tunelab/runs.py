@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import yaml
 
-from tunelab.config.loading import read_yaml_file
+from tunelab.config import read_run_config
 from tunelab.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -300,16 +300,6 @@ def smoothed_loss(losses: list[float], share: float = 0.1, most: int = 50) -> fl
         return None
     window = max(1, min(most, round(len(losses) * share)))
     return sum(losses[-window:]) / window
-
-
-def read_run_config(run_dir: Path) -> dict[str, Any]:
-    """A run folder's config.yaml as plain data. Every reader of a run's config comes here: ``safe_load`` (a
-    Python tag is refused, never run), and a damaged file is a ConfigError naming the file and line."""
-    path = run_dir / "config.yaml"
-    data = read_yaml_file(path) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping with sections model, data, technique, training, eval, output")
-    return data
 
 
 def summarize_run(run_dir: Path) -> dict[str, Any] | None:

@@ -136,10 +136,14 @@ def _is_refused_tag(exc: yaml.YAMLError) -> bool:
     return isinstance(exc, yaml.constructor.ConstructorError) and "constructor for the tag" in str(exc.problem)
 
 
-def read_yaml_file(path: Path) -> Any:
-    """A YAML file tunelab reads back (a run folder's config.yaml), with ``safe_load``: a Python tag is refused,
-    never run, and any error names the file and line."""
-    return _read_yaml(path, path.read_text())
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    """A run folder's config.yaml as plain data. Every reader of a run's config comes here: ``safe_load`` (a
+    Python tag is refused, never run), and a damaged file is a ConfigError naming the file and line."""
+    path = run_dir / "config.yaml"
+    data = _read_yaml(path, path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with sections model, data, technique, training, eval, output")
+    return data
 
 
 def _read_yaml(path: Path, text: str) -> Any:

@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from tunelab.runs import read_run_config
+from tunelab.config import read_run_config
 
 
 def run_technique(target: str | Path) -> Any | None:

@@ -62,8 +62,7 @@ def _base_key(name: str) -> str:
 
 def _read_run(run_dir: Path, allow_remote_code: bool) -> tuple[Any, Path]:
     """(config, adapter folder) of one run, after every check that needs no weights."""
-    from tunelab.config import build_config
-    from tunelab.runs import read_run_config
+    from tunelab.config import build_config, read_run_config
     from tunelab.techniques import TECHNIQUES
 
     if not (run_dir / "config.yaml").is_file():
