@@ -13,7 +13,7 @@ DATA = {"support": ROOT / "examples" / "data" / "support_chat.jsonl",
 def train_runs(work: Path, names: tuple[str, ...] = ("support", "pydoc")) -> list[Path]:
     """One finished LoRA run per name of ``DATA`` under ``work`` (trained only when not already there)."""
     from tunelab.config import build_config
-    from tunelab.trainer import train
+    from tunelab.training import train
 
     runs = []
     for name in names:

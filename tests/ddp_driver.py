@@ -8,12 +8,12 @@ import json
 import sys
 from typing import Any
 
-from tunelab import trainer
+from tunelab.training import loop, session
 from tunelab.config import build_config
 
 
 class StopAfter:
-    """Stand-in for trainer._StopRequest: asks to stop before step ``after + 1`` (on every process)."""
+    """Stand-in for loop._StopRequest: asks to stop before step ``after + 1`` (on every process)."""
 
     def __init__(self, after: int) -> None:
         self.after, self.checks = after, 0
@@ -35,14 +35,14 @@ class StopAfter:
 
 def main() -> None:
     configs = json.loads(sys.argv[1])
-    straight = trainer.train(build_config(configs["straight"]), progress=False)
-    real_stop = trainer._StopRequest
-    trainer._StopRequest = StopAfter(3)
+    straight = session.train(build_config(configs["straight"]), progress=False)
+    real_stop = loop._StopRequest
+    loop._StopRequest = StopAfter(3)
     try:
-        first = trainer.train(build_config(configs["split"]), progress=False)
+        first = session.train(build_config(configs["split"]), progress=False)
     finally:
-        trainer._StopRequest = real_stop
-    second = trainer.train(build_config(configs["split"]), resume=True, progress=False)
+        loop._StopRequest = real_stop
+    second = session.train(build_config(configs["split"]), resume=True, progress=False)
     print("DRIVER", json.dumps({"straight": [straight.status, straight.step], "first": [first.status, first.step],
                                 "second": [second.status, second.step]}), flush=True)
 

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from test_trainer import make_config
 
 from tunelab import checkpoint as ckpt
-from tunelab import trainer
-from tunelab.trainer import train
+from tunelab.training import context
+from tunelab.training import train
 
 
 def _save(root: Path, step: int, marker: str, model: torch.nn.Module | None = None) -> Path:
@@ -108,7 +108,7 @@ def test_the_trainers_rotation_keeps_the_best_checkpoint(tiny_model_dir: Path, t
     def fake_loss(*args: Any, **kwargs: Any) -> dict[str, float]:
         return {"loss": next(scripted), "perplexity": 1.0, "tokens": 10}
 
-    monkeypatch.setattr(trainer, "validation_loss", fake_loss)
+    monkeypatch.setattr(context, "validation_loss", fake_loss)
     config = make_config(tiny_model_dir, tmp_path, technique={"name": "full"}, eval={"before_after": False},
                          training={"max_steps": 8, "eval_every": 2, "save_every": 2, "restore_best": True})
     result = train(config, progress=False)

@@ -18,7 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tunelab.config import build_config
 from tunelab.objectives import OBJECTIVES, LossSum, ObjectiveSpec
 from tunelab.runs import read_metrics
-from tunelab.trainer import TrainingAborted, train
+from tunelab.errors import TrainingAborted
+from tunelab.training import train
 
 
 # ---------------------------------------------------------------- non-finite steps

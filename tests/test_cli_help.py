@@ -16,7 +16,7 @@ from test_cli import invoke
 
 from tunelab import cli
 from tunelab.config import load_config
-from tunelab.trainer import RunResult
+from tunelab.training import RunResult
 
 ROOT = Path(__file__).parents[1]
 COMMANDS = [["train"], ["quickstart"], ["runs"], ["config", "show"], ["data", "inspect"], ["generate"], ["chat"], ["serve"],

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from tunelab import distributed
 from tunelab.config import ConfigError, build_config
 from tunelab.runs import read_metrics
-from tunelab.trainer import train
+from tunelab.training import train
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 DRIVER = Path(__file__).with_name("ddp_driver.py")

@@ -17,7 +17,7 @@ from rouge_score import rouge_scorer
 from test_trainer import make_config
 from typer.testing import CliRunner
 
-from tunelab import trainer
+from tunelab.training import session
 from tunelab.cli import app
 from tunelab.errors import ConfigError
 from tunelab.eval.runner import EvalSettings, evaluate
@@ -33,7 +33,7 @@ def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
         config = make_config(tiny_model_dir, root, data=data, training={"max_steps": steps, "seed": seed},
                              output={"dir": str(root / name)})
         config.data.cache = False  # a module-scoped fixture: no per-test cache folder
-        found[name] = trainer.train(config, progress=False).run_dir
+        found[name] = session.train(config, progress=False).run_dir
     found["test"] = write_jsonl(root / "test.jsonl", toy_chat_records(60)[48:])
     return found
 
@@ -140,7 +140,7 @@ def test_classification_by_label_scoring_reaches_every_label(tiny_model_dir: Pat
     data = write_jsonl(tmp_path / "train.jsonl", _label_records(96))
     config = make_config(tiny_model_dir, tmp_path, data=data, technique={"name": "full"},
                          training={"max_steps": 150, "grad_accum": 1, "learning_rate": 3e-3, "warmup_ratio": 0.0})
-    run = trainer.train(config, progress=False).run_dir
+    run = session.train(config, progress=False).run_dir
     test = write_jsonl(tmp_path / "test.jsonl", _label_records(30, offset=500))
     report = evaluate(run, [test], ["base"], output=tmp_path / "report",
                       settings=EvalSettings(labels=ANIMALS, resamples=100))

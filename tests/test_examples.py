@@ -34,7 +34,7 @@ def test_example_starts_with_its_command_and_validates(path: Path) -> None:
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_example_trains_two_steps_on_tiny_model(path: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
-    from tunelab.trainer import train
+    from tunelab.training import train
 
     tiny = [
         f"model.name={tiny_model_dir}", "training.max_steps=2", "training.eval_every=null",
@@ -73,7 +73,7 @@ def _assert_result_differs_from_base(run_dir: Path, base_dir: Path) -> None:
 def _tiny_adapter_run(config, tiny: list[str], out: Path) -> Path:
     """A two-step bottleneck adapter run on the routing example's data, as an expert for it."""
     from tunelab.config import build_config
-    from tunelab.trainer import train
+    from tunelab.training import train
 
     data = config.data.model_dump(mode="json")
     expert = build_config({"data": data, "technique": {"name": "adapter"}, "output": {"dir": str(out)}}, tiny)

@@ -11,11 +11,11 @@ from conftest import toy_chat_records, write_jsonl
 from test_trainer import _StopAfter, make_config
 
 from tunelab import checkpoint as ckpt
-from tunelab import trainer
+from tunelab.training import loop
 from tunelab.config import ConfigError
 from tunelab.data import DataError
 from tunelab.runs import list_runs, read_metrics
-from tunelab.trainer import train
+from tunelab.training import train
 
 
 # ---------------------------------------------------------------- pre-flight errors (issue 6, item 12)
@@ -51,7 +51,7 @@ def test_resume_on_a_finished_run_says_it_is_finished_and_changes_nothing(
     retrained the last steps and replaced the finished adapter and eval.json."""
     config = make_config(tiny_model_dir, tmp_path, training={"max_steps": 6}, eval={"before_after": False})
     with monkeypatch.context() as patch:
-        patch.setattr(trainer, "_StopRequest", _StopAfter(3))
+        patch.setattr(loop, "_StopRequest", _StopAfter(3))
         assert train(config, progress=False).status == "interrupted"
     assert (train(config, resume=True, progress=False).status) == "completed"
     run_dir = Path(config.output.dir)
@@ -88,7 +88,7 @@ def test_resume_recomputes_base_eval_when_eval_settings_changed(
                          eval={"max_examples": 4, "num_samples": 1, "max_new_tokens": 2})
     config.data.val_size = 12
     with monkeypatch.context() as patch:
-        patch.setattr(trainer, "_StopRequest", _StopAfter(2))
+        patch.setattr(loop, "_StopRequest", _StopAfter(2))
         assert train(config, progress=False).status == "interrupted"
     run_dir = Path(config.output.dir)
     first = json.loads((run_dir / "base_eval.json").read_text())

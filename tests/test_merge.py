@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from tunelab.cli import app
 from tunelab.config import build_config
-from tunelab.trainer import train
+from tunelab.training import train
 
 runner = CliRunner(env={"COLUMNS": "250", "NO_COLOR": "1"})
 

@@ -56,7 +56,7 @@ def test_an_unknown_generation_task_is_refused(tiny_model_dir: Path) -> None:
 
 def test_trains_on_multitask_data_and_reloads_with_its_task_names(tiny_model_dir: Path, tmp_path: Path) -> None:
     from tunelab.result import load_run
-    from tunelab.trainer import train
+    from tunelab.training import train
 
     records = toy_chat_records(16)
     for i, record in enumerate(records):
@@ -84,7 +84,7 @@ def test_trains_on_multitask_data_and_reloads_with_its_task_names(tiny_model_dir
 
 
 def test_a_run_without_tasks_fails_before_the_base_evaluation(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from tunelab.trainer import train
+    from tunelab.training import train
 
     config = build_config({
         "model": {"name": str(tiny_model_dir)}, "technique": {"name": "multitask_prompt_tuning"},

@@ -14,7 +14,7 @@ from test_trainer import make_config
 
 from tunelab import runs
 from tunelab.config import ConfigError
-from tunelab.trainer import train
+from tunelab.training import train
 
 
 # ---------------------------------------------------------------- the API

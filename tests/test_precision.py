@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from tunelab import precision
 from tunelab.config import ConfigError, build_config
-from tunelab.trainer import train
+from tunelab.training import train
 
 CPU = torch.device("cpu")
 

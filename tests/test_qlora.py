@@ -85,7 +85,7 @@ def test_eight_bit_training_lowers_the_loss(tiny_model_dir: Path) -> None:
     from test_technique_matrix import loss, toy_batch
     from transformers import AutoTokenizer
 
-    from tunelab.trainer import make_optimizer
+    from tunelab.training.session import make_optimizer
 
     config, model = quantized_base(tiny_model_dir, bits=8, r=4, dropout=0.0)
     config = build_config({**config.model_dump(mode="json"), "training": {"learning_rate": 1e-2}})

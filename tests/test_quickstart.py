@@ -9,7 +9,8 @@ import pytest
 from conftest import toy_chat_records, write_jsonl
 from test_trainer import _StopAfter
 
-from tunelab import api, trainer
+from tunelab import api
+from tunelab.training import loop
 from tunelab import checkpoint as ckpt
 from tunelab.config import ConfigError
 from tunelab.runs import read_json
@@ -33,7 +34,7 @@ def tiny_recipe(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.Monkey
 
 def _interrupted_after(steps: int, overrides: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     with monkeypatch.context() as patch:
-        patch.setattr(trainer, "_StopRequest", _StopAfter(steps))
+        patch.setattr(loop, "_StopRequest", _StopAfter(steps))
         assert api.quickstart(overrides, progress=False).status == "interrupted"
 
 

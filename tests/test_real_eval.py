@@ -18,7 +18,7 @@ QUICKSTART_DATA = Path(__file__).parents[1] / "src" / "tunelab" / "assets" / "py
 
 
 def _run(tmp_path: Path, name: str, lr: float, data: Path, **eval_section: object) -> Path:
-    from tunelab.trainer import train
+    from tunelab.training import train
 
     config = build_config({
         "data": {"train": [str(data)], "val_size": 4, "max_length": 128},

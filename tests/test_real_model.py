@@ -41,7 +41,7 @@ def test_two_lora_steps_on_smollm2_and_adapter_reloads_in_plain_peft(tmp_path: P
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunelab.trainer import train
+    from tunelab.training import train
 
     lines = QUICKSTART_DATA.read_text().splitlines()[:40]
     data = tmp_path / "train.jsonl"
@@ -79,7 +79,7 @@ def test_full_and_freeze_step_on_smollm2_and_reload_in_plain_transformers(techni
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from tunelab.trainer import train
+    from tunelab.training import train
 
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(QUICKSTART_DATA.read_text().splitlines()[:24]) + "\n")

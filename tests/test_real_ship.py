@@ -22,7 +22,7 @@ QUICKSTART_DATA = Path(__file__).parents[1] / "src" / "tunelab" / "assets" / "py
 
 @pytest.fixture(scope="module")
 def smollm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tunelab.trainer import train
+    from tunelab.training import train
 
     root = tmp_path_factory.mktemp("smollm")
     data = root / "train.jsonl"

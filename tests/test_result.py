@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_trainer import make_config
 
-from tunelab import trainer
+from tunelab.training import session
 from tunelab.config import ConfigError
 from tunelab.result import load_run
 
@@ -18,7 +18,7 @@ def test_load_run_gives_the_logits_training_ended_with(tiny_model_dir: Path, tmp
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     probe = torch.tensor([[5, 17, 42, 99, 7, 3]])
     seen: dict[str, torch.Tensor] = {}
-    save = trainer._save_result
+    save = session._save_result
 
     def save_and_probe(ctx):  # noqa: ANN001, ANN202 - the trainer's own context
         model = ctx.accelerator.unwrap_model(ctx.model).eval()
@@ -26,9 +26,9 @@ def test_load_run_gives_the_logits_training_ended_with(tiny_model_dir: Path, tmp
             seen["logits"] = model(input_ids=probe).logits
         return save(ctx)
 
-    monkeypatch.setattr(trainer, "_save_result", save_and_probe)
+    monkeypatch.setattr(session, "_save_result", save_and_probe)
     config = make_config(tiny_model_dir, tmp_path, technique=technique, training={"max_steps": 4})
-    result = trainer.train(config, progress=False)
+    result = session.train(config, progress=False)
     loaded = load_run(result.run_dir, device="cpu")
     with torch.no_grad():
         logits = loaded.model(input_ids=probe).logits

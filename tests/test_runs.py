@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tunelab.runs import list_runs, read_metrics, truncate_metrics
+from tunelab.runs import list_runs, read_metrics
+from tunelab.training.resume import truncate_metrics
 
 
 def _run(root: Path, name: str, status: str = '{"status": "completed", "step": 2}') -> Path:

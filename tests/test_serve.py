@@ -343,7 +343,7 @@ def test_remote_code_needs_the_flag(runs: dict[str, Path], tmp_path: Path) -> No
 
 def test_a_full_fine_tune_is_served_alone_and_not_mixed(runs: dict[str, Path], tiny_model_dir: Path, tmp_path: Path) -> None:
     from tunelab.config import build_config
-    from tunelab.trainer import train
+    from tunelab.training import train
 
     from conftest import toy_chat_records, write_jsonl
 

@@ -21,7 +21,7 @@ from tunelab.models import load_model
 from tunelab.objectives import OBJECTIVES
 from tunelab.techniques import TECHNIQUES, RunContext
 from tunelab.techniques.base import forward_inputs
-from tunelab.trainer import make_optimizer
+from tunelab.training.session import make_optimizer
 
 # Small settings per technique (the tiny model has hidden size 64, 2 layers) and a rate that moves it in 3 steps.
 SETTINGS: dict[str, tuple[dict[str, Any], float]] = {

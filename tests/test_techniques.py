@@ -16,7 +16,7 @@ from tunelab.data import TokenizedExample, collate
 from tunelab.objectives import OBJECTIVES
 from tunelab.techniques import TECHNIQUES
 from tunelab.config import compat
-from tunelab.trainer import make_optimizer
+from tunelab.training.session import make_optimizer
 
 
 def test_docs_compatibility_table_equals_the_declarations() -> None:
@@ -118,7 +118,7 @@ def _runs_with_defaults(name: str) -> bool:
 @pytest.mark.parametrize("name", [n for n in TECHNIQUES if _runs_with_defaults(n)])
 def test_every_allowed_pair_runs_two_steps(name: str, tiny_model_dir: Path, tmp_path: Path) -> None:
     """Each technique trains 2 steps with every feature it allows switched on together (packing, checkpointing)."""
-    from tunelab.trainer import train
+    from tunelab.training import train
 
     technique = TECHNIQUES[name]
     small = {"lora": {"r": 2}, "qlora": {"r": 2}, "adalora": {"init_r": 2, "target_r": 1}, "vera": {"r": 8},
@@ -189,7 +189,7 @@ def test_adalora_reallocates_its_rank_budget_during_training(tiny_model_dir: Pat
     """The loop's per-step hook runs AdaLoRA's allocator: the saved adapter has fewer ranks than it started with."""
     import json
 
-    from tunelab.trainer import train
+    from tunelab.training import train
 
     data = write_jsonl(tmp_path / "train.jsonl", toy_chat_records(16))
     config = build_config({
@@ -248,7 +248,7 @@ def test_the_loop_adds_the_technique_penalty_once_per_step(tiny_model_dir: Path)
     from accelerate import Accelerator
 
     from tunelab.techniques.adalora import orthogonality_penalty
-    from tunelab.trainer import accumulate_gradients
+    from tunelab.training.loop import accumulate_gradients
 
     model, settings = _adalora(tiny_model_dir, orth_reg_weight=0.5)
     spec = OBJECTIVES["sft"]
@@ -277,19 +277,19 @@ def test_the_loop_adds_the_technique_penalty_once_per_step(tiny_model_dir: Path)
 def _adalora_resume_pair(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
     from test_trainer import _StopAfter, make_config
 
-    from tunelab import trainer
+    from tunelab.training import loop, session
 
     data = write_jsonl(tmp_path / "train.jsonl", toy_chat_records(24))
     technique = {"name": "adalora", "init_r": 4, "target_r": 1, "warmup_ratio": 0.0, "final_ratio": 0.2,
                  "dropout": 0.1}
     sections = {"technique": technique, "training": {"save_every": 5}, "eval": {"before_after": False}}
     straight = make_config(tiny_model_dir, tmp_path, data, output={"dir": str(tmp_path / "straight")}, **sections)
-    assert trainer.train(straight, progress=False).step == 10
+    assert session.train(straight, progress=False).step == 10
     split = make_config(tiny_model_dir, tmp_path, data, output={"dir": str(tmp_path / "split")}, **sections)
     with monkeypatch.context() as patch:
-        patch.setattr(trainer, "_StopRequest", _StopAfter(5))
-        assert trainer.train(split, progress=False).status == "interrupted"
-    assert trainer.train(split, resume=True, progress=False).status == "completed"
+        patch.setattr(loop, "_StopRequest", _StopAfter(5))
+        assert session.train(split, progress=False).status == "interrupted"
+    assert session.train(split, resume=True, progress=False).status == "completed"
     return straight.output.dir, split.output.dir
 
 

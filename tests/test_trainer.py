@@ -17,13 +17,14 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tunelab import checkpoint as ckpt
-from tunelab import trainer
 from tunelab.config import ConfigError, build_config
 from tunelab.data import IGNORE, TokenizedExample, collate
 from tunelab.objectives import OBJECTIVES, LossSum, ObjectiveSpec
 from tunelab.runs import list_runs, read_metrics
 from tunelab.techniques import TECHNIQUES, TechniqueError
-from tunelab.trainer import TrainingAborted, accumulate_gradients, train
+from tunelab.errors import TrainingAborted
+from tunelab.training import context, loop, session, train
+from tunelab.training.loop import accumulate_gradients
 
 
 def make_config(model_dir: Path, tmp_path: Path, data: Path | None = None, **sections: dict[str, Any]):
@@ -99,7 +100,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir: Path, t
         torch.manual_seed(0)  # the same LoRA initialisation both times
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
         if checkpointing:
-            trainer.enable_activation_checkpointing(model)
+            session.enable_activation_checkpointing(model)
         model = TECHNIQUES[settings.name].prepare(model, settings).train()  # train(): checkpointing only runs then
         grads[checkpointing] = _grads_after(model, window, OBJECTIVES["sft"])
         monkeypatch.undo()
@@ -132,7 +133,7 @@ def _resume_pair(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.Monke
     assert train(straight, progress=False).step == 10
     split = make_config(tiny_model_dir, tmp_path, data, output={"dir": str(tmp_path / "split")}, **sections)
     with monkeypatch.context() as patch:
-        patch.setattr(trainer, "_StopRequest", _StopAfter(5))
+        patch.setattr(loop, "_StopRequest", _StopAfter(5))
         first = train(split, progress=False)
     assert (first.status, first.step) == ("interrupted", 5)
     second = train(split, resume=True, progress=False)
@@ -343,7 +344,7 @@ def test_early_stopping_restores_the_best_checkpoint(tiny_model_dir: Path, tmp_p
     def fake_loss(*args: Any, **kwargs: Any) -> dict[str, float]:
         return {"loss": next(scripted), "perplexity": 1.0, "tokens": 10}
 
-    monkeypatch.setattr(trainer, "validation_loss", fake_loss)
+    monkeypatch.setattr(context, "validation_loss", fake_loss)
     config = make_config(tiny_model_dir, tmp_path, training={"max_steps": 20, "eval_every": 2, "early_stopping_patience": 2},
                          technique={"name": "full"}, eval={"before_after": False})
     result = train(config, progress=False)
@@ -440,7 +441,7 @@ def test_resume_warns_about_changed_step_counts(tiny_model_dir: Path, tmp_path: 
     config = make_config(tiny_model_dir, tmp_path, training={"max_steps": 2, "save_every": 1}, eval={"before_after": False})
     train(config, progress=False)
     longer = make_config(tiny_model_dir, tmp_path, training={"max_steps": 3, "save_every": 1}, eval={"before_after": False})
-    with caplog.at_level("WARNING", logger="tunelab.trainer"):
+    with caplog.at_level("WARNING", logger="tunelab.training.resume"):
         assert train(longer, resume=True, progress=False).step == 3
     assert "--resume changes training.max_steps: 2 -> 3" in caplog.text
 
@@ -461,7 +462,7 @@ def test_resume_refuses_changed_data_and_a_step_count_below_the_checkpoint(
     data = write_jsonl(tmp_path / "train.jsonl", toy_chat_records(24))
     config = make_config(tiny_model_dir, tmp_path, data, training={"max_steps": 6}, eval={"before_after": False})
     with monkeypatch.context() as patch:
-        patch.setattr(trainer, "_StopRequest", _StopAfter(3))
+        patch.setattr(loop, "_StopRequest", _StopAfter(3))
         assert train(config, progress=False).status == "interrupted"
     shorter = make_config(tiny_model_dir, tmp_path, data, training={"max_steps": 2}, eval={"before_after": False})
     with pytest.raises(ConfigError, match="checkpoint is at step 3, past the 2 steps"):
@@ -485,19 +486,19 @@ def test_ctrl_c_during_the_final_evaluation_keeps_the_trained_steps(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     config = make_config(tiny_model_dir, tmp_path, training={"max_steps": 3})
-    real_final_evaluation = trainer._final_evaluation
+    real_final_evaluation = session._final_evaluation
 
     def ctrl_c(*args: Any, **kwargs: Any) -> None:
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(trainer, "_final_evaluation", ctrl_c)
+        patch.setattr(session, "_final_evaluation", ctrl_c)
         with pytest.raises(KeyboardInterrupt):
             train(config, progress=False)
     run_dir = Path(config.output.dir)
     assert json.loads((run_dir / "status.json").read_text())["status"] == "interrupted"
     assert ckpt.read_state(ckpt.latest_checkpoint(run_dir / "checkpoints"))["step"] == 3
-    assert trainer._final_evaluation is real_final_evaluation
+    assert session._final_evaluation is real_final_evaluation
     result = train(config, resume=True, progress=False)  # nothing left to train: evaluate and save
     assert (result.status, result.step) == ("completed", 3) and (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert [m["step"] for m in read_metrics(run_dir) if m["kind"] == "train"] == [1, 2, 3]
@@ -506,7 +507,7 @@ def test_ctrl_c_during_the_final_evaluation_keeps_the_trained_steps(
 def test_a_refused_resume_leaves_the_run_as_it_was(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = make_config(tiny_model_dir, tmp_path, training={"max_steps": 6}, eval={"before_after": False})
     with monkeypatch.context() as patch:
-        patch.setattr(trainer, "_StopRequest", _StopAfter(3))
+        patch.setattr(loop, "_StopRequest", _StopAfter(3))
         train(config, progress=False)
     run_dir = Path(config.output.dir)
     saved_config, saved_status = (run_dir / "config.yaml").read_text(), (run_dir / "status.json").read_text()

@@ -11,13 +11,13 @@ import pytest
 import torch
 from test_trainer import make_config
 
-from tunelab import trainer
+from tunelab.training import session
 from tunelab.eval.training import OverfittingSignal, progress_note
 from tunelab.runs import read_metrics
 
 
 def _damage_after_training(monkeypatch: pytest.MonkeyPatch) -> None:
-    loop = trainer._loop
+    loop = session.run_loop
 
     def loop_then_damage(ctx, state):  # noqa: ANN001, ANN202 - the trainer's own context and state
         status = loop(ctx, state)
@@ -27,7 +27,7 @@ def _damage_after_training(monkeypatch: pytest.MonkeyPatch) -> None:
                 p.add_(torch.randn(p.shape, generator=generator) * 0.3)
         return status
 
-    monkeypatch.setattr(trainer, "_loop", loop_then_damage)
+    monkeypatch.setattr(session, "run_loop", loop_then_damage)
 
 
 def test_forgetting_flags_a_damaged_model_and_passes_an_untouched_one(tiny_model_dir: Path, tmp_path: Path,
@@ -35,14 +35,14 @@ def test_forgetting_flags_a_damaged_model_and_passes_an_untouched_one(tiny_model
                                                                      caplog: pytest.LogCaptureFixture) -> None:
     untouched = make_config(tiny_model_dir, tmp_path, technique={"name": "full"}, output={"dir": str(tmp_path / "same")},
                             training={"max_steps": 2, "learning_rate": 1e-12})
-    check = trainer.train(untouched, progress=False).evaluation["forgetting"]
+    check = session.train(untouched, progress=False).evaluation["forgetting"]
     assert check["flagged"] is False and abs(check["relative_change"]) < 1e-4
     assert check["tokens"] > 100 and check["threshold"] == 0.1
     _damage_after_training(monkeypatch)
     damaged = make_config(tiny_model_dir, tmp_path, technique={"name": "full"}, output={"dir": str(tmp_path / "hurt")},
                           training={"max_steps": 2, "learning_rate": 1e-12})
-    with caplog.at_level(logging.WARNING, logger="tunelab.trainer"):
-        result = trainer.train(damaged, progress=False)
+    with caplog.at_level(logging.WARNING, logger="tunelab.eval.before_after"):
+        result = session.train(damaged, progress=False)
     check = result.evaluation["forgetting"]
     assert check["flagged"] is True and check["relative_change"] > 0.1
     assert json.loads((result.run_dir / "eval.json").read_text())["forgetting"]["flagged"] is True
@@ -50,7 +50,7 @@ def test_forgetting_flags_a_damaged_model_and_passes_an_untouched_one(tiny_model
     # The threshold is configurable: past the damage, nothing is flagged.
     lenient = make_config(tiny_model_dir, tmp_path, technique={"name": "full"}, output={"dir": str(tmp_path / "lenient")},
                           training={"max_steps": 2, "learning_rate": 1e-12}, eval={"forgetting_threshold": 100.0})
-    assert trainer.train(lenient, progress=False).evaluation["forgetting"]["flagged"] is False
+    assert session.train(lenient, progress=False).evaluation["forgetting"]["flagged"] is False
 
 
 def test_forgetting_can_use_your_own_text_and_can_be_switched_off(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -58,18 +58,18 @@ def test_forgetting_can_use_your_own_text_and_can_be_switched_off(tiny_model_dir
     text.write_text("the quick brown fox jumps over the lazy dog.\n\nhello, how are you? i am fine, thank you.\n")
     config = make_config(tiny_model_dir, tmp_path, training={"max_steps": 2},
                          eval={"forgetting_text": str(text), "forgetting_max_tokens": 16})
-    check = trainer.train(config, progress=False).evaluation["forgetting"]
+    check = session.train(config, progress=False).evaluation["forgetting"]
     assert check["text"] == str(text) and check["tokens"] <= 16
     off = make_config(tiny_model_dir, tmp_path, training={"max_steps": 2}, eval={"forgetting": False},
                       output={"dir": str(tmp_path / "off")})
-    assert "forgetting" not in trainer.train(off, progress=False).evaluation
+    assert "forgetting" not in session.train(off, progress=False).evaluation
 
 
 def test_metrics_every_n_steps_choose_the_best_checkpoint_on_any_metric(tiny_model_dir: Path, tmp_path: Path) -> None:
     config = make_config(tiny_model_dir, tmp_path, training={
         "max_steps": 8, "eval_every": 2, "eval_metrics": ["rouge_l", "exact_match"], "best_metric": "perplexity",
         "best_mode": "max"})  # maximising perplexity picks the worst evaluation: the rule really follows the mode
-    result = trainer.train(config, progress=False)
+    result = session.train(config, progress=False)
     evals = [m for m in read_metrics(result.run_dir) if m["kind"] == "eval"]
     assert [m["step"] for m in evals] == [2, 4, 6, 8]
     assert all("rouge_l" in m and "exact_match" in m and "gap" in m for m in evals)
@@ -96,7 +96,7 @@ def test_overfitting_signal_follows_the_gap_trend() -> None:
 
 
 def test_run_info_records_parameters_memory_phases_and_versions(tiny_model_dir: Path, tmp_path: Path) -> None:
-    result = trainer.train(make_config(tiny_model_dir, tmp_path, training={"max_steps": 3}), progress=False)
+    result = session.train(make_config(tiny_model_dir, tmp_path, training={"max_steps": 3}), progress=False)
     info = json.loads((result.run_dir / "run_info.json").read_text())
     assert 0 < info["trainable_parameters"] < info["total_parameters"]
     assert info["peak_memory"]["rss_bytes"] > 50 * 2**20
@@ -114,7 +114,7 @@ def test_report_to_tensorboard_and_mlflow_offline(tiny_model_dir: Path, tmp_path
 
     config = make_config(tiny_model_dir, tmp_path, training={"max_steps": 4, "eval_every": 2,
                                                              "report_to": ["tensorboard", "mlflow"]})
-    run_dir = trainer.train(config, progress=False).run_dir
+    run_dir = session.train(config, progress=False).run_dir
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
@@ -137,7 +137,7 @@ def test_runs_table_and_runs_show(tiny_model_dir: Path, tmp_path: Path) -> None:
 
     config = make_config(tiny_model_dir, tmp_path, training={"max_steps": 20, "learning_rate": 2e-3},
                          output={"dir": str(tmp_path / "runs" / "r1")})
-    run_dir = trainer.train(config, progress=False).run_dir
+    run_dir = session.train(config, progress=False).run_dir
     losses = [m["loss"] for m in read_metrics(run_dir) if m["kind"] == "train"]
     (summary,) = list_runs(tmp_path / "runs")
     assert summary["train_loss_smoothed"] == pytest.approx(sum(losses[-2:]) / 2)  # the last 10% of 20 steps

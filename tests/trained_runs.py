@@ -24,7 +24,7 @@ def adapter_runs(tmp_path_factory: pytest.TempPathFactory, base_dir: Path) -> di
     key = str(base_dir)
     if key not in _CACHE:
         from tunelab.config import build_config
-        from tunelab.trainer import train
+        from tunelab.training import train
 
         root = tmp_path_factory.mktemp("adapter-runs")
         runs = {}

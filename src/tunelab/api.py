@@ -22,7 +22,7 @@ def as_config(config: TunelabConfig | str | Path | dict[str, Any], overrides: li
 def train(config: TunelabConfig | str | Path | dict[str, Any], overrides: list[str] | None = None,
           resume: bool = False, progress: bool = True):  # noqa: ANN201 - RunResult, imported lazily (torch)
     """Fine-tune as ``config`` says and return a RunResult (run folder, status, step, before/after)."""
-    from tunelab.trainer import train as run_train
+    from tunelab.training import train as run_train  # torch and transformers: not for `import tunelab`
 
     return run_train(as_config(config, overrides), resume=resume, progress=progress)
 
@@ -109,8 +109,10 @@ def quickstart(overrides: list[str] | None = None, progress: bool = True):  # no
     `train` treats it (an existing run there is never replaced unless output.overwrite says so)."""
     import logging
 
-    from tunelab.runs import latest_checkpoint, read_json, resume_config_changes
-    from tunelab.trainer import train as run_train
+    from tunelab.checkpoint import latest_checkpoint
+    from tunelab.runs import read_json
+    from tunelab.training import train as run_train
+    from tunelab.training.resume import resume_config_changes
 
     config = quickstart_config(overrides)
     run_dir = Path(config.output.dir)

@@ -74,7 +74,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from tunelab.data import DataError
     from tunelab.models import ModelLoadError
     from tunelab.techniques import TechniqueError
-    from tunelab.trainer import TrainingAborted
+    from tunelab.errors import TrainingAborted
 
     return ConfigError, DataError, ModelLoadError, TechniqueError, TrainingAborted
 

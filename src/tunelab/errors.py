@@ -19,3 +19,7 @@ class ModelLoadError(RuntimeError):
 
 class TechniqueError(ValueError):
     """A technique setting that does not fit the model (a layer index out of range, a module name not found)."""
+
+
+class TrainingAborted(RuntimeError):
+    """The run stopped on an error the user must fix (repeated non-finite steps, ...)."""

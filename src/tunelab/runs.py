@@ -49,15 +49,12 @@ import shutil
 import socket
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 import yaml
 
 from tunelab.config import read_run_config
 from tunelab.errors import ConfigError
-
-if TYPE_CHECKING:
-    from tunelab.config import TunelabConfig
 
 log = logging.getLogger(__name__)
 
@@ -285,14 +282,6 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return records
 
 
-def truncate_metrics(run_dir: Path, last_step: int) -> None:
-    """On resume, forget metric lines written after the checkpoint: those steps are run again."""
-    kept = [m for m in read_metrics(run_dir) if m.get("step", 0) <= last_step]
-    tmp = run_dir / ".metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
-    os.replace(tmp, run_dir / "metrics.jsonl")
-
-
 def smoothed_loss(losses: list[float], share: float = 0.1, most: int = 50) -> float | None:
     """Mean training loss over the final window (the last 10% of logged steps, 1 to 50 of them): one step's
     loss is noisy, and the final window says where training ended up."""
@@ -368,138 +357,3 @@ def run_details(run_dir: Path) -> dict[str, Any]:
                  if k in ("records", "train", "validation", "truncation_rate", "warnings")},
         "evaluations": sorted(str(p.relative_to(run_dir)) for p in evals.glob("*/eval.json")) if evals.is_dir() else [],
     }
-
-
-# ---------------------------------------------------------------- claiming a run folder, checking a resume
-
-
-def latest_checkpoint(run_checkpoints: Path) -> Path | None:
-    # Imported here: tunelab.checkpoint imports torch, which `tunelab runs` does not need.
-    from tunelab.checkpoint import latest_checkpoint as latest
-
-    return latest(run_checkpoints)
-
-
-def prepare_run_dir(config: TunelabConfig, resume: bool) -> Path:
-    """Claim the run folder: check a resume against the saved run, or start a new run without ever clearing
-    anyone's files (and write its resolved config.yaml). Takes the folder's writer lock (``release_lock``)."""
-    run_dir = Path(config.output.dir or "runs/run")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"output.dir {run_dir} is a file; give a folder for the run")
-    _refuse_a_live_writer(run_dir)
-    if resume:
-        _check_resumable(config, run_dir)
-        acquire_lock(run_dir)
-        return run_dir  # the trainer saves the new config.yaml once the resume is under way
-    foreign = foreign_entries(run_dir)
-    if foreign:  # never write into (let alone clear) a folder holding someone's files
-        unclaimed = "" if is_claimed(run_dir) else " (tunelab keeps a record of what it creates, and there is none here)"
-        raise ConfigError(
-            f"output.dir {run_dir} is not empty and is not a tunelab run folder{unclaimed}: it holds "
-            f"{', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}, which tunelab did not create; choose a "
-            "new folder with --set output.dir=..."
-        )
-    has_run = "config.yaml" in owned_entries(run_dir)
-    if has_run and _nothing_to_lose(run_dir):
-        log.info("%s holds a run that stopped before its first checkpoint; starting it again", run_dir)
-        clear_run(run_dir)
-    elif has_run:
-        if not config.output.overwrite:
-            raise ConfigError(f"{run_dir} already holds a run{_how_to_continue(run_dir)}, choose another folder with "
-                              "--set output.dir=..., or replace it with --set output.overwrite=true")
-        clear_run(run_dir)
-    claim_run_dir(run_dir)
-    acquire_lock(run_dir)
-    write_run_text(run_dir, "config.yaml", config.to_yaml())
-    return run_dir
-
-
-def _refuse_a_live_writer(run_dir: Path) -> None:
-    owner = lock_owner(run_dir) if run_dir.is_dir() else None
-    if owner is not None:
-        raise ConfigError(f"{run_dir} is being written by another tunelab process (pid {owner['pid']} on "
-                          f"{owner.get('host')}); wait for it to finish, stop it, or choose another output.dir")
-
-
-def finished_status(run_dir: Path) -> str | None:
-    """'completed' or 'early_stopped' when the run folder holds a finished run, else None."""
-    status = (read_json(run_dir / "status.json") or {}).get("status")
-    return status if status in ("completed", "early_stopped") else None
-
-
-def _check_resumable(config: TunelabConfig, run_dir: Path) -> None:
-    if not is_claimed(run_dir) or "config.yaml" not in owned_entries(run_dir):
-        raise ConfigError(f"--resume: {run_dir} holds no run that tunelab started (no {MARKER} record of one)")
-    latest = latest_checkpoint(run_dir / "checkpoints")
-    blocking, allowed = resume_config_changes(config, run_dir)
-    finished = finished_status(run_dir)
-    if finished is not None:
-        _check_extending(run_dir, finished, latest, allowed)
-    if latest is None:
-        raise ConfigError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
-    if blocking:
-        raise ConfigError(f"--resume: the config differs from the run's {run_dir / 'config.yaml'}: " + "; ".join(blocking))
-    for change in allowed:  # e.g. a --set the user forgot to repeat: say so rather than quietly run fewer steps
-        log.warning("--resume changes %s", change)
-
-
-def _check_extending(run_dir: Path, finished: str, latest: Path | None, allowed: list[str]) -> None:
-    """A finished run resumes only to train further (more steps or epochs) from a checkpoint of its last step:
-    an older checkpoint would roll the run back and replace its result with a retrained one."""
-    step = (read_json(run_dir / "status.json") or {}).get("step")
-    more_steps = any(c.startswith(("training.max_steps:", "training.epochs:")) for c in allowed)
-    if not more_steps:
-        raise ConfigError(f"--resume: {run_dir} is already finished ({finished} at step {step}); there is nothing "
-                          "to resume, and its result and eval.json stay as they are. To train it further, raise "
-                          "training.max_steps (or epochs) with --resume, or start a new run in another output.dir")
-    latest_step = int(latest.name.split("-")[1]) if latest is not None else None
-    if latest_step != step:
-        raise ConfigError(f"--resume: {run_dir} is already finished ({finished} at step {step}) and has no checkpoint "
-                          f"of that step (latest: {latest.name if latest else 'none'}), so it cannot be continued "
-                          "without retraining and replacing its result; start a new run in another output.dir")
-
-
-def _how_to_continue(run_dir: Path) -> str:
-    status = (read_json(run_dir / "status.json") or {}).get("status", "unknown")
-    if finished_status(run_dir):
-        return f" that is finished ({status})"
-    if latest_checkpoint(run_dir / "checkpoints") is not None:
-        return f" ({status}, with a checkpoint). Continue it with --resume"
-    return f" ({status})"
-
-
-def _nothing_to_lose(run_dir: Path) -> bool:
-    """A run that failed or was stopped before writing a checkpoint or a result: re-running it loses nothing."""
-    status = (read_json(run_dir / "status.json") or {}).get("status")
-    if status not in ("failed", "interrupted"):  # "starting"/"running" may be another process at work
-        return False
-    has_result = (run_dir / "adapter").exists() or (run_dir / "model").exists()
-    return not has_result and latest_checkpoint(run_dir / "checkpoints") is None
-
-
-# Fields that may change between a run and its resumption; anything else would make "resume" a different run.
-_RESUMABLE_CHANGES = {"training.max_steps", "training.epochs", "training.eval_every", "training.save_every",
-                      "training.early_stopping_patience", "training.report_to", "eval"}
-_NOT_PART_OF_THE_RUN = {"output.overwrite"}  # how the folder was claimed, not what the run computes
-
-
-def resume_config_changes(config: TunelabConfig, run_dir: Path) -> tuple[list[str], list[str]]:
-    """Differences between ``config`` and the run's saved config: (ones that forbid resuming, allowed ones)."""
-    saved = read_run_config(run_dir)
-    current = yaml.safe_load(config.to_yaml())
-    blocking, allowed = [], []
-    for section, fields in current.items():
-        for key, value in (fields or {}).items():
-            dotted, before = f"{section}.{key}", saved.get(section, {}).get(key)
-            if before != value and dotted not in _NOT_PART_OF_THE_RUN:
-                resumable = dotted in _RESUMABLE_CHANGES or section in _RESUMABLE_CHANGES
-                (allowed if resumable else blocking).append(f"{dotted}: {before!r} -> {value!r}")
-    return blocking, allowed
-
-
-def check_same_data(run_dir: Path, report: dict[str, Any]) -> None:
-    saved = (read_json(run_dir / "data_report.json") or {}).get("data_fingerprint")
-    if saved is not None and saved != report["data_fingerprint"]:
-        raise ConfigError(f"--resume: the data files changed since {run_dir} started (content hash {saved} -> "
-                          f"{report['data_fingerprint']}); resuming would mix two datasets. Restore the files, or "
-                          "start a new run in another output.dir")

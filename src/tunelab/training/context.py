@@ -1,0 +1,190 @@
+"""What a training run holds while it trains: the counters saved in every checkpoint (``LoopState``) and the
+objects built once at set-up (``TrainingContext``), whose methods are the loop's side effects: metrics lines,
+evaluations with the best-checkpoint and early-stopping rule, checkpoints, and the technique's hooks."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from tunelab import checkpoint as ckpt
+from tunelab import distributed, runs
+from tunelab.config import TunelabConfig
+from tunelab.console import training_progress
+from tunelab.data import PreparedData
+from tunelab.eval import generate_samples, validation_loss
+from tunelab.eval.forgetting import heldout_loss
+from tunelab.eval.training import OverfittingSignal, is_better, metric_direction, progress_note, sample_scores
+from tunelab.models import default_device
+from tunelab.objectives import OBJECTIVES
+from tunelab.precision import training_precision
+from tunelab.run_info import RunInfo
+from tunelab.techniques import TECHNIQUES
+from tunelab.training.plan import Plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoopState:
+    """Counters saved in every checkpoint's state.json; together with the weights, optimizer, scheduler and RNG
+    states they are everything needed to continue bit for bit."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    best_step: int | None = None
+    best_eval: dict[str, Any] | None = None  # {step, loss, perplexity, tokens} of the best evaluation so far
+    evals_without_improvement: int = 0
+    nonfinite_skipped: int = 0
+    consecutive_nonfinite: int = 0
+    last_eval: dict[str, Any] | None = None
+    history: list[str] = field(default_factory=list)
+    gaps: list[float] = field(default_factory=list)  # validation - training loss at each evaluation (overfitting signal)
+
+
+class TrainingContext:
+    """Everything the loop needs, built once. Methods are the loop's side effects (logging, eval, saving)."""
+
+    # Set by the session's set-up in the order it builds them (tokenizer and data first: the model needs the pad id).
+    tokenizer: Any
+    data: PreparedData
+    pad_id: int
+    model: torch.nn.Module
+    plan: Plan | None = None
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+
+    def __init__(self, config: TunelabConfig, run_dir: Path, show_progress: bool) -> None:
+        self.config, self.run_dir, self.show_progress = config, run_dir, show_progress
+        self.saved_step: int | None = None  # the step of this process's last checkpoint
+        self.precision = training_precision(config.model.dtype, default_device())
+        self.accelerator = distributed.make_accelerator(self.precision.mixed_precision)
+        self.device = self.accelerator.device
+        self.objective = OBJECTIVES[config.objective.name]
+        self.technique = TECHNIQUES[config.technique.name]
+        self.info = RunInfo()  # run_info.json: phases, parameters, memory, versions
+        self.samples: list[dict[str, str]] = []  # validation prompts generated at evaluations
+        self.overfitting = OverfittingSignal()
+        self.progress_note = ""  # the last evaluation, as the progress bar shows it
+        self.trackers: Any = None  # training.report_to (TensorBoard, MLflow), main process only
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def inner_model(self) -> torch.nn.Module:
+        """The model without accelerate's DDP wrapper: evaluation, generation and saving use it (the wrapper has no
+        ``generate``, and its forward syncs buffers across processes, which uneven evaluation shares would hang)."""
+        return self.accelerator.unwrap_model(self.model)
+
+    # ------------------------------------------------------------ the technique's hooks
+
+    def technique_step(self, step: int) -> dict[str, Any]:
+        """The technique's per-step hook (e.g. AdaLoRA's rank reallocation), after the update, gradients still set.
+        What it returns (e.g. adapter routing's mean gates) goes into this step's metrics line."""
+        if self.technique.on_step is None:
+            return {}
+        return self.technique.on_step(self.accelerator.unwrap_model(self.model), self.config.technique, step) or {}
+
+    @property
+    def penalty(self) -> Callable[[], torch.Tensor | None] | None:
+        """The technique's own loss term as a thunk for accumulate_gradients, or None when it has none."""
+        if self.technique.penalty is None:
+            return None
+        return lambda: self.technique.penalty(self.accelerator.unwrap_model(self.model), self.config.technique)
+
+    def technique_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """What the technique keeps beyond its weights (saved in each checkpoint), or None."""
+        if self.technique.state is None:
+            return None
+        return self.technique.state.save(self.accelerator.unwrap_model(self.model))
+
+    def technique_evaluation(self) -> dict[str, Any]:
+        """The technique's own figures for eval.json (e.g. how a router splits each task), or nothing."""
+        if self.technique.evaluate is None or not self.is_main:
+            return {}
+        return self.technique.evaluate(self.accelerator.unwrap_model(self.model), self.data, self.pad_id, self.device,
+                                       self.config.eval.max_examples)
+
+    # ------------------------------------------------------------ progress and metrics
+
+    def progress(self, total: int, done: int):  # noqa: ANN201 - a context manager yielding an update function
+        return training_progress(total, done, enabled=self.show_progress and self.is_main)
+
+    def log_metrics(self, record: dict[str, Any]) -> None:
+        if record["kind"] == "train" and not record.get("skipped"):
+            self.overfitting.observe_train(record["loss"])
+        if self.is_main:
+            runs.append_run_line(self.run_dir, "metrics.jsonl", json.dumps(record) + "\n")
+            if self.trackers is not None:
+                self.trackers.log(record)
+
+    # ------------------------------------------------------------ measuring the model
+
+    def validation_loss(self) -> dict[str, float]:
+        """Token-weighted loss on the first ``eval.max_examples`` validation examples (the same ones every time)."""
+        examples = self.data.validation[: self.config.eval.max_examples]
+        with self.accelerator.autocast():  # float32 trainable and half-precision frozen weights meet as in training
+            return validation_loss(self.inner_model, examples, self.objective.loss_sum, self.pad_id,
+                                   self.config.eval.batch_size, self.device, self.accelerator)
+
+    def heldout_loss(self) -> dict[str, float]:
+        """Loss on general held-out text (the forgetting check), without autocast."""
+        return heldout_loss(self.inner_model, self.tokenizer, self.config.eval.forgetting_max_tokens, self.device,
+                            self.config.eval.forgetting_text, self.config.eval.batch_size)
+
+    def sample_outputs(self) -> list[str]:
+        model = self.accelerator.unwrap_model(self.model)
+        with self.accelerator.autocast():
+            return self.greedy_samples(model)
+
+    def greedy_samples(self, model: torch.nn.Module) -> list[str]:
+        """``model``'s greedy generations of the validation sample prompts."""
+        plain_text = bool(self.data.validation_examples) and not self.data.validation_examples[0].messages
+        return generate_samples(model, self.tokenizer, self.samples, self.config.eval.max_new_tokens, self.device,
+                                plain_text=plain_text, batch_size=self.config.eval.batch_size)
+
+    # ------------------------------------------------------------ evaluations and checkpoints during training
+
+    def evaluate(self, state: LoopState) -> str | None:
+        """Validation loss, the training.eval_metrics on the sample prompts, and the overfitting signal; then the
+        best-checkpoint and early-stopping rule on training.best_metric."""
+        training = self.config.training
+        result = self.validation_loss()
+        if training.eval_metrics:  # every process generates the same greedy outputs, so all agree on "best"
+            result.update(sample_scores(training.eval_metrics, self.sample_outputs(), [s["reference"] for s in self.samples]))
+        state.last_eval = {"step": state.step, **result}
+        signal = self.overfitting.update(result["loss"])
+        state.gaps = self.overfitting.gaps
+        record = {"kind": "eval", "step": state.step, **{k: v for k, v in result.items() if k != "tokens"}, **signal}
+        self.log_metrics(record)
+        self.progress_note = progress_note(record, training.best_metric)
+        if is_better(result, state.best_eval, training.best_metric, metric_direction(training.best_metric, training.best_mode)):
+            state.best_eval, state.best_step, state.evals_without_improvement = state.last_eval, state.step, 0
+            if self.config.training.save_every or self.config.training.early_stopping_patience or self.config.training.restore_best:
+                self.save_checkpoint(state)  # the best checkpoint is what restore_best loads at the end
+        else:
+            state.evals_without_improvement += 1
+        patience = self.config.training.early_stopping_patience
+        return "early_stop" if patience and state.evals_without_improvement >= patience else None
+
+    def save_checkpoint(self, state: LoopState) -> None:
+        if state.step == self.saved_step:  # best and periodic checkpoint (or Ctrl-C) at one step: nothing changed since
+            return
+        self.accelerator.wait_for_everyone()
+        rngs = distributed.all_rng_states(ckpt.rng_state())  # every process's dropout stream, for an exact resume
+        if self.is_main:
+            root = runs.run_entry(self.run_dir, "checkpoints")
+            model = self.accelerator.unwrap_model(self.model)
+            rng = rngs[0] if len(rngs) == 1 else {**rngs[0], "ranks": rngs}
+            ckpt.save_checkpoint(root, state.step, model, self.optimizer, self.scheduler, state.__dict__, rng,
+                                 self.technique_state())
+            ckpt.rotate(root, {state.step} | ({state.best_step} if state.best_step is not None else set()))
+        self.accelerator.wait_for_everyone()
+        self.saved_step = state.step

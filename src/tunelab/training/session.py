@@ -1,0 +1,314 @@
+"""One training run from start to end: ``train(config)``.
+
+Reading order: ``train`` claims the run folder (a new run, or a resume checked by ``resume``), ``_set_up`` builds
+the tokenizer, data, model, base evaluation, technique, optimizer and schedule (then loads the checkpoint when
+resuming), ``run_loop`` trains, and the end of the run restores the best weights if asked, evaluates them against
+the base (``tunelab.eval.before_after``), saves the result and writes status.json, run_info.json and the card.
+A failure leaves the folder resumable, and status.json says what happened.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import yaml
+from transformers import set_seed
+from transformers.utils import logging as hf_logging
+
+from tunelab import checkpoint as ckpt
+from tunelab import distributed, runs
+from tunelab.card import write_card
+from tunelab.config import ConfigError, TunelabConfig
+from tunelab.data import PreparedData, prepare_data
+from tunelab.eval.before_after import base_evaluation, compare_with_base, forgetting_after
+from tunelab.eval.generation import sample_prompts
+from tunelab.eval.training import OverfittingSignal
+from tunelab.models import cache_root, default_device, load_model, load_tokenizer, model_skeleton
+from tunelab.precision import keep_trainable_in_float32, training_precision
+from tunelab.runs import read_json, write_run_json
+from tunelab.schedule import make_scheduler
+from tunelab.techniques import TECHNIQUES, RunContext, TechniqueError, count_parameters
+from tunelab.tracking import Trackers
+from tunelab.training.context import LoopState, TrainingContext
+from tunelab.training.loop import run_loop
+from tunelab.training.plan import make_plan
+from tunelab.training.resume import check_same_data, prepare_run_dir, truncate_metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    status: str  # completed, early_stopped, interrupted
+    step: int
+    evaluation: dict[str, Any] | None = None
+
+
+def train(config: TunelabConfig, resume: bool = False, progress: bool = True) -> RunResult:
+    """Fine-tune ``config.model`` on ``config.data`` with ``config.technique``; see the module docstring."""
+    with _library_progress_bars(progress):
+        return _train(config, resume, progress)
+
+
+@contextmanager
+def _library_progress_bars(enabled: bool) -> Iterator[None]:
+    """progress=False (a script, a test) also quiets transformers' own bars ("Loading weights"), then restores them."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled and not enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _train(config: TunelabConfig, resume: bool, progress: bool) -> RunResult:
+    training_precision(config.model.dtype, default_device())  # a refusal (float16 on a CPU) before any folder exists
+    created = not Path(config.output.dir or "runs/run").exists()
+    run_dir = distributed.main_decides(lambda: prepare_run_dir(config, resume))  # one process claims the folder
+    try:
+        return _train_in(config, run_dir, resume, progress, created)
+    finally:
+        runs.release_lock(run_dir)
+
+
+def _train_in(config: TunelabConfig, run_dir: Path, resume: bool, progress: bool, created: bool) -> RunResult:
+    distributed.quiet_other_processes()
+    note = training_precision(config.model.dtype, default_device()).note
+    if note:
+        log.warning(note)
+    if resume:
+        distributed.check_world_size((read_json(run_dir / "status.json") or {}).get("world_size"),
+                                     distributed.process_state().num_processes, run_dir)
+    ctx = TrainingContext(config, run_dir, progress)
+    state, phase = LoopState(), "set-up"
+    try:
+        if not resume:
+            _write_status(ctx, "starting", state)
+        with ctx.info.phase("set-up"):
+            state, base, samples = _set_up(ctx, resume)
+        if resume and ctx.is_main:  # only now, once the checkpoint, data and config all fit: a refused resume
+            # changes nothing. One writer: two processes renaming the same temporary file race (one finds it gone).
+            runs.write_run_text(run_dir, "config.yaml", config.to_yaml())
+        _write_status(ctx, "running", state)
+        phase, tokens_before = "loop", state.tokens_seen
+        with ctx.info.phase("training"):
+            status = run_loop(ctx, state)
+        ctx.info.figures["training_tokens_this_session"] = state.tokens_seen - tokens_before
+        if status == "interrupted":
+            _write_status(ctx, status, state)
+            _finish_tracking(ctx, state, status)
+            return RunResult(run_dir, status, state.step)
+        phase = "trained"
+        if _best_is_restored(ctx, state):
+            phase = "best restored"
+            ckpt.load_trainable(run_dir / "checkpoints" / ckpt.checkpoint_name(state.best_step), ctx.accelerator.unwrap_model(ctx.model))
+            best = config.training.best_metric
+            log.info("restored the best weights (step %d, %s %.4f)", state.best_step, best, state.best_eval[best])
+        with ctx.info.phase("final evaluation"):
+            evaluation = _final_evaluation(ctx, state, base, samples)
+            evaluation.update(ctx.technique_evaluation())
+        if ctx.is_main:
+            with ctx.info.phase("saving"):
+                _save_result(ctx)
+            write_run_json(run_dir, "eval.json", evaluation)
+    except BaseException as exc:
+        _record_failure(ctx, state, phase, resume, exc, created)
+        raise
+    _write_status(ctx, status, state)
+    _finish_tracking(ctx, state, status)
+    if ctx.is_main:  # after status.json: the card states the final status
+        write_card(run_dir, run_dir / ctx.technique.result_dir_name)
+    return RunResult(run_dir, status, state.step, evaluation)
+
+
+# ---------------------------------------------------------------- set-up
+
+
+def _set_up(ctx: TrainingContext, resume: bool) -> tuple[LoopState, dict[str, Any] | None, list[dict[str, str]]]:
+    """Tokenizer, data, model, base evaluation, technique, optimizer; then the checkpoint when resuming."""
+    config, run_dir = ctx.config, ctx.run_dir
+    set_seed(config.training.seed)
+    ctx.tokenizer, ctx.data = distributed.main_decides(lambda: _tokenizer_and_data(config))  # tokenized once
+    ctx.pad_id = ctx.tokenizer.pad_token_id
+    if resume:
+        check_same_data(run_dir, ctx.data.report)
+    if ctx.is_main:
+        write_run_json(run_dir, "data_report.json", ctx.data.report)
+    if config.training.eval_every and not ctx.data.validation:
+        raise ConfigError("training.eval_every needs validation data, and there is none: set data.val_size above 0 "
+                          "or give data.validation (or leave eval_every unset)")
+    ctx.model = load_model(config.model, ctx.device, ctx.technique.base_load(config.technique, ctx.device))
+    _check_technique_fits(ctx)  # seconds, on a weightless copy: before the minutes of base evaluation
+    samples = sample_prompts(ctx.tokenizer, ctx.data.validation_examples, config.eval.num_samples)
+    ctx.samples = samples
+    with ctx.info.phase("base evaluation"):
+        base = base_evaluation(run_dir, config.eval, bool(ctx.data.validation), ctx.validation_loss,
+                               lambda: ctx.greedy_samples(ctx.inner_model), ctx.heldout_loss, write=ctx.is_main)
+    if config.training.gradient_checkpointing:
+        enable_activation_checkpointing(ctx.model)
+    ctx.plan = make_plan(config, ctx.data, ctx.accelerator.process_index, ctx.accelerator.num_processes)
+    set_seed(config.training.seed)  # the technique's initialisation does not depend on whether base eval ran
+    ctx.model = ctx.technique.apply(ctx.model, config.technique, RunContext(total_steps=ctx.plan.total_steps, tasks=tuple(ctx.data.tasks)))
+    if keep_trainable_in_float32(ctx.model):  # mixed precision: float32 master weights, half-precision autocast
+        log.info("trainable weights kept in float32; autocast computes in %s", ctx.precision.load_dtype)
+    trainable, total = count_parameters(ctx.model)
+    ctx.info.figures.update(trainable_parameters=trainable, total_parameters=total)
+    log.info("technique %s: %s of %s parameters trainable (%.3f%%)", config.technique.name, f"{trainable:,}",
+             f"{total:,}", 100 * trainable / total)
+    ctx.optimizer = make_optimizer(ctx.model, config)
+    ctx.scheduler = make_scheduler(ctx.optimizer, config.training.schedule, config.training.warmup_ratio,
+                                   ctx.plan.total_steps)
+    ctx.model, ctx.optimizer = ctx.accelerator.prepare(ctx.model, ctx.optimizer)
+    ctx.model.train()
+    state = _resume_from_checkpoint(ctx) if resume else LoopState()
+    if config.training.report_to and ctx.is_main:
+        ctx.trackers = Trackers(config.training.report_to, run_dir, yaml.safe_load(config.to_yaml()), resume)
+    return state, base, samples
+
+
+def _tokenizer_and_data(config: TunelabConfig) -> tuple[Any, PreparedData]:
+    tokenizer = load_tokenizer(config.model)
+    return tokenizer, prepare_data(config.data, tokenizer, cache_root() / "data")
+
+
+def _check_technique_fits(ctx: TrainingContext) -> None:
+    """Apply the technique to a weightless (meta-device) copy of the model, so a setting that does not fit it
+    (a layer index, a module name) is reported at once, not after minutes of base evaluation."""
+    base_load = ctx.technique.base_load(ctx.config.technique, ctx.device)
+    skeleton = model_skeleton(ctx.model.config, base_load)  # the same module types as the loaded base
+    try:
+        ctx.technique.apply(skeleton, ctx.config.technique, RunContext(tasks=tuple(ctx.data.tasks)))
+    except TechniqueError as exc:
+        raise TechniqueError(f"{exc} (model {ctx.config.model.name})") from None
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each layer's activations in backward (transformers 5 renamed gradient_ to activation_)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def make_optimizer(model: torch.nn.Module, config: TunelabConfig) -> torch.optim.Optimizer:
+    """AdamW over the technique's parameter groups (by default: weight decay on matrices only)."""
+    technique = TECHNIQUES[config.technique.name]
+    groups = technique.param_groups(model, config.technique, config.learning_rate, config.training.weight_decay)
+    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=config.training.adam_betas)
+
+
+def _resume_from_checkpoint(ctx: TrainingContext) -> LoopState:
+    """Load the latest checkpoint into the prepared model, optimizer and schedule: weights, moments, counters, the
+    technique's own state and every process's random stream, so the run continues as if never stopped."""
+    run_dir = ctx.run_dir
+    latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    state = LoopState(**ckpt.load_checkpoint(latest, ctx.accelerator.unwrap_model(ctx.model), ctx.optimizer, ctx.scheduler))
+    saved_technique_state = ckpt.load_technique_state(latest)
+    if saved_technique_state is not None and ctx.technique.state is not None:
+        ctx.technique.state.load(ctx.accelerator.unwrap_model(ctx.model), *saved_technique_state)
+    if ctx.accelerator.num_processes > 1:  # load_checkpoint restored the main's RNG; each rank gets its own
+        saved = torch.load(latest / "rng.pt", weights_only=True)
+        ckpt.restore_rng(distributed.rank_rng_state(saved, ctx.accelerator.process_index))
+    state.history.append(f"resumed from {latest.name}")
+    if state.step > ctx.plan.total_steps:
+        raise ConfigError(f"--resume: the checkpoint is at step {state.step}, past the {ctx.plan.total_steps} steps "
+                          "this config plans; raise training.max_steps (or epochs)")
+    if ctx.is_main:
+        truncate_metrics(run_dir, state.step)
+    ctx.overfitting = OverfittingSignal(state.gaps)
+    return state
+
+
+# ---------------------------------------------------------------- the end of a run
+
+
+def _best_is_restored(ctx: TrainingContext, state: LoopState) -> bool:
+    return ctx.config.training.restore_best and state.best_step is not None and state.best_step != state.step
+
+
+def _final_evaluation(ctx: TrainingContext, state: LoopState, base: dict[str, Any] | None,
+                      samples: list[dict[str, str]]) -> dict[str, Any]:
+    """Before/after figures of the weights being saved: the restored best ones, or the last ones."""
+    forgetting = forgetting_after(ctx.config.eval, base, ctx.heldout_loss)
+    best_restored = _best_is_restored(ctx, state)
+    tuned = _tuned_figures(ctx, state, best_restored) if ctx.data.validation else None
+    comparison = compare_with_base(ctx.config.eval, base, tuned, samples,
+                                   ctx.sample_outputs if ctx.is_main else None, ctx.config.training.seed)
+    return {"step": state.step, "weights_from_step": state.best_step if best_restored else state.step, **comparison,
+            **({"forgetting": forgetting} if forgetting else {})}
+
+
+def _tuned_figures(ctx: TrainingContext, state: LoopState, best_restored: bool) -> dict[str, Any]:
+    """Validation figures of the weights being saved: measured already when they are the best or the last
+    evaluation's, else measured now."""
+    if best_restored:
+        tuned = state.best_eval
+    elif state.last_eval and state.last_eval["step"] == state.step:
+        tuned = state.last_eval
+    else:
+        tuned = ctx.validation_loss()
+    return {k: v for k, v in tuned.items() if k != "step"}
+
+
+def _save_result(ctx: TrainingContext) -> Path:
+    """Write the adapter or model (atomically: into a temporary folder, then renamed) and the tokenizer."""
+    model = ctx.accelerator.unwrap_model(ctx.model)
+    name = ctx.technique.result_dir_name
+    with runs.new_run_folder(ctx.run_dir, name) as tmp:
+        written = ctx.technique.save(model, tmp)  # a technique saves into <folder>/<result_dir_name>
+        if name == "model":
+            ctx.tokenizer.save_pretrained(written)  # a full model folder is self-contained
+        for item in list(written.iterdir()):  # lift it into the entry's own temporary folder
+            item.rename(tmp / item.name)
+        written.rmdir()
+    with runs.new_run_folder(ctx.run_dir, "tokenizer") as tmp:
+        ctx.tokenizer.save_pretrained(tmp)
+    return ctx.run_dir / name
+
+
+def _write_status(ctx: TrainingContext, status: str, state: LoopState, error: str | None = None) -> None:
+    if ctx.is_main:
+        write_run_json(ctx.run_dir, "status.json", {
+            "status": status, "step": state.step, "total_steps": ctx.plan.total_steps if ctx.plan else None,
+            "nonfinite_skipped": state.nonfinite_skipped, "error": error,
+            "world_size": ctx.accelerator.num_processes,
+        })
+
+
+def _finish_tracking(ctx: TrainingContext, state: LoopState, status: str) -> None:
+    """run_info.json, and the end of the TensorBoard/MLflow logs."""
+    if not ctx.is_main:
+        return
+    tokens = ctx.info.figures.pop("training_tokens_this_session", 0)
+    write_run_json(ctx.run_dir, "run_info.json",
+                   {"step": state.step, **ctx.info.as_dict(status, tokens, ctx.accelerator.num_processes)})
+    if ctx.trackers is not None:
+        ctx.trackers.close("FINISHED" if status in ("completed", "early_stopped") else "KILLED")
+
+
+def _record_failure(ctx: TrainingContext, state: LoopState, phase: str, resume: bool, exc: BaseException,
+                    created: bool) -> None:
+    """Leave the run folder resumable and say what happened in status.json."""
+    if resume and phase == "set-up":  # a refused or failed resume: the run stays as it was, still resumable
+        return
+    if phase == "set-up":  # a pre-flight error: the run never started, so it leaves nothing behind
+        if ctx.is_main:
+            runs.release_run_dir(ctx.run_dir, created)
+        return
+    interrupted = isinstance(exc, KeyboardInterrupt)
+    if interrupted and phase == "trained":  # Ctrl-C during the final evaluation: keep the trained steps
+        ctx.save_checkpoint(state)
+    _write_status(ctx, "interrupted" if interrupted else "failed", state, str(exc))
+    try:
+        _finish_tracking(ctx, state, "interrupted" if interrupted else "failed")
+    except Exception as secondary:  # the run's own error is the one to report
+        log.warning("could not write run_info.json: %s", secondary)
