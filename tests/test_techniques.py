@@ -59,6 +59,27 @@ def test_loraplus_gives_b_matrices_the_ratio_times_the_rate(tiny_model_dir: Path
     assert {g["lr"] for g in plain.param_groups} == {1e-3}
 
 
+def test_loraplus_rates_match_the_reference_implementation(tiny_model_dir: Path) -> None:
+    """Every trainable parameter gets the rate PEFT's create_loraplus_optimizer (the paper's reference code) gives
+    it, on a model with each kind: A and B matrices, DoRA's 1-d magnitudes and an adapted embedding layer."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    config = build_config({"technique": {"name": "lora", "r": 4, "loraplus_lr_ratio": 16, "use_dora": True,
+                                         "loraplus_lr_embedding": 3e-5,
+                                         "target_modules": ["embed_tokens", "q_proj", "v_proj"]},
+                           "training": {"learning_rate": 1e-3}})
+    model = TECHNIQUES["lora"].apply(AutoModelForCausalLM.from_pretrained(tiny_model_dir), config.technique)
+    ours = {id(p): g["lr"] for g in make_optimizer(model, config).param_groups for p in g["params"]}
+    reference = create_loraplus_optimizer(model, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16,
+                                          loraplus_lr_embedding=3e-5)
+    theirs = {id(p): g["lr"] for g in reference.param_groups for p in g["params"]}
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    kinds = {"lora_magnitude_vector": 1.6e-2, "lora_embedding_A": 3e-5, "lora_A": 1e-3}
+    for kind, rate in kinds.items():  # the premise: each kind is there, at its reference rate
+        assert any(kind in n and theirs[id(p)] == pytest.approx(rate) for n, p in trainable.items()), kind
+    assert {n: ours[id(p)] for n, p in trainable.items()} == pytest.approx({n: theirs[id(p)] for n, p in trainable.items()})
+
+
 def test_the_skeleton_has_no_weights_and_the_same_modules(tiny_model_dir: Path) -> None:
     from tunelab.models import model_skeleton
 

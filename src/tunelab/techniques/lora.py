@@ -11,7 +11,8 @@ Options:
   the residual W0 - s B A stays frozen; OLoRA (Buyukakyuz 2024, https://arxiv.org/abs/2406.01775) starts from a
   QR decomposition. Both change the frozen base, so the saved adapter is converted (to rank 2r) so that it
   applies to the original base.
-- LoRA+ (Hayou et al. 2024, https://arxiv.org/abs/2402.12354): B learns at `loraplus_lr_ratio` times A's rate.
+- LoRA+ (Hayou et al. 2024, https://arxiv.org/abs/2402.12354): B learns at `loraplus_lr_ratio` times A's rate
+  (with the reference code's grouping, see ``loraplus_param_groups``).
 Trainable parameters per adapted layer: r * (d_in + d_out) (+ d_out with DoRA). The result is a standard PEFT
 adapter (adapter_config.json + adapter_model.safetensors) that loads with ``peft.PeftModel.from_pretrained``.
 """
@@ -85,8 +86,12 @@ class LoraOptions(LayeredTargets):
         "QR of W0. pissa/olora change the frozen base; the saved adapter is converted to apply to the original base.",
     )
     loraplus_lr_ratio: float | None = Field(
-        None, gt=0, description="LoRA+: B matrices learn at this many times the learning rate (16 is the paper's "
-        "default); None trains A and B at one rate.",
+        None, gt=0, description="LoRA+: B matrices (and 1-d adapter parameters such as DoRA's magnitudes) learn at "
+        "this many times the learning rate (16 is the paper's default); None trains everything at one rate.",
+    )
+    loraplus_lr_embedding: float = Field(
+        1e-6, gt=0, description="LoRA+: the fixed learning rate of adapters on an embedding layer (when "
+        "target_modules names one), as in the paper's code and PEFT's create_loraplus_optimizer.",
     )
     rank_pattern: dict[str, int] = Field(
         default_factory=dict, description="Per-module ranks overriding r, keyed by a module name or regex, e.g. "
@@ -184,17 +189,34 @@ def save(model: nn.Module, run_dir: Path) -> Path:
 
 
 def loraplus_param_groups(model: nn.Module, settings: LoraOptions, lr: float, weight_decay: float) -> list[dict[str, Any]]:
-    """LoRA+: B matrices (and, as in the paper's code, 1-d adapter parameters) at ratio x lr; the rest at lr."""
+    """LoRA+ rates as the paper's code gives them (PEFT's ``create_loraplus_optimizer`` is that reference):
+    B matrices and every trainable 1-d parameter (DoRA magnitudes, biases) at ratio x lr; an embedding layer's A
+    and B at the fixed ``loraplus_lr_embedding``; the rest (A matrices, modules_to_save weights) at lr.
+    Weight decay follows tunelab's rule (matrices only)."""
+    from peft.tuners.lora.layer import Embedding as LoraEmbedding  # here, not at import: peft loads slowly
+
     if settings.loraplus_lr_ratio is None:
         return decay_param_groups(model, settings, lr, weight_decay)
-    a, b = [], []
+    embedding = {id(p) for module in model.modules() if isinstance(module, LoraEmbedding)
+                 for p in [*module.lora_embedding_A.parameters(), *module.lora_embedding_B.parameters()]}
+    a, b, embedding_adapters = [], [], []
     for name, param in model.named_parameters():
-        if param.requires_grad:
-            (b if "lora_B" in name else a).append(param)
+        if not param.requires_grad:
+            continue
+        if id(param) in embedding:
+            embedding_adapters.append(param)
+        elif "lora_B" in name or param.ndim == 1:
+            b.append(param)
+        else:
+            a.append(param)
+    fast = lr * settings.loraplus_lr_ratio
     groups = [
-        {"params": [p for p in a if p.ndim >= 2], "weight_decay": weight_decay, "lr": lr},
-        {"params": [p for p in a if p.ndim < 2], "weight_decay": 0.0, "lr": lr},
-        {"params": b, "weight_decay": weight_decay, "lr": lr * settings.loraplus_lr_ratio},
+        {"params": a, "weight_decay": weight_decay, "lr": lr},
+        {"params": [p for p in b if p.ndim >= 2], "weight_decay": weight_decay, "lr": fast},
+        {"params": [p for p in b if p.ndim < 2], "weight_decay": 0.0, "lr": fast},
+        {"params": [p for p in embedding_adapters if p.ndim >= 2], "weight_decay": weight_decay,
+         "lr": settings.loraplus_lr_embedding},
+        {"params": [p for p in embedding_adapters if p.ndim < 2], "weight_decay": 0.0, "lr": settings.loraplus_lr_embedding},
     ]
     return [g for g in groups if g["params"]]
 
