@@ -11,10 +11,31 @@ Errors a user can fix are ConfigError, DataError, ModelLoadError and TechniqueEr
 names the file, line or key and what was expected.
 """
 
-from tunelab.api import evaluate, inspect_data, load_adapter, load_run, quickstart, quickstart_config, train
-from tunelab.config import TunelabConfig, load_config
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from tunelab.errors import ConfigError, DataError, ModelLoadError, TechniqueError
 
+if TYPE_CHECKING:  # what __getattr__ below returns, for type checkers and editors
+    from tunelab.api import (TunelabConfig, evaluate, inspect_data, load_adapter, load_config, load_run, quickstart,
+                             quickstart_config, train)
+
 __version__ = "0.1.0"
-__all__ = ["ConfigError", "DataError", "ModelLoadError", "TechniqueError", "TunelabConfig", "evaluate", "inspect_data",
-           "load_adapter", "load_config", "load_run", "quickstart", "quickstart_config", "train"]
+_API = ("TunelabConfig", "evaluate", "inspect_data", "load_adapter", "load_config", "load_run", "quickstart",
+        "quickstart_config", "train")
+__all__ = ["ConfigError", "DataError", "ModelLoadError", "TechniqueError", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    """The Python API is loaded on first use (PEP 562), so that the command line (``tunelab --help``) and
+    ``except tunelab.DataError`` do not load torch and transformers."""
+    if name in _API:
+        from tunelab import api  # lazily: it loads torch and transformers (see above)
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'tunelab' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_API])

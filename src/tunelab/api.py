@@ -2,10 +2,28 @@
 
 from __future__ import annotations
 
+import logging
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from tunelab.config import TunelabConfig, build_config, load_config
+from tunelab.data import DataError, load_file, prepare_data, tokenize_example
+from tunelab.data.report import mask_segments
+from tunelab.errors import ConfigError
+from tunelab.eval.runner import EvalSettings
+from tunelab.eval.runner import evaluate as run_eval
+from tunelab.models import load_tokenizer
+from tunelab.result import LoadedRun
+from tunelab.result import load_run as open_run
+from tunelab.checkpoint import latest_checkpoint
+from tunelab.runs import read_json
+from tunelab.techniques.attach import load_adapter as attach
+from tunelab.training import RunResult
+from tunelab.training import train as run_train
+from tunelab.training.resume import resume_config_changes
+
+log = logging.getLogger(__name__)
 
 RECIPES = Path(__file__).parent / "recipes"
 
@@ -20,25 +38,19 @@ def as_config(config: TunelabConfig | str | Path | dict[str, Any], overrides: li
 
 
 def train(config: TunelabConfig | str | Path | dict[str, Any], overrides: list[str] | None = None,
-          resume: bool = False, progress: bool = True):  # noqa: ANN201 - RunResult, imported lazily (torch)
+          resume: bool = False, progress: bool = True) -> RunResult:
     """Fine-tune as ``config`` says and return a RunResult (run folder, status, step, before/after)."""
-    from tunelab.training import train as run_train  # torch and transformers: not for `import tunelab`
-
     return run_train(as_config(config, overrides), resume=resume, progress=progress)
 
 
-def load_run(run: str | Path, device: Any = None, dtype: str | None = None):  # noqa: ANN201 - LoadedRun (torch)
+def load_run(run: str | Path, device: Any = None, dtype: str | None = None) -> LoadedRun:
     """Open a finished run folder: its model (any technique's result) and tokenizer, ready for inference."""
-    from tunelab.result import load_run as open_run
-
     return open_run(run, device=device, dtype=dtype)
 
 
-def load_adapter(model: Any, path: str | Path):  # noqa: ANN201 - the adapted model (torch)
+def load_adapter(model: Any, path: str | Path) -> Any:
     """Attach a saved adapter (an adapter folder or a run folder) to a plain transformers model of its base:
     bottleneck and routing adapters in place, a PEFT adapter as a PeftModel. See tunelab.techniques.attach."""
-    from tunelab.techniques.attach import load_adapter as attach
-
     return attach(model, path)
 
 
@@ -48,12 +60,6 @@ def evaluate(target: str | Path, data: list[str | Path] | str | Path, against: l
     """``tunelab eval`` in Python: score ``target`` on ``data`` and compare it with ``against`` ('base', runs or
     models). ``settings`` are EvalSettings fields (metrics, labels, max_new_tokens, ...); returns eval.json's
     content and writes the report files."""
-    from dataclasses import fields
-
-    from tunelab.errors import ConfigError
-    from tunelab.eval.runner import EvalSettings
-    from tunelab.eval.runner import evaluate as run_eval
-
     known = {f.name for f in fields(EvalSettings)}
     unknown = sorted(set(settings) - known)
     if unknown:
@@ -68,9 +74,6 @@ def inspect_data(files: list[str | Path] | str | Path, config: TunelabConfig | s
     """Validate data files and return the data report (the same one every run writes to data_report.json), plus
     ``examples``: records ``index`` to ``index + count - 1`` (0-based, over the files in order) tokenized, each as
     segments marked supervised or not."""
-    from tunelab.data import prepare_data
-    from tunelab.models import load_tokenizer
-
     files = [files] if isinstance(files, (str, Path)) else files
     cfg = as_config(config or {}, overrides)
     data_config = cfg.data.model_copy(update={"train": [str(Path(f).resolve()) for f in files], "cache": False})
@@ -81,9 +84,6 @@ def inspect_data(files: list[str | Path] | str | Path, config: TunelabConfig | s
 
 
 def _tokenized_records(data_config: Any, tokenizer: Any, index: int, count: int) -> list[dict[str, Any]]:
-    from tunelab.data import DataError, load_file, tokenize_example
-    from tunelab.data.report import mask_segments
-
     if index < 0 or count < 1:
         raise DataError(f"index {index}, count {count}: give an index of 0 or more and a count of 1 or more")
     records = [e for path in data_config.train for e in load_file(path, data_config.format).examples]
@@ -103,23 +103,16 @@ def quickstart_config(overrides: list[str] | None = None) -> TunelabConfig:
     return load_config(RECIPES / "quickstart.yaml", [f"output.dir={QUICKSTART_DIR}", *(overrides or [])])
 
 
-def quickstart(overrides: list[str] | None = None, progress: bool = True):  # noqa: ANN201 - RunResult
+def quickstart(overrides: list[str] | None = None, progress: bool = True) -> RunResult:
     """Run the quickstart recipe. Run again, it resumes an interrupted quickstart with the same config, and
     otherwise replaces its own previous demo run in runs/quickstart; any other output.dir is treated as
     `train` treats it (an existing run there is never replaced unless output.overwrite says so)."""
-    import logging
-
-    from tunelab.checkpoint import latest_checkpoint
-    from tunelab.runs import read_json
-    from tunelab.training import train as run_train
-    from tunelab.training.resume import resume_config_changes
-
     config = quickstart_config(overrides)
     run_dir = Path(config.output.dir)
     status = (read_json(run_dir / "status.json") or {}).get("status")
     resume = status in ("interrupted", "failed", "running") and latest_checkpoint(run_dir / "checkpoints") is not None
     if resume and any(resume_config_changes(config, run_dir)):  # any change at all: the user asked for another run
-        logging.getLogger(__name__).warning("the config differs from the interrupted quickstart in %s: starting over", run_dir)
+        log.warning("the config differs from the interrupted quickstart in %s: starting over", run_dir)
         resume = False
     if not resume and run_dir.resolve() == Path(QUICKSTART_DIR).resolve():
         config.output.overwrite = True  # the demo's own folder: its previous run is tunelab's output, not the user's

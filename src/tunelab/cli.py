@@ -10,9 +10,16 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 import typer
+from rich.table import Table
 from rich.text import Text
 
+from tunelab.console import (console, err_console, print_before_after, print_data_report, print_eval_report,
+                             print_quantize_table, print_run_details, print_runs)
+from tunelab.errors import ConfigError, DataError, ModelLoadError, TechniqueError, TrainingAborted
 from tunelab.serve.schemas import DEFAULT_MAX_BODY_BYTES  # pydantic only (no FastAPI): cheap at start-up
+
+# Each command imports what it runs inside its function: those modules load torch and transformers (seconds),
+# which `tunelab --help` and a mistyped command should not wait for.
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune open language models, measure, ship.",
                   epilog="Start with `tunelab quickstart`; `tunelab COMMAND --help` shows each command's examples.")
@@ -63,28 +70,18 @@ def invoked_as(argv0: str | None = None) -> str:
 
 
 def _fail(message: str, code: int = 2) -> None:
-    from tunelab.console import err_console
-
     err_console.print(Text.assemble(("error: ", "bold red"), message), highlight=False)
     raise typer.Exit(code)
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    from tunelab.config import ConfigError
-    from tunelab.data import DataError
-    from tunelab.models import ModelLoadError
-    from tunelab.techniques import TechniqueError
-    from tunelab.errors import TrainingAborted
-
-    return ConfigError, DataError, ModelLoadError, TechniqueError, TrainingAborted
+# Errors a user can fix: one line, no traceback, exit code 2.
+_USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, ModelLoadError, TechniqueError, TrainingAborted)
 
 
 def _setup_logging() -> None:
     import warnings
 
     from rich.logging import RichHandler
-
-    from tunelab.console import err_console
 
     # Logs go to stderr so that stdout stays clean for results (`data inspect --json`, `config show`).
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=err_console, show_path=False)])
@@ -112,9 +109,8 @@ def train(
 ) -> None:
     """Fine-tune a model as the config says; writes a run folder (see `tunelab runs`)."""
     _setup_logging()
-    from tunelab.api import train as run_train
-    from tunelab.config import load_config
-    from tunelab.distributed import launcher_prefix
+    from tunelab.api import load_config, train as run_train  # start-up time (torch), as every command below
+    from tunelab.distributed import launcher_prefix  # start-up time (accelerate)
 
     try:
         cfg = load_config(config, set_)
@@ -122,14 +118,12 @@ def train(
         again = ["train", str(config), "--resume", *(f"--set={item}" for item in set_ or [])]
         _run_training(lambda: run_train(cfg, resume=resume, progress=progress),
                       resume_command=f"{launcher_prefix()}{invoked_as()} {shlex.join(again)}")
-    except _user_errors() as exc:
+    except _USER_ERRORS as exc:
         _fail(str(exc))
 
 
 def _run_training(start: Callable[[], Any], resume_command: str) -> None:
     """Run ``start()`` (a training run), then print its before/after table or how to continue it."""
-    from tunelab.console import console, print_before_after
-
     try:
         result = start()
     except KeyboardInterrupt:  # Ctrl-C outside the loop's step boundary (set-up, final evaluation) or a second one
@@ -155,8 +149,8 @@ def config_show(
     """Print the resolved config, every default filled in, each field with its description."""
     import yaml
 
-    from tunelab.config import ConfigError, load_config
-    from tunelab.config.describe import describe_yaml
+    from tunelab.api import load_config  # start-up time
+    from tunelab.config.describe import describe_yaml  # start-up time
 
     try:
         cfg = load_config(config, set_)
@@ -180,12 +174,11 @@ def data_inspect(
 ) -> None:
     """Validate data files and print the data report, with records' supervised tokens highlighted."""
     _setup_logging()
-    from tunelab.api import inspect_data
-    from tunelab.console import print_data_report
+    from tunelab.api import inspect_data  # start-up time
 
     try:
         report = inspect_data(file, config, set_, index=index, count=count)
-    except _user_errors() as exc:
+    except _USER_ERRORS as exc:
         _fail(str(exc))
     if as_json:
         typer.echo(json.dumps(report, indent=2, ensure_ascii=False))
@@ -203,13 +196,12 @@ def runs(
 
     Figures come from each run folder's files (config.yaml, status.json, metrics.jsonl, eval.json, run_info.json).
     """
-    from tunelab.console import console, print_run_details, print_runs
-    from tunelab.runs import list_runs, run_details
+    from tunelab.runs import list_runs, run_details  # start-up time
 
     if str(folder) == "show" and run is not None:
         try:
             print_run_details(run_details(run))
-        except _user_errors() as exc:
+        except _USER_ERRORS as exc:
             _fail(str(exc))
         return
     if run is not None:
@@ -253,9 +245,8 @@ def eval_command(
     tunelab eval runs/lora --data test.jsonl --against runs/full --against base
     """
     _setup_logging()
-    from tunelab.console import print_eval_report
-    from tunelab.metrics import Normalization
-    from tunelab.eval.runner import EvalSettings, evaluate
+    from tunelab.eval.runner import EvalSettings, evaluate  # start-up time
+    from tunelab.metrics import Normalization  # start-up time
 
     defaults = EvalSettings()
     settings = EvalSettings(
@@ -267,7 +258,7 @@ def eval_command(
     try:
         report = evaluate(target, data, against or [], adapter=adapter, output=output, settings=settings,
                           progress=progress)
-    except _user_errors() as exc:
+    except _USER_ERRORS as exc:
         _fail(str(exc))
     print_eval_report(report)
 
@@ -278,14 +269,11 @@ def techniques(
 ) -> None:
     """List every technique: what it does, the parameters it trains on MODEL, whether it merges and packs."""
     _setup_logging()
-    from rich.table import Table
-
-    from tunelab.console import console
-    from tunelab.techniques.catalog import catalog
+    from tunelab.techniques.catalog import catalog  # start-up time
 
     try:
         entries = catalog(model)
-    except _user_errors() as exc:
+    except _USER_ERRORS as exc:
         _fail(str(exc))
     table = Table(title=f"Techniques (parameter counts for {model}, default settings)", title_justify="left")
     for column in ("technique", "trains", "share", "merges", "packs", "summary"):
@@ -306,12 +294,11 @@ def merge(
 ) -> None:
     """Fold the run's adapter into the base weights: a standalone model, checked against the adapter model."""
     _setup_logging()
-    from tunelab.console import console
-    from tunelab.export.merge import merge_run
+    from tunelab.export.merge import merge_run  # start-up time
 
     try:
         outcome = merge_run(run, out)
-    except _user_errors() as exc:
+    except _USER_ERRORS as exc:
         _fail(str(exc))
     check = outcome.check
     console.print(check.note, highlight=False)
@@ -331,13 +318,13 @@ def quickstart(
 ) -> None:
     """LoRA on the embedded SmolLM2-135M-Instruct with the shipped pydoc Q&A data, then a before/after table."""
     _setup_logging()
-    from tunelab.api import quickstart as run_quickstart
+    from tunelab.api import quickstart as run_quickstart  # start-up time
 
     try:
         # Running the same command again resumes an interrupted quickstart by itself.
         again = f"{invoked_as()} {shlex.join(['quickstart', *(f'--set={item}' for item in set_ or [])])}"
         _run_training(lambda: run_quickstart(set_, progress=progress), resume_command=again)
-    except _user_errors() as exc:
+    except _USER_ERRORS as exc:
         _fail(str(exc))
 
 
@@ -358,14 +345,14 @@ def generate(
 ) -> None:
     """Generate from a finished run: one-shot (--prompt) or batch (--data), greedy by default."""
     _setup_logging()
-    from tunelab.use import generate_from_run
+    from tunelab.use import generate_from_run  # start-up time
 
     if bool(prompt) == bool(data):
         _fail("give --prompt TEXT (repeatable) or --data FILE, not both and not neither")
     try:
         for record in generate_from_run(run, prompt, data, max_new_tokens, temperature, seed, raw, batch_size):
             typer.echo(json.dumps(record, ensure_ascii=False) if as_json or data else record["output"])
-    except _user_errors() as exc:
+    except _USER_ERRORS as exc:
         _fail(str(exc))
 
 
@@ -379,11 +366,11 @@ def chat(
     """Talk to a finished run in the terminal, with the run's chat template and end tokens.
     /reset starts over, /exit (or Ctrl-D) leaves; Ctrl-C stops a reply."""
     _setup_logging()
-    from tunelab.use import chat_loop
+    from tunelab.use import chat_loop  # start-up time
 
     try:
         chat_loop(run, system, max_new_tokens, temperature)
-    except _user_errors() as exc:
+    except _USER_ERRORS as exc:
         _fail(str(exc))
 
 
@@ -412,8 +399,8 @@ def serve(
     """OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics) and web UI
     over one base with each run's adapter; a request picks its adapter with `model` (run name, or 'base')."""
     _setup_logging()
-    from tunelab.serve.app import ServeSettings
-    from tunelab.serve.server import build_app, serve as run_server
+    from tunelab.serve.app import ServeSettings  # start-up time
+    from tunelab.serve.server import build_app, serve as run_server  # start-up time
 
     try:
         settings = ServeSettings(max_concurrent=max_concurrent, max_tokens_limit=max_tokens_limit,
@@ -421,15 +408,14 @@ def serve(
                                  runs_root=runs_root or runs[0].resolve().parent, api_key=api_key,
                                  max_body_bytes=max_body_bytes)
         application = build_app(runs, settings, allow_remote_code=trust_remote_code)
-    except _user_errors() as exc:
+    except _USER_ERRORS as exc:
         _fail(str(exc))
     _announce(application, host, port)
     run_server(application, host, port)
 
 
 def _announce(application: Any, host: str, port: int) -> None:
-    from tunelab.console import err_console
-    from tunelab.serve.server import exposure_warning
+    from tunelab.serve.server import exposure_warning  # start-up time
 
     warning = exposure_warning(host, application.state.settings.api_key)
     if warning:
@@ -460,15 +446,15 @@ def ui(
     and chat with the given runs side by side with their base. It is the page `tunelab serve` serves at /, over
     the same OpenAI-compatible API; with no RUN nothing is loaded and the page only browses runs."""
     _setup_logging()
-    from tunelab.serve.app import ServeSettings
-    from tunelab.serve.server import build_ui_app, serve as run_server
+    from tunelab.serve.app import ServeSettings  # start-up time
+    from tunelab.serve.server import build_ui_app, serve as run_server  # start-up time
 
     runs = list(runs or [])
     root = runs_root or (runs[0].resolve().parent if runs else Path("runs"))
     try:
         settings = ServeSettings(runs_root=root, api_key=api_key, max_body_bytes=max_body_bytes)
         application = build_ui_app(runs, settings, allow_remote_code=trust_remote_code)
-    except _user_errors() as exc:
+    except _USER_ERRORS as exc:
         _fail(str(exc))
     _announce(application, host, port)
     run_server(application, host, port)
@@ -484,16 +470,13 @@ def quantize(
     """Quantize a run's result several ways and compare size, memory, speed and validation loss with the
     unquantized model; the table is saved as RUN/quantize.json. Methods that cannot run here say why."""
     _setup_logging()
-    import logging
-
-    from tunelab.console import print_quantize_table
-    from tunelab.export.quantize import parse_methods, quantize_run
+    from tunelab.export.quantize import parse_methods, quantize_run  # start-up time
 
     say = logging.getLogger("tunelab.quantize").info
     try:
         report = quantize_run(run, parse_methods(methods), samples=samples, max_new_tokens=max_new_tokens,
                               on_row=lambda row: say("%s: %s", row.method, "measured" if row.status == "ok" else row.reason))
-    except _user_errors() as exc:
+    except _USER_ERRORS as exc:
         _fail(str(exc))
     print_quantize_table(report)
     typer.echo(f"saved {run / 'quantize.json'}")
@@ -510,14 +493,13 @@ def export(
     """Export a run's merged model to one GGUF file (llama.cpp, Ollama, LM Studio), chat template included,
     then load it back and compare its greedy tokens with the unexported model."""
     _setup_logging()
-    from tunelab.console import console
-    from tunelab.export.gguf import export_gguf
+    from tunelab.export.gguf import export_gguf  # start-up time
 
     if format_ != "gguf":
         _fail(f"--format {format_}: only gguf is exported here (merged safetensors come from `tunelab merge`)")
     try:
         report = export_gguf(run, quant, out, check=check)
-    except _user_errors() as exc:
+    except _USER_ERRORS as exc:
         _fail(str(exc))
     console.print(f"wrote {report['file']} ({report['size_mb']} MB, {report['type']})", highlight=False)
     result = report.get("check")
