@@ -31,7 +31,9 @@ browser:
 		apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || \
 		echo "chromium is not installed: the browser check in tests/test_ui.py will be skipped"
 
+# lint-imports checks the layering declared in pyproject.toml ([tool.importlinter]; docs/architecture.md) first.
 test: $(STAMP) browser
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 # Break each claim in mutants/*.yaml in a scratch copy and run the tests that guard it; any survivor fails.

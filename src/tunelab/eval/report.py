@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+MARKER = ".tunelab-eval"  # written first into every output folder: only a folder holding it is ever overwritten
 QUANTIZE_REPORT = "quantize.json"  # written into a run by `tunelab quantize`; a section of the run's eval reports
 
 def write_reports(out_dir: Path, report: dict[str, Any], quantize: dict[str, Any] | None = None) -> None:
@@ -36,8 +37,6 @@ def refresh_reports(run_dir: Path, quantize: dict[str, Any]) -> list[Path]:
     """Re-render report.md and report.html of every ``tunelab eval`` output inside ``run_dir/evals`` from its own
     eval.json, with ``quantize`` as the quantization section; returns the folders refreshed. Only folders that
     tunelab eval wrote (they hold its marker) are touched."""
-    from tunelab.eval.runner import MARKER
-
     refreshed = []
     for folder in sorted((run_dir / "evals").glob("*/")) if (run_dir / "evals").is_dir() else []:
         if (folder / MARKER).is_file() and (folder / "eval.json").is_file():

@@ -21,13 +21,12 @@ import numpy as np
 
 from tunelab.errors import ConfigError, DataError
 from tunelab.eval.bootstrap import paired_interval, resample_indices, wins_losses_ties
-from tunelab.eval.report import QUANTIZE_REPORT
+from tunelab.eval.report import MARKER, QUANTIZE_REPORT, write_reports
 from tunelab.metrics import Classification, Metric, Normalization, example_scores, loss_metrics, resolve_metrics
 
 log = logging.getLogger(__name__)
 
 OUTPUT_FILES = ("eval.json", "report.md", "report.html", "predictions.jsonl")
-MARKER = ".tunelab-eval"  # written first into every output folder: only a folder holding it is ever overwritten
 
 
 @dataclass
@@ -267,8 +266,6 @@ def evaluate(target: str | Path, data_files: list[str | Path], against: list[str
     if figures:
         report["technique"] = figures
     write_predictions(out_dir, systems, examples, prompts, references)
-    from tunelab.eval.report import write_reports
-
     _attach_examples(report, out_dir)
     write_reports(out_dir, report, _run_quantize_report(target))
     report["output"] = str(out_dir)

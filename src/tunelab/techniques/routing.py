@@ -38,13 +38,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunelab.data.tokenize import IGNORE
 from tunelab.errors import TechniqueError
 from tunelab.techniques import bottleneck as bn
 
 ROUTER_MARKER = "adapter_router"  # attribute of a decoder layer holding its router
 LORA_MARKER = "routed_lora"  # attribute of a linear layer holding its LoRA experts
 ROUTING_TYPE = "tunelab-routing"
-IGNORE = -100  # tunelab.data.tokenize.IGNORE (unsupervised target); importing tunelab.data here would be circular
 FORMAT_VERSION = 1
 
 
