@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -15,6 +16,10 @@ from urllib.parse import urlparse
 import httpx
 import openai
 import pytest
+import requests
+import schemathesis
+from hypothesis import HealthCheck, given, settings, strategies as st
+from schemathesis import GenerationMode
 from test_serve import offline_greedy
 from trained_runs import adapter_runs
 
@@ -213,6 +218,57 @@ def test_without_the_key_even_a_large_body_is_not_read(keyed: BackgroundServer) 
             f"Content-Length: {10**9}\r\nConnection: close\r\n\r\n").encode()
     status, body = raw_http(keyed.url, head)
     assert status == 401 and body["error"]["code"] == "invalid_api_key"
+
+
+# ---------------------------------------------------------------- fuzzing the OpenAPI schema
+
+FUZZ_REQUESTS = 200
+FUZZ_SECONDS = 150  # the bound on this 2-core machine; the run itself takes well under it
+SEEN: list[tuple[str, str, int]] = []  # (method, path, status) of each fuzzed request
+
+
+def fuzz_cases(app: Any) -> st.SearchStrategy:
+    """schemathesis cases over every operation of the app's own OpenAPI schema, bodies that fit it (positive)
+    and bodies that do not (negative), with `model` drawn from the served names so valid ones really generate."""
+    document = app.openapi()
+    served = sorted(app.state.engine.served)
+    for component in document["components"]["schemas"].values():
+        if "model" in component.get("properties", {}):
+            component["properties"]["model"] = {"type": "string", "enum": served}
+    operations = [result.ok() for result in schemathesis.openapi.from_dict(document).get_all_operations()]
+    return st.one_of([operation.as_strategy(generation_mode=mode) for operation in operations for mode in GenerationMode])
+
+
+KEYS = st.sampled_from([f"Bearer {KEY}"] * 6 + [None, "Bearer wrong", f"Basic {KEY}", "Bearer", f"Bearer  {KEY} "])
+
+
+def test_fuzzed_requests_over_the_openapi_schema_never_get_a_500(keyed: BackgroundServer) -> None:
+    session = requests.Session()
+    session.trust_env = False  # no proxy from the environment: 127.0.0.1 only
+
+    # derandomize: the same 200 requests on every run, so a failure reproduces and the mutation check is stable
+    @settings(max_examples=FUZZ_REQUESTS, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(case=fuzz_cases(keyed.app), authorization=KEYS)
+    def one_request(case: Any, authorization: str | None) -> None:
+        headers = {"Authorization": authorization} if authorization else {}
+        response = case.call(base_url=keyed.url, session=session, headers=headers, timeout=60)
+        SEEN.append((case.method, case.path, response.status_code))
+        assert response.status_code < 500, (case.method, case.formatted_path, case.body, response.text)
+        if response.status_code >= 400:
+            error = response.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["message"], response.text
+
+    started = time.monotonic()
+    one_request()
+    elapsed = time.monotonic() - started
+    statuses = sorted({status for _, _, status in SEEN})
+    generated = sum(method == "POST" and status == 200 for method, _, status in SEEN)
+    print(f"fuzzed {len(SEEN)} requests in {elapsed:.1f} s ({generated} generated an answer); statuses {statuses}; "
+          f"operations {sorted({(m, p) for m, p, _ in SEEN})}")
+    assert len(SEEN) >= FUZZ_REQUESTS and elapsed < FUZZ_SECONDS
+    assert generated >= 10 and 401 in statuses and any(400 <= s < 500 and s != 401 for s in statuses)  # all kinds met
+    assert httpx.get(f"{keyed.url}/health").json()["status"] == "ok"
 
 
 # ---------------------------------------------------------------- the command line
