@@ -16,7 +16,7 @@ from rich.text import Text
 from tunelab.console import (console, err_console, print_before_after, print_data_report, print_eval_report,
                              print_quantize_table, print_run_details, print_runs)
 from tunelab.errors import ConfigError, DataError, ModelLoadError, TechniqueError, TrainingAborted
-from tunelab.serve.schemas import DEFAULT_MAX_BODY_BYTES  # pydantic only (no FastAPI): cheap at start-up
+from tunelab.serve import DEFAULT_MAX_BODY_BYTES  # a constant: no FastAPI, no pydantic
 
 # Each command imports what it runs inside its function: those modules load torch and transformers (seconds),
 # which `tunelab --help` and a mistyped command should not wait for.

@@ -1,1 +1,6 @@
 """Serving runs: an OpenAI-compatible API over one base with many adapters (``app``, ``engine``), and the web UI."""
+
+# The largest request body a server takes by default (--max-body-bytes): far above any chat a context window holds
+# (a 128k-token conversation is about 0.5 MB of text), small enough that a flood of large bodies is cheap to refuse.
+# Here rather than in app.py so that the CLI can show it without importing FastAPI or pydantic.
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024

@@ -35,7 +35,8 @@ from tunelab.inference import GenerationRequest, Sampling, encode, render_chat
 from tunelab.serve.engine import Engine, Job, NoModels, ServedModel
 from tunelab.serve.errors import APIError, error_body, error_response
 from tunelab.serve.metrics import Metrics
-from tunelab.serve.schemas import DEFAULT_MAX_BODY_BYTES, ChatCompletionRequest, CompletionRequest
+from tunelab.serve import DEFAULT_MAX_BODY_BYTES
+from tunelab.serve.schemas import ChatCompletionRequest, CompletionRequest
 from tunelab.serve.ui import add_ui
 
 

@@ -32,10 +32,6 @@ class StreamOptions(BaseModel):
 
 Number = StrictFloat | StrictInt
 
-# The largest request body a server takes by default (--max-body-bytes): far above any chat a context window holds
-# (a 128k-token conversation is about 0.5 MB of text), small enough that a flood of large bodies is cheap to refuse.
-DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
-
 
 class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore")
