@@ -24,8 +24,9 @@ setup: $(STAMP)
 quickstart: $(STAMP)
 	$(BIN)/tunelab quickstart
 
-# The web UI test drives Debian's chromium headless: installed here when this runs as root with apt (as on the
-# project's machines and CI); without it that one test skips and says why.
+# The web UI tests drive Debian's chromium headless: installed here when this runs as root with apt (as on the
+# project's machines and CI); without it those tests skip and say why (and `make mutants` reports the mutations
+# they guard as not checked, which fails it).
 browser:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 		apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || \
@@ -36,9 +37,10 @@ test: $(STAMP) browser
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
-# Break each claim in mutants/*.yaml in a scratch copy and run the tests that guard it; any survivor fails.
+# Break each claim in mutants/*.yaml in a scratch copy and run the tests that guard it; any survivor fails, and so
+# does a mutation whose guarding test was skipped (not checked). It sets up what the tests need, as `make test` does.
 # ONLY=word1,word2 runs the mutation files whose name contains one of the words.
-mutants: $(STAMP)
+mutants: $(STAMP) browser
 	$(BIN)/python scripts/mutants.py $(if $(ONLY),--only '$(ONLY)') $(if $(JOBS),--jobs $(JOBS))
 
 clean:

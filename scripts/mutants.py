@@ -3,6 +3,8 @@
 For each ``mutants/<name>.yaml`` the runner copies the project (the files git tracks or would track) into a scratch
 folder, replaces the ``find`` text of ``file`` with ``replace``, and runs only the mutation's ``tests`` there, with
 the scratch ``src/`` first on the import path. A mutation whose tests still pass *survived*: the claim is unguarded.
+A mutation whose tests did not all run (one was skipped, e.g. for a missing browser, or none was collected) is
+*not checked*, with the reason: it fails the run too, and is never counted as killed.
 Mutations run in parallel (``--jobs``, one per core by default), each worker in its own scratch copy and with
 torch's threads divided between the workers.
 
@@ -21,6 +23,7 @@ with no named claims, and take hours on a training loop; here each mutation is a
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -112,6 +115,59 @@ class Child:
     log: Path
     started: float
 
+    @property
+    def skips(self) -> Path:
+        """Where the child writes the tests it skipped (JSON), beside its log."""
+        return self.log.with_name(self.log.name + ".skips.json")
+
+
+@dataclass
+class TestRun:
+    """What one pytest run of a mutation's tests came to."""
+
+    outcome: str  # 'passed' | 'failed' | 'timeout' | 'error' | 'no tests'
+    seconds: float
+    tail: str  # the end of pytest's output
+    skipped: list[tuple[str, str]]  # (test id, why) of each guarding test that did not run
+
+
+class SkipRecorder:
+    """A pytest plugin (in the child) that notes every test or module that was skipped, and why: a skipped test
+    cannot kill a mutation, so its pass must not read as one. An xfail-marked test counts too (it may fail)."""
+
+    def __init__(self) -> None:
+        self.skipped: list[tuple[str, str]] = []
+
+    def pytest_runtest_logreport(self, report: "pytest.TestReport") -> None:
+        if report.skipped:
+            self.skipped.append((report.nodeid, skip_reason(report)))
+
+    def pytest_collectreport(self, report: "pytest.CollectReport") -> None:
+        if report.skipped:  # a module-level skip (pytest.importorskip, pytestmark skipif)
+            self.skipped.append((report.nodeid, skip_reason(report)))
+
+
+def skip_reason(report: object) -> str:
+    """The reason pytest gives for a skip: ``longrepr`` is (file, line, 'Skipped: why'); an xfail keeps its own."""
+    xfail = getattr(report, "wasxfail", None)
+    if xfail is not None:
+        return f"expected to fail (xfail){': ' + xfail if xfail else ''}"
+    longrepr = getattr(report, "longrepr", None)
+    text = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr or "")
+    return text.removeprefix("Skipped: ").strip() or "no reason given"
+
+
+def classify(run: TestRun) -> tuple[str, bool]:
+    """(verdict, counts as killed) of one mutation from its test run. A failure or a hang kills it. A pass
+    survives, unless a guarding test was skipped or none ran: then the mutation was not checked at all."""
+    if run.outcome in ("failed", "timeout", "error"):
+        return f"killed ({run.outcome})", True
+    if run.outcome == "no tests":
+        return "not checked: no test ran (check the test ids)", False
+    if run.skipped:
+        return "not checked: test skipped (" + "; ".join(f"{test}: {why}" for test, why in run.skipped) + ")", False
+    return "SURVIVED", False
+
 
 def start_tests(scratch: Path, tests: list[str], threads: int) -> Child:
     """Fork a child that runs pytest on ``tests`` in ``scratch`` and exits with pytest's code.
@@ -122,6 +178,8 @@ def start_tests(scratch: Path, tests: list[str], threads: int) -> Child:
     the cores instead of oversubscribing them."""
     log = scratch.parent / f"{scratch.name}.log"
     started = time.time()
+    skips = Child(0, scratch, log, started).skips
+    skips.unlink(missing_ok=True)
     pid = os.fork()
     if pid == 0:  # the child: never returns
         code = 3
@@ -143,7 +201,9 @@ def start_tests(scratch: Path, tests: list[str], threads: int) -> Child:
                 print(f"mutants: tunelab would come from {origin}, not the scratch copy")
                 os._exit(4)
 
-            code = int(pytest.main(_pytest_command(tests, scratch.parent / f"{scratch.name}.tmp")))
+            recorder = SkipRecorder()
+            code = int(pytest.main(_pytest_command(tests, scratch.parent / f"{scratch.name}.tmp"), plugins=[recorder]))
+            skips.write_text(json.dumps(recorder.skipped))
             sys.stdout.flush()
             sys.stderr.flush()
         finally:
@@ -151,13 +211,13 @@ def start_tests(scratch: Path, tests: list[str], threads: int) -> Child:
     return Child(pid, scratch, log, started)
 
 
-def poll(child: Child, timeout: float) -> tuple[str, float, str] | None:
-    """None while ``child`` runs; then ('passed' | 'failed' | 'timeout' | 'error', seconds, output tail).
-    A child past ``timeout`` is killed and counts as 'timeout' (a hang is a kill for a mutation)."""
+def poll(child: Child, timeout: float) -> TestRun | None:
+    """None while ``child`` runs; then its TestRun. A child past ``timeout`` is killed and counts as 'timeout'
+    (a hang is a kill for a mutation)."""
     done, status = os.waitpid(child.pid, os.WNOHANG)
     if done:
         code = os.waitstatus_to_exitcode(status)
-        outcome = {0: "passed", 1: "failed"}.get(code, "error")  # 2-5: interrupted, usage, no tests
+        outcome = {0: "passed", 1: "failed", 5: "no tests"}.get(code, "error")  # 2-4: interrupted, internal, usage
     elif time.time() - child.started > timeout:
         os.kill(child.pid, 9)
         os.waitpid(child.pid, 0)
@@ -166,10 +226,12 @@ def poll(child: Child, timeout: float) -> tuple[str, float, str] | None:
         return None
     text = child.log.read_text(errors="replace") if child.log.is_file() else ""
     child.log.unlink(missing_ok=True)
-    return outcome, time.time() - child.started, "\n".join(text.strip().splitlines()[-15:])
+    skipped = [tuple(s) for s in json.loads(child.skips.read_text())] if child.skips.is_file() else []
+    child.skips.unlink(missing_ok=True)
+    return TestRun(outcome, time.time() - child.started, "\n".join(text.strip().splitlines()[-15:]), skipped)
 
 
-def run_tests(scratch: Path, tests: list[str], timeout: float, threads: int) -> tuple[str, float, str]:
+def run_tests(scratch: Path, tests: list[str], timeout: float, threads: int) -> TestRun:
     """Run ``tests`` in ``scratch`` in one forked child and wait for its outcome (see ``poll``)."""
     child = start_tests(scratch, tests, threads)
     while (result := poll(child, timeout)) is None:
@@ -177,13 +239,16 @@ def run_tests(scratch: Path, tests: list[str], timeout: float, threads: int) -> 
     return result
 
 
-def run_mutations(mutations: list[Mutation], scratches: list[Path], timeout: float, threads: int) -> list[Mutation]:
+def run_mutations(mutations: list[Mutation], scratches: list[Path], timeout: float,
+                  threads: int) -> tuple[list[Mutation], list[tuple[Mutation, str]]]:
     """Apply each mutation in a free scratch copy and run its tests there, one child per copy at a time.
-    Prints each verdict as it comes; returns the survivors. A copy is restored as soon as its child ends."""
+    Prints each verdict as it comes; returns the survivors and the mutations not checked (with why). A copy is
+    restored as soon as its child ends."""
     pending = list(enumerate(mutations, start=1))
     free = list(scratches)
     running: dict[int, tuple[int, Mutation, Child, str]] = {}
     survivors: list[Mutation] = []
+    unchecked: list[tuple[Mutation, str]] = []
     while pending or running:
         while pending and free:
             i, mutation = pending.pop(0)
@@ -201,14 +266,17 @@ def run_mutations(mutations: list[Mutation], scratches: list[Path], timeout: flo
             del running[pid]
             (child.scratch / mutation.file).write_text(original)
             free.append(child.scratch)
-            outcome, seconds, tail = result
-            verdict = "SURVIVED" if outcome == "passed" else f"killed ({outcome})"
-            print(f"[{i}/{len(mutations)}] {verdict:<18} {seconds:5.0f}s  {mutation.name}: {mutation.claim}", flush=True)
-            if outcome == "passed":
+            verdict, killed = classify(result)
+            label = verdict if killed or verdict == "SURVIVED" else "NOT CHECKED"
+            print(f"[{i}/{len(mutations)}] {label:<18} {result.seconds:5.0f}s  {mutation.name}: {mutation.claim}", flush=True)
+            if verdict == "SURVIVED":
                 survivors.append(mutation)
-            elif outcome == "error":  # not a test failure: collection broke (an import the mutation removed?)
-                print("    " + tail.replace("\n", "\n    "))
-    return sorted(survivors, key=lambda m: m.name)
+            elif not killed:
+                unchecked.append((mutation, verdict))
+                print(f"    {verdict}")
+            if result.outcome == "error":  # not a test failure: collection broke (an import the mutation removed?)
+                print("    " + result.tail.replace("\n", "\n    "))
+    return sorted(survivors, key=lambda m: m.name), sorted(unchecked, key=lambda u: u[0].name)
 
 
 def preload() -> None:
@@ -266,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = max(1, (os.cpu_count() or 1) // jobs)
     scratches = [make_scratch(root) for _ in range(jobs)]  # one copy per parallel child: mutations edit files
     survivors: list[Mutation] = []
+    unchecked: list[tuple[Mutation, str]] = []
     started = time.time()
     try:
         check_imports_scratch(scratches[0])
@@ -275,13 +344,14 @@ def main(argv: list[str] | None = None) -> int:
             # down and rebuilds its module-scoped fixtures over state that the first build already changed.
             tests = sorted(dict.fromkeys(t for m in mutations for t in m.tests), key=lambda t: t.split("::")[0])
             print(f"baseline: {len(tests)} test selections on the unmutated copy ...", flush=True)
-            outcome, seconds, tail = run_tests(scratches[0], tests, args.timeout * 2, os.cpu_count() or 1)
-            if outcome != "passed":
-                print(tail)
-                raise SystemExit(f"mutants: the guarding tests do not pass unmutated ({outcome}, {seconds:.0f}s): "
-                                 "fix them first (or name the right tests)")
-            print(f"baseline: passed in {seconds:.0f}s; mutating with {jobs} parallel run(s)", flush=True)
-        survivors = run_mutations(mutations, scratches, args.timeout, threads)
+            baseline = run_tests(scratches[0], tests, args.timeout * 2, os.cpu_count() or 1)
+            if baseline.outcome != "passed":
+                print(baseline.tail)
+                raise SystemExit(f"mutants: the guarding tests do not pass unmutated ({baseline.outcome}, "
+                                 f"{baseline.seconds:.0f}s): fix them first (or name the right tests)")
+            skipped = f", {len(baseline.skipped)} skipped (their mutations cannot be checked)" if baseline.skipped else ""
+            print(f"baseline: passed in {baseline.seconds:.0f}s{skipped}; mutating with {jobs} parallel run(s)", flush=True)
+        survivors, unchecked = run_mutations(mutations, scratches, args.timeout, threads)
     finally:
         for scratch in scratches:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -291,9 +361,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"INVALID {message}")
     for mutation in survivors:
         print(f"SURVIVED {mutation.name} ({mutation.file}): {mutation.claim}\n    guarded by {' '.join(mutation.tests)}")
-    print(f"{len(mutations)} mutations: {len(mutations) - len(survivors)} killed, {len(survivors)} survived, "
+    for mutation, why in unchecked:
+        print(f"NOT CHECKED {mutation.name}: {why.removeprefix('not checked: ')}")
+    killed = len(mutations) - len(survivors) - len(unchecked)
+    print(f"{len(mutations)} mutations: {killed} killed, {len(survivors)} survived, {len(unchecked)} not checked, "
           f"{len(invalid)} invalid files ({time.time() - started:.0f}s)")
-    return 1 if survivors or invalid else 0
+    return 1 if survivors or unchecked or invalid else 0
 
 
 if __name__ == "__main__":
