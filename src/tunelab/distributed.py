@@ -25,6 +25,7 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, gather_object
 
+from tunelab.console import console
 from tunelab.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -72,8 +73,6 @@ def main_decides(compute: Callable[[], T]) -> T:
 def quiet_other_processes() -> None:
     """Only the main process prints results and logs tunelab's messages; the others would repeat each line."""
     if not process_state().is_main_process:
-        from tunelab.console import console
-
         console.quiet = True
         logging.getLogger("tunelab").setLevel(logging.ERROR)
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tunelab.errors import ConfigError
 from tunelab.serve.app import ServeSettings, create_app
 from tunelab.serve.engine import Engine, NoModels, load_models
 
@@ -25,8 +26,6 @@ def build_app(runs: list[Path], settings: ServeSettings | None = None, device: A
 def build_ui_app(runs: list[Path], settings: ServeSettings, device: Any = None, allow_remote_code: bool = False) -> Any:
     """`tunelab ui`: the app `tunelab serve` builds over ``runs`` (the API the page chats through included), or,
     with no run, the same page and run browser over ``settings.runs_root`` with no model loaded."""
-    from tunelab.errors import ConfigError
-
     if settings.runs_root is None or not settings.runs_root.is_dir():
         raise ConfigError(f"--runs-root {settings.runs_root}: not a folder; give the folder that holds your run "
                           "folders (tunelab train writes them under runs/ by default)")
