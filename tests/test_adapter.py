@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import build_model, toy_chat_records, write_jsonl
 import tunelab
+from support.tiny import build_model, fresh_model, toy_chat_records, write_jsonl
 from tunelab.config import ConfigError, build_config
 from tunelab.objectives.sft import sft_loss_sum
 from tunelab.techniques import TECHNIQUES, TechniqueError
@@ -27,36 +27,30 @@ PLACEMENTS = {
 }
 
 
-def _fresh(tiny_model_dir: Path) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-
-
 def _ids() -> torch.Tensor:
     return torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("options", PLACEMENTS.values(), ids=PLACEMENTS.keys())
 def test_logits_equal_the_base_at_init(tiny_model_dir: Path, options: dict) -> None:
-    base = _fresh(tiny_model_dir)
+    base = fresh_model(tiny_model_dir)
     expected = base(_ids()).logits
-    model = TECHNIQUES["adapter"].apply(_fresh(tiny_model_dir), AdapterSettings(**options)).eval()
+    model = TECHNIQUES["adapter"].apply(fresh_model(tiny_model_dir), AdapterSettings(**options)).eval()
     assert bn.sites(model), "no adapter attached"
     assert torch.equal(model(_ids()).logits, expected)
 
 
 def test_sites_follow_the_placement(tiny_model_dir: Path) -> None:
     def where(**options: object) -> set[tuple[int, str, str]]:
-        model = TECHNIQUES["adapter"].apply(_fresh(tiny_model_dir), AdapterSettings(**options))
+        model = TECHNIQUES["adapter"].apply(fresh_model(tiny_model_dir), AdapterSettings(**options))
         return {(s.layer, s.location, s.modes["default"]) for s in bn.sites(model)}
 
     assert where(placement="houlsby") == {(i, loc, "sequential") for i in (0, 1) for loc in ("attention", "mlp")}
     assert where(placement="pfeiffer", layers=[-1]) == {(1, "mlp", "sequential")}
     assert where(placement="parallel", locations=["attention"]) == {(0, "attention", "parallel"), (1, "attention", "parallel")}
-    model = TECHNIQUES["adapter"].apply(_fresh(tiny_model_dir), AdapterSettings(reduction_factor=8))
+    model = TECHNIQUES["adapter"].apply(fresh_model(tiny_model_dir), AdapterSettings(reduction_factor=8))
     assert model.model.layers[0].mlp.bottleneck_adapters.adapters["default"].down.out_features == 64 // 8
-    model = TECHNIQUES["adapter"].apply(_fresh(tiny_model_dir), AdapterSettings(bottleneck_size=5))
+    model = TECHNIQUES["adapter"].apply(fresh_model(tiny_model_dir), AdapterSettings(bottleneck_size=5))
     assert model.model.layers[0].mlp.bottleneck_adapters.adapters["default"].down.out_features == 5
 
 
@@ -72,7 +66,7 @@ def _toy_batch(tokenizer, n: int = 8) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("placement", ["houlsby", "parallel"])
 def test_only_adapter_parameters_change(tiny_model_dir: Path, tiny_tokenizer, placement: str) -> None:
-    model = TECHNIQUES["adapter"].apply(_fresh(tiny_model_dir), AdapterSettings(placement=placement, scaling="learned"))
+    model = TECHNIQUES["adapter"].apply(fresh_model(tiny_model_dir), AdapterSettings(placement=placement, scaling="learned"))
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -124,8 +118,8 @@ def test_round_trip_and_disable(trained_runs: dict[str, Path], tiny_model_dir: P
     assert config["type"] == "tunelab-bottleneck" and config["placement"] == PLACEMENTS[placement]["placement"]
 
     opened = tunelab.load_run(run, device="cpu")  # the technique's load_result
-    attached = tunelab.load_adapter(_fresh(tiny_model_dir), run / "adapter")  # the plain loader, onto a fresh base
-    ids, base = _ids(), _fresh(tiny_model_dir)(_ids()).logits
+    attached = tunelab.load_adapter(fresh_model(tiny_model_dir), run / "adapter")  # the plain loader, onto a fresh base
+    ids, base = _ids(), fresh_model(tiny_model_dir)(_ids()).logits
     tuned = opened.model(ids).logits
     assert not torch.allclose(tuned, base, atol=1e-3)  # it really is the trained adapter
     assert torch.equal(attached(ids).logits, tuned)
@@ -134,21 +128,21 @@ def test_round_trip_and_disable(trained_runs: dict[str, Path], tiny_model_dir: P
     assert torch.equal(attached(ids).logits, tuned)  # enabled again
     remove_adapters(attached)
     assert torch.equal(attached(ids).logits, base)
-    assert [n for n, _ in attached.named_parameters()] == [n for n, _ in _fresh(tiny_model_dir).named_parameters()]
+    assert [n for n, _ in attached.named_parameters()] == [n for n, _ in fresh_model(tiny_model_dir).named_parameters()]
 
 
 def test_set_enabled_and_run_folder_loader(trained_runs: dict[str, Path], tiny_model_dir: Path) -> None:
-    model = tunelab.load_adapter(_fresh(tiny_model_dir), trained_runs["pfeiffer"])  # a run folder works too
+    model = tunelab.load_adapter(fresh_model(tiny_model_dir), trained_runs["pfeiffer"])  # a run folder works too
     set_adapters_enabled(model, False)
-    assert torch.equal(model(_ids()).logits, _fresh(tiny_model_dir)(_ids()).logits)
+    assert torch.equal(model(_ids()).logits, fresh_model(tiny_model_dir)(_ids()).logits)
 
 
 def test_bad_adapter_folders_are_clear_errors(tmp_path: Path, tiny_model_dir: Path, trained_runs: dict[str, Path]) -> None:
     with pytest.raises(TechniqueError, match="no adapter_config.json"):
-        tunelab.load_adapter(_fresh(tiny_model_dir), tmp_path)
+        tunelab.load_adapter(fresh_model(tiny_model_dir), tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"type": "something-else"}))
     with pytest.raises(TechniqueError, match="unknown adapter type 'something-else'"):
-        tunelab.load_adapter(_fresh(tiny_model_dir), tmp_path)
+        tunelab.load_adapter(fresh_model(tiny_model_dir), tmp_path)
     other = build_model(tmp_path / "wide", 400, seed=1)  # a different architecture: 3 layers
     other.config.num_hidden_layers = 3
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -170,7 +164,7 @@ def test_config_time_refusals(tiny_model_dir: Path) -> None:
 
 def test_layer_out_of_range_is_a_technique_error(tiny_model_dir: Path) -> None:
     with pytest.raises(TechniqueError, match=r"technique.layers: \[5\] out of range for a model with 2 layers"):
-        TECHNIQUES["adapter"].apply(_fresh(tiny_model_dir), AdapterSettings(layers=[5]))
+        TECHNIQUES["adapter"].apply(fresh_model(tiny_model_dir), AdapterSettings(layers=[5]))
 
 
 @pytest.mark.parametrize("mode", ["sequential", "parallel"])
@@ -199,12 +193,12 @@ def test_sequential_and_parallel_adapters_share_a_site(tiny_model_dir: Path) -> 
             if name in site.adapters:
                 torch.nn.init.normal_(site.adapters[name].up.weight, std=0.05)
 
-    base = _fresh(tiny_model_dir)
-    both, alone = _fresh(tiny_model_dir), {}
+    base = fresh_model(tiny_model_dir)
+    both, alone = fresh_model(tiny_model_dir), {}
     attach(both, "pfeiffer", "seq", 0)
     attach(both, "parallel", "par", 1)
     for placement, name, seed in (("pfeiffer", "seq", 0), ("parallel", "par", 1)):
-        alone[name] = _fresh(tiny_model_dir)
+        alone[name] = fresh_model(tiny_model_dir)
         attach(alone[name], placement, name, seed)
     # one layer deep, the deltas add: check on the first MLP's output through hooks
     x = torch.randn(1, 4, 64)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_jsonl
 import tunelab
+from support.tiny import fresh_model, write_jsonl
 from tunelab.config import ConfigError, build_config
 from tunelab.techniques import TechniqueError
 from tunelab.techniques import routing as rt
@@ -32,12 +32,6 @@ def task_b(n: int) -> list[dict]:
     return [{"messages": [{"role": "user", "content": f"count to {NUMBERS[2 + i % 3]} {i}"},
                           {"role": "assistant", "content": " ".join(NUMBERS[: 3 + i % 3])}], "task": "count"}
             for i in range(n)]
-
-
-def _fresh(tiny_model_dir: Path) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
 
 
 # ---------------------------------------------------------------- the router on its own
@@ -142,8 +136,8 @@ def routed(experiment: dict, tiny_model_dir: Path) -> Path:
 def test_lora_expert_equals_peft(experiment: dict, tiny_model_dir: Path) -> None:
     """The LoRA expert loader computes what PEFT computes for the same adapter (scale, weights, modules)."""
     folder = experiment["runs"]["count"] / "adapter"
-    peft_model = tunelab.load_adapter(_fresh(tiny_model_dir), folder)
-    ours = _fresh(tiny_model_dir)
+    peft_model = tunelab.load_adapter(fresh_model(tiny_model_dir), folder)
+    ours = fresh_model(tiny_model_dir)
     _, weights = rt.lora_weights(folder, "test")
     rt.add_lora_expert(ours, "count", weights, "test")  # no router: the plain sum, i.e. this one expert
     ids = torch.randint(3, 300, (2, 12))
@@ -279,8 +273,8 @@ def test_gates_are_logged_and_only_the_router_trains(routed: Path, experiment: d
 
 def test_routed_round_trip(routed: Path, tiny_model_dir: Path) -> None:
     opened = tunelab.load_run(routed, device="cpu").model
-    attached = tunelab.load_adapter(_fresh(tiny_model_dir), routed)
-    ids, base = torch.randint(3, 300, (2, 12)), _fresh(tiny_model_dir)
+    attached = tunelab.load_adapter(fresh_model(tiny_model_dir), routed)
+    ids, base = torch.randint(3, 300, (2, 12)), fresh_model(tiny_model_dir)
     assert torch.equal(opened(ids).logits, attached(ids).logits)
     with adapters_disabled(attached):
         assert torch.equal(attached(ids).logits, base(ids).logits)
@@ -326,11 +320,11 @@ def test_missing_or_wrong_runs_are_clear_errors(tmp_path: Path, tiny_model_dir: 
 
     settings = AdapterRoutingSettings(adapters={"a": str(tmp_path / "nope"), "b": str(experiment["runs"]["count"])})
     with pytest.raises(TechniqueError, match="technique.adapters.a: .*nope does not exist"):
-        prepare(_fresh(tiny_model_dir), settings)
+        prepare(fresh_model(tiny_model_dir), settings)
     (tmp_path / "empty").mkdir()
     settings = AdapterRoutingSettings(adapters={"a": str(tmp_path / "empty"), "b": str(experiment["runs"]["count"])})
     with pytest.raises(TechniqueError, match="holds no adapter"):
-        prepare(_fresh(tiny_model_dir), settings)
+        prepare(fresh_model(tiny_model_dir), settings)
 
 
 # ---------------------------------------------------------------- PEFT's own routers, where they fit
@@ -342,7 +336,7 @@ def _two_peft_loras(tiny_model_dir: Path, root: Path) -> dict[str, str]:
     paths = {}
     for seed, name in enumerate(("a", "b")):
         torch.manual_seed(seed)
-        model = get_peft_model(_fresh(tiny_model_dir), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+        model = get_peft_model(fresh_model(tiny_model_dir), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
                                                                    init_lora_weights=False))
         model.save_pretrained(root / name)
         paths[name] = str(root / name)
@@ -355,7 +349,7 @@ def _two_peft_loras(tiny_model_dir: Path, root: Path) -> dict[str, str]:
 def test_peft_xlora_on_this_stack(tiny_model_dir: Path, tmp_path: Path) -> None:
     from peft import XLoraConfig, get_peft_model
 
-    base = _fresh(tiny_model_dir)
+    base = fresh_model(tiny_model_dir)
     base.config.use_cache = False  # X-LoRA refuses a model that caches
     model = get_peft_model(base, XLoraConfig(task_type="CAUSAL_LM", hidden_size=64, xlora_depth=1,
                                              adapters=_two_peft_loras(tiny_model_dir, tmp_path)))
@@ -375,7 +369,7 @@ def test_peft_poly_reads_tunelabs_task_ids(tiny_model_dir: Path, tiny_tokenizer,
     a = next(e for e in data.train if e.task == "animals")
     batch = collate([[a], [a.__class__(a.input_ids, a.labels, a.source, task="count", task_id=1)]], 0)
     torch.manual_seed(0)
-    model = get_peft_model(_fresh(tiny_model_dir), PolyConfig(task_type="CAUSAL_LM", r=4, n_tasks=2, n_skills=2,
+    model = get_peft_model(fresh_model(tiny_model_dir), PolyConfig(task_type="CAUSAL_LM", r=4, n_tasks=2, n_skills=2,
                                                               n_splits=1, target_modules=["q_proj", "v_proj"]))
     for name, param in model.named_parameters():  # non-zero skills and distinct task logits, as after training
         if "poly_" in name:

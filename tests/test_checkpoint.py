@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_trainer import make_config
+from support.runs import tiny_run_config
 
 from tunelab import checkpoint as ckpt
 from tunelab.training import context
@@ -109,7 +109,7 @@ def test_the_trainers_rotation_keeps_the_best_checkpoint(tiny_model_dir: Path, t
         return {"loss": next(scripted), "perplexity": 1.0, "tokens": 10}
 
     monkeypatch.setattr(context, "validation_loss", fake_loss)
-    config = make_config(tiny_model_dir, tmp_path, technique={"name": "full"}, eval={"before_after": False},
+    config = tiny_run_config(tiny_model_dir, tmp_path, technique={"name": "full"}, eval={"before_after": False},
                          training={"max_steps": 8, "eval_every": 2, "save_every": 2, "restore_best": True})
     result = train(config, progress=False)
     root = result.run_dir / "checkpoints"

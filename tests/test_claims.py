@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import CHATML
 from safetensors.torch import load_file
-from test_trainer import _checkpoint_tensors, make_config
+from support.runs import checkpoint_tensors, tiny_run_config
+from support.tiny import CHATML
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tunelab.config import build_config
@@ -56,7 +56,7 @@ def test_the_consecutive_non_finite_counter_resets_after_a_good_step(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setitem(OBJECTIVES, "sft", _faulty({1, 2, 4, 5}, "nan"))  # 2 bad, 1 good, 2 bad: never 3 in a row
-    config = make_config(tiny_model_dir, tmp_path, training={"max_steps": 6, "grad_accum": 1,
+    config = tiny_run_config(tiny_model_dir, tmp_path, training={"max_steps": 6, "grad_accum": 1,
                                                              "max_consecutive_nonfinite": 3},
                          eval={"before_after": False})
     result = train(config, progress=False)
@@ -72,13 +72,13 @@ def test_the_consecutive_non_finite_counter_resets_after_a_good_step(
 def test_an_inf_gradient_with_a_finite_loss_is_skipped(tiny_model_dir: Path, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(OBJECTIVES, "sft", _faulty({3}, "inf"))
-    config = make_config(tiny_model_dir, tmp_path, technique={"name": "full"}, eval={"before_after": False},
+    config = tiny_run_config(tiny_model_dir, tmp_path, technique={"name": "full"}, eval={"before_after": False},
                          training={"max_steps": 3, "grad_accum": 1, "save_every": 2, "max_grad_norm": 1.0})
     result = train(config, progress=False)
     metrics = [m for m in read_metrics(result.run_dir) if m["kind"] == "train"]
     assert [m["skipped"] for m in metrics] == [False, False, True]
     assert all(m["loss"] == m["loss"] and abs(m["loss"]) != float("inf") for m in metrics), "the loss itself is finite"
-    after_step_2, _ = _checkpoint_tensors(result.run_dir, 2)
+    after_step_2, _ = checkpoint_tensors(result.run_dir, 2)
     final = load_file(str(result.run_dir / "model" / "model.safetensors"))
     for name, value in after_step_2.items():
         assert torch.equal(final[name], value), f"{name} changed during the skipped step"
@@ -94,7 +94,7 @@ MARKED_TEMPLATE = "{# the run's own template #}" + CHATML  # renders like ChatML
 def test_the_trained_tokenizer_is_the_one_saved(tiny_model_dir: Path, tmp_path: Path, technique: dict) -> None:
     from tunelab.result import load_run
 
-    config = make_config(tiny_model_dir, tmp_path, technique=technique, training={"max_steps": 1},
+    config = tiny_run_config(tiny_model_dir, tmp_path, technique=technique, training={"max_steps": 1},
                          eval={"before_after": False})
     config.data.chat_template = MARKED_TEMPLATE
     run_dir = train(config, progress=False).run_dir
@@ -147,7 +147,7 @@ PINNED_LOSSES = [6.6107, 6.085042, 5.010304, 4.554776, 4.237219, 3.544721]
 
 
 def test_a_pinned_loss_trajectory_on_the_tiny_model(tiny_model_dir: Path, tmp_path: Path) -> None:
-    config = make_config(tiny_model_dir, tmp_path, technique={"name": "lora", "r": 4, "dropout": 0.0},
+    config = tiny_run_config(tiny_model_dir, tmp_path, technique={"name": "lora", "r": 4, "dropout": 0.0},
                          training={"max_steps": 6, "learning_rate": 1e-2, "warmup_ratio": 0.2, "seed": 3},
                          eval={"before_after": False})
     run_dir = train(config, progress=False).run_dir

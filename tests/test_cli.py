@@ -11,20 +11,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import toy_chat_records, write_jsonl
-from typer.testing import CliRunner
+from support.cli import invoke
+from support.tiny import toy_chat_records, write_jsonl
 
-from tunelab.cli import app
 from tunelab.techniques import TECHNIQUES
-
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def invoke(*args: str):  # noqa: ANN201 - typer.testing.Result
-    # A wide console, so rich neither wraps file paths nor squeezes the table.
-    result = CliRunner(env={"COLUMNS": "250", "NO_COLOR": "1"}).invoke(app, [str(a) for a in args])
-    result.clean = ANSI.sub("", result.output)
-    return result
 
 
 @pytest.fixture

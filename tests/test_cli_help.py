@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import toy_chat_records, write_jsonl
-from test_cli import invoke
+from support.cli import invoke
+from support.tiny import toy_chat_records, write_jsonl
 
 from tunelab import cli
 from tunelab.config import load_config

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import toy_chat_records, write_jsonl
+from support.tiny import toy_chat_records, write_jsonl
 from transformers import PreTrainedTokenizerFast
 
 from tunelab.config import DataConfig

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from conftest import toy_chat_records, write_jsonl
 from safetensors.torch import load_file
+from support.tiny import toy_chat_records, write_jsonl
 
 from tunelab import distributed
 from tunelab.config import ConfigError, build_config
@@ -24,7 +24,7 @@ from tunelab.runs import read_metrics
 from tunelab.training import train
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
-DRIVER = Path(__file__).with_name("ddp_driver.py")
+DRIVER = Path(__file__).parent / "support" / "ddp_driver.py"
 # Two processes add the same gradients in another order (an all-reduce of two halves rather than one running sum),
 # so they are only promised to agree with one process to float32 rounding. Measured on this tiny model: identical
 # losses and adapter weights (max difference 0.0, weights up to ~0.13). The bounds allow rounding, not a bug: a

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ANIMALS, toy_chat_records, write_jsonl
 from rouge_score import rouge_scorer
-from test_trainer import make_config
+from support.runs import tiny_run_config
+from support.tiny import ANIMALS, toy_chat_records, write_jsonl
+from support.tiny import toy_chat_records, write_jsonl
 from typer.testing import CliRunner
 
 from tunelab.training import session
@@ -30,7 +31,7 @@ def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     data = write_jsonl(root / "train.jsonl", toy_chat_records(48))
     found = {}
     for name, steps, seed in (("a", 12, 1), ("b", 4, 2)):
-        config = make_config(tiny_model_dir, root, data=data, training={"max_steps": steps, "seed": seed},
+        config = tiny_run_config(tiny_model_dir, root, data=data, training={"max_steps": steps, "seed": seed},
                              output={"dir": str(root / name)})
         config.data.cache = False  # a module-scoped fixture: no per-test cache folder
         found[name] = session.train(config, progress=False).run_dir
@@ -138,7 +139,7 @@ def test_classification_by_label_scoring_reaches_every_label(tiny_model_dir: Pat
     """A toy model trained to answer with its label is scored 100% by label log-likelihood; the untrained base
     is not (the control that shows the test can fail)."""
     data = write_jsonl(tmp_path / "train.jsonl", _label_records(96))
-    config = make_config(tiny_model_dir, tmp_path, data=data, technique={"name": "full"},
+    config = tiny_run_config(tiny_model_dir, tmp_path, data=data, technique={"name": "full"},
                          training={"max_steps": 150, "grad_accum": 1, "learning_rate": 3e-3, "warmup_ratio": 0.0})
     run = session.train(config, progress=False).run_dir
     test = write_jsonl(tmp_path / "test.jsonl", _label_records(30, offset=500))
@@ -165,7 +166,6 @@ def test_classification_refuses_a_reference_outside_the_labels(runs: dict[str, P
 _MEASURE = """
 import json, resource, sys
 sys.path.insert(0, {tests!r})
-from conftest import toy_chat_records, write_jsonl
 from pathlib import Path
 from tunelab.eval.runner import EvalSettings, evaluate
 data = write_jsonl(Path({tmp!r}) / "data-{n}.jsonl", toy_chat_records({n}))
@@ -180,7 +180,7 @@ def test_peak_memory_does_not_grow_with_the_eval_set(tmp_path: Path) -> None:
     an 8,192-token output head. Keeping each example's logits, even at supervised positions only, would add
     1,000 x ~5 tokens x 8,192 x 4 bytes = ~160 MB; the per-example statistics and texts that are kept add a
     few MB."""
-    from conftest import build_model, build_tokenizer
+    from support.tiny import build_model, build_tokenizer
 
     model_dir = tmp_path / "wide-head"
     build_tokenizer(model_dir)

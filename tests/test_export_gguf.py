@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from trained_runs import adapter_runs
+from support.trained import adapter_runs
 from typer.testing import CliRunner
 
 from tunelab.cli import app

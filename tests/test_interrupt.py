@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import toy_chat_records, write_jsonl
+from support.tiny import toy_chat_records, write_jsonl
 
 from tunelab.checkpoint import latest_checkpoint, read_state
 

@@ -1,6 +1,7 @@
 """The test suite's own rules, read from the source (nothing is imported or run):
-one naming rule for the tiers: a file is `tests/test_real_*.py` exactly when its tests carry the `real` marker
-(module-wide, so `-m "not real"` leaves the whole file out)."""
+- one naming rule for the tiers: a file is `tests/test_real_*.py` exactly when its tests carry the `real` marker
+  (module-wide, so `-m "not real"` leaves the whole file out);
+- no test module imports another test module or conftest: shared helpers live in `tests/support/`."""
 
 from __future__ import annotations
 
@@ -42,3 +43,20 @@ def test_real_tier_files_are_named_test_real_and_carry_the_marker(path: Path) ->
         assert not anywhere, (f"{path.name}: uses the `real` marker; real-model tests live in tests/test_real_*.py "
                               "(rename the file or move the test)")
 
+
+def _imported_modules(tree: ast.Module) -> set[str]:
+    """Top-level names of every module imported anywhere in the file (function-level imports too)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("path", TEST_FILES, ids=lambda p: p.name)
+def test_no_test_module_imports_another_test_module(path: Path) -> None:
+    test_modules = {p.stem for p in TEST_FILES} | {"conftest"}
+    imported = sorted(_imported_modules(_tree(path)) & test_modules)
+    assert not imported, f"{path.name} imports {imported}: move what it needs into tests/support/"

@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import toy_chat_records, write_jsonl
-from test_trainer import _StopAfter, make_config
+from support.ddp_driver import StopAfter
+from support.runs import tiny_run_config
+from support.tiny import toy_chat_records, write_jsonl
 
 from tunelab import checkpoint as ckpt
 from tunelab.training import loop
@@ -24,7 +25,7 @@ from tunelab.training import train
 def test_a_pre_flight_error_leaves_no_run_folder(tiny_model_dir: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"oops"\n')
-    config = make_config(tiny_model_dir, tmp_path, data=bad, output={"dir": str(tmp_path / "runs" / "mine")})
+    config = tiny_run_config(tiny_model_dir, tmp_path, data=bad, output={"dir": str(tmp_path / "runs" / "mine")})
     with pytest.raises(DataError):
         train(config, progress=False)
     assert not (tmp_path / "runs" / "mine").exists()
@@ -34,7 +35,7 @@ def test_a_pre_flight_error_leaves_no_run_folder(tiny_model_dir: Path, tmp_path:
 def test_a_pre_flight_error_in_the_users_empty_folder_keeps_the_folder(tiny_model_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "mine"
     run_dir.mkdir()
-    config = make_config(tiny_model_dir, tmp_path, technique={"name": "freeze", "layers": [40]},
+    config = tiny_run_config(tiny_model_dir, tmp_path, technique={"name": "freeze", "layers": [40]},
                          output={"dir": str(run_dir)})
     with pytest.raises(Exception, match="out of range"):
         train(config, progress=False)
@@ -49,9 +50,9 @@ def test_resume_on_a_finished_run_says_it_is_finished_and_changes_nothing(
 ) -> None:
     """The defect: the checkpoint of an earlier interruption outlived completion, and --resume rolled back to it,
     retrained the last steps and replaced the finished adapter and eval.json."""
-    config = make_config(tiny_model_dir, tmp_path, training={"max_steps": 6}, eval={"before_after": False})
+    config = tiny_run_config(tiny_model_dir, tmp_path, training={"max_steps": 6}, eval={"before_after": False})
     with monkeypatch.context() as patch:
-        patch.setattr(loop, "_StopRequest", _StopAfter(3))
+        patch.setattr(loop, "_StopRequest", StopAfter(3))
         assert train(config, progress=False).status == "interrupted"
     assert (train(config, resume=True, progress=False).status) == "completed"
     run_dir = Path(config.output.dir)
@@ -59,7 +60,7 @@ def test_resume_on_a_finished_run_says_it_is_finished_and_changes_nothing(
                                                 run_dir / "metrics.jsonl", run_dir / "status.json"]}
     with pytest.raises(ConfigError, match=r"already finished \(completed at step 6\); there is nothing to resume"):
         train(config, resume=True, progress=False)
-    longer = make_config(tiny_model_dir, tmp_path, training={"max_steps": 8}, eval={"before_after": False})
+    longer = tiny_run_config(tiny_model_dir, tmp_path, training={"max_steps": 8}, eval={"before_after": False})
     with pytest.raises(ConfigError, match="no checkpoint of that step.*latest: step-000003"):
         train(longer, resume=True, progress=False)  # more steps from step 3 would retrain 4-6
     after = {p.name: p.read_bytes() for p in [run_dir / "eval.json", run_dir / "adapter" / "adapter_model.safetensors",
@@ -68,9 +69,9 @@ def test_resume_on_a_finished_run_says_it_is_finished_and_changes_nothing(
 
 
 def test_a_finished_run_with_a_checkpoint_of_its_last_step_can_train_further(tiny_model_dir: Path, tmp_path: Path) -> None:
-    config = make_config(tiny_model_dir, tmp_path, training={"max_steps": 2, "save_every": 2}, eval={"before_after": False})
+    config = tiny_run_config(tiny_model_dir, tmp_path, training={"max_steps": 2, "save_every": 2}, eval={"before_after": False})
     train(config, progress=False)
-    longer = make_config(tiny_model_dir, tmp_path, training={"max_steps": 3, "save_every": 2}, eval={"before_after": False})
+    longer = tiny_run_config(tiny_model_dir, tmp_path, training={"max_steps": 3, "save_every": 2}, eval={"before_after": False})
     result = train(longer, resume=True, progress=False)
     assert (result.status, result.step) == ("completed", 3)
     assert [m["step"] for m in read_metrics(result.run_dir) if m["kind"] == "train"] == [1, 2, 3]
@@ -84,15 +85,15 @@ def test_resume_recomputes_base_eval_when_eval_settings_changed(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     data = write_jsonl(tmp_path / "train.jsonl", toy_chat_records(48))
-    config = make_config(tiny_model_dir, tmp_path, data, training={"max_steps": 4},
+    config = tiny_run_config(tiny_model_dir, tmp_path, data, training={"max_steps": 4},
                          eval={"max_examples": 4, "num_samples": 1, "max_new_tokens": 2})
     config.data.val_size = 12
     with monkeypatch.context() as patch:
-        patch.setattr(loop, "_StopRequest", _StopAfter(2))
+        patch.setattr(loop, "_StopRequest", StopAfter(2))
         assert train(config, progress=False).status == "interrupted"
     run_dir = Path(config.output.dir)
     first = json.loads((run_dir / "base_eval.json").read_text())
-    wider = make_config(tiny_model_dir, tmp_path, data, training={"max_steps": 4},
+    wider = tiny_run_config(tiny_model_dir, tmp_path, data, training={"max_steps": 4},
                         eval={"max_examples": 12, "num_samples": 1, "max_new_tokens": 2})
     wider.data.val_size = 12
     result = train(wider, resume=True, progress=False)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import toy_chat_records, write_jsonl
+from support.tiny import toy_chat_records, write_jsonl
 from typer.testing import CliRunner
 
 from tunelab.cli import app

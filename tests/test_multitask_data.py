@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import toy_chat_records, write_jsonl
+from support.tiny import toy_chat_records, write_jsonl
 from tunelab.config import DataConfig
 from tunelab.data import DataError, collate, load_file, prepare_data
 from tunelab.data.tokenize import NO_TASK

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import toy_chat_records, write_jsonl
+from support.tiny import toy_chat_records, write_jsonl
 from transformers import AutoModelForCausalLM
 
 from tunelab.config import build_config

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_trainer import make_config
+from support.runs import tiny_run_config
 
 from tunelab import runs
 from tunelab.config import ConfigError
@@ -89,7 +89,7 @@ def test_a_folder_holding_only_the_users_result_folder_is_refused_and_kept(
 ) -> None:
     """The defect: only tunelab's names in the folder (adapter/, no config.yaml) passed the check, and the end of
     the run replaced the user's adapter/."""
-    config = make_config(tiny_model_dir, tmp_path, training={"max_steps": 1}, eval={"before_after": False},
+    config = tiny_run_config(tiny_model_dir, tmp_path, training={"max_steps": 1}, eval={"before_after": False},
                          output={"dir": str(tmp_path / "run"), "overwrite": overwrite})
     mine = tmp_path / "run" / "adapter" / "adapter_model.safetensors"
     mine.parent.mkdir(parents=True)
@@ -103,7 +103,7 @@ def test_a_folder_holding_only_the_users_result_folder_is_refused_and_kept(
 def test_overwrite_replaces_the_run_and_keeps_what_the_user_added_afterwards_refused(
     tiny_model_dir: Path, tmp_path: Path,
 ) -> None:
-    config = make_config(tiny_model_dir, tmp_path, training={"max_steps": 1}, eval={"before_after": False},
+    config = tiny_run_config(tiny_model_dir, tmp_path, training={"max_steps": 1}, eval={"before_after": False},
                          output={"dir": str(tmp_path / "run"), "overwrite": True})
     run_dir = train(config, progress=False).run_dir
     owned = runs.owned_entries(run_dir)
@@ -121,7 +121,7 @@ def test_overwrite_replaces_the_run_and_keeps_what_the_user_added_afterwards_ref
 
 
 def test_a_live_writer_blocks_a_second_one_and_a_dead_ones_lock_does_not(tiny_model_dir: Path, tmp_path: Path) -> None:
-    config = make_config(tiny_model_dir, tmp_path, training={"max_steps": 1}, eval={"before_after": False},
+    config = tiny_run_config(tiny_model_dir, tmp_path, training={"max_steps": 1}, eval={"before_after": False},
                          output={"dir": str(tmp_path / "run"), "overwrite": True})
     run_dir = train(config, progress=False).run_dir
     assert not (run_dir / runs.LOCK).exists(), "the lock is released when the run ends"

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import toy_chat_records, write_jsonl
 from safetensors.torch import load_file
+from support.tiny import toy_chat_records, write_jsonl
 from transformers import AutoModelForCausalLM
 
 from tunelab import precision

@@ -82,7 +82,7 @@ def test_the_quantized_settings_reach_bitsandbytes(tiny_model_dir: Path) -> None
 
 
 def test_eight_bit_training_lowers_the_loss(tiny_model_dir: Path) -> None:
-    from test_technique_matrix import loss, toy_batch
+    from support.batches import loss, toy_batch
     from transformers import AutoTokenizer
 
     from tunelab.training.session import make_optimizer

@@ -11,7 +11,7 @@ from html import escape as html_escape
 from pathlib import Path
 
 import pytest
-from trained_runs import adapter_runs
+from support.trained import adapter_runs
 from typer.testing import CliRunner
 
 from tunelab.cli import app
@@ -25,7 +25,7 @@ BEFORE_QUANTIZE: dict[str, str] = {}  # the report of an evaluation made before 
 
 
 def _eval_data(run: Path) -> Path:
-    return run.parents[1] / f"{run.name}.jsonl"  # the run's own training file (trained_runs writes it there)
+    return run.parents[1] / f"{run.name}.jsonl"  # the run's own training file (support/trained.py writes it there)
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import toy_chat_records, write_jsonl
-from test_trainer import _StopAfter
+from support.ddp_driver import StopAfter
+from support.tiny import toy_chat_records, write_jsonl
 
 from tunelab import api
 from tunelab.training import loop
@@ -34,7 +34,7 @@ def tiny_recipe(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.Monkey
 
 def _interrupted_after(steps: int, overrides: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     with monkeypatch.context() as patch:
-        patch.setattr(loop, "_StopRequest", _StopAfter(steps))
+        patch.setattr(loop, "_StopRequest", StopAfter(steps))
         assert api.quickstart(overrides, progress=False).status == "interrupted"
 
 

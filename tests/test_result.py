@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_trainer import make_config
+from support.runs import tiny_run_config
 
 from tunelab.training import session
 from tunelab.config import ConfigError
@@ -27,7 +27,7 @@ def test_load_run_gives_the_logits_training_ended_with(tiny_model_dir: Path, tmp
         return save(ctx)
 
     monkeypatch.setattr(session, "_save_result", save_and_probe)
-    config = make_config(tiny_model_dir, tmp_path, technique=technique, training={"max_steps": 4})
+    config = tiny_run_config(tiny_model_dir, tmp_path, technique=technique, training={"max_steps": 4})
     result = session.train(config, progress=False)
     loaded = load_run(result.run_dir, device="cpu")
     with torch.no_grad():

@@ -16,7 +16,7 @@ import openai
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
-from trained_runs import adapter_runs
+from support.trained import adapter_runs
 from transformers import AutoModelForCausalLM
 
 from tunelab.errors import ConfigError
@@ -345,7 +345,7 @@ def test_a_full_fine_tune_is_served_alone_and_not_mixed(runs: dict[str, Path], t
     from tunelab.config import build_config
     from tunelab.training import train
 
-    from conftest import toy_chat_records, write_jsonl
+    from support.tiny import toy_chat_records, write_jsonl
 
     data = write_jsonl(tmp_path / "d.jsonl", toy_chat_records(16))
     full = train(build_config({"model": {"name": str(tiny_model_dir)}, "data": {"train": [str(data)], "val_size": 2},

@@ -12,11 +12,9 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import toy_chat_records
+from support.batches import TASKS, loss, toy_batch
 
 from tunelab.config import build_config
-from tunelab.data import TokenizedExample, collate
-from tunelab.data.tokenize import IGNORE
 from tunelab.models import load_model
 from tunelab.objectives import OBJECTIVES
 from tunelab.techniques import TECHNIQUES, RunContext
@@ -40,7 +38,6 @@ SETTINGS: dict[str, tuple[dict[str, Any], float]] = {
     "p_tuning": ({"num_virtual_tokens": 4}, 1e-2),
 }
 CPU = torch.device("cpu")
-TASKS = ("animals", "echo")
 
 
 # Techniques whose result is not a PEFT adapter or a plain model, with their own test modules.
@@ -52,28 +49,10 @@ def test_every_registered_technique_is_in_the_matrix() -> None:
     assert all((Path(__file__).parents[1] / path).is_file() for path in OWN_TESTS.values())
 
 
-def toy_batch(tokenizer: Any, n: int = 6) -> dict[str, torch.Tensor]:
-    rows = []
-    for record in toy_chat_records(n):
-        prompt = tokenizer.apply_chat_template(record["messages"][:1], tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(record["messages"], tokenize=False)
-        p_ids, ids = tokenizer(prompt)["input_ids"], tokenizer(full)["input_ids"]
-        task = TASKS[len(rows) % len(TASKS)]  # multi-task data: only multitask prompt tuning reads it
-        rows.append([TokenizedExample(ids, [IGNORE] * len(p_ids) + ids[len(p_ids):], "toy", task=task,
-                                      task_id=TASKS.index(task))])
-    return collate(rows, tokenizer.pad_token_id)
-
-
 def logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     with torch.no_grad():
         out = model(input_ids=batch["input_ids"], use_cache=False, **forward_inputs(model, batch))
         return out.logits[:, -batch["input_ids"].shape[1]:].float()
-
-
-def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> float:
-    with torch.no_grad():
-        result = OBJECTIVES["sft"].loss_sum(model, batch)
-    return float(result.loss_sum) / result.num_units
 
 
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:

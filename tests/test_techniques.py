@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import toy_chat_records, write_jsonl
+from support.tiny import toy_chat_records, write_jsonl
 from transformers import AutoModelForCausalLM
 
 from tunelab.config import ConfigError, build_config
@@ -296,7 +296,8 @@ def test_the_loop_adds_the_technique_penalty_once_per_step(tiny_model_dir: Path)
 
 
 def _adalora_resume_pair(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
-    from test_trainer import _StopAfter, make_config
+    from support.ddp_driver import StopAfter
+    from support.runs import tiny_run_config
 
     from tunelab.training import loop, session
 
@@ -304,11 +305,11 @@ def _adalora_resume_pair(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pyte
     technique = {"name": "adalora", "init_r": 4, "target_r": 1, "warmup_ratio": 0.0, "final_ratio": 0.2,
                  "dropout": 0.1}
     sections = {"technique": technique, "training": {"save_every": 5}, "eval": {"before_after": False}}
-    straight = make_config(tiny_model_dir, tmp_path, data, output={"dir": str(tmp_path / "straight")}, **sections)
+    straight = tiny_run_config(tiny_model_dir, tmp_path, data, output={"dir": str(tmp_path / "straight")}, **sections)
     assert session.train(straight, progress=False).step == 10
-    split = make_config(tiny_model_dir, tmp_path, data, output={"dir": str(tmp_path / "split")}, **sections)
+    split = tiny_run_config(tiny_model_dir, tmp_path, data, output={"dir": str(tmp_path / "split")}, **sections)
     with monkeypatch.context() as patch:
-        patch.setattr(loop, "_StopRequest", _StopAfter(5))
+        patch.setattr(loop, "_StopRequest", StopAfter(5))
         assert session.train(split, progress=False).status == "interrupted"
     assert session.train(split, resume=True, progress=False).status == "completed"
     return straight.output.dir, split.output.dir

@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import toy_chat_records, write_jsonl
-from ddp_driver import StopAfter as _StopAfter  # Ctrl-C after N steps, shared with the torchrun driver
 from safetensors.torch import load_file
+from support.ddp_driver import StopAfter  # Ctrl-C after N steps, shared with the torchrun driver
+from support.runs import checkpoint_tensors, tiny_run_config
+from support.tiny import toy_chat_records, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tunelab import checkpoint as ckpt
@@ -25,21 +26,6 @@ from tunelab.techniques import TECHNIQUES, TechniqueError
 from tunelab.errors import TrainingAborted
 from tunelab.training import context, loop, session, train
 from tunelab.training.loop import accumulate_gradients
-
-
-def make_config(model_dir: Path, tmp_path: Path, data: Path | None = None, **sections: dict[str, Any]):
-    data = data or write_jsonl(tmp_path / "train.jsonl", toy_chat_records(48))
-    base: dict[str, Any] = {
-        "model": {"name": str(model_dir)},
-        "data": {"train": [str(data)], "val_size": 8, "max_length": 64},
-        "technique": {"name": "lora", "r": 4, "dropout": 0.1},
-        "training": {"max_steps": 10, "micro_batch_size": 2, "grad_accum": 2, "learning_rate": 3e-3},
-        "eval": {"num_samples": 1, "max_new_tokens": 4},
-        "output": {"dir": str(tmp_path / "run")},
-    }
-    for section, values in sections.items():
-        base[section] = values if section == "technique" else {**base.get(section, {}), **values}
-    return build_config(base)
 
 
 # ---------------------------------------------------------------- gradient accumulation
@@ -113,11 +99,6 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir: Path, t
 # ---------------------------------------------------------------- resume
 
 
-def _checkpoint_tensors(run_dir: Path, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    path = run_dir / "checkpoints" / ckpt.checkpoint_name(step)
-    return load_file(str(path / "trainable.safetensors")), torch.load(path / "optimizer.pt", weights_only=True)
-
-
 def _assert_optimizer_equal(a: dict[str, Any], b: dict[str, Any]) -> None:
     assert a["param_groups"] == b["param_groups"]
     assert a["state"].keys() == b["state"].keys()
@@ -129,11 +110,11 @@ def _assert_optimizer_equal(a: dict[str, Any], b: dict[str, Any]) -> None:
 def _resume_pair(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
     data = write_jsonl(tmp_path / "train.jsonl", toy_chat_records(24))
     sections = {"training": {"save_every": 5}, "eval": {"before_after": False}}
-    straight = make_config(tiny_model_dir, tmp_path, data, output={"dir": str(tmp_path / "straight")}, **sections)
+    straight = tiny_run_config(tiny_model_dir, tmp_path, data, output={"dir": str(tmp_path / "straight")}, **sections)
     assert train(straight, progress=False).step == 10
-    split = make_config(tiny_model_dir, tmp_path, data, output={"dir": str(tmp_path / "split")}, **sections)
+    split = tiny_run_config(tiny_model_dir, tmp_path, data, output={"dir": str(tmp_path / "split")}, **sections)
     with monkeypatch.context() as patch:
-        patch.setattr(loop, "_StopRequest", _StopAfter(5))
+        patch.setattr(loop, "_StopRequest", StopAfter(5))
         first = train(split, progress=False)
     assert (first.status, first.step) == ("interrupted", 5)
     second = train(split, resume=True, progress=False)
@@ -143,8 +124,8 @@ def _resume_pair(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.Monke
 
 def test_resume_equals_an_uninterrupted_run(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     straight, split = _resume_pair(tiny_model_dir, tmp_path, monkeypatch)
-    weights_a, optim_a = _checkpoint_tensors(Path(straight), 10)
-    weights_b, optim_b = _checkpoint_tensors(Path(split), 10)
+    weights_a, optim_a = checkpoint_tensors(Path(straight), 10)
+    weights_b, optim_b = checkpoint_tensors(Path(split), 10)
     assert weights_a.keys() == weights_b.keys()
     for name in weights_a:
         assert torch.equal(weights_a[name], weights_b[name]), name
@@ -157,7 +138,7 @@ def test_same_seed_same_run_and_another_seed_another_run(tiny_model_dir: Path, t
     data = write_jsonl(tmp_path / "train.jsonl", toy_chat_records(24))
     runs = {}
     for name, seed in (("a", 7), ("b", 7), ("c", 8)):
-        config = make_config(tiny_model_dir, tmp_path, data, training={"max_steps": 3, "seed": seed},
+        config = tiny_run_config(tiny_model_dir, tmp_path, data, training={"max_steps": 3, "seed": seed},
                              eval={"before_after": False}, output={"dir": str(tmp_path / name)})
         run_dir = train(config, progress=False).run_dir
         runs[name] = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
@@ -169,8 +150,8 @@ def test_resume_without_rng_restore_differs(tiny_model_dir: Path, tmp_path: Path
     """Negative control: the LoRA dropout masks after resume depend on the restored RNG state."""
     monkeypatch.setattr(ckpt, "restore_rng", lambda state: torch.manual_seed(1234))
     straight, split = _resume_pair(tiny_model_dir, tmp_path, monkeypatch)
-    weights_a, _ = _checkpoint_tensors(Path(straight), 10)
-    weights_b, _ = _checkpoint_tensors(Path(split), 10)
+    weights_a, _ = checkpoint_tensors(Path(straight), 10)
+    weights_b, _ = checkpoint_tensors(Path(split), 10)
     assert any(not torch.equal(weights_a[n], weights_b[n]) for n in weights_a)
 
 
@@ -180,7 +161,7 @@ def test_resume_without_rng_restore_differs(tiny_model_dir: Path, tmp_path: Path
 def test_crash_mid_save_keeps_the_previous_checkpoint_and_resume_uses_it(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = make_config(tiny_model_dir, tmp_path, training={"max_steps": 6, "save_every": 2}, eval={"before_after": False})
+    config = tiny_run_config(tiny_model_dir, tmp_path, training={"max_steps": 6, "save_every": 2}, eval={"before_after": False})
     real_save, calls = torch.save, {"n": 0}
 
     def failing_save(obj: Any, path: Any, *args: Any, **kwargs: Any) -> None:
@@ -248,7 +229,7 @@ def _nan_on_calls(calls_with_nan: set[int] | None) -> ObjectiveSpec:
 
 def test_a_non_finite_step_is_skipped_and_counted(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(OBJECTIVES, "sft", _nan_on_calls({3}))
-    config = make_config(tiny_model_dir, tmp_path, technique={"name": "full"},
+    config = tiny_run_config(tiny_model_dir, tmp_path, technique={"name": "full"},
                          training={"max_steps": 3, "grad_accum": 1, "save_every": 2, "learning_rate": 1e-3},
                          eval={"before_after": False})
     result = train(config, progress=False)
@@ -257,7 +238,7 @@ def test_a_non_finite_step_is_skipped_and_counted(tiny_model_dir: Path, tmp_path
     metrics = [m for m in read_metrics(run) if m["kind"] == "train"]
     assert [m["skipped"] for m in metrics] == [False, False, True]
     assert json.loads((run / "status.json").read_text())["nonfinite_skipped"] == 1
-    after_step_2, _ = _checkpoint_tensors(run, 2)
+    after_step_2, _ = checkpoint_tensors(run, 2)
     final = load_file(str(run / "model" / "model.safetensors"))
     for name, value in after_step_2.items():
         assert torch.equal(final[name], value), f"{name} changed during the skipped step"
@@ -269,7 +250,7 @@ def test_repeated_non_finite_steps_abort_with_a_clear_message(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(OBJECTIVES, "sft", _nan_on_calls(None))
-    config = make_config(tiny_model_dir, tmp_path, training={"max_consecutive_nonfinite": 3}, eval={"before_after": False})
+    config = tiny_run_config(tiny_model_dir, tmp_path, training={"max_consecutive_nonfinite": 3}, eval={"before_after": False})
     with pytest.raises(TrainingAborted, match="3 steps in a row had a non-finite loss"):
         train(config, progress=False)
     status = json.loads((Path(config.output.dir) / "status.json").read_text())
@@ -282,7 +263,7 @@ def test_repeated_non_finite_steps_abort_with_a_clear_message(
 @pytest.mark.parametrize("technique, lr", [({"name": "full"}, 3e-3), ({"name": "freeze", "layers": [-1]}, 1e-2),
                                             ({"name": "lora", "r": 8, "dropout": 0.0}, 1e-2)])
 def test_each_technique_drives_the_loss_down(tiny_model_dir: Path, tmp_path: Path, technique: dict, lr: float) -> None:
-    config = make_config(tiny_model_dir, tmp_path, technique=technique,
+    config = tiny_run_config(tiny_model_dir, tmp_path, technique=technique,
                          training={"max_steps": 30, "grad_accum": 1, "learning_rate": lr, "warmup_ratio": 0.0})
     result = train(config, progress=False)
     losses = [m["loss"] for m in read_metrics(result.run_dir) if m["kind"] == "train"]
@@ -294,7 +275,7 @@ def test_each_technique_drives_the_loss_down(tiny_model_dir: Path, tmp_path: Pat
 def test_lora_adapter_loads_in_plain_peft_with_identical_logits(tiny_model_dir: Path, tmp_path: Path) -> None:
     from peft import PeftModel
 
-    config = make_config(tiny_model_dir, tmp_path, training={"max_steps": 4, "save_every": 4},
+    config = tiny_run_config(tiny_model_dir, tmp_path, training={"max_steps": 4, "save_every": 4},
                          technique={"name": "lora", "r": 4, "dropout": 0.0}, eval={"before_after": False})
     result = train(config, progress=False)
     # Reference: tunelab's own model rebuilt from the checkpoint (the loop's weights, by parameter name).
@@ -312,7 +293,7 @@ def test_lora_adapter_loads_in_plain_peft_with_identical_logits(tiny_model_dir: 
 
 
 def test_full_and_freeze_results_load_in_plain_transformers(tiny_model_dir: Path, tmp_path: Path) -> None:
-    config = make_config(tiny_model_dir, tmp_path, technique={"name": "freeze", "layers": [-1]},
+    config = tiny_run_config(tiny_model_dir, tmp_path, technique={"name": "freeze", "layers": [-1]},
                          training={"max_steps": 3}, eval={"before_after": False})
     result = train(config, progress=False)
     model_dir = result.run_dir / "model"
@@ -345,20 +326,20 @@ def test_early_stopping_restores_the_best_checkpoint(tiny_model_dir: Path, tmp_p
         return {"loss": next(scripted), "perplexity": 1.0, "tokens": 10}
 
     monkeypatch.setattr(context, "validation_loss", fake_loss)
-    config = make_config(tiny_model_dir, tmp_path, training={"max_steps": 20, "eval_every": 2, "early_stopping_patience": 2},
+    config = tiny_run_config(tiny_model_dir, tmp_path, training={"max_steps": 20, "eval_every": 2, "early_stopping_patience": 2},
                          technique={"name": "full"}, eval={"before_after": False})
     result = train(config, progress=False)
     assert (result.status, result.step) == ("early_stopped", 8)
     evaluation = json.loads((result.run_dir / "eval.json").read_text())
     assert evaluation["weights_from_step"] == 4 and evaluation["tuned"]["loss"] == 2.0
-    best, _ = _checkpoint_tensors(result.run_dir, 4)
+    best, _ = checkpoint_tensors(result.run_dir, 4)
     final = load_file(str(result.run_dir / "model" / "model.safetensors"))
     assert all(torch.equal(final[n], best[n]) for n in best)
     assert [p.name for p in ckpt.list_checkpoints(result.run_dir / "checkpoints")] == ["step-000004"]
 
 
 def test_existing_run_folder_is_never_overwritten_by_accident(tiny_model_dir: Path, tmp_path: Path) -> None:
-    config = make_config(tiny_model_dir, tmp_path, training={"max_steps": 1}, eval={"before_after": False})
+    config = tiny_run_config(tiny_model_dir, tmp_path, training={"max_steps": 1}, eval={"before_after": False})
     train(config, progress=False)
     with pytest.raises(ConfigError, match="already holds a run"):
         train(config, progress=False)
@@ -371,7 +352,7 @@ def test_existing_run_folder_is_never_overwritten_by_accident(tiny_model_dir: Pa
 
 
 def test_a_folder_with_the_users_files_is_never_used_or_cleared(tiny_model_dir: Path, tmp_path: Path) -> None:
-    config = make_config(tiny_model_dir, tmp_path, training={"max_steps": 1}, eval={"before_after": False})
+    config = tiny_run_config(tiny_model_dir, tmp_path, training={"max_steps": 1}, eval={"before_after": False})
     run_dir = Path(config.output.dir)
     run_dir.mkdir(parents=True)
     (run_dir / "notes.txt").write_text("mine")
@@ -394,7 +375,7 @@ def test_a_folder_with_the_users_files_is_never_used_or_cleared(tiny_model_dir: 
 
 def test_evaluation_without_validation_data_is_a_config_error(tiny_model_dir: Path, tmp_path: Path) -> None:
     # Without this check an empty validation set scored loss 0.0, "best" forever: the step-1 weights were kept.
-    config = make_config(tiny_model_dir, tmp_path, training={"eval_every": 1})
+    config = tiny_run_config(tiny_model_dir, tmp_path, training={"eval_every": 1})
     config.data.val_size = 0
     with pytest.raises(ConfigError, match="eval_every needs validation data"):
         train(config, progress=False)
@@ -409,7 +390,7 @@ def test_evaluation_without_validation_data_is_a_config_error(tiny_model_dir: Pa
 def test_a_technique_that_does_not_fit_the_model_fails_before_the_base_evaluation(
     tiny_model_dir: Path, tmp_path: Path, technique: dict, message: str,
 ) -> None:
-    config = make_config(tiny_model_dir, tmp_path, technique=technique)
+    config = tiny_run_config(tiny_model_dir, tmp_path, technique=technique)
     with pytest.raises(TechniqueError, match=message):
         train(config, progress=False)
     run_dir = Path(config.output.dir)
@@ -417,7 +398,7 @@ def test_a_technique_that_does_not_fit_the_model_fails_before_the_base_evaluatio
 
 
 def test_a_single_lora_module_name_means_that_module(tiny_model_dir: Path, tmp_path: Path) -> None:
-    config = make_config(tiny_model_dir, tmp_path, technique={"name": "lora", "r": 2, "target_modules": "q_proj"},
+    config = tiny_run_config(tiny_model_dir, tmp_path, technique={"name": "lora", "r": 2, "target_modules": "q_proj"},
                          training={"max_steps": 1}, eval={"before_after": False})
     assert config.technique.target_modules == ["q_proj"]
     result = train(config, progress=False)
@@ -426,10 +407,10 @@ def test_a_single_lora_module_name_means_that_module(tiny_model_dir: Path, tmp_p
 
 
 def test_a_run_that_failed_before_its_first_checkpoint_can_simply_be_rerun(tiny_model_dir: Path, tmp_path: Path) -> None:
-    config = make_config(tiny_model_dir, tmp_path, technique={"name": "freeze", "layers": [40]})
+    config = tiny_run_config(tiny_model_dir, tmp_path, technique={"name": "freeze", "layers": [40]})
     with pytest.raises(TechniqueError):
         train(config, progress=False)
-    fixed = make_config(tiny_model_dir, tmp_path, technique={"name": "freeze", "layers": [-1]},
+    fixed = tiny_run_config(tiny_model_dir, tmp_path, technique={"name": "freeze", "layers": [-1]},
                         training={"max_steps": 1}, eval={"before_after": False})
     assert train(fixed, progress=False).status == "completed"  # no --resume, no overwrite needed
     # Control: a finished run is still never replaced by accident.
@@ -438,16 +419,16 @@ def test_a_run_that_failed_before_its_first_checkpoint_can_simply_be_rerun(tiny_
 
 
 def test_resume_warns_about_changed_step_counts(tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    config = make_config(tiny_model_dir, tmp_path, training={"max_steps": 2, "save_every": 1}, eval={"before_after": False})
+    config = tiny_run_config(tiny_model_dir, tmp_path, training={"max_steps": 2, "save_every": 1}, eval={"before_after": False})
     train(config, progress=False)
-    longer = make_config(tiny_model_dir, tmp_path, training={"max_steps": 3, "save_every": 1}, eval={"before_after": False})
+    longer = tiny_run_config(tiny_model_dir, tmp_path, training={"max_steps": 3, "save_every": 1}, eval={"before_after": False})
     with caplog.at_level("WARNING", logger="tunelab.training.resume"):
         assert train(longer, resume=True, progress=False).step == 3
     assert "--resume changes training.max_steps: 2 -> 3" in caplog.text
 
 
 def test_a_run_without_validation_data_says_so_in_eval_json(tiny_model_dir: Path, tmp_path: Path) -> None:
-    config = make_config(tiny_model_dir, tmp_path, training={"max_steps": 1})
+    config = tiny_run_config(tiny_model_dir, tmp_path, training={"max_steps": 1})
     config.data.val_size = 0
     result = train(config, progress=False)
     evaluation = json.loads((result.run_dir / "eval.json").read_text())
@@ -460,11 +441,11 @@ def test_resume_refuses_changed_data_and_a_step_count_below_the_checkpoint(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     data = write_jsonl(tmp_path / "train.jsonl", toy_chat_records(24))
-    config = make_config(tiny_model_dir, tmp_path, data, training={"max_steps": 6}, eval={"before_after": False})
+    config = tiny_run_config(tiny_model_dir, tmp_path, data, training={"max_steps": 6}, eval={"before_after": False})
     with monkeypatch.context() as patch:
-        patch.setattr(loop, "_StopRequest", _StopAfter(3))
+        patch.setattr(loop, "_StopRequest", StopAfter(3))
         assert train(config, progress=False).status == "interrupted"
-    shorter = make_config(tiny_model_dir, tmp_path, data, training={"max_steps": 2}, eval={"before_after": False})
+    shorter = tiny_run_config(tiny_model_dir, tmp_path, data, training={"max_steps": 2}, eval={"before_after": False})
     with pytest.raises(ConfigError, match="checkpoint is at step 3, past the 2 steps"):
         train(shorter, resume=True, progress=False)
     write_jsonl(data, toy_chat_records(24)[::-1])  # same records, another order: another run
@@ -475,7 +456,7 @@ def test_resume_refuses_changed_data_and_a_step_count_below_the_checkpoint(
 
 
 def test_a_finished_run_is_refused_without_suggesting_resume(tiny_model_dir: Path, tmp_path: Path) -> None:
-    config = make_config(tiny_model_dir, tmp_path, training={"max_steps": 1}, eval={"before_after": False})
+    config = tiny_run_config(tiny_model_dir, tmp_path, training={"max_steps": 1}, eval={"before_after": False})
     train(config, progress=False)
     with pytest.raises(ConfigError, match=r"already holds a run that is finished \(completed\), choose") as error:
         train(config, progress=False)
@@ -485,7 +466,7 @@ def test_a_finished_run_is_refused_without_suggesting_resume(tiny_model_dir: Pat
 def test_ctrl_c_during_the_final_evaluation_keeps_the_trained_steps(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    config = make_config(tiny_model_dir, tmp_path, training={"max_steps": 3})
+    config = tiny_run_config(tiny_model_dir, tmp_path, training={"max_steps": 3})
     real_final_evaluation = session._final_evaluation
 
     def ctrl_c(*args: Any, **kwargs: Any) -> None:
@@ -505,13 +486,13 @@ def test_ctrl_c_during_the_final_evaluation_keeps_the_trained_steps(
 
 
 def test_a_refused_resume_leaves_the_run_as_it_was(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    config = make_config(tiny_model_dir, tmp_path, training={"max_steps": 6}, eval={"before_after": False})
+    config = tiny_run_config(tiny_model_dir, tmp_path, training={"max_steps": 6}, eval={"before_after": False})
     with monkeypatch.context() as patch:
-        patch.setattr(loop, "_StopRequest", _StopAfter(3))
+        patch.setattr(loop, "_StopRequest", StopAfter(3))
         train(config, progress=False)
     run_dir = Path(config.output.dir)
     saved_config, saved_status = (run_dir / "config.yaml").read_text(), (run_dir / "status.json").read_text()
-    shorter = make_config(tiny_model_dir, tmp_path, training={"max_steps": 2}, eval={"before_after": False})
+    shorter = tiny_run_config(tiny_model_dir, tmp_path, training={"max_steps": 2}, eval={"before_after": False})
     with pytest.raises(ConfigError, match="past the 2 steps"):
         train(shorter, resume=True, progress=False)
     assert (run_dir / "config.yaml").read_text() == saved_config
@@ -536,7 +517,7 @@ def test_progress_false_quiets_library_bars_and_restores_them(tiny_model_dir: Pa
     was_enabled = hf_logging.is_progress_bar_enabled()  # the in-process CLI tests turn the bars off
     hf_logging.enable_progress_bar()
     try:
-        config = make_config(tiny_model_dir, tmp_path, training={"max_steps": 1}, eval={"before_after": False})
+        config = tiny_run_config(tiny_model_dir, tmp_path, training={"max_steps": 1}, eval={"before_after": False})
         train(config, progress=False)
         assert "Loading weights" not in capfd.readouterr().err
         assert hf_logging.is_progress_bar_enabled()  # a notebook's own later loads still show their bars

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_trainer import make_config
+from support.runs import tiny_run_config
 
 from tunelab.training import session
 from tunelab.eval.training import OverfittingSignal, progress_note
@@ -33,13 +33,13 @@ def _damage_after_training(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_forgetting_flags_a_damaged_model_and_passes_an_untouched_one(tiny_model_dir: Path, tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch,
                                                                      caplog: pytest.LogCaptureFixture) -> None:
-    untouched = make_config(tiny_model_dir, tmp_path, technique={"name": "full"}, output={"dir": str(tmp_path / "same")},
+    untouched = tiny_run_config(tiny_model_dir, tmp_path, technique={"name": "full"}, output={"dir": str(tmp_path / "same")},
                             training={"max_steps": 2, "learning_rate": 1e-12})
     check = session.train(untouched, progress=False).evaluation["forgetting"]
     assert check["flagged"] is False and abs(check["relative_change"]) < 1e-4
     assert check["tokens"] > 100 and check["threshold"] == 0.1
     _damage_after_training(monkeypatch)
-    damaged = make_config(tiny_model_dir, tmp_path, technique={"name": "full"}, output={"dir": str(tmp_path / "hurt")},
+    damaged = tiny_run_config(tiny_model_dir, tmp_path, technique={"name": "full"}, output={"dir": str(tmp_path / "hurt")},
                           training={"max_steps": 2, "learning_rate": 1e-12})
     with caplog.at_level(logging.WARNING, logger="tunelab.eval.before_after"):
         result = session.train(damaged, progress=False)
@@ -48,7 +48,7 @@ def test_forgetting_flags_a_damaged_model_and_passes_an_untouched_one(tiny_model
     assert json.loads((result.run_dir / "eval.json").read_text())["forgetting"]["flagged"] is True
     assert any("forgetting check" in r.getMessage() for r in caplog.records)
     # The threshold is configurable: past the damage, nothing is flagged.
-    lenient = make_config(tiny_model_dir, tmp_path, technique={"name": "full"}, output={"dir": str(tmp_path / "lenient")},
+    lenient = tiny_run_config(tiny_model_dir, tmp_path, technique={"name": "full"}, output={"dir": str(tmp_path / "lenient")},
                           training={"max_steps": 2, "learning_rate": 1e-12}, eval={"forgetting_threshold": 100.0})
     assert session.train(lenient, progress=False).evaluation["forgetting"]["flagged"] is False
 
@@ -56,17 +56,17 @@ def test_forgetting_flags_a_damaged_model_and_passes_an_untouched_one(tiny_model
 def test_forgetting_can_use_your_own_text_and_can_be_switched_off(tiny_model_dir: Path, tmp_path: Path) -> None:
     text = tmp_path / "mine.txt"
     text.write_text("the quick brown fox jumps over the lazy dog.\n\nhello, how are you? i am fine, thank you.\n")
-    config = make_config(tiny_model_dir, tmp_path, training={"max_steps": 2},
+    config = tiny_run_config(tiny_model_dir, tmp_path, training={"max_steps": 2},
                          eval={"forgetting_text": str(text), "forgetting_max_tokens": 16})
     check = session.train(config, progress=False).evaluation["forgetting"]
     assert check["text"] == str(text) and check["tokens"] <= 16
-    off = make_config(tiny_model_dir, tmp_path, training={"max_steps": 2}, eval={"forgetting": False},
+    off = tiny_run_config(tiny_model_dir, tmp_path, training={"max_steps": 2}, eval={"forgetting": False},
                       output={"dir": str(tmp_path / "off")})
     assert "forgetting" not in session.train(off, progress=False).evaluation
 
 
 def test_metrics_every_n_steps_choose_the_best_checkpoint_on_any_metric(tiny_model_dir: Path, tmp_path: Path) -> None:
-    config = make_config(tiny_model_dir, tmp_path, training={
+    config = tiny_run_config(tiny_model_dir, tmp_path, training={
         "max_steps": 8, "eval_every": 2, "eval_metrics": ["rouge_l", "exact_match"], "best_metric": "perplexity",
         "best_mode": "max"})  # maximising perplexity picks the worst evaluation: the rule really follows the mode
     result = session.train(config, progress=False)
@@ -96,7 +96,7 @@ def test_overfitting_signal_follows_the_gap_trend() -> None:
 
 
 def test_run_info_records_parameters_memory_phases_and_versions(tiny_model_dir: Path, tmp_path: Path) -> None:
-    result = session.train(make_config(tiny_model_dir, tmp_path, training={"max_steps": 3}), progress=False)
+    result = session.train(tiny_run_config(tiny_model_dir, tmp_path, training={"max_steps": 3}), progress=False)
     info = json.loads((result.run_dir / "run_info.json").read_text())
     assert 0 < info["trainable_parameters"] < info["total_parameters"]
     assert info["peak_memory"]["rss_bytes"] > 50 * 2**20
@@ -112,7 +112,7 @@ def test_report_to_tensorboard_and_mlflow_offline(tiny_model_dir: Path, tmp_path
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    config = make_config(tiny_model_dir, tmp_path, training={"max_steps": 4, "eval_every": 2,
+    config = tiny_run_config(tiny_model_dir, tmp_path, training={"max_steps": 4, "eval_every": 2,
                                                              "report_to": ["tensorboard", "mlflow"]})
     run_dir = session.train(config, progress=False).run_dir
     events = EventAccumulator(str(run_dir / "tensorboard"))
@@ -135,7 +135,7 @@ def test_runs_table_and_runs_show(tiny_model_dir: Path, tmp_path: Path) -> None:
     from tunelab.cli import app
     from tunelab.runs import list_runs, smoothed_loss
 
-    config = make_config(tiny_model_dir, tmp_path, training={"max_steps": 20, "learning_rate": 2e-3},
+    config = tiny_run_config(tiny_model_dir, tmp_path, training={"max_steps": 20, "learning_rate": 2e-3},
                          output={"dir": str(tmp_path / "runs" / "r1")})
     run_dir = session.train(config, progress=False).run_dir
     losses = [m["loss"] for m in read_metrics(run_dir) if m["kind"] == "train"]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from trained_runs import adapter_runs
+from support.trained import adapter_runs
 
 from tunelab.runs import read_metrics
 from tunelab.serve.app import ServeSettings

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from trained_runs import adapter_runs
+from support.trained import adapter_runs
 from typer.testing import CliRunner
 
 from tunelab.card import file_sha256

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import write_jsonl
+from support.tiny import write_jsonl
 
 _CACHE: dict[str, dict[str, Path]] = {}
 ANSWERS = {"cats": "cat", "dogs": "dog", "owls": "owl"}
