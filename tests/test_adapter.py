@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.runs import tiny_config
 
 import tunelab
 from support.tiny import build_model, fresh_model, toy_chat_records, write_jsonl
@@ -91,12 +92,12 @@ def trained_runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     data = write_jsonl(root / "toy.jsonl", toy_chat_records(48))
     runs = {}
     for name, options in PLACEMENTS.items():
-        config = build_config({
-            "model": {"name": str(tiny_model_dir)}, "data": {"train": [str(data)], "val_size": 8, "max_length": 64},
-            "technique": {"name": "adapter", "reduction_factor": 4, **options},
-            "training": {"max_steps": 80, "micro_batch_size": 8, "learning_rate": 1e-2, "warmup_ratio": 0.0},
-            "eval": {"num_samples": 0}, "output": {"dir": str(root / name)},
-        })
+        config = tiny_config(
+            tiny_model_dir, data={"train": [str(data)], "val_size": 8, "max_length": 64},
+            technique={"name": "adapter", "reduction_factor": 4, **options},
+            training={"max_steps": 80, "micro_batch_size": 8, "learning_rate": 1e-2, "warmup_ratio": 0.0},
+            eval={"num_samples": 0}, output={"dir": str(root / name)},
+        )
         runs[name] = tunelab.train(config, progress=False).run_dir
     return runs
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.runs import tiny_config_dict
 
 import tunelab
 from support.tiny import fresh_model, write_jsonl
@@ -82,13 +83,13 @@ def test_sequence_gating_is_causal_and_restarts_per_example() -> None:
 
 
 def _config(tiny_model_dir: Path, data: list[Path], technique: dict, out: Path, steps: int, lr: float, **data_options) -> dict:
-    return {
-        "model": {"name": str(tiny_model_dir)},
-        "data": {"train": [str(p) for p in data], "val_size": 0.2, "max_length": 64, **data_options},
-        "technique": technique,
-        "training": {"max_steps": steps, "micro_batch_size": 8, "learning_rate": lr, "warmup_ratio": 0.0},
-        "eval": {"num_samples": 0, "max_examples": 64}, "output": {"dir": str(out)},
-    }
+    return tiny_config_dict(
+        tiny_model_dir,
+        data={"train": [str(p) for p in data], "val_size": 0.2, "max_length": 64, **data_options},
+        technique=technique,
+        training={"max_steps": steps, "micro_batch_size": 8, "learning_rate": lr, "warmup_ratio": 0.0},
+        eval={"num_samples": 0, "max_examples": 64}, output={"dir": str(out)},
+    )
 
 
 @pytest.fixture(scope="module")

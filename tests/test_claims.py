@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
-from support.runs import checkpoint_tensors, tiny_run_config
+from support.runs import checkpoint_tensors, tiny_config, tiny_run_config
 from support.tiny import CHATML
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -121,9 +121,8 @@ def test_remote_code_is_off_unless_asked_for(tiny_model_dir: Path, monkeypatch: 
         return real(*args, **kwargs)
 
     monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", spy)
-    models.load_model(build_config({"model": {"name": str(tiny_model_dir)}}).model, torch.device("cpu"))
-    models.load_model(build_config({"model": {"name": str(tiny_model_dir), "trust_remote_code": True}}).model,
-                      torch.device("cpu"))
+    models.load_model(tiny_config(tiny_model_dir).model, torch.device("cpu"))
+    models.load_model(tiny_config(tiny_model_dir, model={"trust_remote_code": True}).model, torch.device("cpu"))
     assert seen == [False, True]
 
 
@@ -134,7 +133,7 @@ def test_tunelabs_loaded_model_gives_plain_transformers_logits(tiny_model_dir: P
     from tunelab.models import load_model
 
     ids = torch.tensor([[5, 9, 42, 77, 101, 2, 13]])
-    ours = load_model(build_config({"model": {"name": str(tiny_model_dir)}}).model, torch.device("cpu")).eval()
+    ours = load_model(tiny_config(tiny_model_dir).model, torch.device("cpu")).eval()
     plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, plain(ids).logits, atol=1e-5, rtol=0)

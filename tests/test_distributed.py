@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from support.runs import tiny_config_dict
 from support.tiny import toy_chat_records, write_jsonl
 
 from tunelab import distributed
@@ -33,14 +34,14 @@ LOSS_RTOL, WEIGHT_ATOL = 1e-5, 1e-5
 
 
 def _config(model_dir: Path, data: Path, out: Path, **training: Any) -> dict[str, Any]:
-    return {
-        "model": {"name": str(model_dir)},
-        "data": {"train": [str(data)], "val_size": 8, "max_length": 64},
-        "technique": {"name": "lora", "r": 4, "dropout": training.pop("dropout", 0.0)},
-        "training": {"max_steps": 6, "micro_batch_size": 2, "learning_rate": 3e-3, "save_every": 3, **training},
-        "eval": {"num_samples": 1, "max_new_tokens": 4},
-        "output": {"dir": str(out)},
-    }
+    return tiny_config_dict(
+        model_dir,
+        data={"train": [str(data)], "val_size": 8, "max_length": 64},
+        technique={"name": "lora", "r": 4, "dropout": training.pop("dropout", 0.0)},
+        training={"max_steps": 6, "micro_batch_size": 2, "learning_rate": 3e-3, "save_every": 3, **training},
+        eval={"num_samples": 1, "max_new_tokens": 4},
+        output={"dir": str(out)},
+    )
 
 
 def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.runs import tiny_config
 from support.tiny import toy_chat_records, write_jsonl
 from typer.testing import CliRunner
 
 from tunelab.cli import app
-from tunelab.config import build_config
 from tunelab.training import train
 
 runner = CliRunner(env={"COLUMNS": "250", "NO_COLOR": "1"})
@@ -20,12 +20,12 @@ runner = CliRunner(env={"COLUMNS": "250", "NO_COLOR": "1"})
 
 def trained_run(root: Path, model_dir: Path, technique: dict) -> Path:
     data = write_jsonl(root / "train.jsonl", toy_chat_records(16))
-    config = build_config({
-        "model": {"name": str(model_dir)}, "technique": technique,
-        "data": {"train": [str(data)], "val_size": 4, "max_length": 64},
-        "training": {"max_steps": 3, "micro_batch_size": 2, "learning_rate": 1e-2},
-        "eval": {"before_after": False}, "output": {"dir": str(root / "run")},
-    })
+    config = tiny_config(
+        model_dir, technique=technique,
+        data={"train": [str(data)], "val_size": 4, "max_length": 64},
+        training={"max_steps": 3, "micro_batch_size": 2, "learning_rate": 1e-2},
+        eval={"before_after": False}, output={"dir": str(root / "run")},
+    )
     return train(config, progress=False).run_dir
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.runs import tiny_config
 from support.tiny import toy_chat_records, write_jsonl
 from transformers import AutoModelForCausalLM
 
@@ -61,12 +62,12 @@ def test_trains_on_multitask_data_and_reloads_with_its_task_names(tiny_model_dir
     records = toy_chat_records(16)
     for i, record in enumerate(records):
         record["task"] = ["animals", "echo"][i % 2]
-    config = build_config({
-        "model": {"name": str(tiny_model_dir)}, "technique": {"name": "multitask_prompt_tuning", "num_virtual_tokens": 3},
-        "data": {"train": [str(write_jsonl(tmp_path / "t.jsonl", records))], "val_size": 4, "max_length": 64},
-        "training": {"max_steps": 2, "micro_batch_size": 2}, "eval": {"num_samples": 1, "max_new_tokens": 4},
-        "output": {"dir": str(tmp_path / "run")},
-    })
+    config = tiny_config(
+        tiny_model_dir, technique={"name": "multitask_prompt_tuning", "num_virtual_tokens": 3},
+        data={"train": [str(write_jsonl(tmp_path / "t.jsonl", records))], "val_size": 4, "max_length": 64},
+        training={"max_steps": 2, "micro_batch_size": 2}, eval={"num_samples": 1, "max_new_tokens": 4},
+        output={"dir": str(tmp_path / "run")},
+    )
     assert config.data.packing is False  # turned off for a prompt-learning method
     result = train(config, progress=False)
     assert result.status == "completed"
@@ -86,11 +87,11 @@ def test_trains_on_multitask_data_and_reloads_with_its_task_names(tiny_model_dir
 def test_a_run_without_tasks_fails_before_the_base_evaluation(tiny_model_dir: Path, tmp_path: Path) -> None:
     from tunelab.training import train
 
-    config = build_config({
-        "model": {"name": str(tiny_model_dir)}, "technique": {"name": "multitask_prompt_tuning"},
-        "data": {"train": [str(write_jsonl(tmp_path / "t.jsonl", toy_chat_records(8)))], "val_size": 2},
-        "training": {"max_steps": 1}, "output": {"dir": str(tmp_path / "run")},
-    })
+    config = tiny_config(
+        tiny_model_dir, technique={"name": "multitask_prompt_tuning"},
+        data={"train": [str(write_jsonl(tmp_path / "t.jsonl", toy_chat_records(8)))], "val_size": 2},
+        training={"max_steps": 1}, output={"dir": str(tmp_path / "run")},
+    )
     with pytest.raises(TechniqueError, match="needs multi-task data"):
         train(config, progress=False)
     assert not (tmp_path / "run" / "base_eval.json").exists()  # refused in seconds, on the weightless skeleton

@@ -10,11 +10,12 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
+from support.runs import tiny_config
 from support.tiny import toy_chat_records, write_jsonl
 from transformers import AutoModelForCausalLM
 
 from tunelab import precision
-from tunelab.config import ConfigError, build_config
+from tunelab.config import ConfigError
 from tunelab.training import train
 
 CPU = torch.device("cpu")
@@ -22,15 +23,15 @@ CPU = torch.device("cpu")
 
 def _config(model_dir: Path, tmp_path: Path, dtype: str, **technique: Any):
     data = write_jsonl(tmp_path / "train.jsonl", toy_chat_records(16))
-    return build_config({
-        "model": {"name": str(model_dir), "dtype": dtype},
-        "data": {"train": [str(data)], "val_size": 0, "max_length": 64},
-        "technique": technique or {"name": "lora", "r": 4},
-        "training": {"max_steps": 1, "micro_batch_size": 2, "learning_rate": 1e-5, "schedule": "constant",
-                     "warmup_ratio": 0.0, "max_grad_norm": None},
-        "eval": {"before_after": False},
-        "output": {"dir": str(tmp_path / "run")},
-    })
+    return tiny_config(
+        model_dir, model={"dtype": dtype},
+        data={"train": [str(data)], "val_size": 0, "max_length": 64},
+        technique=technique or {"name": "lora", "r": 4},
+        training={"max_steps": 1, "micro_batch_size": 2, "learning_rate": 1e-5, "schedule": "constant",
+                  "warmup_ratio": 0.0, "max_grad_norm": None},
+        eval={"before_after": False},
+        output={"dir": str(tmp_path / "run")},
+    )
 
 
 def test_precision_rules_on_a_cpu(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.runs import tiny_config
 
 from tunelab.config import build_config
 from tunelab.models import load_model
@@ -16,7 +17,7 @@ CPU = torch.device("cpu")
 
 
 def quantized_base(tiny_model_dir: Path, **settings):  # noqa: ANN201, ANN003
-    config = build_config({"model": {"name": str(tiny_model_dir)}, "technique": {"name": "qlora", **settings}})
+    config = tiny_config(tiny_model_dir, technique={"name": "qlora", **settings})
     return config, load_model(config.model, CPU, TECHNIQUES["qlora"].base_load(config.technique, CPU))
 
 

@@ -342,16 +342,16 @@ def test_remote_code_needs_the_flag(runs: dict[str, Path], tmp_path: Path) -> No
 
 
 def test_a_full_fine_tune_is_served_alone_and_not_mixed(runs: dict[str, Path], tiny_model_dir: Path, tmp_path: Path) -> None:
-    from tunelab.config import build_config
     from tunelab.training import train
 
+    from support.runs import tiny_config
     from support.tiny import toy_chat_records, write_jsonl
 
     data = write_jsonl(tmp_path / "d.jsonl", toy_chat_records(16))
-    full = train(build_config({"model": {"name": str(tiny_model_dir)}, "data": {"train": [str(data)], "val_size": 2},
-                               "technique": {"name": "full"}, "training": {"max_steps": 1},
-                               "eval": {"before_after": False, "forgetting": False},
-                               "output": {"dir": str(tmp_path / "fullrun")}}), progress=False).run_dir
+    full = train(tiny_config(tiny_model_dir, data={"train": [str(data)], "val_size": 2},
+                             technique={"name": "full"}, training={"max_steps": 1},
+                             eval={"before_after": False, "forgetting": False},
+                             output={"dir": str(tmp_path / "fullrun")}), progress=False).run_dir
     with pytest.raises(ConfigError, match="not a LoRA adapter.*serve it alone"):
         load_models([runs["cats"], full], device="cpu")
     model, served = load_models([full], device="cpu")

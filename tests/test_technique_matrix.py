@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import torch
 from support.batches import TASKS, loss, toy_batch
+from support.runs import tiny_config
 
-from tunelab.config import build_config
 from tunelab.models import load_model
 from tunelab.objectives import OBJECTIVES
 from tunelab.techniques import TECHNIQUES, RunContext
@@ -84,8 +84,8 @@ def trained(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> d
         def __missing__(self, name: str) -> Trained:
             torch.set_num_threads(1)
             settings, lr = SETTINGS[name]
-            config = build_config({"model": {"name": str(tiny_model_dir)}, "technique": {"name": name, **settings},
-                                   "training": {"learning_rate": lr}, "data": {"packing": False}})
+            config = tiny_config(tiny_model_dir, technique={"name": name, **settings},
+                                 training={"learning_rate": lr}, data={"packing": False})
             technique = TECHNIQUES[name]
             torch.manual_seed(0)
             model = load_model(config.model, CPU, technique.base_load(config.technique, CPU))

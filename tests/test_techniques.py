@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 import torch
+from support.ddp_driver import StopAfter
+from support.runs import tiny_config, tiny_run_config
 from support.tiny import toy_chat_records, write_jsonl
 from transformers import AutoModelForCausalLM
 
@@ -150,14 +152,14 @@ def test_every_allowed_pair_runs_two_steps(name: str, tiny_model_dir: Path, tmp_
     for i, record in enumerate(records):  # multi-task data (only multitask prompt tuning needs it; others ignore it)
         record["task"] = "even" if i % 2 == 0 else "odd"
     data = write_jsonl(tmp_path / "train.jsonl", records)
-    config = build_config({
-        "model": {"name": str(tiny_model_dir)}, "technique": {"name": name, **small},
-        "data": {"train": [str(data)], "val_size": 2, "max_length": 64,
-                 "packing": technique.refusal("packing") is None},
-        "training": {"max_steps": 2, "micro_batch_size": 2,
-                     "gradient_checkpointing": technique.refusal("gradient_checkpointing") is None},
-        "eval": {"before_after": False}, "output": {"dir": str(tmp_path / "run")},
-    })
+    config = tiny_config(
+        tiny_model_dir, technique={"name": name, **small},
+        data={"train": [str(data)], "val_size": 2, "max_length": 64,
+              "packing": technique.refusal("packing") is None},
+        training={"max_steps": 2, "micro_batch_size": 2,
+                  "gradient_checkpointing": technique.refusal("gradient_checkpointing") is None},
+        eval={"before_after": False}, output={"dir": str(tmp_path / "run")},
+    )
     result = train(config, progress=False)
     assert result.status == "completed" and result.step == 2
     assert (result.run_dir / technique.result_dir_name).is_dir()
@@ -213,13 +215,13 @@ def test_adalora_reallocates_its_rank_budget_during_training(tiny_model_dir: Pat
     from tunelab.training import train
 
     data = write_jsonl(tmp_path / "train.jsonl", toy_chat_records(16))
-    config = build_config({
-        "model": {"name": str(tiny_model_dir)},
-        "technique": {"name": "adalora", "init_r": 6, "target_r": 2, "warmup_ratio": 0.0, "final_ratio": 0.0},
-        "data": {"train": [str(data)], "val_size": 2, "max_length": 64},
-        "training": {"max_steps": 4, "micro_batch_size": 2, "learning_rate": 1e-2},
-        "eval": {"before_after": False}, "output": {"dir": str(tmp_path / "run")},
-    })
+    config = tiny_config(
+        tiny_model_dir,
+        technique={"name": "adalora", "init_r": 6, "target_r": 2, "warmup_ratio": 0.0, "final_ratio": 0.0},
+        data={"train": [str(data)], "val_size": 2, "max_length": 64},
+        training={"max_steps": 4, "micro_batch_size": 2, "learning_rate": 1e-2},
+        eval={"before_after": False}, output={"dir": str(tmp_path / "run")},
+    )
     run = train(config, progress=False).run_dir
     saved = json.loads((run / "adapter" / "adapter_config.json").read_text())
     ranks = list((saved.get("rank_pattern") or {}).values())
@@ -234,8 +236,7 @@ def test_adalora_reallocates_its_rank_budget_during_training(tiny_model_dir: Pat
 def _adalora(tiny_model_dir: Path, **settings: Any) -> tuple[torch.nn.Module, Any]:
     from tunelab.techniques.base import RunContext
 
-    config = build_config({"model": {"name": str(tiny_model_dir)},
-                           "technique": {"name": "adalora", "init_r": 4, "target_r": 2, **settings}})
+    config = tiny_config(tiny_model_dir, technique={"name": "adalora", "init_r": 4, "target_r": 2, **settings})
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     model = TECHNIQUES["adalora"].apply(base, config.technique, RunContext(total_steps=10)).eval()
@@ -296,9 +297,6 @@ def test_the_loop_adds_the_technique_penalty_once_per_step(tiny_model_dir: Path)
 
 
 def _adalora_resume_pair(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
-    from support.ddp_driver import StopAfter
-    from support.runs import tiny_run_config
-
     from tunelab.training import loop, session
 
     data = write_jsonl(tmp_path / "train.jsonl", toy_chat_records(24))

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from support.runs import tiny_config
 from support.tiny import write_jsonl
 
 _CACHE: dict[str, dict[str, Path]] = {}
@@ -23,21 +24,20 @@ def adapter_runs(tmp_path_factory: pytest.TempPathFactory, base_dir: Path) -> di
     """{run name: run folder} for three LoRA runs on ``base_dir``; trained on first use only."""
     key = str(base_dir)
     if key not in _CACHE:
-        from tunelab.config import build_config
         from tunelab.training import train
 
         root = tmp_path_factory.mktemp("adapter-runs")
         runs = {}
         for name, word in ANSWERS.items():
             data = write_jsonl(root / f"{name}.jsonl", answer_records(word))
-            config = build_config({
-                "model": {"name": str(base_dir)},
-                "data": {"train": [str(data)], "val_size": 4, "max_length": 48},
-                "technique": {"name": "lora", "r": 4, "dropout": 0.0},
-                "training": {"max_steps": 6, "micro_batch_size": 4, "learning_rate": 1e-2},
-                "eval": {"num_samples": 1, "max_new_tokens": 4},
-                "output": {"dir": str(root / "runs" / name)},
-            })
+            config = tiny_config(
+                base_dir,
+                data={"train": [str(data)], "val_size": 4, "max_length": 48},
+                technique={"name": "lora", "r": 4, "dropout": 0.0},
+                training={"max_steps": 6, "micro_batch_size": 4, "learning_rate": 1e-2},
+                eval={"num_samples": 1, "max_new_tokens": 4},
+                output={"dir": str(root / "runs" / name)},
+            )
             runs[name] = train(config, progress=False).run_dir
         _CACHE[key] = runs
     return _CACHE[key]
