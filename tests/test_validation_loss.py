@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import write_jsonl
+from support.runs import tiny_config_dict
+from support.tiny import write_jsonl
 
 from tunelab import train
 from tunelab.data import prepare_data
@@ -48,14 +49,14 @@ def test_validation_loss_is_token_weighted_over_unequal_examples(tiny_model_dir:
     train_file = write_jsonl(tmp_path / "train.jsonl", _records([3, 5, 4, 6] * 2))
     # 7 examples from 1 to 90 answer words: batches of 2 or 3 (sorted by length) split them unevenly
     val_file = write_jsonl(tmp_path / "val.jsonl", _records([1, 90, 2, 40, 1, 70, 3]))
-    result = train({
-        "model": {"name": str(tiny_model_dir)},
-        "data": {"train": [str(train_file)], "validation": [str(val_file)], "max_length": 256},
-        "technique": {"name": "lora", "r": 4, "dropout": 0.0},
-        "training": {"max_steps": 2, "micro_batch_size": 2, "learning_rate": 1e-2, "eval_every": 2},
-        "eval": {"batch_size": eval_batch_size, "num_samples": 1, "max_new_tokens": 2, "forgetting": False},
-        "output": {"dir": str(tmp_path / "run")},
-    }, progress=False)
+    result = train(tiny_config_dict(
+        tiny_model_dir,
+        data={"train": [str(train_file)], "validation": [str(val_file)], "max_length": 256},
+        technique={"name": "lora", "r": 4, "dropout": 0.0},
+        training={"max_steps": 2, "micro_batch_size": 2, "learning_rate": 1e-2, "eval_every": 2},
+        eval={"batch_size": eval_batch_size, "num_samples": 1, "max_new_tokens": 2, "forgetting": False},
+        output={"dir": str(tmp_path / "run")},
+    ), progress=False)
 
     loaded = load_run(result.run_dir, device="cpu")
     examples = prepare_data(loaded.config.data, loaded.tokenizer, cache_root() / "data").validation
