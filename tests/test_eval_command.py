@@ -15,7 +15,6 @@ import pytest
 from rouge_score import rouge_scorer
 from support.runs import tiny_run_config
 from support.tiny import ANIMALS, toy_chat_records, write_jsonl
-from support.tiny import toy_chat_records, write_jsonl
 from typer.testing import CliRunner
 
 from tunelab.training import session
@@ -166,6 +165,7 @@ def test_classification_refuses_a_reference_outside_the_labels(runs: dict[str, P
 _MEASURE = """
 import json, resource, sys
 sys.path.insert(0, {tests!r})
+from support.tiny import toy_chat_records, write_jsonl
 from pathlib import Path
 from tunelab.eval.runner import EvalSettings, evaluate
 data = write_jsonl(Path({tmp!r}) / "data-{n}.jsonl", toy_chat_records({n}))
