@@ -16,6 +16,7 @@ import openai
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
+from support.greedy import offline_greedy
 from support.trained import adapter_runs
 from transformers import AutoModelForCausalLM
 
@@ -52,14 +53,6 @@ def offline(runs: dict[str, Path], tiny_model_dir: Path) -> dict[str, tuple[Any,
     models = {name: (lambda r: (r.model, r.tokenizer))(load_run(path, device="cpu")) for name, path in runs.items()}
     models["base"] = (AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), models["cats"][1])
     return models
-
-
-def offline_greedy(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int, special: bool = False) -> str:
-    ids = torch.tensor([tokenizer(prompt, add_special_tokens=special)["input_ids"]])
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
 def chat_reference(offline: dict, name: str, question: str, max_tokens: int) -> str:

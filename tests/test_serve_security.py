@@ -20,8 +20,8 @@ import requests
 import schemathesis
 from hypothesis import HealthCheck, given, settings, strategies as st
 from schemathesis import GenerationMode
-from test_serve import offline_greedy
-from trained_runs import adapter_runs
+from support.greedy import offline_greedy
+from support.trained import adapter_runs
 
 from tunelab.inference import render_chat
 from tunelab.result import load_run

@@ -4,6 +4,7 @@
 - `support.runs`: the tiny run config every training test starts from, and reading a run's checkpoints;
 - `support.trained`: three tiny LoRA runs trained once per session (generate/chat, serve, export tests);
 - `support.batches`: a collated toy batch and its loss, for tests that drive a technique without the loop;
+- `support.greedy`: greedy generation with plain transformers, the reference a served model must match;
 - `support.cli`: the CLI through typer's runner, with a wide console and the colours stripped;
 - `support.ddp_driver`: the torchrun driver, and `StopAfter`, the Ctrl-C stand-in it shares with the tests.
 
