@@ -170,10 +170,16 @@ def print_runs(runs: list[dict[str, Any]]) -> None:
             if run.get("forgetting_flagged"):
                 val += " (forgetting!)"
         started = (run.get("started") or "-").replace("T", " ")[:16]
-        table.add_row(run["run"], run["status"], started, duration(run.get("duration_s")), str(run.get("technique")),
+        table.add_row(run["run"], run["status"], started, duration(run.get("duration_s")), technique_label(run),
                       str(run.get("model")), _figure(run.get("learning_rate"), ".1e"), str(run.get("step")),
                       _figure(run.get("train_loss_smoothed")), val)
     console.print(table)
+
+
+def technique_label(summary: dict[str, Any]) -> str:
+    """A run's technique and the variant its settings chose, as tables show it: 'lora (dora)'."""
+    variant = summary.get("variant")
+    return f"{summary.get('technique')}" + (f" ({variant})" if variant else "")
 
 
 def print_run_details(details: dict[str, Any]) -> None:
@@ -184,7 +190,7 @@ def print_run_details(details: dict[str, Any]) -> None:
     table.add_column("value", overflow="fold")
     rows = [("status", f"{summary['status']} at step {summary['step']}"), ("started", summary.get("started")),
             ("duration", duration(summary.get("duration_s"))), ("model", summary["model"]),
-            ("technique", summary["technique"]), ("learning rate", _figure(summary["learning_rate"], ".2e")),
+            ("technique", technique_label(summary)), ("learning rate", _figure(summary["learning_rate"], ".2e")),
             ("train loss: last / final-10% mean", f"{_figure(summary['train_loss'])} / {_figure(summary['train_loss_smoothed'])}")]
     if info:
         params = info.get("trainable_parameters"), info.get("total_parameters")

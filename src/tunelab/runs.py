@@ -55,6 +55,7 @@ import yaml
 
 from tunelab.config import read_run_config
 from tunelab.errors import ConfigError
+from tunelab.techniques import technique_variant
 
 log = logging.getLogger(__name__)
 
@@ -309,6 +310,7 @@ def summarize_run(run_dir: Path) -> dict[str, Any] | None:
         "duration_s": info.get("wall_time_s"),
         "model": config.get("model", {}).get("name"),
         "technique": config.get("technique", {}).get("name"),
+        "variant": technique_variant(config.get("technique") or {}),  # e.g. 'dora' for a lora run with use_dora
         "learning_rate": config.get("training", {}).get("learning_rate"),
         "step": status.get("step"),
         "train_loss": train_losses[-1] if train_losses else None,

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from tunelab.config.schema import TunelabConfig
 from tunelab.errors import ConfigError
-from tunelab.techniques import DEFAULT_TECHNIQUE, TECHNIQUES
+from tunelab.techniques import DEFAULT_TECHNIQUE, TECHNIQUES, technique_name_hint
 
 
 def parse_overrides(overrides: list[str] | None) -> list[tuple[list[str], Any]]:
@@ -305,7 +305,10 @@ def format_validation_error(
             hint = f" Did you mean '{close}'?" if close else ""
             messages.append(f"{where}: unknown key '{dotted}'.{hint} Valid keys here: {', '.join(valid)}")
         elif err["type"] == "union_tag_invalid":
-            messages.append(f"{where}: technique.name must be one of {', '.join(TECHNIQUES)} (got {err.get('ctx', {}).get('tag', err['input'])!r})")
+            got = err.get("ctx", {}).get("tag", err["input"])
+            hint = technique_name_hint(got)
+            messages.append(f"{where}: technique.name must be one of {', '.join(TECHNIQUES)} (got {got!r})"
+                            + (f". {hint}" if hint else ""))
         else:
             got = err.get("input")
             got_text = f" (got {got!r})" if not isinstance(got, dict) else ""

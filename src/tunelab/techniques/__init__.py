@@ -7,7 +7,11 @@ this table, so an unknown name is rejected when the config is read.
 
 from __future__ import annotations
 
-from typing import Union, get_args
+import difflib
+from collections.abc import Mapping
+from typing import Any, Union, get_args
+
+import yaml
 
 from tunelab.techniques import (adalora, adapter, adapter_routing, freeze, full, ia3, loha, lokr, lora,
                                  multitask_prompt_tuning, p_tuning, prefix_tuning, prompt_tuning, qlora, vera)
@@ -42,7 +46,47 @@ TECHNIQUES: dict[str, Technique] = _check(_ALL)
 # What a config trains when its technique section, or the section's `name`, is left out.
 DEFAULT_TECHNIQUE: str = lora.TECHNIQUE.name
 
+
+
+def technique_name_hint(name: Any) -> str | None:
+    """Did-you-mean for a ``technique.name`` that is not registered: a variant's name ('dora' -> lora with
+    use_dora: true, as the technique declares it) or a near spelling of a registered name."""
+    if not isinstance(name, str):
+        return None
+    key = name.strip().lower().replace("-", "_")
+    for technique in _ALL:
+        settings = technique.variant_names.get(key)
+        if settings is not None:
+            chosen = {"name": technique.name, **settings}
+            options = ", ".join(f"{key}: {_yaml_scalar(value)}" for key, value in settings.items())
+            sets = " ".join(f"--set technique.{key}={_yaml_scalar(value)}" for key, value in chosen.items())
+            section = ", ".join(f"{key}: {_yaml_scalar(value)}" for key, value in chosen.items())
+            return (f"'{name}' is technique '{technique.name}'{' with ' + options if options else ''}: write "
+                    f"technique: {{{section}}} (on the command line: {sets})")
+    close = difflib.get_close_matches(key, list(TECHNIQUES), n=1, cutoff=0.6)
+    return f"Did you mean '{close[0]}'?" if close else None
+
+
+def _yaml_scalar(value: Any) -> str:
+    """A value as the user would write it in YAML: true, 16, pissa."""
+    return yaml.safe_dump(value).removesuffix("...\n").strip()
+
+
+def technique_variant(section: Mapping[str, Any]) -> str | None:
+    """The variant a run's technique section chooses ('dora'), as its technique labels it; None when plain, or when
+    the section no longer validates (an older run)."""
+    technique = TECHNIQUES.get(section.get("name", DEFAULT_TECHNIQUE))
+    if technique is None or technique.variant_label is None:
+        return None
+    try:
+        settings = technique.config_class.model_validate(section)
+    except ValueError:  # pydantic's ValidationError: a config from another tunelab version
+        return None
+    return technique.variant_label(settings)
+
+
 # The union the config schema discriminates on `name`.
 TechniqueConfig = Union[tuple(t.config_class for t in _ALL)]  # type: ignore[valid-type]
 
-__all__ = ["DEFAULT_TECHNIQUE", "TECHNIQUES", "BaseLoad", "MergeResult", "RunContext", "Technique", "TechniqueConfig", "TechniqueError", "count_parameters"]
+__all__ = ["DEFAULT_TECHNIQUE", "TECHNIQUES", "BaseLoad", "MergeResult", "RunContext", "Technique", "TechniqueConfig",
+           "TechniqueError", "count_parameters", "technique_name_hint", "technique_variant"]

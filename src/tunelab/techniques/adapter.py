@@ -112,4 +112,7 @@ TECHNIQUE = Technique(
     summary="bottleneck adapter layers inside the frozen model (Houlsby, Pfeiffer or parallel; not mergeable)",
     load_result=load_result,
     refuses={"merge": MERGE_REFUSAL, "quantized_base": NOT_QUANTIZED},
+    variant_names={"bottleneck": {}, "bottleneck_adapter": {}, "houlsby": {"placement": "houlsby"},
+                   "pfeiffer": {"placement": "pfeiffer"}, "parallel_adapter": {"placement": "parallel"}},
+    variant_label=lambda settings: settings.placement,
 )

@@ -105,6 +105,10 @@ class Technique:
       (a dict merged into it), computed on the trained model and the run's PreparedData.
     - ``merge(config, folder, device)`` folds the result into a standalone model (only when "merge" is not
       refused); the default merges a PEFT adapter into the base it was trained on.
+    - ``variant_names`` maps names a user may try for one of its variants ('dora') to the settings that choose
+      that variant here ({'use_dora': True}): config loading turns such a ``technique.name`` into a did-you-mean.
+    - ``variant_label(settings)`` names the variant its settings choose ('dora'), or None for the plain technique;
+      ``tunelab runs`` shows it beside the name.
     """
 
     name: str
@@ -123,6 +127,8 @@ class Technique:
     state: TechniqueState | None = None
     evaluate: Callable[[nn.Module, Any, int, torch.device, int | None], dict[str, Any]] | None = None
     merge: Callable[[Any, Path, torch.device], MergeResult] | None = None
+    variant_names: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    variant_label: Callable[[Any], str | None] | None = None
 
     def __post_init__(self) -> None:
         if self.load_result is None:

@@ -221,6 +221,21 @@ def loraplus_param_groups(model: nn.Module, settings: LoraOptions, lr: float, we
     return [g for g in groups if g["params"]]
 
 
+# Names users reach for (other libraries call these variants techniques of their own) -> the settings here.
+VARIANT_NAMES: dict[str, dict[str, Any]] = {
+    "dora": {"use_dora": True}, "rslora": {"use_rslora": True}, "pissa": {"init": "pissa"}, "olora": {"init": "olora"},
+    "loraplus": {"loraplus_lr_ratio": 16}, "lora_plus": {"loraplus_lr_ratio": 16}, "lora+": {"loraplus_lr_ratio": 16},
+}
+
+
+def variant_label(settings: LoraOptions) -> str | None:
+    """The variants these settings choose, e.g. 'dora, lora+' (None: plain LoRA)."""
+    chosen = [label for label, on in (("dora", settings.use_dora), ("rslora", settings.use_rslora),
+                                      (settings.init, settings.init in BASE_CHANGING_INITS),
+                                      ("lora+", settings.loraplus_lr_ratio is not None)) if on]
+    return ", ".join(chosen) or None
+
+
 TECHNIQUE = Technique(
     name="lora",
     config_class=LoraSettings,
@@ -231,4 +246,6 @@ TECHNIQUE = Technique(
     summary="low-rank adapters on frozen weights (small, fast, mergeable); DoRA, rsLoRA, PiSSA, LoRA+ as options",
     refuses={"quantized_base": "a 4/8-bit base is what technique 'qlora' loads: use it for LoRA on a quantized base"},
     param_groups=loraplus_param_groups,
+    variant_names=VARIANT_NAMES,
+    variant_label=variant_label,
 )

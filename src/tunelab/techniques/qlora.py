@@ -103,4 +103,7 @@ TECHNIQUE = Technique(
     base_load=base_load,
     param_groups=lora.loraplus_param_groups,
     merge=merge,
+    variant_names={"qlora4": {"bits": 4}, "qlora8": {"bits": 8}, "qlora_4bit": {"bits": 4}, "qlora_8bit": {"bits": 8},
+                   "qdora": {"use_dora": True}},
+    variant_label=lambda settings: ", ".join(filter(None, [f"{settings.bits}-bit", lora.variant_label(settings)])),
 )
