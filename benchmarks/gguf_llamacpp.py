@@ -94,7 +94,7 @@ def check_type(run: Path, quant: str, reference: Any, tokenizer: Any, work: Path
     from transformers import AutoModelForCausalLM
 
     from tunelab.export.gguf import CHECK_PROMPTS, CHECK_TOKENS, export_gguf
-    from tunelab.inference import encode, render_chat, stop_token_ids
+    from tunelab.generation import encode, render_chat, stop_token_ids
 
     stops = stop_token_ids(reference, tokenizer)
     started = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Evaluation helpers: generation stops at the model's own end-of-turn token, not only the tokenizer's EOS."""
+"""Generation for evaluation: it stops at the model's own end-of-turn token, not only the tokenizer's EOS."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tunelab.eval import generate, stop_token_ids
+from tunelab.generation import GenerationRequest, Sampling, encode, generate_batch, stop_token_ids
 
 
 def test_stop_tokens_include_the_models_end_of_turn(tiny_model_dir: Path) -> None:
@@ -27,8 +27,8 @@ def test_generation_stops_at_a_configured_end_token(tiny_model_dir: Path) -> Non
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         first = int(model(ids).logits[0, -1].argmax())  # the greedy first token
-    first_text = tokenizer.decode([first]).strip()
-    free = generate(model, tokenizer, prompt, 8, torch.device("cpu"))
-    assert free.startswith(first_text) and free != first_text  # control: unstopped, it goes on past that token
+    free = generate_batch(model, tokenizer, [GenerationRequest(encode(tokenizer, prompt), Sampling(8))])[0]
+    assert free.token_ids[0] == first and len(free.token_ids) > 1  # control: unstopped, it goes on past that token
     model.generation_config.eos_token_id = first  # now the model's first greedy token ends the turn
-    assert generate(model, tokenizer, prompt, 8, torch.device("cpu")) == first_text
+    stopped = generate_batch(model, tokenizer, [GenerationRequest(encode(tokenizer, prompt), Sampling(8))])[0]
+    assert stopped.token_ids == [] and stopped.text == "" and stopped.finish_reason == "stop"

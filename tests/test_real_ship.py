@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tunelab.config import build_config
-from tunelab.inference import render_chat, stop_token_ids
+from tunelab.generation import render_chat, stop_token_ids
 from tunelab.result import load_run
 from tunelab.serve.app import ServeSettings
 from tunelab.serve.server import BackgroundServer, build_app

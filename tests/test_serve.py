@@ -21,7 +21,7 @@ from support.trained import adapter_runs
 from transformers import AutoModelForCausalLM
 
 from tunelab.errors import ConfigError
-from tunelab.inference import render_chat
+from tunelab.generation import render_chat
 from tunelab.result import load_run
 from tunelab.serve.app import ServeSettings, create_app
 from tunelab.serve.engine import Engine, load_models

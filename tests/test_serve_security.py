@@ -23,7 +23,7 @@ from schemathesis import GenerationMode
 from support.greedy import offline_greedy
 from support.trained import adapter_runs
 
-from tunelab.inference import render_chat
+from tunelab.generation import render_chat
 from tunelab.result import load_run
 from tunelab.serve import app as app_module
 from tunelab.serve.app import ServeSettings

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from tunelab.card import file_sha256
 from tunelab.cli import app
-from tunelab.inference import GenerationRequest, Sampling, encode, generate_batch, render_chat
+from tunelab.generation import GenerationRequest, Sampling, encode, generate_batch, render_chat
 from tunelab.result import load_run
 from tunelab.use import chat_loop, generate_from_run
 
@@ -47,9 +47,9 @@ def test_generate_equals_plain_greedy_decoding_with_the_chat_template(runs: dict
 def test_batched_rows_equal_single_rows_and_budgets_are_per_row(runs: dict[str, Path]) -> None:
     loaded = load_run(runs["dogs"], device="cpu")
     prompts = [render_chat(loaded.tokenizer, [{"role": "user", "content": q}]) for q in ["say something 1", "hi there you"]]
-    alone = [generate_batch(loaded.model, loaded.tokenizer, [GenerationRequest(encode(loaded.tokenizer, p), 8)])[0] for p in prompts]
+    alone = [generate_batch(loaded.model, loaded.tokenizer, [GenerationRequest(encode(loaded.tokenizer, p), Sampling(8))])[0] for p in prompts]
     together = generate_batch(loaded.model, loaded.tokenizer,
-                              [GenerationRequest(encode(loaded.tokenizer, p), n) for p, n in zip(prompts, [8, 2])])
+                              [GenerationRequest(encode(loaded.tokenizer, p), Sampling(n)) for p, n in zip(prompts, [8, 2])])
     assert together[0].token_ids == alone[0].token_ids
     assert together[1].token_ids == alone[1].token_ids[:2] and together[1].finish_reason == "length"
 
@@ -57,10 +57,10 @@ def test_batched_rows_equal_single_rows_and_budgets_are_per_row(runs: dict[str, 
 def test_a_stop_string_ends_the_row_and_is_not_returned(runs: dict[str, Path]) -> None:
     loaded = load_run(runs["cats"], device="cpu")
     prompt = render_chat(loaded.tokenizer, [{"role": "user", "content": "say something 2"}])
-    full = generate_batch(loaded.model, loaded.tokenizer, [GenerationRequest(encode(loaded.tokenizer, prompt), 8)])[0]
+    full = generate_batch(loaded.model, loaded.tokenizer, [GenerationRequest(encode(loaded.tokenizer, prompt), Sampling(8))])[0]
     assert " cat" in full.text
     cut = generate_batch(loaded.model, loaded.tokenizer,
-                         [GenerationRequest(encode(loaded.tokenizer, prompt), 8, stop=[" cat"])])[0]
+                         [GenerationRequest(encode(loaded.tokenizer, prompt), Sampling(8, stop=(" cat",)))])[0]
     assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.find(" cat")]
 
 

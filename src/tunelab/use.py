@@ -6,16 +6,47 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
 
-from tunelab.inference import (GenerationRequest, Sampling, encode, generate_batch, prompt_from_record, render_chat,
-                               uses_chat_template)
+from tunelab.errors import DataError
+from tunelab.generation import GenerationRequest, Sampling, encode, generate_batch, render_chat
+from tunelab.runs import read_json
+
+
+def uses_chat_template(run_dir: Path, tokenizer: Any) -> bool:
+    """Whether a run talks through its chat template: it has one and it was trained on conversations (a run on
+    plain text or prompt/completion pairs continues raw text, as in its training)."""
+    formats = (read_json(Path(run_dir) / "data_report.json") or {}).get("formats") or {}
+    chat_formats = {"messages", "alpaca"}
+    return bool(tokenizer.chat_template) and (not formats or bool(chat_formats & set(formats)))
+
+
+def prompt_from_record(record: dict[str, Any], where: str) -> tuple[list[dict[str, str]] | None, str | None]:
+    """(messages, raw text) for one `tunelab generate --data` record: a conversation (a trailing assistant turn,
+    the reference answer, is dropped), an instruction, or a plain prompt/text."""
+    record = {k: v for k, v in record.items() if v is not None}  # a table's rows carry every column, absent ones as None
+    messages = record.get("messages")
+    if isinstance(messages, list) and messages:
+        if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages):
+            raise DataError(f"{where}: each message needs a string 'role' and 'content'")
+        turns = [{"role": m["role"], "content": m["content"]} for m in messages]
+        while turns and turns[-1]["role"] == "assistant":
+            turns.pop()
+        if not turns:
+            raise DataError(f"{where}: the conversation has no user turn to answer")
+        return turns, None
+    if isinstance(record.get("instruction"), str):
+        text = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+        system = [{"role": "system", "content": record["system"]}] if record.get("system") else []
+        return [*system, {"role": "user", "content": text}], text
+    for key in ("prompt", "text"):
+        if isinstance(record.get(key), str):
+            return [{"role": "user", "content": record[key]}], record[key]
+    raise DataError(f"{where}: expected 'messages', 'instruction', 'prompt' or 'text' (got keys {sorted(record)})")
 
 
 def _prompt_text(tokenizer: Any, chat: bool, messages: list[dict[str, str]], raw: str | None, where: str) -> str:
     if chat:
         return render_chat(tokenizer, messages)
     if raw is None:
-        from tunelab.errors import DataError
-
         raise DataError(f"{where}: a conversation needs the chat template; drop --raw")
     return raw
 
@@ -38,11 +69,11 @@ def generate_from_run(run: Path, prompts: list[str] | None, data: Path | None, m
             items.append((where, _prompt_text(loaded.tokenizer, chat, messages, text, where)))
     for index, text in enumerate(prompts or []):
         items.append((f"--prompt {index + 1}", render_chat(loaded.tokenizer, [{"role": "user", "content": text}]) if chat else text))
-    sampling = Sampling(temperature=temperature, seed=seed)
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        requests = [GenerationRequest(encode(loaded.tokenizer, text, special=not chat), max_new_tokens) for _, text in chunk]
-        generate_batch(loaded.model, loaded.tokenizer, requests, sampling)
+        requests = [GenerationRequest(encode(loaded.tokenizer, text, special=not chat), sampling) for _, text in chunk]
+        generate_batch(loaded.model, loaded.tokenizer, requests)
         for (source, text), request in zip(chunk, requests):
             yield {"source": source, "prompt": text, "output": request.text.strip(),
                    "finish_reason": request.finish_reason, "tokens": len(request.token_ids)}
@@ -72,11 +103,12 @@ def chat_loop(run: Path, system: str | None, max_new_tokens: int, temperature: f
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
-        request = GenerationRequest(encode(loaded.tokenizer, render_chat(loaded.tokenizer, messages)), max_new_tokens,
+        request = GenerationRequest(encode(loaded.tokenizer, render_chat(loaded.tokenizer, messages)),
+                                    Sampling(max_new_tokens=max_new_tokens, temperature=temperature),
                                     on_text=lambda delta: (out.write(delta), out.flush()))
         out.write("assistant> ")
         try:
-            generate_batch(loaded.model, loaded.tokenizer, [request], Sampling(temperature=temperature))
+            generate_batch(loaded.model, loaded.tokenizer, [request])
         except KeyboardInterrupt:  # stop this reply, keep the conversation
             request.finish_reason = "cancelled"
         out.write("\n" if request.finish_reason == "stop" else f"\n[{request.finish_reason}]\n")

@@ -11,11 +11,13 @@ token, whatever the pad token is, because the mask never looks at token ids.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from transformers import PreTrainedTokenizerBase
 
 from tunelab.data.formats import DataError, Example
+from tunelab.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +82,17 @@ def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return 0
 
 
-def render_chat(tokenizer: PreTrainedTokenizerBase, turns: tuple[tuple[str, str], ...], add_generation_prompt: bool) -> str:
-    messages = [{"role": role, "content": content} for role, content in turns]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, str] | tuple[str, str]],
+                add_generation_prompt: bool = True) -> str:
+    """The text the tokenizer's chat template makes of ``messages`` ({role, content} dicts or (role, content)
+    pairs); by default ending with the assistant's turn opened, as a prompt for generation. Training, eval and
+    serving all render through here, so a run is prompted exactly as it was trained."""
+    if not tokenizer.chat_template:
+        raise ConfigError("the tokenizer has no chat template, so it cannot render a conversation: to train on one "
+                          "set data.chat_template; to use a run without one, generate from plain text "
+                          "(`tunelab generate RUN --prompt ...` or /v1/completions)")
+    turns = [dict(m) if isinstance(m, Mapping) else {"role": m[0], "content": m[1]} for m in messages]
+    return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
 def _assistant_spans(tokenizer: PreTrainedTokenizerBase, example: Example, full: str) -> list[tuple[int, int]]:

@@ -100,8 +100,8 @@ def score_system(opened: Any, examples: list[Any], prompts: list[str], plain_tex
 
     from tunelab.data.tokenize import apply_length_policy, pad_token_id, tokenize_example
     from tunelab.eval.classify import check_labels, label_log_likelihoods
-    from tunelab.eval.generation import Sampling, generate_batch
     from tunelab.eval.loss import example_losses
+    from tunelab.generation import Sampling, generate_texts
 
     tokenizer, model = opened.tokenizer, opened.model
     pad_id = pad_token_id(tokenizer)
@@ -114,14 +114,17 @@ def score_system(opened: Any, examples: list[Any], prompts: list[str], plain_tex
     if classification:
         for metric in classification.metrics:
             stats[metric.name] = np.zeros((n, len(settings.labels) ** 2))
-    sampling = Sampling(settings.do_sample, settings.temperature, settings.top_p, settings.seed)
+    # Sampled eval has always kept transformers' default top-k of 50 (eval takes no --top-k): kept, so the
+    # figures of a sampled evaluation do not change.
+    sampling = (Sampling(settings.max_new_tokens, settings.temperature, settings.top_p, top_k=50, seed=settings.seed)
+                if settings.do_sample else Sampling(settings.max_new_tokens))
     with open(out_path, "w") as handle:
         for chunk in _chunks(n, settings.batch_size):
             tokenized = [apply_length_policy(tokenize_example(tokenizer, examples[i]), settings.max_length, "truncate")
                          for i in chunk]
             losses = list(example_losses(model, tokenized, pad_id, settings.batch_size, device))
-            outputs = (generate_batch(model, tokenizer, [prompts[i] for i in chunk], settings.max_new_tokens, device,
-                                      add_special_tokens=plain_text, sampling=sampling)
+            outputs = (generate_texts(model, tokenizer, [prompts[i] for i in chunk], sampling, len(chunk),
+                                      special_tokens=plain_text)
                        if metrics else [None] * len(chunk))
             scored = (label_log_likelihoods(model, tokenizer, [examples[i] for i in chunk], settings.labels, pad_id,
                                             settings.batch_size, device) if classification else [None] * len(chunk))

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from tunelab.errors import ConfigError
+from tunelab.generation import GenerationRequest, Sampling, encode, generate_batch, render_chat
 
 log = logging.getLogger(__name__)
 
@@ -164,19 +165,15 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, quant: str, name: str, mo
     writer.close()
 
 
-@torch.no_grad()
-def _greedy(model: Any, ids: list[int], pad_id: int | None) -> list[int]:
-    tensor = torch.tensor([ids])
-    out = model.generate(input_ids=tensor, attention_mask=torch.ones_like(tensor), do_sample=False,
-                         max_new_tokens=CHECK_TOKENS, min_new_tokens=CHECK_TOKENS, pad_token_id=pad_id)
-    return out[0, len(ids):].tolist()
+def _greedy(model: Any, tokenizer: Any, ids: list[int]) -> list[int]:
+    """CHECK_TOKENS greedy tokens, with no end of turn before: the two models are compared token for token."""
+    sampling = Sampling(max_new_tokens=CHECK_TOKENS, min_new_tokens=CHECK_TOKENS)
+    return generate_batch(model, tokenizer, [GenerationRequest(ids, sampling)])[0].token_ids
 
 
 def check_roundtrip(path: Path, reference: Any, tokenizer: Any, quant: str, prompts: list[str]) -> dict[str, Any]:
     """Read the file back with transformers' GGUF loader and compare it with the float model it came from."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from tunelab.inference import encode
 
     started = time.perf_counter()
     loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
@@ -186,7 +183,7 @@ def check_roundtrip(path: Path, reference: Any, tokenizer: Any, quant: str, prom
     for prompt in prompts:
         ids = encode(tokenizer, prompt)
         same_ids += ids == encode(loaded_tokenizer, prompt)
-        same_tokens += _greedy(reference, ids, tokenizer.pad_token_id) == _greedy(loaded, ids, tokenizer.pad_token_id)
+        same_tokens += _greedy(reference, tokenizer, ids) == _greedy(loaded, tokenizer, ids)
     required = TYPES[quant][2]
     result = {
         "loader": "transformers GGUF loader", "load_s": round(load_s, 2), "prompts": len(prompts),
@@ -203,7 +200,6 @@ def export_gguf(run: Path, quant: str = "f16", out: Path | None = None, check: b
                 device: torch.device | str | None = "cpu") -> dict[str, Any]:
     """Merge the run, write the GGUF file (default RUN/exports/<run>-<quant>.gguf), check it; return the report."""
     from tunelab.export.quantize import merged_float
-    from tunelab.inference import render_chat
     from tunelab.runs import run_entry, write_json
 
     quant = check_type(quant)

@@ -30,6 +30,7 @@ import torch
 
 from tunelab.errors import ConfigError
 from tunelab.eval.report import QUANTIZE_REPORT as REPORT_NAME  # the eval reports of the run read it too
+from tunelab.generation import GenerationRequest, Sampling, encode, generate_batch, sample_prompts
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +120,6 @@ class _Measurer:
 
     def __init__(self, config: Any, tokenizer: Any, device: torch.device, samples: int, max_new_tokens: int) -> None:
         from tunelab.data import prepare_data
-        from tunelab.eval import sample_prompts
-        from tunelab.inference import encode
         from tunelab.models import cache_root
         from tunelab.objectives import OBJECTIVES
 
@@ -156,13 +155,13 @@ class _Measurer:
 
     @torch.no_grad()
     def _answers(self, model: Any) -> tuple[list[list[int]], float]:
+        # Greedy and exactly max_new_tokens long (no end of turn before): every method is timed on as many tokens
+        # and compared token for token.
+        sampling = Sampling(max_new_tokens=self.max_new_tokens, min_new_tokens=self.max_new_tokens)
         answers, started = [], time.perf_counter()
         for ids in self.prompt_ids:  # one at a time: the speed of a single request, as a chat user sees it
-            tensor = torch.tensor([ids], device=self.device)
-            out = model.generate(input_ids=tensor, attention_mask=torch.ones_like(tensor), do_sample=False,
-                                 max_new_tokens=self.max_new_tokens, min_new_tokens=self.max_new_tokens,
-                                 pad_token_id=self.tokenizer.pad_token_id)
-            answers.append(out[0, len(ids):].tolist())
+            row = generate_batch(model, self.tokenizer, [GenerationRequest(ids, sampling)])[0]
+            answers.append(row.token_ids)
         return answers, time.perf_counter() - started
 
 

@@ -21,7 +21,7 @@ import hmac
 import json
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunelab.errors import ConfigError
-from tunelab.inference import GenerationRequest, Sampling, encode, render_chat
+from tunelab.generation import GenerationRequest, Sampling, encode, render_chat
 from tunelab.serve.engine import Engine, Job, NoModels, ServedModel
 from tunelab.serve.errors import APIError, error_body, error_response
 from tunelab.serve.metrics import Metrics
@@ -296,14 +296,15 @@ async def _generate(app: FastAPI, http: Request, body: ChatCompletionRequest | C
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[int, str, Any]] = asyncio.Queue()
         deadline = time.monotonic() + settings.request_timeout_s
-        sampling = Sampling(temperature=float(body.temperature or 0.0), top_p=float(body.top_p or 1.0), seed=body.seed)
+        sampling = Sampling(temperature=float(body.temperature or 0.0), top_p=float(body.top_p or 1.0),
+                            stop=tuple(body.stop_list()), seed=body.seed)
         requests = []
         for index, (prompt_ids, budget) in enumerate(zip(ids, budgets)):
             on_text = (lambda delta, i=index: loop.call_soon_threadsafe(events.put_nowait, (i, "text", delta))) if body.stream else None
-            requests.append(GenerationRequest(prompt_ids, budget, adapter=served.name, stop=body.stop_list(),
+            requests.append(GenerationRequest(prompt_ids, replace(sampling, max_new_tokens=budget), adapter=served.name,
                                               deadline=deadline, on_text=on_text))
         for index, request in enumerate(requests):
-            engine.submit(Job(request, sampling, lambda job, error, i=index: loop.call_soon_threadsafe(
+            engine.submit(Job(request, lambda job, error, i=index: loop.call_soon_threadsafe(
                 events.put_nowait, (i, "done", error))))
         meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
                 "model": served.name}

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tunelab.errors import ConfigError
-from tunelab.inference import BASE, PEFT_BASE, GenerationRequest, Sampling, generate_batch
+from tunelab.generation import BASE, PEFT_BASE, GenerationRequest, generate_batch
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,6 @@ class Job:
     """One request in the worker's queue; ``finished(job, error)`` is called from the worker thread."""
 
     request: GenerationRequest
-    sampling: Sampling
     finished: Callable[["Job", str | None], None]
     enqueued: float = field(default_factory=time.monotonic)
 
@@ -199,7 +198,7 @@ class Engine:
                 break
             self._held.append(job)
         first = self._held[0]
-        batch = [j for j in self._held if j.sampling == first.sampling
+        batch = [j for j in self._held if j.request.sampling.batch_key == first.request.sampling.batch_key
                  and (self.mix_adapters or j.request.adapter == first.request.adapter)][: self.max_batch_size]
         self._held = [j for j in self._held if all(j is not b for b in batch)]
         return batch
@@ -216,7 +215,7 @@ class Engine:
             error = None
             try:
                 adapters = {m.name: m.adapter for m in self.served.values()} if self.mixed else None
-                generate_batch(self.model, self.tokenizer, [j.request for j in live], live[0].sampling, adapters)
+                generate_batch(self.model, self.tokenizer, [j.request for j in live], adapters)
                 self.batches += 1
                 self.batch_rows += len(live)
             except Exception as exc:  # noqa: BLE001 - reported to every request of the batch, the worker lives on

@@ -17,9 +17,10 @@ from tunelab import distributed, runs
 from tunelab.config import TunelabConfig
 from tunelab.console import training_progress
 from tunelab.data import PreparedData
-from tunelab.eval import generate_samples, validation_loss
+from tunelab.eval import validation_loss
 from tunelab.eval.forgetting import heldout_loss
 from tunelab.eval.training import OverfittingSignal, is_better, metric_direction, progress_note, sample_scores
+from tunelab.generation import generate_samples
 from tunelab.models import default_device
 from tunelab.objectives import OBJECTIVES
 from tunelab.precision import training_precision
@@ -147,7 +148,7 @@ class TrainingContext:
     def greedy_samples(self, model: torch.nn.Module) -> list[str]:
         """``model``'s greedy generations of the validation sample prompts."""
         plain_text = bool(self.data.validation_examples) and not self.data.validation_examples[0].messages
-        return generate_samples(model, self.tokenizer, self.samples, self.config.eval.max_new_tokens, self.device,
+        return generate_samples(model, self.tokenizer, self.samples, self.config.eval.max_new_tokens,
                                 plain_text=plain_text, batch_size=self.config.eval.batch_size)
 
     # ------------------------------------------------------------ evaluations and checkpoints during training

@@ -26,8 +26,8 @@ from tunelab.card import write_card
 from tunelab.config import ConfigError, TunelabConfig
 from tunelab.data import PreparedData, prepare_data
 from tunelab.eval.before_after import base_evaluation, compare_with_base, forgetting_after
-from tunelab.eval.generation import sample_prompts
 from tunelab.eval.training import OverfittingSignal
+from tunelab.generation import sample_prompts
 from tunelab.models import cache_root, default_device, load_model, load_tokenizer, model_skeleton
 from tunelab.precision import keep_trainable_in_float32, training_precision
 from tunelab.runs import read_json, write_run_json
