@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.config import read_run_config
+from tunelab.data.prepare import PreparedData
+from tunelab.data.tokenize import apply_length_policy, pad_token_id, tokenize_example
+from tunelab.techniques import TECHNIQUES
 
 
 def run_technique(target: str | Path) -> Any | None:
     """The registry entry of the run folder ``target``'s technique (None: not a run folder)."""
-    from tunelab.techniques import TECHNIQUES
-
     if not (Path(target) / "config.yaml").is_file():
         return None
     name = (read_run_config(Path(target)).get("technique") or {}).get("name")
@@ -27,9 +28,6 @@ def run_technique(target: str | Path) -> Any | None:
 def technique_figures(target: str | Path, opened: Any, examples: list[Any], max_length: int, device: Any) -> dict[str, Any] | None:
     """``{"technique": name, ...its figures}`` on ``examples`` for a run whose technique has ``evaluate``, or None.
     Examples carrying a ``task`` are grouped by it (task ids index the sorted task names, as in training)."""
-    from tunelab.data.prepare import PreparedData
-    from tunelab.data.tokenize import apply_length_policy, pad_token_id, tokenize_example
-
     technique = run_technique(target)
     if technique is None or technique.evaluate is None:
         return None
