@@ -135,6 +135,26 @@ def test_data_inspect_several_files_and_set(tmp_path: Path, tiny_config: Path) -
     assert report["validation"]["examples"] == 0 and report["train"]["examples"] == 15
 
 
+@pytest.mark.parametrize("where", ["--set", "--config"])
+def test_data_inspect_follows_data_columns(tmp_path: Path, tiny_model_dir: Path, where: str) -> None:
+    """The README's "check it first" step on data with its own column names: mapped with data.columns, the
+    records are read as prompt/completion, in the report and in the highlighted example."""
+    qa = write_jsonl(tmp_path / "qa.jsonl", [{"question": f"what does cat {i} say?", "answer": f"meow {i}"}
+                                             for i in range(8)])
+    mapping = "{question: prompt, answer: completion}"
+    config = tmp_path / "qa.yaml"
+    config.write_text(f"model:\n  name: {tiny_model_dir}\n" + (f"data:\n  columns: {mapping}\n" if where == "--config" else ""))
+    extra = ["--set", f"data.columns={mapping}"] if where == "--set" else []
+    result = invoke("data", "inspect", qa, "--config", config, *extra, "--index", "3", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["formats"] == {"prompt_completion": 8}
+    [example] = report["examples"]
+    assert example["source"] == f"{qa}:4"
+    supervised = "".join(s["text"] for s in example["segments"] if s["supervised"])
+    assert "meow 3" in supervised and "cat 3" not in supervised
+
+
 def test_data_inspect_malformed_file_exits_2_with_file_and_line(tmp_path: Path, tiny_config: Path) -> None:
     good = json.dumps(toy_chat_records(1)[0])
     path = tmp_path / "bad.jsonl"

@@ -86,7 +86,7 @@ def inspect_data(files: list[str | Path] | str | Path, config: TunelabConfig | s
 def _tokenized_records(data_config: Any, tokenizer: Any, index: int, count: int) -> list[dict[str, Any]]:
     if index < 0 or count < 1:
         raise DataError(f"index {index}, count {count}: give an index of 0 or more and a count of 1 or more")
-    records = [e for path in data_config.train for e in load_file(path, data_config.format).examples]
+    records = [e for path in data_config.train for e in load_file(path, data_config.format, data_config.columns).examples]
     if index >= len(records):
         raise DataError(f"--index {index}: the data has {len(records)} records, so the index goes from 0 to "
                         f"{len(records) - 1}")
