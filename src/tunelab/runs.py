@@ -63,7 +63,7 @@ MARKER = ".tunelab-run.json"
 # The entries the trainer itself writes. Informational only: ownership is what the MARKER records, never a name.
 RUN_ENTRIES = frozenset({"config.yaml", "data_report.json", "metrics.jsonl", "eval.json", "base_eval.json",
                          "status.json", "adapter", "model", "tokenizer", "checkpoints",
-                         "run_info.json", "evals", "tensorboard", "mlruns",
+                         "run_info.json", "evals", "tensorboard", "mlruns", "wandb",
                          "quantize.json", "exports", "merged"})
 LOCK = ".tunelab-lock"
 _FORMAT = 1

@@ -72,9 +72,10 @@ class TrainingConfig(Settings):
     restore_best: bool = Field(
         True, description="At the end, load the weights with the best `best_metric` before saving the result."
     )
-    report_to: list[Literal["tensorboard", "mlflow"]] = Field(
-        default_factory=list, description="Also log metrics to TensorBoard event files (RUN/tensorboard) and/or a "
-        "local MLflow store (RUN/mlruns); both work offline. Needs `pip install 'tunelab[tracking]'`."
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list, description="Also log metrics to TensorBoard event files (RUN/tensorboard), a local "
+        "MLflow store (RUN/mlruns) and/or an offline Weights & Biases run (RUN/wandb; `wandb sync` uploads it "
+        "later); all work offline. Needs `pip install 'tunelab[tracking]'`."
     )
     max_consecutive_nonfinite: int = Field(
         5, gt=0, description="A non-finite loss or gradient skips the step; this many in a row aborts the run."
