@@ -5,9 +5,12 @@ curl against live uvicorn on 127.0.0.1; nothing here talks to another address.""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,7 @@ from urllib.parse import urlparse
 
 import httpx
 import openai
+import psutil
 import pytest
 import requests
 import schemathesis
@@ -269,6 +273,116 @@ def test_fuzzed_requests_over_the_openapi_schema_never_get_a_500(keyed: Backgrou
     assert len(SEEN) >= FUZZ_REQUESTS and elapsed < FUZZ_SECONDS
     assert generated >= 10 and 401 in statuses and any(400 <= s < 500 and s != 401 for s in statuses)  # all kinds met
     assert httpx.get(f"{keyed.url}/health").json()["status"] == "ok"
+
+
+# ---------------------------------------------------------------- load: many clients, a third of them leaving
+
+CLIENTS = 64
+LOAD_TOKENS = 16  # per request: enough that a client leaving after its first token leaves mid-generation
+LOAD_SECONDS = 120  # the bound: the load took 18-67 s on the shared 2-core development machine
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def served_process(runs: dict[str, Path], tmp_path: Path):  # noqa: ANN201 - (url, psutil.Process)
+    """`tunelab serve` in its own process on 127.0.0.1, so its memory is its own to measure."""
+    port = free_port()
+    log = (tmp_path / "server.log").open("wb")
+    command = [sys.executable, "-m", "tunelab", "serve", str(runs["cats"]), str(runs["dogs"]), "--host", "127.0.0.1",
+               "--port", str(port), "--api-key", KEY, "--max-tokens-limit", "64", "--max-concurrent", str(CLIENTS)]
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "NO_COLOR": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+            try:
+                if httpx.get(f"{url}/health", timeout=2, trust_env=False).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        yield url, psutil.Process(process.pid)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+
+
+def settled_rss(process: psutil.Process, seconds: float = 2.0) -> int:
+    """The server's resident memory once it has been idle a moment (the lowest of a few readings)."""
+    readings = []
+    for _ in range(5):
+        time.sleep(seconds / 5)
+        readings.append(process.memory_info().rss)
+    return min(readings)
+
+
+async def one_client(client: httpx.AsyncClient, index: int) -> str:
+    """Client ``index``: every third one leaves after its first token; the others read to the end, half streaming."""
+    body = {"model": ("cats", "dogs", "base")[index % 3], "max_tokens": LOAD_TOKENS,
+            "messages": [{"role": "user", "content": f"say something {index}" + " again" * (index % 5)}]}
+    if index % 3 == 2:
+        response = await client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200, response.text
+        return "complete"
+    async with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response:
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if line.startswith("data: ") and '"content":' in line and '"content": ""' not in line:
+                if index % 3 == 0:
+                    return "left"  # closing the stream here drops the connection mid-generation
+            if line == "data: [DONE]":
+                return "streamed"
+    raise AssertionError(f"client {index}: the stream ended without [DONE]")
+
+
+async def load(url: str) -> list[str]:
+    limits = httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=url, headers=auth(), limits=limits, timeout=120, trust_env=False) as client:
+        return await asyncio.gather(*(one_client(client, i) for i in range(CLIENTS)))
+
+
+def cancelled_by_disconnect(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", headers=auth(), trust_env=False).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith('tunelab_cancelled_generations_total{reason="disconnect"}'))
+
+
+def test_64_clients_a_third_leaving_mid_stream_leave_the_server_healthy(served_process, runs: dict[str, Path]) -> None:  # noqa: ANN001
+    url, process = served_process
+    started = time.monotonic()
+    question = [{"role": "user", "content": "say something 7"}]
+    ask = lambda: httpx.post(f"{url}/v1/chat/completions", headers=auth(), timeout=60, trust_env=False,  # noqa: E731
+                             json={"model": "cats", "messages": question, "max_tokens": 16})
+    warm = ask()  # warm-up: the first request allocates what every later one reuses
+    assert warm.status_code == 200
+    rss_before = settled_rss(process)
+    load_started = time.monotonic()
+    outcomes = asyncio.run(load(url))
+    load_seconds = time.monotonic() - load_started
+    leavers = len(range(0, CLIENTS, 3))
+    assert outcomes.count("left") == leavers and outcomes.count("complete") + outcomes.count("streamed") == CLIENTS - leavers
+    deadline = time.monotonic() + 30
+    while (health := httpx.get(f"{url}/health", trust_env=False)).json()["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert health.status_code == 200 and health.json() == {"status": "ok", "models": ["base", "cats", "dogs"], "in_flight": 0}
+    rss_after = settled_rss(process)  # the server's own collector has had the idle seconds to run
+    change = (rss_after - rss_before) / rss_before
+    print(f"{CLIENTS} clients in {load_seconds:.1f} s; {cancelled_by_disconnect(url):.0f} generations cancelled by a "
+          f"disconnect; RSS {rss_before / 2**20:.1f} MiB before, {rss_after / 2**20:.1f} MiB after ({change:+.1%})")
+    assert abs(change) <= 0.10
+    assert cancelled_by_disconnect(url) >= 1  # some leavers really left mid-generation
+    loaded = load_run(runs["cats"], device="cpu")
+    expected = offline_greedy(loaded.model, loaded.tokenizer, render_chat(loaded.tokenizer, question), 16)
+    after = ask()
+    assert after.status_code == 200 and after.json()["choices"][0]["message"]["content"] == expected == \
+        warm.json()["choices"][0]["message"]["content"]
+    assert time.monotonic() - started < LOAD_SECONDS
 
 
 # ---------------------------------------------------------------- the command line
