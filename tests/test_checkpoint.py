@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from support.runs import tiny_run_config
 
 from tunelab import checkpoint as ckpt
+from tunelab import fs
 from tunelab.training import context
 from tunelab.training import train
 
@@ -38,7 +39,7 @@ def test_a_failed_re_save_of_the_same_step_keeps_the_complete_checkpoint(tmp_pat
             raise OSError("killed while renaming (injected)")
         real_replace(src, dst)
 
-    monkeypatch.setattr(ckpt.os, "replace", failing_rename)
+    monkeypatch.setattr(fs.os, "replace", failing_rename)
     with pytest.raises(OSError, match="injected"):
         _save(root, 5, "second")
     monkeypatch.undo()
@@ -66,7 +67,7 @@ def test_every_file_and_the_folder_reach_the_disk_before_the_marker(tmp_path: Pa
         synced.append(os.readlink(f"/proc/self/fd/{fd}"))
         real_fsync(fd)
 
-    monkeypatch.setattr(ckpt.os, "fsync", recording_fsync)
+    monkeypatch.setattr(fs.os, "fsync", recording_fsync)
     path = _save(tmp_path / "checkpoints", 3, "x")
     names = [Path(p).name for p in synced]
     complete_at = names.index(ckpt.COMPLETE)

@@ -120,7 +120,7 @@ def _plain_model(runs: dict[str, Path]) -> str:
 
 
 def test_default_output_of_a_run_lives_in_the_run_and_is_tunelabs(runs: dict[str, Path]) -> None:
-    from tunelab.runs import foreign_entries
+    from tunelab.fs import foreign_entries
 
     report = evaluate(runs["b"], [runs["test"]], settings=EvalSettings(metrics=["exact_match"], max_new_tokens=4,
                                                                          resamples=20))

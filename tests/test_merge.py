@@ -57,7 +57,7 @@ def test_merge_writes_a_standalone_checked_model(lora_run: Path, tmp_path: Path)
 def test_merge_defaults_into_the_run_folder_and_replaces_only_its_own_output(lora_run: Path, tmp_path: Path) -> None:
     assert runner.invoke(app, ["merge", str(lora_run)]).exit_code == 0
     assert (lora_run / "merged" / "merge_check.json").is_file()
-    from tunelab.runs import owned_entries
+    from tunelab.fs import owned_entries
 
     assert "merged" in owned_entries(lora_run)  # recorded in the run's ownership record, so clearing the run removes it
     assert runner.invoke(app, ["merge", str(lora_run)]).exit_code == 0  # its own earlier output: replaced

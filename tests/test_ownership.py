@@ -1,5 +1,5 @@
 """Run-folder ownership: tunelab deletes only what it recorded creating (never by name), writes new entries only
-through the runs API, and lets one process at a time write a run folder."""
+through the one ownership API (tunelab.fs), and lets one process at a time write a run folder."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from support.runs import tiny_run_config
 
-from tunelab import runs
+from tunelab import fs
 from tunelab.config import ConfigError
 from tunelab.training import train
 
@@ -22,29 +22,29 @@ from tunelab.training import train
 
 def test_an_entry_is_recorded_before_it_is_written_and_a_users_entry_is_refused(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    path = runs.run_entry(run_dir, "report.md")
+    path = fs.own_entry(run_dir, "report.md")
     assert path == run_dir / "report.md" and not path.exists()
-    assert runs.owned_entries(run_dir) == {"report.md"}
+    assert fs.owned_entries(run_dir) == {"report.md"}
     (run_dir / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="notes.txt exists and was not created by tunelab"):
-        runs.write_run_text(run_dir, "notes.txt", "tunelab's")
+        fs.write_entry_text(run_dir, "notes.txt", "tunelab's")
     assert (run_dir / "notes.txt").read_text() == "mine"
     with pytest.raises(ValueError, match="one plain name"):
-        runs.run_entry(run_dir, "../escape")
+        fs.own_entry(run_dir, "../escape")
 
 
 def test_clearing_removes_what_was_recorded_and_nothing_else(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    runs.write_run_json(run_dir, "eval.json", {"a": 1})
-    with runs.new_run_folder(run_dir, "model") as tmp:
+    fs.write_entry_json(run_dir, "eval.json", {"a": 1})
+    with fs.new_entry_folder(run_dir, "model") as tmp:
         (tmp / "weights").write_text("tunelab's")
     (run_dir / ".eval.json.tmp").write_text("tunelab's temporary")
     users = ["smodel.tmp", "Xeval.json.tmp", "eval.json.bak", "notes.txt", ".model.tmp2"]
     for name in users:
         (run_dir / name).write_text("mine")
-    assert runs.foreign_entries(run_dir) == sorted(users)
-    runs.clear_run(run_dir)
-    assert sorted(p.name for p in run_dir.iterdir()) == sorted([runs.MARKER, *users])
+    assert fs.foreign_entries(run_dir) == sorted(users)
+    fs.clear(run_dir)
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted([fs.RECORD, *users])
     assert all((run_dir / name).read_text() == "mine" for name in users)
 
 
@@ -54,29 +54,29 @@ def test_a_users_folder_with_tunelabs_names_is_never_owned(tmp_path: Path) -> No
         (run_dir / name).mkdir(parents=True)
         (run_dir / name / "weights.bin").write_text("mine")
     (run_dir / "config.yaml").write_text("mine")
-    runs.clear_run(run_dir)
-    runs.remove_run_entry(run_dir, "model")
-    assert sorted(runs.foreign_entries(run_dir)) == ["adapter", "checkpoints", "config.yaml", "model"]
+    fs.clear(run_dir)
+    fs.remove_entry(run_dir, "model")
+    assert sorted(fs.foreign_entries(run_dir)) == ["adapter", "checkpoints", "config.yaml", "model"]
     assert (run_dir / "model" / "weights.bin").read_text() == "mine"
 
 
 def test_a_new_folder_replaces_the_old_one_only_once_complete(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    with runs.new_run_folder(run_dir, "adapter") as tmp:
+    with fs.new_entry_folder(run_dir, "adapter") as tmp:
         (tmp / "weights").write_text("first")
     with pytest.raises(OSError, match="injected"):
-        with runs.new_run_folder(run_dir, "adapter") as tmp:
+        with fs.new_entry_folder(run_dir, "adapter") as tmp:
             (tmp / "weights").write_text("half")
             raise OSError("disk full (injected)")
     assert (run_dir / "adapter" / "weights").read_text() == "first"
-    assert sorted(p.name for p in run_dir.iterdir()) == [runs.MARKER, "adapter"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [fs.RECORD, "adapter"]
 
 
 def test_a_damaged_record_owns_nothing(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    runs.write_run_json(run_dir, "status.json", {})
-    (run_dir / runs.MARKER).write_text('{"entries": ["stat')
-    runs.clear_run(run_dir)
+    fs.write_entry_json(run_dir, "status.json", {})
+    (run_dir / fs.RECORD).write_text('{"entries": ["stat')
+    fs.clear(run_dir)
     assert (run_dir / "status.json").exists()
 
 
@@ -106,9 +106,9 @@ def test_overwrite_replaces_the_run_and_keeps_what_the_user_added_afterwards_ref
     config = tiny_run_config(tiny_model_dir, tmp_path, training={"max_steps": 1}, eval={"before_after": False},
                          output={"dir": str(tmp_path / "run"), "overwrite": True})
     run_dir = train(config, progress=False).run_dir
-    owned = runs.owned_entries(run_dir)
+    owned = fs.owned_entries(run_dir)
     assert {"config.yaml", "status.json", "metrics.jsonl", "adapter", "tokenizer", "eval.json"} <= owned
-    assert runs.foreign_entries(run_dir) == []
+    assert fs.foreign_entries(run_dir) == []
     (run_dir / "Xeval.json.tmp").write_text("mine")  # the old name check took this for eval.json's temporary
     with pytest.raises(ConfigError, match="not a tunelab run folder.*Xeval.json.tmp"):
         train(config, progress=False)
@@ -124,11 +124,11 @@ def test_a_live_writer_blocks_a_second_one_and_a_dead_ones_lock_does_not(tiny_mo
     config = tiny_run_config(tiny_model_dir, tmp_path, training={"max_steps": 1}, eval={"before_after": False},
                          output={"dir": str(tmp_path / "run"), "overwrite": True})
     run_dir = train(config, progress=False).run_dir
-    assert not (run_dir / runs.LOCK).exists(), "the lock is released when the run ends"
+    assert not (run_dir / fs.LOCK).exists(), "the lock is released when the run ends"
     status_before = (run_dir / "status.json").read_text()
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (run_dir / runs.LOCK).write_text(json.dumps({"pid": other.pid, "host": socket.gethostname()}))
+        (run_dir / fs.LOCK).write_text(json.dumps({"pid": other.pid, "host": socket.gethostname()}))
         for resume in (False, True):
             with pytest.raises(ConfigError, match=f"being written by another tunelab process \\(pid {other.pid}"):
                 train(config, resume=resume, progress=False)

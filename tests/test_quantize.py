@@ -18,7 +18,7 @@ from tunelab.cli import app
 from tunelab.errors import ConfigError
 from tunelab.eval.runner import EvalSettings, evaluate
 from tunelab.export.quantize import METHODS, parse_methods, quantize_run
-from tunelab.runs import foreign_entries
+from tunelab.fs import foreign_entries
 
 EVAL = EvalSettings(metrics=["exact_match"], max_new_tokens=2, max_examples=2, resamples=10)
 BEFORE_QUANTIZE: dict[str, str] = {}  # the report of an evaluation made before `tunelab quantize`, as it was then

@@ -72,7 +72,7 @@ def test_a_quickstart_another_live_process_is_writing_is_left_alone(tiny_recipe:
     import subprocess
     import sys
 
-    from tunelab.runs import LOCK
+    from tunelab.fs import LOCK
 
     _interrupted_after(2, [], monkeypatch)
     run_dir = Path(api.QUICKSTART_DIR)

@@ -11,7 +11,8 @@ from typing import Any, Iterator
 import pytest
 from support.runs import tiny_run_config
 
-from tunelab.runs import foreign_entries, read_metrics
+from tunelab.fs import foreign_entries
+from tunelab.runs import read_metrics
 from tunelab.training import session
 
 wandb_pb2 = pytest.importorskip("wandb.proto.wandb_internal_pb2", reason="wandb is in the test extra: pip install -e '.[test]'")

@@ -124,7 +124,7 @@ def test_report_to_tensorboard_and_mlflow_offline(tiny_model_dir: Path, tmp_path
     losses = [m["loss"] for m in read_metrics(run_dir) if m["kind"] == "train"]
     assert [m.value for m in client.get_metric_history(run.info.run_id, "train.loss")] == pytest.approx(losses)
     assert run.data.params["technique.name"] == "lora" and run.info.status == "FINISHED"
-    from tunelab.runs import foreign_entries
+    from tunelab.fs import foreign_entries
 
     assert foreign_entries(run_dir) == []
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from tunelab import fs
 from tunelab.data.prepare import file_sha256  # one file hash for data fingerprints and model cards
 from tunelab.config import read_run_config
 from tunelab.runs import read_json, read_metrics
@@ -163,7 +164,5 @@ def _usage_lines(run_dir: Path, load: str) -> list[str]:
 def write_card(run_dir: Path, result_dir: Path) -> Path:
     """Write README.md into the result folder (replacing PEFT's empty template, which tunelab's save wrote)."""
     path = result_dir / CARD_NAME
-    tmp = result_dir / f".{CARD_NAME}.tmp"
-    tmp.write_text(build_card(run_dir))
-    tmp.replace(path)
+    fs.write_text(path, build_card(run_dir))  # the result folder is the run's recorded entry: tunelab's whole
     return path

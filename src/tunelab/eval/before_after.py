@@ -15,7 +15,7 @@ from typing import Any, Callable
 from tunelab.config import EvalConfig
 from tunelab.eval.forgetting import forgetting_check, forgetting_message
 from tunelab.eval.training import compare_samples
-from tunelab.runs import read_json, write_run_json
+from tunelab.fs import read_json, write_entry_json
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def base_evaluation(run_dir: Path, eval_config: EvalConfig, has_validation: bool
         result["forgetting"] = heldout_loss()
     result["settings"] = settings
     if write:
-        write_run_json(run_dir, path.name, result)
+        write_entry_json(run_dir, path.name, result)
     return result
 
 

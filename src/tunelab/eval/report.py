@@ -15,40 +15,34 @@ from __future__ import annotations
 
 import html
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-MARKER = ".tunelab-eval"  # written first into every output folder: only a folder holding it is ever overwritten
+from tunelab import fs
+
 QUANTIZE_REPORT = "quantize.json"  # written into a run by `tunelab quantize`; a section of the run's eval reports
 
 def write_reports(out_dir: Path, report: dict[str, Any], quantize: dict[str, Any] | None = None) -> None:
     """``quantize``: the evaluated run's quantize.json, when it has one (a section of report.md and report.html)."""
-    _atomic_write(out_dir / "eval.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    fs.write_entry_json(out_dir, "eval.json", report)
     _render(out_dir, report, quantize)
 
 
 def _render(out_dir: Path, report: dict[str, Any], quantize: dict[str, Any] | None) -> None:
-    _atomic_write(out_dir / "report.md", markdown(report, quantize))
-    _atomic_write(out_dir / "report.html", html_report(report, quantize))
+    fs.write_entry_text(out_dir, "report.md", markdown(report, quantize))
+    fs.write_entry_text(out_dir, "report.html", html_report(report, quantize))
 
 
 def refresh_reports(run_dir: Path, quantize: dict[str, Any]) -> list[Path]:
     """Re-render report.md and report.html of every ``tunelab eval`` output inside ``run_dir/evals`` from its own
     eval.json, with ``quantize`` as the quantization section; returns the folders refreshed. Only folders that
-    tunelab eval wrote (they hold its marker) are touched."""
+    tunelab eval wrote (their ownership record names eval.json) are touched."""
     refreshed = []
     for folder in sorted((run_dir / "evals").glob("*/")) if (run_dir / "evals").is_dir() else []:
-        if (folder / MARKER).is_file() and (folder / "eval.json").is_file():
+        if "eval.json" in fs.owned_entries(folder) and (folder / "eval.json").is_file():
             _render(folder, json.loads((folder / "eval.json").read_text()), quantize)
             refreshed.append(folder)
     return refreshed
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def fmt(value: Any) -> str:

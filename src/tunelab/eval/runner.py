@@ -12,21 +12,22 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from tunelab import fs
 from tunelab.errors import ConfigError, DataError
 from tunelab.eval.bootstrap import paired_interval, resample_indices, wins_losses_ties
-from tunelab.eval.report import MARKER, QUANTIZE_REPORT, write_reports
+from tunelab.eval.report import QUANTIZE_REPORT, write_reports
 from tunelab.metrics import Classification, Metric, Normalization, example_scores, loss_metrics, resolve_metrics
 
 log = logging.getLogger(__name__)
 
 OUTPUT_FILES = ("eval.json", "report.md", "report.html", "predictions.jsonl")
+WRITER = "tunelab eval"  # an output folder's ownership record, written first: only its recorded files are replaced
 
 
 @dataclass
@@ -69,19 +70,17 @@ def default_output(target: str | Path, data_files: list[Path]) -> Path:
 
 
 def claim_output(folder: Path) -> None:
-    """Use ``folder`` only if it is new, empty, or an earlier ``tunelab eval`` output (it holds the marker)."""
+    """Use ``folder`` only if it is new, empty, or an earlier ``tunelab eval`` output (it holds tunelab's
+    ownership record); then each output file is written as a recorded entry of it (a user's file of that name in an
+    earlier output is refused, never written over)."""
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"--output {folder} is a file; give a folder for the report")
     run_dir = folder.parent.parent
     if folder.parent.name == "evals" and (run_dir / "config.yaml").is_file():
-        from tunelab.runs import run_entry
-
-        run_entry(run_dir, "evals")  # recorded in the run's ownership record (refused if evals/ is the user's)
-    if folder.is_dir() and any(folder.iterdir()) and not (folder / MARKER).is_file():
+        fs.own_entry(run_dir, "evals")  # recorded in the run's ownership record (refused if evals/ is the user's)
+    if folder.is_dir() and any(folder.iterdir()) and not fs.is_claimed(folder):
         raise ConfigError(f"--output {folder} is not empty and was not written by tunelab eval; choose another folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / MARKER).write_text("written by tunelab eval; its eval.json, report.md, report.html and "
-                                 "predictions.jsonl are replaced by the next evaluation into this folder\n")
+    fs.claim(folder, WRITER)
 
 
 # ---------------------------------------------------------------- evaluating one system
@@ -277,10 +276,8 @@ def evaluate(target: str | Path, data_files: list[str | Path], against: list[str
 
 def _run_quantize_report(target: str | Path) -> dict[str, Any] | None:
     """The target run's quantize.json (a section of the report), or None for a model or an unquantized run."""
-    from tunelab.runs import read_json
-
     run_dir = Path(target)
-    return read_json(run_dir / QUANTIZE_REPORT) if (run_dir / "config.yaml").is_file() else None
+    return fs.read_json(run_dir / QUANTIZE_REPORT) if (run_dir / "config.yaml").is_file() else None
 
 
 def _against_spec(spec: str, target: Any) -> str:
@@ -358,10 +355,9 @@ def build_report(systems: list[SystemScores], examples: list[Any], references: l
 def write_predictions(out_dir: Path, systems: list[SystemScores], examples: list[Any], prompts: list[str],
                       references: list[str]) -> None:
     """One line per example: its prompt, reference and every system's output and per-example scores."""
-    tmp = out_dir / ".predictions.jsonl.tmp"
     handles = [open(s.predictions_path) for s in systems]
     try:
-        with open(tmp, "w") as out:
+        with fs.atomic_file(fs.own_entry(out_dir, "predictions.jsonl")) as tmp, open(tmp, "w") as out:
             for i, lines in enumerate(zip(*handles)):
                 records = [json.loads(line) for line in lines]
                 row: dict[str, Any] = {"index": i, "source": examples[i].source, "prompt": prompts[i],
@@ -377,7 +373,6 @@ def write_predictions(out_dir: Path, systems: list[SystemScores], examples: list
     finally:
         for handle in handles:
             handle.close()
-    os.replace(tmp, out_dir / "predictions.jsonl")
     for system in systems:
         system.predictions_path.unlink(missing_ok=True)
 

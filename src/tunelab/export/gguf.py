@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tunelab import fs
 from tunelab.errors import ConfigError
 from tunelab.generation import GenerationRequest, Sampling, encode, generate_batch, render_chat
 
@@ -200,7 +201,6 @@ def export_gguf(run: Path, quant: str = "f16", out: Path | None = None, check: b
                 device: torch.device | str | None = "cpu") -> dict[str, Any]:
     """Merge the run, write the GGUF file (default RUN/exports/<run>-<quant>.gguf), check it; return the report."""
     from tunelab.export.quantize import merged_float
-    from tunelab.runs import run_entry, write_json
 
     quant = check_type(quant)
     run_dir = Path(run)
@@ -211,15 +211,14 @@ def export_gguf(run: Path, quant: str = "f16", out: Path | None = None, check: b
         raise ConfigError(f"--out {path}: a GGUF file name ends in .gguf")
     own_folder = path.parent.resolve() == (run_dir / "exports").resolve()  # tunelab's folder in the run
     if own_folder:
-        run_entry(run_dir, "exports")  # recorded in the run's ownership record (refused if exports/ is the user's)
+        fs.own_entry(run_dir, "exports")  # recorded in the run's ownership record (refused if exports/ is the user's)
     if path.exists() and not own_folder:
         raise ConfigError(f"--out {path}: the file exists; remove it or give another name (tunelab never replaces "
                           "a file it did not write)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     started = time.perf_counter()
-    write_gguf(model, tokenizer, tmp, quant, name, config.model.name)
-    tmp.replace(path)
+    with fs.atomic_file(path) as tmp:
+        write_gguf(model, tokenizer, tmp, quant, name, config.model.name)
     report: dict[str, Any] = {"run": str(run_dir), "file": str(path), "type": quant,
                               "size_mb": round(path.stat().st_size / 2**20, 2),
                               "write_s": round(time.perf_counter() - started, 2)}
@@ -228,5 +227,5 @@ def export_gguf(run: Path, quant: str = "f16", out: Path | None = None, check: b
         prompts = [render_chat(tokenizer, [{"role": "user", "content": p}]) if chat else p for p in CHECK_PROMPTS]
         report["check"] = check_roundtrip(path, model, tokenizer, quant, prompts)
     if own_folder:  # the check report beside the file; elsewhere the user's folder gets only what was asked for
-        write_json(path.with_suffix(".json"), report)
+        fs.write_json(path.with_suffix(".json"), report)
     return report

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,13 +20,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tunelab.errors import ConfigError, DataError, TechniqueError
-from tunelab.runs import new_run_folder, run_entry
+from tunelab import fs
+from tunelab.errors import DataError, TechniqueError
 
 log = logging.getLogger(__name__)
 
 MERGED_DIR = "merged"  # the default output, inside the run folder
-MARKER = ".tunelab-merged"  # marks a folder this command wrote, so a second merge may replace it
+WRITER = "tunelab merge"  # the ownership record of a folder this command wrote, so a second merge may replace it
 CHECK_FILE = "merge_check.json"
 FALLBACK_TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -70,44 +67,20 @@ def merge_run(run: str | Path, out: str | Path | None = None, device: str | torc
     out_dir = Path(out) if out is not None else run_dir / MERGED_DIR
     in_run = out_dir.resolve().parent == run_dir.resolve()  # an entry of the run folder: its ownership record rules
     if in_run:
-        run_entry(run_dir, out_dir.name)  # refuses a same-named entry of the user's before any work
+        fs.own_entry(run_dir, out_dir.name)  # refuses a same-named entry of the user's before any work
     else:
-        _check_replaceable(out_dir)
+        fs.check_replaceable(out_dir)  # before the merge's work; a folder of the user's is refused
     device = next(loaded.model.parameters()).device
     merged = technique.merge(loaded.config, loaded.result_dir, device)
     merged.model.eval()
     check = compare(loaded.model, merged.model, *_check_batches(loaded, batches, batch_size), note=merged.note)
     if in_run:
-        with new_run_folder(run_dir, out_dir.name) as tmp:
+        with fs.new_entry_folder(run_dir, out_dir.name) as tmp:
             _fill(tmp, merged.model, loaded.tokenizer, check)
-    else:
-        _write(out_dir, merged.model, loaded.tokenizer, check)
+    else:  # a folder of its own, replaced only as a whole and only when every entry in it is tunelab's
+        with fs.owned_folder(out_dir, WRITER) as tmp:
+            _fill(tmp, merged.model, loaded.tokenizer, check)
     return MergeOutcome(out_dir, check)
-
-
-def _check_replaceable(out_dir: Path) -> None:
-    """Outside a run folder: write only into a new or empty folder, or over a previous merge output (it carries
-    our marker)."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"--out {out_dir}: is a file; give a folder for the merged model")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MARKER).is_file():
-        raise ConfigError(f"--out {out_dir}: the folder exists and holds files tunelab did not write; give a new or "
-                          "empty folder (nothing there is touched)")
-
-
-def _write(out_dir: Path, model: torch.nn.Module, tokenizer: Any, check: MergeCheck) -> None:
-    """Save into a temporary sibling, then swap it in: an interrupted merge leaves no half-written model."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
-        _fill(tmp, model, tokenizer, check)
-        (tmp / MARKER).write_text("written by tunelab merge\n")
-        tmp.chmod(0o755)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)  # empty, or a previous merge output (checked above)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _fill(folder: Path, model: torch.nn.Module, tokenizer: Any, check: MergeCheck) -> None:

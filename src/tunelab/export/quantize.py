@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import torch
 
+from tunelab import fs
 from tunelab.errors import ConfigError
 from tunelab.eval.report import QUANTIZE_REPORT as REPORT_NAME  # the eval reports of the run read it too
 from tunelab.generation import GenerationRequest, Sampling, encode, generate_batch, sample_prompts
@@ -188,7 +189,6 @@ def quantize_run(run: Path, methods: list[str], samples: int = 4, max_new_tokens
     """Measure the unquantized model and each method; write and return the report (RUN/quantize.json)."""
     from tunelab.eval.report import refresh_reports
     from tunelab.models import default_device
-    from tunelab.runs import write_run_json
 
     run_dir = Path(run)
     device = torch.device(device) if device is not None else default_device()
@@ -211,7 +211,7 @@ def quantize_run(run: Path, methods: list[str], samples: int = 4, max_new_tokens
               "technique": config.technique.name, "prompts": len(measurer.prompt_ids),
               "max_new_tokens": max_new_tokens, "validation_tokens": sum(len(e.input_ids) for e in measurer.validation),
               "rows": [vars(r) for r in rows]}
-    write_run_json(run_dir, REPORT_NAME, report)  # recorded in the run's ownership record
+    fs.write_entry_json(run_dir, REPORT_NAME, report)  # recorded in the run's ownership record
     for folder in refresh_reports(run_dir, report):  # their HTML and Markdown reports gain this table
         log.info("quantization table added to %s", folder / "report.html")
     return report

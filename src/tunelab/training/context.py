@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 
 from tunelab import checkpoint as ckpt
-from tunelab import distributed, runs
+from tunelab import distributed, fs
 from tunelab.config import TunelabConfig
 from tunelab.console import training_progress
 from tunelab.data import PreparedData
@@ -122,7 +122,7 @@ class TrainingContext:
         if record["kind"] == "train" and not record.get("skipped"):
             self.overfitting.observe_train(record["loss"])
         if self.is_main:
-            runs.append_run_line(self.run_dir, "metrics.jsonl", json.dumps(record) + "\n")
+            fs.append_entry_line(self.run_dir, "metrics.jsonl", json.dumps(record) + "\n")
             if self.trackers is not None:
                 self.trackers.log(record)
 
@@ -181,7 +181,7 @@ class TrainingContext:
         self.accelerator.wait_for_everyone()
         rngs = distributed.all_rng_states(ckpt.rng_state())  # every process's dropout stream, for an exact resume
         if self.is_main:
-            root = runs.run_entry(self.run_dir, "checkpoints")
+            root = fs.own_entry(self.run_dir, "checkpoints")
             model = self.accelerator.unwrap_model(self.model)
             rng = rngs[0] if len(rngs) == 1 else {**rngs[0], "ranks": rngs}
             ckpt.save_checkpoint(root, state.step, model, self.optimizer, self.scheduler, state.__dict__, rng,

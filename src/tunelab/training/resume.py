@@ -4,24 +4,23 @@ A new run never clears anyone's files: a folder holding entries tunelab did not 
 previous run there is replaced only when it has nothing to lose or ``output.overwrite`` says so. A resume must find
 a run tunelab started, a complete checkpoint, the same data and a config that differs only in what a resumption
 may change (more steps, evaluation and saving intervals, reporting); a finished run resumes only to train further.
-The ownership and lock API it uses is ``tunelab.runs``.
+The ownership record and the writer lock it uses are ``tunelab.fs``'s.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from tunelab import fs
 from tunelab.checkpoint import latest_checkpoint
 from tunelab.config import TunelabConfig, read_run_config
 from tunelab.errors import ConfigError
-from tunelab.runs import (MARKER, acquire_lock, claim_run_dir, clear_run, foreign_entries, is_claimed, lock_owner,
-                          owned_entries, read_json, read_metrics, write_run_text)
+from tunelab.runs import WRITER, read_json, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -32,39 +31,32 @@ def prepare_run_dir(config: TunelabConfig, resume: bool) -> Path:
     run_dir = Path(config.output.dir or "runs/run")
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"output.dir {run_dir} is a file; give a folder for the run")
-    _refuse_a_live_writer(run_dir)
+    fs.refuse_a_live_writer(run_dir)
     if resume:
         _check_resumable(config, run_dir)
-        acquire_lock(run_dir)
+        fs.acquire_lock(run_dir)
         return run_dir  # the session saves the new config.yaml once the resume is under way
-    foreign = foreign_entries(run_dir)
+    foreign = fs.foreign_entries(run_dir)
     if foreign:  # never write into (let alone clear) a folder holding someone's files
-        unclaimed = "" if is_claimed(run_dir) else " (tunelab keeps a record of what it creates, and there is none here)"
+        unclaimed = "" if fs.is_claimed(run_dir) else " (tunelab keeps a record of what it creates, and there is none here)"
         raise ConfigError(
             f"output.dir {run_dir} is not empty and is not a tunelab run folder{unclaimed}: it holds "
             f"{', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}, which tunelab did not create; choose a "
             "new folder with --set output.dir=..."
         )
-    has_run = "config.yaml" in owned_entries(run_dir)
+    has_run = "config.yaml" in fs.owned_entries(run_dir)
     if has_run and _nothing_to_lose(run_dir):
         log.info("%s holds a run that stopped before its first checkpoint; starting it again", run_dir)
-        clear_run(run_dir)
+        fs.clear(run_dir)
     elif has_run:
         if not config.output.overwrite:
             raise ConfigError(f"{run_dir} already holds a run{_how_to_continue(run_dir)}, choose another folder with "
                               "--set output.dir=..., or replace it with --set output.overwrite=true")
-        clear_run(run_dir)
-    claim_run_dir(run_dir)
-    acquire_lock(run_dir)
-    write_run_text(run_dir, "config.yaml", config.to_yaml())
+        fs.clear(run_dir)
+    fs.claim(run_dir, WRITER)
+    fs.acquire_lock(run_dir)
+    fs.write_entry_text(run_dir, "config.yaml", config.to_yaml())
     return run_dir
-
-
-def _refuse_a_live_writer(run_dir: Path) -> None:
-    owner = lock_owner(run_dir) if run_dir.is_dir() else None
-    if owner is not None:
-        raise ConfigError(f"{run_dir} is being written by another tunelab process (pid {owner['pid']} on "
-                          f"{owner.get('host')}); wait for it to finish, stop it, or choose another output.dir")
 
 
 def finished_status(run_dir: Path) -> str | None:
@@ -74,8 +66,8 @@ def finished_status(run_dir: Path) -> str | None:
 
 
 def _check_resumable(config: TunelabConfig, run_dir: Path) -> None:
-    if not is_claimed(run_dir) or "config.yaml" not in owned_entries(run_dir):
-        raise ConfigError(f"--resume: {run_dir} holds no run that tunelab started (no {MARKER} record of one)")
+    if not fs.is_claimed(run_dir) or "config.yaml" not in fs.owned_entries(run_dir):
+        raise ConfigError(f"--resume: {run_dir} holds no run that tunelab started (no {fs.RECORD} record of one)")
     latest = latest_checkpoint(run_dir / "checkpoints")
     blocking, allowed = resume_config_changes(config, run_dir)
     finished = finished_status(run_dir)
@@ -155,6 +147,4 @@ def check_same_data(run_dir: Path, report: dict[str, Any]) -> None:
 def truncate_metrics(run_dir: Path, last_step: int) -> None:
     """On resume, forget metric lines written after the checkpoint: those steps are run again."""
     kept = [m for m in read_metrics(run_dir) if m.get("step", 0) <= last_step]
-    tmp = run_dir / ".metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
-    os.replace(tmp, run_dir / "metrics.jsonl")
+    fs.write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in kept))

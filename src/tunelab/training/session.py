@@ -21,7 +21,7 @@ from transformers import set_seed
 from transformers.utils import logging as hf_logging
 
 from tunelab import checkpoint as ckpt
-from tunelab import distributed, runs
+from tunelab import distributed, fs
 from tunelab.card import write_card
 from tunelab.config import ConfigError, TunelabConfig
 from tunelab.data import PreparedData, prepare_data
@@ -30,7 +30,7 @@ from tunelab.eval.training import OverfittingSignal
 from tunelab.generation import sample_prompts
 from tunelab.models import cache_root, default_device, load_model, load_tokenizer, model_skeleton
 from tunelab.precision import keep_trainable_in_float32, training_precision
-from tunelab.runs import read_json, write_run_json
+from tunelab.fs import read_json, write_entry_json
 from tunelab.schedule import make_scheduler
 from tunelab.techniques import TECHNIQUES, RunContext, TechniqueError, count_parameters
 from tunelab.tracking import Trackers
@@ -76,7 +76,7 @@ def _train(config: TunelabConfig, resume: bool, progress: bool) -> RunResult:
     try:
         return _train_in(config, run_dir, resume, progress, created)
     finally:
-        runs.release_lock(run_dir)
+        fs.release_lock(run_dir)
 
 
 def _train_in(config: TunelabConfig, run_dir: Path, resume: bool, progress: bool, created: bool) -> RunResult:
@@ -96,7 +96,7 @@ def _train_in(config: TunelabConfig, run_dir: Path, resume: bool, progress: bool
             state, base, samples = _set_up(ctx, resume)
         if resume and ctx.is_main:  # only now, once the checkpoint, data and config all fit: a refused resume
             # changes nothing. One writer: two processes renaming the same temporary file race (one finds it gone).
-            runs.write_run_text(run_dir, "config.yaml", config.to_yaml())
+            fs.write_entry_text(run_dir, "config.yaml", config.to_yaml())
         _write_status(ctx, "running", state)
         phase, tokens_before = "loop", state.tokens_seen
         with ctx.info.phase("training"):
@@ -118,7 +118,7 @@ def _train_in(config: TunelabConfig, run_dir: Path, resume: bool, progress: bool
         if ctx.is_main:
             with ctx.info.phase("saving"):
                 _save_result(ctx)
-            write_run_json(run_dir, "eval.json", evaluation)
+            write_entry_json(run_dir, "eval.json", evaluation)
     except BaseException as exc:
         _record_failure(ctx, state, phase, resume, exc, created)
         raise
@@ -141,7 +141,7 @@ def _set_up(ctx: TrainingContext, resume: bool) -> tuple[LoopState, dict[str, An
     if resume:
         check_same_data(run_dir, ctx.data.report)
     if ctx.is_main:
-        write_run_json(run_dir, "data_report.json", ctx.data.report)
+        write_entry_json(run_dir, "data_report.json", ctx.data.report)
     if config.training.eval_every and not ctx.data.validation:
         raise ConfigError("training.eval_every needs validation data, and there is none: set data.val_size above 0 "
                           "or give data.validation (or leave eval_every unset)")
@@ -263,21 +263,21 @@ def _save_result(ctx: TrainingContext) -> Path:
     """Write the adapter or model (atomically: into a temporary folder, then renamed) and the tokenizer."""
     model = ctx.accelerator.unwrap_model(ctx.model)
     name = ctx.technique.result_dir_name
-    with runs.new_run_folder(ctx.run_dir, name) as tmp:
+    with fs.new_entry_folder(ctx.run_dir, name) as tmp:
         written = ctx.technique.save(model, tmp)  # a technique saves into <folder>/<result_dir_name>
         if name == "model":
             ctx.tokenizer.save_pretrained(written)  # a full model folder is self-contained
         for item in list(written.iterdir()):  # lift it into the entry's own temporary folder
             item.rename(tmp / item.name)
         written.rmdir()
-    with runs.new_run_folder(ctx.run_dir, "tokenizer") as tmp:
+    with fs.new_entry_folder(ctx.run_dir, "tokenizer") as tmp:
         ctx.tokenizer.save_pretrained(tmp)
     return ctx.run_dir / name
 
 
 def _write_status(ctx: TrainingContext, status: str, state: LoopState, error: str | None = None) -> None:
     if ctx.is_main:
-        write_run_json(ctx.run_dir, "status.json", {
+        write_entry_json(ctx.run_dir, "status.json", {
             "status": status, "step": state.step, "total_steps": ctx.plan.total_steps if ctx.plan else None,
             "nonfinite_skipped": state.nonfinite_skipped, "error": error,
             "world_size": ctx.accelerator.num_processes,
@@ -289,7 +289,7 @@ def _finish_tracking(ctx: TrainingContext, state: LoopState, status: str) -> Non
     if not ctx.is_main:
         return
     tokens = ctx.info.figures.pop("training_tokens_this_session", 0)
-    write_run_json(ctx.run_dir, "run_info.json",
+    write_entry_json(ctx.run_dir, "run_info.json",
                    {"step": state.step, **ctx.info.as_dict(status, tokens, ctx.accelerator.num_processes)})
     if ctx.trackers is not None:
         ctx.trackers.close("FINISHED" if status in ("completed", "early_stopped") else "KILLED")
@@ -302,7 +302,7 @@ def _record_failure(ctx: TrainingContext, state: LoopState, phase: str, resume: 
         return
     if phase == "set-up":  # a pre-flight error: the run never started, so it leaves nothing behind
         if ctx.is_main:
-            runs.release_run_dir(ctx.run_dir, created)
+            fs.release(ctx.run_dir, created)
         return
     interrupted = isinstance(exc, KeyboardInterrupt)
     if interrupted and phase == "trained":  # Ctrl-C during the final evaluation: keep the trained steps
