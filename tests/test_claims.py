@@ -4,6 +4,7 @@ pinned loss trajectory that catches silent numeric changes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from support.tiny import CHATML
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tunelab.config import build_config
-from tunelab.objectives import OBJECTIVES, LossSum, ObjectiveSpec
+from tunelab.objectives import OBJECTIVES, LossSum, Objective
 from tunelab.runs import read_metrics
 from tunelab.errors import TrainingAborted
 from tunelab.training import train
@@ -37,7 +38,7 @@ class _InfGradient(torch.autograd.Function):
         return grad * float("inf")
 
 
-def _faulty(bad_calls: set[int], kind: str) -> ObjectiveSpec:
+def _faulty(bad_calls: set[int], kind: str) -> Objective:
     """The sft objective with a NaN loss, or a finite loss with an Inf gradient, on the given (1-based) calls."""
     real, counter = OBJECTIVES["sft"], {"n": 0}
 
@@ -49,7 +50,7 @@ def _faulty(bad_calls: set[int], kind: str) -> ObjectiveSpec:
         bad = result.loss_sum * float("nan") if kind == "nan" else _InfGradient.apply(result.loss_sum)
         return LossSum(bad, result.num_units)
 
-    return ObjectiveSpec(loss_sum, real.count_units)
+    return dataclasses.replace(real, loss_sum=loss_sum)  # the registered objective with a faulty loss
 
 
 def test_the_consecutive_non_finite_counter_resets_after_a_good_step(

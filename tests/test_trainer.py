@@ -4,6 +4,7 @@ non-finite steps are skipped, every technique learns, early stopping restores th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tunelab import checkpoint as ckpt
 from tunelab.config import ConfigError, build_config
 from tunelab.data import IGNORE, TokenizedExample, collate
-from tunelab.objectives import OBJECTIVES, LossSum, ObjectiveSpec
+from tunelab.objectives import OBJECTIVES, LossSum, Objective, ObjectiveSpec
 from tunelab.runs import list_runs, read_metrics
 from tunelab.techniques import TECHNIQUES, TechniqueError
 from tunelab.errors import TrainingAborted
@@ -214,7 +215,7 @@ def test_checkpoints_sort_by_step_past_six_digits(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- non-finite steps
 
 
-def _nan_on_calls(calls_with_nan: set[int] | None) -> ObjectiveSpec:
+def _nan_on_calls(calls_with_nan: set[int] | None) -> Objective:
     real, counter = OBJECTIVES["sft"], {"n": 0}
 
     def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossSum:
@@ -224,7 +225,7 @@ def _nan_on_calls(calls_with_nan: set[int] | None) -> ObjectiveSpec:
             return LossSum(result.loss_sum * float("nan"), result.num_units)
         return result
 
-    return ObjectiveSpec(loss_sum, real.count_units)
+    return dataclasses.replace(real, loss_sum=loss_sum)  # the registered objective with a faulty loss
 
 
 def test_a_non_finite_step_is_skipped_and_counted(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

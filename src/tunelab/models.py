@@ -9,6 +9,7 @@ name it as their ``base_model_name_or_path`` so plain transformers/peft can load
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
 import os
@@ -18,7 +19,8 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel,
+                          PreTrainedTokenizerBase)
 
 from tunelab import fs
 from tunelab.errors import ModelLoadError as ModelLoadError  # defined in tunelab.errors; importable from here too
@@ -219,12 +221,22 @@ def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
     )
 
 
-def load_model(config: ModelConfig, device: torch.device | None = None, base_load: BaseLoad | None = None) -> PreTrainedModel:
-    """Load ``model.name`` as the technique asks (``base_load``: quantization, dtype, device map)."""
+def head_class(num_labels: int | None) -> Any:
+    """The transformers auto class of a head: the causal LM's (None), or a sequence classifier with ``num_labels``
+    outputs (1: a scalar score, as a reward model), whose new head starts from the base's hidden states."""
+    return AutoModelForCausalLM if num_labels is None else AutoModelForSequenceClassification
+
+
+def load_model(config: ModelConfig, device: torch.device | None = None, base_load: BaseLoad | None = None,
+               num_labels: int | None = None) -> PreTrainedModel:
+    """Load ``model.name`` as the technique asks (``base_load``: quantization, dtype, device map), with the head
+    the objective trains (``num_labels``: see ``head_class``)."""
     device = device or default_device()
     path = resolve_model_path(config.name)
     kwargs = _load_kwargs(config, device, base_load)
-    model = _from_hub_or_cache(AutoModelForCausalLM.from_pretrained, path, config.name, revision=config.revision, **kwargs)
+    if num_labels is not None:
+        kwargs["num_labels"] = num_labels
+    model = _from_hub_or_cache(head_class(num_labels).from_pretrained, path, config.name, revision=config.revision, **kwargs)
     if base_load is not None and base_load.note:
         log.info("base model: %s", base_load.note)
     _keep_bitsandbytes_trainable_on_cpu(model)
@@ -257,14 +269,18 @@ def _load_kwargs(config: ModelConfig, device: torch.device, base_load: BaseLoad 
     return kwargs
 
 
-def model_skeleton(model_config: Any, base_load: BaseLoad | None = None, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+def model_skeleton(model_config: Any, base_load: BaseLoad | None = None, dtype: torch.dtype = torch.float32,
+                   num_labels: int | None = None) -> PreTrainedModel:
     """The model's architecture on the meta device: no memory, no weights read, no RNG draws.
 
     With a quantization config, its linear layers are swapped for the quantized ones exactly as transformers
     does before loading weights, so a technique sees the same module types it will see in training.
     ``model_config`` is a transformers config (e.g. ``model.config``)."""
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
+        if num_labels is not None:
+            model_config = copy.copy(model_config)
+            model_config.num_labels = num_labels
+        skeleton = head_class(num_labels).from_config(model_config, dtype=dtype)
     quantization = base_load.quantization_config if base_load is not None else None
     if quantization is not None:
         from transformers.integrations import replace_with_bnb_linear

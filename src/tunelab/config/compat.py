@@ -15,7 +15,7 @@ from typing import Any
 
 from tunelab.objectives import OBJECTIVES
 from tunelab.techniques import TECHNIQUES
-from tunelab.techniques.base import FEATURES, OBJECTIVE_PREFIX
+from tunelab.techniques.base import FEATURES, OBJECTIVE_PREFIX, Technique
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,19 @@ def matrix() -> dict[str, dict[str, str | None]]:
         unknown = set(technique.refuses) - set(keys)
         if unknown:
             raise RuntimeError(f"technique {technique.name!r} refuses unknown features {sorted(unknown)}; known: {sorted(keys)}")
-    return {name: {key: t.refusal(key) for key in keys} for name, t in TECHNIQUES.items()}
+    return {name: {key: refusal(t, key) for key in keys} for name, t in TECHNIQUES.items()}
+
+
+def refusal(technique: Technique, key: str) -> str | None:
+    """Why ``technique`` cannot work with ``key``: its own declaration, or, for an objective's column, what the
+    objective needs that the technique refuses (a score head)."""
+    reason = technique.refusal(key)
+    if reason or not key.startswith(OBJECTIVE_PREFIX):
+        return reason
+    objective = OBJECTIVES[key.removeprefix(OBJECTIVE_PREFIX)]
+    if objective.num_labels is not None and technique.refusal("score_head"):
+        return f"the objective trains a score head: {technique.refusal('score_head')}"
+    return None
 
 
 def markdown_table() -> str:
@@ -78,7 +90,14 @@ def check_config(config: Any) -> None:
     reason = technique.refusal("gradient_checkpointing")
     if reason and config.training.gradient_checkpointing:
         raise ValueError(f"training.gradient_checkpointing: technique '{name}' cannot use it ({reason})")
-    reason = technique.refusal(f"{OBJECTIVE_PREFIX}{config.objective.name}")
+    objective = OBJECTIVES[config.objective.name]
+    reason = objective.refusal("packing")
+    if reason and config.data.packing:
+        if "packing" in config.data.model_fields_set:
+            raise ValueError(f"data.packing: objective '{config.objective.name}' cannot pack examples ({reason}); set data.packing: false")
+        log.info("data.packing: off, because objective '%s' cannot pack (%s)", config.objective.name, reason)
+        object.__setattr__(config.data, "packing", False)
+    reason = refusal(technique, f"{OBJECTIVE_PREFIX}{config.objective.name}")
     if reason:
         raise ValueError(f"objective.name: technique '{name}' cannot train with objective '{config.objective.name}' ({reason})")
 

@@ -21,7 +21,7 @@ from tunelab.config.compat import check_config
 from tunelab.data.config import DataConfig
 from tunelab.metrics import GENERATION_METRICS
 from tunelab.models import EMBEDDED_DEFAULT_MODEL, ModelConfig
-from tunelab.objectives import ObjectiveConfig
+from tunelab.objectives import DEFAULT_OBJECTIVE, OBJECTIVES, ObjectiveConfig, ObjectiveField, default_objective_settings
 from tunelab.settings import Settings
 from tunelab.techniques import DEFAULT_TECHNIQUE, TECHNIQUES, TechniqueConfig
 
@@ -164,7 +164,11 @@ class TunelabConfig(Settings):
         default_factory=lambda: TECHNIQUES[DEFAULT_TECHNIQUE].config_class(),
         description=f"Fine-tuning technique, chosen by `name`: one of {', '.join(TECHNIQUES)}.",
     )
-    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig, description="Training objective.")
+    objective: ObjectiveField = Field(
+        default_factory=default_objective_settings,
+        description=f"Training objective, chosen by `name`: one of {', '.join(OBJECTIVES)}. "
+        + "; ".join(f"'{name}': {o.summary}" for name, o in OBJECTIVES.items()) + ".",
+    )
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="Optimisation loop.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation and before/after report.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where the run folder goes.")
@@ -176,6 +180,8 @@ class TunelabConfig(Settings):
         # default technique, as it does when the whole section is left out.
         if isinstance(values, dict) and isinstance(values.get("technique"), dict) and "name" not in values["technique"]:
             values = {**values, "technique": {"name": DEFAULT_TECHNIQUE, **values["technique"]}}
+        if isinstance(values, dict) and isinstance(values.get("objective"), dict) and "name" not in values["objective"]:
+            values = {**values, "objective": {"name": DEFAULT_OBJECTIVE, **values["objective"]}}  # as for technique
         return values
 
     @model_validator(mode="after")

@@ -8,7 +8,7 @@ micro-batch, however large the set.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -16,17 +16,18 @@ from torch import nn
 
 from tunelab.data.batching import collate
 from tunelab.data.tokenize import IGNORE, TokenizedExample
-from tunelab.objectives import Objective
+from tunelab.objectives import LossFunction
 from tunelab.objectives.sft import logits_only_where
 from tunelab.techniques.base import forward_inputs
 
 
 @torch.no_grad()
 def validation_loss(
-    model: nn.Module, examples: list[TokenizedExample], objective: Objective, pad_id: int, batch_size: int,
-    device: torch.device, accelerator: Any = None,
+    model: nn.Module, examples: list[TokenizedExample], objective: LossFunction, pad_id: int, batch_size: int,
+    device: torch.device, accelerator: Any = None, collate_fn: Callable[[list[list[Any]], int], dict[str, torch.Tensor]] = collate,
 ) -> dict[str, float]:
-    """Token-weighted validation loss and perplexity. Each process takes every world_size-th batch."""
+    """Unit-weighted validation loss (per token for SFT, per pair for preference objectives), perplexity, and the
+    mean of each figure the objective reports (``LossSum.stats``). Each process takes every world_size-th batch."""
     was_training = model.training
     model.eval()
     ordered = sorted(examples, key=lambda e: len(e.input_ids))  # similar lengths per batch: little padding
@@ -34,15 +35,21 @@ def validation_loss(
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     tokens = torch.zeros((), dtype=torch.float64, device=device)
+    stats: dict[str, torch.Tensor] = {}
     for batch in batches[rank::world]:
-        tensors = {k: v.to(device) for k, v in collate([[e] for e in batch], pad_id).items()}
+        tensors = {k: v.to(device) for k, v in collate_fn([[e] for e in batch], pad_id).items()}
         result = objective(model, tensors)
         loss_sum += result.loss_sum.double()
         tokens += result.num_units
+        for name, value in result.stats.items():
+            stats[name] = stats.get(name, torch.zeros((), dtype=torch.float64, device=device)) + value.double()
     if accelerator is not None and world > 1:
         loss_sum, tokens = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(tokens, "sum")
+        stats = {name: accelerator.reduce(value, "sum") for name, value in sorted(stats.items())}
     model.train(was_training)
-    return loss_summary(loss_sum.item(), int(tokens.item()))
+    units = max(int(tokens.item()), 1)
+    return {**loss_summary(loss_sum.item(), int(tokens.item())),
+            **{name: round(value.item() / units, 6) for name, value in stats.items()}}
 
 
 def loss_summary(loss_sum: float, tokens: int) -> dict[str, float]:

@@ -129,7 +129,7 @@ class _Measurer:
         if not data.validation:
             raise ConfigError("quantize: the run has no validation data to measure quality on (data.val_size is 0 "
                               "and data.validation is empty)")
-        self.validation, self.objective = data.validation, OBJECTIVES[config.objective.name]
+        self.validation, self.objective = data.validation, OBJECTIVES[config.objective.name].bind(config.objective)
         chat = bool(data.validation_examples[0].messages)
         prompts = [s["prompt"] for s in sample_prompts(tokenizer, data.validation_examples, samples)]
         self.prompt_ids = [encode(tokenizer, p, special=not chat) for p in prompts]

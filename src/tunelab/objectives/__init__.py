@@ -1,48 +1,58 @@
-"""Objectives, one loss per file, behind an explicit registry keyed by ``objective.name``.
+"""The objective registry: one explicit table, checked at import time.
 
-An objective is ``fn(model, batch) -> LossSum``. The loop adds up ``num_units`` over the accumulation window
-and divides every micro-batch's ``loss_sum`` by that total before backward.
+Adding an objective: write ``objectives/<name>.py`` with a settings class whose ``name`` is a ``Literal`` and an
+``OBJECTIVE`` (see ``objectives/base.py`` for what it declares), then add it to ``_ALL`` below. The config's
+``objective`` section is the union of their settings, keyed on ``name``, so an unknown name or a setting of
+another objective is rejected when the config is read.
+
+The loop calls ``objective.bind(settings, reference)``: a summed loss and its unit count per micro-batch. It
+adds up the units over the accumulation window and divides every micro-batch's ``loss_sum`` by that total
+before backward, whatever the units are.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Annotated, Any, Callable, Union, get_args
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from tunelab.objectives.base import LossSum
-from tunelab.objectives.sft import count_supervised_tokens, sft_loss_sum
-from tunelab.settings import Settings
+from tunelab.objectives import sft
+from tunelab.objectives.base import Batch, LossSum, Objective, ObjectiveSpec, Reference
 
-Objective = Callable[[nn.Module, dict[str, torch.Tensor]], LossSum]
-
-
-@dataclass(frozen=True)
-class ObjectiveSpec:
-    """``loss_sum`` computes the summed loss; ``count_units`` counts a batch's units *before* the forward pass,
-    so the loop knows the whole window's normaliser before the first backward."""
-
-    loss_sum: Objective
-    count_units: Callable[[dict[str, torch.Tensor]], int]
-    summary: str = ""  # one line for the config reference: what the loss is
+_ALL: tuple[Objective, ...] = (sft.OBJECTIVE,)
 
 
-OBJECTIVES: dict[str, ObjectiveSpec] = {
-    "sft": ObjectiveSpec(sft_loss_sum, count_supervised_tokens, "next-token cross-entropy on supervised tokens"),
-}
-DEFAULT_OBJECTIVE = "sft"
+def _check(objectives: tuple[Objective, ...]) -> dict[str, Objective]:
+    registry: dict[str, Objective] = {}
+    for objective in objectives:
+        if objective.name in registry:
+            raise RuntimeError(f"objective {objective.name!r} is registered twice")
+        literal = get_args(objective.config_class.model_fields["name"].annotation)
+        if literal != (objective.name,):
+            raise RuntimeError(f"objective {objective.name!r}: its settings' name must be Literal[{objective.name!r}]")
+        if objective.units not in ("tokens", "pairs", "examples"):
+            raise RuntimeError(f"objective {objective.name!r}: units must be tokens, pairs or examples")
+        if objective.needs_reference and "reference" not in objective.config_class.model_fields:
+            raise RuntimeError(f"objective {objective.name!r}: needs a reference, so its settings choose how (reference)")
+        registry[objective.name] = objective
+    return registry
 
 
-class ObjectiveConfig(Settings):
-    """The config's ``objective`` section: which registered objective trains the model."""
+OBJECTIVES: dict[str, Objective] = _check(_ALL)
+DEFAULT_OBJECTIVE = sft.OBJECTIVE.name
 
-    name: Literal[tuple(OBJECTIVES)] = Field(  # type: ignore[valid-type]
-        DEFAULT_OBJECTIVE, description="Training objective. "
-        + "; ".join(f"'{name}': {spec.summary}" for name, spec in OBJECTIVES.items()) + ".",
-    )
+# The config's `objective` section: one settings class per objective, chosen by `name`.
+ObjectiveConfig = Union[tuple(o.config_class for o in _ALL)]  # type: ignore[valid-type]
+ObjectiveField = Annotated[ObjectiveConfig, Field(discriminator="name")] if len(_ALL) > 1 else ObjectiveConfig
+
+LossFunction = Callable[[nn.Module, dict[str, torch.Tensor]], LossSum]  # a bound loss, as evaluation calls it
 
 
-__all__ = ["DEFAULT_OBJECTIVE", "OBJECTIVES", "LossSum", "Objective", "ObjectiveConfig", "ObjectiveSpec"]
+def default_objective_settings() -> Any:
+    return OBJECTIVES[DEFAULT_OBJECTIVE].config_class()
+
+
+__all__ = ["DEFAULT_OBJECTIVE", "OBJECTIVES", "Batch", "LossFunction", "LossSum", "Objective", "ObjectiveConfig",
+           "ObjectiveField", "ObjectiveSpec", "Reference", "default_objective_settings"]

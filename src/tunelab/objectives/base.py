@@ -1,12 +1,85 @@
-"""What an objective returns: a loss summed over its units (tokens, pairs, ...) and how many units it saw."""
+"""What every objective provides, so the registry can check it and the loop, the model loader, config validation
+and the docs can stay objective-agnostic.
+
+An objective declares, in one place (its own file):
+- its settings (``config_class``, a Settings class whose ``name`` is a ``Literal``): the config's ``objective``
+  section is the union of them, keyed on ``name``;
+- its loss: ``loss_sum(model, batch, settings, reference)`` returns the loss *summed* over the batch's units and
+  how many units it saw; ``count_units(batch)`` counts them before the forward pass, so the loop knows the whole
+  window's normaliser before the first backward (``units`` names them: tokens, pairs, examples);
+- the batch it trains on: ``collate(rows, pad_id)`` turns the plan's rows (of the records the data layer
+  tokenized for it) into tensors;
+- the model head it needs (``num_labels``: None for the causal LM head, 1 for a scalar score head), from which
+  the PEFT task type follows (``task_type``), so an adapter technique wraps the right head and saves it;
+- whether it compares with a reference policy (``needs_reference``): the technique's disabled view of the same
+  model (an adapter switched off), else a frozen copy, or log-probs computed once before training;
+- the per-unit figures it logs (``metrics``: returned as sums in ``LossSum.stats``, logged as means);
+- what it cannot work with (``refuses``: feature -> reason, e.g. packing), in the same matrix as techniques.
+"""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import inspect
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, NamedTuple
 
 import torch
+from torch import nn
+
+from tunelab.data import collate
+from tunelab.settings import Settings
+
+Batch = dict[str, torch.Tensor]
+# The reference policy as the loss sees it: entering it gives the model to score with (the same model with its
+# adapter switched off, or a frozen copy), always under torch.no_grad.
+Reference = Callable[[nn.Module], AbstractContextManager[nn.Module]]
+NO_STATS: Mapping[str, torch.Tensor] = MappingProxyType({})
 
 
 class LossSum(NamedTuple):
     loss_sum: torch.Tensor  # scalar, summed (not averaged) over the units of this micro-batch
-    num_units: int  # supervised tokens for SFT; the loop normalises by the step's total
+    num_units: int  # supervised tokens for SFT, pairs for preference objectives; the loop normalises by the total
+    stats: Mapping[str, torch.Tensor] = NO_STATS  # per-unit figures summed over the units (logged as sum / units)
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """What the loop calls: a loss over one micro-batch and the count of its units, with the settings and the
+    reference already bound (``Objective.bind``), and how rows become a batch."""
+
+    loss_sum: Callable[[nn.Module, Batch], LossSum]
+    count_units: Callable[[Batch], int]
+    summary: str = ""
+    collate: Callable[[list[list[Any]], int], Batch] = collate
+
+
+@dataclass(frozen=True)
+class Objective:
+    name: str
+    config_class: type[Settings]
+    loss_sum: Callable[..., LossSum]  # (model, batch, settings, reference) or (model, batch)
+    count_units: Callable[[Batch], int]
+    units: str
+    summary: str
+    collate: Callable[[list[list[Any]], int], Batch] = collate
+    num_labels: int | None = None  # None: the causal LM head; k: a sequence-classification head with k outputs
+    needs_reference: bool = False
+    metrics: tuple[str, ...] = ()
+    refuses: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def task_type(self) -> str:
+        """The PEFT task type of the head: an adapter on a score head must save that head (modules_to_save)."""
+        return "CAUSAL_LM" if self.num_labels is None else "SEQ_CLS"
+
+    def bind(self, settings: Settings, reference: Reference | None = None) -> ObjectiveSpec:
+        if len(inspect.signature(self.loss_sum).parameters) == 2:  # loss_sum(model, batch): nothing to bind
+            return ObjectiveSpec(self.loss_sum, self.count_units, self.summary, self.collate)
+        loss = self.loss_sum
+        return ObjectiveSpec(lambda model, batch: loss(model, batch, settings, reference), self.count_units,
+                             self.summary, self.collate)
+
+    def refusal(self, feature: str) -> str | None:
+        return self.refuses.get(feature)

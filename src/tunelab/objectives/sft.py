@@ -11,16 +11,24 @@ short micro-batch's tokens more than a long one's).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Literal
 
 import torch
 import torch.nn.functional as F
 from accelerate.utils import extract_model_from_parallel
+from pydantic import Field
 from torch import nn
 
 from tunelab.data.tokenize import IGNORE
-from tunelab.objectives.base import LossSum
+from tunelab.objectives.base import LossSum, Objective
+from tunelab.settings import Settings
 from tunelab.techniques.base import forward_inputs
+
+
+class SftSettings(Settings):
+    """Supervised fine-tuning has no settings of its own: what is supervised is the data's choice (data.train_on_prompt)."""
+
+    name: Literal["sft"] = Field("sft", description="Training objective (see the section's description).")
 
 
 @contextmanager
@@ -60,3 +68,9 @@ def sft_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> LossSum:
 
 def count_supervised_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["targets"] != IGNORE).sum())
+
+
+OBJECTIVE = Objective(
+    name="sft", config_class=SftSettings, loss_sum=sft_loss_sum, count_units=count_supervised_tokens, units="tokens",
+    summary="next-token cross-entropy on supervised tokens",
+)

@@ -24,7 +24,8 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from tunelab.techniques.base import NOT_QUANTIZED, RunContext, Technique, TechniqueState, save_peft_adapter
+from tunelab.techniques.base import (NOT_QUANTIZED, RunContext, Technique, TechniqueState, peft_disabled_view,
+                                      peft_task_type, save_peft_adapter)
 from tunelab.techniques.lora import LayeredTargets
 from tunelab.techniques.peft_adapters import wrap_checked
 
@@ -69,7 +70,7 @@ def prepare(model: nn.Module, settings: AdaloraSettings, context: RunContext | N
     config = AdaLoraConfig(
         init_r=settings.init_r, target_r=settings.target_r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
         tinit=tinit, tfinal=tfinal, deltaT=settings.reallocate_every, beta1=settings.beta1, beta2=settings.beta2,
-        orth_reg_weight=settings.orth_reg_weight, total_step=total, task_type="CAUSAL_LM", **settings.peft_targets(),
+        orth_reg_weight=settings.orth_reg_weight, total_step=total, task_type=peft_task_type(context), **settings.peft_targets(),
     )
     return wrap_checked(model, settings, config)
 
@@ -122,6 +123,7 @@ TECHNIQUE = Technique(
     config_class=AdaloraSettings,
     prepare=prepare,
     save=save_peft_adapter,
+    disabled_view=peft_disabled_view,
     result_dir_name="adapter",
     default_learning_rate=5e-4,
     summary="LoRA with its rank budget reallocated to the layers that need it (per-step hook, mergeable)",

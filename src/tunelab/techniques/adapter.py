@@ -27,7 +27,7 @@ from tunelab.errors import TechniqueError
 from tunelab.models import load_model
 from tunelab.settings import Settings
 from tunelab.techniques import bottleneck as bn
-from tunelab.techniques.base import NOT_QUANTIZED, RunContext, Technique, base_load_for
+from tunelab.techniques.base import NO_SCORE_HEAD, NOT_QUANTIZED, RunContext, Technique, base_load_for
 
 MERGE_REFUSAL = ("a bottleneck adapter is not linear (W_up f(W_down h) has a non-linearity in the middle), so it "
                  "cannot be folded into the base weights; serve or export the base model with the adapter attached")
@@ -111,7 +111,7 @@ TECHNIQUE = Technique(
     default_learning_rate=1e-3,
     summary="bottleneck adapter layers inside the frozen model (Houlsby, Pfeiffer or parallel; not mergeable)",
     load_result=load_result,
-    refuses={"merge": MERGE_REFUSAL, "quantized_base": NOT_QUANTIZED},
+    refuses={"merge": MERGE_REFUSAL, "quantized_base": NOT_QUANTIZED, "score_head": NO_SCORE_HEAD},
     variant_names={"bottleneck": {}, "bottleneck_adapter": {}, "houlsby": {"placement": "houlsby"},
                    "pfeiffer": {"placement": "pfeiffer"}, "parallel_adapter": {"placement": "parallel"}},
     variant_label=lambda settings: settings.placement,

@@ -33,7 +33,7 @@ from tunelab.settings import Settings
 from tunelab.techniques import bottleneck as bn
 from tunelab.techniques import routing as rt
 from tunelab.techniques.adapter import BottleneckOptions
-from tunelab.techniques.base import NOT_QUANTIZED, RunContext, Technique, base_load_for, forward_inputs
+from tunelab.techniques.base import NO_SCORE_HEAD, NOT_QUANTIZED, RunContext, Technique, base_load_for, forward_inputs
 
 SPEC_ATTRIBUTE = "_tunelab_routing_spec"
 NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -246,7 +246,7 @@ TECHNIQUE = Technique(
     default_learning_rate=1e-3,
     summary="a learned router over several named adapters (LoRA or bottleneck runs), per token, sequence or prompt",
     load_result=load_result,
-    refuses={"merge": MERGE_REFUSAL, "quantized_base": NOT_QUANTIZED},
+    refuses={"merge": MERGE_REFUSAL, "quantized_base": NOT_QUANTIZED, "score_head": NO_SCORE_HEAD},
     on_step=on_step,
     evaluate=evaluate,
 )

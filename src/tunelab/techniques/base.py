@@ -14,6 +14,7 @@ A technique declares, in one place:
 from __future__ import annotations
 
 import inspect
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -33,6 +34,7 @@ FEATURES: dict[str, str] = {
     "gradient_checkpointing": "gradient checkpointing",
     "merge": "merge",
     "quantized_base": "4/8-bit base",
+    "score_head": "score head",  # objectives that train a sequence-classification / scalar head (reward, ...)
 }
 OBJECTIVE_PREFIX = "objective:"
 
@@ -42,6 +44,8 @@ TRAINS_BASE_WEIGHTS = "it trains the base weights themselves, and 4/8-bit weight
 NOT_QUANTIZED = "this technique loads a full-precision base; technique 'qlora' is the one that trains on a 4/8-bit base"
 VIRTUAL_TOKENS = ("it learns virtual tokens (or keys and values) fed to the model, not a change to any weight: "
                   "there is nothing to fold into the weights; keep the adapter and load it with PEFT")
+NO_SCORE_HEAD = ("its adapter layers are saved on their own, without a model head, so a newly trained score head "
+                 "would be lost; use lora or full")
 NO_POSITION_IDS = ("PEFT drops the per-example position ids of prompt-learning methods, so examples packed in one "
                    "row would attend to each other; each example gets its own row instead")
 
@@ -67,6 +71,14 @@ class RunContext:
     # The run's sorted task names (an example's task_id indexes them); () for data without tasks; None when
     # there is no data (parameter counts on a skeleton).
     tasks: tuple[str, ...] | None = None
+    # The PEFT task type of the head the objective trains ("CAUSAL_LM", or "SEQ_CLS" for a score head, which
+    # PEFT then trains and saves with the adapter as modules_to_save): the objective decides, the technique asks.
+    task_type: str = "CAUSAL_LM"
+
+
+def peft_task_type(context: RunContext | None) -> str:
+    """The task type a PEFT config is built with: the run's objective's, else the causal LM's."""
+    return (context or RunContext()).task_type
 
 
 def plain_load(settings: Settings, device: torch.device) -> BaseLoad:
@@ -107,6 +119,10 @@ class Technique:
       refused); the default merges a PEFT adapter into the base it was trained on.
     - ``variant_names`` maps names a user may try for one of its variants ('dora') to the settings that choose
       that variant here ({'use_dora': True}): config loading turns such a ``technique.name`` into a did-you-mean.
+    - ``disabled_view(model)`` is a context manager in which the prepared model computes as the base did (an
+      adapter switched off); objectives that compare with a reference policy use it instead of a frozen copy. By
+      PEFT technique declares ``peft_disabled_view`` (its ``disable_adapter()``); None: there is no such view (the
+      base weights change, or the adapter cannot be switched off), so a frozen copy of the base is made.
     - ``variant_label(settings)`` names the variant its settings choose ('dora'), or None for the plain technique;
       ``tunelab runs`` shows it beside the name.
     """
@@ -129,6 +145,7 @@ class Technique:
     merge: Callable[[Any, Path, torch.device], MergeResult] | None = None
     variant_names: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     variant_label: Callable[[Any], str | None] | None = None
+    disabled_view: Callable[[nn.Module], AbstractContextManager[Any]] | None = None
 
     def __post_init__(self) -> None:
         if self.load_result is None:
@@ -148,6 +165,11 @@ class Technique:
 
     def apply(self, model: nn.Module, settings: Any, context: RunContext | None = None) -> nn.Module:
         return self.prepare(model, settings, context or RunContext())
+
+
+def peft_disabled_view(model: nn.Module) -> AbstractContextManager[Any]:
+    """The PEFT model with its adapter switched off (``disable_adapter()``): exactly the base's computation."""
+    return getattr(model, "module", model).disable_adapter()  # DDP keeps the model in .module
 
 
 def forward_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

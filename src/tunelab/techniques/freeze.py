@@ -18,7 +18,7 @@ from torch import nn
 
 from tunelab.errors import TechniqueError
 from tunelab.settings import Settings
-from tunelab.techniques.base import STANDALONE, TRAINS_BASE_WEIGHTS, Technique, save_full_model
+from tunelab.techniques.base import STANDALONE, TRAINS_BASE_WEIGHTS, RunContext, Technique, peft_task_type, save_full_model
 
 
 class FreezeSettings(Settings):
@@ -41,7 +41,16 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return max(lists, key=len)
 
 
-def prepare(model: nn.Module, settings: FreezeSettings) -> nn.Module:
+def new_head(model: nn.Module) -> nn.Module:
+    """A sequence classifier's head: the module beside the base model (Llama-style ``score``)."""
+    prefix = getattr(model, "base_model_prefix", "model")
+    heads = [module for name, module in model.named_children() if name != prefix]
+    if len(heads) != 1:
+        raise TechniqueError(f"technique 'freeze': cannot tell this model's score head among {[n for n, _ in model.named_children()]}")
+    return heads[0]
+
+
+def prepare(model: nn.Module, settings: FreezeSettings, context: RunContext | None = None) -> nn.Module:
     layers = decoder_layers(model)
     n = len(layers)
     for index in settings.layers:
@@ -52,6 +61,9 @@ def prepare(model: nn.Module, settings: FreezeSettings) -> nn.Module:
         param.requires_grad_(False)
     for index in chosen:
         for param in layers[index].parameters():
+            param.requires_grad_(True)
+    if peft_task_type(context) == "SEQ_CLS":  # a new score head starts untrained: it always trains
+        for param in new_head(model).parameters():
             param.requires_grad_(True)
     matched = set()
     # remove_duplicate=False: a tied weight answers to every name it has (lm_head.weight is embed_tokens.weight).

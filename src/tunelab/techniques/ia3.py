@@ -15,7 +15,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 from torch import nn
 
-from tunelab.techniques.base import NOT_QUANTIZED, RunContext, Technique, save_peft_adapter
+from tunelab.techniques.base import (NOT_QUANTIZED, RunContext, Technique, peft_disabled_view, peft_task_type,
+                                      save_peft_adapter)
 from tunelab.techniques.lora import AdapterTargets
 from tunelab.techniques.peft_adapters import wrap_checked
 
@@ -43,7 +44,7 @@ class Ia3Settings(AdapterTargets):
 def prepare(model: nn.Module, settings: Ia3Settings, context: RunContext | None = None) -> nn.Module:
     from peft import IA3Config
 
-    config = IA3Config(feedforward_modules=settings.feedforward_modules, task_type="CAUSAL_LM", **settings.peft_targets())
+    config = IA3Config(feedforward_modules=settings.feedforward_modules, task_type=peft_task_type(context), **settings.peft_targets())
     return wrap_checked(model, settings, config)
 
 
@@ -52,6 +53,7 @@ TECHNIQUE = Technique(
     config_class=Ia3Settings,
     prepare=prepare,
     save=save_peft_adapter,
+    disabled_view=peft_disabled_view,
     result_dir_name="adapter",
     default_learning_rate=3e-3,
     summary="learned scaling vectors on keys, values and feed-forward (tiny, mergeable)",

@@ -14,7 +14,8 @@ from typing import Literal
 from pydantic import Field
 from torch import nn
 
-from tunelab.techniques.base import NOT_QUANTIZED, RunContext, Technique, save_peft_adapter
+from tunelab.techniques.base import (NOT_QUANTIZED, RunContext, Technique, peft_disabled_view, peft_task_type,
+                                      save_peft_adapter)
 from tunelab.techniques.lora import LayeredTargets
 from tunelab.techniques.peft_adapters import wrap_checked
 
@@ -31,7 +32,7 @@ def prepare(model: nn.Module, settings: LohaSettings, context: RunContext | None
     from peft import LoHaConfig
 
     config = LoHaConfig(r=settings.r, alpha=settings.alpha, rank_dropout=settings.rank_dropout,
-                        module_dropout=settings.module_dropout, task_type="CAUSAL_LM", **settings.peft_targets())
+                        module_dropout=settings.module_dropout, task_type=peft_task_type(context), **settings.peft_targets())
     return wrap_checked(model, settings, config)
 
 
@@ -40,6 +41,7 @@ TECHNIQUE = Technique(
     config_class=LohaSettings,
     prepare=prepare,
     save=save_peft_adapter,
+    disabled_view=peft_disabled_view,
     result_dir_name="adapter",
     default_learning_rate=2e-4,
     summary="Hadamard product of two low-rank updates (higher rank per parameter, mergeable)",

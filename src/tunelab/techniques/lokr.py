@@ -14,7 +14,8 @@ from typing import Literal
 from pydantic import Field
 from torch import nn
 
-from tunelab.techniques.base import NOT_QUANTIZED, RunContext, Technique, save_peft_adapter
+from tunelab.techniques.base import (NOT_QUANTIZED, RunContext, Technique, peft_disabled_view, peft_task_type,
+                                      save_peft_adapter)
 from tunelab.techniques.lora import LayeredTargets
 from tunelab.techniques.peft_adapters import wrap_checked
 
@@ -34,7 +35,7 @@ def prepare(model: nn.Module, settings: LokrSettings, context: RunContext | None
 
     config = LoKrConfig(r=settings.r, alpha=settings.alpha, decompose_factor=settings.decompose_factor,
                         decompose_both=settings.decompose_both, rank_dropout=settings.rank_dropout,
-                        module_dropout=settings.module_dropout, task_type="CAUSAL_LM", **settings.peft_targets())
+                        module_dropout=settings.module_dropout, task_type=peft_task_type(context), **settings.peft_targets())
     return wrap_checked(model, settings, config)
 
 
@@ -43,6 +44,7 @@ TECHNIQUE = Technique(
     config_class=LokrSettings,
     prepare=prepare,
     save=save_peft_adapter,
+    disabled_view=peft_disabled_view,
     result_dir_name="adapter",
     default_learning_rate=2e-4,
     summary="Kronecker product adapters (very few parameters, mergeable)",

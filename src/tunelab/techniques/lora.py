@@ -27,7 +27,7 @@ from torch import nn
 
 from tunelab.errors import TechniqueError
 from tunelab.settings import Settings
-from tunelab.techniques.base import RunContext, Technique, decay_param_groups
+from tunelab.techniques.base import RunContext, Technique, decay_param_groups, peft_disabled_view, peft_task_type
 from tunelab.techniques.freeze import decoder_layers
 
 INITS = {"default": True, "gaussian": "gaussian", "pissa": "pissa_niter_16", "olora": "olora"}
@@ -145,13 +145,13 @@ def wrap(model: nn.Module, peft_config: Any) -> nn.Module:
         raise TechniqueError(f"technique: {exc}") from exc
 
 
-def lora_config(settings: LoraOptions) -> Any:
+def lora_config(settings: LoraOptions, task_type: str) -> Any:
     from peft import LoraConfig
 
     return LoraConfig(
         r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, use_dora=settings.use_dora,
         use_rslora=settings.use_rslora, init_lora_weights=INITS[settings.init], rank_pattern=settings.rank_pattern,
-        alpha_pattern=settings.alpha_pattern, task_type="CAUSAL_LM", **settings.peft_targets(),
+        alpha_pattern=settings.alpha_pattern, task_type=task_type, **settings.peft_targets(),
     )
 
 
@@ -160,7 +160,7 @@ def prepare(model: nn.Module, settings: LoraOptions, context: RunContext | None 
     on_meta = any(p.is_meta for p in model.parameters())
     if on_meta and settings.init in BASE_CHANGING_INITS:  # an SVD/QR of weights that are not there: count with the default init
         settings = settings.model_copy(update={"init": "default"})
-    peft_model = wrap(model, lora_config(settings))
+    peft_model = wrap(model, lora_config(settings, peft_task_type(context)))
     if settings.init in BASE_CHANGING_INITS:
         # Keep the starting adapter: at save time PEFT needs it to turn (residual base, A, B) into an adapter
         # on the original base (rank 2r). Kept on the model so that it travels with it.
@@ -241,6 +241,7 @@ TECHNIQUE = Technique(
     config_class=LoraSettings,
     prepare=prepare,
     save=save,
+    disabled_view=peft_disabled_view,
     result_dir_name="adapter",
     default_learning_rate=2e-4,
     summary="low-rank adapters on frozen weights (small, fast, mergeable); DoRA, rsLoRA, PiSSA, LoRA+ as options",

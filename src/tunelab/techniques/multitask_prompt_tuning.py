@@ -21,7 +21,8 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from tunelab.errors import TechniqueError
-from tunelab.techniques.base import RunContext, Technique, load_peft_adapter, save_peft_adapter
+from tunelab.techniques.base import (RunContext, Technique, load_peft_adapter, peft_disabled_view, peft_task_type,
+                                      save_peft_adapter)
 from tunelab.techniques.lora import wrap
 from tunelab.techniques.prompt_learning import REFUSES, VirtualTokens, model_path
 
@@ -91,7 +92,7 @@ def prepare(model: nn.Module, settings: MultitaskPromptTuningSettings, context: 
     text = settings.init == "text" and not on_meta
     config = MultitaskPromptTuningConfig(
         num_virtual_tokens=settings.num_virtual_tokens, num_tasks=len(tasks), num_ranks=settings.num_ranks,
-        task_type="CAUSAL_LM", prompt_tuning_init="TEXT" if text else "RANDOM",
+        task_type=peft_task_type(context), prompt_tuning_init="TEXT" if text else "RANDOM",
         prompt_tuning_init_text=settings.init_text if text else None,
         tokenizer_name_or_path=model_path(model) if text else None,
     )
@@ -118,6 +119,7 @@ TECHNIQUE = Technique(
     config_class=MultitaskPromptTuningSettings,
     prepare=prepare,
     save=save,
+    disabled_view=peft_disabled_view,
     result_dir_name="adapter",
     default_learning_rate=3e-2,
     summary="a soft prompt shared across tasks, modulated per task (needs a 'task' field; not mergeable, no packing)",

@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import Field
 from torch import nn
 
-from tunelab.techniques.base import RunContext, Technique, save_peft_adapter
+from tunelab.techniques.base import RunContext, Technique, peft_disabled_view, peft_task_type, save_peft_adapter
 from tunelab.techniques.lora import wrap
 from tunelab.techniques.prompt_learning import REFUSES, VirtualTokens
 
@@ -29,7 +29,7 @@ class PTuningSettings(VirtualTokens):
 def prepare(model: nn.Module, settings: PTuningSettings, context: RunContext | None = None) -> nn.Module:
     from peft import PromptEncoderConfig
 
-    config = PromptEncoderConfig(num_virtual_tokens=settings.num_virtual_tokens, task_type="CAUSAL_LM",
+    config = PromptEncoderConfig(num_virtual_tokens=settings.num_virtual_tokens, task_type=peft_task_type(context),
                                  encoder_reparameterization_type=settings.encoder.upper(),
                                  encoder_hidden_size=settings.encoder_hidden_size, encoder_dropout=settings.encoder_dropout)
     return wrap(model, config)
@@ -40,6 +40,7 @@ TECHNIQUE = Technique(
     config_class=PTuningSettings,
     prepare=prepare,
     save=save_peft_adapter,
+    disabled_view=peft_disabled_view,
     result_dir_name="adapter",
     default_learning_rate=1e-2,
     summary="virtual tokens produced by a small prompt encoder (not mergeable, no packing)",

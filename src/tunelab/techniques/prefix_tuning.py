@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import Field
 from torch import nn
 
-from tunelab.techniques.base import RunContext, Technique, save_peft_adapter
+from tunelab.techniques.base import RunContext, Technique, peft_disabled_view, peft_task_type, save_peft_adapter
 from tunelab.techniques.lora import wrap
 from tunelab.techniques.prompt_learning import REFUSES, VirtualTokens
 
@@ -29,7 +29,7 @@ def prepare(model: nn.Module, settings: PrefixTuningSettings, context: RunContex
     from peft import PrefixTuningConfig
 
     config = PrefixTuningConfig(num_virtual_tokens=settings.num_virtual_tokens, prefix_projection=settings.prefix_projection,
-                                encoder_hidden_size=settings.projection_hidden_size, task_type="CAUSAL_LM")
+                                encoder_hidden_size=settings.projection_hidden_size, task_type=peft_task_type(context))
     return wrap(model, config)
 
 
@@ -38,6 +38,7 @@ TECHNIQUE = Technique(
     config_class=PrefixTuningSettings,
     prepare=prepare,
     save=save_peft_adapter,
+    disabled_view=peft_disabled_view,
     result_dir_name="adapter",
     default_learning_rate=1e-2,
     summary="learned key/value prefixes at every attention layer (not mergeable, no packing)",

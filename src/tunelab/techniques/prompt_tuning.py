@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 from torch import nn
 
-from tunelab.techniques.base import RunContext, Technique, save_peft_adapter
+from tunelab.techniques.base import RunContext, Technique, peft_disabled_view, peft_task_type, save_peft_adapter
 from tunelab.techniques.lora import wrap
 from tunelab.techniques.prompt_learning import REFUSES, VirtualTokens, model_path
 
@@ -42,7 +42,7 @@ def prepare(model: nn.Module, settings: PromptTuningSettings, context: RunContex
 
     text = settings.init == "text" and not any(p.is_meta for p in model.parameters())  # no embeddings on meta
     config = PromptTuningConfig(
-        num_virtual_tokens=settings.num_virtual_tokens, task_type="CAUSAL_LM",
+        num_virtual_tokens=settings.num_virtual_tokens, task_type=peft_task_type(context),
         prompt_tuning_init="TEXT" if text else "RANDOM",
         prompt_tuning_init_text=settings.init_text if text else None,
         tokenizer_name_or_path=model_path(model) if text else None,
@@ -55,6 +55,7 @@ TECHNIQUE = Technique(
     config_class=PromptTuningSettings,
     prepare=prepare,
     save=save_peft_adapter,
+    disabled_view=peft_disabled_view,
     result_dir_name="adapter",
     default_learning_rate=3e-2,
     summary="a learned soft prompt of virtual token embeddings (fewest parameters; not mergeable, no packing)",

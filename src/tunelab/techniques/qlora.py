@@ -24,7 +24,7 @@ from torch import nn
 
 from tunelab.models import load_model, resolve_dtype
 from tunelab.techniques import lora
-from tunelab.techniques.base import BaseLoad, MergeResult, RunContext, Technique
+from tunelab.techniques.base import BaseLoad, MergeResult, RunContext, Technique, peft_disabled_view
 
 
 class QloraSettings(lora.LoraOptions):
@@ -97,6 +97,7 @@ TECHNIQUE = Technique(
     config_class=QloraSettings,
     prepare=prepare,
     save=lora.save,
+    disabled_view=peft_disabled_view,
     result_dir_name="adapter",
     default_learning_rate=2e-4,
     summary="LoRA on a 4-bit (nf4/fp4) or 8-bit base via bitsandbytes (least memory; merges into a dequantized base)",

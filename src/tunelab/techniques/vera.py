@@ -16,7 +16,8 @@ from typing import Literal
 from pydantic import Field
 from torch import nn
 
-from tunelab.techniques.base import NOT_QUANTIZED, RunContext, Technique, save_peft_adapter
+from tunelab.techniques.base import (NOT_QUANTIZED, RunContext, Technique, peft_disabled_view, peft_task_type,
+                                      save_peft_adapter)
 from tunelab.techniques.lora import LayeredTargets
 from tunelab.techniques.peft_adapters import wrap_checked
 
@@ -33,7 +34,7 @@ def prepare(model: nn.Module, settings: VeraSettings, context: RunContext | None
     from peft import VeraConfig
 
     config = VeraConfig(r=settings.r, vera_dropout=settings.dropout, d_initial=settings.d_initial,
-                        projection_prng_key=settings.projection_seed, save_projection=True, task_type="CAUSAL_LM",
+                        projection_prng_key=settings.projection_seed, save_projection=True, task_type=peft_task_type(context),
                         **settings.peft_targets())
     return wrap_checked(model, settings, config)
 
@@ -43,6 +44,7 @@ TECHNIQUE = Technique(
     config_class=VeraSettings,
     prepare=prepare,
     save=save_peft_adapter,
+    disabled_view=peft_disabled_view,
     result_dir_name="adapter",
     default_learning_rate=4e-3,
     summary="shared random projections, per-layer scaling vectors (fewest parameters of the LoRA family, mergeable)",

@@ -66,7 +66,8 @@ class TrainingContext:
         self.precision = training_precision(config.model.dtype, default_device())
         self.accelerator = distributed.make_accelerator(self.precision.mixed_precision)
         self.device = self.accelerator.device
-        self.objective = OBJECTIVES[config.objective.name]
+        self.objective_kind = OBJECTIVES[config.objective.name]  # what it declares: head, units, reference
+        self.objective = self.objective_kind.bind(config.objective)  # the loss the loop calls; set-up binds the reference
         self.technique = TECHNIQUES[config.technique.name]
         self.info = RunInfo()  # run_info.json: phases, parameters, memory, versions
         self.samples: list[dict[str, str]] = []  # validation prompts generated at evaluations
@@ -133,7 +134,7 @@ class TrainingContext:
         examples = self.data.validation[: self.config.eval.max_examples]
         with self.accelerator.autocast():  # float32 trainable and half-precision frozen weights meet as in training
             return validation_loss(self.inner_model, examples, self.objective.loss_sum, self.pad_id,
-                                   self.config.eval.batch_size, self.device, self.accelerator)
+                                   self.config.eval.batch_size, self.device, self.accelerator, self.objective.collate)
 
     def heldout_loss(self) -> dict[str, float]:
         """Loss on general held-out text (the forgetting check), without autocast."""

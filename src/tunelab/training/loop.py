@@ -20,7 +20,6 @@ import torch
 from accelerate import Accelerator
 
 from tunelab import distributed
-from tunelab.data import collate
 from tunelab.errors import TrainingAborted
 from tunelab.objectives import ObjectiveSpec
 from tunelab.training.context import LoopState, TrainingContext
@@ -68,8 +67,9 @@ def run_loop(ctx: TrainingContext, state: LoopState) -> str:
                 return "interrupted"
             # one optimizer step: the window's gradients, clipped, applied unless any of it is not finite
             rows = [next(micro) for _ in range(config.training.grad_accum)]
-            window = [{k: v.to(accelerator.device) for k, v in collate(r, ctx.pad_id).items()} for r in rows]
-            loss_sum, units, penalty = accumulate_gradients(ctx.model, window, ctx.objective, accelerator, ctx.penalty)
+            window = [{k: v.to(accelerator.device) for k, v in ctx.objective.collate(r, ctx.pad_id).items()} for r in rows]
+            stats: dict[str, float] = {}  # the objective's own figures (e.g. preference accuracy), per unit
+            loss_sum, units, penalty = accumulate_gradients(ctx.model, window, ctx.objective, accelerator, ctx.penalty, stats)
             grad_norm = accelerator.clip_grad_norm_(trainable, clip)
             lr = ctx.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler then moves on)
             finite = bool(torch.isfinite(loss_sum)) and bool(torch.isfinite(grad_norm))
@@ -84,7 +84,7 @@ def run_loop(ctx: TrainingContext, state: LoopState) -> str:
                 ctx.log_metrics({"kind": "train", "step": state.step, "loss": round(loss, 6), "lr": lr,
                                  "grad_norm": round(float(grad_norm), 6), "tokens": state.tokens_seen,
                                  "tokens_per_s": round(speed, 1), "skipped": not finite,
-                                 "elapsed_s": round(time.time() - started, 2), **step_metrics,
+                                 "elapsed_s": round(time.time() - started, 2), **stats, **step_metrics,
                                  **({"penalty": round(penalty, 6)} if penalty is not None else {})})
             _stop_on_repeated_nonfinite(state, config.training.max_consecutive_nonfinite, finite)
             # evaluation (best checkpoint, early stopping) and the periodic checkpoint
@@ -99,15 +99,17 @@ def run_loop(ctx: TrainingContext, state: LoopState) -> str:
 
 def accumulate_gradients(
     model: torch.nn.Module, window: list[dict[str, torch.Tensor]], objective: ObjectiveSpec, accelerator: Accelerator,
-    penalty: Callable[[], torch.Tensor | None] | None = None,
+    penalty: Callable[[], torch.Tensor | None] | None = None, stats: dict[str, float] | None = None,
 ) -> tuple[torch.Tensor, int, float | None]:
     """Backward over a window of micro-batches (each a dict of (B, T) tensors); returns the summed loss () and the
-    total units (supervised tokens) over all processes, and the technique's penalty (added once, with the last
-    micro-batch: one big batch would add it once too)."""
+    total units (supervised tokens, pairs: the objective's) over all processes, and the technique's penalty (added
+    once, with the last micro-batch: one big batch would add it once too). ``stats``, when given, receives the
+    window's mean of each figure the objective reports per unit."""
     local_units = sum(objective.count_units(b) for b in window)
     total_units = int(accelerator.reduce(torch.tensor(local_units, device=accelerator.device), "sum").item())
     scale = accelerator.num_processes / max(total_units, 1)  # DDP's gradient mean divides by num_processes again
     loss_sum = torch.zeros((), device=accelerator.device)
+    stat_sums: dict[str, torch.Tensor] = {}
     penalty_value = None
     for i, batch in enumerate(window):
         last = i == len(window) - 1
@@ -121,6 +123,11 @@ def accumulate_gradients(
             penalty_value = float(extra.detach())
         accelerator.backward(loss)
         loss_sum += result.loss_sum.detach().float()
+        for name, value in result.stats.items():
+            stat_sums[name] = stat_sums.get(name, 0) + value.detach().float()
+    if stats is not None:  # every process's objective reports the same names, in the same order
+        stats.update({name: round(float(accelerator.reduce(value, "sum")) / max(total_units, 1), 6)
+                      for name, value in sorted(stat_sums.items())})
     return accelerator.reduce(loss_sum, "sum"), total_units, penalty_value
 
 

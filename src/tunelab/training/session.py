@@ -29,6 +29,7 @@ from tunelab.eval.before_after import base_evaluation, compare_with_base, forget
 from tunelab.eval.training import OverfittingSignal
 from tunelab.generation import sample_prompts
 from tunelab.models import cache_root, default_device, load_model, load_tokenizer, model_skeleton
+from tunelab.objectives.reference import frozen_reference, reference_view, same_model
 from tunelab.precision import keep_trainable_in_float32, training_precision
 from tunelab.fs import read_json, write_entry_json
 from tunelab.schedule import make_scheduler
@@ -145,8 +146,12 @@ def _set_up(ctx: TrainingContext, resume: bool) -> tuple[LoopState, dict[str, An
     if config.training.eval_every and not ctx.data.validation:
         raise ConfigError("training.eval_every needs validation data, and there is none: set data.val_size above 0 "
                           "or give data.validation (or leave eval_every unset)")
-    ctx.model = load_model(config.model, ctx.device, ctx.technique.base_load(config.technique, ctx.device))
+    ctx.model = load_model(config.model, ctx.device, ctx.technique.base_load(config.technique, ctx.device),
+                           num_labels=ctx.objective_kind.num_labels)
+    if ctx.objective_kind.num_labels is not None:  # a score head pools the last token that is not padding
+        ctx.model.config.pad_token_id = ctx.pad_id
     _check_technique_fits(ctx)  # seconds, on a weightless copy: before the minutes of base evaluation
+    ctx.objective = ctx.objective_kind.bind(config.objective, same_model)  # the base is its own reference
     samples = sample_prompts(ctx.tokenizer, ctx.data.validation_examples, config.eval.num_samples)
     ctx.samples = samples
     with ctx.info.phase("base evaluation"):
@@ -156,7 +161,10 @@ def _set_up(ctx: TrainingContext, resume: bool) -> tuple[LoopState, dict[str, An
         enable_activation_checkpointing(ctx.model)
     ctx.plan = make_plan(config, ctx.data, ctx.accelerator.process_index, ctx.accelerator.num_processes)
     set_seed(config.training.seed)  # the technique's initialisation does not depend on whether base eval ran
-    ctx.model = ctx.technique.apply(ctx.model, config.technique, RunContext(total_steps=ctx.plan.total_steps, tasks=tuple(ctx.data.tasks)))
+    frozen = frozen_reference(ctx.model) if ctx.objective_kind.needs_reference and ctx.technique.disabled_view is None else None
+    ctx.model = ctx.technique.apply(ctx.model, config.technique, RunContext(
+        total_steps=ctx.plan.total_steps, tasks=tuple(ctx.data.tasks), task_type=ctx.objective_kind.task_type))
+    ctx.objective = ctx.objective_kind.bind(config.objective, reference_view(ctx.technique.disabled_view, frozen))
     if keep_trainable_in_float32(ctx.model):  # mixed precision: float32 master weights, half-precision autocast
         log.info("trainable weights kept in float32; autocast computes in %s", ctx.precision.load_dtype)
     trainable, total = count_parameters(ctx.model)
@@ -183,9 +191,10 @@ def _check_technique_fits(ctx: TrainingContext) -> None:
     """Apply the technique to a weightless (meta-device) copy of the model, so a setting that does not fit it
     (a layer index, a module name) is reported at once, not after minutes of base evaluation."""
     base_load = ctx.technique.base_load(ctx.config.technique, ctx.device)
-    skeleton = model_skeleton(ctx.model.config, base_load)  # the same module types as the loaded base
+    skeleton = model_skeleton(ctx.model.config, base_load, num_labels=ctx.objective_kind.num_labels)  # the same module types as the loaded base
     try:
-        ctx.technique.apply(skeleton, ctx.config.technique, RunContext(tasks=tuple(ctx.data.tasks)))
+        ctx.technique.apply(skeleton, ctx.config.technique,
+                            RunContext(tasks=tuple(ctx.data.tasks), task_type=ctx.objective_kind.task_type))
     except TechniqueError as exc:
         raise TechniqueError(f"{exc} (model {ctx.config.model.name})") from None
 
