@@ -17,12 +17,23 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from tunelab import fs
+from tunelab.console import err_console
+from tunelab.data.formats import load_file
+from tunelab.data.tokenize import apply_length_policy, pad_token_id, prompt_for_generation, tokenize_example
 from tunelab.errors import ConfigError, DataError
 from tunelab.eval.bootstrap import paired_interval, resample_indices, wins_losses_ties
+from tunelab.eval.classify import answer_of, check_labels, label_log_likelihoods
+from tunelab.eval.loss import example_losses
 from tunelab.eval.report import QUANTIZE_REPORT, write_reports
+from tunelab.eval.technique import technique_figures
+from tunelab.generation import Sampling, generate_texts
 from tunelab.metrics import Classification, Metric, Normalization, example_scores, loss_metrics, resolve_metrics
+from tunelab.models import default_device
+from tunelab.result import open_model
 
 log = logging.getLogger(__name__)
 
@@ -95,13 +106,6 @@ def score_system(opened: Any, examples: list[Any], prompts: list[str], plain_tex
                  settings: EvalSettings, out_path: Path, device: Any, on_chunk: Callable[[int], None] | None = None,
                  ) -> SystemScores:
     """Loss, generations and metric statistics of one model over ``examples``; its outputs go to ``out_path``."""
-    import torch
-
-    from tunelab.data.tokenize import apply_length_policy, pad_token_id, tokenize_example
-    from tunelab.eval.classify import check_labels, label_log_likelihoods
-    from tunelab.eval.loss import example_losses
-    from tunelab.generation import Sampling, generate_texts
-
     tokenizer, model = opened.tokenizer, opened.model
     pad_id = pad_token_id(tokenizer)
     if tokenizer.pad_token_id is None:
@@ -156,8 +160,6 @@ def score_system(opened: Any, examples: list[Any], prompts: list[str], plain_tex
 
 
 def _reference(example: Any) -> str:
-    from tunelab.eval.classify import answer_of
-
     return answer_of(example)
 
 
@@ -219,13 +221,6 @@ def evaluate(target: str | Path, data_files: list[str | Path], against: list[str
              settings: EvalSettings | None = None, device: Any = None, progress: bool = False) -> dict[str, Any]:
     """Evaluate ``target`` on ``data_files`` and compare it with each of ``against`` ('base', a run folder, a
     model folder or name); returns eval.json's content and writes the report files."""
-    import torch
-
-    from tunelab.data.formats import load_file
-    from tunelab.data.tokenize import prompt_for_generation
-    from tunelab.models import default_device
-    from tunelab.result import open_model
-
     settings = settings or EvalSettings()
     against = list(against or [])
     files = [Path(f) for f in data_files]
@@ -259,8 +254,6 @@ def evaluate(target: str | Path, data_files: list[str | Path], against: list[str
         scores.name, scores.spec = name, spec
         systems.append(scores)
         if position == 0:  # the target run's technique's own figures on this data (e.g. a router's split per task)
-            from tunelab.eval.technique import technique_figures
-
             figures = technique_figures(target, opened, examples, settings.max_length, device)
         del opened
         gc.collect()
@@ -307,10 +300,6 @@ class _progress:
     def __enter__(self) -> Callable[[int], None] | None:
         if not self.enabled:
             return None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        from tunelab.console import err_console
-
         self._bar = Progress(TextColumn(f"eval {self.name}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                              console=err_console, transient=True)
         self._bar.__enter__()

@@ -29,7 +29,9 @@ import torch
 
 from tunelab import fs
 from tunelab.errors import ConfigError
+from tunelab.export.quantize import merged_float
 from tunelab.generation import GenerationRequest, Sampling, encode, generate_batch, render_chat
+from tunelab.models import EMBEDDED_MODELS
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +94,6 @@ def _tokenizer_fields(tokenizer: Any) -> tuple[list[str], list[int], list[str]]:
 
 def _pre_tokenizer_name(model_name: str) -> str:
     """llama.cpp picks the pre-tokenizer by name; the embedded SmolLM2's own GGUF says 'smollm'."""
-    from tunelab.models import EMBEDDED_MODELS
-
     return "smollm" if model_name in EMBEDDED_MODELS else "default"
 
 
@@ -200,8 +200,6 @@ def check_roundtrip(path: Path, reference: Any, tokenizer: Any, quant: str, prom
 def export_gguf(run: Path, quant: str = "f16", out: Path | None = None, check: bool = True,
                 device: torch.device | str | None = "cpu") -> dict[str, Any]:
     """Merge the run, write the GGUF file (default RUN/exports/<run>-<quant>.gguf), check it; return the report."""
-    from tunelab.export.quantize import merged_float
-
     quant = check_type(quant)
     run_dir = Path(run)
     model, tokenizer, config = merged_float(run_dir, torch.device(device or "cpu"))
