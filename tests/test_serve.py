@@ -80,6 +80,35 @@ def test_openai_client_chat_equals_offline_greedy(client: openai.OpenAI, offline
     assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
 
 
+def test_sampling_options_mean_the_same_in_serve_and_generate(client: openai.OpenAI, offline: dict,
+                                                              runs: dict[str, Path]) -> None:
+    """top-k, repetition penalty and stop strings: the server and `tunelab generate` give what transformers gives."""
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    model, tokenizer = offline["cats"]
+    question = "say something 3"
+    ids = torch.tensor([tokenizer(render_chat(tokenizer, [{"role": "user", "content": question}]),
+                                  add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                             repetition_penalty=8.0, eos_token_id=[tokenizer.eos_token_id],
+                             pad_token_id=tokenizer.pad_token_id)
+    expected = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert expected != chat_reference(offline, "cats", question, 10)  # control: the penalty changes the answer
+    stop = expected.strip()[2:4]
+    served = [client.chat.completions.create(model="cats", messages=[{"role": "user", "content": question}],
+                                             max_tokens=10, temperature=1.0, stop=stops,
+                                             extra_body={"top_k": 1, "repetition_penalty": 8.0}
+                                             ).choices[0].message.content for stops in (None, [stop])]
+    options = ["--temperature", "1", "--top-k", "1", "--repetition-penalty", "8", "--max-new-tokens", "10"]
+    generated = [CliRunner().invoke(app, ["generate", str(runs["cats"]), "--prompt", question, *options, *more]).output
+                 for more in ([], ["--stop", stop])]
+    assert served[0] == expected and generated[0].strip() == expected.strip()  # top-1 sampling is greedy
+    assert served[1] == expected[:expected.find(stop)] and generated[1].strip() == served[1].strip()
+
+
 def test_adapters_really_differ(client: openai.OpenAI) -> None:
     # Negative control for the equalities above: each adapter answers its own word, so a mix-up would show.
     answers = {name: client.chat.completions.create(model=name, messages=[{"role": "user", "content": "say something 2"}],

@@ -37,7 +37,7 @@ def reference_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
 def test_generate_equals_plain_greedy_decoding_with_the_chat_template(runs: dict[str, Path]) -> None:
     loaded = load_run(runs["cats"], device="cpu")
     questions = ["say something 3", "say something quite a bit longer than the first one 9", "hello"]
-    got = [r["output"] for r in generate_from_run(runs["cats"], questions, None, max_new_tokens=6, batch_size=3)]
+    got = [r["output"] for r in generate_from_run(runs["cats"], questions, None, Sampling(6), batch_size=3)]
     expected = [reference_greedy(loaded.model, loaded.tokenizer,
                                  render_chat(loaded.tokenizer, [{"role": "user", "content": q}]), 6) for q in questions]
     assert got == expected
@@ -95,7 +95,7 @@ def test_cli_generate_errors_name_the_problem(runs: dict[str, Path], tmp_path: P
 def test_chat_streams_replies_equal_to_generation_and_resets(runs: dict[str, Path]) -> None:
     lines = iter(["say something 4", "/reset", "say something 7", "/exit"])
     out = io.StringIO()
-    conversation = chat_loop(runs["dogs"], system=None, max_new_tokens=6, read=lambda _: next(lines), out=out)
+    conversation = chat_loop(runs["dogs"], system=None, sampling=Sampling(6), read=lambda _: next(lines), out=out)
     assert [m["role"] for m in conversation] == ["user", "assistant"]  # /reset forgot the first exchange
     loaded = load_run(runs["dogs"], device="cpu")
     expected = reference_greedy(loaded.model, loaded.tokenizer,

@@ -7,7 +7,7 @@ import logging
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 
 import typer
 from rich.table import Table
@@ -17,6 +17,9 @@ from tunelab.console import (console, err_console, print_before_after, print_dat
                              print_quantize_table, print_run_details, print_runs)
 from tunelab.errors import ConfigError, DataError, ModelLoadError, TechniqueError, TrainingAborted
 from tunelab.serve import DEFAULT_MAX_BODY_BYTES  # a constant: no FastAPI, no pydantic
+
+if TYPE_CHECKING:
+    from tunelab.generation import Sampling
 
 # Each command imports what it runs inside its function: those modules load torch and transformers (seconds),
 # which `tunelab --help` and a mistyped command should not wait for.
@@ -329,6 +332,21 @@ def quickstart(
 
 
 RunArgument = Annotated[Path, typer.Argument(metavar="RUN", help="A finished run folder (e.g. runs/quickstart)")]
+# The sampling options of `generate` and `chat`, with the meaning the server gives its request fields of these names
+TemperatureOption = Annotated[float, typer.Option(min=0.0, help="0 is greedy (the default); above 0 samples")]
+TopPOption = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Sample only from the most likely tokens that together reach this probability (with --temperature above 0); 1 keeps all")]
+TopKOption = Annotated[int, typer.Option("--top-k", min=0, help="Sample only from the k most likely tokens (with --temperature above 0); 0 is off")]
+RepetitionPenaltyOption = Annotated[Optional[float], typer.Option("--repetition-penalty", min=0.0, help="Above 1 makes tokens already in the prompt or answer less likely (greedy too); default: the model's own setting")]
+StopOption = Annotated[Optional[list[str]], typer.Option("--stop", metavar="TEXT", help="End the answer where this text appears, without it (repeatable)")]
+SeedOption = Annotated[Optional[int], typer.Option(help="Seed for sampling: the same seed gives the same answers")]
+
+
+def _sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int, repetition_penalty: float | None,
+              stop: list[str] | None, seed: int | None) -> Sampling:
+    from tunelab.generation import Sampling  # start-up time (torch)
+
+    return Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                    repetition_penalty=repetition_penalty, stop=tuple(s for s in stop or () if s), seed=seed)
 
 
 @app.command(epilog=_examples('.venv/bin/tunelab generate runs/quickstart --prompt "What does json.dumps do?"', ".venv/bin/tunelab generate runs/quickstart --data prompts.jsonl --json > outputs.jsonl"))
@@ -337,8 +355,12 @@ def generate(
     prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="A prompt (repeatable)")] = None,
     data: Annotated[Optional[Path], typer.Option(help="JSONL/JSON/CSV/Parquet file of prompts: messages, instruction, prompt or text")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to generate per prompt")] = 128,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy (the default); above 0 samples")] = 0.0,
-    seed: Annotated[Optional[int], typer.Option(help="Seed for sampling")] = None,
+    temperature: TemperatureOption = 0.0,
+    top_p: TopPOption = 1.0,
+    top_k: TopKOption = 0,
+    repetition_penalty: RepetitionPenaltyOption = None,
+    stop: StopOption = None,
+    seed: SeedOption = None,
     raw: Annotated[Optional[bool], typer.Option("--raw/--chat", help="Raw text or the run's chat template (default: as the run was trained)")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts generated together")] = 8,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON line per prompt (prompt, output, finish reason)")] = False,
@@ -350,7 +372,8 @@ def generate(
     if bool(prompt) == bool(data):
         _fail("give --prompt TEXT (repeatable) or --data FILE, not both and not neither")
     try:
-        for record in generate_from_run(run, prompt, data, max_new_tokens, temperature, seed, raw, batch_size):
+        sampling = _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed)
+        for record in generate_from_run(run, prompt, data, sampling, raw, batch_size):
             typer.echo(json.dumps(record, ensure_ascii=False) if as_json or data else record["output"])
     except _USER_ERRORS as exc:
         _fail(str(exc))
@@ -361,7 +384,12 @@ def chat(
     run: RunArgument,
     system: Annotated[Optional[str], typer.Option(help="A system message to start the conversation")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens per reply")] = 256,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy (the default)")] = 0.0,
+    temperature: TemperatureOption = 0.0,
+    top_p: TopPOption = 1.0,
+    top_k: TopKOption = 0,
+    repetition_penalty: RepetitionPenaltyOption = None,
+    stop: StopOption = None,
+    seed: SeedOption = None,
 ) -> None:
     """Talk to a finished run in the terminal, with the run's chat template and end tokens.
     /reset starts over, /exit (or Ctrl-D) leaves; Ctrl-C stops a reply."""
@@ -369,7 +397,7 @@ def chat(
     from tunelab.use import chat_loop  # start-up time
 
     try:
-        chat_loop(run, system, max_new_tokens, temperature)
+        chat_loop(run, system, _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed))
     except _USER_ERRORS as exc:
         _fail(str(exc))
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
 
 from tunelab.errors import DataError
-from tunelab.generation import GenerationRequest, Sampling, encode, generate_batch, render_chat
+from tunelab.generation import GREEDY, GenerationRequest, Sampling, encode, generate_batch, render_chat
 from tunelab.runs import read_json
 
 
@@ -51,9 +51,8 @@ def _prompt_text(tokenizer: Any, chat: bool, messages: list[dict[str, str]], raw
     return raw
 
 
-def generate_from_run(run: Path, prompts: list[str] | None, data: Path | None, max_new_tokens: int,
-                      temperature: float = 0.0, seed: int | None = None, raw: bool | None = None,
-                      batch_size: int = 8) -> Iterator[dict[str, Any]]:
+def generate_from_run(run: Path, prompts: list[str] | None, data: Path | None, sampling: Sampling = GREEDY,
+                      raw: bool | None = None, batch_size: int = 8) -> Iterator[dict[str, Any]]:
     """Yield one record per prompt: {source, prompt, output, finish_reason, tokens}, in input order."""
     from tunelab.data.formats import read_records
     from tunelab.result import load_run
@@ -69,7 +68,6 @@ def generate_from_run(run: Path, prompts: list[str] | None, data: Path | None, m
             items.append((where, _prompt_text(loaded.tokenizer, chat, messages, text, where)))
     for index, text in enumerate(prompts or []):
         items.append((f"--prompt {index + 1}", render_chat(loaded.tokenizer, [{"role": "user", "content": text}]) if chat else text))
-    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         requests = [GenerationRequest(encode(loaded.tokenizer, text, special=not chat), sampling) for _, text in chunk]
@@ -79,7 +77,7 @@ def generate_from_run(run: Path, prompts: list[str] | None, data: Path | None, m
                    "finish_reason": request.finish_reason, "tokens": len(request.token_ids)}
 
 
-def chat_loop(run: Path, system: str | None, max_new_tokens: int, temperature: float = 0.0,
+def chat_loop(run: Path, system: str | None, sampling: Sampling = GREEDY,
               read: Callable[[str], str] = input, out: TextIO = sys.stdout) -> list[dict[str, str]]:
     """An interactive chat: each reply streams as it is generated. Returns the conversation (for tests)."""
     from tunelab.result import load_run
@@ -103,8 +101,7 @@ def chat_loop(run: Path, system: str | None, max_new_tokens: int, temperature: f
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
-        request = GenerationRequest(encode(loaded.tokenizer, render_chat(loaded.tokenizer, messages)),
-                                    Sampling(max_new_tokens=max_new_tokens, temperature=temperature),
+        request = GenerationRequest(encode(loaded.tokenizer, render_chat(loaded.tokenizer, messages)), sampling,
                                     on_text=lambda delta: (out.write(delta), out.flush()))
         out.write("assistant> ")
         try:

@@ -297,7 +297,8 @@ async def _generate(app: FastAPI, http: Request, body: ChatCompletionRequest | C
         events: asyncio.Queue[tuple[int, str, Any]] = asyncio.Queue()
         deadline = time.monotonic() + settings.request_timeout_s
         sampling = Sampling(temperature=float(body.temperature or 0.0), top_p=float(body.top_p or 1.0),
-                            stop=tuple(body.stop_list()), seed=body.seed)
+                            top_k=body.top_k or 0, stop=tuple(body.stop_list()), seed=body.seed,
+                            repetition_penalty=float(body.repetition_penalty) if body.repetition_penalty else None)
         requests = []
         for index, (prompt_ids, budget) in enumerate(zip(ids, budgets)):
             on_text = (lambda delta, i=index: loop.call_soon_threadsafe(events.put_nowait, (i, "text", delta))) if body.stream else None

@@ -39,6 +39,9 @@ class _Common(BaseModel):
     max_tokens: StrictInt | None = Field(None, ge=1)
     temperature: Number | None = Field(None, ge=0, le=2)
     top_p: Number | None = Field(None, gt=0, le=1)
+    # Not in OpenAI's API; vLLM's extra sampling fields of these names (the openai client sends them in extra_body)
+    top_k: StrictInt | None = Field(None, ge=0, description="sample from the k most likely tokens; 0 or absent: off")
+    repetition_penalty: Number | None = Field(None, gt=0, le=10, description="above 1 discourages repeated tokens")
     n: StrictInt | None = Field(None, ge=1, le=1, description="one choice per request (greedy decoding has one answer)")
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
