@@ -1,7 +1,8 @@
 """Helpers shared by the test modules (no test module imports another; conftest's fixtures call these too).
 
 - `support.tiny`: the tiny tokenizer and Llama built in-process, a fresh copy of the tiny model, the toy data;
-- `support.runs`: the tiny run config every training test starts from, and reading a run's checkpoints;
+- `support.runs`: configs on the tiny model (`tiny_config`: exactly the sections given; `tiny_run_config`: the
+  tiny run most training tests start from, with overrides) and reading a run's checkpoints;
 - `support.trained`: three tiny LoRA runs trained once per session (generate/chat, serve, export tests);
 - `support.batches`: a collated toy batch and its loss, for tests that drive a technique without the loop;
 - `support.greedy`: greedy generation with plain transformers, the reference a served model must match;
