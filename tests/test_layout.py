@@ -1,17 +1,20 @@
 """The test suite's own rules, read from the source (nothing is imported or run):
 - one naming rule for the tiers: a file is `tests/test_real_*.py` exactly when its tests carry the `real` marker
   (module-wide, so `-m "not real"` leaves the whole file out);
-- no test module imports another test module or conftest: shared helpers live in `tests/support/`."""
+- no test module imports another test module or conftest: shared helpers live in `tests/support/`;
+- no test module spells the tiny model's config section by hand: `support.runs` builds tiny configs."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
 TESTS = Path(__file__).parent
 TEST_FILES = sorted(TESTS.glob("test_*.py"))
+HAND_TYPED_MODEL = re.compile(r'"name":\s*str\(\w*model_dir\)')  # a hand-typed model section on the tiny model
 
 
 def _tree(path: Path) -> ast.Module:
@@ -60,3 +63,11 @@ def test_no_test_module_imports_another_test_module(path: Path) -> None:
     test_modules = {p.stem for p in TEST_FILES} | {"conftest"}
     imported = sorted(_imported_modules(_tree(path)) & test_modules)
     assert not imported, f"{path.name} imports {imported}: move what it needs into tests/support/"
+
+
+@pytest.mark.parametrize("path", TEST_FILES, ids=lambda p: p.name)
+def test_tiny_configs_come_from_support(path: Path) -> None:
+    """A config on the tiny model goes through support.runs (tiny_config, tiny_config_dict, tiny_run_config)."""
+    assert not HAND_TYPED_MODEL.search(path.read_text()), (
+        f"{path.name} types a config on the tiny model by hand: use support.runs.tiny_config (any sections) or "
+        "tiny_run_config (the tiny run, with overrides)")

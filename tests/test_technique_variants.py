@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from support.runs import tiny_config_dict
 from support.tiny import toy_chat_records, write_jsonl
 from typer.testing import CliRunner
 
@@ -48,10 +49,11 @@ def test_tunelab_runs_shows_the_variant(tiny_model_dir: Path, tmp_path: Path) ->
 
     data = write_jsonl(tmp_path / "train.jsonl", toy_chat_records(8))
     for run, technique in (("plain", {"name": "lora", "r": 2}), ("dora", {"name": "lora", "r": 2, "use_dora": True})):
-        train({"model": {"name": str(tiny_model_dir)}, "technique": technique,
-               "data": {"train": [str(data)], "val_size": 2, "max_length": 64},
-               "training": {"max_steps": 1, "micro_batch_size": 2}, "eval": {"before_after": False, "forgetting": False},
-               "output": {"dir": str(tmp_path / "runs" / run)}}, progress=False)
+        train(tiny_config_dict(tiny_model_dir, technique=technique,
+                               data={"train": [str(data)], "val_size": 2, "max_length": 64},
+                               training={"max_steps": 1, "micro_batch_size": 2},
+                               eval={"before_after": False, "forgetting": False},
+                               output={"dir": str(tmp_path / "runs" / run)}), progress=False)
     result = runner.invoke(app, ["runs", str(tmp_path / "runs")])
     assert result.exit_code == 0, result.output
     assert result.output.count("lora (dora)") == 1 and result.output.count("lora (") == 1, result.output  # plain: 'lora'
