@@ -13,8 +13,8 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from tunelab.console import (console, err_console, print_before_after, print_data_report, print_eval_report,
-                             print_quantize_table, print_run_details, print_runs)
+from tunelab.console import (NAME_COLUMN, console, err_console, print_before_after, print_data_report,
+                             print_eval_report, print_quantize_table, print_run_details, print_runs, print_table)
 from tunelab.errors import ConfigError, DataError, ModelLoadError, TechniqueError, TrainingAborted
 from tunelab.serve import DEFAULT_MAX_BODY_BYTES  # a constant: no FastAPI, no pydantic
 
@@ -162,6 +162,13 @@ def config_show(
     typer.echo(describe_yaml(cfg, yaml.safe_load(cfg.to_yaml())) if descriptions else cfg.to_yaml())
 
 
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the table's data as JSON instead (for scripts)")]
+
+
+def _print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
 @data_app.command("inspect", epilog=_examples(
     ".venv/bin/tunelab data inspect my_data.jsonl --config examples/beginner/lora-own-chat-data.yaml",
     ".venv/bin/tunelab data inspect my_data.jsonl --index 10 --count 3   # records 10, 11 and 12",
@@ -194,6 +201,7 @@ def data_inspect(
 def runs(
     folder: Annotated[Path, typer.Argument(metavar="FOLDER|show", help="Folder holding run folders (default runs/), or 'show'")] = Path("runs"),
     run: Annotated[Optional[Path], typer.Argument(metavar="[RUN]", help="With 'show': the run folder to describe")] = None,
+    as_json: JsonOption = False,
 ) -> None:
     """List runs with their key figures, or describe one: `tunelab runs show RUN`.
 
@@ -203,19 +211,25 @@ def runs(
 
     if str(folder) == "show" and run is not None:
         try:
-            print_run_details(run_details(run))
+            details = run_details(run)
         except _USER_ERRORS as exc:
             _fail(str(exc))
+        if as_json:
+            _print_json(details)
+        else:
+            print_run_details(details)
         return
     if run is not None:
         _fail(f"unexpected argument {run}: use `tunelab runs [FOLDER]` or `tunelab runs show RUN`")
     if not folder.is_dir():
         _fail(f"{folder}: no such folder (give the folder that holds run folders, by default runs/)")
     found = list_runs(folder)
-    if not found:
+    if as_json:
+        _print_json(found)
+    elif not found:
         console.print(f"no runs in {folder}")
-        return
-    print_runs(found)
+    else:
+        print_runs(found)
 
 
 @app.command("eval")
@@ -241,6 +255,7 @@ def eval_command(
     keep_punctuation: Annotated[bool, typer.Option("--keep-punctuation", help="Exact match: do not strip punctuation")] = False,
     dtype: Annotated[str, typer.Option(help="Weight dtype: auto, float32, bfloat16, float16")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show progress bars")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report (eval.json) as JSON instead of tables")] = False,
 ) -> None:
     """Task metrics of a model on a data file, compared with its base or other runs, with 95% intervals.
 
@@ -263,12 +278,16 @@ def eval_command(
                           progress=progress)
     except _USER_ERRORS as exc:
         _fail(str(exc))
-    print_eval_report(report)
+    if as_json:
+        _print_json(report)
+    else:
+        print_eval_report(report)
 
 
 @app.command()
 def techniques(
     model: Annotated[str, typer.Option(help="Model to count trainable parameters for (no weights are read)")] = "smollm2-135m-instruct",
+    as_json: JsonOption = False,
 ) -> None:
     """List every technique: what it does, the parameters it trains on MODEL, whether it merges and packs."""
     _setup_logging()
@@ -278,15 +297,21 @@ def techniques(
         entries = catalog(model)
     except _USER_ERRORS as exc:
         _fail(str(exc))
+    if as_json:
+        _print_json([{"technique": e.name, "trainable": e.trainable, "total": e.total, "merges": e.merges is None,
+                      "why_not_merge": e.merges, "packs": e.packs is None, "why_not_pack": e.packs,
+                      "summary": e.summary, "problem": e.problem} for e in entries])
+        return
     table = Table(title=f"Techniques (parameter counts for {model}, default settings)", title_justify="left")
     for column in ("technique", "trains", "share", "merges", "packs", "summary"):
-        table.add_column(column, justify="right" if column in ("trains", "share") else "left")
+        table.add_column(column, justify="right" if column in ("trains", "share") else "left",
+                         **(NAME_COLUMN if column == "technique" else {"overflow": "fold"}))
     for e in entries:
         trains = f"{e.trainable:,}" if e.trainable is not None else "does not fit"
         share = f"{100 * e.trainable / e.total:.3f}%" if e.trainable is not None else ""
         table.add_row(e.name, trains, share, "yes" if e.merges is None else "no", "yes" if e.packs is None else "no",
                       e.summary if e.problem is None else f"{e.summary} ({e.problem})")
-    console.print(table)
+    print_table(table)
     console.print("Why a technique does not merge or pack: docs/techniques/compatibility.md", highlight=False)
 
 
@@ -494,6 +519,7 @@ def quantize(
     methods: Annotated[str, typer.Option(help="Comma-separated: int8, nf4, fp4, dynamic-int8, gptq, awq")] = "int8,nf4,fp4,dynamic-int8,gptq,awq",
     samples: Annotated[int, typer.Option(min=1, help="Validation prompts for the speed and same-answer figures")] = 4,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens generated per prompt when timing")] = 16,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the table's data (quantize.json) as JSON instead")] = False,
 ) -> None:
     """Quantize a run's result several ways and compare size, memory, speed and validation loss with the
     unquantized model; the table is saved as RUN/quantize.json. Methods that cannot run here say why."""
@@ -506,6 +532,9 @@ def quantize(
                               on_row=lambda row: say("%s: %s", row.method, "measured" if row.status == "ok" else row.reason))
     except _USER_ERRORS as exc:
         _fail(str(exc))
+    if as_json:
+        _print_json(report)
+        return
     print_quantize_table(report)
     typer.echo(f"saved {run / 'quantize.json'}")
 

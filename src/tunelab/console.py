@@ -7,12 +7,29 @@ from typing import Any, Callable, Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
 # markup=False: printed text holds user data (code with [brackets], chat tags like [/INST]) that Rich must not
 # read as markup; styles are given explicitly with Text and style=.
 console = Console(markup=False)
+# Identifiers (run, technique, model, metric and method names) are never folded or cut, whatever the width: a
+# folded name cannot be grepped or pasted back into a command. Other columns wrap around them.
+NAME_COLUMN: dict[str, Any] = {"no_wrap": True, "overflow": "ignore"}
+
+
+def print_table(table: Table) -> None:
+    """Print a table so that its unbreakable name columns stay whole. Rich would squeeze a table wider than the
+    console (80 columns when piped) and cut the names: such a table is printed at its natural width instead, its
+    lines running past the console's."""
+    size = Measurement.get(console, console.options.update_width(10_000), table)  # unclamped
+    width = console.width
+    console.width = size.maximum if size.minimum > width else width  # print(width=...) cannot exceed the console's
+    try:
+        console.print(table, crop=False)
+    finally:
+        console.width = width
 err_console = Console(stderr=True, markup=False)  # logs and errors; stdout is for results
 
 
@@ -158,10 +175,10 @@ def duration(seconds: float | None) -> str:
 
 def print_runs(runs: list[dict[str, Any]]) -> None:
     table = Table(title="Runs")
-    table.add_column("run", overflow="fold", ratio=2)  # fold, never truncate: the name is how rows differ
+    table.add_column("run", **NAME_COLUMN)
     for column in ("status", "date", "duration", "technique", "model", "lr", "step", "train loss (final 10%)",
                    "val loss base -> tuned"):
-        table.add_column(column, overflow="fold")
+        table.add_column(column, **(NAME_COLUMN if column in ("technique", "model") else {"overflow": "fold"}))
     for run in runs:
         val = "-"
         if run.get("tuned_val_loss") is not None:
@@ -173,7 +190,7 @@ def print_runs(runs: list[dict[str, Any]]) -> None:
         table.add_row(run["run"], run["status"], started, duration(run.get("duration_s")), technique_label(run),
                       str(run.get("model")), _figure(run.get("learning_rate"), ".1e"), str(run.get("step")),
                       _figure(run.get("train_loss_smoothed")), val)
-    console.print(table)
+    print_table(table)
 
 
 def technique_label(summary: dict[str, Any]) -> str:
@@ -224,22 +241,23 @@ def print_eval_report(report: dict[str, Any]) -> None:
     """Scores of every system, then each comparison's deltas with intervals and the biggest changes."""
     names = [s["name"] for s in report["systems"]]
     table = Table(title=f"{report['examples']} examples: {', '.join(report['data'])}")
-    table.add_column("metric")
+    table.add_column("metric", **NAME_COLUMN)
     for name in names:
         table.add_column(name, justify="right", overflow="fold")
     for metric, info in report["metrics"].items():
         table.add_row(f"{metric} {'↑' if info['higher_is_better'] else '↓'}",
                       *(f"{info['scores'][n]:.4f}" for n in names))
-    console.print(table)
+    print_table(table)
     for comparison in report["comparisons"]:
         table = Table(title=f"{report['target']} - {comparison['against']} (paired bootstrap 95% interval)")
         for column in ("metric", "delta", "interval", "verdict", "wins/losses/ties"):
-            table.add_column(column, justify="left" if column in ("metric", "verdict") else "right")
+            table.add_column(column, justify="left" if column in ("metric", "verdict") else "right",
+                             **(NAME_COLUMN if column == "metric" else {}))
         for metric, c in comparison["metrics"].items():
             style = {"better": "green", "worse": "red"}.get(c["verdict"], "")
             table.add_row(metric, f"{c['delta']:+.4f}", f"[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]",
                           Text(c["verdict"], style=style), f"{c['wins']}/{c['losses']}/{c['ties']}")
-        console.print(table)
+        print_table(table)
         for key, title in (("improved", "improved most"), ("worsened", "worsened most")):
             for example in comparison[key][:3]:
                 changes = Table(title=f"{title} ({report['primary_metric']}): {example['source']}", show_lines=True,
@@ -260,13 +278,13 @@ def print_routing_split(figures: dict[str, Any]) -> None:
     if not routing:
         return
     table = Table(title=f"router split ({routing['gating']} gating): mean gate per adapter over each task's tokens")
-    table.add_column("task")
+    table.add_column("task", **NAME_COLUMN)
     for name in routing["adapters"]:
         table.add_column(name, justify="right")
     table.add_column("tokens", justify="right")
     for group, shares in routing["mean_gate"].items():
         table.add_row(group, *(f"{shares[name]:.3f}" for name in routing["adapters"]), str(routing["tokens"][group]))
-    console.print(table)
+    print_table(table)
 
 
 def print_quantize_table(report: dict[str, Any]) -> None:
@@ -274,7 +292,7 @@ def print_quantize_table(report: dict[str, Any]) -> None:
     table = Table(title=f"quantization of {report['run']} on {report['device']} ({report['prompts']} prompts × "
                         f"{report['max_new_tokens']} tokens; {report['validation_tokens']} validation tokens)")
     for column in ("method", "size MB", "memory MB", "tokens/s", "val loss", "Δ loss", "same answers"):
-        table.add_column(column, justify="left" if column == "method" else "right")
+        table.add_column(column, **({"justify": "left", **NAME_COLUMN} if column == "method" else {"justify": "right"}))
 
     def cell(value: Any, fmt: str) -> str:
         return "" if value is None else format(value, fmt)
@@ -286,7 +304,7 @@ def print_quantize_table(report: dict[str, Any]) -> None:
         table.add_row(row["method"], cell(row["size_mb"], ".1f"), cell(row["memory_mb"], ".1f"),
                       cell(row["tokens_per_s"], ".1f"), cell(row["val_loss"], ".4f"), cell(row["loss_change"], "+.4f"),
                       cell(row["same_answers"], ".0%"))
-    console.print(table)
+    print_table(table)
     for row in report["rows"]:
         if row["status"] != "ok":
             console.print(Text.assemble((f"{row['method']} skipped: ", "yellow"), row["reason"]), highlight=False)
