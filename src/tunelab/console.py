@@ -24,12 +24,9 @@ def print_table(table: Table) -> None:
     console (80 columns when piped) and cut the names: such a table is printed at its natural width instead, its
     lines running past the console's."""
     size = Measurement.get(console, console.options.update_width(10_000), table)  # unclamped
-    width = console.width
-    console.width = size.maximum if size.minimum > width else width  # print(width=...) cannot exceed the console's
-    try:
-        console.print(table, crop=False)
-    finally:
-        console.width = width
+    # print(width=...) cannot exceed the console's own width: a wider table needs a console of its width
+    fits = size.minimum <= console.width
+    (console if fits else Console(markup=False, width=size.maximum)).print(table, crop=False)
 err_console = Console(stderr=True, markup=False)  # logs and errors; stdout is for results
 
 
