@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -155,6 +156,41 @@ def test_an_empty_key_is_refused() -> None:
 
     with pytest.raises(ConfigError, match="empty"):
         ServeSettings(api_key="  ")
+
+
+def test_the_page_sends_the_key_from_the_address_or_asks_for_it(keyed: BackgroundServer) -> None:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (make test installs it when it runs as root); "
+                    "the browser check needs it")
+    playwright = pytest.importorskip("playwright.sync_api")
+    question = "say something 3"
+    expected = httpx.post(f"{keyed.url}/v1/chat/completions", headers=auth(), timeout=30, json={
+        "model": "dogs", "messages": [{"role": "user", "content": question}], "max_tokens": 8}).json()
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()  # the key in the fragment: never sent, moved out of the address bar
+            page.goto(f"{keyed.url}/#key={KEY}")
+            page.wait_for_function("document.querySelectorAll('#model option').length === 3")
+            assert "key" not in page.url
+            page.select_option("#model", "dogs")
+            page.uncheck("#side-by-side")
+            page.fill("#max-tokens", "8")
+            page.fill("#message", question)
+            page.click("#send")
+            page.wait_for_selector("#chat-main .msg.assistant[data-done=true]", timeout=90000)
+            assert page.inner_text("#chat-main .msg.assistant") == expected["choices"][0]["message"]["content"].strip()
+            asked: list[str] = []
+            other = browser.new_context().new_page()  # a fresh tab without the key: the page asks for it
+            other.on("dialog", lambda dialog: (asked.append(dialog.message), dialog.accept(KEY)))
+            other.goto(f"{keyed.url}/")
+            other.wait_for_function("document.querySelectorAll('#model option').length === 3")
+            other.click("nav button[data-tab=runs]")
+            other.wait_for_selector("#runs-table tr[data-run=owls]")  # the run browser's calls carry it too
+            assert len(asked) == 1 and "API key" in asked[0]
+        finally:
+            browser.close()
 
 
 # ---------------------------------------------------------------- the body limit
