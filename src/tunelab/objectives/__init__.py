@@ -18,10 +18,12 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from tunelab.objectives import sft
+from tunelab.objectives import dpo, ipo, kto, orpo, reward, sft, simpo
 from tunelab.objectives.base import Batch, LossSum, Objective, ObjectiveSpec, Reference
 
-_ALL: tuple[Objective, ...] = (sft.OBJECTIVE,)
+_ALL: tuple[Objective, ...] = (
+    sft.OBJECTIVE, dpo.OBJECTIVE, ipo.OBJECTIVE, orpo.OBJECTIVE, simpo.OBJECTIVE, kto.OBJECTIVE, reward.OBJECTIVE,
+)
 
 
 def _check(objectives: tuple[Objective, ...]) -> dict[str, Objective]:

@@ -59,7 +59,7 @@ class ObjectiveSpec:
 class Objective:
     name: str
     config_class: type[Settings]
-    loss_sum: Callable[..., LossSum]  # (model, batch, settings, reference) or (model, batch)
+    loss_sum: Callable[..., LossSum]  # (model, batch[, settings[, reference]]), see bind
     count_units: Callable[[Batch], int]
     units: str
     summary: str
@@ -67,6 +67,9 @@ class Objective:
     num_labels: int | None = None  # None: the causal LM head; k: a sequence-classification head with k outputs
     needs_reference: bool = False
     metrics: tuple[str, ...] = ()
+    # With ``reference: precomputed``: (base model, {split: records}, pad_id, batch_size, device, run_dir, write)
+    # -> the records with the reference's log-probs attached, computed once before training.
+    precompute: Callable[..., dict[str, list[Any]]] | None = None
     refuses: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -75,11 +78,12 @@ class Objective:
         return "CAUSAL_LM" if self.num_labels is None else "SEQ_CLS"
 
     def bind(self, settings: Settings, reference: Reference | None = None) -> ObjectiveSpec:
-        if len(inspect.signature(self.loss_sum).parameters) == 2:  # loss_sum(model, batch): nothing to bind
-            return ObjectiveSpec(self.loss_sum, self.count_units, self.summary, self.collate)
+        """The loss as the loop calls it, ``(model, batch)``: loss_sum takes (model, batch), (model, batch,
+        settings) or (model, batch, settings, reference), as much as it needs."""
+        extra = (settings, reference)[: len(inspect.signature(self.loss_sum).parameters) - 2]
         loss = self.loss_sum
-        return ObjectiveSpec(lambda model, batch: loss(model, batch, settings, reference), self.count_units,
-                             self.summary, self.collate)
+        bound = loss if not extra else lambda model, batch: loss(model, batch, *extra)
+        return ObjectiveSpec(bound, self.count_units, self.summary, self.collate)
 
     def refusal(self, feature: str) -> str | None:
         return self.refuses.get(feature)

@@ -51,6 +51,11 @@ def reference_view(disabled_view: Callable[[nn.Module], AbstractContextManager[A
 
     @contextmanager
     def adapter_off(model: nn.Module) -> Iterator[nn.Module]:
-        with torch.no_grad(), disabled_view(model):
-            yield model
+        was_training = model.training
+        model.eval()  # the reference is deterministic (no dropout), as the frozen copy and precomputed log-probs are
+        try:
+            with torch.no_grad(), disabled_view(model):
+                yield model
+        finally:
+            model.train(was_training)
     return adapter_off

@@ -159,9 +159,15 @@ def _set_up(ctx: TrainingContext, resume: bool) -> tuple[LoopState, dict[str, An
                                lambda: ctx.greedy_samples(ctx.inner_model), ctx.heldout_loss, write=ctx.is_main)
     if config.training.gradient_checkpointing:
         enable_activation_checkpointing(ctx.model)
+    if ctx.objective_kind.precompute is not None and config.objective.reference == "precomputed":
+        with ctx.info.phase("reference log-probs"):  # the base, before the technique changes it, is the reference
+            ctx.data.train, ctx.data.validation = ctx.objective_kind.precompute(
+                ctx.model, {"train": ctx.data.train, "validation": ctx.data.validation}, ctx.pad_id,
+                config.eval.batch_size, ctx.device, run_dir, ctx.is_main).values()
     ctx.plan = make_plan(config, ctx.data, ctx.accelerator.process_index, ctx.accelerator.num_processes)
     set_seed(config.training.seed)  # the technique's initialisation does not depend on whether base eval ran
-    frozen = frozen_reference(ctx.model) if ctx.objective_kind.needs_reference and ctx.technique.disabled_view is None else None
+    live = ctx.objective_kind.needs_reference and getattr(config.objective, "reference", "live") == "live"
+    frozen = frozen_reference(ctx.model) if live and ctx.technique.disabled_view is None else None
     ctx.model = ctx.technique.apply(ctx.model, config.technique, RunContext(
         total_steps=ctx.plan.total_steps, tasks=tuple(ctx.data.tasks), task_type=ctx.objective_kind.task_type))
     ctx.objective = ctx.objective_kind.bind(config.objective, reference_view(ctx.technique.disabled_view, frozen))

@@ -1,0 +1,58 @@
+"""Reward model: a scalar score head trained with the Bradley-Terry loss on {prompt, chosen, rejected} pairs
+(Bradley & Terry 1952; as in Ouyang et al. 2022, "Training language models to follow instructions with human
+feedback", https://arxiv.org/abs/2203.02155).
+
+The model is a one-label sequence classifier (AutoModelForSequenceClassification, num_labels=1): r(x, y) is the
+score at the last token that is not padding. With an optional margin m:
+
+    L = - log sigmoid(r(x, y_w) - r(x, y_l) - m)
+
+P(y_w preferred) = sigmoid(r_w - r_l) is the Bradley-Terry model; the margin asks for a gap of at least m. With an
+adapter technique PEFT trains the new head too and saves it with the adapter (modules_to_save), so the result
+loads without tunelab as a one-label classifier.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from tunelab.objectives.base import Batch, LossSum, Objective
+from tunelab.objectives.preference import NEVER_PACKED, collate_pairs, count_pairs, split
+from tunelab.settings import Settings
+from tunelab.techniques.base import forward_inputs
+
+
+class RewardSettings(Settings):
+    name: Literal["reward"] = Field("reward", description="Training objective (see the section's description).")
+    margin: float = Field(0.0, ge=0, description="Required score gap m between chosen and rejected (0: plain "
+                          "Bradley-Terry).")
+
+
+def bradley_terry_losses(score_chosen: torch.Tensor, score_rejected: torch.Tensor, margin: float) -> torch.Tensor:
+    return -F.logsigmoid(score_chosen - score_rejected - margin)  # (B,)
+
+
+def scores(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The score head's output for each row (R,): pooled by the model at its last non-padding token."""
+    return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                 **forward_inputs(model, batch)).logits[:, 0].float()
+
+
+def reward_loss_sum(model: nn.Module, batch: Batch, settings: RewardSettings) -> LossSum:
+    chosen, rejected = split(scores(model, batch))
+    losses = bradley_terry_losses(chosen, rejected, settings.margin)
+    gap = (chosen - rejected).detach()
+    return LossSum(losses.sum(), len(losses), {"pairwise_accuracy": (gap > 0).float().sum(), "score_margin": gap.sum()})
+
+
+OBJECTIVE = Objective(
+    name="reward", config_class=RewardSettings, loss_sum=reward_loss_sum, count_units=count_pairs, units="pairs",
+    summary="reward model: Bradley-Terry loss on a scalar score head over {prompt, chosen, rejected} pairs",
+    collate=collate_pairs, num_labels=1, metrics=("pairwise_accuracy", "score_margin"),
+    refuses={"packing": NEVER_PACKED},
+)
