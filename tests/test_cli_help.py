@@ -32,13 +32,13 @@ def _help_examples(command: list[str]) -> list[str]:
     text = invoke(*command, "--help").clean
     assert "Examples:" in text, f"tunelab {' '.join(command)} --help has no examples"
     block = text.split("Examples:", 1)[1]
-    return [line.strip(" │") for line in block.splitlines() if ".venv/bin/tunelab" in line]
+    return [line.strip(" │") for line in block.splitlines() if line.strip(" │").startswith("tunelab ")]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
 def test_every_help_has_examples_that_apply(command: list[str]) -> None:
     examples = _help_examples(command)
-    assert examples and all(e.startswith(f".venv/bin/tunelab {' '.join(command)}") for e in examples), examples
+    assert examples and all(e.startswith(f"tunelab {' '.join(command)}") for e in examples), examples
     for example in examples:
         words = shlex.split(example.split("#")[0])
         sets = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
@@ -50,6 +50,30 @@ def test_every_help_has_examples_that_apply(command: list[str]) -> None:
         if command == ["data", "inspect"]:  # no training.* override in an example of inspecting data
             assert all(s.startswith(("data.", "model.")) for s in sets), example
     assert "--set data." in invoke("data", "inspect", "--help").clean  # the option's own example, too
+
+
+def test_help_examples_use_the_name_tunelab_was_invoked_by(tmp_path: Path) -> None:
+    """Installed elsewhere (here: a copy of the console script in another folder, not on PATH), or run as
+    `python -m tunelab`, the examples start with that command, so they paste back; and no flag shows a type as if
+    it took a value (`--version <bool>`)."""
+    import os
+    import shutil
+    import subprocess
+
+    script = Path(sys.executable).parent / "tunelab"
+    elsewhere = tmp_path / "tools" / "bin" / "tunelab"
+    elsewhere.parent.mkdir(parents=True)
+    shutil.copy(script, elsewhere)
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+    for command, expected in (([str(elsewhere)], str(elsewhere)),
+                              ([sys.executable, "-m", "tunelab"], f"{shlex.quote(sys.executable)} -m tunelab")):
+        out = subprocess.run([*command, "runs", "--help"], env=env, capture_output=True, text=True, timeout=300).stdout
+        examples = [line.strip(" │") for line in out.split("Examples:", 1)[1].splitlines() if "runs" in line]
+        assert examples and all(e.startswith(f"{expected} runs") for e in examples), out
+        assert ".venv/bin/tunelab" not in out and "<bool>" not in out, out
+        assert re.search(r"--json\s+Print", out), out  # a flag: no type between it and its help
+    top = subprocess.run([str(elsewhere), "--help"], env=env, capture_output=True, text=True, timeout=300).stdout
+    assert f"Start with `{elsewhere} quickstart`" in top and "<bool>" not in top and re.search(r"--version\s+Print", top)
 
 
 def test_config_show_puts_each_fields_description_above_it(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 
 import typer
+from typer.core import TyperOption
 from rich.table import Table
 from rich.text import Text
 
@@ -21,39 +22,20 @@ from tunelab.serve import DEFAULT_MAX_BODY_BYTES  # a constant: no FastAPI, no p
 if TYPE_CHECKING:
     from tunelab.generation import Sampling
 
+
+def _flag_type(display_type_rich: Callable[..., str | None]) -> Callable[..., str | None]:
+    """typer 0.29's rich help prints a type after a flag (`--version <bool>`), as if it took a value; its plain
+    help leaves a flag's type out (TyperOption.get_help_record). Same rule for the rich help."""
+    def display(self: TyperOption, ctx: Any) -> str | None:
+        return None if self.is_flag or self.count else display_type_rich(self, ctx)
+    return display
+
+
+TyperOption.display_type_rich = _flag_type(TyperOption.display_type_rich)  # type: ignore[method-assign]
+
+
 # Each command imports what it runs inside its function: those modules load torch and transformers (seconds),
 # which `tunelab --help` and a mistyped command should not wait for.
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune open language models, measure, ship.",
-                  epilog="Start with `tunelab quickstart`; `tunelab COMMAND --help` shows each command's examples.")
-config_app = typer.Typer(no_args_is_help=True, help="Inspect configs.")
-data_app = typer.Typer(no_args_is_help=True, help="Inspect and validate data before training.")
-app.add_typer(config_app, name="config")
-app.add_typer(data_app, name="data")
-
-SetOption = Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override a config field (repeatable): --set training.max_steps=10")]
-DataSetOption = Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override a config field (repeatable): --set data.max_length=512")]
-
-
-def _examples(*lines: str) -> str:
-    """A --help epilog: one example command per line (\b keeps click from re-flowing them into one paragraph)."""
-    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
-
-
-def _version(value: bool) -> None:
-    if value:
-        from importlib.metadata import version
-
-        typer.echo(f"tunelab {version('tunelab')}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _main(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit")] = False,
-) -> None:
-    """Fine-tune open language models, measure, ship."""
-
 
 def invoked_as(argv0: str | None = None) -> str:
     """The command the user typed to start tunelab, so a printed command can be pasted back as it is:
@@ -70,6 +52,40 @@ def invoked_as(argv0: str | None = None) -> str:
     if path.name in ("cli.py", "__main__.py") and path.parent.name == "tunelab":
         return f"{shlex.quote(sys.executable)} -m tunelab"
     return "tunelab"  # an embedding program (tests, a notebook): the documented name
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune open language models, measure, ship.",
+                  epilog=f"Start with `{invoked_as()} quickstart`; `{invoked_as()} COMMAND --help` shows each command's "
+                         "examples.")
+config_app = typer.Typer(no_args_is_help=True, help="Inspect configs.")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect and validate data before training.")
+app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")
+
+SetOption = Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override a config field (repeatable): --set training.max_steps=10")]
+DataSetOption = Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override a config field (repeatable): --set data.max_length=512")]
+
+
+def _examples(*lines: str) -> str:
+    """A --help epilog: one example command per line (\b keeps click from re-flowing them into one paragraph),
+    each starting with the command as the user invoked tunelab, so it can be pasted back wherever tunelab lives."""
+    command = invoked_as()
+    return "\b\nExamples:\n" + "\n".join(f"  {command}{line.removeprefix('tunelab')}" for line in lines)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"tunelab {version('tunelab')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit")] = False,
+) -> None:
+    """Fine-tune open language models, measure, ship."""
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -100,9 +116,9 @@ def _setup_logging() -> None:
 
 
 @app.command(epilog=_examples(
-    ".venv/bin/tunelab train examples/beginner/lora-own-chat-data.yaml --set data.train=my_data.jsonl",
-    ".venv/bin/tunelab train CONFIG --set training.max_steps=20 --set output.dir=runs/short",
-    ".venv/bin/tunelab train CONFIG --resume          # after Ctrl-C: continue from the checkpoint",
+    "tunelab train examples/beginner/lora-own-chat-data.yaml --set data.train=my_data.jsonl",
+    "tunelab train CONFIG --set training.max_steps=20 --set output.dir=runs/short",
+    "tunelab train CONFIG --resume          # after Ctrl-C: continue from the checkpoint",
 ))
 def train(
     config: Annotated[Path, typer.Argument(metavar="CONFIG", help="YAML config file")],
@@ -142,8 +158,8 @@ def _run_training(start: Callable[[], Any], resume_command: str) -> None:
 
 
 @config_app.command("show", epilog=_examples(
-    ".venv/bin/tunelab config show examples/beginner/lora-own-chat-data.yaml",
-    ".venv/bin/tunelab config show CONFIG --set technique.r=16 --no-descriptions",
+    "tunelab config show examples/beginner/lora-own-chat-data.yaml",
+    "tunelab config show CONFIG --set technique.r=16 --no-descriptions",
 ))
 def config_show(
     config: Annotated[Path, typer.Argument(metavar="CONFIG", help="YAML config file")], set_: SetOption = None,
@@ -170,9 +186,9 @@ def _print_json(data: Any) -> None:
 
 
 @data_app.command("inspect", epilog=_examples(
-    ".venv/bin/tunelab data inspect my_data.jsonl --config examples/beginner/lora-own-chat-data.yaml",
-    ".venv/bin/tunelab data inspect my_data.jsonl --index 10 --count 3   # records 10, 11 and 12",
-    ".venv/bin/tunelab data inspect a.jsonl b.csv --set data.max_length=512 --json",
+    "tunelab data inspect my_data.jsonl --config examples/beginner/lora-own-chat-data.yaml",
+    "tunelab data inspect my_data.jsonl --index 10 --count 3   # records 10, 11 and 12",
+    "tunelab data inspect a.jsonl b.csv --set data.max_length=512 --json",
 ))
 def data_inspect(
     file: Annotated[list[Path], typer.Argument(metavar="FILE...", help="Data file(s) to inspect")],
@@ -196,8 +212,8 @@ def data_inspect(
         print_data_report(report)
 
 
-@app.command(epilog=_examples(".venv/bin/tunelab runs", ".venv/bin/tunelab runs path/to/folder-of-runs",
-                             ".venv/bin/tunelab runs show runs/quickstart"))
+@app.command(epilog=_examples("tunelab runs", "tunelab runs path/to/folder-of-runs",
+                             "tunelab runs show runs/quickstart"))
 def runs(
     folder: Annotated[Path, typer.Argument(metavar="FOLDER|show", help="Folder holding run folders (default runs/), or 'show'")] = Path("runs"),
     run: Annotated[Optional[Path], typer.Argument(metavar="[RUN]", help="With 'show': the run folder to describe")] = None,
@@ -337,8 +353,8 @@ def merge(
 
 
 @app.command(epilog=_examples(
-    ".venv/bin/tunelab quickstart                       # run again after Ctrl-C: it resumes",
-    ".venv/bin/tunelab quickstart --set training.max_steps=10",
+    "tunelab quickstart                       # run again after Ctrl-C: it resumes",
+    "tunelab quickstart --set training.max_steps=10",
 ))
 def quickstart(
     set_: SetOption = None,
@@ -374,7 +390,7 @@ def _sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int,
                     repetition_penalty=repetition_penalty, stop=tuple(s for s in stop or () if s), seed=seed)
 
 
-@app.command(epilog=_examples('.venv/bin/tunelab generate runs/quickstart --prompt "What does json.dumps do?"', ".venv/bin/tunelab generate runs/quickstart --data prompts.jsonl --json > outputs.jsonl"))
+@app.command(epilog=_examples('tunelab generate runs/quickstart --prompt "What does json.dumps do?"', "tunelab generate runs/quickstart --data prompts.jsonl --json > outputs.jsonl"))
 def generate(
     run: RunArgument,
     prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="A prompt (repeatable)")] = None,
@@ -404,7 +420,7 @@ def generate(
         _fail(str(exc))
 
 
-@app.command(epilog=_examples(".venv/bin/tunelab chat runs/quickstart", '.venv/bin/tunelab chat runs/quickstart --system "Answer briefly."'))
+@app.command(epilog=_examples("tunelab chat runs/quickstart", 'tunelab chat runs/quickstart --system "Answer briefly."'))
 def chat(
     run: RunArgument,
     system: Annotated[Optional[str], typer.Option(help="A system message to start the conversation")] = None,
@@ -435,7 +451,7 @@ ApiKeyOption = Annotated[Optional[str], typer.Option(
 MaxBodyOption = Annotated[int, typer.Option(min=1, help="Largest request body in bytes; a larger one gets 413 unread")]
 
 
-@app.command(epilog=_examples(".venv/bin/tunelab serve runs/quickstart", ".venv/bin/tunelab serve runs/lora-a runs/lora-b --port 8080"))
+@app.command(epilog=_examples("tunelab serve runs/quickstart", "tunelab serve runs/lora-a runs/lora-b --port 8080"))
 def serve(
     runs: Annotated[list[Path], typer.Argument(metavar="RUN...", help="Run folders whose adapters to serve (one base)")],
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 exposes it to the network)")] = "127.0.0.1",
@@ -484,8 +500,8 @@ def _announce(application: Any, host: str, port: int) -> None:
                           "loaded: give run folders to chat with them)", highlight=False)
 
 
-@app.command(epilog=_examples(".venv/bin/tunelab ui", ".venv/bin/tunelab ui runs/quickstart --port 8080",
-                              ".venv/bin/tunelab ui --runs-root experiments/runs"))
+@app.command(epilog=_examples("tunelab ui", "tunelab ui runs/quickstart --port 8080",
+                              "tunelab ui --runs-root experiments/runs"))
 def ui(
     runs: Annotated[Optional[list[Path]], typer.Argument(metavar="[RUN]...", help="Run folders to chat with (one base); none: browse only")] = None,
     runs_root: Annotated[Optional[Path], typer.Option(help="Folder of runs to browse (default: the first run's parent, else runs/)")] = None,
@@ -513,7 +529,7 @@ def ui(
     run_server(application, host, port)
 
 
-@app.command(epilog=_examples(".venv/bin/tunelab quantize runs/quickstart", ".venv/bin/tunelab quantize runs/quickstart --methods int8,dynamic-int8"))
+@app.command(epilog=_examples("tunelab quantize runs/quickstart", "tunelab quantize runs/quickstart --methods int8,dynamic-int8"))
 def quantize(
     run: RunArgument,
     methods: Annotated[str, typer.Option(help="Comma-separated: int8, nf4, fp4, dynamic-int8, gptq, awq")] = "int8,nf4,fp4,dynamic-int8,gptq,awq",
@@ -539,7 +555,7 @@ def quantize(
     typer.echo(f"saved {run / 'quantize.json'}")
 
 
-@app.command(epilog=_examples(".venv/bin/tunelab export runs/quickstart --quant q8_0", ".venv/bin/tunelab export runs/quickstart --out model.gguf"))
+@app.command(epilog=_examples("tunelab export runs/quickstart --quant q8_0", "tunelab export runs/quickstart --out model.gguf"))
 def export(
     run: RunArgument,
     format_: Annotated[str, typer.Option("--format", help="Export format: gguf")] = "gguf",
