@@ -18,6 +18,7 @@ from tunelab import fs
 from tunelab.data.prepare import file_sha256  # one file hash for data fingerprints and model cards
 from tunelab.config import read_run_config
 from tunelab.runs import read_json, read_metrics
+from tunelab.techniques import DEFAULT_TECHNIQUE, TECHNIQUES
 
 CARD_NAME = "README.md"
 
@@ -73,11 +74,10 @@ def build_card(run_dir: Path) -> str:
     status = read_json(run_dir / "status.json") or {}
     base = base_identity(model.get("name", "?"), model.get("revision"))
     name = run_dir.resolve().name
-    adapter = technique.get("name") != "full" and (run_dir / "adapter").is_dir()
-    library = ("tunelab" if _tunelab_adapter(run_dir) else "peft") if adapter else "transformers"
+    declared = TECHNIQUES[technique.get("name", DEFAULT_TECHNIQUE)]  # what its result is and how it loads
     lines = [
         "---",
-        yaml.safe_dump({"library_name": library, "pipeline_tag": "text-generation",
+        yaml.safe_dump({"library_name": declared.card.library, "pipeline_tag": "text-generation",
                         "tags": ["tunelab", technique.get("name", "?")], "base_model": base["name"]},
                        sort_keys=False).strip(),
         "---", "",
@@ -100,7 +100,7 @@ def build_card(run_dir: Path) -> str:
                              sort_keys=False).strip(),
               "```", ""]
     lines += _figures_section(evaluation, read_metrics(run_dir))
-    lines += _usage_section(run_dir, adapter)
+    lines += _usage_section(run_dir, declared.card.load.format(folder=declared.result_dir_name))
     return "\n".join(lines) + "\n"
 
 
@@ -135,26 +135,7 @@ def _figures_section(evaluation: dict[str, Any], metrics: list[dict[str, Any]]) 
     return lines + [""]
 
 
-def _usage_section(run_dir: Path, adapter: bool) -> list[str]:
-    folder = "adapter" if adapter else "model"
-    if adapter and _tunelab_adapter(run_dir):  # bottleneck or routing adapters: tunelab's format, not PEFT's
-        load = ("import tunelab\nfrom transformers import AutoModelForCausalLM\n"
-                "base = AutoModelForCausalLM.from_pretrained(BASE)  # the base named in adapter_config.json\n"
-                f"model = tunelab.load_adapter(base, '{folder}')")
-        return _usage_lines(run_dir, load)
-    load = ("from peft import AutoPeftModelForCausalLM\n"
-            f"model = AutoPeftModelForCausalLM.from_pretrained('{folder}')  # needs the base named in adapter_config.json"
-            if adapter else f"from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained('{folder}')")
-    return _usage_lines(run_dir, load)
-
-
-def _tunelab_adapter(run_dir: Path) -> bool:
-    """An adapter in tunelab's own format (adapter_config.json with type tunelab-bottleneck or tunelab-routing)."""
-    config = read_json(run_dir / "adapter" / "adapter_config.json") or {}
-    return str(config.get("type", "")).startswith("tunelab-")
-
-
-def _usage_lines(run_dir: Path, load: str) -> list[str]:
+def _usage_section(run_dir: Path, load: str) -> list[str]:
     return ["## Use", "", "With tunelab, from the folder that holds the run:", "", "```bash",
             f"tunelab generate {run_dir.name} --prompt 'Hello'", f"tunelab chat {run_dir.name}",
             f"tunelab serve {run_dir.name}", "```", "", "Without tunelab (the tokenizer, with its chat template, is "

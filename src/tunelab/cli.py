@@ -281,6 +281,7 @@ def eval_command(
     _setup_logging()
     from tunelab.eval.runner import EvalSettings, evaluate  # start-up time
     from tunelab.metrics import Normalization  # start-up time
+    from tunelab.techniques import figure_tables  # start-up time
 
     defaults = EvalSettings()
     settings = EvalSettings(
@@ -297,7 +298,7 @@ def eval_command(
     if as_json:
         _print_json(report)
     else:
-        print_eval_report(report)
+        print_eval_report(report, figure_tables(report.get("technique") or {}))
 
 
 @app.command()
@@ -390,9 +391,14 @@ def _sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int,
                     repetition_penalty=repetition_penalty, stop=tuple(s for s in stop or () if s), seed=seed)
 
 
+# generate and chat open an adapter folder on its own as well (on the base its adapter_config.json names)
+ResultArgument = Annotated[Path, typer.Argument(metavar="RUN", help="A finished run folder (e.g. runs/quickstart), or "
+                                                "an adapter folder (on the base its adapter_config.json names)")]
+
+
 @app.command(epilog=_examples('tunelab generate runs/quickstart --prompt "What does json.dumps do?"', "tunelab generate runs/quickstart --data prompts.jsonl --json > outputs.jsonl"))
 def generate(
-    run: RunArgument,
+    run: ResultArgument,
     prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="A prompt (repeatable)")] = None,
     data: Annotated[Optional[Path], typer.Option(help="JSONL/JSON/CSV/Parquet file of prompts: messages, instruction, prompt or text")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to generate per prompt")] = 128,
@@ -422,7 +428,7 @@ def generate(
 
 @app.command(epilog=_examples("tunelab chat runs/quickstart", 'tunelab chat runs/quickstart --system "Answer briefly."'))
 def chat(
-    run: RunArgument,
+    run: ResultArgument,
     system: Annotated[Optional[str], typer.Option(help="A system message to start the conversation")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens per reply")] = 256,
     temperature: TemperatureOption = 0.0,
@@ -453,7 +459,8 @@ MaxBodyOption = Annotated[int, typer.Option(min=1, help="Largest request body in
 
 @app.command(epilog=_examples("tunelab serve runs/quickstart", "tunelab serve runs/lora-a runs/lora-b --port 8080"))
 def serve(
-    runs: Annotated[list[Path], typer.Argument(metavar="RUN...", help="Run folders whose adapters to serve (one base)")],
+    runs: Annotated[list[Path], typer.Argument(metavar="RUN...", help="Run (or adapter) folders to serve: LoRA adapters "
+                                               "of one base together, any other result alone")],
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 exposes it to the network)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port")] = 8000,
     max_concurrent: Annotated[int, typer.Option(min=1, help="Requests at once; more get 429")] = 64,

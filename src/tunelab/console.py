@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -234,8 +234,9 @@ def print_run_details(details: dict[str, Any]) -> None:
     console.print(table)
 
 
-def print_eval_report(report: dict[str, Any]) -> None:
-    """Scores of every system, then each comparison's deltas with intervals and the biggest changes."""
+def print_eval_report(report: dict[str, Any], technique_tables: Sequence[Any] = ()) -> None:
+    """Scores of every system, then each comparison's deltas with intervals and the biggest changes, then the
+    target's technique's own figures as the tables it declares (``Technique.figure_tables``)."""
     names = [s["name"] for s in report["systems"]]
     table = Table(title=f"{report['examples']} examples: {', '.join(report['data'])}")
     table.add_column("metric", **NAME_COLUMN)
@@ -263,25 +264,21 @@ def print_eval_report(report: dict[str, Any]) -> None:
                     changes.add_column(column, overflow="fold")
                 changes.add_row(example["reference"] or "", example["target"] or "", example["other"] or "")
                 console.print(changes)
-    print_routing_split(report.get("technique") or {})
+    print_figure_tables(technique_tables)
     console.print(f"report: {report['output']}/report.html (and report.md, eval.json, predictions.jsonl)",
                   soft_wrap=True)  # a path to copy: never broken across lines
 
 
-def print_routing_split(figures: dict[str, Any]) -> None:
-    """A router's mean gate per adapter over each task's tokens (rows: tasks, then all tokens), when the
-    technique's figures hold one."""
-    routing = figures.get("routing")
-    if not routing:
-        return
-    table = Table(title=f"router split ({routing['gating']} gating): mean gate per adapter over each task's tokens")
-    table.add_column("task", **NAME_COLUMN)
-    for name in routing["adapters"]:
-        table.add_column(name, justify="right")
-    table.add_column("tokens", justify="right")
-    for group, shares in routing["mean_gate"].items():
-        table.add_row(group, *(f"{shares[name]:.3f}" for name in routing["adapters"]), str(routing["tokens"][group]))
-    print_table(table)
+def print_figure_tables(tables: Sequence[Any]) -> None:
+    """Tables a technique declares for its own eval figures (each with ``title``, ``columns`` and ``rows`` of text;
+    the first column is a label, the others figures)."""
+    for declared in tables:
+        table = Table(title=declared.title)
+        for index, column in enumerate(declared.columns):
+            table.add_column(column, **(NAME_COLUMN if index == 0 else {"justify": "right"}))
+        for row in declared.rows:
+            table.add_row(*row)
+        print_table(table)
 
 
 def print_quantize_table(report: dict[str, Any]) -> None:

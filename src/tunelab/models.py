@@ -299,3 +299,17 @@ def load_model_config(config: ModelConfig) -> Any:
     path = resolve_model_path(config.name)
     return _from_hub_or_cache(AutoConfig.from_pretrained, path, config.name, revision=config.revision,
                               trust_remote_code=config.trust_remote_code)
+
+
+def base_model_key(name: str) -> str:
+    """What identifies a base model across run configs, adapter configs (base_model_name_or_path) and servers: a
+    local folder (the embedded default's converted copy included) by its resolved path, a hub id as written."""
+    if name in EMBEDDED_MODELS:
+        return str(embedded_model_dir(name).resolve())
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
+def same_base_model(first: str, second: str) -> bool:
+    """Whether two model names (or paths) name the same base model: the one answer to that question."""
+    return base_model_key(first) == base_model_key(second)

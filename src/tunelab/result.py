@@ -1,8 +1,10 @@
-"""Opening a finished run: the one function that eval, merge, export, serve and compare use to get a result back.
+"""Opening a finished result: the one function that eval, generate, chat, merge, export, serve and compare use.
 
-``load_run(RUN)`` reads the run folder's resolved ``config.yaml``, loads the tokenizer the run saved, and asks the
-run's technique (from the registry) to rebuild its result: a plain transformers model from ``model/``, or the base
-model with the run's adapter attached. Nothing here knows a technique by name.
+``load_run(PATH)`` opens a run folder, the result folder inside one (``RUN/adapter``, ``RUN/model``), or an adapter
+folder on its own (adapter_config.json, with the base it names in base_model_name_or_path). A run is rebuilt from
+its resolved ``config.yaml`` by its technique's ``load_result``; an adapter folder on its own by the technique
+the registry finds for its declared adapter type, whose ``attach`` puts it on the plain base. ``find_result``
+answers what a folder holds without loading any weights. Nothing here knows a technique by name.
 """
 
 from __future__ import annotations
@@ -14,54 +16,103 @@ from typing import Any
 import torch
 from torch import nn
 
-from tunelab.errors import ConfigError
+from tunelab.config import TunelabConfig, build_config, read_run_config
+from tunelab.errors import ConfigError, TechniqueError
+from tunelab.techniques import TECHNIQUES, Technique, technique_for_adapter
+from tunelab.techniques.base import ADAPTER_CONFIG
+
+RUN_CONFIG = "config.yaml"
+
+
+@dataclass
+class FoundResult:
+    """What a folder holds, read without loading weights."""
+
+    name: str  # how reports and servers call it: the run folder's name, or the adapter folder's
+    run_dir: Path | None  # the run folder; None for an adapter folder on its own
+    result_dir: Path  # the folder holding the result (adapter/ or model/, or the adapter folder itself)
+    technique: Technique
+    config: TunelabConfig | None  # the run's config; None for an adapter folder on its own
+    base: str  # the base model it was trained from (what `--against base` means)
 
 
 @dataclass
 class LoadedRun:
-    run_dir: Path
-    config: Any  # TunelabConfig (imported lazily: tunelab.config imports the technique registry)
+    run_dir: Path  # the run folder, or the adapter folder opened on its own
+    config: TunelabConfig | None  # None for an adapter folder on its own
     model: nn.Module  # in eval mode, on `device`
     tokenizer: Any
-    result_dir: Path  # adapter/ or model/ (or a technique's own folder name)
+    result_dir: Path  # adapter/ or model/ (or the adapter folder itself)
+    technique: Technique | None = None
+    base: str | None = None  # the base model it was trained from (what `--against base` means)
+    name: str = ""
 
 
 def result_dir(run_dir: Path, technique_name: str) -> Path:
-    from tunelab.techniques import TECHNIQUES
-
     return run_dir / TECHNIQUES[technique_name].result_dir_name
 
 
-def load_run(run: str | Path, device: torch.device | str | None = None, dtype: str | None = None) -> LoadedRun:
-    """Rebuild the model and tokenizer a finished run saved, for any technique.
+def find_result(path: str | Path) -> FoundResult:
+    """What ``path`` holds: a run (its config.yaml), the result folder of a run, or an adapter folder on its own.
 
-    ``dtype`` overrides the run's ``model.dtype`` (for example 'float32' to compare on a CPU)."""
-    from transformers import AutoTokenizer
+    A run that has not finished (no result folder) and a folder that is neither are refused with the reason."""
+    path = Path(path)
+    if not (path / RUN_CONFIG).is_file() and (path / ADAPTER_CONFIG).is_file() and (path.parent / RUN_CONFIG).is_file():
+        run = find_result(path.parent)
+        if run.result_dir.resolve() == path.resolve():  # the result folder of that run: open the run
+            return run
+    if (path / RUN_CONFIG).is_file():
+        return _found_run(path)
+    if (path / ADAPTER_CONFIG).is_file():
+        technique = technique_for_adapter(path)
+        base = (_read_json(path / ADAPTER_CONFIG) or {}).get("base_model_name_or_path")
+        if not base:
+            raise ConfigError(f"{path / ADAPTER_CONFIG}: no base_model_name_or_path, so the base this adapter needs is "
+                              "unknown; give the base model as TARGET and the adapter with --adapter")
+        return FoundResult(path.resolve().name, None, path, technique, None, str(base))
+    raise ConfigError(f"{path}: not a tunelab run folder (no {RUN_CONFIG}) or an adapter folder (no {ADAPTER_CONFIG})")
 
-    from tunelab.config import build_config
-    from tunelab.models import default_device
-    from tunelab.config import read_run_config
-    from tunelab.techniques import TECHNIQUES
 
-    run_dir = Path(run)
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise ConfigError(f"{run_dir}: not a tunelab run folder (no config.yaml)")
+
+def _found_run(run_dir: Path) -> FoundResult:
+    from tunelab.config import build_config, read_run_config
+
     config = build_config(read_run_config(run_dir))
-    if dtype is not None:
-        config.model.dtype = dtype
     technique = TECHNIQUES[config.technique.name]
     folder = run_dir / technique.result_dir_name
     if not folder.is_dir():
         status = ((_read_json(run_dir / "status.json") or {}).get("status")) or "unknown"
         raise ConfigError(f"{run_dir}: the run has no result in {folder.name}/ (status: {status}); "
                           "only a finished run can be opened")
+    return FoundResult(run_dir.resolve().name, run_dir, folder, technique, config, config.model.name)
+
+
+def load_run(run: str | Path | FoundResult, device: torch.device | str | None = None,
+             dtype: str | None = None) -> LoadedRun:
+    """Rebuild the model and tokenizer of a finished run, of the result folder inside one, or of an adapter
+    folder on its own, for any technique.
+
+    ``dtype`` overrides the model's dtype (for example 'float32' to compare on a CPU)."""
+    from transformers import AutoTokenizer
+
+    from tunelab.models import ModelConfig, default_device, load_model, load_tokenizer
+
+    found = run if isinstance(run, FoundResult) else find_result(run)
     device = torch.device(device) if device is not None else default_device()
-    tokenizer_dir = run_dir / "tokenizer"
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir if tokenizer_dir.is_dir() else folder)
-    model = technique.load_result(config, folder, device)
+    if found.config is not None:
+        config = found.config
+        if dtype is not None:
+            config.model.dtype = dtype
+        tokenizer_dir = found.run_dir / "tokenizer"
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir if tokenizer_dir.is_dir() else found.result_dir)
+        model = found.technique.load_result(config, found.result_dir, device)
+    else:  # an adapter folder on its own: the plain base it names, with the adapter attached
+        base_config = ModelConfig(name=found.base, dtype=dtype or "auto")
+        tokenizer = load_tokenizer(base_config)
+        model = found.technique.attach(load_model(base_config, device), found.result_dir).to(device)
     model.eval()
-    return LoadedRun(run_dir, config, model, tokenizer, folder)
+    return LoadedRun(found.run_dir or found.result_dir, found.config, model, tokenizer, found.result_dir,
+                     found.technique, found.base, found.name)
 
 
 def _read_json(path: Path) -> Any:
@@ -86,37 +137,35 @@ class OpenedModel:
 
 def open_model(target: str | Path, adapter: str | Path | None = None, device: torch.device | str | None = None,
                dtype: str = "auto") -> OpenedModel:
-    """Open TARGET for evaluation: a run folder (through ``load_run``), a PEFT adapter folder (on the base its
-    adapter_config.json names), a model folder, hub id or the embedded alias, optionally with ``adapter``."""
-    from tunelab.config.schema import ModelConfig
-    from tunelab.models import default_device, load_model, load_tokenizer
+    """Open TARGET for evaluation: a run folder, a result or adapter folder (both through ``load_run``), or a
+    model folder, hub id or the embedded alias, optionally with ``adapter`` attached."""
+    from tunelab.models import ModelConfig, default_device, load_model, load_tokenizer
+    from tunelab.techniques.attach import adapter_dir, load_adapter
 
     device = torch.device(device) if device is not None else default_device()
     path = Path(target)
     check_local_target(path)
-    if adapter is None and (path / "config.yaml").is_file():
+    if adapter is None and ((path / RUN_CONFIG).is_file() or (path / ADAPTER_CONFIG).is_file()):
         loaded = load_run(path, device=device, dtype=None if dtype == "auto" else dtype)
-        return OpenedModel(path.name, loaded.model, loaded.tokenizer, loaded.config.model.name, loaded.config.model.dtype)
-    if adapter is None and (path / "adapter_config.json").is_file():
-        adapter, target = path, _adapter_base(path)
+        return OpenedModel(loaded.name, loaded.model, loaded.tokenizer, loaded.base,
+                           loaded.config.model.dtype if loaded.config is not None else dtype)
     model_config = ModelConfig(name=str(target), dtype=dtype)
     model = load_model(model_config, device)
     tokenizer = load_tokenizer(model_config)
     name = Path(str(target)).name or str(target)
-    if adapter is not None:
-        from peft import PeftModel
+    if adapter is None:
+        return OpenedModel(name, model.eval(), tokenizer, None, dtype)
+    try:
+        folder = adapter_dir(adapter)
+    except TechniqueError:
+        raise ConfigError(f"{adapter}: not an adapter folder (no {ADAPTER_CONFIG})") from None
+    if (folder.parent / "tokenizer").is_dir():  # an adapter inside a run folder: the run's tokenizer
+        from transformers import AutoTokenizer
 
-        adapter = Path(adapter)
-        if not (adapter / "adapter_config.json").is_file():
-            raise ConfigError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
-        if (adapter.parent / "tokenizer").is_dir():  # an adapter inside a run folder: the run's tokenizer
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(adapter.parent / "tokenizer")
-        model = PeftModel.from_pretrained(model, adapter).to(device)
-        return OpenedModel(f"{name}+{adapter.name if adapter.name != 'adapter' else adapter.parent.name}",
-                           model.eval(), tokenizer, str(target), dtype)
-    return OpenedModel(name, model.eval(), tokenizer, None, dtype)
+        tokenizer = AutoTokenizer.from_pretrained(folder.parent / "tokenizer")
+    model = load_adapter(model, folder).to(device)
+    label = folder.parent.name if (folder.parent / RUN_CONFIG).is_file() else folder.name
+    return OpenedModel(f"{name}+{label}", model.eval(), tokenizer, str(target), dtype)
 
 
 def check_local_target(path: Path) -> None:
@@ -126,26 +175,18 @@ def check_local_target(path: Path) -> None:
     and answers with a download hint. A name counts as local when it exists, starts with ``.``, ``/`` or ``~``,
     or when its parent folder exists here (``runs/`` for ``runs/x``)."""
     if path.is_dir():
-        if not any((path / name).is_file() for name in ("config.yaml", "adapter_config.json", "config.json")):
-            raise ConfigError(f"{path}: this folder is not a tunelab run (no config.yaml), a PEFT adapter (no "
-                              "adapter_config.json) or a model (no config.json)")
+        if not any((path / name).is_file() for name in (RUN_CONFIG, ADAPTER_CONFIG, "config.json")):
+            raise ConfigError(f"{path}: this folder is not a tunelab run (no {RUN_CONFIG}), an adapter (no "
+                              f"{ADAPTER_CONFIG}) or a model (no config.json)")
         return
     text = str(path)
     local = text.startswith((".", "/", "~")) or (path.parent != Path(".") and path.parent.is_dir())
     if path.exists() or not local:
         return
-    runs = sorted(p.name for p in path.parent.iterdir() if (p / "config.yaml").is_file()) if path.parent.is_dir() else []
+    runs = sorted(p.name for p in path.parent.iterdir() if (p / RUN_CONFIG).is_file()) if path.parent.is_dir() else []
     import difflib
 
     close = difflib.get_close_matches(path.name, runs, n=1)
     hint = (f"; did you mean {path.parent / close[0]}?" if close else
             f"; runs in {path.parent}: {', '.join(runs[:8])}" if runs else "")
     raise ConfigError(f"{path}: no such run, adapter or model folder{hint}")
-
-
-def _adapter_base(adapter: Path) -> str:
-    base = (_read_json(adapter / "adapter_config.json") or {}).get("base_model_name_or_path")
-    if not base:
-        raise ConfigError(f"{adapter / 'adapter_config.json'}: no base_model_name_or_path; give the base model as "
-                          "TARGET and the adapter with --adapter")
-    return base

@@ -44,12 +44,13 @@ from tunelab.config import read_run_config
 from tunelab.errors import ConfigError
 from tunelab.fs import read_json  # also the name the readers of run files import from here
 from tunelab.techniques import technique_variant
+from tunelab.techniques.base import RESULT_DIRS
 
 log = logging.getLogger(__name__)
 
 # The entries the trainer itself writes. Informational only: ownership is what the record names, never a name.
 RUN_ENTRIES = frozenset({"config.yaml", "data_report.json", "metrics.jsonl", "eval.json", "base_eval.json",
-                         "status.json", "adapter", "model", "tokenizer", "checkpoints",
+                         "status.json", *RESULT_DIRS, "tokenizer", "checkpoints",
                          "run_info.json", "evals", "tensorboard", "mlruns", "wandb",
                          "quantize.json", "exports", "merged"})
 WRITER = "tunelab train"  # who a run folder's ownership record says wrote it

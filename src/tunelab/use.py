@@ -85,7 +85,7 @@ def chat_loop(run: Path, system: str | None, sampling: Sampling = GREEDY,
     loaded = load_run(run)
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
-    out.write(f"Chatting with {Path(run).name} ({loaded.config.technique.name} on {loaded.config.model.name}). "
+    out.write(f"Chatting with {loaded.name} ({loaded.technique.name} on {loaded.base}). "
               "/reset starts over, /exit leaves, Ctrl-C stops a reply.\n")
     while True:
         try:

@@ -1,7 +1,7 @@
 """Loss and perplexity over supervised tokens only, without accumulating logits.
 
 Logits are computed at supervised positions only (the output head sees hidden[keep], see
-``objectives.sft.logits_only_where``) and reduced at once, so evaluation needs no more memory than one training
+``objectives.logits_only_where``) and reduced at once, so evaluation needs no more memory than one training
 micro-batch, however large the set.
 """
 
@@ -16,8 +16,7 @@ from torch import nn
 
 from tunelab.data.batching import collate
 from tunelab.data.tokenize import IGNORE, TokenizedExample
-from tunelab.objectives import LossFunction
-from tunelab.objectives.sft import logits_only_where
+from tunelab.objectives import LossFunction, logits_only_where
 from tunelab.techniques.base import forward_inputs
 
 

@@ -55,15 +55,18 @@ class MergeOutcome:
 def merge_run(run: str | Path, out: str | Path | None = None, device: str | torch.device | None = None,
               batches: int = 4, batch_size: int = 4) -> MergeOutcome:
     """Merge the run's result into a standalone model in ``out`` (default ``RUN/merged``) and check it."""
-    from tunelab.result import load_run
-    from tunelab.techniques import TECHNIQUES
+    from tunelab.result import find_result, load_run
 
-    run_dir = Path(run)
-    loaded = load_run(run_dir, device=device)
-    technique = TECHNIQUES[loaded.config.technique.name]
+    found = find_result(run)  # what the folder holds, before any weights are loaded
+    technique = found.technique
     reason = technique.refusal("merge")
     if reason is not None:
-        raise TechniqueError(f"{run_dir}: technique '{technique.name}' cannot be merged: {reason}")
+        raise TechniqueError(f"{run}: technique '{technique.name}' cannot be merged: {reason}")
+    if found.run_dir is None:
+        raise ConfigError(f"{run}: an adapter folder on its own; merge takes its run folder, whose config says how "
+                          "the base was loaded for training (the merge folds the adapter into that base)")
+    run_dir = found.run_dir
+    loaded = load_run(found, device=device)
     out_dir = Path(out) if out is not None else run_dir / MERGED_DIR
     in_run = out_dir.resolve().parent == run_dir.resolve()  # an entry of the run folder: its ownership record rules
     if in_run:

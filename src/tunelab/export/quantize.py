@@ -168,12 +168,15 @@ class _Measurer:
 
 def merged_float(run_dir: Path, device: torch.device) -> tuple[Any, Any, Any]:
     """(merged float32 model, tokenizer, run config): the technique's own merge for an adapter, else the model."""
-    from tunelab.result import load_run
-    from tunelab.techniques import TECHNIQUES
+    from tunelab.result import find_result, load_run
 
-    loaded = load_run(run_dir, device=device, dtype="float32")
-    technique = TECHNIQUES[loaded.config.technique.name]
-    if technique.result_dir_name == "model":
+    found = find_result(run_dir)
+    if found.run_dir is None:
+        raise ConfigError(f"{run_dir}: an adapter folder on its own; give its run folder (quantize and export read "
+                          "the run's config and data)")
+    loaded = load_run(found, device=device, dtype="float32")
+    technique = found.technique
+    if technique.attach is None:  # a standalone model result
         return loaded.model, loaded.tokenizer, loaded.config
     del loaded.model
     merge = getattr(technique, "merge", None)

@@ -20,6 +20,7 @@ from torch import nn
 
 from tunelab.objectives import dpo, ipo, kto, orpo, reward, sft, simpo
 from tunelab.objectives.base import Batch, LossSum, Objective, ObjectiveSpec, Reference
+from tunelab.objectives.sft import logits_only_where  # shared with eval's loss (objectives' own helper)
 
 _ALL: tuple[Objective, ...] = (
     sft.OBJECTIVE, dpo.OBJECTIVE, ipo.OBJECTIVE, orpo.OBJECTIVE, simpo.OBJECTIVE, kto.OBJECTIVE, reward.OBJECTIVE,
@@ -57,4 +58,5 @@ def default_objective_settings() -> Any:
 
 
 __all__ = ["DEFAULT_OBJECTIVE", "OBJECTIVES", "Batch", "LossFunction", "LossSum", "Objective", "ObjectiveConfig",
-           "ObjectiveField", "ObjectiveSpec", "Reference", "default_objective_settings"]
+           "ObjectiveField", "ObjectiveSpec", "Reference", "default_objective_settings",
+           "logits_only_where"]

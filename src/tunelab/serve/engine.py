@@ -1,9 +1,10 @@
-"""One base model with several LoRA adapters, and a worker thread that batches requests across adapters.
+"""One base model with several adapters that share batches, or one result served alone, and a worker thread that
+batches requests across adapters.
 
 Loading is where the security rules live: an adapter comes only from a run folder named at start-up (a request
 names a model, which is looked up in a fixed table and never used as a path), its weights must be safetensors
-(a folder holding a pickle-format weights file is refused), remote code needs an explicit flag, and every run
-must be a fine-tune of the same base.
+(a folder holding a pickle-format weights file is refused), remote code needs an explicit flag, and results that
+share batches must be adapters of the same base whose techniques declare that they can (``mixed_batch``).
 
 The worker takes whatever requests are waiting (up to ``max_batch_size``, same sampling settings), generates
 them as one PEFT mixed-adapter batch, and hands each token to the request's own callback.
@@ -23,6 +24,7 @@ from typing import Any, Callable
 
 from tunelab.errors import ConfigError
 from tunelab.generation import BASE, PEFT_BASE, GenerationRequest, generate_batch
+from tunelab.techniques.base import ADAPTER_CONFIG
 
 log = logging.getLogger(__name__)
 
@@ -49,96 +51,86 @@ def check_safe_result(folder: Path) -> None:
         raise ConfigError(f"{folder}: no .safetensors weights to serve")
 
 
-def _base_key(name: str) -> str:
-    """The base a run was trained on, comparable across runs and with adapter_config.json's
-    base_model_name_or_path: a local folder (the embedded default's converted copy included) by its resolved path."""
-    from tunelab.models import EMBEDDED_MODELS, embedded_model_dir
+def _find(path: Path, allow_remote_code: bool) -> Any:
+    """What one served folder holds (a run, or an adapter folder on its own), after every check that needs no
+    weights."""
+    from tunelab.result import find_result
 
-    if name in EMBEDDED_MODELS:
-        return str(embedded_model_dir(name).resolve())
-    path = Path(name).expanduser()
-    return str(path.resolve()) if path.exists() else name
-
-
-def _read_run(run_dir: Path, allow_remote_code: bool) -> tuple[Any, Path]:
-    """(config, adapter folder) of one run, after every check that needs no weights."""
-    from tunelab.config import build_config, read_run_config
-    from tunelab.techniques import TECHNIQUES
-
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir}: not a tunelab run folder (no config.yaml)")
-    config = build_config(read_run_config(run_dir))
-    if config.model.trust_remote_code and not allow_remote_code:
-        raise ConfigError(f"{run_dir}: its model needs remote code (model.trust_remote_code); serving it runs that "
+    found = find_result(path)
+    if found.config is not None and found.config.model.trust_remote_code and not allow_remote_code:
+        raise ConfigError(f"{path}: its model needs remote code (model.trust_remote_code); serving it runs that "
                           "code, so it needs --trust-remote-code")
-    folder = run_dir / TECHNIQUES[config.technique.name].result_dir_name
-    if not folder.is_dir():
-        raise ConfigError(f"{run_dir}: no result in {folder.name}/ (only a finished run can be served)")
-    check_safe_result(folder)
-    return config, folder
+    check_safe_result(found.result_dir)
+    return found
+
+
+def _check_mixable(path: Path, found: Any, base: str) -> None:
+    """A result served beside others shares their batches: its technique must declare that it can, and it must be
+    an adapter of the served base."""
+    from tunelab.models import same_base_model
+
+    reason = found.technique.mixed_batch(found.result_dir)
+    if reason is not None:
+        raise ConfigError(f"{path}: its result ({found.technique.name}) cannot share a batch with other adapters "
+                          f"({reason}); serve it alone (tunelab serve {path})")
+    if not same_base_model(found.base, base):
+        raise ConfigError(f"{path}: trained on {found.base}, but the first one on {base}; one server serves "
+                          "adapters of one base")
+    named = _adapter_config(found.result_dir).get("base_model_name_or_path") or ""
+    if named and not same_base_model(named, base):
+        raise ConfigError(f"{path}: its adapter was trained on another base ({named}), not on the served "
+                          f"base ({base}); serve it in its own server")
 
 
 def _adapter_config(folder: Path) -> dict[str, Any]:
-    path = folder / "adapter_config.json"
+    path = folder / ADAPTER_CONFIG
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _check_adapter(folder: Path, run_dir: Path, base_key: str) -> None:
-    """A served adapter must be a LoRA (PEFT's mixed batches are LoRA's) of the same base."""
-    adapter_config = _adapter_config(folder)
-    if adapter_config.get("peft_type") != "LORA":
-        kind = adapter_config.get("peft_type") or f"'{folder.name}/'"
-        raise ConfigError(f"{run_dir}: its result ({kind}) is not a LoRA adapter; several runs share one batch only "
-                          f"as LoRA adapters of one base, so serve it alone (tunelab serve {run_dir})")
-    named = adapter_config.get("base_model_name_or_path") or ""
-    if named and _base_key(named) != base_key:
-        raise ConfigError(f"{run_dir}: its adapter was trained on another base ({named}), not on the served "
-                          f"base ({base_key}); serve it in its own server")
-
-
 def load_models(runs: list[Path], device: Any = None, allow_remote_code: bool = False) -> tuple[Any, dict[str, ServedModel]]:
-    """The shared model (base with every adapter loaded) and the table of servable names, 'base' included."""
+    """The shared model and the table of servable names.
+
+    Several results share one base and one batch, with 'base' servable too, when each technique declares that
+    its result can (``mixed_batch``); one result that cannot is served alone, under its own name only."""
     from transformers import AutoTokenizer
 
-    from tunelab.models import load_tokenizer
+    from tunelab.models import ModelConfig, load_tokenizer
     from tunelab.result import load_run
 
     if not runs:
         raise ConfigError("give at least one run folder to serve")
-    checked = [(Path(r), *_read_run(Path(r), allow_remote_code)) for r in runs]
-    names = [r.resolve().name for r, _, _ in checked]
-    for name, (run_dir, _, _) in zip(names, checked):
+    found = [(Path(r), _find(Path(r), allow_remote_code)) for r in runs]
+    names = [f.name for _, f in found]
+    for name, (path, _) in zip(names, found):
         if not NAME.match(name) or name == BASE:
-            raise ConfigError(f"{run_dir}: the run folder's name '{name}' cannot be a model name (letters, digits, "
+            raise ConfigError(f"{path}: the folder's name '{name}' cannot be a model name (letters, digits, "
                               f"'.', '_', '-'; not '{BASE}'); rename the folder")
     if len(set(names)) != len(names):
         raise ConfigError(f"two runs share a folder name ({', '.join(sorted(n for n in names if names.count(n) > 1))}); "
                           "each served model needs its own name")
-    first_dir, first_config, first_folder = checked[0]
-    if len(checked) == 1 and _adapter_config(first_folder).get("peft_type") != "LORA":  # any other result, served alone
-        loaded = load_run(first_dir, device=device)
-        return loaded.model, {names[0]: ServedModel(names[0], first_dir, "", loaded.tokenizer)}
-    base_key = _base_key(first_config.model.name)
-    for (run_dir, config, folder) in checked:
-        if _base_key(config.model.name) != base_key:
-            raise ConfigError(f"{run_dir}: trained on {config.model.name}, but {first_dir} on {first_config.model.name}; "
-                              "one server serves adapters of one base")
-        _check_adapter(folder, run_dir, base_key)
-    loaded = load_run(first_dir, device=device)  # the base with the first adapter, as PEFT's "default"
+    first_path, first = found[0]
+    if len(found) == 1 and first.technique.mixed_batch(first.result_dir) is not None:  # served alone, as it opens
+        loaded = load_run(first, device=device)
+        return loaded.model, {names[0]: ServedModel(names[0], first_path, "", loaded.tokenizer)}
+    for path, result in found:
+        _check_mixable(path, result, first.base)
+    loaded = load_run(first, device=device)  # the base with the first adapter, as PEFT's "default"
     model = loaded.model
-    served = {BASE: ServedModel(BASE, None, PEFT_BASE, load_tokenizer(first_config.model))}
-    served[names[0]] = ServedModel(names[0], first_dir, "default", loaded.tokenizer)
-    for index, (name, (run_dir, _, folder)) in enumerate(zip(names[1:], checked[1:]), start=1):
-        adapter = f"adapter{index}"  # PEFT names become module keys: run names with dots would not do
+    base_config = first.config.model if first.config is not None else ModelConfig(name=first.base)
+    served = {BASE: ServedModel(BASE, None, PEFT_BASE, load_tokenizer(base_config))}
+    served[names[0]] = ServedModel(names[0], first_path, "default", loaded.tokenizer)
+    for index, (name, (path, result)) in enumerate(zip(names[1:], found[1:]), start=1):
+        adapter = f"served{index}"  # PEFT names become module keys: run names with dots would not do
         try:
-            model.load_adapter(folder, adapter_name=adapter, is_trainable=False)
+            model.load_adapter(result.result_dir, adapter_name=adapter, is_trainable=False)
         except (RuntimeError, ValueError, KeyError) as exc:  # shape mismatches: an adapter of another base
-            raise ConfigError(f"{run_dir}: its adapter does not fit the served base ({str(exc).splitlines()[0][:200]})") from exc
-        tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer") if (run_dir / "tokenizer").is_dir() else served[BASE].tokenizer
+            raise ConfigError(f"{path}: its adapter does not fit the served base ({str(exc).splitlines()[0][:200]})") from exc
+        own = result.run_dir / "tokenizer" if result.run_dir is not None else None
+        tokenizer = AutoTokenizer.from_pretrained(own) if own is not None and own.is_dir() else served[BASE].tokenizer
         if len(tokenizer) != len(served[BASE].tokenizer):
-            raise ConfigError(f"{run_dir}: its tokenizer has {len(tokenizer)} tokens, the base's "
+            raise ConfigError(f"{path}: its tokenizer has {len(tokenizer)} tokens, the base's "
                               f"{len(served[BASE].tokenizer)}; a run with added tokens needs its own server")
-        served[name] = ServedModel(name, run_dir, adapter, tokenizer)
+        served[name] = ServedModel(name, path, adapter, tokenizer)
     model.eval()
     return model, served
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Union, get_args
 
 import yaml
@@ -16,7 +17,7 @@ import yaml
 from tunelab.techniques import (adalora, adapter, adapter_routing, freeze, full, ia3, loha, lokr, lora,
                                  multitask_prompt_tuning, p_tuning, prefix_tuning, prompt_tuning, qlora, vera)
 from tunelab.errors import TechniqueError
-from tunelab.techniques.base import BaseLoad, MergeResult, RunContext, Technique, count_parameters
+from tunelab.techniques.base import ADAPTER_CONFIG, ADAPTER_DIR, RESULT_DIRS, BaseLoad, FigureTable, MergeResult, RunContext, Technique, count_parameters
 
 _ALL: tuple[Technique, ...] = (
     full.TECHNIQUE, freeze.TECHNIQUE, lora.TECHNIQUE, qlora.TECHNIQUE, adalora.TECHNIQUE, ia3.TECHNIQUE, loha.TECHNIQUE,
@@ -35,8 +36,11 @@ def _check(techniques: tuple[Technique, ...]) -> dict[str, Technique]:
             raise RuntimeError(f"technique {technique.name!r}: its settings' name must be Literal[{technique.name!r}]")
         if technique.merge is None and "merge" not in technique.refuses:
             raise RuntimeError(f"technique {technique.name!r}: merge needs a merge function or a refusal reason")
-        if technique.result_dir_name not in ("adapter", "model"):
-            raise RuntimeError(f"technique {technique.name!r}: result_dir_name must be 'adapter' or 'model'")
+        if technique.result_dir_name not in RESULT_DIRS:
+            raise RuntimeError(f"technique {technique.name!r}: result_dir_name must be one of {RESULT_DIRS}")
+        if (technique.result_dir_name == ADAPTER_DIR) != bool(technique.adapter_types):
+            raise RuntimeError(f"technique {technique.name!r}: an adapter result declares its adapter_types (the "
+                               f"type its {ADAPTER_CONFIG} carries), a model result none")
         registry[technique.name] = technique
     return registry
 
@@ -45,7 +49,6 @@ TECHNIQUES: dict[str, Technique] = _check(_ALL)
 
 # What a config trains when its technique section, or the section's `name`, is left out.
 DEFAULT_TECHNIQUE: str = lora.TECHNIQUE.name
-
 
 
 def technique_name_hint(name: Any) -> str | None:
@@ -85,8 +88,36 @@ def technique_variant(section: Mapping[str, Any]) -> str | None:
     return technique.variant_label(settings)
 
 
+def adapter_type(config: dict[str, Any]) -> str | None:
+    """The type an adapter_config.json declares: tunelab's own ``type``, or PEFT's ``peft_type``."""
+    kind = config.get("type") or config.get("peft_type")
+    return str(kind) if kind is not None else None
+
+
+def technique_for_adapter(folder: Path) -> Technique:
+    """The technique that opens the adapter folder ``folder``: the first registered one that declares the type
+    its adapter_config.json carries (so a plain LORA folder opens as 'lora', not as 'qlora')."""
+    from tunelab.techniques.bottleneck import read_config  # reads and checks the JSON, with the file's name in errors
+
+    kind = adapter_type(read_config(folder))
+    for technique in _ALL:
+        if kind is not None and kind in technique.adapter_types:
+            return technique
+    known = sorted({t for technique in _ALL for t in technique.adapter_types})
+    raise TechniqueError(f"{Path(folder) / ADAPTER_CONFIG}: unknown adapter type {kind!r}; tunelab opens {', '.join(known)}")
+
+
+def figure_tables(figures: dict[str, Any]) -> list[FigureTable]:
+    """The console tables of a technique's own eval figures (``{"technique": name, ...}``), as it declares them."""
+    technique = TECHNIQUES.get(figures.get("technique", ""))
+    if technique is None or technique.figure_tables is None:
+        return []
+    return technique.figure_tables(figures)
+
+
 # The union the config schema discriminates on `name`.
 TechniqueConfig = Union[tuple(t.config_class for t in _ALL)]  # type: ignore[valid-type]
 
 __all__ = ["DEFAULT_TECHNIQUE", "TECHNIQUES", "BaseLoad", "MergeResult", "RunContext", "Technique", "TechniqueConfig",
-           "TechniqueError", "count_parameters", "technique_name_hint", "technique_variant"]
+           "TechniqueError", "adapter_type", "count_parameters", "figure_tables", "technique_for_adapter",
+           "technique_name_hint", "technique_variant"]

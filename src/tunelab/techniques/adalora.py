@@ -125,6 +125,7 @@ TECHNIQUE = Technique(
     save=save_peft_adapter,
     disabled_view=peft_disabled_view,
     result_dir_name="adapter",
+    adapter_types=("ADALORA",),  # PEFT's peft_type
     default_learning_rate=5e-4,
     summary="LoRA with its rank budget reallocated to the layers that need it (per-step hook, mergeable)",
     refuses={"quantized_base": NOT_QUANTIZED},

@@ -17,17 +17,15 @@ He et al. 2021, "Towards a Unified View of Parameter-Efficient Transfer Learning
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import torch
 from pydantic import Field, model_validator
 from torch import nn
 
 from tunelab.errors import TechniqueError
-from tunelab.models import load_model
 from tunelab.settings import Settings
 from tunelab.techniques import bottleneck as bn
-from tunelab.techniques.base import NO_SCORE_HEAD, NOT_QUANTIZED, RunContext, Technique, base_load_for
+from tunelab.techniques.base import NO_SCORE_HEAD, NOT_QUANTIZED, TUNELAB_ADAPTER_CARD, RunContext, Technique
 
 MERGE_REFUSAL = ("a bottleneck adapter is not linear (W_up f(W_down h) has a non-linearity in the middle), so it "
                  "cannot be folded into the base weights; serve or export the base model with the adapter attached")
@@ -94,11 +92,9 @@ def save(model: nn.Module, run_dir: Path) -> Path:
     return bn.save_adapter(model, spec, run_dir / "adapter")
 
 
-def load_result(config: Any, folder: Path, device: torch.device) -> nn.Module:
-    """The run's base model (as configured) with the saved adapter attached."""
-    model = load_model(config.model, device, base_load_for(config, device))
-    spec = bn.load_bottleneck(model, folder)
-    setattr(model, SPEC_ATTRIBUTE, spec)
+def attach(model: nn.Module, folder: Path) -> nn.Module:
+    """The saved adapter attached to ``model`` in place (its base weights untouched)."""
+    setattr(model, SPEC_ATTRIBUTE, bn.load_bottleneck(model, folder))
     return model
 
 
@@ -110,9 +106,11 @@ TECHNIQUE = Technique(
     result_dir_name="adapter",
     default_learning_rate=1e-3,
     summary="bottleneck adapter layers inside the frozen model (Houlsby, Pfeiffer or parallel; not mergeable)",
-    load_result=load_result,
     refuses={"merge": MERGE_REFUSAL, "quantized_base": NOT_QUANTIZED, "score_head": NO_SCORE_HEAD},
     variant_names={"bottleneck": {}, "bottleneck_adapter": {}, "houlsby": {"placement": "houlsby"},
                    "pfeiffer": {"placement": "pfeiffer"}, "parallel_adapter": {"placement": "parallel"}},
     variant_label=lambda settings: settings.placement,
+    adapter_types=(bn.BOTTLENECK_TYPE,),
+    attach=attach,
+    card=TUNELAB_ADAPTER_CARD,
 )

@@ -28,12 +28,12 @@ from torch import nn
 
 from tunelab.data import collate
 from tunelab.errors import TechniqueError
-from tunelab.models import load_model, resolve_model_path
 from tunelab.settings import Settings
 from tunelab.techniques import bottleneck as bn
 from tunelab.techniques import routing as rt
 from tunelab.techniques.adapter import BottleneckOptions
-from tunelab.techniques.base import NO_SCORE_HEAD, NOT_QUANTIZED, RunContext, Technique, base_load_for, forward_inputs
+from tunelab.techniques.base import (NO_SCORE_HEAD, NOT_QUANTIZED, TUNELAB_ADAPTER_CARD, FigureTable, RunContext, Technique,
+                                     forward_inputs)
 
 SPEC_ATTRIBUTE = "_tunelab_routing_spec"
 NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -121,6 +121,8 @@ def _check_same_model(model: nn.Module, settings: AdapterRoutingSettings) -> Non
     configured model names with this model's (the shape checks catch the rest)."""
     import yaml
 
+    from tunelab.models import same_base_model
+
     here = bn.model_base_path(model)
     for name, source in settings.adapters.items():
         run_config = Path(source) / "config.yaml"
@@ -130,16 +132,9 @@ def _check_same_model(model: nn.Module, settings: AdapterRoutingSettings) -> Non
             theirs = ((yaml.safe_load(run_config.read_text()) or {}).get("model") or {}).get("name")
         except yaml.YAMLError as exc:
             raise TechniqueError(f"technique.adapters.{name}: {run_config} is not a readable run config ({exc})") from None
-        if theirs and _same_model(theirs) != _same_model(here):
+        if theirs and not same_base_model(theirs, here):
             raise TechniqueError(f"technique.adapters.{name}: that run trained on model {theirs!r}, this run uses "
                                  f"{here!r}; routed adapters must share the base model")
-
-
-def _same_model(name: str) -> str:
-    try:
-        return str(Path(resolve_model_path(name)).resolve())
-    except Exception:  # a hub id that is not cached: compare the names as written
-        return name
 
 
 # ---------------------------------------------------------------- the technique
@@ -173,8 +168,8 @@ def _spec(model: nn.Module) -> rt.RoutingSpec:
     return spec
 
 
-def load_result(config: Any, folder: Path, device: torch.device) -> nn.Module:
-    model = load_model(config.model, device, base_load_for(config, device))
+def attach(model: nn.Module, folder: Path) -> nn.Module:
+    """The saved routing (its experts and routers) attached to ``model`` in place."""
     setattr(model, SPEC_ATTRIBUTE, rt.load_routing(model, folder))
     return model
 
@@ -237,6 +232,17 @@ def evaluate(model: nn.Module, data: Any, pad_id: int, device: torch.device, max
     return {"routing": {"split": split, **routing_split(model, examples, data.tasks, pad_id, device)}}
 
 
+def figure_tables(figures: dict[str, Any]) -> list[FigureTable]:
+    """The router's mean gate per adapter over each task's tokens (rows: tasks, then all tokens)."""
+    routing = figures.get("routing")
+    if not routing:
+        return []
+    rows = [(group, *(f"{shares[name]:.3f}" for name in routing["adapters"]), str(routing["tokens"][group]))
+            for group, shares in routing["mean_gate"].items()]
+    return [FigureTable(f"router split ({routing['gating']} gating): mean gate per adapter over each task's tokens",
+                        ("task", *routing["adapters"], "tokens"), rows)]
+
+
 TECHNIQUE = Technique(
     name="adapter_routing",
     config_class=AdapterRoutingSettings,
@@ -245,8 +251,11 @@ TECHNIQUE = Technique(
     result_dir_name="adapter",
     default_learning_rate=1e-3,
     summary="a learned router over several named adapters (LoRA or bottleneck runs), per token, sequence or prompt",
-    load_result=load_result,
     refuses={"merge": MERGE_REFUSAL, "quantized_base": NOT_QUANTIZED, "score_head": NO_SCORE_HEAD},
     on_step=on_step,
     evaluate=evaluate,
+    adapter_types=(rt.ROUTING_TYPE,),
+    attach=attach,
+    card=TUNELAB_ADAPTER_CARD,
+    figure_tables=figure_tables,
 )

@@ -1,7 +1,7 @@
 """Attaching a saved adapter to a plain transformers model, without the training code: ``tunelab.load_adapter``.
 
-The folder's ``adapter_config.json`` says what it holds: ``type: tunelab-bottleneck`` (technique 'adapter'),
-``type: tunelab-routing`` (technique 'adapter_routing'), or a PEFT adapter (``peft_type``, e.g. LoRA).
+The folder's ``adapter_config.json`` says what it holds (tunelab's ``type`` or PEFT's ``peft_type``); the technique
+registry says which technique declares that type, and that technique's ``attach`` loads it.
 """
 
 from __future__ import annotations
@@ -13,18 +13,20 @@ from typing import Iterator
 from torch import nn
 
 from tunelab.errors import TechniqueError
+from tunelab.techniques import technique_for_adapter
 from tunelab.techniques import bottleneck as bn
 from tunelab.techniques import routing as rt
+from tunelab.techniques.base import ADAPTER_CONFIG, ADAPTER_DIR
 
 
 def adapter_dir(path: str | Path) -> Path:
     """``path`` itself when it holds adapter_config.json, else a run folder's ``adapter/``."""
     path = Path(path)
-    if (path / bn.CONFIG_NAME).is_file():
+    if (path / ADAPTER_CONFIG).is_file():
         return path
-    if (path / "adapter" / bn.CONFIG_NAME).is_file():
-        return path / "adapter"
-    raise TechniqueError(f"{path}: no {bn.CONFIG_NAME} here or in {path / 'adapter'}; give an adapter folder or a "
+    if (path / ADAPTER_DIR / ADAPTER_CONFIG).is_file():
+        return path / ADAPTER_DIR
+    raise TechniqueError(f"{path}: no {ADAPTER_CONFIG} here or in {path / ADAPTER_DIR}; give an adapter folder or a "
                          "finished run folder")
 
 
@@ -35,20 +37,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     Bottleneck and routing adapters are attached in place (``model`` itself is returned, its base weights
     untouched); a PEFT adapter comes back wrapped in a ``peft.PeftModel``."""
     folder = adapter_dir(path)
-    config = bn.read_config(folder)
-    kind = config.get("type")
-    if kind == bn.BOTTLENECK_TYPE:
-        bn.load_bottleneck(model, folder)
-        return model
-    if kind == rt.ROUTING_TYPE:
-        rt.load_routing(model, folder)
-        return model
-    if "peft_type" in config:
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(model, folder)
-    raise TechniqueError(f"{folder / bn.CONFIG_NAME}: unknown adapter type {kind!r}; expected {bn.BOTTLENECK_TYPE!r}, "
-                         f"{rt.ROUTING_TYPE!r} or a PEFT adapter")
+    return technique_for_adapter(folder).attach(model, folder)
 
 
 def set_adapters_enabled(model: nn.Module, enabled: bool) -> None:

@@ -8,7 +8,11 @@ A technique declares, in one place:
   docs' compatibility table;
 - its optimizer parameter groups (``param_groups``), an optional per-step hook (``on_step``), an optional loss
   term of its own (``penalty``) and any state that a checkpoint must keep beyond the weights (``state``);
-- how its result is saved, reloaded (``load_result``) and merged (``merge``).
+- how its result is saved, reloaded (``load_result``) and merged (``merge``);
+- how its result opens: which ``adapter_config.json`` types it writes (``adapter_types``) and the loader that
+  attaches such a folder to a plain base model (``attach``), so one function opens any result folder;
+- whether its result can share a mixed-adapter batch in ``tunelab serve`` (``mixed_batch``);
+- what its model card shows (``card``) and how the console shows its own eval figures (``figure_tables``).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import inspect
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -37,6 +42,12 @@ FEATURES: dict[str, str] = {
     "score_head": "score head",  # objectives that train a sequence-classification / scalar head (reward, ...)
 }
 OBJECTIVE_PREFIX = "objective:"
+
+# The two result folders a run can end with: an adapter for its base, or a standalone transformers model.
+ADAPTER_DIR = "adapter"
+MODEL_DIR = "model"
+RESULT_DIRS = (ADAPTER_DIR, MODEL_DIR)
+ADAPTER_CONFIG = "adapter_config.json"  # every adapter folder's description (PEFT's file name, kept by tunelab's own)
 
 # Reasons shared by several techniques.
 STANDALONE = "nothing to merge: the result in model/ is already a standalone transformers model"
@@ -92,6 +103,47 @@ class MergeResult:
 
 
 @dataclass(frozen=True)
+class CardUsage:
+    """What a result's model card says about loading it without tunelab: the Hub's ``library_name`` and a Python
+    snippet, in which ``{folder}`` stands for the result folder's name."""
+
+    library: str
+    load: str
+
+
+PLAIN_MODEL_CARD = CardUsage("transformers", "from transformers import AutoModelForCausalLM\n"
+                                             "model = AutoModelForCausalLM.from_pretrained('{folder}')")
+PEFT_ADAPTER_CARD = CardUsage("peft", "from peft import AutoPeftModelForCausalLM\n"
+                                      "model = AutoPeftModelForCausalLM.from_pretrained('{folder}')  "
+                                      "# needs the base named in adapter_config.json")
+TUNELAB_ADAPTER_CARD = CardUsage("tunelab", "import tunelab\nfrom transformers import AutoModelForCausalLM\n"
+                                            "base = AutoModelForCausalLM.from_pretrained(BASE)  "
+                                            "# the base named in adapter_config.json\n"
+                                            "model = tunelab.load_adapter(base, '{folder}')")
+
+
+@dataclass(frozen=True)
+class FigureTable:
+    """One table of a technique's own eval figures, for the console: a title, column names and rows of text
+    (the first column is a label, the others are right-aligned figures)."""
+
+    title: str
+    columns: tuple[str, ...]
+    rows: list[tuple[str, ...]]
+
+
+# Why a result is served alone rather than in a batch shared with other adapters: PEFT runs several adapters
+# in one batch (``adapter_names``) for plain LoRA adapters only.
+ALONE_IN_SERVE = ("not a LoRA adapter: PEFT shares one batch between adapters (adapter_names) for LoRA adapters "
+                  "only, so this result is served alone")
+
+
+def served_alone(folder: Path) -> str | None:
+    """The default ``mixed_batch``: the result never shares a batch with other adapters."""
+    return ALONE_IN_SERVE
+
+
+@dataclass(frozen=True)
 class Technique:
     """One technique family.
 
@@ -125,6 +177,15 @@ class Technique:
       base weights change, or the adapter cannot be switched off), so a frozen copy of the base is made.
     - ``variant_label(settings)`` names the variant its settings choose ('dora'), or None for the plain technique;
       ``tunelab runs`` shows it beside the name.
+    - ``adapter_types``: the types its ``adapter_config.json`` carries (PEFT's ``peft_type``, or tunelab's own
+      ``type``); an adapter folder opens with the first registered technique that declares its type.
+    - ``attach(model, folder)`` puts the saved adapter of ``folder`` on ``model``, a plain transformers model of
+      its base, and returns the adapted model (default: PEFT's loader). ``load_result``'s default is the run's
+      base, loaded as the technique loads it, with ``attach``.
+    - ``mixed_batch(folder)`` says why the result in ``folder`` cannot share a batch with other adapters in
+      ``tunelab serve`` (it is then served alone), or None when it can.
+    - ``card`` says how the model card tells a reader to load the result without tunelab.
+    - ``figure_tables(figures)`` turns what ``evaluate`` returned into tables for the console.
     """
 
     name: str
@@ -146,11 +207,21 @@ class Technique:
     variant_names: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     variant_label: Callable[[Any], str | None] | None = None
     disabled_view: Callable[[nn.Module], AbstractContextManager[Any]] | None = None
+    adapter_types: tuple[str, ...] = ()
+    attach: Callable[[nn.Module, Path], nn.Module] | None = None
+    mixed_batch: Callable[[Path], str | None] = served_alone
+    card: CardUsage | None = None
+    figure_tables: Callable[[dict[str, Any]], list[FigureTable]] | None = None
 
     def __post_init__(self) -> None:
+        adapter = self.result_dir_name == ADAPTER_DIR
+        if self.attach is None and adapter:
+            object.__setattr__(self, "attach", attach_peft_adapter)
         if self.load_result is None:
-            loader = load_full_model if self.result_dir_name == "model" else load_peft_adapter
+            loader = partial(load_adapter_on_base, self.attach) if adapter else load_full_model
             object.__setattr__(self, "load_result", loader)
+        if self.card is None:
+            object.__setattr__(self, "card", PEFT_ADAPTER_CARD if adapter else PLAIN_MODEL_CARD)
         if self.param_groups is None:
             object.__setattr__(self, "param_groups", decay_param_groups)
         if self.merge is None and "merge" not in self.refuses:
@@ -207,14 +278,14 @@ def decay_param_groups(model: nn.Module, settings: Any, lr: float, weight_decay:
 
 def save_full_model(model: nn.Module, run_dir: Path) -> Path:
     """Save every weight as safetensors in ``run_dir/model`` so plain transformers can load it."""
-    out = run_dir / "model"
+    out = run_dir / MODEL_DIR
     model.save_pretrained(out, safe_serialization=True)
     return out
 
 
 def save_peft_adapter(model: nn.Module, run_dir: Path) -> Path:
     """Save a PEFT model's adapter (adapter_config.json + adapter_model.safetensors) in ``run_dir/adapter``."""
-    out = run_dir / "adapter"
+    out = run_dir / ADAPTER_DIR
     model.save_pretrained(out, safe_serialization=True)
     return out
 
@@ -225,15 +296,24 @@ def load_full_model(config: Any, folder: Path, device: torch.device) -> nn.Modul
     return model.to(device)
 
 
-def load_peft_adapter(config: Any, folder: Path, device: torch.device) -> nn.Module:
-    """An ``adapter/`` result: the run's base model (loaded as the technique loads it) with the saved adapter."""
+def attach_peft_adapter(model: nn.Module, folder: Path) -> nn.Module:
+    """A PEFT adapter folder on ``model``: a ``peft.PeftModel``."""
     from peft import PeftModel  # peft is imported when an adapter is used, not on every start
 
+    return PeftModel.from_pretrained(model, folder)
+
+
+def load_adapter_on_base(attach: Callable[[nn.Module, Path], nn.Module], config: Any, folder: Path,
+                         device: torch.device) -> nn.Module:
+    """An ``adapter/`` result: the run's base model (loaded as the technique loads it) with ``attach``."""
     base_load = base_load_for(config, device)
     base = load_model(config.model, device, base_load)
-    model = PeftModel.from_pretrained(base, folder)
+    model = attach(base, folder)
     placed = base_load.device_map is not None or base_load.quantization_config is not None  # placed while loading
     return model if placed else model.to(device)
+
+
+load_peft_adapter = partial(load_adapter_on_base, attach_peft_adapter)
 
 
 def base_load_for(config: Any, device: torch.device) -> BaseLoad:

@@ -30,9 +30,10 @@ import torch
 from torch import nn
 
 from tunelab.errors import TechniqueError
+from tunelab.techniques.base import ADAPTER_CONFIG
 
 ADAPTER_MARKER = "bottleneck_adapters"  # the attribute holding a site's adapters: in every adapter parameter name
-CONFIG_NAME = "adapter_config.json"
+CONFIG_NAME = ADAPTER_CONFIG
 WEIGHTS_NAME = "adapter_model.safetensors"
 BOTTLENECK_TYPE = "tunelab-bottleneck"
 FORMAT_VERSION = 1

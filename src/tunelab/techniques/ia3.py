@@ -55,6 +55,7 @@ TECHNIQUE = Technique(
     save=save_peft_adapter,
     disabled_view=peft_disabled_view,
     result_dir_name="adapter",
+    adapter_types=("IA3",),  # PEFT's peft_type
     default_learning_rate=3e-3,
     summary="learned scaling vectors on keys, values and feed-forward (tiny, mergeable)",
     refuses={"quantized_base": NOT_QUANTIZED},

@@ -43,6 +43,7 @@ TECHNIQUE = Technique(
     save=save_peft_adapter,
     disabled_view=peft_disabled_view,
     result_dir_name="adapter",
+    adapter_types=("LOHA",),  # PEFT's peft_type
     default_learning_rate=2e-4,
     summary="Hadamard product of two low-rank updates (higher rank per parameter, mergeable)",
     refuses={"quantized_base": NOT_QUANTIZED},

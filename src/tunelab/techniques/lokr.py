@@ -46,6 +46,7 @@ TECHNIQUE = Technique(
     save=save_peft_adapter,
     disabled_view=peft_disabled_view,
     result_dir_name="adapter",
+    adapter_types=("LOKR",),  # PEFT's peft_type
     default_learning_rate=2e-4,
     summary="Kronecker product adapters (very few parameters, mergeable)",
     refuses={"quantized_base": NOT_QUANTIZED},

@@ -19,6 +19,7 @@ adapter (adapter_config.json + adapter_model.safetensors) that loads with ``peft
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,7 +28,8 @@ from torch import nn
 
 from tunelab.errors import TechniqueError
 from tunelab.settings import Settings
-from tunelab.techniques.base import RunContext, Technique, decay_param_groups, peft_disabled_view, peft_task_type
+from tunelab.techniques.base import (ADAPTER_CONFIG, RunContext, Technique, decay_param_groups, peft_disabled_view,
+                                     peft_task_type)
 from tunelab.techniques.freeze import decoder_layers
 
 INITS = {"default": True, "gaussian": "gaussian", "pissa": "pissa_niter_16", "olora": "olora"}
@@ -234,6 +236,14 @@ def variant_label(settings: LoraOptions) -> str | None:
                                       (settings.init, settings.init in BASE_CHANGING_INITS),
                                       ("lora+", settings.loraplus_lr_ratio is not None)) if on]
     return ", ".join(chosen) or None
+DORA_ALONE = ("a DoRA adapter: PEFT refuses adapter_names (one batch shared by several adapters) when DoRA is "
+              "enabled, so it is served alone")
+
+
+def mixed_batch(folder: Path) -> str | None:
+    """LoRA adapters share one batch in ``tunelab serve`` (PEFT's adapter_names), DoRA ones cannot."""
+    config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    return DORA_ALONE if config.get("use_dora") else None
 
 
 TECHNIQUE = Technique(
@@ -249,4 +259,6 @@ TECHNIQUE = Technique(
     param_groups=loraplus_param_groups,
     variant_names=VARIANT_NAMES,
     variant_label=variant_label,
+    adapter_types=("LORA",),  # PEFT's peft_type
+    mixed_batch=mixed_batch,
 )

@@ -21,8 +21,8 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from tunelab.errors import TechniqueError
-from tunelab.techniques.base import (RunContext, Technique, load_peft_adapter, peft_disabled_view, peft_task_type,
-                                      save_peft_adapter)
+from tunelab.techniques.base import (RunContext, Technique, attach_peft_adapter, load_peft_adapter, peft_disabled_view,
+                                      peft_task_type, save_peft_adapter)
 from tunelab.techniques.lora import wrap
 from tunelab.techniques.prompt_learning import REFUSES, VirtualTokens, model_path
 
@@ -114,6 +114,13 @@ def load_result(config: Any, folder: Path, device: torch.device) -> nn.Module:
     return model
 
 
+def attach(model: nn.Module, folder: Path) -> nn.Module:
+    """The adapter folder alone, without its run's settings: a call without a task id gets the first task's prompt."""
+    peft_model = attach_peft_adapter(model, folder)
+    _use_default_task_when_none(peft_model, json.loads((folder / TASKS_FILE).read_text())["tasks"], 0)
+    return peft_model
+
+
 TECHNIQUE = Technique(
     name="multitask_prompt_tuning",
     config_class=MultitaskPromptTuningSettings,
@@ -121,8 +128,10 @@ TECHNIQUE = Technique(
     save=save,
     disabled_view=peft_disabled_view,
     result_dir_name="adapter",
+    adapter_types=("MULTITASK_PROMPT_TUNING",),  # PEFT's peft_type
     default_learning_rate=3e-2,
     summary="a soft prompt shared across tasks, modulated per task (needs a 'task' field; not mergeable, no packing)",
     refuses=REFUSES,
     load_result=load_result,
+    attach=attach,
 )

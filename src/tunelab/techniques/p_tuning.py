@@ -42,6 +42,7 @@ TECHNIQUE = Technique(
     save=save_peft_adapter,
     disabled_view=peft_disabled_view,
     result_dir_name="adapter",
+    adapter_types=("P_TUNING",),  # PEFT's peft_type
     default_learning_rate=1e-2,
     summary="virtual tokens produced by a small prompt encoder (not mergeable, no packing)",
     refuses=REFUSES,

@@ -40,6 +40,7 @@ TECHNIQUE = Technique(
     save=save_peft_adapter,
     disabled_view=peft_disabled_view,
     result_dir_name="adapter",
+    adapter_types=("PREFIX_TUNING",),  # PEFT's peft_type
     default_learning_rate=1e-2,
     summary="learned key/value prefixes at every attention layer (not mergeable, no packing)",
     refuses={**REFUSES, "gradient_checkpointing": "PEFT refuses it: the learned prefix is passed as a key/value cache, "

@@ -57,6 +57,7 @@ TECHNIQUE = Technique(
     save=save_peft_adapter,
     disabled_view=peft_disabled_view,
     result_dir_name="adapter",
+    adapter_types=("PROMPT_TUNING",),  # PEFT's peft_type
     default_learning_rate=3e-2,
     summary="a learned soft prompt of virtual token embeddings (fewest parameters; not mergeable, no packing)",
     refuses=REFUSES,

@@ -92,6 +92,14 @@ def merge(config: Any, folder: Path, device: torch.device) -> MergeResult:
                                "base weights carry the quantization error the adapter was trained against")
 
 
+QUANTIZED_ALONE = ("its base is loaded in 4/8-bit, and the adapters of one served batch share one base as it was "
+                   "loaded for the first run: served alone")
+
+
+def mixed_batch(folder: Path) -> str | None:
+    return QUANTIZED_ALONE
+
+
 TECHNIQUE = Technique(
     name="qlora",
     config_class=QloraSettings,
@@ -107,4 +115,6 @@ TECHNIQUE = Technique(
     variant_names={"qlora4": {"bits": 4}, "qlora8": {"bits": 8}, "qlora_4bit": {"bits": 4}, "qlora_8bit": {"bits": 8},
                    "qdora": {"use_dora": True}},
     variant_label=lambda settings: ", ".join(filter(None, [f"{settings.bits}-bit", lora.variant_label(settings)])),
+    adapter_types=("LORA",),  # PEFT's peft_type; a bare LORA folder opens as technique 'lora' (registered first)
+    mixed_batch=mixed_batch,
 )

@@ -46,6 +46,7 @@ TECHNIQUE = Technique(
     save=save_peft_adapter,
     disabled_view=peft_disabled_view,
     result_dir_name="adapter",
+    adapter_types=("VERA",),  # PEFT's peft_type
     default_learning_rate=4e-3,
     summary="shared random projections, per-layer scaling vectors (fewest parameters of the LoRA family, mergeable)",
     refuses={"quantized_base": NOT_QUANTIZED},

@@ -21,6 +21,7 @@ from tunelab.checkpoint import latest_checkpoint
 from tunelab.config import TunelabConfig, read_run_config
 from tunelab.errors import ConfigError
 from tunelab.runs import WRITER, read_json, read_metrics
+from tunelab.techniques.base import RESULT_DIRS
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def _nothing_to_lose(run_dir: Path) -> bool:
     status = (read_json(run_dir / "status.json") or {}).get("status")
     if status not in ("failed", "interrupted"):  # "starting"/"running" may be another process at work
         return False
-    has_result = (run_dir / "adapter").exists() or (run_dir / "model").exists()
+    has_result = any((run_dir / name).exists() for name in RESULT_DIRS)
     return not has_result and latest_checkpoint(run_dir / "checkpoints") is None
 
 

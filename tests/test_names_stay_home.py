@@ -1,0 +1,70 @@
+"""Nothing outside ``techniques/`` names a technique, and nothing outside ``objectives/`` names an objective: the
+rest of the code asks the registries (what a result is, how it opens, whether it mixes in serve, what its card
+and console show) instead of testing names.
+
+The check reads the source, not the running code: a string literal that is exactly a registered name (``== "full"``,
+``"lora"`` as a default, ``f"adapter{i}"``), or an import of a technique's or objective's own module, is a leak.
+Prose that merely mentions a name (a docstring, help text built from the registry) is not."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from tunelab.objectives import OBJECTIVES
+from tunelab.techniques import TECHNIQUES
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "tunelab"
+# registry -> (the package that owns the names, the names)
+OWNERS = {"technique": ("techniques", set(TECHNIQUES)), "objective": ("objectives", set(OBJECTIVES))}
+
+
+def name_leaks(source: str, owner: str, names: set[str]) -> list[tuple[int, str]]:
+    """(line, what) for every place in ``source`` that names one of ``names`` outside the ``owner`` package."""
+    leaks = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names:
+            leaks.append((node.lineno, repr(node.value)))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            base = [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            modules = base + [".".join(base + [alias.name]) for alias in node.names]
+            owned = [m for m in modules if _owned_module(m, owner, names)]
+            if owned:
+                leaks.append((node.lineno, f"import {owned[0]}"))
+    return sorted(leaks)
+
+
+def _owned_module(module: str, owner: str, names: set[str]) -> bool:
+    parts = module.split(".")
+    return parts[:2] == ["tunelab", owner] and len(parts) > 2 and parts[2] in names
+
+
+def test_the_scanner_sees_names_and_ignores_prose() -> None:
+    names = {"full", "lora"}
+    leaky = ('if technique.get("name") != "full":\n    pass\n'
+             'default = "lora"\n'
+             'key = f"lora{1}"\n'
+             "from tunelab.techniques import lora\n"
+             "from tunelab.techniques.full import prepare\n"
+             "import tunelab.techniques.lora\n")
+    assert [line for line, _ in name_leaks(leaky, "techniques", names)] == [1, 3, 4, 5, 6, 7]
+    prose = ('"""Techniques such as full or lora are listed by the registry."""\n'
+             'HELP = f"one of {\', \'.join(TECHNIQUES)}"\n'
+             'note = "a full fine-tune"\n'
+             "from tunelab.techniques import TECHNIQUES, base\n")
+    assert name_leaks(prose, "techniques", names) == []
+
+
+@pytest.mark.parametrize("kind", OWNERS)
+def test_no_name_outside_its_package(kind: str) -> None:
+    owner, names = OWNERS[kind]
+    found = []
+    for path in sorted(SRC.rglob("*.py")):
+        relative = path.relative_to(SRC)
+        if relative.parts[0] == owner:
+            continue
+        found += [f"src/tunelab/{relative}:{line}: {what}" for line, what in name_leaks(path.read_text(), owner, names)]
+    assert not found, (f"these name a {kind} outside {owner}/; ask the registry for what the {kind} declares "
+                       "instead:\n" + "\n".join(found))
