@@ -3,6 +3,7 @@ no pickle is ever executed from a checkpoint, and the trainer's rotation keeps t
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import pickle
@@ -101,6 +102,53 @@ def test_a_planted_pickle_in_a_checkpoint_is_refused_and_runs_nothing(tmp_path: 
     with pytest.raises(pickle.UnpicklingError):
         ckpt.load_checkpoint(path, model, optimizer, scheduler)
     assert not evidence.exists(), "loading a checkpoint must never run code from it"
+
+
+def test_a_planted_pickle_in_the_rng_file_is_refused_on_the_per_rank_path(tmp_path: Path) -> None:
+    """The multi-process resume reads rng.pt again for each rank's own stream: through the same loader."""
+    path = _save(tmp_path / "checkpoints", 1, "m")
+    assert "torch" in ckpt.load_rng(path)  # control: the real file loads
+    evidence = tmp_path / "pwned"
+    torch.save({"torch": _Planted(evidence)}, path / "rng.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        ckpt.load_rng(path)
+    assert not evidence.exists()
+
+
+def _unpickling_calls(tree: ast.Module) -> list[tuple[str, int]]:
+    """(enclosing function, line) of every torch.load / pickle.load(s) / torch.serialization.load call, and of any
+    import of those names (a bare ``load(...)`` after ``from torch import load`` would dodge the first check)."""
+    found: list[tuple[str, int]] = []
+    scopes: list[str] = []
+
+    class Visitor(ast.NodeVisitor):
+        def visit_FunctionDef(self, node: ast.FunctionDef) -> None:
+            scopes.append(node.name)
+            self.generic_visit(node)
+            scopes.pop()
+
+        visit_AsyncFunctionDef = visit_FunctionDef  # type: ignore[assignment]
+
+        def visit_Call(self, node: ast.Call) -> None:
+            name = ast.unparse(node.func)
+            if name in {"torch.load", "torch.serialization.load", "pickle.load", "pickle.loads", "dill.load"}:
+                found.append((scopes[-1] if scopes else "<module>", node.lineno))
+            self.generic_visit(node)
+
+        def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
+            if node.module in {"torch", "torch.serialization", "pickle"} and any(a.name in {"load", "loads"} for a in node.names):
+                found.append((f"import from {node.module}", node.lineno))
+
+    Visitor().visit(tree)
+    return found
+
+
+def test_every_unpickling_load_in_the_source_is_the_checkpoint_loader() -> None:
+    """One function reads every torch file (the one the planted-pickle tests cover); a second path fails here."""
+    source = Path(ckpt.__file__).resolve().parent
+    calls = {(str(file.relative_to(source)), *call) for file in sorted(source.rglob("*.py"))
+             for call in _unpickling_calls(ast.parse(file.read_text(), str(file)))}
+    assert [(file, function) for file, function, _ in calls] == [("checkpoint.py", "load_torch_file")], calls
 
 
 def test_the_trainers_rotation_keeps_the_best_checkpoint(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

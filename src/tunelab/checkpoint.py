@@ -3,8 +3,9 @@
 A checkpoint is a folder ``checkpoints/step-000010/`` holding:
 - ``trainable.safetensors``: every parameter with ``requires_grad`` (the whole model for full fine-tuning,
   only the adapter for LoRA), by its parameter name;
-- ``optimizer.pt`` / ``scheduler.pt`` / ``rng.pt``: torch state dicts, read back with ``weights_only=True``
-  (plain tensors and numbers, never arbitrary pickle);
+- ``optimizer.pt`` / ``scheduler.pt`` / ``rng.pt``: torch state dicts, read back by ``load_torch_file`` with
+  ``weights_only=True`` (plain tensors and numbers, never arbitrary pickle): it is the project's only
+  ``torch.load``, which tests/test_checkpoint.py checks over the whole source;
 - ``state.json``: the loop's counters (step, best validation loss, skipped steps, ...);
 - ``technique.safetensors``: only for a technique that keeps state beyond its weights (AdaLoRA's sensitivity
   statistics), its tensors, with its other state as JSON in the file's metadata;
@@ -130,11 +131,22 @@ def load_technique_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str,
     return load_file(str(file)), extras
 
 
+def load_torch_file(file: Path) -> Any:
+    """A checkpoint's ``.pt`` file as plain tensors and numbers. Every load of one goes through here: a planted
+    pickle raises ``pickle.UnpicklingError`` and runs nothing."""
+    return torch.load(file, weights_only=True)
+
+
+def load_rng(path: Path) -> dict[str, Any]:
+    """A checkpoint's saved random streams (rng.pt): the main process's, with each rank's under ``ranks``."""
+    return load_torch_file(path / "rng.pt")
+
+
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
     load_trainable(path, model)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    restore_rng(torch.load(path / "rng.pt", weights_only=True))
+    optimizer.load_state_dict(load_torch_file(path / "optimizer.pt"))
+    scheduler.load_state_dict(load_torch_file(path / "scheduler.pt"))
+    restore_rng(load_rng(path))
     return read_state(path)
 
 

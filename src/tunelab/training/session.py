@@ -231,7 +231,7 @@ def _resume_from_checkpoint(ctx: TrainingContext) -> LoopState:
     if saved_technique_state is not None and ctx.technique.state is not None:
         ctx.technique.state.load(ctx.accelerator.unwrap_model(ctx.model), *saved_technique_state)
     if ctx.accelerator.num_processes > 1:  # load_checkpoint restored the main's RNG; each rank gets its own
-        saved = torch.load(latest / "rng.pt", weights_only=True)
+        saved = ckpt.load_rng(latest)
         ckpt.restore_rng(distributed.rank_rng_state(saved, ctx.accelerator.process_index))
     state.history.append(f"resumed from {latest.name}")
     if state.step > ctx.plan.total_steps:
