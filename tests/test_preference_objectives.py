@@ -143,11 +143,21 @@ def _no_reference(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
 
 @pytest.mark.parametrize("name", ["orpo", "simpo"])
-def test_orpo_and_simpo_load_no_reference(tiny_model_dir: Path, tiny_tokenizer: Any, name: str) -> None:
+def test_orpo_and_simpo_load_no_reference(tiny_model_dir: Path, tiny_tokenizer: Any, name: str,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
     from support.tiny import fresh_model
 
+    from tunelab.objectives import reference as reference_module
+
+    copies = []
+    monkeypatch.setattr(reference_module, "frozen_reference", lambda model: copies.append(model) or model)
     objective = OBJECTIVES[name]
-    assert not objective.needs_reference
+    # with `full` (no disabled view) a reference would be a frozen copy: none is made, and none is set up
+    assert reference_module.live_reference(objective, objective.config_class(), None, fresh_model(tiny_model_dir)) is None
+    assert copies == []
+    dpo = OBJECTIVES["dpo"]  # control: dpo with `full` does make the copy
+    assert reference_module.live_reference(dpo, dpo.config_class(), None, fresh_model(tiny_model_dir)) is not None
+    assert len(copies) == 1
     batch = collate_pairs([[p] for p in toy_pairs(tiny_tokenizer, n=4)], tiny_tokenizer.pad_token_id)
     result = objective.bind(objective.config_class(), _no_reference).loss_sum(fresh_model(tiny_model_dir), batch)
     assert torch.isfinite(result.loss_sum) and result.num_units == 4

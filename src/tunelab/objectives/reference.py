@@ -59,3 +59,13 @@ def reference_view(disabled_view: Callable[[nn.Module], AbstractContextManager[A
         finally:
             model.train(was_training)
     return adapter_off
+
+
+def live_reference(objective: Any, settings: Any, disabled_view: Callable[[nn.Module], AbstractContextManager[Any]] | None,
+                   model: nn.Module) -> Reference | None:
+    """The reference a run scores with at every step, set up before the technique changes ``model``: None when the
+    objective needs none (orpo, simpo, sft...) or reads precomputed log-probs; else the technique's disabled view,
+    or a frozen copy of ``model`` made now when the technique has no such view."""
+    if not objective.needs_reference or getattr(settings, "reference", "live") != "live":
+        return None
+    return reference_view(disabled_view, frozen_reference(model) if disabled_view is None else None)

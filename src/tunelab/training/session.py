@@ -29,7 +29,7 @@ from tunelab.eval.before_after import base_evaluation, compare_with_base, forget
 from tunelab.eval.training import OverfittingSignal
 from tunelab.generation import sample_prompts
 from tunelab.models import cache_root, default_device, load_model, load_tokenizer, model_skeleton
-from tunelab.objectives.reference import frozen_reference, reference_view, same_model
+from tunelab.objectives.reference import live_reference, same_model
 from tunelab.precision import keep_trainable_in_float32, training_precision
 from tunelab.fs import read_json, write_entry_json
 from tunelab.schedule import make_scheduler
@@ -99,10 +99,11 @@ def _train_in(config: TunelabConfig, run_dir: Path, resume: bool, progress: bool
             # changes nothing. One writer: two processes renaming the same temporary file race (one finds it gone).
             fs.write_entry_text(run_dir, "config.yaml", config.to_yaml())
         _write_status(ctx, "running", state)
-        phase, tokens_before = "loop", state.tokens_seen
+        phase, tokens_before, steps_before = "loop", state.tokens_seen, state.step
         with ctx.info.phase("training"):
             status = run_loop(ctx, state)
         ctx.info.figures["training_tokens_this_session"] = state.tokens_seen - tokens_before
+        _record_step_time(ctx, state.step - steps_before)
         if status == "interrupted":
             _write_status(ctx, status, state)
             _finish_tracking(ctx, state, status)
@@ -166,11 +167,10 @@ def _set_up(ctx: TrainingContext, resume: bool) -> tuple[LoopState, dict[str, An
                 config.eval.batch_size, ctx.device, run_dir, ctx.is_main).values()
     ctx.plan = make_plan(config, ctx.data, ctx.accelerator.process_index, ctx.accelerator.num_processes)
     set_seed(config.training.seed)  # the technique's initialisation does not depend on whether base eval ran
-    live = ctx.objective_kind.needs_reference and getattr(config.objective, "reference", "live") == "live"
-    frozen = frozen_reference(ctx.model) if live and ctx.technique.disabled_view is None else None
+    reference = live_reference(ctx.objective_kind, config.objective, ctx.technique.disabled_view, ctx.model)
     ctx.model = ctx.technique.apply(ctx.model, config.technique, RunContext(
         total_steps=ctx.plan.total_steps, tasks=tuple(ctx.data.tasks), task_type=ctx.objective_kind.task_type))
-    ctx.objective = ctx.objective_kind.bind(config.objective, reference_view(ctx.technique.disabled_view, frozen))
+    ctx.objective = ctx.objective_kind.bind(config.objective, reference)
     if keep_trainable_in_float32(ctx.model):  # mixed precision: float32 master weights, half-precision autocast
         log.info("trainable weights kept in float32; autocast computes in %s", ctx.precision.load_dtype)
     trainable, total = count_parameters(ctx.model)
@@ -288,6 +288,14 @@ def _save_result(ctx: TrainingContext) -> Path:
     with fs.new_entry_folder(ctx.run_dir, "tokenizer") as tmp:
         ctx.tokenizer.save_pretrained(tmp)
     return ctx.run_dir / name
+
+
+def _record_step_time(ctx: TrainingContext, steps: int) -> None:
+    """run_info.json: the objective, its units, and the wall time per optimizer step of this session's training
+    (evaluations during training included), beside the peak memory run_info records for every run."""
+    ctx.info.figures.update(objective=ctx.config.objective.name, objective_units=ctx.objective_kind.units)
+    if steps:
+        ctx.info.figures["seconds_per_step"] = round(ctx.info.phases.get("training", 0.0) / steps, 4)
 
 
 def _write_status(ctx: TrainingContext, status: str, state: LoopState, error: str | None = None) -> None:
