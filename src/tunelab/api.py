@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.config import TunelabConfig, build_config, load_config
-from tunelab.data import DataError, load_file, prepare_data, tokenize_example
+from tunelab.data import DataError, load_file, prepare_data
+from tunelab.data.prepare import tokenized_sides
 from tunelab.data.report import mask_segments
 from tunelab.errors import ConfigError
 from tunelab.eval.runner import EvalSettings
@@ -90,9 +91,8 @@ def _tokenized_records(data_config: Any, tokenizer: Any, index: int, count: int)
     if index >= len(records):
         raise DataError(f"--index {index}: the data has {len(records)} records, so the index goes from 0 to "
                         f"{len(records) - 1}")
-    return [{"source": e.source,
-             "segments": mask_segments(tokenizer, tokenize_example(tokenizer, e, data_config.train_on_prompt))}
-            for e in records[index:index + count]]
+    return [{"source": f"{e.source} ({name})" if name else e.source, "segments": mask_segments(tokenizer, tokens)}
+            for e in records[index:index + count] for name, tokens in tokenized_sides(e, tokenizer, data_config)]
 
 
 QUICKSTART_DIR = "runs/quickstart"

@@ -129,11 +129,12 @@ def print_data_report(report: dict[str, Any]) -> None:
         if lengths:
             table.add_row(f"{split} tokens p50/p90/p99/max",
                           f"{lengths['p50']:.0f} / {lengths['p90']:.0f} / {lengths['p99']:.0f} / {lengths['max']:.0f}")
-        if stats["examples"]:  # an empty split has no share to show (0.0% would read as a masking bug)
+        if stats["examples"] and not report.get("classes"):  # no share to show (0.0% would read as a masking bug)
             table.add_row(f"{split} supervised share", f"{stats['supervised_share']:.1%}")
     for name, counts in (report.get("tasks") or {}).items():
         table.add_row(f"task {name}", f"{counts['train']} train / {counts['validation']} validation")
     table.add_row("truncation rate", f"{report['truncation_rate']:.1%}")
+    _record_rows(table, report)
     console.print(table)
     for change in report["tokenizer_changes"]:
         console.print(Text.assemble(("tokenizer change: ", "yellow"), change))
@@ -141,6 +142,24 @@ def print_data_report(report: dict[str, Any]) -> None:
         console.print(Text.assemble(("warning: ", "yellow"), warning))
     for example in report.get("examples") or ([report["example"]] if report.get("example") else []):
         print_supervised_example(example)
+
+
+def _record_rows(table: Table, report: dict[str, Any]) -> None:
+    """The counts of preference pairs, unpaired completions or labeled texts (none for SFT data)."""
+    sides = report.get("pairs") or report.get("unpaired")
+    if sides:
+        if "chosen_equals_rejected" in sides:
+            table.add_row("pairs with chosen = rejected", str(sides["chosen_equals_rejected"]))
+        table.add_row("empty sides", ", ".join(f"{k}: {v}" for k, v in sides["empty_sides"].items()))
+        for side, lengths in sides["tokens"].items():
+            if lengths:
+                table.add_row(f"{side} tokens p50/p90/max", f"{lengths['p50']:.0f} / {lengths['p90']:.0f} / {lengths['max']:.0f}")
+        table.add_row("truncated", f"{sides['truncated']} ({sides['truncation']})")
+    classes = report.get("classes")
+    if classes:
+        for name in classes["names"]:
+            train, validation = classes["train"][name], classes["validation"][name]
+            table.add_row(f"class {name}", f"{train['count']} train ({train['share']:.0%}) / {validation['count']} validation")
 
 
 def print_supervised_example(example: dict[str, Any]) -> None:

@@ -20,12 +20,16 @@ class DataConfig(Settings):
         default_factory=list,
         description="Explicit validation file(s). When empty, a seeded split of `val_size` is taken from `train`.",
     )
-    format: Literal["auto", "messages", "alpaca", "prompt_completion", "text"] = Field(
+    format: Literal["auto", "messages", "alpaca", "prompt_completion", "text", "preference", "unpaired_preference",
+                    "labeled"] = Field(
         "auto",
         description="Record shape. 'messages': OpenAI chat {messages: [{role, content, weight?}]}, where an assistant "
         "turn with weight 0 is context only (no loss); 'alpaca': "
         "{instruction, input?, output, system?}; 'prompt_completion': {prompt, completion}; 'text': {text} for "
-        "continued pre-training. 'auto' detects it from the first record and checks every record against it. Any "
+        "continued pre-training; 'preference': {prompt, chosen, rejected} pairs; 'unpaired_preference': {prompt, "
+        "completion, label: true|false}; 'labeled': {text, label} or {messages, label} for classification. A pair's "
+        "prompt may be a list of messages, its answers then lists holding one assistant message (TRL's "
+        "conversational format). 'auto' detects it from the first record and checks every record against it. Any "
         "format may add a 'task' name (multi-task data: counted per task, validation split stratified by task).",
     )
     val_size: float = Field(
@@ -62,7 +66,7 @@ class DataConfig(Settings):
         default_factory=dict,
         description="Rename keys (JSON) or columns (CSV, Parquet) of the data files to the canonical ones, as "
         "{file name: canonical name}, e.g. {question: prompt, response: completion}. Canonical names: "
-        "messages, instruction, input, output, system, prompt, completion, text, task.",
+        "messages, instruction, input, output, system, prompt, completion, text, task, chosen, rejected, label.",
     )
     dedup: bool = Field(True, description="Drop exact duplicate records and train records that also appear in "
                         "validation. When off, such overlap is kept but still counted and warned about.")

@@ -1,8 +1,12 @@
-"""Reading data files and checking every record against one of the four formats.
+"""Reading data files and checking every record against one of the formats.
 
 Files are read through ``datasets`` (JSONL, JSON, CSV, Parquet). When a read fails, or a record has the wrong
 shape, the error names the file, the line (or row) and the expected shapes, instead of an opaque Arrow error.
-Every record becomes an :class:`Example`: either a chat (``messages``) or a prompt/completion pair of plain text.
+Every record becomes an :class:`Example`: either a chat (``messages``) or a prompt/completion pair of plain text
+(the four SFT formats); a preference pair (a prompt, a chosen and a rejected answer); an unpaired completion with a
+desirable/undesirable label; or a text (or chat) with a class label. The prompt of a pair or an unpaired
+completion is a string, or a list of messages as in TRL's conversational format, whose answers are then lists
+holding the one assistant turn.
 """
 
 from __future__ import annotations
@@ -15,13 +19,19 @@ from typing import Any, Iterator
 
 from tunelab.errors import DataError as DataError  # defined in tunelab.errors; importable from here too
 
-FORMATS = ("messages", "alpaca", "prompt_completion", "text")
+FORMATS = ("messages", "alpaca", "prompt_completion", "text", "preference", "unpaired_preference", "labeled")
+# The record kinds a run trains on: one per run (a file of pairs cannot be mixed with chats).
+SFT_FORMATS = ("messages", "alpaca", "prompt_completion", "text")
 ROLES = ("system", "user", "assistant")
 EXPECTED_SHAPES = (
     "messages: {\"messages\": [{\"role\": \"system\"|\"user\"|\"assistant\", \"content\": str, \"weight\"?: 0|1}, ...]}; "
     "alpaca: {\"instruction\": str, \"input\"?: str, \"output\": str, \"system\"?: str}; "
     "prompt_completion: {\"prompt\": str, \"completion\": str}; "
     "text: {\"text\": str}; "
+    "preference: {\"prompt\": str, \"chosen\": str, \"rejected\": str} (or prompt: [messages], chosen/rejected: "
+    "[{\"role\": \"assistant\", \"content\": str}]); "
+    "unpaired_preference: {\"prompt\", \"completion\", \"label\": true|false} (strings or messages, as preference); "
+    "labeled: {\"text\": str, \"label\": str|int} (or \"messages\" plus \"label\"); "
     "any format may add \"task\": str (multi-task data)"
 )
 SUFFIX_TO_BUILDER = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -43,6 +53,11 @@ class Example:
     completion: str = ""
     untrained_turns: tuple[int, ...] = ()  # indices of assistant messages with OpenAI's "weight": 0 (context only)
     task: str | None = None  # the optional "task" field of multi-task data (any format); None: no task given
+    # Preference pairs: the prompt is ``prompt`` or, conversational, ``messages`` (ending before the answer);
+    # ``chosen``/``rejected`` are the answers' text. Unpaired preference: the answer is ``completion``.
+    chosen: str = ""
+    rejected: str = ""
+    label: str | bool | None = None  # unpaired preference: desirable (True) or not; labeled: the class name
 
     @property
     def has_empty_response(self) -> bool:
@@ -50,13 +65,15 @@ class Example:
         if self.messages:
             return any(role == "assistant" and not content.strip() and i not in self.untrained_turns
                        for i, (role, content) in enumerate(self.messages))  # a weight-0 turn is only context
-        return self.format == "prompt_completion" and not self.completion.strip()
+        if self.format == "preference":
+            return not self.chosen.strip() or not self.rejected.strip()
+        return self.format in ("prompt_completion", "unpaired_preference") and not self.completion.strip()
 
     def key(self) -> str:
         """Identity for de-duplication and train/validation overlap (format and content, not the source)."""
         # The task is part of the identity: the same text under two tasks is two examples, not a duplicate.
-        return json.dumps([self.format, self.messages, self.prompt, self.completion, self.untrained_turns, self.task],
-                          ensure_ascii=False)
+        return json.dumps([self.format, self.messages, self.prompt, self.completion, self.untrained_turns, self.task,
+                           self.chosen, self.rejected, self.label], ensure_ascii=False)
 
 
 @dataclass
@@ -216,9 +233,11 @@ def read_records(path: Path) -> tuple[list[dict[str, Any]], list[int] | None]:
 # The keys each format needs, for naming what is missing when a record fits none (optional keys left out).
 REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
     "messages": ("messages",), "alpaca": ("instruction", "output"), "prompt_completion": ("prompt", "completion"),
-    "text": ("text",),
+    "text": ("text",), "preference": ("prompt", "chosen", "rejected"),
+    "unpaired_preference": ("prompt", "completion", "label"), "labeled": ("text", "label"),
 }
-CANONICAL_KEYS = ("messages", "instruction", "input", "output", "system", "prompt", "completion", "text", "task")
+CANONICAL_KEYS = ("messages", "instruction", "input", "output", "system", "prompt", "completion", "text", "task",
+                  "chosen", "rejected", "label")
 
 
 def _present_keys(record: dict[str, Any]) -> set[str]:
@@ -276,6 +295,12 @@ def _check_mapped_columns(path: Path, records: list[dict[str, Any]], columns: di
 
 def detect_format(record: dict[str, Any]) -> str | None:
     keys = _present_keys(record)
+    if {"prompt", "chosen", "rejected"} <= keys:
+        return "preference"
+    if {"prompt", "completion", "label"} <= keys:
+        return "unpaired_preference"
+    if "label" in keys and keys & {"text", "messages"}:
+        return "labeled"
     if "messages" in keys:
         return "messages"
     if {"instruction", "output"} <= keys:
@@ -297,27 +322,28 @@ def _require_str(record: dict[str, Any], key: str, where: str, fmt: str, optiona
     return value
 
 
-def _messages(record: dict[str, Any], where: str) -> tuple[tuple[tuple[str, str], ...], tuple[int, ...]]:
+def _messages(record: dict[str, Any], where: str, need_assistant: bool = True,
+              key: str = "messages") -> tuple[tuple[tuple[str, str], ...], tuple[int, ...]]:
     """The (role, content) turns, and the indices of assistant turns with "weight": 0 (OpenAI's fine-tuning
     format: such a turn is context for later turns but takes no loss)."""
-    raw = record.get("messages")
+    raw = record.get(key)
     if not isinstance(raw, list) or not raw:
-        raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+        raise DataError(f"{where}: '{key}' must be a non-empty list of {{role, content}} objects")
     turns, untrained = [], []
     for i, message in enumerate(raw):
         if not isinstance(message, dict):
-            raise DataError(f"{where}: messages[{i}] is a {type(message).__name__}; expected {{\"role\", \"content\"}}")
+            raise DataError(f"{where}: {key}[{i}] is a {type(message).__name__}; expected {{\"role\", \"content\"}}")
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
-            raise DataError(f"{where}: messages[{i}].role is {role!r}; expected one of {', '.join(ROLES)}")
+            raise DataError(f"{where}: {key}[{i}].role is {role!r}; expected one of {', '.join(ROLES)}")
         if not isinstance(content, str):
-            raise DataError(f"{where}: messages[{i}].content is {type(content).__name__}; expected a string")
+            raise DataError(f"{where}: {key}[{i}].content is {type(content).__name__}; expected a string")
         if role == "system" and i != 0:
-            raise DataError(f"{where}: messages[{i}] is a system message; only the first message may be one")
-        if _untrained(message, role, f"{where}: messages[{i}]"):
+            raise DataError(f"{where}: {key}[{i}] is a system message; only the first message may be one")
+        if _untrained(message, role, f"{where}: {key}[{i}]"):
             untrained.append(i)
         turns.append((role, content))
-    if not any(role == "assistant" for role, _ in turns):
+    if need_assistant and not any(role == "assistant" for role, _ in turns):
         raise DataError(f"{where}: no assistant message, so there is nothing to learn from this record")
     return tuple(turns), tuple(untrained)
 
@@ -372,7 +398,83 @@ def _content(record: dict[str, Any], fmt: str, where: str) -> Example:
     if fmt == "prompt_completion":
         return Example(fmt, where, prompt=_require_str(record, "prompt", where, fmt),
                        completion=_require_str(record, "completion", where, fmt))
+    if fmt == "preference":
+        prompt, turns = _prompt(record, where)
+        conversational = bool(turns)
+        return Example(fmt, where, messages=turns, prompt=prompt,
+                       chosen=_answer(record, "chosen", where, conversational),
+                       rejected=_answer(record, "rejected", where, conversational))
+    if fmt == "unpaired_preference":
+        prompt, turns = _prompt(record, where)
+        return Example(fmt, where, messages=turns, prompt=prompt,
+                       completion=_answer(record, "completion", where, bool(turns)), label=_desirable(record, where))
+    if fmt == "labeled":
+        label = _class_label(record, where)
+        if record.get("messages") is not None:
+            turns, _ = _messages(record, where, need_assistant=False)
+            return Example(fmt, where, messages=turns, label=label)
+        return Example(fmt, where, prompt=_require_str(record, "text", where, fmt), label=label)
     return Example(fmt, where, completion=_require_str(record, "text", where, fmt))
+
+
+def _prompt(record: dict[str, Any], where: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """A pair's prompt: a string, or (TRL's conversational format) the messages before the answer."""
+    prompt = record.get("prompt")
+    if isinstance(prompt, str):
+        return prompt, ()
+    if isinstance(prompt, list):
+        turns, _ = _messages({"prompt": prompt}, where, need_assistant=False, key="prompt")
+        if turns[-1][0] == "assistant":
+            raise DataError(f"{where}: the prompt's last message is an assistant turn; it should end with the user's "
+                            "turn (the answers are in 'chosen'/'rejected' or 'completion')")
+        return "", turns
+    got = "missing" if prompt is None else f"a {type(prompt).__name__}"
+    raise DataError(f"{where}: 'prompt' is {got}; expected a string or a list of {{role, content}} messages. "
+                    f"Expected shapes: {EXPECTED_SHAPES}")
+
+
+def _answer(record: dict[str, Any], key: str, where: str, conversational: bool) -> str:
+    """An answer's text: a string after a string prompt, a list holding one assistant message after a message list
+    (TRL's conversational format)."""
+    value = record.get(key)
+    if not conversational:
+        if not isinstance(value, str):
+            got = "missing" if value is None else f"a {type(value).__name__}"
+            raise DataError(f"{where}: '{key}' is {got}; after a string prompt it must be a string")
+        return value
+    shape = '[{"role": "assistant", "content": str}]'
+    if not (isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict)):
+        raise DataError(f"{where}: '{key}' must be a list with one assistant message, {shape}, after a prompt of "
+                        f"messages; got {json.dumps(value, ensure_ascii=False)[:80]}")
+    role, content = value[0].get("role"), value[0].get("content")
+    if role != "assistant" or not isinstance(content, str):
+        raise DataError(f"{where}: {key}[0] must be an assistant message with string content, {shape}; got role "
+                        f"{role!r} and content of type {type(content).__name__}")
+    return content
+
+
+BOOLEAN_TEXT = {"true": True, "false": False, "1": True, "0": False}  # CSV cells are text: how a boolean reads there
+
+
+def _desirable(record: dict[str, Any], where: str) -> bool:
+    label = record.get("label")
+    if isinstance(label, bool):
+        return label
+    if isinstance(label, str) and label.strip().lower() in BOOLEAN_TEXT:
+        return BOOLEAN_TEXT[label.strip().lower()]
+    raise DataError(f"{where}: 'label' is {label!r}; an unpaired completion's label says whether it is desirable: "
+                    "true or false")
+
+
+def _class_label(record: dict[str, Any], where: str) -> str:
+    """A class label as its name: a string, or an integer (kept as its decimal text, so '2' sorts before '10')."""
+    label = record.get("label")
+    if isinstance(label, int) and not isinstance(label, bool):
+        return str(label)
+    if isinstance(label, str) and label.strip():
+        return label
+    got = "blank" if isinstance(label, str) else f"{label!r}"
+    raise DataError(f"{where}: 'label' is {got}; expected a class name (a non-empty string) or an integer class")
 
 
 def load_file(path: str | Path, fmt: str = "auto", columns: dict[str, str] | None = None) -> LoadedFile:

@@ -17,8 +17,10 @@ from transformers import PreTrainedTokenizerBase
 
 from tunelab import fs
 from tunelab.data.config import DataConfig
-from tunelab.data.formats import DataError, Example, LoadedFile, load_file as load_data_file
-from tunelab.data.report import build_report, empty_response_summary, empty_response_warning
+from tunelab.data import labels as labeled, preference
+from tunelab.data.formats import SFT_FORMATS, DataError, Example, LoadedFile, load_file as load_data_file
+from tunelab.data.report import (build_record_report, build_report, empty_response_summary, empty_response_warning,
+                                 pair_counts, unpaired_counts)
 from tunelab.data.tokenize import TokenizedExample, apply_length_policy, prepare_tokenizer, tokenize_example
 from tunelab.errors import ConfigError
 
@@ -29,8 +31,9 @@ CACHE_VERSION = "5"  # bump when tokenization, masking or the report's keys chan
 
 @dataclass
 class PreparedData:
-    train: list[TokenizedExample]
-    validation: list[TokenizedExample]
+    # TokenizedExample for SFT data; TokenizedPair, TokenizedCompletion or TokenizedLabeled for the other kinds
+    train: list[Any]
+    validation: list[Any]
     validation_examples: list[Example]  # the raw validation records, for sample generations
     report: dict[str, Any]
     from_cache: bool = False
@@ -39,6 +42,16 @@ class PreparedData:
     def tasks(self) -> list[str]:
         """Task names of multi-task data, sorted; an example's ``task_id`` indexes this list. Empty: no tasks."""
         return list(self.report.get("tasks") or {})
+
+    @property
+    def records(self) -> str:
+        """What the records are: 'sft' (chats, prompt/completion, text) or the format of the others."""
+        return self.report.get("records", "sft")
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names of labeled data, in label-id order (empty for other data)."""
+        return list((self.report.get("classes") or {}).get("names", []))
 
 
 def file_sha256(path: Path) -> str:
@@ -249,8 +262,27 @@ def prompt_completion_mode(config: DataConfig, tokenizer: PreTrainedTokenizerBas
 
 
 def as_chat(example: Example) -> Example:
-    """A prompt/completion pair as a two-turn conversation; the format stays prompt_completion in reports."""
-    return replace(example, messages=(("user", example.prompt), ("assistant", example.completion)))
+    """A prompt/completion pair as a two-turn conversation; the format stays prompt_completion in reports. The
+    string prompt of a preference pair or unpaired completion becomes the user turn (its answers stay apart)."""
+    if example.format == "prompt_completion":
+        return replace(example, messages=(("user", example.prompt), ("assistant", example.completion)))
+    if example.format in STRING_PROMPT_FORMATS and not example.messages:
+        return replace(example, messages=(("user", example.prompt),))
+    return example
+
+
+STRING_PROMPT_FORMATS = ("prompt_completion", "preference", "unpaired_preference")  # rendered per prompt_completion
+
+
+def record_kind(files: list[LoadedFile]) -> str:
+    """'sft' for the four SFT formats, else the one other format of every file (pairs cannot mix with chats)."""
+    kinds = {"sft" if f.format in SFT_FORMATS else f.format: f for f in files}
+    if len(kinds) > 1:
+        named = "; ".join(f"{f.path} is {f.format}" for f in kinds.values())
+        raise DataError(f"the data files hold different kinds of records ({named}): a run trains on one kind, SFT "
+                        "records (messages, alpaca, prompt_completion, text), preference pairs, unpaired completions "
+                        "or labeled texts")
+    return next(iter(kinds), "sft")
 
 
 def _empty_responses(files: list[LoadedFile]) -> dict[str, Any]:
@@ -276,22 +308,28 @@ def _no_training_examples_message(config: DataConfig, train: list[Example], coun
     return f"no usable training examples in {', '.join(config.train)}: " + "; ".join(reasons or ["the files are empty"])
 
 
-def prepare_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, cache_dir: Path | None = None) -> PreparedData:
-    """Load, check, de-duplicate, split and tokenize; reuse the cached result when nothing changed."""
+def prepare_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, cache_dir: Path | None = None,
+                 class_names_given: list[str] | None = None) -> PreparedData:
+    """Load, check, de-duplicate, split and tokenize; reuse the cached result when nothing changed.
+
+    ``class_names_given``: the class list of labeled data in label-id order (else the labels seen, sorted)."""
     if not config.train:
         raise DataError("data.train is empty: give at least one training file (.jsonl, .json, .csv or .parquet)")
     train_files = _load_all(config.train, config.format, config.columns)
     val_files = _load_all(config.validation, config.format, config.columns)
-    has_pairs = any(f.format == "prompt_completion" for f in train_files + val_files)
+    kind = record_kind(train_files + val_files)
+    has_pairs = any(e.format in STRING_PROMPT_FORMATS and not e.messages for f in train_files + val_files
+                    for e in f.examples)
     pair_mode = prompt_completion_mode(config, tokenizer) if has_pairs else None
-    needs_chat = pair_mode == "chat" or any(f.format in ("messages", "alpaca") for f in train_files + val_files)
+    needs_chat = pair_mode == "chat" or any(e.messages for f in train_files + val_files for e in f.examples)
     changes = prepare_tokenizer(tokenizer, config.chat_template, needs_chat)
     if pair_mode:
         log.info("data: prompt_completion records rendered as %s", PROMPT_COMPLETION_RENDERING[pair_mode])
     empty = _empty_responses(train_files + val_files)
 
     fingerprint = data_fingerprint(config)
-    key = cache_key(config, tokenizer, fingerprint) if config.cache and cache_dir else None
+    # Only SFT data is cached: pairs and labels are few and quick to tokenize (a cache entry holds SFT rows only).
+    key = cache_key(config, tokenizer, fingerprint) if config.cache and cache_dir and kind == "sft" else None
     if key:
         cached = load_cache(cache_dir / key)
         if cached is not None:
@@ -301,8 +339,8 @@ def prepare_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, cache_d
             return cached
 
     render = as_chat if pair_mode == "chat" else (lambda e: e)
-    train = [render(e) if e.format == "prompt_completion" else e for f in train_files for e in f.examples]
-    validation = [render(e) if e.format == "prompt_completion" else e for f in val_files for e in f.examples]
+    train = [render(e) for f in train_files for e in f.examples]
+    validation = [render(e) for f in val_files for e in f.examples]
     task_ids = {name: index for index, name in enumerate(_check_tasks(train + validation))}
     counts = {"records": len(train) + len(validation), "duplicates_removed": 0, "overlap_removed": 0,
               "overlap_kept": 0, "dropped_overlong": 0}
@@ -321,14 +359,17 @@ def prepare_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, cache_d
         else:
             counts["overlap_kept"] = overlapping
 
+    files = [{"path": str(f.path), "format": f.format, "records": len(f.examples), "role": role}
+             for role, group in (("train", train_files), ("validation", val_files)) for f in group]
+    if kind != "sft":
+        return _prepare_records(kind, config, tokenizer, train, validation, task_ids, counts, files, empty, changes,
+                                pair_mode, fingerprint, class_names_given)
     zero: list[str] = []
     train_tok = _with_task_ids(_tokenize_all(train, tokenizer, config, counts, zero), task_ids)
     val_tok = _with_task_ids(_tokenize_all(validation, tokenizer, config, counts, zero), task_ids)
     if not train_tok:
         raise DataError(_no_training_examples_message(config, train, counts, zero))
     kept_val_sources = {e.source for e in val_tok}
-    files = [{"path": str(f.path), "format": f.format, "records": len(f.examples), "role": role}
-             for role, group in (("train", train_files), ("validation", val_files)) for f in group]
     report = build_report(tokenizer=tokenizer, files=files, counts=counts, train=train_tok, validation=val_tok,
                           zero_supervised=zero, empty_responses=empty, tokenizer_changes=changes,
                           max_length=config.max_length, tasks=list(task_ids),
@@ -338,3 +379,76 @@ def prepare_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, cache_d
     if key:
         save_cache(cache_dir / key, data)
     return data
+
+
+def _tokenize_records(kind: str, examples: list[Example], tokenizer: PreTrainedTokenizerBase, config: DataConfig,
+                      counts: dict[str, int]) -> tuple[list[Any], list[Example], list[Any]]:
+    """Tokenized records of one split, the examples they came from, and each one's side lengths (pairs, unpaired)."""
+    tokenize = {"preference": preference.tokenize_pair, "unpaired_preference": preference.tokenize_unpaired,
+                "labeled": labeled.tokenize_labeled}[kind]
+    records, kept, lengths = [], [], []
+    for example in examples:
+        result = tokenize(tokenizer, example, config.max_length, config.overlong)
+        if result is None:
+            counts["dropped_overlong"] += 1
+            continue
+        record, length = result if isinstance(result, tuple) else (result, None)
+        records.append(record)
+        kept.append(example)
+        lengths.append(length)
+    return records, kept, lengths
+
+
+def _prepare_records(kind: str, config: DataConfig, tokenizer: PreTrainedTokenizerBase, train: list[Example],
+                     validation: list[Example], task_ids: dict[str, int], counts: dict[str, int],
+                     files: list[dict[str, Any]], empty: dict[str, Any], changes: list[str], pair_mode: str | None,
+                     fingerprint: str, class_names_given: list[str] | None) -> PreparedData:
+    """Preference pairs, unpaired completions or labeled texts after the split: tokenized, counted, reported."""
+    train_rec, train_kept, train_len = _tokenize_records(kind, train, tokenizer, config, counts)
+    val_rec, val_kept, val_len = _tokenize_records(kind, validation, tokenizer, config, counts)
+    if not train_rec:
+        raise DataError(_no_training_examples_message(config, train, counts, []))
+    if task_ids:
+        train_rec, val_rec = ([_record_with_task_id(r, task_ids) for r in group] for group in (train_rec, val_rec))
+    examples, lengths = train_kept + val_kept, train_len + val_len
+    if kind == "labeled":
+        names = labeled.class_names([r.label for r in train_rec + val_rec], class_names_given)
+        train_rec, val_rec = labeled.with_label_ids(train_rec, names), labeled.with_label_ids(val_rec, names)
+        record_counts = {"classes": {"names": names, "train": labeled.class_balance(names, train_rec),
+                                     "validation": labeled.class_balance(names, val_rec),
+                                     "truncation": labeled.TRUNCATION_RULE}}
+    elif kind == "preference":
+        record_counts = {"pairs": pair_counts(examples, lengths, preference.TRUNCATION_RULE)}
+    else:
+        record_counts = {"unpaired": unpaired_counts(examples, lengths, preference.TRUNCATION_RULE)}
+    report = build_record_report(tokenizer=tokenizer, files=files, counts=counts, train=train_rec, validation=val_rec,
+                                 empty_responses=empty, tokenizer_changes=changes, max_length=config.max_length,
+                                 record_counts=record_counts, tasks=list(task_ids),
+                                 prompt_completion=PROMPT_COMPLETION_RENDERING[pair_mode] if pair_mode else None)
+    report["records"] = kind
+    report["data_fingerprint"] = fingerprint
+    return PreparedData(train_rec, val_rec, val_kept, report)
+
+
+def _record_with_task_id(record: Any, task_ids: dict[str, int]) -> Any:
+    if hasattr(record, "chosen"):
+        return replace(record, chosen=replace(record.chosen, task_id=task_ids[record.chosen.task]),
+                       rejected=replace(record.rejected, task_id=task_ids[record.rejected.task]))
+    return replace(record, example=replace(record.example, task_id=task_ids[record.example.task]))
+
+
+def tokenized_sides(example: Example, tokenizer: PreTrainedTokenizerBase, config: DataConfig) -> list[tuple[str, TokenizedExample]]:
+    """One record as training tokenizes it, for showing it: (name, tokens) of each side (a pair has two: chosen
+    and rejected; other records one, named ''). Call after ``prepare_data`` (it sets the tokenizer's template)."""
+    if example.format in SFT_FORMATS:
+        return [("", tokenize_example(tokenizer, example, config.train_on_prompt))]
+    if example.format in STRING_PROMPT_FORMATS and prompt_completion_mode(config, tokenizer) == "chat":
+        example = as_chat(example)
+    if example.format == "preference":
+        pair = preference.tokenize_pair(tokenizer, example, config.max_length)
+        return [("chosen", pair[0].chosen), ("rejected", pair[0].rejected)] if pair else []
+    if example.format == "unpaired_preference":
+        record = preference.tokenize_unpaired(tokenizer, example, config.max_length)
+        return [("desirable" if example.label else "undesirable", record[0].example)] if record else []
+    record = labeled.tokenize_labeled(tokenizer, example, config.max_length)
+    return [(f"label {example.label}", record.example)] if record else []

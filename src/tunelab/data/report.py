@@ -149,3 +149,114 @@ def report_warnings(report: dict[str, Any]) -> list[str]:
     if report["train"]["examples"] < 50:
         warnings.append(f"only {report['train']['examples']} training examples: expect overfitting")
     return warnings
+
+
+def _side_stats(records: list[Any], sides: list[TokenizedExample], max_length: int) -> dict[str, Any]:
+    """split_stats over the records' sides (both sides of a pair), counting records, not sides."""
+    stats = split_stats(sides, max_length)
+    stats["examples"] = len(records)
+    stats["truncated"] = sum(record_truncated(r) for r in records)
+    return stats
+
+
+def record_truncated(record: Any) -> bool:
+    return any(side.truncated for side in record_sides(record))
+
+
+def record_sides(record: Any) -> list[TokenizedExample]:
+    """The tokenized texts a record is made of: a pair's two sides, an unpaired or labeled record's one."""
+    if hasattr(record, "chosen"):
+        return [record.chosen, record.rejected]
+    return [record.example]
+
+
+def pair_counts(examples: list[Any], lengths: list[Any], truncation: str) -> dict[str, Any]:
+    """What can be wrong with preference pairs: identical sides (nothing to learn), empty sides, lengths per side
+    (tokens after truncation), and how many were truncated and how."""
+    return {
+        "chosen_equals_rejected": sum(e.chosen == e.rejected for e in examples),
+        "empty_sides": {"prompt": sum(not (e.prompt.strip() or e.messages) for e in examples),
+                        "chosen": sum(not e.chosen.strip() for e in examples),
+                        "rejected": sum(not e.rejected.strip() for e in examples)},
+        "tokens": {"prompt": percentiles([n.prompt for n in lengths]),
+                   "chosen": percentiles([n.answers[0] for n in lengths]),
+                   "rejected": percentiles([n.answers[1] for n in lengths])},
+        "truncated": sum(n.truncated for n in lengths),
+        "truncation": truncation,
+    }
+
+
+def unpaired_counts(examples: list[Any], lengths: list[Any], truncation: str) -> dict[str, Any]:
+    """Unpaired completions: how many are desirable, empty sides, lengths per side, truncation."""
+    return {
+        "desirable": sum(bool(e.label) for e in examples),
+        "undesirable": sum(not e.label for e in examples),
+        "empty_sides": {"prompt": sum(not (e.prompt.strip() or e.messages) for e in examples),
+                        "completion": sum(not e.completion.strip() for e in examples)},
+        "tokens": {"prompt": percentiles([n.prompt for n in lengths]),
+                   "completion": percentiles([n.answers[0] for n in lengths])},
+        "truncated": sum(n.truncated for n in lengths),
+        "truncation": truncation,
+    }
+
+
+def build_record_report(
+    *,
+    tokenizer: PreTrainedTokenizerBase,
+    files: list[dict[str, Any]],
+    counts: dict[str, int],
+    train: list[Any],
+    validation: list[Any],
+    empty_responses: dict[str, Any],
+    tokenizer_changes: list[str],
+    max_length: int,
+    record_counts: dict[str, Any],
+    tasks: list[str] | None = None,
+    prompt_completion: str | None = None,
+) -> dict[str, Any]:
+    """The data report of preference pairs, unpaired completions or labeled texts: the same keys as SFT data's
+    (files, counts, per-split lengths, truncation, warnings), plus ``record_counts`` under the format's name
+    (pairs, unpaired, classes)."""
+    formats: dict[str, int] = {}
+    for info in files:
+        formats[info["format"]] = formats.get(info["format"], 0) + info["records"]
+    everything = train + validation
+    sides = [side for record in train for side in record_sides(record)]
+    first = sides[0] if sides and any(label != IGNORE for label in sides[0].labels) else None
+    report: dict[str, Any] = {
+        "files": files,
+        "formats": formats,
+        **counts,
+        "zero_supervised_examples": 0,
+        "zero_supervised_sources": [],
+        "empty_responses": empty_responses,
+        "tasks": task_counts(tasks or [], [record_sides(r)[0] for r in train], [record_sides(r)[0] for r in validation]),
+        "train": _side_stats(train, sides, max_length),
+        "validation": _side_stats(validation, [s for r in validation for s in record_sides(r)], max_length),
+        "truncation_rate": round(sum(record_truncated(r) for r in everything) / len(everything), 4) if everything else 0.0,
+        "missing_end_of_turn_supervision": 0,  # an answer's end is in its own tokens; a label has none to supervise
+        "tokenizer_changes": tokenizer_changes,
+        "prompt_completion": prompt_completion,
+        **record_counts,
+        "example": {"source": first.source, "segments": mask_segments(tokenizer, first)} if first else None,
+    }
+    report["warnings"] = report_warnings(report) + record_warnings(report)
+    return report
+
+
+def record_warnings(report: dict[str, Any]) -> list[str]:
+    warnings = []
+    pairs = report.get("pairs")
+    if pairs and pairs["chosen_equals_rejected"]:
+        warnings.append(f"{pairs['chosen_equals_rejected']} pairs have the same chosen and rejected answer: they "
+                        "teach nothing and only dilute the loss")
+    classes = report.get("classes")
+    if classes:
+        counts = [info["count"] for info in classes["train"].values()]
+        empty = [name for name, info in classes["train"].items() if not info["count"]]
+        if empty:
+            warnings.append(f"classes with no training example: {', '.join(empty)}")
+        elif max(counts) > 10 * min(counts):
+            warnings.append(f"the classes are unbalanced (largest {max(counts)}, smallest {min(counts)} training "
+                            "records): consider objective.class_weights, and compare with the majority-class baseline")
+    return warnings

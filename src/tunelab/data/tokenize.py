@@ -163,7 +163,14 @@ def apply_length_policy(example: TokenizedExample, max_length: int, policy: str)
 
 
 def prompt_for_generation(tokenizer: PreTrainedTokenizerBase, example: Example) -> tuple[str, str]:
-    """(prompt text, reference answer) for a sample generation: the conversation up to its last assistant turn."""
+    """(prompt text, reference answer) for a sample generation: the conversation up to its last assistant turn.
+    A preference pair's reference is its chosen answer; a labeled text's is its label."""
+    if example.format in ("preference", "unpaired_preference"):
+        prompt = render_chat(tokenizer, example.messages) if example.messages else example.prompt
+        return prompt, example.chosen if example.format == "preference" else example.completion
+    if example.format == "labeled":
+        text = render_chat(tokenizer, example.messages, add_generation_prompt=False) if example.messages else example.prompt
+        return text, str(example.label)
     if example.messages:
         last = max(i for i, (role, _) in enumerate(example.messages) if role == "assistant")
         prompt = render_chat(tokenizer, example.messages[:last], add_generation_prompt=True)
