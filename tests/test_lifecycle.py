@@ -12,6 +12,7 @@ from support.runs import tiny_run_config
 from support.tiny import toy_chat_records, write_jsonl
 
 from tunelab import checkpoint as ckpt
+from tunelab import fs
 from tunelab.training import loop
 from tunelab.config import ConfigError
 from tunelab.data import DataError
@@ -100,3 +101,27 @@ def test_resume_recomputes_base_eval_when_eval_settings_changed(
     base = json.loads((run_dir / "base_eval.json").read_text())
     assert base["tokens"] > first["tokens"], "the base figures must come from the same 12 examples as the tuned ones"
     assert result.evaluation["base"]["tokens"] == result.evaluation["tuned"]["tokens"]
+
+
+# ---------------------------------------------------------------- status.json follows the run (issue 19)
+
+
+def test_status_json_follows_the_run_at_every_metrics_line(tiny_model_dir: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reader of status.json while the run trains sees the step of the latest metrics line, never "step": 0."""
+    seen: list[tuple[int, str, int]] = []  # (metrics line's step, status on disk, status's step on disk)
+    append = fs.append_entry_line
+
+    def watching(folder: Path, name: str, line: str) -> None:
+        if name == "metrics.jsonl":
+            status = json.loads((folder / "status.json").read_text())
+            seen.append((json.loads(line)["step"], status["status"], status["step"]))
+        append(folder, name, line)
+
+    monkeypatch.setattr(fs, "append_entry_line", watching)
+    config = tiny_run_config(tiny_model_dir, tmp_path, eval={"before_after": False},
+                             training={"max_steps": 6, "log_every": 2, "eval_every": 3})
+    result = train(config, progress=False)
+    assert [step for step, _, _ in seen] == [2, 3, 4, 6, 6], seen  # train lines at 2, 4, 6; evaluations at 3, 6
+    assert all(status == "running" and on_disk == step for step, status, on_disk in seen), seen
+    assert json.loads((result.run_dir / "status.json").read_text())["step"] == 6

@@ -119,6 +119,16 @@ class TrainingContext:
     def progress(self, total: int, done: int):  # noqa: ANN201 - a context manager yielding an update function
         return training_progress(total, done, enabled=self.show_progress and self.is_main)
 
+    def write_status(self, status: str, state: LoopState, error: str | None = None) -> None:
+        """status.json, atomically (a reader never sees half a file): written at set-up, at every metrics line and
+        evaluation while running (so it follows metrics.jsonl), and at the end."""
+        if self.is_main:
+            fs.write_entry_json(self.run_dir, "status.json", {
+                "status": status, "step": state.step, "total_steps": self.plan.total_steps if self.plan else None,
+                "nonfinite_skipped": state.nonfinite_skipped, "error": error,
+                "world_size": self.accelerator.num_processes,
+            })
+
     def log_metrics(self, record: dict[str, Any]) -> None:
         if record["kind"] == "train" and not record.get("skipped"):
             self.overfitting.observe_train(record["loss"])
@@ -165,6 +175,7 @@ class TrainingContext:
         signal = self.overfitting.update(result["loss"])
         state.gaps = self.overfitting.gaps
         record = {"kind": "eval", "step": state.step, **{k: v for k, v in result.items() if k != "tokens"}, **signal}
+        self.write_status("running", state)
         self.log_metrics(record)
         self.progress_note = progress_note(record, training.best_metric)
         if is_better(result, state.best_eval, training.best_metric, metric_direction(training.best_metric, training.best_mode)):

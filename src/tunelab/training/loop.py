@@ -81,6 +81,7 @@ def run_loop(ctx: TrainingContext, state: LoopState) -> str:
             speed = (state.tokens_seen - tokens_at_start) / max(time.time() - started, 1e-9)
             advance(loss=loss, lr=lr, tokens_per_s=speed, note=ctx.progress_note)
             if state.step % config.training.log_every == 0 or not finite:
+                ctx.write_status("running", state)  # status.json follows the run, never behind metrics.jsonl
                 ctx.log_metrics({"kind": "train", "step": state.step, "loss": round(loss, 6), "lr": lr,
                                  "grad_norm": round(float(grad_norm), 6), "tokens": state.tokens_seen,
                                  "tokens_per_s": round(speed, 1), "skipped": not finite,

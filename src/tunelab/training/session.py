@@ -92,20 +92,20 @@ def _train_in(config: TunelabConfig, run_dir: Path, resume: bool, progress: bool
     state, phase = LoopState(), "set-up"
     try:
         if not resume:
-            _write_status(ctx, "starting", state)
+            ctx.write_status("starting", state)
         with ctx.info.phase("set-up"):
             state, base, samples = _set_up(ctx, resume)
         if resume and ctx.is_main:  # only now, once the checkpoint, data and config all fit: a refused resume
             # changes nothing. One writer: two processes renaming the same temporary file race (one finds it gone).
             fs.write_entry_text(run_dir, "config.yaml", config.to_yaml())
-        _write_status(ctx, "running", state)
+        ctx.write_status("running", state)
         phase, tokens_before, steps_before = "loop", state.tokens_seen, state.step
         with ctx.info.phase("training"):
             status = run_loop(ctx, state)
         ctx.info.figures["training_tokens_this_session"] = state.tokens_seen - tokens_before
         _record_step_time(ctx, state.step - steps_before)
         if status == "interrupted":
-            _write_status(ctx, status, state)
+            ctx.write_status(status, state)
             _finish_tracking(ctx, state, status)
             return RunResult(run_dir, status, state.step)
         phase = "trained"
@@ -124,7 +124,7 @@ def _train_in(config: TunelabConfig, run_dir: Path, resume: bool, progress: bool
     except BaseException as exc:
         _record_failure(ctx, state, phase, resume, exc, created)
         raise
-    _write_status(ctx, status, state)
+    ctx.write_status(status, state)
     _finish_tracking(ctx, state, status)
     if ctx.is_main:  # after status.json: the card states the final status
         write_card(run_dir, run_dir / ctx.technique.result_dir_name)
@@ -298,15 +298,6 @@ def _record_step_time(ctx: TrainingContext, steps: int) -> None:
         ctx.info.figures["seconds_per_step"] = round(ctx.info.phases.get("training", 0.0) / steps, 4)
 
 
-def _write_status(ctx: TrainingContext, status: str, state: LoopState, error: str | None = None) -> None:
-    if ctx.is_main:
-        write_entry_json(ctx.run_dir, "status.json", {
-            "status": status, "step": state.step, "total_steps": ctx.plan.total_steps if ctx.plan else None,
-            "nonfinite_skipped": state.nonfinite_skipped, "error": error,
-            "world_size": ctx.accelerator.num_processes,
-        })
-
-
 def _finish_tracking(ctx: TrainingContext, state: LoopState, status: str) -> None:
     """run_info.json, and the end of the TensorBoard/MLflow logs."""
     if not ctx.is_main:
@@ -330,7 +321,7 @@ def _record_failure(ctx: TrainingContext, state: LoopState, phase: str, resume: 
     interrupted = isinstance(exc, KeyboardInterrupt)
     if interrupted and phase == "trained":  # Ctrl-C during the final evaluation: keep the trained steps
         ctx.save_checkpoint(state)
-    _write_status(ctx, "interrupted" if interrupted else "failed", state, str(exc))
+    ctx.write_status("interrupted" if interrupted else "failed", state, str(exc))
     try:
         _finish_tracking(ctx, state, "interrupted" if interrupted else "failed")
     except Exception as secondary:  # the run's own error is the one to report
