@@ -17,6 +17,7 @@ import yaml
 from tunelab import fs
 from tunelab.data.prepare import file_sha256  # one file hash for data fingerprints and model cards
 from tunelab.config import read_run_config
+from tunelab.models import EMBEDDED_MODELS
 from tunelab.runs import read_json, read_metrics
 from tunelab.techniques import DEFAULT_TECHNIQUE, TECHNIQUES
 
@@ -25,8 +26,6 @@ CARD_NAME = "README.md"
 
 def base_identity(model_name: str, revision: str | None = None) -> dict[str, Any]:
     """Where the base model came from and a hash of its weights file(s), as far as this machine can tell."""
-    from tunelab.models import EMBEDDED_MODELS
-
     if model_name in EMBEDDED_MODELS:
         package, filename = EMBEDDED_MODELS[model_name]
         spec = importlib.util.find_spec(package)

@@ -15,10 +15,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import AutoTokenizer
 
 from tunelab.config import TunelabConfig, build_config, read_run_config
 from tunelab.errors import ConfigError, TechniqueError
+from tunelab.models import ModelConfig, default_device, load_model, load_tokenizer
 from tunelab.techniques import TECHNIQUES, Technique, technique_for_adapter
+from tunelab.techniques.attach import adapter_dir, load_adapter
 from tunelab.techniques.base import ADAPTER_CONFIG
 
 RUN_CONFIG = "config.yaml"
@@ -75,8 +78,6 @@ def find_result(path: str | Path) -> FoundResult:
 
 
 def _found_run(run_dir: Path) -> FoundResult:
-    from tunelab.config import build_config, read_run_config
-
     config = build_config(read_run_config(run_dir))
     technique = TECHNIQUES[config.technique.name]
     folder = run_dir / technique.result_dir_name
@@ -93,10 +94,6 @@ def load_run(run: str | Path | FoundResult, device: torch.device | str | None = 
     folder on its own, for any technique.
 
     ``dtype`` overrides the model's dtype (for example 'float32' to compare on a CPU)."""
-    from transformers import AutoTokenizer
-
-    from tunelab.models import ModelConfig, default_device, load_model, load_tokenizer
-
     found = run if isinstance(run, FoundResult) else find_result(run)
     device = torch.device(device) if device is not None else default_device()
     if found.config is not None:
@@ -139,9 +136,6 @@ def open_model(target: str | Path, adapter: str | Path | None = None, device: to
                dtype: str = "auto") -> OpenedModel:
     """Open TARGET for evaluation: a run folder, a result or adapter folder (both through ``load_run``), or a
     model folder, hub id or the embedded alias, optionally with ``adapter`` attached."""
-    from tunelab.models import ModelConfig, default_device, load_model, load_tokenizer
-    from tunelab.techniques.attach import adapter_dir, load_adapter
-
     device = torch.device(device) if device is not None else default_device()
     path = Path(target)
     check_local_target(path)
@@ -160,8 +154,6 @@ def open_model(target: str | Path, adapter: str | Path | None = None, device: to
     except TechniqueError:
         raise ConfigError(f"{adapter}: not an adapter folder (no {ADAPTER_CONFIG})") from None
     if (folder.parent / "tokenizer").is_dir():  # an adapter inside a run folder: the run's tokenizer
-        from transformers import AutoTokenizer
-
         tokenizer = AutoTokenizer.from_pretrained(folder.parent / "tokenizer")
     model = load_adapter(model, folder).to(device)
     label = folder.parent.name if (folder.parent / RUN_CONFIG).is_file() else folder.name

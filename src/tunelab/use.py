@@ -6,8 +6,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
 
+from tunelab.data.formats import read_records
 from tunelab.errors import DataError
 from tunelab.generation import GREEDY, GenerationRequest, Sampling, encode, generate_batch, render_chat
+from tunelab.result import load_run
 from tunelab.runs import read_json
 
 
@@ -54,9 +56,6 @@ def _prompt_text(tokenizer: Any, chat: bool, messages: list[dict[str, str]], raw
 def generate_from_run(run: Path, prompts: list[str] | None, data: Path | None, sampling: Sampling = GREEDY,
                       raw: bool | None = None, batch_size: int = 8) -> Iterator[dict[str, Any]]:
     """Yield one record per prompt: {source, prompt, output, finish_reason, tokens}, in input order."""
-    from tunelab.data.formats import read_records
-    from tunelab.result import load_run
-
     loaded = load_run(run)
     chat = uses_chat_template(run, loaded.tokenizer) if raw is None else not raw
     items: list[tuple[str, str]] = []  # (source, rendered prompt)
@@ -80,8 +79,6 @@ def generate_from_run(run: Path, prompts: list[str] | None, data: Path | None, s
 def chat_loop(run: Path, system: str | None, sampling: Sampling = GREEDY,
               read: Callable[[str], str] = input, out: TextIO = sys.stdout) -> list[dict[str, str]]:
     """An interactive chat: each reply streams as it is generated. Returns the conversation (for tests)."""
-    from tunelab.result import load_run
-
     loaded = load_run(run)
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)

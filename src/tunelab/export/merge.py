@@ -21,7 +21,11 @@ import torch
 import torch.nn.functional as F
 
 from tunelab import fs
+from tunelab.data import collate, prepare_data
+from tunelab.data.tokenize import TokenizedExample, pad_token_id
 from tunelab.errors import DataError, TechniqueError
+from tunelab.models import cache_root
+from tunelab.result import find_result, load_run
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +59,6 @@ class MergeOutcome:
 def merge_run(run: str | Path, out: str | Path | None = None, device: str | torch.device | None = None,
               batches: int = 4, batch_size: int = 4) -> MergeOutcome:
     """Merge the run's result into a standalone model in ``out`` (default ``RUN/merged``) and check it."""
-    from tunelab.result import find_result, load_run
-
     found = find_result(run)  # what the folder holds, before any weights are loaded
     technique = found.technique
     reason = technique.refusal("merge")
@@ -95,10 +97,6 @@ def _fill(folder: Path, model: torch.nn.Module, tokenizer: Any, check: MergeChec
 def _check_batches(loaded: Any, batches: int, batch_size: int) -> tuple[list[dict[str, torch.Tensor]], str]:
     """Up to ``batches`` batches of the run's validation examples (else its first training examples, else a few
     fixed texts when the run's data files are gone)."""
-    from tunelab.data import collate, prepare_data
-    from tunelab.data.tokenize import TokenizedExample, pad_token_id
-    from tunelab.models import cache_root
-
     try:
         data = prepare_data(loaded.config.data, loaded.tokenizer, cache_root() / "data")
         examples, source = (data.validation, "validation examples") if data.validation else (data.train, "training examples")

@@ -29,9 +29,15 @@ from typing import Any, Callable
 import torch
 
 from tunelab import fs
+from tunelab.data import prepare_data
 from tunelab.errors import ConfigError
+from tunelab.eval import validation_loss
 from tunelab.eval.report import QUANTIZE_REPORT as REPORT_NAME  # the eval reports of the run read it too
+from tunelab.eval.report import refresh_reports
 from tunelab.generation import GenerationRequest, Sampling, encode, generate_batch, sample_prompts
+from tunelab.models import cache_root, default_device
+from tunelab.objectives import OBJECTIVES
+from tunelab.result import find_result, load_run
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +126,6 @@ class _Measurer:
     """What every method is measured on: the validation examples, prompts and the reference's answers."""
 
     def __init__(self, config: Any, tokenizer: Any, device: torch.device, samples: int, max_new_tokens: int) -> None:
-        from tunelab.data import prepare_data
-        from tunelab.models import cache_root
-        from tunelab.objectives import OBJECTIVES
-
         self.config, self.tokenizer, self.device = config, tokenizer, device
         data = prepare_data(config.data, tokenizer, cache_root() / "data")
         if not data.validation:
@@ -137,8 +139,6 @@ class _Measurer:
         self.reference_answers: list[list[int]] | None = None
 
     def measure(self, model: Any, method: str, size_mb: float, load_s: float, reference: Measured | None) -> Measured:
-        from tunelab.eval import validation_loss
-
         memory_mb = model.get_memory_footprint() / 2**20 if hasattr(model, "get_memory_footprint") else None
         if method == "dynamic-int8":  # packed int8 weights are not parameters: count the serialized state instead
             memory_mb = _state_dict_mb(model)
@@ -168,8 +168,6 @@ class _Measurer:
 
 def merged_float(run_dir: Path, device: torch.device) -> tuple[Any, Any, Any]:
     """(merged float32 model, tokenizer, run config): the technique's own merge for an adapter, else the model."""
-    from tunelab.result import find_result, load_run
-
     found = find_result(run_dir)
     if found.run_dir is None:
         raise ConfigError(f"{run_dir}: an adapter folder on its own; give its run folder (quantize and export read "
@@ -190,9 +188,6 @@ def quantize_run(run: Path, methods: list[str], samples: int = 4, max_new_tokens
                  device: torch.device | str | None = None,
                  on_row: Callable[[Measured], None] | None = None) -> dict[str, Any]:
     """Measure the unquantized model and each method; write and return the report (RUN/quantize.json)."""
-    from tunelab.eval.report import refresh_reports
-    from tunelab.models import default_device
-
     run_dir = Path(run)
     device = torch.device(device) if device is not None else default_device()
     merged, tokenizer, config = merged_float(run_dir, device)

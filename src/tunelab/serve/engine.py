@@ -22,8 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from transformers import AutoTokenizer
+
 from tunelab.errors import ConfigError
 from tunelab.generation import BASE, PEFT_BASE, GenerationRequest, generate_batch
+from tunelab.models import ModelConfig, load_tokenizer, same_base_model
+from tunelab.result import find_result, load_run
 from tunelab.techniques.base import ADAPTER_CONFIG
 
 log = logging.getLogger(__name__)
@@ -54,8 +58,6 @@ def check_safe_result(folder: Path) -> None:
 def _find(path: Path, allow_remote_code: bool) -> Any:
     """What one served folder holds (a run, or an adapter folder on its own), after every check that needs no
     weights."""
-    from tunelab.result import find_result
-
     found = find_result(path)
     if found.config is not None and found.config.model.trust_remote_code and not allow_remote_code:
         raise ConfigError(f"{path}: its model needs remote code (model.trust_remote_code); serving it runs that "
@@ -67,8 +69,6 @@ def _find(path: Path, allow_remote_code: bool) -> Any:
 def _check_mixable(path: Path, found: Any, base: str) -> None:
     """A result served beside others shares their batches: its technique must declare that it can, and it must be
     an adapter of the served base."""
-    from tunelab.models import same_base_model
-
     reason = found.technique.mixed_batch(found.result_dir)
     if reason is not None:
         raise ConfigError(f"{path}: its result ({found.technique.name}) cannot share a batch with other adapters "
@@ -92,11 +92,6 @@ def load_models(runs: list[Path], device: Any = None, allow_remote_code: bool = 
 
     Several results share one base and one batch, with 'base' servable too, when each technique declares that
     its result can (``mixed_batch``); one result that cannot is served alone, under its own name only."""
-    from transformers import AutoTokenizer
-
-    from tunelab.models import ModelConfig, load_tokenizer
-    from tunelab.result import load_run
-
     if not runs:
         raise ConfigError("give at least one run folder to serve")
     found = [(Path(r), _find(Path(r), allow_remote_code)) for r in runs]

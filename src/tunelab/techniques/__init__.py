@@ -17,6 +17,7 @@ import yaml
 from tunelab.techniques import (adalora, adapter, adapter_routing, freeze, full, ia3, loha, lokr, lora,
                                  multitask_prompt_tuning, p_tuning, prefix_tuning, prompt_tuning, qlora, vera)
 from tunelab.errors import TechniqueError
+from tunelab.techniques.bottleneck import read_config  # reads and checks the JSON, with the file's name in errors
 from tunelab.techniques.base import ADAPTER_CONFIG, ADAPTER_DIR, RESULT_DIRS, BaseLoad, FigureTable, MergeResult, RunContext, Technique, count_parameters
 
 _ALL: tuple[Technique, ...] = (
@@ -97,8 +98,6 @@ def adapter_type(config: dict[str, Any]) -> str | None:
 def technique_for_adapter(folder: Path) -> Technique:
     """The technique that opens the adapter folder ``folder``: the first registered one that declares the type
     its adapter_config.json carries (so a plain LORA folder opens as 'lora', not as 'qlora')."""
-    from tunelab.techniques.bottleneck import read_config  # reads and checks the JSON, with the file's name in errors
-
     kind = adapter_type(read_config(folder))
     for technique in _ALL:
         if kind is not None and kind in technique.adapter_types:

@@ -23,11 +23,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import yaml
 from pydantic import Field, model_validator
 from torch import nn
 
 from tunelab.data import collate
 from tunelab.errors import TechniqueError
+from tunelab.models import same_base_model
 from tunelab.settings import Settings
 from tunelab.techniques import bottleneck as bn
 from tunelab.techniques import routing as rt
@@ -119,10 +121,6 @@ def _expert(model: nn.Module, name: str, source: str) -> rt.Expert:
 def _check_same_model(model: nn.Module, settings: AdapterRoutingSettings) -> None:
     """An adapter trained on another base model would load only if shapes happen to agree: compare the runs'
     configured model names with this model's (the shape checks catch the rest)."""
-    import yaml
-
-    from tunelab.models import same_base_model
-
     here = bn.model_base_path(model)
     for name, source in settings.adapters.items():
         run_config = Path(source) / "config.yaml"

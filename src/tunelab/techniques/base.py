@@ -218,14 +218,14 @@ class Technique:
         if self.attach is None and adapter:
             object.__setattr__(self, "attach", attach_peft_adapter)
         if self.load_result is None:
-            loader = partial(load_adapter_on_base, self.attach) if adapter else load_full_model
+            loader = partial(load_adapter_on_base, self.attach, self.base_load) if adapter else load_full_model
             object.__setattr__(self, "load_result", loader)
         if self.card is None:
             object.__setattr__(self, "card", PEFT_ADAPTER_CARD if adapter else PLAIN_MODEL_CARD)
         if self.param_groups is None:
             object.__setattr__(self, "param_groups", decay_param_groups)
         if self.merge is None and "merge" not in self.refuses:
-            object.__setattr__(self, "merge", merge_peft_adapter)
+            object.__setattr__(self, "merge", partial(merge_peft_adapter, self.base_load))
         if len(inspect.signature(self.prepare).parameters) == 2:  # prepare(model, settings): no run context
             two_args = self.prepare
             object.__setattr__(self, "prepare", lambda model, settings, context=None: two_args(model, settings))
@@ -303,29 +303,27 @@ def attach_peft_adapter(model: nn.Module, folder: Path) -> nn.Module:
     return PeftModel.from_pretrained(model, folder)
 
 
-def load_adapter_on_base(attach: Callable[[nn.Module, Path], nn.Module], config: Any, folder: Path,
+def load_adapter_on_base(attach: Callable[[nn.Module, Path], nn.Module],
+                         base_load_of: Callable[[Any, torch.device], BaseLoad], config: Any, folder: Path,
                          device: torch.device) -> nn.Module:
-    """An ``adapter/`` result: the run's base model (loaded as the technique loads it) with ``attach``."""
-    base_load = base_load_for(config, device)
+    """An ``adapter/`` result: the run's base model, loaded as the technique loads it (``base_load_of``, its
+    ``base_load``), with ``attach``."""
+    base_load = base_load_of(config.technique, device)
     base = load_model(config.model, device, base_load)
     model = attach(base, folder)
     placed = base_load.device_map is not None or base_load.quantization_config is not None  # placed while loading
     return model if placed else model.to(device)
 
 
-load_peft_adapter = partial(load_adapter_on_base, attach_peft_adapter)
+# A PEFT adapter on a base loaded in full precision (a technique with its own base load binds it instead).
+load_peft_adapter = partial(load_adapter_on_base, attach_peft_adapter, plain_load)
 
 
-def base_load_for(config: Any, device: torch.device) -> BaseLoad:
-    """The BaseLoad of a run config's technique."""
-    from tunelab.techniques import TECHNIQUES
-
-    return TECHNIQUES[config.technique.name].base_load(config.technique, device)
-
-
-def merge_peft_adapter(config: Any, folder: Path, device: torch.device) -> MergeResult:
-    """Fold the adapter into the base weights it was trained on: W = W0 + delta(W), exact for additive and
-    multiplicative weight adapters (LoRA family, IA3, LoHa, LoKr, VeRA, AdaLoRA)."""
-    model = load_peft_adapter(config, folder, device)
+def merge_peft_adapter(base_load_of: Callable[[Any, torch.device], BaseLoad], config: Any, folder: Path,
+                       device: torch.device) -> MergeResult:
+    """Fold the adapter into the base weights it was trained on (loaded as the technique loads it,
+    ``base_load_of``): W = W0 + delta(W), exact for additive and multiplicative weight adapters (LoRA family, IA3,
+    LoHa, LoKr, VeRA, AdaLoRA)."""
+    model = load_adapter_on_base(attach_peft_adapter, base_load_of, config, folder, device)
     merged = model.merge_and_unload()
     return MergeResult(merged, f"merged the {config.technique.name} adapter into the base weights of {config.model.name}")
