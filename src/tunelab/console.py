@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any, Callable, Iterator, Sequence
 
 from rich.console import Console
@@ -30,12 +32,70 @@ def print_table(table: Table) -> None:
 err_console = Console(stderr=True, markup=False)  # logs and errors; stdout is for results
 
 
+class _SilentProgress:
+    def __call__(self, loss: float, lr: float, tokens_per_s: float, note: str = "") -> None:
+        pass
+
+    def evaluated(self, note: str) -> None:
+        pass
+
+
+class _BarProgress:
+    """The rich bar on a terminal: loss, learning rate, tokens/s, elapsed, ETA and the last evaluation's note."""
+
+    def __init__(self, progress: Progress, task: Any) -> None:
+        self.progress, self.task = progress, task
+
+    def __call__(self, loss: float, lr: float, tokens_per_s: float, note: str = "") -> None:
+        self.progress.update(self.task, advance=1, loss=f"{loss:.4f}", lr=f"{lr:.2e}", speed=f"{tokens_per_s:,.0f}",
+                             note=note)
+
+    def evaluated(self, note: str) -> None:
+        self.progress.update(self.task, note=note)
+
+
+class _PlainProgress:
+    """A log file or CI (stdout not a terminal), where a bar prints nothing until the end: one plain line at the
+    first step, every ``every`` steps and at the last, and one at each evaluation."""
+
+    def __init__(self, total: int, done: int, every: int) -> None:
+        self.total, self.step, self.every = total, done, max(every, 1)
+        self.first, self.started = done + 1, time.monotonic()
+
+    def __call__(self, loss: float, lr: float, tokens_per_s: float, note: str = "") -> None:
+        self.step += 1
+        if self.step in (self.first, self.total) or self.step % self.every == 0:
+            elapsed = time.monotonic() - self.started
+            eta = elapsed / (self.step - self.first + 1) * (self.total - self.step)
+            _plain(f"step {self.step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tokens/s  "
+                   f"elapsed {_clock(elapsed)}  eta {_clock(eta)}")
+
+    def evaluated(self, note: str) -> None:
+        _plain(f"step {self.step}/{self.total}  evaluation: {note}")
+
+
+def _clock(seconds: float) -> str:
+    return str(timedelta(seconds=round(seconds)))
+
+
+def _plain(line: str) -> None:
+    console.print(line, highlight=False, soft_wrap=True)  # soft_wrap: one line in the log, however long
+
+
+TrainingProgress = _SilentProgress | _BarProgress | _PlainProgress
+
+
 @contextmanager
-def training_progress(total: int, done: int, enabled: bool = True) -> Iterator[Callable[..., None]]:
-    """Yield ``advance(loss=, lr=, tokens_per_s=, note=)``, drawing loss, learning rate, tokens/s, ETA and the
-    last evaluation's note (validation loss, the best metric, the overfitting gap)."""
+def training_progress(total: int, done: int, enabled: bool = True, plain_every: int = 1) -> Iterator[TrainingProgress]:
+    """Yield ``advance(loss=, lr=, tokens_per_s=, note=)`` (called once per step) with ``advance.evaluated(note)``
+    (once per evaluation). On a terminal: a bar with loss, learning rate, tokens/s, ETA and the last evaluation's
+    note (validation loss, the best metric, the overfitting gap). Otherwise plain lines, every ``plain_every``
+    steps and at each evaluation."""
     if not enabled:
-        yield lambda **_: None
+        yield _SilentProgress()
+        return
+    if not (console.is_terminal or console.is_jupyter):  # a notebook draws the bar
+        yield _PlainProgress(total, done, plain_every)
         return
     columns = (
         TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
@@ -43,13 +103,8 @@ def training_progress(total: int, done: int, enabled: bool = True) -> Iterator[C
         TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[note]}"),
     )
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("train", total=total, completed=done, loss="-", lr="-", speed="-", note="")
-
-        def advance(loss: float, lr: float, tokens_per_s: float, note: str = "") -> None:
-            # note: the last evaluation (validation loss, best metric, train-validation gap and its trend)
-            progress.update(task, advance=1, loss=f"{loss:.4f}", lr=f"{lr:.2e}", speed=f"{tokens_per_s:,.0f}", note=note)
-
-        yield advance
+        yield _BarProgress(progress, progress.add_task("train", total=total, completed=done, loss="-", lr="-",
+                                                       speed="-", note=""))
 
 
 def print_before_after(evaluation: dict[str, Any] | None) -> None:

@@ -29,6 +29,7 @@ from tunelab.techniques import TECHNIQUES
 from tunelab.training.plan import Plan
 
 log = logging.getLogger(__name__)
+PLAIN_PROGRESS_LINES = 20  # progress lines in a log file over a whole run, besides the evaluations
 
 
 @dataclass
@@ -117,7 +118,10 @@ class TrainingContext:
     # ------------------------------------------------------------ progress and metrics
 
     def progress(self, total: int, done: int):  # noqa: ANN201 - a context manager yielding an update function
-        return training_progress(total, done, enabled=self.show_progress and self.is_main)
+        # off a terminal: a plain line at most every 5% of the run (and at each evaluation), never more often than
+        # the metrics lines
+        every = max(self.config.training.log_every, -(-total // PLAIN_PROGRESS_LINES))
+        return training_progress(total, done, enabled=self.show_progress and self.is_main, plain_every=every)
 
     def write_status(self, status: str, state: LoopState, error: str | None = None) -> None:
         """status.json, atomically (a reader never sees half a file): written at set-up, at every metrics line and

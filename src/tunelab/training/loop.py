@@ -91,7 +91,9 @@ def run_loop(ctx: TrainingContext, state: LoopState) -> str:
             # evaluation (best checkpoint, early stopping) and the periodic checkpoint
             last = state.step == plan.total_steps
             if config.training.eval_every and (state.step % config.training.eval_every == 0 or last):
-                if ctx.evaluate(state) == "early_stop":
+                decision = ctx.evaluate(state)
+                advance.evaluated(ctx.progress_note)
+                if decision == "early_stop":
                     return "early_stopped"
             if config.training.save_every and state.step % config.training.save_every == 0:
                 ctx.save_checkpoint(state)
