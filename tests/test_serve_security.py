@@ -279,6 +279,40 @@ def fuzz_cases(app: Any) -> st.SearchStrategy:
     return st.one_of([operation.as_strategy(generation_mode=mode) for operation in operations for mode in GenerationMode])
 
 
+def schema_keywords(node: Any) -> set[str]:
+    """Every key used as a keyword in a JSON Schema tree (the names under 'properties' are field names, not keywords)."""
+    if isinstance(node, list):
+        return set().union(*(schema_keywords(item) for item in node))
+    if not isinstance(node, dict):
+        return set()
+    found = set(node) - {"properties"}
+    for key, value in node.items():
+        children = value.values() if key in ("properties", "schemas", "paths", "content", "responses") else [value]
+        found |= set().union(*(schema_keywords(child) for child in children))
+    return found
+
+
+def test_the_openapi_schema_states_its_bounds_as_json_schema(keyed: BackgroundServer) -> None:
+    # What the fuzzer draws from and what clients read: a bound written as pydantic's 'ge'/'le' is invisible to both.
+    document = keyed.app.openapi()
+    assert not schema_keywords(document["components"]) & {"ge", "gt", "le", "lt"}
+    temperature = document["components"]["schemas"]["ChatCompletionRequest"]["properties"]["temperature"]["anyOf"]
+    assert {(b.get("minimum"), b.get("maximum")) for b in temperature if b.get("type") != "null"} == {(0, 2)}
+
+
+@pytest.mark.parametrize("field,value,status", [("temperature", 5e-324, 400), ("temperature", 1e-300, 400),
+                                                ("repetition_penalty", 5e-324, 400), ("temperature", 1e-5, 200),
+                                                ("repetition_penalty", 1e-5, 200), ("temperature", 0, 200)])
+def test_a_vanishing_temperature_or_penalty_is_a_400_not_a_500(keyed: BackgroundServer, field: str, value: float,
+                                                              status: int) -> None:
+    # Found by the fuzzer: 5e-324 is a valid JSON number above 0, and dividing the logits by it made them inf (500).
+    body = {"model": "base", "prompt": "the", "max_tokens": 2, field: value}
+    response = httpx.post(f"{keyed.url}/v1/completions", headers=auth(), json=body, timeout=60)
+    assert response.status_code == status, response.text
+    if status == 400:
+        assert assert_openai_error(response, 400)["param"] == field
+
+
 KEYS = st.sampled_from([f"Bearer {KEY}"] * 6 + [None, "Bearer wrong", f"Basic {KEY}", "Bearer", f"Bearer  {KEY} "])
 
 
@@ -294,7 +328,7 @@ def test_fuzzed_requests_over_the_openapi_schema_never_get_a_500(keyed: Backgrou
         headers = {"Authorization": authorization} if authorization else {}
         response = case.call(base_url=keyed.url, session=session, headers=headers, timeout=60)
         SEEN.append((case.method, case.path, response.status_code))
-        assert response.status_code < 500, (case.method, case.formatted_path, case.body, response.text)
+        assert response.status_code < 500, json.dumps([case.method, case.formatted_path, case.body, response.text])
         if response.status_code >= 400:
             error = response.json()["error"]
             assert set(error) == {"message", "type", "param", "code"} and error["message"], response.text

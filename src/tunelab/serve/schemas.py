@@ -5,7 +5,7 @@ rather than silently ignored; unknown fields are ignored, as clients add their o
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 
@@ -30,23 +30,41 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
-Number = StrictFloat | StrictInt
+# The smallest temperature (other than 0, greedy) and repetition penalty a request may give: the logits are divided
+# by them, and a smaller divisor (5e-324 is a valid JSON number) overflows them to inf, which sampling cannot use.
+# vLLM draws its line at the same place (a temperature under 1e-5 is greedy there).
+SMALLEST_DIVISOR = 1e-5
+
+
+def number(**bounds: float) -> Any:
+    """A JSON number (float or int, never a bool or a string) within ``bounds``. The bounds go on each member of
+    the union, so the published OpenAPI schema carries them as JSON Schema's minimum/maximum (on the union itself
+    pydantic writes them as 'ge'/'le', which no client or schema tool reads)."""
+    return Annotated[StrictFloat, Field(**bounds)] | Annotated[StrictInt, Field(**bounds)]
 
 
 class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: StrictStr
     max_tokens: StrictInt | None = Field(None, ge=1)
-    temperature: Number | None = Field(None, ge=0, le=2)
-    top_p: Number | None = Field(None, gt=0, le=1)
+    temperature: number(ge=0, le=2) | None = None
+    top_p: number(gt=0, le=1) | None = None
     # Not in OpenAI's API; vLLM's extra sampling fields of these names (the openai client sends them in extra_body)
     top_k: StrictInt | None = Field(None, ge=0, description="sample from the k most likely tokens; 0 or absent: off")
-    repetition_penalty: Number | None = Field(None, gt=0, le=10, description="above 1 discourages repeated tokens")
+    repetition_penalty: number(gt=0, le=10) | None = Field(None, description="above 1 discourages repeated tokens")
     n: StrictInt | None = Field(None, ge=1, le=1, description="one choice per request (greedy decoding has one answer)")
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     stop: StrictStr | Annotated[list[StrictStr], Field(max_length=4)] | None = None
     seed: StrictInt | None = None
+
+    @field_validator("temperature", "repetition_penalty")
+    @classmethod
+    def _not_a_vanishing_divisor(cls, value: float | None) -> float | None:
+        if value is not None and 0 < value < SMALLEST_DIVISOR:
+            raise ValueError(f"{value:g} is too small: the logits are divided by it, and anything under "
+                             f"{SMALLEST_DIVISOR:g} overflows them (a temperature of 0 means greedy)")
+        return value
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
