@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import logging
 import os
 from pathlib import Path
@@ -225,6 +226,28 @@ def head_class(num_labels: int | None) -> Any:
     """The transformers auto class of a head: the causal LM's (None), or a sequence classifier with ``num_labels``
     outputs (1: a scalar score, as a reward model), whose new head starts from the base's hidden states."""
     return AutoModelForCausalLM if num_labels is None else AutoModelForSequenceClassification
+
+
+def saved_num_labels(folder: Path) -> int | None:
+    """The head a saved model folder holds, from its config.json: None for a causal LM, else its label count."""
+    config = json.loads((Path(folder) / "config.json").read_text())
+    is_classifier = any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or [])
+    return len(config.get("id2label") or {0: "LABEL_0", 1: "LABEL_1"}) if is_classifier else None
+
+
+def adapter_num_labels(folder: Path) -> int | None:
+    """The head a saved PEFT adapter was trained with: None (causal LM), or the outputs of the score head it
+    saves beside the adapter (task type SEQ_CLS, the head in modules_to_save)."""
+    from safetensors import safe_open
+
+    config = json.loads((Path(folder) / "adapter_config.json").read_text())
+    if config.get("task_type") != "SEQ_CLS":
+        return None
+    with safe_open(str(Path(folder) / "adapter_model.safetensors"), "pt") as weights:
+        heads = [weights.get_slice(k).get_shape()[0] for k in weights.keys() if k.endswith(("score.weight", "classifier.weight"))]
+    if not heads:
+        raise ModelLoadError(f"{folder}: a SEQ_CLS adapter without its score head (score.weight)")
+    return int(heads[0])
 
 
 def load_model(config: ModelConfig, device: torch.device | None = None, base_load: BaseLoad | None = None,

@@ -97,9 +97,30 @@ def check_config(config: Any) -> None:
             raise ValueError(f"data.packing: objective '{config.objective.name}' cannot pack examples ({reason}); set data.packing: false")
         log.info("data.packing: off, because objective '%s' cannot pack (%s)", config.objective.name, reason)
         object.__setattr__(config.data, "packing", False)
+    if objective.num_labels is not None:
+        _no_text_figures(config)
     reason = refusal(technique, f"{OBJECTIVE_PREFIX}{config.objective.name}")
     if reason:
         raise ValueError(f"objective.name: technique '{name}' cannot train with objective '{config.objective.name}' ({reason})")
+
+
+SCORE_HEAD_OFF = {"forgetting": False, "num_samples": 0}  # eval settings that need generated text or LM losses
+
+
+def _no_text_figures(config: Any) -> None:
+    """A score head (reward, classification) neither generates nor has a language-model loss on text: the sample
+    generations and the forgetting check are turned off (and logged), and refused when asked for explicitly."""
+    for key, off in SCORE_HEAD_OFF.items():
+        if getattr(config.eval, key) == off:
+            continue
+        if key in config.eval.model_fields_set:
+            raise ValueError(f"eval.{key}: objective '{config.objective.name}' trains a score head, which generates no "
+                             f"text; set eval.{key}: {str(off).lower()}")
+        object.__setattr__(config.eval, key, off)
+    if config.training.eval_metrics:
+        raise ValueError(f"training.eval_metrics: objective '{config.objective.name}' trains a score head, which "
+                         "generates no text to score; its own figures (e.g. pairwise_accuracy) are logged at every evaluation")
+    log.info("eval: no sample generations and no forgetting check for objective '%s' (a score head)", config.objective.name)
 
 
 def main(argv: list[str]) -> int:

@@ -26,9 +26,9 @@ from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM
 
-from tunelab.models import BaseLoad, load_model, resolve_dtype
+from tunelab.models import (BaseLoad, adapter_num_labels, head_class, load_model, resolve_dtype,
+                            saved_num_labels)
 from tunelab.settings import Settings
 
 
@@ -292,7 +292,8 @@ def save_peft_adapter(model: nn.Module, run_dir: Path) -> Path:
 
 def load_full_model(config: Any, folder: Path, device: torch.device) -> nn.Module:
     """A ``model/`` result: a plain transformers model folder."""
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(config.model.dtype, device))
+    num_labels = saved_num_labels(folder)
+    model = head_class(num_labels).from_pretrained(folder, dtype=resolve_dtype(config.model.dtype, device))
     return model.to(device)
 
 
@@ -307,9 +308,9 @@ def load_adapter_on_base(attach: Callable[[nn.Module, Path], nn.Module],
                          base_load_of: Callable[[Any, torch.device], BaseLoad], config: Any, folder: Path,
                          device: torch.device) -> nn.Module:
     """An ``adapter/`` result: the run's base model, loaded as the technique loads it (``base_load_of``, its
-    ``base_load``), with ``attach``."""
+    ``base_load``), with the head it was trained on (a score head when the adapter says SEQ_CLS), with ``attach``."""
     base_load = base_load_of(config.technique, device)
-    base = load_model(config.model, device, base_load)
+    base = load_model(config.model, device, base_load, num_labels=adapter_num_labels(folder))
     model = attach(base, folder)
     placed = base_load.device_map is not None or base_load.quantization_config is not None  # placed while loading
     return model if placed else model.to(device)
