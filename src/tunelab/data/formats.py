@@ -22,6 +22,13 @@ from tunelab.errors import DataError as DataError  # defined in tunelab.errors; 
 FORMATS = ("messages", "alpaca", "prompt_completion", "text", "preference", "unpaired_preference", "labeled")
 # The record kinds a run trains on: one per run (a file of pairs cannot be mixed with chats).
 SFT_FORMATS = ("messages", "alpaca", "prompt_completion", "text")
+# PreparedData.records: the kinds of record a run can train on (an objective declares the one it needs)
+RECORD_KINDS = {
+    "sft": "SFT records (messages, alpaca, prompt_completion or text)",
+    "preference": "preference pairs {prompt, chosen, rejected}",
+    "unpaired_preference": "unpaired completions {prompt, completion, label: true|false}",
+    "labeled": "labeled texts {text, label} (or {messages, label})",
+}
 ROLES = ("system", "user", "assistant")
 EXPECTED_SHAPES = (
     "messages: {\"messages\": [{\"role\": \"system\"|\"user\"|\"assistant\", \"content\": str, \"weight\"?: 0|1}, ...]}; "

@@ -46,7 +46,7 @@ class PreparedData:
     @property
     def records(self) -> str:
         """What the records are: 'sft' (chats, prompt/completion, text) or the format of the others."""
-        return self.report.get("records", "sft")
+        return self.report.get("record_kind", "sft")
 
     @property
     def classes(self) -> list[str]:
@@ -425,7 +425,7 @@ def _prepare_records(kind: str, config: DataConfig, tokenizer: PreTrainedTokeniz
                                  empty_responses=empty, tokenizer_changes=changes, max_length=config.max_length,
                                  record_counts=record_counts, tasks=list(task_ids),
                                  prompt_completion=PROMPT_COMPLETION_RENDERING[pair_mode] if pair_mode else None)
-    report["records"] = kind
+    report["record_kind"] = kind
     report["data_fingerprint"] = fingerprint
     return PreparedData(train_rec, val_rec, val_kept, report)
 

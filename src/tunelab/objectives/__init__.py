@@ -18,12 +18,14 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from tunelab.objectives import dpo, ipo, kto, orpo, reward, sft, simpo
+from tunelab.data.formats import RECORD_KINDS
+from tunelab.objectives import classification, dpo, ipo, kto, orpo, reward, sft, simpo
 from tunelab.objectives.base import Batch, LossSum, Objective, ObjectiveSpec, Reference
 from tunelab.objectives.sft import logits_only_where  # shared with eval's loss (objectives' own helper)
 
 _ALL: tuple[Objective, ...] = (
     sft.OBJECTIVE, dpo.OBJECTIVE, ipo.OBJECTIVE, orpo.OBJECTIVE, simpo.OBJECTIVE, kto.OBJECTIVE, reward.OBJECTIVE,
+    classification.OBJECTIVE,
 )
 
 
@@ -37,6 +39,8 @@ def _check(objectives: tuple[Objective, ...]) -> dict[str, Objective]:
             raise RuntimeError(f"objective {objective.name!r}: its settings' name must be Literal[{objective.name!r}]")
         if objective.units not in ("tokens", "pairs", "examples"):
             raise RuntimeError(f"objective {objective.name!r}: units must be tokens, pairs or examples")
+        if objective.records not in RECORD_KINDS:
+            raise RuntimeError(f"objective {objective.name!r}: records must be one of {', '.join(RECORD_KINDS)}")
         if objective.needs_reference and "reference" not in objective.config_class.model_fields:
             raise RuntimeError(f"objective {objective.name!r}: needs a reference, so its settings choose how (reference)")
         registry[objective.name] = objective

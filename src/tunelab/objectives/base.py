@@ -36,6 +36,7 @@ Batch = dict[str, torch.Tensor]
 # adapter switched off, or a frozen copy), always under torch.no_grad.
 Reference = Callable[[nn.Module], AbstractContextManager[nn.Module]]
 NO_STATS: Mapping[str, torch.Tensor] = MappingProxyType({})
+PER_CLASS = 0  # Objective.num_labels of a head with one output per class the data holds
 
 
 class LossSum(NamedTuple):
@@ -53,6 +54,7 @@ class ObjectiveSpec:
     count_units: Callable[[Batch], int]
     summary: str = ""
     collate: Callable[[list[list[Any]], int], Batch] = collate
+    derive: Callable[[Mapping[str, float]], dict[str, float]] | None = None
 
 
 @dataclass(frozen=True)
@@ -64,18 +66,27 @@ class Objective:
     units: str
     summary: str
     collate: Callable[[list[list[Any]], int], Batch] = collate
-    num_labels: int | None = None  # None: the causal LM head; k: a sequence-classification head with k outputs
+    num_labels: int | None = None  # None: the causal LM head; k: a sequence-classification head with k outputs;
+    # PER_CLASS: one output per class of the data (classification), known once the data is read (``head_size``)
+    records: str = "sft"  # the records it trains on, as the data layer names them (PreparedData.records)
     needs_reference: bool = False
     metrics: tuple[str, ...] = ()
     # With ``reference: precomputed``: (base model, {split: records}, pad_id, batch_size, device, run_dir, write)
     # -> the records with the reference's log-probs attached, computed once before training.
     precompute: Callable[..., dict[str, list[Any]]] | None = None
     refuses: Mapping[str, str] = field(default_factory=dict)
+    # Figures computed from the per-unit means of a whole evaluation (e.g. macro-F1 from the confusion shares),
+    # which no per-unit sum gives: (figures) -> the derived ones, added beside them.
+    derive: Callable[[Mapping[str, float]], dict[str, float]] | None = None
 
     @property
     def task_type(self) -> str:
         """The PEFT task type of the head: an adapter on a score head must save that head (modules_to_save)."""
         return "CAUSAL_LM" if self.num_labels is None else "SEQ_CLS"
+
+    def head_size(self, classes: list[str]) -> int | None:
+        """The head's outputs for data with these classes (None: the causal LM head)."""
+        return len(classes) if self.num_labels == PER_CLASS else self.num_labels
 
     def bind(self, settings: Settings, reference: Reference | None = None) -> ObjectiveSpec:
         """The loss as the loop calls it, ``(model, batch)``: loss_sum takes (model, batch), (model, batch,
@@ -83,7 +94,7 @@ class Objective:
         extra = (settings, reference)[: len(inspect.signature(self.loss_sum).parameters) - 2]
         loss = self.loss_sum
         bound = loss if not extra else lambda model, batch: loss(model, batch, *extra)
-        return ObjectiveSpec(bound, self.count_units, self.summary, self.collate)
+        return ObjectiveSpec(bound, self.count_units, self.summary, self.collate, self.derive)
 
     def refusal(self, feature: str) -> str | None:
         return self.refuses.get(feature)

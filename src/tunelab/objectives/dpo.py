@@ -57,4 +57,5 @@ OBJECTIVE = Objective(
     name="dpo", config_class=DpoSettings, loss_sum=dpo_loss_sum, count_units=count_pairs, units="pairs",
     summary="direct preference optimization on {prompt, chosen, rejected} pairs against a reference policy",
     collate=collate_pairs, needs_reference=True, precompute=attach_reference, metrics=PAIR_METRICS, refuses={"packing": NEVER_PACKED},
+    records="preference",
 )

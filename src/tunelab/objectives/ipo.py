@@ -52,4 +52,5 @@ OBJECTIVE = Objective(
     name="ipo", config_class=IpoSettings, loss_sum=ipo_loss_sum, count_units=count_pairs, units="pairs",
     summary="identity preference optimisation: a squared loss on the log-ratio margin, against a reference",
     collate=collate_pairs, needs_reference=True, precompute=attach_reference, metrics=PAIR_METRICS, refuses={"packing": NEVER_PACKED},
+    records="preference",
 )

@@ -89,4 +89,5 @@ OBJECTIVE = Objective(
     name="kto", config_class=KtoSettings, loss_sum=kto_loss_sum, count_units=count_examples, units="examples",
     summary="Kahneman-Tversky optimisation on unpaired {prompt, completion, label} records, against a reference",
     collate=collate_completions, needs_reference=True, metrics=("kl", "reward"), refuses={"packing": NEVER_PACKED},
+    records="unpaired_preference",
 )

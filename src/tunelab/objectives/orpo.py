@@ -51,4 +51,5 @@ OBJECTIVE = Objective(
     count_units=count_pairs, units="pairs", collate=collate_pairs, metrics=PAIR_METRICS,
     summary="odds-ratio preference optimisation: SFT on the chosen answer plus an odds-ratio term (no reference)",
     refuses={"packing": NEVER_PACKED},
+    records="preference",
 )

@@ -55,4 +55,5 @@ OBJECTIVE = Objective(
     summary="reward model: Bradley-Terry loss on a scalar score head over {prompt, chosen, rejected} pairs",
     collate=collate_pairs, num_labels=1, metrics=("pairwise_accuracy", "score_margin"),
     refuses={"packing": NEVER_PACKED},
+    records="preference",
 )

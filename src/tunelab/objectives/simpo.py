@@ -47,4 +47,5 @@ OBJECTIVE = Objective(
     count_units=count_pairs, units="pairs", collate=collate_pairs, metrics=PAIR_METRICS,
     summary="simple preference optimisation: length-normalised log-prob rewards with a margin gamma (no reference)",
     refuses={"packing": NEVER_PACKED},
+    records="preference",
 )

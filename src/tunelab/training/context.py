@@ -143,12 +143,19 @@ class TrainingContext:
 
     # ------------------------------------------------------------ measuring the model
 
+    @property
+    def head_size(self) -> int | None:
+        """Outputs of the head the objective trains (None: the causal LM head), for the classes of this data."""
+        return self.objective_kind.head_size(self.data.classes)
+
     def validation_loss(self) -> dict[str, float]:
         """Token-weighted loss on the first ``eval.max_examples`` validation examples (the same ones every time)."""
         examples = self.data.validation[: self.config.eval.max_examples]
         with self.accelerator.autocast():  # float32 trainable and half-precision frozen weights meet as in training
-            return validation_loss(self.inner_model, examples, self.objective.loss_sum, self.pad_id,
-                                   self.config.eval.batch_size, self.device, self.accelerator, self.objective.collate)
+            figures = validation_loss(self.inner_model, examples, self.objective.loss_sum, self.pad_id,
+                                      self.config.eval.batch_size, self.device, self.accelerator, self.objective.collate)
+        derive = self.objective.derive
+        return {**figures, **derive(figures)} if derive else figures
 
     def heldout_loss(self) -> dict[str, float]:
         """Loss on general held-out text (the forgetting check), without autocast."""

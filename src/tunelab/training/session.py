@@ -25,6 +25,7 @@ from tunelab import distributed, fs
 from tunelab.card import write_card
 from tunelab.config import ConfigError, TunelabConfig
 from tunelab.data import PreparedData, prepare_data
+from tunelab.data.formats import RECORD_KINDS
 from tunelab.eval.before_after import base_evaluation, compare_with_base, forgetting_after
 from tunelab.eval.training import OverfittingSignal
 from tunelab.generation import sample_prompts
@@ -147,10 +148,19 @@ def _set_up(ctx: TrainingContext, resume: bool) -> tuple[LoopState, dict[str, An
     if config.training.eval_every and not ctx.data.validation:
         raise ConfigError("training.eval_every needs validation data, and there is none: set data.val_size above 0 "
                           "or give data.validation (or leave eval_every unset)")
+    _check_records(ctx)
+    if ctx.head_size is not None and (config.eval.forgetting or config.eval.num_samples):
+        log.info("the objective trains a score head, which generates no text: no sample generations and no "
+                 "forgetting check (a held-out language-model loss) in this run")
+        no_text = config.eval.model_copy(update={"forgetting": False, "num_samples": 0})
+        config = ctx.config = config.model_copy(update={"eval": no_text})
     ctx.model = load_model(config.model, ctx.device, ctx.technique.base_load(config.technique, ctx.device),
-                           num_labels=ctx.objective_kind.num_labels)
-    if ctx.objective_kind.num_labels is not None:  # a score head pools the last token that is not padding
+                           num_labels=ctx.head_size)
+    if ctx.head_size is not None:  # a score head pools the last token that is not padding
         ctx.model.config.pad_token_id = ctx.pad_id
+    if ctx.data.classes:  # the class names travel with the model: config.id2label, as transformers reads them
+        ctx.model.config.id2label = dict(enumerate(ctx.data.classes))
+        ctx.model.config.label2id = {name: i for i, name in enumerate(ctx.data.classes)}
     _check_technique_fits(ctx)  # seconds, on a weightless copy: before the minutes of base evaluation
     ctx.objective = ctx.objective_kind.bind(config.objective, same_model)  # the base is its own reference
     samples = sample_prompts(ctx.tokenizer, ctx.data.validation_examples, config.eval.num_samples)
@@ -190,14 +200,26 @@ def _set_up(ctx: TrainingContext, resume: bool) -> tuple[LoopState, dict[str, An
 
 def _tokenizer_and_data(config: TunelabConfig) -> tuple[Any, PreparedData]:
     tokenizer = load_tokenizer(config.model)
-    return tokenizer, prepare_data(config.data, tokenizer, cache_root() / "data")
+    # an objective that reads classes may fix their order (its `labels` setting); else the data's, sorted
+    classes = getattr(config.objective, "labels", None)
+    return tokenizer, prepare_data(config.data, tokenizer, cache_root() / "data", class_names_given=classes)
+
+
+def _check_records(ctx: TrainingContext) -> None:
+    """The objective trains on the kind of records the data holds (pairs for a preference objective...)."""
+    wanted, found = ctx.objective_kind.records, ctx.data.records
+    if wanted != found:
+        raise ConfigError(f"objective.name={ctx.config.objective.name} trains on {RECORD_KINDS[wanted]}, but "
+                          f"{', '.join(ctx.config.data.train)} holds {RECORD_KINDS[found]}; give data of that shape "
+                          "(data.columns can rename its keys) or choose another objective")
+
 
 
 def _check_technique_fits(ctx: TrainingContext) -> None:
     """Apply the technique to a weightless (meta-device) copy of the model, so a setting that does not fit it
     (a layer index, a module name) is reported at once, not after minutes of base evaluation."""
     base_load = ctx.technique.base_load(ctx.config.technique, ctx.device)
-    skeleton = model_skeleton(ctx.model.config, base_load, num_labels=ctx.objective_kind.num_labels)  # the same module types as the loaded base
+    skeleton = model_skeleton(ctx.model.config, base_load, num_labels=ctx.head_size)  # the same module types as the loaded base
     try:
         ctx.technique.apply(skeleton, ctx.config.technique,
                             RunContext(tasks=tuple(ctx.data.tasks), task_type=ctx.objective_kind.task_type))

@@ -1,0 +1,160 @@
+"""The classification objective on the tiny model: it learns a separable toy set to 100%, resume is exact, gradient
+accumulation equals the big batch, and the saved result opens in plain transformers/PEFT with the class names and
+gives the validation loss training ended with."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from support.ddp_driver import StopAfter
+from support.runs import TINY_RUN, checkpoint_tensors, tiny_config
+from support.tiny import ANIMALS, toy_chat_records, write_jsonl
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from tunelab.config import ConfigError, DataConfig
+from tunelab.data import prepare_data
+from tunelab.objectives import OBJECTIVES, LossSum, ObjectiveSpec
+from tunelab.objectives.classification import collate_labeled, macro_f1
+from tunelab.runs import read_metrics
+from tunelab.training import loop, train
+from tunelab.training.loop import accumulate_gradients
+
+CLASSES = ANIMALS[:3]  # cat, dog, fox: the class is the animal the text names, so the set is separable
+
+
+def toy_labeled(n: int = 48) -> list[dict[str, str]]:
+    verbs = ["jumps over the lazy", "is quick and brown", "says hello to the", "counts from one to five"]
+    return [{"text": f"the {CLASSES[i % 3]} {verbs[(i // 3) % 4]} {ANIMALS[3 + i % 3]} {i}", "label": CLASSES[i % 3]}
+            for i in range(n)]
+
+
+def classification_config(model_dir: Path, tmp_path: Path, name: str = "run", **sections: dict[str, Any]):  # noqa: ANN201
+    data = write_jsonl(tmp_path / "labeled.jsonl", toy_labeled())
+    merged: dict[str, dict[str, Any]] = {
+        "objective": {"name": "classification"}, "data": {"train": [str(data)], **TINY_RUN["data"], "packing": False},
+        "technique": TINY_RUN["technique"], "training": TINY_RUN["training"],
+        "eval": {"num_samples": 0, "before_after": False}, "output": {"dir": str(tmp_path / name)}}
+    for section, values in sections.items():
+        merged[section] = values if section == "technique" else {**merged[section], **values}
+    return tiny_config(model_dir, **merged)
+
+
+def test_it_learns_a_separable_set_to_100_percent(tiny_model_dir: Path, tmp_path: Path) -> None:
+    config = classification_config(tiny_model_dir, tmp_path, training={"max_steps": 40, "learning_rate": 1e-2,
+                                                                       "eval_every": 40})
+    result = train(config, progress=False)
+    assert result.status == "completed"
+    final = [m for m in read_metrics(result.run_dir) if m["kind"] == "eval"][-1]
+    assert final["accuracy"] == 1.0 and final["macro_f1"] == 1.0
+    assert sum(final[f"confusion_{c}_{c}"] for c in range(3)) == pytest.approx(1.0)
+    report = json.loads((result.run_dir / "data_report.json").read_text())
+    assert report["classes"]["names"] == CLASSES
+
+
+def test_the_objective_refuses_data_of_another_shape(tiny_model_dir: Path, tmp_path: Path) -> None:
+    config = classification_config(tiny_model_dir, tmp_path)
+    chats = write_jsonl(tmp_path / "chats.jsonl", toy_chat_records(16))
+    config = config.model_copy(update={"data": config.data.model_copy(update={"train": [str(chats)]})})
+    with pytest.raises(ConfigError, match=r"objective.name=classification trains on labeled texts .* holds SFT records"):
+        train(config, progress=False)
+
+
+def test_resume_is_exact(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sections = {"training": {"save_every": 5}}
+    straight = classification_config(tiny_model_dir, tmp_path, "straight", **sections)
+    assert train(straight, progress=False).step == 10
+    split = classification_config(tiny_model_dir, tmp_path, "split", **sections)
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "_StopRequest", StopAfter(5))
+        assert train(split, progress=False).step == 5
+    assert train(split, resume=True, progress=False).step == 10
+    weights_a, _ = checkpoint_tensors(Path(straight.output.dir), 10)
+    weights_b, _ = checkpoint_tensors(Path(split.output.dir), 10)
+    assert weights_a.keys() == weights_b.keys() and any("score" in name for name in weights_a)  # the head trains
+    for name in weights_a:
+        assert torch.equal(weights_a[name], weights_b[name]), name
+
+
+def _grads(model: torch.nn.Module, window: list[dict[str, torch.Tensor]], spec: ObjectiveSpec) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    accumulate_gradients(model, window, spec, Accelerator(cpu=True))
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("weights", [None, {"dog": 3.0}])
+def test_accumulation_equals_the_big_batch(tiny_model_dir: Path, tmp_path: Path, weights: dict | None) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    data = prepare_data(DataConfig(train=[str(write_jsonl(tmp_path / "c.jsonl", toy_labeled(6)))], val_size=0),
+                        tokenizer)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3).eval()  # no dropout
+    model.config.pad_token_id, model.config.id2label = tokenizer.pad_token_id, dict(enumerate(data.classes))
+    objective = OBJECTIVES["classification"]
+    spec = objective.bind(objective.config_class(class_weights=weights))
+    rows, pad = data.train, tokenizer.pad_token_id
+    big = _grads(model, [collate_labeled([[r] for r in rows], pad)], spec)
+    uneven = _grads(model, [collate_labeled([[rows[0]]], pad), collate_labeled([[r] for r in rows[1:]], pad)], spec)
+    for key in big:
+        torch.testing.assert_close(uneven[key], big[key], rtol=1e-4, atol=1e-7)
+    mean_of_means = ObjectiveSpec(lambda m, b: LossSum(spec.loss_sum(m, b).loss_sum / spec.count_units(b), 1),
+                                  lambda b: 1)  # negative control: the lone sequence weighs five times too much
+    naive = _grads(model, [collate_labeled([[rows[0]]], pad), collate_labeled([[r] for r in rows[1:]], pad)], mean_of_means)
+    assert any(not torch.allclose(naive[k] / 2, big[k], rtol=1e-3, atol=1e-7) for k in big)
+
+
+def test_class_weights_weigh_each_class_in_the_loss(tiny_model_dir: Path, tmp_path: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    data = prepare_data(DataConfig(train=[str(write_jsonl(tmp_path / "c.jsonl", toy_labeled(6)))], val_size=0),
+                        tokenizer)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3).eval()
+    model.config.pad_token_id, model.config.id2label = tokenizer.pad_token_id, dict(enumerate(data.classes))
+    batch = collate_labeled([[r] for r in data.train], tokenizer.pad_token_id)
+    objective = OBJECTIVES["classification"]
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        weighted = objective.bind(objective.config_class(class_weights={"dog": 3.0})).loss_sum(model, batch)
+    each = F.cross_entropy(logits, batch["class_ids"], reduction="none")
+    factor = torch.where(batch["class_ids"] == data.classes.index("dog"), 3.0, 1.0)
+    torch.testing.assert_close(weighted.loss_sum, (each * factor).sum(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="names bird, which are not classes of the data"):
+        objective.bind(objective.config_class(class_weights={"bird": 2.0})).loss_sum(model, batch)
+
+
+def test_macro_f1_from_confusion_shares() -> None:
+    # truth 0 -> predicted 0 twice, truth 1 -> predicted 0 once, truth 1 -> predicted 1 once (shares of 4)
+    figures = {"confusion_0_0": 0.5, "confusion_0_1": 0.0, "confusion_1_0": 0.25, "confusion_1_1": 0.25}
+    f1_0, f1_1 = 2 * 2 / (2 * 2 + 1), 2 * 1 / (2 * 1 + 1)
+    assert macro_f1(figures)["macro_f1"] == pytest.approx((f1_0 + f1_1) / 2, abs=1e-6)
+
+
+@pytest.mark.parametrize("technique", [{"name": "lora", "r": 4}, {"name": "full"}])
+def test_the_result_reloads_in_plain_transformers(tiny_model_dir: Path, tmp_path: Path, technique: dict) -> None:
+    config = classification_config(tiny_model_dir, tmp_path, technique=technique,
+                                   training={"max_steps": 6, "eval_every": 6, "learning_rate": 1e-2})
+    result = train(config, progress=False)
+    final = [m for m in read_metrics(result.run_dir) if m["kind"] == "eval"][-1]
+    tokenizer = AutoTokenizer.from_pretrained(result.run_dir / "tokenizer")
+    if technique["name"] == "lora":
+        from peft import PeftModel
+
+        base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3)
+        base.config.pad_token_id = tokenizer.pad_token_id
+        model = PeftModel.from_pretrained(base, result.run_dir / "adapter")
+        names = CLASSES
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(result.run_dir / "model")
+        names = [model.config.id2label[i] for i in range(3)]
+    assert names == CLASSES
+    data = prepare_data(config.data, tokenizer)
+    batch = collate_labeled([[r] for r in data.validation], tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = model.eval()(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    loss = F.cross_entropy(logits.float(), batch["class_ids"]).item()
+    assert loss == pytest.approx(final["loss"], abs=1e-5)
+    assert (logits.argmax(-1) == batch["class_ids"]).float().mean().item() == pytest.approx(final["accuracy"])
