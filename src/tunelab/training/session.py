@@ -149,11 +149,6 @@ def _set_up(ctx: TrainingContext, resume: bool) -> tuple[LoopState, dict[str, An
         raise ConfigError("training.eval_every needs validation data, and there is none: set data.val_size above 0 "
                           "or give data.validation (or leave eval_every unset)")
     _check_records(ctx)
-    if ctx.head_size is not None and (config.eval.forgetting or config.eval.num_samples):
-        log.info("the objective trains a score head, which generates no text: no sample generations and no "
-                 "forgetting check (a held-out language-model loss) in this run")
-        no_text = config.eval.model_copy(update={"forgetting": False, "num_samples": 0})
-        config = ctx.config = config.model_copy(update={"eval": no_text})
     ctx.model = load_model(config.model, ctx.device, ctx.technique.base_load(config.technique, ctx.device),
                            num_labels=ctx.head_size)
     if ctx.head_size is not None:  # a score head pools the last token that is not padding
