@@ -226,3 +226,65 @@ def test_a_missing_run_folder_is_named_not_sent_to_the_hub(runs: dict[str, Path]
         flat = " ".join(result.output.split())
         assert expected in flat, flat
         assert "hf download" not in flat
+
+
+QUICK = dict(metrics=["exact_match"], max_new_tokens=4, resamples=20)
+
+
+def test_each_comparison_keeps_its_report_and_a_different_one_is_not_replaced(runs: dict[str, Path]) -> None:
+    """`--against base` and `--against RUN` on one file keep both reports; a smaller re-run does not silently
+    replace the report of a bigger one, and --overwrite does."""
+    vs_base = evaluate(runs["a"], [runs["test"]], ["base"], settings=EvalSettings(**QUICK))
+    vs_b = evaluate(runs["a"], [runs["test"]], [str(runs["b"])], settings=EvalSettings(**QUICK))
+    assert Path(vs_base["output"]) == runs["a"] / "evals" / "test-vs-base"
+    assert Path(vs_b["output"]) == runs["a"] / "evals" / "test-vs-b"
+    for report in (vs_base, vs_b):
+        assert json.loads((Path(report["output"]) / "eval.json").read_text())["systems"] == report["systems"]
+    again = evaluate(runs["a"], [runs["test"]], ["base"], settings=EvalSettings(**QUICK))  # the same: replaced
+    assert again["output"] == vs_base["output"]
+    kept = (Path(vs_base["output"]) / "eval.json").read_text()
+    result = CliRunner(env={"COLUMNS": "250"}).invoke(app, [
+        "eval", str(runs["a"]), "--data", str(runs["test"]), "--against", "base", "--metric", "exact_match",
+        "--max-new-tokens", "4", "--resamples", "20", "--max-examples", "3", "--no-progress"])
+    assert result.exit_code != 0
+    flat = " ".join(result.output.split())
+    assert "holds the report of another evaluation" in flat and "max_examples None -> 3" in flat, flat
+    assert "--overwrite" in flat
+    assert (Path(vs_base["output"]) / "eval.json").read_text() == kept
+    result = CliRunner(env={"COLUMNS": "250"}).invoke(app, [
+        "eval", str(runs["a"]), "--data", str(runs["test"]), "--against", "base", "--metric", "exact_match",
+        "--max-new-tokens", "4", "--resamples", "20", "--max-examples", "3", "--no-progress", "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((Path(vs_base["output"]) / "eval.json").read_text())["examples"] == 3
+    assert f"report: {vs_base['output']}/report.html" in " ".join(result.output.split())  # says where it went
+
+
+def test_a_bad_against_is_refused_before_any_evaluation(runs: dict[str, Path], tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from tunelab.eval import runner
+
+    scored: list[str] = []
+    monkeypatch.setattr(runner, "score_system", lambda opened, *a, **k: scored.append(opened.name))
+    for bad in (str(runs["a"].parent / "no-such-run"), str(tmp_path)):
+        with pytest.raises(ConfigError, match="no such run|not a tunelab run"):
+            evaluate(runs["a"], [runs["test"]], ["base", bad], output=tmp_path / "out", settings=EvalSettings(**QUICK))
+    assert scored == [], "the target must not be evaluated before every system is checked"
+
+
+def test_a_failed_evaluation_leaves_no_temporary_file(runs: dict[str, Path], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from tunelab.eval import runner
+
+    real = runner.score_system
+
+    def failing_second(opened: object, examples: list, prompts: list, plain_text: bool, metrics: list, settings: EvalSettings,
+                       out_path: Path, *rest: object) -> runner.SystemScores:
+        if out_path.name == ".system-1.jsonl.tmp":
+            out_path.write_text("half\n")
+            raise RuntimeError("out of memory")
+        return real(opened, examples, prompts, plain_text, metrics, settings, out_path, *rest)
+
+    monkeypatch.setattr(runner, "score_system", failing_second)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        evaluate(runs["a"], [runs["test"]], ["base"], output=tmp_path / "out", settings=EvalSettings(**QUICK))
+    assert not list((tmp_path / "out").glob("*.tmp")) and not list((tmp_path / "out").glob(".system-*"))

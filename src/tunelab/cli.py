@@ -254,7 +254,8 @@ def eval_command(
     data: Annotated[list[Path], typer.Option("--data", help="Evaluation file(s), in any training data format")],
     against: Annotated[Optional[list[str]], typer.Option("--against", help="Compare with 'base' (the target's base model), a run folder or a model (repeatable)")] = None,
     adapter: Annotated[Optional[Path], typer.Option(help="A PEFT adapter to put on TARGET (a model)")] = None,
-    output: Annotated[Optional[Path], typer.Option(help="Report folder (default: RUN/evals/<data name>, or evals/<target>-<data name>)")] = None,
+    output: Annotated[Optional[Path], typer.Option(help="Report folder (default: RUN/evals/<data name>[-vs-<systems>], or evals/<target>-<data name>[-vs-<systems>])")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the report of a different evaluation (other data, systems or settings) in the output folder")] = False,
     metric: Annotated[Optional[list[str]], typer.Option("--metric", help="Generation metric (repeatable): exact_match, bleu, chrf, rouge_1, rouge_2, rouge_l, or module:function. Default: all built-in ones")] = None,
     labels: Annotated[Optional[str], typer.Option(help="Classification: comma-separated labels, chosen by their log-likelihood")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Token budget of each generation")] = 128,
@@ -292,7 +293,7 @@ def eval_command(
     )
     try:
         report = evaluate(target, data, against or [], adapter=adapter, output=output, settings=settings,
-                          progress=progress)
+                          progress=progress, overwrite=overwrite)
     except _USER_ERRORS as exc:
         _fail(str(exc))
     if as_json:

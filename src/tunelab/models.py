@@ -214,6 +214,13 @@ def _offline_help(name: str, exc: Exception) -> ModelLoadError:
     )
 
 
+def check_model_available(name: str) -> None:
+    """Refuse, as loading it would, a model that cannot be opened, reading only its config.json (no weights)."""
+    from transformers import AutoConfig  # why: only this check needs it; transformers is imported by then anyway
+
+    _from_hub_or_cache(AutoConfig.from_pretrained, resolve_model_path(name), name)
+
+
 def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
     path = resolve_model_path(config.name)
     return _from_hub_or_cache(

@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 
 from tunelab.config import TunelabConfig, build_config, read_run_config
 from tunelab.errors import ConfigError, TechniqueError
-from tunelab.models import ModelConfig, default_device, load_model, load_tokenizer
+from tunelab.models import ModelConfig, check_model_available, default_device, load_model, load_tokenizer
 from tunelab.techniques import TECHNIQUES, Technique, technique_for_adapter
 from tunelab.techniques.attach import adapter_dir, load_adapter
 from tunelab.techniques.base import ADAPTER_CONFIG
@@ -158,6 +158,23 @@ def open_model(target: str | Path, adapter: str | Path | None = None, device: to
     model = load_adapter(model, folder).to(device)
     label = folder.parent.name if (folder.parent / RUN_CONFIG).is_file() else folder.name
     return OpenedModel(f"{name}+{label}", model.eval(), tokenizer, str(target), dtype)
+
+
+def check_openable(target: str | Path, adapter: str | Path | None = None) -> str | None:
+    """Refuse what ``open_model`` would refuse, without loading any weights; return the base it would report
+    (what ``--against base`` means; None for a plain model)."""
+    path = Path(target)
+    check_local_target(path)
+    if adapter is None and ((path / RUN_CONFIG).is_file() or (path / ADAPTER_CONFIG).is_file()):
+        return find_result(path).base
+    check_model_available(str(target))
+    if adapter is None:
+        return None
+    try:
+        adapter_dir(adapter)
+    except TechniqueError:
+        raise ConfigError(f"{adapter}: not an adapter folder (no {ADAPTER_CONFIG})") from None
+    return str(target)
 
 
 def check_local_target(path: Path) -> None:

@@ -12,7 +12,7 @@
       checkpoints/         resumable checkpoints (latest and best)
       status.json          running / interrupted / completed / failed, and the final step
       run_info.json        parameters, peak memory, wall time per phase, tokens/s, library versions, hardware
-      evals/<data name>/   reports of `tunelab eval` on this run (eval.json, report.md/html, predictions.jsonl)
+      evals/<data>-vs-<systems>/  reports of `tunelab eval` on this run (eval.json, report.md/html, predictions.jsonl)
       tensorboard/, mlruns/  TensorBoard events and a local MLflow store, when training.report_to asks for them
       .tunelab-lock        while a process writes the run: its pid and host (a second writer is refused)
 

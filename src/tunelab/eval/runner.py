@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -33,7 +34,7 @@ from tunelab.eval.technique import technique_figures
 from tunelab.generation import Sampling, generate_texts
 from tunelab.metrics import Classification, Metric, Normalization, example_scores, loss_metrics, resolve_metrics
 from tunelab.models import default_device
-from tunelab.result import open_model
+from tunelab.result import check_openable, open_model
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +74,30 @@ class SystemScores:
 # ---------------------------------------------------------------- the output folder
 
 
-def default_output(target: str | Path, data_files: list[Path]) -> Path:
+def default_output(target: str | Path, data_files: list[Path], against: list[str] | None = None) -> Path:
+    """RUN/evals/<data>[-vs-<systems>] for a run, else evals/<target>-<data>[-vs-<systems>]: one folder per
+    comparison, so `--against base` and `--against RUN` on one file keep both reports."""
     stem = "-".join(p.stem for p in data_files)[:80]
+    if against:
+        stem += "-vs-" + "-".join(re.sub(r"[^\w.+-]", "_", Path(a).name or a) for a in against)[:80]
     if (Path(target) / "config.yaml").is_file():  # a run: its evaluations live with it
         return Path(target) / "evals" / stem
     return Path("evals") / f"{Path(str(target)).name or 'model'}-{stem}"
+
+
+def check_replaceable(folder: Path, request: dict[str, Any], overwrite: bool) -> None:
+    """Refuse to replace a different evaluation's report (other data, systems or settings) without ``overwrite``;
+    the same evaluation run again replaces its own."""
+    earlier = fs.read_json(folder / "eval.json") if (folder / "eval.json").is_file() else None
+    if earlier is None or overwrite or earlier.get("request") == request:
+        return
+    before = earlier.get("request") or {}
+    changed = [key for key in ("target", "adapter", "against", "data") if before.get(key) != request[key]]
+    changed += [f"{key} {before.get('settings', {}).get(key)!r} -> {value!r}"
+                for key, value in request["settings"].items() if before.get("settings", {}).get(key) != value]
+    raise ConfigError(f"{folder} holds the report of another evaluation (differs in: "
+                      f"{', '.join(changed) or 'written by an older tunelab'}); keep it and choose another folder "
+                      "with --output, or replace it with --overwrite")
 
 
 def claim_output(folder: Path) -> None:
@@ -218,28 +238,55 @@ def biggest_changes(target: SystemScores, other: SystemScores, metric: Metric, t
 
 def evaluate(target: str | Path, data_files: list[str | Path], against: list[str] | None = None,
              adapter: str | Path | None = None, output: str | Path | None = None,
-             settings: EvalSettings | None = None, device: Any = None, progress: bool = False) -> dict[str, Any]:
+             settings: EvalSettings | None = None, device: Any = None, progress: bool = False,
+             overwrite: bool = False) -> dict[str, Any]:
     """Evaluate ``target`` on ``data_files`` and compare it with each of ``against`` ('base', a run folder, a
-    model folder or name); returns eval.json's content and writes the report files."""
+    model folder or name); returns eval.json's content and writes the report files. A different evaluation's
+    report in the output folder is replaced only with ``overwrite``."""
     settings = settings or EvalSettings()
     against = list(against or [])
     files = [Path(f) for f in data_files]
     if not files:
         raise ConfigError("no evaluation data: give --data FILE")
-    out_dir = Path(output) if output is not None else default_output(target, files)
+    out_dir = Path(output) if output is not None else default_output(target, files, against)
     metrics = resolve_metrics([] if settings.labels and settings.metrics == EvalSettings().metrics else settings.metrics,
                               settings.normalization)
     device = torch.device(device) if device is not None else default_device()
     examples = [e for f in files for e in load_file(f).examples][: settings.max_examples]
     if not examples:
         raise DataError(f"{', '.join(map(str, files))}: no examples to evaluate")
+    # every system is checked before any is evaluated: a bad --against costs nothing
+    specs = [str(target)] + [_against_spec(a, check_openable(target, adapter)) for a in against]
+    for spec in specs[1:]:
+        check_openable(spec)
+    request = json.loads(json.dumps({
+        "target": str(target), "adapter": None if adapter is None else str(adapter), "against": against,
+        "data": [str(f) for f in files], "settings": {**asdict(settings), "normalization": asdict(settings.normalization)},
+    }))  # as eval.json holds it
+    check_replaceable(out_dir, request, overwrite)
     claim_output(out_dir)
+    try:
+        report = _evaluate_systems(specs, against, adapter, examples, files, metrics, settings, out_dir, device, progress)
+    finally:  # a failure or Ctrl-C leaves no per-system temporary file
+        for leftover in out_dir.glob(".system-*.jsonl.tmp"):
+            leftover.unlink(missing_ok=True)
+    report["request"] = request
+    write_reports(out_dir, report, _run_quantize_report(target))
+    report["output"] = str(out_dir)
+    return report
+
+
+def _evaluate_systems(specs: list[str], against: list[str], adapter: str | Path | None, examples: list[Any],
+                      files: list[Path], metrics: list[Metric], settings: EvalSettings, out_dir: Path, device: Any,
+                      progress: bool) -> dict[str, Any]:
+    """Each system in turn (one model in memory), then the comparison; writes predictions.jsonl. ``specs``: the
+    target, then each of ``against`` as given ('base' resolved)."""
+    target = specs[0]
     opened = open_model(target, adapter, device, settings.dtype)
     tokenizer = opened.tokenizer  # renders every system's prompts: the same inputs for all
     prompts = [prompt_for_generation(tokenizer, e)[0] for e in examples]
     references = [_reference(e) for e in examples]
     plain_text = not examples[0].messages
-    specs = [str(target)] + [_against_spec(a, opened) for a in against]
     systems: list[SystemScores] = []
     figures: dict[str, Any] | None = None
     for position, spec in enumerate(specs):
@@ -262,8 +309,6 @@ def evaluate(target: str | Path, data_files: list[str | Path], against: list[str
         report["technique"] = figures
     write_predictions(out_dir, systems, examples, prompts, references)
     _attach_examples(report, out_dir)
-    write_reports(out_dir, report, _run_quantize_report(target))
-    report["output"] = str(out_dir)
     return report
 
 
@@ -273,13 +318,13 @@ def _run_quantize_report(target: str | Path) -> dict[str, Any] | None:
     return fs.read_json(run_dir / QUANTIZE_REPORT) if (run_dir / "config.yaml").is_file() else None
 
 
-def _against_spec(spec: str, target: Any) -> str:
+def _against_spec(spec: str, target_base: str | None) -> str:
     if spec != "base":
         return spec
-    if target.base is None:
+    if target_base is None:
         raise ConfigError("--against base: the target is a plain model, so it has no base; give a run folder or "
                           "an adapter as TARGET, or name the other model")
-    return target.base
+    return target_base
 
 
 def _unique(name: str, taken: list[str], against: list[str], position: int) -> str:
