@@ -22,28 +22,54 @@ OWNERS = {"technique": ("techniques", set(TECHNIQUES)), "objective": ("objective
 # Words of another layer that happen to equal a registered name, each with why it is not that name:
 # (file under src/tunelab, word) -> reason. The test fails when an entry no longer occurs, so the list stays true.
 OTHER_MEANINGS = {
-    ("data/formats.py", "sft"): "the data layer's kind of SFT-format records (RECORD_KINDS), which objectives declare "
-                                "they read; data sits below objectives, so it names its own record kinds",
-    ("data/prepare.py", "sft"): "the same record kind, as PreparedData.records reports it",
+    ("data/prepare.py", "sft"): "the data layer's kind of SFT-format records (formats.RECORD_KINDS, PreparedData.records), "
+                                "which objectives declare they read; data sits below objectives, so it names its own "
+                                "record kinds",
     ("eval/report.py", "classification"): "the section of tunelab eval's report for label scoring (eval.json's key), "
                                           "older than the classification objective",
-    ("eval/runner.py", "classification"): "where tunelab eval writes that section",
 }
 
 
 def name_leaks(source: str, owner: str, names: set[str]) -> list[tuple[int, str]]:
-    """(line, what) for every place in ``source`` that names one of ``names`` outside the ``owner`` package."""
+    """(line, what) for every place in ``source`` that names one of ``names`` outside the ``owner`` package: a
+    registered name as a string where code tells techniques (or objectives) apart or chooses one, or an import of
+    one's own module. A string elsewhere (a dict key, a list of words, an f-string's text) is another meaning."""
+    tree = ast.parse(source)
     leaks = []
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names:
-            leaks.append((node.lineno, repr(node.value)))
-        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
             base = [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
             modules = base + [".".join(base + [alias.name]) for alias in node.names]
             owned = [m for m in modules if _owned_module(m, owner, names)]
             if owned:
                 leaks.append((node.lineno, f"import {owned[0]}"))
-    return sorted(leaks)
+        leaks += [(value.lineno, repr(value.value)) for value in _choosing(node) if _is_name(value, names)]
+    return sorted(set(leaks))
+
+
+def _choosing(node: ast.AST) -> list[ast.AST]:
+    """The expressions of ``node`` that pick or test an identity: compared values (==, !=, in), an assigned or
+    default value, a ``.get(key, default)`` default, a ``name`` entry or keyword, a registry's subscript."""
+    if isinstance(node, ast.Compare):
+        return [node.left, *node.comparators]
+    if isinstance(node, (ast.Assign, ast.AnnAssign)):
+        return [node.value] if node.value is not None else []
+    if isinstance(node, ast.arguments):
+        return [*node.defaults, *(d for d in node.kw_defaults if d is not None)]
+    if isinstance(node, ast.Call):
+        found = [k.value for k in node.keywords if k.arg == "name"]
+        if isinstance(node.func, ast.Attribute) and node.func.attr == "get" and len(node.args) == 2:
+            found.append(node.args[1])
+        return found
+    if isinstance(node, ast.Dict):
+        return [v for k, v in zip(node.keys, node.values) if isinstance(k, ast.Constant) and k.value == "name"]
+    if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id.isupper():
+        return [node.slice]  # TECHNIQUES["lora"], OBJECTIVES["sft"]
+    return []
+
+
+def _is_name(node: ast.AST, names: set[str]) -> bool:
+    return isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names
 
 
 def _owned_module(module: str, owner: str, names: set[str]) -> bool:
@@ -55,14 +81,21 @@ def test_the_scanner_sees_names_and_ignores_prose() -> None:
     names = {"full", "lora"}
     leaky = ('if technique.get("name") != "full":\n    pass\n'
              'default = "lora"\n'
-             'key = f"lora{1}"\n'
+             'spec = TECHNIQUES["lora"]\n'
              "from tunelab.techniques import lora\n"
              "from tunelab.techniques.full import prepare\n"
-             "import tunelab.techniques.lora\n")
-    assert [line for line, _ in name_leaks(leaky, "techniques", names)] == [1, 3, 4, 5, 6, 7]
+             "import tunelab.techniques.lora\n"
+             'chosen = section.get("name", "lora")\n'
+             'config = {"name": "full"}\n'
+             'def build(name="lora"): pass\n')
+    assert [line for line, _ in name_leaks(leaky, "techniques", names)] == [1, 3, 4, 5, 6, 7, 8, 9, 10]
     prose = ('"""Techniques such as full or lora are listed by the registry."""\n'
              'HELP = f"one of {\', \'.join(TECHNIQUES)}"\n'
              'note = "a full fine-tune"\n'
+             'request = {"full": 1, "target": 2}\n'
+             'keys = ("target", "lora")\n'
+             'key = f"lora{1}"\n'
+             'value = report["full"]\n'
              "from tunelab.techniques import TECHNIQUES, base\n")
     assert name_leaks(prose, "techniques", names) == []
 
