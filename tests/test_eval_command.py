@@ -288,3 +288,31 @@ def test_a_failed_evaluation_leaves_no_temporary_file(runs: dict[str, Path], tmp
     with pytest.raises(RuntimeError, match="out of memory"):
         evaluate(runs["a"], [runs["test"]], ["base"], output=tmp_path / "out", settings=EvalSettings(**QUICK))
     assert not list((tmp_path / "out").glob("*.tmp")) and not list((tmp_path / "out").glob(".system-*"))
+
+
+def test_the_overall_verdict_names_the_primary_winner_and_the_metrics_that_disagree() -> None:
+    from tunelab.eval.runner import overall_verdict
+    from tunelab.metrics import Normalization, loss_metrics, resolve_metrics
+
+    metrics = [*loss_metrics(), *resolve_metrics(["chrf", "rouge_l"], Normalization())]
+    primary = next(m for m in metrics if m.name == "rouge_l")
+    compared = {"loss": {"delta": -0.3, "verdict": "better"}, "perplexity": {"delta": -1.2, "verdict": "better"},
+                "chrf": {"delta": -2.0, "verdict": "worse"}, "rouge_l": {"delta": -0.05, "verdict": "no clear difference"}}
+    assert overall_verdict("a", "b", primary, compared, metrics) == (
+        "b wins on the primary metric rouge_l (-0.0500, not clear: its interval includes 0); the metrics disagree: "
+        "a is better on loss, perplexity and worse on chrf, rouge_l than b")
+    agreeing = {**compared, "chrf": {"delta": 1.0, "verdict": "better"}, "rouge_l": {"delta": 0.1, "verdict": "better"}}
+    assert overall_verdict("a", "b", primary, agreeing, metrics) == (
+        "a wins on the primary metric rouge_l (+0.1000, clear); every metric that moved agrees")
+
+
+def test_the_overall_verdict_is_printed_and_in_the_reports(runs: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    result = CliRunner(env={"COLUMNS": "250"}).invoke(app, [
+        "eval", str(runs["a"]), "--data", str(runs["test"]), "--against", "base", "--metric", "rouge_l",
+        "--metric", "chrf", "--max-new-tokens", "4", "--resamples", "20", "--output", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    overall = json.loads((out / "eval.json").read_text())["comparisons"][0]["overall"]
+    assert "on the primary metric rouge_l" in overall
+    assert f"verdict: {overall}" in result.output
+    assert "**Verdict:**" in (out / "report.md").read_text() and "Verdict:" in (out / "report.html").read_text()

@@ -330,6 +330,8 @@ def print_eval_report(report: dict[str, Any], technique_tables: Sequence[Any] = 
             table.add_row(metric, f"{c['delta']:+.4f}", f"[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]",
                           Text(c["verdict"], style=style), f"{c['wins']}/{c['losses']}/{c['ties']}")
         print_table(table)
+        if comparison.get("overall"):  # reports written before the overall verdict have none
+            console.print(f"verdict: {comparison['overall']}", soft_wrap=True, highlight=False)
         for key, title in (("improved", "improved most"), ("worsened", "worsened most")):
             for example in comparison[key][:3]:
                 changes = Table(title=f"{title} ({report['primary_metric']}): {example['source']}", show_lines=True,

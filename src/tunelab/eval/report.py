@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,8 @@ def markdown(report: dict[str, Any], quantize: dict[str, Any] | None = None) -> 
         for metric, c in comparison["metrics"].items():
             lines.append(f"| {metric} | {signed(c['delta'])} | [{signed(c['ci_low'])}, {signed(c['ci_high'])}] | "
                          f"{c['verdict']} | {c['wins']} | {c['losses']} | {c['ties']} |")
+        if comparison.get("overall"):
+            lines += ["", f"**Verdict:** {_md_escape(comparison['overall'])}"]
         for key, title in (("improved", "Biggest improvements"), ("worsened", "Biggest regressions")):
             lines += ["", f"### {title} ({report['primary_metric']})", ""]
             if not comparison[key]:
@@ -141,6 +144,11 @@ def quantize_html(quantize: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def _md_escape(text: str) -> str:
+    """Text in Markdown prose, shown as written: every punctuation character Markdown could read is escaped."""
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>~])", r"\\\1", text)
+
+
 def _md_quote(label: str, text: str | None) -> str:
     body = (text or "").strip().replace("\n", " ⏎ ")
     if len(body) > 400:
@@ -185,6 +193,8 @@ def html_report(report: dict[str, Any], quantize: dict[str, Any] | None = None) 
                          f"{signed(c['ci_high'])}]</td><td class='{css}'>{esc(c['verdict'])}</td><td>{c['wins']}</td>"
                          f"<td>{c['losses']}</td><td>{c['ties']}</td></tr>")
         parts.append("</table>")
+        if comparison.get("overall"):
+            parts.append(f"<p><strong>Verdict:</strong> {esc(comparison['overall'])}</p>")
         parts.append("<h3>Relative change with its interval</h3>" + delta_plot(report, comparison))
         parts.append("<h3>Wins, losses and ties per example</h3>" + wins_plot(comparison))
         for key, title in (("improved", "Biggest improvements"), ("worsened", "Biggest regressions")):

@@ -210,6 +210,23 @@ def compare(target: SystemScores, other: SystemScores, metrics: list[Metric], se
     return result
 
 
+def overall_verdict(target: str, other: str, primary: Metric, compared: dict[str, Any], metrics: list[Metric]) -> str:
+    """One line: who wins on the primary metric (and whether its interval is clear of 0), and whether the metrics
+    agree; when they do not, which favour which system (by the sign of each delta, in the metric's direction)."""
+    result = compared[primary.name]
+    sign = 1 if primary.higher_is_better else -1
+    winner = target if sign * result["delta"] > 0 else other if sign * result["delta"] < 0 else None
+    clear = "clear" if result["verdict"] != "no clear difference" else "not clear: its interval includes 0"
+    line = (f"{winner} wins on the primary metric {primary.name} ({result['delta']:+.4f}, {clear})" if winner
+            else f"no winner on the primary metric {primary.name} (a tie)")
+    better = [m.name for m in metrics if (1 if m.higher_is_better else -1) * compared[m.name]["delta"] > 0]
+    worse = [m.name for m in metrics if (1 if m.higher_is_better else -1) * compared[m.name]["delta"] < 0]
+    if better and worse:
+        return (f"{line}; the metrics disagree: {target} is better on {', '.join(better)} and worse on "
+                f"{', '.join(worse)} than {other}")
+    return f"{line}; every metric that moved agrees"
+
+
 def primary_metric(metrics: list[Metric], settings: EvalSettings) -> Metric:
     names = {m.name: m for m in metrics}
     if settings.primary:
@@ -378,9 +395,11 @@ def build_report(systems: list[SystemScores], examples: list[Any], references: l
         report["classification"] = {"labels": settings.labels, "confusion": {s.name: s.confusion for s in systems}}
     for other in systems[1:]:
         improved, worsened = biggest_changes(target, other, primary, settings.top_n)
+        metrics_compared = compare(target, other, scored, settings, indices)
         report["comparisons"].append({
             "against": other.name,
-            "metrics": compare(target, other, scored, settings, indices),
+            "metrics": metrics_compared,
+            "overall": overall_verdict(target.name, other.name, primary, metrics_compared, scored),
             "improved": improved, "worsened": worsened,
         })
     return report
