@@ -35,6 +35,15 @@ def tiny_tokenizer(tiny_model_dir: Path) -> PreTrainedTokenizerFast:
 
 
 @pytest.fixture(autouse=True)
+def host_independent_precision(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test gives the same numbers on every CPU: ``model.dtype: auto`` trains in float32 here whatever the
+    host's CPU flags, unless a test says the CPU has native bfloat16 (tests/test_precision.py does)."""
+    from tunelab import precision
+
+    monkeypatch.setattr(precision, "detect_cpu_bf16", lambda: precision.CpuBf16(False, "tests: float32 on every host"))
+
+
+@pytest.fixture(autouse=True)
 def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test gets its own tunelab cache, except the real-model cache which is shared (conversion is slow)."""
     from tunelab.models import model_cache_dir

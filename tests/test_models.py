@@ -43,9 +43,15 @@ def test_embedded_alias_needs_its_package(monkeypatch: pytest.MonkeyPatch, tmp_p
         resolve_model_path("smollm2-135m-instruct")
 
 
-def test_dtype_auto_is_float32_on_cpu() -> None:
+def test_dtype_auto_is_float32_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For inference; training's precision is tests/test_precision.py's. bfloat16 stays where the CPU has it."""
+    from tunelab import precision
+
+    monkeypatch.setattr(precision, "detect_cpu_bf16", lambda: precision.CpuBf16(True, "test: native"))
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    monkeypatch.setattr(precision, "detect_cpu_bf16", lambda: precision.CpuBf16(False, "test: emulated"))
+    assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.float32
 
 
 def test_the_download_command_in_the_hint_exists() -> None:

@@ -1,9 +1,13 @@
 """Precision: mixed precision trains float32 master weights (small updates survive), a CPU without native bfloat16
-trains in float32 and says why, and float16 on a CPU is refused before anything is written."""
+trains in float32 and says why, ``auto`` picks bfloat16 autocast only where the CPU has it natively (detected from
+/proc/cpuinfo, frozen weights then stored in bfloat16, the loss in float32), and float16 on a CPU is refused before
+anything is written."""
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from tunelab import precision
 from tunelab.config import ConfigError
-from tunelab.training import train
+from tunelab.training import loop, train
 
 CPU = torch.device("cpu")
 
@@ -34,14 +38,33 @@ def _config(model_dir: Path, tmp_path: Path, dtype: str, **technique: Any):
     )
 
 
+NATIVE = precision.CpuBf16(True, "test: native")
+EMULATED = precision.CpuBf16(False, "test: emulated")
+FLAGS = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f {}\nbugs\t\t: spectre_v1\n"
+
+
+def test_native_bf16_is_read_from_the_cpu_flags() -> None:
+    assert precision.cpu_bf16_from_cpuinfo(FLAGS.format("avx512_bf16 avx512_vnni")).native
+    assert precision.cpu_bf16_from_cpuinfo(FLAGS.format("amx_tile amx_bf16")).native
+    without = precision.cpu_bf16_from_cpuinfo(FLAGS.format("avx512_vnni avx512_fp16"))
+    assert without is not None and not without.native and "emulated" in without.reason
+    assert precision.cpu_bf16_from_cpuinfo("Features\t: fp asimd bf16\n") is None  # no x86 flags: oneDNN decides
+
+
 def test_precision_rules_on_a_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(precision, "native_cpu_bf16", lambda: False)
+    monkeypatch.setattr(precision, "detect_cpu_bf16", lambda: EMULATED)
     assert precision.training_precision("bfloat16", CPU) == precision.Precision(torch.float32, "no",
                                                                                 precision.CPU_BF16_FALLBACK)
-    assert precision.training_precision("auto", CPU) == precision.Precision(torch.float32, "no")
+    auto = precision.training_precision("auto", CPU)
+    assert auto == precision.Precision(torch.float32, "no") and "test: emulated" in auto.reason
     assert precision.training_precision("float32", CPU) == precision.Precision(torch.float32, "no")
-    monkeypatch.setattr(precision, "native_cpu_bf16", lambda: True)
+    monkeypatch.setattr(precision, "detect_cpu_bf16", lambda: NATIVE)
     assert precision.training_precision("bfloat16", CPU) == precision.Precision(torch.bfloat16, "bf16")
+    auto = precision.training_precision("auto", CPU)
+    assert auto == precision.Precision(torch.bfloat16, "bf16") and "test: native" in auto.reason
+    quantized = precision.training_precision("auto", CPU, fixed_base="4-bit NF4")
+    assert quantized == precision.Precision(torch.float32, "no") and "4-bit NF4" in quantized.reason
+    assert precision.load_dtype("auto", CPU) == torch.float32  # inference on a CPU stays float32
     with pytest.raises(ConfigError, match="float16 cannot train on a CPU"):
         precision.training_precision("float16", CPU)
 
@@ -49,7 +72,7 @@ def test_precision_rules_on_a_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_bfloat16_on_a_cpu_without_native_bf16_trains_in_float32_and_says_why(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    monkeypatch.setattr(precision, "native_cpu_bf16", lambda: False)
+    monkeypatch.setattr(precision, "detect_cpu_bf16", lambda: EMULATED)
     with caplog.at_level(logging.WARNING, logger="tunelab"):
         run = train(_config(tiny_model_dir, tmp_path, "bfloat16"), progress=False)
     assert run.status == "completed"
@@ -68,7 +91,7 @@ def test_mixed_precision_keeps_float32_master_weights(tiny_model_dir: Path, tmp_
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """One AdamW step moves every weight by about the learning rate (1e-5). Weights of size ~0.1 are spaced
     ~5e-4 apart in bfloat16, so bfloat16 master weights would drop ~98% of the updates; float32 keeps them."""
-    monkeypatch.setattr(precision, "native_cpu_bf16", lambda: True)  # bf16 autocast on this CPU (emulated: slow)
+    monkeypatch.setattr(precision, "detect_cpu_bf16", lambda: NATIVE)  # bf16 autocast on this CPU (maybe emulated: slow)
     run = train(_config(tiny_model_dir, tmp_path, "bfloat16", name="full"), progress=False)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).state_dict()
     trained = load_file(str(run.run_dir / "model" / "model.safetensors"))
@@ -78,3 +101,40 @@ def test_mixed_precision_keeps_float32_master_weights(tiny_model_dir: Path, tmp_
         changed += int((value != base[name].float()).sum())  # unused embedding rows (20%) get no gradient
         total += value.numel()
     assert changed / total > 0.7, f"only {changed / total:.1%} of the weights moved: small updates were lost"
+
+
+def test_auto_on_a_native_bf16_cpu_stores_frozen_weights_in_bf16_and_computes_the_loss_in_float32(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(precision, "detect_cpu_bf16", lambda: NATIVE)
+    seen: dict[str, set[torch.dtype]] = {"frozen": set(), "trainable": set(), "loss": set()}
+    accumulate = loop.accumulate_gradients
+
+    def observed(model, window, objective, *args, **kwargs):  # noqa: ANN001, ANN202 - the loop's own signature
+        for param in model.parameters():
+            seen["trainable" if param.requires_grad else "frozen"].add(param.dtype)
+        loss_sum = objective.loss_sum
+
+        def recorded(model, batch):  # noqa: ANN001, ANN202
+            result = loss_sum(model, batch)
+            seen["loss"].add(result.loss_sum.dtype)
+            return result
+
+        return accumulate(model, window, replace(objective, loss_sum=recorded), *args, **kwargs)
+
+    monkeypatch.setattr(loop, "accumulate_gradients", observed)
+    with caplog.at_level(logging.INFO, logger="tunelab"):
+        run = train(_config(tiny_model_dir, tmp_path, "auto"), progress=False)
+    assert seen == {"frozen": {torch.bfloat16}, "trainable": {torch.float32}, "loss": {torch.float32}}
+    recorded = json.loads((run.run_dir / "run_info.json").read_text())["precision"]
+    assert recorded["dtype"] == "bfloat16" and recorded["autocast"] == "bf16" and "test: native" in recorded["reason"]
+    assert any("test: native" in r.getMessage() for r in caplog.records), "the reason must be logged"
+
+
+def test_auto_on_a_cpu_without_native_bf16_trains_in_float32_and_says_why(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(precision, "detect_cpu_bf16", lambda: EMULATED)
+    run = train(_config(tiny_model_dir, tmp_path, "auto"), progress=False)
+    recorded = json.loads((run.run_dir / "run_info.json").read_text())["precision"]
+    assert recorded == {"dtype": "float32", "autocast": "no", "reason": "model.dtype auto: float32, test: emulated"}

@@ -42,7 +42,9 @@ class ModelConfig(Settings):
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when `name` is a hub id.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weight dtype. 'auto' is float32 on CPU and bfloat16 on GPUs that support it. With "
+        "auto", description="Weight dtype. 'auto' is bfloat16 on GPUs that support it; on a CPU, training uses "
+        "bfloat16 autocast (frozen weights in bfloat16) where the CPU has native bfloat16 (AMX or AVX512-BF16, "
+        "detected and logged), else float32, and inference float32. With "
         "bfloat16/float16, weights that train are kept in float32 (master weights) and autocast computes in half "
         "precision. bfloat16 on a CPU without native bfloat16 trains in float32 (emulated bf16 is ~15x slower), "
         "with a logged reason; float16 on a CPU is refused."
@@ -258,12 +260,13 @@ def adapter_num_labels(folder: Path) -> int | None:
 
 
 def load_model(config: ModelConfig, device: torch.device | None = None, base_load: BaseLoad | None = None,
-               num_labels: int | None = None) -> PreTrainedModel:
+               num_labels: int | None = None, dtype: torch.dtype | None = None) -> PreTrainedModel:
     """Load ``model.name`` as the technique asks (``base_load``: quantization, dtype, device map), with the head
-    the objective trains (``num_labels``: see ``head_class``)."""
+    the objective trains (``num_labels``: see ``head_class``). ``dtype`` (training's precision) replaces what
+    ``model.dtype`` means for inference; a technique's own ``base_load.dtype`` wins over both."""
     device = device or default_device()
     path = resolve_model_path(config.name)
-    kwargs = _load_kwargs(config, device, base_load)
+    kwargs = _load_kwargs(config, device, base_load, dtype)
     if num_labels is not None:
         kwargs["num_labels"] = num_labels
     model = _from_hub_or_cache(head_class(num_labels).from_pretrained, path, config.name, revision=config.revision, **kwargs)
@@ -286,8 +289,12 @@ def _keep_bitsandbytes_trainable_on_cpu(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def _load_kwargs(config: ModelConfig, device: torch.device, base_load: BaseLoad | None) -> dict[str, Any]:
-    dtype = base_load.dtype if base_load is not None and base_load.dtype is not None else resolve_dtype(config.dtype, device)
+def _load_kwargs(config: ModelConfig, device: torch.device, base_load: BaseLoad | None,
+                 dtype: torch.dtype | None = None) -> dict[str, Any]:
+    if base_load is not None and base_load.dtype is not None:
+        dtype = base_load.dtype
+    elif dtype is None:
+        dtype = resolve_dtype(config.dtype, device)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": config.trust_remote_code}
     if config.attn_implementation:
         kwargs["attn_implementation"] = config.attn_implementation

@@ -23,7 +23,7 @@ from tunelab.eval.training import OverfittingSignal, is_better, metric_direction
 from tunelab.generation import generate_samples
 from tunelab.models import default_device
 from tunelab.objectives import OBJECTIVES
-from tunelab.precision import training_precision
+from tunelab.precision import Precision, training_precision
 from tunelab.run_info import RunInfo
 from tunelab.techniques import TECHNIQUES
 from tunelab.training.plan import Plan
@@ -49,6 +49,14 @@ class LoopState:
     gaps: list[float] = field(default_factory=list)  # validation - training loss at each evaluation (overfitting signal)
 
 
+def run_precision(config: TunelabConfig) -> Precision:
+    """How this run trains (``model.dtype`` on this device, and whether the technique loads its base itself)."""
+    device = default_device()
+    base_load = TECHNIQUES[config.technique.name].base_load(config.technique, device)
+    fixed = base_load.quantization_config is not None or base_load.dtype is not None
+    return training_precision(config.model.dtype, device, (base_load.note or "quantized") if fixed else None)
+
+
 class TrainingContext:
     """Everything the loop needs, built once. Methods are the loop's side effects (logging, eval, saving)."""
 
@@ -64,13 +72,15 @@ class TrainingContext:
     def __init__(self, config: TunelabConfig, run_dir: Path, show_progress: bool) -> None:
         self.config, self.run_dir, self.show_progress = config, run_dir, show_progress
         self.saved_step: int | None = None  # the step of this process's last checkpoint
-        self.precision = training_precision(config.model.dtype, default_device())
+        self.technique = TECHNIQUES[config.technique.name]
+        self.precision = run_precision(config)
         self.accelerator = distributed.make_accelerator(self.precision.mixed_precision)
         self.device = self.accelerator.device
         self.objective_kind = OBJECTIVES[config.objective.name]  # what it declares: head, units, reference
         self.objective = self.objective_kind.bind(config.objective)  # the loss the loop calls; set-up binds the reference
-        self.technique = TECHNIQUES[config.technique.name]
         self.info = RunInfo()  # run_info.json: phases, parameters, memory, versions
+        self.info.figures["precision"] = {"dtype": str(self.precision.load_dtype).removeprefix("torch."),
+                                          "autocast": self.precision.mixed_precision, "reason": self.precision.reason}
         self.samples: list[dict[str, str]] = []  # validation prompts generated at evaluations
         self.overfitting = OverfittingSignal()
         self.progress_note = ""  # the last evaluation, as the progress bar shows it

@@ -31,12 +31,12 @@ from tunelab.eval.training import OverfittingSignal
 from tunelab.generation import sample_prompts
 from tunelab.models import cache_root, default_device, load_model, load_tokenizer, model_skeleton
 from tunelab.objectives.reference import live_reference, same_model
-from tunelab.precision import keep_trainable_in_float32, training_precision
+from tunelab.precision import keep_trainable_in_float32
 from tunelab.fs import read_json, write_entry_json
 from tunelab.schedule import make_scheduler
 from tunelab.techniques import TECHNIQUES, RunContext, TechniqueError, count_parameters
 from tunelab.tracking import Trackers
-from tunelab.training.context import LoopState, TrainingContext
+from tunelab.training.context import LoopState, TrainingContext, run_precision
 from tunelab.training.loop import run_loop
 from tunelab.training.plan import make_plan
 from tunelab.training.resume import check_same_data, prepare_run_dir, truncate_metrics
@@ -72,7 +72,7 @@ def _library_progress_bars(enabled: bool) -> Iterator[None]:
 
 
 def _train(config: TunelabConfig, resume: bool, progress: bool) -> RunResult:
-    training_precision(config.model.dtype, default_device())  # a refusal (float16 on a CPU) before any folder exists
+    run_precision(config)  # a refusal (float16 on a CPU) before any folder exists
     created = not Path(config.output.dir or "runs/run").exists()
     run_dir = distributed.main_decides(lambda: prepare_run_dir(config, resume))  # one process claims the folder
     try:
@@ -83,9 +83,10 @@ def _train(config: TunelabConfig, resume: bool, progress: bool) -> RunResult:
 
 def _train_in(config: TunelabConfig, run_dir: Path, resume: bool, progress: bool, created: bool) -> RunResult:
     distributed.quiet_other_processes()
-    note = training_precision(config.model.dtype, default_device()).note
-    if note:
-        log.warning(note)
+    chosen = run_precision(config)
+    if chosen.note:
+        log.warning(chosen.note)
+    log.info("precision: %s", chosen.reason)
     if resume:
         distributed.check_world_size((read_json(run_dir / "status.json") or {}).get("world_size"),
                                      distributed.process_state().num_processes, run_dir)
@@ -150,7 +151,7 @@ def _set_up(ctx: TrainingContext, resume: bool) -> tuple[LoopState, dict[str, An
                           "or give data.validation (or leave eval_every unset)")
     _check_records(ctx)
     ctx.model = load_model(config.model, ctx.device, ctx.technique.base_load(config.technique, ctx.device),
-                           num_labels=ctx.head_size)
+                           num_labels=ctx.head_size, dtype=ctx.precision.load_dtype)
     if ctx.head_size is not None:  # a score head pools the last token that is not padding
         ctx.model.config.pad_token_id = ctx.pad_id
     if ctx.data.classes:  # the class names travel with the model: config.id2label, as transformers reads them
