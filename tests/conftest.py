@@ -4,6 +4,7 @@ no network."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -34,13 +35,16 @@ def tiny_tokenizer(tiny_model_dir: Path) -> PreTrainedTokenizerFast:
     return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
-@pytest.fixture(autouse=True)
-def host_independent_precision(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture(autouse=True, scope="session")
+def host_independent_precision() -> Iterator[None]:
     """Every test gives the same numbers on every CPU: ``model.dtype: auto`` trains in float32 here whatever the
-    host's CPU flags, unless a test says the CPU has native bfloat16 (tests/test_precision.py does)."""
+    host's CPU flags, unless a test says the CPU has native bfloat16 (tests/test_precision.py does). Session-wide,
+    so module- and session-scoped fixtures that train are covered too."""
     from tunelab import precision
 
-    monkeypatch.setattr(precision, "detect_cpu_bf16", lambda: precision.CpuBf16(False, "tests: float32 on every host"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(precision, "detect_cpu_bf16", lambda: precision.CpuBf16(False, "tests: float32 on every host"))
+        yield
 
 
 @pytest.fixture(autouse=True)

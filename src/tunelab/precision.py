@@ -104,8 +104,8 @@ def load_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def training_precision(dtype: str, device: torch.device, fixed_base: str | None = None) -> Precision:
     """How a run trains with ``model.dtype``; raises ConfigError with the reason for a setting that cannot train.
-    ``fixed_base`` says why the technique loads its base itself (e.g. quantized): then ``auto`` stays float32 on a
-    CPU, since the bfloat16 gain comes from the frozen base's matmuls."""
+    ``fixed_base`` says why the technique keeps float32 (it loads its base itself, e.g. quantized, or declares why):
+    then ``auto`` stays float32 on a CPU."""
     if dtype == "auto" and device.type == "cpu":
         return _auto_on_cpu(fixed_base)
     loaded = load_dtype(dtype, device)
@@ -124,8 +124,7 @@ def training_precision(dtype: str, device: torch.device, fixed_base: str | None 
 def _auto_on_cpu(fixed_base: str | None) -> Precision:
     """``model.dtype: auto`` for training on a CPU: bfloat16 autocast where the CPU has it natively."""
     if fixed_base:
-        return Precision(torch.float32, "no", reason=f"model.dtype auto: float32, the technique loads its base "
-                                                     f"itself ({fixed_base})")
+        return Precision(torch.float32, "no", reason=f"model.dtype auto: float32 for this technique ({fixed_base})")
     support = detect_cpu_bf16()
     if support.native:
         return Precision(torch.bfloat16, "bf16", reason=f"model.dtype auto: bfloat16 autocast, frozen weights in "

@@ -256,4 +256,6 @@ TECHNIQUE = Technique(
     attach=attach,
     card=TUNELAB_ADAPTER_CARD,
     figure_tables=figure_tables,
+    cpu_bf16_refusal="its frozen expert adapters would be stored in bfloat16 and saved rounded, no longer equal to "
+                     "the runs they come from",
 )

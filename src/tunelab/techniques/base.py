@@ -186,6 +186,8 @@ class Technique:
       ``tunelab serve`` (it is then served alone), or None when it can.
     - ``card`` says how the model card tells a reader to load the result without tunelab.
     - ``figure_tables(figures)`` turns what ``evaluate`` returned into tables for the console.
+    - ``cpu_bf16_refusal`` says why ``model.dtype: auto`` keeps this technique in float32 on a CPU with native
+      bfloat16 (None: it trains with bfloat16 autocast there, frozen weights stored in bfloat16).
     """
 
     name: str
@@ -212,6 +214,7 @@ class Technique:
     mixed_batch: Callable[[Path], str | None] = served_alone
     card: CardUsage | None = None
     figure_tables: Callable[[dict[str, Any]], list[FigureTable]] | None = None
+    cpu_bf16_refusal: str | None = None
 
     def __post_init__(self) -> None:
         adapter = self.result_dir_name == ADAPTER_DIR

@@ -51,10 +51,11 @@ class LoopState:
 
 def run_precision(config: TunelabConfig) -> Precision:
     """How this run trains (``model.dtype`` on this device, and whether the technique loads its base itself)."""
-    device = default_device()
-    base_load = TECHNIQUES[config.technique.name].base_load(config.technique, device)
+    device, technique = default_device(), TECHNIQUES[config.technique.name]
+    base_load = technique.base_load(config.technique, device)
     fixed = base_load.quantization_config is not None or base_load.dtype is not None
-    return training_precision(config.model.dtype, device, (base_load.note or "quantized") if fixed else None)
+    why_float32 = technique.cpu_bf16_refusal or ((base_load.note or "quantized") if fixed else None)
+    return training_precision(config.model.dtype, device, why_float32)
 
 
 class TrainingContext:
