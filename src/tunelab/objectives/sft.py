@@ -24,6 +24,10 @@ from tunelab.objectives.base import LossSum, Objective
 from tunelab.settings import Settings
 from tunelab.techniques.base import forward_inputs
 
+# Rows of the (N, V) logits computed at once: 256 x 49k fp32 is ~50 MB, small next to the model, and large enough
+# that each chunk's two matmuls stay efficient.
+LOSS_CHUNK_ROWS = 256
+
 
 class SftSettings(Settings):
     """Supervised fine-tuning has no settings of its own: what is supervised is the data's choice (data.train_on_prompt)."""
@@ -56,13 +60,87 @@ def logits_only_where(model: nn.Module, keep: torch.Tensor) -> Iterator[None]:
         handle.remove()
 
 
+@contextmanager
+def hidden_only_where(model: nn.Module, keep: torch.Tensor) -> Iterator[list[torch.Tensor]]:
+    """Like ``logits_only_where``, but the head is left for the caller to run: the yielded list receives the hidden
+    states at ``keep`` (N, H) and the head itself projects no rows (its output is (0, V))."""
+    head = extract_model_from_parallel(model).get_output_embeddings()
+    hidden_rows: list[torch.Tensor] = []
+
+    def select(module: nn.Module, args: tuple) -> tuple:
+        hidden = args[0]  # (B, T', H)
+        mask = keep
+        if hidden.shape[1] != mask.shape[1]:  # virtual tokens prepended
+            mask = F.pad(mask, (hidden.shape[1] - mask.shape[1], 0), value=False)
+        hidden_rows.append(hidden[mask])  # (N, H)
+        return (hidden_rows[-1][:0],) + tuple(args[1:])  # (0, H): nothing left for the head to do
+
+    handle = head.register_forward_pre_hook(select)
+    try:
+        yield hidden_rows
+    finally:
+        handle.remove()
+
+
+class LinearCrossEntropySum(torch.autograd.Function):
+    """sum_n CE(hidden[n] @ weight.T + bias, targets[n]), ``chunk_rows`` rows at a time, gradients included.
+
+    The forward computes each chunk's logits, its loss and at once its gradients (softmax - one_hot), then drops
+    the chunk: no (N, V) tensor is ever stored for the backward, which only scales the saved gradients. Under
+    autocast the matmuls run in bfloat16 as the head would; the softmax, logsumexp and loss are float32 (a bfloat16
+    logsumexp over 49k logits loses the small differences the loss is made of), and the weight gradient
+    accumulates in float32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  # noqa: ANN001
+                targets: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None  # (N, H)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None  # (V, H)
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if ctx.needs_input_grad[2] else None  # (V,)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            rows = hidden[start : start + chunk_rows]  # (C, H)
+            labels = targets[start : start + chunk_rows]  # (C,)
+            logits = F.linear(rows, weight, bias).float()  # (C, V)
+            log_z = torch.logsumexp(logits, dim=-1)  # (C,)
+            loss_sum += (log_z - logits.gather(1, labels[:, None]).squeeze(1)).sum()
+            grad_logits = torch.exp(logits.sub_(log_z[:, None]))  # (C, V) softmax, in place of the logits
+            grad_logits[torch.arange(len(labels), device=labels.device), labels] -= 1.0
+            if grad_hidden is not None:
+                grad_hidden[start : start + chunk_rows] = grad_logits.to(weight.dtype) @ weight  # (C, H)
+            if grad_weight is not None:
+                grad_weight += grad_logits.T @ rows.float()
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return loss_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):  # noqa: ANN001, ANN205 - autograd's signature
+        grads = [None if g is None else (g * grad_loss).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
+        return grads[0], grads[1], grads[2], None, None
+
+
 def sft_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> LossSum:
+    return chunked_sft_loss_sum(model, batch, LOSS_CHUNK_ROWS)
+
+
+def chunked_sft_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_rows: int) -> LossSum:
+    """The SFT loss sum with the head and the cross-entropy run ``chunk_rows`` supervised rows at a time."""
     targets = batch["targets"]  # (B, T), already shifted: targets[:, t] is the label of position t's prediction
     keep = targets != IGNORE  # (B, T)
-    with logits_only_where(model, keep):
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                       **forward_inputs(model, batch)).logits  # (N, V)
-    loss_sum = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    inputs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                  **forward_inputs(model, batch))
+    head = extract_model_from_parallel(model).get_output_embeddings()
+    if type(head) is not nn.Linear:  # a head a technique wraps (an adapter on it): it runs as itself, unchunked
+        with logits_only_where(model, keep):
+            logits = model(**inputs).logits  # (N, V)
+        return LossSum(F.cross_entropy(logits.float(), targets[keep], reduction="sum"), int(keep.sum()))
+    with hidden_only_where(model, keep) as hidden_rows:
+        model(**inputs)
+    loss_sum = LinearCrossEntropySum.apply(hidden_rows[0], head.weight, head.bias, targets[keep], chunk_rows)
     return LossSum(loss_sum, int(keep.sum()))
 
 

@@ -1,0 +1,82 @@
+"""The SFT loss runs the head in chunks over the supervised rows: the same loss and gradients as full logits and
+one cross-entropy, no (N, V) tensor kept for the backward, and the softmax in float32 under bfloat16 autocast."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tunelab.data import IGNORE, Example, collate, tokenize_example
+from tunelab.objectives.sft import chunked_sft_loss_sum, logits_only_where, sft_loss_sum
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_model_dir: Path) -> dict[str, torch.Tensor]:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    raw = [Example("messages", f"chat:{i}", messages=(("user", f"say {word} {i} times"), ("assistant", f"{word} " * i)))
+           for i, word in enumerate(["fox", "dog", "paris", "five"], start=3)]
+    rows = [tokenize_example(tokenizer, e) for e in raw]
+    return collate([rows[:2], rows[2:]], tokenizer.pad_token_id)  # two packed rows
+
+
+def full_model(tiny_model_dir: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype).eval()  # every weight trains (head too)
+
+
+def full_logits_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits  # (B, T, V)
+    return F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+def test_chunked_loss_and_gradients_equal_full_logits(tiny_model_dir: Path, batch: dict[str, torch.Tensor]) -> None:
+    model = full_model(tiny_model_dir)
+    supervised = int((batch["targets"] != IGNORE).sum())
+    assert supervised > 2 * 7, "chunks of 7 rows must make several chunks"
+    reference = full_logits_loss(model, batch)
+    reference.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for chunk_rows in (1, 7, supervised + 1):
+        model.zero_grad()
+        result = chunked_sft_loss_sum(model, batch, chunk_rows)
+        result.loss_sum.backward()
+        assert result.num_units == supervised
+        torch.testing.assert_close(result.loss_sum, reference, rtol=1e-5, atol=1e-5)
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(param.grad, expected[name], rtol=1e-4, atol=5e-5, msg=f"{name}, chunks of {chunk_rows}")
+    with torch.no_grad():  # the objective's own loss, chunked by default
+        torch.testing.assert_close(sft_loss_sum(model, batch).loss_sum, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_no_full_logits_are_kept_for_the_backward(tiny_model_dir: Path, batch: dict[str, torch.Tensor]) -> None:
+    model = full_model(tiny_model_dir)
+    vocab, chunk_rows = model.config.vocab_size, 4
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: list[tuple[int, ...]] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.untyped_storage().data_ptr() not in weights:  # the head's weight (V, H) is no activation
+            saved.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        chunked_sft_loss_sum(model, batch, chunk_rows).loss_sum.backward()
+    logit_shaped = [shape for shape in saved if shape and shape[-1] == vocab]
+    assert not logit_shaped, f"tensors of logits kept for the backward: {logit_shaped}"
+
+
+def test_under_bf16_autocast_the_softmax_and_loss_are_float32(tiny_model_dir: Path, batch: dict[str, torch.Tensor]) -> None:
+    """The same bfloat16 logits, reduced in float32 in one cross-entropy: a bfloat16 logsumexp would be ~1% off."""
+    model = full_model(tiny_model_dir, torch.bfloat16)
+    keep = batch["targets"] != IGNORE
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with logits_only_where(model, keep):
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        assert logits.dtype == torch.bfloat16
+        reference = F.cross_entropy(logits.float(), batch["targets"][keep], reduction="sum")
+        chunked = chunked_sft_loss_sum(model, batch, 5).loss_sum
+    assert chunked.dtype == torch.float32
+    torch.testing.assert_close(chunked, reference, rtol=1e-5, atol=1e-4)
