@@ -316,3 +316,28 @@ def test_the_overall_verdict_is_printed_and_in_the_reports(runs: dict[str, Path]
     assert "on the primary metric rouge_l" in overall
     assert f"verdict: {overall}" in result.output
     assert "**Verdict:**" in (out / "report.md").read_text() and "Verdict:" in (out / "report.html").read_text()
+
+
+@pytest.mark.parametrize("prompt", [
+    "Use `x | y` in <b>bash</b>", "``double`` and ` single", "`starts and ends`", " padded ", "a|b|c",
+    "line one with `tick`\n| a table? |\n<script>\n```\nfenced inside",
+])
+def test_report_md_quotes_user_text_verbatim(prompt: str) -> None:
+    """report.md showed backticks as U+02BC; each quoted text must render back to exactly what the user wrote."""
+    from markdown_it import MarkdownIt
+
+    from tunelab.eval.report import markdown
+
+    example = {"index": 0, "source": "t.jsonl:1", "prompt": prompt, "reference": "r `|` <i>", "target": "o", "other": "p"}
+    report = {"target": "a", "systems": [{"name": "a"}, {"name": "b"}], "examples": 1, "data": ["t.jsonl"],
+              "settings": {"resamples": 10}, "primary_metric": "rouge_l",
+              "metrics": {"rouge_l": {"higher_is_better": True, "scores": {"a": 0.5, "b": 0.4}}},
+              "comparisons": [{"against": "b", "improved": [example], "worsened": [],
+                               "metrics": {"rouge_l": {"delta": 0.1, "ci_low": 0.0, "ci_high": 0.2, "confidence": 0.95,
+                                                       "verdict": "better", "wins": 1, "losses": 0, "ties": 0}}}]}
+    tokens = MarkdownIt("commonmark").parse(markdown(report))
+    quoted = [t.content for t in tokens if t.type == "fence"]
+    quoted += [c.content for t in tokens if t.type == "inline" for c in (t.children or []) if c.type == "code_inline"]
+    assert prompt in quoted or prompt + "\n" in quoted, quoted
+    assert "r `|` <i>" in quoted
+    assert "ʼ" not in markdown(report)

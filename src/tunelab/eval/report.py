@@ -150,10 +150,31 @@ def _md_escape(text: str) -> str:
 
 
 def _md_quote(label: str, text: str | None) -> str:
-    body = (text or "").strip().replace("\n", " ⏎ ")
+    """A list item quoting ``text`` verbatim (backticks, pipes and ``<`` included): a code span on one line, a
+    fenced block over several; only a very long text is cut (marked with …)."""
+    body = text or ""
+    if not body.strip():
+        return f"- *{label}*: (empty)"
     if len(body) > 400:
         body = "…" + body[-400:] if label == "prompt" else body[:400] + "…"
-    return f"- *{label}*: `{body.replace('`', 'ʼ')}`" if body else f"- *{label}*: (empty)"
+    if "\n" in body:
+        fence = _fence(body, shortest=3)
+        block = "\n".join(f"  {line}" if line else "" for line in [fence, *body.split("\n"), fence])
+        return f"- *{label}*:\n\n{block}\n"
+    return f"- *{label}*: {_code_span(body)}"
+
+
+def _fence(text: str, shortest: int) -> str:
+    """A run of backticks longer than any inside ``text``, so none of them closes it."""
+    return "`" * max(shortest, max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+
+
+def _code_span(text: str) -> str:
+    """``text`` as a Markdown code span, shown exactly: CommonMark strips one space from each side when both are
+    there, so a text starting or ending with a backtick or a space gets that space added."""
+    pad = " " if text.startswith(("`", " ")) or text.endswith(("`", " ")) else ""
+    fence = _fence(text, shortest=1)
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 # ---------------------------------------------------------------- HTML with inline SVG
