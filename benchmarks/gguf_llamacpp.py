@@ -181,7 +181,7 @@ def main() -> None:
 def print_table(results: dict[str, Any]) -> None:
     n = results["prompts"]
     print(f"\nllama-cpp-python {results['llama_cpp_python']}; {n} chat prompts x {results['greedy_tokens']} greedy tokens\n")
-    print("| type | MB | loads | same tokenization | answer = float model | answer = transformers, same file | "
+    print("| type | MiB | loads | same tokenization | answer = float model | answer = transformers, same file | "
           "template carried | rendered as the run does (Jinja / C built-in) | llama.cpp tok/s |")
     print("| --- | ---: | --- | --- | ---: | ---: | --- | --- | ---: |")
     for r in results["types"]:

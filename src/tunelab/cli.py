@@ -582,7 +582,7 @@ def export(
         report = export_gguf(run, quant, out, check=check)
     except _USER_ERRORS as exc:
         _fail(str(exc))
-    console.print(f"wrote {report['file']} ({report['size_mb']} MB, {report['type']})", highlight=False)
+    console.print(f"wrote {report['file']} ({report['size_mb']} MiB, {report['type']})", highlight=False)
     result = report.get("check")
     if result:
         console.print(f"check ({result['loader']}): greedy tokens equal on {result['same_greedy_tokens']:.0%} of "

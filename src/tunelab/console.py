@@ -361,7 +361,7 @@ def print_quantize_table(report: dict[str, Any]) -> None:
     """One row per method: size, memory, speed and quality against the unquantized model, or why it was skipped."""
     table = Table(title=f"quantization of {report['run']} on {report['device']} ({report['prompts']} prompts × "
                         f"{report['max_new_tokens']} tokens; {report['validation_tokens']} validation tokens)")
-    for column in ("method", "size MB", "memory MB", "tokens/s", "val loss", "Δ loss", "same answers"):
+    for column in ("method", "size MiB", "memory MiB", "tokens/s", "val loss", "Δ loss", "same answers"):
         table.add_column(column, **({"justify": "left", **NAME_COLUMN} if column == "method" else {"justify": "right"}))
 
     def cell(value: Any, fmt: str) -> str:

@@ -103,7 +103,7 @@ def markdown(report: dict[str, Any], quantize: dict[str, Any] | None = None) -> 
 
 # ---------------------------------------------------------------- the quantization section (from quantize.json)
 
-QUANTIZE_COLUMNS = (("size MB", "size_mb", ".1f"), ("memory MB", "memory_mb", ".1f"), ("tokens/s", "tokens_per_s", ".1f"),
+QUANTIZE_COLUMNS = (("size MiB", "size_mb", ".1f"), ("memory MiB", "memory_mb", ".1f"), ("tokens/s", "tokens_per_s", ".1f"),
                     ("val loss", "val_loss", ".4f"), ("Δ loss", "loss_change", "+.4f"), ("same answers", "same_answers", ".0%"))
 
 

@@ -50,8 +50,8 @@ class Measured:
     method: str
     status: str  # "ok" or "skipped"
     reason: str | None = None
-    size_mb: float | None = None
-    memory_mb: float | None = None
+    size_mb: float | None = None  # MiB (2**20 bytes), as every size tunelab prints: labelled MiB
+    memory_mb: float | None = None  # MiB
     tokens_per_s: float | None = None
     val_loss: float | None = None
     loss_change: float | None = None
