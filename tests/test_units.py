@@ -28,6 +28,11 @@ def test_no_printed_or_written_label_uses_decimal_units() -> None:
     assert _decimal_labels(ROOT.parent.parent / "benchmarks") == []
 
 
+def test_the_web_page_labels_sizes_mib() -> None:
+    page = (ROOT / "serve" / "static" / "index.html").read_text()
+    assert "size MiB" in page and not DECIMAL_LABEL.search(page)
+
+
 def test_the_quantize_tables_label_their_binary_sizes_mib() -> None:
     from tunelab.eval.report import QUANTIZE_COLUMNS
 
