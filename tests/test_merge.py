@@ -158,3 +158,17 @@ def test_tunelab_merge_reports_a_wrong_merge_as_wrong(lora_run: Path, tmp_path: 
     check = json.loads((out / "merge_check.json").read_text())
     assert check["tokens"] > 0
     assert check["max_logit_diff"] > 1e-2 and check["mean_kl"] > 1e-6, check
+
+
+def test_a_bottleneck_run_gets_the_same_true_advice_from_merge_and_export(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """merge said "serve or export the base model with the adapter attached", then export refused it: the advice
+    must name what works (serve) and both commands must say the same."""
+    run = trained_run(tmp_path, tiny_model_dir, {"name": "adapter", "bottleneck_size": 4})
+    merged = runner.invoke(app, ["merge", str(run)])
+    exported = runner.invoke(app, ["export", str(run), "--quant", "f32"])
+    for result in (merged, exported):
+        flat = " ".join(result.output.split())
+        assert result.exit_code == 2, result.output
+        assert "tunelab serve RUN" in flat and "no single model" in flat, flat
+        assert "export the base model" not in flat and "a adapter" not in flat, flat
+    assert not (run / "merged").exists() and not (run / "exports").exists()

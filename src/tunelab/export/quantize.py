@@ -178,9 +178,9 @@ def merged_float(run_dir: Path, device: torch.device) -> tuple[Any, Any, Any]:
         return loaded.model, loaded.tokenizer, loaded.config
     del loaded.model
     merge = getattr(technique, "merge", None)
-    if merge is None:
-        raise ConfigError(f"{run_dir}: a {technique.name} result cannot be merged into the base, so it cannot be "
-                          "quantized as one model")
+    if merge is None:  # the technique's own reason, the same words `tunelab merge` gives
+        raise ConfigError(f"{run_dir}: technique '{technique.name}' cannot be merged into its base, so it cannot be "
+                          f"quantized or exported as one model: {technique.refusal('merge') or 'it has no merge'}")
     return merge(loaded.config, loaded.result_dir, device).model.eval(), loaded.tokenizer, loaded.config
 
 

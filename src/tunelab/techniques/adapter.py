@@ -28,7 +28,9 @@ from tunelab.techniques import bottleneck as bn
 from tunelab.techniques.base import NO_SCORE_HEAD, NOT_QUANTIZED, TUNELAB_ADAPTER_CARD, RunContext, Technique
 
 MERGE_REFUSAL = ("a bottleneck adapter is not linear (W_up f(W_down h) has a non-linearity in the middle), so it "
-                 "cannot be folded into the base weights; serve or export the base model with the adapter attached")
+                 "cannot be folded into the base weights, and no single model (merged safetensors, a quantized "
+                 "model or a GGUF file) holds it; serve the run as it is with `tunelab serve RUN`, which puts the "
+                 "adapter on the base")
 SPEC_ATTRIBUTE = "_tunelab_bottleneck_spec"  # the spec travels with the model from prepare to save
 
 
