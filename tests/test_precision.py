@@ -107,12 +107,14 @@ def test_auto_on_a_native_bf16_cpu_stores_frozen_weights_in_bf16_and_computes_th
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:
     monkeypatch.setattr(precision, "detect_cpu_bf16", lambda: NATIVE)
-    seen: dict[str, set[torch.dtype]] = {"frozen": set(), "trainable": set(), "loss": set()}
+    seen: dict[str, set] = {"frozen": set(), "trainable": set(), "loss": set(), "adapter input cast": set()}
     accumulate = loop.accumulate_gradients
 
     def observed(model, window, objective, *args, **kwargs):  # noqa: ANN001, ANN202 - the loop's own signature
         for param in model.parameters():
             seen["trainable" if param.requires_grad else "frozen"].add(param.dtype)
+        seen["adapter input cast"].update(m.cast_input_dtype_enabled for m in model.modules()
+                                          if hasattr(m, "cast_input_dtype_enabled"))  # PEFT's layers: no fp32 copy
         loss_sum = objective.loss_sum
 
         def recorded(model, batch):  # noqa: ANN001, ANN202
@@ -125,7 +127,8 @@ def test_auto_on_a_native_bf16_cpu_stores_frozen_weights_in_bf16_and_computes_th
     monkeypatch.setattr(loop, "accumulate_gradients", observed)
     with caplog.at_level(logging.INFO, logger="tunelab"):
         run = train(_config(tiny_model_dir, tmp_path, "auto"), progress=False)
-    assert seen == {"frozen": {torch.bfloat16}, "trainable": {torch.float32}, "loss": {torch.float32}}
+    assert seen == {"frozen": {torch.bfloat16}, "trainable": {torch.float32}, "loss": {torch.float32},
+                    "adapter input cast": {False}}
     recorded = json.loads((run.run_dir / "run_info.json").read_text())["precision"]
     assert recorded["dtype"] == "bfloat16" and recorded["autocast"] == "bf16" and "test: native" in recorded["reason"]
     assert any("test: native" in r.getMessage() for r in caplog.records), "the reason must be logged"

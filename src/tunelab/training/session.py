@@ -31,7 +31,7 @@ from tunelab.eval.training import OverfittingSignal
 from tunelab.generation import sample_prompts
 from tunelab.models import cache_root, default_device, load_model, load_tokenizer, model_skeleton
 from tunelab.objectives.reference import live_reference, same_model
-from tunelab.precision import keep_trainable_in_float32
+from tunelab.precision import adapters_compute_in_autocast_dtype, keep_trainable_in_float32
 from tunelab.fs import read_json, write_entry_json
 from tunelab.schedule import make_scheduler
 from tunelab.techniques import TECHNIQUES, RunContext, TechniqueError, count_parameters
@@ -179,6 +179,8 @@ def _set_up(ctx: TrainingContext, resume: bool) -> tuple[LoopState, dict[str, An
     ctx.objective = ctx.objective_kind.bind(config.objective, reference)
     if keep_trainable_in_float32(ctx.model):  # mixed precision: float32 master weights, half-precision autocast
         log.info("trainable weights kept in float32; autocast computes in %s", ctx.precision.load_dtype)
+    if ctx.precision.mixed_precision != "no":  # autocast: adapter inputs stay in the half-precision dtype
+        adapters_compute_in_autocast_dtype(ctx.model)
     trainable, total = count_parameters(ctx.model)
     ctx.info.figures.update(trainable_parameters=trainable, total_parameters=total)
     log.info("technique %s: %s of %s parameters trainable (%.3f%%)", config.technique.name, f"{trainable:,}",
