@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tunelab.config import load_config
+from tunelab.objectives import OBJECTIVES
 from tunelab.techniques import TECHNIQUES
 
 ROOT = Path(__file__).parents[1]
@@ -36,9 +37,11 @@ def test_example_starts_with_its_command_and_validates(path: Path) -> None:
 def test_example_trains_two_steps_on_tiny_model(path: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
     from tunelab.training import train
 
+    score_head = OBJECTIVES[load_config(path).objective.name].num_labels is not None  # generates no samples
     tiny = [
         f"model.name={tiny_model_dir}", "training.max_steps=2", "training.eval_every=null",
-        "training.early_stopping_patience=null", "eval.num_samples=1", "eval.max_new_tokens=4", "eval.max_examples=8",
+        "training.early_stopping_patience=null", *([] if score_head else ["eval.num_samples=1"]),
+        "eval.max_new_tokens=4", "eval.max_examples=8",
     ]
     config = load_config(path, [*tiny, f"output.dir={tmp_path / 'run'}"])
     experts = getattr(config.technique, "adapters", None)
@@ -58,15 +61,19 @@ def test_example_trains_two_steps_on_tiny_model(path: Path, tiny_model_dir: Path
 
 def _assert_result_differs_from_base(run_dir: Path, base_dir: Path) -> None:
     import torch
-    from transformers import AutoModelForCausalLM
 
+    from tunelab.models import head_class
     from tunelab.result import load_run
 
     loaded = load_run(run_dir, device="cpu", dtype="float32")
     ids = loaded.tokenizer("say fox 3", return_tensors="pt")["input_ids"]
+    labels = loaded.model.config.num_labels if "ForSequenceClassification" in type(loaded.model).__name__ else None
     with torch.no_grad():
-        tuned = loaded.model(input_ids=ids).logits[:, -1]  # (1, V): the last position (virtual tokens come first)
-        base = AutoModelForCausalLM.from_pretrained(base_dir).eval()(input_ids=ids).logits[:, -1]
+        # (1, V) at the last position (virtual tokens come first); a classifier's (1, k) scores
+        last = (lambda logits: logits[:, -1]) if labels is None else (lambda logits: logits)  # noqa: E731
+        tuned = last(loaded.model(input_ids=ids).logits)
+        base_model = head_class(labels).from_pretrained(base_dir, **({"num_labels": labels} if labels else {}))
+        base = last(base_model.eval()(input_ids=ids).logits)
     assert tuned.shape == base.shape and not torch.allclose(tuned, base, atol=1e-6), "two steps changed nothing"
 
 
