@@ -140,7 +140,10 @@ def chunked_sft_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk
         return LossSum(F.cross_entropy(logits.float(), targets[keep], reduction="sum"), int(keep.sum()))
     with hidden_only_where(model, keep) as hidden_rows:
         model(**inputs)
-    loss_sum = LinearCrossEntropySum.apply(hidden_rows[0], head.weight, head.bias, targets[keep], chunk_rows)
+    weight, bias = head.weight, head.bias
+    if not torch.is_grad_enabled():  # evaluation: the forward would otherwise compute a trainable head's gradient
+        weight, bias = weight.detach(), None if bias is None else bias.detach()
+    loss_sum = LinearCrossEntropySum.apply(hidden_rows[0], weight, bias, targets[keep], chunk_rows)
     return LossSum(loss_sum, int(keep.sum()))
 
 
