@@ -20,7 +20,7 @@ from tunelab.training import RunResult
 
 ROOT = Path(__file__).parents[1]
 COMMANDS = [["train"], ["quickstart"], ["runs"], ["config", "show"], ["data", "inspect"], ["generate"], ["chat"], ["serve"],
-            ["quantize"], ["export"], ["ui"]]
+            ["quantize"], ["export"], ["ui"], ["compare"]]
 
 
 def test_version() -> None:

@@ -7,6 +7,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from tunelab.compare import compare as run_compare
 from tunelab.config import TunelabConfig, build_config, load_config
 from tunelab.data import DataError, load_file, prepare_data
 from tunelab.data.prepare import tokenized_sides
@@ -42,6 +43,13 @@ def train(config: TunelabConfig | str | Path | dict[str, Any], overrides: list[s
           resume: bool = False, progress: bool = True) -> RunResult:
     """Fine-tune as ``config`` says and return a RunResult (run folder, status, step, before/after)."""
     return run_train(as_config(config, overrides), resume=resume, progress=progress)
+
+
+def compare(config: TunelabConfig | str | Path | dict[str, Any], techniques: list[str], out: str | Path,
+            seeds: int = 1, lr_sweep: bool = False, overrides: list[str] | None = None) -> dict[str, Any]:
+    """``tunelab compare`` in Python: train each technique (x seeds, x 3 learning rates with ``lr_sweep``) as run
+    folders under ``out``, resuming an interrupted compare there; returns compare.json's content."""
+    return run_compare(as_config(config, overrides), techniques, Path(out), seeds=seeds, lr_sweep=lr_sweep)
 
 
 def load_run(run: str | Path, device: Any = None, dtype: str | None = None) -> LoadedRun:

@@ -157,6 +157,49 @@ def _run_training(start: Callable[[], Any], resume_command: str) -> None:
     console.print(Text.assemble((result.status, "bold green"), f" after {result.step} steps. Run folder: {result.run_dir}"))
 
 
+@app.command(epilog=_examples(
+    "tunelab compare examples/beginner/lora-own-chat-data.yaml --techniques full,lora,ia3 --seeds 3 --out runs/compare",
+    "tunelab compare CONFIG --techniques lora,prompt_tuning --lr-sweep --set data.packing=false --out runs/sweep",
+    "tunelab compare CONFIG --techniques full,lora,ia3 --seeds 3 --out runs/compare   # again after Ctrl-C: resumes",
+))
+def compare(
+    config: Annotated[Path, typer.Argument(metavar="CONFIG", help="YAML config file (its technique section applies to that technique only)")],
+    techniques: Annotated[str, typer.Option(help="Comma-separated techniques, e.g. full,lora,qlora,prompt_tuning,ia3,adapter")],
+    out: Annotated[Path, typer.Option(help="Folder of the compare: one run folder per run, compare.json, report.md")] = Path("runs/compare"),
+    seeds: Annotated[int, typer.Option(help="Seeds per technique (training.seed, +1, ...): intervals need 2 or more")] = 1,
+    lr_sweep: Annotated[bool, typer.Option("--lr-sweep", help="Also try each technique's default learning rate /3 and x3, and report the best")] = False,
+    set_: SetOption = None,
+) -> None:
+    """Train techniques head to head on the same data and token budget, and compare them.
+
+    Each technique trains at its own default learning rate; each run is an ordinary run folder under --out. Run
+    the same command again after Ctrl-C: finished runs are kept, the interrupted one resumes.
+    """
+    _setup_logging()
+    from tunelab.api import compare as run_compare, load_config  # start-up time
+    from tunelab.compare import CompareInterrupted  # start-up time
+    from tunelab.compare.report import table  # start-up time
+
+    names = [name.strip() for name in techniques.split(",") if name.strip()]
+    try:
+        result = run_compare(load_config(config, set_), names, out, seeds=seeds, lr_sweep=lr_sweep)
+    except (CompareInterrupted, KeyboardInterrupt) as exc:  # KeyboardInterrupt: while planning or writing the report
+        _fail(f"interrupted{f' during run {exc}' if str(exc) else ''}; run the same command again to resume "
+              "(finished runs are kept)", code=130)
+    except _USER_ERRORS as exc:
+        _fail(str(exc))
+    headers, rows = table(result)
+    grid = Table(title=f"Techniques compared ({out})")
+    for header in headers:
+        grid.add_column(header, overflow="fold")
+    for row in rows:
+        grid.add_row(*row)
+    console.print(grid)
+    for warning in result["warnings"]:
+        err_console.print(warning, style="bold yellow", highlight=False)
+    console.print(f"compare.json and report.md in {out}", highlight=False)
+
+
 @config_app.command("show", epilog=_examples(
     "tunelab config show examples/beginner/lora-own-chat-data.yaml",
     "tunelab config show CONFIG --set technique.r=16 --no-descriptions",

@@ -1,0 +1,176 @@
+"""Running a compare: the grid of runs (technique x learning rate x seed), each trained by ``tunelab train`` in
+its own process, so each run's peak memory is its own (a process's peak RSS never goes down) and Ctrl-C leaves
+the run being trained with a resumable checkpoint. Run again, a compare keeps finished runs and resumes the
+interrupted one."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tunelab.checkpoint import latest_checkpoint
+from tunelab.compare.report import write_reports
+from tunelab.compare.table import flag_pareto, primary_metric, quality_cost, run_figures, technique_row
+from tunelab.config import TunelabConfig, build_config
+from tunelab.errors import ConfigError
+from tunelab.fs import claim, own_entry, write_entry_json, write_text
+from tunelab.runs import read_json
+from tunelab.techniques import TECHNIQUES
+
+log = logging.getLogger(__name__)
+
+WRITER = "tunelab compare"
+PLAN = "compare_plan.json"  # what this folder's compare trains: a rerun with other settings is refused
+LR_SWEEP_FACTORS = (1 / 3, 1.0, 3.0)  # around each technique's default learning rate
+
+
+class CompareInterrupted(Exception):
+    """Ctrl-C during a compare: the run being trained saved a checkpoint; the same command resumes."""
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    name: str
+    technique: str
+    learning_rate: float
+    seed: int
+
+
+def plan_runs(config: TunelabConfig, techniques: list[str], seeds: int, lr_sweep: bool) -> list[PlannedRun]:
+    unknown = [name for name in techniques if name not in TECHNIQUES]
+    if unknown or not techniques:
+        raise ConfigError(f"--techniques: unknown {', '.join(unknown) or '(none given)'}; expected some of "
+                          f"{', '.join(TECHNIQUES)}")
+    if seeds < 1:
+        raise ConfigError(f"--seeds {seeds}: give 1 or more")
+    runs = []
+    for technique in dict.fromkeys(techniques):
+        default = TECHNIQUES[technique].default_learning_rate
+        rates = [default * f for f in LR_SWEEP_FACTORS] if lr_sweep else [default]
+        for rate in rates:
+            for seed in range(config.training.seed, config.training.seed + seeds):
+                lr_part = f"-lr{rate:.3g}" if lr_sweep else ""
+                runs.append(PlannedRun(f"{technique}{lr_part}-seed{seed}", technique, float(f"{rate:.3g}"), seed))
+    return runs
+
+
+def run_config(config: TunelabConfig, run: PlannedRun, out: Path) -> dict[str, Any]:
+    """The config of one run: the user's, with the run's technique (the user's settings of it when the config
+    names the same technique), learning rate, seed and folder. Validated here, so a technique that refuses the
+    config fails before anything trains."""
+    data = config.model_dump(mode="json")
+    if data["technique"]["name"] != run.technique:
+        data["technique"] = {"name": run.technique}
+    data["training"].update(seed=run.seed, learning_rate=run.learning_rate)
+    data["output"].update(dir=str((out / run.name).resolve()), overwrite=False)
+    try:
+        return build_config(data).model_dump(mode="json")
+    except ConfigError as exc:
+        raise ConfigError(f"technique {run.technique}: {exc}") from None
+
+
+def _check_plan(out: Path, plan: dict[str, Any]) -> None:
+    saved = read_json(out / PLAN) if (out / PLAN).is_file() else None
+    if saved is not None and saved != plan:
+        raise ConfigError(f"{out} holds a compare with other settings ({out / PLAN}); give another --out, or the "
+                          "same config, techniques, seeds and --lr-sweep to resume it")
+    write_entry_json(out, PLAN, plan)
+
+
+def _train_command(config_path: Path, resume: bool, overwrite: bool) -> list[str]:
+    command = [sys.executable, "-m", "tunelab", "train", str(config_path), "--no-progress"]
+    return command + ["--resume"] * resume + ["--set", "output.overwrite=true"] * overwrite
+
+
+def _train(run: PlannedRun, config: dict[str, Any], out: Path) -> None:
+    """Train one planned run to completion in its own process: kept when completed, resumed from its checkpoint
+    when interrupted, started again (its folder is tunelab's own) when it stopped before any checkpoint."""
+    run_dir = Path(config["output"]["dir"])
+    status = (read_json(run_dir / "status.json") or {}).get("status") if run_dir.is_dir() else None
+    if status == "completed":
+        log.info("%s: completed earlier, kept", run.name)
+        return
+    resume = status is not None and latest_checkpoint(run_dir / "checkpoints") is not None
+    overwrite = run_dir.exists() and not resume
+    config_path = own_entry(out, "configs") / f"{run.name}.yaml"
+    config_path.parent.mkdir(exist_ok=True)
+    write_text(config_path, yaml.safe_dump(config, sort_keys=False))
+    log_path = own_entry(out, "logs") / f"{run.name}.log"
+    log_path.parent.mkdir(exist_ok=True)
+    log.info("%s: %s (log: %s)", run.name, "resuming" if resume else "training", log_path)
+    with open(log_path, "a") as log_file:
+        # its own session: a terminal's Ctrl-C reaches this process only, which passes it on exactly once
+        process = subprocess.Popen(_train_command(config_path, resume, overwrite), stdout=log_file,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = process.wait()
+        except KeyboardInterrupt:
+            process.send_signal(signal.SIGINT)  # the run finishes its step and saves a checkpoint
+            process.wait()
+            raise CompareInterrupted(run.name) from None
+    if code == 130:
+        raise CompareInterrupted(run.name)
+    if code != 0:
+        raise ConfigError(f"run {run.name} failed (exit code {code}); its output is in {log_path}")
+
+
+def compare(config: TunelabConfig, techniques: list[str], out: Path, seeds: int = 1,
+            lr_sweep: bool = False) -> dict[str, Any]:
+    """Train every planned run (or keep it, when a previous compare finished it) and write compare.json,
+    report.md and report.html into ``out``; returns compare.json's content."""
+    if config.training.learning_rate is not None:
+        log.warning("training.learning_rate %g is not used: each technique trains at its own default learning "
+                    "rate (one rate does not fit full fine-tuning and prompt tuning alike)%s",
+                    config.training.learning_rate, "" if lr_sweep else "; --lr-sweep tries 3 around it")
+    planned = plan_runs(config, techniques, seeds, lr_sweep)
+    configs = {run.name: run_config(config, run, out) for run in planned}
+    claim(out, WRITER)
+    _check_plan(out, {"config": config.model_dump(mode="json"), "runs": [asdict(run) for run in planned]})
+    for index, run in enumerate(planned, start=1):
+        log.info("[%d/%d] %s, learning rate %g, seed %d", index, len(planned), run.technique, run.learning_rate,
+                 run.seed)
+        try:
+            _train(run, configs[run.name], out)
+        except KeyboardInterrupt:  # between two runs, or while one was being set going
+            raise CompareInterrupted(run.name) from None
+    result = summarize(planned, configs, out)
+    write_reports(out, result)
+    return result
+
+
+def summarize(planned: list[PlannedRun], configs: dict[str, dict[str, Any]], out: Path) -> dict[str, Any]:
+    """compare.json's content: every run's figures, one row per technique and learning rate, and per technique
+    the row of its best learning rate, flagged Pareto-optimal or not."""
+    figures = {run.name: run_figures(out / run.name, configs[run.name]) for run in planned}
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for run in planned:
+        groups.setdefault((run.technique, run.learning_rate), []).append(figures[run.name])
+    sweep_rows = [technique_row(technique, rate, runs) for (technique, rate), runs in groups.items()]
+    metric = primary_metric(sweep_rows)
+    rows, warnings = best_rows(sweep_rows, metric)
+    flag_pareto(rows, metric)
+    return {"primary_metric": {"name": metric[0], "higher_is_better": metric[1]} if metric else None,
+            "techniques": rows, "learning_rate_sweep": sweep_rows if len(sweep_rows) > len(rows) else None,
+            "warnings": warnings, "runs": list(figures.values())}
+
+
+def best_rows(rows: list[dict[str, Any]], metric: tuple[str, bool] | None) -> tuple[list[dict[str, Any]], list[str]]:
+    """Per technique, the learning rate with the best primary metric (mean over seeds); a warning when it is the
+    lowest or highest rate tried (the optimum may lie beyond the sweep)."""
+    best, warnings = [], []
+    for technique in dict.fromkeys(row["technique"] for row in rows):
+        tried = sorted((row for row in rows if row["technique"] == technique), key=lambda row: row["learning_rate"])
+        chosen = min(tried, key=lambda row: quality_cost(row, metric)) if metric and len(tried) > 1 else tried[0]
+        if len(tried) > 2 and chosen in (tried[0], tried[-1]):
+            warnings.append(f"{technique}: the best learning rate {chosen['learning_rate']:g} is at the edge of the "
+                            f"sweep ({tried[0]['learning_rate']:g} to {tried[-1]['learning_rate']:g}); the optimum "
+                            "may lie beyond it")
+        best.append(chosen)
+    return best, warnings

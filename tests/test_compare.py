@@ -1,0 +1,172 @@
+"""tunelab compare on the tiny model: every column equals an independent measurement, a seed repeat gives the
+same numbers, Ctrl-C mid-compare then the same command again gives the same compare.json; the Pareto flag and
+the Student-t interval on constructed inputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from safetensors import safe_open
+
+from support.tiny import toy_chat_records, write_jsonl
+from tunelab.compare.stats import mean_interval, pareto_flags, t_quantile
+from tunelab.compare.table import flag_pareto
+
+# what a run's own process measured: differs between two runs of the same config
+MEASURED = {"peak_memory_bytes", "wall_time_s", "tokens_per_s"}
+
+
+def test_pareto_flag_on_a_constructed_table() -> None:
+    # (quality cost, memory, time): b is dominated by a; c trades memory for time; d ties a exactly (both kept)
+    costs = [(1.0, 10.0, 5.0), (1.0, 12.0, 5.0), (2.0, 4.0, 9.0), (1.0, 10.0, 5.0), (3.0, 20.0, 1.0), (3.0, 20.0, 2.0)]
+    assert pareto_flags(costs) == [True, False, True, True, True, False]
+
+
+def test_pareto_over_rows_reads_higher_is_better() -> None:
+    def row(score: float, memory: float, seconds: float) -> dict[str, Any]:
+        return {"metrics": {"rouge_l": {"mean": score}}, "peak_memory_bytes": {"mean": memory},
+                "wall_time_s": {"mean": seconds}}
+
+    rows = [row(0.9, 10, 10), row(0.5, 10, 10), row(0.5, 5, 10)]
+    flag_pareto(rows, ("rouge_l", True))
+    assert [r["pareto"] for r in rows] == [True, False, True]
+    flag_pareto(rows, ("rouge_l", False))  # lower is better: the 0.9 row is now dominated by the cheaper 0.5 one
+    assert [r["pareto"] for r in rows] == [False, False, True]
+
+
+def test_t_interval_matches_closed_forms() -> None:
+    for p in (0.9, 0.975, 0.995):
+        assert t_quantile(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-6)  # Cauchy
+        assert t_quantile(p, 2) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)), rel=1e-6)
+    summary = mean_interval([1.0, 2.0, 4.0])
+    half = t_quantile(0.975, 2) * statistics.stdev([1.0, 2.0, 4.0]) / math.sqrt(3)
+    assert (summary["low"], summary["high"]) == pytest.approx((7 / 3 - half, 7 / 3 + half))
+    assert mean_interval([3.0])["low"] is None
+
+
+def _config(tiny_model_dir: Path, tmp_path: Path, steps: int) -> Path:
+    data = write_jsonl(tmp_path / "train.jsonl", toy_chat_records(48))
+    config = tmp_path / f"compare-{steps}.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"name": str(tiny_model_dir)},
+        "data": {"train": [str(data)], "val_size": 4, "max_length": 64, "packing": False},
+        "technique": {"name": "lora", "r": 4},
+        "training": {"max_steps": steps, "micro_batch_size": 2, "eval_every": steps, "eval_metrics": ["chrf"]},
+        "eval": {"num_samples": 2, "max_new_tokens": 4, "metrics": ["rouge_l"], "forgetting": True},
+    }))
+    return config
+
+
+def _tunelab(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tunelab", *args]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _compare(config: Path, out: Path, seeds: int = 2) -> subprocess.CompletedProcess:
+    return subprocess.run(_tunelab("compare", str(config), "--techniques", "lora,prompt_tuning", "--seeds", str(seeds),
+                                   "--out", str(out)), env=ENV, capture_output=True, text=True, timeout=900)
+
+
+def _without_measured(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_measured(v) for k, v in value.items() if k not in MEASURED}
+    if isinstance(value, list):
+        return [_without_measured(v) for v in value]
+    return value
+
+
+def _safetensors_numel(path: Path) -> int:
+    with safe_open(str(path), "pt") as handle:
+        return sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())
+
+
+def _bytes_on_disk(folder: Path) -> int:
+    return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(folder) for name in names)
+
+
+def _interrupt_during(command: list[str], metrics: Path) -> str:
+    """Start ``command``, Ctrl-C it once the run writing ``metrics`` has logged 2 training steps; its output."""
+    process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count('"train"') >= 2):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 130, output
+    return output
+
+
+def test_compare_columns_seed_repeat_and_resume(tiny_model_dir: Path, tmp_path: Path) -> None:
+    config = _config(tiny_model_dir, tmp_path, steps=30)
+    out = tmp_path / "cmp"
+    command = _tunelab("compare", str(config), "--techniques", "lora,prompt_tuning", "--seeds", "2", "--out", str(out))
+
+    # Ctrl-C during the third run (prompt_tuning, first seed), then the same command finishes the compare
+    third = out / "prompt_tuning-seed42"
+    _interrupt_during(command, third / "metrics.jsonl")
+    assert json.loads((third / "status.json").read_text())["status"] == "interrupted"
+    assert json.loads((out / "lora-seed43" / "status.json").read_text())["status"] == "completed"
+    assert not (out / "prompt_tuning-seed43").exists()
+    resumed = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "completed earlier, kept" in resumed.stderr and "resuming" in resumed.stderr
+    result = json.loads((out / "compare.json").read_text())
+    assert "| technique |" in (out / "report.md").read_text()
+
+    # every column against an independent measurement of the run folders
+    for row in result["techniques"]:
+        runs = [out / name for name in row["runs"]]
+        adapter_files = [r / "adapter" / "adapter_model.safetensors" for r in runs]
+        assert row["trainable_parameters"] == _safetensors_numel(adapter_files[0])
+        sizes = [_bytes_on_disk(r / "adapter") for r in runs]
+        assert row["artefact_bytes"]["mean"] == pytest.approx(statistics.mean(sizes))
+        losses = [json.loads((r / "eval.json").read_text())["tuned"]["loss"] for r in runs]
+        half = math.tan(math.pi * 0.475) * statistics.stdev(losses) / math.sqrt(2)  # t(0.975, df=1), closed form
+        assert row["metrics"]["val_loss"]["mean"] == pytest.approx(statistics.mean(losses))
+        assert row["metrics"]["val_loss"]["high"] == pytest.approx(statistics.mean(losses) + half, rel=1e-6)
+        rouge = [json.loads((r / "eval.json").read_text())["metrics"]["rouge_l"]["tuned"] for r in runs]
+        assert row["metrics"]["rouge_l"]["mean"] == pytest.approx(statistics.mean(rouge))
+        chrf = [[json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines()
+                 if '"eval"' in line][-1]["chrf"] for r in runs]
+        assert row["metrics"]["chrf@last_eval"]["mean"] == pytest.approx(statistics.mean(chrf))
+        infos = [json.loads((r / "run_info.json").read_text()) for r in runs]
+        assert row["peak_memory_bytes"]["mean"] == pytest.approx(statistics.mean(i["peak_memory"]["rss_bytes"] for i in infos))
+        assert row["wall_time_s"]["mean"] == pytest.approx(statistics.mean(i["wall_time_s"] for i in infos))
+        assert row["tokens_per_s"]["mean"] == pytest.approx(statistics.mean(i["tokens_per_s"] for i in infos))
+        forgetting = [json.loads((r / "eval.json").read_text())["forgetting"]["relative_change"] for r in runs]
+        assert row["forgetting_change"]["mean"] == pytest.approx(statistics.mean(forgetting))
+    lora, prompt = result["techniques"]
+    assert lora["training_tokens"] == prompt["training_tokens"], "the same token budget for every technique"
+    assert lora["learning_rate"] == 2e-4 and prompt["learning_rate"] != lora["learning_rate"]
+
+    # the interrupted run trained again without a break, alone: the same numbers (a seed repeat)
+    again = tmp_path / "again"
+    alone = subprocess.run(_tunelab("compare", str(config), "--techniques", "prompt_tuning", "--out", str(again)),
+                           env=ENV, capture_output=True, text=True, timeout=900)
+    assert alone.returncode == 0, alone.stdout + alone.stderr
+    repeat = json.loads((again / "compare.json").read_text())["runs"]
+    assert _without_measured(repeat) == _without_measured([r for r in result["runs"] if r["run"] == third.name])
+
+    # and the compare with that uninterrupted run in its place: the same compare.json
+    whole = tmp_path / "whole"
+    shutil.copytree(out, whole)
+    shutil.rmtree(whole / third.name)
+    shutil.copytree(again / third.name, whole / third.name)
+    kept = subprocess.run([*command[:-1], str(whole)], env=ENV, capture_output=True, text=True, timeout=900)
+    assert kept.returncode == 0, kept.stdout + kept.stderr
+    assert "resuming" not in kept.stderr and ": training (" not in kept.stderr  # nothing trained again
+    assert _without_measured(json.loads((whole / "compare.json").read_text())) == _without_measured(result)
