@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -126,6 +127,9 @@ def test_compare_columns_seed_repeat_and_resume(tiny_model_dir: Path, tmp_path: 
     assert "completed earlier, kept" in resumed.stderr and "resuming" in resumed.stderr
     result = json.loads((out / "compare.json").read_text())
     assert "| technique |" in (out / "report.md").read_text()
+    page = (out / "report.html").read_text()  # self-contained: the plots inline, nothing fetched
+    assert page.count("<svg") == 2 and page.count("<polyline") == 4 and page.count("<circle") == 2
+    assert not re.search(r"(src|href)=|<script|<link|@import|url\(", page)
 
     # every column against an independent measurement of the run folders
     for row in result["techniques"]:
@@ -170,3 +174,22 @@ def test_compare_columns_seed_repeat_and_resume(tiny_model_dir: Path, tmp_path: 
     assert kept.returncode == 0, kept.stdout + kept.stderr
     assert "resuming" not in kept.stderr and ": training (" not in kept.stderr  # nothing trained again
     assert _without_measured(json.loads((whole / "compare.json").read_text())) == _without_measured(result)
+
+
+def test_html_report_is_self_contained_with_both_plots() -> None:
+    from tunelab.compare.report import html_report
+
+    def row(name: str, loss: float, memory: float, pareto: bool) -> dict[str, Any]:
+        summary = {"mean": loss, "low": loss - 0.1, "high": loss + 0.1, "n": 2}
+        return {"technique": name, "learning_rate": 2e-4, "seeds": 2, "runs": [f"{name}-seed42"],
+                "metrics": {"val_loss": summary}, "higher_is_better": {"val_loss": False}, "forgetting_change": None,
+                "forgetting_flagged_runs": None, "trainable_parameters": 10, "peak_memory_bytes": {"mean": memory},
+                "wall_time_s": {"mean": 3.0}, "tokens_per_s": {"mean": 9.0}, "artefact_bytes": {"mean": 2**20},
+                "training_tokens": {"mean": 100}, "pareto": pareto}
+
+    result = {"primary_metric": {"name": "val_loss", "higher_is_better": False}, "warnings": ["<edge>"],
+              "techniques": [row("lora", 1.0, 2**30, True), row("full", 1.2, 2**31, False)]}
+    page = html_report(result, {"lora": [[(1, 2.0), (2, 1.5)], [(1, 2.1), (2, 1.4)]], "full": [[(1, 2.0), (2, 1.9)]]})
+    assert page.count("<svg") == 2 and page.count("<polyline") == 3 and page.count("<circle") == 2
+    assert "&lt;edge&gt;" in page and "<edge>" not in page  # text is escaped
+    assert not re.search(r"(src|href)=|<script|<link|@import|url\(", page)

@@ -165,7 +165,7 @@ def _run_training(start: Callable[[], Any], resume_command: str) -> None:
 def compare(
     config: Annotated[Path, typer.Argument(metavar="CONFIG", help="YAML config file (its technique section applies to that technique only)")],
     techniques: Annotated[str, typer.Option(help="Comma-separated techniques, e.g. full,lora,qlora,prompt_tuning,ia3,adapter")],
-    out: Annotated[Path, typer.Option(help="Folder of the compare: one run folder per run, compare.json, report.md")] = Path("runs/compare"),
+    out: Annotated[Path, typer.Option(help="Folder of the compare: one run folder per run, compare.json, report.md, report.html")] = Path("runs/compare"),
     seeds: Annotated[int, typer.Option(help="Seeds per technique (training.seed, +1, ...): intervals need 2 or more")] = 1,
     lr_sweep: Annotated[bool, typer.Option("--lr-sweep", help="Also try each technique's default learning rate /3 and x3, and report the best")] = False,
     set_: SetOption = None,
@@ -197,7 +197,7 @@ def compare(
     console.print(grid)
     for warning in result["warnings"]:
         err_console.print(warning, style="bold yellow", highlight=False)
-    console.print(f"compare.json and report.md in {out}", highlight=False)
+    console.print(f"compare.json, report.md and report.html in {out}", highlight=False)
 
 
 @config_app.command("show", epilog=_examples(

@@ -1,11 +1,14 @@
-"""A compare's outputs: compare.json, and the table of techniques as report.md (and on the terminal)."""
+"""A compare's outputs: compare.json, the table of techniques as report.md (and on the terminal), and a
+self-contained report.html (the table, an inline SVG Pareto plot and the loss curves overlaid; no remote asset)."""
 
 from __future__ import annotations
 
+from html import escape
 from pathlib import Path
 from typing import Any
 
 from tunelab.fs import write_entry_json, write_entry_text
+from tunelab.runs import read_metrics
 
 
 def _interval(summary: dict[str, Any] | None, digits: int = 4) -> str:
@@ -66,6 +69,98 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def loss_curves(out: Path, result: dict[str, Any]) -> dict[str, list[list[tuple[int, float]]]]:
+    """Per technique (its reported learning rate), each run's (step, training loss), from its metrics.jsonl."""
+    return {row["technique"]: [[(m["step"], m["loss"]) for m in read_metrics(out / run)
+                                if m.get("kind") == "train" and not m.get("skipped")] for run in row["runs"]]
+            for row in result["techniques"]}
+
+
 def write_reports(out: Path, result: dict[str, Any]) -> None:
     write_entry_json(out, "compare.json", result)
     write_entry_text(out, "report.md", markdown(result))
+    write_entry_text(out, "report.html", html_report(result, loss_curves(out, result)))
+
+
+# ---------------------------------------------------------------- report.html: self-contained, inline SVG only
+
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
+WIDTH, HEIGHT, MARGIN = 640, 360, 56
+
+
+def _scale(values: list[float], low_px: float, high_px: float) -> Any:
+    low, high = min(values), max(values)
+    span = (high - low) or 1.0
+    return lambda v: low_px + (v - low) / span * (high_px - low_px)
+
+
+def _axes(x_label: str, y_label: str) -> list[str]:
+    bottom, right = HEIGHT - MARGIN, WIDTH - MARGIN / 2
+    return [f'<line x1="{MARGIN}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="#333"/>',
+            f'<line x1="{MARGIN}" y1="{MARGIN / 2}" x2="{MARGIN}" y2="{bottom}" stroke="#333"/>',
+            f'<text x="{(MARGIN + right) / 2}" y="{HEIGHT - 12}" text-anchor="middle">{escape(x_label)}</text>',
+            f'<text x="14" y="{HEIGHT / 2}" text-anchor="middle" transform="rotate(-90 14 {HEIGHT / 2})">'
+            f'{escape(y_label)}</text>']
+
+
+def pareto_svg(result: dict[str, Any]) -> str:
+    """Quality against peak memory, one point per technique, its wall time in the label; Pareto-optimal points
+    filled."""
+    metric = result["primary_metric"]
+    rows = [row for row in result["techniques"] if metric and row["metrics"].get(metric["name"])
+            and row["peak_memory_bytes"]]
+    if not rows:
+        return "<p>No quality and memory figures to plot.</p>"
+    memory = [row["peak_memory_bytes"]["mean"] / 2**30 for row in rows]
+    quality = [row["metrics"][metric["name"]]["mean"] for row in rows]
+    x = _scale(memory, MARGIN + 20, WIDTH - MARGIN)
+    y = _scale(quality, HEIGHT - MARGIN - 20, MARGIN / 2 + 10)
+    parts = _axes("peak memory (GiB)", metric["name"] + (" (higher is better)" if metric["higher_is_better"]
+                                                          else " (lower is better)"))
+    for i, (row, m, q) in enumerate(zip(rows, memory, quality)):
+        colour = PALETTE[i % len(PALETTE)]
+        fill = colour if row["pareto"] else "white"
+        parts.append(f'<circle cx="{x(m):.1f}" cy="{y(q):.1f}" r="6" fill="{fill}" stroke="{colour}" stroke-width="2">'
+                     f'<title>{escape(row["technique"])}: {q:.4g}, {m:.3g} GiB</title></circle>')
+        seconds = _mean(row["wall_time_s"], unit=" s")
+        parts.append(f'<text x="{x(m) + 9:.1f}" y="{y(q) + 4:.1f}">{escape(row["technique"])} ({seconds})</text>')
+    return _svg(parts, "Quality against peak memory; filled: Pareto-optimal over quality, memory and time")
+
+
+def loss_svg(curves: dict[str, list[list[tuple[int, float]]]]) -> str:
+    """Training loss per step, every run, one colour per technique."""
+    points = [p for runs in curves.values() for run in runs for p in run]
+    if not points:
+        return "<p>No training losses logged.</p>"
+    x = _scale([float(s) for s, _ in points], MARGIN, WIDTH - MARGIN / 2)
+    y = _scale([loss for _, loss in points], HEIGHT - MARGIN, MARGIN / 2)
+    parts = _axes("step", "training loss")
+    for i, (technique, runs) in enumerate(curves.items()):
+        colour = PALETTE[i % len(PALETTE)]
+        for run in runs:
+            path = " ".join(f"{x(s):.1f},{y(loss):.1f}" for s, loss in run)
+            parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="1.5" opacity="0.8">'
+                         f'<title>{escape(technique)}</title></polyline>')
+        parts.append(f'<text x="{WIDTH - MARGIN - 90}" y="{MARGIN / 2 + 16 * (i + 1)}" fill="{colour}">'
+                     f'{escape(technique)}</text>')
+    return _svg(parts, "Training loss, every run overlaid")
+
+
+def _svg(parts: list[str], title: str) -> str:
+    return (f'<figure><svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" '
+            f'viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif" font-size="12">{"".join(parts)}</svg>'
+            f"<figcaption>{escape(title)}</figcaption></figure>")
+
+
+def html_report(result: dict[str, Any], curves: dict[str, list[list[tuple[int, float]]]]) -> str:
+    headers, rows = table(result)
+    head = "".join(f"<th>{escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{escape(cell)}</td>" for cell in row) + "</tr>" for row in rows)
+    warnings = "".join(f"<li>{escape(w)}</li>" for w in result["warnings"])
+    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>Technique comparison</title>"
+            f"<style>{style}</style></head><body><h1>Technique comparison</h1>"
+            f"<table><tr>{head}</tr>{body}</table>"
+            + (f"<h2>Warnings</h2><ul>{warnings}</ul>" if warnings else "")
+            + f"<h2>Pareto</h2>{pareto_svg(result)}<h2>Loss curves</h2>{loss_svg(curves)}</body></html>")
