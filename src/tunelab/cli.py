@@ -345,6 +345,89 @@ def eval_command(
         print_eval_report(report, figure_tables(report.get("technique") or {}))
 
 
+def _bytes(text: str) -> int:
+    """'24GiB', '512MiB', '8GB' or a plain number of bytes."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    lowered = text.strip().lower()
+    for unit, factor in units.items():
+        if lowered.endswith(unit) and lowered[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(lowered[: -len(unit)]) * factor)
+    if lowered.isdigit():
+        return int(lowered)
+    raise typer.BadParameter(f"'{text}': expected a size such as 24GiB, 512MiB or 8GB")
+
+
+@app.command(epilog=_examples(
+    "tunelab plan examples/beginner/lora-own-chat-data.yaml",
+    "tunelab plan CONFIG --budget 8GiB --solve micro_batch_size",
+    "tunelab plan CONFIG --budget 4GiB --recommend --json",
+))
+def plan(
+    config: Annotated[Path, typer.Argument(metavar="CONFIG", help="YAML config file")],
+    set_: SetOption = None,
+    device: Annotated[str, typer.Option(help="cpu (peak RSS) or cuda (max_memory_allocated + context)")] = "cpu",
+    budget: Annotated[Optional[str], typer.Option(help="Memory budget for --solve and --recommend, e.g. 24GiB")] = None,
+    solve: Annotated[Optional[str], typer.Option(help="Find the largest micro_batch_size or max_length that fits --budget")] = None,
+    recommend: Annotated[bool, typer.Option("--recommend", help="Rank technique x dtype x checkpointing set-ups that fit --budget")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Predict a run's peak memory, term by term, without loading weights (docs/choosing.md)."""
+    _setup_logging()
+    from tunelab.api import load_config  # start-up time
+    from tunelab.plan import data_shape, plan_memory  # start-up time (torch, transformers)
+    from tunelab.plan.solve import recommend as rank_setups, solve as solve_knob  # start-up time
+
+    if device not in ("cpu", "cuda"):
+        _fail(f"--device {device}: expected cpu or cuda")
+    if (solve or recommend) and budget is None:
+        _fail("--solve and --recommend need --budget (e.g. --budget 24GiB)")
+    limit = _bytes(budget) if budget is not None else None
+    try:
+        cfg = load_config(config, set_)
+        shape = data_shape(cfg)
+        result = plan_memory(cfg, device, shape)
+        out: dict[str, Any] = result.as_dict()
+        if limit is not None:
+            out["budget_bytes"], out["fits"] = limit, result.peak_bytes <= limit
+        if solve:
+            value, solved = solve_knob(cfg, shape, limit or 0, solve, device)
+            out["solve"] = {"knob": solve, "value": value, "peak_bytes": solved.peak_bytes if solved else None}
+        if recommend:
+            out["recommend"] = [{"technique": s.technique, "gradient_checkpointing": s.checkpointing, "dtype": s.dtype,
+                                 "peak_bytes": s.plan.peak_bytes, "seconds_per_step": round(s.seconds_per_step, 3),
+                                 "why": s.why} for s in rank_setups(cfg, shape, limit or 0, device)]
+    except _USER_ERRORS as exc:
+        _fail(str(exc))
+    if as_json:
+        _print_json(out)
+        return
+    _print_plan(out)
+
+
+def _print_plan(out: dict[str, Any]) -> None:
+    gib = 2**30
+    console.print(f"Planned peak ({'RSS' if out['device'] == 'cpu' else 'max_memory_allocated + context'}): "
+                  f"{out['peak_bytes'] / gib:.2f} GiB at the {out['peak_phase']}, "
+                  f"micro-batch {out['micro_batch_size']} x {out['length']} tokens, {out['dtype']}", highlight=False)
+    table = Table(title="Terms", title_justify="left")
+    table.add_column("term", **NAME_COLUMN)
+    table.add_column("GiB", justify="right")
+    for name, value in out["components"].items():
+        table.add_row(name, f"{value / gib:.3f}")
+    print_table(table)
+    for note in out["notes"]:
+        console.print(f"note: {note}", highlight=False)
+    if "fits" in out:
+        console.print(f"budget {out['budget_bytes'] / gib:.2f} GiB: {'fits' if out['fits'] else 'does NOT fit'}", highlight=False)
+    if "solve" in out:
+        solved = out["solve"]
+        console.print(f"largest {solved['knob']} that fits: {solved['value']}" if solved["value"] is not None
+                      else f"no {solved['knob']} fits the budget", highlight=False)
+    for rank, setup in enumerate(out.get("recommend", []), 1):
+        console.print(f"{rank}. {setup['technique']} {setup['dtype']} checkpointing "
+                      f"{'on' if setup['gradient_checkpointing'] else 'off'}: {setup['why']}", highlight=False)
+
+
 @app.command()
 def techniques(
     model: Annotated[str, typer.Option(help="Model to count trainable parameters for (no weights are read)")] = "smollm2-135m-instruct",

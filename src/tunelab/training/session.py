@@ -31,6 +31,7 @@ from tunelab.eval.training import OverfittingSignal
 from tunelab.generation import sample_prompts
 from tunelab.models import cache_root, default_device, load_model, load_tokenizer, model_skeleton
 from tunelab.objectives.reference import live_reference, same_model
+from tunelab.plan import plan_memory, resident_bytes, shape_of
 from tunelab.precision import adapters_compute_in_autocast_dtype, keep_trainable_in_float32
 from tunelab.fs import read_json, write_entry_json
 from tunelab.schedule import make_scheduler
@@ -150,6 +151,7 @@ def _set_up(ctx: TrainingContext, resume: bool) -> tuple[LoopState, dict[str, An
         raise ConfigError("training.eval_every needs validation data, and there is none: set data.val_size above 0 "
                           "or give data.validation (or leave eval_every unset)")
     _check_records(ctx)
+    _announce_plan(ctx)
     ctx.model = load_model(config.model, ctx.device, ctx.technique.base_load(config.technique, ctx.device),
                            num_labels=ctx.head_size, dtype=ctx.precision.load_dtype)
     if ctx.head_size is not None:  # a score head pools the last token that is not padding
@@ -194,6 +196,20 @@ def _set_up(ctx: TrainingContext, resume: bool) -> tuple[LoopState, dict[str, An
     if config.training.report_to and ctx.is_main:
         ctx.trackers = Trackers(config.training.report_to, run_dir, yaml.safe_load(config.to_yaml()), resume)
     return state, base, samples
+
+
+def _announce_plan(ctx: TrainingContext) -> None:
+    """The memory plan's figure before any weight is read (this process's resident memory is its runtime term);
+    run_info.json records it beside the measured peak, so every run checks the planner."""
+    try:
+        plan = plan_memory(ctx.config, ctx.device.type, shape_of(ctx.config, ctx.data), runtime=resident_bytes())
+    except (TechniqueError, ConfigError, ValueError, RuntimeError) as exc:  # a plan is advice: training goes on
+        log.warning("memory plan unavailable: %s", exc)
+        return
+    ctx.info.figures["planned_peak"] = {"bytes": plan.peak_bytes, "gib": round(plan.peak_bytes / 2**30, 3),
+                                        "phase": plan.phase}
+    log.info("memory plan: peak %.2f GiB (%s, at the %s; tunelab plan for the terms)", plan.peak_bytes / 2**30,
+             "RSS" if plan.device == "cpu" else "allocated + context", plan.phase)
 
 
 def _tokenizer_and_data(config: TunelabConfig) -> tuple[Any, PreparedData]:

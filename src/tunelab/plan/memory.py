@@ -1,0 +1,215 @@
+"""The memory plan: a run's peak memory, term by term, from the model's meta-device skeleton and the data's
+lengths, without reading a weight.
+
+    peak (CPU RSS)   = runtime + weights + optimizer state + max(backward, optimizer step)
+    backward         = gradients + activations + logits copies   (freed memory stays in the heap: all at once)
+    optimizer step   = gradients + AdamW's temporary (the largest trainable tensor: it updates one at a time)
+
+- weights: every parameter after the technique is applied, in the dtype it trains in (trainable ones in float32:
+  master weights; PEFT's k-bit preparation upcasts the non-quantized ones to float32), 4-bit blocks as half a byte
+  per weight plus their absmax scales;
+- activations: what autograd saves for backward, counted by running the skeleton's forward on meta tensors of the
+  planned (micro-batch, length) under ``torch.autograd.graph.saved_tensors_hooks`` (prompt tuning's virtual
+  tokens included); with checkpointing, each layer's input plus one layer's saves (recomputed in backward);
+- logits copies: the head's (N, V) output, its float32 copy and cross-entropy's log-softmax, and in backward the
+  two (N, V) float32 gradients;
+- runtime: the resident memory of a process that imported the training stack (measured once, see ``runtime``).
+On CUDA the runtime term is the CUDA context.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+# A 4-bit weight: two per byte, one absmax per block of 64 (bitsandbytes' blocksize for 4-bit).
+QUANT_BLOCK = 64
+NESTED_BLOCK = 256  # double quantization quantizes the absmax scales to 8 bits in blocks of 256 (one fp32 each)
+
+
+@dataclass
+class Shape:
+    """The largest micro-batch a run trains on: rows x tokens, and the tokens that carry a label."""
+
+    micro_batch_size: int
+    length: int
+    supervised_share: float = 1.0
+
+    @property
+    def supervised(self) -> int:
+        return max(1, math.ceil(self.micro_batch_size * self.length * self.supervised_share))
+
+
+@dataclass
+class MemoryPlan:
+    device: str
+    peak_bytes: int
+    components: dict[str, int]
+    phase: str  # which phase peaks: "load", "backward" or "optimizer step"
+    shape: Shape
+    dtype: str
+    notes: list[str] = field(default_factory=list)
+    trainable_parameters: int = 0
+    total_parameters: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"peak_bytes": self.peak_bytes, "peak_phase": self.phase, "device": self.device, "dtype": self.dtype,
+                "micro_batch_size": self.shape.micro_batch_size, "length": self.shape.length,
+                "supervised_tokens": self.shape.supervised, "trainable_parameters": self.trainable_parameters,
+                "total_parameters": self.total_parameters, "components": self.components, "notes": self.notes}
+
+
+def is_quantized_4bit(param: nn.Parameter) -> bool:
+    return type(param).__name__ == "Params4bit"  # bitsandbytes' class; not imported: it is an optional dependency
+
+
+def quantized_bytes(numel: int, double_quant: bool) -> int:
+    """Bytes of a 4-bit weight with its absmax scales (fp32 each, or 8-bit plus one fp32 per 256 with double quant)."""
+    blocks = math.ceil(numel / QUANT_BLOCK)
+    scales = blocks + 4 * math.ceil(blocks / NESTED_BLOCK) if double_quant else 4 * blocks
+    return math.ceil(numel / 2) + scales
+
+
+def parameter_bytes(model: nn.Module, double_quant: bool) -> tuple[int, int, int, int]:
+    """(weights, trainable weights in float32, trainable and total parameter counts) of a prepared skeleton. Trainable
+    parameters count as float32: they are kept so (master weights) whatever dtype the base loads in."""
+    weights = trainable_bytes = trainable = total = 0
+    for param in unique_parameters(model):
+        total += param.numel()
+        if is_quantized_4bit(param):
+            weights += quantized_bytes(param.numel(), double_quant)
+        elif param.requires_grad:
+            weights += 4 * param.numel()
+            trainable_bytes += 4 * param.numel()
+            trainable += param.numel()
+        else:
+            weights += param.numel() * param.element_size()
+    return weights, trainable_bytes, trainable, total
+
+
+def unique_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters and buffers once each (tied weights, e.g. embeddings shared with the head, count once)."""
+    seen: dict[int, nn.Parameter] = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        seen.setdefault(id(tensor), tensor)
+    return list(seen.values())
+
+
+@dataclass
+class Saved:
+    """What autograd saved for backward during a meta forward, in bytes, by where it was saved."""
+
+    layers: list[int]  # per decoder layer
+    layer_inputs: list[int]  # the hidden states entering each layer (what checkpointing keeps)
+    outside: int  # embeddings, final norm, the head's input
+    logits: int  # the head's output and the loss's float32 copies (N, V)
+
+
+@contextmanager
+def _four_bit_as_plain(model: nn.Module) -> Iterator[None]:
+    """bitsandbytes' 4-bit matmul has no meta kernel; stand in for it with a linear on a frozen weight, which saves
+    what its autograd function saves (only the quantized weight, a parameter)."""
+    with ExitStack() as stack:
+        for module in model.modules():
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, nn.Parameter) and is_quantized_4bit(weight):
+                def forward(x: torch.Tensor, module: nn.Module = module) -> torch.Tensor:
+                    return nn.functional.linear(x, module.weight.detach().to(x.dtype), module.bias)
+                module.forward = forward
+                stack.callback(module.__dict__.pop, "forward")
+        yield
+
+
+@contextmanager
+def _no_packed_sequence_search() -> Iterator[None]:
+    """transformers looks for packed sequences in the position ids with a data-dependent test (``.all()``), which
+    meta tensors cannot answer; a packed row's activations have the same size as one sequence's, so answer "none"."""
+    from unittest import mock
+
+    from transformers import masking_utils  # why: only the probe needs it
+
+    with mock.patch.object(masking_utils, "find_packed_sequence_indices", lambda position_ids: None):
+        yield
+
+
+def saved_for_backward(model: nn.Module, shape: Shape, layers: list[nn.Module]) -> Saved:
+    """Run ``model``'s forward and the SFT loss on meta tensors and count what autograd saves (see module doc)."""
+    parameters = {p.untyped_storage()._cdata for p in unique_parameters(model)}
+    saved: dict[int, tuple[int, int]] = {}  # storage -> (bytes, where: layer index or -1)
+    where = [-1]
+    inputs: list[int] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage._cdata not in parameters and storage._cdata not in saved:
+            saved[storage._cdata] = (tensor.numel() * tensor.element_size() if tensor.is_meta else storage.nbytes(),
+                                     where[0])
+        return tensor
+
+    def enter(index: int):  # noqa: ANN202
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            where[0] = index
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            inputs.append(hidden.numel() * hidden.element_size())
+        return hook
+
+    def leave(module: nn.Module, args: tuple, output: Any) -> None:
+        where[0] = -1
+
+    head = model.get_output_embeddings()
+
+    def supervised_only(module: nn.Module, args: tuple) -> tuple:  # as the SFT objective's logits_only_where
+        hidden = args[0]  # (B, T', H)
+        return (hidden.reshape(-1, hidden.shape[-1])[: shape.supervised],) + tuple(args[1:])  # (N, H)
+
+    handles = [layer.register_forward_pre_hook(enter(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    handles += [layer.register_forward_hook(leave) for layer in layers]
+    handles.append(head.register_forward_pre_hook(supervised_only))
+    ids = torch.zeros(shape.micro_batch_size, shape.length, dtype=torch.long, device="meta")
+    try:
+        with _four_bit_as_plain(model), _no_packed_sequence_search(), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            output = model(input_ids=ids, use_cache=False).logits  # (N, V)
+            before_loss = set(saved)
+            loss = nn.functional.cross_entropy(output.float(), torch.zeros(output.shape[0], dtype=torch.long,
+                                                                           device="meta"), reduction="sum")
+    finally:
+        for handle in handles:
+            handle.remove()
+    per_layer = [0] * len(layers)
+    outside = loss_saves = 0
+    for storage, (size, index) in saved.items():
+        if storage not in before_loss:
+            loss_saves += size
+        elif index >= 0:
+            per_layer[index] += size
+        else:
+            outside += size
+    output_bytes = output.numel() * output.element_size()
+    # The head's (N, V) output lives through backward (the loss holds it), its float32 copy when it is not float32
+    # already, cross-entropy's saved log-softmax (loss_saves) and, in backward, two (N, V) float32 gradients.
+    copy = output.numel() * 4 if output.dtype != torch.float32 else 0
+    logits_bytes = output_bytes + copy + loss_saves + 2 * output.numel() * 4
+    outside -= min(outside, output_bytes)  # the head's output may be saved by the loss: counted once, above
+    del loss
+    return Saved(per_layer, inputs[: len(layers)], outside, logits_bytes)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks that activation checkpointing wraps (transformers' GradientCheckpointingLayer)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer  # why: transformers' own marker class
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def activation_bytes(saved: Saved, checkpointing: bool) -> int:
+    """Saved activations at the start of backward; with checkpointing, each layer keeps only its input and the
+    layer being recomputed holds its own saves again."""
+    if not checkpointing or not saved.layers:
+        return sum(saved.layers) + saved.outside
+    return sum(saved.layer_inputs) + max(saved.layers) + saved.outside

@@ -1,0 +1,156 @@
+"""The memory planner (tunelab plan): its terms against independent counts on the real tiny model, the solver's
+answer against the planner and a real run, and the tiny grid cells' measured peak RSS within bounds."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from support.runs import tiny_config
+from support.tiny import toy_chat_records, write_jsonl
+from tunelab.models import load_model, load_model_config, model_skeleton
+from tunelab.plan import Shape, plan_memory
+from tunelab.plan.memory import decoder_layers, is_quantized_4bit, saved_for_backward, unique_parameters
+from tunelab.plan.solve import solve
+from tunelab.precision import keep_trainable_in_float32, native_cpu_bf16
+from tunelab.techniques import TECHNIQUES, RunContext
+
+SHAPE = Shape(micro_batch_size=2, length=32)
+RUNTIME = 0  # the runtime term is measured in its own test; the others compare model-dependent terms only
+
+
+def config_for(tiny_model_dir: Path, tmp_path: Path, technique: str, dtype: str = "float32", **training):  # noqa: ANN201
+    data = write_jsonl(tmp_path / "train.jsonl", toy_chat_records(24))
+    return tiny_config(tiny_model_dir, {"dtype": dtype}, data={"train": [str(data)], "val_size": 0, "max_length": 64},
+                       technique={"name": technique},
+                       training={"max_steps": 2, "micro_batch_size": 2, **training},
+                       eval={"before_after": False, "forgetting": False, "num_samples": 0},
+                       output={"dir": str(tmp_path / "run")})
+
+
+def real_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(bytes of every parameter and buffer as loaded and prepared, float32 bytes of the trainable ones)."""
+    total = trainable = 0
+    for tensor in unique_parameters(model):
+        total += tensor.numel() * tensor.element_size()
+        state = getattr(tensor, "quant_state", None)
+        if state is not None:  # 4-bit: the absmax scales (and their own scales with double quantization)
+            total += state.absmax.numel() * state.absmax.element_size()
+            if state.state2 is not None:
+                total += state.state2.absmax.numel() * state.state2.absmax.element_size()
+        if tensor.requires_grad:
+            trainable += 4 * tensor.numel()
+    return total, trainable
+
+
+def prepared_model(config) -> torch.nn.Module:  # noqa: ANN001
+    """The model exactly as training prepares it (load, technique, float32 master weights)."""
+    technique = TECHNIQUES[config.technique.name]
+    base_load = technique.base_load(config.technique, torch.device("cpu"))
+    dtype = base_load.dtype or (torch.bfloat16 if config.model.dtype == "bfloat16" else torch.float32)
+    model = load_model(config.model, torch.device("cpu"), base_load, dtype=dtype)
+    model = technique.apply(model, config.technique, RunContext(total_steps=2))
+    keep_trainable_in_float32(model)
+    return model
+
+
+@pytest.mark.parametrize("technique,dtype", [("full", "float32"), ("lora", "float32"), ("lora", "bfloat16"),
+                                             ("qlora", "bfloat16"), ("prompt_tuning", "float32")])
+def test_weight_gradient_and_optimizer_terms_match_the_prepared_model(tiny_model_dir, tmp_path, technique, dtype):
+    if dtype == "bfloat16" and not native_cpu_bf16():
+        pytest.skip("bfloat16 trains in float32 on a CPU without native bfloat16: nothing to tell apart")
+    config = config_for(tiny_model_dir, tmp_path, technique, dtype)
+    plan = plan_memory(config, "cpu", SHAPE, runtime=RUNTIME)
+    weights, trainable = real_bytes(prepared_model(config))
+    assert plan.components["gradients"] == trainable
+    assert plan.components["optimizer_state"] == 2 * trainable  # AdamW's two float32 moments
+    # 4-bit: the code table of each layer's nested scales is not counted (1 KiB a layer), else exact
+    assert abs(plan.components["weights"] - weights) <= 0.02 * weights
+
+
+def test_qlora_counts_the_kbit_upcast(tiny_model_dir, tmp_path):
+    """PEFT's k-bit preparation upcasts every non-4-bit parameter to float32: on a bfloat16 base the QLoRA plan's
+    non-quantized weights are float32, so they weigh twice LoRA's bfloat16 ones."""
+    if not native_cpu_bf16():
+        pytest.skip("needs a bfloat16 base (a CPU with native bfloat16)")
+    model = prepared_model(config_for(tiny_model_dir, tmp_path, "qlora", "bfloat16"))
+    plain = [p for p in unique_parameters(model) if not is_quantized_4bit(p) and not p.requires_grad]
+    assert plain and all(p.dtype == torch.float32 for p in plain)
+    qlora = plan_memory(config_for(tiny_model_dir, tmp_path, "qlora", "bfloat16"), "cpu", SHAPE, runtime=RUNTIME)
+    weights, _ = real_bytes(model)
+    assert abs(qlora.components["weights"] - weights) <= 0.02 * weights
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_logits_term_holds_the_head_output_its_float32_copy_and_loss(tiny_model_dir, tmp_path, dtype):
+    if dtype == "bfloat16" and not native_cpu_bf16():
+        pytest.skip("bfloat16 trains in float32 on a CPU without native bfloat16")
+    config = config_for(tiny_model_dir, tmp_path, "lora", dtype)
+    plan = plan_memory(config, "cpu", SHAPE, runtime=RUNTIME)
+    vocab = prepared_model(config).get_output_embeddings().weight.shape[0]
+    n = SHAPE.supervised
+    head = 2 if dtype == "bfloat16" else 4
+    copy = 4 if dtype == "bfloat16" else 0  # .float() of a float32 tensor is the tensor itself
+    # output + float32 copy + log-softmax (float32) + two float32 gradients in backward, each (N, V); the loss
+    # also saves its (N,) int64 targets and a scalar
+    extra = plan.components["logits_and_loss"] - n * vocab * (head + copy + 4 + 8)
+    assert 0 <= extra <= 8 * n + 16
+
+
+def test_activations_grow_with_length_and_shrink_with_checkpointing(tiny_model_dir, tmp_path):
+    plain = config_for(tiny_model_dir, tmp_path, "lora")
+    short = plan_memory(plain, "cpu", Shape(2, 32), runtime=RUNTIME).components["activations"]
+    long = plan_memory(plain, "cpu", Shape(2, 64), runtime=RUNTIME).components["activations"]
+    checkpointed = plan_memory(config_for(tiny_model_dir, tmp_path, "lora", gradient_checkpointing=True), "cpu",
+                               Shape(2, 64), runtime=RUNTIME).components["activations"]
+    assert 1.9 * short <= long <= 2.2 * short  # sdpa's saves grow linearly with T
+    assert checkpointed < long
+
+
+def test_prompt_tuning_lengthens_the_sequence(tiny_model_dir, tmp_path):
+    """Every layer sees the virtual tokens too: its input is (B, T + virtual, H)."""
+    config = config_for(tiny_model_dir, tmp_path, "prompt_tuning")
+    skeleton = TECHNIQUES["prompt_tuning"].apply(model_skeleton(load_model_config(config.model)), config.technique,
+                                                 RunContext())
+    saved = saved_for_backward(skeleton, SHAPE, decoder_layers(skeleton))
+    hidden = skeleton.config.hidden_size
+    virtual = config.technique.num_virtual_tokens
+    assert saved.layer_inputs == [SHAPE.micro_batch_size * (SHAPE.length + virtual) * hidden * 4] * len(saved.layers)
+
+
+CHILD = """
+import json, resource, sys
+from tunelab.config import build_config
+from tunelab.training import train
+train(build_config(json.loads(sys.argv[1])), progress=False)
+"""
+
+
+def measured_peak(config) -> int:  # noqa: ANN001
+    """Peak RSS of a real training process (its own, from the kernel)."""
+    child = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(json.loads(config.model_dump_json()))],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
+    _, status, usage = os.wait4(child.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, child.stderr.read().decode()[-2000:] if child.stderr else ""
+    return usage.ru_maxrss * 1024
+
+
+def test_solved_micro_batch_runs_within_bounds_and_the_next_does_not_fit(tiny_model_dir, tmp_path):
+    """The tiny cell: the solver's micro-batch for a budget, run for real: its measured peak RSS is within the
+    planner's bounds, and one more row a micro-batch is planned over the budget."""
+    config = config_for(tiny_model_dir, tmp_path, "full", max_steps=2)
+    shape = Shape(micro_batch_size=1, length=64)
+    budget = plan_memory(config, "cpu", Shape(3, 64)).peak_bytes + 1
+    value, plan = solve(config, shape, budget, "micro_batch_size", ceiling=16)
+    assert value == 3 and plan is not None and plan.peak_bytes <= budget
+    assert plan_memory(config, "cpu", Shape(4, 64)).peak_bytes > budget
+    run = config.model_copy(update={"training": config.training.model_copy(update={"micro_batch_size": value}),
+                                    "data": config.data.model_copy(update={"packing": True})})
+    actual = measured_peak(run)
+    assert 0.95 <= plan_memory(run, "cpu").peak_bytes / actual <= 1.15
