@@ -18,10 +18,19 @@ from tunelab.models import load_model, load_model_config, model_skeleton
 from tunelab.plan import Shape, plan_memory
 from tunelab.plan.memory import decoder_layers, is_quantized_4bit, saved_for_backward, unique_parameters
 from tunelab.plan.solve import solve
-from tunelab.precision import keep_trainable_in_float32, native_cpu_bf16
+from tunelab import precision
+from tunelab.precision import keep_trainable_in_float32
 from tunelab.techniques import TECHNIQUES, RunContext
 
 SHAPE = Shape(micro_batch_size=2, length=32)
+
+
+@pytest.fixture(autouse=True)
+def native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bfloat16 bases are planned and loaded as on a CPU with native bfloat16 (conftest pins float32 otherwise):
+    the dtype terms are what these tests check, on any host."""
+    monkeypatch.setattr(precision, "detect_cpu_bf16", lambda: precision.CpuBf16(True, "tests: native bfloat16"))
+    monkeypatch.setattr(precision, "native_cpu_bf16", lambda: True)
 RUNTIME = 0  # the runtime term is measured in its own test; the others compare model-dependent terms only
 
 
@@ -63,8 +72,6 @@ def prepared_model(config) -> torch.nn.Module:  # noqa: ANN001
 @pytest.mark.parametrize("technique,dtype", [("full", "float32"), ("lora", "float32"), ("lora", "bfloat16"),
                                              ("qlora", "bfloat16"), ("prompt_tuning", "float32")])
 def test_weight_gradient_and_optimizer_terms_match_the_prepared_model(tiny_model_dir, tmp_path, technique, dtype):
-    if dtype == "bfloat16" and not native_cpu_bf16():
-        pytest.skip("bfloat16 trains in float32 on a CPU without native bfloat16: nothing to tell apart")
     config = config_for(tiny_model_dir, tmp_path, technique, dtype)
     plan = plan_memory(config, "cpu", SHAPE, runtime=RUNTIME)
     weights, trainable = real_bytes(prepared_model(config))
@@ -77,8 +84,6 @@ def test_weight_gradient_and_optimizer_terms_match_the_prepared_model(tiny_model
 def test_qlora_counts_the_kbit_upcast(tiny_model_dir, tmp_path):
     """PEFT's k-bit preparation upcasts every non-4-bit parameter to float32: on a bfloat16 base the QLoRA plan's
     non-quantized weights are float32, so they weigh twice LoRA's bfloat16 ones."""
-    if not native_cpu_bf16():
-        pytest.skip("needs a bfloat16 base (a CPU with native bfloat16)")
     model = prepared_model(config_for(tiny_model_dir, tmp_path, "qlora", "bfloat16"))
     plain = [p for p in unique_parameters(model) if not is_quantized_4bit(p) and not p.requires_grad]
     assert plain and all(p.dtype == torch.float32 for p in plain)
@@ -89,8 +94,6 @@ def test_qlora_counts_the_kbit_upcast(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_logits_term_holds_the_head_output_its_float32_copy_and_loss(tiny_model_dir, tmp_path, dtype):
-    if dtype == "bfloat16" and not native_cpu_bf16():
-        pytest.skip("bfloat16 trains in float32 on a CPU without native bfloat16")
     config = config_for(tiny_model_dir, tmp_path, "lora", dtype)
     plan = plan_memory(config, "cpu", SHAPE, runtime=RUNTIME)
     vocab = prepared_model(config).get_output_embeddings().weight.shape[0]
