@@ -69,7 +69,7 @@ def prepared_model(config) -> torch.nn.Module:  # noqa: ANN001
     return model
 
 
-@pytest.mark.parametrize("technique,dtype", [("full", "float32"), ("lora", "float32"), ("lora", "bfloat16"),
+@pytest.mark.parametrize("technique,dtype", [("full", "float32"), ("full", "bfloat16"), ("lora", "float32"), ("lora", "bfloat16"),
                                              ("qlora", "bfloat16"), ("prompt_tuning", "float32")])
 def test_weight_gradient_and_optimizer_terms_match_the_prepared_model(tiny_model_dir, tmp_path, technique, dtype):
     config = config_for(tiny_model_dir, tmp_path, technique, dtype)
