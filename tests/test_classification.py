@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
+from tunelab.distributed import make_accelerator
 from support.ddp_driver import StopAfter
 from support.runs import TINY_RUN, checkpoint_tensors, tiny_config
 from support.tiny import ANIMALS, toy_chat_records, write_jsonl
@@ -83,7 +83,7 @@ def test_resume_is_exact(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pyte
 
 def _grads(model: torch.nn.Module, window: list[dict[str, torch.Tensor]], spec: ObjectiveSpec) -> dict[str, torch.Tensor]:
     model.zero_grad(set_to_none=True)
-    accumulate_gradients(model, window, spec, Accelerator(cpu=True))
+    accumulate_gradients(model, window, spec, make_accelerator("no"))
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 

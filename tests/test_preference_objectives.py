@@ -224,10 +224,10 @@ def _rows(name: str, tokenizer: Any) -> list[Any]:
 
 
 def _grads(model: torch.nn.Module, window: list[dict[str, torch.Tensor]], spec: ObjectiveSpec) -> dict[str, torch.Tensor]:
-    from accelerate import Accelerator
+    from tunelab.distributed import make_accelerator
 
     model.zero_grad(set_to_none=True)
-    accumulate_gradients(model, window, spec, Accelerator(cpu=True))
+    accumulate_gradients(model, window, spec, make_accelerator("no"))
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
 

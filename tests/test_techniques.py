@@ -267,7 +267,7 @@ def test_adalora_penalty_is_the_one_peft_adds_to_its_own_loss(tiny_model_dir: Pa
 def test_the_loop_adds_the_technique_penalty_once_per_step(tiny_model_dir: Path) -> None:
     """Gradients of a window = gradients of (token loss / tokens + penalty), the penalty counted once, not per
     micro-batch; without the penalty they differ (negative control)."""
-    from accelerate import Accelerator
+    from tunelab.distributed import make_accelerator
 
     from tunelab.techniques.adalora import orthogonality_penalty
     from tunelab.training.loop import accumulate_gradients
@@ -279,7 +279,7 @@ def test_the_loop_adds_the_technique_penalty_once_per_step(tiny_model_dir: Path)
 
     def grads(penalty: Any) -> dict[str, torch.Tensor]:
         model.zero_grad(set_to_none=True)
-        _, units, value = accumulate_gradients(model, window, spec, Accelerator(cpu=True), penalty)
+        _, units, value = accumulate_gradients(model, window, spec, make_accelerator("no"), penalty)
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, units, value
 
     looped, units, value = grads(lambda: orthogonality_penalty(model, settings))

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from accelerate import Accelerator
+from tunelab.distributed import make_accelerator
 from safetensors.torch import load_file
 from support.ddp_driver import StopAfter  # Ctrl-C after N steps, shared with the torchrun driver
 from support.runs import checkpoint_tensors, tiny_run_config
@@ -40,7 +40,7 @@ def _example(length: int, supervised: int, seed: int) -> TokenizedExample:
 
 def _grads_after(model: torch.nn.Module, window: list[dict[str, torch.Tensor]], spec: ObjectiveSpec) -> dict[str, torch.Tensor]:
     model.zero_grad(set_to_none=True)
-    accumulate_gradients(model, window, spec, Accelerator(cpu=True))
+    accumulate_gradients(model, window, spec, make_accelerator("no"))
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
