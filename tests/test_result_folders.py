@@ -20,7 +20,6 @@ import pytest
 from typer.testing import CliRunner
 
 from tunelab.cli import app
-from tunelab.config import build_config
 from tunelab.errors import ConfigError
 from tunelab.eval.runner import EvalSettings, evaluate
 from tunelab.generation import GenerationRequest, Sampling, generate_batch
@@ -30,6 +29,8 @@ from tunelab.techniques import TECHNIQUES
 from tunelab.techniques.adapter import MERGE_REFUSAL
 from tunelab.training import train
 from tunelab.use import chat_loop, generate_from_run
+
+from support.runs import tiny_config
 
 PROMPT = "say something 3"
 TASKS = ("owls", "cats")
@@ -49,13 +50,10 @@ def write(path: Path, rows: list[dict[str, Any]]) -> Path:
 def tiny_run(root: Path, model_dir: Path, name: str, technique: dict[str, Any], steps: int = 1,
              tasks: bool = False) -> Path:
     data = write(root / f"{name}.jsonl", records(24, tasks=tasks))
-    config = build_config({
-        "model": {"name": str(model_dir)}, "data": {"train": [str(data)], "val_size": 4, "max_length": 48},
-        "technique": technique,
-        "training": {"max_steps": steps, "micro_batch_size": 4, "learning_rate": 1e-2, "warmup_ratio": 0.0},
-        "eval": {"before_after": False, "forgetting": False, "num_samples": 0},
-        "output": {"dir": str(root / name)},
-    })
+    config = tiny_config(
+        model_dir, data={"train": [str(data)], "val_size": 4, "max_length": 48}, technique=technique,
+        training={"max_steps": steps, "micro_batch_size": 4, "learning_rate": 1e-2, "warmup_ratio": 0.0},
+        eval={"before_after": False, "forgetting": False, "num_samples": 0}, output={"dir": str(root / name)})
     return train(config, progress=False).run_dir
 
 
