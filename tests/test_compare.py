@@ -21,6 +21,7 @@ import pytest
 import yaml
 from safetensors import safe_open
 
+from support.runs import tiny_config_dict
 from support.tiny import toy_chat_records, write_jsonl
 from tunelab.compare.stats import mean_interval, pareto_flags, t_quantile
 from tunelab.compare.table import flag_pareto
@@ -60,13 +61,13 @@ def test_t_interval_matches_closed_forms() -> None:
 def _config(tiny_model_dir: Path, tmp_path: Path, steps: int) -> Path:
     data = write_jsonl(tmp_path / "train.jsonl", toy_chat_records(48))
     config = tmp_path / f"compare-{steps}.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": {"name": str(tiny_model_dir)},
-        "data": {"train": [str(data)], "val_size": 4, "max_length": 64, "packing": False},
-        "technique": {"name": "lora", "r": 4},
-        "training": {"max_steps": steps, "micro_batch_size": 2, "eval_every": steps, "eval_metrics": ["chrf"]},
-        "eval": {"num_samples": 2, "max_new_tokens": 4, "metrics": ["rouge_l"], "forgetting": True},
-    }))
+    config.write_text(yaml.safe_dump(tiny_config_dict(
+        tiny_model_dir,
+        data={"train": [str(data)], "val_size": 4, "max_length": 64, "packing": False},
+        technique={"name": "lora", "r": 4},
+        training={"max_steps": steps, "micro_batch_size": 2, "eval_every": steps, "eval_metrics": ["chrf"]},
+        eval={"num_samples": 2, "max_new_tokens": 4, "metrics": ["rouge_l"], "forgetting": True},
+    )))
     return config
 
 
