@@ -44,6 +44,7 @@ def host_independent_precision() -> Iterator[None]:
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(precision, "detect_cpu_bf16", lambda: precision.CpuBf16(False, "tests: float32 on every host"))
+        patch.setenv(precision.CPU_BF16_ENV, "0")  # the same in the processes tests start (torchrun, the CLI)
         yield
 
 

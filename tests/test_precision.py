@@ -51,6 +51,23 @@ def test_native_bf16_is_read_from_the_cpu_flags() -> None:
     assert precision.cpu_bf16_from_cpuinfo("Features\t: fp asimd bf16\n") is None  # no x86 flags: oneDNN decides
 
 
+DETECT = precision.detect_cpu_bf16  # the real detector, taken at import (the suite's fixture replaces it later)
+
+
+def test_tunelab_cpu_bf16_overrides_the_detection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TUNELAB_CPU_BF16 decides over the CPU flags (the suite sets 0, so its torchrun and CLI processes train in
+    float32 on every host); any value but 0 or 1 is an error naming the variable."""
+    for value, native in (("0", False), ("1", True)):
+        monkeypatch.setenv(precision.CPU_BF16_ENV, value)
+        found = DETECT.__wrapped__()
+        assert found.native is native and precision.CPU_BF16_ENV in found.reason
+    monkeypatch.setenv(precision.CPU_BF16_ENV, "yes")
+    with pytest.raises(ConfigError, match="TUNELAB_CPU_BF16"):
+        DETECT.__wrapped__()
+    monkeypatch.delenv(precision.CPU_BF16_ENV)
+    assert precision.CPU_BF16_ENV not in DETECT.__wrapped__().reason  # unset: the flags decide
+
+
 def test_precision_rules_on_a_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(precision, "detect_cpu_bf16", lambda: EMULATED)
     assert precision.training_precision("bfloat16", CPU) == precision.Precision(torch.float32, "no",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import functools
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,9 +65,28 @@ def cpu_bf16_from_cpuinfo(text: str) -> CpuBf16 | None:
     return None
 
 
+# Says what the CPU is taken to have ("0": no native bfloat16, "1": native), overriding detection: for a host whose
+# flags are wrong (some VMs hide or fake them), and for the test suite, whose subprocesses (torchrun, the CLI) must
+# give the same numbers on every host.
+CPU_BF16_ENV = "TUNELAB_CPU_BF16"
+
+
+def cpu_bf16_from_env(value: str | None) -> CpuBf16 | None:
+    """The override in ``TUNELAB_CPU_BF16``, or None when it is unset; any other value than 0/1 is an error."""
+    if value is None or not value.strip():
+        return None
+    if value.strip() not in ("0", "1"):
+        raise ConfigError(f"{CPU_BF16_ENV}={value!r}: expected 0 (no native bfloat16) or 1 (native bfloat16)")
+    native = value.strip() == "1"
+    return CpuBf16(native, f"{CPU_BF16_ENV}={value.strip()} says the CPU has {'' if native else 'no '}native bfloat16")
+
+
 @functools.cache
 def detect_cpu_bf16() -> CpuBf16:
     """Whether this CPU computes bfloat16 natively, and how that was found (read once per process)."""
+    forced = cpu_bf16_from_env(os.environ.get(CPU_BF16_ENV))
+    if forced is not None:
+        return forced
     try:
         text = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:  # not Linux
