@@ -169,7 +169,8 @@ def saved_for_backward(model: nn.Module, shape: Shape, layers: list[nn.Module]) 
 
     handles = [layer.register_forward_pre_hook(enter(i), with_kwargs=True) for i, layer in enumerate(layers)]
     handles += [layer.register_forward_hook(leave) for layer in layers]
-    handles.append(head.register_forward_pre_hook(supervised_only))
+    if head is not None:  # a score head (classification, reward) has no LM head: its (B, labels) output is small
+        handles.append(head.register_forward_pre_hook(supervised_only))
     ids = torch.zeros(shape.micro_batch_size, shape.length, dtype=torch.long, device="meta")
     try:
         with _four_bit_as_plain(model), _no_packed_sequence_search(), \

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tunelab import fs
-from tunelab.models import ModelConfig
+from tunelab.models import ModelConfig, load_model_config, load_tokenizer
 
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "tunelab")
 MICRO = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 1,
@@ -48,8 +48,6 @@ def runtime_key(model: ModelConfig) -> str:
 def micro_model(model: ModelConfig, folder: Path) -> Path:
     """A one-layer, width-16 copy of ``model`` (random weights) with its tokenizer, saved in ``folder``."""
     from transformers import AutoModelForCausalLM  # why: only the probe builds a model
-
-    from tunelab.models import load_model_config, load_tokenizer
 
     config = load_model_config(model)
     for key, value in MICRO.items():
