@@ -74,7 +74,11 @@ def test_base_weight_memory_is_a_fraction_of_fp32(tiny_model_dir: Path, bits: in
     assert low <= ratio <= high, ratio
 
 
-def test_the_quantized_settings_reach_bitsandbytes(tiny_model_dir: Path) -> None:
+def test_the_quantized_settings_reach_bitsandbytes(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tunelab import precision
+
+    # bfloat16 compute on a CPU is kept only where the CPU has it natively (else float32): say it has, on every host
+    monkeypatch.setattr(precision, "detect_cpu_bf16", lambda: precision.CpuBf16(True, "test: native"))
     _, model = quantized_base(tiny_model_dir, bits=4, quant_type="fp4", double_quant=False, compute_dtype="bfloat16",
                               storage_dtype="bfloat16")
     layer = decoder_linears(model)[0]
