@@ -46,7 +46,7 @@ def test_eval_a_real_run_against_the_base_and_another_run(tmp_path: Path) -> Non
         "eval", str(strong), "--data", str(test_file), "--against", "base", "--against", str(weak),
         "--max-new-tokens", "16", "--resamples", "300", "--no-progress"])
     assert result.exit_code == 0, result.output
-    out = strong / "evals" / "test"
+    out = strong / "evals" / "test-vs-base-weak"  # one folder per comparison (eval.runner.default_output)
     report = json.loads((out / "eval.json").read_text())
     names = [s["name"] for s in report["systems"]]
     assert names[0] == "strong" and names[1].startswith("base (") and names[2] == "weak"
