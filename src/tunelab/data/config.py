@@ -21,13 +21,14 @@ class DataConfig(Settings):
         description="Explicit validation file(s). When empty, a seeded split of `val_size` is taken from `train`.",
     )
     format: Literal["auto", "messages", "alpaca", "prompt_completion", "text", "preference", "unpaired_preference",
-                    "labeled"] = Field(
+                    "labeled", "prompt"] = Field(
         "auto",
         description="Record shape. 'messages': OpenAI chat {messages: [{role, content, weight?}]}, where an assistant "
         "turn with weight 0 is context only (no loss); 'alpaca': "
         "{instruction, input?, output, system?}; 'prompt_completion': {prompt, completion}; 'text': {text} for "
         "continued pre-training; 'preference': {prompt, chosen, rejected} pairs; 'unpaired_preference': {prompt, "
-        "completion, label: true|false}; 'labeled': {text, label} or {messages, label} for classification. A pair's "
+        "completion, label: true|false}; 'labeled': {text, label} or {messages, label} for classification; 'prompt': {prompt} or {messages} ending in a user turn, for online "
+        "objectives (grpo), any other key a reference column the rewards read. A pair's "
         "prompt may be a list of messages, its answers then lists holding one assistant message (TRL's "
         "conversational format). 'auto' detects it from the first record and checks every record against it. Any "
         "format may add a 'task' name (multi-task data: counted per task, validation split stratified by task).",

@@ -4,7 +4,8 @@ Files are read through ``datasets`` (JSONL, JSON, CSV, Parquet). When a read fai
 shape, the error names the file, the line (or row) and the expected shapes, instead of an opaque Arrow error.
 Every record becomes an :class:`Example`: either a chat (``messages``) or a prompt/completion pair of plain text
 (the four SFT formats); a preference pair (a prompt, a chosen and a rejected answer); an unpaired completion with a
-desirable/undesirable label; or a text (or chat) with a class label. The prompt of a pair or an unpaired
+desirable/undesirable label; a text (or chat) with a class label; or a prompt alone (a string, or messages ending
+in the user's turn), whose other fields are reference columns for the rewards of online objectives. The prompt of a pair or an unpaired
 completion is a string, or a list of messages as in TRL's conversational format, whose answers are then lists
 holding the one assistant turn.
 """
@@ -19,7 +20,7 @@ from typing import Any, Iterator
 
 from tunelab.errors import DataError as DataError  # defined in tunelab.errors; importable from here too
 
-FORMATS = ("messages", "alpaca", "prompt_completion", "text", "preference", "unpaired_preference", "labeled")
+FORMATS = ("messages", "alpaca", "prompt_completion", "text", "preference", "unpaired_preference", "labeled", "prompt")
 # The record kinds a run trains on: one per run (a file of pairs cannot be mixed with chats).
 SFT_FORMATS = ("messages", "alpaca", "prompt_completion", "text")
 # PreparedData.records: the kinds of record a run can train on (an objective declares the one it needs)
@@ -28,6 +29,7 @@ RECORD_KINDS = {
     "preference": "preference pairs {prompt, chosen, rejected}",
     "unpaired_preference": "unpaired completions {prompt, completion, label: true|false}",
     "labeled": "labeled texts {text, label} (or {messages, label})",
+    "prompt": "prompts {prompt} (or {messages} ending in a user turn), plus any reference columns",
 }
 ROLES = ("system", "user", "assistant")
 EXPECTED_SHAPES = (
@@ -39,6 +41,8 @@ EXPECTED_SHAPES = (
     "[{\"role\": \"assistant\", \"content\": str}]); "
     "unpaired_preference: {\"prompt\", \"completion\", \"label\": true|false} (strings or messages, as preference); "
     "labeled: {\"text\": str, \"label\": str|int} (or \"messages\" plus \"label\"); "
+    "prompt: {\"prompt\": str or [messages]} or {\"messages\": [..., {\"role\": \"user\", ...}]} (ending in a user "
+    "turn), any other key a reference column (e.g. \"reference\": str); "
     "any format may add \"task\": str (multi-task data)"
 )
 SUFFIX_TO_BUILDER = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -65,6 +69,8 @@ class Example:
     chosen: str = ""
     rejected: str = ""
     label: str | bool | None = None  # unpaired preference: desirable (True) or not; labeled: the class name
+    # A prompt record's other fields ({name: value}, in the file's order): the reference columns rewards read.
+    columns: tuple[tuple[str, Any], ...] = ()
 
     @property
     def has_empty_response(self) -> bool:
@@ -80,7 +86,7 @@ class Example:
         """Identity for de-duplication and train/validation overlap (format and content, not the source)."""
         # The task is part of the identity: the same text under two tasks is two examples, not a duplicate.
         return json.dumps([self.format, self.messages, self.prompt, self.completion, self.untrained_turns, self.task,
-                           self.chosen, self.rejected, self.label], ensure_ascii=False)
+                           self.chosen, self.rejected, self.label, self.columns], ensure_ascii=False, default=str)
 
 
 @dataclass
@@ -242,7 +248,7 @@ REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
     "messages": ("messages",), "alpaca": ("instruction", "output"), "prompt_completion": ("prompt", "completion"),
     "text": ("text",), "preference": ("prompt", "chosen", "rejected"),
     "unpaired_preference": ("prompt", "completion", "label"), "labeled": ("text", "label"),
-}
+}  # not the prompt format: any record with a prompt fits it, so it is never the "nearest" to a broken one
 CANONICAL_KEYS = ("messages", "instruction", "input", "output", "system", "prompt", "completion", "text", "task",
                   "chosen", "rejected", "label")
 
@@ -256,7 +262,7 @@ def nearest_format(record: dict[str, Any]) -> tuple[str, list[str]] | None:
     holds none of any format's keys). Ties go to the earlier format in FORMATS."""
     keys = _present_keys(record)
     share = {fmt: sum(k in keys for k in need) / len(need) for fmt, need in REQUIRED_KEYS.items()}
-    best = max(FORMATS, key=lambda fmt: share[fmt])
+    best = max(REQUIRED_KEYS, key=lambda fmt: share[fmt])
     if share[best] == 0:
         return None
     return best, [k for k in REQUIRED_KEYS[best] if k not in keys]
@@ -300,7 +306,10 @@ def _check_mapped_columns(path: Path, records: list[dict[str, Any]], columns: di
                         f"does not have ({column_word}s: {keys})")
 
 
-def detect_format(record: dict[str, Any]) -> str | None:
+def detect_format(record: dict[str, Any], prompts: bool = False) -> str | None:
+    """The format a record has. ``prompts``: the run reads prompt records (an online objective), so a prompt with
+    other keys, or a chat ending in the user's turn, is a prompt record; otherwise the same record would be an
+    incomplete prompt/completion pair or a chat, and is reported as one."""
     keys = _present_keys(record)
     if {"prompt", "chosen", "rejected"} <= keys:
         return "preference"
@@ -309,14 +318,22 @@ def detect_format(record: dict[str, Any]) -> str | None:
     if "label" in keys and keys & {"text", "messages"}:
         return "labeled"
     if "messages" in keys:
-        return "messages"
+        return "prompt" if prompts and _ends_with_user_turn(record["messages"]) else "messages"
     if {"instruction", "output"} <= keys:
         return "alpaca"
     if {"prompt", "completion"} <= keys:
         return "prompt_completion"
+    if prompts and "prompt" in keys:
+        return "prompt"
     if "text" in keys:
         return "text"
     return None
+
+
+def _ends_with_user_turn(messages: Any) -> bool:
+    """A conversation waiting for the assistant's answer: a prompt record rather than an SFT chat."""
+    return isinstance(messages, list) and bool(messages) and isinstance(messages[-1], dict) \
+        and messages[-1].get("role") == "user"
 
 
 def _require_str(record: dict[str, Any], key: str, where: str, fmt: str, optional: bool = False) -> str:
@@ -383,6 +400,8 @@ def to_example(record: dict[str, Any], fmt: str, where: str) -> Example:
 
 
 def _content(record: dict[str, Any], fmt: str, where: str) -> Example:
+    if fmt == "prompt":  # any record with a prompt: its other keys (even 'completion') are reference columns
+        return _prompt_record(record, where)
     found = detect_format(record)
     if found != fmt:
         keys = ", ".join(sorted(_present_keys(record))) or "none"
@@ -422,6 +441,31 @@ def _content(record: dict[str, Any], fmt: str, where: str) -> Example:
             return Example(fmt, where, messages=turns, label=label)
         return Example(fmt, where, prompt=_require_str(record, "text", where, fmt), label=label)
     return Example(fmt, where, completion=_require_str(record, "text", where, fmt))
+
+
+PROMPT_KEYS = ("prompt", "messages", "task")  # what a prompt record is made of; its other keys are columns
+
+
+def _prompt_record(record: dict[str, Any], where: str) -> Example:
+    """A prompt alone: a string, or messages (under 'messages' or, as in TRL, under 'prompt') ending in the
+    user's turn; every other field is kept as a reference column."""
+    key = "messages" if record.get("messages") is not None else "prompt"
+    if record.get(key) is None:
+        keys = ", ".join(sorted(_present_keys(record))) or "none"
+        raise DataError(f"{where}: a prompt record needs 'prompt' (a string or messages) or 'messages' ending in the "
+                        f"user's turn (its keys: {keys}); data.columns can rename a key to 'prompt'")
+    if key == "prompt" and isinstance(record.get("prompt"), str):
+        prompt, turns = record["prompt"], ()
+    else:
+        if not isinstance(record.get(key), list):
+            _prompt(record, where)  # raises the usual message about the prompt's type
+        turns, _ = _messages(record, where, need_assistant=False, key=key)
+        prompt = ""
+        if turns[-1][0] != "user":
+            raise DataError(f"{where}: a prompt's messages must end with the user's turn (the model answers it); "
+                            f"the last one is a {turns[-1][0]} turn")
+    columns = tuple((k, v) for k, v in record.items() if k not in PROMPT_KEYS and v is not None)
+    return Example("prompt", where, messages=turns, prompt=prompt, columns=columns)
 
 
 def _prompt(record: dict[str, Any], where: str) -> tuple[str, tuple[tuple[str, str], ...]]:
@@ -484,9 +528,11 @@ def _class_label(record: dict[str, Any], where: str) -> str:
     raise DataError(f"{where}: 'label' is {got}; expected a class name (a non-empty string) or an integer class")
 
 
-def load_file(path: str | Path, fmt: str = "auto", columns: dict[str, str] | None = None) -> LoadedFile:
+def load_file(path: str | Path, fmt: str = "auto", columns: dict[str, str] | None = None,
+              prompts: bool = False) -> LoadedFile:
     """Read a file and check every record against one format ('auto': the first record's), after renaming its
-    keys with ``columns`` ({file key: canonical key}, the config's data.columns)."""
+    keys with ``columns`` ({file key: canonical key}, the config's data.columns). ``prompts``: the run reads
+    prompt records, so 'auto' takes a record with a prompt and no answer as one (see ``detect_format``)."""
     if not str(path).strip():  # Path("") is ".", which would be reported as the current directory
         raise DataError(f"the data file path is empty: {GIVE_A_DATA_FILE}")
     path = Path(path)
@@ -499,7 +545,7 @@ def load_file(path: str | Path, fmt: str = "auto", columns: dict[str, str] | Non
         _check_mapped_columns(path, records, columns, column_word)
         records = [rename_columns(r, columns, _location(path, row, lines)) for row, r in enumerate(records)]
     if fmt == "auto":
-        fmt = detect_format(records[0]) or ""
+        fmt = detect_format(records[0], prompts) or ""
         if not fmt:
             raise DataError(_unknown_format_message(records[0], _location(path, 0, lines), column_word))
     loaded = LoadedFile(path, fmt)

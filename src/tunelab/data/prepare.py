@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tunelab import fs
 from tunelab.data.config import DataConfig
-from tunelab.data import labels as labeled, preference
+from tunelab.data import labels as labeled, preference, prompts
 from tunelab.data.formats import SFT_FORMATS, DataError, Example, LoadedFile, load_file as load_data_file
 from tunelab.data.report import (build_record_report, build_report, empty_response_summary, empty_response_warning,
                                  pair_counts, unpaired_counts)
@@ -240,8 +240,8 @@ def _with_task_ids(examples: list[TokenizedExample], task_ids: dict[str, int]) -
     return [replace(e, task_id=task_ids[e.task]) for e in examples]
 
 
-def _load_all(paths: list[str], fmt: str, columns: dict[str, str]) -> list[LoadedFile]:
-    return [load_data_file(path, fmt, columns) for path in paths]
+def _load_all(paths: list[str], fmt: str, columns: dict[str, str], prompts: bool) -> list[LoadedFile]:
+    return [load_data_file(path, fmt, columns, prompts) for path in paths]
 
 
 PROMPT_COMPLETION_RENDERING = {
@@ -271,7 +271,7 @@ def as_chat(example: Example) -> Example:
     return example
 
 
-STRING_PROMPT_FORMATS = ("prompt_completion", "preference", "unpaired_preference")  # rendered per prompt_completion
+STRING_PROMPT_FORMATS = ("prompt_completion", "preference", "unpaired_preference", "prompt")  # rendered per prompt_completion
 
 
 def record_kind(files: list[LoadedFile]) -> str:
@@ -309,14 +309,15 @@ def _no_training_examples_message(config: DataConfig, train: list[Example], coun
 
 
 def prepare_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, cache_dir: Path | None = None,
-                 class_names_given: list[str] | None = None) -> PreparedData:
+                 class_names_given: list[str] | None = None, prompts: bool = False) -> PreparedData:
     """Load, check, de-duplicate, split and tokenize; reuse the cached result when nothing changed.
 
-    ``class_names_given``: the class list of labeled data in label-id order (else the labels seen, sorted)."""
+    ``class_names_given``: the class list of labeled data in label-id order (else the labels seen, sorted).
+    ``prompts``: the run reads prompt records (an online objective), which data.format 'auto' then detects."""
     if not config.train:
         raise DataError("data.train is empty: give at least one training file (.jsonl, .json, .csv or .parquet)")
-    train_files = _load_all(config.train, config.format, config.columns)
-    val_files = _load_all(config.validation, config.format, config.columns)
+    train_files = _load_all(config.train, config.format, config.columns, prompts)
+    val_files = _load_all(config.validation, config.format, config.columns, prompts)
     kind = record_kind(train_files + val_files)
     has_pairs = any(e.format in STRING_PROMPT_FORMATS and not e.messages for f in train_files + val_files
                     for e in f.examples)
@@ -385,7 +386,7 @@ def _tokenize_records(kind: str, examples: list[Example], tokenizer: PreTrainedT
                       counts: dict[str, int]) -> tuple[list[Any], list[Example], list[Any]]:
     """Tokenized records of one split, the examples they came from, and each one's side lengths (pairs, unpaired)."""
     tokenize = {"preference": preference.tokenize_pair, "unpaired_preference": preference.tokenize_unpaired,
-                "labeled": labeled.tokenize_labeled}[kind]
+                "labeled": labeled.tokenize_labeled, "prompt": prompts.tokenize_prompt}[kind]
     records, kept, lengths = [], [], []
     for example in examples:
         result = tokenize(tokenizer, example, config.max_length, config.overlong)
@@ -417,6 +418,8 @@ def _prepare_records(kind: str, config: DataConfig, tokenizer: PreTrainedTokeniz
         record_counts = {"classes": {"names": names, "train": labeled.class_balance(names, train_rec),
                                      "validation": labeled.class_balance(names, val_rec),
                                      "truncation": labeled.TRUNCATION_RULE}}
+    elif kind == "prompt":
+        record_counts = {"prompts": prompts.prompt_counts(examples, train_rec + val_rec)}
     elif kind == "preference":
         record_counts = {"pairs": pair_counts(examples, lengths, preference.TRUNCATION_RULE)}
     else:
@@ -450,5 +453,8 @@ def tokenized_sides(example: Example, tokenizer: PreTrainedTokenizerBase, config
     if example.format == "unpaired_preference":
         record = preference.tokenize_unpaired(tokenizer, example, config.max_length)
         return [("desirable" if example.label else "undesirable", record[0].example)] if record else []
+    if example.format == "prompt":
+        prompt = prompts.tokenize_prompt(tokenizer, example, config.max_length)
+        return [("prompt", prompt.example)] if prompt else []
     record = labeled.tokenize_labeled(tokenizer, example, config.max_length)
     return [(f"label {example.label}", record.example)] if record else []

@@ -168,6 +168,8 @@ def prompt_for_generation(tokenizer: PreTrainedTokenizerBase, example: Example) 
     if example.format in ("preference", "unpaired_preference"):
         prompt = render_chat(tokenizer, example.messages) if example.messages else example.prompt
         return prompt, example.chosen if example.format == "preference" else example.completion
+    if example.format == "prompt":  # no answer to compare with: the prompt alone
+        return (render_chat(tokenizer, example.messages) if example.messages else example.prompt), ""
     if example.format == "labeled":
         text = render_chat(tokenizer, example.messages, add_generation_prompt=False) if example.messages else example.prompt
         return text, str(example.label)

@@ -30,6 +30,7 @@ from tunelab.eval.before_after import base_evaluation, compare_with_base, forget
 from tunelab.eval.training import OverfittingSignal
 from tunelab.generation import sample_prompts
 from tunelab.models import cache_root, default_device, load_model, load_tokenizer, model_skeleton
+from tunelab.objectives import OBJECTIVES
 from tunelab.objectives.reference import live_reference, same_model
 from tunelab.plan import plan_memory, resident_bytes, shape_of
 from tunelab.precision import adapters_compute_in_autocast_dtype, keep_trainable_in_float32
@@ -216,7 +217,9 @@ def _tokenizer_and_data(config: TunelabConfig) -> tuple[Any, PreparedData]:
     tokenizer = load_tokenizer(config.model)
     # an objective that reads classes may fix their order (its `labels` setting); else the data's, sorted
     classes = getattr(config.objective, "labels", None)
-    return tokenizer, prepare_data(config.data, tokenizer, cache_root() / "data", class_names_given=classes)
+    prompts = OBJECTIVES[config.objective.name].records == "prompt"  # an online objective: 'auto' finds prompts
+    return tokenizer, prepare_data(config.data, tokenizer, cache_root() / "data", class_names_given=classes,
+                                   prompts=prompts)
 
 
 def _check_records(ctx: TrainingContext) -> None:
