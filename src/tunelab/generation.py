@@ -13,24 +13,31 @@ adapter name per row (``adapter_names``), 'base' or PEFT's ``__base__`` meaning 
 
 Several completions of one prompt (RL rollouts) are several rows with the same ``prompt_ids``; a seeded
 ``Sampling`` makes the whole batch repeatable.
+
+``ContinuousBatch`` is the same left-padded, KV-cached batch decoded one step at a time by tunelab, so that
+requests join it and leave it between steps (iteration-level scheduling, what `tunelab serve` runs): each row
+has its own adapter and its own sampling settings, applied as ``generate`` applies them, and the row-finishing
+rules above are shared with ``generate_batch``.
 """
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
-from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
+from transformers.cache_utils import DynamicLayer
 from transformers.generation.streamers import BaseStreamer
 
 from tunelab.data.formats import Example
 from tunelab.data.tokenize import pad_token_id, prompt_for_generation, render_chat
 
-__all__ = ["BASE", "GREEDY", "PEFT_BASE", "GenerationRequest", "Sampling", "encode", "generate_batch",
-           "generate_samples", "generate_texts", "render_chat", "sample_prompts", "stop_token_ids"]
+__all__ = ["BASE", "GREEDY", "PEFT_BASE", "ContinuousBatch", "GenerationRequest", "Sampling", "encode", "generate_batch",
+           "generate_samples", "generate_texts", "render_chat", "sample_prompts", "steps_supported", "stop_token_ids"]
 
 BASE = "base"  # the name that means "no adapter", in requests and in the CLI
 PEFT_BASE = "__base__"  # PEFT's own name for it in adapter_names
@@ -111,10 +118,53 @@ def encode(tokenizer: PreTrainedTokenizerBase, text: str, special: bool = False)
     return tokenizer(text, add_special_tokens=special)["input_ids"]
 
 
+def _accept(tokenizer: PreTrainedTokenizerBase, request: GenerationRequest, token: int, stop_ids: set[int],
+            emitted: str) -> str:
+    """Take one new token of a row: the end of turn finishes it, any other token is appended and its text
+    followed, and the token budget finishes it once spent. Returns the text emitted so far."""
+    if request.done:
+        return emitted
+    if token in stop_ids:
+        request.finish_reason = "stop"
+        return emitted
+    request.token_ids.append(token)
+    emitted = _follow_text(tokenizer, request, emitted)
+    if len(request.token_ids) >= request.sampling.max_new_tokens and not request.done:
+        request.finish_reason = "length"
+    return emitted
+
+
+def _follow_text(tokenizer: PreTrainedTokenizerBase, request: GenerationRequest, emitted: str, final: bool = False) -> str:
+    """Re-decode a row's tokens and hand the callback the part after what it already has. Only the text up to the
+    last complete character is emitted, so multi-byte characters are never split; a stop string ends the row and
+    is cut off. Returns the text emitted so far."""
+    text = tokenizer.decode(request.token_ids, skip_special_tokens=True)
+    if text.endswith("\ufffd") and not final:  # an incomplete multi-byte character: wait for the next token
+        return emitted
+    for stop in request.sampling.stop:
+        cut = text.find(stop)
+        if cut >= 0:
+            text, request.finish_reason = text[:cut], "stop"
+    delta = text[len(emitted):] if text.startswith(emitted) else ""
+    request.text = text
+    if delta and request.on_text is not None:
+        request.on_text(delta)
+    return text
+
+
+def _interrupt(request: GenerationRequest, now: float) -> None:
+    """Finish a row whose client has gone or whose deadline has passed."""
+    if request.done:
+        return
+    if request.cancelled.is_set():
+        request.finish_reason = "cancelled"
+    elif request.deadline is not None and now > request.deadline:
+        request.finish_reason = "timeout"
+
+
 class _RowTracker(BaseStreamer, StoppingCriteria):
     """Sees each generated token of each row (as a streamer) and tells ``generate`` which rows are finished (as a
-    stopping criterion). Decoding is incremental: the text of a row is re-decoded from its tokens, and only the
-    part after the last complete character is emitted, so multi-byte characters are never split."""
+    stopping criterion)."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, requests: list[GenerationRequest], stop_ids: list[int]) -> None:
         self.tokenizer, self.requests, self.stop_ids = tokenizer, requests, set(stop_ids)
@@ -127,48 +177,20 @@ class _RowTracker(BaseStreamer, StoppingCriteria):
             self.prompt_seen = True
             return
         for row, token in enumerate(value.reshape(-1).tolist()):
-            request = self.requests[row]
-            if request.done:
-                continue
-            if token in self.stop_ids:
-                request.finish_reason = "stop"
-                continue
-            request.token_ids.append(token)
-            self._update_text(row)
-            if len(request.token_ids) >= request.sampling.max_new_tokens and not request.done:
-                request.finish_reason = "length"
+            self.emitted[row] = _accept(self.tokenizer, self.requests[row], token, self.stop_ids, self.emitted[row])
 
     def end(self) -> None:
         for row, request in enumerate(self.requests):
-            self._update_text(row, final=True)  # a last character still incomplete is the text's end after all
+            # a last character still incomplete is the text's end after all
+            self.emitted[row] = _follow_text(self.tokenizer, request, self.emitted[row], final=True)
             if not request.done:  # generate() ended on its own budget (the batch's longest)
                 request.finish_reason = "length"
-
-    def _update_text(self, row: int, final: bool = False) -> None:
-        request = self.requests[row]
-        text = self.tokenizer.decode(request.token_ids, skip_special_tokens=True)
-        if text.endswith("\ufffd") and not final:  # an incomplete multi-byte character: wait for the next token
-            return
-        for stop in request.sampling.stop:
-            cut = text.find(stop)
-            if cut >= 0:
-                text, request.finish_reason = text[:cut], "stop"
-        delta = text[len(self.emitted[row]):] if text.startswith(self.emitted[row]) else ""
-        self.emitted[row] = text
-        request.text = text
-        if delta and request.on_text is not None:
-            request.on_text(delta)
 
     # -- stopping-criterion side: a (B,) bool tensor, True where the row is finished
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
         now = time.monotonic()
         for request in self.requests:
-            if request.done:
-                continue
-            if request.cancelled.is_set():
-                request.finish_reason = "cancelled"
-            elif request.deadline is not None and now > request.deadline:
-                request.finish_reason = "timeout"
+            _interrupt(request, now)
         return torch.tensor([r.done for r in self.requests], device=input_ids.device)
 
 
@@ -247,3 +269,295 @@ def generate_samples(model: Any, tokenizer: PreTrainedTokenizerBase, samples: li
     """Greedy outputs for ``sample_prompts``' samples (the before/after samples of a run)."""
     return generate_texts(model, tokenizer, [s["prompt"] for s in samples], Sampling(max_new_tokens=max_new_tokens),
                           batch_size, special_tokens=plain_text)
+
+
+# ---------------------------------------------------------------- continuous batching (iteration-level scheduling)
+
+
+def steps_supported(model: Any) -> tuple[bool, str]:
+    """Whether ``ContinuousBatch`` can decode this model step by step, and why not. It needs a plain per-layer
+    key/value cache that rows can be added to and dropped from; a PEFT prompt-learning model (its virtual tokens
+    live in the cache or the input embeddings that ``generate`` prepares) and a model whose cache is not a plain
+    one (sliding-window or linear-attention layers) run whole batches through ``generate`` instead."""
+    peft_config = getattr(model, "peft_config", None)
+    if isinstance(peft_config, dict) and any(getattr(c, "is_prompt_learning", False) for c in peft_config.values()):
+        return False, "a prompt-learning adapter (virtual tokens are added by generate)"
+    config = getattr(model, "config", None)
+    if config is None:
+        return False, "the model has no config"
+    try:
+        layers = DynamicCache(config=config).layers
+    except Exception as exc:  # noqa: BLE001 - a config the cache cannot read: fall back, say why
+        return False, f"its cache cannot be built ({type(exc).__name__})"
+    odd = {type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer}
+    if odd:
+        return False, f"its cache has {', '.join(sorted(odd))} layers"
+    return True, ""
+
+
+@dataclass
+class _Row:
+    """A request in the running batch: ``length`` of its tokens are in the cache (the real ones of its row; the
+    columns to their left are padding), ``next_token`` is the one chosen last, fed at the next decoding step."""
+
+    request: GenerationRequest
+    length: int
+    next_token: int = -1
+    emitted: str = ""
+    generator: torch.Generator | None = None
+
+
+class ContinuousBatch:
+    """Iteration-level scheduling: requests join and leave the running batch at every decoding step.
+
+    ``add`` queues a request; each ``step`` (1) finishes the rows that were cancelled or ran past their deadline,
+    (2) prefills the waiting requests that fit (``max_rows`` rows, at most ``prefill_tokens`` prompt tokens per
+    step, but always one) in one left-padded forward pass, which gives each its first token at once, and merges
+    their key/value cache into the running one, then (3) decodes one token for every running row in one forward
+    pass. A request therefore waits at most one step for its first token, however long the others run.
+
+    The cache is transformers' ``DynamicCache``, each layer (B, heads, W, head_dim) with every row's tokens at the
+    right end of its row and padding to their left, masked by ``mask`` (B, W); position ids count each row's own
+    tokens, so a row computes what it computes alone (the left-padded batch of ``generate_batch``, grown and
+    shrunk between steps). Rows that leave are dropped from the cache and the columns no row uses any more are cut.
+
+    Every row has its own sampling settings (temperature, top-p, top-k, repetition penalty, min_new_tokens,
+    seed), applied in transformers' order, and its own adapter (PEFT's ``adapter_names``, one per row). A model
+    that cannot be decoded step by step (``steps_supported``) runs each admitted group of requests with the same
+    ``batch_key`` through ``generate_batch`` to its end instead.
+    """
+
+    def __init__(self, model: Any, tokenizer: PreTrainedTokenizerBase, adapter_names: dict[str, str] | None = None,
+                 max_rows: int = 16, prefill_tokens: int = 2048, mix_adapters: bool = True) -> None:
+        self.model, self.tokenizer, self.adapter_names = model, tokenizer, adapter_names
+        self.max_rows, self.prefill_tokens = max_rows, prefill_tokens
+        self.mix_adapters = mix_adapters  # False: the running rows all ask for one adapter
+        self.stop_ids = stop_token_ids(model, tokenizer)
+        self.stop_set = set(self.stop_ids)
+        self.pad = pad_token_id(tokenizer)
+        self.device = next(model.parameters()).device
+        self.stepwise, self.why_not = steps_supported(model)
+        self.cache_argument = _cache_argument(model)
+        # None: the model's generation_config (as generate_batch passes no repetition_penalty then)
+        self.default_penalty = getattr(getattr(model, "generation_config", None), "repetition_penalty", None)
+        self.waiting: list[GenerationRequest] = []
+        self.rows: list[_Row] = []
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # (B, W) long, 1 where a cache column holds a token of the row
+        self.steps = 0  # forward passes over the running batch (decoding steps, or whole generate_batch calls)
+        self.step_rows = 0  # the rows in them: step_rows / steps is the mean batch
+
+    @property
+    def running(self) -> list[GenerationRequest]:
+        return [row.request for row in self.rows]
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.rows
+
+    def add(self, request: GenerationRequest) -> None:
+        self.waiting.append(request)
+
+    def clear(self) -> list[GenerationRequest]:
+        """Drop every request, running or waiting (after a failed step); returns them."""
+        dropped = self.running + self.waiting
+        self.rows, self.waiting, self.cache, self.mask = [], [], None, None
+        return dropped
+
+    @torch.no_grad()
+    def step(self) -> list[GenerationRequest]:
+        """One iteration; returns the requests that finished in it (their finish_reason set, text final)."""
+        now = time.monotonic()
+        for request in self.running + self.waiting:
+            _interrupt(request, now)
+        finished = [r for r in self.waiting if r.done]
+        self.waiting = [r for r in self.waiting if not r.done]
+        joining = self._admit()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            if not self.stepwise:
+                return finished + self._whole_batch(joining)
+            if joining:
+                self._prefill(joining)
+            finished += self._drop_finished()
+            if self.rows:
+                self._decode()
+                finished += self._drop_finished()
+        finally:
+            self.model.train(was_training)
+        return finished
+
+    # -- scheduling
+
+    def _admit(self) -> list[GenerationRequest]:
+        """The waiting requests that join at this step, in arrival order: free rows permitting, prompt tokens
+        within ``prefill_tokens`` (the first always), one adapter only when mixing is off; the rest wait."""
+        joining: list[GenerationRequest] = []
+        tokens = 0
+        for request in self.waiting:
+            if len(self.rows) + len(joining) >= self.max_rows:
+                break
+            if joining and tokens + len(request.prompt_ids) > self.prefill_tokens:
+                break
+            if not self._fits(request, joining):
+                continue
+            joining.append(request)
+            tokens += len(request.prompt_ids)
+        self.waiting = [r for r in self.waiting if all(r is not j for j in joining)]
+        return joining
+
+    def _fits(self, request: GenerationRequest, joining: list[GenerationRequest]) -> bool:
+        others = self.running + joining
+        if not others:
+            return True
+        if not self.stepwise and request.sampling.batch_key != others[0].sampling.batch_key:
+            return False
+        return self.mix_adapters or request.adapter == others[0].adapter
+
+    def _drop_finished(self) -> list[GenerationRequest]:
+        keep = [i for i, row in enumerate(self.rows) if not row.request.done]
+        finished = [row.request for row in self.rows if row.request.done]
+        for row in self.rows:
+            if row.request.done:
+                row.emitted = _follow_text(self.tokenizer, row.request, row.emitted, final=True)
+        if len(keep) == len(self.rows):
+            return finished
+        self.rows = [self.rows[i] for i in keep]
+        if not self.rows:
+            self.cache, self.mask = None, None
+            return finished
+        index = torch.tensor(keep, device=self.device)
+        self.mask = self.mask[index]
+        used = int(self.mask.any(dim=0).nonzero()[0])  # the first column some row still uses
+        self.mask = self.mask[:, used:]
+        for layer in self.cache.layers:  # (B, heads, W, head_dim) -> (B', heads, W - used, head_dim)
+            layer.keys = layer.keys[index, :, used:]
+            layer.values = layer.values[index, :, used:]
+        return finished
+
+    # -- forward passes
+
+    def _forward(self, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor,
+                 cache: DynamicCache, adapters: list[str]) -> torch.Tensor:
+        """Last-position logits (B, V) in float32. ``input_ids`` (B, T); ``attention`` (B, W + T), the cached
+        columns and the new ones; ``positions`` (B, T)."""
+        kwargs: dict[str, Any] = {}
+        if self.adapter_names is not None:
+            kwargs["adapter_names"] = [self.adapter_names[a] for a in adapters]
+        kwargs[self.cache_argument] = cache
+        out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
+                         logits_to_keep=1, **kwargs)
+        self.steps += 1
+        self.step_rows += input_ids.shape[0]
+        return out.logits[:, -1, :].float()
+
+    def _prefill(self, joining: list[GenerationRequest]) -> None:
+        """One left-padded forward pass over the joining prompts; each row gets its first token, and their cache
+        is merged into the running one."""
+        input_ids, attention = _left_padded(joining, self.pad)  # (J, T) each
+        input_ids, attention = input_ids.to(self.device), attention.to(self.device)
+        positions = (attention.cumsum(dim=1) - 1).clamp(min=0)  # (J, T): each row counts its own tokens from 0
+        cache = DynamicCache(config=self.model.config)
+        logits = self._forward(input_ids, attention, positions, cache, [r.adapter for r in joining])
+        rows = [_Row(r, len(r.prompt_ids), generator=_generator(r.sampling, self.device)) for r in joining]
+        self._choose(logits, rows)
+        self._merge(rows, cache, attention)
+
+    def _merge(self, rows: list[_Row], cache: DynamicCache, attention: torch.Tensor) -> None:
+        """Append the new rows to the running batch, left-padding whichever cache is shorter to the other's width."""
+        if not self.rows:
+            self.rows, self.cache, self.mask = rows, cache, attention
+            return
+        width = max(self.mask.shape[1], attention.shape[1])
+        pad = torch.nn.functional.pad
+        for old, new in zip(self.cache.layers, cache.layers):  # (B, heads, W, head_dim): pad W on the left
+            old.keys = torch.cat([pad(old.keys, (0, 0, width - old.keys.shape[2], 0)),
+                                  pad(new.keys, (0, 0, width - new.keys.shape[2], 0))])
+            old.values = torch.cat([pad(old.values, (0, 0, width - old.values.shape[2], 0)),
+                                    pad(new.values, (0, 0, width - new.values.shape[2], 0))])
+        self.mask = torch.cat([pad(self.mask, (width - self.mask.shape[1], 0)), pad(attention, (width - attention.shape[1], 0))])
+        self.rows += rows
+
+    def _decode(self) -> None:
+        """One token for every running row: each feeds the token chosen last, at its own next position."""
+        input_ids = torch.tensor([[row.next_token] for row in self.rows], device=self.device)  # (B, 1)
+        positions = torch.tensor([[row.length] for row in self.rows], device=self.device)  # (B, 1)
+        self.mask = torch.cat([self.mask, torch.ones_like(input_ids)], dim=1)  # (B, W + 1)
+        logits = self._forward(input_ids, self.mask, positions, self.cache, [r.request.adapter for r in self.rows])
+        for row in self.rows:
+            row.length += 1
+        self._choose(logits, self.rows)
+
+    def _choose(self, logits: torch.Tensor, rows: list[_Row]) -> None:
+        """Pick each row's next token from its logits (B, V) with its own settings, and hand it to the row."""
+        greedy = logits.argmax(dim=-1).tolist()  # (B,): what a row with nothing to adjust takes
+        for index, row in enumerate(rows):
+            sampling = row.request.sampling
+            penalty = sampling.repetition_penalty if sampling.repetition_penalty is not None else self.default_penalty
+            adjust = (penalty not in (None, 1.0)) or len(row.request.token_ids) < sampling.min_new_tokens
+            token = greedy[index]
+            if adjust or not sampling.greedy:
+                token = _pick(logits[index], row, penalty, self.stop_ids)
+            row.next_token = token
+            row.emitted = _accept(self.tokenizer, row.request, token, self.stop_set, row.emitted)
+
+    def _whole_batch(self, joining: list[GenerationRequest]) -> list[GenerationRequest]:
+        """A model that cannot be decoded step by step: the admitted group runs to its end through ``generate``."""
+        if not joining:
+            return []
+        generate_batch(self.model, self.tokenizer, joining, self.adapter_names)
+        self.steps += 1
+        self.step_rows += len(joining)
+        return joining
+
+
+def _cache_argument(model: Any) -> str:
+    """The forward argument that takes the cache: ``cache`` in recent transformers, ``past_key_values`` before
+    (and in models whose code has not been renamed)."""
+    network = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT passes it through
+    return "cache" if "cache" in inspect.signature(network.forward).parameters else "past_key_values"
+
+
+def _generator(sampling: Sampling, device: torch.device) -> torch.Generator | None:
+    """A seeded request samples from its own generator: its output repeats whatever shares its batch."""
+    if sampling.greedy or sampling.seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(sampling.seed)
+
+
+def _pick(logits: torch.Tensor, row: _Row, penalty: float | None, stop_ids: list[int]) -> int:
+    """One row's next token from its logits (V,): the most likely one when greedy, else a draw from its own
+    generator (or torch's global one)."""
+    scores = adjusted_scores(logits, row.request, penalty, stop_ids)
+    if row.request.sampling.greedy:
+        return int(scores.argmax())
+    return int(torch.multinomial(scores.softmax(dim=-1), 1, generator=row.generator))
+
+
+def adjusted_scores(logits: torch.Tensor, request: GenerationRequest, penalty: float | None,
+                    stop_ids: list[int]) -> torch.Tensor:
+    """A row's logits (V,) after its settings, in the order transformers applies the same ones: the repetition
+    penalty over the prompt and the tokens so far, the end of turn held off before min_new_tokens, then, when
+    sampling, temperature, top-k and top-p (removed tokens get -inf)."""
+    sampling = request.sampling
+    scores = logits.clone()
+    if penalty not in (None, 1.0):
+        seen = torch.tensor(request.prompt_ids + request.token_ids, device=scores.device)
+        picked = scores[seen]
+        scores[seen] = torch.where(picked < 0, picked * penalty, picked / penalty)
+    if len(request.token_ids) < sampling.min_new_tokens:
+        scores[stop_ids] = -float("inf")
+    if sampling.greedy:
+        return scores
+    if sampling.temperature != 1.0:
+        scores = scores / sampling.temperature
+    if sampling.top_k:
+        kth = torch.topk(scores, min(sampling.top_k, scores.shape[-1])).values[-1]
+        scores = scores.masked_fill(scores < kth, -float("inf"))
+    if sampling.top_p < 1.0:
+        ordered, order = torch.sort(scores)  # ascending
+        outside = ordered.softmax(dim=-1).cumsum(dim=-1) <= 1 - sampling.top_p
+        outside[-1] = False  # the most likely token always stays
+        scores = scores.masked_fill(torch.zeros_like(outside).scatter(0, order, outside), -float("inf"))
+    return scores

@@ -6,8 +6,10 @@ names a model, which is looked up in a fixed table and never used as a path), it
 (a folder holding a pickle-format weights file is refused), remote code needs an explicit flag, and results that
 share batches must be adapters of the same base whose techniques declare that they can (``mixed_batch``).
 
-The worker takes whatever requests are waiting (up to ``max_batch_size``, same sampling settings), generates
-them as one PEFT mixed-adapter batch, and hands each token to the request's own callback.
+The worker schedules at the level of decoding steps (``generation.ContinuousBatch``): requests join the running
+batch at the next step (up to ``max_batch_size`` rows, each with its own adapter and sampling settings, through
+PEFT's mixed-adapter inference) and leave it as soon as they finish; each new token goes to the request's own
+callback.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any, Callable
 from transformers import AutoTokenizer
 
 from tunelab.errors import ConfigError
-from tunelab.generation import BASE, PEFT_BASE, GenerationRequest, generate_batch
+from tunelab.generation import BASE, PEFT_BASE, ContinuousBatch, GenerationRequest
 from tunelab.models import ModelConfig, load_tokenizer, same_base_model
 from tunelab.result import find_result, load_run
 from tunelab.techniques.base import ADAPTER_CONFIG
@@ -140,23 +142,46 @@ class Job:
 
 
 class Engine:
-    """Owns the model; one worker thread generates, so the model is never used by two threads at once."""
+    """Owns the model; one worker thread generates, so the model is never used by two threads at once.
+
+    The worker runs a ``ContinuousBatch``: at every decoding step it takes the requests that arrived meanwhile
+    into the running batch (their prefill gives each its first token) and lets the finished ones go, so a request
+    never waits for others to finish before it starts."""
 
     def __init__(self, model: Any, served: dict[str, ServedModel], max_batch_size: int = 16,
-                 batch_wait_s: float = 0.01, mix_adapters: bool = True) -> None:
+                 mix_adapters: bool = True, prefill_tokens: int = 2048) -> None:
         self.model, self.served = model, served
-        self.max_batch_size, self.batch_wait_s = max_batch_size, batch_wait_s
-        # False: a batch holds one adapter's requests only (the comparison point of benchmarks/serve.py)
-        self.mix_adapters = mix_adapters
         self.tokenizer = next(iter(served.values())).tokenizer  # decoding: every served tokenizer shares the vocab
-        self.mixed = any(m.adapter for m in served.values())  # adapters: pass adapter_names to PEFT
+        mixed = any(m.adapter for m in served.values())  # adapters: pass adapter_names to PEFT
+        adapters = {m.name: m.adapter for m in served.values()} if mixed else None
+        self.batch = ContinuousBatch(model, self.tokenizer, adapters, max_rows=max_batch_size,
+                                     prefill_tokens=prefill_tokens, mix_adapters=mix_adapters)
+        if not self.batch.stepwise:
+            log.info("whole batches, no continuous batching: %s", self.batch.why_not)
         self.context_length = _context_length(model, self.tokenizer)
         self._queue: queue.Queue[Job | None] = queue.Queue()
-        self._held: list[Job] = []  # taken from the queue but waiting for a batch of their sampling settings
-        self.batches = 0
-        self.batch_rows = 0
+        self._jobs: dict[int, Job] = {}  # id(request) -> its job, while it is in the batch
         self._thread = threading.Thread(target=self._work, name="tunelab-generate", daemon=True)
         self._thread.start()
+
+    @property
+    def mix_adapters(self) -> bool:
+        """False: the running batch holds one adapter's requests only (the comparison point of benchmarks/serve.py)."""
+        return self.batch.mix_adapters
+
+    @mix_adapters.setter
+    def mix_adapters(self, value: bool) -> None:
+        self.batch.mix_adapters = value
+
+    @property
+    def batches(self) -> int:
+        """Forward passes of the worker (decoding steps and prefills)."""
+        return self.batch.steps
+
+    @property
+    def batch_rows(self) -> int:
+        """The rows in those forward passes (batch_rows / batches is the mean batch)."""
+        return self.batch.step_rows
 
     def alive(self) -> bool:
         return self._thread.is_alive()
@@ -168,47 +193,31 @@ class Engine:
         self._queue.put(None)
         self._thread.join(timeout=30)
 
-    def _next_batch(self) -> list[Job] | None:
-        if not self._held:
-            first = self._queue.get()
-            if first is None:
-                return None
-            self._held.append(first)
-        deadline = time.monotonic() + self.batch_wait_s
-        while len(self._held) < self.max_batch_size * 4:  # gather what is waiting (bounded), briefly
+    def _take(self) -> bool:
+        """Move the jobs that arrived into the batch: wait for one while nothing runs, else take only what is
+        there. False once the engine is closed."""
+        block = self.batch.idle
+        while True:
             try:
-                job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                job = self._queue.get(block=block)
             except queue.Empty:
-                break
+                return True
             if job is None:
-                self._queue.put(None)
-                break
-            self._held.append(job)
-        first = self._held[0]
-        batch = [j for j in self._held if j.request.sampling.batch_key == first.request.sampling.batch_key
-                 and (self.mix_adapters or j.request.adapter == first.request.adapter)][: self.max_batch_size]
-        self._held = [j for j in self._held if all(j is not b for b in batch)]
-        return batch
+                return False
+            self._jobs[id(job.request)] = job
+            self.batch.add(job.request)
+            block = False
 
     def _work(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            live = [j for j in batch if not j.request.cancelled.is_set()]
-            for job in batch:
-                if job.request.cancelled.is_set():
-                    job.request.finish_reason = "cancelled"
-                    job.finished(job, None)
-            if not live:
-                continue
-            error = None
+        while self._take():
             try:
-                adapters = {m.name: m.adapter for m in self.served.values()} if self.mixed else None
-                generate_batch(self.model, self.tokenizer, [j.request for j in live], adapters)
-                self.batches += 1
-                self.batch_rows += len(live)
-            except Exception as exc:  # noqa: BLE001 - reported to every request of the batch, the worker lives on
+                finished, error = self.batch.step(), None
+            except Exception as exc:  # noqa: BLE001 - reported to every request in the batch, the worker lives on
                 log.exception("generation failed")
-                error = f"generation failed: {type(exc).__name__}: {exc}"
-            for job in live:
+                self.batch.clear()
+                finished, error = [job.request for job in self._jobs.values()], f"generation failed: {type(exc).__name__}: {exc}"
+            for request in finished:
+                job = self._jobs.pop(id(request))
                 job.finished(job, error)
 
 
