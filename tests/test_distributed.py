@@ -5,7 +5,6 @@ launches are shared by module-scoped fixtures."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -18,14 +17,13 @@ import yaml
 from safetensors.torch import load_file
 from support.runs import tiny_config_dict
 from support.tiny import toy_chat_records, write_jsonl
+from support.torchrun import DRIVER, torchrun
 
 from tunelab import distributed
 from tunelab.config import ConfigError, build_config
 from tunelab.runs import read_metrics
 from tunelab.training import train
 
-TORCHRUN = Path(sys.executable).with_name("torchrun")
-DRIVER = Path(__file__).parent / "support" / "ddp_driver.py"
 # Two processes add the same gradients in another order (an all-reduce of two halves rather than one running sum),
 # so they are only promised to agree with one process to float32 rounding. Measured on this tiny model: identical
 # losses and adapter weights (max difference 0.0, weights up to ~0.13). The bounds allow rounding, not a bug: a
@@ -44,16 +42,6 @@ def _config(model_dir: Path, data: Path, out: Path, **training: Any) -> dict[str
     )
 
 
-def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TUNELAB_CACHE": str(cwd / "cache")}  # never the user's cache
-    command = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", *args]
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    if result.returncode != 0:  # each rank's own error first: a crash on one rank shows as "closed by peer" on the other
-        errors = [line for line in result.stderr.splitlines() if line.startswith("[rank") and "Error" in line]
-        raise AssertionError("\n".join(errors) + "\n" + result.stdout[-3000:] + result.stderr[-6000:])
-    return result
-
-
 @pytest.fixture(scope="module")
 def workspace(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("ddp")
@@ -67,7 +55,7 @@ def two_process_cli_run(workspace: Path, tiny_model_dir: Path) -> subprocess.Com
     config = workspace / "two.yaml"
     config.write_text(yaml.safe_dump(_config(tiny_model_dir, workspace / "train.jsonl", workspace / "two",
                                              grad_accum=1, eval_every=3)))
-    return _torchrun([str(Path(sys.executable).with_name("tunelab")), "train", str(config), "--no-progress"], workspace)
+    return torchrun([str(Path(sys.executable).with_name("tunelab")), "train", str(config), "--no-progress"], workspace)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +65,7 @@ def resume_runs(workspace: Path, tiny_model_dir: Path) -> dict[str, Any]:
     data = workspace / "train.jsonl"
     configs = {"straight": _config(tiny_model_dir, data, workspace / "straight", dropout=0.1),
                "split": _config(tiny_model_dir, data, workspace / "split", dropout=0.1)}
-    result = _torchrun([str(DRIVER), json.dumps(configs)], workspace)
+    result = torchrun([str(DRIVER), json.dumps(configs)], workspace)
     lines = [line for line in result.stdout.splitlines() if line.startswith("DRIVER ")]
     assert len(lines) == 2 and lines[0] == lines[1], result.stdout  # both processes saw the same outcomes
     return json.loads(lines[0].removeprefix("DRIVER "))

@@ -24,7 +24,7 @@ import json
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -33,6 +33,8 @@ from torch import nn
 from tunelab import fs
 
 COMPLETE = "COMPLETE"
+WeightsInto = Callable[[nn.Module, dict[str, torch.Tensor]], None]  # (model, full weights by name)
+OptimizerInto = Callable[[nn.Module, torch.optim.Optimizer, dict[str, Any]], None]  # (model, optimizer, saved state)
 TECHNIQUE_STATE = "technique.safetensors"
 
 
@@ -62,14 +64,18 @@ def save_checkpoint(
     root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
     state: dict[str, Any], rng: dict[str, Any],
     technique_state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
+    gathered: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
 ) -> Path:
-    """Write a checkpoint; a crash or power loss at any moment leaves the previous complete checkpoints intact."""
+    """Write a checkpoint; a crash or power loss at any moment leaves the previous complete checkpoints intact.
+    ``gathered``: a sharded model's full trainable weights and optimizer state, in the one-process format, written
+    instead of ``model``'s and ``optimizer``'s own (which hold only this process's shards)."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
+    weights, optimizer_state = gathered if gathered is not None else (trainable_state(model), optimizer.state_dict())
     # checkpoints/ is tunelab's whole, so the step's temporaries (.tmp-step-N, .old-step-N) are its own.
     with fs.atomic_folder(final, seal=lambda tmp: _write_complete(tmp, step)) as tmp:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng, tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
@@ -107,13 +113,17 @@ def read_state(path: Path) -> dict[str, Any]:
     return json.loads((path / "state.json").read_text())
 
 
-def load_trainable(path: Path, model: nn.Module) -> None:
-    """Load a checkpoint's trainable weights into the model; every saved name must exist."""
+def load_trainable(path: Path, model: nn.Module, assign: WeightsInto | None = None) -> None:
+    """Load a checkpoint's trainable weights into the model; every saved name must exist. ``assign`` puts the
+    full tensors into a sharded model (each process keeps its shard) instead of copying them in."""
     weights = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = [name for name in weights if name not in params]
     if missing:
         raise RuntimeError(f"{path}: the checkpoint has weights this model lacks: {missing[:5]}; was the config changed?")
+    if assign is not None:
+        assign(model, weights)
+        return
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value.to(params[name].device, params[name].dtype))
@@ -142,9 +152,18 @@ def load_rng(path: Path) -> dict[str, Any]:
     return load_torch_file(path / "rng.pt")
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
-    load_trainable(path, model)
-    optimizer.load_state_dict(load_torch_file(path / "optimizer.pt"))
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    sharded: tuple[WeightsInto, OptimizerInto] | None = None) -> dict[str, Any]:
+    """Restore weights, optimizer, schedule and RNG; returns the loop's counters. ``sharded``: how a sharded model
+    and optimizer take the checkpoint's full tensors (``distributed.load_full_weights`` and
+    ``load_full_optimizer_state``)."""
+    assign_weights, assign_optimizer = sharded if sharded is not None else (None, None)
+    load_trainable(path, model, assign_weights)
+    optimizer_state = load_torch_file(path / "optimizer.pt")
+    if assign_optimizer is not None:
+        assign_optimizer(model, optimizer, optimizer_state)
+    else:
+        optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(load_torch_file(path / "scheduler.pt"))
     restore_rng(load_rng(path))
     return read_state(path)

@@ -1,6 +1,7 @@
 """Run under torchrun by tests/test_distributed.py (not a test module): in the same two processes, an
-uninterrupted run, then the same run stopped after step 3 (as Ctrl-C would) and resumed. Every process gets
-the configs as JSON in argv[1]: {"straight": {...}, "split": {...}}."""
+uninterrupted run, then the same run stopped after step 3 (as Ctrl-C would) and resumed, then any further runs
+(uninterrupted) under "more". Every process gets the configs as JSON in argv[1]:
+{"straight": {...}, "split": {...}, "more": {name: {...}}} ("more" optional)."""
 
 from __future__ import annotations
 
@@ -43,8 +44,12 @@ def main() -> None:
     finally:
         loop._StopRequest = real_stop
     second = session.train(build_config(configs["split"]), resume=True, progress=False)
-    print("DRIVER", json.dumps({"straight": [straight.status, straight.step], "first": [first.status, first.step],
-                                "second": [second.status, second.step]}), flush=True)
+    outcomes = {"straight": [straight.status, straight.step], "first": [first.status, first.step],
+                "second": [second.status, second.step]}
+    for name, config in configs.get("more", {}).items():
+        result = session.train(build_config(config), progress=False)
+        outcomes[name] = [result.status, result.step]
+    print("DRIVER", json.dumps(outcomes), flush=True)
 
 
 if __name__ == "__main__":

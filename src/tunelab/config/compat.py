@@ -90,6 +90,9 @@ def check_config(config: Any) -> None:
     reason = technique.refusal("gradient_checkpointing")
     if reason and config.training.gradient_checkpointing:
         raise ValueError(f"training.gradient_checkpointing: technique '{name}' cannot use it ({reason})")
+    reason = technique.refusal("fsdp")
+    if reason and config.training.distributed == "fsdp":
+        raise ValueError(f"training.distributed: technique '{name}' cannot be sharded with fsdp ({reason})")
     objective = OBJECTIVES[config.objective.name]
     reason = objective.refusal("packing")
     if reason and config.data.packing:

@@ -81,6 +81,11 @@ class TrainingConfig(Settings):
         5, gt=0, description="A non-finite loss or gradient skips the step; this many in a row aborts the run."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="How the processes of a torchrun launch share the model: 'ddp' gives each a whole copy and "
+        "averages gradients; 'fsdp' shards weights, gradients and optimizer state over them (torch FSDP2, one unit per "
+        "decoder layer), for a model too large for one device. With one process neither shards anything."
+    )
     log_every: int = Field(1, gt=0, description="Write a metrics.jsonl line every N steps.")
 
     @model_validator(mode="after")

@@ -128,7 +128,9 @@ TECHNIQUE = Technique(
     adapter_types=("ADALORA",),  # PEFT's peft_type
     default_learning_rate=5e-4,
     summary="LoRA with its rank budget reallocated to the layers that need it (per-step hook, mergeable)",
-    refuses={"quantized_base": NOT_QUANTIZED},
+    refuses={"quantized_base": NOT_QUANTIZED,
+             "fsdp": "its rank allocation scores whole adapter matrices and their gradients on each process, which "
+                     "fsdp splits into shards; use training.distributed: ddp"},
     on_step=reallocate,
     penalty=orthogonality_penalty,
     state=TechniqueState(save_allocator, load_allocator),

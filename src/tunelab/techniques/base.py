@@ -40,6 +40,7 @@ FEATURES: dict[str, str] = {
     "merge": "merge",
     "quantized_base": "4/8-bit base",
     "score_head": "score head",  # objectives that train a sequence-classification / scalar head (reward, ...)
+    "fsdp": "sharded (fsdp)",  # training.distributed: fsdp, weights sharded over the processes
 }
 OBJECTIVE_PREFIX = "objective:"
 
@@ -57,6 +58,8 @@ VIRTUAL_TOKENS = ("it learns virtual tokens (or keys and values) fed to the mode
                   "there is nothing to fold into the weights; keep the adapter and load it with PEFT")
 NO_SCORE_HEAD = ("its adapter layers are saved on their own, without a model head, so a newly trained score head "
                  "would be lost; use lora or full")
+OUTSIDE_THE_MODEL = ("its trainable weights sit beside the transformers model (PEFT's prompt encoder), outside the "
+                     "decoder layers fsdp shards; use training.distributed: ddp")
 NO_POSITION_IDS = ("PEFT drops the per-example position ids of prompt-learning methods, so examples packed in one "
                    "row would attend to each other; each example gets its own row instead")
 

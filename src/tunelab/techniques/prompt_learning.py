@@ -8,9 +8,10 @@ import warnings
 from pydantic import Field
 
 from tunelab.settings import Settings
-from tunelab.techniques.base import NO_POSITION_IDS, NOT_QUANTIZED, VIRTUAL_TOKENS
+from tunelab.techniques.base import NO_POSITION_IDS, NOT_QUANTIZED, OUTSIDE_THE_MODEL, VIRTUAL_TOKENS
 
-REFUSES = {"packing": NO_POSITION_IDS, "merge": VIRTUAL_TOKENS, "quantized_base": NOT_QUANTIZED}
+REFUSES = {"packing": NO_POSITION_IDS, "merge": VIRTUAL_TOKENS, "quantized_base": NOT_QUANTIZED,
+           "fsdp": OUTSIDE_THE_MODEL}
 
 # PEFT warns on every forward that it ignores position ids. tunelab refuses packing for these methods, so an
 # unpacked row's positions are 0..T-1 anyway and the warning says nothing the user can act on.

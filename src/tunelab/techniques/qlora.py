@@ -117,4 +117,6 @@ TECHNIQUE = Technique(
     variant_label=lambda settings: ", ".join(filter(None, [f"{settings.bits}-bit", lora.variant_label(settings)])),
     adapter_types=("LORA",),  # PEFT's peft_type; a bare LORA folder opens as technique 'lora' (registered first)
     mixed_batch=mixed_batch,
+    refuses={"fsdp": "bitsandbytes keeps the 4/8-bit base in its own packed parameter type, which FSDP2 cannot split "
+                     "into shards; use training.distributed: ddp"},
 )

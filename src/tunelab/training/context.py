@@ -77,6 +77,8 @@ class TrainingContext:
         self.precision = run_precision(config)
         self.accelerator = distributed.make_accelerator(self.precision.mixed_precision)
         self.device = self.accelerator.device
+        # training.distributed: fsdp on several processes; with one there is nothing to shard (_train_in says so)
+        self.sharded = config.training.distributed == "fsdp" and self.accelerator.num_processes > 1
         self.objective_kind = OBJECTIVES[config.objective.name]  # what it declares: head, units, reference
         self.objective = self.objective_kind.bind(config.objective)  # the loss the loop calls; set-up binds the reference
         self.info = RunInfo()  # run_info.json: phases, parameters, memory, versions
@@ -94,7 +96,8 @@ class TrainingContext:
     @property
     def inner_model(self) -> torch.nn.Module:
         """The model without accelerate's DDP wrapper: evaluation, generation and saving use it (the wrapper has no
-        ``generate``, and its forward syncs buffers across processes, which uneven evaluation shares would hang)."""
+        ``generate``, and its forward syncs buffers across processes, which uneven evaluation shares would hang).
+        A sharded model has no wrapper: it is itself, and each of its forwards is a collective."""
         return self.accelerator.unwrap_model(self.model)
 
     # ------------------------------------------------------------ the technique's hooks
@@ -121,7 +124,7 @@ class TrainingContext:
 
     def technique_evaluation(self) -> dict[str, Any]:
         """The technique's own figures for eval.json (e.g. how a router splits each task), or nothing."""
-        if self.technique.evaluate is None or not self.is_main:
+        if self.technique.evaluate is None or not (self.is_main or self.sharded):  # sharded: every process's forwards
             return {}
         return self.technique.evaluate(self.accelerator.unwrap_model(self.model), self.data, self.pad_id, self.device,
                                        self.config.eval.max_examples)
@@ -160,11 +163,14 @@ class TrainingContext:
         return self.objective_kind.head_size(self.data.classes)
 
     def validation_loss(self) -> dict[str, float]:
-        """Token-weighted loss on the first ``eval.max_examples`` validation examples (the same ones every time)."""
+        """Token-weighted loss on the first ``eval.max_examples`` validation examples (the same ones every time).
+        Unsharded, each process takes its share of the batches; sharded, every process runs every batch (a share
+        each would give the processes different numbers of forwards, and each forward waits for all of them)."""
         examples = self.data.validation[: self.config.eval.max_examples]
+        split = None if self.sharded else self.accelerator
         with self.accelerator.autocast():  # float32 trainable and half-precision frozen weights meet as in training
             figures = validation_loss(self.inner_model, examples, self.objective.loss_sum, self.pad_id,
-                                      self.config.eval.batch_size, self.device, self.accelerator, self.objective.collate)
+                                      self.config.eval.batch_size, self.device, split, self.objective.collate)
         derive = self.objective.derive
         return {**figures, **derive(figures)} if derive else figures
 
@@ -172,6 +178,11 @@ class TrainingContext:
         """Loss on general held-out text (the forgetting check), without autocast."""
         return heldout_loss(self.inner_model, self.tokenizer, self.config.eval.forgetting_max_tokens, self.device,
                             self.config.eval.forgetting_text, self.config.eval.batch_size)
+
+    @property
+    def sharded_io(self) -> tuple[ckpt.WeightsInto, ckpt.OptimizerInto] | None:
+        """How a checkpoint's full tensors go into this run's model and optimizer: None unless sharded."""
+        return (distributed.load_full_weights, distributed.load_full_optimizer_state) if self.sharded else None
 
     def sample_outputs(self) -> list[str]:
         model = self.accelerator.unwrap_model(self.model)
@@ -214,12 +225,16 @@ class TrainingContext:
             return
         self.accelerator.wait_for_everyone()
         rngs = distributed.all_rng_states(ckpt.rng_state())  # every process's dropout stream, for an exact resume
+        gathered = None  # sharded: the full weights and optimizer state, gathered by every process for the main
+        if self.sharded:
+            gathered = (distributed.full_trainable_weights(self.model),
+                        distributed.full_optimizer_state(self.model, self.optimizer))
         if self.is_main:
             root = fs.own_entry(self.run_dir, "checkpoints")
             model = self.accelerator.unwrap_model(self.model)
             rng = rngs[0] if len(rngs) == 1 else {**rngs[0], "ranks": rngs}
             ckpt.save_checkpoint(root, state.step, model, self.optimizer, self.scheduler, state.__dict__, rng,
-                                 self.technique_state())
+                                 self.technique_state(), gathered)
             ckpt.rotate(root, {state.step} | ({state.best_step} if state.best_step is not None else set()))
         self.accelerator.wait_for_everyone()
         self.saved_step = state.step

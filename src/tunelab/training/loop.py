@@ -70,7 +70,8 @@ def run_loop(ctx: TrainingContext, state: LoopState) -> str:
             window = [{k: v.to(accelerator.device) for k, v in ctx.objective.collate(r, ctx.pad_id).items()} for r in rows]
             stats: dict[str, float] = {}  # the objective's own figures (e.g. preference accuracy), per unit
             loss_sum, units, penalty = accumulate_gradients(ctx.model, window, ctx.objective, accelerator, ctx.penalty, stats)
-            grad_norm = accelerator.clip_grad_norm_(trainable, clip)
+            grad_norm = (distributed.clip_sharded_gradients(trainable, clip) if ctx.sharded
+                         else accelerator.clip_grad_norm_(trainable, clip))
             lr = ctx.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler then moves on)
             finite = bool(torch.isfinite(loss_sum)) and bool(torch.isfinite(grad_norm))
             step_metrics = _apply_or_skip(ctx, state, finite)
@@ -116,7 +117,9 @@ def accumulate_gradients(
     penalty_value = None
     for i, batch in enumerate(window):
         last = i == len(window) - 1
-        # Only the last backward syncs gradients across processes: the others accumulate locally.
+        # Only the last backward syncs gradients across processes: the others accumulate locally. A sharded model
+        # has no no_sync (accelerate gives a null context): each backward reduce-scatters its gradients into the
+        # shards, whose sum over the window is the same mean, and no process ever holds a whole gradient.
         with (nullcontext() if last else accelerator.no_sync(model)), accelerator.autocast():
             result = objective.loss_sum(model, batch)
         loss = result.loss_sum * scale

@@ -10,7 +10,7 @@ A failure leaves the folder resumable, and status.json says what happened.
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -89,6 +89,8 @@ def _train_in(config: TunelabConfig, run_dir: Path, resume: bool, progress: bool
     if chosen.note:
         log.warning(chosen.note)
     log.info("precision: %s", chosen.reason)
+    if config.training.distributed == "fsdp" and distributed.process_state().num_processes == 1:
+        log.info("training.distributed: fsdp with one process: nothing to shard, the whole model trains here")
     if resume:
         distributed.check_world_size((read_json(run_dir / "status.json") or {}).get("world_size"),
                                      distributed.process_state().num_processes, run_dir)
@@ -115,16 +117,19 @@ def _train_in(config: TunelabConfig, run_dir: Path, resume: bool, progress: bool
         phase = "trained"
         if _best_is_restored(ctx, state):
             phase = "best restored"
-            ckpt.load_trainable(run_dir / "checkpoints" / ckpt.checkpoint_name(state.best_step), ctx.accelerator.unwrap_model(ctx.model))
+            ckpt.load_trainable(run_dir / "checkpoints" / ckpt.checkpoint_name(state.best_step),
+                                ctx.accelerator.unwrap_model(ctx.model),
+                                distributed.load_full_weights if ctx.sharded else None)
             best = config.training.best_metric
             log.info("restored the best weights (step %d, %s %.4f)", state.best_step, best, state.best_eval[best])
         with ctx.info.phase("final evaluation"):
             evaluation = _final_evaluation(ctx, state, base, samples)
             evaluation.update(ctx.technique_evaluation())
-        if ctx.is_main:
-            with ctx.info.phase("saving"):
-                _save_result(ctx)
-            write_entry_json(run_dir, "eval.json", evaluation)
+        with distributed.full_weights_on_main(ctx.model) if ctx.sharded else nullcontext():  # gathered on every process
+            if ctx.is_main:
+                with ctx.info.phase("saving"):
+                    _save_result(ctx)
+                write_entry_json(run_dir, "eval.json", evaluation)
     except BaseException as exc:
         _record_failure(ctx, state, phase, resume, exc, created)
         raise
@@ -184,6 +189,9 @@ def _set_up(ctx: TrainingContext, resume: bool) -> tuple[LoopState, dict[str, An
         log.info("trainable weights kept in float32; autocast computes in %s", ctx.precision.load_dtype)
     if ctx.precision.mixed_precision != "no":  # autocast: adapter inputs stay in the half-precision dtype
         adapters_compute_in_autocast_dtype(ctx.model)
+    if ctx.sharded:  # after the technique and the dtypes are set: FSDP2 shards the parameters as they are then
+        half = ctx.precision.load_dtype if ctx.precision.mixed_precision != "no" else None
+        ctx.info.figures["fsdp_units"] = distributed.shard_model(ctx.model, half)  # run_info.json says it sharded
     trainable, total = count_parameters(ctx.model)
     ctx.info.figures.update(trainable_parameters=trainable, total_parameters=total)
     log.info("technique %s: %s of %s parameters trainable (%.3f%%)", config.technique.name, f"{trainable:,}",
@@ -191,7 +199,8 @@ def _set_up(ctx: TrainingContext, resume: bool) -> tuple[LoopState, dict[str, An
     ctx.optimizer = make_optimizer(ctx.model, config)
     ctx.scheduler = make_scheduler(ctx.optimizer, config.training.schedule, config.training.warmup_ratio,
                                    ctx.plan.total_steps)
-    ctx.model, ctx.optimizer = ctx.accelerator.prepare(ctx.model, ctx.optimizer)
+    if not ctx.sharded:  # prepare() would wrap a sharded model in DDP on CPU (see distributed.py)
+        ctx.model, ctx.optimizer = ctx.accelerator.prepare(ctx.model, ctx.optimizer)
     ctx.model.train()
     state = _resume_from_checkpoint(ctx) if resume else LoopState()
     if config.training.report_to and ctx.is_main:
@@ -265,7 +274,8 @@ def _resume_from_checkpoint(ctx: TrainingContext) -> LoopState:
     technique's own state and every process's random stream, so the run continues as if never stopped."""
     run_dir = ctx.run_dir
     latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
-    state = LoopState(**ckpt.load_checkpoint(latest, ctx.accelerator.unwrap_model(ctx.model), ctx.optimizer, ctx.scheduler))
+    state = LoopState(**ckpt.load_checkpoint(latest, ctx.accelerator.unwrap_model(ctx.model), ctx.optimizer,
+                                             ctx.scheduler, ctx.sharded_io))
     saved_technique_state = ckpt.load_technique_state(latest)
     if saved_technique_state is not None and ctx.technique.state is not None:
         ctx.technique.state.load(ctx.accelerator.unwrap_model(ctx.model), *saved_technique_state)
@@ -295,8 +305,8 @@ def _final_evaluation(ctx: TrainingContext, state: LoopState, base: dict[str, An
     forgetting = forgetting_after(ctx.config.eval, base, ctx.heldout_loss)
     best_restored = _best_is_restored(ctx, state)
     tuned = _tuned_figures(ctx, state, best_restored) if ctx.data.validation else None
-    comparison = compare_with_base(ctx.config.eval, base, tuned, samples,
-                                   ctx.sample_outputs if ctx.is_main else None, ctx.config.training.seed)
+    generate = ctx.sample_outputs if ctx.is_main or ctx.sharded else None  # sharded: every process generates
+    comparison = compare_with_base(ctx.config.eval, base, tuned, samples, generate, ctx.config.training.seed)
     return {"step": state.step, "weights_from_step": state.best_step if best_restored else state.step, **comparison,
             **({"forgetting": forgetting} if forgetting else {})}
 

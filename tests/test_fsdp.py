@@ -1,0 +1,177 @@
+"""training.distributed: fsdp on two CPU processes (torchrun, gloo; torch's FSDP2 runs on CPU): the sharded run
+trains as DDP and as one process with the same global batch, saves the one-process result folder (plain PEFT and
+transformers open it), and resumes exactly from its gathered checkpoints. One torchrun launch (tens of seconds)
+makes every two-process run, shared by the module's tests."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from support.runs import tiny_config_dict
+from support.tiny import build_tokenizer, toy_chat_records, write_jsonl
+from support.torchrun import DRIVER, torchrun
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from tunelab.config import build_config
+from tunelab.runs import read_metrics
+from tunelab.training import train
+
+# As in test_distributed.py: the processes add the same gradients in another order (and FSDP reduce-scatters each
+# micro-batch's gradient, then sums the shards), so agreement is promised to float32 rounding. A wrong loss scale or
+# a lost micro-batch moves the losses by >1e-2.
+LOSS_RTOL, WEIGHT_ATOL = 1e-5, 1e-5
+
+
+def _config(model_dir: Path, data: Path, out: Path, technique: dict[str, Any] | None = None,
+            **training: Any) -> dict[str, Any]:
+    return tiny_config_dict(
+        model_dir,
+        data={"train": [str(data)], "val_size": 8, "max_length": 64},
+        technique=technique or {"name": "lora", "r": 4, "dropout": 0.0},
+        training={"max_steps": 6, "micro_batch_size": 2, "learning_rate": 3e-3, "save_every": 3, "eval_every": 3,
+                  "distributed": "fsdp", **training},
+        eval={"num_samples": 1, "max_new_tokens": 4},
+        output={"dir": str(out)},
+    )
+
+
+FULL = {"name": "full"}
+# full fine-tuning, with activation checkpointing per layer
+FULL_STEPS = {"max_steps": 2, "save_every": None, "eval_every": None, "learning_rate": 1e-3,
+              "gradient_checkpointing": True}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Data, and a tiny model whose head shares the embeddings (tied: the saved full model must keep one tensor)."""
+    root = tmp_path_factory.mktemp("fsdp")
+    write_jsonl(root / "train.jsonl", toy_chat_records(48))
+    tied = root / "tied"
+    tokenizer = build_tokenizer(tied)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True, eos_token_id=2, pad_token_id=0, bos_token_id=None,
+        initializer_range=0.1)).save_pretrained(tied)
+    return root
+
+
+@pytest.fixture(scope="module")
+def runs(workspace: Path, tiny_model_dir: Path) -> dict[str, Any]:
+    """In one two-process launch: a sharded LoRA run straight, the same stopped after step 3 and resumed, the
+    same with DDP, and full fine-tuning of the tied model sharded."""
+    data = workspace / "train.jsonl"
+    configs = {"straight": _config(tiny_model_dir, data, workspace / "straight"),
+               "split": _config(tiny_model_dir, data, workspace / "split"),
+               "more": {"ddp": _config(tiny_model_dir, data, workspace / "ddp", distributed="ddp"),
+                        "full": _config(workspace / "tied", data, workspace / "full", FULL, **FULL_STEPS)}}
+    result = torchrun([str(DRIVER), json.dumps(configs)], workspace)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("DRIVER ")]
+    assert len(lines) == 2 and lines[0] == lines[1], result.stdout  # both processes saw the same outcomes
+    return json.loads(lines[0].removeprefix("DRIVER "))
+
+
+def _losses(run: Path, kind: str = "train", figure: str = "loss") -> list[float]:
+    return [m[figure] for m in read_metrics(run) if m["kind"] == kind]
+
+
+def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys() and a
+    for name in a:
+        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=WEIGHT_ATOL, msg=name)
+
+
+def _adapter(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+def test_sharded_training_equals_ddp_and_one_process(runs: dict[str, Any], workspace: Path, tiny_model_dir: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    assert runs["straight"] == ["completed", 6] and runs["ddp"] == ["completed", 6]
+    sharded, ddp = workspace / "straight", workspace / "ddp"
+    with caplog.at_level(logging.INFO, logger="tunelab"):  # fsdp on one process: the whole model, as it says
+        one = train(build_config(_config(tiny_model_dir, workspace / "train.jsonl", workspace / "one", grad_accum=2)),
+                    progress=False).run_dir
+    assert "fsdp with one process: nothing to shard" in caplog.text
+    info = {run: json.loads((run / "run_info.json").read_text()) for run in (sharded, ddp, one)}
+    assert info[sharded]["fsdp_units"] == 3 and "fsdp_units" not in info[ddp] and "fsdp_units" not in info[one]
+    assert len(_losses(sharded)) == 6
+    for other in (ddp, one):
+        torch.testing.assert_close(_losses(sharded), _losses(other), rtol=LOSS_RTOL, atol=0)
+        torch.testing.assert_close(_losses(sharded, "eval"), _losses(other, "eval"), rtol=LOSS_RTOL, atol=0)
+        # the norm of the whole gradient, over every process's shards (above max_grad_norm 1.0 here: it clips)
+        torch.testing.assert_close(_losses(sharded, figure="grad_norm"), _losses(other, figure="grad_norm"),
+                                   rtol=LOSS_RTOL, atol=0)
+        _assert_same_weights(_adapter(sharded), _adapter(other))
+    # the final evaluation and sample generation ran (every process made the same forwards: no hang)
+    evals = [json.loads((run / "eval.json").read_text()) for run in (sharded, one)]
+    assert evals[0]["tuned"]["loss"] == pytest.approx(evals[1]["tuned"]["loss"], rel=LOSS_RTOL)
+    assert evals[0]["samples"][0]["tuned"] == evals[1]["samples"][0]["tuned"]
+
+
+def test_the_sharded_result_is_the_one_process_folder(runs: dict[str, Any], workspace: Path,
+                                                      tiny_model_dir: Path) -> None:
+    sharded, ddp = workspace / "straight", workspace / "ddp"
+    assert sorted(p.name for p in (sharded / "adapter").iterdir()) == sorted(p.name for p in (ddp / "adapter").iterdir())
+    assert (json.loads((sharded / "adapter" / "adapter_config.json").read_text())
+            == json.loads((ddp / "adapter" / "adapter_config.json").read_text()))
+    # plain PEFT opens it, with the trained weights in place
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), sharded / "adapter")
+    loaded = {name: p for name, p in peft_model.named_parameters() if "lora_" in name}
+    saved = _adapter(sharded)
+    assert len(loaded) == len(saved)
+    for name, value in saved.items():
+        match = [p for n, p in loaded.items() if n.replace(".default", "").endswith(name.removeprefix("base_model.model"))]
+        assert len(match) == 1 and torch.equal(match[0].detach(), value), name
+
+
+def test_sharded_full_fine_tuning_saves_the_one_process_model(runs: dict[str, Any], workspace: Path) -> None:
+    assert runs["full"] == ["completed", 2]
+    sharded = workspace / "full" / "model"
+    one = train(build_config(_config(workspace / "tied", workspace / "train.jsonl", workspace / "full-one", FULL,
+                                     **{**FULL_STEPS, "grad_accum": 2})), progress=False).run_dir / "model"
+    torch.testing.assert_close(_losses(workspace / "full"), _losses(one.parent), rtol=LOSS_RTOL, atol=0)
+    assert sorted(p.name for p in sharded.iterdir()) == sorted(p.name for p in one.iterdir())
+    assert json.loads((sharded / "config.json").read_text()) == json.loads((one / "config.json").read_text())
+    weights = load_file(str(sharded / "model.safetensors"))
+    assert "lm_head.weight" not in weights  # tied to the embeddings: saved once, as one process saves it
+    _assert_same_weights(weights, load_file(str(one / "model.safetensors")))
+    reopened = AutoModelForCausalLM.from_pretrained(sharded)
+    assert reopened.lm_head.weight.data_ptr() == reopened.model.embed_tokens.weight.data_ptr()
+
+
+def test_a_sharded_run_resumes_exactly_from_full_checkpoints(runs: dict[str, Any], workspace: Path) -> None:
+    assert runs["first"] == ["interrupted", 3] and runs["second"] == ["completed", 6]
+    straight, split, ddp = workspace / "straight", workspace / "split", workspace / "ddp"
+    assert _losses(straight) == _losses(split)
+    a, b = _adapter(straight), _adapter(split)
+    assert all(torch.equal(a[name], b[name]) for name in a), "a resumed sharded run must equal the straight one"
+    # the checkpoint holds full tensors keyed as one process keys them, so it is any run's checkpoint
+    step = "checkpoints/step-000006"
+    saved = {run: torch.load(run / step / "optimizer.pt", weights_only=True) for run in (straight, split, ddp)}
+    assert saved[straight]["param_groups"] == saved[ddp]["param_groups"]
+    assert saved[straight]["state"].keys() == saved[ddp]["state"].keys() == saved[split]["state"].keys()
+    for key, values in saved[straight]["state"].items():
+        for name, value in values.items():
+            assert torch.equal(value, saved[split]["state"][key][name]), f"optimizer state {key}.{name}"
+            assert value.shape == saved[ddp]["state"][key][name].shape, f"optimizer state {key}.{name}"
+            torch.testing.assert_close(value, saved[ddp]["state"][key][name], rtol=1e-4, atol=1e-6)
+    _assert_same_weights(load_file(str(straight / step / "trainable.safetensors")),
+                         load_file(str(ddp / step / "trainable.safetensors")))
+
+
+@pytest.mark.parametrize("technique", [{"name": "qlora"}, {"name": "prompt_tuning"}, {"name": "adalora"}])
+def test_a_technique_that_cannot_be_sharded_is_refused(technique: dict[str, Any], tiny_model_dir: Path,
+                                                       tmp_path: Path) -> None:
+    config = _config(tiny_model_dir, tmp_path / "train.jsonl", tmp_path / "run", technique)
+    with pytest.raises(ValueError, match=r"training.distributed: technique '\w+' cannot be sharded with fsdp \(.+\)"):
+        build_config(config)
+    build_config({**config, "training": {**config["training"], "distributed": "ddp"}})  # control: ddp takes it
