@@ -91,3 +91,11 @@ def test_prompt_data_is_prepared_as_prompt_records_and_reported(tmp_path: Path, 
     assert counts["count"] == 7 and counts["columns"] == {"reference": {"missing": 1}}
     first = data.train[0]
     assert first.prompt.startswith("say") and tiny_tokenizer.decode(first.input_ids).startswith("<|im_start|>user\nsay")
+
+
+def test_a_given_prompt_format_reads_a_chat_s_last_answer_as_its_reference(tmp_path: Path) -> None:
+    chat = {"messages": [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"}]}
+    example = load_file(write_jsonl(tmp_path / "c.jsonl", [chat]), "prompt").examples[0]
+    assert example.messages == (("user", "2 + 2?"),) and dict(example.columns) == {"reference": "4"}
+    with pytest.raises(DataError, match="c2.jsonl:1: the chat ends with an answer"):
+        load_file(write_jsonl(tmp_path / "c2.jsonl", [{**chat, "reference": "four"}]), "prompt")

@@ -123,10 +123,16 @@ def _figures_section(evaluation: dict[str, Any], metrics: list[dict[str, Any]]) 
     train = [m for m in metrics if m.get("kind") == "train" and "loss" in m]
     if train:
         lines.append(f"- final training loss: {train[-1]['loss']:.4f} (step {train[-1].get('step', '?')})")
-    if tuned:
+    if tuned and "mean_reward" in tuned:  # an online objective: its validation loss is minus the greedy mean reward
+        lines.append(f"- validation mean reward of greedy completions: {tuned['mean_reward']:.4f} ({tuned.get('tokens', '?')} "
+                     f"prompts), weights from step {evaluation.get('weights_from_step', '?')}")
+    elif tuned:
         lines.append(f"- validation loss: {tuned['loss']:.4f} (perplexity {tuned['perplexity']:.2f}, "
                      f"{tuned.get('tokens', '?')} tokens), weights from step {evaluation.get('weights_from_step', '?')}")
-    if base:
+    if base and "mean_reward" in base:
+        lines.append(f"- base model on the same validation prompts: mean reward {base['mean_reward']:.4f}; change "
+                     f"{-evaluation.get('loss_change', 0):+.4f}")
+    elif base:
         lines.append(f"- base model on the same validation set: loss {base['loss']:.4f} (perplexity "
                      f"{base['perplexity']:.2f}); change {evaluation.get('loss_change', 0):+.4f}")
     if not tuned:

@@ -98,6 +98,7 @@ class GenerationRequest:
     token_ids: list[int] = field(default_factory=list)  # the new tokens, without the end-of-turn token
     text: str = ""  # their text, without special tokens, cut at the first stop string
     finish_reason: str | None = None  # stop | length | cancelled | timeout
+    end_token: int | None = None  # the end-of-turn token that stopped it (RL rollouts train on it: when to stop)
 
     @property
     def done(self) -> bool:
@@ -125,7 +126,7 @@ def _accept(tokenizer: PreTrainedTokenizerBase, request: GenerationRequest, toke
     if request.done:
         return emitted
     if token in stop_ids:
-        request.finish_reason = "stop"
+        request.finish_reason, request.end_token = "stop", token
         return emitted
     request.token_ids.append(token)
     emitted = _follow_text(tokenizer, request, emitted)

@@ -28,7 +28,8 @@ class DataConfig(Settings):
         "{instruction, input?, output, system?}; 'prompt_completion': {prompt, completion}; 'text': {text} for "
         "continued pre-training; 'preference': {prompt, chosen, rejected} pairs; 'unpaired_preference': {prompt, "
         "completion, label: true|false}; 'labeled': {text, label} or {messages, label} for classification; 'prompt': {prompt} or {messages} ending in a user turn, for online "
-        "objectives (grpo), any other key a reference column the rewards read. A pair's "
+        "objectives (grpo), any other key a reference column the rewards read (given explicitly, 'prompt' also reads a chat "
+        "ending in an answer: the turns before it are the prompt, the answer its 'reference' column). A pair's "
         "prompt may be a list of messages, its answers then lists holding one assistant message (TRL's "
         "conversational format). 'auto' detects it from the first record and checks every record against it. Any "
         "format may add a 'task' name (multi-task data: counted per task, validation split stratified by task).",

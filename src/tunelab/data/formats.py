@@ -461,6 +461,13 @@ def _prompt_record(record: dict[str, Any], where: str) -> Example:
             _prompt(record, where)  # raises the usual message about the prompt's type
         turns, _ = _messages(record, where, need_assistant=False, key=key)
         prompt = ""
+        answered = key == "messages" and turns[-1][0] == "assistant" and len(turns) > 1
+        if answered:  # an SFT chat read as a prompt (data.format: prompt): its last answer is the reference column
+            if record.get("reference") is not None:
+                raise DataError(f"{where}: the chat ends with an answer, which would be its 'reference' column, but "
+                                "the record has a 'reference' already; remove one of them")
+            record = {**record, "reference": turns[-1][1]}
+            turns = turns[:-1]
         if turns[-1][0] != "user":
             raise DataError(f"{where}: a prompt's messages must end with the user's turn (the model answers it); "
                             f"the last one is a {turns[-1][0]} turn")

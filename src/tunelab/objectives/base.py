@@ -5,7 +5,7 @@ An objective declares, in one place (its own file):
 - its settings (``config_class``, a Settings class whose ``name`` is a ``Literal``): the config's ``objective``
   section is the union of them, keyed on ``name``;
 - its loss: ``loss_sum(model, batch, settings, reference)`` returns the loss *summed* over the batch's units and
-  how many units it saw; ``count_units(batch)`` counts them before the forward pass, so the loop knows the whole
+  how many units it saw; ``count_units(batch[, settings])`` counts them before the forward pass, so the loop knows the whole
   window's normaliser before the first backward (``units`` names them: tokens, pairs, examples);
 - the batch it trains on: ``collate(rows, pad_id)`` turns the plan's rows (of the records the data layer
   tokenized for it) into tensors;
@@ -14,7 +14,9 @@ An objective declares, in one place (its own file):
 - whether it compares with a reference policy (``needs_reference``): the technique's disabled view of the same
   model (an adapter switched off), else a frozen copy, or log-probs computed once before training;
 - the per-unit figures it logs (``metrics``: returned as sums in ``LossSum.stats``, logged as means);
-- what it cannot work with (``refuses``: feature -> reason, e.g. packing), in the same matrix as techniques.
+- what it cannot work with (``refuses``: feature -> reason, e.g. packing), in the same matrix as techniques;
+- for an online objective (records: prompts), ``prepare``: how the completions the training layer sampled and
+  scored (a ``Rollout``) become the batch its loss reads, so the loop stays one function for every objective.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ class ObjectiveSpec:
     summary: str = ""
     collate: Callable[[list[list[Any]], int], Batch] = collate
     derive: Callable[[Mapping[str, float]], dict[str, float]] | None = None
+    # an online objective: (model, rollout) -> the batch the loss reads (advantages, log-probs it compares with)
+    prepare: Callable[[nn.Module, Any], Batch] | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,15 @@ class Objective:
     # Figures computed from the per-unit means of a whole evaluation (e.g. macro-F1 from the confusion shares),
     # which no per-unit sum gives: (figures) -> the derived ones, added beside them.
     derive: Callable[[Mapping[str, float]], dict[str, float]] | None = None
+    # An online objective (records="prompt"): (model, rollout[, settings[, reference]]) -> the batch its loss reads,
+    # from the completions the training layer sampled and scored (objectives.online.Rollout).
+    prepare: Callable[..., Batch] | None = None
+    # Whether these settings compare with the reference at all (e.g. GRPO only when beta > 0): when False, no
+    # reference is set up, no frozen copy made and no reference pass runs. None: always, when needs_reference.
+    reference_when: Callable[[Any], bool] | None = None
+
+    def wants_reference(self, settings: Settings) -> bool:
+        return self.needs_reference and (self.reference_when is None or self.reference_when(settings))
 
     @property
     def task_type(self) -> str:
@@ -91,10 +104,15 @@ class Objective:
     def bind(self, settings: Settings, reference: Reference | None = None) -> ObjectiveSpec:
         """The loss as the loop calls it, ``(model, batch)``: loss_sum takes (model, batch), (model, batch,
         settings) or (model, batch, settings, reference), as much as it needs."""
-        extra = (settings, reference)[: len(inspect.signature(self.loss_sum).parameters) - 2]
-        loss = self.loss_sum
-        bound = loss if not extra else lambda model, batch: loss(model, batch, *extra)
-        return ObjectiveSpec(bound, self.count_units, self.summary, self.collate, self.derive)
+        return ObjectiveSpec(_bound(self.loss_sum, 2, settings, reference), _bound(self.count_units, 1, settings, reference),
+                             self.summary, self.collate, self.derive,
+                             _bound(self.prepare, 2, settings, reference) if self.prepare is not None else None)
 
     def refusal(self, feature: str) -> str | None:
         return self.refuses.get(feature)
+
+
+def _bound(function: Callable[..., Any], arity: int, settings: Settings, reference: Reference | None) -> Callable[..., Any]:
+    """``function`` called with its first ``arity`` arguments, then as many of (settings, reference) as it takes."""
+    extra = (settings, reference)[: len(inspect.signature(function).parameters) - arity]
+    return function if not extra else lambda *args: function(*args, *extra)

@@ -66,6 +66,6 @@ def live_reference(objective: Any, settings: Any, disabled_view: Callable[[nn.Mo
     """The reference a run scores with at every step, set up before the technique changes ``model``: None when the
     objective needs none (orpo, simpo, sft...) or reads precomputed log-probs; else the technique's disabled view,
     or a frozen copy of ``model`` made now when the technique has no such view."""
-    if not objective.needs_reference or getattr(settings, "reference", "live") != "live":
+    if not objective.wants_reference(settings) or getattr(settings, "reference", "live") != "live":
         return None
     return reference_view(disabled_view, frozen_reference(model) if disabled_view is None else None)

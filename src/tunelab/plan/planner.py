@@ -92,7 +92,7 @@ def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None 
 def _reference(config: TunelabConfig, objective: Any, weights: int, trainable_bytes: int) -> dict[str, int]:
     """A frozen copy of the model as the reference (an objective that needs one, with a technique that has no
     disabled view: full fine-tuning) costs the frozen weights once more."""
-    needs = objective.needs_reference
+    needs = objective.wants_reference(config.objective)
     if needs and TECHNIQUES[config.technique.name].disabled_view is None and \
             getattr(config.objective, "reference", "live") != "precomputed":
         return {"reference_model": weights}

@@ -27,6 +27,7 @@ from tunelab.precision import Precision, training_precision
 from tunelab.run_info import RunInfo
 from tunelab.techniques import TECHNIQUES
 from tunelab.training.plan import Plan
+from tunelab.training.rollout import Rollouts
 
 log = logging.getLogger(__name__)
 PLAIN_PROGRESS_LINES = 20  # progress lines in a log file over a whole run, besides the evaluations
@@ -47,6 +48,7 @@ class LoopState:
     last_eval: dict[str, Any] | None = None
     history: list[str] = field(default_factory=list)
     gaps: list[float] = field(default_factory=list)  # validation - training loss at each evaluation (overfitting signal)
+    rollout: dict[str, Any] | None = None  # an online objective's rollouts still to be reused (num_iterations > 1)
 
 
 def run_precision(config: TunelabConfig) -> Precision:
@@ -67,6 +69,7 @@ class TrainingContext:
     pad_id: int
     model: torch.nn.Module
     plan: Plan | None = None
+    rollouts: Rollouts | None = None  # an online objective's sampling and rewards (None: the data is the batch)
     optimizer: torch.optim.Optimizer
     scheduler: Any
 
@@ -167,6 +170,8 @@ class TrainingContext:
         Unsharded, each process takes its share of the batches; sharded, every process runs every batch (a share
         each would give the processes different numbers of forwards, and each forward waits for all of them)."""
         examples = self.data.validation[: self.config.eval.max_examples]
+        if self.rollouts is not None:  # an online objective: minus the mean reward of greedy completions
+            return self.rollouts.validation(self.inner_model, examples, self.config.eval.batch_size)
         split = None if self.sharded else self.accelerator
         with self.accelerator.autocast():  # float32 trainable and half-precision frozen weights meet as in training
             figures = validation_loss(self.inner_model, examples, self.objective.loss_sum, self.pad_id,
@@ -224,6 +229,8 @@ class TrainingContext:
         if state.step == self.saved_step:  # best and periodic checkpoint (or Ctrl-C) at one step: nothing changed since
             return
         self.accelerator.wait_for_everyone()
+        if self.rollouts is not None:  # rollouts that later steps reuse are part of the run's state
+            state.rollout = self.rollouts.saved(state.step)
         rngs = distributed.all_rng_states(ckpt.rng_state())  # every process's dropout stream, for an exact resume
         gathered = None  # sharded: the full weights and optimizer state, gathered by every process for the main
         if self.sharded:

@@ -66,9 +66,13 @@ def run_loop(ctx: TrainingContext, state: LoopState) -> str:
                 ctx.save_checkpoint(state)
                 return "interrupted"
             # one optimizer step: the window's gradients, clipped, applied unless any of it is not finite
-            rows = [next(micro) for _ in range(config.training.grad_accum)]
-            window = [{k: v.to(accelerator.device) for k, v in ctx.objective.collate(r, ctx.pad_id).items()} for r in rows]
             stats: dict[str, float] = {}  # the objective's own figures (e.g. preference accuracy), per unit
+            if ctx.rollouts is None:
+                rows = [next(micro) for _ in range(config.training.grad_accum)]
+                window = [{k: v.to(accelerator.device) for k, v in ctx.objective.collate(r, ctx.pad_id).items()} for r in rows]
+            else:  # an online objective: the step's prompts, continued by the policy and scored (timed apart)
+                rows, window, rollout_figures = ctx.rollouts.window(ctx.inner_model, ctx.objective.prepare, plan, state.step)
+                stats.update(rollout_figures)
             loss_sum, units, penalty = accumulate_gradients(ctx.model, window, ctx.objective, accelerator, ctx.penalty, stats)
             grad_norm = (distributed.clip_sharded_gradients(trainable, clip) if ctx.sharded
                          else accelerator.clip_grad_norm_(trainable, clip))

@@ -55,6 +55,8 @@ def make_plan(config: TunelabConfig, data: PreparedData, rank: int, world: int) 
     per_epoch = per_epoch // world
     if per_epoch < 1:
         raise ConfigError(f"{len(rows)} training rows are fewer than one micro-batch per process; lower training.micro_batch_size")
-    steps = config.training.max_steps or math.ceil(config.training.epochs * per_epoch / config.training.grad_accum)
+    # an online objective may train num_iterations optimizer steps on each window of rollouts
+    reuse = getattr(config.objective, "num_iterations", 1)
+    steps = config.training.max_steps or math.ceil(config.training.epochs * per_epoch / config.training.grad_accum) * reuse
     return Plan(rows, per_epoch, steps, config.training.seed, config.training.micro_batch_size,
                 not config.data.packing, rank, world)

@@ -41,6 +41,8 @@ from tunelab.tracking import Trackers
 from tunelab.training.context import LoopState, TrainingContext, run_precision
 from tunelab.training.loop import run_loop
 from tunelab.training.plan import make_plan
+from tunelab.training.rollout import Rollouts
+from tunelab.rewards import build_rewards
 from tunelab.training.resume import check_same_data, prepare_run_dir, truncate_metrics
 
 log = logging.getLogger(__name__)
@@ -167,6 +169,9 @@ def _set_up(ctx: TrainingContext, resume: bool) -> tuple[LoopState, dict[str, An
         ctx.model.config.label2id = {name: i for i, name in enumerate(ctx.data.classes)}
     _check_technique_fits(ctx)  # seconds, on a weightless copy: before the minutes of base evaluation
     ctx.objective = ctx.objective_kind.bind(config.objective, same_model)  # the base is its own reference
+    if ctx.objective_kind.prepare is not None:  # an online objective samples its batches and scores them
+        ctx.rollouts = Rollouts(config.objective, ctx.tokenizer, build_rewards(config.objective.rewards, ctx.device),
+                                config.training.grad_accum, config.training.seed, ctx.info, ctx.accelerator.autocast)
     samples = sample_prompts(ctx.tokenizer, ctx.data.validation_examples, config.eval.num_samples)
     ctx.samples = samples
     with ctx.info.phase("base evaluation"):
@@ -283,6 +288,8 @@ def _resume_from_checkpoint(ctx: TrainingContext) -> LoopState:
         saved = ckpt.load_rng(latest)
         ckpt.restore_rng(distributed.rank_rng_state(saved, ctx.accelerator.process_index))
     state.history.append(f"resumed from {latest.name}")
+    if ctx.rollouts is not None:  # rollouts the next steps reuse (num_iterations > 1) come back from the checkpoint
+        ctx.rollouts.restore(state.rollout, ctx.plan, ctx.device)
     if state.step > ctx.plan.total_steps:
         raise ConfigError(f"--resume: the checkpoint is at step {state.step}, past the {ctx.plan.total_steps} steps "
                           "this config plans; raise training.max_steps (or epochs)")
@@ -343,8 +350,9 @@ def _record_step_time(ctx: TrainingContext, steps: int) -> None:
     """run_info.json: the objective, its units, and the wall time per optimizer step of this session's training
     (evaluations during training included), beside the peak memory run_info records for every run."""
     ctx.info.figures.update(objective=ctx.config.objective.name, objective_units=ctx.objective_kind.units)
-    if steps:
-        ctx.info.figures["seconds_per_step"] = round(ctx.info.phases.get("training", 0.0) / steps, 4)
+    if steps:  # an online objective's sampling and scoring are phases of their own, within the steps
+        spent = sum(ctx.info.phases.get(phase, 0.0) for phase in ("training", "generation", "rewards"))
+        ctx.info.figures["seconds_per_step"] = round(spent / steps, 4)
 
 
 def _finish_tracking(ctx: TrainingContext, state: LoopState, status: str) -> None:

@@ -1,0 +1,81 @@
+"""What the online objectives (GRPO; later PPO) share: how completions are sampled and how they are rewarded.
+
+Their records are prompts (``records="prompt"``). Every optimizer step, the training layer samples
+``num_generations`` completions of each prompt with the policy (through ``tunelab.generation``), scores them with
+the run's rewards (``tunelab.rewards``) and hands the objective a ``Rollout``; the objective's ``prepare`` turns it
+into the batch its loss reads (advantages, the sampling policy's log-probs, the reference's).
+
+A reward is a built-in, a user's function or a reward model run folder, each with a weight; the rollout's reward
+is the weighted sum. A user's function follows TRL's convention, ``fn(prompts, completions, **columns) ->
+list[float]``: ``prompts`` as the records give them (strings, or lists of {role, content} messages), completions
+as strings, and every reference column of the records as a keyword (a list, one value per completion).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import Field, model_validator
+
+from tunelab.settings import Settings
+
+BUILT_IN_REWARDS = ("exact_match", "rouge_l", "regex", "length")
+
+
+class RewardSettings(Settings):
+    """One reward term. Given as a string, it is its ``function`` (``- rouge_l``, ``- my_rewards:brevity``)."""
+
+    function: str | None = Field(None, description="A built-in: 'exact_match' (1 when the completion equals the "
+                                 "record's `column`, after lowercasing and dropping punctuation), 'rouge_l' (ROUGE-L F1 "
+                                 "against `column`), 'regex' (1 when `pattern` is found in the completion), 'length' "
+                                 "(1 up to `max_words` words, falling linearly to 0 at twice as many); or a user's "
+                                 "function 'module:function' or 'path/to/file.py:function', called as fn(prompts, "
+                                 "completions, **columns) -> list[float] (TRL's convention).")
+    run: str | None = Field(None, description="A reward model run folder (objective: reward): its score of the "
+                            "prompt and completion, rendered by its own tokenizer's chat template.")
+    weight: float = Field(1.0, description="Weight of this term in the total reward.")
+    column: str = Field("reference", description="exact_match, rouge_l: the record's column holding the reference.")
+    pattern: str | None = Field(None, description="regex: the regular expression (Python's re.search, DOTALL).")
+    max_words: int | None = Field(None, gt=0, description="length: completions up to this many words get 1.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _string_is_a_function(cls, value: Any) -> Any:
+        return {"function": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one_source_with_its_settings(self) -> "RewardSettings":
+        if (self.function is None) == (self.run is None):
+            raise ValueError("a reward is either a `function` (a built-in or module:function) or a reward model `run`")
+        if self.function == "regex" and not self.pattern:
+            raise ValueError("the regex reward needs a `pattern`")
+        if self.function == "length" and self.max_words is None:
+            raise ValueError("the length reward needs `max_words`")
+        if self.function is not None and self.function not in BUILT_IN_REWARDS and ":" not in self.function:
+            raise ValueError(f"reward {self.function!r}: expected a built-in ({', '.join(BUILT_IN_REWARDS)}) or "
+                             "'module:function'")
+        return self
+
+    @property
+    def label(self) -> str:
+        """How logs name this term: reward_<label>."""
+        name = self.function or f"run:{self.run}"
+        return name.rsplit(":", 1)[-1] if self.function and ":" in self.function else name
+
+
+REWARDS_FIELD = Field(min_length=1, description="The reward terms, summed with their weights: built-ins, users' "
+                      "functions and reward model runs (see each entry's fields); a string is a function's name.")
+
+
+@dataclass
+class Rollout:
+    """The completions sampled in one micro-batch and their rewards, as the objective's ``prepare`` receives them.
+
+    Rows are grouped by prompt: the ``group`` completions of prompt i are rows i*group .. (i+1)*group-1."""
+
+    prompt_ids: list[list[int]]  # per row (R = prompts x group), the prompt's token ids
+    completion_ids: list[list[int]]  # per row, the sampled tokens, the end-of-turn token included when it stopped
+    rewards: torch.Tensor  # (R,) the weighted total reward of each row
+    group: int  # completions per prompt (objective.num_generations)

@@ -1,0 +1,269 @@
+"""GRPO: its advantages and clipped loss against hand-computed values, rollouts through the one generation module
+(KV-cached tokens equal uncached greedy decoding), no reference pass when beta = 0, gradient accumulation equal to
+the big batch given the same rollouts, exact resume (rollouts included), learning a toy verifiable task on the
+tiny model, and a constant reward that changes nothing."""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import torch
+from support.ddp_driver import StopAfter
+from support.online import toy_prompts_file
+from support.runs import checkpoint_tensors, tiny_config
+from support.tiny import fresh_model
+
+from tunelab.data import IGNORE
+from tunelab.distributed import make_accelerator
+from tunelab.objectives import OBJECTIVES
+from tunelab.objectives import grpo
+from tunelab.objectives.grpo import GrpoSettings, clipped_token_losses, group_advantages, grpo_prepare
+from tunelab.objectives.online import Rollout
+from tunelab.objectives.reference import live_reference
+from tunelab.rewards import build_rewards
+from tunelab.runs import read_metrics
+from tunelab.training import loop, train
+from tunelab.training.loop import accumulate_gradients
+from tunelab.training.rollout import Rollouts
+from tunelab.run_info import RunInfo
+
+VOWEL = "support.online:starts_with_a_vowel"
+
+
+def settings(**values: Any) -> GrpoSettings:
+    return GrpoSettings(rewards=[VOWEL], **values)
+
+
+# ---------------------------------------------------------------- closed forms
+
+
+def test_group_advantages_equal_hand_computed_values() -> None:
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+    std = math.sqrt(4 * 0.25 / 3)  # the unbiased deviation of (1, 0, 0, 1)
+    expected = [0.5 / (std + 1e-4), -0.5 / (std + 1e-4), -0.5 / (std + 1e-4), 0.5 / (std + 1e-4), 0, 0, 0, 0]
+    assert group_advantages(rewards, 4, scale=True).tolist() == pytest.approx(expected, abs=1e-6)
+    assert group_advantages(rewards, 4, scale=False).tolist() == pytest.approx([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0], abs=1e-6)
+    assert group_advantages(rewards, 2, scale=False).tolist() == pytest.approx([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0], abs=1e-6)
+
+
+def test_clipped_token_losses_equal_hand_computed_values() -> None:
+    old = torch.zeros(5)
+    logps = torch.tensor([0.3, -0.3, 0.1, -0.1, 0.24])
+    advantages = torch.tensor([1.0, -1.0, -1.0, 2.0, 1.0])
+    losses, clipped = clipped_token_losses(logps, old, advantages, eps_low=0.2, eps_high=0.28)
+    expected = [-1.28,  # ratio e^.3 = 1.35 > 1.28 with A > 0: the clip bound
+                0.8,  # ratio e^-.3 = 0.74 < 0.8 with A < 0: the clip bound, -(0.8 * -1)
+                math.exp(0.1),  # ratio 1.105 with A < 0: the ratio itself (clipping only limits gains)
+                -2 * math.exp(-0.1),  # ratio 0.905 with A > 0: the ratio
+                -math.exp(0.24)]  # 1.271: above 1 + 0.2, but not clipped with eps_high 0.28 (clip-higher)
+    assert losses.tolist() == pytest.approx(expected, abs=1e-6)
+    assert clipped.tolist() == [True, True, False, False, False]
+
+
+@contextmanager
+def fixed_logps(values: torch.Tensor, vocab: int = 4) -> Iterator[None]:
+    """grpo's token log-probs replaced by ``values`` (N,) (with uniform logits over ``vocab``), as if from a model."""
+    original = grpo.token_logps
+    grpo.token_logps = lambda model, batch: (values.clone().requires_grad_(True), torch.zeros(len(values), vocab))
+    try:
+        yield
+    finally:
+        grpo.token_logps = original
+
+
+def _fixed_batch() -> dict[str, torch.Tensor]:
+    """Two completions of one prompt: the first with 1 token, the second with 3 (targets shifted: the prompt is
+    one token)."""
+    targets = torch.tensor([[7, IGNORE, IGNORE, IGNORE], [7, 8, 9, IGNORE]])
+    return {"targets": targets, "advantages": torch.tensor([1.0, -0.5]),
+            "old_logps": torch.tensor([[-1.0, 0, 0, 0], [-2.0, -1.0, -1.0, 0]]),
+            "ref_logps": torch.tensor([[-1.5, 0, 0, 0], [-2.0, -0.5, -1.0, 0]])}
+
+
+def test_the_loss_is_normalised_over_tokens_or_sequences_with_the_k3_kl() -> None:
+    logps = torch.tensor([-1.0, -2.0, -1.0, -1.0])  # the policy equals the old one: every ratio is 1
+    batch = _fixed_batch()
+    with fixed_logps(logps):
+        tokens = OBJECTIVES["grpo"].bind(settings(beta=0.1)).loss_sum(None, batch)
+        sequences = OBJECTIVES["grpo"].bind(settings(beta=0.1, loss_normalization="sequences")).loss_sum(None, batch)
+    kl = [math.exp(d) - d - 1 for d in (-0.5, 0.0, 0.5, 0.0)]  # ref - logp per token
+    per_token = [-1.0 + 0.1 * kl[0], 0.5 + 0.1 * kl[1], 0.5 + 0.1 * kl[2], 0.5 + 0.1 * kl[3]]
+    assert (tokens.loss_sum.item(), tokens.num_units) == (pytest.approx(sum(per_token), abs=1e-6), 4)
+    assert (sequences.loss_sum.item(), sequences.num_units) == (pytest.approx(per_token[0] + sum(per_token[1:]) / 3, abs=1e-6), 2)
+    assert tokens.stats["kl"].item() == pytest.approx(sum(kl), abs=1e-6)
+    assert tokens.stats["entropy"].item() == pytest.approx(4 * math.log(4), abs=1e-6)  # uniform over 4 tokens
+    assert tokens.stats["clip_fraction"].item() == 0
+    assert OBJECTIVES["grpo"].bind(settings(loss_normalization="sequences")).count_units(batch) == 2
+    assert OBJECTIVES["grpo"].bind(settings()).count_units(batch) == 4
+
+
+def test_with_one_iteration_the_ratio_is_one_and_its_gradient_is_the_policy_gradient() -> None:
+    batch = {k: v for k, v in _fixed_batch().items() if k not in ("old_logps", "ref_logps")}
+    logps = torch.tensor([-1.0, -2.0, -1.0, -1.0], requires_grad=True)
+    original = grpo.token_logps
+    grpo.token_logps = lambda model, b: (logps, torch.zeros(4, 4))
+    try:
+        result = OBJECTIVES["grpo"].bind(settings()).loss_sum(None, batch)
+    finally:
+        grpo.token_logps = original
+    result.loss_sum.backward()
+    assert logps.grad.tolist() == [-1.0, 0.5, 0.5, 0.5]  # -A per token: d/dlogp of -exp(logp - sg(logp)) A
+
+
+# ---------------------------------------------------------------- rollouts
+
+
+def _rollouts(tokenizer: Any, **values: Any) -> Rollouts:
+    config = settings(**values)
+    return Rollouts(config, tokenizer, build_rewards(config.rewards, torch.device("cpu")), 1, 0, RunInfo(), torch.autocast.__enter__ and (lambda: torch.autocast("cpu", enabled=False)))
+
+
+def _uncached_greedy(model: torch.nn.Module, ids: list[int], steps: int, stop: int) -> list[int]:
+    out: list[int] = []
+    for _ in range(steps):
+        with torch.no_grad():
+            token = int(model(input_ids=torch.tensor([ids + out]), use_cache=False).logits[0, -1].argmax())
+        if token == stop:
+            break
+        out.append(token)
+    return out
+
+
+def test_kv_cached_rollout_tokens_equal_uncached_greedy_decoding(tiny_model_dir: Path, tiny_tokenizer: Any) -> None:
+    model = fresh_model(tiny_model_dir)
+    rollouts = _rollouts(tiny_tokenizer, max_completion_length=12)
+    prompts = [tiny_tokenizer("<|im_start|>user\nsay cat<|im_end|>\n<|im_start|>assistant\n")["input_ids"],
+               tiny_tokenizer("hello, how are you? i am")["input_ids"]]
+    records = [type("R", (), {"input_ids": p})() for p in prompts]
+    requests = rollouts.sample(model, records, None)  # one left-padded batch, KV-cached
+    for request, ids in zip(requests, prompts):
+        assert request.token_ids == _uncached_greedy(model, ids, 12, tiny_tokenizer.eos_token_id)
+        assert len(request.token_ids) > 0
+
+
+def test_seeded_rollouts_repeat_and_differ_within_a_group(tiny_model_dir: Path, tiny_tokenizer: Any) -> None:
+    model = fresh_model(tiny_model_dir)
+    rollouts = _rollouts(tiny_tokenizer, num_generations=4, max_completion_length=6)
+    records = [type("R", (), {"input_ids": tiny_tokenizer("say cat")["input_ids"]})()]
+    first = [r.token_ids for r in rollouts.sample(model, records, 123)]
+    assert first == [r.token_ids for r in rollouts.sample(model, records, 123)]
+    assert len({tuple(t) for t in first}) > 1
+
+
+def _rollout(n_prompts: int, group: int = 2, offset: int = 0) -> Rollout:
+    """A fixed rollout: prompt i is (5, 6, i), completion j of it has 1 + (i + j) % 4 tokens, rewards uneven."""
+    prompt_ids, completion_ids, rewards = [], [], []
+    for i in range(offset, offset + n_prompts):
+        for j in range(group):
+            prompt_ids.append([5, 6, 10 + i])
+            completion_ids.append([20 + (i * 3 + j * 7 + k) % 50 for k in range(1 + (i + j) % 4)])
+            rewards.append(float((i * 7 + j * 3) % 5))
+    return Rollout(prompt_ids, completion_ids, torch.tensor(rewards), group)
+
+
+def test_beta_zero_runs_no_reference_pass_and_sets_none_up(tiny_model_dir: Path) -> None:
+    model = fresh_model(tiny_model_dir)
+    entered = []
+
+    @contextmanager
+    def counting(m: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        entered.append(1)
+        with torch.no_grad():
+            yield m
+
+    batch = grpo_prepare(model, _rollout(2), settings(), counting)
+    assert not entered and "ref_logps" not in batch
+    batch = grpo_prepare(model, _rollout(2), settings(beta=0.04), counting)
+    assert len(entered) == 1 and batch["ref_logps"].shape == batch["targets"].shape
+    # no reference at all at set-up: no frozen copy of a fully trained model, no disabled view
+    assert live_reference(OBJECTIVES["grpo"], settings(), None, model) is None
+    assert live_reference(OBJECTIVES["grpo"], settings(beta=0.04), None, model) is not None
+
+
+@pytest.mark.parametrize("normalization", ["tokens", "sequences"])
+def test_accumulation_of_2x4_prompts_equals_one_step_of_8_given_the_same_rollouts(tiny_model_dir: Path, normalization: str) -> None:
+    config = settings(beta=0.04, num_iterations=2, loss_normalization=normalization)
+    spec = OBJECTIVES["grpo"].bind(config, _frozen_reference(tiny_model_dir))
+    accelerator = make_accelerator("no")
+    grads = []
+    for window in ([_rollout(8)], [_rollout(4), _rollout(4, offset=4)]):
+        model = fresh_model(tiny_model_dir).train()
+        batches = [spec.prepare(model, rollout) for rollout in window]
+        accumulate_gradients(model, batches, spec, accelerator)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5) for n in grads[0])
+    assert any(grads[0][n].abs().sum() > 0 for n in grads[0])
+
+
+def _frozen_reference(model_dir: Path) -> Any:
+    frozen = fresh_model(model_dir)
+
+    @contextmanager
+    def reference(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        with torch.no_grad():
+            yield frozen
+    return reference
+
+
+# ---------------------------------------------------------------- runs
+
+
+def _config(model_dir: Path, tmp_path: Path, name: str, steps: int, objective: dict[str, Any] | None = None,
+            **training: Any):  # noqa: ANN202
+    return tiny_config(
+        model_dir, output={"dir": str(tmp_path / name)},
+        data={"train": [str(toy_prompts_file(tmp_path, 48))], "val_size": 8, "max_length": 64},
+        technique={"name": "full"},
+        objective={"name": "grpo", "rewards": [VOWEL], "num_generations": 8, "max_completion_length": 8,
+                   **(objective or {})},
+        training={"max_steps": steps, "micro_batch_size": 4, "grad_accum": 1, "log_every": 1, "learning_rate": 3e-3,
+                  **training},
+        eval={"num_samples": 1, "max_new_tokens": 4},
+    )
+
+
+def _rewards(run_dir: Path) -> list[float]:
+    return [m["reward"] for m in read_metrics(run_dir) if m["kind"] == "train"]
+
+
+def test_grpo_learns_a_toy_verifiable_task_and_times_generation_apart(tiny_model_dir: Path, tmp_path: Path) -> None:
+    result = train(_config(tiny_model_dir, tmp_path, "run", 30), progress=False)
+    rewards = _rewards(result.run_dir)
+    assert sum(rewards[-6:]) / 6 > sum(rewards[:6]) / 6 + 0.3, rewards  # ~0.25 untrained, ~0.8 after 30 steps
+    line = read_metrics(result.run_dir)[0]
+    assert {"reward_std", "reward_starts_with_a_vowel", "completion_length", "zero_variance_groups", "clip_fraction",
+            "entropy", "generation_s", "rewards_s"} <= set(line)
+    info = json.loads((result.run_dir / "run_info.json").read_text())
+    assert info["phases_s"]["generation"] > 0 and info["phases_s"]["training"] > 0
+    assert result.evaluation["tuned"]["mean_reward"] == -result.evaluation["tuned"]["loss"]
+
+
+def test_a_constant_reward_changes_nothing(tiny_model_dir: Path, tmp_path: Path) -> None:
+    config = _config(tiny_model_dir, tmp_path, "constant", 3, {"rewards": ["support.online:constant"]}, save_every=3)
+    train(config, progress=False)
+    weights, _ = checkpoint_tensors(Path(config.output.dir), 3)
+    base = dict(fresh_model(tiny_model_dir).named_parameters())
+    assert weights and all(torch.equal(value, base[name].detach()) for name, value in weights.items())
+
+
+@pytest.mark.parametrize("iterations", [1, 2])
+def test_resume_3_plus_3_equals_6_steps_rollouts_included(tiny_model_dir: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch, iterations: int) -> None:
+    objective = {"num_iterations": iterations, "beta": 0.04}
+    straight = _config(tiny_model_dir, tmp_path, "straight", 6, objective, save_every=3)
+    assert train(straight, progress=False).step == 6
+    halves = _config(tiny_model_dir, tmp_path, "halves", 6, objective, save_every=3)
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "_StopRequest", StopAfter(3))
+        assert train(halves, progress=False).step == 3
+    assert train(halves, resume=True, progress=False).step == 6
+    a, _ = checkpoint_tensors(Path(straight.output.dir), 6)
+    b, _ = checkpoint_tensors(Path(halves.output.dir), 6)
+    assert a and all(torch.equal(a[name], b[name]) for name in a)
+    assert _rewards(Path(straight.output.dir)) == _rewards(Path(halves.output.dir))
+

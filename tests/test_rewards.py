@@ -1,0 +1,66 @@
+"""The rewards of online objectives: the built-ins on fixed texts, a user's function with TRL's convention (prompts,
+completions, every reference column as a keyword), weights, and one clear error naming the function and the record
+when a function raises, miscounts or returns a value that is not finite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tunelab.errors import ConfigError, TrainingAborted
+from tunelab.objectives.online import RewardSettings
+from tunelab.rewards import Reward, build_rewards, score
+
+CPU = torch.device("cpu")
+
+
+def terms(settings: list, completions: list[str], columns: list[dict] | None = None):  # noqa: ANN201
+    rewards = build_rewards([RewardSettings.model_validate(s) for s in settings], CPU)
+    columns = columns if columns is not None else [{"reference": "Paris."} for _ in completions]
+    return score(rewards, ["q"] * len(completions), completions, columns, [f"f:{i + 1}" for i in range(len(completions))])
+
+
+def test_built_ins_on_fixed_texts() -> None:
+    scored = terms(["exact_match", "rouge_l", {"function": "regex", "pattern": r"^\w+\.$"},
+                    {"function": "length", "max_words": 2}],
+                   ["paris", "the city of paris", "Paris. Paris. Paris. Paris."])
+    assert scored.terms["exact_match"].tolist() == [1.0, 0.0, 0.0]
+    assert scored.terms["rouge_l"].tolist() == pytest.approx([1.0, 2 * (1 / 4) * 1 / (1 / 4 + 1), 2 * 0.25 / 1.25])
+    assert scored.terms["regex"].tolist() == [0.0, 0.0, 0.0]
+    assert scored.terms["length"].tolist() == [1.0, 0.0, 0.0]  # 4 words with max 2: 1 - 2/2 = 0
+    assert terms([{"function": "length", "max_words": 4}], ["a b c d e"]).total.tolist() == pytest.approx([0.75])
+
+
+def test_a_user_function_gets_prompts_completions_and_columns_and_weights_add_up(tmp_path: Path) -> None:
+    (tmp_path / "my_rewards.py").write_text(
+        "def brevity(prompts, completions, reference, answer, **rest):\n"
+        "    assert prompts == ['q', 'q'] and answer == [1, None]\n"
+        "    return [float(len(c) <= len(r)) for c, r in zip(completions, reference)]\n")
+    scored = terms([{"function": f"{tmp_path / 'my_rewards.py'}:brevity", "weight": 0.5}, {"function": "exact_match", "weight": 2}],
+                   ["paris", "a very long answer"], [{"reference": "Paris.", "answer": 1}, {"reference": "Paris."}])
+    assert scored.terms["brevity"].tolist() == [1.0, 0.0]
+    assert scored.total.tolist() == [0.5 * 1 + 2 * 1, 0.0]
+
+
+@pytest.mark.parametrize(("function", "message"), [
+    (lambda p, c, **k: 1 / 0, r"reward bad raised ZeroDivisionError: division by zero \(on the completions of f:1, f:2\)"),
+    (lambda p, c, **k: [1.0], r"reward bad returned 1 values for 2 completions \(of f:1, f:2\)"),
+    (lambda p, c, **k: [1.0, float("nan")], r"reward bad returned nan for the completion of f:2; expected a finite"),
+    (lambda p, c, **k: [1.0, "high"], r"reward bad returned 'high' for the completion of f:2"),
+])
+def test_a_failing_function_is_one_error_naming_it_and_the_record(function, message: str) -> None:  # noqa: ANN001
+    with pytest.raises(TrainingAborted, match=message):
+        score([Reward("bad", 1.0, function)], ["q", "q"], ["a", "b"], [{}, {}], ["f:1", "f:2"])
+
+
+def test_unresolvable_rewards_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="cannot import 'no_such_module_xyz'"):
+        build_rewards([RewardSettings(function="no_such_module_xyz:f")], CPU)
+    with pytest.raises(ConfigError, match="reads the column 'answer'"):
+        terms([{"function": "exact_match", "column": "answer"}], ["x"])
+    with pytest.raises(ValueError, match="needs a `pattern`"):
+        RewardSettings(function="regex")
+    with pytest.raises(ValueError, match="expected a built-in"):
+        RewardSettings(function="rouge")
