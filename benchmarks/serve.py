@@ -1,7 +1,8 @@
 """Latency and throughput of `tunelab serve` on the real SmolLM2-135M-Instruct base with two LoRA adapters.
 Not part of the test suite (speed is measured here, never asserted in tests). Usage:
 
-    .venv/bin/python benchmarks/serve.py [--runs RUN RUN] [--clients 1 4 16] [--max-tokens 32] [--out FILE.json]
+    .venv/bin/python benchmarks/serve.py [--runs RUN RUN] [--clients 1 4 16 64] [--modes continuous whole-batch]
+                                         [--max-tokens 32] [--out FILE.json]
 
 Without ``--runs`` it first trains two small LoRA runs on the embedded SmolLM2 (two steps each, on the bicycle
 support chats and on the pydoc questions) into ``--work`` and reuses them on the next call.
@@ -11,10 +12,11 @@ request a streamed ``/v1/chat/completions`` with ``max_tokens`` new tokens at mo
 over the two adapters and the base, so concurrent requests ask for different adapters. For each number of
 clients, ``--rounds`` requests per client (8 requests at least); per request the time to the first streamed
 token (TTFT) and to the end, p50 and p95 over all requests; throughput is all completion tokens over the wall
-time of the level. Two
-server modes over the same requests: ``mixed`` (requests for different adapters share one batch through PEFT's
-mixed-adapter inference, the server's default) and ``per-adapter`` (a batch holds one adapter's requests only,
-as a server without mixed batches would run).
+time of the level. Server modes over the same requests (``--modes``): ``continuous`` (the server as it runs:
+requests join and leave the running batch at every decoding step, requests for different adapters share it
+through PEFT's mixed-adapter inference), ``whole-batch`` (the scheduling the server had before: a batch of the
+requests waiting runs to its end before the next starts; mixed adapters too) and ``per-adapter`` (continuous, but
+the running batch holds one adapter's requests only, as a server without mixed batches would run).
 
 The server runs in this process on a background thread (``BackgroundServer``, uvicorn) and the clients on this
 process's asyncio loop: the generation itself runs in torch, which releases the GIL, and a client's work per
@@ -38,6 +40,7 @@ import torch
 
 from smollm_runs import train_runs  # benchmarks/ is this script's folder, first on sys.path
 
+MODES = {"continuous": (True, True), "whole-batch": (False, True), "per-adapter": (True, False)}  # (continuous, mixed)
 QUESTIONS = ["My chain keeps slipping. What should I check?", "How do I use `json.dumps`?",
              "What tyre pressure should I use?", "Explain `atexit.register`.", "How often should I oil my chain?",
              "What does `os.path.join` do?", "My brakes squeal. Why?", "How do I sort a list of tuples by the second item?"]
@@ -107,7 +110,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", nargs=2, type=Path, help="two LoRA run folders of one base (default: train two)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/tunelab-serve-bench"), help="where the trained runs go")
-    parser.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16])
+    parser.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16, 64])
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=["continuous", "whole-batch"])
     parser.add_argument("--rounds", type=int, default=2, help="requests per client at each level (8 at least)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-batch-size", type=int, default=16)
@@ -132,12 +136,12 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
                     "torch": torch.__version__, "load_average": os.getloadavg()},
         "runs": [str(r) for r in runs], "models": models, "max_tokens": args.max_tokens, "rounds": args.rounds,
-        "max_batch_size": args.max_batch_size, "load_s": round(load_s, 2), "levels": [],
+        "max_batch_size": args.max_batch_size, "modes": args.modes, "load_s": round(load_s, 2), "levels": [],
     }
     with BackgroundServer(app) as server:
         asyncio.run(level(server.url, models, 1, 1, 4))  # warm-up: first-call allocations are not measured
-        for mode in ("mixed", "per-adapter"):
-            engine.mix_adapters = mode == "mixed"
+        for mode in args.modes:
+            engine.continuous, engine.mix_adapters = MODES[mode]
             for clients in args.clients:
                 batches, rows = engine.batches, engine.batch_rows
                 figures = asyncio.run(level(server.url, models, clients, max(8, clients * args.rounds), args.max_tokens))
@@ -154,11 +158,12 @@ def main() -> None:
 def print_table(report: dict[str, Any]) -> None:
     print(f"\nSmolLM2-135M + {len(report['runs'])} LoRA adapters + base, {report['max_tokens']} new tokens max, "
           f"{report['rounds']} requests per client (8 at least), {report['machine']['torch_threads']} torch threads\n")
-    print("| mode | clients | requests | TTFT p50 s | TTFT p95 s | total p50 s | total p95 s | tokens/s | mean batch |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| mode | clients | requests | TTFT p50 s | TTFT p95 s | total p50 s | total p95 s | tokens/s | mean batch | load 1m |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for f in report["levels"]:
         print(f"| {f['mode']} | {f['clients']} | {f['requests']} | {f['ttft_p50_s']:.2f} | {f['ttft_p95_s']:.2f} | "
-              f"{f['total_p50_s']:.2f} | {f['total_p95_s']:.2f} | {f['tokens_per_s']:.1f} | {f['mean_batch_rows']:.1f} |")
+              f"{f['total_p50_s']:.2f} | {f['total_p95_s']:.2f} | {f['tokens_per_s']:.1f} | {f['mean_batch_rows']:.1f} | "
+              f"{f['load_average_1m']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -236,3 +236,19 @@ def test_per_row_settings_adjust_the_logits_as_transformers_does(settings: Sampl
     assert torch.equal(torch.isinf(ours), torch.isinf(expected))
     assert 1 < kept < 50 - (0 if settings.greedy else 5)  # a few tokens removed, yet a choice left
     assert torch.allclose(ours[~torch.isinf(ours)], expected[~torch.isinf(expected)])
+
+
+def test_without_continuous_batching_a_request_waits_for_the_running_batch_to_end(model_and_tokenizer: tuple) -> None:
+    """The comparison point of benchmarks/serve.py (the scheduling tunelab serve had before): whole batches."""
+    model, tokenizer = model_and_tokenizer
+    texts = prompts(tokenizer)
+    batch = ContinuousBatch(model, tokenizer)
+    batch.continuous = False
+    first = GenerationRequest(encode(tokenizer, texts[0]), Sampling(10, min_new_tokens=10))
+    batch.add(first)
+    assert batch.step() == [first] and len(first.token_ids) == 10  # one step runs the batch to its end
+    together = [GenerationRequest(encode(tokenizer, t), Sampling(6)) for t in texts[1:]]
+    for request in together:
+        batch.add(request)
+    assert batch.step() == together and batch.idle
+    assert [r.token_ids for r in together] == [alone(model, tokenizer, t, Sampling(6)).token_ids for t in texts[1:]]

@@ -324,8 +324,9 @@ class ContinuousBatch:
 
     Every row has its own sampling settings (temperature, top-p, top-k, repetition penalty, min_new_tokens,
     seed), applied in transformers' order, and its own adapter (PEFT's ``adapter_names``, one per row). A model
-    that cannot be decoded step by step (``steps_supported``) runs each admitted group of requests with the same
-    ``batch_key`` through ``generate_batch`` to its end instead.
+    that cannot be decoded step by step (``steps_supported``), or a batch told not to (``continuous = False``),
+    runs each admitted group of requests with the same ``batch_key`` through ``generate_batch`` to its end
+    instead.
     """
 
     def __init__(self, model: Any, tokenizer: PreTrainedTokenizerBase, adapter_names: dict[str, str] | None = None,
@@ -338,6 +339,9 @@ class ContinuousBatch:
         self.pad = pad_token_id(tokenizer)
         self.device = next(model.parameters()).device
         self.stepwise, self.why_not = steps_supported(model)
+        # False: every admitted group runs to its end before the next starts (the scheduling tunelab serve had
+        # before continuous batching; benchmarks/serve.py's comparison point)
+        self.continuous = True
         self.cache_argument = _cache_argument(model)
         # None: the model's generation_config (as generate_batch passes no repetition_penalty then)
         self.default_penalty = getattr(getattr(model, "generation_config", None), "repetition_penalty", None)
@@ -347,6 +351,11 @@ class ContinuousBatch:
         self.mask: torch.Tensor | None = None  # (B, W) long, 1 where a cache column holds a token of the row
         self.steps = 0  # forward passes over the running batch (decoding steps, or whole generate_batch calls)
         self.step_rows = 0  # the rows in them: step_rows / steps is the mean batch
+
+    @property
+    def stepping(self) -> bool:
+        """Whether requests join and leave at every step (else whole batches run through ``generate``)."""
+        return self.stepwise and self.continuous
 
     @property
     def running(self) -> list[GenerationRequest]:
@@ -377,7 +386,7 @@ class ContinuousBatch:
         was_training = self.model.training
         self.model.eval()
         try:
-            if not self.stepwise:
+            if not self.stepping:
                 return finished + self._whole_batch(joining)
             if joining:
                 self._prefill(joining)
@@ -412,7 +421,7 @@ class ContinuousBatch:
         others = self.running + joining
         if not others:
             return True
-        if not self.stepwise and request.sampling.batch_key != others[0].sampling.batch_key:
+        if not self.stepping and request.sampling.batch_key != others[0].sampling.batch_key:
             return False
         return self.mix_adapters or request.adapter == others[0].adapter
 

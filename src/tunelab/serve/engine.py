@@ -174,6 +174,15 @@ class Engine:
         self.batch.mix_adapters = value
 
     @property
+    def continuous(self) -> bool:
+        """False: a batch runs to its end before the next starts (the comparison point of benchmarks/serve.py)."""
+        return self.batch.continuous
+
+    @continuous.setter
+    def continuous(self, value: bool) -> None:
+        self.batch.continuous = value
+
+    @property
     def batches(self) -> int:
         """Forward passes of the worker (decoding steps and prefills)."""
         return self.batch.steps
