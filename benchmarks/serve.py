@@ -10,9 +10,9 @@ support chats and on the pydoc questions) into ``--work`` and reuses them on the
 What is measured: closed-loop clients (each sends its next request when the previous one has finished), every
 request a streamed ``/v1/chat/completions`` with ``max_tokens`` new tokens at most, greedy; the requests cycle
 over the two adapters and the base, so concurrent requests ask for different adapters. For each number of
-clients, ``--rounds`` requests per client (8 requests at least); per request the time to the first streamed
-token (TTFT) and to the end, p50 and p95 over all requests; throughput is all completion tokens over the wall
-time of the level. Server modes over the same requests (``--modes``): ``continuous`` (the server as it runs:
+clients, ``--rounds`` requests per client (8 requests at least, ``--max-requests`` at most); per request the
+time to the first streamed token (TTFT) and to the end, p50 and p95 over all requests; throughput is all
+completion tokens over the wall time of the level. Server modes over the same requests (``--modes``): ``continuous`` (the server as it runs:
 requests join and leave the running batch at every decoding step, requests for different adapters share it
 through PEFT's mixed-adapter inference), ``whole-batch`` (the scheduling the server had before: a batch of the
 requests waiting runs to its end before the next starts; mixed adapters too) and ``per-adapter`` (continuous, but
@@ -112,7 +112,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/tunelab-serve-bench"), help="where the trained runs go")
     parser.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16, 64])
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=["continuous", "whole-batch"])
+    parser.add_argument("--other-clients", nargs="+", type=int, default=[1, 4, 16],
+                        help="the levels of the modes other than continuous (the comparison points)")
     parser.add_argument("--rounds", type=int, default=2, help="requests per client at each level (8 at least)")
+    parser.add_argument("--max-requests", type=int, default=64, help="at most this many requests per level")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
@@ -136,15 +139,16 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
                     "torch": torch.__version__, "load_average": os.getloadavg()},
         "runs": [str(r) for r in runs], "models": models, "max_tokens": args.max_tokens, "rounds": args.rounds,
-        "max_batch_size": args.max_batch_size, "modes": args.modes, "load_s": round(load_s, 2), "levels": [],
+        "max_batch_size": args.max_batch_size, "modes": args.modes, "max_requests": args.max_requests, "load_s": round(load_s, 2), "levels": [],
     }
     with BackgroundServer(app) as server:
         asyncio.run(level(server.url, models, 1, 1, 4))  # warm-up: first-call allocations are not measured
         for mode in args.modes:
             engine.continuous, engine.mix_adapters = MODES[mode]
-            for clients in args.clients:
+            for clients in args.clients if mode == "continuous" else args.other_clients:
                 batches, rows = engine.batches, engine.batch_rows
-                figures = asyncio.run(level(server.url, models, clients, max(8, clients * args.rounds), args.max_tokens))
+                requests = min(args.max_requests, max(8, clients * args.rounds))
+                figures = asyncio.run(level(server.url, models, clients, requests, args.max_tokens))
                 figures.update(mode=mode, clients=clients,
                                mean_batch_rows=round((engine.batch_rows - rows) / max(1, engine.batches - batches), 2),
                                load_average_1m=round(os.getloadavg()[0], 2))
@@ -157,7 +161,8 @@ def main() -> None:
 
 def print_table(report: dict[str, Any]) -> None:
     print(f"\nSmolLM2-135M + {len(report['runs'])} LoRA adapters + base, {report['max_tokens']} new tokens max, "
-          f"{report['rounds']} requests per client (8 at least), {report['machine']['torch_threads']} torch threads\n")
+          f"{report['rounds']} requests per client (8 at least, {report['max_requests']} at most), "
+          f"{report['machine']['torch_threads']} torch threads\n")
     print("| mode | clients | requests | TTFT p50 s | TTFT p95 s | total p50 s | total p95 s | tokens/s | mean batch | load 1m |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for f in report["levels"]:
