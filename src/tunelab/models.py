@@ -10,6 +10,7 @@ name it as their ``base_model_name_or_path`` so plain transformers/peft can load
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.util
 import json
 import logging
@@ -336,6 +337,31 @@ def load_model_config(config: ModelConfig) -> Any:
     path = resolve_model_path(config.name)
     return _from_hub_or_cache(AutoConfig.from_pretrained, path, config.name, revision=config.revision,
                               trust_remote_code=config.trust_remote_code)
+
+
+def model_fingerprint(config: ModelConfig) -> dict[str, Any] | None:
+    """What identifies the weights ``model.name`` loads, without reading them: its folder (resolved), revision,
+    config.json's hash, and each file's size and modification time (a file of the Hugging Face cache is a link
+    named after its blob's hash: that name too). None where the files are not on this machine (a hub id missing
+    from the local cache), so nothing can be said about them."""
+    path = resolve_model_path(config.name)
+    folder = Path(path)
+    if not folder.is_dir():  # a hub id: its snapshot in the local Hugging Face cache, if it is there
+        from huggingface_hub import try_to_load_from_cache  # why: only hub ids need it
+
+        found = try_to_load_from_cache(path, "config.json", revision=config.revision)
+        if not isinstance(found, str):
+            return None
+        folder = Path(found).parent
+    files = {}
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith(".") or not entry.is_file():
+            continue
+        stat = entry.stat()  # of the file a link points to
+        files[entry.name] = [stat.st_size, stat.st_mtime_ns, entry.resolve().name]
+    config_hash = hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()
+    return {"name": base_model_key(config.name), "folder": str(folder.resolve()), "revision": config.revision,
+            "config_sha256": config_hash, "files": files}
 
 
 def base_model_key(name: str) -> str:

@@ -69,6 +69,13 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
 
 
+def records_fingerprint(records: list[Any]) -> str:
+    """Hash of prepared records (tokenized examples, pairs, labeled texts: dataclasses) as the model sees them, so
+    anything that changes them (the files, the template, max_length, the split) changes it."""
+    payload = json.dumps([asdict(record) for record in records], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
 def data_fingerprint(config: DataConfig) -> str:
     """Hash of the data files' contents, in order: a resumed run checks it trains on the same data."""
     contents = [[file_sha256(Path(p)) for p in config.train], [file_sha256(Path(p)) for p in config.validation]]

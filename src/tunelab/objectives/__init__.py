@@ -43,6 +43,9 @@ def _check(objectives: tuple[Objective, ...]) -> dict[str, Objective]:
             raise RuntimeError(f"objective {objective.name!r}: records must be one of {', '.join(RECORD_KINDS)}")
         if objective.needs_reference and "reference" not in objective.config_class.model_fields:
             raise RuntimeError(f"objective {objective.name!r}: needs a reference, so its settings choose how (reference)")
+        if objective.num_labels is not None and objective.base_figures_cacheable:
+            raise RuntimeError(f"objective {objective.name!r}: a new head starts random in each run, so its base "
+                               "figures cannot be cached (base_figures_cacheable=False)")
         registry[objective.name] = objective
     return registry
 

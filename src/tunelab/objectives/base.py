@@ -16,7 +16,9 @@ An objective declares, in one place (its own file):
 - the per-unit figures it logs (``metrics``: returned as sums in ``LossSum.stats``, logged as means);
 - what it cannot work with (``refuses``: feature -> reason, e.g. packing), in the same matrix as techniques;
 - for an online objective (records: prompts), ``prepare``: how the completions the training layer sampled and
-  scored (a ``Rollout``) become the batch its loss reads, so the loop stays one function for every objective.
+  scored (a ``Rollout``) become the batch its loss reads, so the loop stays one function for every objective;
+- whether the base model's figures may be cached across runs (``base_figures_cacheable``: never with a new,
+  randomly initialised head).
 """
 
 from __future__ import annotations
@@ -88,6 +90,9 @@ class Objective:
     # Whether these settings compare with the reference at all (e.g. GRPO only when beta > 0): when False, no
     # reference is set up, no frozen copy made and no reference pass runs. None: always, when needs_reference.
     reference_when: Callable[[Any], bool] | None = None
+    # Whether the untouched model's figures (base_eval.json) may be reused by another run of the same base, data
+    # and settings: False for a new head (num_labels set), whose random initial weights belong to one run only.
+    base_figures_cacheable: bool = True
 
     def wants_reference(self, settings: Settings) -> bool:
         return self.needs_reference and (self.reference_when is None or self.reference_when(settings))

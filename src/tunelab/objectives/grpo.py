@@ -170,4 +170,7 @@ OBJECTIVE = Objective(
     collate=_collate_prompts, needs_reference=True, reference_when=lambda settings: settings.beta > 0,
     metrics=("clip_fraction", "entropy", "kl"), refuses={"packing": NEVER_PACKED}, records="prompt",
     prepare=grpo_prepare,
+    # its validation figure is a reward computed by the user's code (a function, a reward model), which can change
+    # with no change the cache key sees
+    base_figures_cacheable=False,
 )

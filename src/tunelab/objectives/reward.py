@@ -56,4 +56,5 @@ OBJECTIVE = Objective(
     collate=collate_pairs, num_labels=1, metrics=("pairwise_accuracy", "score_margin"),
     refuses={"packing": NEVER_PACKED},
     records="preference",
+    base_figures_cacheable=False,  # the score head starts random in every run
 )

@@ -26,10 +26,11 @@ from tunelab.card import write_card
 from tunelab.config import ConfigError, TunelabConfig
 from tunelab.data import PreparedData, prepare_data
 from tunelab.data.formats import RECORD_KINDS
-from tunelab.eval.before_after import base_evaluation, compare_with_base, forgetting_after
+from tunelab.data.prepare import records_fingerprint, tokenizer_fingerprint
+from tunelab.eval.before_after import BaseFiguresCache, base_evaluation, base_figures_cache, compare_with_base, forgetting_after
 from tunelab.eval.training import OverfittingSignal
 from tunelab.generation import sample_prompts
-from tunelab.models import cache_root, default_device, load_model, load_tokenizer, model_skeleton
+from tunelab.models import cache_root, default_device, load_model, load_tokenizer, model_fingerprint, model_skeleton
 from tunelab.objectives import OBJECTIVES
 from tunelab.objectives.reference import live_reference, same_model
 from tunelab.plan import plan_memory, resident_bytes, shape_of
@@ -176,7 +177,8 @@ def _set_up(ctx: TrainingContext, resume: bool) -> tuple[LoopState, dict[str, An
     ctx.samples = samples
     with ctx.info.phase("base evaluation"):
         base = base_evaluation(run_dir, config.eval, bool(ctx.data.validation), ctx.validation_loss,
-                               lambda: ctx.greedy_samples(ctx.inner_model), ctx.heldout_loss, write=ctx.is_main)
+                               lambda: ctx.greedy_samples(ctx.inner_model), ctx.heldout_loss, write=ctx.is_main,
+                               cache=_base_figures_cache(ctx))
     if config.training.gradient_checkpointing:
         enable_activation_checkpointing(ctx.model)
     if ctx.objective_kind.precompute is not None and config.objective.reference == "precomputed":
@@ -225,6 +227,29 @@ def _announce_plan(ctx: TrainingContext) -> None:
                                         "phase": plan.phase}
     log.info("memory plan: peak %.2f GiB (%s, at the %s; tunelab plan for the terms)", plan.peak_bytes / 2**30,
              "RSS" if plan.device == "cpu" else "allocated + context", plan.phase)
+
+
+def _base_figures_cache(ctx: TrainingContext) -> BaseFiguresCache | None:
+    """Where the untouched model's figures may be reused from: keyed on everything they depend on (the model's
+    files and how they are loaded, the tokenizer and template, the validation records and sample prompts, the
+    objective's settings; eval adds its settings and the versions). None when they may not be reused."""
+    config = ctx.config
+    if not ctx.objective_kind.base_figures_cacheable:
+        log.info("base figures not cached: objective %s starts a new head at random", config.objective.name)
+        return None
+    model = model_fingerprint(config.model)
+    if model is None:
+        return None
+    base_load = ctx.technique.base_load(config.technique, ctx.device)
+    quantization = base_load.quantization_config
+    load = {"dtype": str(ctx.precision.load_dtype), "autocast": ctx.precision.mixed_precision,
+            "base_dtype": str(base_load.dtype), "head": ctx.head_size, "device": ctx.device.type,
+            "quantization": quantization.to_dict() if hasattr(quantization, "to_dict") else repr(quantization),
+            "attn_implementation": config.model.attn_implementation, "processes": ctx.accelerator.num_processes}
+    identity = {"model": model, "load": load, "tokenizer": tokenizer_fingerprint(ctx.tokenizer),
+                "validation": records_fingerprint(ctx.data.validation[: config.eval.max_examples]),
+                "samples": ctx.samples, "objective": config.objective.model_dump(mode="json")}
+    return base_figures_cache(cache_root(), identity, config.eval)
 
 
 def _tokenizer_and_data(config: TunelabConfig) -> tuple[Any, PreparedData]:
