@@ -177,6 +177,23 @@ def test_compare_columns_seed_repeat_and_resume(tiny_model_dir: Path, tmp_path: 
     assert _without_measured(json.loads((whole / "compare.json").read_text())) == _without_measured(result)
 
 
+def test_a_compare_measures_the_base_once(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The base figures are the same for every run of a compare (one base, data and eval settings): the first run
+    measures them, the others take them from the cache (issue 19: 21-103 s per run on a real model)."""
+    config = _config(tiny_model_dir, tmp_path, steps=1)
+    out = tmp_path / "cmp"
+    env = {**ENV, "TUNELAB_CACHE": os.environ["TUNELAB_CACHE"]}  # this test's own cache (ENV was taken at import)
+    done = subprocess.run(_tunelab("compare", str(config), "--techniques", "lora,prompt_tuning", "--out", str(out)),
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    logs = {path.stem: path.read_text() for path in (out / "logs").glob("*.log")}
+    assert sorted(logs) == ["lora-seed42", "prompt_tuning-seed42"]
+    assert "base figures from cache" not in logs["lora-seed42"]
+    assert "base figures from cache (key " in logs["prompt_tuning-seed42"], logs["prompt_tuning-seed42"]
+    first, second = (json.loads((out / name / "base_eval.json").read_text()) for name in sorted(logs))
+    assert first == second
+
+
 def test_html_report_is_self_contained_with_both_plots() -> None:
     from tunelab.compare.report import html_report
 
