@@ -109,6 +109,46 @@ def test_sampling_options_mean_the_same_in_serve_and_generate(client: openai.Ope
     assert served[1] == expected[:expected.find(stop)] and generated[1].strip() == served[1].strip()
 
 
+def _generate_and_serve(runs: dict[str, Path], server: BackgroundServer, temperature: str) -> tuple[Any, httpx.Response]:
+    """`tunelab generate --temperature T` and the same temperature in a chat request to the server."""
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    cli = CliRunner().invoke(app, ["generate", str(runs["cats"]), "--prompt", "say something 3", "--temperature",
+                                   temperature, "--max-new-tokens", "4", "--seed", "0"])
+    served = httpx.post(f"{server.url}/v1/chat/completions", timeout=60, json={
+        "model": "cats", "messages": [{"role": "user", "content": "say something 3"}], "max_tokens": 4,
+        "temperature": float(temperature), "seed": 0})
+    return cli, served
+
+
+@pytest.mark.parametrize("temperature", ["5e-324", "1e-300"])
+def test_a_vanishing_temperature_is_refused_alike_by_generate_and_the_server(
+    runs: dict[str, Path], server: BackgroundServer, temperature: str,
+) -> None:
+    """Dividing the logits by 5e-324 makes them inf and their softmax nan: sampling failed mid-generation with a
+    traceback (`probability tensor contains either inf, nan or element < 0`). Both refuse it up front, in one line
+    and with one message, from generation.py's rule."""
+    cli, served = _generate_and_serve(runs, server, temperature)
+    message = f"temperature {float(temperature):g} is too small"
+    assert cli.exit_code == 2 and message in cli.output and "Traceback" not in cli.output, cli.output
+    assert message in assert_openai_error(served, 400)["message"]
+    cli, served = _generate_and_serve(runs, server, "1e-05")  # the smallest temperature taken: it samples
+    assert cli.exit_code == 0 and cli.output.strip(), cli.output
+    assert served.status_code == 200, served.text
+
+
+def test_generate_and_the_server_share_generations_rule(runs: dict[str, Path], server: BackgroundServer,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from tunelab import generation
+
+    monkeypatch.setattr(generation, "SMALLEST_DIVISOR", 0.5)  # the rule moved: both follow it
+    cli, served = _generate_and_serve(runs, server, "0.3")
+    assert cli.exit_code == 2 and "temperature 0.3 is too small" in cli.output, cli.output
+    assert "temperature 0.3 is too small" in assert_openai_error(served, 400)["message"]
+
+
 def test_adapters_really_differ(client: openai.OpenAI) -> None:
     # Negative control for the equalities above: each adapter answers its own word, so a mix-up would show.
     answers = {name: client.chat.completions.create(model=name, messages=[{"role": "user", "content": "say something 2"}],

@@ -502,7 +502,7 @@ def quickstart(
 
 RunArgument = Annotated[Path, typer.Argument(metavar="RUN", help="A finished run folder (e.g. runs/quickstart)")]
 # The sampling options of `generate` and `chat`, with the meaning the server gives its request fields of these names
-TemperatureOption = Annotated[float, typer.Option(min=0.0, help="0 is greedy (the default); above 0 samples")]
+TemperatureOption = Annotated[float, typer.Option(min=0.0, help="0 is greedy (the default); 1e-05 and above samples (a smaller one would overflow the logits and is refused)")]
 TopPOption = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Sample only from the most likely tokens that together reach this probability (with --temperature above 0); 1 keeps all")]
 TopKOption = Annotated[int, typer.Option("--top-k", min=0, help="Sample only from the k most likely tokens (with --temperature above 0); 0 is off")]
 RepetitionPenaltyOption = Annotated[Optional[float], typer.Option("--repetition-penalty", min=0.0, help="Above 1 makes tokens already in the prompt or answer less likely (greedy too); default: the model's own setting")]

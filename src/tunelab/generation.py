@@ -23,6 +23,7 @@ rules above are shared with ``generate_batch``.
 from __future__ import annotations
 
 import inspect
+import math
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -35,12 +36,33 @@ from transformers.generation.streamers import BaseStreamer
 
 from tunelab.data.formats import Example
 from tunelab.data.tokenize import pad_token_id, prompt_for_generation, render_chat
+from tunelab.errors import ConfigError
 
-__all__ = ["BASE", "GREEDY", "PEFT_BASE", "ContinuousBatch", "GenerationRequest", "Sampling", "encode", "generate_batch",
-           "generate_samples", "generate_texts", "render_chat", "sample_prompts", "steps_supported", "stop_token_ids"]
+__all__ = ["BASE", "GREEDY", "PEFT_BASE", "SMALLEST_DIVISOR", "ContinuousBatch", "GenerationRequest", "Sampling",
+           "divisor_problem", "encode", "generate_batch", "generate_samples", "generate_texts", "render_chat",
+           "sample_prompts", "steps_supported", "stop_token_ids"]
 
 BASE = "base"  # the name that means "no adapter", in requests and in the CLI
 PEFT_BASE = "__base__"  # PEFT's own name for it in adapter_names
+
+
+# The smallest temperature (other than 0: greedy) and repetition penalty: the logits are divided by them, and a
+# smaller divisor (5e-324 is a valid float and JSON number) turns them into inf, whose softmax is nan, from which
+# sampling cannot draw (torch.multinomial fails mid-generation). vLLM draws its line at the same place (a
+# temperature under 1e-5 is greedy there); here it is refused, so nobody gets greedy output believing it sampled.
+SMALLEST_DIVISOR = 1e-5
+
+
+def divisor_problem(name: str, value: float | None) -> str | None:
+    """Why ``value`` cannot be the ``temperature`` or ``repetition_penalty`` of a generation (None: it can). One
+    rule for every caller: ``Sampling`` applies it (generate, chat, eval) and the server's request schema too."""
+    if value is None or (name == "temperature" and value == 0):
+        return None
+    if not math.isfinite(value) or value < SMALLEST_DIVISOR:
+        zero = " (a temperature of 0 means greedy)" if name == "temperature" else ""
+        return (f"{name} {value:g} is too small: the logits are divided by it, and anything under "
+                f"{SMALLEST_DIVISOR:g} overflows them{zero}")
+    return None
 
 
 @dataclass(frozen=True)
@@ -59,6 +81,12 @@ class Sampling:
     min_new_tokens: int = 0  # the end-of-turn tokens are forbidden before this many (fixed-length comparisons)
     stop: tuple[str, ...] = ()  # a row ends where its text first contains one of these; the text is cut there
     seed: int | None = None  # seeds the batch's sampling (torch's global RNG), so sampled outputs repeat
+
+    def __post_init__(self) -> None:
+        for name in ("temperature", "repetition_penalty"):
+            problem = divisor_problem(name, getattr(self, name))
+            if problem:  # a ConfigError: the CLI prints it in one line, the server's schema answers 400
+                raise ConfigError(problem)
 
     @property
     def greedy(self) -> bool:

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationInfo,
+                      field_validator)
+
+from tunelab.generation import divisor_problem
 
 
 class TextPart(BaseModel):
@@ -28,12 +31,6 @@ class Message(BaseModel):
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: StrictBool = False
-
-
-# The smallest temperature (other than 0, greedy) and repetition penalty a request may give: the logits are divided
-# by them, and a smaller divisor (5e-324 is a valid JSON number) overflows them to inf, which sampling cannot use.
-# vLLM draws its line at the same place (a temperature under 1e-5 is greedy there).
-SMALLEST_DIVISOR = 1e-5
 
 
 def number(**bounds: float) -> Any:
@@ -60,10 +57,10 @@ class _Common(BaseModel):
 
     @field_validator("temperature", "repetition_penalty")
     @classmethod
-    def _not_a_vanishing_divisor(cls, value: float | None) -> float | None:
-        if value is not None and 0 < value < SMALLEST_DIVISOR:
-            raise ValueError(f"{value:g} is too small: the logits are divided by it, and anything under "
-                             f"{SMALLEST_DIVISOR:g} overflows them (a temperature of 0 means greedy)")
+    def _not_a_vanishing_divisor(cls, value: float | None, info: ValidationInfo) -> float | None:
+        problem = divisor_problem(info.field_name, value)  # generation's rule, as for generate and chat
+        if problem:
+            raise ValueError(problem)
         return value
 
     def stop_list(self) -> list[str]:
