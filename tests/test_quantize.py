@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from html import escape as html_escape
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from typer.testing import CliRunner
 from tunelab.cli import app
 from tunelab.errors import ConfigError
 from tunelab.eval.runner import EvalSettings, evaluate
+from tunelab.export import quantize
 from tunelab.export.quantize import METHODS, parse_methods, quantize_run
 from tunelab.fs import foreign_entries
 
@@ -125,3 +127,70 @@ def test_a_later_evaluation_of_the_run_has_the_table(report: dict, tmp_path: Pat
     run = Path(report["run"])
     later = evaluate(run, [_eval_data(run)], output=tmp_path / "later", settings=EVAL, device="cpu")
     _expect_table((Path(later["output"]) / "report.html").read_text(), run)
+
+
+# ---------------------------------------------------------------- --save METHOD (issue 19)
+
+
+@pytest.fixture
+def run_copy(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tmp_path: Path) -> Path:
+    """A copy of the trained run, so the module's report stays as the tests above read it."""
+    return Path(shutil.copytree(adapter_runs(tmp_path_factory, tiny_model_dir)["cats"], tmp_path / "cats"))
+
+
+def test_save_keeps_the_measured_model_loadable_by_plain_transformers(run_copy: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.generation import GenerationRequest, Sampling, encode, generate_batch
+
+    measured: dict[str, object] = {}  # the in-memory quantized models the table measured
+    load = quantize._load_bnb
+
+    def keeping(merged_dir: Path, method: str, device: object) -> object:
+        measured[method] = load(merged_dir, method, device)
+        return measured[method]
+
+    monkeypatch.setattr(quantize, "_load_bnb", keeping)
+    report = quantize_run(run_copy, ["int8"], samples=2, max_new_tokens=4, device="cpu", save="nf4")
+    folder = run_copy / "quantized-nf4"
+    assert report["saved"] == str(folder) and "quantized-nf4" in json.loads((run_copy / ".tunelab.json").read_text())["entries"]
+    figures = json.loads((folder / "quantization.json").read_text())
+    assert figures["measured"] == next(r for r in report["rows"] if r["method"] == "nf4")
+    assert json.loads((folder / "config.json").read_text())["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+
+    plain = AutoModelForCausalLM.from_pretrained(folder).eval()  # no tunelab, no quantization argument
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = torch.tensor([encode(tokenizer, "say something 3 and more", special=True)])
+    with torch.no_grad():
+        reloaded, in_memory = plain(ids).logits, measured["nf4"](ids).logits
+    assert torch.equal(reloaded, in_memory)
+    sampling = Sampling(max_new_tokens=4, min_new_tokens=4)
+    assert len(figures["greedy"]) == 2
+    for row in figures["greedy"]:
+        prompt = encode(tokenizer, row["prompt"], special=figures["special_tokens"])
+        again = generate_batch(plain, tokenizer, [GenerationRequest(prompt, sampling)])[0].token_ids
+        assert again == row["answer_ids"] and len(again) == 4
+    # control: the float model answers the same prompt with other logits, so the equality above means something
+    with torch.no_grad():
+        assert not torch.equal(measured["int8"](ids).logits, reloaded)
+
+
+@pytest.mark.parametrize("method,message", [("dynamic-int8", "no saved form that transformers reads"),
+                                            ("gptq", "cannot run here: GPTQ needs a CUDA GPU"),
+                                            ("q4", "unknown method")])
+def test_save_refuses_what_it_cannot_write_before_any_work(run_copy: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           method: str, message: str) -> None:
+    monkeypatch.setattr(quantize, "merged_float", lambda *a: pytest.fail("merged before the refusal"))
+    with pytest.raises(ConfigError, match=message):
+        quantize_run(run_copy, ["int8"], device="cpu", save=method)
+
+
+def test_save_leaves_a_folder_of_the_user_alone(run_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (run_copy / "quantized-int8").mkdir()
+    (run_copy / "quantized-int8" / "notes.txt").write_text("mine")
+    monkeypatch.setattr(quantize, "merged_float", lambda *a: pytest.fail("merged before the refusal"))
+    with pytest.raises(ConfigError, match="not created by tunelab"):
+        quantize_run(run_copy, ["int8"], device="cpu", save="int8")
+    assert (run_copy / "quantized-int8" / "notes.txt").read_text() == "mine"

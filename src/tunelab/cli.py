@@ -663,13 +663,14 @@ def ui(
     run_server(application, host, port)
 
 
-@app.command(epilog=_examples("tunelab quantize runs/quickstart", "tunelab quantize runs/quickstart --methods int8,dynamic-int8"))
+@app.command(epilog=_examples("tunelab quantize runs/quickstart", "tunelab quantize runs/quickstart --methods int8,dynamic-int8", "tunelab quantize runs/quickstart --methods nf4 --save nf4"))
 def quantize(
     run: RunArgument,
     methods: Annotated[str, typer.Option(help="Comma-separated: int8, nf4, fp4, dynamic-int8, gptq, awq")] = "int8,nf4,fp4,dynamic-int8,gptq,awq",
     samples: Annotated[int, typer.Option(min=1, help="Validation prompts for the speed and same-answer figures")] = 4,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens generated per prompt when timing")] = 16,
     as_json: Annotated[bool, typer.Option("--json", help="Print the table's data (quantize.json) as JSON instead")] = False,
+    save: Annotated[Optional[str], typer.Option(metavar="METHOD", help="Also keep this method's quantized model, as measured, in RUN/quantized-METHOD/ (loadable by plain transformers) with its figures: int8, nf4 or fp4")] = None,
 ) -> None:
     """Quantize a run's result several ways and compare size, memory, speed and validation loss with the
     unquantized model; the table is saved as RUN/quantize.json. Methods that cannot run here say why."""
@@ -679,7 +680,8 @@ def quantize(
     say = logging.getLogger("tunelab.quantize").info
     try:
         report = quantize_run(run, parse_methods(methods), samples=samples, max_new_tokens=max_new_tokens,
-                              on_row=lambda row: say("%s: %s", row.method, "measured" if row.status == "ok" else row.reason))
+                              on_row=lambda row: say("%s: %s", row.method, "measured" if row.status == "ok" else row.reason),
+                              save=save)
     except _USER_ERRORS as exc:
         _fail(str(exc))
     if as_json:
@@ -687,6 +689,8 @@ def quantize(
         return
     print_quantize_table(report)
     typer.echo(f"saved {run / 'quantize.json'}")
+    if report.get("saved"):
+        typer.echo(f"saved the {save} model in {report['saved']} (its figures: quantization.json there)")
 
 
 @app.command(epilog=_examples("tunelab export runs/quickstart --quant q8_0", "tunelab export runs/quickstart --out model.gguf"))

@@ -14,6 +14,7 @@
       run_info.json        parameters, peak memory, wall time per phase, tokens/s, library versions, hardware
       evals/<data>-vs-<systems>/  reports of `tunelab eval` on this run (eval.json, report.md/html, predictions.jsonl)
       tensorboard/, mlruns/  TensorBoard events and a local MLflow store, when training.report_to asks for them
+      quantize.json        `tunelab quantize`'s table; quantized-<method>/ the model `--save METHOD` kept, with its figures
       .tunelab-lock        while a process writes the run: its pid and host (a second writer is refused)
 
 Ownership (what tunelab may delete)

@@ -12,6 +12,12 @@ saved model for a full run) and is measured the same way:
 Methods: bitsandbytes ``int8`` (LLM.int8), ``nf4`` and ``fp4`` (4-bit, CPU and CUDA), ``dynamic-int8``
 (torch's own dynamic quantization of linear layers, CPU), ``gptq`` and ``awq`` (calibrated 4-bit; CUDA only,
 through a maintained library). A method that cannot run here gets a row with the reason instead of figures.
+
+``--save METHOD`` keeps the model that method measured: ``RUN/quantized-<method>/`` holds it as
+``save_pretrained`` writes it (safetensors, with its ``quantization_config`` in config.json, so plain
+``AutoModelForCausalLM.from_pretrained`` opens it quantized), the run's tokenizer, and ``quantization.json``
+(its row of the table, the unquantized row, and its greedy answers). Only the bitsandbytes methods can be saved
+(see ``save_refusal``).
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ class Measured:
     loss_change: float | None = None
     same_answers: float | None = None  # share of prompts answered exactly as the unquantized model does
     load_s: float | None = None
+    answers: list[list[int]] | None = None  # greedy token ids per prompt (kept for a saved model, not in the table)
 
 
 def parse_methods(text: str) -> list[str]:
@@ -86,10 +93,36 @@ def skip_reason(method: str, device: torch.device) -> str | None:
     return None
 
 
-def _save_size_mb(model: Any) -> float:
+SAVABLE = ("int8", "nf4", "fp4")
+SAVED_FIGURES = "quantization.json"  # beside a saved quantized model: what the table measured on it
+
+
+def saved_name(method: str) -> str:
+    """The run folder's entry that ``--save METHOD`` writes."""
+    return f"quantized-{method}"
+
+
+def save_refusal(method: str, device: torch.device) -> str | None:
+    """Why ``--save METHOD`` cannot write a model here (None: it can)."""
+    if method not in METHODS:
+        return f"unknown method; choose from {', '.join(SAVABLE)}"
+    if method == "dynamic-int8":
+        return ("torch dynamic quantization has no saved form that transformers reads: its packed int8 layers exist "
+                "only in memory or in a pickled state dict, which tunelab never writes. Save int8 (bitsandbytes) "
+                "instead, or quantize when loading: torch.ao.quantization.quantize_dynamic on the merged model "
+                "(tunelab merge)")
+    reason = skip_reason(method, device)
+    if reason:
+        return f"it cannot run here: {reason}"
+    return None
+
+
+def _save_size_mb(model: Any, keep: Path | None = None) -> float:
+    """Size of the model as ``save_pretrained`` writes it; the files are kept in ``keep`` when given."""
     with tempfile.TemporaryDirectory(prefix="tunelab-q-") as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        return sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file()) / 2**20
+        folder = keep or Path(tmp)
+        model.save_pretrained(folder, safe_serialization=True)
+        return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file()) / 2**20
 
 
 def _state_dict_mb(model: Any) -> float:
@@ -133,8 +166,9 @@ class _Measurer:
                               "and data.validation is empty)")
         self.validation, self.objective = data.validation, OBJECTIVES[config.objective.name].bind(config.objective)
         chat = bool(data.validation_examples[0].messages)
-        prompts = [s["prompt"] for s in sample_prompts(tokenizer, data.validation_examples, samples)]
-        self.prompt_ids = [encode(tokenizer, p, special=not chat) for p in prompts]
+        self.prompts = [s["prompt"] for s in sample_prompts(tokenizer, data.validation_examples, samples)]
+        self.special_tokens = not chat  # plain-text prompts get the tokenizer's own BOS/EOS, as in training
+        self.prompt_ids = [encode(tokenizer, p, special=not chat) for p in self.prompts]
         self.max_new_tokens = max_new_tokens
         self.reference_answers: list[list[int]] | None = None
 
@@ -152,7 +186,7 @@ class _Measurer:
         return Measured(method, "ok", size_mb=round(size_mb, 2), memory_mb=round(memory_mb, 2) if memory_mb else None,
                         tokens_per_s=round(tokens / seconds, 2) if seconds else None, val_loss=round(loss, 5),
                         loss_change=round(loss - reference.val_loss, 5) if reference else 0.0,
-                        same_answers=round(same, 3), load_s=round(load_s, 2))
+                        same_answers=round(same, 3), load_s=round(load_s, 2), answers=answers)
 
     @torch.no_grad()
     def _answers(self, model: Any) -> tuple[list[list[int]], float]:
@@ -186,13 +220,22 @@ def merged_float(run_dir: Path, device: torch.device) -> tuple[Any, Any, Any]:
 
 def quantize_run(run: Path, methods: list[str], samples: int = 4, max_new_tokens: int = 16,
                  device: torch.device | str | None = None,
-                 on_row: Callable[[Measured], None] | None = None) -> dict[str, Any]:
-    """Measure the unquantized model and each method; write and return the report (RUN/quantize.json)."""
+                 on_row: Callable[[Measured], None] | None = None, save: str | None = None) -> dict[str, Any]:
+    """Measure the unquantized model and each method; write and return the report (RUN/quantize.json). ``save``:
+    one method whose quantized model is kept in RUN/quantized-<method>/ with its figures (measured too if
+    ``methods`` lacks it)."""
     run_dir = Path(run)
     device = torch.device(device) if device is not None else default_device()
+    if save is not None:  # refused before minutes of merging and measuring
+        refusal = save_refusal(save, device)
+        if refusal:
+            raise ConfigError(f"--save {save}: {refusal}")
+        fs.own_entry(run_dir, saved_name(save))  # a folder of that name that tunelab did not write is refused
+        methods = list(dict.fromkeys([*methods, save]))
     merged, tokenizer, config = merged_float(run_dir, device)
     measurer = _Measurer(config, tokenizer, device, samples, max_new_tokens)
     rows: list[Measured] = []
+    saved: Measured | None = None
     tmp = Path(tempfile.mkdtemp(prefix="tunelab-merged-"))
     try:
         merged.save_pretrained(tmp, safe_serialization=True)  # the start point every method loads from
@@ -201,18 +244,46 @@ def quantize_run(run: Path, methods: list[str], samples: int = 4, max_new_tokens
         _report(on_row, reference)
         del merged
         for method in methods:
-            rows.append(_one_method(tmp, method, device, measurer, reference))
+            keep = tmp / "saved" if method == save else None
+            rows.append(_one_method(tmp, method, device, measurer, reference, keep))
             _report(on_row, rows[-1])
+        report = {"run": str(run_dir), "device": device.type, "model": config.model.name,
+                  "technique": config.technique.name, "prompts": len(measurer.prompt_ids),
+                  "max_new_tokens": max_new_tokens,
+                  "validation_tokens": sum(len(e.input_ids) for e in measurer.validation),
+                  "rows": [{k: v for k, v in vars(r).items() if k != "answers"} for r in rows]}
+        saved = next((r for r in rows if r.method == save), None)
+        if saved is not None and saved.status == "ok":
+            report["saved"] = str(_keep(run_dir, tmp / "saved", tokenizer, report, saved, reference, measurer))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    report = {"run": str(run_dir), "device": device.type, "model": config.model.name,
-              "technique": config.technique.name, "prompts": len(measurer.prompt_ids),
-              "max_new_tokens": max_new_tokens, "validation_tokens": sum(len(e.input_ids) for e in measurer.validation),
-              "rows": [vars(r) for r in rows]}
     fs.write_entry_json(run_dir, REPORT_NAME, report)  # recorded in the run's ownership record
     for folder in refresh_reports(run_dir, report):  # their HTML and Markdown reports gain this table
         log.info("quantization table added to %s", folder / "report.html")
+    if saved is not None and "saved" not in report:  # after the table is written: its minutes are not lost
+        raise ConfigError(f"--save {save}: {save} could not be measured here ({saved.reason}), so nothing was "
+                          f"saved; the table of the other methods is in {run_dir / REPORT_NAME}")
     return report
+
+
+def _keep(run_dir: Path, model_files: Path, tokenizer: Any, report: dict[str, Any], row: Measured,
+          reference: Measured, measurer: _Measurer) -> Path:
+    """RUN/quantized-<method>/: the measured model's files, the tokenizer and its figures, put in place whole."""
+    with fs.new_entry_folder(run_dir, saved_name(row.method)) as folder:
+        for path in model_files.iterdir():
+            shutil.copy2(path, folder / path.name)
+        tokenizer.save_pretrained(folder)
+        figures = {key: report[key] for key in ("run", "device", "model", "technique", "prompts", "max_new_tokens",
+                                                "validation_tokens")}
+        fs.write_json(folder / SAVED_FIGURES, {
+            **figures, "method": row.method, "measured": {k: v for k, v in vars(row).items() if k != "answers"},
+            "unquantized": {k: v for k, v in vars(reference).items() if k != "answers"},
+            # greedy, exactly max_new_tokens new tokens each (min_new_tokens too), the prompt encoded with the
+            # tokenizer's special tokens when special_tokens: what a reload of this folder must reproduce
+            "special_tokens": measurer.special_tokens,
+            "greedy": [{"prompt": p, "answer_ids": a} for p, a in zip(measurer.prompts, row.answers or [])]})
+    log.info("saved the %s model and its figures in %s", row.method, run_dir / saved_name(row.method))
+    return run_dir / saved_name(row.method)
 
 
 def _report(on_row: Callable[[Measured], None] | None, row: Measured) -> None:
@@ -220,7 +291,9 @@ def _report(on_row: Callable[[Measured], None] | None, row: Measured) -> None:
         on_row(row)
 
 
-def _one_method(merged_dir: Path, method: str, device: torch.device, measurer: _Measurer, reference: Measured) -> Measured:
+def _one_method(merged_dir: Path, method: str, device: torch.device, measurer: _Measurer, reference: Measured,
+                keep: Path | None = None) -> Measured:
+    """``keep``: a folder to keep the quantized model's saved files in (``--save``)."""
     reason = skip_reason(method, device)
     if reason:
         return Measured(method, "skipped", reason=reason)
@@ -228,7 +301,9 @@ def _one_method(merged_dir: Path, method: str, device: torch.device, measurer: _
     try:
         if method in ("int8", "nf4", "fp4"):
             model = _load_bnb(merged_dir, method, device)
-            size = _save_size_mb(model)
+            # Saved before any forward pass: on a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight in
+            # place at its first inference call, and a model saved after that no longer loads as the same one.
+            size = _save_size_mb(model, keep)
         else:  # dynamic-int8 (skip_reason has ruled out every other method)
             model = _load_dynamic_int8(merged_dir, device)
             size = _state_dict_mb(model)
