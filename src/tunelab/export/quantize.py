@@ -302,7 +302,8 @@ def _one_method(merged_dir: Path, method: str, device: torch.device, measurer: _
         if method in ("int8", "nf4", "fp4"):
             model = _load_bnb(merged_dir, method, device)
             # Saved before any forward pass: on a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight in
-            # place at its first inference call, and a model saved after that no longer loads as the same one.
+            # place at its first inference call, and saving converts it back only approximately (the model in
+            # memory changes too), so a model saved after that is no longer the one nf4 or fp4 gives.
             size = _save_size_mb(model, keep)
         else:  # dynamic-int8 (skip_reason has ruled out every other method)
             model = _load_dynamic_int8(merged_dir, device)
