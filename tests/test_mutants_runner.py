@@ -64,3 +64,25 @@ def test_verdicts_of_the_other_outcomes(mutants) -> None:  # noqa: ANN001
     assert mutants.classify(run("failed", 1.0, "", [("t::a", "why")])) == ("killed (failed)", True)
     verdict, killed = mutants.classify(run("no tests", 1.0, "", []))
     assert not killed and verdict.startswith("not checked: no test ran")
+
+
+def test_every_mutation_file_still_applies(mutants) -> None:  # noqa: ANN001
+    # `make mutants` is slow and CI runs `make test`: a change to guarded code that makes a mutation's `find` match
+    # nothing (or twice) would only show there. Reading every file here (each `find` exactly once in its file, the
+    # fields present) keeps the list applicable on every commit.
+    problems = []
+    for path in sorted((ROOT / "mutants").glob("*.yaml")):
+        try:
+            mutants.load_mutation(path)
+        except mutants.MutationFileError as exc:
+            problems.append(str(exc))
+    assert len(list((ROOT / "mutants").glob("*.yaml"))) > 100
+    assert problems == []
+
+
+def test_a_mutation_whose_find_matches_nothing_is_refused(mutants, tmp_path: Path) -> None:  # noqa: ANN001
+    (tmp_path / "src.py").write_text("x = 1\n")
+    path = tmp_path / "m.yaml"
+    path.write_text("claim: c\nfile: src.py\nfind: 'x = 2'\nreplace: 'x = 3'\ntests:\n  - tests/test_x.py\n")
+    with pytest.raises(mutants.MutationFileError, match="exactly once"):
+        mutants.load_mutation(path, root=tmp_path)
