@@ -194,6 +194,7 @@ def _reshard(model: nn.Module) -> None:
 def full_trainable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable weights gathered in full, by the names ``checkpoint.trainable_state`` gives them, on the main
     process's CPU (an empty dict elsewhere). Collective: every process calls it."""
+    _reshard(model)
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
                                                                 ignore_frozen_params=True))
@@ -201,7 +202,9 @@ def full_trainable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_full_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Full tensors (a checkpoint's, the same on every process) into the sharded weights: each keeps its shard."""
+    """Full tensors (a checkpoint's, the same on every process) into the sharded weights: each keeps its shard.
+    After an evaluation the root unit still holds its gathered weights, which take no shards: reshard first."""
+    _reshard(model)
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
@@ -215,6 +218,7 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     """The optimizer's state gathered in full and keyed as ``optimizer.state_dict()`` keys it in one process
     (parameter index), so a sharded run's optimizer.pt is any run's; on the main process (empty state elsewhere).
     Collective."""
+    _reshard(model)  # the parameters the optimizer holds are the shards: the names below are looked up by them
     gathered = get_optimizer_state_dict(model, optimizer, options=GATHERED)
     index = {name: i for i, name in enumerate(_optimizer_names(model, optimizer))}
     groups = optimizer.state_dict()["param_groups"]  # hyperparameters and parameter indices; no tensors
@@ -223,6 +227,7 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
 
 def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
     """A one-process-format optimizer state (full tensors by parameter index) into the sharded optimizer."""
+    _reshard(model)
     names = _optimizer_names(model, optimizer)
     by_name = {"state": {names[int(i)]: value for i, value in saved["state"].items()},
                "param_groups": [{**group, "params": [names[i] for i in group["params"]]} for group in saved["param_groups"]]}
