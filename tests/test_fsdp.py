@@ -68,13 +68,16 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def runs(workspace: Path, tiny_model_dir: Path) -> dict[str, Any]:
     """In one two-process launch: a sharded LoRA run straight, the same stopped after step 3 and resumed, the
-    same with DDP, full fine-tuning of the tied model sharded, and a sharded run that restores its best step."""
+    same with DDP, full fine-tuning of the tied model sharded, a sharded run that restores its best step, and a
+    sharded run stopped after step 3 and resumed with DDP."""
     data = workspace / "train.jsonl"
     configs = {"straight": _config(tiny_model_dir, data, workspace / "straight"),
                "split": _config(tiny_model_dir, data, workspace / "split"),
                "more": {"ddp": _config(tiny_model_dir, data, workspace / "ddp", distributed="ddp"),
                         "full": _config(workspace / "tied", data, workspace / "full", FULL, **FULL_STEPS),
-                        "best": _config(tiny_model_dir, data, workspace / "best", **BEST_STEPS)}}
+                        "best": _config(tiny_model_dir, data, workspace / "best", **BEST_STEPS)},
+               "resume_with": {"first": _config(tiny_model_dir, data, workspace / "switched"),
+                               "second": _config(tiny_model_dir, data, workspace / "switched", distributed="ddp")}}
     result = torchrun([str(DRIVER), json.dumps(configs)], workspace)
     lines = [line for line in result.stdout.splitlines() if line.startswith("DRIVER ")]
     assert len(lines) == 2 and lines[0] == lines[1], result.stdout  # both processes saw the same outcomes
@@ -169,6 +172,15 @@ def test_a_sharded_run_resumes_exactly_from_full_checkpoints(runs: dict[str, Any
             torch.testing.assert_close(value, saved[ddp]["state"][key][name], rtol=1e-4, atol=1e-6)
     _assert_same_weights(load_file(str(straight / step / "trainable.safetensors")),
                          load_file(str(ddp / step / "trainable.safetensors")))
+
+
+def test_a_sharded_checkpoint_resumes_under_ddp(runs: dict[str, Any], workspace: Path) -> None:
+    """The checkpoint is any run's: the same run resumed with training.distributed: ddp continues it."""
+    assert runs["resume_with"] == ["interrupted", 3, "completed", 6]
+    straight, switched = workspace / "straight", workspace / "switched"
+    torch.testing.assert_close(_losses(switched), _losses(straight), rtol=LOSS_RTOL, atol=0)
+    _assert_same_weights(_adapter(switched), _adapter(straight))
+    assert "fsdp_units" not in json.loads((switched / "run_info.json").read_text())  # the resumed session: DDP
 
 
 def test_a_sharded_run_restores_its_best_weights(runs: dict[str, Any], workspace: Path, tiny_model_dir: Path) -> None:

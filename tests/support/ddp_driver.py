@@ -1,7 +1,9 @@
 """Run under torchrun by tests/test_distributed.py (not a test module): in the same two processes, an
 uninterrupted run, then the same run stopped after step 3 (as Ctrl-C would) and resumed, then any further runs
-(uninterrupted) under "more". Every process gets the configs as JSON in argv[1]:
-{"straight": {...}, "split": {...}, "more": {name: {...}}} ("more" optional)."""
+(uninterrupted) under "more", then under "resume_with" a config that resumes another run stopped after step 3 (the
+same output.dir, e.g. another training.distributed). Every process gets the configs as JSON in argv[1]:
+{"straight": {...}, "split": {...}, "more": {name: {...}}, "resume_with": {"first": {...}, "second": {...}}}
+("more" and "resume_with" optional)."""
 
 from __future__ import annotations
 
@@ -34,21 +36,29 @@ class StopAfter:
         return self.checks > self.after
 
 
-def main() -> None:
-    configs = json.loads(sys.argv[1])
-    straight = session.train(build_config(configs["straight"]), progress=False)
+def stopped_then_resumed(first_config: dict[str, Any], second_config: dict[str, Any]) -> list[Any]:
+    """Train ``first_config`` until it stops after step 3, then resume its folder with ``second_config``."""
     real_stop = loop._StopRequest
     loop._StopRequest = StopAfter(3)
     try:
-        first = session.train(build_config(configs["split"]), progress=False)
+        first = session.train(build_config(first_config), progress=False)
     finally:
         loop._StopRequest = real_stop
-    second = session.train(build_config(configs["split"]), resume=True, progress=False)
-    outcomes = {"straight": [straight.status, straight.step], "first": [first.status, first.step],
-                "second": [second.status, second.step]}
+    second = session.train(build_config(second_config), resume=True, progress=False)
+    return [first.status, first.step, second.status, second.step]
+
+
+def main() -> None:
+    configs = json.loads(sys.argv[1])
+    straight = session.train(build_config(configs["straight"]), progress=False)
+    first_status, first_step, second_status, second_step = stopped_then_resumed(configs["split"], configs["split"])
+    outcomes = {"straight": [straight.status, straight.step], "first": [first_status, first_step],
+                "second": [second_status, second_step]}
     for name, config in configs.get("more", {}).items():
         result = session.train(build_config(config), progress=False)
         outcomes[name] = [result.status, result.step]
+    if "resume_with" in configs:
+        outcomes["resume_with"] = stopped_then_resumed(configs["resume_with"]["first"], configs["resume_with"]["second"])
     print("DRIVER", json.dumps(outcomes), flush=True)
 
 

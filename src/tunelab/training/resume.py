@@ -117,8 +117,10 @@ def _nothing_to_lose(run_dir: Path) -> bool:
 
 
 # Fields that may change between a run and its resumption; anything else would make "resume" a different run.
+# training.distributed: a sharded run's checkpoints hold the full tensors in the one-process format, and the global
+# batch and data order do not depend on it, so a run may continue with DDP or sharded.
 _RESUMABLE_CHANGES = {"training.max_steps", "training.epochs", "training.eval_every", "training.save_every",
-                      "training.early_stopping_patience", "training.report_to", "eval"}
+                      "training.early_stopping_patience", "training.report_to", "training.distributed", "eval"}
 _NOT_PART_OF_THE_RUN = {"output.overwrite"}  # how the folder was claimed, not what the run computes
 
 
