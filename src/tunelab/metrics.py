@@ -117,6 +117,19 @@ def _no_text(prediction: str, reference: str) -> Sequence[float]:
     raise TypeError("loss statistics come from the model's forward pass, not from texts")
 
 
+# ---------------------------------------------------------------- a model's per-unit figure (from its forward pass)
+
+
+def unit_mean(name: str, higher_is_better: bool = True) -> Metric:
+    """The mean of a figure a model gives each unit (a pair's ranking, its margin): stats are (value, 1) per unit,
+    computed by the objective's evaluation, not from texts."""
+    return Metric(name, _from_the_model, _mean, higher_is_better=higher_is_better)
+
+
+def _from_the_model(prediction: str, reference: str) -> Sequence[float]:
+    raise TypeError("this metric's statistics come from the model's forward pass (the objective's evaluation)")
+
+
 # ---------------------------------------------------------------- classification (from predicted label indices)
 
 

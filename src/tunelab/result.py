@@ -133,9 +133,10 @@ class OpenedModel:
 
 
 def open_model(target: str | Path, adapter: str | Path | None = None, device: torch.device | str | None = None,
-               dtype: str = "auto") -> OpenedModel:
+               dtype: str = "auto", num_labels: int | None = None) -> OpenedModel:
     """Open TARGET for evaluation: a run folder, a result or adapter folder (both through ``load_run``), or a
-    model folder, hub id or the embedded alias, optionally with ``adapter`` attached."""
+    model folder, hub id or the embedded alias, optionally with ``adapter`` attached. ``num_labels`` puts a new,
+    untrained score head with that many outputs on a plain model (the base of a reward or classification run)."""
     device = torch.device(device) if device is not None else default_device()
     path = Path(target)
     check_local_target(path)
@@ -144,7 +145,7 @@ def open_model(target: str | Path, adapter: str | Path | None = None, device: to
         return OpenedModel(loaded.name, loaded.model, loaded.tokenizer, loaded.base,
                            loaded.config.model.dtype if loaded.config is not None else dtype)
     model_config = ModelConfig(name=str(target), dtype=dtype)
-    model = load_model(model_config, device)
+    model = load_model(model_config, device, num_labels=num_labels)
     tokenizer = load_tokenizer(model_config)
     name = Path(str(target)).name or str(target)
     if adapter is None:

@@ -59,12 +59,14 @@ class TrainingConfig(Settings):
         "'module:function'. They are logged in metrics.jsonl and can choose the best checkpoint (`best_metric`)."
     )
     best_metric: str = Field(
-        "loss", description="What 'best' means for early stopping and the best checkpoint: loss, perplexity, or one "
-        "of `eval_metrics`."
+        "loss", description="What 'best' means for early stopping and the best checkpoint: loss, perplexity, one "
+        "of `eval_metrics`, or a figure the objective logs at every evaluation (e.g. accuracy and macro_f1 for "
+        "classification, preference_accuracy for dpo, pairwise_accuracy for reward)."
     )
     best_mode: Literal["auto", "min", "max"] = Field(
         "auto", description="Whether `best_metric` is minimised or maximised; 'auto' asks the metric (loss: min, "
-        "ROUGE: max, a user metric: max unless its function sets higher_is_better = False)."
+        "ROUGE: max, an objective's figure: max, a user metric: max unless its function sets higher_is_better = "
+        "False)."
     )
     early_stopping_patience: int | None = Field(
         None, gt=0, description="Stop after N evaluations without a better `best_metric`; needs `eval_every`."
@@ -92,9 +94,6 @@ class TrainingConfig(Settings):
     def _patience_needs_eval(self) -> "TrainingConfig":
         if self.early_stopping_patience is not None and self.eval_every is None:
             raise ValueError("early_stopping_patience needs eval_every: set training.eval_every to a step count")
-        if self.best_metric not in ("loss", "perplexity", *self.eval_metrics):
-            raise ValueError(f"best_metric {self.best_metric!r} is not computed: use loss, perplexity, or add it to "
-                             "training.eval_metrics")
         return self
 
     @field_validator("eval_metrics")
@@ -192,6 +191,10 @@ class TunelabConfig(Settings):
     @model_validator(mode="after")
     def _technique_supports_the_rest(self) -> "TunelabConfig":
         check_config(self)  # the technique's declared compatibility (config/compat.py): packing, checkpointing, objective
+        computed = ("loss", "perplexity", *self.training.eval_metrics, *OBJECTIVES[self.objective.name].metrics)
+        if self.training.best_metric not in computed:
+            raise ValueError(f"training.best_metric {self.training.best_metric!r} is not computed: use one of "
+                             f"{', '.join(computed)}, or add it to training.eval_metrics")
         return self
 
     @property

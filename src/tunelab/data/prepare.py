@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from tunelab import fs
 from tunelab.data.config import DataConfig
 from tunelab.data import labels as labeled, preference, prompts
-from tunelab.data.formats import SFT_FORMATS, DataError, Example, LoadedFile, load_file as load_data_file
+from tunelab.data.formats import RECORD_KINDS, SFT_FORMATS, DataError, Example, LoadedFile, load_file as load_data_file
 from tunelab.data.report import (build_record_report, build_report, empty_response_summary, empty_response_warning,
                                  pair_counts, unpaired_counts)
 from tunelab.data.tokenize import TokenizedExample, apply_length_policy, prepare_tokenizer, tokenize_example
@@ -405,6 +405,22 @@ def _tokenize_records(kind: str, examples: list[Example], tokenizer: PreTrainedT
         kept.append(example)
         lengths.append(length)
     return records, kept, lengths
+
+
+def tokenize_records(examples: list[Example], tokenizer: PreTrainedTokenizerBase, config: DataConfig,
+                     kind: str) -> tuple[list[Any], list[Example], int]:
+    """Records of one kind other than SFT (``kind``: preference, unpaired_preference, labeled) tokenized as a run
+    with data section ``config`` tokenizes them, for evaluating its result: string prompts rendered as it rendered
+    them (data.prompt_completion), cut or dropped past its max_length. Returns the records, the examples they came
+    from, and how many were dropped as overlong. Labeled records get their class ids from the caller."""
+    wrong = next((e for e in examples if ("sft" if e.format in SFT_FORMATS else e.format) != kind), None)
+    if wrong is not None:
+        raise DataError(f"{wrong.source}: a {wrong.format} record, but this evaluation reads {RECORD_KINDS[kind]}")
+    has_pairs = any(e.format in STRING_PROMPT_FORMATS and not e.messages for e in examples)
+    render = as_chat if has_pairs and prompt_completion_mode(config, tokenizer) == "chat" else (lambda e: e)
+    counts = {"dropped_overlong": 0}
+    records, kept, _ = _tokenize_records(kind, [render(e) for e in examples], tokenizer, config, counts)
+    return records, kept, counts["dropped_overlong"]
 
 
 def _prepare_records(kind: str, config: DataConfig, tokenizer: PreTrainedTokenizerBase, train: list[Example],

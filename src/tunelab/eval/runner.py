@@ -23,12 +23,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from tunelab import fs
 from tunelab.console import err_console
-from tunelab.data.formats import load_file
+from tunelab.data.formats import RECORD_KINDS, SFT_FORMATS, load_file
 from tunelab.data.tokenize import apply_length_policy, pad_token_id, prompt_for_generation, tokenize_example
 from tunelab.errors import ConfigError, DataError
 from tunelab.eval.bootstrap import paired_interval, resample_indices, wins_losses_ties
 from tunelab.eval.classify import answer_of, check_labels, label_log_likelihoods
 from tunelab.eval.loss import example_losses
+from tunelab.eval.objective import (ObjectiveRun, baseline_stats, head_classes, objective_run, prepare_model,
+                                    prepare_records, prompt_and_reference, score_records)
 from tunelab.eval.report import QUANTIZE_REPORT, write_reports
 from tunelab.eval.technique import technique_figures
 from tunelab.generation import Sampling, generate_texts
@@ -280,10 +282,17 @@ def evaluate(target: str | Path, data_files: list[str | Path], against: list[str
         "target": str(target), "adapter": None if adapter is None else str(adapter), "against": against,
         "data": [str(f) for f in files], "settings": {**asdict(settings), "normalization": asdict(settings.normalization)},
     }))  # as eval.json holds it
+    run = objective_run(target, adapter)  # a run whose objective scores its own way (pairs, classes)
+    if run is not None:
+        check_objective_settings(run, settings)
+    else:
+        check_sft_records(examples)
     check_replaceable(out_dir, request, overwrite)
     claim_output(out_dir)
     try:
-        report = _evaluate_systems(specs, against, adapter, examples, files, metrics, settings, out_dir, device, progress)
+        report = (_evaluate_objective(run, specs, against, examples, files, settings, out_dir, device, progress)
+                  if run is not None else
+                  _evaluate_systems(specs, against, adapter, examples, files, metrics, settings, out_dir, device, progress))
     finally:  # a failure or Ctrl-C leaves no per-system temporary file
         for leftover in out_dir.glob(".system-*.jsonl.tmp"):
             leftover.unlink(missing_ok=True)
@@ -327,6 +336,84 @@ def _evaluate_systems(specs: list[str], against: list[str], adapter: str | Path 
     write_predictions(out_dir, systems, examples, prompts, references)
     _attach_examples(report, out_dir)
     return report
+
+
+def check_sft_records(examples: list[Any]) -> None:
+    """Loss and generations need SFT records: pairs or labeled texts are refused at their line, with what reads them."""
+    other = next((e for e in examples if e.format not in SFT_FORMATS), None)
+    if other is not None:
+        raise DataError(f"{other.source}: a {other.format} record, but this target is evaluated on SFT records (loss "
+                        "and generations); pairs and labeled texts are scored by a run whose objective reads them: "
+                        "give that run's folder as TARGET")
+
+
+def check_objective_settings(run: ObjectiveRun, settings: EvalSettings) -> None:
+    """Refuse the settings of SFT evaluation that an objective's own evaluation would silently ignore."""
+    defaults = EvalSettings()
+    given = [name for name, flag in (("labels", "--labels"), ("metrics", "--metric"), ("primary", "--primary"))
+             if getattr(settings, name) != getattr(defaults, name)]
+    if given:
+        raise ConfigError(f"{', '.join(flag for name, flag in (('labels', '--labels'), ('metrics', '--metric'), ('primary', '--primary')) if name in given)}: "
+                          f"a {run.objective.name} run is scored by its objective's own metrics (on "
+                          f"{RECORD_KINDS[run.evaluation.records]}), not by generations or label scoring")
+
+
+def _evaluate_objective(run: ObjectiveRun, specs: list[str], against: list[str], examples: list[Any],
+                        files: list[Path], settings: EvalSettings, out_dir: Path, device: Any,
+                        progress: bool) -> dict[str, Any]:
+    """Each system in turn (one model in memory) scored unit by unit as the run's objective declares, then the
+    baseline, then the comparison of the run with each; writes predictions.jsonl."""
+    evaluation = run.evaluation
+    opened = open_model(specs[0], None, device, settings.dtype)
+    tokenizer = opened.tokenizer  # tokenizes every system's records: the same inputs for all
+    classes = head_classes(opened.model, run)
+    records, kept, dropped = prepare_records(examples, tokenizer, run, classes)
+    head = run.objective.head_size(classes)  # a plain model (the base) gets a new, untrained head of this size
+    systems: list[SystemScores] = []
+    for position, spec in enumerate(specs):
+        if position > 0:
+            torch.manual_seed(run.seed)  # the untrained head is drawn as the run drew its own
+            opened = open_model(spec, None, device, settings.dtype, num_labels=head)
+            opened.tokenizer = tokenizer
+        pad_id = prepare_model(opened.model, tokenizer)
+        name = _unique(opened.name, [s.name for s in systems], against, position)
+        log.info("evaluating %s on %d records", name, len(records))
+        with _progress(progress, name, len(records)) as advance:
+            stats = score_records(opened.model, records, evaluation, pad_id, settings.batch_size, device, advance)
+        systems.append(SystemScores(name, spec, stats, out_dir / "predictions.jsonl"))
+        del opened
+        gc.collect()
+    baseline = baseline_stats(records, evaluation, pad_token_id(tokenizer), classes)
+    if baseline is not None:
+        name, stats = baseline
+        systems.append(SystemScores(_unique(name, [s.name for s in systems], [], 0), "baseline", stats,
+                                    out_dir / "predictions.jsonl"))
+    scored = evaluation.metrics(classes)
+    report = comparison_report(systems, len(records), files, scored, scored[0], settings)
+    report["objective"] = {"name": run.objective.name, "records": evaluation.records, "dropped_overlong": dropped,
+                           "baseline": None if baseline is None else systems[-1].name}
+    if evaluation.confusion is not None:
+        k = len(classes)
+        report["classification"] = {"labels": classes, "confusion": {
+            s.name: s.stats[evaluation.confusion].sum(0).reshape(k, k).astype(int).tolist() for s in systems}}
+    texts = [prompt_and_reference(e) for e in kept]
+    _write_unit_predictions(out_dir, systems, kept, texts, evaluation, classes)
+    _attach_examples(report, out_dir)
+    return report
+
+
+def _write_unit_predictions(out_dir: Path, systems: list[SystemScores], examples: list[Any],
+                            texts: list[tuple[str, str]], evaluation: Any, classes: list[str]) -> None:
+    """One line per record: its prompt, what the data says is right, and each system's verdict and statistics."""
+    with fs.atomic_file(fs.own_entry(out_dir, "predictions.jsonl")) as tmp, open(tmp, "w") as out:
+        for i, (example, (prompt, reference)) in enumerate(zip(examples, texts)):
+            row: dict[str, Any] = {"index": i, "source": example.source, "prompt": prompt, "reference": reference,
+                                   "outputs": {}, "stats": {}}
+            for system in systems:
+                unit = {name: values[i].tolist() for name, values in system.stats.items()}
+                row["outputs"][system.name] = evaluation.describe(unit, classes)
+                row["stats"][system.name] = unit
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def _run_quantize_report(target: str | Path) -> dict[str, Any] | None:
@@ -376,14 +463,23 @@ class _progress:
 def build_report(systems: list[SystemScores], examples: list[Any], references: list[str], files: list[Path],
                  metrics: list[Metric], settings: EvalSettings) -> dict[str, Any]:
     scored = all_metrics(metrics, settings)
+    report = comparison_report(systems, len(examples), files, scored, primary_metric(scored, settings), settings)
+    if settings.labels:
+        report["classification"] = {"labels": settings.labels, "confusion": {s.name: s.confusion for s in systems}}
+    return report
+
+
+def comparison_report(systems: list[SystemScores], n: int, files: list[Path], scored: list[Metric], primary: Metric,
+                      settings: EvalSettings) -> dict[str, Any]:
+    """Every system's scores, and the first system compared with each other one: the deltas with their paired
+    bootstrap intervals (one resampling for all), wins/losses/ties, the verdict, the biggest changes' indices."""
     target = systems[0]
-    indices = resample_indices(len(examples), settings.resamples, settings.seed)
-    primary = primary_metric(scored, settings)
+    indices = resample_indices(n, settings.resamples, settings.seed)
     report: dict[str, Any] = {
         "target": target.name,
         "systems": [{"name": s.name, "spec": s.spec} for s in systems],
         "data": [str(f) for f in files],
-        "examples": len(examples),
+        "examples": n,
         "settings": {**asdict(settings), "normalization": asdict(settings.normalization)},
         "metrics": {m.name: {"higher_is_better": m.higher_is_better,
                              "scores": {s.name: m.score(s.stats[_stats_key(m)].sum(0)) for s in systems}}
@@ -391,8 +487,6 @@ def build_report(systems: list[SystemScores], examples: list[Any], references: l
         "primary_metric": primary.name,
         "comparisons": [],
     }
-    if settings.labels:
-        report["classification"] = {"labels": settings.labels, "confusion": {s.name: s.confusion for s in systems}}
     for other in systems[1:]:
         improved, worsened = biggest_changes(target, other, primary, settings.top_n)
         metrics_compared = compare(target, other, scored, settings, indices)

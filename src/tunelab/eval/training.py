@@ -13,12 +13,15 @@ from tunelab.metrics import Metric, example_scores, resolve_metrics
 LOSS_METRICS = {"loss": False, "perplexity": False}  # name -> higher is better
 
 
-def metric_direction(name: str, mode: str) -> bool:
-    """True when higher is better for ``name`` under ``mode`` ('auto' asks the metric itself)."""
+def metric_direction(name: str, mode: str, objective_metrics: tuple[str, ...] = ()) -> bool:
+    """True when higher is better for ``name`` under ``mode`` ('auto' asks the metric itself; a figure the
+    objective logs, ``objective_metrics``, is maximised: accuracy, macro-F1, preference accuracy...)."""
     if mode != "auto":
         return mode == "max"
     if name in LOSS_METRICS:
         return LOSS_METRICS[name]
+    if name in objective_metrics:
+        return True
     (metric,) = resolve_metrics([name])
     return metric.higher_is_better
 

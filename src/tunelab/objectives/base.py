@@ -18,7 +18,9 @@ An objective declares, in one place (its own file):
 - for an online objective (records: prompts), ``prepare``: how the completions the training layer sampled and
   scored (a ``Rollout``) become the batch its loss reads, so the loop stays one function for every objective;
 - whether the base model's figures may be cached across runs (``base_figures_cacheable``: never with a new,
-  randomly initialised head).
+  randomly initialised head);
+- how ``tunelab eval`` scores a finished model of it on held-out records (``evaluation``, see ``Evaluation``);
+  without one, a run is evaluated as SFT (loss and generations).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch
 from torch import nn
 
 from tunelab.data import collate
+from tunelab.metrics import Metric
 from tunelab.settings import Settings
 
 Batch = dict[str, torch.Tensor]
@@ -61,6 +64,30 @@ class ObjectiveSpec:
     derive: Callable[[Mapping[str, float]], dict[str, float]] | None = None
     # an online objective: (model, rollout) -> the batch the loss reads (advantages, log-probs it compares with)
     prepare: Callable[[nn.Module, Any], Batch] | None = None
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """How ``tunelab eval`` scores a model of an objective, one unit (a pair, a labeled text) at a time.
+
+    Each metric is a ``metrics.Metric`` over per-unit statistics (a score is a function of their sum), so every
+    one gets paired bootstrap intervals against the base and against ``baseline``, a rule that needs no model
+    (chance, the majority class), computed from the records alone."""
+
+    records: str  # the record kind the evaluation data must hold (data.formats.RECORD_KINDS)
+    collate: Callable[[list[list[Any]], int], Batch]  # those records' rows -> a batch (may differ from training's)
+    # (class names) -> the metrics, in report order; the first is the primary one (ranks the biggest changes)
+    metrics: Callable[[list[str]], list[Metric]]
+    # (model, batch) -> metric name -> (B, k) statistics of each unit of the batch, without gradients
+    unit_stats: Callable[[nn.Module, Batch], dict[str, torch.Tensor]]
+    # (one batch of every record, class names) -> the baseline's name in reports ('chance', 'majority class
+    # (function)') and its statistics, as unit_stats gives them; None: no baseline
+    baseline: Callable[[Batch, list[str]], tuple[str, dict[str, torch.Tensor]]] | None = None
+    # (one unit's statistics, class names) -> what the model did with it, in words (predictions.jsonl, reports)
+    describe: Callable[[Mapping[str, list[float]], list[str]], str] = lambda stats, classes: ""
+    # the statistic holding each unit's one-hot (true, predicted) cell, when the model's head has classes
+    # (config.id2label): the report then shows the confusion matrix; None: no classes
+    confusion: str | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +120,7 @@ class Objective:
     # Whether the untouched model's figures (base_eval.json) may be reused by another run of the same base, data
     # and settings: False for a new head (num_labels set), whose random initial weights belong to one run only.
     base_figures_cacheable: bool = True
+    evaluation: Evaluation | None = None  # how `tunelab eval` scores its models; None: as SFT
 
     def wants_reference(self, settings: Settings) -> bool:
         return self.needs_reference and (self.reference_when is None or self.reference_when(settings))

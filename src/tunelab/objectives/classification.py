@@ -27,7 +27,8 @@ from torch import nn
 
 from tunelab.data.labels import TokenizedLabeled
 from tunelab.errors import ConfigError
-from tunelab.objectives.base import PER_CLASS, Batch, LossSum, Objective
+from tunelab.metrics import Classification, Metric
+from tunelab.objectives.base import PER_CLASS, Batch, Evaluation, LossSum, Objective
 from tunelab.settings import Settings
 from tunelab.techniques.base import forward_inputs
 
@@ -125,10 +126,51 @@ def macro_f1(figures: Mapping[str, float]) -> dict[str, float]:
     return {"macro_f1": round(sum(scores) / len(scores), 6) if scores else 0.0}
 
 
+def _class_metrics(classes: list[str]) -> list[Metric]:
+    return Classification(classes).metrics  # accuracy, macro-F1: both from the one-hot (true, predicted) cells
+
+
+def confusion_cells(predicted: torch.Tensor, truth: torch.Tensor, classes: int) -> torch.Tensor:
+    """(B,) predicted and true class ids -> (B, k * k): each sequence's one-hot (true, predicted) cell, whose sum
+    over sequences is the confusion matrix (row-major: true class, then predicted)."""
+    cells = torch.zeros(len(truth), classes * classes, dtype=torch.float64, device=truth.device)
+    return cells.scatter_(1, (truth * classes + predicted)[:, None], 1.0)
+
+
+@torch.no_grad()
+def classify(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+    """Each sequence's confusion cell (accuracy and macro-F1 are both read from it), from the head's top class."""
+    logits = class_logits(model, batch)  # (B, k)
+    cells = confusion_cells(logits.argmax(-1), batch["class_ids"], logits.shape[-1])
+    return {"accuracy": cells, "macro_f1": cells}
+
+
+def majority_class(batch: Batch, classes: list[str]) -> tuple[str, dict[str, torch.Tensor]]:
+    """The baseline that answers the evaluated data's most frequent class every time (the best any constant
+    answer scores on this data; ties go to the first class)."""
+    truth = batch["class_ids"]  # (N,) every evaluated sequence
+    majority = int(torch.bincount(truth, minlength=len(classes)).argmax())
+    cells = confusion_cells(torch.full_like(truth, majority), truth, len(classes))
+    return f"majority class ({classes[majority]})", {"accuracy": cells, "macro_f1": cells}
+
+
+def _describe(stats: Mapping[str, list[float]], classes: list[str]) -> str:
+    cell = max(range(len(stats["accuracy"])), key=lambda i: stats["accuracy"][i])  # the one-hot cell's index
+    return classes[cell % len(classes)]  # row-major (true, predicted): the predicted class
+
+
+# `tunelab eval` of a classifier: accuracy, macro-F1 and the confusion matrix, against the base (the same base
+# with an untrained head) and the majority class
+CLASS_PREDICTIONS = Evaluation(
+    records="labeled", collate=collate_labeled, metrics=_class_metrics, unit_stats=classify,
+    baseline=majority_class, describe=_describe, confusion="accuracy",
+)
+
 OBJECTIVE = Objective(
     name="classification", config_class=ClassificationSettings, loss_sum=classification_loss_sum,
     count_units=count_sequences, units="examples", records="labeled", num_labels=PER_CLASS,
     summary="sequence classification: cross-entropy of a k-class head on {text, label} records",
     collate=collate_labeled, metrics=("accuracy", "macro_f1"), derive=macro_f1, refuses={"packing": PACKING},
     base_figures_cacheable=False,  # the score head starts random in every run
+    evaluation=CLASS_PREDICTIONS,
 )

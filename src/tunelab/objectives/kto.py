@@ -25,7 +25,7 @@ from torch import nn
 from tunelab.data import IGNORE, TokenizedExample, collate
 from tunelab.data.pairs import TokenizedCompletion
 from tunelab.objectives.base import Batch, LossSum, Objective, Reference
-from tunelab.objectives.preference import NEVER_PACKED, reference_logps, sequence_logps, split
+from tunelab.objectives.preference import LOG_PROB_RANKING, NEVER_PACKED, reference_logps, sequence_logps, split
 from tunelab.settings import Settings
 
 
@@ -89,5 +89,5 @@ OBJECTIVE = Objective(
     name="kto", config_class=KtoSettings, loss_sum=kto_loss_sum, count_units=count_examples, units="examples",
     summary="Kahneman-Tversky optimisation on unpaired {prompt, completion, label} records, against a reference",
     collate=collate_completions, needs_reference=True, metrics=("kl", "reward"), refuses={"packing": NEVER_PACKED},
-    records="unpaired_preference",
+    records="unpaired_preference", evaluation=LOG_PROB_RANKING,  # evaluated on pairs, as the policies above
 )

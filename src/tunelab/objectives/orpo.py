@@ -21,7 +21,8 @@ from torch import nn
 
 from tunelab.objectives.base import Batch, LossSum, Objective
 from tunelab.objectives.dpo import PAIR_METRICS
-from tunelab.objectives.preference import NEVER_PACKED, collate_pairs, count_pairs, pair_stats, sequence_logps, split
+from tunelab.objectives.preference import (LOG_PROB_RANKING, NEVER_PACKED, collate_pairs, count_pairs, pair_stats,
+                                           sequence_logps, split)
 from tunelab.settings import Settings
 
 
@@ -51,5 +52,5 @@ OBJECTIVE = Objective(
     count_units=count_pairs, units="pairs", collate=collate_pairs, metrics=PAIR_METRICS,
     summary="odds-ratio preference optimisation: SFT on the chosen answer plus an odds-ratio term (no reference)",
     refuses={"packing": NEVER_PACKED},
-    records="preference",
+    records="preference", evaluation=LOG_PROB_RANKING,
 )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,8 @@ from torch import nn
 from tunelab import fs
 from tunelab.data import IGNORE, collate
 from tunelab.data.pairs import TokenizedPair
-from tunelab.objectives.base import Batch, Reference
+from tunelab.metrics import Metric, unit_mean
+from tunelab.objectives.base import Batch, Evaluation, Reference
 from tunelab.objectives.sft import logits_only_where
 from tunelab.techniques.base import forward_inputs
 
@@ -86,6 +87,49 @@ def pair_stats(reward_chosen: torch.Tensor, reward_rejected: torch.Tensor) -> di
     chosen, rejected = reward_chosen.detach(), reward_rejected.detach()
     return {"reward_chosen": chosen.sum(), "reward_rejected": rejected.sum(), "reward_margin": (chosen - rejected).sum(),
             "preference_accuracy": (chosen > rejected).float().sum()}
+
+
+def _ranking_metrics(classes: list[str]) -> list[Metric]:
+    return [unit_mean("preference_accuracy"), unit_mean("logp_margin")]
+
+
+@torch.no_grad()
+def log_prob_ranking(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+    """Each pair's (value, 1) statistics: 1 when the policy gives the chosen answer a higher summed log-prob than
+    the rejected one, log pi(y_w|x) - log pi(y_l|x); no reference is involved (the base is scored the same way)."""
+    chosen, rejected = split(sequence_logps(model, batch)[0])  # (B,), (B,)
+    return ranking_stats(chosen - rejected, "preference_accuracy", "logp_margin")
+
+
+def ranking_stats(margin: torch.Tensor, accuracy: str, mean_margin: str) -> dict[str, torch.Tensor]:
+    """(B,) margins (chosen - rejected) -> the (B, 2) statistics of the share ranked right and of the mean margin."""
+    margin = margin.detach().double()
+    ones = torch.ones_like(margin)
+    return {accuracy: torch.stack([(margin > 0).double(), ones], 1), mean_margin: torch.stack([margin, ones], 1)}
+
+
+def chance(accuracy: str, mean_margin: str) -> Callable[[Batch, list[str]], tuple[str, dict[str, torch.Tensor]]]:
+    """The baseline of a pair ranking: a coin toss ranks half the pairs right, with no margin."""
+    def baseline(batch: Batch, classes: list[str]) -> tuple[str, dict[str, torch.Tensor]]:
+        half = torch.full((count_pairs(batch),), 0.5, dtype=torch.float64)
+        ones = torch.ones_like(half)
+        return "chance", {accuracy: torch.stack([half, ones], 1), mean_margin: torch.stack([0 * half, ones], 1)}
+    return baseline
+
+
+def describe_ranking(accuracy: str, mean_margin: str, unit: str) -> Callable[[Mapping[str, list[float]], list[str]], str]:
+    def describe(stats: Mapping[str, list[float]], classes: list[str]) -> str:
+        first = "chosen" if stats[accuracy][0] > 0 else "rejected"
+        return f"{first} ranked first ({unit} margin {stats[mean_margin][0]:+.3f})"
+    return describe
+
+
+# `tunelab eval` of a policy trained on pairs (dpo, ipo, orpo, simpo, kto): does it rank held-out pairs right?
+LOG_PROB_RANKING = Evaluation(
+    records="preference", collate=collate_pairs, metrics=_ranking_metrics, unit_stats=log_prob_ranking,
+    baseline=chance("preference_accuracy", "logp_margin"),
+    describe=describe_ranking("preference_accuracy", "logp_margin", "log-prob"),
+)
 
 
 @torch.no_grad()

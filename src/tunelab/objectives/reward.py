@@ -21,8 +21,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from tunelab.objectives.base import Batch, LossSum, Objective
-from tunelab.objectives.preference import NEVER_PACKED, collate_pairs, count_pairs, split
+from tunelab.metrics import Metric, unit_mean
+from tunelab.objectives.base import Batch, Evaluation, LossSum, Objective
+from tunelab.objectives.preference import (NEVER_PACKED, chance, collate_pairs, count_pairs, describe_ranking,
+                                           ranking_stats, split)
 from tunelab.settings import Settings
 from tunelab.techniques.base import forward_inputs
 
@@ -50,11 +52,31 @@ def reward_loss_sum(model: nn.Module, batch: Batch, settings: RewardSettings) ->
     return LossSum(losses.sum(), len(losses), {"pairwise_accuracy": (gap > 0).float().sum(), "score_margin": gap.sum()})
 
 
+def _ranking_metrics(classes: list[str]) -> list[Metric]:
+    return [unit_mean("pairwise_accuracy"), unit_mean("score_margin")]
+
+
+@torch.no_grad()
+def score_ranking(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+    """Each pair's (value, 1) statistics: 1 when the score head rates the chosen answer above the rejected one,
+    and the score gap r(x, y_w) - r(x, y_l)."""
+    chosen, rejected = split(scores(model, batch))  # (B,), (B,)
+    return ranking_stats(chosen - rejected, "pairwise_accuracy", "score_margin")
+
+
+# `tunelab eval` of a reward model: does its score rank held-out pairs right, against the base's untrained head
+# and against chance?
+SCORE_RANKING = Evaluation(
+    records="preference", collate=collate_pairs, metrics=_ranking_metrics, unit_stats=score_ranking,
+    baseline=chance("pairwise_accuracy", "score_margin"),
+    describe=describe_ranking("pairwise_accuracy", "score_margin", "score"),
+)
+
 OBJECTIVE = Objective(
     name="reward", config_class=RewardSettings, loss_sum=reward_loss_sum, count_units=count_pairs, units="pairs",
     summary="reward model: Bradley-Terry loss on a scalar score head over {prompt, chosen, rejected} pairs",
     collate=collate_pairs, num_labels=1, metrics=("pairwise_accuracy", "score_margin"),
     refuses={"packing": NEVER_PACKED},
-    records="preference",
+    records="preference", evaluation=SCORE_RANKING,
     base_figures_cacheable=False,  # the score head starts random in every run
 )

@@ -216,7 +216,8 @@ class TrainingContext:
         self.write_status("running", state)
         self.log_metrics(record)
         self.progress_note = progress_note(record, training.best_metric)
-        if is_better(result, state.best_eval, training.best_metric, metric_direction(training.best_metric, training.best_mode)):
+        higher = metric_direction(training.best_metric, training.best_mode, self.objective_kind.metrics)
+        if is_better(result, state.best_eval, training.best_metric, higher):
             state.best_eval, state.best_step, state.evals_without_improvement = state.last_eval, state.step, 0
             if self.config.training.save_every or self.config.training.early_stopping_patience or self.config.training.restore_best:
                 self.save_checkpoint(state)  # the best checkpoint is what restore_best loads at the end
