@@ -60,8 +60,8 @@ def _ranking_metrics(classes: list[str]) -> list[Metric]:
 def score_ranking(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
     """Each pair's (value, 1) statistics: 1 when the score head rates the chosen answer above the rejected one,
     and the score gap r(x, y_w) - r(x, y_l)."""
-    chosen, rejected = split(scores(model, batch))  # (B,), (B,)
-    return ranking_stats(chosen - rejected, "pairwise_accuracy", "score_margin")
+    score_chosen, score_rejected = split(scores(model, batch))  # (B,), (B,)
+    return ranking_stats(score_chosen - score_rejected, "pairwise_accuracy", "score_margin")
 
 
 # `tunelab eval` of a reward model: does its score rank held-out pairs right, against the base's untrained head
