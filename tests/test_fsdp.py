@@ -19,7 +19,8 @@ from support.tiny import build_tokenizer, toy_chat_records, write_jsonl
 from support.torchrun import DRIVER, torchrun
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from tunelab.config import build_config
+from tunelab import distributed
+from tunelab.config import ConfigError, build_config
 from tunelab.runs import read_metrics
 from tunelab.training import train
 
@@ -200,3 +201,18 @@ def test_a_technique_that_cannot_be_sharded_is_refused(technique: dict[str, Any]
     with pytest.raises(ValueError, match=r"training.distributed: technique '\w+' cannot be sharded with fsdp \(.+\)"):
         build_config(config)
     build_config({**config, "training": {**config["training"], "distributed": "ddp"}})  # control: ddp takes it
+
+
+def test_sharding_refuses_a_model_it_cannot_shard_before_any_collective(tiny_model_dir: Path) -> None:
+    """Checked before fully_shard touches the process group, so one process can see the errors."""
+    with pytest.raises(ConfigError, match="Linear holds none"):
+        distributed.shard_model(torch.nn.Linear(2, 2), None)
+
+    class BesideTheModel(torch.nn.Module):  # a trainable weight next to the transformers model, as a prompt encoder
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+            self.prompt = torch.nn.Parameter(torch.zeros(4, 64))
+
+    with pytest.raises(ConfigError, match=r"trainable weights outside the model \(prompt, 1 in all\)"):
+        distributed.shard_model(BesideTheModel(), None)

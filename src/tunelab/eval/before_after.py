@@ -167,7 +167,8 @@ def compare_with_base(eval_config: EvalConfig, base: dict[str, Any] | None, tune
                       samples: list[dict[str, str]], generate: Generations | None, seed: int) -> dict[str, Any]:
     """eval.json's comparison: the tuned figures, the base ones, the loss change, the sample generations side by
     side and their task metrics with paired bootstrap intervals. ``tuned`` is None without validation data;
-    ``generate`` is None on processes other than the main one (they report no samples and no metrics)."""
+    ``generate`` is None on processes other than the main one (they report no samples and no metrics), except in a
+    sharded run, where every process generates (each forward is a collective) and only the main's report is kept."""
     if tuned is None:  # eval.json is still written: it says why it holds no figures
         return {"tuned": None, "note": NO_VALIDATION_NOTE}
     comparison: dict[str, Any] = {"tuned": tuned}
