@@ -64,3 +64,35 @@ def test_unresolvable_rewards_are_config_errors() -> None:
         RewardSettings(function="regex")
     with pytest.raises(ValueError, match="expected a built-in"):
         RewardSettings(function="rouge")
+
+
+def test_a_reward_model_run_scores_prompt_and_completion_as_its_head_does(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from support.preference import toy_pair_texts
+    from support.runs import tiny_run_config
+    from support.tiny import write_jsonl
+
+    from tunelab.result import load_run
+    from tunelab.training import train
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in toy_pair_texts(0, 24)])
+    config = tiny_run_config(tiny_model_dir, tmp_path, pairs, objective={"name": "reward"},
+                             training={"max_steps": 2, "grad_accum": 1}, eval={"before_after": False, "num_samples": 0})
+    run = train(config, progress=False).run_dir
+    scored = score(build_rewards([RewardSettings(run=str(run), weight=2.0)], CPU), ["say cat 1", "say dog 2"],
+                   ["cat", "dog dog"], [{}, {}], ["f:1", "f:2"])
+    loaded = load_run(run, "cpu")
+    expected = []
+    for prompt, completion in (("say cat 1", "cat"), ("say dog 2", "dog dog")):
+        text = loaded.tokenizer.apply_chat_template([{"role": "user", "content": prompt},
+                                                     {"role": "assistant", "content": completion}], tokenize=False)
+        ids = loaded.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            expected.append(float(loaded.model(**ids).logits[0, 0]))
+    name = next(iter(scored.terms))
+    assert scored.terms[name].tolist() == pytest.approx(expected, abs=1e-5)
+    assert scored.total.tolist() == pytest.approx([2 * e for e in expected], abs=1e-5)
+    (tmp_path / "sft").mkdir()
+    with pytest.raises(ConfigError, match="not a reward model"):
+        sft = train(tiny_run_config(tiny_model_dir, tmp_path / "sft", training={"max_steps": 1, "grad_accum": 1},
+                                    eval={"before_after": False}), progress=False).run_dir
+        build_rewards([RewardSettings(run=str(sft))], CPU)

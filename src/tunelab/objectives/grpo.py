@@ -107,7 +107,7 @@ def grpo_prepare(model: nn.Module, rollout: Rollout, settings: GrpoSettings, ref
     if settings.num_iterations > 1:
         with torch.no_grad():
             batch["old_logps"] = _as_grid(token_logps(model, batch)[0], keep)  # (R, T)
-    if settings.beta > 0:
+    if settings.beta > 0:  # a reference pass only with a KL term to weigh
         if reference is None:
             raise RuntimeError("grpo with beta > 0 compares with a reference policy, but none was set up")
         with reference(model) as scorer:
