@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -19,6 +19,7 @@ from support.runs import checkpoint_tensors, tiny_config
 from support.tiny import fresh_model
 
 from tunelab.data import IGNORE
+from tunelab.errors import ConfigError
 from tunelab.distributed import make_accelerator
 from tunelab.objectives import OBJECTIVES
 from tunelab.objectives import grpo
@@ -120,7 +121,7 @@ def test_with_one_iteration_the_ratio_is_one_and_its_gradient_is_the_policy_grad
 
 def _rollouts(tokenizer: Any, **values: Any) -> Rollouts:
     config = settings(**values)
-    return Rollouts(config, tokenizer, build_rewards(config.rewards, torch.device("cpu")), 1, 0, RunInfo(), torch.autocast.__enter__ and (lambda: torch.autocast("cpu", enabled=False)))
+    return Rollouts(config, tokenizer, build_rewards(config.rewards, torch.device("cpu")), 1, 0, RunInfo(), nullcontext)
 
 
 def _uncached_greedy(model: torch.nn.Module, ids: list[int], steps: int, stop: int) -> list[int]:
@@ -267,3 +268,8 @@ def test_resume_3_plus_3_equals_6_steps_rollouts_included(tiny_model_dir: Path, 
     assert a and all(torch.equal(a[name], b[name]) for name in a)
     assert _rewards(Path(straight.output.dir)) == _rewards(Path(halves.output.dir))
 
+
+
+def test_reused_rollouts_train_in_one_process_only(tiny_tokenizer: Any) -> None:
+    with pytest.raises(ConfigError, match="num_iterations above 1 trains in one process only"):
+        Rollouts(settings(num_iterations=2), tiny_tokenizer, [], 1, 0, RunInfo(), nullcontext, processes=2)

@@ -21,8 +21,9 @@ def test_grpo_trains_two_steps_on_smollm2_through_the_cli(tmp_path: Path) -> Non
     run = tmp_path / "grpo"
     result = runner.invoke(app, [
         "train", str(EXAMPLE), "--no-progress", "--set=training.max_steps=2", "--set=training.grad_accum=1",
-        "--set=objective.max_completion_length=16", "--set=data.val_size=2", "--set=eval.max_examples=2",
-        "--set=eval.num_samples=1", "--set=eval.max_new_tokens=16", f"--set=output.dir={run}",
+        "--set=training.micro_batch_size=1", "--set=objective.num_generations=2", "--set=objective.max_completion_length=8",
+        "--set=data.val_size=2", "--set=eval.max_examples=2", "--set=eval.before_after=false", "--set=eval.forgetting=false",
+        f"--set=output.dir={run}",
     ])
     assert result.exit_code == 0, result.output
     assert json.loads((run / "status.json").read_text())["status"] == "completed"

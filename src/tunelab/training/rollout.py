@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 
+from tunelab.errors import ConfigError
 from tunelab.generation import GenerationRequest, Sampling, generate_batch
 from tunelab.objectives import Batch
 from tunelab.objectives.online import Rollout
@@ -34,7 +35,10 @@ class Rollouts:
     """Draws, samples, scores and prepares the micro-batches of each optimizer step."""
 
     def __init__(self, settings: Any, tokenizer: Any, rewards: list[Reward], grad_accum: int, seed: int,
-                 info: RunInfo, autocast: Callable[[], AbstractContextManager[Any]]) -> None:
+                 info: RunInfo, autocast: Callable[[], AbstractContextManager[Any]], processes: int = 1) -> None:
+        if settings.num_iterations > 1 and processes > 1:  # the checkpoint keeps the main process's rollouts only
+            raise ConfigError("objective.num_iterations above 1 trains in one process only (a checkpoint keeps the "
+                              "rollouts still to be reused of the main process alone); set it to 1 or run one process")
         self.settings, self.tokenizer, self.rewards = settings, tokenizer, rewards
         self.grad_accum, self.seed, self.info, self.autocast = grad_accum, seed, info, autocast
         self.reuse = settings.num_iterations

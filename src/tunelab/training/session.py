@@ -172,7 +172,8 @@ def _set_up(ctx: TrainingContext, resume: bool) -> tuple[LoopState, dict[str, An
     ctx.objective = ctx.objective_kind.bind(config.objective, same_model)  # the base is its own reference
     if ctx.objective_kind.prepare is not None:  # an online objective samples its batches and scores them
         ctx.rollouts = Rollouts(config.objective, ctx.tokenizer, build_rewards(config.objective.rewards, ctx.device),
-                                config.training.grad_accum, config.training.seed, ctx.info, ctx.accelerator.autocast)
+                                config.training.grad_accum, config.training.seed, ctx.info, ctx.accelerator.autocast,
+                                ctx.accelerator.num_processes)
     samples = sample_prompts(ctx.tokenizer, ctx.data.validation_examples, config.eval.num_samples)
     ctx.samples = samples
     with ctx.info.phase("base evaluation"):
