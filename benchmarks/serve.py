@@ -11,9 +11,10 @@ What is measured: closed-loop clients (each sends its next request when the prev
 request a streamed ``/v1/chat/completions`` with ``max_tokens`` new tokens at most, greedy; the requests cycle
 over the two adapters and the base, so concurrent requests ask for different adapters. For each number of
 clients, ``--rounds`` requests per client (8 requests at least, ``--max-requests`` at most); per request the
-time to the first streamed token (TTFT) and to the end, p50 and p95 over all requests; throughput is all
-completion tokens over the wall time of the level. Server modes over the same requests (``--modes``): ``continuous`` (the server as it runs:
-requests join and leave the running batch at every decoding step, requests for different adapters share it
+time to the first streamed token (TTFT) and to the end, p50 and p95 over all requests, and the steady TTFT:
+over the requests after each client's first (the clients all start at once, so their first requests are one
+burst); throughput is all completion tokens over the wall time of the level. Server modes over the same
+requests (``--modes``): ``continuous`` (the server as it runs: requests join and leave the running batch at every decoding step, requests for different adapters share it
 through PEFT's mixed-adapter inference), ``whole-batch`` (the scheduling the server had before: a batch of the
 requests waiting runs to its end before the next starts; mixed adapters too) and ``per-adapter`` (continuous, but
 the running batch holds one adapter's requests only, as a server without mixed batches would run).
@@ -77,10 +78,12 @@ async def level(url: str, models: list[str], clients: int, requests: int, max_to
     results: list[dict[str, Any]] = []
 
     async def client_loop(client: httpx.AsyncClient) -> None:
+        first = True  # every client's first request arrives at the same moment as the others' (the level's start)
         while not jobs.empty():
             k = jobs.get_nowait()
-            results.append(await one_request(client, url, models[k % len(models)], QUESTIONS[k % len(QUESTIONS)],
-                                             max_tokens))
+            result = await one_request(client, url, models[k % len(models)], QUESTIONS[k % len(QUESTIONS)], max_tokens)
+            results.append({**result, "first": first})
+            first = False
 
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(timeout=900, limits=limits) as client:
@@ -103,7 +106,17 @@ def summarize(results: list[dict[str, Any]], wall: float) -> dict[str, Any]:
             "tokens_per_s": round(tokens / wall, 2), "requests_per_s": round(len(results) / wall, 3),
             "ttft_p50_s": round(percentile(ttft, 0.5), 3), "ttft_p95_s": round(percentile(ttft, 0.95), 3),
             "total_p50_s": round(percentile(total, 0.5), 3), "total_p95_s": round(percentile(total, 0.95), 3),
-            "mean_tokens": round(statistics.mean(r["tokens"] for r in results), 1)}
+            "mean_tokens": round(statistics.mean(r["tokens"] for r in results), 1), **steady(results)}
+
+
+def steady(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """TTFT over the requests after each client's first: all clients start at once, so their first requests
+    arrive together (a burst no steady load has); the later ones arrive as the clients' previous answers end."""
+    later = [r["ttft_s"] for r in results if not r["first"]]
+    if not later:
+        return {"steady_requests": 0, "steady_ttft_p50_s": None, "steady_ttft_p95_s": None}
+    return {"steady_requests": len(later), "steady_ttft_p50_s": round(percentile(later, 0.5), 3),
+            "steady_ttft_p95_s": round(percentile(later, 0.95), 3)}
 
 
 def main() -> None:
@@ -163,11 +176,14 @@ def print_table(report: dict[str, Any]) -> None:
     print(f"\nSmolLM2-135M + {len(report['runs'])} LoRA adapters + base, {report['max_tokens']} new tokens max, "
           f"{report['rounds']} requests per client (8 at least, {report['max_requests']} at most), "
           f"{report['machine']['torch_threads']} torch threads\n")
-    print("| mode | clients | requests | TTFT p50 s | TTFT p95 s | total p50 s | total p95 s | tokens/s | mean batch | load 1m |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| mode | clients | requests | TTFT p50 / p95 s | steady TTFT p50 / p95 s | total p50 / p95 s | tokens/s | "
+          "mean batch | load 1m |")
+    print("| --- | ---: | ---: | --- | --- | --- | ---: | ---: | ---: |")
     for f in report["levels"]:
-        print(f"| {f['mode']} | {f['clients']} | {f['requests']} | {f['ttft_p50_s']:.2f} | {f['ttft_p95_s']:.2f} | "
-              f"{f['total_p50_s']:.2f} | {f['total_p95_s']:.2f} | {f['tokens_per_s']:.1f} | {f['mean_batch_rows']:.1f} | "
+        steady_ttft = (f"{f['steady_ttft_p50_s']:.2f} / {f['steady_ttft_p95_s']:.2f}" if f["steady_requests"] else "-")
+        print(f"| {f['mode']} | {f['clients']} | {f['requests']} | {f['ttft_p50_s']:.2f} / {f['ttft_p95_s']:.2f} | "
+              f"{steady_ttft} | "
+              f"{f['total_p50_s']:.2f} / {f['total_p95_s']:.2f} | {f['tokens_per_s']:.1f} | {f['mean_batch_rows']:.1f} | "
               f"{f['load_average_1m']:.1f} |")
 
 

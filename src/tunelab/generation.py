@@ -324,6 +324,12 @@ def steps_supported(model: Any) -> tuple[bool, str]:
     return True, ""
 
 
+# The prompt tokens prefilled at one step (one prompt at least). A prefill is paid by the running rows too (they
+# wait for it), and on a CPU it costs about as much per token as a decoding step per row: 128 is two or three chat
+# prompts per step, so a burst of arrivals is spread over a few steps instead of holding every row up at once.
+PREFILL_TOKENS = 128
+
+
 @dataclass
 class _Row:
     """A request in the running batch: ``length`` of its tokens are in the cache (the real ones of its row; the
@@ -358,7 +364,7 @@ class ContinuousBatch:
     """
 
     def __init__(self, model: Any, tokenizer: PreTrainedTokenizerBase, adapter_names: dict[str, str] | None = None,
-                 max_rows: int = 16, prefill_tokens: int = 2048, mix_adapters: bool = True) -> None:
+                 max_rows: int = 16, prefill_tokens: int = PREFILL_TOKENS, mix_adapters: bool = True) -> None:
         self.model, self.tokenizer, self.adapter_names = model, tokenizer, adapter_names
         self.max_rows, self.prefill_tokens = max_rows, prefill_tokens
         self.mix_adapters = mix_adapters  # False: the running rows all ask for one adapter
@@ -412,7 +418,8 @@ class ContinuousBatch:
         self.waiting = [r for r in self.waiting if not r.done]
         joining = self._admit()
         was_training = self.model.training
-        self.model.eval()
+        if was_training:  # eval mode (no dropout) for the step; a served model is in it already (no walk per step)
+            self.model.eval()
         try:
             if not self.stepping:
                 return finished + self._whole_batch(joining)
@@ -423,7 +430,8 @@ class ContinuousBatch:
                 self._decode()
                 finished += self._drop_finished()
         finally:
-            self.model.train(was_training)
+            if was_training:
+                self.model.train()
         return finished
 
     # -- scheduling

@@ -27,7 +27,7 @@ from typing import Any, Callable
 from transformers import AutoTokenizer
 
 from tunelab.errors import ConfigError
-from tunelab.generation import BASE, PEFT_BASE, ContinuousBatch, GenerationRequest
+from tunelab.generation import BASE, PEFT_BASE, PREFILL_TOKENS, ContinuousBatch, GenerationRequest
 from tunelab.models import ModelConfig, load_tokenizer, same_base_model
 from tunelab.result import find_result, load_run
 from tunelab.techniques.base import ADAPTER_CONFIG
@@ -149,7 +149,7 @@ class Engine:
     never waits for others to finish before it starts."""
 
     def __init__(self, model: Any, served: dict[str, ServedModel], max_batch_size: int = 16,
-                 mix_adapters: bool = True, prefill_tokens: int = 2048) -> None:
+                 mix_adapters: bool = True, prefill_tokens: int = PREFILL_TOKENS) -> None:
         self.model, self.served = model, served
         self.tokenizer = next(iter(served.values())).tokenizer  # decoding: every served tokenizer shares the vocab
         mixed = any(m.adapter for m in served.values())  # adapters: pass adapter_names to PEFT
@@ -159,6 +159,7 @@ class Engine:
         if not self.batch.stepwise:
             log.info("whole batches, no continuous batching: %s", self.batch.why_not)
         self.context_length = _context_length(model, self.tokenizer)
+        self.batch_wait_s = 0.01  # whole batches only (``continuous`` off): how long a batch waits for more requests
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._jobs: dict[int, Job] = {}  # id(request) -> its job, while it is in the batch
         self._thread = threading.Thread(target=self._work, name="tunelab-generate", daemon=True)
@@ -205,16 +206,19 @@ class Engine:
     def _take(self) -> bool:
         """Move the jobs that arrived into the batch: wait for one while nothing runs, else take only what is
         there. False once the engine is closed."""
-        block = self.batch.idle
+        block, gather_until = self.batch.idle, None
         while True:
             try:
-                job = self._queue.get(block=block)
+                wait = None if gather_until is None else max(0.0, gather_until - time.monotonic())
+                job = self._queue.get(block=block or wait is not None, timeout=wait)
             except queue.Empty:
                 return True
             if job is None:
                 return False
             self._jobs[id(job.request)] = job
             self.batch.add(job.request)
+            if block and not self.batch.stepping:  # whole batches: gather what arrives within batch_wait_s first
+                gather_until = time.monotonic() + self.batch_wait_s
             block = False
 
     def _work(self) -> None:
