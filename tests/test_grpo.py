@@ -273,3 +273,18 @@ def test_resume_3_plus_3_equals_6_steps_rollouts_included(tiny_model_dir: Path, 
 def test_reused_rollouts_train_in_one_process_only(tiny_tokenizer: Any) -> None:
     with pytest.raises(ConfigError, match="num_iterations above 1 trains in one process only"):
         Rollouts(settings(num_iterations=2), tiny_tokenizer, [], 1, 0, RunInfo(), nullcontext, processes=2)
+
+
+def test_a_completion_that_stopped_keeps_its_end_of_turn_token_and_the_step_figures(tiny_tokenizer: Any) -> None:
+    from tunelab.generation import GenerationRequest
+
+    rollouts = _rollouts(tiny_tokenizer, num_generations=2)
+    rollouts.sample = lambda model, records, seed: [  # type: ignore[method-assign]
+        GenerationRequest([1, 2], token_ids=[5], text="a", finish_reason="stop", end_token=2),
+        GenerationRequest([1, 2], token_ids=[5, 6, 7], text="abc", finish_reason="length")]
+    record = type("Record", (), {"input_ids": [1, 2], "prompt": "q", "columns": {}, "source": "f:1"})()
+    plan = type("Plan", (), {"rank": 0, "micro_batches": lambda self, start: iter([[[record]]] * 4)})()
+    seen: list[Rollout] = []
+    _, _, figures = rollouts.window(None, lambda model, rollout: seen.append(rollout) or {}, plan, 0)
+    assert seen[0].completion_ids == [[5, 2], [5, 6, 7]]  # the policy learns when to stop
+    assert figures["reward"] == 1.0 and figures["zero_variance_groups"] == 1.0 and figures["completion_length"] == 2.5
