@@ -159,7 +159,7 @@ def test_a_damaged_cache_entry_is_ignored_and_rewritten(
 
 
 def test_a_random_new_head_is_never_cached(tiny_model_dir: Path, tmp_path: Path, measured: Measured) -> None:
-    from test_classification import toy_labeled
+    from support.labeled import toy_labeled
 
     labeled = write_jsonl(tmp_path / "labeled.jsonl", toy_labeled())
     sections: dict[str, Any] = {"objective": {"name": "classification"}, "data": {"packing": False},

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from tunelab.distributed import make_accelerator
 from support.ddp_driver import StopAfter
+from support.labeled import CLASSES, classification_config, toy_labeled
 from support.runs import TINY_RUN, checkpoint_tensors, tiny_config
 from support.tiny import ANIMALS, toy_chat_records, write_jsonl
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -24,26 +25,6 @@ from tunelab.objectives.classification import collate_labeled, macro_f1
 from tunelab.runs import read_metrics
 from tunelab.training import loop, train
 from tunelab.training.loop import accumulate_gradients
-
-CLASSES = ANIMALS[:3]  # cat, dog, fox: the class is the animal the text names, so the set is separable
-
-
-def toy_labeled(n: int = 48) -> list[dict[str, str]]:
-    verbs = ["jumps over the lazy", "is quick and brown", "says hello to the", "counts from one to five"]
-    return [{"text": f"the {CLASSES[i % 3]} {verbs[(i // 3) % 4]} {ANIMALS[3 + i % 3]} {i}", "label": CLASSES[i % 3]}
-            for i in range(n)]
-
-
-def classification_config(model_dir: Path, tmp_path: Path, name: str = "run", **sections: dict[str, Any]):  # noqa: ANN201
-    data = write_jsonl(tmp_path / "labeled.jsonl", toy_labeled())
-    merged: dict[str, dict[str, Any]] = {
-        "objective": {"name": "classification"}, "data": {"train": [str(data)], **TINY_RUN["data"], "packing": False},
-        "technique": TINY_RUN["technique"], "training": TINY_RUN["training"],
-        "eval": {"num_samples": 0, "before_after": False}, "output": {"dir": str(tmp_path / name)}}
-    for section, values in sections.items():
-        merged[section] = values if section == "technique" else {**merged[section], **values}
-    return tiny_config(model_dir, **merged)
-
 
 def test_it_learns_a_separable_set_to_100_percent(tiny_model_dir: Path, tmp_path: Path) -> None:
     config = classification_config(tiny_model_dir, tmp_path, training={"max_steps": 40, "learning_rate": 1e-2,

@@ -15,7 +15,7 @@ import torch
 from support.preference import toy_pair_texts
 from support.runs import tiny_run_config
 from support.tiny import write_jsonl
-from test_classification import classification_config, toy_labeled
+from support.labeled import classification_config, toy_labeled
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tunelab.config import ConfigError, DataConfig

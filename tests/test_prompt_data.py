@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from support.tiny import write_jsonl
-from test_record_data import write_csv, write_parquet
+from support.tiny import write_csv, write_parquet
 from transformers import PreTrainedTokenizerFast
 
 from tunelab.config import DataConfig

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from support.tiny import write_jsonl
+from support.tiny import write_csv, write_jsonl, write_parquet
 from transformers import PreTrainedTokenizerFast
 
 from tunelab.config import DataConfig
@@ -25,21 +25,6 @@ CONVERSATIONAL_PAIR = {
 }
 UNPAIRED = {"prompt": "count from one to five", "completion": "one two three four five", "label": True}
 LABELED = {"text": "the quick brown fox", "label": "animal"}
-
-
-def write_csv(path: Path, records: list[dict]) -> Path:
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(records[0]))
-        writer.writeheader()
-        writer.writerows(records)
-    return path
-
-
-def write_parquet(path: Path, records: list[dict]) -> Path:
-    import datasets
-
-    datasets.Dataset.from_list(records).to_parquet(str(path))
-    return path
 
 
 def pairs(n: int) -> list[dict]:

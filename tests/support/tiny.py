@@ -3,6 +3,7 @@ network), a fresh copy of that model, and a learnable toy chat task."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -78,3 +79,18 @@ def toy_chat_records(n: int = 48) -> list[dict]:
             {"role": "assistant", "content": f"{animal} {animal} {animal}"},
         ]})
     return out
+
+
+def write_csv(path: Path, records: list[dict]) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+    return path
+
+
+def write_parquet(path: Path, records: list[dict]) -> Path:
+    import datasets
+
+    datasets.Dataset.from_list(records).to_parquet(str(path))
+    return path
