@@ -157,3 +157,68 @@ def test_solved_micro_batch_runs_within_bounds_and_the_next_does_not_fit(tiny_mo
                                     "data": config.data.model_copy(update={"packing": True})})
     actual = measured_peak(run)
     assert 0.95 <= plan_memory(run, "cpu").peak_bytes / actual <= 1.15
+
+
+def test_qlora_activations_count_the_adapters_past_the_4bit_stand_in(tiny_model_dir, tmp_path):
+    """The 4-bit layers run as a plain frozen linear in the meta forward; PEFT's LoRA wrapper (whose ``.weight`` is
+    its base layer's) must keep its own forward, so the adapters' saves are counted: about what LoRA on a float32
+    base saves (k-bit preparation adds the embedding output's gradient), never nothing."""
+    lora = plan_memory(config_for(tiny_model_dir, tmp_path, "lora"), "cpu", SHAPE, runtime=RUNTIME)
+    qlora = plan_memory(config_for(tiny_model_dir, tmp_path, "qlora"), "cpu", SHAPE, runtime=RUNTIME)
+    assert qlora.components["activations"] >= 0.9 * lora.components["activations"] > 0
+
+
+def test_autocast_copies_are_the_half_precision_weights_autograd_saves(tiny_model_dir, tmp_path):
+    """Independent count: a real forward of the prepared model under bfloat16 autocast, recording every saved
+    bfloat16 tensor shaped like a trainable weight (autocast's cached copy, saved for backward)."""
+    config = config_for(tiny_model_dir, tmp_path, "full", "bfloat16")
+    plan = plan_memory(config, "cpu", SHAPE, runtime=RUNTIME)
+    model = prepared_model(config).train()
+    halves = [p.detach().to(torch.bfloat16) for p in model.parameters() if p.requires_grad and p.dim() == 2]
+    copies: dict[int, int] = {}
+
+    def is_copy(tensor: torch.Tensor) -> bool:  # a weight's values in bfloat16 (random weights: no coincidence)
+        return tensor.dtype == torch.bfloat16 and tensor.dim() == 2 and any(
+            torch.equal(tensor, half) or (tensor.shape == half.t().shape and torch.equal(tensor, half.t()))
+            for half in halves if tensor.numel() == half.numel())
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if is_copy(tensor.detach()):
+            copies[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    ids = torch.randint(0, model.config.vocab_size, (SHAPE.micro_batch_size, SHAPE.length))
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids).logits.float().sum()
+    assert copies and plan.components["autocast_copies"] == sum(copies.values())
+    float32 = plan_memory(config_for(tiny_model_dir, tmp_path, "full", "float32"), "cpu", SHAPE, runtime=RUNTIME)
+    assert float32.components["autocast_copies"] == 0  # no autocast, no copies
+
+
+def mapped_ranges(name: str) -> list[tuple[int, int]]:
+    """Address ranges of this process's memory mappings of files called ``name`` (Linux /proc/self/maps)."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[5].endswith("/" + name):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads /proc/self/maps (Linux)")
+def test_a_quantized_load_keeps_the_checkpoint_mapped_and_its_frozen_weights_are_views_of_it(tiny_model_dir, tmp_path):
+    config = config_for(tiny_model_dir, tmp_path, "qlora")  # float32 base from a float32 checkpoint
+    model = prepared_model(config)
+    ranges = mapped_ranges("model.safetensors")
+    views = [p for p in unique_parameters(model) if not is_quantized_4bit(p) and not p.requires_grad
+             and any(start <= p.data_ptr() < end for start, end in ranges)]
+    assert ranges and views  # the file is still mapped, and frozen weights live in it
+    plan = plan_memory(config, "cpu", SHAPE, runtime=RUNTIME)
+    assert plan.components["checkpoint_mapped"] == (tiny_model_dir / "model.safetensors").stat().st_size
+    # the views are counted once, as the file's pages: the weights term is the rest of the prepared model
+    weights, _ = real_bytes(model)
+    in_file = sum(p.numel() * p.element_size() for p in views)
+    assert abs(plan.components["weights"] - (weights - in_file)) <= 0.02 * weights
+    lora = plan_memory(config_for(tiny_model_dir, tmp_path, "lora"), "cpu", SHAPE, runtime=RUNTIME)
+    assert "checkpoint_mapped" not in lora.components  # an ordinary load copies every weight out of the file

@@ -42,3 +42,53 @@ def test_runs_on_a_missing_folder_is_an_error(tmp_path: Path) -> None:
 
     result = CliRunner(env={"COLUMNS": "250"}).invoke(app, ["runs", str(tmp_path / "nowhere")])
     assert result.exit_code == 2 and "no such folder" in result.output
+
+
+def _compared_run(root: Path, name: str, technique: str, rank: int, tuned: float) -> Path:
+    """A finished run folder with the files the comparison columns read (written here, so each column can be
+    checked against the value it came from)."""
+    run_dir = _run(root, name)
+    (run_dir / "config.yaml").write_text(f"model: {{name: m}}\ntechnique: {{name: {technique}, r: {rank}, use_dora: "
+                                         f"{'true' if name == 'dora' else 'false'}}}\ntraining: {{learning_rate: 0.001}}\n")
+    (run_dir / "run_info.json").write_text(json.dumps({
+        "trainable_parameters": 1000 * rank, "total_parameters": 1_000_000, "tokens_per_s": 321.5,
+        "peak_memory": {"rss_bytes": 3 * 2**30, "rss_gib": 3.0}}))
+    (run_dir / "eval.json").write_text(json.dumps({
+        "base": {"loss": 2.0}, "tuned": {"loss": 1.5},
+        "metrics": {"rouge_l": {"base": 0.25, "tuned": tuned, "delta": tuned - 0.25, "ci_low": 0.01, "ci_high": 0.2,
+                                "higher_is_better": True}}}))
+    return run_dir
+
+
+def test_runs_table_has_the_comparison_columns_and_show_puts_runs_side_by_side(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    _compared_run(tmp_path, "dora", "lora", 8, 0.375)
+    _compared_run(tmp_path, "lora", "lora", 16, 0.125)
+    plain = _run(tmp_path, "plain")  # no eval.json, no run_info.json: the columns say '-'
+    runs = {Path(r["run"]).name: r for r in list_runs(tmp_path)}
+    dora = runs["dora"]
+    assert (dora["variant"], dora["trainable_parameters"], dora["peak_memory_bytes"]) == ("dora", 8000, 3 * 2**30)
+    assert dora["primary_metric"] == {"name": "rouge_l", "base": 0.25, "tuned": 0.375, "delta": 0.125,
+                                      "higher_is_better": True}
+    assert runs["plain"]["primary_metric"] is None and runs["plain"]["peak_memory_bytes"] is None
+    # without task metrics the validation loss is the primary metric, lower being better
+    (tmp_path / "lora" / "eval.json").write_text(json.dumps({"base": {"loss": 2.0}, "tuned": {"loss": 1.5}}))
+    assert list_runs(tmp_path)[1]["primary_metric"] == {"name": "val_loss", "base": 2.0, "tuned": 1.5, "delta": -0.5,
+                                                        "higher_is_better": False}
+    runner = CliRunner(env={"COLUMNS": "300", "NO_COLOR": "1"})
+    listed = runner.invoke(app, ["runs", str(tmp_path)])
+    assert listed.exit_code == 0, listed.output
+    for text in ("lora (dora)", "8.0k (0.8%)", "3.00 GiB", "322", "rouge_l 0.2500 -> 0.3750 (+0.1250)",
+                 "val_loss 2.0000 -> 1.5000 (-0.5000)"):
+        assert text in listed.output, text
+    shown = runner.invoke(app, ["runs", "show", str(tmp_path / "dora"), str(tmp_path / "lora"), str(plain)])
+    assert shown.exit_code == 0, shown.output
+    row = next(line for line in shown.output.splitlines() if "config: technique.r" in line)
+    assert [cell.strip() for cell in row.split("│")[2:5]] == ["8", "16", "-"], row
+    assert "config: model.name" not in shown.output  # the same in every run: not a difference
+    assert "0.2500 -> 0.3750 (+0.1250" in shown.output and "16.0k (1.6%)" in shown.output
+    both = json.loads(runner.invoke(app, ["runs", "show", str(tmp_path / "dora"), str(tmp_path / "lora"), "--json"]).stdout)
+    assert [d["summary"]["trainable_parameters"] for d in both] == [8000, 16000]

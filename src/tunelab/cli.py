@@ -15,7 +15,8 @@ from rich.table import Table
 from rich.text import Text
 
 from tunelab.console import (NAME_COLUMN, console, err_console, print_before_after, print_data_report,
-                             print_eval_report, print_quantize_table, print_run_details, print_runs, print_table)
+                             print_eval_report, print_quantize_table, print_run_details, print_runs,
+                             print_runs_side_by_side, print_table)
 from tunelab.errors import ConfigError, DataError, ModelLoadError, TechniqueError, TrainingAborted
 from tunelab.serve import DEFAULT_MAX_BODY_BYTES  # a constant: no FastAPI, no pydantic
 
@@ -259,27 +260,30 @@ def data_inspect(
                              "tunelab runs show runs/quickstart"))
 def runs(
     folder: Annotated[Path, typer.Argument(metavar="FOLDER|show", help="Folder holding run folders (default runs/), or 'show'")] = Path("runs"),
-    run: Annotated[Optional[Path], typer.Argument(metavar="[RUN]", help="With 'show': the run folder to describe")] = None,
+    run: Annotated[Optional[list[Path]], typer.Argument(metavar="[RUN]...", help="With 'show': the run folder to describe, or several to show side by side")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """List runs with their key figures, or describe one: `tunelab runs show RUN`.
+    """List runs with their key figures, or describe one: `tunelab runs show RUN`; several side by side:
+    `tunelab runs show RUN RUN ...`.
 
     Figures come from each run folder's files (config.yaml, status.json, metrics.jsonl, eval.json, run_info.json).
     """
     from tunelab.runs import list_runs, run_details  # start-up time
 
-    if str(folder) == "show" and run is not None:
+    if str(folder) == "show" and run:
         try:
-            details = run_details(run)
+            details = [run_details(path) for path in run]
         except _USER_ERRORS as exc:
             _fail(str(exc))
         if as_json:
-            _print_json(details)
+            _print_json(details[0] if len(details) == 1 else details)
+        elif len(details) == 1:
+            print_run_details(details[0])
         else:
-            print_run_details(details)
+            print_runs_side_by_side(details)
         return
-    if run is not None:
-        _fail(f"unexpected argument {run}: use `tunelab runs [FOLDER]` or `tunelab runs show RUN`")
+    if run:
+        _fail(f"unexpected argument {run[0]}: use `tunelab runs [FOLDER]` or `tunelab runs show RUN [RUN ...]`")
     if not folder.is_dir():
         _fail(f"{folder}: no such folder (give the folder that holds run folders, by default runs/)")
     found = list_runs(folder)

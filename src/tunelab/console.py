@@ -245,23 +245,47 @@ def duration(seconds: float | None) -> str:
 
 
 def print_runs(runs: list[dict[str, Any]]) -> None:
+    """``tunelab runs``: one row per run, with the columns that compare runs (technique and variant, trainable
+    parameters, peak memory, tokens/s, the primary metric and its change against the base)."""
     table = Table(title="Runs")
     table.add_column("run", **NAME_COLUMN)
-    for column in ("status", "date", "duration", "technique", "model", "lr", "step", "train loss (final 10%)",
-                   "val loss base -> tuned"):
+    for column in ("status", "date", "duration", "technique", "model", "lr", "step", "trainable", "peak memory",
+                   "tokens/s", "train loss (final 10%)", "metric: base -> tuned (delta)"):
         table.add_column(column, **(NAME_COLUMN if column in ("technique", "model") else {"overflow": "fold"}))
     for run in runs:
-        val = "-"
-        if run.get("tuned_val_loss") is not None:
-            base = f"{run['base_val_loss']:.4f}" if run.get("base_val_loss") is not None else "?"
-            val = f"{base} -> {run['tuned_val_loss']:.4f}"
-            if run.get("forgetting_flagged"):
-                val += " (forgetting!)"
         started = (run.get("started") or "-").replace("T", " ")[:16]
         table.add_row(run["run"], run["status"], started, duration(run.get("duration_s")), technique_label(run),
                       str(run.get("model")), _figure(run.get("learning_rate"), ".1e"), str(run.get("step")),
-                      _figure(run.get("train_loss_smoothed")), val)
+                      trainable_label(run), memory_label(run.get("peak_memory_bytes")),
+                      _figure(run.get("tokens_per_s"), ",.0f"), _figure(run.get("train_loss_smoothed")),
+                      metric_label(run))
     print_table(table)
+
+
+def trainable_label(summary: dict[str, Any]) -> str:
+    """Trainable parameters and their share of the model: '1.2M (0.9%)'."""
+    trainable, total = summary.get("trainable_parameters"), summary.get("total_parameters")
+    if trainable is None:
+        return "-"
+    share = f" ({100 * trainable / total:.2g}%)" if total else ""
+    for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if trainable >= size:
+            return f"{trainable / size:.1f}{unit}{share}"
+    return f"{trainable}{share}"
+
+
+def memory_label(peak_bytes: int | None) -> str:
+    return "-" if peak_bytes is None else f"{peak_bytes / 2**30:.2f} GiB"
+
+
+def metric_label(summary: dict[str, Any]) -> str:
+    """The run's primary metric against its base: 'rouge_l 0.2100 -> 0.3400 (+0.1300)', flagged when the
+    forgetting check flagged the run."""
+    metric = summary.get("primary_metric")
+    if not metric:
+        return "-"
+    text = f"{metric['name']} {metric['base']:.4f} -> {metric['tuned']:.4f} ({metric['delta']:+.4f})"
+    return text + (" (forgetting!)" if summary.get("forgetting_flagged") else "")
 
 
 def technique_label(summary: dict[str, Any]) -> str:
@@ -306,6 +330,70 @@ def print_run_details(details: dict[str, Any]) -> None:
     for key, value in rows:
         table.add_row(key, str(value))
     console.print(table)
+
+
+def print_runs_side_by_side(details: list[dict[str, Any]]) -> None:
+    """``tunelab runs show RUN RUN ...``: the runs' figures in one column each, then the config settings that
+    differ between them."""
+    summaries = [d["summary"] for d in details]
+    table = Table(title="Runs side by side")
+    table.add_column("", **NAME_COLUMN)
+    for summary in summaries:
+        table.add_column(summary["run"], overflow="fold")
+    rows: list[tuple[str, list[str]]] = [
+        ("status", [f"{s['status']} at step {s['step']}" for s in summaries]),
+        ("model", [str(s["model"]) for s in summaries]),
+        ("technique", [technique_label(s) for s in summaries]),
+        ("learning rate", [_figure(s["learning_rate"], ".2e") for s in summaries]),
+        ("trainable parameters", [trainable_label(s) for s in summaries]),
+        ("peak memory", [memory_label(s.get("peak_memory_bytes")) for s in summaries]),
+        ("tokens/s (training)", [_figure(s.get("tokens_per_s"), ",.1f") for s in summaries]),
+        ("duration", [duration(s.get("duration_s")) for s in summaries]),
+        ("train loss (final 10%)", [_figure(s.get("train_loss_smoothed")) for s in summaries]),
+        ("validation loss base -> tuned", [f"{_figure(s.get('base_val_loss'))} -> {_figure(s.get('tuned_val_loss'))}"
+                                           for s in summaries]),
+    ]
+    names = list(dict.fromkeys(name for d in details for name in (d["eval"].get("metrics") or {})))
+    for name in names:
+        cells = []
+        for d in details:
+            m = (d["eval"].get("metrics") or {}).get(name)
+            cells.append("-" if not m else f"{m['base']:.4f} -> {m['tuned']:.4f} ({m['delta']:+.4f}, "
+                                           f"[{m['ci_low']:+.4f}, {m['ci_high']:+.4f}])")
+        rows.append((f"{name} base -> tuned", cells))
+    rows.append(("forgetting check", [_forgetting_cell(d["eval"]) for d in details]))
+    for key, values in config_differences([d["config"] for d in details]).items():
+        rows.append((f"config: {key}", values))
+    for key, values in rows:
+        table.add_row(key, *values)
+    print_table(table)
+
+
+def _forgetting_cell(evaluation: dict[str, Any]) -> str:
+    forgetting = evaluation.get("forgetting") or {}
+    if "flagged" not in forgetting:
+        return "-"
+    return f"{forgetting['relative_change']:+.1%} ({'FLAGGED' if forgetting['flagged'] else 'ok'})"
+
+
+def config_differences(configs: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """The dotted config keys whose values are not the same in every config, with each config's value ('-' when
+    it has no such key); output folders aside (every run has its own)."""
+    flat = [_flatten(config) for config in configs]
+    keys = list(dict.fromkeys(key for f in flat for key in f))
+    missing = object()
+    return {key: ["-" if f.get(key, missing) is missing else str(f[key]) for f in flat] for key in keys
+            if not key.startswith("output.") and len({repr(f.get(key, missing)) for f in flat}) > 1}
+
+
+def _flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def print_eval_report(report: dict[str, Any], technique_tables: Sequence[Any] = ()) -> None:

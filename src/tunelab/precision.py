@@ -23,6 +23,7 @@ import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -139,6 +140,16 @@ def training_precision(dtype: str, device: torch.device, fixed_base: str | None 
     note = CPU_BF16_FALLBACK if dtype == "bfloat16" and loaded == torch.float32 else None
     mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(loaded, "no")
     return Precision(loaded, mixed, note, reason=note or f"model.dtype {dtype} on {device.type}")
+
+
+def technique_precision(dtype: str, device: torch.device, base_load: Any, cpu_bf16_refusal: str | None) -> Precision:
+    """How a run of a technique trains: ``training_precision`` with the technique's reason to keep float32, if any.
+    ``base_load`` is the technique's ``models.BaseLoad`` for this device (a base it loads itself, quantized or in a
+    dtype of its own, stays float32 under ``auto`` on a CPU); ``cpu_bf16_refusal`` is its declared reason not to
+    train in bfloat16 on a CPU. The one place training and the memory plan ask (they must agree)."""
+    fixed = base_load.quantization_config is not None or base_load.dtype is not None
+    why_float32 = cpu_bf16_refusal or ((base_load.note or "quantized") if fixed else None)
+    return training_precision(dtype, device, why_float32)
 
 
 def _auto_on_cpu(fixed_base: str | None) -> Precision:

@@ -112,7 +112,26 @@ def summarize_run(run_dir: Path) -> dict[str, Any] | None:
         "forgetting_flagged": forgetting.get("flagged"),
         "tokens_per_s": info.get("tokens_per_s"),
         "peak_rss_gib": (info.get("peak_memory") or {}).get("rss_gib"),
+        "trainable_parameters": info.get("trainable_parameters"),
+        "total_parameters": info.get("total_parameters"),
+        # on a GPU the most torch allocated there, else the process's peak RSS (as tunelab compare reads it)
+        "peak_memory_bytes": (info.get("peak_memory") or {}).get("gpu_max_allocated_bytes",
+                                                                 (info.get("peak_memory") or {}).get("rss_bytes")),
+        "primary_metric": primary_metric(evaluation),
     }
+
+
+def primary_metric(evaluation: dict[str, Any]) -> dict[str, Any] | None:
+    """The figure a run is judged by, against its base: the first task metric of eval.json (the config's
+    ``eval.metrics`` order), else the validation loss; None when the run was not evaluated before and after."""
+    for name, figures in (evaluation.get("metrics") or {}).items():
+        if figures.get("tuned") is not None and figures.get("base") is not None:
+            return {"name": name, "base": figures["base"], "tuned": figures["tuned"],
+                    "delta": figures["tuned"] - figures["base"], "higher_is_better": figures.get("higher_is_better", True)}
+    base, tuned = (evaluation.get("base") or {}).get("loss"), (evaluation.get("tuned") or {}).get("loss")
+    if base is None or tuned is None:
+        return None
+    return {"name": "val_loss", "base": base, "tuned": tuned, "delta": tuned - base, "higher_is_better": False}
 
 
 def _modified(path: Path) -> str:

@@ -1,9 +1,16 @@
 """The memory plan: a run's peak memory, term by term, from the model's meta-device skeleton and the data's
 lengths, without reading a weight.
 
-    peak (CPU RSS)   = runtime + weights + optimizer state + max(backward, optimizer step)
-    backward         = gradients + activations + logits copies   (freed memory stays in the heap: all at once)
-    optimizer step   = gradients + AdamW's temporary (the largest trainable tensor: it updates one at a time)
+    peak (CPU RSS)   = runtime + max(load, static + loss, static + backward, static + optimizer step)
+    load             = checkpoint file (its pages, memory-mapped while read) + the weights it loads into
+    static           = weights + optimizer state + checkpoint kept mapped (quantized loads) + master-cast leftovers
+    loss             = activations + logits copies + autocast copies            (the top of backward)
+    backward         = gradients + activations + logits copies in the heap + autocast copies   (its end)
+    optimizer step   = gradients + AdamW's temporaries (two of the largest trainable tensor: one tensor at a time)
+
+Memory freed during backward stays in the process's heap (glibc keeps its arenas), so the end of backward still
+holds the activations beside every gradient; chunks of 32 MiB or more (glibc's mmap threshold) go back to the
+system when freed, so the large (N, V) logits tensors count only at the top of backward.
 
 - weights: every parameter after the technique is applied, in the dtype it trains in (trainable ones in float32:
   master weights; PEFT's k-bit preparation upcasts the non-quantized ones to float32), 4-bit blocks as half a byte
@@ -13,6 +20,12 @@ lengths, without reading a weight.
   tokens included); with checkpointing, each layer's input plus one layer's saves (recomputed in backward);
 - logits copies: the head's (N, V) output, its float32 copy and cross-entropy's log-softmax, and in backward the
   two (N, V) float32 gradients;
+- autocast copies: under bfloat16/float16 autocast, the half-precision copy of every trainable weight that feeds
+  a matmul (cached by autocast, saved for backward);
+- master-cast leftovers: the loaded half-precision trainable weights, freed when they become float32, kept by the
+  heap (chunks under glibc's 32 MiB mmap threshold);
+- checkpoint kept mapped: a quantized load keeps the frozen weights it did not convert as views of the
+  memory-mapped checkpoint, so the whole file stays resident (measured on SmolLM2: RssFile +400 MiB);
 - runtime: the resident memory of a process that imported the training stack (measured once, see ``runtime``).
 On CUDA the runtime term is the CUDA context.
 """
@@ -50,7 +63,7 @@ class MemoryPlan:
     device: str
     peak_bytes: int
     components: dict[str, int]
-    phase: str  # which phase peaks: "load", "backward" or "optimizer step"
+    phase: str  # which phase peaks: "load", "loss", "backward" or "optimizer step"
     shape: Shape
     dtype: str
     notes: list[str] = field(default_factory=list)
@@ -92,6 +105,49 @@ def parameter_bytes(model: nn.Module, double_quant: bool) -> tuple[int, int, int
     return weights, trainable_bytes, trainable, total
 
 
+def loaded_bytes(model: nn.Module, double_quant: bool) -> int:
+    """Bytes of a skeleton's weights as ``from_pretrained`` materialises them (before a technique or the float32
+    master weights): 4-bit blocks with their scales, everything else in the dtype it loads in."""
+    return sum(quantized_bytes(p.numel(), double_quant) if is_quantized_4bit(p) else p.numel() * p.element_size()
+               for p in unique_parameters(model))
+
+
+def mapped_views_bytes(model: nn.Module, checkpoint_dtype: torch.dtype) -> int:
+    """Frozen, non-quantized weights in the checkpoint's own dtype: after a quantized load they are views of the
+    memory-mapped checkpoint file, resident as its pages (counted in ``checkpoint_mapped``), not copies."""
+    return sum(p.numel() * p.element_size() for p in unique_parameters(model)
+               if not is_quantized_4bit(p) and not p.requires_grad and p.dtype == checkpoint_dtype)
+
+
+# glibc serves a chunk this large or larger with its own mmap and returns it to the system when freed (its
+# dynamic mmap threshold stops growing here on 64-bit); smaller freed chunks stay in the heap.
+MMAP_THRESHOLD_MAX = 32 * 2**20
+
+
+def master_cast_leftover_bytes(model: nn.Module, load_dtype: torch.dtype) -> int:
+    """The loaded half-precision copies of the trainable weights, freed when they become float32 master weights:
+    the heap keeps the chunks below glibc's mmap threshold (the larger ones go back to the system)."""
+    if load_dtype == torch.float32:
+        return 0
+    size = torch.empty((), dtype=load_dtype).element_size()
+    return sum(size * p.numel() for p in unique_parameters(model)
+               if p.requires_grad and size * p.numel() < MMAP_THRESHOLD_MAX)
+
+
+def autocast_copy_bytes(model: nn.Module, half_bytes: int = 2) -> int:
+    """Half-precision copies autocast makes of the trainable float32 weights that feed a matmul (every linear, and
+    the output head): autocast caches them for the forward and autograd saves them for backward, so all are alive
+    at the start of backward. Parameters without a matmul (norms, biases, embeddings not tied to the head) are not
+    cast."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    cast: dict[int, int] = {}
+    for module in model.modules():
+        weight = module._parameters.get("weight")
+        if weight is not None and weight.requires_grad and (isinstance(module, nn.Linear) or module is head):
+            cast[id(weight)] = weight.numel()
+    return half_bytes * sum(cast.values())
+
+
 def unique_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Parameters and buffers once each (tied weights, e.g. embeddings shared with the head, count once)."""
     seen: dict[int, nn.Parameter] = {}
@@ -108,6 +164,7 @@ class Saved:
     layer_inputs: list[int]  # the hidden states entering each layer (what checkpointing keeps)
     outside: int  # embeddings, final norm, the head's input
     logits: int  # the head's output and the loss's float32 copies (N, V)
+    logits_returned: int = 0  # the part of ``logits`` in chunks the heap gives back to the system once freed
 
 
 @contextmanager
@@ -116,8 +173,10 @@ def _four_bit_as_plain(model: nn.Module) -> Iterator[None]:
     what its autograd function saves (only the quantized weight, a parameter)."""
     with ExitStack() as stack:
         for module in model.modules():
-            weight = getattr(module, "weight", None)
-            if isinstance(weight, nn.Parameter) and is_quantized_4bit(weight):
+            # the layer's own parameter only: PEFT's LoRA wrapper answers ``.weight`` with its base layer's, and
+            # replacing the wrapper's forward would drop the adapters from the probe (no activations at all)
+            weight = module._parameters.get("weight")
+            if weight is not None and is_quantized_4bit(weight):
                 def forward(x: torch.Tensor, module: nn.Module = module) -> torch.Tensor:
                     return nn.functional.linear(x, module.weight.detach().to(x.dtype), module.bias)
                 module.forward = forward
@@ -183,10 +242,11 @@ def saved_for_backward(model: nn.Module, shape: Shape, layers: list[nn.Module]) 
         for handle in handles:
             handle.remove()
     per_layer = [0] * len(layers)
-    outside = loss_saves = 0
+    outside = 0
+    loss_saves: list[int] = []
     for storage, (size, index) in saved.items():
         if storage not in before_loss:
-            loss_saves += size
+            loss_saves.append(size)
         elif index >= 0:
             per_layer[index] += size
         else:
@@ -195,10 +255,12 @@ def saved_for_backward(model: nn.Module, shape: Shape, layers: list[nn.Module]) 
     # The head's (N, V) output lives through backward (the loss holds it), its float32 copy when it is not float32
     # already, cross-entropy's saved log-softmax (loss_saves) and, in backward, two (N, V) float32 gradients.
     copy = output.numel() * 4 if output.dtype != torch.float32 else 0
-    logits_bytes = output_bytes + copy + loss_saves + 2 * output.numel() * 4
+    chunks = [output_bytes, copy, *loss_saves, output.numel() * 4, output.numel() * 4]
     outside -= min(outside, output_bytes)  # the head's output may be saved by the loss: counted once, above
     del loss
-    return Saved(per_layer, inputs[: len(layers)], outside, logits_bytes)
+    # chunks this large are glibc's own mappings, returned to the system when freed: alive only around the loss
+    large = sum(chunk for chunk in chunks if chunk >= MMAP_THRESHOLD_MAX)
+    return Saved(per_layer, inputs[: len(layers)], outside, sum(chunks), large)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

@@ -3,18 +3,19 @@ planned at: the longest micro-batch the run will train on, from the data's real 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from tunelab.config import TunelabConfig, build_config
 from tunelab.data import PreparedData, prepare_data
-from tunelab.models import cache_root, load_model_config, load_tokenizer, model_skeleton
+from tunelab.models import ModelConfig, cache_root, load_model_config, load_tokenizer, model_skeleton, resolve_model_path
 from tunelab.objectives import OBJECTIVES
-from tunelab.plan.memory import (MemoryPlan, Shape, activation_bytes, decoder_layers, parameter_bytes,
-                                 saved_for_backward)
+from tunelab.plan.memory import (MemoryPlan, Shape, activation_bytes, autocast_copy_bytes, decoder_layers,
+                                 loaded_bytes, mapped_views_bytes, master_cast_leftover_bytes, parameter_bytes, saved_for_backward)
 from tunelab.plan.runtime import runtime_bytes
-from tunelab.precision import training_precision
+from tunelab.precision import adapters_compute_in_autocast_dtype, technique_precision
 from tunelab.techniques import TECHNIQUES, RunContext
 
 ADAM_MOMENTS = 2  # AdamW keeps exp_avg and exp_avg_sq, float32, per trainable weight
@@ -44,36 +45,56 @@ def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None 
     technique = TECHNIQUES[config.technique.name]
     objective = OBJECTIVES[config.objective.name]
     base_load = technique.base_load(config.technique, target)
-    # the dtype the run really trains in: as training.context.run_precision asks tunelab.precision (auto is
-    # bfloat16 on a CPU with native bfloat16, unless the technique loads its own base or declares why not)
-    fixed = base_load.quantization_config is not None or base_load.dtype is not None
-    why_float32 = technique.cpu_bf16_refusal or ((base_load.note or "quantized") if fixed else None)
-    precision = training_precision(config.model.dtype, target, why_float32)
+    precision = technique_precision(config.model.dtype, target, base_load, technique.cpu_bf16_refusal)
     model_config = load_model_config(config.model)
+    checkpoint_dtype = _checkpoint_dtype(model_config)  # before the skeleton: building it sets the config's dtype
     skeleton = model_skeleton(model_config, base_load, dtype=precision.load_dtype, num_labels=objective.num_labels)
-    skeleton = technique.apply(skeleton, config.technique, RunContext(task_type=objective.task_type))
     double_quant = bool(getattr(base_load.quantization_config, "bnb_4bit_use_double_quant", False))
+    loaded = loaded_bytes(skeleton, double_quant)  # before the technique: what from_pretrained materialises
+    skeleton = technique.apply(skeleton, config.technique, RunContext(task_type=objective.task_type))
     weights, trainable_bytes, trainable, total = parameter_bytes(skeleton, double_quant)
     largest_trainable = max((4 * p.numel() for p in skeleton.parameters() if p.requires_grad), default=0)
+    autocast = autocast_copy_bytes(skeleton) if precision.mixed_precision != "no" else 0
+    if precision.mixed_precision != "no":
+        _as_under_autocast(skeleton, precision.load_dtype)
     # the virtual tokens a prompt-learning technique prepends lengthen every row: the forward sees them
     saved = saved_for_backward(skeleton, shape, decoder_layers(skeleton))
     activations = activation_bytes(saved, config.training.gradient_checkpointing)
+    checkpoint = checkpoint_file_bytes(config.model, total * checkpoint_dtype.itemsize)
     components = {
         "weights": weights,
         "gradients": trainable_bytes,
         "optimizer_state": ADAM_MOMENTS * trainable_bytes,
-        "optimizer_step_temporaries": largest_trainable,  # AdamW on a CPU updates one tensor at a time
+        # AdamW on a CPU updates one tensor at a time, making two temporaries of its size (sqrt(v) and its quotient)
+        "optimizer_step_temporaries": 2 * largest_trainable,
         "activations": activations,
         "logits_and_loss": saved.logits,
+        "autocast_copies": autocast,
+        "master_cast_leftovers": master_cast_leftover_bytes(skeleton, precision.load_dtype),
     }
-    components.update(_reference(config, objective, weights, trainable_bytes))
+    views = mapped_views_bytes(skeleton, checkpoint_dtype) if precision.load_dtype == checkpoint_dtype else 0
+    if base_load.quantization_config is not None and views:
+        # a quantized load (a device map) reads every weight through the memory-mapped checkpoint and keeps the
+        # frozen weights it does not convert as views of it: the whole file stays mapped, resident, for the run
+        components["checkpoint_mapped"] = checkpoint
+        components["weights"] -= views
+    components.update(_reference(config, objective, components["weights"], trainable_bytes))
     # On a CPU, memory freed during backward stays in the process's heap (glibc keeps its arenas), so the second
     # step's backward holds weights, moments, gradients, activations and logits at once: their sum is the peak.
-    static = weights + components["optimizer_state"] + components.get("reference_model", 0)
+    static = components["weights"] + components["optimizer_state"] + components.get("reference_model", 0) + \
+        components.get("checkpoint_mapped", 0) + components["master_cast_leftovers"]
     phases = {
-        "backward": static + trainable_bytes + activations + saved.logits,
+        # from_pretrained reads the memory-mapped checkpoint (its pages resident) into the weights it builds
+        "load": checkpoint + loaded,
+        # the top of backward: the loss's (N, V) tensors, before any weight's gradient exists
+        "loss": static + activations + saved.logits + components["autocast_copies"],
+        # the end of backward: every gradient, the activations (freed into the heap) and the logits tensors small
+        # enough to stay in the heap
+        "backward": static + trainable_bytes + activations + saved.logits - saved.logits_returned +
+        components["autocast_copies"],
         "optimizer step": static + trainable_bytes + components["optimizer_step_temporaries"],
     }
+    components["loading"] = phases["load"]  # a phase of its own (the model is not trained yet): not part of the sum
     notes = []
     if target.type == "cpu":
         components["runtime"] = runtime if runtime is not None else runtime_bytes(
@@ -81,12 +102,42 @@ def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None 
     else:
         components["runtime"] = runtime if runtime is not None else cuda_context_bytes()
         notes.append("CUDA: the peak is max_memory_allocated plus the CUDA context (runtime)")
+        phases["load"] = loaded  # the checkpoint's pages are host memory, not the GPU's
     phase = max(phases, key=phases.__getitem__)
     if precision.note:
         notes.append(precision.note)
     return MemoryPlan(device=target.type, peak_bytes=components["runtime"] + phases[phase], components=components,
                       phase=phase, shape=shape, dtype=str(precision.load_dtype).removeprefix("torch."),
                       notes=notes, trainable_parameters=trainable, total_parameters=total)
+
+
+def _as_under_autocast(skeleton: torch.nn.Module, half: torch.dtype) -> None:
+    """Make the meta forward save what an autocast forward saves: autocast has no meta kernels, so the trainable
+    float32 weights are cast to the half dtype the matmuls run in (their copies are the ``autocast_copies`` term),
+    and PEFT's adapters stop casting their input up to float32, as training sets them."""
+    for param in skeleton.parameters():
+        if param.dtype == torch.float32:
+            param.data = param.data.to(half)
+    adapters_compute_in_autocast_dtype(skeleton)
+
+
+def _checkpoint_dtype(model_config: Any) -> torch.dtype:
+    """The dtype the checkpoint's weights are stored in (config.json's dtype; float32 when it does not say)."""
+    dtype = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def checkpoint_file_bytes(model: ModelConfig, fallback: int) -> int:
+    """Bytes of the model's weight files where they are in a local folder (safetensors, else PyTorch .bin);
+    ``fallback`` (the skeleton's weights in the checkpoint's dtype) for a hub model."""
+    path = Path(resolve_model_path(model.name))
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+        if files:
+            return sum(f.stat().st_size for f in files)
+    return fallback
 
 
 def _reference(config: TunelabConfig, objective: Any, weights: int, trainable_bytes: int) -> dict[str, int]:

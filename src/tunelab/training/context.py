@@ -23,7 +23,7 @@ from tunelab.eval.training import OverfittingSignal, is_better, metric_direction
 from tunelab.generation import generate_samples
 from tunelab.models import default_device
 from tunelab.objectives import OBJECTIVES
-from tunelab.precision import Precision, training_precision
+from tunelab.precision import Precision, technique_precision
 from tunelab.run_info import RunInfo
 from tunelab.techniques import TECHNIQUES
 from tunelab.training.plan import Plan
@@ -54,10 +54,8 @@ class LoopState:
 def run_precision(config: TunelabConfig) -> Precision:
     """How this run trains (``model.dtype`` on this device, and whether the technique loads its base itself)."""
     device, technique = default_device(), TECHNIQUES[config.technique.name]
-    base_load = technique.base_load(config.technique, device)
-    fixed = base_load.quantization_config is not None or base_load.dtype is not None
-    why_float32 = technique.cpu_bf16_refusal or ((base_load.note or "quantized") if fixed else None)
-    return training_precision(config.model.dtype, device, why_float32)
+    return technique_precision(config.model.dtype, device, technique.base_load(config.technique, device),
+                               technique.cpu_bf16_refusal)
 
 
 class TrainingContext:
