@@ -222,3 +222,27 @@ def test_a_quantized_load_keeps_the_checkpoint_mapped_and_its_frozen_weights_are
     assert abs(plan.components["weights"] - (weights - in_file)) <= 0.02 * weights
     lora = plan_memory(config_for(tiny_model_dir, tmp_path, "lora"), "cpu", SHAPE, runtime=RUNTIME)
     assert "checkpoint_mapped" not in lora.components  # an ordinary load copies every weight out of the file
+
+
+def test_solved_max_length_is_the_longest_that_fits(tiny_model_dir, tmp_path):
+    """--solve max_length: the solved length's plan fits the budget and one token more does not."""
+    config = config_for(tiny_model_dir, tmp_path, "lora")
+    shape = Shape(micro_batch_size=2, length=16)
+    budget = plan_memory(config, "cpu", Shape(2, 48)).peak_bytes
+    value, plan = solve(config, shape, budget, "max_length", ceiling=256)
+    assert value is not None and value >= 48 and plan is not None and plan.peak_bytes <= budget
+    assert plan_memory(config, "cpu", Shape(2, value + 1)).peak_bytes > budget
+
+
+def test_recommend_lists_only_set_ups_that_fit_most_trainable_first(tiny_model_dir, tmp_path):
+    from tunelab.plan.solve import recommend
+
+    config = config_for(tiny_model_dir, tmp_path, "lora")
+    full = [plan_memory(config_for(tiny_model_dir, tmp_path, "full", gradient_checkpointing=on), "cpu", SHAPE)
+            for on in (False, True)]
+    budget = min(p.peak_bytes for p in full) - 1  # full fine-tuning fits in no set-up
+    found = recommend(config, SHAPE, budget)
+    assert found and all(s.plan.peak_bytes <= budget for s in found)
+    assert "full" not in {s.technique for s in found} and "lora" in {s.technique for s in found}
+    ranks = [(-s.plan.trainable_parameters, s.seconds_per_step) for s in found]
+    assert ranks == sorted(ranks)

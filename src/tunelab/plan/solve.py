@@ -90,11 +90,11 @@ def recommend(config: TunelabConfig, shape: Shape, budget: int, device: str = "c
     for name, technique in TECHNIQUES.items():
         for dtype in dtypes:
             for checkpointing in (False, True):
-                candidate = config.model_copy(update={
-                    "technique": technique.config_class(),
-                    "model": config.model.model_copy(update={"dtype": dtype}),
-                    "training": config.training.model_copy(update={"gradient_checkpointing": checkpointing})})
-                try:
+                try:  # a technique whose defaults cannot stand alone (adapter routing needs adapters) is skipped
+                    candidate = config.model_copy(update={
+                        "technique": technique.config_class(),
+                        "model": config.model.model_copy(update={"dtype": dtype}),
+                        "training": config.training.model_copy(update={"gradient_checkpointing": checkpointing})})
                     plan = plan_memory(candidate, device, shape)
                 except (TechniqueError, ConfigError, ValueError):  # a technique that does not fit this model
                     continue
