@@ -102,7 +102,10 @@ def _bytes_on_disk(folder: Path) -> int:
 
 def _interrupt_during(command: list[str], metrics: Path) -> str:
     """Start ``command``, Ctrl-C it once the run writing ``metrics`` has logged 2 training steps; its output."""
-    process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # A background job of a non-interactive shell (CI scripts, `cmd &`) starts with SIGINT ignored, and a Python
+    # started so keeps ignoring it (no KeyboardInterrupt): give the compare a terminal's default Ctrl-C.
+    process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 600
     while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count('"train"') >= 2):
         time.sleep(0.02)
