@@ -13,25 +13,17 @@ from dataclasses import dataclass, replace
 from transformers import PreTrainedTokenizerBase
 
 from tunelab.data.formats import DataError, Example
-from tunelab.data.tokenize import IGNORE, TokenizedExample, render_chat
+from tunelab.data.tokenize import IGNORE, TokenizedExample, WrapsExample, render_chat
 
 NO_LABEL = -1  # label_id before the class list is known
 TRUNCATION_RULE = "past data.max_length a text keeps its start"
 
 
 @dataclass(frozen=True)
-class TokenizedLabeled:
+class TokenizedLabeled(WrapsExample):
     example: TokenizedExample  # the text's tokens; no token supervised (labels all IGNORE)
     label: str  # the class name, as in the data
     label_id: int = NO_LABEL  # its index in the run's class list (PreparedData.classes)
-
-    @property
-    def input_ids(self) -> list[int]:
-        return self.example.input_ids
-
-    @property
-    def source(self) -> str:
-        return self.example.source
 
 
 def class_names(labels: list[str], given: list[str] | None = None) -> list[str]:

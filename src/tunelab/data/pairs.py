@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tunelab.data.tokenize import TokenizedExample
+from tunelab.data.tokenize import TokenizedExample, WrapsExample
 
 
 @dataclass(frozen=True)
@@ -32,15 +32,7 @@ class TokenizedPair:
 
 
 @dataclass(frozen=True)
-class TokenizedCompletion:
+class TokenizedCompletion(WrapsExample):
     example: TokenizedExample  # prompt + completion, the completion supervised
     desirable: bool  # KTO's label: a good (True) or a bad (False) completion for its prompt
     reference: tuple[float, float] | None = None  # (completion, mismatched completion) log-probs, see objectives.kto
-
-    @property
-    def input_ids(self) -> list[int]:
-        return self.example.input_ids
-
-    @property
-    def source(self) -> str:
-        return self.example.source

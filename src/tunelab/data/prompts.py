@@ -15,24 +15,16 @@ from typing import Any, Mapping
 from transformers import PreTrainedTokenizerBase
 
 from tunelab.data.formats import DataError, Example
-from tunelab.data.tokenize import IGNORE, TokenizedExample, render_chat
+from tunelab.data.tokenize import IGNORE, TokenizedExample, WrapsExample, render_chat
 
 TRUNCATION_RULE = "past data.max_length a prompt keeps its end (the completions are generated on top)"
 
 
 @dataclass(frozen=True)
-class TokenizedPrompt:
+class TokenizedPrompt(WrapsExample):
     example: TokenizedExample  # the prompt's ids, nothing supervised (IGNORE labels): what the plan lays out
     prompt: Any  # as the record gave it, for reward functions: a string, or a list of {role, content} messages
     columns: Mapping[str, Any]  # the record's reference columns ({name: value}), passed to reward functions
-
-    @property
-    def input_ids(self) -> list[int]:
-        return self.example.input_ids
-
-    @property
-    def source(self) -> str:
-        return self.example.source
 
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, example: Example) -> list[int]:

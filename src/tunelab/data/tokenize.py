@@ -48,6 +48,22 @@ class TokenizedExample:
         return sum(label != IGNORE for label in self.labels)
 
 
+class WrapsExample:
+    """A record of another shape (a prompt, a labeled text, an unpaired completion) around the one TokenizedExample
+    that batching lays out: its token ids and source line are the wrapped example's. Subclasses are dataclasses with
+    an ``example`` field."""
+
+    example: TokenizedExample
+
+    @property
+    def input_ids(self) -> list[int]:
+        return self.example.input_ids
+
+    @property
+    def source(self) -> str:
+        return self.example.source
+
+
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, chat_template: str | None, needs_chat: bool) -> list[str]:
     """Make the tokenizer usable for training and return every change made, so it is logged and reported.
 
