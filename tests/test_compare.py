@@ -24,10 +24,11 @@ from safetensors import safe_open
 from support.runs import tiny_config_dict
 from support.tiny import toy_chat_records, write_jsonl
 from tunelab.compare.stats import mean_interval, pareto_flags, t_quantile
-from tunelab.compare.table import flag_pareto
+from tunelab.compare.table import flag_pareto, primary_metric
 
-# what a run's own process measured: differs between two runs of the same config
-MEASURED = {"peak_memory_bytes", "wall_time_s", "tokens_per_s"}
+# what a run's own process measured: differs between two runs of the same config; the Pareto flag too, since
+# memory and wall time are two of its three axes (checked against the row's own figures instead)
+MEASURED = {"peak_memory_bytes", "wall_time_s", "tokens_per_s", "pareto"}
 
 
 def test_pareto_flag_on_a_constructed_table() -> None:
@@ -177,7 +178,12 @@ def test_compare_columns_seed_repeat_and_resume(tiny_model_dir: Path, tmp_path: 
     kept = subprocess.run([*command[:-1], str(whole)], env=ENV, capture_output=True, text=True, timeout=900)
     assert kept.returncode == 0, kept.stdout + kept.stderr
     assert "resuming" not in kept.stderr and ": training (" not in kept.stderr  # nothing trained again
-    assert _without_measured(json.loads((whole / "compare.json").read_text())) == _without_measured(result)
+    rebuilt = json.loads((whole / "compare.json").read_text())
+    assert _without_measured(rebuilt) == _without_measured(result)
+    for table in (result, rebuilt):  # the flag follows that table's own quality, memory and time
+        rows = [dict(row) for row in table["techniques"]]
+        flag_pareto(rows, primary_metric(rows))
+        assert [r["pareto"] for r in rows] == [r["pareto"] for r in table["techniques"]]
 
 
 def test_a_compare_measures_the_base_once(tiny_model_dir: Path, tmp_path: Path) -> None:
