@@ -288,3 +288,9 @@ def test_a_completion_that_stopped_keeps_its_end_of_turn_token_and_the_step_figu
     _, _, figures = rollouts.window(None, lambda model, rollout: seen.append(rollout) or {}, plan, 0)
     assert seen[0].completion_ids == [[5, 2], [5, 6, 7]]  # the policy learns when to stop
     assert figures["reward"] == 1.0 and figures["zero_variance_groups"] == 1.0 and figures["completion_length"] == 2.5
+
+
+def test_an_online_objective_refuses_fsdp_and_takes_ddp(tiny_model_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"training.distributed: objective 'grpo' cannot be sharded with fsdp \(rollouts"):
+        _config(tiny_model_dir, tmp_path, "fsdp", 1, distributed="fsdp")
+    assert _config(tiny_model_dir, tmp_path, "ddp", 1, distributed="ddp").training.distributed == "ddp"  # control

@@ -100,6 +100,9 @@ def check_config(config: Any) -> None:
             raise ValueError(f"data.packing: objective '{config.objective.name}' cannot pack examples ({reason}); set data.packing: false")
         log.info("data.packing: off, because objective '%s' cannot pack (%s)", config.objective.name, reason)
         object.__setattr__(config.data, "packing", False)
+    reason = objective.refusal("fsdp")
+    if reason and config.training.distributed == "fsdp":
+        raise ValueError(f"training.distributed: objective '{config.objective.name}' cannot be sharded with fsdp ({reason})")
     if objective.num_labels is not None:
         _no_text_figures(config)
     reason = refusal(technique, f"{OBJECTIVE_PREFIX}{config.objective.name}")

@@ -39,6 +39,10 @@ from tunelab.techniques.base import forward_inputs
 from torch import nn
 
 NEVER_PACKED = "each completion is scored on a row of its own, against its group; prompts are never packed"
+# Sampling needs every layer's whole weight at each decoded token; a sharded model would gather them once per token
+# per layer, and tunelab's generation has not been made or tested to do that: refused rather than left untried.
+NOT_SHARDED = ("rollouts sample from the whole policy token by token, which an fsdp-sharded model would have to "
+               "gather layer by layer at every token; use training.distributed: ddp")
 GROUP_EPS = 1e-4  # keeps a group whose rewards barely differ from dividing by ~0
 
 
@@ -168,7 +172,7 @@ OBJECTIVE = Objective(
     summary="group relative policy optimization: completions sampled per prompt, rewarded, and reinforced by their "
             "advantage over their group",
     collate=_collate_prompts, needs_reference=True, reference_when=lambda settings: settings.beta > 0,
-    metrics=("clip_fraction", "entropy", "kl"), refuses={"packing": NEVER_PACKED}, records="prompt",
+    metrics=("clip_fraction", "entropy", "kl"), refuses={"packing": NEVER_PACKED, "fsdp": NOT_SHARDED}, records="prompt",
     prepare=grpo_prepare,
     # its validation figure is a reward computed by the user's code (a function, a reward model), which can change
     # with no change the cache key sees
