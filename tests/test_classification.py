@@ -5,6 +5,7 @@ gives the validation loss training ended with."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,13 @@ from support.ddp_driver import StopAfter
 from support.labeled import CLASSES, classification_config, toy_labeled
 from support.runs import TINY_RUN, checkpoint_tensors, tiny_config
 from support.tiny import ANIMALS, toy_chat_records, write_jsonl
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from tunelab.config import ConfigError, DataConfig
 from tunelab.data import prepare_data
 from tunelab.objectives import OBJECTIVES, LossSum, ObjectiveSpec
 from tunelab.objectives.classification import collate_labeled, macro_f1
+from tunelab.result import load_run
 from tunelab.runs import read_metrics
 from tunelab.training import loop, train
 from tunelab.training.loop import accumulate_gradients
@@ -121,13 +123,11 @@ def test_the_result_reloads_in_plain_transformers(tiny_model_dir: Path, tmp_path
     result = train(config, progress=False)
     final = [m for m in read_metrics(result.run_dir) if m["kind"] == "eval"][-1]
     tokenizer = AutoTokenizer.from_pretrained(result.run_dir / "tokenizer")
-    if technique["name"] == "lora":
-        from peft import PeftModel
-
-        base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3)
-        base.config.pad_token_id = tokenizer.pad_token_id
-        model = PeftModel.from_pretrained(base, result.run_dir / "adapter")
-        names = CLASSES
+    if technique["name"] == "lora":  # the class names and pad id travel in the adapter's head_config.json
+        head = AutoConfig.from_pretrained(result.run_dir / "adapter" / "head_config.json")
+        model = AutoModelForSequenceClassification.from_pretrained(result.run_dir / "adapter", config=head)
+        assert model.config.pad_token_id == tokenizer.pad_token_id
+        names = [model.config.id2label[i] for i in range(3)]
     else:
         model = AutoModelForSequenceClassification.from_pretrained(result.run_dir / "model")
         names = [model.config.id2label[i] for i in range(3)]
@@ -139,3 +139,11 @@ def test_the_result_reloads_in_plain_transformers(tiny_model_dir: Path, tmp_path
     loss = F.cross_entropy(logits.float(), batch["class_ids"]).item()
     assert loss == pytest.approx(final["loss"], abs=1e-5)
     assert (logits.argmax(-1) == batch["class_ids"]).float().mean().item() == pytest.approx(final["accuracy"])
+    if technique["name"] == "lora":  # tunelab opens the adapter folder on its own with its head and class names
+        loaded = load_run(shutil.copytree(result.run_dir / "adapter", tmp_path / "adapter-alone"), device="cpu")
+        assert [loaded.model.config.id2label[i] for i in range(3)] == CLASSES
+        with torch.no_grad():
+            alone = loaded.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        torch.testing.assert_close(alone, logits)
+        run = load_run(result.run_dir, device="cpu").model.config  # and the run folder, with the same names
+        assert [run.id2label[i] for i in range(3)] == CLASSES

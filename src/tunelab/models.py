@@ -260,6 +260,46 @@ def adapter_num_labels(folder: Path) -> int | None:
     return int(heads[0])
 
 
+HEAD_CONFIG = "head_config.json"  # beside an adapter with a score head: PEFT saves no base config to hold its labels
+HEAD_KEYS = ("id2label", "label2id", "pad_token_id")  # what a score head's config says beyond the base's
+
+
+def write_head_config(folder: Path, model: torch.nn.Module) -> Path:
+    """Save the config of a model with a score head (its class names in id2label, the pad id its head pools at)
+    beside its adapter, where PEFT saves none, so plain transformers and PEFT can name the classes:
+    ``config = AutoConfig.from_pretrained(folder / "head_config.json")``, then
+    ``AutoModelForSequenceClassification.from_pretrained(folder, config=config)``. (Named config.json it would
+    make transformers take the adapter folder for a whole model and look for its weights there.)"""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper's own model
+    config = copy.deepcopy(inner.config)
+    config.architectures = [type(inner).__name__]
+    path = Path(folder) / HEAD_CONFIG
+    fs.write_text(path, config.to_json_string())
+    return path
+
+
+def saved_head_config(folder: Path) -> dict[str, Any] | None:
+    """id2label (int ids), label2id and pad_token_id of the score head an adapter folder saved; None: it saved none."""
+    from transformers import AutoConfig
+
+    path = Path(folder) / HEAD_CONFIG
+    if not path.is_file():
+        return None
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"{path}: not a readable transformers config ({type(exc).__name__}: {exc})") from None
+    return {key: getattr(config, key, None) for key in HEAD_KEYS}
+
+
+def apply_head_config(model: torch.nn.Module, head: dict[str, Any] | None) -> torch.nn.Module:
+    """Put a saved score head's class names and pad id in ``model.config``; None: unchanged."""
+    for key, value in (head or {}).items():
+        if value is not None:
+            setattr(model.config, key, value)
+    return model
+
+
 def load_model(config: ModelConfig, device: torch.device | None = None, base_load: BaseLoad | None = None,
                num_labels: int | None = None, dtype: torch.dtype | None = None) -> PreTrainedModel:
     """Load ``model.name`` as the technique asks (``base_load``: quantization, dtype, device map), with the head

@@ -19,7 +19,8 @@ from transformers import AutoTokenizer
 
 from tunelab.config import TunelabConfig, build_config, read_run_config
 from tunelab.errors import ConfigError, TechniqueError
-from tunelab.models import ModelConfig, check_model_available, default_device, load_model, load_tokenizer
+from tunelab.models import (ModelConfig, adapter_num_labels, apply_head_config, check_model_available, default_device,
+                            load_model, load_tokenizer, saved_head_config)
 from tunelab.techniques import TECHNIQUES, Technique, technique_for_adapter
 from tunelab.techniques.attach import adapter_dir, load_adapter
 from tunelab.techniques.base import ADAPTER_CONFIG
@@ -106,7 +107,10 @@ def load_run(run: str | Path | FoundResult, device: torch.device | str | None = 
     else:  # an adapter folder on its own: the plain base it names, with the adapter attached
         base_config = ModelConfig(name=found.base, dtype=dtype or "auto")
         tokenizer = load_tokenizer(base_config)
-        model = found.technique.attach(load_model(base_config, device), found.result_dir).to(device)
+        # with the head it was trained with (a score head for a SEQ_CLS adapter) and its class names
+        base = load_model(base_config, device, num_labels=adapter_num_labels(found.result_dir))
+        base = apply_head_config(base, saved_head_config(found.result_dir))
+        model = found.technique.attach(base, found.result_dir).to(device)
     model.eval()
     return LoadedRun(found.run_dir or found.result_dir, found.config, model, tokenizer, found.result_dir,
                      found.technique, found.base, found.name)

@@ -27,8 +27,8 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from tunelab.models import (BaseLoad, adapter_num_labels, head_class, load_model, resolve_dtype,
-                            saved_num_labels)
+from tunelab.models import (BaseLoad, adapter_num_labels, apply_head_config, head_class, load_model, resolve_dtype,
+                            saved_head_config, saved_num_labels)
 from tunelab.settings import Settings
 
 
@@ -317,7 +317,7 @@ def load_adapter_on_base(attach: Callable[[nn.Module, Path], nn.Module],
     ``base_load``), with the head it was trained on (a score head when the adapter says SEQ_CLS), with ``attach``."""
     base_load = base_load_of(config.technique, device)
     base = load_model(config.model, device, base_load, num_labels=adapter_num_labels(folder))
-    model = attach(base, folder)
+    model = attach(apply_head_config(base, saved_head_config(folder)), folder)
     placed = base_load.device_map is not None or base_load.quantization_config is not None  # placed while loading
     return model if placed else model.to(device)
 

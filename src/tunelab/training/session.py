@@ -30,7 +30,8 @@ from tunelab.data.prepare import records_fingerprint, tokenizer_fingerprint
 from tunelab.eval.before_after import BaseFiguresCache, base_evaluation, base_figures_cache, compare_with_base, forgetting_after
 from tunelab.eval.training import OverfittingSignal
 from tunelab.generation import sample_prompts
-from tunelab.models import cache_root, default_device, load_model, load_tokenizer, model_fingerprint, model_skeleton
+from tunelab.models import (cache_root, default_device, load_model, load_tokenizer, model_fingerprint, model_skeleton,
+                            write_head_config)
 from tunelab.objectives import OBJECTIVES
 from tunelab.objectives.reference import live_reference, same_model
 from tunelab.plan import plan_memory, resident_bytes, shape_of
@@ -364,6 +365,8 @@ def _save_result(ctx: TrainingContext) -> Path:
         written = ctx.technique.save(model, tmp)  # a technique saves into <folder>/<result_dir_name>
         if name == "model":
             ctx.tokenizer.save_pretrained(written)  # a full model folder is self-contained
+        if ctx.head_size is not None and not (written / "config.json").is_file():  # an adapter: no config holds
+            write_head_config(written, model)  # the class names and pad id of its score head
         for item in list(written.iterdir()):  # lift it into the entry's own temporary folder
             item.rename(tmp / item.name)
         written.rmdir()
