@@ -147,3 +147,25 @@ def test_the_result_reloads_in_plain_transformers(tiny_model_dir: Path, tmp_path
         torch.testing.assert_close(alone, logits)
         run = load_run(result.run_dir, device="cpu").model.config  # and the run folder, with the same names
         assert [run.id2label[i] for i in range(3)] == CLASSES
+
+
+def test_no_perplexity_beside_a_classifiers_loss(tiny_model_dir: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    # exp of a cross-entropy over classes is no perplexity: the objective declares that only SFT's loss has one
+    assert [name for name, objective in OBJECTIVES.items() if objective.perplexity] == ["sft"]
+    config = classification_config(tiny_model_dir, tmp_path, training={"max_steps": 2, "eval_every": 2},
+                                   eval={"before_after": True})
+    result = train(config, progress=False)
+    assert "loss" in result.evaluation["tuned"] and "loss" in result.evaluation["base"]
+    assert "perplexity" not in result.evaluation["tuned"] and "perplexity" not in result.evaluation["base"]
+    evals = [m for m in read_metrics(result.run_dir) if m["kind"] == "eval"]
+    assert evals and all("perplexity" not in m for m in evals)
+    card = (result.run_dir / "adapter" / "README.md").read_text()
+    assert "- validation loss: " in card and "perplexity" not in card
+    from tunelab.console import print_before_after
+
+    print_before_after(result.evaluation)
+    out = capsys.readouterr().out
+    assert "│ loss" in out and "perplexity" not in out
+    with pytest.raises(Exception, match=r"training.best_metric 'perplexity' is not computed"):
+        classification_config(tiny_model_dir, tmp_path, training={"best_metric": "perplexity"})

@@ -127,17 +127,26 @@ def _figures_section(evaluation: dict[str, Any], metrics: list[dict[str, Any]]) 
         lines.append(f"- validation mean reward of greedy completions: {tuned['mean_reward']:.4f} ({tuned.get('tokens', '?')} "
                      f"prompts), weights from step {evaluation.get('weights_from_step', '?')}")
     elif tuned:
-        lines.append(f"- validation loss: {tuned['loss']:.4f} (perplexity {tuned['perplexity']:.2f}, "
-                     f"{tuned.get('tokens', '?')} tokens), weights from step {evaluation.get('weights_from_step', '?')}")
+        lines.append(f"- validation loss: {tuned['loss']:.4f} ({_perplexity_and_units(tuned)}), weights from step "
+                     f"{evaluation.get('weights_from_step', '?')}")
     if base and "mean_reward" in base:
         lines.append(f"- base model on the same validation prompts: mean reward {base['mean_reward']:.4f}; change "
                      f"{-evaluation.get('loss_change', 0):+.4f}")
     elif base:
-        lines.append(f"- base model on the same validation set: loss {base['loss']:.4f} (perplexity "
-                     f"{base['perplexity']:.2f}); change {evaluation.get('loss_change', 0):+.4f}")
+        shown = f" (perplexity {base['perplexity']:.2f})" if "perplexity" in base else ""
+        lines.append(f"- base model on the same validation set: loss {base['loss']:.4f}{shown}; change "
+                     f"{evaluation.get('loss_change', 0):+.4f}")
     if not tuned:
         lines.append(f"- no validation figures: {evaluation.get('note', 'eval.json is missing')}")
     return lines + [""]
+
+
+def _perplexity_and_units(figures: dict[str, Any]) -> str:
+    """'perplexity P, N tokens' where the objective's loss has a perplexity (SFT); else 'N units' (the examples or
+    pairs a classifier's, reward model's or preference loss averages over: exp of it means nothing)."""
+    if "perplexity" not in figures:
+        return f"{figures.get('tokens', '?')} units"
+    return f"perplexity {figures['perplexity']:.2f}, {figures.get('tokens', '?')} tokens"
 
 
 def _usage_section(run_dir: Path, load: str) -> list[str]:

@@ -191,7 +191,8 @@ class TunelabConfig(Settings):
     @model_validator(mode="after")
     def _technique_supports_the_rest(self) -> "TunelabConfig":
         check_config(self)  # the technique's declared compatibility (config/compat.py): packing, checkpointing, objective
-        computed = ("loss", "perplexity", *self.training.eval_metrics, *OBJECTIVES[self.objective.name].metrics)
+        objective = OBJECTIVES[self.objective.name]
+        computed = ("loss", *(("perplexity",) if objective.perplexity else ()), *self.training.eval_metrics, *objective.metrics)
         if self.training.best_metric not in computed:
             raise ValueError(f"training.best_metric {self.training.best_metric!r} is not computed: use one of "
                              f"{', '.join(computed)}, or add it to training.eval_metrics")

@@ -13,7 +13,8 @@ An objective declares, in one place (its own file):
   the PEFT task type follows (``task_type``), so an adapter technique wraps the right head and saves it;
 - whether it compares with a reference policy (``needs_reference``): the technique's disabled view of the same
   model (an adapter switched off), else a frozen copy, or log-probs computed once before training;
-- the per-unit figures it logs (``metrics``: returned as sums in ``LossSum.stats``, logged as means);
+- the per-unit figures it logs (``metrics``: returned as sums in ``LossSum.stats``, logged as means), and whether
+  its loss has a perplexity (``perplexity``: exp of a mean next-token cross-entropy);
 - what it cannot work with (``refuses``: feature -> reason, e.g. packing), in the same matrix as techniques;
 - for an online objective (records: prompts), ``prepare``: how the completions the training layer sampled and
   scored (a ``Rollout``) become the batch its loss reads, so the loop stays one function for every objective;
@@ -104,6 +105,9 @@ class Objective:
     records: str = "sft"  # the records it trains on, as the data layer names them (PreparedData.records)
     needs_reference: bool = False
     metrics: tuple[str, ...] = ()
+    # Whether exp(validation loss), the perplexity, means anything: only where the loss is a mean next-token
+    # cross-entropy (SFT). A classifier's, reward model's or preference loss is not, so no perplexity is shown.
+    perplexity: bool = False
     # With ``reference: precomputed``: (base model, {split: records}, pad_id, batch_size, device, run_dir, write)
     # -> the records with the reference's log-probs attached, computed once before training.
     precompute: Callable[..., dict[str, list[Any]]] | None = None

@@ -153,5 +153,5 @@ def count_supervised_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 OBJECTIVE = Objective(
     name="sft", config_class=SftSettings, loss_sum=sft_loss_sum, count_units=count_supervised_tokens, units="tokens",
-    summary="next-token cross-entropy on supervised tokens",
+    summary="next-token cross-entropy on supervised tokens", perplexity=True,
 )

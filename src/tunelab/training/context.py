@@ -174,6 +174,8 @@ class TrainingContext:
         with self.accelerator.autocast():  # float32 trainable and half-precision frozen weights meet as in training
             figures = validation_loss(self.inner_model, examples, self.objective.loss_sum, self.pad_id,
                                       self.config.eval.batch_size, self.device, split, self.objective.collate)
+        if not self.objective_kind.perplexity:  # exp(loss) of a classifier's or a preference loss means nothing
+            figures.pop("perplexity", None)
         derive = self.objective.derive
         return {**figures, **derive(figures)} if derive else figures
 
