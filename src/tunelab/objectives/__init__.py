@@ -19,13 +19,13 @@ from pydantic import Field
 from torch import nn
 
 from tunelab.data.formats import RECORD_KINDS
-from tunelab.objectives import classification, dpo, grpo, ipo, kto, orpo, reward, sft, simpo
+from tunelab.objectives import classification, dpo, grpo, ipo, kto, orpo, ppo, reward, sft, simpo
 from tunelab.objectives.base import Batch, LossSum, Objective, ObjectiveSpec, Reference
 from tunelab.objectives.sft import logits_only_where  # shared with eval's loss (objectives' own helper)
 
 _ALL: tuple[Objective, ...] = (
     sft.OBJECTIVE, dpo.OBJECTIVE, ipo.OBJECTIVE, orpo.OBJECTIVE, simpo.OBJECTIVE, kto.OBJECTIVE, reward.OBJECTIVE,
-    classification.OBJECTIVE, grpo.OBJECTIVE,
+    classification.OBJECTIVE, grpo.OBJECTIVE, ppo.OBJECTIVE,
 )
 
 

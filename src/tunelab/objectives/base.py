@@ -20,6 +20,8 @@ An objective declares, in one place (its own file):
   scored (a ``Rollout``) become the batch its loss reads, so the loop stays one function for every objective;
 - whether the base model's figures may be cached across runs (``base_figures_cacheable``: never with a new,
   randomly initialised head);
+- a module it trains beside the model (``own_module``, e.g. PPO's value head): attached to the prepared model, so
+  it trains, is checkpointed and resumes with the technique's weights, and saved apart from the result;
 - how ``tunelab eval`` scores a finished model of it on held-out records (``evaluation``, see ``Evaluation``);
   without one, a run is evaluated as SFT (loss and generations).
 """
@@ -27,10 +29,10 @@ An objective declares, in one place (its own file):
 from __future__ import annotations
 
 import inspect
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import torch
 from torch import nn
@@ -92,6 +94,42 @@ class Evaluation:
 
 
 @dataclass(frozen=True)
+class OwnModule:
+    """A module an objective trains beside the model (PPO's value head). The training set-up attaches it to the
+    prepared model as the attribute ``name``: its parameters join the optimizer, every checkpoint, the resume and
+    the best-weights restore with the technique's own. The result is saved without it (it still opens in plain
+    transformers or PEFT), and the module is saved beside it as ``<name>.safetensors`` in the run folder."""
+
+    name: str
+    build: Callable[[nn.Module, Any], nn.Module]  # (the prepared model, the objective's settings) -> a new module
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.name}.safetensors"
+
+
+def attach_own_module(own: OwnModule | None, model: nn.Module, settings: Any) -> None:
+    """Give ``model`` the objective's own module (nothing when it has none)."""
+    if own is not None:
+        setattr(model, own.name, own.build(model, settings))
+
+
+@contextmanager
+def without_own_module(own: OwnModule | None, model: nn.Module) -> Iterator[nn.Module | None]:
+    """``model`` with the objective's own module taken off (yielded; None when there is none), then put back:
+    how the result is saved without it."""
+    module = getattr(model, own.name, None) if own is not None else None
+    if module is None:
+        yield None
+        return
+    delattr(model, own.name)
+    try:
+        yield module
+    finally:
+        setattr(model, own.name, module)
+
+
+@dataclass(frozen=True)
 class Objective:
     name: str
     config_class: type[Settings]
@@ -125,6 +163,7 @@ class Objective:
     # and settings: False for a new head (num_labels set), whose random initial weights belong to one run only.
     base_figures_cacheable: bool = True
     evaluation: Evaluation | None = None  # how `tunelab eval` scores its models; None: as SFT
+    own_module: OwnModule | None = None  # a module trained beside the model (PPO's value head), see OwnModule
 
     def wants_reference(self, settings: Settings) -> bool:
         return self.needs_reference and (self.reference_when is None or self.reference_when(settings))

@@ -92,7 +92,7 @@ def token_logps(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Ten
     return -F.cross_entropy(logits, batch["targets"][keep], reduction="none"), logits
 
 
-def _as_grid(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def as_grid(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """(N,) per completion token -> (R, T), zero where there is no completion token (so a batch carries it)."""
     grid = torch.zeros(keep.shape, dtype=torch.float32, device=values.device)
     grid[keep] = values.float()
@@ -110,12 +110,12 @@ def grpo_prepare(model: nn.Module, rollout: Rollout, settings: GrpoSettings, ref
     keep = batch["targets"] != IGNORE
     if settings.num_iterations > 1:
         with torch.no_grad():
-            batch["old_logps"] = _as_grid(token_logps(model, batch)[0], keep)  # (R, T)
+            batch["old_logps"] = as_grid(token_logps(model, batch)[0], keep)  # (R, T)
     if settings.beta > 0:  # a reference pass only with a KL term to weigh
         if reference is None:
             raise RuntimeError("grpo with beta > 0 compares with a reference policy, but none was set up")
         with reference(model) as scorer:
-            batch["ref_logps"] = _as_grid(token_logps(scorer, batch)[0], keep)  # (R, T)
+            batch["ref_logps"] = as_grid(token_logps(scorer, batch)[0], keep)  # (R, T)
     return batch
 
 
@@ -162,7 +162,7 @@ def grpo_loss_sum(model: nn.Module, batch: Batch, settings: GrpoSettings) -> Los
     return LossSum(per_sequence(losses), keep.shape[0], {k: per_sequence(v) for k, v in figures.items()})
 
 
-def _collate_prompts(rows: list[list[TokenizedExample]], pad_id: int) -> Batch:
+def collate_prompts(rows: list[list[TokenizedExample]], pad_id: int) -> Batch:
     """Prompts as a batch (their ids, nothing supervised): what evaluation's loss would see, were it asked."""
     return collate([[record.example for record in row] for row in rows], pad_id)
 
@@ -171,7 +171,7 @@ OBJECTIVE = Objective(
     name="grpo", config_class=GrpoSettings, loss_sum=grpo_loss_sum, count_units=count_grpo_units, units="tokens",
     summary="group relative policy optimization: completions sampled per prompt, rewarded, and reinforced by their "
             "advantage over their group",
-    collate=_collate_prompts, needs_reference=True, reference_when=lambda settings: settings.beta > 0,
+    collate=collate_prompts, needs_reference=True, reference_when=lambda settings: settings.beta > 0,
     metrics=("clip_fraction", "entropy", "kl"), refuses={"packing": NEVER_PACKED, "fsdp": NOT_SHARDED}, records="prompt",
     prepare=grpo_prepare,
     # its validation figure is a reward computed by the user's code (a function, a reward model), which can change

@@ -6,7 +6,9 @@ objective's ``prepare`` turns each micro-batch into the batch its loss reads.
 Sampling is seeded from (training.seed, step, micro-batch, process), so a resumed run samples exactly the
 completions the uninterrupted run would have: the generation RNG is a function of the checkpoint's step. With
 ``num_iterations`` k, one batch of rollouts serves k optimizer steps: step s trains on the rollouts drawn at step
-s - s % k from the plan's micro-batches of rollout number s // k.
+s - s % k from the plan's micro-batches of rollout number s // k. An objective whose settings split rollouts into
+``num_mini_batches`` m (PPO) trains each step on one part of every micro-batch's completions: reuse number
+i = s % k is pass i // m, part i % m, the parts cut from a shuffle seeded by (seed, drawn step, pass, micro-batch).
 
 Generation, scoring and training are timed apart: each metrics line has ``generation_s`` and ``rewards_s``, and
 run_info.json's phases hold ``generation`` and ``rewards`` beside ``training``.
@@ -35,10 +37,18 @@ class Rollouts:
     """Draws, samples, scores and prepares the micro-batches of each optimizer step."""
 
     def __init__(self, settings: Any, tokenizer: Any, rewards: list[Reward], grad_accum: int, seed: int,
-                 info: RunInfo, autocast: Callable[[], AbstractContextManager[Any]], processes: int = 1) -> None:
+                 info: RunInfo, autocast: Callable[[], AbstractContextManager[Any]], processes: int = 1,
+                 micro_batch_size: int | None = None) -> None:
+        self.mini_batches = getattr(settings, "num_mini_batches", 1)
         if settings.num_iterations > 1 and processes > 1:  # the checkpoint keeps the main process's rollouts only
-            raise ConfigError("objective.num_iterations above 1 trains in one process only (a checkpoint keeps the "
-                              "rollouts still to be reused of the main process alone); set it to 1 or run one process")
+            keys = ("objective.num_iterations" if "num_iterations" in type(settings).model_fields
+                    else "objective.ppo_epochs x num_mini_batches")
+            raise ConfigError(f"{keys} above 1 trains in one process only (a checkpoint keeps the rollouts still to "
+                              "be reused of the main process alone); set it to 1 or run one process")
+        if micro_batch_size is not None and self.mini_batches > micro_batch_size * settings.num_generations:
+            raise ConfigError(f"objective.num_mini_batches: expected at most training.micro_batch_size x "
+                              f"objective.num_generations = {micro_batch_size * settings.num_generations} (the "
+                              f"completions of a micro-batch), got {self.mini_batches}")
         self.settings, self.tokenizer, self.rewards = settings, tokenizer, rewards
         self.grad_accum, self.seed, self.info, self.autocast = grad_accum, seed, info, autocast
         self.reuse = settings.num_iterations
@@ -49,7 +59,8 @@ class Rollouts:
         """The rows (prompts), prepared batches and rollout figures of optimizer step ``step``."""
         drawn_at = step - step % self.reuse
         if self._cached is not None and self._cached[0] == drawn_at:
-            return self._cached[1], self._cached[2], {**self._cached[3], "generation_s": 0.0, "rewards_s": 0.0}
+            return (self._cached[1], self._part(self._cached[2], step),
+                    {**self._cached[3], "generation_s": 0.0, "rewards_s": 0.0})
         micro = plan.micro_batches((step // self.reuse) * self.grad_accum)
         rows = [next(micro) for _ in range(self.grad_accum)]
         window, rewards, terms, lengths, spread = [], [], {}, [], []
@@ -77,10 +88,29 @@ class Rollouts:
         every = torch.cat(rewards)
         figures = {"reward": round(float(every.mean()), 6), "reward_std": round(float(every.std()) if len(every) > 1 else 0.0, 6),
                    **{f"reward_{name}": round(float(torch.cat(v).mean()), 6) for name, v in terms.items()},
-                   "completion_length": round(sum(lengths) / len(lengths), 3),
-                   "zero_variance_groups": round(1 - sum(spread) / len(spread), 4)}
+                   "completion_length": round(sum(lengths) / len(lengths), 3)}
+        if group > 1:  # one completion per prompt has no group to compare within
+            figures["zero_variance_groups"] = round(1 - sum(spread) / len(spread), 4)
         self._cached = (drawn_at, rows, window, figures)
-        return rows, window, {**figures, "generation_s": round(generation_s, 3), "rewards_s": round(rewards_s, 3)}
+        return rows, self._part(window, step), {**figures, "generation_s": round(generation_s, 3),
+                                                "rewards_s": round(rewards_s, 3)}
+
+    def _part(self, window: list[Batch], step: int) -> list[Batch]:
+        """The part of each micro-batch's completions that step ``step`` trains on (the whole window without
+        mini-batches); every tensor of a prepared batch has one row per completion first. Empty parts (a short
+        last micro-batch) are left out."""
+        if self.mini_batches == 1:
+            return window
+        drawn_at = step - step % self.reuse
+        epoch, part = divmod(step - drawn_at, self.mini_batches)
+        chosen = []
+        for index, batch in enumerate(window):
+            generator = torch.Generator().manual_seed(self._seed(drawn_at, index, epoch))
+            order = torch.randperm(batch["targets"].shape[0], generator=generator)
+            rows = torch.tensor_split(order, self.mini_batches)[part].sort().values
+            if len(rows):
+                chosen.append({name: tensor[rows.to(tensor.device)] for name, tensor in batch.items()})
+        return chosen
 
     def saved(self, step: int) -> dict[str, Any] | None:
         """The rollouts the next steps still train on (num_iterations > 1, a checkpoint mid-way through their

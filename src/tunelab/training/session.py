@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 import torch
 import yaml
+from safetensors.torch import save_file
 from transformers import set_seed
 from transformers.utils import logging as hf_logging
 
@@ -33,6 +34,7 @@ from tunelab.generation import sample_prompts
 from tunelab.models import (cache_root, default_device, load_model, load_tokenizer, model_fingerprint, model_skeleton,
                             write_head_config)
 from tunelab.objectives import OBJECTIVES
+from tunelab.objectives.base import attach_own_module, without_own_module
 from tunelab.objectives.reference import live_reference, same_model
 from tunelab.plan import plan_memory, resident_bytes, shape_of
 from tunelab.precision import adapters_compute_in_autocast_dtype, keep_trainable_in_float32
@@ -174,7 +176,7 @@ def _set_up(ctx: TrainingContext, resume: bool) -> tuple[LoopState, dict[str, An
     if ctx.objective_kind.prepare is not None:  # an online objective samples its batches and scores them
         ctx.rollouts = Rollouts(config.objective, ctx.tokenizer, build_rewards(config.objective.rewards, ctx.device),
                                 config.training.grad_accum, config.training.seed, ctx.info, ctx.accelerator.autocast,
-                                ctx.accelerator.num_processes)
+                                ctx.accelerator.num_processes, config.training.micro_batch_size)
     samples = sample_prompts(ctx.tokenizer, ctx.data.validation_examples, config.eval.num_samples)
     ctx.samples = samples
     with ctx.info.phase("base evaluation"):
@@ -194,6 +196,8 @@ def _set_up(ctx: TrainingContext, resume: bool) -> tuple[LoopState, dict[str, An
     ctx.model = ctx.technique.apply(ctx.model, config.technique, RunContext(
         total_steps=ctx.plan.total_steps, tasks=tuple(ctx.data.tasks), task_type=ctx.objective_kind.task_type))
     ctx.objective = ctx.objective_kind.bind(config.objective, reference)
+    # a module the objective trains beside the model (PPO's value head): optimized, checkpointed, resumed with it
+    attach_own_module(ctx.objective_kind.own_module, ctx.model, config.objective)
     if keep_trainable_in_float32(ctx.model):  # mixed precision: float32 master weights, half-precision autocast
         log.info("trainable weights kept in float32; autocast computes in %s", ctx.precision.load_dtype)
     if ctx.precision.mixed_precision != "no":  # autocast: adapter inputs stay in the half-precision dtype
@@ -361,7 +365,8 @@ def _save_result(ctx: TrainingContext) -> Path:
     """Write the adapter or model (atomically: into a temporary folder, then renamed) and the tokenizer."""
     model = ctx.accelerator.unwrap_model(ctx.model)
     name = ctx.technique.result_dir_name
-    with fs.new_entry_folder(ctx.run_dir, name) as tmp:
+    own = ctx.objective_kind.own_module
+    with fs.new_entry_folder(ctx.run_dir, name) as tmp, without_own_module(own, model) as own_weights:
         written = ctx.technique.save(model, tmp)  # a technique saves into <folder>/<result_dir_name>
         if name == "model":
             ctx.tokenizer.save_pretrained(written)  # a full model folder is self-contained
@@ -372,6 +377,9 @@ def _save_result(ctx: TrainingContext) -> Path:
         written.rmdir()
     with fs.new_entry_folder(ctx.run_dir, "tokenizer") as tmp:
         ctx.tokenizer.save_pretrained(tmp)
+    if own is not None and own_weights is not None:  # beside the result, which opens without it
+        with fs.atomic_file(fs.own_entry(ctx.run_dir, own.file_name)) as tmp_file:
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in own_weights.state_dict().items()}, str(tmp_file))
     return ctx.run_dir / name
 
 
