@@ -4,6 +4,7 @@ one cross-entropy, no (N, V) tensor kept for the backward, and the softmax in fl
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -11,7 +12,9 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tunelab.data import IGNORE, Example, collate, tokenize_example
-from tunelab.objectives.sft import chunked_sft_loss_sum, logits_only_where, sft_loss_sum
+from tunelab.objectives.base import HeadOutput
+from tunelab.objectives.sft import (LinearCrossEntropySum, chunked_loss_memory, chunked_sft_loss_sum,
+                                   logits_only_where, sft_loss_sum)
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +83,45 @@ def test_under_bf16_autocast_the_softmax_and_loss_are_float32(tiny_model_dir: Pa
         chunked = chunked_sft_loss_sum(model, batch, 5).loss_sum
     assert chunked.dtype == torch.float32
     torch.testing.assert_close(chunked, reference, rtol=1e-5, atol=1e-4)
+
+
+def peak_allocated(run: Callable[[], object]) -> int:
+    """The most bytes of tensors alive at once while ``run`` runs, beyond those alive before: the CPU allocator's
+    allocations and frees, in the order torch's profiler recorded them."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("rows", [100, 300])  # one chunk of 128 rows; three
+@pytest.mark.parametrize("trainable", [False, True])
+@pytest.mark.parametrize("half", [False, True])
+def test_declared_loss_memory_is_the_peak_the_chunked_loss_allocates(rows: int, trainable: bool, half: bool) -> None:
+    """``chunked_loss_memory`` (what the planner reads) against the bytes LinearCrossEntropySum really allocates,
+    forward and backward, counted by torch's profiler: a frozen half-precision head under autocast (LoRA on a
+    bfloat16 base) or a float32 one, a trainable float32 head (full fine-tuning), one chunk or several."""
+    vocab, width, chunk_rows = 8192, 64, 128
+    torch.manual_seed(0)
+    weight = torch.randn(vocab, width, dtype=torch.bfloat16 if half and not trainable else torch.float32,
+                         requires_grad=trainable)
+    hidden = torch.randn(rows, width, dtype=torch.bfloat16 if half else torch.float32, requires_grad=True)  # (N, H)
+    targets = torch.randint(0, vocab, (rows,))
+
+    def loss_and_backward() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=half):
+            LinearCrossEntropySum.apply(hidden, weight, None, targets, chunk_rows).backward()
+
+    measured = peak_allocated(loss_and_backward)
+    head = HeadOutput(rows=rows, columns=vocab, hidden=width, element_bytes=2 if half else 4, trainable=trainable,
+                      plain=True)
+    # the declaration counts the selected (N, H) rows, which exist before the loss here; and holds float32 at most
+    declared = sum(chunked_loss_memory(head, chunk_rows)) - 4 * rows * width
+    if half and trainable:  # autocast's cached bfloat16 copy of the weight: the planner's autocast_copies term
+        declared += 2 * vocab * width
+    assert 0.97 * measured <= declared <= 1.03 * measured, (declared, measured)

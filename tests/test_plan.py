@@ -15,6 +15,8 @@ import torch
 from support.runs import tiny_config
 from support.tiny import toy_chat_records, write_jsonl
 from tunelab.models import load_model, load_model_config, model_skeleton
+from tunelab.objectives.base import HeadOutput, full_logits_memory
+from tunelab.objectives.sft import chunked_loss_memory
 from tunelab.plan import Shape, plan_memory
 from tunelab.plan.memory import decoder_layers, is_quantized_4bit, saved_for_backward, unique_parameters
 from tunelab.plan.solve import solve
@@ -92,18 +94,26 @@ def test_qlora_counts_the_kbit_upcast(tiny_model_dir, tmp_path):
     assert abs(qlora.components["weights"] - weights) <= 0.02 * weights
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_logits_term_holds_the_head_output_its_float32_copy_and_loss(tiny_model_dir, tmp_path, dtype):
-    config = config_for(tiny_model_dir, tmp_path, "lora", dtype)
+@pytest.mark.parametrize("technique,dtype", [("lora", "float32"), ("lora", "bfloat16"), ("full", "bfloat16")])
+def test_the_loss_term_is_the_objectives_declaration_for_the_prepared_head(tiny_model_dir, tmp_path, technique, dtype):
+    """The planner reads what the objective declares (SFT: the chunked loss) for the head as training prepares it:
+    N supervised rows x the vocabulary, the head's width, half-precision matmuls under autocast, trainable or not."""
+    config = config_for(tiny_model_dir, tmp_path, technique, dtype)
     plan = plan_memory(config, "cpu", SHAPE, runtime=RUNTIME)
-    vocab = prepared_model(config).get_output_embeddings().weight.shape[0]
-    n = SHAPE.supervised
-    head = 2 if dtype == "bfloat16" else 4
-    copy = 4 if dtype == "bfloat16" else 0  # .float() of a float32 tensor is the tensor itself
-    # output + float32 copy + log-softmax (float32) + two float32 gradients in backward, each (N, V); the loss
-    # also saves its (N,) int64 targets and a scalar
-    extra = plan.components["logits_and_loss"] - n * vocab * (head + copy + 4 + 8)
-    assert 0 <= extra <= 8 * n + 16
+    head = prepared_model(config).get_output_embeddings()
+    declared = HeadOutput(rows=SHAPE.supervised, columns=head.weight.shape[0], hidden=head.weight.shape[1],
+                          element_bytes=2 if dtype == "bfloat16" else 4, trainable=head.weight.requires_grad,
+                          plain=type(head) is torch.nn.Linear)
+    assert plan.components["logits_and_loss"] == sum(chunked_loss_memory(declared))
+
+
+def test_a_loss_over_whole_logits_holds_the_output_its_float32_copy_and_loss():
+    """The default declaration (objectives that compute the whole (N, V) logits): the output, its float32 copy when
+    it is half precision, cross-entropy's saved log-softmax, the two (N, V) float32 gradients, the int64 targets."""
+    for element, copy in ((2, 4), (4, 0)):  # .float() of a float32 tensor is the tensor itself
+        head = HeadOutput(rows=10, columns=100, hidden=8, element_bytes=element, trainable=False, plain=False)
+        assert sum(full_logits_memory(head)) == 10 * 100 * (element + copy + 4 + 4 + 4) + 8 * 10
+        assert chunked_loss_memory(head) == full_logits_memory(head)  # a wrapped head runs unchunked
 
 
 def test_activations_grow_with_length_and_shrink_with_checkpointing(tiny_model_dir, tmp_path):
@@ -250,3 +260,26 @@ def test_recommend_lists_only_set_ups_that_fit_most_trainable_first(tiny_model_d
     assert "full" not in {s.technique for s in found} and "lora" in {s.technique for s in found}
     ranks = [(-s.plan.trainable_parameters, s.seconds_per_step) for s in found]
     assert ranks == sorted(ranks)
+
+
+def test_the_runtime_figure_is_measured_again_when_tunelabs_code_changes(tiny_model_dir, tmp_path, monkeypatch):
+    """The cached runtime term is keyed on tunelab's source: a figure the probe measured with other code (a stale
+    entry over-predicted the Llama grid cells by ~120 MiB) is not reused; the same code reuses its own."""
+    from tunelab.models import ModelConfig
+    from tunelab.plan import runtime
+
+    model = ModelConfig(name=str(tiny_model_dir))
+    probes: list[str] = []
+
+    def probe(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - subprocess.run's stand-in: the probe's peak RSS
+        probes.append(runtime.source_digest())
+        return subprocess.CompletedProcess(args, 0, stdout="5000\n")
+
+    monkeypatch.setattr(runtime.subprocess, "run", probe)
+    monkeypatch.setattr(runtime, "micro_config", lambda model, folder: {})
+    monkeypatch.setattr(runtime, "source_digest", lambda: "old code")
+    assert runtime.runtime_bytes(tmp_path, model, lambda config: 1000) == 4000
+    assert runtime.runtime_bytes(tmp_path, model, lambda config: 1000) == 4000 and probes == ["old code"]
+    monkeypatch.setattr(runtime, "source_digest", lambda: "new code")
+    runtime.runtime_bytes(tmp_path, model, lambda config: 1000)
+    assert probes == ["old code", "new code"]

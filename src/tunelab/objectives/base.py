@@ -23,7 +23,9 @@ An objective declares, in one place (its own file):
 - a module it trains beside the model (``own_module``, e.g. PPO's value head): attached to the prepared model, so
   it trains, is checkpointed and resumes with the technique's weights, and saved apart from the result;
 - how ``tunelab eval`` scores a finished model of it on held-out records (``evaluation``, see ``Evaluation``);
-  without one, a run is evaluated as SFT (loss and generations).
+  without one, a run is evaluated as SFT (loss and generations);
+- what its loss holds in memory at once, from the head's output shape (``loss_memory``, see ``HeadOutput``): the
+  memory planner (``tunelab plan``) reads it instead of knowing how each loss computes its logits.
 """
 
 from __future__ import annotations
@@ -130,6 +132,28 @@ def without_own_module(own: OwnModule | None, model: nn.Module) -> Iterator[nn.M
 
 
 @dataclass(frozen=True)
+class HeadOutput:
+    """The head's output a loss reads, as the memory planner sees it on the skeleton (no weight read): N rows
+    (supervised positions; sequences for a score head) x V columns (the vocabulary; classes or scores)."""
+
+    rows: int  # N
+    columns: int  # V
+    hidden: int  # H: the head's input width (0 when the planner cannot see it)
+    element_bytes: int  # bytes per element of the head's matmul output: 2 under bfloat16/float16, else 4
+    trainable: bool  # the head's weight trains: its (V, H) gradient is made by the loss
+    plain: bool  # the head is a plain nn.Linear (no technique wraps it), which a loss may run itself
+
+
+def full_logits_memory(head: HeadOutput) -> tuple[int, ...]:
+    """Bytes of the tensors a loss over whole logits holds at once (the default): the head's (N, V) output, its
+    float32 copy when it is not float32 already, cross-entropy's saved (N, V) float32 log-softmax and the two
+    (N, V) float32 gradients of backward, and the (N,) int64 targets."""
+    cells = head.rows * head.columns
+    copy = 4 * cells if head.element_bytes != 4 else 0
+    return (head.element_bytes * cells, copy, 4 * cells, 4 * cells, 4 * cells, 8 * head.rows)
+
+
+@dataclass(frozen=True)
 class Objective:
     name: str
     config_class: type[Settings]
@@ -164,6 +188,10 @@ class Objective:
     base_figures_cacheable: bool = True
     evaluation: Evaluation | None = None  # how `tunelab eval` scores its models; None: as SFT
     own_module: OwnModule | None = None  # a module trained beside the model (PPO's value head), see OwnModule
+    # (the head's output) -> bytes of each tensor its loss holds at once at its largest moment, beyond what the
+    # model's forward saved; the planner counts all of them at the top of backward, and those small enough to stay
+    # in the heap at its end. Default: a loss over the whole (N, V) logits.
+    loss_memory: Callable[[HeadOutput], tuple[int, ...]] = full_logits_memory
 
     def wants_reference(self, settings: Settings) -> bool:
         return self.needs_reference and (self.reference_when is None or self.reference_when(settings))

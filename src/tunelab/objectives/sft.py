@@ -20,7 +20,7 @@ from pydantic import Field
 from torch import nn
 
 from tunelab.data.tokenize import IGNORE
-from tunelab.objectives.base import LossSum, Objective
+from tunelab.objectives.base import HeadOutput, LossSum, Objective, full_logits_memory
 from tunelab.settings import Settings
 from tunelab.techniques.base import forward_inputs
 
@@ -147,11 +147,41 @@ def chunked_sft_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk
     return LossSum(loss_sum, int(keep.sum()))
 
 
+def chunked_loss_memory(head: HeadOutput, chunk_rows: int = LOSS_CHUNK_ROWS) -> tuple[int, ...]:
+    """Bytes of the tensors ``LinearCrossEntropySum`` holds at once (see ``Objective.loss_memory``), C = min(chunk_rows,
+    N) rows a chunk, CV = C x V cells, at the largest of its moments:
+
+    - a chunk's float32 logits and gradient (4·CV each) with the gradient's half-precision copy the matmuls read
+      (2·CV, under autocast or with a half-precision head);
+    - with more than one chunk, between two chunks: the previous chunk's logits and gradient are still alive while
+      the next chunk's head output (2·CV in half precision, 4·CV in float32) and its float32 copy (4·CV, half only)
+      are made;
+    - with a trainable head, a chunk's logits and gradient beside its weight-gradient matmul's (V, H) output and,
+      when that output is half precision, its float32 copy (adding it to the float32 gradient promotes it);
+    and what lives through it: a trainable head's (V, H) float32 gradient (made in the forward, kept for backward),
+    the selected (N, H) hidden rows and their gradient (float32 at most). A head a technique wraps runs unchunked:
+    the whole logits (``full_logits_memory``)."""
+    if not head.plain:
+        return full_logits_memory(head)
+    cells = min(chunk_rows, head.rows) * head.columns  # CV
+    half = head.element_bytes != 4
+    chunk = (4 * cells, 4 * cells) + ((2 * cells,) if half else ())
+    moments = [chunk]
+    if head.rows > chunk_rows:
+        moments.append((4 * cells, 4 * cells, head.element_bytes * cells) + ((4 * cells,) if half else ()))
+    kept = (4 * head.rows * head.hidden, 4 * head.rows * head.hidden)  # (N, H) rows and their gradient
+    if head.trainable:
+        product = head.element_bytes * head.columns * head.hidden  # the (V, H) output of grad_logits.T @ rows
+        moments.append((4 * cells, 4 * cells, product) + ((4 * head.columns * head.hidden,) if half else ()))
+        kept += (4 * head.columns * head.hidden,)  # the head's (V, H) float32 gradient
+    return max(moments, key=sum) + kept
+
+
 def count_supervised_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["targets"] != IGNORE).sum())
 
 
 OBJECTIVE = Objective(
     name="sft", config_class=SftSettings, loss_sum=sft_loss_sum, count_units=count_supervised_tokens, units="tokens",
-    summary="next-token cross-entropy on supervised tokens", perplexity=True,
+    summary="next-token cross-entropy on supervised tokens", perplexity=True, loss_memory=chunked_loss_memory,
 )

@@ -4,13 +4,13 @@ lengths, without reading a weight.
     peak (CPU RSS)   = runtime + max(load, static + loss, static + backward, static + optimizer step)
     load             = checkpoint file (its pages, memory-mapped while read) + the weights it loads into
     static           = weights + optimizer state + checkpoint kept mapped (quantized loads) + master-cast leftovers
-    loss             = activations + logits copies + autocast copies            (the top of backward)
-    backward         = gradients + activations + logits copies in the heap + autocast copies   (its end)
+    loss             = activations + the loss's tensors + autocast copies           (the top of backward)
+    backward         = gradients + activations + the loss's tensors in the heap + autocast copies   (its end)
     optimizer step   = gradients + AdamW's temporaries (two of the largest trainable tensor: one tensor at a time)
 
 Memory freed during backward stays in the process's heap (glibc keeps its arenas), so the end of backward still
 holds the activations beside every gradient; chunks of 32 MiB or more (glibc's mmap threshold) go back to the
-system when freed, so the large (N, V) logits tensors count only at the top of backward.
+system when freed, so the loss's large (N, V) tensors count only at the top of backward.
 
 - weights: every parameter after the technique is applied, in the dtype it trains in (trainable ones in float32:
   master weights; PEFT's k-bit preparation upcasts the non-quantized ones to float32), 4-bit blocks as half a byte
@@ -18,8 +18,9 @@ system when freed, so the large (N, V) logits tensors count only at the top of b
 - activations: what autograd saves for backward, counted by running the skeleton's forward on meta tensors of the
   planned (micro-batch, length) under ``torch.autograd.graph.saved_tensors_hooks`` (prompt tuning's virtual
   tokens included); with checkpointing, each layer's input plus one layer's saves (recomputed in backward);
-- logits copies: the head's (N, V) output, its float32 copy and cross-entropy's log-softmax, and in backward the
-  two (N, V) float32 gradients;
+- the loss's tensors: the objective declares them from the head's (N, V) output (``Objective.loss_memory``): by
+  default the output, its float32 copy, cross-entropy's log-softmax and the two (N, V) float32 gradients of
+  backward; SFT's chunked loss holds a few (256, V) chunks instead;
 - autocast copies: under bfloat16/float16 autocast, the half-precision copy of every trainable weight that feeds
   a matmul (cached by autocast, saved for backward);
 - master-cast leftovers: the loaded half-precision trainable weights, freed when they become float32, kept by the
@@ -39,6 +40,8 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
+
+from tunelab.objectives.base import HeadOutput
 
 # A 4-bit weight: two per byte, one absmax per block of 64 (bitsandbytes' blocksize for 4-bit).
 QUANT_BLOCK = 64
@@ -158,13 +161,19 @@ def unique_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 @dataclass
 class Saved:
-    """What autograd saved for backward during a meta forward, in bytes, by where it was saved."""
+    """What autograd saved for backward during a meta forward, in bytes, by where it was saved, and the head's
+    output (what the objective's loss reads: its memory is the objective's declaration, ``loss_memory``)."""
 
     layers: list[int]  # per decoder layer
     layer_inputs: list[int]  # the hidden states entering each layer (what checkpointing keeps)
     outside: int  # embeddings, final norm, the head's input
-    logits: int  # the head's output and the loss's float32 copies (N, V)
-    logits_returned: int = 0  # the part of ``logits`` in chunks the heap gives back to the system once freed
+    head: HeadOutput
+
+
+def loss_bytes(tensors: tuple[int, ...]) -> tuple[int, int]:
+    """(all of them, the part in chunks glibc maps on their own and returns to the system once freed) of the
+    tensors a loss holds at once: the large ones are alive only around the loss, the others stay in the heap."""
+    return sum(tensors), sum(size for size in tensors if size >= MMAP_THRESHOLD_MAX)
 
 
 @contextmanager
@@ -197,7 +206,8 @@ def _no_packed_sequence_search() -> Iterator[None]:
 
 
 def saved_for_backward(model: nn.Module, shape: Shape, layers: list[nn.Module]) -> Saved:
-    """Run ``model``'s forward and the SFT loss on meta tensors and count what autograd saves (see module doc)."""
+    """Run ``model``'s forward on meta tensors, the head on the supervised rows only, and count what autograd saves
+    (see module doc)."""
     parameters = {p.untyped_storage()._cdata for p in unique_parameters(model)}
     saved: dict[int, tuple[int, int]] = {}  # storage -> (bytes, where: layer index or -1)
     where = [-1]
@@ -235,32 +245,21 @@ def saved_for_backward(model: nn.Module, shape: Shape, layers: list[nn.Module]) 
         with _four_bit_as_plain(model), _no_packed_sequence_search(), \
                 torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             output = model(input_ids=ids, use_cache=False).logits  # (N, V)
-            before_loss = set(saved)
-            loss = nn.functional.cross_entropy(output.float(), torch.zeros(output.shape[0], dtype=torch.long,
-                                                                           device="meta"), reduction="sum")
     finally:
         for handle in handles:
             handle.remove()
     per_layer = [0] * len(layers)
     outside = 0
-    loss_saves: list[int] = []
     for storage, (size, index) in saved.items():
-        if storage not in before_loss:
-            loss_saves.append(size)
-        elif index >= 0:
+        if index >= 0:
             per_layer[index] += size
         else:
             outside += size
-    output_bytes = output.numel() * output.element_size()
-    # The head's (N, V) output lives through backward (the loss holds it), its float32 copy when it is not float32
-    # already, cross-entropy's saved log-softmax (loss_saves) and, in backward, two (N, V) float32 gradients.
-    copy = output.numel() * 4 if output.dtype != torch.float32 else 0
-    chunks = [output_bytes, copy, *loss_saves, output.numel() * 4, output.numel() * 4]
-    outside -= min(outside, output_bytes)  # the head's output may be saved by the loss: counted once, above
-    del loss
-    # chunks this large are glibc's own mappings, returned to the system when freed: alive only around the loss
-    large = sum(chunk for chunk in chunks if chunk >= MMAP_THRESHOLD_MAX)
-    return Saved(per_layer, inputs[: len(layers)], outside, sum(chunks), large)
+    weight = getattr(head, "weight", None)
+    described = HeadOutput(rows=output.shape[0], columns=output.shape[-1], element_bytes=output.element_size(),
+                           hidden=weight.shape[-1] if weight is not None else 0,
+                           trainable=bool(weight is not None and weight.requires_grad), plain=type(head) is nn.Linear)
+    return Saved(per_layer, inputs[: len(layers)], outside, described)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

@@ -13,7 +13,7 @@ from tunelab.data import PreparedData, prepare_data
 from tunelab.models import ModelConfig, cache_root, load_model_config, load_tokenizer, model_skeleton, resolve_model_path
 from tunelab.objectives import OBJECTIVES
 from tunelab.plan.memory import (MemoryPlan, Shape, activation_bytes, autocast_copy_bytes, decoder_layers,
-                                 loaded_bytes, mapped_views_bytes, master_cast_leftover_bytes, parameter_bytes, saved_for_backward)
+                                 loaded_bytes, loss_bytes, mapped_views_bytes, master_cast_leftover_bytes, parameter_bytes, saved_for_backward)
 from tunelab.plan.runtime import runtime_bytes
 from tunelab.precision import adapters_compute_in_autocast_dtype, technique_precision
 from tunelab.techniques import TECHNIQUES, RunContext
@@ -60,6 +60,8 @@ def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None 
     # the virtual tokens a prompt-learning technique prepends lengthen every row: the forward sees them
     saved = saved_for_backward(skeleton, shape, decoder_layers(skeleton))
     activations = activation_bytes(saved, config.training.gradient_checkpointing)
+    # what the loss holds at once is the objective's own declaration (SFT's loss runs the head in chunks)
+    loss, loss_returned = loss_bytes(objective.loss_memory(saved.head))
     checkpoint = checkpoint_file_bytes(config.model, total * checkpoint_dtype.itemsize)
     components = {
         "weights": weights,
@@ -68,7 +70,7 @@ def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None 
         # AdamW on a CPU updates one tensor at a time, making two temporaries of its size (sqrt(v) and its quotient)
         "optimizer_step_temporaries": 2 * largest_trainable,
         "activations": activations,
-        "logits_and_loss": saved.logits,
+        "logits_and_loss": loss,
         "autocast_copies": autocast,
         "master_cast_leftovers": master_cast_leftover_bytes(skeleton, precision.load_dtype),
     }
@@ -87,10 +89,10 @@ def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None 
         # from_pretrained reads the memory-mapped checkpoint (its pages resident) into the weights it builds
         "load": checkpoint + loaded,
         # the top of backward: the loss's (N, V) tensors, before any weight's gradient exists
-        "loss": static + activations + saved.logits + components["autocast_copies"],
+        "loss": static + activations + loss + components["autocast_copies"],
         # the end of backward: every gradient, the activations (freed into the heap) and the logits tensors small
         # enough to stay in the heap
-        "backward": static + trainable_bytes + activations + saved.logits - saved.logits_returned +
+        "backward": static + trainable_bytes + activations + loss - loss_returned +
         components["autocast_copies"],
         "optimizer step": static + trainable_bytes + components["optimizer_step_temporaries"],
     }

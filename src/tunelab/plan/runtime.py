@@ -3,10 +3,13 @@ torch, transformers, peft and accelerate, the tokenizer, oneDNN's kernels, the h
 
 It is measured, not guessed: once per machine, library versions and model, a subprocess trains a micro copy of
 the model (same tokenizer and vocabulary, one layer of width 16) for two steps, exactly as ``tunelab train`` does;
-its peak RSS minus the micro model's own planned terms is the runtime. Cached in the tunelab cache."""
+its peak RSS minus the micro model's own planned terms is the runtime. Cached in the tunelab cache, keyed on the
+library versions and on tunelab's own source (a digest of its files): a figure measured by other code is measured
+again (a stale entry over-predicted the random-initialised Llama grid cells by ~120 MiB)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -40,9 +43,19 @@ def resident_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def source_digest() -> str:
+    """A digest of tunelab's own Python files: its version number does not change with its code, and the runtime
+    term depends on what the training code imports and keeps."""
+    package = Path(__file__).parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def runtime_key(model: ModelConfig) -> str:
     versions = "-".join(f"{name}{metadata.version(name)}" for name in LIBRARIES)
-    return f"{versions}-py{sys.version_info[0]}.{sys.version_info[1]}-{model.name}-{model.dtype}"
+    return f"{versions}-src{source_digest()}-py{sys.version_info[0]}.{sys.version_info[1]}-{model.name}-{model.dtype}"
 
 
 def micro_model(model: ModelConfig, folder: Path) -> Path:
