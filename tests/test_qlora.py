@@ -117,3 +117,34 @@ def test_settings_that_do_not_fit_a_quantized_base_are_refused() -> None:
         build_config({"technique": {"name": "qlora", "init": "pissa"}})
     with pytest.raises(ConfigError, match="bits: 4 only"):
         build_config({"technique": {"name": "qlora", "bits": 8, "quant_type": "fp4"}})
+
+
+def anonymous_resident_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no RssAnon in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc/self/status (Linux)")
+def test_a_quantized_load_gives_the_heap_it_freed_back(tiny_model_dir, monkeypatch):
+    """bitsandbytes' quantization leaves a heap that varies from load to load; the loader trims it once, after a
+    quantized load only, and the trim really returns freed heap pages (64 KiB tensors: heap chunks, not mmaps)."""
+    import tunelab.models as models
+
+    trims: list[bool] = []
+    monkeypatch.setattr(models, "release_freed_heap", lambda: trims.append(True) or True)
+    quantized_base(tiny_model_dir)
+    assert trims == [True]
+    config = tiny_config(tiny_model_dir, technique={"name": "lora"})
+    load_model(config.model, CPU, TECHNIQUES["lora"].base_load(config.technique, CPU))
+    assert trims == [True]  # an ordinary load is not trimmed
+    monkeypatch.undo()
+    chunks = [torch.ones(16384) for _ in range(2048)]  # 128 MiB in 64 KiB tensors
+    pin = torch.ones(16384)  # keeps the heap's top in use, so free() alone cannot shrink it
+    del chunks
+    before = anonymous_resident_bytes()
+    if not models.release_freed_heap():
+        pytest.skip("no glibc malloc_trim here")
+    assert before - anonymous_resident_bytes() >= 64 * 2**20
+    del pin

