@@ -48,6 +48,11 @@ def test_example_trains_two_steps_on_tiny_model(path: Path, tiny_model_dir: Path
     if experts:  # a routing example names the runs its first-line commands make: make them on the tiny model too
         made = [f"technique.adapters.{name}={_tiny_adapter_run(config, tiny, tmp_path / name)}" for name in experts]
         config = load_config(path, [*tiny, f"output.dir={tmp_path / 'run'}", *made])
+    rewards = getattr(config.objective, "rewards", None) or []
+    if any(r.run for r in rewards):  # an RLHF example scores with the reward run its first-line commands make
+        made = _tiny_reward_run(tiny, tmp_path / "reward")
+        terms = [{**r.model_dump(exclude_none=True), **({"run": str(made)} if r.run else {})} for r in rewards]
+        config = load_config(path, [*tiny, f"output.dir={tmp_path / 'run'}", f"objective.rewards={json.dumps(terms)}"])
     result = train(config, progress=False)
     assert result.status == "completed" and result.step == 2
     evaluation = json.loads((result.run_dir / "eval.json").read_text())
@@ -88,3 +93,12 @@ def _tiny_adapter_run(config, tiny: list[str], out: Path) -> Path:
     data = config.data.model_dump(mode="json")
     expert = build_config({"data": data, "technique": {"name": "adapter"}, "output": {"dir": str(out)}}, tiny)
     return train(expert, progress=False).run_dir
+
+
+def _tiny_reward_run(tiny: list[str], out: Path) -> Path:
+    """A two-step reward model run of the reward example on the tiny model (a score head: no sample generations)."""
+    from tunelab.training import train
+
+    settings = [item for item in tiny if not item.startswith("eval.num_samples")]
+    config = load_config(ROOT / "examples" / "intermediate" / "reward-lora.yaml", [*settings, f"output.dir={out}"])
+    return train(config, progress=False).run_dir
