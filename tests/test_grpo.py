@@ -14,18 +14,22 @@ from typing import Any, Iterator
 import pytest
 import torch
 from support.ddp_driver import StopAfter
-from support.online import toy_prompts_file
+from support.online import ANIMALS, starts_with_a_vowel, toy_prompts_file
 from support.runs import checkpoint_tensors, tiny_config
-from support.tiny import fresh_model
+from support.tiny import fresh_model, write_jsonl
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tunelab.data import IGNORE
 from tunelab.errors import ConfigError
 from tunelab.distributed import make_accelerator
+from tunelab.eval.online import rewarded_answers
+from tunelab.eval.runner import EvalSettings, evaluate
 from tunelab.objectives import OBJECTIVES
 from tunelab.objectives import grpo
 from tunelab.objectives.grpo import GrpoSettings, clipped_token_losses, group_advantages, grpo_prepare
 from tunelab.objectives.online import Rollout
 from tunelab.objectives.reference import live_reference
+from tunelab.result import find_result
 from tunelab.rewards import build_rewards
 from tunelab.runs import read_metrics
 from tunelab.training import loop, train
@@ -37,7 +41,7 @@ VOWEL = "support.online:starts_with_a_vowel"
 
 
 def settings(**values: Any) -> GrpoSettings:
-    return GrpoSettings(rewards=[VOWEL], **values)
+    return GrpoSettings(**{"rewards": [VOWEL], **values})
 
 
 # ---------------------------------------------------------------- closed forms
@@ -135,16 +139,20 @@ def _uncached_greedy(model: torch.nn.Module, ids: list[int], steps: int, stop: i
     return out
 
 
-def test_kv_cached_rollout_tokens_equal_uncached_greedy_decoding(tiny_model_dir: Path, tiny_tokenizer: Any) -> None:
+def test_kv_cached_greedy_answers_equal_uncached_greedy_decoding(tiny_model_dir: Path, tiny_tokenizer: Any) -> None:
+    """The validation answers (and `tunelab eval`'s) are one left-padded, KV-cached batch: the same tokens as a
+    step-by-step decode that recomputes every position."""
     model = fresh_model(tiny_model_dir)
-    rollouts = _rollouts(tiny_tokenizer, max_completion_length=12)
     prompts = [tiny_tokenizer("<|im_start|>user\nsay cat<|im_end|>\n<|im_start|>assistant\n")["input_ids"],
                tiny_tokenizer("hello, how are you? i am")["input_ids"]]
-    records = [type("R", (), {"input_ids": p})() for p in prompts]
-    requests = rollouts.sample(model, records, None)  # one left-padded batch, KV-cached
-    for request, ids in zip(requests, prompts):
-        assert request.token_ids == _uncached_greedy(model, ids, 12, tiny_tokenizer.eos_token_id)
-        assert len(request.token_ids) > 0
+    records = [type("R", (), {"input_ids": p, "prompt": "p", "columns": {}, "source": f"x:{i}"})()
+               for i, p in enumerate(prompts)]
+    rewards = build_rewards(settings(rewards=[{"function": "length", "max_words": 3}]).rewards, torch.device("cpu"))
+    scored, texts = rewarded_answers(model, tiny_tokenizer, records, rewards, 12, batch_size=2)
+    for text, ids in zip(texts, prompts):
+        expected = _uncached_greedy(model, ids, 12, tiny_tokenizer.eos_token_id)
+        assert expected and text == tiny_tokenizer.decode(expected, skip_special_tokens=True)
+    assert scored.total.shape == (2,) and set(scored.terms) == {"length"}
 
 
 def test_seeded_rollouts_repeat_and_differ_within_a_group(tiny_model_dir: Path, tiny_tokenizer: Any) -> None:
@@ -242,6 +250,28 @@ def test_grpo_learns_a_toy_verifiable_task_and_times_generation_apart(tiny_model
     info = json.loads((result.run_dir / "run_info.json").read_text())
     assert info["phases_s"]["generation"] > 0 and info["phases_s"]["training"] > 0
     assert result.evaluation["tuned"]["mean_reward"] == -result.evaluation["tuned"]["loss"]
+
+    # `tunelab eval RUN --against base` on held-out prompts: the run's rewards of each system's greedy answers
+    held_out = write_jsonl(tmp_path / "heldout.jsonl", [{"prompt": f"say {a} {i}", "reference": a}
+                                                         for i, a in enumerate(ANIMALS * 5, start=100)])
+    report = evaluate(result.run_dir, [held_out], ["base"], output=tmp_path / "eval", settings=EvalSettings(resamples=200))
+    assert report["primary_metric"] == "mean_reward" and report["objective"]["baseline"] is None
+    scores = report["metrics"]["mean_reward"]["scores"]
+    tuned, base = (s["name"] for s in report["systems"])
+    assert set(report["metrics"]) == {"mean_reward", "reward_starts_with_a_vowel"}
+    against = report["comparisons"][0]["metrics"]["mean_reward"]
+    assert scores[tuned] > scores[base] + 0.3 and against["ci_low"] > 0 and against["verdict"] == "better"
+    # each answer and its reward, against plain transformers' greedy decoding of the saved model and of the base
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for name, folder in ((tuned, find_result(result.run_dir).result_dir), (base, tiny_model_dir)):
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        for row in rows[:4]:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}], add_generation_prompt=True,
+                                                return_dict=True)["input_ids"]
+            answer = tokenizer.decode(_uncached_greedy(model, list(ids), 8, tokenizer.convert_tokens_to_ids("<|im_end|>")))
+            assert row["outputs"][name].strip() == answer.strip()
+            assert row["stats"][name]["mean_reward"][0] == starts_with_a_vowel([], [answer])[0]
 
 
 def test_a_constant_reward_changes_nothing(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -3,7 +3,7 @@ models and policies trained on preference pairs rank held-out pairs, classifiers
 
 The records are tokenized as the run tokenized its training data, every system (the run, ``--against`` models, the
 base: for a score head, the same base with a new untrained head) is scored one unit at a time by the objective's
-``unit_stats``, and a baseline that needs no model (chance, the majority class) joins the systems, so the report
+``unit_stats`` (an online policy: by the run's rewards of its greedy answers, ``eval.online``), and a baseline that needs no model (chance, the majority class) joins the systems, so the report
 compares the run with both, each metric with its paired bootstrap interval. Nothing here names an objective: the
 metrics, the scoring, the baseline and the confusion matrix all come from the declaration.
 """
@@ -23,10 +23,13 @@ from tunelab.data.labels import with_label_ids
 from tunelab.data.prepare import tokenize_records
 from tunelab.data.tokenize import pad_token_id
 from tunelab.errors import ConfigError, DataError
+from tunelab.eval.online import rewarded_answers
+from tunelab.eval.online import unit_stats as online_unit_stats
 from tunelab.fs import read_json
 from tunelab.objectives import OBJECTIVES, Objective
 from tunelab.objectives.base import Evaluation
 from tunelab.result import find_result
+from tunelab.rewards import Reward
 
 
 @dataclass
@@ -38,6 +41,7 @@ class ObjectiveRun:
     data_config: Any  # the run's DataConfig
     seed: int  # the run's seed: the base's untrained head is drawn with it
     classes: list[str]  # the class names in label-id order, as the run's data report records them; [] without
+    settings: Any = None  # the run's objective settings (an online policy's rewards and answer length)
 
 
 def objective_run(target: str | Path, adapter: str | Path | None) -> ObjectiveRun | None:
@@ -56,7 +60,8 @@ def objective_run(target: str | Path, adapter: str | Path | None) -> ObjectiveRu
         return None
     report = found.run_dir / "data_report.json"
     names = ((read_json(report) if report.is_file() else {}).get("classes") or {}).get("names") or []
-    return ObjectiveRun(objective, objective.evaluation, found.config.data, found.config.training.seed, list(names))
+    return ObjectiveRun(objective, objective.evaluation, found.config.data, found.config.training.seed, list(names),
+                        found.config.objective)
 
 
 def head_classes(model: nn.Module, run: ObjectiveRun) -> list[str]:
@@ -98,6 +103,15 @@ def score_records(model: nn.Module, records: list[Any], evaluation: Evaluation, 
             on_chunk(len(chunk))
     model.train(was_training)
     return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+def answer_stats(model: nn.Module, tokenizer: Any, records: list[Any], rewards: list[Reward], run: ObjectiveRun,
+                 batch_size: int, on_chunk: Callable[[int], None] | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
+    """An online policy's statistics (``Evaluation.rewarded_answers``): its greedy answer to every prompt record
+    rewarded by the run's rewards, the total and each term as (value, 1) per record; and the answers."""
+    scored, texts = rewarded_answers(model, tokenizer, records, rewards, run.settings.max_completion_length,
+                                     batch_size, on_chunk=on_chunk)
+    return online_unit_stats(scored), texts
 
 
 def baseline_stats(records: list[Any], evaluation: Evaluation, pad_id: int,

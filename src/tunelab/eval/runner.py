@@ -29,14 +29,16 @@ from tunelab.errors import ConfigError, DataError
 from tunelab.eval.bootstrap import paired_interval, resample_indices, wins_losses_ties
 from tunelab.eval.classify import answer_of, check_labels, label_log_likelihoods
 from tunelab.eval.loss import example_losses
-from tunelab.eval.objective import (ObjectiveRun, baseline_stats, head_classes, objective_run, prepare_model,
-                                    prepare_records, prompt_and_reference, score_records)
+from tunelab.eval.objective import (ObjectiveRun, answer_stats, baseline_stats, head_classes, objective_run,
+                                    prepare_model, prepare_records, prompt_and_reference, score_records)
 from tunelab.eval.report import QUANTIZE_REPORT, write_reports
 from tunelab.eval.technique import technique_figures
 from tunelab.generation import Sampling, generate_texts
-from tunelab.metrics import Classification, Metric, Normalization, example_scores, loss_metrics, resolve_metrics
+from tunelab.metrics import (Classification, Metric, Normalization, example_scores, loss_metrics, resolve_metrics,
+                             unit_mean)
 from tunelab.models import default_device
 from tunelab.result import check_openable, open_model
+from tunelab.rewards import build_rewards
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +273,10 @@ def evaluate(target: str | Path, data_files: list[str | Path], against: list[str
     metrics = resolve_metrics([] if settings.labels and settings.metrics == EvalSettings().metrics else settings.metrics,
                               settings.normalization)
     device = torch.device(device) if device is not None else default_device()
-    examples = [e for f in files for e in load_file(f).examples][: settings.max_examples]
+    run = objective_run(target, adapter)  # a run whose objective scores its own way (pairs, classes, rewards)
+    # a policy trained on prompts is evaluated on prompts: 'auto' then reads {prompt, reference} as one, as training did
+    prompts = run is not None and run.evaluation.records == "prompt"
+    examples = [e for f in files for e in load_file(f, prompts=prompts).examples][: settings.max_examples]
     if not examples:
         raise DataError(f"{', '.join(map(str, files))}: no examples to evaluate")
     # every system is checked before any is evaluated: a bad --against costs nothing
@@ -282,7 +287,6 @@ def evaluate(target: str | Path, data_files: list[str | Path], against: list[str
         "target": str(target), "adapter": None if adapter is None else str(adapter), "against": against,
         "data": [str(f) for f in files], "settings": {**asdict(settings), "normalization": asdict(settings.normalization)},
     }))  # as eval.json holds it
-    run = objective_run(target, adapter)  # a run whose objective scores its own way (pairs, classes)
     if run is not None:
         check_objective_settings(run, settings)
     else:
@@ -370,6 +374,9 @@ def _evaluate_objective(run: ObjectiveRun, specs: list[str], against: list[str],
     records, kept, dropped = prepare_records(examples, tokenizer, run, classes)
     head = run.objective.head_size(classes)  # a plain model (the base) gets a new, untrained head of this size
     systems: list[SystemScores] = []
+    answers: dict[str, list[str]] = {}  # an online policy's: system -> its greedy answer to each prompt
+    # its rewards, built once (a reward model run is loaded once for every system)
+    rewards = build_rewards(run.settings.rewards, device) if evaluation.rewarded_answers else []
     for position, spec in enumerate(specs):
         if position > 0:
             torch.manual_seed(run.seed)  # the untrained head is drawn as the run drew its own
@@ -379,7 +386,11 @@ def _evaluate_objective(run: ObjectiveRun, specs: list[str], against: list[str],
         name = _unique(opened.name, [s.name for s in systems], against, position)
         log.info("evaluating %s on %d records", name, len(records))
         with _progress(progress, name, len(records)) as advance:
-            stats = score_records(opened.model, records, evaluation, pad_id, settings.batch_size, device, advance)
+            if evaluation.rewarded_answers:
+                stats, answers[name] = answer_stats(opened.model, tokenizer, records, rewards, run,
+                                                    settings.batch_size, advance)
+            else:
+                stats = score_records(opened.model, records, evaluation, pad_id, settings.batch_size, device, advance)
         systems.append(SystemScores(name, spec, stats, out_dir / "predictions.jsonl"))
         del opened
         gc.collect()
@@ -389,6 +400,7 @@ def _evaluate_objective(run: ObjectiveRun, specs: list[str], against: list[str],
         systems.append(SystemScores(_unique(name, [s.name for s in systems], [], 0), "baseline", stats,
                                     out_dir / "predictions.jsonl"))
     scored = evaluation.metrics(classes)
+    scored += [unit_mean(name) for name in systems[0].stats if name not in {m.name for m in scored}]  # reward terms
     report = comparison_report(systems, len(records), files, scored, scored[0], settings)
     report["objective"] = {"name": run.objective.name, "records": evaluation.records, "dropped_overlong": dropped,
                            "baseline": None if baseline is None else systems[-1].name}
@@ -397,13 +409,14 @@ def _evaluate_objective(run: ObjectiveRun, specs: list[str], against: list[str],
         report["classification"] = {"labels": classes, "confusion": {
             s.name: s.stats[evaluation.confusion].sum(0).reshape(k, k).astype(int).tolist() for s in systems}}
     texts = [prompt_and_reference(e) for e in kept]
-    _write_unit_predictions(out_dir, systems, kept, texts, evaluation, classes)
+    _write_unit_predictions(out_dir, systems, kept, texts, evaluation, classes, answers)
     _attach_examples(report, out_dir)
     return report
 
 
 def _write_unit_predictions(out_dir: Path, systems: list[SystemScores], examples: list[Any],
-                            texts: list[tuple[str, str]], evaluation: Any, classes: list[str]) -> None:
+                            texts: list[tuple[str, str]], evaluation: Any, classes: list[str],
+                            answers: dict[str, list[str]]) -> None:
     """One line per record: its prompt, what the data says is right, and each system's verdict and statistics."""
     with fs.atomic_file(fs.own_entry(out_dir, "predictions.jsonl")) as tmp, open(tmp, "w") as out:
         for i, (example, (prompt, reference)) in enumerate(zip(examples, texts)):
@@ -411,7 +424,8 @@ def _write_unit_predictions(out_dir: Path, systems: list[SystemScores], examples
                                    "outputs": {}, "stats": {}}
             for system in systems:
                 unit = {name: values[i].tolist() for name, values in system.stats.items()}
-                row["outputs"][system.name] = evaluation.describe(unit, classes)
+                row["outputs"][system.name] = (answers[system.name][i] if system.name in answers
+                                               else evaluation.describe(unit, classes))
                 row["stats"][system.name] = unit
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
 

@@ -80,11 +80,15 @@ class Evaluation:
     (chance, the majority class), computed from the records alone."""
 
     records: str  # the record kind the evaluation data must hold (data.formats.RECORD_KINDS)
-    collate: Callable[[list[list[Any]], int], Batch]  # those records' rows -> a batch (may differ from training's)
     # (class names) -> the metrics, in report order; the first is the primary one (ranks the biggest changes)
     metrics: Callable[[list[str]], list[Metric]]
+    collate: Callable[[list[list[Any]], int], Batch] | None = None  # those records' rows -> a batch
     # (model, batch) -> metric name -> (B, k) statistics of each unit of the batch, without gradients
-    unit_stats: Callable[[nn.Module, Batch], dict[str, torch.Tensor]]
+    unit_stats: Callable[[nn.Module, Batch], dict[str, torch.Tensor]] | None = None
+    # A policy trained on rewards (online objectives) is scored by what it answers: each held-out prompt's greedy
+    # completion, rewarded by the run's own rewards (objective.rewards, whose settings say how: `max_completion_length`
+    # bounds the answer). The eval layer does the generating and scoring; collate and unit_stats are then unused.
+    rewarded_answers: bool = False
     # (one batch of every record, class names) -> the baseline's name in reports ('chance', 'majority class
     # (function)') and its statistics, as unit_stats gives them; None: no baseline
     baseline: Callable[[Batch, list[str]], tuple[str, dict[str, torch.Tensor]]] | None = None

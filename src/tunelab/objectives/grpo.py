@@ -32,7 +32,7 @@ from pydantic import Field
 
 from tunelab.data import IGNORE, TokenizedExample, collate
 from tunelab.objectives.base import Batch, LossSum, Objective, Reference
-from tunelab.objectives.online import REWARDS_FIELD, RewardSettings, Rollout
+from tunelab.objectives.online import REWARDED_ANSWERS, REWARDS_FIELD, RewardSettings, Rollout
 from tunelab.objectives.sft import logits_only_where
 from tunelab.settings import Settings
 from tunelab.techniques.base import forward_inputs
@@ -173,6 +173,7 @@ OBJECTIVE = Objective(
             "advantage over their group",
     collate=collate_prompts, needs_reference=True, reference_when=lambda settings: settings.beta > 0,
     metrics=("clip_fraction", "entropy", "kl"), refuses={"packing": NEVER_PACKED, "fsdp": NOT_SHARDED}, records="prompt",
+    evaluation=REWARDED_ANSWERS,
     prepare=grpo_prepare,
     # its validation figure is a reward computed by the user's code (a function, a reward model), which can change
     # with no change the cache key sees

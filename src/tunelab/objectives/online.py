@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from pydantic import Field, model_validator
 
+from tunelab.metrics import unit_mean
+from tunelab.objectives.base import Evaluation
 from tunelab.settings import Settings
 
 BUILT_IN_REWARDS = ("exact_match", "rouge_l", "regex", "length")
@@ -79,3 +81,11 @@ class Rollout:
     completion_ids: list[list[int]]  # per row, the sampled tokens, the end-of-turn token included when it stopped
     rewards: torch.Tensor  # (R,) the weighted total reward of each row
     group: int  # completions per prompt (objective.num_generations)
+
+
+MEAN_REWARD = "mean_reward"  # the figure an online policy is evaluated by (validation loss = its negative)
+
+# `tunelab eval` of an online policy: the run's own rewards of its greedy answers to held-out prompts, against the
+# base's (and any --against model's); each reward term is reported beside the weighted total. No model-free
+# baseline: what an answer is worth depends on the rewards.
+REWARDED_ANSWERS = Evaluation(records="prompt", metrics=lambda classes: [unit_mean(MEAN_REWARD)], rewarded_answers=True)

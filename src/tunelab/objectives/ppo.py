@@ -44,7 +44,7 @@ from torch import nn
 from tunelab.data import IGNORE, TokenizedExample, collate
 from tunelab.objectives.base import Batch, LossSum, Objective, OwnModule, Reference
 from tunelab.objectives.grpo import NEVER_PACKED, as_grid, collate_prompts, clipped_token_losses, token_logps
-from tunelab.objectives.online import REWARDS_FIELD, RewardSettings, Rollout
+from tunelab.objectives.online import REWARDED_ANSWERS, REWARDS_FIELD, RewardSettings, Rollout
 from tunelab.settings import Settings
 from tunelab.techniques.base import forward_inputs
 
@@ -251,7 +251,7 @@ OBJECTIVE = Objective(
             "penalty per token, reinforced by GAE advantages of a value head",
     collate=collate_prompts, needs_reference=True, reference_when=lambda settings: settings.beta > 0,
     metrics=("clip_fraction", "entropy", "kl", "value_loss", "value_clip_fraction", "explained_variance"),
-    refuses={"packing": NEVER_PACKED, "fsdp": NOT_SHARDED}, records="prompt", prepare=ppo_prepare,
+    refuses={"packing": NEVER_PACKED, "fsdp": NOT_SHARDED}, records="prompt", evaluation=REWARDED_ANSWERS, prepare=ppo_prepare,
     own_module=VALUE_HEAD,
     # its validation figure is a reward computed by the user's code (a function, a reward model)
     base_figures_cacheable=False,

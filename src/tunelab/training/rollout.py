@@ -23,9 +23,10 @@ from typing import Any, Callable
 import torch
 
 from tunelab.errors import ConfigError
+from tunelab.eval.online import rewarded_answers, term_name
 from tunelab.generation import GenerationRequest, Sampling, generate_batch
 from tunelab.objectives import Batch
-from tunelab.objectives.online import Rollout
+from tunelab.objectives.online import MEAN_REWARD, Rollout
 from tunelab.rewards import Reward, score
 from tunelab.run_info import RunInfo
 from tunelab.training.plan import Plan, Row
@@ -135,17 +136,13 @@ class Rollouts:
     def _seed(self, step: int, index: int, rank: int) -> int:
         return ((self.seed * SEED_STRIDE + step) * SEED_STRIDE + index * 1009 + rank) % (2**63 - 1)
 
-    def sample(self, model: torch.nn.Module, records: list[Any], seed: int | None) -> list[GenerationRequest]:
-        """``num_generations`` completions of each record's prompt, grouped by prompt, in one ``generate`` call;
-        greedy (one per prompt) when ``seed`` is None."""
+    def sample(self, model: torch.nn.Module, records: list[Any], seed: int) -> list[GenerationRequest]:
+        """``num_generations`` sampled completions of each record's prompt, grouped by prompt, in one ``generate``
+        call (greedy answers, for validation, are ``eval.online.rewarded_answers``)."""
         settings = self.settings
-        if seed is None:
-            sampling, group = Sampling(max_new_tokens=settings.max_completion_length), 1
-        else:
-            sampling = Sampling(max_new_tokens=settings.max_completion_length, temperature=settings.temperature,
-                                top_p=settings.top_p, seed=seed)
-            group = settings.num_generations
-        requests = [GenerationRequest(list(r.input_ids), sampling) for r in records for _ in range(group)]
+        sampling = Sampling(max_new_tokens=settings.max_completion_length, temperature=settings.temperature,
+                            top_p=settings.top_p, seed=seed)
+        requests = [GenerationRequest(list(r.input_ids), sampling) for r in records for _ in range(settings.num_generations)]
         return generate_batch(model, self.tokenizer, requests)
 
     def score(self, records: list[Any], requests: list[GenerationRequest]) -> Any:
@@ -157,16 +154,8 @@ class Rollouts:
     def validation(self, model: torch.nn.Module, records: list[Any], batch_size: int) -> dict[str, float]:
         """The mean reward of greedy completions of ``records`` (and of each term); the validation loss of an
         online objective is its negative, so that lower is better, as for every objective."""
-        totals: list[torch.Tensor] = []
-        terms: dict[str, list[torch.Tensor]] = {}
-        for start in range(0, len(records), batch_size):
-            batch = records[start:start + batch_size]
-            with self.autocast():
-                requests = self.sample(model, batch, None)
-            scored = self.score(batch, requests)
-            totals.append(scored.total)
-            for name, values in scored.terms.items():
-                terms.setdefault(name, []).append(values)
-        reward = float(torch.cat(totals).mean()) if totals else 0.0
-        return {"loss": round(-reward, 6), "mean_reward": round(reward, 6), "tokens": len(records),
-                **{f"reward_{name}": round(float(torch.cat(v).mean()), 6) for name, v in terms.items()}}
+        scored, _ = rewarded_answers(model, self.tokenizer, records, self.rewards, self.settings.max_completion_length,
+                                     batch_size, self.autocast)
+        reward = float(scored.total.mean()) if len(scored.total) else 0.0
+        return {"loss": round(-reward, 6), MEAN_REWARD: round(reward, 6), "tokens": len(records),
+                **{term_name(name): round(float(v.mean()), 6) for name, v in scored.terms.items()}}
