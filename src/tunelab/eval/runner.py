@@ -274,9 +274,11 @@ def evaluate(target: str | Path, data_files: list[str | Path], against: list[str
                               settings.normalization)
     device = torch.device(device) if device is not None else default_device()
     run = objective_run(target, adapter)  # a run whose objective scores its own way (pairs, classes, rewards)
-    # a policy trained on prompts is evaluated on prompts: 'auto' then reads {prompt, reference} as one, as training did
+    # a policy trained on prompts is evaluated on prompts, read as its training data was (data.format: prompt takes
+    # a whole chat as its prompt and a `reference` answer; 'auto' takes {prompt, reference} as a prompt record)
     prompts = run is not None and run.evaluation.records == "prompt"
-    examples = [e for f in files for e in load_file(f, prompts=prompts).examples][: settings.max_examples]
+    fmt = run.data_config.format if prompts else "auto"
+    examples = [e for f in files for e in load_file(f, fmt, prompts=prompts).examples][: settings.max_examples]
     if not examples:
         raise DataError(f"{', '.join(map(str, files))}: no examples to evaluate")
     # every system is checked before any is evaluated: a bad --against costs nothing
