@@ -92,3 +92,24 @@ def test_runs_table_has_the_comparison_columns_and_show_puts_runs_side_by_side(t
     assert "0.2500 -> 0.3750 (+0.1250" in shown.output and "16.0k (1.6%)" in shown.output
     both = json.loads(runner.invoke(app, ["runs", "show", str(tmp_path / "dora"), str(tmp_path / "lora"), "--json"]).stdout)
     assert [d["summary"]["trainable_parameters"] for d in both] == [8000, 16000]
+
+
+def test_show_draws_a_policy_s_reward_curve_from_its_metrics(tmp_path: Path) -> None:
+    """A policy's loss stays near 0 whatever it learns: `runs show` (and the UI, from the same run_details) also
+    draw its reward, sampled at every step and greedy at every evaluation, point for point from metrics.jsonl."""
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+    from tunelab.console import sparkline
+    from tunelab.runs import run_details
+
+    run_dir = _run(tmp_path, "policy")
+    lines = [{"kind": "train", "step": s, "loss": 0.01 * s, "reward": r} for s, r in enumerate([0.2, 0.1, 0.5, 0.9], 1)]
+    lines += [{"kind": "eval", "step": 4, "loss": -0.7, "mean_reward": 0.7}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    curves = run_details(run_dir)["curves"]
+    assert curves["reward"] == [[1, 0.2], [2, 0.1], [3, 0.5], [4, 0.9]] and curves["validation_reward"] == [[4, 0.7]]
+    assert sparkline(curves["reward"]).startswith("▂▁▅█  steps 1-4, 0.2 -> 0.9 (range 0.1..0.9)")
+    shown = CliRunner(env={"COLUMNS": "250"}).invoke(app, ["runs", "show", str(run_dir)])
+    assert shown.exit_code == 0 and "reward by step" in shown.output and "▂▁▅█" in shown.output
+    assert "reward" not in run_details(_run(tmp_path, "sft"))["curves"]  # control: an SFT run has no reward curve

@@ -294,6 +294,27 @@ def technique_label(summary: dict[str, Any]) -> str:
     return f"{summary.get('technique')}" + (f" ({variant})" if variant else "")
 
 
+BARS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(points: list[list[float]], width: int = 40) -> str:
+    """A curve in one line of text: the values in at most ``width`` buckets of consecutive steps (each its mean),
+    scaled from the lowest to the highest, with the first and last steps and the range."""
+    if not points:
+        return "-"
+    values = [p[1] for p in points]
+    size = -(-len(values) // width)  # ceil: steps per bucket
+    buckets = [sum(values[i:i + size]) / len(values[i:i + size]) for i in range(0, len(values), size)]
+    low, high = min(buckets), max(buckets)
+    scale = (len(BARS) - 1) / (high - low) if high > low else 0.0
+    line = "".join(BARS[round((v - low) * scale)] for v in buckets)
+    return f"{line}  steps {points[0][0]}-{points[-1][0]}, {values[0]:.4g} -> {values[-1]:.4g} (range {min(values):.4g}..{max(values):.4g})"
+
+
+CURVES = {"train": "train loss by step", "reward": "reward by step (sampled completions)",
+          "validation_reward": "reward at each evaluation (greedy)"}
+
+
 def print_run_details(details: dict[str, Any]) -> None:
     """``tunelab runs show RUN``: one run's figures, from its files."""
     summary, info, evaluation = details["summary"], details["run_info"], details["eval"]
@@ -315,6 +336,9 @@ def print_run_details(details: dict[str, Any]) -> None:
                  ("versions", ", ".join(f"{k} {v}" for k, v in (info.get("versions") or {}).items() if v)),
                  ("hardware", f"{(info.get('hardware') or {}).get('cpu')} x{(info.get('hardware') or {}).get('cpu_count')}"
                   + (f", {', '.join(info['hardware']['gpus'])}" if info.get("hardware", {}).get("gpus") else ""))]
+    for key, label in CURVES.items():
+        if (details.get("curves") or {}).get(key):
+            rows.append((label, sparkline(details["curves"][key])))
     base, tuned = evaluation.get("base") or {}, evaluation.get("tuned") or {}
     if tuned:
         rows.append(("validation loss base -> tuned", f"{_figure(base.get('loss'))} -> {_figure(tuned.get('loss'))}"))

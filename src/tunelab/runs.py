@@ -154,6 +154,25 @@ def list_runs(root: Path) -> list[dict[str, Any]]:
     return found
 
 
+REWARD = "reward"  # an online objective's training lines: the mean reward of the step's sampled completions
+MEAN_REWARD = "mean_reward"  # and its evaluation lines: of greedy answers to the validation prompts
+
+
+def run_curves(run_dir: Path) -> dict[str, list[list[float]]]:
+    """[step, value] points of the run's loss (training and validation) and, for a run that learns from rewards,
+    of its reward (of the sampled completions at each step, of greedy validation answers at each evaluation):
+    a policy's loss hovers near 0 whatever it learns, its reward shows it."""
+    metrics = read_metrics(run_dir)
+    train = [m for m in metrics if m.get("kind") == "train" and not m.get("skipped")]
+    evals = [m for m in metrics if m.get("kind") == "eval"]
+    curves = {"train": [[m["step"], m["loss"]] for m in train if "loss" in m],
+              "validation": [[m["step"], m["loss"]] for m in evals if "loss" in m]}
+    if any(REWARD in m for m in train):
+        curves["reward"] = [[m["step"], m[REWARD]] for m in train if REWARD in m]
+        curves["validation_reward"] = [[m["step"], m[MEAN_REWARD]] for m in evals if MEAN_REWARD in m]
+    return curves
+
+
 def run_details(run_dir: Path) -> dict[str, Any]:
     """Everything ``tunelab runs show`` prints: the summary plus the run's files, read as they are."""
     summary = summarize_run(run_dir)
@@ -169,4 +188,5 @@ def run_details(run_dir: Path) -> dict[str, Any]:
         "data": {k: v for k, v in (read_json(run_dir / "data_report.json") or {}).items()
                  if k in ("records", "train", "validation", "truncation_rate", "warnings")},
         "evaluations": sorted(str(p.relative_to(run_dir)) for p in evals.glob("*/eval.json")) if evals.is_dir() else [],
+        "curves": run_curves(run_dir),
     }

@@ -13,20 +13,12 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.responses import FileResponse, HTMLResponse
 
-from tunelab.runs import list_runs, read_json, read_metrics, run_details
+from tunelab.runs import list_runs, read_json, run_details
 from tunelab.serve.errors import APIError
 
 
 def _runs(root: Path) -> dict[str, Path]:
     return {Path(s["run"]).name: Path(s["run"]) for s in list_runs(root)}
-
-
-def _curves(run_dir: Path) -> dict[str, list[list[float]]]:
-    metrics = read_metrics(run_dir)
-    return {
-        "train": [[m["step"], m["loss"]] for m in metrics if m.get("kind") == "train" and not m.get("skipped") and "loss" in m],
-        "validation": [[m["step"], m["loss"]] for m in metrics if m.get("kind") == "eval" and "loss" in m],
-    }
 
 
 def add_ui(app: FastAPI, runs_root: Path) -> None:
@@ -53,7 +45,7 @@ def add_ui(app: FastAPI, runs_root: Path) -> None:
     async def run(name: str) -> dict[str, Any]:
         run_dir = find(name)
         details = run_details(run_dir)
-        return {"name": name, **details, "curves": _curves(run_dir),
+        return {"name": name, **details,
                 "quantize": read_json(run_dir / "quantize.json")}
 
     @app.get("/ui/runs/{name}/evals/{evaluation}/report.html", include_in_schema=False)
