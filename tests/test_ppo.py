@@ -139,6 +139,20 @@ def test_with_one_epoch_on_fresh_rollouts_the_ratio_is_one_and_its_gradient_the_
     assert logps.grad.tolist() == [-1.0, 1.0, -2.0, -0.5]  # -A per token: d/dlogp of -exp(logp - sg(logp)) A
 
 
+def test_one_epoch_on_fresh_rollouts_of_the_tiny_model_has_ratio_exactly_one(tiny_model_dir: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    model = fresh_model(tiny_model_dir).train()
+    attach_own_module(ppo.VALUE_HEAD, model, None)
+    spec = OBJECTIVES["ppo"].bind(settings(ppo_epochs=1, beta=0.0))
+    batch = spec.prepare(model, Rollout([[5, 6, 7], [5, 6, 8]], [[20, 21, 22], [30, 31]], torch.tensor([1.0, 0.0]), 1))
+    ratios: list[torch.Tensor] = []
+    original = ppo.clipped_token_losses
+    monkeypatch.setattr(ppo, "clipped_token_losses",
+                        lambda logps, old, *rest: ratios.append(torch.exp(logps - old)) or original(logps, old, *rest))
+    result = spec.loss_sum(model, batch)
+    assert torch.equal(ratios[0], torch.ones(5)) and result.stats["clip_fraction"].item() == 0
+
+
 def test_the_kl_to_the_reference_is_subtracted_from_every_tokens_reward(tiny_model_dir: Path) -> None:
     model = fresh_model(tiny_model_dir)
     attach_own_module(ppo.VALUE_HEAD, model, None)  # zero at first: every value is 0
