@@ -43,9 +43,9 @@ def _check(objectives: tuple[Objective, ...]) -> dict[str, Objective]:
             raise RuntimeError(f"objective {objective.name!r}: records must be one of {', '.join(RECORD_KINDS)}")
         if objective.needs_reference and "reference" not in objective.config_class.model_fields:
             raise RuntimeError(f"objective {objective.name!r}: needs a reference, so its settings choose how (reference)")
-        if objective.num_labels is not None and objective.base_figures_cacheable:
+        if objective.num_labels is not None and not objective.base_figures_uncached:
             raise RuntimeError(f"objective {objective.name!r}: a new head starts random in each run, so its base "
-                               "figures cannot be cached (base_figures_cacheable=False)")
+                               "figures cannot be cached (set base_figures_uncached)")
         registry[objective.name] = objective
     return registry
 

@@ -18,8 +18,8 @@ An objective declares, in one place (its own file):
 - what it cannot work with (``refuses``: feature -> reason, e.g. packing), in the same matrix as techniques;
 - for an online objective (records: prompts), ``prepare``: how the completions the training layer sampled and
   scored (a ``Rollout``) become the batch its loss reads, so the loop stays one function for every objective;
-- whether the base model's figures may be cached across runs (``base_figures_cacheable``: never with a new,
-  randomly initialised head);
+- why the base model's figures may not be cached across runs, if so (``base_figures_uncached``: a new, randomly
+  initialised head; rewards from the user's code);
 - a module it trains beside the model (``own_module``, e.g. PPO's value head): attached to the prepared model, so
   it trains, is checkpointed and resumes with the technique's weights, and saved apart from the result;
 - how ``tunelab eval`` scores a finished model of it on held-out records (``evaluation``, see ``Evaluation``);
@@ -69,6 +69,12 @@ class ObjectiveSpec:
     derive: Callable[[Mapping[str, float]], dict[str, float]] | None = None
     # an online objective: (model, rollout) -> the batch the loss reads (advantages, log-probs it compares with)
     prepare: Callable[[nn.Module, Any], Batch] | None = None
+
+
+# Why an objective's base figures are never cached (Objective.base_figures_uncached)
+NEW_HEAD = "its new head starts at random in every run"
+USER_REWARDS = ("its validation figure is a reward computed by the user's code (a function, a reward model), which "
+                "can change with nothing the cache key sees")
 
 
 @dataclass(frozen=True)
@@ -187,9 +193,10 @@ class Objective:
     # Whether these settings compare with the reference at all (e.g. GRPO only when beta > 0): when False, no
     # reference is set up, no frozen copy made and no reference pass runs. None: always, when needs_reference.
     reference_when: Callable[[Any], bool] | None = None
-    # Whether the untouched model's figures (base_eval.json) may be reused by another run of the same base, data
-    # and settings: False for a new head (num_labels set), whose random initial weights belong to one run only.
-    base_figures_cacheable: bool = True
+    # Why the untouched model's figures (base_eval.json) may NOT be reused by another run of the same base, data
+    # and settings (None: they may): a new head (num_labels set), whose random initial weights belong to one run
+    # only; a validation figure computed by the user's code (rewards), which can change with no change the key sees.
+    base_figures_uncached: str | None = None
     evaluation: Evaluation | None = None  # how `tunelab eval` scores its models; None: as SFT
     own_module: OwnModule | None = None  # a module trained beside the model (PPO's value head), see OwnModule
     # (the head's output) -> bytes of each tensor its loss holds at once at its largest moment, beyond what the

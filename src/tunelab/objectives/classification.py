@@ -28,7 +28,7 @@ from torch import nn
 from tunelab.data.labels import TokenizedLabeled
 from tunelab.errors import ConfigError
 from tunelab.metrics import Classification, Metric
-from tunelab.objectives.base import PER_CLASS, Batch, Evaluation, LossSum, Objective
+from tunelab.objectives.base import PER_CLASS, Batch, Evaluation, LossSum, Objective, NEW_HEAD
 from tunelab.settings import Settings
 from tunelab.techniques.base import forward_inputs
 
@@ -171,6 +171,6 @@ OBJECTIVE = Objective(
     count_units=count_sequences, units="examples", records="labeled", num_labels=PER_CLASS,
     summary="sequence classification: cross-entropy of a k-class head on {text, label} records",
     collate=collate_labeled, metrics=("accuracy", "macro_f1"), derive=macro_f1, refuses={"packing": PACKING},
-    base_figures_cacheable=False,  # the score head starts random in every run
+    base_figures_uncached=NEW_HEAD,
     evaluation=CLASS_PREDICTIONS,
 )

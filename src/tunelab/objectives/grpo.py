@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from tunelab.data import IGNORE, TokenizedExample, collate
-from tunelab.objectives.base import Batch, LossSum, Objective, Reference
+from tunelab.objectives.base import Batch, LossSum, Objective, Reference, USER_REWARDS
 from tunelab.objectives.online import REWARDED_ANSWERS, REWARDS_FIELD, RewardSettings, Rollout
 from tunelab.objectives.sft import logits_only_where
 from tunelab.settings import Settings
@@ -175,7 +175,5 @@ OBJECTIVE = Objective(
     metrics=("clip_fraction", "entropy", "kl"), refuses={"packing": NEVER_PACKED, "fsdp": NOT_SHARDED}, records="prompt",
     evaluation=REWARDED_ANSWERS,
     prepare=grpo_prepare,
-    # its validation figure is a reward computed by the user's code (a function, a reward model), which can change
-    # with no change the cache key sees
-    base_figures_cacheable=False,
+    base_figures_uncached=USER_REWARDS,
 )

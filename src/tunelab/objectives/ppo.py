@@ -42,7 +42,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from tunelab.data import IGNORE, TokenizedExample, collate
-from tunelab.objectives.base import Batch, LossSum, Objective, OwnModule, Reference
+from tunelab.objectives.base import Batch, LossSum, Objective, OwnModule, Reference, USER_REWARDS
 from tunelab.objectives.grpo import NEVER_PACKED, as_grid, collate_prompts, clipped_token_losses, token_logps
 from tunelab.objectives.online import REWARDED_ANSWERS, REWARDS_FIELD, RewardSettings, Rollout
 from tunelab.settings import Settings
@@ -253,6 +253,5 @@ OBJECTIVE = Objective(
     metrics=("clip_fraction", "entropy", "kl", "value_loss", "value_clip_fraction", "explained_variance"),
     refuses={"packing": NEVER_PACKED, "fsdp": NOT_SHARDED}, records="prompt", evaluation=REWARDED_ANSWERS, prepare=ppo_prepare,
     own_module=VALUE_HEAD,
-    # its validation figure is a reward computed by the user's code (a function, a reward model)
-    base_figures_cacheable=False,
+    base_figures_uncached=USER_REWARDS,
 )

@@ -22,7 +22,7 @@ from pydantic import Field
 from torch import nn
 
 from tunelab.metrics import Metric, unit_mean
-from tunelab.objectives.base import Batch, Evaluation, LossSum, Objective
+from tunelab.objectives.base import Batch, Evaluation, LossSum, Objective, NEW_HEAD
 from tunelab.objectives.preference import (NEVER_PACKED, chance, collate_pairs, count_pairs, describe_ranking,
                                            ranking_stats, split)
 from tunelab.settings import Settings
@@ -78,5 +78,5 @@ OBJECTIVE = Objective(
     collate=collate_pairs, num_labels=1, metrics=("pairwise_accuracy", "score_margin"),
     refuses={"packing": NEVER_PACKED},
     records="preference", evaluation=SCORE_RANKING,
-    base_figures_cacheable=False,  # the score head starts random in every run
+    base_figures_uncached=NEW_HEAD,
 )

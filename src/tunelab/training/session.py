@@ -240,8 +240,8 @@ def _base_figures_cache(ctx: TrainingContext) -> BaseFiguresCache | None:
     files and how they are loaded, the tokenizer and template, the validation records and sample prompts, the
     objective's settings; eval adds its settings and the versions). None when they may not be reused."""
     config = ctx.config
-    if not ctx.objective_kind.base_figures_cacheable:
-        log.info("base figures not cached: objective %s starts a new head at random", config.objective.name)
+    if ctx.objective_kind.base_figures_uncached:
+        log.info("base figures not cached: objective %s: %s", config.objective.name, ctx.objective_kind.base_figures_uncached)
         return None
     model = model_fingerprint(config.model)
     if model is None:
