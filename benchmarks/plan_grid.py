@@ -3,8 +3,8 @@
 Cells: model (SmolLM2-135M, two random-initialised Llama shapes, the second ~3x wider) x technique {full, lora,
 qlora, prompt_tuning, adapter} x activation checkpointing {off, on} x 2 sequence lengths. Each cell trains
 2 optimizer steps (the second step's backward is the peak: weights, Adam moments and activations at once) in a
-fresh subprocess, and its peak RSS is read from the kernel (os.wait4's ru_maxrss: the child's own peak, nothing
-else). Every example is longer than data.max_length, so every row is exactly max_length tokens (the planner's
+fresh subprocess, which reports its own peak RSS (VmHWM, ``run_info.own_peak_rss_bytes``; not ru_maxrss, which
+holds at least this process's peak: once it had built the Llama models, every smaller cell read as that figure). Every example is longer than data.max_length, so every row is exactly max_length tokens (the planner's
 input, from the same data report `tunelab train` writes).
 
     python benchmarks/plan_grid.py measure --out bench/plan_grid.jsonl [--models smollm2] [--lengths 64,256]
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -84,22 +83,20 @@ def cell_config(model: str, technique: str, checkpointing: bool, length: int, wo
 CHILD = """
 import json, sys
 from tunelab.config import build_config
+from tunelab.run_info import own_peak_rss_bytes
 from tunelab.training import train
 train(build_config(json.loads(sys.argv[1])), progress=False)
+print(own_peak_rss_bytes())
 """
 
 
 def measure_cell(config: dict[str, Any]) -> tuple[int, float]:
-    """(peak RSS in bytes, wall seconds) of one training process."""
+    """(peak RSS in bytes, wall seconds) of one training process: the peak it reports itself."""
     started = time.time()
-    child = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(config)], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(child.pid, 0)
-    stderr = child.stderr.read().decode() if child.stderr else ""
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode != 0:
-        raise RuntimeError(f"cell failed ({child.returncode}): {stderr[-2000:]}")
-    return usage.ru_maxrss * 1024, time.time() - started  # ru_maxrss is in KiB on Linux
+    done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(config)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"cell failed ({done.returncode}): {done.stderr[-2000:]}")
+    return int(done.stdout.strip().splitlines()[-1]), time.time() - started
 
 
 def cells(models: list[str], lengths: list[int]) -> list[tuple[str, str, bool, int]]:

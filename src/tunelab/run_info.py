@@ -66,11 +66,27 @@ class RunInfo:
         }
 
 
-def peak_memory() -> dict[str, Any]:
-    """Peak resident memory of this process (ru_maxrss: KiB on Linux, bytes on macOS) and, on a GPU, the most
-    memory torch ever allocated on it."""
+def own_peak_rss_bytes() -> int:
+    """This process's own peak resident memory: on Linux its address space's high-water mark (VmHWM in
+    /proc/self/status), elsewhere ru_maxrss (KiB on Linux, bytes on macOS).
+
+    Not ru_maxrss on Linux: the kernel carries the starting process's peak into it across exec (a child started by
+    subprocess reports at least its parent's peak RSS), so a run, the planner's runtime probe or a grid cell
+    started by a large process would read that process's memory as its own (measured: a Python child of an
+    800 MiB parent reports 813 MiB in ru_maxrss)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    rss_bytes = rss if sys.platform == "darwin" else rss * 1024
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def peak_memory() -> dict[str, Any]:
+    """Peak resident memory of this process (``own_peak_rss_bytes``) and, on a GPU, the most memory torch ever
+    allocated on it."""
+    rss_bytes = own_peak_rss_bytes()
     result: dict[str, Any] = {"rss_bytes": rss_bytes, "rss_gib": round(rss_bytes / 2**30, 3)}
     import torch
 

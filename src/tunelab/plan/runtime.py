@@ -3,9 +3,11 @@ torch, transformers, peft and accelerate, the tokenizer, oneDNN's kernels, the h
 
 It is measured, not guessed: once per machine, library versions and model, a subprocess trains a micro copy of
 the model (same tokenizer and vocabulary, one layer of width 16) for two steps, exactly as ``tunelab train`` does;
-its peak RSS minus the micro model's own planned terms is the runtime. Cached in the tunelab cache, keyed on the
-library versions and on tunelab's own source (a digest of its files): a figure measured by other code is measured
-again (a stale entry over-predicted the random-initialised Llama grid cells by ~120 MiB)."""
+its own peak RSS minus the micro model's own planned terms is the runtime. The peak is the child's own
+(``run_info.own_peak_rss_bytes``), not ru_maxrss, which holds the planning process's peak: that put 80-100 MiB of
+the planner's own memory into the runtime term of the random-initialised Llama grid cells. Cached in the tunelab
+cache, keyed on the library versions and on tunelab's own source (a digest of its files): a figure measured by
+other code is measured again."""
 
 from __future__ import annotations
 
@@ -25,11 +27,12 @@ LIBRARIES = ("torch", "transformers", "peft", "accelerate", "tunelab")
 MICRO = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 1,
          "num_key_value_heads": 1, "head_dim": 16}
 PROBE = """
-import json, resource, sys
+import json, sys
 from tunelab.config import build_config
+from tunelab.run_info import own_peak_rss_bytes
 from tunelab.training import train
 train(build_config(json.loads(sys.argv[1])), progress=False)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+print(own_peak_rss_bytes())
 """
 
 
