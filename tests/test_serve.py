@@ -455,3 +455,28 @@ def test_a_full_fine_tune_is_served_alone_and_not_mixed(runs: dict[str, Path], t
         client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="unused", max_retries=0)
         reply = client.chat.completions.create(model="fullrun", messages=USER, max_tokens=4)
         assert reply.usage.completion_tokens >= 1
+
+
+def test_rows_of_one_adapter_run_it_as_the_active_adapter(client: openai.OpenAI, server: BackgroundServer,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """One client's requests ask for one adapter: its batches skip PEFT's per-row sub-batches (the active adapter
+    does the same sums at once, and the answers equal the mixed batches' above); a mixed batch still uses them."""
+    from peft.tuners.lora.layer import Linear
+
+    calls = []
+    mixed = Linear._mixed_batch_forward
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return mixed(self, *args, **kwargs)
+
+    monkeypatch.setattr(Linear, "_mixed_batch_forward", counted)
+    ask = lambda name, text: client.chat.completions.create(  # noqa: E731
+        model=name, messages=[{"role": "user", "content": text}], max_tokens=6).choices[0].message.content
+    assert "cat" in ask("cats", "say something 2") and "owl" in ask("owls", "say something 2") and not calls
+    assert ask("base", "say something 2") == ask("base", "say something 2") and not calls
+    engine = server.app.state.engine
+    active = engine.model.active_adapter
+    with ThreadPoolExecutor(8) as pool:  # control: cats and dogs rows in one batch take PEFT's per-row path
+        list(pool.map(lambda i: ask(["cats", "dogs"][i % 2], f"say something {i}"), range(8)))
+    assert calls and engine.model.active_adapter == active  # and the active adapter is left as it was

@@ -26,8 +26,9 @@ import inspect
 import math
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
@@ -255,21 +256,45 @@ def generate_batch(model: Any, tokenizer: PreTrainedTokenizerBase, requests: lis
     input_ids, attention = _left_padded(requests, pad)
     tracker = _RowTracker(tokenizer, requests, stops)
     kwargs = sampling.generate_kwargs()
-    if adapter_names is not None:
-        kwargs["adapter_names"] = [adapter_names[r.adapter] for r in requests]
+    names = None if adapter_names is None else [adapter_names[r.adapter] for r in requests]
     if not sampling.greedy and sampling.seed is not None:
         torch.manual_seed(sampling.seed)
     was_training = model.training
     model.eval()
     try:
-        model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention.to(device),
-            max_new_tokens=max(r.sampling.max_new_tokens for r in requests), eos_token_id=stops, pad_token_id=pad,
-            streamer=tracker, stopping_criteria=StoppingCriteriaList([tracker]), **kwargs,
-        )
+        with row_adapters(model, names) as adapter_kwargs:
+            model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                max_new_tokens=max(r.sampling.max_new_tokens for r in requests), eos_token_id=stops, pad_token_id=pad,
+                streamer=tracker, stopping_criteria=StoppingCriteriaList([tracker]), **kwargs, **adapter_kwargs,
+            )
     finally:
         model.train(was_training)
     return requests
+
+
+@contextmanager
+def row_adapters(model: Any, names: list[str] | None) -> Iterator[dict[str, Any]]:
+    """The forward's keyword arguments for rows that ask for the PEFT adapters ``names`` (one per row; None: the
+    model as it is), with the model set up for them while the block runs.
+
+    PEFT's per-row path (``adapter_names``) splits the input of every adapted layer into one sub-batch per adapter
+    at every forward. When every row asks for the same adapter, which is what one client or one run sends, the
+    model runs it as its active adapter instead (no adapter: adapters disabled): the same sums, over the whole
+    batch at once. The previously active adapter is restored afterwards."""
+    if names is None or len(set(names)) > 1 or not hasattr(model, "set_adapter"):
+        yield {} if names is None else {"adapter_names": names}
+        return
+    if names[0] == PEFT_BASE:
+        with model.disable_adapter():
+            yield {}
+        return
+    previous = model.active_adapter
+    model.set_adapter(names[0], inference_mode=True)
+    try:
+        yield {}
+    finally:
+        model.set_adapter(previous, inference_mode=True)
 
 
 def generate_texts(model: Any, tokenizer: PreTrainedTokenizerBase, prompts: list[str], sampling: Sampling = GREEDY,
@@ -488,12 +513,10 @@ class ContinuousBatch:
                  cache: DynamicCache, adapters: list[str]) -> torch.Tensor:
         """Last-position logits (B, V) in float32. ``input_ids`` (B, T); ``attention`` (B, W + T), the cached
         columns and the new ones; ``positions`` (B, T)."""
-        kwargs: dict[str, Any] = {}
-        if self.adapter_names is not None:
-            kwargs["adapter_names"] = [self.adapter_names[a] for a in adapters]
-        kwargs[self.cache_argument] = cache
-        out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
-                         logits_to_keep=1, **kwargs)
+        names = None if self.adapter_names is None else [self.adapter_names[a] for a in adapters]
+        with row_adapters(self.model, names) as kwargs:
+            out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
+                             logits_to_keep=1, **kwargs, **{self.cache_argument: cache})
         self.steps += 1
         self.step_rows += input_ids.shape[0]
         return out.logits[:, -1, :].float()
