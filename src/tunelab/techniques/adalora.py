@@ -78,6 +78,11 @@ def prepare(model: nn.Module, settings: AdaloraSettings, context: RunContext | N
 def reallocate(model: nn.Module, settings: AdaloraSettings, step: int) -> None:
     """Score every singular triplet from this step's gradients and mask the weakest (after the optimizer update,
     before the gradients are cleared, as PEFT requires)."""
+    allocator = model.base_model.rankallocator
+    if not allocator.exp_avg_ipt:
+        # PEFT scores the triplets only on steps before the final allocation, so a run whose first step is that
+        # allocation (max_steps 1) would rank triplets it never scored (a KeyError inside PEFT): score this step first.
+        allocator.update_ipt(model.base_model.model)  # named as PEFT names them (inside its wrapper)
     model.base_model.update_and_allocate(step)
 
 
