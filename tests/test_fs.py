@@ -212,3 +212,27 @@ def test_a_run_of_an_older_tunelab_is_overwritten_as_before(tiny_model_dir: Path
     assert fs.foreign_entries(run_dir) == []
     assert train(config, progress=False).status == "completed"
     assert (run_dir / fs.RECORD).is_file() and not (run_dir / fs.LEGACY_RUN_RECORD).exists()
+
+
+def test_weights_saved_by_safetensors_are_as_readable_as_the_users_other_files(tmp_path: Path) -> None:
+    """safetensors writes 0600 whatever the umask: through the atomic writers a file gets the mode of an ordinary
+    new file (0644 under umask 022), in a folder and alone, and a file the user's code chose to keep private
+    (0400) is left alone."""
+    import torch
+    from safetensors.torch import save_file
+
+    old = os.umask(0o022)
+    try:
+        with fs.atomic_folder(tmp_path / "adapter") as folder:
+            save_file({"w": torch.zeros(2)}, str(folder / "adapter_model.safetensors"))
+            (folder / "secret").write_text("x")
+            (folder / "secret").chmod(0o400)
+        with fs.atomic_file(tmp_path / "alone.safetensors") as tmp:
+            save_file({"w": torch.zeros(2)}, str(tmp))
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")  # what an ordinary file gets here
+    finally:
+        os.umask(old)
+    mode = lambda p: p.stat().st_mode & 0o777  # noqa: E731
+    assert mode(tmp_path / "adapter" / "adapter_model.safetensors") == mode(plain) == 0o644
+    assert mode(tmp_path / "alone.safetensors") == 0o644 and mode(tmp_path / "adapter" / "secret") == 0o400

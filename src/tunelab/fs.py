@@ -79,6 +79,29 @@ def fsync_tree(folder: Path) -> None:
     fsync_dir(folder)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask can only be read by setting it, which races with
+    other threads); Linux shows it in /proc/self/status."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def ordinary_modes(path: Path) -> None:
+    """Give a file (or every file in a folder) that its writer made private the mode an ordinary new file gets.
+
+    safetensors writes 0600 whatever the umask, so a run's weights were unreadable to the teammates who can read
+    every other file of the run; files are widened only as far as the user's umask allows."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and not p.is_symlink()]
+    for file in files:
+        if file.stat().st_mode & 0o777 == 0o600:
+            file.chmod(0o666 & ~_umask())
+
+
 def remove(path: Path) -> None:
     """Delete a file, link or folder (callers decide ownership first: see ``owned_entries``)."""
     if path.is_dir() and not path.is_symlink():
@@ -97,6 +120,7 @@ def atomic_file(path: Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         yield tmp
+        ordinary_modes(tmp)
         fsync_file(tmp)
         os.replace(tmp, path)  # the atomic moment: before it, the old file is all there is
     except BaseException:
@@ -141,6 +165,7 @@ def atomic_folder(final: Path, seal: Callable[[Path], None] | None = None, share
     moved_aside = False
     try:
         yield tmp
+        ordinary_modes(tmp)
         # The OS writes back in any order: without these, a power loss could keep the seal and lose the data.
         fsync_tree(tmp)
         if seal is not None:
