@@ -237,6 +237,54 @@ def test_routed_model_decodes_with_the_gates_it_trained_with(routed: Path) -> No
     assert tokens == trained_loss.num_units and abs(loss_sum - trained_loss.loss_sum.item()) < 1e-4
 
 
+def test_each_adapter_alone_is_measured_beside_the_router(routed: Path, experiment: dict, tiny_tokenizer) -> None:
+    """The routing figures hold each task's loss with each adapter alone, equal to that adapter's own run on the same
+    records (so a user can tell whether the experts differ at all), and the routed model's; the tiny experiment's
+    experts differ, so the verdict says routing can help and that the router learned it."""
+    from dataclasses import replace
+
+    from tunelab.data import Example, tokenize_example
+    from tunelab.techniques.adapter_routing import routing_split
+
+    records = {"animals": task_a(90)[60:], "count": task_b(90)[60:]}  # held out, as _task_losses reads them
+    examples = [replace(tokenize_example(tiny_tokenizer, Example("messages", "x", tuple((m["role"], m["content"])
+                                                                                    for m in r["messages"]))), task_id=i)
+                for i, task in enumerate(records) for r in records[task]]
+    model = tunelab.load_run(routed, device="cpu").model
+    split = routing_split(model, examples, list(records), tiny_tokenizer.pad_token_id, torch.device("cpu"))
+    own = {name: _task_losses(tunelab.load_run(run, device="cpu").model, tiny_tokenizer, experiment["files"])
+           for name, run in experiment["runs"].items()}
+    own["routed"] = _task_losses(model, tiny_tokenizer, experiment["files"])
+    print("per-task losses:", split["loss"], "\nverdict:", split["verdict"])
+    for task in records:
+        for system in ("animals", "count", "routed"):
+            assert split["loss"][task][system] == pytest.approx(own[system][task], rel=1e-4), (task, system, split["loss"])
+    assert split["loss"]["animals"]["animals"] < split["loss"]["animals"]["count"]  # each task has its own best
+    assert split["loss"]["count"]["count"] < split["loss"]["count"]["animals"]
+    assert split["verdict"].startswith("the adapters differ") and "under 80%" not in split["verdict"], split["verdict"]
+
+
+def test_the_routing_verdict_says_when_routing_cannot_help() -> None:
+    from tunelab.techniques.adapter_routing import routing_verdict
+
+    names = ["a", "b"]
+    learned = {"x": {"a": 0.9, "b": 0.1}, "y": {"a": 0.15, "b": 0.85}}
+    differ = {"x": {"routed": 1.0, "a": 1.0, "b": 1.5}, "y": {"routed": 2.0, "a": 2.6, "b": 2.0}}
+    assert routing_verdict(differ, learned, names) == (
+        "the adapters differ on these tasks (each task's best adapter is better by 30% or more), so routing can "
+        "help; the router sends x 90% to a, y 85% to b")
+    unlearned = {"x": {"a": 0.9, "b": 0.1}, "y": {"a": 0.46, "b": 0.54}}
+    assert routing_verdict(differ, unlearned, names).endswith(
+        "y 54% to b: under 80% somewhere: the router has not learned the tasks yet, train it longer")
+    alike = {"x": {"routed": 1.0, "a": 1.0, "b": 1.5}, "y": {"routed": 2.0, "a": 2.03, "b": 2.0}}  # y: 1.5% apart
+    assert routing_verdict(alike, learned, names).startswith(
+        "routing cannot help on y: the adapters' losses alone there are within 2% of each other (y 1.5%)")
+    one_best = {"x": {"routed": 1.0, "a": 1.0, "b": 1.5}, "y": {"routed": 2.0, "a": 2.0, "b": 2.6}}
+    assert routing_verdict(one_best, learned, names).startswith(
+        "routing cannot help: adapter a alone is the best on every task")
+    assert routing_verdict({"all": {"routed": 1.0, "a": 1.0, "b": 1.2}}, {}, names) == ""  # no tasks: no verdict
+
+
 def test_tunelab_eval_reports_the_router_split_of_each_task(routed: Path, tmp_path: Path) -> None:
     """`tunelab eval RUN --data FILE` on a routed run: the share of gate weight each adapter gets over each task's
     tokens of that data, printed and saved in the report's eval.json."""
@@ -255,9 +303,15 @@ def test_tunelab_eval_reports_the_router_split_of_each_task(routed: Path, tmp_pa
     share = routing["mean_gate"]
     print("tunelab eval split:", share)
     assert share["animals"]["animals"] >= 0.95 and share["count"]["count"] >= 0.95, share  # as in training's eval.json
-    printed = [line.replace("│", " ").split() for line in result.output.splitlines()]  # the table's rows
+    split_table, loss_table = result.output.rsplit("┃ routed ┃", 1)  # the loss table's header (the last one)
+    printed = [line.replace("│", " ").split() for line in split_table.splitlines()]  # the split table's rows
     rows = {line[0]: line[1:3] for line in printed if len(line) == 4 and line[0] in ("animals", "count")}
     assert rows == {task: [f"{share[task]['animals']:.3f}", f"{share[task]['count']:.3f}"] for task in ("animals", "count")}, result.output
+    losses = routing["loss"]  # and each task's loss routed and with each adapter alone, then the verdict under it
+    printed = [line.replace("│", " ").split() for line in loss_table.splitlines()]
+    rows = {line[0]: line[1:] for line in printed if len(line) == 4 and line[0] in ("animals", "count")}
+    assert rows == {task: [f"{losses[task][s]:.4f}" for s in ("routed", "animals", "count")] for task in ("animals", "count")}
+    assert routing["verdict"].startswith("the adapters differ") and routing["verdict"] in " ".join(result.output.split())
 
 
 def test_gates_are_logged_and_only_the_router_trains(routed: Path, experiment: dict) -> None:

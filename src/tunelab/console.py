@@ -467,6 +467,8 @@ def print_figure_tables(tables: Sequence[Any]) -> None:
         for row in declared.rows:
             table.add_row(*row)
         print_table(table)
+        if getattr(declared, "note", ""):
+            console.print(declared.note, soft_wrap=True, markup=False)
 
 
 def print_quantize_table(report: dict[str, Any]) -> None:

@@ -23,11 +23,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 import yaml
 from pydantic import Field, model_validator
 from torch import nn
 
 from tunelab.data import collate
+from tunelab.data.tokenize import IGNORE
 from tunelab.errors import TechniqueError
 from tunelab.models import same_base_model
 from tunelab.settings import Settings
@@ -178,16 +180,35 @@ def on_step(model: nn.Module, settings: AdapterRoutingSettings, step: int) -> di
     return {"gates": means} if means else None
 
 
+ALIKE = 0.02  # experts whose losses on a task differ by less than this share give a router nothing to choose between
+OWN_SHARE = 0.8  # the share of a task a router that has learned it sends to that task's best expert
+
+
+def _token_losses(model: nn.Module, tensors: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Cross-entropy of every supervised position (B, T), 0 elsewhere, for the model as its routers are set."""
+    extra = {k: v.to(device) for k, v in forward_inputs(model, tensors).items()}  # prompt gating: the targets
+    logits = model(input_ids=tensors["input_ids"].to(device), position_ids=tensors["position_ids"].to(device),
+                   use_cache=False, **extra).logits  # (B, T, V)
+    targets = tensors["targets"].to(device)  # (B, T), IGNORE where not supervised
+    losses = F.cross_entropy(logits.float().transpose(1, 2), targets.clamp(min=0), reduction="none")  # (B, T)
+    return torch.where(targets != IGNORE, losses, torch.zeros_like(losses)).cpu()
+
+
 @torch.no_grad()
 def routing_split(model: nn.Module, examples: list[Any], tasks: list[str], pad_id: int, device: torch.device,
                   batch_size: int = 8) -> dict[str, Any]:
     """How the router splits the tokens of each task: the mean gate per adapter over the task's tokens and every
-    router layer ({"all": ...} as well, and only that for data without tasks)."""
+    router layer ({"all": ...} as well, and only that for data without tasks); and the token-mean loss of each
+    task with the router's gates ("routed") and with each adapter alone, which says whether routing can help
+    (``routing_verdict``)."""
     spec, layers = _spec(model), rt.routers(model)
+    names = [e.name for e in spec.experts]
     was_training = model.training
     model.eval()
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
+    loss_sums: dict[str, dict[str, float]] = {}
+    supervised: dict[str, int] = {}
     try:
         for start in range(0, len(examples), batch_size):
             batch = examples[start : start + batch_size]
@@ -197,10 +218,13 @@ def routing_split(model: nn.Module, examples: list[Any], tasks: list[str], pad_i
                 real[row, : len(example.input_ids)] = True
             for router in layers:
                 router.recording = []
-            extra = {k: v.to(device) for k, v in forward_inputs(model, tensors).items()}  # prompt gating: the targets
-            model(input_ids=tensors["input_ids"].to(device), position_ids=tensors["position_ids"].to(device), use_cache=False,
-                  **extra)
+            losses = {"routed": _token_losses(model, tensors, device)}  # (B, T) each
             gates = torch.stack([router.recording[0] for router in layers]).mean(0)  # (B, T, E) averaged over layers
+            for router in layers:
+                router.recording = None
+            for index, name in enumerate(names):
+                with rt.expert_alone(model, index):
+                    losses[name] = _token_losses(model, tensors, device)
             task_ids = tensors.get("token_task_ids")
             groups = {"all": real}
             for index, task in enumerate(tasks):
@@ -209,14 +233,48 @@ def routing_split(model: nn.Module, examples: list[Any], tasks: list[str], pad_i
             for group, mask in groups.items():
                 sums[group] = sums.get(group, torch.zeros(gates.shape[-1])) + gates[mask].sum(0)
                 counts[group] = counts.get(group, 0) + int(mask.sum())
+                scored = mask & (tensors["targets"] != IGNORE)  # (B, T) supervised tokens of the group
+                supervised[group] = supervised.get(group, 0) + int(scored.sum())
+                for system, values in losses.items():
+                    loss_sums.setdefault(group, {}).setdefault(system, 0.0)
+                    loss_sums[group][system] += float(values[scored].double().sum())
     finally:
         for router in layers:
             router.recording = None
         model.train(was_training)
-    names = [e.name for e in spec.experts]
     split = {group: {n: round(float(v), 4) for n, v in zip(names, sums[group] / max(counts[group], 1))}
              for group in sums if counts[group]}
-    return {"adapters": names, "gating": spec.gating, "top_k": spec.top_k, "tokens": counts, "mean_gate": split}
+    loss = {group: {system: round(total / supervised[group], 5) for system, total in by_system.items()}
+            for group, by_system in loss_sums.items() if supervised[group]}
+    return {"adapters": names, "gating": spec.gating, "top_k": spec.top_k, "tokens": counts, "mean_gate": split,
+            "loss": loss, "verdict": routing_verdict(loss, split, names)}
+
+
+def routing_verdict(loss: dict[str, dict[str, float]], split: dict[str, dict[str, float]], names: list[str]) -> str:
+    """Whether routing can help on these tasks, from each adapter's loss alone on each task: not when one adapter
+    is the best on every task (a router can at best match it), nor on a task where the adapters' losses are
+    within ALIKE of each other (the router gets almost no signal there, and its choice barely matters). Else it
+    can, and the verdict says what share of each task the router sends to that task's best adapter."""
+    tasks = [t for t in loss if t != "all" and all(n in loss[t] for n in names)]
+    if not tasks:
+        return ""
+    best = {t: min(names, key=lambda n: loss[t][n]) for t in tasks}
+    gap = {t: max(loss[t][n] for n in names) / loss[t][best[t]] - 1 if loss[t][best[t]] > 0 else 0.0 for t in tasks}
+    alike = [t for t in tasks if gap[t] < ALIKE]
+    if alike:
+        spread = ", ".join(f"{t} {gap[t]:.1%}" for t in alike)
+        return (f"routing cannot help on {', '.join(alike)}: the adapters' losses alone there are within {ALIKE:.0%} "
+                f"of each other ({spread}), so the router has nothing to choose between; train the adapters longer "
+                "or on more different tasks")
+    if len(tasks) > 1 and len(set(best.values())) == 1:
+        only = next(iter(best.values()))
+        return (f"routing cannot help: adapter {only} alone is the best on every task, so a router can at best match "
+                f"it; use {only} alone, or train adapters that differ")
+    shares = ", ".join(f"{t} {split.get(t, {}).get(best[t], 0.0):.0%} to {best[t]}" for t in tasks)
+    learned = all(split.get(t, {}).get(best[t], 0.0) >= OWN_SHARE for t in tasks)
+    return (f"the adapters differ on these tasks (each task's best adapter is better by {min(gap.values()):.0%} or "
+            f"more), so routing can help; the router sends {shares}"
+            + ("" if learned else f": under {OWN_SHARE:.0%} somewhere: the router has not learned the tasks yet, train it longer"))
 
 
 def evaluate(model: nn.Module, data: Any, pad_id: int, device: torch.device, max_examples: int | None) -> dict[str, Any]:
@@ -237,8 +295,16 @@ def figure_tables(figures: dict[str, Any]) -> list[FigureTable]:
         return []
     rows = [(group, *(f"{shares[name]:.3f}" for name in routing["adapters"]), str(routing["tokens"][group]))
             for group, shares in routing["mean_gate"].items()]
-    return [FigureTable(f"router split ({routing['gating']} gating): mean gate per adapter over each task's tokens",
-                        ("task", *routing["adapters"], "tokens"), rows)]
+    tables = [FigureTable(f"router split ({routing['gating']} gating): mean gate per adapter over each task's tokens",
+                          ("task", *routing["adapters"], "tokens"), rows)]
+    losses = routing.get("loss")  # absent from the eval.json of runs before it was measured
+    if losses:
+        systems = ("routed", *routing["adapters"])
+        tables.append(FigureTable("token-mean loss of each task: routed, and with each adapter alone",
+                                  ("task", *(s if s == "routed" else f"{s} alone" for s in systems)),
+                                  [(group, *(f"{by[s]:.4f}" for s in systems)) for group, by in losses.items()],
+                                  note=routing.get("verdict", "")))
+    return tables
 
 
 TECHNIQUE = Technique(

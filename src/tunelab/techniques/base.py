@@ -133,6 +133,7 @@ class FigureTable:
     title: str
     columns: tuple[str, ...]
     rows: list[tuple[str, ...]]
+    note: str = ""  # a line printed under the table (what the figures mean: a verdict)
 
 
 # Why a result is served alone rather than in a batch shared with other adapters: PEFT runs several adapters

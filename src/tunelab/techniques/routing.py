@@ -30,9 +30,10 @@ from __future__ import annotations
 import json
 import math
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +66,7 @@ class Router(nn.Module):
         self.targets: torch.Tensor | None = None  # (B, T) shifted targets of this forward, set by the model's pre-hook
         self.carry: tuple[torch.Tensor, torch.Tensor] | None = None  # (sum (B, E), count (B,)) of the last segment
         self.recording: list[torch.Tensor] | None = None  # set by routing_split: every forward's gates
+        self.forced: int | None = None  # set by routing_split: the whole gate on this expert (each expert alone)
         self.stat_sum = torch.zeros(experts)  # gate mass per expert over the training forwards since the last read
         self.stat_count = 0
         self.handle: Any = None
@@ -75,6 +77,9 @@ class Router(nn.Module):
         return None
 
     def gates(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if self.forced is not None:  # one expert alone: its gate is 1 at every token (B, T, E), nothing recorded
+            one_hot = F.one_hot(torch.tensor(self.forced, device=hidden.device), self.proj.out_features)
+            return one_hot.to(self.proj.weight.dtype).expand(*hidden.shape[:2], -1)
         x = hidden.to(self.proj.weight.dtype)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
         logits = self.proj(x)  # (B, T, E)
@@ -310,6 +315,19 @@ class RoutingSpec:
                        router["layers"], router["hidden_size"], data.get("base_model_name_or_path"))
         except (KeyError, TypeError) as exc:
             raise TechniqueError(f"{where}: malformed routing config ({exc})") from None
+
+
+@contextmanager
+def expert_alone(model: nn.Module, index: int) -> Iterator[None]:
+    """Within it, every router gives expert ``index`` the whole gate: the model computes that expert alone."""
+    layers = routers(model)
+    for router in layers:
+        router.forced = index
+    try:
+        yield
+    finally:
+        for router in layers:
+            router.forced = None
 
 
 def routers(model: nn.Module) -> list[Router]:
