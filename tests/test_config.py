@@ -35,6 +35,17 @@ def test_unknown_key_names_path_nearest_key_and_line(tmp_path: Path) -> None:
     assert "did you mean 'learning_rate'" in message.lower()
 
 
+def test_an_objective_key_error_reads_as_the_user_wrote_it_with_the_objective_s_keys(tmp_path: Path) -> None:
+    """The objective's settings class is picked by its name (a tagged union): errors say `objective.KEY`, at its
+    line, with that objective's valid keys, as technique errors do."""
+    path = write_config(tmp_path, "objective:\n  name: grpo\n  rewards: [rouge_l]\n  num_generatons: 4\n")
+    message = config_error(path)
+    assert f"{path}:4" in message and "unknown key 'objective.num_generatons'" in message
+    assert "did you mean 'num_generations'" in message.lower() and "max_completion_length" in message
+    bound = config_error(write_config(tmp_path, "objective:\n  name: grpo\n  rewards: [rouge_l]\n  beta: -1\n", "b.yaml"))
+    assert "objective.beta:" in bound and "grpo" not in bound.split("objective.beta")[0]
+
+
 def test_unknown_top_level_section_suggests_the_section(tmp_path: Path) -> None:
     path = write_config(tmp_path, "model:\n  dtype: float32\ntrainig:\n  max_steps: 3\n")
     message = config_error(path)

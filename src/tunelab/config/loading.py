@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from tunelab.config.schema import TunelabConfig
 from tunelab.errors import ConfigError
+from tunelab.objectives import DEFAULT_OBJECTIVE, OBJECTIVES
 from tunelab.techniques import DEFAULT_TECHNIQUE, TECHNIQUES, technique_name_hint
 
 
@@ -160,6 +161,12 @@ def _read_yaml(path: Path, text: str) -> Any:
         raise ConfigError(f"{path}: invalid YAML value ({exc})") from None
 
 
+# the sections whose settings class is chosen by their `name` (pydantic's discriminated unions, whose error locs
+# carry the chosen name as a tag the user never wrote): section -> (its registry, the default name)
+TAGGED: dict[str, tuple[dict[str, Any], str]] = {"technique": (TECHNIQUES, DEFAULT_TECHNIQUE),
+                                                 "objective": (OBJECTIVES, DEFAULT_OBJECTIVE)}
+
+
 def _model_at(path: tuple[Any, ...], data: dict[str, Any]) -> type[BaseModel] | None:
     """The pydantic section class that owns `path` (used to suggest the nearest valid key)."""
     model: type[BaseModel] = TunelabConfig
@@ -168,9 +175,10 @@ def _model_at(path: tuple[Any, ...], data: dict[str, Any]) -> type[BaseModel] | 
         if field is None:
             return None
         annotation = field.annotation
-        if str(part) == "technique" and depth == 0:
-            name = (data.get("technique") or {}).get("name", DEFAULT_TECHNIQUE)
-            spec = TECHNIQUES.get(name) if isinstance(name, str) else None
+        if str(part) in TAGGED and depth == 0:  # a discriminated section: its class is the one `name` picks
+            registry, default = TAGGED[str(part)]
+            name = (data.get(str(part)) or {}).get("name", default)
+            spec = registry.get(name) if isinstance(name, str) else None
             if spec is None:
                 return None
             model = spec.config_class
@@ -241,12 +249,14 @@ def _union_field(loc: tuple[str, ...], data: dict[str, Any]) -> tuple[int, tuple
 
 
 def _user_errors(exc: ValidationError, data: dict[str, Any]) -> list[dict[str, Any]]:
-    """pydantic's errors with locs as the user writes keys (no technique tag), and one error per union field."""
+    """pydantic's errors with locs as the user writes keys (no technique or objective tag), and one error per
+    union field."""
     errors: list[dict[str, Any]] = []
     unions: dict[tuple[str, ...], dict[str, Any]] = {}
     for err in exc.errors():
         raw = err["loc"]
-        loc = tuple(str(p) for p in raw if not (raw[0] == "technique" and isinstance(p, str) and p in TECHNIQUES))
+        tags = TAGGED[raw[0]][0] if raw and raw[0] in TAGGED else {}
+        loc = tuple(str(p) for i, p in enumerate(raw) if not (i == 1 and isinstance(p, str) and p in tags))
         union = _union_field(loc, data)
         if union is None:
             errors.append({**err, "loc": loc, "msg": err["msg"].removeprefix("Value error, ")})
