@@ -272,6 +272,7 @@ def test_grpo_learns_a_toy_verifiable_task_and_times_generation_apart(tiny_model
             answer = tokenizer.decode(_uncached_greedy(model, list(ids), 8, tokenizer.convert_tokens_to_ids("<|im_end|>")))
             assert row["outputs"][name].strip() == answer.strip()
             assert row["stats"][name]["mean_reward"][0] == starts_with_a_vowel([], [answer])[0]
+    assert rows[0]["reference"] == "reference: cat"  # the prompt record's reference column, as the rewards read it
 
 
 def test_a_constant_reward_changes_nothing(tiny_model_dir: Path, tmp_path: Path) -> None:

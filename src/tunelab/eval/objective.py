@@ -138,4 +138,6 @@ def prompt_and_reference(example: Example) -> tuple[str, str]:
     prompt = example.prompt or "\n".join(f"{role}: {content}" for role, content in example.messages)
     if example.rejected or example.chosen:
         return prompt, f"chosen: {example.chosen}\nrejected: {example.rejected}"
+    if example.columns:  # a prompt record: the reference columns its rewards read
+        return prompt, "\n".join(f"{name}: {value}" for name, value in example.columns)
     return prompt, "" if example.label is None else str(example.label)
