@@ -44,6 +44,7 @@ import yaml
 from tunelab.config import read_run_config
 from tunelab.errors import ConfigError
 from tunelab.fs import read_json  # also the name the readers of run files import from here
+from tunelab.objectives.online import MEAN_REWARD, STEP_REWARD
 from tunelab.techniques import technique_variant
 from tunelab.techniques.base import RESULT_DIRS
 
@@ -154,10 +155,6 @@ def list_runs(root: Path) -> list[dict[str, Any]]:
     return found
 
 
-REWARD = "reward"  # an online objective's training lines: the mean reward of the step's sampled completions
-MEAN_REWARD = "mean_reward"  # and its evaluation lines: of greedy answers to the validation prompts
-
-
 def run_curves(run_dir: Path) -> dict[str, list[list[float]]]:
     """[step, value] points of the run's loss (training and validation) and, for a run that learns from rewards,
     of its reward (of the sampled completions at each step, of greedy validation answers at each evaluation):
@@ -167,8 +164,8 @@ def run_curves(run_dir: Path) -> dict[str, list[list[float]]]:
     evals = [m for m in metrics if m.get("kind") == "eval"]
     curves = {"train": [[m["step"], m["loss"]] for m in train if "loss" in m],
               "validation": [[m["step"], m["loss"]] for m in evals if "loss" in m]}
-    if any(REWARD in m for m in train):
-        curves["reward"] = [[m["step"], m[REWARD]] for m in train if REWARD in m]
+    if any(STEP_REWARD in m for m in train):
+        curves[STEP_REWARD] = [[m["step"], m[STEP_REWARD]] for m in train if STEP_REWARD in m]
         curves["validation_reward"] = [[m["step"], m[MEAN_REWARD]] for m in evals if MEAN_REWARD in m]
     return curves
 

@@ -84,6 +84,7 @@ class Rollout:
 
 
 MEAN_REWARD = "mean_reward"  # the figure an online policy is evaluated by (validation loss = its negative)
+STEP_REWARD = "reward"  # a training line's mean reward of the step's sampled completions (metrics.jsonl)
 
 # `tunelab eval` of an online policy: the run's own rewards of its greedy answers to held-out prompts, against the
 # base's (and any --against model's); each reward term is reported beside the weighted total. No model-free
