@@ -25,6 +25,7 @@ from support.runs import tiny_config_dict
 from support.tiny import toy_chat_records, write_jsonl
 from tunelab.compare.stats import mean_interval, pareto_flags, t_quantile
 from tunelab.compare.table import flag_pareto, primary_metric
+from tunelab.config import ConfigError, build_config
 
 # what a run's own process measured: differs between two runs of the same config; the Pareto flag too, since
 # memory and wall time are two of its three axes (checked against the row's own figures instead)
@@ -220,3 +221,21 @@ def test_html_report_is_self_contained_with_both_plots() -> None:
     assert page.count("<svg") == 2 and page.count("<polyline") == 3 and page.count("<circle") == 2
     assert "&lt;edge&gt;" in page and "<edge>" not in page  # text is escaped
     assert not re.search(r"(src|href)=|<script|<link|@import|url\(", page)
+
+
+def test_a_default_the_config_resolved_stays_a_default_for_each_technique(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """data.packing left at its default is on for LoRA and turned off for prompt tuning, which cannot pack, as
+    `tunelab train` does; written out by the user, it is refused for prompt tuning with the reason."""
+    from tunelab.compare.runner import PlannedRun, run_config
+
+    data = write_jsonl(tmp_path / "train.jsonl", toy_chat_records(8))
+    config = build_config({"model": {"name": str(tiny_model_dir)}, "data": {"train": [str(data)]},
+                           "technique": {"name": "lora", "r": 4}})
+    assert config.data.packing
+    prompt = run_config(config, PlannedRun("p-seed1", "prompt_tuning", 0.03, 1), tmp_path / "out")
+    assert prompt["data"]["packing"] is False and prompt["technique"]["name"] == "prompt_tuning"
+    lora = run_config(config, PlannedRun("l-seed1", "lora", 1e-3, 1), tmp_path / "out")
+    assert lora["data"]["packing"] is True and lora["technique"]["r"] == 4 and lora["training"]["seed"] == 1
+    explicit = build_config({"model": {"name": str(tiny_model_dir)}, "data": {"train": [str(data)], "packing": True}})
+    with pytest.raises(ConfigError, match=r"technique prompt_tuning: (.|\n)*cannot pack"):
+        run_config(explicit, PlannedRun("p-seed1", "prompt_tuning", 0.03, 1), tmp_path / "out")

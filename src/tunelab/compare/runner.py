@@ -65,11 +65,13 @@ def run_config(config: TunelabConfig, run: PlannedRun, out: Path) -> dict[str, A
     """The config of one run: the user's, with the run's technique (the user's settings of it when the config
     names the same technique), learning rate, seed and folder. Validated here, so a technique that refuses the
     config fails before anything trains."""
-    data = config.model_dump(mode="json")
-    if data["technique"]["name"] != run.technique:
+    # only what the user set: a default the config resolved for its own technique (data.packing turned off, say)
+    # must stay a default, which the run's technique resolves again, not become an explicit setting it refuses
+    data = config.model_dump(mode="json", exclude_unset=True)
+    if data.get("technique", {}).get("name", config.technique.name) != run.technique:
         data["technique"] = {"name": run.technique}
-    data["training"].update(seed=run.seed, learning_rate=run.learning_rate)
-    data["output"].update(dir=str((out / run.name).resolve()), overwrite=False)
+    data.setdefault("training", {}).update(seed=run.seed, learning_rate=run.learning_rate)
+    data.setdefault("output", {}).update(dir=str((out / run.name).resolve()), overwrite=False)
     try:
         return build_config(data).model_dump(mode="json")
     except ConfigError as exc:
