@@ -45,6 +45,7 @@ from tunelab.data import IGNORE, TokenizedExample, collate
 from tunelab.objectives.base import Batch, LossSum, Objective, OwnModule, Reference, USER_REWARDS
 from tunelab.objectives.grpo import NEVER_PACKED, as_grid, collate_prompts, clipped_token_losses, token_logps
 from tunelab.objectives.online import REWARDED_ANSWERS, REWARDS_FIELD, RewardSettings, Rollout
+from tunelab.objectives.sft import rows_at
 from tunelab.settings import Settings
 from tunelab.techniques.base import forward_inputs
 
@@ -120,11 +121,7 @@ def values_beside_logits(model: nn.Module, keep: torch.Tensor) -> Iterator[list[
     values: list[torch.Tensor] = []
 
     def select(module: nn.Module, args: tuple) -> tuple:
-        hidden = args[0]  # (B, T', H)
-        mask = keep
-        if hidden.shape[1] != mask.shape[1]:  # virtual tokens prepended
-            mask = F.pad(mask, (hidden.shape[1] - mask.shape[1], 0), value=False)
-        rows = hidden[mask]  # (N, H)
+        rows = rows_at(args[0], keep)  # (B, T', H) -> (N, H)
         values.append(value_head(rows.to(value_head.weight.dtype)).squeeze(-1).float())  # (N,)
         return (rows,) + tuple(args[1:])
 

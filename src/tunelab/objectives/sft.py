@@ -35,23 +35,26 @@ class SftSettings(Settings):
     name: Literal["sft"] = Field("sft", description="Training objective (see the section's description).")
 
 
+def rows_at(hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The hidden states (B, T', H) at the ``keep`` (B, T) positions: (N, H). Techniques that prepend virtual
+    tokens make T' longer than T: the mask is left-padded with False to match."""
+    if hidden.dim() == 3 and hidden.shape[1] != keep.shape[1]:
+        keep = F.pad(keep, (hidden.shape[1] - keep.shape[1], 0), value=False)
+    return hidden[keep]
+
+
 @contextmanager
 def logits_only_where(model: nn.Module, keep: torch.Tensor) -> Iterator[None]:
     """Make the output head project only the hidden states at ``keep`` positions.
 
     A (B, T, V) logit tensor is the largest activation of a small LM (V ~ 50k-150k), and most positions have no
     label. A forward pre-hook on the head replaces its input (B, T, H) by hidden[keep] (N, H), so the model
-    returns logits (N, V). Techniques that prepend virtual tokens make T longer than ``keep``: the mask is
-    left-padded with False to match.
+    returns logits (N, V) (``rows_at``).
     """
     head = extract_model_from_parallel(model).get_output_embeddings()  # under DDP, the wrapped model's head
 
     def select(module: nn.Module, args: tuple) -> tuple:
-        hidden = args[0]  # (B, T', H)
-        mask = keep
-        if hidden.dim() == 3 and hidden.shape[1] != mask.shape[1]:
-            mask = F.pad(mask, (hidden.shape[1] - mask.shape[1], 0), value=False)
-        return (hidden[mask],) + tuple(args[1:])  # (N, H)
+        return (rows_at(args[0], keep),) + tuple(args[1:])  # (B, T', H) -> (N, H)
 
     handle = head.register_forward_pre_hook(select)
     try:
@@ -68,11 +71,7 @@ def hidden_only_where(model: nn.Module, keep: torch.Tensor) -> Iterator[list[tor
     hidden_rows: list[torch.Tensor] = []
 
     def select(module: nn.Module, args: tuple) -> tuple:
-        hidden = args[0]  # (B, T', H)
-        mask = keep
-        if hidden.shape[1] != mask.shape[1]:  # virtual tokens prepended
-            mask = F.pad(mask, (hidden.shape[1] - mask.shape[1], 0), value=False)
-        hidden_rows.append(hidden[mask])  # (N, H)
+        hidden_rows.append(rows_at(args[0], keep))  # (N, H)
         return (hidden_rows[-1][:0],) + tuple(args[1:])  # (0, H): nothing left for the head to do
 
     handle = head.register_forward_pre_hook(select)
