@@ -219,3 +219,18 @@ def test_the_command_prints_the_classifier_against_its_base_and_the_majority_cla
     assert "macro_f1" in result.clean and "Confusion matrix of classifier" in (tmp_path / "out" / "report.md").read_text()
     refused = invoke("eval", run, "--data", data, "--labels", "cat,dog", "--output", tmp_path / "other")
     assert refused.exit_code == 2 and "--labels: a classification run is scored by its objective" in refused.clean
+
+
+def test_a_classifier_saved_before_its_adapter_carried_its_classes_is_read_with_the_run_s_list(
+        tiny_model_dir: Path, runs_root: Path, tmp_path: Path) -> None:
+    """A run saved before adapter folders carried head_config.json: its held-out labels are still read against the
+    run's own class list (data_report.json), not the LABEL_k names PEFT's reload gives."""
+    import shutil
+
+    old = tmp_path / "classifier"
+    shutil.copytree(_run("classifier", tiny_model_dir, runs_root), old)
+    (head_config := next(old.rglob("head_config.json"))).unlink()
+    assert not head_config.exists()
+    held_out = write_jsonl(tmp_path / "heldout.jsonl", toy_labeled(96)[48:60])
+    report = evaluate(old, [held_out], output=tmp_path / "out", settings=SETTINGS)
+    assert report["classification"]["labels"] == ["cat", "dog", "fox"] and _scores(report, "accuracy")["classifier"] == 1.0

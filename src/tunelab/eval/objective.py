@@ -66,7 +66,8 @@ def objective_run(target: str | Path, adapter: str | Path | None) -> ObjectiveRu
 
 def head_classes(model: nn.Module, run: ObjectiveRun) -> list[str]:
     """The class names of the model's head in label-id order when the evaluation reads classes (else none): the
-    run's own list (an adapter folder does not carry config.id2label), else the model's config.id2label."""
+    run's own list (a run saved before adapter folders carried head_config.json reloads with LABEL_k names),
+    else the model's config.id2label."""
     if run.evaluation.confusion is None:
         return []
     if run.classes:
