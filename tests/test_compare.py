@@ -21,11 +21,11 @@ import pytest
 import yaml
 from safetensors import safe_open
 
-from support.runs import tiny_config_dict
+from support.runs import tiny_config, tiny_config_dict
 from support.tiny import toy_chat_records, write_jsonl
 from tunelab.compare.stats import mean_interval, pareto_flags, t_quantile
 from tunelab.compare.table import flag_pareto, primary_metric
-from tunelab.config import ConfigError, build_config
+from tunelab.config import ConfigError
 
 # what a run's own process measured: differs between two runs of the same config; the Pareto flag too, since
 # memory and wall time are two of its three axes (checked against the row's own figures instead)
@@ -229,13 +229,12 @@ def test_a_default_the_config_resolved_stays_a_default_for_each_technique(tiny_m
     from tunelab.compare.runner import PlannedRun, run_config
 
     data = write_jsonl(tmp_path / "train.jsonl", toy_chat_records(8))
-    config = build_config({"model": {"name": str(tiny_model_dir)}, "data": {"train": [str(data)]},
-                           "technique": {"name": "lora", "r": 4}})
+    config = tiny_config(tiny_model_dir, data={"train": [str(data)]}, technique={"name": "lora", "r": 4})
     assert config.data.packing
     prompt = run_config(config, PlannedRun("p-seed1", "prompt_tuning", 0.03, 1), tmp_path / "out")
     assert prompt["data"]["packing"] is False and prompt["technique"]["name"] == "prompt_tuning"
     lora = run_config(config, PlannedRun("l-seed1", "lora", 1e-3, 1), tmp_path / "out")
     assert lora["data"]["packing"] is True and lora["technique"]["r"] == 4 and lora["training"]["seed"] == 1
-    explicit = build_config({"model": {"name": str(tiny_model_dir)}, "data": {"train": [str(data)], "packing": True}})
+    explicit = tiny_config(tiny_model_dir, data={"train": [str(data)], "packing": True})
     with pytest.raises(ConfigError, match=r"technique prompt_tuning: (.|\n)*cannot pack"):
         run_config(explicit, PlannedRun("p-seed1", "prompt_tuning", 0.03, 1), tmp_path / "out")
