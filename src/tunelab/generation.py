@@ -281,7 +281,9 @@ def row_adapters(model: Any, names: list[str] | None) -> Iterator[dict[str, Any]
     PEFT's per-row path (``adapter_names``) splits the input of every adapted layer into one sub-batch per adapter
     at every forward. When every row asks for the same adapter, which is what one client or one run sends, the
     model runs it as its active adapter instead (no adapter: adapters disabled): the same sums, over the whole
-    batch at once. The previously active adapter is restored afterwards."""
+    batch at once. The adapter is set only when another one is active, and left active afterwards: the server
+    calls this at every decode step, and PEFT's ``set_adapter`` walks every module, so a restore would set it twice
+    per step. Calls with names always say what they need; a call without names gets the model as it is."""
     if names is None or len(set(names)) > 1 or not hasattr(model, "set_adapter"):
         yield {} if names is None else {"adapter_names": names}
         return
@@ -289,12 +291,9 @@ def row_adapters(model: Any, names: list[str] | None) -> Iterator[dict[str, Any]
         with model.disable_adapter():
             yield {}
         return
-    previous = model.active_adapter
-    model.set_adapter(names[0], inference_mode=True)
-    try:
-        yield {}
-    finally:
-        model.set_adapter(previous, inference_mode=True)
+    if model.active_adapter != names[0]:
+        model.set_adapter(names[0], inference_mode=True)
+    yield {}
 
 
 def generate_texts(model: Any, tokenizer: PreTrainedTokenizerBase, prompts: list[str], sampling: Sampling = GREEDY,
