@@ -46,6 +46,24 @@ def test_an_objective_key_error_reads_as_the_user_wrote_it_with_the_objective_s_
     assert "objective.beta:" in bound and "grpo" not in bound.split("objective.beta")[0]
 
 
+@pytest.mark.parametrize("objective", ["grpo", "ppo"])
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("max_completion_length", "0", "greater than 0"), ("temperature", "0", "greater than 0"),
+    ("top_p", "1.5", "less than or equal to 1"), ("rewards", "[]", "at least 1 item"),
+])
+def test_the_online_objectives_share_their_rewards_and_sampling_settings(tmp_path: Path, objective: str, key: str,
+                                                                        value: str, expected: str) -> None:
+    """One definition (objectives.online.OnlineSettings) holds both objectives' rewards and sampling bounds, and
+    `name` stays the first key of their section, as in every other objective's."""
+    rewards = "" if key == "rewards" else "  rewards: [rouge_l]\n"
+    path = write_config(tmp_path, f"objective:\n  name: {objective}\n{rewards}  {key}: {value}\n")
+    message = config_error(path)
+    assert f"objective.{key}:" in message and expected in message
+    settings = build_config({"model": {"name": "x"}, "data": {"train": ["a.jsonl"]},
+                             "objective": {"name": objective, "rewards": ["rouge_l"]}}).objective
+    assert list(type(settings).model_fields)[:5] == ["name", "rewards", "max_completion_length", "temperature", "top_p"]
+
+
 def test_unknown_top_level_section_suggests_the_section(tmp_path: Path) -> None:
     path = write_config(tmp_path, "model:\n  dtype: float32\ntrainig:\n  max_steps: 3\n")
     message = config_error(path)

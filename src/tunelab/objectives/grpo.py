@@ -32,9 +32,8 @@ from pydantic import Field
 
 from tunelab.data import IGNORE, TokenizedExample, collate
 from tunelab.objectives.base import Batch, LossSum, Objective, Reference, USER_REWARDS
-from tunelab.objectives.online import REWARDED_ANSWERS, REWARDS_FIELD, RewardSettings, Rollout
+from tunelab.objectives.online import REWARDED_ANSWERS, OnlineSettings, Rollout
 from tunelab.objectives.sft import logits_only_where
-from tunelab.settings import Settings
 from tunelab.techniques.base import forward_inputs
 from torch import nn
 
@@ -46,16 +45,10 @@ NOT_SHARDED = ("rollouts sample from the whole policy token by token, which an f
 GROUP_EPS = 1e-4  # keeps a group whose rewards barely differ from dividing by ~0
 
 
-class GrpoSettings(Settings):
+class GrpoSettings(OnlineSettings):
     name: Literal["grpo"] = Field("grpo", description="Training objective (see the section's description).")
-    rewards: list[RewardSettings] = REWARDS_FIELD
     num_generations: int = Field(4, ge=2, description="Completions sampled per prompt (the group G); the group's "
                                  "rewards are the baseline of each other's.")
-    max_completion_length: int = Field(64, gt=0, description="Most tokens a completion may have (it stops earlier at "
-                                       "the chat template's end of turn).")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the completions (above 0: a group "
-                               "needs different completions to compare).")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of the completions (1: off).")
     beta: float = Field(0.0, ge=0, description="Weight of the KL penalty to the reference policy (0: none, and no "
                         "reference pass runs).")
     epsilon_low: float = Field(0.2, ge=0, lt=1, description="The ratio is clipped below at 1 - epsilon_low.")

@@ -1,4 +1,4 @@
-"""What the online objectives (GRPO; later PPO) share: how completions are sampled and how they are rewarded.
+"""What the online objectives (GRPO, PPO) share: how completions are sampled and how they are rewarded.
 
 Their records are prompts (``records="prompt"``). Every optimizer step, the training layer samples
 ``num_generations`` completions of each prompt with the policy (through ``tunelab.generation``), scores them with
@@ -67,8 +67,21 @@ class RewardSettings(Settings):
         return name.rsplit(":", 1)[-1] if self.function and ":" in self.function else name
 
 
-REWARDS_FIELD = Field(min_length=1, description="The reward terms, summed with their weights: built-ins, users' "
-                      "functions and reward model runs (see each entry's fields); a string is a function's name.")
+class OnlineSettings(Settings):
+    """The settings every online objective's class shares, declared once: its rewards and how its completions are
+    sampled (what ``training.rollout`` reads). Each objective's class narrows ``name`` to its own ``Literal`` and
+    adds the rest: ``num_generations`` (its range differs) and its loss's settings."""
+
+    # Declared here so that `name` comes first in `tunelab config show` and config.yaml; each subclass narrows it.
+    name: str = Field(description="Training objective (see the section's description).")
+    rewards: list[RewardSettings] = Field(min_length=1, description="The reward terms, summed with their weights: "
+                                          "built-ins, users' functions and reward model runs (see each entry's "
+                                          "fields); a string is a function's name.")
+    max_completion_length: int = Field(64, gt=0, description="Most tokens a completion may have (it stops earlier at "
+                                       "the chat template's end of turn).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the completions (above 0: the policy "
+                               "learns from sampled completions; GRPO's group needs different ones to compare).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of the completions (1: off).")
 
 
 @dataclass

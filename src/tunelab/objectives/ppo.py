@@ -44,9 +44,8 @@ from torch import nn
 from tunelab.data import IGNORE, TokenizedExample, collate
 from tunelab.objectives.base import Batch, LossSum, Objective, OwnModule, Reference, USER_REWARDS
 from tunelab.objectives.grpo import NEVER_PACKED, as_grid, collate_prompts, clipped_token_losses, token_logps
-from tunelab.objectives.online import REWARDED_ANSWERS, REWARDS_FIELD, RewardSettings, Rollout
+from tunelab.objectives.online import REWARDED_ANSWERS, OnlineSettings, Rollout
 from tunelab.objectives.sft import rows_at
-from tunelab.settings import Settings
 from tunelab.techniques.base import forward_inputs
 
 VALUE_HEAD = OwnModule("value_head", lambda model, settings: new_value_head(model))
@@ -56,15 +55,10 @@ NOT_SHARDED = ("rollouts sample from the whole policy token by token, which an f
                "that sharding has not been made or tested to cover; use training.distributed: ddp")
 
 
-class PpoSettings(Settings):
+class PpoSettings(OnlineSettings):
     name: Literal["ppo"] = Field("ppo", description="Training objective (see the section's description).")
-    rewards: list[RewardSettings] = REWARDS_FIELD
     num_generations: int = Field(1, ge=1, description="Completions sampled per prompt (PPO's baseline is the value "
                                  "head, so one suffices; more give more trajectories per prompt).")
-    max_completion_length: int = Field(64, gt=0, description="Most tokens a completion may have (it stops earlier at "
-                                       "the chat template's end of turn).")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the completions.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of the completions (1: off).")
     beta: float = Field(0.05, ge=0, description="Weight of the KL penalty to the reference policy, subtracted from "
                         "every token's reward (0: none, and no reference pass runs).")
     gamma: float = Field(1.0, ge=0, le=1, description="Discount of later rewards in the advantages and returns.")
