@@ -102,9 +102,15 @@ class LinearCrossEntropySum(torch.autograd.Function):
             rows = hidden[start : start + chunk_rows]  # (C, H)
             labels = targets[start : start + chunk_rows]  # (C,)
             logits = F.linear(rows, weight, bias).float()  # (C, V)
-            log_z = torch.logsumexp(logits, dim=-1)  # (C,)
-            loss_sum += (log_z - logits.gather(1, labels[:, None]).squeeze(1)).sum()
-            grad_logits = torch.exp(logits.sub_(log_z[:, None]))  # (C, V) softmax, in place of the logits
+            target = logits.gather(1, labels[:, None]).squeeze(1)  # (C,)
+            # log Z = peak + log sum exp(logits - peak), with one exp pass, in place, whose result is also the
+            # softmax's numerator: logsumexp and then exp(logits - log Z) took two exp passes over (C, V) and two
+            # fresh (C, V) tensors, the largest non-matmul cost of a CPU step after the dropout masks
+            peak = logits.amax(dim=-1, keepdim=True)  # (C, 1)
+            grad_logits = logits.sub_(peak).exp_()  # (C, V) exp(logits - peak), in place of the logits
+            total = grad_logits.sum(dim=-1, keepdim=True)  # (C, 1)
+            loss_sum += (peak.squeeze(1) + total.log().squeeze(1) - target).sum()
+            grad_logits.div_(total)  # (C, V) the softmax
             grad_logits[torch.arange(len(labels), device=labels.device), labels] -= 1.0
             if grad_hidden is not None:
                 grad_hidden[start : start + chunk_rows] = grad_logits.to(weight.dtype) @ weight  # (C, H)
@@ -150,13 +156,12 @@ def chunked_loss_memory(head: HeadOutput, chunk_rows: int = LOSS_CHUNK_ROWS) -> 
     """Bytes of the tensors ``LinearCrossEntropySum`` holds at once (see ``Objective.loss_memory``), C = min(chunk_rows,
     N) rows a chunk, CV = C x V cells, at the largest of its moments:
 
-    - a chunk's float32 logits and gradient (4·CV each) with the gradient's half-precision copy the matmuls read
-      (2·CV, under autocast or with a half-precision head);
-    - with more than one chunk, between two chunks: the previous chunk's logits and gradient are still alive while
-      the next chunk's head output (2·CV in half precision, 4·CV in float32) and its float32 copy (4·CV, half only)
-      are made;
-    - with a trainable head, a chunk's logits and gradient beside its weight-gradient matmul's (V, H) output and,
-      when that output is half precision, its float32 copy (adding it to the float32 gradient promotes it);
+    - a chunk's float32 logits, which become its gradient in place (4·CV), with the gradient's half-precision copy
+      the matmuls read (2·CV, under autocast or with a half-precision head);
+    - with more than one chunk, between two chunks: the previous chunk's gradient is still alive while the next
+      chunk's head output (2·CV in half precision, 4·CV in float32) and its float32 copy (4·CV, half only) are made;
+    - with a trainable head, a chunk's gradient beside its weight-gradient matmul's (V, H) output and, when that
+      output is half precision, its float32 copy (adding it to the float32 gradient promotes it);
     and what lives through it: a trainable head's (V, H) float32 gradient (made in the forward, kept for backward),
     the selected (N, H) hidden rows and their gradient (float32 at most). A head a technique wraps runs unchunked:
     the whole logits (``full_logits_memory``)."""
@@ -164,14 +169,14 @@ def chunked_loss_memory(head: HeadOutput, chunk_rows: int = LOSS_CHUNK_ROWS) -> 
         return full_logits_memory(head)
     cells = min(chunk_rows, head.rows) * head.columns  # CV
     half = head.element_bytes != 4
-    chunk = (4 * cells, 4 * cells) + ((2 * cells,) if half else ())
+    chunk = (4 * cells,) + ((2 * cells,) if half else ())
     moments = [chunk]
     if head.rows > chunk_rows:
-        moments.append((4 * cells, 4 * cells, head.element_bytes * cells) + ((4 * cells,) if half else ()))
+        moments.append((4 * cells, head.element_bytes * cells) + ((4 * cells,) if half else ()))
     kept = (4 * head.rows * head.hidden, 4 * head.rows * head.hidden)  # (N, H) rows and their gradient
     if head.trainable:
         product = head.element_bytes * head.columns * head.hidden  # the (V, H) output of grad_logits.T @ rows
-        moments.append((4 * cells, 4 * cells, product) + ((4 * head.columns * head.hidden,) if half else ()))
+        moments.append((4 * cells, product) + ((4 * head.columns * head.hidden,) if half else ()))
         kept += (4 * head.columns * head.hidden,)  # the head's (V, H) float32 gradient
     return max(moments, key=sum) + kept
 

@@ -43,6 +43,7 @@ from tunelab.schedule import make_scheduler
 from tunelab.techniques import TECHNIQUES, RunContext, TechniqueError, count_parameters
 from tunelab.tracking import Trackers
 from tunelab.training.context import LoopState, TrainingContext, run_precision
+from tunelab.training.dropout import use_cpu_dropout
 from tunelab.training.loop import run_loop
 from tunelab.training.plan import make_plan
 from tunelab.training.rollout import Rollouts
@@ -202,6 +203,10 @@ def _set_up(ctx: TrainingContext, resume: bool) -> tuple[LoopState, dict[str, An
         log.info("trainable weights kept in float32; autocast computes in %s", ctx.precision.load_dtype)
     if ctx.precision.mixed_precision != "no":  # autocast: adapter inputs stay in the half-precision dtype
         adapters_compute_in_autocast_dtype(ctx.model)
+    if ctx.accelerator.device.type == "cpu" and (switched := use_cpu_dropout(ctx.model)):
+        ctx.info.figures["dropout"] = f"{switched} dropout layers draw their masks four elements per 64-bit number " \
+                                      "(CPU; p rounded to a multiple of 1/32768)"
+        log.info("dropout: %s", ctx.info.figures["dropout"])
     if ctx.sharded:  # after the technique and the dtypes are set: FSDP2 shards the parameters as they are then
         half = ctx.precision.load_dtype if ctx.precision.mixed_precision != "no" else None
         ctx.info.figures["fsdp_units"] = distributed.shard_model(ctx.model, half)  # run_info.json says it sharded
