@@ -158,3 +158,87 @@ def test_tunelab_ui_refuses_a_missing_runs_folder(tmp_path: Path) -> None:
 
     result = CliRunner(env={"COLUMNS": "250"}).invoke(cli_app, ["ui", "--runs-root", str(tmp_path / "nowhere")])
     assert result.exit_code != 0 and "not a folder" in result.output
+
+
+@pytest.fixture(scope="module")
+def compare_root(tmp_path_factory: pytest.TempPathFactory, runs: dict[str, Path]) -> Path:
+    """A runs folder holding one run and a comparison (a `tunelab compare --out` folder): two of the adapter runs
+    copied in as its runs, with the compare.json and reports tunelab compare writes from them."""
+    import yaml
+
+    from tunelab.compare.report import write_reports
+    from tunelab.compare.runner import WRITER, PlannedRun, summarize
+    from tunelab.fs import claim
+
+    root = tmp_path_factory.mktemp("ui-compare")
+    shutil.copytree(runs["owls"], root / "owls")
+    out = root / "cmp"
+    claim(out, WRITER)
+    planned = [PlannedRun("lora-seed42", "lora", 2e-4, 42), PlannedRun("lora-seed43", "lora", 2e-4, 43)]
+    for run, source in zip(planned, ("cats", "dogs")):
+        shutil.copytree(runs[source], out / run.name)
+    configs = {run.name: yaml.safe_load((out / run.name / "config.yaml").read_text()) for run in planned}
+    write_reports(out, summarize(planned, configs, out))
+    return root
+
+
+def test_a_comparison_is_one_group_whose_runs_open_by_their_nested_names(compare_root: Path) -> None:
+    """The runs page lists a compare folder's runs as one group, named <compare>/<run>: each opens (its curves,
+    its evaluation report), the comparison's own report is served, and a nested name is still never a path."""
+    from tunelab.serve.app import create_app
+    from tunelab.serve.engine import NoModels
+
+    with BackgroundServer(create_app(NoModels(), ServeSettings(runs_root=compare_root))) as server:
+        data = httpx.get(f"{server.url}/ui/api/runs").json()
+        assert {r["name"]: r["group"] for r in data["runs"]} == {
+            "owls": None, "cmp/lora-seed42": "cmp", "cmp/lora-seed43": "cmp"}
+        [group] = data["groups"]
+        assert group["name"] == "cmp" and group["status"] == "completed" and group["report"]
+        assert group["runs"] == ["lora-seed42", "lora-seed43"] and [t["technique"] for t in group["techniques"]] == ["lora"]
+        assert group["techniques"][0]["peak_memory_bytes"] > 0 and "path" not in group
+        # the page's own encoding of a nested name (encodeURIComponent: the slash as %2F)
+        detail = httpx.get(f"{server.url}/ui/api/runs/cmp%2Flora-seed43").json()
+        expected = [[m["step"], m["loss"]] for m in read_metrics(compare_root / "cmp" / "lora-seed43") if m["kind"] == "train"]
+        assert detail["name"] == "cmp/lora-seed43" and detail["curves"]["train"] == expected and expected
+        assert httpx.get(f"{server.url}/ui/api/runs/cmp/lora-seed42").json()["name"] == "cmp/lora-seed42"
+        report = httpx.get(f"{server.url}/ui/compares/cmp/report.html")
+        assert report.status_code == 200 and "lora" in report.text
+        for name in ("cmp", "cmp%2F..%2Fowls", "cmp/configs", "owls%2F..", "cmp/lora-seed42/..%2F..%2Fowls"):
+            response = httpx.get(f"{server.url}/ui/api/runs/{name}")
+            assert response.status_code == 404 and "error" in response.json(), name
+        assert httpx.get(f"{server.url}/ui/compares/owls/report.html").status_code == 404  # a run, not a comparison
+        (compare_root / "cmp" / "compare.json").rename(compare_root / "cmp" / "compare.json.aside")
+        try:  # an unfinished comparison (its plan only) is a group already
+            (compare_root / "cmp" / "compare_plan.json").write_text("{}")
+            [group] = httpx.get(f"{server.url}/ui/api/runs").json()["groups"]
+            assert group["status"] == "in progress" and group["techniques"] == [] and len(group["runs"]) == 2
+        finally:
+            (compare_root / "cmp" / "compare.json.aside").rename(compare_root / "cmp" / "compare.json")
+
+
+def test_the_runs_page_shows_a_comparison_as_one_group_in_headless_chromium(compare_root: Path) -> None:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (make test installs it when it runs as root); "
+                    "the browser check needs it")
+    playwright = pytest.importorskip("playwright.sync_api")
+    from tunelab.serve.app import create_app
+    from tunelab.serve.engine import NoModels
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with BackgroundServer(create_app(NoModels(), ServeSettings(runs_root=compare_root))) as server, \
+            playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 800})
+            page.goto(server.url + "/")
+            page.wait_for_selector("#runs-table tr.group[data-group=cmp]")  # a page-only server opens on the runs
+            rows = page.eval_on_selector_all("#runs-table tbody tr", "trs => trs.map(t => t.dataset.run || 'group:' + t.dataset.group)")
+            assert rows == ["owls", "group:cmp", "cmp/lora-seed42", "cmp/lora-seed43"]
+            assert "Pareto" in page.inner_text("#runs-table tr.group") and page.is_visible("a[data-compare-report]")
+            page.click("#runs-table tr[data-run='cmp/lora-seed43']")
+            page.wait_for_selector("#run-detail svg.chart")
+            assert page.inner_text("#run-detail h2") == "cmp/lora-seed43"
+            page.screenshot(path=str(ARTIFACTS / "ui-runs-compare.png"), full_page=True)
+        finally:
+            browser.close()

@@ -146,13 +146,61 @@ def list_runs(root: Path) -> list[dict[str, Any]]:
         return []
     found = []
     for run_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        try:
-            summary = summarize_run(run_dir)
-        except (OSError, ValueError, yaml.YAMLError, AttributeError, TypeError) as exc:  # one damaged run must not hide the rest
-            summary = {"run": str(run_dir), "status": f"unreadable ({type(exc).__name__})"}
+        summary = _summary_or_damage(run_dir)
         if summary is not None:
             found.append(summary)
     return found
+
+
+def _summary_or_damage(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        return summarize_run(run_dir)
+    except (OSError, ValueError, yaml.YAMLError, AttributeError, TypeError) as exc:  # one damaged run must not hide the rest
+        return {"run": str(run_dir), "status": f"unreadable ({type(exc).__name__})"}
+
+
+# The files of a `tunelab compare --out DIR` folder: its plan, written before the first run trains, and its result,
+# once every run finished. A folder holding either is a comparison: its run folders are one group.
+COMPARE_PLAN = "compare_plan.json"
+COMPARE_RESULT = "compare.json"
+
+
+def is_compare_folder(folder: Path) -> bool:
+    return (folder / COMPARE_PLAN).is_file() or (folder / COMPARE_RESULT).is_file()
+
+
+def list_run_groups(root: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(runs, comparisons) under ``root``: its run folders, and for each compare folder among them its runs
+    (each summary with ``group``, the compare folder's name; None for a run of ``root`` itself) and its summary
+    (``compare_summary``)."""
+    runs = [{**summary, "group": None} for summary in list_runs(root)]
+    groups = []
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and is_compare_folder(p)) if root.is_dir() else []
+    for folder in folders:
+        members = [{**summary, "group": folder.name} for summary in list_runs(folder)]
+        runs += members
+        groups.append(compare_summary(folder, [Path(m["run"]).name for m in members]))
+    return runs, groups
+
+
+def compare_summary(folder: Path, runs: list[str]) -> dict[str, Any]:
+    """A comparison at a glance, from its compare.json (absent while it is still running): one row per technique
+    with the primary metric's mean, peak memory, wall time and the Pareto flag."""
+    try:
+        result = read_json(folder / COMPARE_RESULT)
+        status = "completed" if isinstance(result, dict) else "in progress"
+    except (OSError, ValueError) as exc:  # a damaged compare.json must not hide its runs
+        result, status = None, f"unreadable ({type(exc).__name__})"
+    result = result if isinstance(result, dict) else None
+    metric = ((result or {}).get("primary_metric") or {}).get("name")
+    rows = [{"technique": row.get("technique"), "learning_rate": row.get("learning_rate"), "seeds": row.get("seeds"),
+             "metric": ((row.get("metrics") or {}).get(metric) or {}).get("mean") if metric else None,
+             "peak_memory_bytes": (row.get("peak_memory_bytes") or {}).get("mean"),
+             "wall_time_s": (row.get("wall_time_s") or {}).get("mean"), "pareto": row.get("pareto")}
+            for row in (result or {}).get("techniques") or []]
+    return {"name": folder.name, "path": str(folder), "status": status,
+            "primary_metric": metric, "techniques": rows, "runs": runs,
+            "report": (folder / "report.html").is_file()}
 
 
 def run_curves(run_dir: Path) -> dict[str, list[list[float]]]:

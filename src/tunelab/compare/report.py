@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.fs import write_entry_json, write_entry_text
-from tunelab.runs import read_metrics
+from tunelab.runs import COMPARE_RESULT, read_metrics
 
 
 def _interval(summary: dict[str, Any] | None, digits: int = 4) -> str:
@@ -77,7 +77,7 @@ def loss_curves(out: Path, result: dict[str, Any]) -> dict[str, list[list[tuple[
 
 
 def write_reports(out: Path, result: dict[str, Any]) -> None:
-    write_entry_json(out, "compare.json", result)
+    write_entry_json(out, COMPARE_RESULT, result)
     write_entry_text(out, "report.md", markdown(result))
     write_entry_text(out, "report.html", html_report(result, loss_curves(out, result)))
 

@@ -21,13 +21,13 @@ from tunelab.compare.table import flag_pareto, primary_metric, quality_cost, run
 from tunelab.config import TunelabConfig, build_config
 from tunelab.errors import ConfigError
 from tunelab.fs import claim, own_entry, write_entry_json, write_text
-from tunelab.runs import read_json
+from tunelab.runs import COMPARE_PLAN, read_json
 from tunelab.techniques import TECHNIQUES
 
 log = logging.getLogger(__name__)
 
 WRITER = "tunelab compare"
-PLAN = "compare_plan.json"  # what this folder's compare trains: a rerun with other settings is refused
+PLAN = COMPARE_PLAN  # what this folder's compare trains: a rerun with other settings is refused
 LR_SWEEP_FACTORS = (1 / 3, 1.0, 3.0)  # around each technique's default learning rate
 
 
