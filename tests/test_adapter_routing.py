@@ -152,7 +152,7 @@ def test_router_sends_each_task_to_its_own_adapter(routed: Path, experiment: dic
     split = evaluation["routing"]["mean_gate"]
     share_a, share_b = split["animals"]["animals"], split["count"]["count"]
     print(f"routing share: animals -> animals {share_a:.4f}, count -> count {share_b:.4f}")
-    # measured with prompt gating: animals -> animals 0.998, count -> count 0.9999 (every token, prompt included;
+    # measured with prompt gating: animals -> animals 1.0000, count -> count 0.9977 (every token, prompt included;
     # the causal 'sequence' gate gave count -> count 0.77 on the prompt's tokens: the shared chat-template prefix
     # comes before the task shows)
     assert share_a >= 0.95 and share_b >= 0.95, split
@@ -161,11 +161,94 @@ def test_router_sends_each_task_to_its_own_adapter(routed: Path, experiment: dic
               for name, run in {**experiment["runs"], "routed": routed}.items()}
     print("held-out losses:", json.dumps(losses, indent=1))
     for task in ("animals", "count"):
-        # measured: animals 2.1373 routed vs 2.1385 for its own adapter; count 0.751969 vs 0.751967 (the other
-        # adapter's gate, 1e-4, moves the loss by 2e-6); the causal gate gave count 0.771, 2.5% worse
+        # measured: animals 2.13849 routed vs 2.13850 for its own adapter; count 0.75205 vs 0.75197 (the other
+        # adapter's gate, 2e-3, moves the loss by 8e-5); the causal gate gave count 0.771, 2.5% worse
         best_single = min(losses["animals"][task], losses["count"][task])
         assert losses["routed"][task] <= best_single + 1e-4, losses
     assert losses["routed"]["both"] < min(losses["animals"]["both"], losses["count"]["both"]), losses
+
+
+# A system prompt both tasks share: its tokens come first and are the same in every prompt, so are their hidden
+# states (the model is causal), and they are most of each prompt, as SmolLM2's default system prompt and chat
+# header are (24 of 43 tokens on the shipped tasks, issue 19).
+SHARED_SYSTEM = ("You are a helpful assistant. Read the request below with care, then answer it in as few words as "
+                 "the request needs and say nothing else at all.")
+
+
+def _behind_a_shared_prefix(records: list[dict]) -> list[dict]:
+    return [{**r, "messages": [{"role": "system", "content": SHARED_SYSTEM}, *r["messages"]]} for r in records]
+
+
+def test_tasks_that_differ_only_after_a_long_shared_prefix_are_routed_apart(experiment: dict, tiny_model_dir: Path) -> None:
+    """Issue 19 on the tiny model: a router-only, prompt-gated run over the two adapters, on prompts that are
+    mostly a shared system prompt. The prompt gate's mean input is then mostly one vector for every example,
+    which moved an uncentred router's logits alike for both tasks (measured: 0.50 / 0.50 of each task to its
+    adapter after these 40 steps); centred on the training data's mean input, the router sends each task to its
+    own adapter (measured: 0.87 / 0.97)."""
+    both = write_jsonl(experiment["root"] / "both-behind-a-prefix.jsonl",
+                       _behind_a_shared_prefix(task_a(60) + task_b(60)))
+    config = build_config(_config(
+        tiny_model_dir, [both], {"name": "adapter_routing", "adapters": {k: str(v) for k, v in experiment["runs"].items()},
+                                 "gating": "prompt", "temperature": 0.3},
+        experiment["root"] / "routed-behind-a-prefix", 40, 5e-2, max_length=160))  # the system prompt: 95 tokens
+    run = tunelab.train(config, progress=False).run_dir
+    split = json.loads((run / "eval.json").read_text())["routing"]["mean_gate"]
+    print("behind a shared prefix:", split)
+    assert split["animals"]["animals"] >= 0.8 and split["count"]["count"] >= 0.8, split
+    # the centre is saved with the router: the result routes as the run did, without the training data
+    saved = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert saved["format_version"] == 2 and saved["router"]["centred_on"] == 96  # every training example
+    reopened = rt.routers(tunelab.load_run(run, device="cpu").model)
+    assert reopened and all(r.centre.abs().sum() > 0 for r in reopened)
+
+
+def test_router_input_is_centred_on_the_training_data(experiment: dict, tiny_model_dir: Path, tiny_tokenizer) -> None:
+    """What the prompt gate reads, each example's mean router input over its prompt, has mean 0 in every dimension
+    over the training examples it was measured on; measuring again gives the same centre (a resumed run prepares
+    the same router)."""
+    from tunelab.config import DataConfig
+    from tunelab.data import collate, prepare_data
+    from tunelab.techniques import RunContext
+    from tunelab.techniques.adapter_routing import AdapterRoutingSettings, prepare
+
+    records = _behind_a_shared_prefix(task_a(30) + task_b(30))
+    data = prepare_data(DataConfig(train=[str(write_jsonl(experiment["root"] / "calibration.jsonl", records))],
+                                   val_size=0, cache=False, packing=False), tiny_tokenizer)
+    pad = tiny_tokenizer.pad_token_id
+    settings = AdapterRoutingSettings(adapters={k: str(v) for k, v in experiment["runs"].items()}, gating="prompt")
+    model = prepare(fresh_model(tiny_model_dir), settings, RunContext(examples=data.train, pad_id=pad)).eval()
+    layers = rt.routers(model)
+    measured = [r.centre.clone() for r in layers]
+    for router in layers:
+        router.calibrating = []  # record what each gate pools (every expert weighted the same, as when measured)
+    batch = collate([[e] for e in data.train], pad)
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], targets=batch["targets"], use_cache=False)
+    for router in layers:
+        pooled = router.calibrating[0][:, 0]  # (N, H): each example's prompt mean, centred
+        router.calibrating = None
+        assert router.centre.abs().max() > 0.1  # there was a shared part to take away
+        assert pooled.mean(0).abs().max() < 1e-4, pooled.mean(0)
+    assert rt.calibrate(model, data.train, pad) == 60
+    for router, centre in zip(layers, measured):
+        assert torch.allclose(router.centre, centre, atol=1e-6)
+
+
+def test_a_router_saved_before_the_centring_loads_unchanged(routed: Path, tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A format-1 result (no centre in its weights) reads its input as it was trained to: uncentred."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = shutil.copytree(routed / "adapter", tmp_path / "old")
+    weights = load_file(str(folder / "adapter_model.safetensors"))
+    save_file({k: v for k, v in weights.items() if not k.endswith(".centre")}, str(folder / "adapter_model.safetensors"))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["format_version"] = 1
+    del config["router"]["centred_on"]
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    layers = rt.routers(tunelab.load_adapter(fresh_model(tiny_model_dir), folder))
+    assert layers and all(r.centre.abs().sum() == 0 for r in layers)
 
 
 def test_prompt_gate_is_the_prompts_for_every_token_of_the_example() -> None:

@@ -2,9 +2,10 @@
 
 Per decoder layer, a router turns the layer's input into gates g (B, T, E) over E adapters (experts), and each
 adapted site adds sum_e g_e * delta_e instead of one adapter's delta:
-    g_t = softmax(W_r rms(h_t) / tau)                         per token
-    g_t = softmax(mean_{s <= t} W_r rms(h_s) / tau)           per sequence (causal prefix mean within the example)
-    g_t = softmax(mean_{s in prompt} W_r rms(h_s) / tau)      per prompt (one gate for the whole example)
+    g_t = softmax(W_r x_t / tau)                              per token
+    g_t = softmax(mean_{s <= t} W_r x_s / tau)                per sequence (causal prefix mean within the example)
+    g_t = softmax(mean_{s in prompt} W_r x_s / tau)           per prompt (one gate for the whole example)
+    x_t = rms(h_t) - c                                        c: the mean input over training examples
     top-k: all but the k largest logits are dropped before the softmax, so exactly k experts are used per token.
 Two modes: ``router_only`` trains W_r over frozen, already trained adapters (AdapterFusion, Pfeiffer et al. 2021,
 https://arxiv.org/abs/2005.00247; X-LoRA, Buehler & Buehler 2024, https://arxiv.org/abs/2402.07148), and
@@ -17,6 +18,7 @@ The modules are in ``tunelab.techniques.routing``.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import asdict
 from pathlib import Path
@@ -29,7 +31,8 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from tunelab.data import collate
-from tunelab.data.tokenize import IGNORE
+from tunelab.data.pairs import TokenizedPair
+from tunelab.data.tokenize import IGNORE, TokenizedExample
 from tunelab.errors import TechniqueError
 from tunelab.models import same_base_model
 from tunelab.settings import Settings
@@ -39,6 +42,7 @@ from tunelab.techniques.adapter import BottleneckOptions
 from tunelab.techniques.base import (NO_SCORE_HEAD, NOT_QUANTIZED, TUNELAB_ADAPTER_CARD, FigureTable, RunContext, Technique,
                                      forward_inputs)
 
+log = logging.getLogger(__name__)
 SPEC_ATTRIBUTE = "_tunelab_routing_spec"
 NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 MERGE_REFUSAL = ("the router's weights change with every token, so no single weight matrix equals the routed "
@@ -151,10 +155,20 @@ def prepare(model: nn.Module, settings: AdapterRoutingSettings, context: RunCont
     routing = rt.RoutingSpec(experts, settings.gating, settings.top_k, settings.temperature, settings.mode,
                              base_model_name_or_path=bn.model_base_path(model))
     rt.attach_routers(model, routing)
+    if context is not None and context.examples:  # the centre of the routers' input, from the training data
+        routing.centred_on = rt.calibrate(model, [_sequence(e) for e in context.examples], context.pad_id)
+        log.info("router input centred on %d training examples", routing.centred_on)
     for name, param in model.named_parameters():
         param.requires_grad_(rt.is_router_parameter(name) or (settings.mode == "joint" and rt.is_expert_parameter(name)))
     setattr(model, SPEC_ATTRIBUTE, routing)
     return model
+
+
+def _sequence(item: Any) -> TokenizedExample:
+    """The token sequence a training item lays out: the example itself, a wrapped one's, a pair's chosen side."""
+    if isinstance(item, TokenizedExample):
+        return item
+    return item.chosen if isinstance(item, TokenizedPair) else item.example
 
 
 def save(model: nn.Module, run_dir: Path) -> Path:

@@ -22,7 +22,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -88,6 +88,10 @@ class RunContext:
     # The PEFT task type of the head the objective trains ("CAUSAL_LM", or "SEQ_CLS" for a score head, which
     # PEFT then trains and saves with the adapter as modules_to_save): the objective decides, the technique asks.
     task_type: str = "CAUSAL_LM"
+    # The run's tokenized training examples and padding id, for a technique that measures something on the data
+    # before the first step (adapter routing centres its routers' input); () where there is no data.
+    examples: Sequence[Any] = ()
+    pad_id: int = 0
 
 
 def peft_task_type(context: RunContext | None) -> str:

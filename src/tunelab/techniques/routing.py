@@ -1,12 +1,16 @@
 """Routing over several adapters: a learned router per decoder layer that weights the adapters' outputs.
 
 For a decoder layer with input hidden states h_t (t = 1..T) and E named adapters (experts), the router computes
-    z_t = W_r rms(h_t)                                   W_r (E, H); rms(h) = h / sqrt(mean(h^2)) (scale-free)
+    z_t = W_r x_t,  x_t = rms(h_t) - c                   W_r (E, H); rms(h) = h / sqrt(mean(h^2)) (scale-free)
+                                                         c (H,): the mean input on the training data (``calibrate``)
     per token:     g_t = softmax(z_t / tau)
     per sequence:  g_t = softmax(zbar_t / tau),   zbar_t = mean_{s <= t, s in t's example} z_s
     per prompt:    g_t = softmax(zbar_P / tau),   zbar_P = mean_{s in P} z_s,  P = the prompt of t's example
     top-k:         the E - k smallest entries of z / tau are set to -inf before the softmax
-and every adapted site in that layer adds sum_e g_{t,e} * delta_e(x_t) instead of the plain sum. Sequence gating
+and every adapted site in that layer adds sum_e g_{t,e} * delta_e instead of the plain sum. c is measured once on
+the training data before the first step, over what the gate pools, and saved with the router: the raw input is
+mostly a component every example shares, which steers a new router's first steps the same way for every task
+(see ``calibrate``). Sequence gating
 is causal (a prefix mean restarted at each example's first position), so packed rows and generation with a KV
 cache see the same gates as training. Prompt gating gives every token of an example, the prompt's own tokens
 included, the one gate of its prompt: the tokens before the example's first supervised token when the forward
@@ -33,20 +37,21 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunelab.data.tokenize import IGNORE
+from tunelab.data.batching import collate
+from tunelab.data.tokenize import IGNORE, TokenizedExample
 from tunelab.errors import TechniqueError
 from tunelab.techniques import bottleneck as bn
 
 ROUTER_MARKER = "adapter_router"  # attribute of a decoder layer holding its router
 LORA_MARKER = "routed_lora"  # attribute of a linear layer holding its LoRA experts
 ROUTING_TYPE = "tunelab-routing"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: routers carry the centre of their input
 
 
 # ---------------------------------------------------------------- the router
@@ -70,6 +75,10 @@ class Router(nn.Module):
         self.stat_sum = torch.zeros(experts)  # gate mass per expert over the training forwards since the last read
         self.stat_count = 0
         self.handle: Any = None
+        # The router reads rms(h) - centre: the mean input ``calibrate`` measures on the training data before the
+        # first step, saved with the router. Zero until then (and in results saved before it existed).
+        self.register_buffer("centre", torch.zeros(hidden))  # (H,)
+        self.calibrating: list[torch.Tensor] | None = None  # set by calibrate: the pooled inputs of every forward
 
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, H)
@@ -80,14 +89,12 @@ class Router(nn.Module):
         if self.forced is not None:  # one expert alone: its gate is 1 at every token (B, T, E), nothing recorded
             one_hot = F.one_hot(torch.tensor(self.forced, device=hidden.device), self.proj.out_features)
             return one_hot.to(self.proj.weight.dtype).expand(*hidden.shape[:2], -1)
-        x = hidden.to(self.proj.weight.dtype)
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
-        logits = self.proj(x)  # (B, T, E)
-        if self.gating == "sequence":
-            logits = self._prefix_mean(logits, position_ids)
-        elif self.gating == "prompt":
-            logits = self._prompt_mean(logits, position_ids)
-        logits = logits / self.temperature
+        x = self.features(hidden)  # (B, T, H)
+        if self.calibrating is not None:  # measuring the inputs the gate pools; every expert weighs the same meanwhile
+            self.calibrating.append(self._pooled(x, position_ids).detach().float())
+            return torch.full((*hidden.shape[:2], self.proj.out_features), 1 / self.proj.out_features,
+                              dtype=self.proj.weight.dtype, device=hidden.device)
+        logits = self._pooled(self.proj(x), position_ids) / self.temperature  # (B, T, E)
         gates = F.softmax(logits, dim=-1)  # (B, T, E)
         if self.top_k is not None and self.top_k < logits.shape[-1]:
             chosen = logits.topk(self.top_k, dim=-1).indices
@@ -105,6 +112,21 @@ class Router(nn.Module):
         if self.recording is not None:
             self.recording.append(gates.detach().float().cpu())
         return gates
+
+    def features(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The router's input (B, T, H): the layer input made scale-free (rms), then centred."""
+        x = hidden.to(self.proj.weight.dtype)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return x - self.centre
+
+    def _pooled(self, values: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+        """What each token's gate reads (B, T, D): its own values, or their mean over its example so far or over
+        its prompt. The mean is linear, so pooling the logits equals the logits of the pooled input."""
+        if self.gating == "sequence":
+            return self._prefix_mean(values, position_ids)
+        if self.gating == "prompt":
+            return self._prompt_mean(values, position_ids)
+        return values
 
     def _prefix_mean(self, logits: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
         """Mean of the logits over each example's tokens so far (B, T, E); an example starts at position 0."""
@@ -293,12 +315,14 @@ class RoutingSpec:
     layers: list[int] = field(default_factory=list)  # decoder layers with a router
     hidden_size: int = 0
     base_model_name_or_path: str | None = None
+    centred_on: int = 0  # training examples the routers' input centre was measured on (0: none)
 
     def to_json(self) -> dict[str, Any]:
         return {"type": ROUTING_TYPE, "format_version": FORMAT_VERSION,
                 "base_model_name_or_path": self.base_model_name_or_path,
                 "router": {"gating": self.gating, "top_k": self.top_k, "temperature": self.temperature,
-                           "layers": self.layers, "hidden_size": self.hidden_size},
+                           "layers": self.layers, "hidden_size": self.hidden_size,
+                           "centred_on": self.centred_on},
                 "mode": self.mode,
                 "experts": [{"name": e.name, "kind": e.kind, "source": e.source, "config": e.config} for e in self.experts]}
 
@@ -312,7 +336,8 @@ class RoutingSpec:
             router = data["router"]
             experts = [Expert(e["name"], e["kind"], e["config"], e.get("source", "")) for e in data["experts"]]
             return cls(experts, router["gating"], router["top_k"], router["temperature"], data.get("mode", "router_only"),
-                       router["layers"], router["hidden_size"], data.get("base_model_name_or_path"))
+                       router["layers"], router["hidden_size"], data.get("base_model_name_or_path"),
+                       router.get("centred_on", 0))
         except (KeyError, TypeError) as exc:
             raise TechniqueError(f"{where}: malformed routing config ({exc})") from None
 
@@ -438,11 +463,75 @@ def load_routing(model: nn.Module, folder: Path) -> RoutingSpec:
     for router in routers(model):
         prefix = f"router.layers.{router.layer}."
         own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        own = {"centre": router.centre, **own}  # a format-1 router has no centre: it reads its input as trained, uncentred
         try:
             router.load_state_dict(own)
         except RuntimeError as exc:
             raise TechniqueError(f"{folder}: router weights of layer {router.layer} do not fit ({exc})") from None
     return spec
+
+
+CALIBRATION_EXAMPLES = 128  # training examples the routers' input centre is measured on
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, examples: Sequence[TokenizedExample], pad_id: int, batch_size: int = 8) -> int:
+    """Centre every router's input, x = rms(h) - c, on the mean c (H,) of what its gate pools (prompt gating: each
+    example's prompt mean; else every token's input) over up to CALIBRATION_EXAMPLES training examples, measured
+    once before the first step with every expert weighted the same (as a new router nearly does). A resumed run
+    measures the same examples again, so it gets the same centre.
+
+    Why (issue 19): a layer's hidden states share a large component across examples, and a chat template's
+    prefix is the same tokens in every prompt (SmolLM2's default system prompt and header are 24 of a 43-token
+    prompt, and their hidden states are identical, the model being causal): on SmolLM2 over the two shipped
+    tasks, 99.2% of the prompt gate's input energy is the mean over examples. A linear router's gradient is then
+    mostly along that shared vector, so each step moves every example's logits alike, and the first steps sent
+    both tasks to one adapter. Centred, the input is what tells examples apart. Dividing by each dimension's
+    spread as well was tried and dropped: the spread between examples is small (0.01-0.04 of the rms scale on the
+    tiny test model), so it magnified the change that the earlier layers' gates make to the input, and the tiny
+    model's router then split examples by that instead of by task.
+    Returns the number of examples measured (0: none given; the routers stay as they are)."""
+    layers = routers(model)
+    if not examples or not layers:
+        return 0
+    count = min(len(examples), CALIBRATION_EXAMPLES)
+    picked = [examples[i * len(examples) // count] for i in range(count)]  # spread over the data: every task
+    device = next(model.parameters()).device
+    sums = {id(r): torch.zeros(r.centre.shape[0], dtype=torch.float64) for r in layers}  # (H,) per router
+    measured_count = 0
+    was_training = model.training
+    model.eval()
+    for router in layers:
+        router.centre.zero_()  # measure the raw input, also when measuring again
+        router.calibrating = []
+    try:
+        for start in range(0, count, batch_size):
+            batch = picked[start : start + batch_size]
+            tensors = collate([[e] for e in batch], pad_id)
+            measured = _measured_positions(batch, tensors["input_ids"].shape[1], layers[0].gating)  # (B, T)
+            extra = {"targets": tensors["targets"].to(device)} if hasattr(model, TARGETS_HOOK) else {}
+            model(input_ids=tensors["input_ids"].to(device), position_ids=tensors["position_ids"].to(device),
+                  use_cache=False, **extra)
+            for router in layers:
+                sums[id(router)] += router.calibrating[0].cpu()[measured].double().sum(0)  # (N, H) summed
+                router.calibrating = []
+            measured_count += int(measured.sum())
+    finally:
+        for router in layers:
+            router.calibrating, router.carry = None, None
+        model.train(was_training)
+    for router in layers:
+        router.centre.copy_(sums[id(router)] / measured_count)
+    return count
+
+
+def _measured_positions(batch: Sequence[TokenizedExample], width: int, gating: str) -> torch.Tensor:
+    """(B, T): the positions whose pooled router input is measured: each example's first (prompt gating: its
+    one gate, read by all its tokens), else every token of the example (not its padding)."""
+    chosen = torch.zeros(len(batch), width, dtype=torch.bool)
+    for row, example in enumerate(batch):
+        chosen[row, : 1 if gating == "prompt" else len(example.input_ids)] = True
+    return chosen
 
 
 def set_routing_enabled(model: nn.Module, enabled: bool) -> None:

@@ -196,7 +196,8 @@ def _set_up(ctx: TrainingContext, resume: bool) -> tuple[LoopState, dict[str, An
     set_seed(config.training.seed)  # the technique's initialisation does not depend on whether base eval ran
     reference = live_reference(ctx.objective_kind, config.objective, ctx.technique.disabled_view, ctx.model)
     ctx.model = ctx.technique.apply(ctx.model, config.technique, RunContext(
-        total_steps=ctx.plan.total_steps, tasks=tuple(ctx.data.tasks), task_type=ctx.objective_kind.task_type))
+        total_steps=ctx.plan.total_steps, tasks=tuple(ctx.data.tasks), task_type=ctx.objective_kind.task_type,
+        examples=ctx.data.train, pad_id=ctx.pad_id))
     ctx.objective = ctx.objective_kind.bind(config.objective, reference)
     # a module the objective trains beside the model (PPO's value head): optimized, checkpointed, resumed with it
     attach_own_module(ctx.objective_kind.own_module, ctx.model, config.objective)
