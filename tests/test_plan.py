@@ -294,3 +294,36 @@ def test_the_runtime_figure_is_measured_again_when_tunelabs_code_changes(tiny_mo
     monkeypatch.setattr(runtime, "source_digest", lambda: "new code")
     runtime.runtime_bytes(tmp_path, model, lambda config: 1000)
     assert probes == ["old code", "new code"]
+
+
+def dpo_config(tiny_model_dir: Path, tmp_path: Path, **training):  # noqa: ANN201
+    from support.preference import toy_pair_texts
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in toy_pair_texts(0, 24)])
+    return tiny_config(tiny_model_dir, {"dtype": "float32"}, data={"train": [str(pairs)], "val_size": 0, "max_length": 64},
+                       technique={"name": "lora"}, objective={"name": "dpo"},
+                       training={"max_steps": 2, "micro_batch_size": 2, **training},
+                       eval={"before_after": False, "forgetting": False, "num_samples": 0},
+                       output={"dir": str(tmp_path / "run")})
+
+
+def test_a_preference_pair_is_planned_as_two_rows_as_long_as_its_longest_side(tiny_model_dir, tmp_path):
+    """The objective declares its batch layout (``Objective.batch_rows``): a DPO micro-batch of B pairs is 2B rows
+    padded to the longest side (collate_pairs), not B rows as long as both sides together: the planner's forward
+    runs the batch training runs, and a tiny DPO run's measured peak is within the planner's bounds."""
+    from tunelab.data import prepare_data
+    from tunelab.models import load_tokenizer
+    from tunelab.objectives.preference import collate_pairs
+    from tunelab.plan import shape_of
+
+    config = dpo_config(tiny_model_dir, tmp_path)
+    data = prepare_data(config.data, load_tokenizer(config.model), tmp_path / "cache")
+    shape = shape_of(config, data)
+    widest = collate_pairs([[pair] for pair in data.train], 0)["input_ids"]  # (2P, T): every pair in one batch
+    assert shape.rows == 2 * shape.micro_batch_size == 4
+    assert shape.length == widest.shape[1] < max(len(pair.input_ids) for pair in data.train)
+    plan = plan_memory(config, "cpu", shape, runtime=RUNTIME)
+    rows = Shape(shape.rows, shape.length, shape.supervised_share)  # the same rows, planned as SFT rows
+    sft = plan_memory(config_for(tiny_model_dir, tmp_path, "lora"), "cpu", rows, runtime=RUNTIME)
+    assert plan.components["activations"] == sft.components["activations"] > 0
+    assert 0.95 <= plan_memory(config, "cpu").peak_bytes / measured_peak(config) <= 1.10

@@ -24,8 +24,9 @@ An objective declares, in one place (its own file):
   it trains, is checkpointed and resumes with the technique's weights, and saved apart from the result;
 - how ``tunelab eval`` scores a finished model of it on held-out records (``evaluation``, see ``Evaluation``);
   without one, a run is evaluated as SFT (loss and generations);
-- what its loss holds in memory at once, from the head's output shape (``loss_memory``, see ``HeadOutput``): the
-  memory planner (``tunelab plan``) reads it instead of knowing how each loss computes its logits.
+- what its loss holds in memory at once, from the head's output shape (``loss_memory``, see ``HeadOutput``), and
+  how many rows of which lengths a record becomes in a batch (``batch_rows``: a pair is two rows): the memory
+  planner (``tunelab plan``) reads them instead of knowing how each loss lays out its batch and computes its logits.
 """
 
 from __future__ import annotations
@@ -154,6 +155,11 @@ class HeadOutput:
     plain: bool  # the head is a plain nn.Linear (no technique wraps it), which a loss may run itself
 
 
+def one_row(record: Any) -> tuple[int, ...]:
+    """The default batch layout: a record is one row of its own length (packed rows are planned apart)."""
+    return (len(record.input_ids),)
+
+
 def full_logits_memory(head: HeadOutput) -> tuple[int, ...]:
     """Bytes of the tensors a loss over whole logits holds at once (the default): the head's (N, V) output, its
     float32 copy when it is not float32 already, cross-entropy's saved (N, V) float32 log-softmax and the two
@@ -203,6 +209,10 @@ class Objective:
     # model's forward saved; the planner counts all of them at the top of backward, and those small enough to stay
     # in the heap at its end. Default: a loss over the whole (N, V) logits.
     loss_memory: Callable[[HeadOutput], tuple[int, ...]] = full_logits_memory
+    # (one training record) -> the lengths of the rows its collate makes of it (a pair: its chosen and rejected
+    # sides, each a row of its own). The memory planner's micro-batch is micro_batch_size records of that many rows,
+    # each padded to the longest row. Default: one row, the record's own length.
+    batch_rows: Callable[[Any], tuple[int, ...]] = one_row
 
     def wants_reference(self, settings: Settings) -> bool:
         return self.needs_reference and (self.reference_when is None or self.reference_when(settings))

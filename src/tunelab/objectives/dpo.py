@@ -20,7 +20,7 @@ from pydantic import Field
 from torch import nn
 
 from tunelab.objectives.base import Batch, LossSum, Objective, Reference
-from tunelab.objectives.preference import (LOG_PROB_RANKING, NEVER_PACKED, REFERENCE_FIELD, ReferenceMode,
+from tunelab.objectives.preference import (pair_rows, LOG_PROB_RANKING, NEVER_PACKED, REFERENCE_FIELD, ReferenceMode,
                                            attach_reference, collate_pairs, count_pairs, pair_stats, reference_logps, sequence_logps, split)
 from tunelab.settings import Settings
 
@@ -56,6 +56,6 @@ def dpo_loss_sum(model: nn.Module, batch: Batch, settings: DpoSettings, referenc
 OBJECTIVE = Objective(
     name="dpo", config_class=DpoSettings, loss_sum=dpo_loss_sum, count_units=count_pairs, units="pairs",
     summary="direct preference optimization on {prompt, chosen, rejected} pairs against a reference policy",
-    collate=collate_pairs, needs_reference=True, precompute=attach_reference, metrics=PAIR_METRICS, refuses={"packing": NEVER_PACKED},
+    collate=collate_pairs, batch_rows=pair_rows, needs_reference=True, precompute=attach_reference, metrics=PAIR_METRICS, refuses={"packing": NEVER_PACKED},
     records="preference", evaluation=LOG_PROB_RANKING,
 )

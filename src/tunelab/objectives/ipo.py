@@ -21,7 +21,7 @@ from torch import nn
 
 from tunelab.objectives.base import Batch, LossSum, Objective, Reference
 from tunelab.objectives.dpo import PAIR_METRICS
-from tunelab.objectives.preference import (LOG_PROB_RANKING, NEVER_PACKED, REFERENCE_FIELD, ReferenceMode,
+from tunelab.objectives.preference import (pair_rows, LOG_PROB_RANKING, NEVER_PACKED, REFERENCE_FIELD, ReferenceMode,
                                            attach_reference, collate_pairs, count_pairs, pair_stats, reference_logps, sequence_logps, split)
 from tunelab.settings import Settings
 
@@ -51,6 +51,6 @@ def ipo_loss_sum(model: nn.Module, batch: Batch, settings: IpoSettings, referenc
 OBJECTIVE = Objective(
     name="ipo", config_class=IpoSettings, loss_sum=ipo_loss_sum, count_units=count_pairs, units="pairs",
     summary="identity preference optimisation: a squared loss on the log-ratio margin, against a reference",
-    collate=collate_pairs, needs_reference=True, precompute=attach_reference, metrics=PAIR_METRICS, refuses={"packing": NEVER_PACKED},
+    collate=collate_pairs, batch_rows=pair_rows, needs_reference=True, precompute=attach_reference, metrics=PAIR_METRICS, refuses={"packing": NEVER_PACKED},
     records="preference", evaluation=LOG_PROB_RANKING,
 )

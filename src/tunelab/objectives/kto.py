@@ -64,6 +64,12 @@ def collate_completions(rows: list[list[TokenizedCompletion]], pad_id: int) -> B
     return batch
 
 
+def completion_rows(item: TokenizedCompletion) -> tuple[int, ...]:
+    """An example's rows in a batch (``Objective.batch_rows``): its completion and a mismatched pair (its prompt with
+    another example's completion), counted as long as its own."""
+    return (len(item.input_ids),) * 2
+
+
 def count_examples(batch: Batch) -> int:
     return int(batch["desirable"].shape[0])
 
@@ -88,6 +94,6 @@ def kto_loss_sum(model: nn.Module, batch: Batch, settings: KtoSettings, referenc
 OBJECTIVE = Objective(
     name="kto", config_class=KtoSettings, loss_sum=kto_loss_sum, count_units=count_examples, units="examples",
     summary="Kahneman-Tversky optimisation on unpaired {prompt, completion, label} records, against a reference",
-    collate=collate_completions, needs_reference=True, metrics=("kl", "reward"), refuses={"packing": NEVER_PACKED},
+    collate=collate_completions, batch_rows=completion_rows, needs_reference=True, metrics=("kl", "reward"), refuses={"packing": NEVER_PACKED},
     records="unpaired_preference", evaluation=LOG_PROB_RANKING,  # evaluated on pairs, as the policies above
 )

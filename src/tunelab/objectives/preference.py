@@ -46,6 +46,12 @@ def collate_pairs(rows: list[list[TokenizedPair]], pad_id: int) -> Batch:
     return batch
 
 
+def pair_rows(pair: TokenizedPair) -> tuple[int, ...]:
+    """A pair's rows in a batch (``Objective.batch_rows``): its chosen and its rejected side, each padded to the
+    batch's longest side (not one row as long as both)."""
+    return len(pair.chosen.input_ids), len(pair.rejected.input_ids)
+
+
 def count_pairs(batch: Batch) -> int:
     return batch["input_ids"].shape[0] // 2
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from tunelab.metrics import Metric, unit_mean
 from tunelab.objectives.base import Batch, Evaluation, LossSum, Objective, NEW_HEAD
-from tunelab.objectives.preference import (NEVER_PACKED, chance, collate_pairs, count_pairs, describe_ranking,
+from tunelab.objectives.preference import (pair_rows, NEVER_PACKED, chance, collate_pairs, count_pairs, describe_ranking,
                                            ranking_stats, split)
 from tunelab.settings import Settings
 from tunelab.techniques.base import forward_inputs
@@ -75,7 +75,7 @@ SCORE_RANKING = Evaluation(
 OBJECTIVE = Objective(
     name="reward", config_class=RewardSettings, loss_sum=reward_loss_sum, count_units=count_pairs, units="pairs",
     summary="reward model: Bradley-Terry loss on a scalar score head over {prompt, chosen, rejected} pairs",
-    collate=collate_pairs, num_labels=1, metrics=("pairwise_accuracy", "score_margin"),
+    collate=collate_pairs, batch_rows=pair_rows, num_labels=1, metrics=("pairwise_accuracy", "score_margin"),
     refuses={"packing": NEVER_PACKED},
     records="preference", evaluation=SCORE_RANKING,
     base_figures_uncached=NEW_HEAD,

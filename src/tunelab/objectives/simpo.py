@@ -19,7 +19,7 @@ from torch import nn
 
 from tunelab.objectives.base import Batch, LossSum, Objective
 from tunelab.objectives.dpo import PAIR_METRICS
-from tunelab.objectives.preference import (LOG_PROB_RANKING, NEVER_PACKED, collate_pairs, count_pairs, pair_stats,
+from tunelab.objectives.preference import (pair_rows, LOG_PROB_RANKING, NEVER_PACKED, collate_pairs, count_pairs, pair_stats,
                                            sequence_logps, split)
 from tunelab.settings import Settings
 
@@ -45,7 +45,7 @@ def simpo_loss_sum(model: nn.Module, batch: Batch, settings: SimpoSettings) -> L
 OBJECTIVE = Objective(
     name="simpo", config_class=SimpoSettings,
     loss_sum=simpo_loss_sum,
-    count_units=count_pairs, units="pairs", collate=collate_pairs, metrics=PAIR_METRICS,
+    count_units=count_pairs, units="pairs", collate=collate_pairs, batch_rows=pair_rows, metrics=PAIR_METRICS,
     summary="simple preference optimisation: length-normalised log-prob rewards with a margin gamma (no reference)",
     refuses={"packing": NEVER_PACKED},
     records="preference", evaluation=LOG_PROB_RANKING,

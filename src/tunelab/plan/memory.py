@@ -50,15 +50,21 @@ NESTED_BLOCK = 256  # double quantization quantizes the absmax scales to 8 bits 
 
 @dataclass
 class Shape:
-    """The largest micro-batch a run trains on: rows x tokens, and the tokens that carry a label."""
+    """The largest micro-batch a run trains on: records x the rows each becomes (``Objective.batch_rows``: a
+    preference pair is two) x tokens, and the share of tokens that carry a label."""
 
-    micro_batch_size: int
-    length: int
+    micro_batch_size: int  # records
+    length: int  # the longest row, which every row of the micro-batch is padded to
     supervised_share: float = 1.0
+    rows_per_record: int = 1
+
+    @property
+    def rows(self) -> int:
+        return self.micro_batch_size * self.rows_per_record
 
     @property
     def supervised(self) -> int:
-        return max(1, math.ceil(self.micro_batch_size * self.length * self.supervised_share))
+        return max(1, math.ceil(self.rows * self.length * self.supervised_share))
 
 
 @dataclass
@@ -75,7 +81,7 @@ class MemoryPlan:
 
     def as_dict(self) -> dict[str, Any]:
         return {"peak_bytes": self.peak_bytes, "peak_phase": self.phase, "device": self.device, "dtype": self.dtype,
-                "micro_batch_size": self.shape.micro_batch_size, "length": self.shape.length,
+                "micro_batch_size": self.shape.micro_batch_size, "rows": self.shape.rows, "length": self.shape.length,
                 "supervised_tokens": self.shape.supervised, "trainable_parameters": self.trainable_parameters,
                 "total_parameters": self.total_parameters, "components": self.components, "notes": self.notes}
 
@@ -240,7 +246,7 @@ def saved_for_backward(model: nn.Module, shape: Shape, layers: list[nn.Module]) 
     handles += [layer.register_forward_hook(leave) for layer in layers]
     if head is not None:  # a score head (classification, reward) has no LM head: its (B, labels) output is small
         handles.append(head.register_forward_pre_hook(supervised_only))
-    ids = torch.zeros(shape.micro_batch_size, shape.length, dtype=torch.long, device="meta")
+    ids = torch.zeros(shape.rows, shape.length, dtype=torch.long, device="meta")
     try:
         with _four_bit_as_plain(model), _no_packed_sequence_search(), \
                 torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

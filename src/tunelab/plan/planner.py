@@ -28,11 +28,12 @@ def data_shape(config: TunelabConfig) -> Shape:
 
 
 def shape_of(config: TunelabConfig, data: PreparedData) -> Shape:
-    """``data_shape`` of data already prepared (``tunelab train`` has it)."""
-    lengths = [len(e.input_ids) for e in data.train]
-    longest = config.data.max_length if config.data.packing else max(lengths)
+    """``data_shape`` of data already prepared (``tunelab train`` has it). Each record becomes the rows its
+    objective declares (``Objective.batch_rows``: a preference pair's two sides), padded to the longest row."""
+    rows = [OBJECTIVES[config.objective.name].batch_rows(record) for record in data.train]
+    longest = config.data.max_length if config.data.packing else max(max(lengths) for lengths in rows)
     share = data.report["train"].get("supervised_share", 1.0) or 1.0
-    return Shape(config.training.micro_batch_size, longest, share)
+    return Shape(config.training.micro_batch_size, longest, share, rows_per_record=max(len(r) for r in rows))
 
 
 def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None = None,

@@ -76,7 +76,7 @@ def matmul_flops_per_second(device: str = "cpu", size: int = 512, repeats: int =
 def step_seconds(plan: MemoryPlan, total_parameters: int, checkpointing: bool, flops: float) -> float:
     """Forward 2·P·tokens, backward 2·P·tokens for the inputs' gradients plus 2·P_trainable·tokens for the weights',
     plus one more forward when activations are recomputed, at the measured throughput."""
-    tokens = plan.shape.micro_batch_size * plan.shape.length
+    tokens = plan.shape.rows * plan.shape.length
     passes = (2 + 2 + (2 if checkpointing else 0)) * total_parameters + 2 * plan.trainable_parameters
     return passes * tokens / flops
 
