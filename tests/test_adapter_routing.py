@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -232,6 +233,37 @@ def test_router_input_is_centred_on_the_training_data(experiment: dict, tiny_mod
     assert rt.calibrate(model, data.train, pad) == 60
     for router, centre in zip(layers, measured):
         assert torch.allclose(router.centre, centre, atol=1e-6)
+
+
+def test_a_resumed_routing_run_equals_an_uninterrupted_one(experiment: dict, tiny_model_dir: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The centre is not in the checkpoint: a resumed run measures it again on the same training examples, so it
+    trains exactly as an uninterrupted run (losses and the saved router, centre included, bit for bit)."""
+    from safetensors.torch import load_file
+    from support.ddp_driver import StopAfter
+
+    from tunelab.runs import read_metrics
+    from tunelab.training import loop, session
+
+    both = write_jsonl(tmp_path / "both.jsonl", _behind_a_shared_prefix(task_a(20) + task_b(20)))
+    technique = {"name": "adapter_routing", "adapters": {k: str(v) for k, v in experiment["runs"].items()}, "gating": "prompt"}
+
+    def config(name: str) -> Any:
+        settings = _config(tiny_model_dir, [both], technique, tmp_path / name, 6, 1e-2, max_length=160)
+        settings["training"]["save_every"] = 3
+        settings["eval"]["before_after"] = False
+        return build_config(settings)
+
+    assert session.train(config("straight"), progress=False).step == 6
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "_StopRequest", StopAfter(3))
+        assert session.train(config("split"), progress=False).status == "interrupted"
+    assert session.train(config("split"), resume=True, progress=False).status == "completed"
+    losses = {run: [m["loss"] for m in read_metrics(tmp_path / run) if m["kind"] == "train"] for run in ("straight", "split")}
+    assert losses["straight"] == losses["split"] and len(losses["split"]) == 6, losses
+    a, b = (load_file(str(tmp_path / run / "adapter" / "adapter_model.safetensors")) for run in ("straight", "split"))
+    assert a.keys() == b.keys() and any(k.endswith(".centre") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_router_saved_before_the_centring_loads_unchanged(routed: Path, tmp_path: Path, tiny_model_dir: Path) -> None:
