@@ -408,11 +408,17 @@ def plan(
     _print_plan(out)
 
 
+def _rows(out: dict[str, Any]) -> str:
+    """' (8 rows)' when a record is several rows (a preference pair's two sides), else nothing."""
+    rows = out.get("rows", out["micro_batch_size"])
+    return f" ({rows} rows)" if rows != out["micro_batch_size"] else ""
+
+
 def _print_plan(out: dict[str, Any]) -> None:
     gib = 2**30
     console.print(f"Planned peak ({'RSS' if out['device'] == 'cpu' else 'max_memory_allocated + context'}): "
                   f"{out['peak_bytes'] / gib:.2f} GiB at the {out['peak_phase']}, "
-                  f"micro-batch {out['micro_batch_size']} x {out['length']} tokens, {out['dtype']}", highlight=False)
+                  f"micro-batch {out['micro_batch_size']}{_rows(out)} x {out['length']} tokens, {out['dtype']}", highlight=False)
     table = Table(title="Terms", title_justify="left")
     table.add_column("term", **NAME_COLUMN)
     table.add_column("GiB", justify="right")
