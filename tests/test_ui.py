@@ -242,3 +242,18 @@ def test_the_runs_page_shows_a_comparison_as_one_group_in_headless_chromium(comp
             page.screenshot(path=str(ARTIFACTS / "ui-runs-compare.png"), full_page=True)
         finally:
             browser.close()
+
+
+def test_a_served_run_of_a_comparison_is_marked_served(compare_root: Path) -> None:
+    """The runs page marks the comparison's run the server answers with, by its folder (the server names it by
+    its folder's name, which a run elsewhere may share)."""
+    served = compare_root / "cmp" / "lora-seed42"
+    namesake = compare_root / "lora-seed42"  # a run of the root with the served run's folder name
+    shutil.copytree(compare_root / "owls", namesake)
+    try:
+        with BackgroundServer(build_app([served], ServeSettings(runs_root=compare_root), device="cpu")) as server:
+            listed = httpx.get(f"{server.url}/ui/api/runs").json()["runs"]
+    finally:
+        shutil.rmtree(namesake)
+    assert {r["name"]: r["served"] for r in listed} == {
+        "lora-seed42": False, "owls": False, "cmp/lora-seed42": True, "cmp/lora-seed43": False}

@@ -40,11 +40,11 @@ def add_ui(app: FastAPI, runs_root: Path) -> None:
         return runs[name]
 
     def served(summary: dict[str, Any]) -> bool:
-        """Whether the server answers with this run: a served folder is this one (a top-level run's name is also
-        what the server calls it)."""
+        """Whether the server answers with this run: a served folder is this run's folder or inside it (its
+        adapter folder). By folder, not by name: a comparison's run and a run of the root may share a name."""
         folders = {model.run_dir.resolve() for model in app.state.engine.served.values() if model.run_dir is not None}
-        run = Path(summary["run"])
-        return run.resolve() in folders or (not summary.get("group") and run.name in app.state.engine.served)
+        run = Path(summary["run"]).resolve()
+        return any(folder == run or run in folder.parents for folder in folders)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> str:
