@@ -24,8 +24,12 @@ RECIPE = ROOT / "src" / "tunelab" / "recipes" / "quickstart.yaml"
 
 
 def _final_validation_loss(run_dir: Path) -> float:
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return [x for x in lines if x.get("kind") == "eval"][-1]["loss"]
+    """The saved weights' validation loss from the run's eval.json (with ``eval_every`` off, metrics.jsonl has no
+    evaluation lines: the run measures its final weights once, at the end)."""
+    report = json.loads((run_dir / "eval.json").read_text())
+    if not isinstance(report.get("tuned"), dict) or "loss" not in report["tuned"]:
+        raise SystemExit(f"{run_dir / 'eval.json'}: no tuned.loss (the run kept no validation set?)")
+    return report["tuned"]["loss"]
 
 
 def _tokens_per_s(run_dir: Path) -> float:
