@@ -301,7 +301,7 @@ def _adalora_resume_pair(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pyte
     from tunelab.training import loop, session
 
     data = write_jsonl(tmp_path / "train.jsonl", toy_chat_records(24))
-    technique = {"name": "adalora", "init_r": 4, "target_r": 1, "warmup_ratio": 0.0, "final_ratio": 0.2,
+    technique = {"name": "adalora", "init_r": 4, "target_r": 2, "warmup_ratio": 0.0, "final_ratio": 0.2,
                  "dropout": 0.1}
     sections = {"technique": technique, "training": {"save_every": 5}, "eval": {"before_after": False}}
     straight = tiny_run_config(tiny_model_dir, tmp_path, data, output={"dir": str(tmp_path / "straight")}, **sections)
@@ -336,6 +336,8 @@ def test_adalora_resume_continues_its_allocation_exactly(tiny_model_dir: Path, t
     from tunelab.checkpoint import load_technique_state
 
     _, extras = load_technique_state(Path(split) / "checkpoints" / "step-000010")  # after the final allocation
+    stats = [load_technique_state(Path(run) / "checkpoints" / "step-000010")[0] for run in (straight, split)]
+    assert stats[0].keys() == stats[1].keys() and all(torch.equal(stats[0][k], stats[1][k]) for k in stats[0])
     kept = extras["rank_pattern"]
     assert kept and all(len(mask) == 4 for mask in kept.values())
     assert sum(map(sum, kept.values())) < 4 * len(kept)  # pruned triplets: a real allocation was saved
