@@ -157,8 +157,10 @@ def test_a_request_joining_mid_decode_gets_its_first_token_before_the_running_on
     for _ in range(3):
         batch.step()
     batch.add(second)
-    batch.step()  # the step it joins at: its prefill gives its first token, then one more decoding step
-    assert len(second.token_ids) == 2 and not first.done and len(first.token_ids) == 5
+    batch.step()  # the step it joins at: its prefill gives its first token, and has priority over decoding
+    assert len(second.token_ids) == 1 and not first.done and len(first.token_ids) == 3
+    batch.step()  # then both decode together
+    assert len(second.token_ids) == 2 and len(first.token_ids) == 4
     run_to_the_end(batch)
     assert second.token_ids == alone(model, tokenizer, texts[1], second.sampling).token_ids
     assert first.token_ids == alone(model, tokenizer, texts[0], first.sampling).token_ids

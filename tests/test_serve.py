@@ -485,3 +485,41 @@ def test_rows_of_one_adapter_run_it_as_the_active_adapter(client: openai.OpenAI,
     with ThreadPoolExecutor(8) as pool:  # control: cats and dogs rows in one batch take PEFT's per-row path
         list(pool.map(lambda i: ask(["cats", "dogs"][i % 2], f"say something {i}"), range(8)))
     assert calls
+
+
+def test_mixed_rows_install_peft_hooks_once_and_remove_them_when_the_batch_empties(runs: dict[str, Path]) -> None:
+    """PEFT's per-row adapter hooks stay installed across the decoding steps of a mixed batch (PEFT alone would
+    walk the model to install and remove them at every forward pass), each step's rows still get their own
+    adapters (equal to generate_batch), and nothing is left on the model once the batch is empty."""
+    from peft.tuners.lora import LoraLayer
+
+    from tunelab.generation import ContinuousBatch, GenerationRequest, Sampling, encode, generate_batch
+
+    model, served = load_models([runs["cats"], runs["dogs"]], device="cpu")
+    tokenizer = served["cats"].tokenizer
+    names = {m.name: m.adapter for m in served.values()}
+    hooked = lambda: sum(len(m._forward_pre_hooks) for m in model.modules() if isinstance(m, LoraLayer))  # noqa: E731
+    cases = [("cats", 9), ("dogs", 5), ("base", 3), ("dogs", 9)]  # rows leave at different steps, the last two together
+
+    def requests() -> list[GenerationRequest]:
+        return [GenerationRequest(encode(tokenizer, render_chat(tokenizer, [{"role": "user", "content": f"say something {i}"}])),
+                                  Sampling(n, min_new_tokens=n), adapter=a) for i, (a, n) in enumerate(cases)]
+
+    expected = [generate_batch(model, tokenizer, [r], names)[0].token_ids for r in requests()]
+    batch = ContinuousBatch(model, tokenizer, names)
+    rows = requests()
+    for request in rows:
+        batch.add(request)
+    layers, mixed_steps = sum(isinstance(m, LoraLayer) for m in model.modules()), 0
+    while not batch.idle:
+        mixed = len({r.adapter for r in batch.running or batch.waiting}) > 1  # the rows of this step
+        batch.step()
+        mixed_steps += mixed
+        assert hooked() == (layers if mixed and not batch.idle else 0)
+    assert [r.token_ids for r in rows] == expected and mixed_steps >= 5
+    assert batch.mixed.installs == 1 and hooked() == 0
+    alone = requests()[:1]  # one adapter: the active adapter, no hooks
+    batch.add(alone[0])
+    while not batch.idle:
+        batch.step()
+    assert alone[0].token_ids == expected[0] and batch.mixed.installs == 1
