@@ -234,3 +234,18 @@ def test_a_classifier_saved_before_its_adapter_carried_its_classes_is_read_with_
     held_out = write_jsonl(tmp_path / "heldout.jsonl", toy_labeled(96)[48:60])
     report = evaluate(old, [held_out], output=tmp_path / "out", settings=SETTINGS)
     assert report["classification"]["labels"] == ["cat", "dog", "fox"] and _scores(report, "accuracy")["classifier"] == 1.0
+
+
+def test_an_adapter_with_a_score_head_given_alone_is_refused_with_its_run_folder_named(
+        tiny_model_dir: Path, runs_root: Path, tmp_path: Path) -> None:
+    """A classifier's adapter folder copied out of its run holds a score head but not the objective that scores
+    it: it is refused, naming the run folder to give instead, rather than evaluated as a language model."""
+    import shutil
+
+    alone = tmp_path / "adapter-alone"
+    shutil.copytree(_run("classifier", tiny_model_dir, runs_root) / "adapter", alone)
+    held_out = write_jsonl(tmp_path / "heldout.jsonl", toy_labeled(60)[48:])
+    for target, adapter in ((alone, None), (tiny_model_dir, alone)):
+        with pytest.raises(ConfigError, match=r"score head of 3 outputs.*give the run folder"):
+            evaluate(target, [held_out], output=tmp_path / "out", settings=SETTINGS, adapter=adapter)
+    assert not (tmp_path / "out").exists()

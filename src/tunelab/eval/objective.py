@@ -26,6 +26,7 @@ from tunelab.errors import ConfigError, DataError
 from tunelab.eval.online import rewarded_answers
 from tunelab.eval.online import unit_stats as online_unit_stats
 from tunelab.fs import read_json
+from tunelab.models import adapter_num_labels
 from tunelab.objectives import OBJECTIVES, Objective
 from tunelab.objectives.base import Evaluation
 from tunelab.result import find_result
@@ -48,12 +49,14 @@ def objective_run(target: str | Path, adapter: str | Path | None) -> ObjectiveRu
     """The objective evaluation of TARGET when it is a run (or its result folder) whose objective declares one;
     None otherwise (an SFT run, a model, an adapter folder on its own: evaluated by loss and generations)."""
     if adapter is not None or not Path(target).is_dir():
+        refuse_score_head_alone(adapter)
         return None
     try:
         found = find_result(target)
     except ConfigError:
         return None  # not a run: open_model says what it is (or refuses it) later
     if found.config is None:
+        refuse_score_head_alone(found.result_dir)
         return None
     objective = OBJECTIVES[found.config.objective.name]
     if objective.evaluation is None:
@@ -62,6 +65,18 @@ def objective_run(target: str | Path, adapter: str | Path | None) -> ObjectiveRu
     names = ((read_json(report) if report.is_file() else {}).get("classes") or {}).get("names") or []
     return ObjectiveRun(objective, objective.evaluation, found.config.data, found.config.training.seed, list(names),
                         found.config.objective)
+
+
+def refuse_score_head_alone(folder: str | Path | None) -> None:
+    """Refuse an adapter folder that saves a score head when it comes without its run: only the run's config says
+    which objective scores it (classes or rewards) and how its records read; as a language model it has no head."""
+    if folder is None or not (Path(folder) / "adapter_config.json").is_file():
+        return
+    outputs = adapter_num_labels(Path(folder))
+    if outputs is not None:
+        raise ConfigError(f"{folder}: an adapter with a score head of {outputs} outputs, given without its run: the "
+                          "objective that trained it decides how it is scored, and only its run says which; give "
+                          "the run folder (the one holding this adapter and config.yaml) as TARGET")
 
 
 def head_classes(model: nn.Module, run: ObjectiveRun) -> list[str]:
