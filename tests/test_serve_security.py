@@ -518,3 +518,20 @@ def test_serve_takes_the_key_option_and_warns_without_it(started_by_cli, runs: d
     app, output = started_by_cli("serve", runs["owls"], "--host", "0.0.0.0")
     assert "warning: listening on 0.0.0.0 without an API key" in " ".join(output.split())
     app.state.engine.close()
+
+
+def test_serve_scheduling_option_sets_the_engine(started_by_cli, runs: dict[str, Path]) -> None:  # noqa: ANN001
+    """benchmarks/serve.py starts `tunelab serve` as a user does, with its comparison points behind the hidden
+    --scheduling option; continuous batching with mixed adapters is the default."""
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app as cli_app
+
+    expected = {None: (True, True), "whole-batch": (False, True), "per-adapter": (True, False)}
+    for scheduling, (continuous, mixed) in expected.items():
+        app, _ = started_by_cli("serve", runs["cats"], runs["dogs"], *(["--scheduling", scheduling] if scheduling else []))
+        engine = app.state.engine
+        assert (engine.continuous, engine.mix_adapters) == (continuous, mixed)
+        engine.close()
+    result = CliRunner(env={"COLUMNS": "250", "NO_COLOR": "1"}).invoke(cli_app, ["serve", str(runs["cats"]), "--scheduling", "fifo"])
+    assert result.exit_code == 2 and "--scheduling fifo: expected one of continuous, whole-batch, per-adapter" in result.output

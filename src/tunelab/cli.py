@@ -18,7 +18,7 @@ from tunelab.console import (NAME_COLUMN, console, err_console, print_before_aft
                              print_eval_report, print_quantize_table, print_run_details, print_runs,
                              print_runs_side_by_side, print_table)
 from tunelab.errors import ConfigError, DataError, ModelLoadError, TechniqueError, TrainingAborted
-from tunelab.serve import DEFAULT_MAX_BODY_BYTES  # a constant: no FastAPI, no pydantic
+from tunelab.serve import DEFAULT_MAX_BODY_BYTES, SCHEDULINGS  # constants: no FastAPI, no pydantic
 
 if TYPE_CHECKING:
     from tunelab.generation import Sampling
@@ -608,6 +608,8 @@ def serve(
     trust_remote_code: Annotated[bool, typer.Option(help="Allow a model that needs remote code")] = False,
     api_key: ApiKeyOption = None,
     max_body_bytes: MaxBodyOption = DEFAULT_MAX_BODY_BYTES,
+    scheduling: Annotated[str, typer.Option(hidden=True, help=f"{' | '.join(SCHEDULINGS)}: the server as it runs, "
+                                            "or a comparison point of benchmarks/serve.py")] = "continuous",
 ) -> None:
     """OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics) and web UI
     over one base with each run's adapter; a request picks its adapter with `model` (run name, or 'base')."""
@@ -615,11 +617,14 @@ def serve(
     from tunelab.serve.app import ServeSettings  # start-up time
     from tunelab.serve.server import build_app, serve as run_server  # start-up time
 
+    if scheduling not in SCHEDULINGS:
+        _fail(f"--scheduling {scheduling}: expected one of {', '.join(SCHEDULINGS)}")
+    continuous, mixed = SCHEDULINGS[scheduling]
     try:
         settings = ServeSettings(max_concurrent=max_concurrent, max_tokens_limit=max_tokens_limit,
                                  request_timeout_s=timeout, max_batch_size=max_batch_size,
                                  runs_root=runs_root or runs[0].resolve().parent, api_key=api_key,
-                                 max_body_bytes=max_body_bytes)
+                                 max_body_bytes=max_body_bytes, continuous=continuous, mix_adapters=mixed)
         application = build_app(runs, settings, allow_remote_code=trust_remote_code)
     except _USER_ERRORS as exc:
         _fail(str(exc))

@@ -48,6 +48,7 @@ class ServeSettings:
     request_timeout_s: float = 120.0  # a request still generating after this is cancelled (408)
     max_batch_size: int = 16
     mix_adapters: bool = True  # requests for different adapters share a batch (False: one adapter per batch)
+    continuous: bool = True  # requests join and leave at every step (False: whole batches, the benchmark's baseline)
     runs_root: Path | None = None  # the folder the web UI browses
     api_key: str | None = field(default=None, repr=False)  # None: no authentication (a loopback-only server)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # a larger request body gets 413 before it is parsed

@@ -149,13 +149,14 @@ class Engine:
     never waits for others to finish before it starts."""
 
     def __init__(self, model: Any, served: dict[str, ServedModel], max_batch_size: int = 16,
-                 mix_adapters: bool = True, prefill_tokens: int = PREFILL_TOKENS) -> None:
+                 mix_adapters: bool = True, prefill_tokens: int = PREFILL_TOKENS, continuous: bool = True) -> None:
         self.model, self.served = model, served
         self.tokenizer = next(iter(served.values())).tokenizer  # decoding: every served tokenizer shares the vocab
         mixed = any(m.adapter for m in served.values())  # adapters: pass adapter_names to PEFT
         adapters = {m.name: m.adapter for m in served.values()} if mixed else None
         self.batch = ContinuousBatch(model, self.tokenizer, adapters, max_rows=max_batch_size,
                                      prefill_tokens=prefill_tokens, mix_adapters=mix_adapters)
+        self.batch.continuous = continuous
         if not self.batch.stepwise:
             log.info("whole batches, no continuous batching: %s", self.batch.why_not)
         self.context_length = _context_length(model, self.tokenizer)

@@ -19,7 +19,8 @@ def build_app(runs: list[Path], settings: ServeSettings | None = None, device: A
     """Load the runs (checked: same base, safetensors only) and return the FastAPI app over them."""
     settings = settings or ServeSettings()
     model, served = load_models(runs, device=device, allow_remote_code=allow_remote_code)
-    engine = Engine(model, served, max_batch_size=settings.max_batch_size, mix_adapters=settings.mix_adapters)
+    engine = Engine(model, served, max_batch_size=settings.max_batch_size, mix_adapters=settings.mix_adapters,
+                    continuous=settings.continuous)
     return create_app(engine, settings)
 
 
