@@ -7,6 +7,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,34 @@ def test_a_live_writer_blocks_a_second_one_and_a_dead_ones_lock_does_not(tiny_mo
         other.wait()
     assert train(config, progress=False).status == "completed"  # its process is gone: a stale lock
 
+
+
+_RACER = """
+import sys, time
+from pathlib import Path
+from tunelab import fs
+from tunelab.errors import ConfigError
+check = fs.refuse_a_live_writer
+def slow_check(folder):  # widen the gap between the check and the lock's write, as a busy machine would
+    check(folder)
+    time.sleep(0.5)
+fs.refuse_a_live_writer = slow_check
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # every racer starts at the same moment
+try:
+    fs.acquire_lock(Path(sys.argv[1]))
+    print("won", flush=True)
+except ConfigError:
+    print("refused", flush=True)
+time.sleep(1.5)  # alive while the others decide: a live writer
+"""
+
+
+def test_runs_started_at_the_same_moment_on_one_folder_get_one_writer(tmp_path: Path) -> None:
+    """Three processes take one folder's lock at the same moment, each pausing between its check and its write:
+    exactly one writes, the others are refused (the check and the write are one step under the folder's flock)."""
+    folder = tmp_path / "run"
+    start = time.time() + 2.0
+    racers = [subprocess.Popen([sys.executable, "-c", _RACER, str(folder), str(start)], stdout=subprocess.PIPE,
+                               text=True) for _ in range(3)]
+    verdicts = sorted(p.communicate(timeout=60)[0].strip() for p in racers)
+    assert verdicts == ["refused", "refused", "won"]

@@ -29,6 +29,7 @@ A data-cache entry from an older tunelab has no marker at all: it is read, but n
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -406,10 +407,20 @@ def refuse_a_live_writer(folder: Path) -> None:
 
 
 def acquire_lock(folder: Path) -> None:
-    """Refuse to write a folder that another live process is writing; otherwise take the lock (pid and host)."""
-    refuse_a_live_writer(folder)
+    """Refuse to write a folder that another live process is writing; otherwise take the lock (pid and host).
+
+    Checking for a live writer and writing the lock are two steps: two runs started at once on one folder could
+    both pass the check. An exclusive flock on the folder itself (released when this function returns) makes the
+    two steps one for every process on this host; the lock file, not the flock, says who writes for the run's
+    whole life, so a process that dies leaves a lock that the next run sees is stale."""
     folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / LOCK, {"pid": os.getpid(), "host": socket.gethostname()})
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        refuse_a_live_writer(folder)
+        write_json(folder / LOCK, {"pid": os.getpid(), "host": socket.gethostname()})
+    finally:
+        os.close(handle)  # closing the descriptor releases the flock
 
 
 def release_lock(folder: Path) -> None:
