@@ -50,6 +50,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tiny_model_dir: Path, tmp
     assert checkpoint is not None, "Ctrl-C must leave a resumable checkpoint"
     stopped_at = read_state(checkpoint)["step"]
     assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "interrupted"
+    first = json.loads((tmp_path / "run" / "run_info.json").read_text())
 
     resumed = subprocess.run(
         _tunelab("train", str(config), "--resume", "--no-progress", "--set=eval.max_new_tokens=5",
@@ -60,3 +61,13 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tiny_model_dir: Path, tmp
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"train"' in line]
     assert steps == list(range(1, stopped_at + 4)), "resume must continue at the step after the checkpoint, once each"
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    # run_info.json covers both sessions, each listed: times and tokens add up, the peak is the higher one
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    earlier, last = info["sessions"]
+    assert earlier["wall_time_s"] == first["wall_time_s"] and earlier["started"] == info["started"] == first["started"]
+    assert info["wall_time_s"] == round(first["wall_time_s"] + last["wall_time_s"], 3)
+    assert info["training_tokens"] == first["training_tokens"] + last["training_tokens"] and last["training_tokens"] > 0
+    training_s = first["phases_s"]["training"] + last["phases_s"]["training"]
+    assert info["phases_s"]["training"] == round(training_s, 3)
+    assert info["tokens_per_s"] == round(info["training_tokens"] / info["phases_s"]["training"], 1)
+    assert info["peak_memory"]["rss_bytes"] == max(first["peak_memory"]["rss_bytes"], last["peak_memory"]["rss_bytes"])

@@ -24,6 +24,13 @@ class RunInfo:
         self.phases: dict[str, float] = {}
         self.figures: dict[str, Any] = {}
         self._open: list[tuple[str, float]] = []  # nested phases: (name, time it last resumed)
+        self.earlier: list[dict[str, Any]] = []  # the sessions before a resume, as their run_info.json said
+
+    def continue_from(self, previous: dict[str, Any] | None) -> None:
+        """Count the sessions an interrupted run already spent (its run_info.json, written when it stopped), so a
+        resumed run's wall time, phases, tokens and peak memory are the whole run's, not the last session's."""
+        if isinstance(previous, dict) and previous.get("wall_time_s") is not None:
+            self.earlier = list(previous.get("sessions") or [_session(previous)])
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -48,22 +55,52 @@ class RunInfo:
         self._open[-1] = (name, now)
 
     def as_dict(self, status: str, training_tokens: int, world_size: int) -> dict[str, Any]:
-        training_s = self.phases.get("training", 0.0)
+        """run_info.json. After a resume every figure covers all the sessions (``sessions`` lists each one):
+        wall time, phases and tokens add up, tokens/s is their ratio, and the peak is the highest session's."""
         finished = datetime.now(timezone.utc)
+        this = {"started": self.started.isoformat(timespec="seconds"), "finished": finished.isoformat(timespec="seconds"),
+                "wall_time_s": round((finished - self.started).total_seconds(), 3), "phases_s": dict(self.phases),
+                "training_tokens": training_tokens, "peak_memory": peak_memory()}
+        sessions = [*self.earlier, this]
+        phases: dict[str, float] = {}
+        for session in sessions:
+            for name, seconds in session["phases_s"].items():
+                phases[name] = round(phases.get(name, 0.0) + seconds, 3)
+        tokens = sum(session["training_tokens"] for session in sessions)
+        training_s = phases.get("training", 0.0)
         return {
             "status": status,
-            "started": self.started.isoformat(timespec="seconds"),
-            "finished": finished.isoformat(timespec="seconds"),
-            "wall_time_s": round((finished - self.started).total_seconds(), 3),
-            "phases_s": self.phases,
+            "started": sessions[0]["started"],
+            "finished": this["finished"],
+            "wall_time_s": round(sum(session["wall_time_s"] for session in sessions), 3),  # time running, no pauses
+            "phases_s": phases,
             **self.figures,
-            "training_tokens": training_tokens,
-            "tokens_per_s": round(training_tokens / training_s, 1) if training_s else None,
-            "peak_memory": peak_memory(),
+            "training_tokens": tokens,
+            "tokens_per_s": round(tokens / training_s, 1) if training_s else None,
+            "peak_memory": _highest([session["peak_memory"] for session in sessions]),
+            **({"sessions": sessions} if self.earlier else {}),
             "world_size": world_size,
             "versions": versions(),
             "hardware": hardware(),
         }
+
+
+def _session(info: dict[str, Any]) -> dict[str, Any]:
+    """One session's own figures, from a run_info.json written before sessions were listed."""
+    return {"started": info.get("started"), "finished": info.get("finished"), "wall_time_s": info["wall_time_s"],
+            "phases_s": dict(info.get("phases_s") or {}), "training_tokens": int(info.get("training_tokens") or 0),
+            "peak_memory": dict(info.get("peak_memory") or {})}
+
+
+def _highest(peaks: list[dict[str, Any]]) -> dict[str, Any]:
+    """The peak memory of several sessions: each figure's highest value (the GiB figures follow their bytes)."""
+    result: dict[str, Any] = {}
+    for key in ("rss_bytes", "gpu_max_allocated_bytes"):
+        values = [peak[key] for peak in peaks if peak.get(key) is not None]
+        if values:
+            result[key] = max(values)
+            result[key.replace("_bytes", "_gib")] = round(max(values) / 2**30, 3)
+    return result
 
 
 def own_peak_rss_bytes() -> int:

@@ -103,6 +103,8 @@ def _train_in(config: TunelabConfig, run_dir: Path, resume: bool, progress: bool
         distributed.check_world_size((read_json(run_dir / "status.json") or {}).get("world_size"),
                                      distributed.process_state().num_processes, run_dir)
     ctx = TrainingContext(config, run_dir, progress)
+    if resume:  # the sessions the run already spent count in its run_info.json
+        ctx.info.continue_from(read_json(run_dir / "run_info.json"))
     state, phase = LoopState(), "set-up"
     try:
         if not resume:
