@@ -19,6 +19,8 @@ from support.tiny import build_tokenizer, toy_chat_records, write_jsonl
 from support.torchrun import DRIVER, torchrun
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from tunelab.models import load_model, meta_twin, ModelConfig
+
 from tunelab import distributed
 from tunelab.config import ConfigError, build_config
 from tunelab.runs import read_metrics
@@ -51,6 +53,11 @@ FULL_STEPS = {"max_steps": 2, "save_every": None, "eval_every": None, "learning_
               "gradient_checkpointing": True}
 
 
+# LoRA with dropout: each process draws its masks from its own stream, which the technique's initialisation moved
+DROPOUT = {"name": "lora", "r": 4, "dropout": 0.3}
+DROPOUT_STEPS = {"max_steps": 3, "save_every": None, "eval_every": None}
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Data, and a tiny model whose head shares the embeddings (tied: the saved full model must keep one tensor)."""
@@ -69,14 +76,17 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def runs(workspace: Path, tiny_model_dir: Path) -> dict[str, Any]:
     """In one two-process launch: a sharded LoRA run straight, the same stopped after step 3 and resumed, the
-    same with DDP, full fine-tuning of the tied model sharded, a sharded run that restores its best step, and a
-    sharded run stopped after step 3 and resumed with DDP."""
+    same with DDP, full fine-tuning of the tied model sharded, a sharded run that restores its best step, a LoRA
+    run with dropout sharded and with DDP, and a sharded run stopped after step 3 and resumed with DDP."""
     data = workspace / "train.jsonl"
     configs = {"straight": _config(tiny_model_dir, data, workspace / "straight"),
                "split": _config(tiny_model_dir, data, workspace / "split"),
                "more": {"ddp": _config(tiny_model_dir, data, workspace / "ddp", distributed="ddp"),
                         "full": _config(workspace / "tied", data, workspace / "full", FULL, **FULL_STEPS),
-                        "best": _config(tiny_model_dir, data, workspace / "best", **BEST_STEPS)},
+                        "best": _config(tiny_model_dir, data, workspace / "best", **BEST_STEPS),
+                        "dropout": _config(tiny_model_dir, data, workspace / "dropout", DROPOUT, **DROPOUT_STEPS),
+                        "dropout_ddp": _config(tiny_model_dir, data, workspace / "dropout-ddp", DROPOUT,
+                                               **{**DROPOUT_STEPS, "distributed": "ddp"})},
                "resume_with": {"first": _config(tiny_model_dir, data, workspace / "switched"),
                                "second": _config(tiny_model_dir, data, workspace / "switched", distributed="ddp")}}
     result = torchrun([str(DRIVER), json.dumps(configs)], workspace)
@@ -110,6 +120,7 @@ def test_sharded_training_equals_ddp_and_one_process(runs: dict[str, Any], works
     assert "fsdp with one process: nothing to shard" in caplog.text
     info = {run: json.loads((run / "run_info.json").read_text()) for run in (sharded, ddp, one)}
     assert info[sharded]["fsdp_units"] == 3 and "fsdp_units" not in info[ddp] and "fsdp_units" not in info[one]
+    assert info[sharded]["fsdp_loaded_by"] == "main process"  # the other process received its shards
     assert len(_losses(sharded)) == 6
     for other in (ddp, one):
         torch.testing.assert_close(_losses(sharded), _losses(other), rtol=LOSS_RTOL, atol=0)
@@ -216,3 +227,69 @@ def test_sharding_refuses_a_model_it_cannot_shard_before_any_collective(tiny_mod
 
     with pytest.raises(ConfigError, match=r"trainable weights outside the model \(prompt, 1 in all\)"):
         distributed.shard_model(BesideTheModel(), None)
+
+
+RSS_DRIVER = DRIVER.with_name("rss_driver.py")
+
+
+def _set_up_peaks(workspace: Path, model_dir: Path, kind: str) -> dict[str, tuple[int, int]]:
+    """Each rank's peak resident memory (bytes) before and after setting up a LoRA run of ``model_dir`` (stopped
+    before its first step: the set-up is where a process loads the base or receives its shards)."""
+    config = tiny_config_dict(model_dir, data={"train": [str(workspace / "train.jsonl")], "val_size": 0, "max_length": 32},
+                              technique={"name": "lora", "r": 4, "dropout": 0.0},
+                              training={"max_steps": 2, "micro_batch_size": 1, "distributed": kind},
+                              eval={"num_samples": 0, "before_after": False}, output={"dir": str(workspace / f"rss-{kind}")})
+    result = torchrun([str(RSS_DRIVER), json.dumps(config)], workspace)
+    lines = [line.split() for line in result.stdout.splitlines() if line.startswith("PEAK ")]
+    assert len(lines) == 2 and all(line[2] == "interrupted" for line in lines), result.stdout
+    return {line[1]: (int(line[3]) * 1024, int(line[4]) * 1024) for line in lines}
+
+
+def test_only_the_main_process_reads_the_whole_base(workspace: Path) -> None:
+    """A sharded run's other process never holds a full copy of the base: it builds the model on the meta device
+    and receives its half. Measured on a random Llama of ~290 MB (float32; on ~77 MB the noise of a few tens of
+    MB blurred it): during set-up the receiving process's peak grows by ~0.64x the weights (its half, one full
+    tensor in transit), a DDP process's (the control, which loads the base) by ~2.1x (the load's copy on top)."""
+    big = workspace / "big"
+    if not big.is_dir():
+        tokenizer = build_tokenizer(big)
+        torch.manual_seed(0)
+        LlamaForCausalLM(LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=1024, intermediate_size=2048, num_hidden_layers=8,
+            num_attention_heads=8, num_key_value_heads=4, eos_token_id=2, pad_token_id=0, bos_token_id=None,
+        )).save_pretrained(big)
+    weights = sum(f.stat().st_size for f in big.glob("*.safetensors"))
+    grown = {kind: {rank: peak - before for rank, (before, peak) in _set_up_peaks(workspace, big, kind).items()}
+             for kind in ("ddp", "fsdp")}
+    assert grown["ddp"]["1"] > 1.0 * weights, grown  # control: a process that loads the base holds all of it
+    assert grown["fsdp"]["1"] < 0.8 * weights, grown  # half, not a full copy
+    assert grown["fsdp"]["0"] > 1.0 * weights, grown  # the main process still loads it whole
+
+
+def test_the_meta_twin_is_the_loaded_model(tiny_model_dir: Path) -> None:
+    """What the other processes build from the main's config: the same parameters (names, shapes, dtypes), the
+    same attention kernel and generation settings, and no memory."""
+    for num_labels in (None, 3):
+        loaded = load_model(ModelConfig(name=str(tiny_model_dir), attn_implementation="eager"), torch.device("cpu"),
+                            num_labels=num_labels)
+        generation = getattr(loaded, "generation_config", None)  # a score head's model has none
+        twin = meta_twin(loaded.config, generation, {n: p.dtype for n, p in loaded.named_parameters()},
+                         num_labels=num_labels)
+        assert type(twin) is type(loaded)
+        assert distributed.structure(twin) == distributed.structure(loaded)
+        assert all(p.is_meta for p in twin.parameters())
+        assert twin.config._attn_implementation == loaded.config._attn_implementation == "eager"
+        if generation is not None:
+            assert twin.generation_config.to_dict() == generation.to_dict()
+        half = meta_twin(loaded.config, generation,
+                         {n: torch.bfloat16 if "norm" in n else p.dtype for n, p in loaded.named_parameters()},
+                         num_labels=num_labels)
+        assert {p.dtype for n, p in half.named_parameters() if "norm" in n} == {torch.bfloat16}
+
+
+def test_sharded_dropout_draws_as_ddp(runs: dict[str, Any], workspace: Path) -> None:
+    """The process that built its model on the meta device drew nothing to initialise the adapter; it continues
+    from the main's random stream, so its dropout masks are those a process that loaded the base draws (DDP)."""
+    assert runs["dropout"] == ["completed", 3] and runs["dropout_ddp"] == ["completed", 3]
+    torch.testing.assert_close(_losses(workspace / "dropout"), _losses(workspace / "dropout-ddp"), rtol=LOSS_RTOL, atol=0)
+    _assert_same_weights(_adapter(workspace / "dropout"), _adapter(workspace / "dropout-ddp"))

@@ -12,7 +12,9 @@ CPU (``cpu=True``), else it reports one process and every rank trains alone (glo
 - A stop request (Ctrl-C) is acted on only when every process agrees, at the same step (``any_process``).
 
 ``training.distributed: fsdp`` shards the model instead (``shard_model``): each process keeps 1/N of every weight,
-gradient and optimizer moment. Every forward is then a collective (each layer gathers its weights from all
+gradient and optimizer moment. Only the main process reads the base weights: the others build the same modules on
+the meta device (no memory), apply the technique to them, and receive their shards from the main
+(``receive_shards``), so a model larger than one process's memory still loads (it must fit the main's). Every forward is then a collective (each layer gathers its weights from all
 processes), so every process must run the same forwards: evaluation and sample generation run in full on every
 process. Checkpoints and the result are gathered into full (unsharded) state dicts and written by the main process
 in the one-process format, so a sharded run's files are the files of any other run.
@@ -182,6 +184,41 @@ def shard_model(model: nn.Module, compute_dtype: torch.dtype | None) -> int:
     fully_shard(root, mp_policy=policy)  # the root keeps its weights gathered from forward to backward (FSDP2's rule)
     log.info("fsdp: %d decoder layers and the root sharded over %d processes", len(layers), process_state().num_processes)
     return len(layers) + 1
+
+
+def structure(model: nn.Module) -> list[tuple[str, tuple[int, ...], torch.dtype, bool]]:
+    """Each parameter's name, shape, dtype and whether it trains: what every process's model must agree on before
+    it is sharded (each unit's all-gather joins the processes' shards of one flat buffer)."""
+    return [(name, tuple(p.shape), p.dtype, p.requires_grad) for name, p in model.named_parameters()]
+
+
+def check_same_structure(model: nn.Module) -> None:
+    """Raise on every process (never a hang in the first all-gather) when this process's model is not the main's:
+    the twin the other processes built on the meta device must be the loaded model, parameter for parameter."""
+    mine = structure(model)
+    main = main_decides(lambda: mine)
+    differs = next(((a, b) for a, b in zip(main, mine) if a != b), None)
+    if differs is None and len(main) != len(mine):
+        differs = (main[len(mine):] or [None])[0], (mine[len(main):] or [None])[0]
+    if any_process(differs is not None):
+        raise RuntimeError("training.distributed: fsdp: the model rebuilt on the meta device differs from the one "
+                           f"the main process loaded (main: {differs[0] if differs else '?'}, here: "
+                           f"{differs[1] if differs else '?'}); use training.distributed: ddp")
+
+
+def receive_shards(model: nn.Module, full: dict[str, torch.Tensor] | None) -> None:
+    """Fill a sharded model whose weights only the main process holds: ``full`` is the main's state dict taken
+    before sharding (None elsewhere); the others' model was built on the meta device (``models.meta_twin``).
+    Collective. Each tensor is broadcast from the main process one at a time and every process keeps its shard,
+    so no process but the main ever holds the whole model. Buffers are not sharded and some are in no state dict
+    (rotary inv_freq is non-persistent): every buffer is broadcast from the main as it is."""
+    state = process_state()
+    if not state.is_main_process:
+        model.to_empty(device=state.device)  # the meta shards and buffers get (uninitialised) memory here
+    set_model_state_dict(model, full if full is not None else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for _, buffer in model.named_buffers():
+        torch.distributed.broadcast(buffer, src=0)
 
 
 def _reshard(model: nn.Module) -> None:

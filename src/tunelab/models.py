@@ -388,6 +388,23 @@ def model_skeleton(model_config: Any, base_load: BaseLoad | None = None, dtype: 
     return skeleton
 
 
+def meta_twin(loaded_config: Any, generation_config: Any, loaded_dtypes: dict[str, torch.dtype],
+              num_labels: int | None = None) -> PreTrainedModel:
+    """The model another process loaded, rebuilt on the meta device from that process's ``config`` (the attention
+    kernel it chose included), ``generation_config`` (so generation stops where it does there), the dtype of each
+    parameter and the head (``num_labels``, as ``load_model`` takes it): the same modules, no weights read, no
+    memory. A sharded run's other processes build this and receive their shards from the main process
+    (``distributed.receive_shards``)."""
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        twin = head_class(num_labels).from_config(loaded_config, dtype=next(iter(loaded_dtypes.values()), torch.float32))
+    if generation_config is not None:  # a score head's model generates nothing and has none
+        twin.generation_config = generation_config
+    for name, param in twin.named_parameters():  # a weight the loader kept in another dtype (fp32 norms)
+        if name in loaded_dtypes and param.dtype != loaded_dtypes[name]:
+            param.data = param.data.to(loaded_dtypes[name])
+    return twin
+
+
 def load_model_config(config: ModelConfig) -> Any:
     """The transformers config of ``model.name`` (a small JSON file: no weights are read)."""
     from transformers import AutoConfig

@@ -61,11 +61,21 @@ def reference_view(disabled_view: Callable[[nn.Module], AbstractContextManager[A
     return adapter_off
 
 
+def _scores_live(objective: Any, settings: Any) -> bool:
+    return objective.wants_reference(settings) and getattr(settings, "reference", "live") == "live"
+
+
+def copies_the_base(objective: Any, settings: Any,
+                    disabled_view: Callable[[nn.Module], AbstractContextManager[Any]] | None) -> bool:
+    """Whether ``live_reference`` keeps a frozen copy of the whole base (it then needs the real weights)."""
+    return _scores_live(objective, settings) and disabled_view is None
+
+
 def live_reference(objective: Any, settings: Any, disabled_view: Callable[[nn.Module], AbstractContextManager[Any]] | None,
                    model: nn.Module) -> Reference | None:
     """The reference a run scores with at every step, set up before the technique changes ``model``: None when the
     objective needs none (orpo, simpo, sft...) or reads precomputed log-probs; else the technique's disabled view,
     or a frozen copy of ``model`` made now when the technique has no such view."""
-    if not objective.wants_reference(settings) or getattr(settings, "reference", "live") != "live":
+    if not _scores_live(objective, settings):
         return None
     return reference_view(disabled_view, frozen_reference(model) if disabled_view is None else None)

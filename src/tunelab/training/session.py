@@ -31,11 +31,11 @@ from tunelab.data.prepare import records_fingerprint, tokenizer_fingerprint
 from tunelab.eval.before_after import BaseFiguresCache, base_evaluation, base_figures_cache, compare_with_base, forgetting_after
 from tunelab.eval.training import OverfittingSignal
 from tunelab.generation import sample_prompts
-from tunelab.models import (cache_root, default_device, load_model, load_tokenizer, model_fingerprint, model_skeleton,
-                            write_head_config)
+from tunelab.models import (cache_root, default_device, load_model, load_tokenizer, meta_twin, model_fingerprint,
+                            model_skeleton, write_head_config)
 from tunelab.objectives import OBJECTIVES
 from tunelab.objectives.base import attach_own_module, without_own_module
-from tunelab.objectives.reference import live_reference, same_model
+from tunelab.objectives.reference import copies_the_base, live_reference, same_model
 from tunelab.plan import plan_memory, resident_bytes, shape_of
 from tunelab.precision import adapters_compute_in_autocast_dtype, keep_trainable_in_float32
 from tunelab.fs import read_json, write_entry_json
@@ -168,8 +168,8 @@ def _set_up(ctx: TrainingContext, resume: bool) -> tuple[LoopState, dict[str, An
                           "or give data.validation (or leave eval_every unset)")
     _check_records(ctx)
     _announce_plan(ctx)
-    ctx.model = load_model(config.model, ctx.device, ctx.technique.base_load(config.technique, ctx.device),
-                           num_labels=ctx.head_size, dtype=ctx.precision.load_dtype)
+    on_main = _weights_on_main_only(ctx)
+    ctx.model = _load_base(ctx, on_main)
     if ctx.head_size is not None:  # a score head pools the last token that is not padding
         ctx.model.config.pad_token_id = ctx.pad_id
     if ctx.data.classes:  # the class names travel with the model: config.id2label, as transformers reads them
@@ -184,22 +184,25 @@ def _set_up(ctx: TrainingContext, resume: bool) -> tuple[LoopState, dict[str, An
     samples = sample_prompts(ctx.tokenizer, ctx.data.validation_examples, config.eval.num_samples)
     ctx.samples = samples
     with ctx.info.phase("base evaluation"):
-        base = base_evaluation(run_dir, config.eval, bool(ctx.data.validation), ctx.validation_loss,
-                               lambda: ctx.greedy_samples(ctx.inner_model), ctx.heldout_loss, write=ctx.is_main,
-                               cache=_base_figures_cache(ctx))
+        measured = _measured_by(on_main)  # weights on the main only: it measures, the others receive the figures
+        base = base_evaluation(run_dir, config.eval, bool(ctx.data.validation), measured(ctx.validation_loss),
+                               measured(lambda: ctx.greedy_samples(ctx.inner_model)), measured(ctx.heldout_loss),
+                               write=ctx.is_main, cache=_base_figures_cache(ctx))
     if config.training.gradient_checkpointing:
         enable_activation_checkpointing(ctx.model)
     if ctx.objective_kind.precompute is not None and config.objective.reference == "precomputed":
         with ctx.info.phase("reference log-probs"):  # the base, before the technique changes it, is the reference
-            ctx.data.train, ctx.data.validation = ctx.objective_kind.precompute(
+            ctx.data.train, ctx.data.validation = _measured_by(on_main)(lambda: ctx.objective_kind.precompute(
                 ctx.model, {"train": ctx.data.train, "validation": ctx.data.validation}, ctx.pad_id,
-                config.eval.batch_size, ctx.device, run_dir, ctx.is_main).values()
+                config.eval.batch_size, ctx.device, run_dir, ctx.is_main))().values()
     ctx.plan = make_plan(config, ctx.data, ctx.accelerator.process_index, ctx.accelerator.num_processes)
     set_seed(config.training.seed)  # the technique's initialisation does not depend on whether base eval ran
     reference = live_reference(ctx.objective_kind, config.objective, ctx.technique.disabled_view, ctx.model)
+    # a technique that measures the data through the model (routing's calibration) does so on the real weights;
+    # what it measures arrives with them (receive_shards)
     ctx.model = ctx.technique.apply(ctx.model, config.technique, RunContext(
         total_steps=ctx.plan.total_steps, tasks=tuple(ctx.data.tasks), task_type=ctx.objective_kind.task_type,
-        examples=ctx.data.train, pad_id=ctx.pad_id))
+        examples=ctx.data.train if ctx.is_main or not on_main else (), pad_id=ctx.pad_id))
     ctx.objective = ctx.objective_kind.bind(config.objective, reference)
     # a module the objective trains beside the model (PPO's value head): optimized, checkpointed, resumed with it
     attach_own_module(ctx.objective_kind.own_module, ctx.model, config.objective)
@@ -212,8 +215,7 @@ def _set_up(ctx: TrainingContext, resume: bool) -> tuple[LoopState, dict[str, An
                                       "(CPU; p rounded to a multiple of 1/32768)"
         log.info("dropout: %s", ctx.info.figures["dropout"])
     if ctx.sharded:  # after the technique and the dtypes are set: FSDP2 shards the parameters as they are then
-        half = ctx.precision.load_dtype if ctx.precision.mixed_precision != "no" else None
-        ctx.info.figures["fsdp_units"] = distributed.shard_model(ctx.model, half)  # run_info.json says it sharded
+        _shard(ctx, on_main)
     trainable, total = count_parameters(ctx.model)
     ctx.info.figures.update(trainable_parameters=trainable, total_parameters=total)
     log.info("technique %s: %s of %s parameters trainable (%.3f%%)", config.technique.name, f"{trainable:,}",
@@ -228,6 +230,59 @@ def _set_up(ctx: TrainingContext, resume: bool) -> tuple[LoopState, dict[str, An
     if config.training.report_to and ctx.is_main:
         ctx.trackers = Trackers(config.training.report_to, run_dir, yaml.safe_load(config.to_yaml()), resume)
     return state, base, samples
+
+
+def _weights_on_main_only(ctx: TrainingContext) -> bool:
+    """Sharded, only the main process reads the base weights; the others build it on the meta device and receive
+    their shards (distributed.py). Except where the objective keeps a frozen copy of the whole base on every
+    process (full fine-tuning scored against a live reference): each then needs all of it anyway."""
+    if not ctx.sharded:
+        return False
+    if copies_the_base(ctx.objective_kind, ctx.config.objective, ctx.technique.disabled_view):
+        log.info("fsdp: every process loads the whole base: objective %s keeps a frozen copy of it as its reference "
+                 "on each (objective.reference: precomputed keeps none)", ctx.config.objective.name)
+        return False
+    return True
+
+
+def _load_base(ctx: TrainingContext, on_main: bool) -> torch.nn.Module:
+    """The base model as the technique and objective want it loaded; with ``on_main``, read by the main process
+    only, the others get its meta-device twin (built from the main's config: the same modules and dtypes)."""
+    config = ctx.config
+    base_load = ctx.technique.base_load(config.technique, ctx.device)
+    load = lambda: load_model(config.model, ctx.device, base_load, num_labels=ctx.head_size,  # noqa: E731
+                              dtype=ctx.precision.load_dtype)
+    if not on_main:
+        return load()
+    loaded: list[torch.nn.Module] = []
+
+    def load_and_describe() -> tuple[Any, Any, dict[str, torch.dtype]]:
+        loaded.append(load())
+        model = loaded[0]
+        return model.config, getattr(model, "generation_config", None), {n: p.dtype for n, p in model.named_parameters()}
+
+    described = distributed.main_decides(load_and_describe)  # a failed load raises on every process
+    return loaded[0] if ctx.is_main else meta_twin(*described, num_labels=ctx.head_size)
+
+
+def _measured_by(on_main: bool) -> Any:
+    """``measure`` as is, or (``on_main``: the other processes hold no weights yet) run by the main process and
+    its result handed to every process."""
+    return (lambda measure: (lambda: distributed.main_decides(measure))) if on_main else (lambda measure: measure)
+
+
+def _shard(ctx: TrainingContext, on_main: bool) -> None:
+    """Shard the model over the processes (FSDP2); with its weights on the main only, the others receive their
+    shards from it, and the random stream the main's technique initialisation left (dropout draws from it)."""
+    if on_main:
+        distributed.check_same_structure(ctx.model)
+        ckpt.restore_rng(distributed.main_decides(ckpt.rng_state))  # the twins' initialisation drew nothing
+    full = ctx.model.state_dict() if on_main and ctx.is_main else None  # the main's whole weights, for receive_shards
+    half = ctx.precision.load_dtype if ctx.precision.mixed_precision != "no" else None
+    ctx.info.figures["fsdp_units"] = distributed.shard_model(ctx.model, half)  # run_info.json says it sharded
+    if on_main:
+        distributed.receive_shards(ctx.model, full)
+    ctx.info.figures["fsdp_loaded_by"] = "main process" if on_main else "every process"
 
 
 def _announce_plan(ctx: TrainingContext) -> None:
