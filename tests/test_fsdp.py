@@ -288,8 +288,9 @@ def test_the_meta_twin_is_the_loaded_model(tiny_model_dir: Path) -> None:
 
 
 def test_sharded_dropout_draws_as_ddp(runs: dict[str, Any], workspace: Path) -> None:
-    """The process that built its model on the meta device drew nothing to initialise the adapter; it continues
-    from the main's random stream, so its dropout masks are those a process that loaded the base draws (DDP)."""
+    """The process that built its model on the meta device initialised the adapter there (its values then came
+    from the main): its random stream moved as on real weights, so it draws the dropout masks a process that
+    loaded the base draws (DDP)."""
     assert runs["dropout"] == ["completed", 3] and runs["dropout_ddp"] == ["completed", 3]
     torch.testing.assert_close(_losses(workspace / "dropout"), _losses(workspace / "dropout-ddp"), rtol=LOSS_RTOL, atol=0)
     _assert_same_weights(_adapter(workspace / "dropout"), _adapter(workspace / "dropout-ddp"))

@@ -273,10 +273,10 @@ def _measured_by(on_main: bool) -> Any:
 
 def _shard(ctx: TrainingContext, on_main: bool) -> None:
     """Shard the model over the processes (FSDP2); with its weights on the main only, the others receive their
-    shards from it, and the random stream the main's technique initialisation left (dropout draws from it)."""
+    shards from it. (A technique initialised on the meta device draws from the random stream as it does on real
+    weights, so every process's dropout stream is the one it has under DDP: test_sharded_dropout_draws_as_ddp.)"""
     if on_main:
         distributed.check_same_structure(ctx.model)
-        ckpt.restore_rng(distributed.main_decides(ckpt.rng_state))  # the twins' initialisation drew nothing
     full = ctx.model.state_dict() if on_main and ctx.is_main else None  # the main's whole weights, for receive_shards
     half = ctx.precision.load_dtype if ctx.precision.mixed_precision != "no" else None
     ctx.info.figures["fsdp_units"] = distributed.shard_model(ctx.model, half)  # run_info.json says it sharded
