@@ -99,8 +99,8 @@ def measure_cell(config: dict[str, Any]) -> tuple[int, float]:
     return int(done.stdout.strip().splitlines()[-1]), time.time() - started
 
 
-def cells(models: list[str], lengths: list[int]) -> list[tuple[str, str, bool, int]]:
-    grid = [(m, t, c, n) for m in models for n in lengths for t in TECHNIQUES for c in (False, True)]
+def cells(models: list[str], lengths: list[int], techniques: tuple[str, ...] = TECHNIQUES) -> list[tuple[str, str, bool, int]]:
+    grid = [(m, t, c, n) for m in models for n in lengths for t in techniques for c in (False, True)]
     order = {"smollm2": 0, "llama-narrow": 1, "llama-wide": 2}  # SmolLM2 first, then by size
     return sorted(grid, key=lambda cell: (order.get(cell[0], 3), cell[3]))
 
@@ -110,7 +110,8 @@ def measure(args: argparse.Namespace) -> None:
     work = out.parent / "plan_grid_work"
     work.mkdir(parents=True, exist_ok=True)
     done = {tuple(r["cell"]) for r in map(json.loads, out.read_text().splitlines())} if out.is_file() else set()
-    for model, technique, checkpointing, length in cells(args.models.split(","), [int(n) for n in args.lengths.split(",")]):
+    for model, technique, checkpointing, length in cells(args.models.split(","), [int(n) for n in args.lengths.split(",")],
+                                                          tuple(args.techniques.split(","))):
         cell = [model, technique, checkpointing, length]
         if tuple(cell) in done:
             continue
@@ -153,6 +154,7 @@ def main() -> None:
     m.add_argument("--out", required=True)
     m.add_argument("--models", default="llama-narrow,smollm2,llama-wide")
     m.add_argument("--lengths", default="64,256")
+    m.add_argument("--techniques", default=",".join(TECHNIQUES), help="a subset, to re-measure only their cells")
     r = sub.add_parser("report")
     r.add_argument("results")
     args = parser.parse_args()

@@ -327,3 +327,45 @@ def test_a_preference_pair_is_planned_as_two_rows_as_long_as_its_longest_side(ti
     sft = plan_memory(config_for(tiny_model_dir, tmp_path, "lora"), "cpu", rows, runtime=RUNTIME)
     assert plan.components["activations"] == sft.components["activations"] > 0
     assert 0.95 <= plan_memory(config, "cpu").peak_bytes / measured_peak(config) <= 1.10
+
+
+def online_config(tiny_model_dir: Path, tmp_path: Path, objective: str, **settings):  # noqa: ANN201, ANN003
+    from support.online import toy_prompts_file
+
+    return tiny_config(tiny_model_dir, {"dtype": "float32"},
+                       data={"train": [str(toy_prompts_file(tmp_path, 24))], "val_size": 0, "max_length": 64},
+                       technique={"name": "lora"},
+                       objective={"name": objective, "rewards": [{"function": "length", "max_words": 4}],
+                                  "max_completion_length": 8, **settings},
+                       training={"max_steps": 2, "micro_batch_size": 2},
+                       eval={"before_after": False, "forgetting": False, "num_samples": 0},
+                       output={"dir": str(tmp_path / "run")})
+
+
+@pytest.mark.parametrize("objective,generations", [("grpo", 4), ("ppo", 3)])
+def test_an_online_micro_batch_is_planned_as_its_completions(tiny_model_dir, tmp_path, objective, generations):
+    """An online objective's loss runs on the sampled completions (``Objective.batch_rows``/``batch_targets``): a
+    micro-batch of P prompts is P x num_generations rows, each the longest prompt plus max_completion_length, and
+    the head scores the completions' tokens only."""
+    from tunelab.data import prepare_data
+    from tunelab.models import load_tokenizer
+    from tunelab.plan import shape_of
+
+    config = online_config(tiny_model_dir, tmp_path, objective, num_generations=generations)
+    data = prepare_data(config.data, load_tokenizer(config.model), tmp_path / "cache", prompts=True)
+    shape = shape_of(config, data)
+    assert shape.rows == 2 * generations
+    assert shape.length == max(len(prompt.input_ids) for prompt in data.train) + 8
+    assert shape.supervised == 2 * generations * 8
+
+
+def test_ppo_plans_its_value_head(tiny_model_dir, tmp_path):
+    """PPO trains a value head beside the model (``Objective.own_module``): its weights, gradients and AdamW moments
+    are in the plan, (H + 1) float32 values each beyond the same run's policy alone (GRPO: no such head)."""
+    shape = Shape(micro_batch_size=2, length=32)
+    ppo = plan_memory(online_config(tiny_model_dir, tmp_path, "ppo"), "cpu", shape, runtime=RUNTIME)
+    grpo = plan_memory(online_config(tiny_model_dir, tmp_path, "grpo"), "cpu", shape, runtime=RUNTIME)
+    hidden = load_model_config(tiny_config(tiny_model_dir).model).hidden_size
+    assert ppo.components["gradients"] - grpo.components["gradients"] == 4 * (hidden + 1)
+    assert ppo.components["optimizer_state"] - grpo.components["optimizer_state"] == 2 * 4 * (hidden + 1)
+    assert ppo.trainable_parameters - grpo.trainable_parameters == hidden + 1

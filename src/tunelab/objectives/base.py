@@ -209,10 +209,14 @@ class Objective:
     # model's forward saved; the planner counts all of them at the top of backward, and those small enough to stay
     # in the heap at its end. Default: a loss over the whole (N, V) logits.
     loss_memory: Callable[[HeadOutput], tuple[int, ...]] = full_logits_memory
-    # (one training record) -> the lengths of the rows its collate makes of it (a pair: its chosen and rejected
-    # sides, each a row of its own). The memory planner's micro-batch is micro_batch_size records of that many rows,
-    # each padded to the longest row. Default: one row, the record's own length.
-    batch_rows: Callable[[Any], tuple[int, ...]] = one_row
+    # (one training record[, settings]) -> the lengths of the rows its loss's batch makes of it (a pair: its chosen
+    # and rejected sides, each a row of its own; an online objective: its sampled completions). The memory planner's
+    # micro-batch is micro_batch_size records of that many rows, each padded to the longest row. Default: one row,
+    # the record's own length.
+    batch_rows: Callable[..., tuple[int, ...]] = one_row
+    # (one training record[, settings]) -> the most positions its loss scores (the head's rows), where the objective
+    # makes its own targets (an online objective: its completions' tokens); None: the data's supervised share.
+    batch_targets: Callable[..., int] | None = None
 
     def wants_reference(self, settings: Settings) -> bool:
         return self.needs_reference and (self.reference_when is None or self.reference_when(settings))
@@ -232,6 +236,14 @@ class Objective:
         return ObjectiveSpec(_bound(self.loss_sum, 2, settings, reference), _bound(self.count_units, 1, settings, reference),
                              self.summary, self.collate, self.derive,
                              _bound(self.prepare, 2, settings, reference) if self.prepare is not None else None)
+
+    def rows_of(self, record: Any, settings: Settings) -> tuple[int, ...]:
+        """``batch_rows`` of one record under these settings (it takes them or not)."""
+        return _bound(self.batch_rows, 1, settings, None)(record)
+
+    def targets_of(self, record: Any, settings: Settings) -> int | None:
+        """``batch_targets`` of one record under these settings; None when the objective does not declare them."""
+        return None if self.batch_targets is None else _bound(self.batch_targets, 1, settings, None)(record)
 
     def refusal(self, feature: str) -> str | None:
         return self.refuses.get(feature)

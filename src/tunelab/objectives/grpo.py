@@ -32,7 +32,7 @@ from pydantic import Field
 
 from tunelab.data import IGNORE, TokenizedExample, collate
 from tunelab.objectives.base import Batch, LossSum, Objective, Reference, USER_REWARDS
-from tunelab.objectives.online import REWARDED_ANSWERS, OnlineSettings, Rollout
+from tunelab.objectives.online import REWARDED_ANSWERS, OnlineSettings, Rollout, rollout_rows, rollout_targets
 from tunelab.objectives.sft import logits_only_where
 from tunelab.techniques.base import forward_inputs
 from torch import nn
@@ -164,7 +164,7 @@ OBJECTIVE = Objective(
     name="grpo", config_class=GrpoSettings, loss_sum=grpo_loss_sum, count_units=count_grpo_units, units="tokens",
     summary="group relative policy optimization: completions sampled per prompt, rewarded, and reinforced by their "
             "advantage over their group",
-    collate=collate_prompts, needs_reference=True, reference_when=lambda settings: settings.beta > 0,
+    collate=collate_prompts, batch_rows=rollout_rows, batch_targets=rollout_targets, needs_reference=True, reference_when=lambda settings: settings.beta > 0,
     metrics=("clip_fraction", "entropy", "kl"), refuses={"packing": NEVER_PACKED, "fsdp": NOT_SHARDED}, records="prompt",
     evaluation=REWARDED_ANSWERS,
     prepare=grpo_prepare,

@@ -84,6 +84,18 @@ class OnlineSettings(Settings):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of the completions (1: off).")
 
 
+def rollout_rows(prompt: Any, settings: OnlineSettings) -> tuple[int, ...]:
+    """A prompt's rows in the loss's batch (``Objective.batch_rows``): its ``num_generations`` completions, each the
+    prompt followed by up to ``max_completion_length`` sampled tokens (a row is padded to the batch's longest)."""
+    return (len(prompt.input_ids) + settings.max_completion_length,) * getattr(settings, "num_generations", 1)
+
+
+def rollout_targets(prompt: Any, settings: OnlineSettings) -> int:
+    """The positions a prompt's completions are scored at (``Objective.batch_targets``): every completion token,
+    at most ``max_completion_length`` each, ``num_generations`` completions."""
+    return settings.max_completion_length * getattr(settings, "num_generations", 1)
+
+
 @dataclass
 class Rollout:
     """The completions sampled in one micro-batch and their rewards, as the objective's ``prepare`` receives them.

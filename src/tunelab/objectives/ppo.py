@@ -44,7 +44,7 @@ from torch import nn
 from tunelab.data import IGNORE, TokenizedExample, collate
 from tunelab.objectives.base import Batch, LossSum, Objective, OwnModule, Reference, USER_REWARDS
 from tunelab.objectives.grpo import NEVER_PACKED, as_grid, collate_prompts, clipped_token_losses, token_logps
-from tunelab.objectives.online import REWARDED_ANSWERS, OnlineSettings, Rollout
+from tunelab.objectives.online import REWARDED_ANSWERS, OnlineSettings, Rollout, rollout_rows, rollout_targets
 from tunelab.objectives.sft import rows_at
 from tunelab.techniques.base import forward_inputs
 
@@ -240,7 +240,7 @@ OBJECTIVE = Objective(
     name="ppo", config_class=PpoSettings, loss_sum=ppo_loss_sum, count_units=count_ppo_units, units="tokens",
     summary="proximal policy optimization: completions sampled per prompt, rewarded at their last token minus a KL "
             "penalty per token, reinforced by GAE advantages of a value head",
-    collate=collate_prompts, needs_reference=True, reference_when=lambda settings: settings.beta > 0,
+    collate=collate_prompts, batch_rows=rollout_rows, batch_targets=rollout_targets, needs_reference=True, reference_when=lambda settings: settings.beta > 0,
     metrics=("clip_fraction", "entropy", "kl", "value_loss", "value_clip_fraction", "explained_variance"),
     refuses={"packing": NEVER_PACKED, "fsdp": NOT_SHARDED}, records="prompt", evaluation=REWARDED_ANSWERS, prepare=ppo_prepare,
     own_module=VALUE_HEAD,

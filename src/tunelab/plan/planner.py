@@ -12,6 +12,7 @@ from tunelab.config import TunelabConfig, build_config
 from tunelab.data import PreparedData, prepare_data
 from tunelab.models import ModelConfig, cache_root, load_model_config, load_tokenizer, model_skeleton, resolve_model_path
 from tunelab.objectives import OBJECTIVES
+from tunelab.objectives.base import attach_own_module
 from tunelab.plan.memory import (MemoryPlan, Shape, activation_bytes, autocast_copy_bytes, decoder_layers,
                                  loaded_bytes, loss_bytes, mapped_views_bytes, master_cast_leftover_bytes, parameter_bytes, saved_for_backward)
 from tunelab.plan.runtime import runtime_bytes
@@ -30,10 +31,15 @@ def data_shape(config: TunelabConfig) -> Shape:
 def shape_of(config: TunelabConfig, data: PreparedData) -> Shape:
     """``data_shape`` of data already prepared (``tunelab train`` has it). Each record becomes the rows its
     objective declares (``Objective.batch_rows``: a preference pair's two sides), padded to the longest row."""
-    rows = [OBJECTIVES[config.objective.name].batch_rows(record) for record in data.train]
+    objective = OBJECTIVES[config.objective.name]
+    rows = [objective.rows_of(record, config.objective) for record in data.train]
     longest = config.data.max_length if config.data.packing else max(max(lengths) for lengths in rows)
+    per_record = max(len(r) for r in rows)
     share = data.report["train"].get("supervised_share", 1.0) or 1.0
-    return Shape(config.training.micro_batch_size, longest, share, rows_per_record=max(len(r) for r in rows))
+    targets = [objective.targets_of(record, config.objective) for record in data.train]
+    if targets and targets[0] is not None:  # the objective makes its targets (completions): N = records x targets
+        share = min(1.0, max(t or 0 for t in targets) / (per_record * longest))
+    return Shape(config.training.micro_batch_size, longest, share, rows_per_record=per_record)
 
 
 def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None = None,
@@ -53,6 +59,8 @@ def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None 
     double_quant = bool(getattr(base_load.quantization_config, "bnb_4bit_use_double_quant", False))
     loaded = loaded_bytes(skeleton, double_quant)  # before the technique: what from_pretrained materialises
     skeleton = technique.apply(skeleton, config.technique, RunContext(task_type=objective.task_type))
+    # a module the objective trains beside the model (PPO's value head): its weights, gradients and moments
+    attach_own_module(objective.own_module, skeleton, config.objective)
     weights, trainable_bytes, trainable, total = parameter_bytes(skeleton, double_quant)
     largest_trainable = max((4 * p.numel() for p in skeleton.parameters() if p.requires_grad), default=0)
     autocast = autocast_copy_bytes(skeleton) if precision.mixed_precision != "no" else 0
