@@ -179,16 +179,22 @@ def test_a_row_that_leaves_takes_its_cache_columns_along(model_and_tokenizer: tu
 
 
 def test_prefill_per_step_is_bounded(model_and_tokenizer: tuple) -> None:
-    """Prompts join within ``prefill_tokens`` per step (the running rows are not held up by a long prefill), one
-    at least."""
+    """Prompts join within ``prefill_tokens`` per forward pass (a burst's first requests get their first token
+    after the first slice, not after the whole burst), one at least; slices follow each other with no decoding
+    step in between while requests wait."""
     model, tokenizer = model_and_tokenizer
     batch = ContinuousBatch(model, tokenizer, prefill_tokens=1)
-    for text in prompts(tokenizer):
-        batch.add(GenerationRequest(encode(tokenizer, text), Sampling(8, min_new_tokens=8)))
+    requests = [GenerationRequest(encode(tokenizer, text), Sampling(8, min_new_tokens=8)) for text in prompts(tokenizer)]
+    for request in requests:
+        batch.add(request)
     batch.step()
     assert len(batch.running) == 1 and len(batch.waiting) == 2
     batch.step()
-    assert len(batch.running) == 2
+    assert len(batch.running) == 2 and [len(r.token_ids) for r in requests] == [1, 1, 0]
+    batch.step()
+    assert [len(r.token_ids) for r in requests] == [1, 1, 1] and not batch.waiting
+    batch.step()
+    assert [len(r.token_ids) for r in requests] == [2, 2, 2]  # all admitted: decoding resumes
 
 
 def test_a_seeded_row_repeats_whatever_shares_its_batch(model_and_tokenizer: tuple) -> None:

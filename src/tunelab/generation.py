@@ -348,12 +348,13 @@ def steps_supported(model: Any) -> tuple[bool, str]:
     return True, ""
 
 
-# The most prompt tokens prefilled at one step (one prompt at least): a bound on the activations of one padded
-# prefill (J, T, hidden), not a scheduling knob. Every waiting request that fits a free row is prefilled in one
-# forward pass: on a CPU a prefill costs about the same per token whether its prompts go one per step or all in
-# one pass, so the last of a burst gets its first token no later, and the running rows are held up once instead
-# of once per slice (each slice of 128 tokens, as before, paid a decoding step of every row in between).
-PREFILL_TOKENS = 4096
+# The most prompt tokens prefilled in one forward pass (one prompt at least). Prefill has priority over decoding,
+# so a burst of arrivals is prefilled in consecutive passes of this size with no decoding step in between: its
+# last request gets its first token as early as from one pass over the whole burst (on a CPU a prefill costs about
+# the same per token in slices of 128 tokens as in one pass), and its first ones get theirs after the first slice
+# instead of after the whole burst. Measured in one process on SmolLM2 (16 requests at once, one thread, a loaded
+# machine): TTFT p50 1.4-2.3 s with slices of 128 tokens, 4.6 s with all 16 in one pass; the same p95 within noise.
+PREFILL_TOKENS = 128
 
 
 class _MixedRows:
@@ -418,9 +419,9 @@ class ContinuousBatch:
     then either (2) prefills the waiting requests that fit (``max_rows`` rows, at most ``prefill_tokens`` prompt
     tokens, but always one) in one left-padded forward pass, which gives each its first token at once, and merges
     their key/value cache into the running one, or, when none waits, (3) decodes one token for every running row
-    in one forward pass. Prefill has priority over decoding: a request waits at most for the forward pass under
-    way when it arrives, however long the others run; the running rows lose one step per prefill, and a full
-    batch (``max_rows``) admits nobody, so they are never starved.
+    in one forward pass. Prefill has priority over decoding: a request waits for the forward pass under way when
+    it arrives and for the prefills of those that arrived before it, never for a decoding step; the running rows
+    wait while requests are admitted, and a full batch (``max_rows``) admits nobody, so they are never starved.
 
     The cache is transformers' ``DynamicCache``, each layer (B, heads, W, head_dim) with every row's tokens at the
     right end of its row and padding to their left, masked by ``mask`` (B, W); position ids count each row's own
