@@ -369,3 +369,44 @@ def test_ppo_plans_its_value_head(tiny_model_dir, tmp_path):
     assert ppo.components["gradients"] - grpo.components["gradients"] == 4 * (hidden + 1)
     assert ppo.components["optimizer_state"] - grpo.components["optimizer_state"] == 2 * 4 * (hidden + 1)
     assert ppo.trainable_parameters - grpo.trainable_parameters == hidden + 1
+
+
+def test_an_fsdp_process_plans_its_share_and_the_units_it_gathers(tiny_model_dir, tmp_path):
+    """training.distributed: fsdp over 2 processes: each holds half the weights, gradients and optimizer state
+    (rounded up), plus the root (embeddings, norm, head) and one decoder layer gathered, and that layer's whole
+    float32 gradient; DDP's plan is every process's whole model, whatever their number."""
+    sharded = config_for(tiny_model_dir, tmp_path, "full", distributed="fsdp")
+    one, two = (plan_memory(sharded, "cpu", SHAPE, runtime=RUNTIME, processes=n) for n in (1, 2))
+    for term in ("weights", "gradients", "optimizer_state", "optimizer_step_temporaries"):
+        assert two.components[term] == -(-one.components[term] // 2), term
+    model = prepared_model(sharded)
+    root = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".layers." not in n)
+    layer = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())  # every layer alike
+    assert two.components["fsdp_gathered"] == root + layer + layer  # full: the layer's float32 gradient too
+    assert "fsdp_gathered" not in one.components
+    # the end of backward peaks in both: it holds the weights, gradients and moments, and (sharded) the gathered units
+    assert one.phase == two.phase == "backward"
+    held = ("weights", "gradients", "optimizer_state")
+    assert two.peak_bytes == one.peak_bytes - sum(one.components[t] - two.components[t] for t in held) + \
+        two.components["fsdp_gathered"]
+    assert any("fsdp over 2 processes" in note for note in two.notes)
+    ddp = config_for(tiny_model_dir, tmp_path, "full", distributed="ddp")
+    assert plan_memory(ddp, "cpu", SHAPE, runtime=RUNTIME, processes=2).components == \
+        plan_memory(ddp, "cpu", SHAPE, runtime=RUNTIME).components
+
+
+def test_the_command_line_plans_one_process_of_n(tiny_model_dir, tmp_path):
+    """`tunelab plan --processes N`: the plan of one of N processes (--device cuda: no runtime measurement here)."""
+    import yaml
+    from support.cli import invoke
+
+    config = config_for(tiny_model_dir, tmp_path, "full", distributed="fsdp")
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(yaml.safe_load(config.to_yaml())))
+    plans = {n: invoke("plan", path, "--device", "cuda", "--processes", n, "--json") for n in (1, 2)}
+    assert all(result.exit_code == 0 for result in plans.values()), plans[2].clean
+    one, two = (json.loads(plans[n].stdout)["components"] for n in (1, 2))
+    assert "fsdp_gathered" in two and "fsdp_gathered" not in one
+    assert two["optimizer_state"] == -(-one["optimizer_state"] // 2)
+    refused = invoke("plan", path, "--processes", 0)
+    assert refused.exit_code != 0 and "--processes 0: expected 1 or more" in refused.clean

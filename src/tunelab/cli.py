@@ -373,9 +373,12 @@ def plan(
     budget: Annotated[Optional[str], typer.Option(help="Memory budget for --solve and --recommend, e.g. 24GiB")] = None,
     solve: Annotated[Optional[str], typer.Option(help="Find the largest micro_batch_size or max_length that fits --budget")] = None,
     recommend: Annotated[bool, typer.Option("--recommend", help="Rank technique x dtype x checkpointing set-ups that fit --budget")] = False,
+    processes: Annotated[int, typer.Option(help="Processes training together (torchrun --nproc_per_node x nodes); "
+                                           "with training.distributed: fsdp each holds 1/N of the model")] = 1,
     as_json: JsonOption = False,
 ) -> None:
-    """Predict a run's peak memory, term by term, without loading weights (docs/choosing.md)."""
+    """Predict a run's peak memory, term by term, without loading weights (docs/choosing.md). The plan is one
+    process's."""
     _setup_logging()
     from tunelab.api import load_config  # start-up time
     from tunelab.plan import data_shape, plan_memory  # start-up time (torch, transformers)
@@ -385,21 +388,23 @@ def plan(
         _fail(f"--device {device}: expected cpu or cuda")
     if (solve or recommend) and budget is None:
         _fail("--solve and --recommend need --budget (e.g. --budget 24GiB)")
+    if processes < 1:
+        _fail(f"--processes {processes}: expected 1 or more")
     limit = _bytes(budget) if budget is not None else None
     try:
         cfg = load_config(config, set_)
         shape = data_shape(cfg)
-        result = plan_memory(cfg, device, shape)
+        result = plan_memory(cfg, device, shape, processes=processes)
         out: dict[str, Any] = result.as_dict()
         if limit is not None:
             out["budget_bytes"], out["fits"] = limit, result.peak_bytes <= limit
         if solve:
-            value, solved = solve_knob(cfg, shape, limit or 0, solve, device)
+            value, solved = solve_knob(cfg, shape, limit or 0, solve, device, processes=processes)
             out["solve"] = {"knob": solve, "value": value, "peak_bytes": solved.peak_bytes if solved else None}
         if recommend:
             out["recommend"] = [{"technique": s.technique, "gradient_checkpointing": s.checkpointing, "dtype": s.dtype,
                                  "peak_bytes": s.plan.peak_bytes, "seconds_per_step": round(s.seconds_per_step, 3),
-                                 "why": s.why} for s in rank_setups(cfg, shape, limit or 0, device)]
+                                 "why": s.why} for s in rank_setups(cfg, shape, limit or 0, device, processes)]
     except _USER_ERRORS as exc:
         _fail(str(exc))
     if as_json:

@@ -14,7 +14,8 @@ from tunelab.models import ModelConfig, cache_root, load_model_config, load_toke
 from tunelab.objectives import OBJECTIVES
 from tunelab.objectives.base import attach_own_module
 from tunelab.plan.memory import (MemoryPlan, Shape, activation_bytes, autocast_copy_bytes, decoder_layers,
-                                 loaded_bytes, loss_bytes, mapped_views_bytes, master_cast_leftover_bytes, parameter_bytes, saved_for_backward)
+                                 loaded_bytes, loss_bytes, mapped_views_bytes, master_cast_leftover_bytes, parameter_bytes,
+                                 saved_for_backward)
 from tunelab.plan.runtime import runtime_bytes
 from tunelab.precision import adapters_compute_in_autocast_dtype, technique_precision
 from tunelab.techniques import TECHNIQUES, RunContext
@@ -43,10 +44,12 @@ def shape_of(config: TunelabConfig, data: PreparedData) -> Shape:
 
 
 def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None = None,
-                runtime: int | None = None) -> MemoryPlan:
+                runtime: int | None = None, processes: int = 1) -> MemoryPlan:
     """Predict the peak memory of training ``config`` on ``device`` (CPU: the process's peak RSS; CUDA:
     max_memory_allocated plus the context), without loading weights. ``runtime``: the runtime term when the caller
-    knows it (a training process before it loads the model: its own resident memory), else measured once."""
+    knows it (a training process before it loads the model: its own resident memory), else measured once.
+    ``processes``: how many train together (torchrun); the plan is one process's, which with
+    ``training.distributed: fsdp`` holds a share of the model (``sharded_terms``), and with DDP all of it."""
     target = torch.device(device)
     shape = shape or data_shape(config)
     technique = TECHNIQUES[config.technique.name]
@@ -90,20 +93,25 @@ def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None 
         components["checkpoint_mapped"] = checkpoint
         components["weights"] -= views
     components.update(_reference(config, objective, components["weights"], trainable_bytes))
+    sharded = config.training.distributed == "fsdp" and processes > 1
+    if sharded:
+        sharded_terms(components, skeleton, processes)
     # On a CPU, memory freed during backward stays in the process's heap (glibc keeps its arenas), so the second
     # step's backward holds weights, moments, gradients, activations and logits at once: their sum is the peak.
     static = components["weights"] + components["optimizer_state"] + components.get("reference_model", 0) + \
         components.get("checkpoint_mapped", 0) + components["master_cast_leftovers"]
+    gathered = components.get("fsdp_gathered", 0)  # fsdp: the units gathered during forward and backward
     phases = {
         # from_pretrained reads the memory-mapped checkpoint (its pages resident) into the weights it builds
+        # (sharded: the main process only; the others receive their shards)
         "load": checkpoint + loaded,
         # the top of backward: the loss's (N, V) tensors, before any weight's gradient exists
-        "loss": static + activations + loss + components["autocast_copies"],
+        "loss": static + activations + loss + components["autocast_copies"] + gathered,
         # the end of backward: every gradient, the activations (freed into the heap) and the logits tensors small
         # enough to stay in the heap
-        "backward": static + trainable_bytes + activations + loss - loss_returned +
-        components["autocast_copies"],
-        "optimizer step": static + trainable_bytes + components["optimizer_step_temporaries"],
+        "backward": static + components["gradients"] + activations + loss - loss_returned +
+        components["autocast_copies"] + gathered,
+        "optimizer step": static + components["gradients"] + components["optimizer_step_temporaries"],
     }
     components["loading"] = phases["load"]  # a phase of its own (the model is not trained yet): not part of the sum
     notes = []
@@ -117,9 +125,32 @@ def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None 
     phase = max(phases, key=phases.__getitem__)
     if precision.note:
         notes.append(precision.note)
+    if sharded:
+        notes.append(f"fsdp over {processes} processes: each holds 1/{processes} of the weights, gradients and "
+                     "optimizer state plus the units it gathers (fsdp_gathered); the main process alone loads the "
+                     "whole base (the load phase). Not yet checked against a measured GPU run")
     return MemoryPlan(device=target.type, peak_bytes=components["runtime"] + phases[phase], components=components,
                       phase=phase, shape=shape, dtype=str(precision.load_dtype).removeprefix("torch."),
                       notes=notes, trainable_parameters=trainable, total_parameters=total)
+
+
+def sharded_terms(components: dict[str, int], skeleton: torch.nn.Module, processes: int) -> None:
+    """``training.distributed: fsdp`` over ``processes``: each holds 1/N of the weights, gradients and optimizer
+    state (AdamW's temporaries are of its shard of the largest tensor), plus what it gathers (``fsdp_gathered``):
+    the root unit (embeddings, final norm, head: FSDP2 keeps it gathered from forward to backward), one decoder
+    layer at a time (in the dtype it computes in), and that layer's whole gradient before it is reduce-scattered.
+    ``skeleton`` is prepared as for the forward (under autocast its trainable weights already in half precision).
+    DDP keeps all of it on every process: its plan is one process's."""
+    layers = decoder_layers(skeleton)
+    inside = {id(p) for layer in layers for p in layer.parameters()}
+    # parameters() counts a tied weight once; buffers are not sharded, so nothing of them is gathered
+    root = sum(p.numel() * p.element_size() for p in skeleton.parameters() if id(p) not in inside)
+    layer_weights = max((sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in layers), default=0)
+    layer_gradients = max((sum(4 * p.numel() for p in layer.parameters() if p.requires_grad) for layer in layers),
+                          default=0)  # float32: gradients are reduced in float32 (shard_model's policy)
+    for term in ("weights", "gradients", "optimizer_state", "optimizer_step_temporaries"):
+        components[term] = -(-components[term] // processes)
+    components["fsdp_gathered"] = root + layer_weights + layer_gradients
 
 
 def _as_under_autocast(skeleton: torch.nn.Module, half: torch.dtype) -> None:

@@ -29,7 +29,7 @@ def largest_fitting(fits: Callable[[int], bool], low: int, high: int) -> int | N
 
 
 def solve(config: TunelabConfig, shape: Shape, budget: int, knob: str, device: str = "cpu",
-          ceiling: int = 4096) -> tuple[int | None, MemoryPlan | None]:
+          ceiling: int = 4096, processes: int = 1) -> tuple[int | None, MemoryPlan | None]:
     """The largest ``knob`` (micro_batch_size, or max_length with every row that long) whose planned peak fits
     ``budget`` bytes, with its plan; (None, None) when even 1 (or 16 tokens) does not fit."""
     if knob not in SOLVABLE:
@@ -38,7 +38,7 @@ def solve(config: TunelabConfig, shape: Shape, budget: int, knob: str, device: s
 
     def fits(value: int) -> bool:
         changed = {"micro_batch_size": value} if knob == "micro_batch_size" else {"length": value}
-        plans[value] = plan_memory(config, device, dataclasses.replace(shape, **changed))
+        plans[value] = plan_memory(config, device, dataclasses.replace(shape, **changed), processes=processes)
         return plans[value].peak_bytes <= budget
 
     best = largest_fitting(fits, 1 if knob == "micro_batch_size" else 16, ceiling)
@@ -81,7 +81,7 @@ def step_seconds(plan: MemoryPlan, total_parameters: int, checkpointing: bool, f
     return passes * tokens / flops
 
 
-def recommend(config: TunelabConfig, shape: Shape, budget: int, device: str = "cpu") -> list[SetUp]:
+def recommend(config: TunelabConfig, shape: Shape, budget: int, device: str = "cpu", processes: int = 1) -> list[SetUp]:
     """Every registered technique (default settings) x checkpointing x the dtypes this device trains in, planned;
     those that fit ``budget``, most trainable parameters first (closest to full fine-tuning's quality), then fastest."""
     flops = matmul_flops_per_second(device)
@@ -95,7 +95,7 @@ def recommend(config: TunelabConfig, shape: Shape, budget: int, device: str = "c
                         "technique": technique.config_class(),
                         "model": config.model.model_copy(update={"dtype": dtype}),
                         "training": config.training.model_copy(update={"gradient_checkpointing": checkpointing})})
-                    plan = plan_memory(candidate, device, shape)
+                    plan = plan_memory(candidate, device, shape, processes=processes)
                 except (TechniqueError, ConfigError, ValueError):  # a technique that does not fit this model
                     continue
                 if plan.peak_bytes <= budget:

@@ -289,7 +289,8 @@ def _announce_plan(ctx: TrainingContext) -> None:
     """The memory plan's figure before any weight is read (this process's resident memory is its runtime term);
     run_info.json records it beside the measured peak, so every run checks the planner."""
     try:
-        plan = plan_memory(ctx.config, ctx.device.type, shape_of(ctx.config, ctx.data), runtime=resident_bytes())
+        plan = plan_memory(ctx.config, ctx.device.type, shape_of(ctx.config, ctx.data), runtime=resident_bytes(),
+                           processes=ctx.accelerator.num_processes)
     except Exception as exc:  # a plan is advice: a planner that cannot model this run never stops training
         log.warning("memory plan unavailable (%s: %s)", type(exc).__name__, exc)
         return
