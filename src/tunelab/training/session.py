@@ -187,7 +187,7 @@ def _set_up(ctx: TrainingContext, resume: bool) -> tuple[LoopState, dict[str, An
         measured = _measured_by(on_main)  # weights on the main only: it measures, the others receive the figures
         base = base_evaluation(run_dir, config.eval, bool(ctx.data.validation), measured(ctx.validation_loss),
                                measured(lambda: ctx.greedy_samples(ctx.inner_model)), measured(ctx.heldout_loss),
-                               write=ctx.is_main, cache=_base_figures_cache(ctx))
+                               write=ctx.is_main, cache=distributed.main_decides(lambda: _base_figures_cache(ctx)))
     if config.training.gradient_checkpointing:
         enable_activation_checkpointing(ctx.model)
     if ctx.objective_kind.precompute is not None and config.objective.reference == "precomputed":
@@ -287,7 +287,10 @@ def _shard(ctx: TrainingContext, on_main: bool) -> None:
 
 def _announce_plan(ctx: TrainingContext) -> None:
     """The memory plan's figure before any weight is read (this process's resident memory is its runtime term);
-    run_info.json records it beside the measured peak, so every run checks the planner."""
+    run_info.json records it beside the measured peak, so every run checks the planner. The main process's only
+    (it writes run_info.json): the others need not see the model's files."""
+    if not ctx.is_main:
+        return
     try:
         plan = plan_memory(ctx.config, ctx.device.type, shape_of(ctx.config, ctx.data), runtime=resident_bytes(),
                            processes=ctx.accelerator.num_processes)
