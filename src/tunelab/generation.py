@@ -382,7 +382,9 @@ class _MixedRows:
     def rows(self, names: list[str] | None) -> Iterator[dict[str, Any]]:
         """``row_adapters`` for one forward pass, with the mixed case served by the hooks installed once."""
         hooks = names is not None and (len(set(names)) > 1 or names[0] == PEFT_BASE)
-        if not hooks or not hasattr(self.model, "_enable_peft_forward_hooks"):
+        # PeftModel's context installs nothing when its tuner has no hooks of its own (LoRA's has): that model
+        # gets adapter_names passed at each forward pass instead, as row_adapters does
+        if not hooks or not hasattr(getattr(self.model, "base_model", None), "_enable_peft_forward_hooks"):
             self.release()
             with row_adapters(self.model, names) as kwargs:
                 yield kwargs
