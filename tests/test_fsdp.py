@@ -294,3 +294,35 @@ def test_sharded_dropout_draws_as_ddp(runs: dict[str, Any], workspace: Path) -> 
     assert runs["dropout"] == ["completed", 3] and runs["dropout_ddp"] == ["completed", 3]
     torch.testing.assert_close(_losses(workspace / "dropout"), _losses(workspace / "dropout-ddp"), rtol=LOSS_RTOL, atol=0)
     _assert_same_weights(_adapter(workspace / "dropout"), _adapter(workspace / "dropout-ddp"))
+
+
+def test_every_process_loads_the_base_only_for_a_frozen_reference_copy() -> None:
+    """Sharded, the other processes load nothing, unless the objective keeps a frozen copy of the whole base on
+    each (a live reference with a technique that cannot switch itself off): then each needs the real weights."""
+    from tunelab.objectives import OBJECTIVES
+    from tunelab.objectives.reference import copies_the_base
+    from tunelab.techniques import TECHNIQUES
+
+    dpo, sft = OBJECTIVES["dpo"], OBJECTIVES["sft"]
+    full, lora = TECHNIQUES["full"].disabled_view, TECHNIQUES["lora"].disabled_view
+    assert copies_the_base(dpo, dpo.config_class(), full)
+    assert not copies_the_base(dpo, dpo.config_class(), lora)  # the adapter switched off is the reference
+    assert not copies_the_base(dpo, dpo.config_class(reference="precomputed"), full)
+    assert not copies_the_base(sft, sft.config_class(), full)
+
+
+def test_a_twin_that_differs_from_the_main_model_is_refused_on_every_process(tiny_model_dir: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before the first all-gather (which would hang or mix shards), each process compares its parameters with the
+    main's; a difference raises on every process (any_process), naming it."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    distributed.check_same_structure(model)  # one process: the main's is its own
+    mains = distributed.structure(model)
+    mains[3] = (mains[3][0], mains[3][1], torch.bfloat16, mains[3][3])  # the main loaded that weight in bf16
+    monkeypatch.setattr(distributed, "main_decides", lambda compute: mains)
+    with pytest.raises(RuntimeError, match=rf"differs from the one the main process loaded \(main: \('{mains[3][0]}'"):
+        distributed.check_same_structure(model)
+    fewer = distributed.structure(model)[:-1]  # the main's model has one parameter fewer
+    monkeypatch.setattr(distributed, "main_decides", lambda compute: fewer)
+    with pytest.raises(RuntimeError, match=r"main: None, here: \('lm_head.weight'"):
+        distributed.check_same_structure(model)
