@@ -1,0 +1,188 @@
+"""`tunelab plan --solve` and `--recommend` against measured runs (issue 17's solver acceptance).
+
+Solver: for each cell (model x technique x checkpointing at 256 tokens, the planner grid's set-up in
+``plan_grid.py``), training processes at micro-batches 2, 3 and 4 report their own peak RSS. For each pair of
+neighbours (m, m + 1) the budget is halfway between their two plans; the solver must choose m, the measured peak
+at m must fit that budget and the measured peak at m + 1 must not ("the solved value runs, and the next step up
+does not fit").
+
+Recommend: for each model and budget, the first set-up `--recommend` ranks (technique with its default settings,
+dtype, checkpointing) is trained for real at micro-batch 2; its measured peak must fit the budget.
+
+Every run is a fresh process, 2 optimizer steps, one at a time (peak RSS does not depend on the machine's load)::
+
+    python benchmarks/plan_solver.py measure --out bench/plan_solver.jsonl [--models smollm2,llama-narrow]
+    python benchmarks/plan_solver.py report bench/plan_solver.jsonl     # runs the recommended set-ups it lacks
+
+Records already in the output file are reused, so an interrupted measurement continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+import plan_grid as grid  # noqa: E402 - the grid's models, data and child process
+
+SOLVER_TECHNIQUES = ("full", "lora", "prompt_tuning", "adapter", "qlora")
+MICRO_BATCHES = (2, 3, 4)
+LENGTH = 256
+BUDGETS_GIB = {"smollm2": (1.25, 1.75, 2.5, 4.0), "llama-narrow": (0.5, 0.65, 0.8, 1.2),
+               "llama-wide": (0.9, 1.2, 1.6, 2.4)}
+
+
+def _key(record: dict[str, Any]) -> str:
+    return json.dumps(record["key"])
+
+
+def _load(out: Path) -> dict[str, dict[str, Any]]:
+    return {_key(r): r for r in map(json.loads, out.read_text().splitlines())} if out.is_file() else {}
+
+
+def _measure(out: Path, known: dict[str, dict[str, Any]], key: list[Any], config: dict[str, Any]) -> dict[str, Any]:
+    """The record of ``key``: known, or measured now (one training process) and appended to ``out``."""
+    record = known.get(json.dumps(key))
+    if record is None:
+        peak, seconds = grid.measure_cell(config)
+        record = {"key": key, "config": config, "peak_rss": peak, "seconds": round(seconds, 1)}
+        with out.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        known[_key(record)] = record
+        print(f"{key}: {peak / 2**20:.0f} MiB in {seconds:.0f} s", flush=True)
+    return record
+
+
+def _solver_config(model: str, technique: str, checkpointing: bool, micro_batch: int, work: Path) -> dict[str, Any]:
+    name = "-".join(map(str, (model, technique, checkpointing, micro_batch)))
+    config = grid.cell_config(grid.model_dir(model, work), technique, checkpointing, LENGTH, work,
+                              work / "runs" / name)
+    config["training"]["micro_batch_size"] = micro_batch
+    return config
+
+
+def measure(args: argparse.Namespace) -> None:
+    out, work = Path(args.out), Path(args.out).parent / "plan_grid_work"
+    work.mkdir(parents=True, exist_ok=True)
+    known = _load(out)
+    for technique in SOLVER_TECHNIQUES:  # technique by technique, so one can be measured again alone
+        if args.techniques and technique not in args.techniques.split(","):
+            continue
+        for model in args.models.split(","):
+            for checkpointing in (False, True):
+                for micro_batch in MICRO_BATCHES:
+                    key = ["solver", model, technique, checkpointing, micro_batch]
+                    try:
+                        _measure(out, known, key, _solver_config(model, technique, checkpointing, micro_batch, work))
+                    except RuntimeError as exc:
+                        print(f"{key}: {exc}", file=sys.stderr)
+
+
+def _plan(config: dict[str, Any]) -> Any:
+    from tunelab.config import build_config
+    from tunelab.plan import data_shape
+
+    built = build_config(config)
+    return built, data_shape(built)
+
+
+def solver_rows(out: Path, known: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each measured (m, m + 1) pair's budget, the solver's answer for it, and the measured peaks at the answer and
+    one above (trained now when not yet measured: a flat cell's answer can be far above m)."""
+    from tunelab.plan import plan_memory
+    from tunelab.plan.solve import solve
+
+    work = out.parent / "plan_grid_work"
+    rows = []
+    for record in list(known.values()):
+        kind, model, technique, checkpointing, m = record["key"]
+        upper = known.get(json.dumps([kind, model, technique, checkpointing, m + 1]))
+        if kind != "solver" or upper is None or m not in MICRO_BATCHES[:-1]:  # the budgets: the measured grid's
+            continue
+        config, shape = _plan(record["config"])
+        planned = [plan_memory(_plan(r["config"])[0], "cpu").peak_bytes for r in (record, upper)]
+        budget = sum(planned) // 2
+        solved, _ = solve(config, shape, budget, "micro_batch_size", ceiling=16)
+        peaks = []
+        for value in ([] if solved is None else [solved, solved + 1]):
+            key = ["solver", model, technique, checkpointing, value]
+            peaks.append(_measure(out, known, key, _solver_config(model, technique, checkpointing, value, work))["peak_rss"])
+        rows.append({"model": model, "technique": technique, "checkpointing": checkpointing, "m": m,
+                     "budget": budget, "solved": solved, "peak_m": peaks[0] if peaks else None,
+                     "peak_next": peaks[1] if peaks else None,
+                     "ok": bool(peaks) and peaks[0] <= budget < peaks[1]})
+    return rows
+
+
+def recommend_rows(out: Path, known: dict[str, dict[str, Any]], models: list[str]) -> list[dict[str, Any]]:
+    from tunelab.plan.solve import recommend
+
+    work = out.parent / "plan_grid_work"
+    rows = []
+    for model in models:
+        for gib in BUDGETS_GIB[model]:
+            budget = int(gib * 2**30)
+            base = _solver_config(model, "lora", False, 2, work)
+            config, shape = _plan(base)
+            ranked = recommend(config, shape, budget)
+            if not ranked:
+                rows.append({"model": model, "budget": budget, "set_up": None, "peak": None, "ok": True})
+                continue
+            top = ranked[0]
+            run = dict(base, technique={"name": top.technique},
+                       model={**base["model"], "dtype": top.dtype},
+                       training={**base["training"], "gradient_checkpointing": top.checkpointing},
+                       output={"dir": str(work / "runs" / f"recommend-{model}-{gib}")})
+            key = ["recommend", model, top.technique, top.dtype, top.checkpointing, 2]
+            record = _measure(out, known, key, run)
+            rows.append({"model": model, "budget": budget, "set_up": f"{top.technique} {top.dtype} "
+                         f"checkpointing {'on' if top.checkpointing else 'off'}", "planned": top.plan.peak_bytes,
+                         "peak": record["peak_rss"], "ok": record["peak_rss"] <= budget})
+    return rows
+
+
+def report(args: argparse.Namespace) -> None:
+    out = Path(args.results)
+    known = _load(out)
+    solver = sorted(solver_rows(out, known), key=lambda r: (r["model"], r["technique"], r["checkpointing"], r["m"]))
+    mib = 2**20
+    print("| model | technique | checkpointing | budget MiB (between the plans at m and m+1) | m | solved | peak at the solved value MiB | one above MiB | ok |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in solver:
+        peaks = ("-", "-") if r["peak_m"] is None else (f"{r['peak_m'] / mib:.0f}", f"{r['peak_next'] / mib:.0f}")
+        print(f"| {r['model']} | {r['technique']} | {'on' if r['checkpointing'] else 'off'} | {r['budget'] / mib:.0f} | "
+              f"{r['m']} | {r['solved']} | {peaks[0]} | {peaks[1]} | {'yes' if r['ok'] else 'NO'} |")
+    good = sum(r["ok"] for r in solver)
+    print(f"\nsolver: in {good} of {len(solver)} ({100 * good / max(len(solver), 1):.0f}%) the solved micro-batch ran within "
+          "the budget and the next one up did not fit (target 90%)\n")
+    models = sorted({r["model"] for r in solver}, key=list(BUDGETS_GIB).index)
+    rows = recommend_rows(out, known, models)
+    print("| model | budget GiB | first recommended set-up | planned GiB | measured GiB | fits |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        measured = "-" if r["peak"] is None else f"{r['peak'] / 2**30:.2f}"
+        planned = f"{r['planned'] / 2**30:.2f}" if r.get("planned") else "-"
+        print(f"| {r['model']} | {r['budget'] / 2**30:.2f} | {r['set_up'] or 'none fits'} | {planned} | {measured} | "
+              f"{'yes' if r['ok'] else 'NO'} |")
+    fits = sum(r["ok"] for r in rows)
+    print(f"\nrecommend: {fits} of {len(rows)} first set-ups fit their budget (target: all)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("measure")
+    m.add_argument("--out", required=True)
+    m.add_argument("--models", default="smollm2,llama-narrow")
+    m.add_argument("--techniques", default="", help="only these (comma-separated); default all")
+    r = sub.add_parser("report")
+    r.add_argument("results")
+    args = parser.parse_args()
+    measure(args) if args.command == "measure" else report(args)
+
+
+if __name__ == "__main__":
+    main()
