@@ -98,6 +98,8 @@ def solver_rows(out: Path, known: dict[str, dict[str, Any]]) -> list[dict[str, A
     work = out.parent / "plan_grid_work"
     rows = []
     for record in list(known.values()):
+        if record["key"][0] != "solver":  # the recommended set-ups' runs
+            continue
         kind, model, technique, checkpointing, m = record["key"]
         upper = known.get(json.dumps([kind, model, technique, checkpointing, m + 1]))
         if kind != "solver" or upper is None or m not in MICRO_BATCHES[:-1]:  # the budgets: the measured grid's
