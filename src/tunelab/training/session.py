@@ -13,7 +13,7 @@ import logging
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import yaml
@@ -184,17 +184,19 @@ def _set_up(ctx: TrainingContext, resume: bool) -> tuple[LoopState, dict[str, An
     samples = sample_prompts(ctx.tokenizer, ctx.data.validation_examples, config.eval.num_samples)
     ctx.samples = samples
     with ctx.info.phase("base evaluation"):
-        measured = _measured_by(on_main)  # weights on the main only: it measures, the others receive the figures
-        base = base_evaluation(run_dir, config.eval, bool(ctx.data.validation), measured(ctx.validation_loss),
-                               measured(lambda: ctx.greedy_samples(ctx.inner_model)), measured(ctx.heldout_loss),
+        # with the weights on the main only, the main measures and the others receive the figures
+        base = base_evaluation(run_dir, config.eval, bool(ctx.data.validation),
+                               _measured_by(ctx.validation_loss, on_main),
+                               _measured_by(lambda: ctx.greedy_samples(ctx.inner_model), on_main),
+                               _measured_by(ctx.heldout_loss, on_main),
                                write=ctx.is_main, cache=distributed.main_decides(lambda: _base_figures_cache(ctx)))
     if config.training.gradient_checkpointing:
         enable_activation_checkpointing(ctx.model)
     if ctx.objective_kind.precompute is not None and config.objective.reference == "precomputed":
         with ctx.info.phase("reference log-probs"):  # the base, before the technique changes it, is the reference
-            ctx.data.train, ctx.data.validation = _measured_by(on_main)(lambda: ctx.objective_kind.precompute(
+            ctx.data.train, ctx.data.validation = _measured_by(lambda: ctx.objective_kind.precompute(
                 ctx.model, {"train": ctx.data.train, "validation": ctx.data.validation}, ctx.pad_id,
-                config.eval.batch_size, ctx.device, run_dir, ctx.is_main))().values()
+                config.eval.batch_size, ctx.device, run_dir, ctx.is_main), on_main)().values()
     ctx.plan = make_plan(config, ctx.data, ctx.accelerator.process_index, ctx.accelerator.num_processes)
     set_seed(config.training.seed)  # the technique's initialisation does not depend on whether base eval ran
     reference = live_reference(ctx.objective_kind, config.objective, ctx.technique.disabled_view, ctx.model)
@@ -265,10 +267,12 @@ def _load_base(ctx: TrainingContext, on_main: bool) -> torch.nn.Module:
     return loaded[0] if ctx.is_main else meta_twin(*described, num_labels=ctx.head_size)
 
 
-def _measured_by(on_main: bool) -> Any:
+def _measured_by(measure: Callable[[], Any], on_main: bool) -> Callable[[], Any]:
     """``measure`` as is, or (``on_main``: the other processes hold no weights yet) run by the main process and
     its result handed to every process."""
-    return (lambda measure: (lambda: distributed.main_decides(measure))) if on_main else (lambda measure: measure)
+    if not on_main:
+        return measure
+    return lambda: distributed.main_decides(measure)
 
 
 def _shard(ctx: TrainingContext, on_main: bool) -> None:
