@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tunelab.generation import (ContinuousBatch, GenerationRequest, Sampling, adjusted_scores, encode, generate_batch,
-                                generate_texts, stop_token_ids)
+from tunelab.generation import (BASE, ContinuousBatch, GenerationRequest, PrefixCache, Sampling, _Prefix, adjusted_scores,
+                                common_prefix, encode, generate_batch, generate_texts, stop_token_ids)
 
 QUESTIONS = ["hello", "what is the capital of france? tell me in one word please", "count from one to five"]
 
@@ -260,3 +260,124 @@ def test_without_continuous_batching_a_request_waits_for_the_running_batch_to_en
         batch.add(request)
     assert batch.step() == together and batch.idle
     assert [r.token_ids for r in together] == [alone(model, tokenizer, t, Sampling(6)).token_ids for t in texts[1:]]
+
+
+# ---------------------------------------------------------------- the per-adapter prompt-prefix cache
+
+SYSTEM = "you are a helpful assistant. answer the question in a few words, the quick brown fox says hello"
+
+
+def system_prompts(tokenizer, questions: list[str]) -> list[str]:  # noqa: ANN001
+    """Chat prompts that share a system prompt and the user turn's header: the prefix a server's requests share."""
+    return [tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}],
+                                          tokenize=False, add_generation_prompt=True) for q in questions]
+
+
+def serve_rounds(batch: ContinuousBatch, model, tokenizer, texts: list[str]) -> list[list[int]]:  # noqa: ANN001
+    """Two prompts one after the other (the second lets the batch learn the shared prefix), then all of them at
+    once with one that does not start with the prefix (prefilled in full beside them), and one more joining
+    mid-decode: the tokens of each request, in order."""
+    requests = [GenerationRequest(encode(tokenizer, t), Sampling(10, min_new_tokens=10)) for t in round_texts(tokenizer, texts)]
+    for request in requests[:2]:
+        batch.add(request)
+        run_to_the_end(batch)
+    for request in requests[2:-1]:
+        batch.add(request)
+    batch.step(), batch.step()
+    batch.add(requests[-1])
+    run_to_the_end(batch)
+    return [r.token_ids for r in requests]
+
+
+def round_texts(tokenizer, texts: list[str]) -> list[str]:  # noqa: ANN001
+    return texts[:2] + texts + prompts(tokenizer)[:1] + texts[1:2]
+
+
+def test_a_cached_prompt_prefix_gives_the_tokens_a_full_prefill_gives(model_and_tokenizer: tuple) -> None:
+    """Rows whose prompts start with the shared prefix prefill only the rest of it over the cached keys and values,
+    joining an empty batch or a running one, and get exactly what the same batch without the cache gives and what
+    each gets alone; the cached prefix is exactly what the prompts share (system prompt, user header and the
+    question's common start)."""
+    model, tokenizer = model_and_tokenizer
+    texts = system_prompts(tokenizer, QUESTIONS)
+    ids = [encode(tokenizer, t) for t in texts]
+    shared = min(common_prefix(ids[0], other) for other in ids[1:])
+    assert shared > 10 and all(len(i) > shared + 3 for i in ids)  # a prefix worth caching, a rest to prefill
+    cached, full = ContinuousBatch(model, tokenizer), ContinuousBatch(model, tokenizer, prefix_tokens=0)
+    with_cache = serve_rounds(cached, model, tokenizer, texts)
+    without = serve_rounds(full, model, tokenizer, texts)
+    expected = [alone(model, tokenizer, t, Sampling(10, min_new_tokens=10)).token_ids for t in round_texts(tokenizer, texts)]
+    assert with_cache == without == expected
+    assert full.prefixes is None
+    entry = cached.prefixes.entries[BASE]  # a plain model's rows: the base
+    assert entry.tokens == ids[0][:shared] and entry.keys[0].shape[1] == shared  # exactly the shared part
+    assert cached.prefixes.reused_tokens == shared * 4  # the four prompts after the first two
+
+
+def test_a_wrong_cached_prefix_is_caught(model_and_tokenizer: tuple) -> None:
+    """Negative controls for the test above: a cached prefix holding another text's keys and values (a system
+    prompt one word apart, as many tokens) gives other tokens, so equal tokens there mean right keys and values;
+    and a prefix whose tensors do not hold exactly its tokens is refused."""
+    model, tokenizer = model_and_tokenizer
+    texts, other = system_prompts(tokenizer, QUESTIONS), system_prompts(tokenizer, QUESTIONS)
+    other = [t.replace("fox says hello", "dog says hello") for t in other]
+    batch, stale = ContinuousBatch(model, tokenizer), ContinuousBatch(model, tokenizer)
+    serve_rounds(batch, model, tokenizer, texts[:2]), serve_rounds(stale, model, tokenizer, other[:2])
+    entry, wrong = batch.prefixes.entries[BASE], stale.prefixes.entries[BASE]
+    assert len(wrong.tokens) == len(entry.tokens) and wrong.tokens != entry.tokens
+    batch.prefixes.entries[BASE] = _Prefix(entry.tokens, wrong.keys, wrong.values)
+    requests = [GenerationRequest(encode(tokenizer, t), Sampling(10, min_new_tokens=10)) for t in texts]
+    for request in requests:
+        batch.add(request)
+    run_to_the_end(batch)
+    expected = [alone(model, tokenizer, t, Sampling(10, min_new_tokens=10)).token_ids for t in texts]
+    assert batch.prefixes.reused_tokens > 0 and [r.token_ids for r in requests] != expected
+    with pytest.raises(ValueError, match="holds keys/values of widths"):
+        _Prefix(entry.tokens + [5], entry.keys, entry.values)
+
+
+def test_admission_counts_only_the_prompt_tokens_a_row_prefills(model_and_tokenizer: tuple) -> None:
+    """With the prefix cached, the prefill budget admits the rows whose uncached rest fits: more rows per pass."""
+    model, tokenizer = model_and_tokenizer
+    texts = system_prompts(tokenizer, QUESTIONS)
+    longest = max(len(encode(tokenizer, t)) for t in texts)
+    batch = ContinuousBatch(model, tokenizer, prefill_tokens=longest)
+    serve_rounds(batch, model, tokenizer, texts[:2])  # learns the prefix
+    for text in texts:
+        batch.add(GenerationRequest(encode(tokenizer, text), Sampling(4)))
+    batch.step()
+    assert len(batch.running) == len(texts) and not batch.waiting  # all rests in one pass: one prompt's budget
+    full = ContinuousBatch(model, tokenizer, prefill_tokens=longest, prefix_tokens=0)
+    for text in texts:
+        full.add(GenerationRequest(encode(tokenizer, text), Sampling(4)))
+    full.step()
+    assert len(full.running) == 1  # control: whole prompts, one per pass
+
+
+def fake_prefix(tokens: list[int]) -> _Prefix:
+    """Keys and values (1 head, P, 1 dim) whose value at a column is the position: cuts can be followed."""
+    column = torch.arange(len(tokens), dtype=torch.float32)[None, :, None]
+    return _Prefix(list(tokens), [column.clone()], [column.clone()])
+
+
+def test_prefix_cache_learns_what_an_adapters_prompts_share_and_cuts_it_where_they_depart() -> None:
+    cache = PrefixCache(max_tokens=6, min_tokens=2)
+    assert cache.to_learn("a", [1, 2, 3, 4, 5]) == 0  # the first prompt: nothing to compare with
+    assert cache.to_learn("b", [1, 2, 3, 9]) == 0  # another adapter's prompts do not count
+    assert cache.to_learn("a", [1, 2, 3, 4, 7, 8]) == 4  # shares 4 tokens with the one before
+    cache.store("a", fake_prefix([1, 2, 3, 4]))
+    assert cache.to_learn("a", [1, 2, 3, 4, 7]) == 0  # learned once
+    assert cache.covered("a", [1, 2, 3, 4, 5, 6]) == 4 and len(cache.lookup("a", [1, 2, 3, 4, 5, 6]).tokens) == 4
+    short = cache.lookup("a", [1, 2, 3, 4])  # all of it but the last token: its logits give the first new token
+    assert short.tokens == [1, 2, 3] and short.keys[0][0, :, 0].tolist() == [0, 1, 2]
+    assert cache.entries["a"].tokens == [1, 2, 3, 4]  # a merely shorter prompt leaves the entry whole
+    assert cache.lookup("a", [1, 9, 9, 9]) is None and cache.entries["a"].tokens == [1, 2, 3, 4]  # under min_tokens
+    cut = cache.lookup("a", [1, 2, 3, 8, 8])  # departs after 3: the entry keeps what every prompt shares
+    assert cut.tokens == [1, 2, 3] and cache.entries["a"].tokens == [1, 2, 3] and cut.keys[0].shape[1] == 3
+    assert cache.reused_tokens == 4 + 3 + 3
+    assert cache.to_learn("c", list(range(20))) == 0 and cache.to_learn("c", list(range(20))) == 6  # max_tokens
+    assert cache.to_learn("d", [5, 6, 7]) == 0 and cache.to_learn("d", [5, 6, 7]) == 2  # the last one prefilled
+    cache.store("c", fake_prefix(list(range(6))))
+    assert cache.nbytes == (3 + 6) * 2 * 4  # float32 keys and values of 3 + 6 tokens
+    cache.forget()
+    assert not cache.entries and cache.lookup("a", [1, 2, 3, 4, 5]) is None and cache.to_learn("a", [1, 2, 3, 9]) == 0

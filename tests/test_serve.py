@@ -206,11 +206,12 @@ def test_concurrent_requests_of_their_own_lengths_adapters_and_settings_equal_of
         return reply.choices[0].message.content
 
     engine = server.app.state.engine
-    passes, rows = engine.batches, engine.batch_rows
+    passes, rows, reused = engine.batches, engine.batch_rows, engine.batch.prefixes.reused_tokens
     with ThreadPoolExecutor(16) as pool:
         together = list(pool.map(ask, cases))
     assert together == [expected(case) for case in cases]
     assert len(set(together)) > 8 and (engine.batch_rows - rows) / (engine.batches - passes) > 1.5
+    assert engine.batch.prefixes.reused_tokens > reused  # rows prefilled over their adapter's cached prefix
 
 
 @pytest.mark.parametrize("mix", [True, False])
@@ -528,3 +529,89 @@ def test_mixed_rows_install_peft_hooks_once_and_remove_them_when_the_batch_empti
     while not batch.idle:
         batch.step()
     assert alone[0].token_ids == expected[0] and batch.mixed.installs == 1
+
+
+# ---------------------------------------------------------------- the per-adapter prompt-prefix cache
+
+
+def mixed_requests(tokenizer: Any, cases: list[tuple[str, int]]) -> list:
+    from tunelab.generation import GenerationRequest, Sampling, encode
+
+    system = "you answer in a few words. the quick brown fox jumps over the lazy dog"
+    return [GenerationRequest(encode(tokenizer, render_chat(tokenizer, [
+        {"role": "system", "content": system}, {"role": "user", "content": f"say something {i}"}])),
+        Sampling(n, min_new_tokens=n), adapter=a) for i, (a, n) in enumerate(cases)]
+
+
+def test_cached_prefixes_are_per_adapter_and_mixed_rows_get_what_they_get_alone(runs: dict[str, Path]) -> None:
+    """Rows of two adapters and the base in one batch, each prefilled over its own adapter's cached prefix, get
+    what generate_batch gives each alone; the same batch without the cache gives the same. Negative control: the
+    base's rows given the cats adapter's cached keys and values (the same tokens) get other tokens."""
+    from tunelab.generation import ContinuousBatch, _Prefix, generate_batch
+
+    model, served = load_models([runs["cats"], runs["dogs"]], device="cpu")
+    tokenizer = served["cats"].tokenizer
+    names = {m.name: m.adapter for m in served.values()}
+    cases = [("cats", 6), ("dogs", 4), ("base", 5), ("cats", 3), ("dogs", 6), ("base", 2)]
+    expected = [generate_batch(model, tokenizer, [r], names)[0].token_ids for r in mixed_requests(tokenizer, cases)]
+
+    def serve(batch: ContinuousBatch) -> list[list[int]]:
+        for first in mixed_requests(tokenizer, cases[:3]) + mixed_requests(tokenizer, cases[3:]):  # learn, one by one
+            batch.add(first)
+            while not batch.idle:
+                batch.step()
+        rows = mixed_requests(tokenizer, cases)
+        for request in rows:  # then all together: mixed adapters and the base, each over its own prefix
+            batch.add(request)
+        while not batch.idle:
+            batch.step()
+        return [r.token_ids for r in rows]
+
+    cached = ContinuousBatch(model, tokenizer, names)
+    assert serve(cached) == expected == serve(ContinuousBatch(model, tokenizer, names, prefix_tokens=0))
+    entries = cached.prefixes.entries
+    assert set(entries) == {"default", "served1", "__base__"} and cached.prefixes.reused_tokens > 0
+    assert entries["default"].tokens == entries["__base__"].tokens  # the same tokens ...
+    assert not torch.equal(entries["default"].values[0], entries["__base__"].values[0])  # ... other values
+    entries["__base__"] = _Prefix(entries["__base__"].tokens, entries["default"].keys, entries["default"].values)
+    rows = mixed_requests(tokenizer, cases)
+    for request in rows:
+        cached.add(request)
+    while not cached.idle:
+        cached.step()
+    assert [r.token_ids for r, (a, _) in zip(rows, cases) if a == "base"] != \
+        [e for e, (a, _) in zip(expected, cases) if a == "base"]
+
+
+def test_cached_prefixes_are_dropped_when_an_adapter_is_loaded_or_deleted(runs: dict[str, Path]) -> None:
+    """The cached keys and values are those of the adapters at the time: loading or deleting one drops them (the
+    next step sees PEFT's adapters changed)."""
+    from tunelab.generation import ContinuousBatch
+
+    model, served = load_models([runs["cats"], runs["dogs"]], device="cpu")
+    tokenizer = served["cats"].tokenizer
+    batch = ContinuousBatch(model, tokenizer, {m.name: m.adapter for m in served.values()})
+
+    def learn() -> None:
+        for request in mixed_requests(tokenizer, [("dogs", 2), ("dogs", 2)]):
+            batch.add(request)
+            while not batch.idle:
+                batch.step()
+
+    learn()
+    assert set(batch.prefixes.entries) == {"served1"}
+    batch.step()  # nothing changed: kept
+    assert set(batch.prefixes.entries) == {"served1"}
+    model.load_adapter(find_adapter(runs["owls"]), adapter_name="later", is_trainable=False)
+    batch.step()
+    assert not batch.prefixes.entries
+    learn()
+    model.delete_adapter("later")
+    batch.step()
+    assert not batch.prefixes.entries
+
+
+def find_adapter(run: Path) -> Path:
+    from tunelab.result import find_result
+
+    return find_result(run).result_dir

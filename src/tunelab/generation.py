@@ -39,9 +39,9 @@ from tunelab.data.formats import Example
 from tunelab.data.tokenize import pad_token_id, prompt_for_generation, render_chat
 from tunelab.errors import ConfigError
 
-__all__ = ["BASE", "GREEDY", "PEFT_BASE", "SMALLEST_DIVISOR", "ContinuousBatch", "GenerationRequest", "Sampling",
-           "divisor_problem", "encode", "generate_batch", "generate_samples", "generate_texts", "render_chat",
-           "sample_prompts", "steps_supported", "stop_token_ids"]
+__all__ = ["BASE", "GREEDY", "PEFT_BASE", "SMALLEST_DIVISOR", "ContinuousBatch", "GenerationRequest", "PrefixCache",
+           "Sampling", "common_prefix", "divisor_problem", "encode", "generate_batch", "generate_samples",
+           "generate_texts", "render_chat", "sample_prompts", "steps_supported", "stop_token_ids"]
 
 BASE = "base"  # the name that means "no adapter", in requests and in the CLI
 PEFT_BASE = "__base__"  # PEFT's own name for it in adapter_names
@@ -224,16 +224,15 @@ class _RowTracker(BaseStreamer, StoppingCriteria):
         return torch.tensor([r.done for r in self.requests], device=input_ids.device)
 
 
-def _left_padded(requests: list[GenerationRequest], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input ids, attention mask), both (B, T): each prompt at the right end of its row, so all rows continue
-    from the same position."""
-    width = max(len(r.prompt_ids) for r in requests)
-    input_ids = torch.full((len(requests), width), pad, dtype=torch.long)  # (B, T)
-    attention = torch.zeros((len(requests), width), dtype=torch.long)  # (B, T)
-    for row, request in enumerate(requests):
-        n = len(request.prompt_ids)
-        input_ids[row, width - n:] = torch.tensor(request.prompt_ids)
-        attention[row, width - n:] = 1
+def _left_padded(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask), both (B, T): each prompt's token ids at the right end of its row, so all rows
+    continue from the same position."""
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)  # (B, T)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)  # (B, T)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        attention[row, width - len(ids):] = 1
     return input_ids, attention
 
 
@@ -253,7 +252,7 @@ def generate_batch(model: Any, tokenizer: PreTrainedTokenizerBase, requests: lis
     device = next(model.parameters()).device
     stops = stop_token_ids(model, tokenizer)
     pad = pad_token_id(tokenizer)
-    input_ids, attention = _left_padded(requests, pad)
+    input_ids, attention = _left_padded([r.prompt_ids for r in requests], pad)
     tracker = _RowTracker(tokenizer, requests, stops)
     kwargs = sampling.generate_kwargs()
     names = None if adapter_names is None else [adapter_names[r.adapter] for r in requests]
@@ -414,6 +413,113 @@ class _Row:
     generator: torch.Generator | None = None
 
 
+# The longest prompt prefix whose keys and values ``PrefixCache`` keeps per adapter, and the shortest worth keeping.
+# SmolLM2-135M holds 30 layers x (keys + values) x 3 heads x 64 dims in float32 = 46 KiB per token: at most 11.3 MiB
+# per adapter at 256 tokens; its chat template's system prompt and user header are 24 tokens, 1.1 MiB.
+PREFIX_TOKENS = 256
+PREFIX_MIN_TOKENS = 4
+
+
+@dataclass
+class _Prefix:
+    """A cached prompt prefix: its token ids and, per layer, their keys and values (heads, P, head_dim), computed
+    at positions 0..P-1 under one adapter."""
+
+    tokens: list[int]
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    def __post_init__(self) -> None:
+        # a prefix whose tensors do not hold exactly its tokens would hand rows another prompt's keys: refuse it
+        widths = {t.shape[1] for t in self.keys + self.values}
+        if widths != {len(self.tokens)}:
+            raise ValueError(f"a cached prefix of {len(self.tokens)} tokens holds keys/values of widths {sorted(widths)}")
+
+    def cut(self, length: int, copy: bool = True) -> _Prefix:
+        """The first ``length`` tokens: causal attention makes their keys and values those of the shorter prefix.
+        A copy, to be kept (a view would hold the longer tensors' memory); a view for one prefill."""
+        keep = (lambda t: t[:, :length].clone()) if copy else (lambda t: t[:, :length])
+        return _Prefix(self.tokens[:length], [keep(k) for k in self.keys], [keep(v) for v in self.values])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading token ids ``a`` and ``b`` share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class PrefixCache:
+    """Per adapter, the longest token prefix that its requests' prompts share (the chat template's system prompt and
+    user header at least), with its keys and values, so that a joining row prefills only the rest of its prompt.
+
+    An adapter's entry is learned from two of its prompts: the second one whose prompt shares at least
+    ``min_tokens`` leading tokens with the one before keeps that common part of its own keys and values (cut from
+    its prefill, no extra forward pass). A later prompt that shares only a shorter part (at least ``min_tokens``)
+    cuts the entry down to it, so the entry converges on what every prompt of the adapter shares; a prompt that
+    shares less prefills in full and leaves the entry alone. A row always prefills its last prompt token (its
+    logits give its first token), and a cached prefix is used only where the prompt's token ids start with it.
+
+    Memory is bounded: one entry per adapter key (the served adapters and the base), each at most ``max_tokens``
+    tokens (``PREFIX_TOKENS``), plus the last prompt's token ids per adapter. ``forget`` drops entries; the batch
+    calls it when the model's adapters change (an adapter loaded or deleted), whose keys and values they were."""
+
+    def __init__(self, max_tokens: int = PREFIX_TOKENS, min_tokens: int = PREFIX_MIN_TOKENS) -> None:
+        self.max_tokens, self.min_tokens = max_tokens, min_tokens
+        self.entries: dict[str, _Prefix] = {}
+        self.last: dict[str, list[int]] = {}  # the last prompt of an adapter with no entry yet
+        self.reused_tokens = 0  # prompt tokens taken from the cache instead of prefilled (tests, metrics)
+
+    def lookup(self, key: str, prompt: list[int]) -> _Prefix | None:
+        """The cached prefix that ``prompt`` starts with, at most all of it but its last token, or None. Where the
+        prompt departs from the entry (a token differs) after ``min_tokens`` shared ones, the entry is cut down to
+        the shared part for good; a prompt that is merely shorter leaves it whole."""
+        entry = self.entries.get(key)
+        if entry is None:
+            return None
+        shared = common_prefix(entry.tokens, prompt)
+        if self.min_tokens <= shared < min(len(entry.tokens), len(prompt)):
+            entry = self.entries[key] = entry.cut(shared)
+        usable = min(shared, len(prompt) - 1)
+        if usable < self.min_tokens:
+            return None
+        self.reused_tokens += usable
+        return entry if usable == len(entry.tokens) else entry.cut(usable, copy=False)
+
+    def covered(self, key: str, prompt: list[int]) -> int:
+        """How many of ``prompt``'s tokens ``lookup`` would take from the cache (0: none); changes nothing."""
+        entry = self.entries.get(key)
+        usable = 0 if entry is None else min(common_prefix(entry.tokens, prompt), len(prompt) - 1)
+        return usable if usable >= self.min_tokens else 0
+
+    def to_learn(self, key: str, prompt: list[int]) -> int:
+        """For a prompt prefilled in full: how many of its leading tokens become the adapter's entry (0: none)."""
+        if key in self.entries:
+            return 0
+        before, self.last[key] = self.last.get(key), list(prompt)
+        shared = 0 if before is None else min(common_prefix(before, prompt), len(prompt) - 1, self.max_tokens)
+        return shared if shared >= self.min_tokens else 0
+
+    def store(self, key: str, prefix: _Prefix) -> None:
+        self.entries[key] = prefix
+        self.last.pop(key, None)
+
+    def forget(self) -> None:
+        self.entries.clear()
+        self.last.clear()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(entry.nbytes for entry in self.entries.values())
+
+
 class ContinuousBatch:
     """Iteration-level scheduling: requests join and leave the running batch at every decoding step.
 
@@ -430,6 +536,10 @@ class ContinuousBatch:
     tokens, so a row computes what it computes alone (the left-padded batch of ``generate_batch``, grown and
     shrunk between steps). Rows that leave are dropped from the cache and the columns no row uses any more are cut.
 
+    A joining row whose prompt starts with the prefix its adapter's prompts share (``PrefixCache``: the chat
+    template's system prompt and user header at least, learned from the prompts themselves) prefills only the rest
+    of it over that prefix's cached keys and values (``prefix_tokens``: the longest prefix kept, 0: none cached).
+
     Every row has its own sampling settings (temperature, top-p, top-k, repetition penalty, min_new_tokens,
     seed), applied in transformers' order, and its own adapter (PEFT's ``adapter_names``, one per row). A model
     that cannot be decoded step by step (``steps_supported``), or a batch told not to (``continuous = False``),
@@ -438,9 +548,13 @@ class ContinuousBatch:
     """
 
     def __init__(self, model: Any, tokenizer: PreTrainedTokenizerBase, adapter_names: dict[str, str] | None = None,
-                 max_rows: int = 16, prefill_tokens: int = PREFILL_TOKENS, mix_adapters: bool = True) -> None:
+                 max_rows: int = 16, prefill_tokens: int = PREFILL_TOKENS, mix_adapters: bool = True,
+                 prefix_tokens: int = PREFIX_TOKENS) -> None:
         self.model, self.tokenizer, self.adapter_names = model, tokenizer, adapter_names
         self.max_rows, self.prefill_tokens = max_rows, prefill_tokens
+        # None: every prompt is prefilled in full
+        self.prefixes = PrefixCache(prefix_tokens) if prefix_tokens > 0 else None
+        self.adapters_seen = _adapter_state(model)  # the adapters the cached prefixes were computed with
         self.mix_adapters = mix_adapters  # False: the running rows all ask for one adapter
         self.stop_ids = stop_token_ids(model, tokenizer)
         self.stop_set = set(self.stop_ids)
@@ -492,6 +606,7 @@ class ContinuousBatch:
             _interrupt(request, now)
         finished = [r for r in self.waiting if r.done]
         self.waiting = [r for r in self.waiting if not r.done]
+        self._check_adapters()
         joining = self._admit()
         was_training = self.model.training
         if was_training:  # eval mode (no dropout) for the step; a served model is in it already (no walk per step)
@@ -519,14 +634,31 @@ class ContinuousBatch:
         for request in self.waiting:
             if len(self.rows) + len(joining) >= self.max_rows:
                 break
-            if joining and tokens + len(request.prompt_ids) > self.prefill_tokens:
+            cost = len(request.prompt_ids) - self._covered(request)  # the tokens its prefill computes
+            if joining and tokens + cost > self.prefill_tokens:
                 break
             if not self._fits(request, joining):
                 continue
             joining.append(request)
-            tokens += len(request.prompt_ids)
+            tokens += cost
         self.waiting = [r for r in self.waiting if all(r is not j for j in joining)]
         return joining
+
+    def _key(self, request: GenerationRequest) -> str:
+        """Whose keys and values a row's prompt gets: its PEFT adapter's (or the served model's)."""
+        return request.adapter if self.adapter_names is None else self.adapter_names[request.adapter]
+
+    def _covered(self, request: GenerationRequest) -> int:
+        return 0 if self.prefixes is None or not self.stepping else self.prefixes.covered(self._key(request), request.prompt_ids)
+
+    def _check_adapters(self) -> None:
+        """Cached prefixes hold the keys and values of the adapters they were computed with: an adapter loaded or
+        deleted since (PEFT's ``peft_config`` changed) drops them all."""
+        state = _adapter_state(self.model)
+        if state != self.adapters_seen:
+            self.adapters_seen = state
+            if self.prefixes is not None:
+                self.prefixes.forget()
 
     def _fits(self, request: GenerationRequest, joining: list[GenerationRequest]) -> bool:
         others = self.running + joining
@@ -574,15 +706,64 @@ class ContinuousBatch:
 
     def _prefill(self, joining: list[GenerationRequest]) -> None:
         """One left-padded forward pass over the joining prompts; each row gets its first token, and their cache
-        is merged into the running one."""
-        input_ids, attention = _left_padded(joining, self.pad)  # (J, T) each
+        is merged into the running one.
+
+        A row whose prompt starts with its adapter's cached prefix (``PrefixCache``) feeds only the rest: the cache
+        the pass starts from holds each row's prefix keys and values at the right end of P columns (P the longest
+        prefix among the rows; padding to the left, masked), and the fed tokens continue at the positions after
+        their row's prefix. A row's columns are then [padding, prefix, padding, rest of the prompt]: the mask hides
+        the padding in between as it hides the padding on the left."""
+        prefixes = [self.prefixes.lookup(self._key(r), r.prompt_ids) if self.prefixes else None for r in joining]
+        cached = [0 if p is None else len(p.tokens) for p in prefixes]  # (J,) tokens taken from the cache
+        input_ids, attention = _left_padded([r.prompt_ids[n:] for r, n in zip(joining, cached)], self.pad)  # (J, T)
         input_ids, attention = input_ids.to(self.device), attention.to(self.device)
-        positions = (attention.cumsum(dim=1) - 1).clamp(min=0)  # (J, T): each row counts its own tokens from 0
-        cache = DynamicCache(config=self.model.config)
+        start = torch.tensor(cached, device=self.device)[:, None]  # (J, 1): each row's first fed position
+        positions = (attention.cumsum(dim=1) - 1).clamp(min=0) + start  # (J, T): each row counts its own tokens from 0
+        cache, prefix_mask = self._prefix_cache(prefixes, cached)
+        attention = torch.cat([prefix_mask, attention], dim=1)  # (J, P + T)
         logits = self._forward(input_ids, attention, positions, cache, [r.adapter for r in joining])
         rows = [_Row(r, len(r.prompt_ids), generator=_generator(r.sampling, self.device)) for r in joining]
         self._choose(logits, rows)
+        self._learn_prefixes(joining, cached, cache, attention)
         self._merge(rows, cache, attention)
+
+    def _prefix_cache(self, prefixes: list[_Prefix | None], cached: list[int]) -> tuple[DynamicCache, torch.Tensor]:
+        """The cache a prefill starts from, each layer (J, heads, P, head_dim) with each row's cached prefix at the
+        right end of its row (P = the longest; nothing cached: P = 0), and its mask (J, P)."""
+        cache = DynamicCache(config=self.model.config)
+        width = max(cached)
+        mask = torch.zeros((len(cached), width), dtype=torch.long, device=self.device)  # (J, P)
+        if width == 0:
+            return cache, mask
+        first = next(p for p in prefixes if p is not None)
+        for index, layer in enumerate(cache.layers):
+            like_k, like_v = first.keys[index], first.values[index]  # (heads, p, head_dim)
+            keys = like_k.new_zeros((len(cached), like_k.shape[0], width, like_k.shape[2]))  # (J, heads, P, head_dim)
+            values = like_v.new_zeros((len(cached), like_v.shape[0], width, like_v.shape[2]))
+            for row, (prefix, n) in enumerate(zip(prefixes, cached)):
+                if prefix is not None:
+                    keys[row, :, width - n:] = prefix.keys[index]
+                    values[row, :, width - n:] = prefix.values[index]
+            layer.update(keys, values)
+        for row, n in enumerate(cached):
+            if n:
+                mask[row, width - n:] = 1
+        return cache, mask
+
+    def _learn_prefixes(self, joining: list[GenerationRequest], cached: list[int], cache: DynamicCache,
+                        attention: torch.Tensor) -> None:
+        """Rows prefilled in full may start their adapter's cached prefix: its keys and values are cut from the
+        row's own (its prompt's columns start where its mask does)."""
+        if self.prefixes is None:
+            return
+        for row, (request, n) in enumerate(zip(joining, cached)):
+            length = self.prefixes.to_learn(self._key(request), request.prompt_ids) if n == 0 else 0
+            if length:
+                first = int(attention[row].nonzero()[0])  # the row's first token's column
+                span = slice(first, first + length)
+                self.prefixes.store(self._key(request), _Prefix(
+                    request.prompt_ids[:length], [layer.keys[row, :, span].clone() for layer in cache.layers],
+                    [layer.values[row, :, span].clone() for layer in cache.layers]))
 
     def _merge(self, rows: list[_Row], cache: DynamicCache, attention: torch.Tensor) -> None:
         """Append the new rows to the running batch, left-padding whichever cache is shorter to the other's width."""
@@ -631,6 +812,13 @@ class ContinuousBatch:
         self.steps += 1
         self.step_rows += len(joining)
         return joining
+
+
+def _adapter_state(model: Any) -> tuple[tuple[str, int], ...]:
+    """What tells a model's adapters apart over time: PEFT's adapter names with their config objects (a loaded or
+    deleted adapter changes it; a plain model has none)."""
+    configs = getattr(model, "peft_config", None)
+    return tuple((name, id(config)) for name, config in configs.items()) if isinstance(configs, dict) else ()
 
 
 def _cache_argument(model: Any) -> str:

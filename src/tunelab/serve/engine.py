@@ -9,7 +9,8 @@ share batches must be adapters of the same base whose techniques declare that th
 The worker schedules at the level of decoding steps (``generation.ContinuousBatch``): requests join the running
 batch at the next step (up to ``max_batch_size`` rows, each with its own adapter and sampling settings, through
 PEFT's mixed-adapter inference) and leave it as soon as they finish; each new token goes to the request's own
-callback.
+callback. A request prefills only what its prompt adds to the prefix its adapter's prompts share (the chat
+template's system prompt and user header), whose keys and values the batch keeps per adapter (``PrefixCache``).
 """
 
 from __future__ import annotations
