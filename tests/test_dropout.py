@@ -49,6 +49,23 @@ def test_output_keeps_the_expectation_and_the_gradient_is_the_same_masked_scale(
     assert torch.equal(x.grad, torch.where(kept, grad * scale, 0))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_output_and_gradient_are_bit_for_bit_the_masked_input_times_the_scale(dtype: torch.dtype) -> None:
+    """The 0/1 bfloat16 mask gives what a bool mask and one multiplication by the float scale give: in bfloat16 a
+    mask pre-multiplied by the scale would round the scale to 8 bits and bias the expectation."""
+    layer = CpuDropout(0.05).train()
+    x = torch.randn(4, 64, 96, dtype=dtype, requires_grad=True)
+    torch.manual_seed(3)
+    out = layer(x)
+    torch.manual_seed(3)
+    keep = keep_mask(x.shape, 0.05) == 1  # the same draws, as a bool mask
+    scale = FIELD_VALUES / (FIELD_VALUES - round(0.05 * FIELD_VALUES))
+    assert out.dtype == dtype and torch.equal(out, torch.where(keep, x.detach(), 0) * scale)
+    grad = torch.randn(4, 64, 96, dtype=dtype)
+    out.backward(grad)
+    assert x.grad.dtype == dtype and torch.equal(x.grad, torch.where(keep, grad, 0) * scale)
+
+
 def test_it_draws_from_torchs_seeded_generator_and_is_off_in_eval_mode() -> None:
     layer = CpuDropout(0.2).train()
     x = torch.randn(64, 64)
