@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
+from support.preference import toy_pair_texts
 from support.runs import tiny_config_dict
 from support.tiny import build_tokenizer, toy_chat_records, write_jsonl
 from support.torchrun import DRIVER, torchrun
@@ -57,12 +59,18 @@ FULL_STEPS = {"max_steps": 2, "save_every": None, "eval_every": None, "learning_
 DROPOUT = {"name": "lora", "r": 4, "dropout": 0.3}
 DROPOUT_STEPS = {"max_steps": 3, "save_every": None, "eval_every": None}
 
+# DPO with a precomputed reference: only the main process holds the base before sharding, so it computes the
+# reference log-probs and hands them to the other (training/session.py, _measured_by)
+DPO_STEPS = {"max_steps": 3, "save_every": None, "eval_every": 3}
+PRECOMPUTED_DPO = {"objective": {"name": "dpo", "reference": "precomputed"}}
+
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Data, and a tiny model whose head shares the embeddings (tied: the saved full model must keep one tensor)."""
     root = tmp_path_factory.mktemp("fsdp")
     write_jsonl(root / "train.jsonl", toy_chat_records(48))
+    write_jsonl(root / "pairs.jsonl", [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in toy_pair_texts(0, 40)])
     tied = root / "tied"
     tokenizer = build_tokenizer(tied)
     torch.manual_seed(0)
@@ -77,8 +85,8 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def runs(workspace: Path, tiny_model_dir: Path) -> dict[str, Any]:
     """In one two-process launch: a sharded LoRA run straight, the same stopped after step 3 and resumed, the
     same with DDP, full fine-tuning of the tied model sharded, a sharded run that restores its best step, a LoRA
-    run with dropout sharded and with DDP, and a sharded run stopped after step 3 and resumed with DDP."""
-    data = workspace / "train.jsonl"
+    run with dropout sharded and with DDP, DPO with a precomputed reference sharded and with DDP, and a sharded run stopped after step 3 and resumed with DDP."""
+    data, pairs = workspace / "train.jsonl", workspace / "pairs.jsonl"
     configs = {"straight": _config(tiny_model_dir, data, workspace / "straight"),
                "split": _config(tiny_model_dir, data, workspace / "split"),
                "more": {"ddp": _config(tiny_model_dir, data, workspace / "ddp", distributed="ddp"),
@@ -86,7 +94,10 @@ def runs(workspace: Path, tiny_model_dir: Path) -> dict[str, Any]:
                         "best": _config(tiny_model_dir, data, workspace / "best", **BEST_STEPS),
                         "dropout": _config(tiny_model_dir, data, workspace / "dropout", DROPOUT, **DROPOUT_STEPS),
                         "dropout_ddp": _config(tiny_model_dir, data, workspace / "dropout-ddp", DROPOUT,
-                                               **{**DROPOUT_STEPS, "distributed": "ddp"})},
+                                               **{**DROPOUT_STEPS, "distributed": "ddp"}),
+                        "dpo": {**_config(tiny_model_dir, pairs, workspace / "dpo", **DPO_STEPS), **PRECOMPUTED_DPO},
+                        "dpo_ddp": {**_config(tiny_model_dir, pairs, workspace / "dpo-ddp",
+                                              **{**DPO_STEPS, "distributed": "ddp"}), **PRECOMPUTED_DPO}},
                "resume_with": {"first": _config(tiny_model_dir, data, workspace / "switched"),
                                "second": _config(tiny_model_dir, data, workspace / "switched", distributed="ddp")}}
     result = torchrun([str(DRIVER), json.dumps(configs)], workspace)
@@ -294,6 +305,18 @@ def test_sharded_dropout_draws_as_ddp(runs: dict[str, Any], workspace: Path) -> 
     assert runs["dropout"] == ["completed", 3] and runs["dropout_ddp"] == ["completed", 3]
     torch.testing.assert_close(_losses(workspace / "dropout"), _losses(workspace / "dropout-ddp"), rtol=LOSS_RTOL, atol=0)
     _assert_same_weights(_adapter(workspace / "dropout"), _adapter(workspace / "dropout-ddp"))
+
+
+def test_a_sharded_run_with_a_precomputed_reference_trains_as_ddp(runs: dict[str, Any], workspace: Path) -> None:
+    """The receiving process holds no weights when the reference log-probs are computed: the main computes them on
+    its whole base and hands them over, so both processes score their pairs against the same reference as DDP's."""
+    assert runs["dpo"] == ["completed", 3] and runs["dpo_ddp"] == ["completed", 3]
+    sharded, ddp = workspace / "dpo", workspace / "dpo-ddp"
+    assert json.loads((sharded / "run_info.json").read_text())["fsdp_loaded_by"] == "main process"
+    assert _losses(sharded)[0] == pytest.approx(math.log(2), abs=1e-4)  # the policy starts as its reference
+    torch.testing.assert_close(_losses(sharded), _losses(ddp), rtol=LOSS_RTOL, atol=0)
+    torch.testing.assert_close(_losses(sharded, "eval"), _losses(ddp, "eval"), rtol=LOSS_RTOL, atol=0)
+    _assert_same_weights(_adapter(sharded), _adapter(ddp))
 
 
 def test_every_process_loads_the_base_only_for_a_frozen_reference_copy() -> None:

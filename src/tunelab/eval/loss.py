@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import gather_object
 from torch import nn
 
 from tunelab.data.batching import collate
@@ -44,7 +45,11 @@ def validation_loss(
             stats[name] = stats.get(name, torch.zeros((), dtype=torch.float64, device=device)) + value.double()
     if accelerator is not None and world > 1:
         loss_sum, tokens = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(tokens, "sum")
-        stats = {name: accelerator.reduce(value, "sum") for name, value in sorted(stats.items())}
+        # A process can have no batch at all (fewer batches than processes): its stats are empty, so the names to
+        # reduce are agreed on first; every process must make the same collectives or they wait for each other.
+        names = sorted(set(gather_object(sorted(stats))))
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        stats = {name: accelerator.reduce(stats.get(name, zero), "sum") for name in names}
     model.train(was_training)
     units = max(int(tokens.item()), 1)
     return {**loss_summary(loss_sum.item(), int(tokens.item())),
