@@ -259,7 +259,15 @@ def test_solved_max_length_is_the_longest_that_fits(tiny_model_dir, tmp_path):
     assert plan_memory(config, "cpu", Shape(2, value + 1)).peak_bytes > budget
 
 
-def test_recommend_lists_only_set_ups_that_fit_most_trainable_first(tiny_model_dir, tmp_path):
+@pytest.fixture
+def no_runtime_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runtime term as a constant: it is measured in its own test, and --recommend plans dozens of set-ups."""
+    from tunelab.plan import planner
+
+    monkeypatch.setattr(planner, "runtime_bytes", lambda *args: 500 * 2**20)
+
+
+def test_recommend_lists_only_set_ups_that_fit_most_trainable_first(tiny_model_dir, tmp_path, no_runtime_probe):
     from tunelab.plan.solve import recommend
 
     config = config_for(tiny_model_dir, tmp_path, "lora")
@@ -271,6 +279,58 @@ def test_recommend_lists_only_set_ups_that_fit_most_trainable_first(tiny_model_d
     assert "full" not in {s.technique for s in found} and "lora" in {s.technique for s in found}
     ranks = [(-s.plan.trainable_parameters, s.seconds_per_step) for s in found]
     assert ranks == sorted(ranks)
+
+
+def test_recommend_on_a_cpu_with_native_bf16_ranks_the_bfloat16_set_ups_auto_trains(tiny_model_dir, tmp_path,
+                                                                                      no_runtime_probe):
+    """On a CPU with native bfloat16 (this module's fixture says so, as detection would) --recommend ranks the
+    bfloat16 set-ups ``model.dtype: auto`` trains (each planned exactly as auto plans it) beside float32, and says
+    why; a technique auto keeps in float32 (QLoRA loads its base quantized) gets no bfloat16 set-up."""
+    from tunelab.plan.solve import recommend, recommend_dtypes
+
+    dtypes, why = recommend_dtypes("cpu")
+    assert dtypes == ["float32", "bfloat16"] and "model.dtype: auto" in why and "tests: native bfloat16" in why
+    config = config_for(tiny_model_dir, tmp_path, "lora")
+    found = recommend(config, SHAPE, 2**40)
+    ranked = {(s.technique, s.dtype) for s in found}
+    assert {("full", "bfloat16"), ("lora", "bfloat16"), ("lora", "float32")} <= ranked
+    assert ("qlora", "float32") in ranked and ("qlora", "bfloat16") not in ranked
+    for setup in (s for s in found if s.dtype == "bfloat16" and s.technique in ("full", "lora")):
+        auto = config_for(tiny_model_dir, tmp_path, setup.technique, "auto",
+                          gradient_checkpointing=setup.checkpointing)
+        assert setup.plan.dtype == "bfloat16"
+        assert setup.plan.components == plan_memory(auto, "cpu", SHAPE).components
+
+
+def test_recommend_on_a_cpu_without_native_bf16_stays_float32_and_says_why(tiny_model_dir, tmp_path, monkeypatch,
+                                                                          no_runtime_probe):
+    from tunelab.plan.solve import recommend, recommend_dtypes
+
+    monkeypatch.setattr(precision, "detect_cpu_bf16", lambda: precision.CpuBf16(False, "tests: no native bfloat16"))
+    dtypes, why = recommend_dtypes("cpu")
+    assert dtypes == ["float32"] and "float32 only" in why and "tests: no native bfloat16" in why
+    found = recommend(config_for(tiny_model_dir, tmp_path, "lora", "bfloat16"), SHAPE, 2**40)
+    assert found and {s.dtype for s in found} == {"float32"}
+    assert recommend_dtypes("cuda")[0] == ["float32", "bfloat16"]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_command_line_prints_why_the_set_ups_are_in_their_dtypes(tiny_model_dir, tmp_path, monkeypatch, native,
+                                                                   no_runtime_probe):
+    import yaml
+    from support.cli import invoke
+
+    reason = f"tests: {'native' if native else 'no native'} bfloat16"
+    monkeypatch.setattr(precision, "detect_cpu_bf16", lambda: precision.CpuBf16(native, reason))
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(yaml.safe_load(config_for(tiny_model_dir, tmp_path, "lora").to_yaml())))
+    result = invoke("plan", path, "--budget", "1TiB", "--recommend")
+    assert result.exit_code == 0, result.clean
+    dtypes = "float32, bfloat16" if native else "float32"
+    assert f"set-ups ranked in {dtypes}: " in result.clean and reason in result.clean
+    assert (" lora bfloat16 checkpointing" in result.clean) == native
+    as_json = json.loads(invoke("plan", path, "--budget", "1TiB", "--recommend", "--json").stdout)
+    assert reason in as_json["recommend_dtypes"]["why"]
 
 
 def test_the_runtime_figure_is_measured_again_when_tunelabs_code_changes(tiny_model_dir, tmp_path, monkeypatch):

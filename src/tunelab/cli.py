@@ -382,7 +382,7 @@ def plan(
     _setup_logging()
     from tunelab.api import load_config  # start-up time
     from tunelab.plan import data_shape, plan_memory  # start-up time (torch, transformers)
-    from tunelab.plan.solve import recommend as rank_setups, solve as solve_knob  # start-up time
+    from tunelab.plan.solve import recommend as rank_setups, recommend_dtypes, solve as solve_knob  # start-up time
 
     if device not in ("cpu", "cuda"):
         _fail(f"--device {device}: expected cpu or cuda")
@@ -402,6 +402,8 @@ def plan(
             value, solved = solve_knob(cfg, shape, limit or 0, solve, device, processes=processes)
             out["solve"] = {"knob": solve, "value": value, "peak_bytes": solved.peak_bytes if solved else None}
         if recommend:
+            dtypes, why = recommend_dtypes(device)
+            out["recommend_dtypes"] = {"dtypes": dtypes, "why": why}
             out["recommend"] = [{"technique": s.technique, "gradient_checkpointing": s.checkpointing, "dtype": s.dtype,
                                  "peak_bytes": s.plan.peak_bytes, "seconds_per_step": round(s.seconds_per_step, 3),
                                  "why": s.why} for s in rank_setups(cfg, shape, limit or 0, device, processes)]
@@ -438,6 +440,11 @@ def _print_plan(out: dict[str, Any]) -> None:
         solved = out["solve"]
         console.print(f"largest {solved['knob']} that fits: {solved['value']}" if solved["value"] is not None
                       else f"no {solved['knob']} fits the budget", highlight=False)
+    if "recommend_dtypes" in out:
+        console.print(f"set-ups ranked in {', '.join(out['recommend_dtypes']['dtypes'])}: "
+                      f"{out['recommend_dtypes']['why']}", highlight=False)
+        if not out["recommend"]:
+            console.print("no set-up fits the budget", highlight=False)
     for rank, setup in enumerate(out.get("recommend", []), 1):
         console.print(f"{rank}. {setup['technique']} {setup['dtype']} checkpointing "
                       f"{'on' if setup['gradient_checkpointing'] else 'off'}: {setup['why']}", highlight=False)

@@ -13,7 +13,8 @@ from tunelab.config import TunelabConfig
 from tunelab.errors import ConfigError
 from tunelab.plan.memory import MemoryPlan, Shape
 from tunelab.plan.planner import plan_memory
-from tunelab.techniques import TECHNIQUES, TechniqueError
+from tunelab import precision
+from tunelab.techniques import TECHNIQUES, Technique, TechniqueError
 
 SOLVABLE = ("micro_batch_size", "max_length")
 
@@ -61,9 +62,11 @@ class SetUp:
                 f"~{self.seconds_per_step:.2f} s/step" + (f"; {spare}" if spare else ""))
 
 
-def matmul_flops_per_second(device: str = "cpu", size: int = 512, repeats: int = 5) -> float:
-    """The device's measured float32 matmul throughput (the short calibration behind the time per step)."""
-    a = torch.randn(size, size, device=device)
+def matmul_flops_per_second(device: str = "cpu", size: int = 512, repeats: int = 5,
+                            dtype: torch.dtype = torch.float32) -> float:
+    """The device's measured matmul throughput in ``dtype`` (the short calibration behind the time per step: a
+    bfloat16 set-up's matmuls run in bfloat16 under autocast)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
     torch.mm(a, a)  # warm-up: kernels chosen, threads started
     started = time.perf_counter()
     for _ in range(repeats):
@@ -81,18 +84,50 @@ def step_seconds(plan: MemoryPlan, total_parameters: int, checkpointing: bool, f
     return passes * tokens / flops
 
 
+def recommend_dtypes(device: str = "cpu") -> tuple[list[str], str]:
+    """The dtypes ``recommend`` ranks set-ups in, and why. float32 everywhere; bfloat16 on CUDA, and on a CPU with
+    native bfloat16, found as ``model.dtype: auto`` finds it (``precision.detect_cpu_bf16``: the CPU's flags, or
+    ``TUNELAB_CPU_BF16``), where auto trains in bfloat16 autocast. Without it bfloat16 is emulated, so auto, and
+    the ranking, stay float32."""
+    if device == "cuda":
+        return ["float32", "bfloat16"], "CUDA: float32 and bfloat16 (autocast) set-ups"
+    support = precision.detect_cpu_bf16()  # through the module: the test suite's override reaches it
+    if support.native:
+        return ["float32", "bfloat16"], ("float32 and the bfloat16 set-ups model.dtype: auto trains here (bfloat16 "
+                                         f"autocast, frozen weights in bfloat16): {support.reason}")
+    return ["float32"], f"float32 only, as model.dtype: auto trains here: {support.reason}"
+
+
+def auto_trains_in_bfloat16(technique: Technique, settings: object, device: str) -> bool:
+    """Whether ``model.dtype: auto`` trains this technique in bfloat16 on ``device`` (a technique that loads its
+    base itself, quantized, or declares a reason to keep float32 on a CPU, stays float32): the same decision
+    training makes (``precision.technique_precision``)."""
+    target = torch.device(device)
+    trains = precision.technique_precision("auto", target, technique.base_load(settings, target),
+                                           technique.cpu_bf16_refusal)
+    return trains.load_dtype == torch.bfloat16
+
+
 def recommend(config: TunelabConfig, shape: Shape, budget: int, device: str = "cpu", processes: int = 1) -> list[SetUp]:
-    """Every registered technique (default settings) x checkpointing x the dtypes this device trains in, planned;
-    those that fit ``budget``, most trainable parameters first (closest to full fine-tuning's quality), then fastest."""
-    flops = matmul_flops_per_second(device)
-    dtypes = ["float32", "bfloat16"] if device == "cuda" or config.model.dtype == "bfloat16" else ["float32"]
+    """Every registered technique (default settings) x checkpointing x the dtypes this device trains in
+    (``recommend_dtypes``; on a CPU, bfloat16 only for the techniques ``model.dtype: auto`` trains in bfloat16),
+    planned; those that fit ``budget``, most trainable parameters first (closest to full fine-tuning's quality),
+    then fastest (each dtype's time from its own measured matmul throughput)."""
+    dtypes, _ = recommend_dtypes(device)
+    flops = {dtype: matmul_flops_per_second(device, dtype=getattr(torch, dtype)) for dtype in dtypes}
     found = []
     for name, technique in TECHNIQUES.items():
+        try:  # a technique whose defaults cannot stand alone (adapter routing needs adapters) is skipped
+            settings = technique.config_class()
+        except (TechniqueError, ConfigError, ValueError):
+            continue
         for dtype in dtypes:
+            if dtype == "bfloat16" and device != "cuda" and not auto_trains_in_bfloat16(technique, settings, device):
+                continue  # auto keeps it float32 on this CPU: its float32 set-up is the one auto would train
             for checkpointing in (False, True):
-                try:  # a technique whose defaults cannot stand alone (adapter routing needs adapters) is skipped
+                try:
                     candidate = config.model_copy(update={
-                        "technique": technique.config_class(),
+                        "technique": settings,
                         "model": config.model.model_copy(update={"dtype": dtype}),
                         "training": config.training.model_copy(update={"gradient_checkpointing": checkpointing})})
                     plan = plan_memory(candidate, device, shape, processes=processes)
@@ -100,5 +135,5 @@ def recommend(config: TunelabConfig, shape: Shape, budget: int, device: str = "c
                     continue
                 if plan.peak_bytes <= budget:
                     found.append(SetUp(name, checkpointing, dtype, plan,
-                                       step_seconds(plan, plan.total_parameters, checkpointing, flops)))
+                                       step_seconds(plan, plan.total_parameters, checkpointing, flops[dtype])))
     return sorted(found, key=lambda s: (-s.plan.trainable_parameters, s.seconds_per_step))
