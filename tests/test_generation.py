@@ -381,3 +381,24 @@ def test_prefix_cache_learns_what_an_adapters_prompts_share_and_cuts_it_where_th
     assert cache.nbytes == (3 + 6) * 2 * 4  # float32 keys and values of 3 + 6 tokens
     cache.forget()
     assert not cache.entries and cache.lookup("a", [1, 2, 3, 4, 5]) is None and cache.to_learn("a", [1, 2, 3, 9]) == 0
+
+
+def test_the_head_gets_a_contiguous_input_in_a_prefill(model_and_tokenizer: tuple) -> None:
+    """transformers hands the head the last position as a strided view, which torch multiplies by a broadcast copy
+    of the head's weight (a batched product, several times slower); the batch's forward passes hand it a
+    contiguous one. Control: the plain model call does hand it a strided view."""
+    model, tokenizer = model_and_tokenizer
+    seen: list[bool] = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda module, args, out: seen.append(args[0].is_contiguous()))
+    try:
+        ids = torch.tensor([encode(tokenizer, t)[:5] for t in prompts(tokenizer)])  # (3, 5)
+        with torch.no_grad():
+            model(input_ids=ids, logits_to_keep=1)
+        assert seen == [False]  # the control
+        batch = ContinuousBatch(model, tokenizer)
+        for text in prompts(tokenizer):
+            batch.add(GenerationRequest(encode(tokenizer, text), Sampling(3, min_new_tokens=3)))
+        run_to_the_end(batch)
+    finally:
+        handle.remove()
+    assert len(seen) == 1 + 3 and all(seen[1:])  # a prefill of the three rows, then two decoding steps
