@@ -32,7 +32,9 @@ requests join and leave the running batch at every step, requests for different 
 mixed-adapter inference), ``whole-batch`` (the scheduling the server had before: the requests that arrive within
 10 ms run as one batch to its end before the next starts; mixed adapters too) and ``per-adapter`` (continuous,
 but the running batch holds one adapter's requests only). "Mean batch" is rows per forward pass (prefills and
-decoding steps) for the continuous modes, rows per batch for ``whole-batch``, read from the server's /metrics.
+decoding steps) for the continuous modes, rows per batch for ``whole-batch``, read from the server's /metrics, as
+is the share of the level's prompt tokens taken from the adapters' cached prompt prefixes (``prompt_tokens_cached``
+in the JSON).
 """
 
 from __future__ import annotations
@@ -111,11 +113,14 @@ class Server:
                 self.process.wait()
         self.log.close()
 
-    def counters(self) -> tuple[float, float]:
-        """(forward passes, rows in them) so far, from /metrics."""
+    def counters(self) -> tuple[float, float, float, float]:
+        """(forward passes, rows in them, prompt tokens, prompt tokens taken from cached prefixes) so far, from
+        /metrics."""
         text = httpx.get(f"{self.url}/metrics", timeout=30).text
-        found = {name: float(value) for name, value in re.findall(r"^(tunelab_batch(?:es|_rows)) (\S+)$", text, re.M)}
-        return found["tunelab_batches"], found["tunelab_batch_rows"]
+        found = {name: float(value) for name, value in
+                 re.findall(r"^(tunelab_batch(?:es|_rows)|tunelab_prefix_cached_tokens) (\S+)$", text, re.M)}
+        prompt = sum(float(v) for v in re.findall(r"^tunelab_prompt_tokens_total\{.*\} (\S+)$", text, re.M))
+        return found["tunelab_batches"], found["tunelab_batch_rows"], prompt, found.get("tunelab_prefix_cached_tokens", 0.0)
 
 
 # ---------------------------------------------------------------- the clients, on this process's asyncio loop
@@ -220,6 +225,7 @@ def run_mode(runs: list[Path], mode: str, args: argparse.Namespace, report: dict
                 single = figures["total_p50_s"]
             figures.update(mode=mode, clients=clients, arrivals=arrivals, stagger_s=round(stagger, 3),
                            mean_batch_rows=round((after[1] - before[1]) / max(1.0, after[0] - before[0]), 2),
+                           prompt_tokens_cached=round((after[3] - before[3]) / max(1.0, after[2] - before[2]), 3),
                            load_average_1m=round(os.getloadavg()[0], 2))
             report["levels"].append(figures)
             print(json.dumps(figures), flush=True)

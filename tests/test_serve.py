@@ -390,6 +390,12 @@ def test_metrics_are_prometheus_text(server: BackgroundServer) -> None:
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
     assert "# TYPE tunelab_requests_total counter" in response.text
     assert metric(server, 'tunelab_requests_total{endpoint="/v1/chat/completions",model="cats",status="200"}') >= 1
+    engine = server.app.state.engine
+    for i in range(3):  # the second prompt of an adapter sets its cached prefix, the third uses it
+        post(server, "/v1/chat/completions", {"model": "dogs", "max_tokens": 1,
+                                              "messages": [{"role": "user", "content": f"say something {i}"}]})
+    assert metric(server, "tunelab_prefix_cached_tokens") == engine.batch.prefixes.reused_tokens > 0
+    assert metric(server, "tunelab_prefix_cache_bytes") == engine.batch.prefixes.nbytes > 0
 
 
 # ---------------------------------------------------------------- security: what may be loaded

@@ -195,6 +195,16 @@ class Engine:
         """The rows in those forward passes (batch_rows / batches is the mean batch)."""
         return self.batch.step_rows
 
+    @property
+    def prefix_reused_tokens(self) -> int:
+        """Prompt tokens taken from the cached prompt prefixes instead of prefilled."""
+        return self.batch.prefixes.reused_tokens if self.batch.prefixes is not None else 0
+
+    @property
+    def prefix_bytes(self) -> int:
+        """Memory held by the cached prompt prefixes (read from the HTTP thread: a sum over a few tensors)."""
+        return self.batch.prefixes.nbytes if self.batch.prefixes is not None else 0
+
     def alive(self) -> bool:
         return self._thread.is_alive()
 
@@ -242,7 +252,7 @@ class NoModels:
 
     def __init__(self) -> None:
         self.served: dict[str, ServedModel] = {}
-        self.batches = self.batch_rows = 0
+        self.batches = self.batch_rows = self.prefix_reused_tokens = self.prefix_bytes = 0
         self.context_length = 0
 
     def alive(self) -> bool:

@@ -25,6 +25,12 @@ class Metrics:
         rows = Gauge("tunelab_batch_rows", "Rows in those forward passes (rows / batches = mean batch size)",
                      registry=registry)
         rows.set_function(lambda: engine.batch_rows)
+        reused = Gauge("tunelab_prefix_cached_tokens", "Prompt tokens taken from the adapters' cached prompt prefixes "
+                       "instead of prefilled (of tunelab_prompt_tokens_total)", registry=registry)
+        reused.set_function(lambda: engine.prefix_reused_tokens)
+        held = Gauge("tunelab_prefix_cache_bytes", "Memory held by the cached prompt prefixes' keys and values "
+                     "(at most one prefix per adapter)", registry=registry)
+        held.set_function(lambda: engine.prefix_bytes)
 
     def request(self, endpoint: str, model: str, status: int) -> None:
         self.requests.labels(endpoint, model, str(status)).inc()
