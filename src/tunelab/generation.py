@@ -517,7 +517,8 @@ class PrefixCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(entry.nbytes for entry in self.entries.values())
+        # list() copies the values at once: the server's HTTP thread reads this while the worker stores entries
+        return sum(entry.nbytes for entry in list(self.entries.values()))
 
 
 class ContinuousBatch:
