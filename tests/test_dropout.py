@@ -51,14 +51,15 @@ def test_output_keeps_the_expectation_and_the_gradient_is_the_same_masked_scale(
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_output_and_gradient_are_bit_for_bit_the_masked_input_times_the_scale(dtype: torch.dtype) -> None:
-    """The 0/1 bfloat16 mask gives what a bool mask and one multiplication by the float scale give: in bfloat16 a
+    """The 0/1 uint8 mask gives what a bool mask and one multiplication by the float scale give: in bfloat16 a
     mask pre-multiplied by the scale would round the scale to 8 bits and bias the expectation."""
     layer = CpuDropout(0.05).train()
     x = torch.randn(4, 64, 96, dtype=dtype, requires_grad=True)
     torch.manual_seed(3)
     out = layer(x)
     torch.manual_seed(3)
-    keep = keep_mask(x.shape, 0.05) == 1  # the same draws, as a bool mask
+    keep = keep_mask(x.shape, 0.05).bool()  # the same draws, as a bool mask
+    assert keep_mask(x.shape, 0.05).element_size() == 1  # a byte per element, as nn.Dropout's (the memory plan's)
     scale = FIELD_VALUES / (FIELD_VALUES - round(0.05 * FIELD_VALUES))
     assert out.dtype == dtype and torch.equal(out, torch.where(keep, x.detach(), 0) * scale)
     grad = torch.randn(4, 64, 96, dtype=dtype)

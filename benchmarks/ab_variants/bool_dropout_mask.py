@@ -1,6 +1,6 @@
 """benchmarks/ab_step.py variants: the CPU dropout with the bool mask it used before (``torch.where`` and a scalar
-multiply, forward and backward) against the shipped 0/1 bfloat16 mask applied with one ``addcmul``. Same draws,
-same outputs bit for bit: only the time differs."""
+multiply, forward and backward) against the shipped one (the same bool mask viewed as uint8 0/1, applied with one
+``addcmul``). Same draws, same outputs bit for bit: only the time differs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from tunelab.training import dropout
 
-VARIANTS = ["bool-mask", "bf16-mask"]
+VARIANTS = ["bool-mask", "uint8-mask"]
 SHIPPED = (dropout.keep_mask, dropout._KeepScaled)
 
 
