@@ -321,6 +321,34 @@ def test_a_completion_that_stopped_keeps_its_end_of_turn_token_and_the_step_figu
     assert figures["reward"] == 1.0 and figures["zero_variance_groups"] == 1.0 and figures["completion_length"] == 2.5
 
 
+def test_the_step_figures_pool_every_process_rollouts(tiny_tokenizer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under two processes each samples its own prompts: the logged reward, its spread, the completion length and
+    the share of zero-variance groups are over both processes' completions, not the main's alone (which were half
+    the step's). Rank 1's sums are recorded, then rank 0's collective adds them to its own."""
+    from tunelab.generation import GenerationRequest
+    from tunelab.training import rollout as rollout_module
+
+    record = type("Record", (), {"input_ids": [1, 2], "prompt": "q", "columns": {}, "source": "f:1"})()
+    plan = type("Plan", (), {"rank": 0, "micro_batches": lambda self, start: iter([[[record]]] * 4)})()
+
+    def window(texts: list[str], collective: Any) -> dict[str, float]:
+        rollouts = _rollouts(tiny_tokenizer, num_generations=2)
+        rollouts.sample = lambda model, records, seed: [  # type: ignore[method-assign]
+            GenerationRequest([1, 2], token_ids=[5] * len(t), text=t, finish_reason="length") for t in texts]
+        monkeypatch.setattr(rollout_module.distributed, "sum_over_processes", collective)
+        return rollouts.window(None, lambda model, rollout: {}, plan, 0)[2]
+
+    other: list[list[float]] = []
+    window(["xyzzy", "azzzz"], lambda values: other.append(values) or values)  # rank 1: rewards 0, 1; length 5
+    pooled = window(["a", "abc"], lambda values: [a + b for a, b in zip(values, other[0])])  # rank 0: rewards 1, 1
+    rewards = torch.tensor([1.0, 1.0, 0.0, 1.0])
+    assert pooled["reward"] == 0.75 and pooled["reward_starts_with_a_vowel"] == 0.75
+    assert pooled["reward_std"] == pytest.approx(float(rewards.std()), abs=1e-6)
+    assert pooled["completion_length"] == 3.5 and pooled["zero_variance_groups"] == 0.5  # rank 1's group differs
+    alone = window(["a", "abc"], lambda values: values)  # one process: its own completions
+    assert alone["reward"] == 1.0 and alone["reward_std"] == 0.0 and alone["completion_length"] == 2.0
+
+
 def test_an_online_objective_refuses_fsdp_and_takes_ddp(tiny_model_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"training.distributed: objective 'grpo' cannot be sharded with fsdp \(rollouts"):
         _config(tiny_model_dir, tmp_path, "fsdp", 1, distributed="fsdp")

@@ -102,6 +102,16 @@ def any_process(flag: bool) -> bool:
     return bool(value.item())
 
 
+def sum_over_processes(values: list[float]) -> list[float]:
+    """Each value summed over every process, in one collective (every process calls it, with as many values)."""
+    state = process_state()
+    if state.num_processes == 1:
+        return values
+    summed = torch.tensor(values, dtype=torch.float64, device=state.device)
+    torch.distributed.all_reduce(summed, op=torch.distributed.ReduceOp.SUM)
+    return summed.tolist()
+
+
 def all_rng_states(local: dict[str, Any]) -> list[dict[str, Any]]:
     """Every process's RNG state, by rank (collective: every process calls it)."""
     state = process_state()

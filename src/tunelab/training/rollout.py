@@ -16,12 +16,14 @@ run_info.json's phases hold ``generation`` and ``rewards`` beside ``training``.
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import AbstractContextManager
 from typing import Any, Callable
 
 import torch
 
+from tunelab import distributed
 from tunelab.errors import ConfigError
 from tunelab.eval.online import rewarded_answers, term_name
 from tunelab.generation import GenerationRequest, Sampling, generate_batch
@@ -32,6 +34,27 @@ from tunelab.run_info import RunInfo
 from tunelab.training.plan import Plan, Row
 
 SEED_STRIDE = 1_000_003  # spreads (seed, step, micro-batch, rank) over distinct generation seeds
+
+
+def pooled_figures(rewards: torch.Tensor, terms: dict[str, torch.Tensor], lengths: list[int],
+                   spread: list[bool] | None) -> dict[str, float]:
+    """The step's rollout figures over every process's completions: each process samples its own prompts, so the
+    main's alone are 1/world of the step's (a two-process run logged half its rollouts). ``rewards`` and each term
+    are (N,) for this process's N completions, ``spread`` whether each group's rewards differ (None: groups of
+    one). Every process has completions and the same reward names, so all make the one same collective."""
+    names = sorted(terms)
+    r = rewards.double()
+    local = [float(r.sum()), float((r * r).sum()), float(len(r)), *(float(terms[n].double().sum()) for n in names),
+             float(sum(lengths)), float(len(lengths)), float(sum(spread or [])), float(len(spread or []))]
+    total, squares, count, *rest = distributed.sum_over_processes(local)
+    term_sums, (length_sum, length_count, spread_sum, spread_count) = rest[: len(names)], rest[len(names):]
+    variance = (squares - total * total / count) / (count - 1) if count > 1 else 0.0  # unbiased, as torch.std
+    figures = {"reward": round(total / count, 6), "reward_std": round(math.sqrt(max(variance, 0.0)), 6),
+               **{f"reward_{name}": round(s / count, 6) for name, s in zip(names, term_sums)},
+               "completion_length": round(length_sum / length_count, 3)}
+    if spread is not None:  # one completion per prompt has no group to compare within
+        figures["zero_variance_groups"] = round(1 - spread_sum / spread_count, 4)
+    return figures
 
 
 class Rollouts:
@@ -86,12 +109,8 @@ class Rollouts:
                 terms.setdefault(name, []).append(values)
             lengths += [len(c) for c in completion_ids]
             spread += (scored.total.view(-1, group).amax(dim=1) > scored.total.view(-1, group).amin(dim=1)).tolist()
-        every = torch.cat(rewards)
-        figures = {"reward": round(float(every.mean()), 6), "reward_std": round(float(every.std()) if len(every) > 1 else 0.0, 6),
-                   **{f"reward_{name}": round(float(torch.cat(v).mean()), 6) for name, v in terms.items()},
-                   "completion_length": round(sum(lengths) / len(lengths), 3)}
-        if group > 1:  # one completion per prompt has no group to compare within
-            figures["zero_variance_groups"] = round(1 - sum(spread) / len(spread), 4)
+        figures = pooled_figures(torch.cat(rewards), {name: torch.cat(v) for name, v in terms.items()}, lengths,
+                                 spread if group > 1 else None)
         self._cached = (drawn_at, rows, window, figures)
         return rows, self._part(window, step), {**figures, "generation_s": round(generation_s, 3),
                                                 "rewards_s": round(rewards_s, 3)}
