@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch import nn
 from support.runs import tiny_config_dict
 
 import tunelab
@@ -58,6 +59,25 @@ def test_top_k_passes_a_gradient_to_the_router() -> None:
     gates = router.gates(torch.randn(2, 5, 8))
     (gates * torch.randn_like(gates)).sum().backward()
     assert router.proj.weight.grad.abs().sum() > 0
+
+
+def test_logged_gates_pool_every_process_forwards(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under two processes the logged mean gate is over both processes' forwards, not the main's alone; the hook
+    makes its one collective also when this process saw no forward (every process must make the same ones)."""
+    from types import SimpleNamespace
+
+    layers = nn.ModuleList([rt.Router(8, 2, "token", None, 1.0, 0), rt.Router(8, 2, "token", None, 1.0, 1)])
+    spec = SimpleNamespace(experts=[SimpleNamespace(name="a"), SimpleNamespace(name="b")])
+    other = [0.0, 4.0, 4.0, 0.0, 4.0, 4.0]  # rank 1: every gate on b, 4 positions at each layer
+    calls: list[list[float]] = []
+    monkeypatch.setattr(rt.distributed, "sum_over_processes",
+                        lambda values: calls.append(values) or [a + b for a, b in zip(values, other)])
+    for router, mass in zip(layers, ([3.0, 1.0], [2.0, 2.0])):  # rank 0: 4 positions at each layer
+        router.stat_sum, router.stat_count = torch.tensor(mass), 4
+    # layer 0: (3, 5) / 8, layer 1: (2, 6) / 8; their mean (rank 0's alone: 0.625, 0.375)
+    assert rt.gate_means(layers, spec) == {"a": 0.3125, "b": 0.6875}
+    monkeypatch.setattr(rt.distributed, "sum_over_processes", lambda values: calls.append(values) or values)
+    assert rt.gate_means(layers, spec) is None and len(calls) == 2  # nothing since: reset, and still collective
 
 
 def test_sequence_gating_is_causal_and_restarts_per_example() -> None:

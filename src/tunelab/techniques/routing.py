@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunelab import distributed
 from tunelab.data.batching import collate
 from tunelab.data.tokenize import IGNORE, TokenizedExample
 from tunelab.errors import TechniqueError
@@ -180,13 +181,11 @@ class Router(nn.Module):
             self.carry = (mean[:, -1], torch.ones(batch, device=logits.device))
         return mean
 
-    def read_stats(self) -> torch.Tensor | None:
-        """Mean gate per expert since the last read (E,), then reset."""
-        if not self.stat_count:
-            return None
-        mean = self.stat_sum / self.stat_count
+    def take_stats(self) -> list[float]:
+        """The gate mass per expert since the last take (E values), then the positions it is over; then reset."""
+        taken = [*self.stat_sum.double().tolist(), float(self.stat_count)]
         self.stat_sum, self.stat_count = torch.zeros_like(self.stat_sum), 0
-        return mean
+        return taken
 
 
 # ---------------------------------------------------------------- LoRA experts
@@ -565,9 +564,16 @@ def is_expert_parameter(name: str) -> bool:
 
 
 def gate_means(model: nn.Module, spec: RoutingSpec) -> dict[str, float] | None:
-    """Mean gate per expert over the training forwards since the last call (all router layers), then reset."""
-    means = [m for m in (r.read_stats() for r in routers(model)) if m is not None]
-    if not means:
+    """Mean gate per expert over the training forwards since the last call (the mean over router layers), then
+    reset. Under several processes, over every process's forwards (the main's alone are 1/world of the step's):
+    a collective, which every process makes at each step (the training loop's technique hook)."""
+    layers = routers(model)
+    if not layers:
         return None
-    mean = torch.stack(means).mean(0)
+    taken = distributed.sum_over_processes([value for r in layers for value in r.take_stats()])
+    pooled = torch.tensor(taken, dtype=torch.float64).view(len(layers), -1)  # (L, E + 1): gate mass, positions
+    seen = pooled[:, -1] > 0
+    if not seen.any():
+        return None
+    mean = (pooled[seen, :-1] / pooled[seen, -1:]).mean(0)  # (E,)
     return {e.name: round(float(v), 4) for e, v in zip(spec.experts, mean)}
