@@ -110,7 +110,8 @@ def _assert_optimizer_equal(a: dict[str, Any], b: dict[str, Any]) -> None:
 
 def _resume_pair(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
     data = write_jsonl(tmp_path / "train.jsonl", toy_chat_records(24))
-    sections = {"training": {"save_every": 5}, "eval": {"before_after": False}}
+    # evaluations at steps 4, 8 and 10: the stop after step 5 falls between two of them
+    sections = {"training": {"save_every": 5, "eval_every": 4}, "eval": {"before_after": False}}
     straight = tiny_run_config(tiny_model_dir, tmp_path, data, output={"dir": str(tmp_path / "straight")}, **sections)
     assert train(straight, progress=False).step == 10
     split = tiny_run_config(tiny_model_dir, tmp_path, data, output={"dir": str(tmp_path / "split")}, **sections)
@@ -133,6 +134,9 @@ def test_resume_equals_an_uninterrupted_run(tiny_model_dir: Path, tmp_path: Path
     _assert_optimizer_equal(optim_a, optim_b)
     losses = lambda run: [m["loss"] for m in read_metrics(Path(run)) if m["kind"] == "train"]  # noqa: E731
     assert losses(straight) == losses(split) and len(losses(split)) == 10
+    # the evaluation at step 8 compares with the mean training loss of steps 5-8, one of them before the stop
+    evals = lambda run: [m for m in read_metrics(Path(run)) if m["kind"] == "eval"]  # noqa: E731
+    assert evals(straight) == evals(split) and [m["step"] for m in evals(split)] == [4, 8, 10]
 
 
 def test_same_seed_same_run_and_another_seed_another_run(tiny_model_dir: Path, tmp_path: Path) -> None:

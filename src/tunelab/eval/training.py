@@ -69,10 +69,17 @@ class OverfittingSignal:
     while the training loss falls is the classic sign of overfitting; ``trend`` is the least-squares slope of
     the last ``window`` gaps (loss per evaluation), so one noisy evaluation does not raise the alarm."""
 
-    def __init__(self, gaps: list[float] | None = None, window: int = 4) -> None:
+    def __init__(self, gaps: list[float] | None = None, window: int = 4,
+                 train_losses: list[float] | None = None) -> None:
         self.gaps = list(gaps or [])
         self.window = window
-        self._train_losses: list[float] = []
+        self._train_losses: list[float] = list(train_losses or [])
+
+    @property
+    def pending(self) -> list[float]:
+        """The training losses since the last evaluation (a checkpoint keeps them: a run resumed between two
+        evaluations then measures the same window as the uninterrupted one)."""
+        return list(self._train_losses)
 
     def observe_train(self, loss: float) -> None:
         self._train_losses.append(loss)

@@ -48,6 +48,7 @@ class LoopState:
     last_eval: dict[str, Any] | None = None
     history: list[str] = field(default_factory=list)
     gaps: list[float] = field(default_factory=list)  # validation - training loss at each evaluation (overfitting signal)
+    train_losses: list[float] = field(default_factory=list)  # the logged training losses since the last evaluation
     rollout: dict[str, Any] | None = None  # an online objective's rollouts still to be reused (num_iterations > 1)
 
 
@@ -232,6 +233,7 @@ class TrainingContext:
         self.accelerator.wait_for_everyone()
         if self.rollouts is not None:  # rollouts that later steps reuse are part of the run's state
             state.rollout = self.rollouts.saved(state.step)
+        state.train_losses = self.overfitting.pending
         rngs = distributed.all_rng_states(ckpt.rng_state())  # every process's dropout stream, for an exact resume
         gathered = None  # sharded: the full weights and optimizer state, gathered by every process for the main
         if self.sharded:

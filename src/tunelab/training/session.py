@@ -398,7 +398,7 @@ def _resume_from_checkpoint(ctx: TrainingContext) -> LoopState:
                           "this config plans; raise training.max_steps (or epochs)")
     if ctx.is_main:
         truncate_metrics(run_dir, state.step)
-    ctx.overfitting = OverfittingSignal(state.gaps)
+    ctx.overfitting = OverfittingSignal(state.gaps, train_losses=state.train_losses)
     return state
 
 
