@@ -386,6 +386,7 @@ def test_a_client_that_disconnects_stops_its_generation(slow_server: BackgroundS
 
 
 def test_metrics_are_prometheus_text(server: BackgroundServer) -> None:
+    post(server, "/v1/chat/completions", {"model": "cats", "max_tokens": 1, "messages": USER})  # counted below
     response = httpx.get(f"{server.url}/metrics")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
     assert "# TYPE tunelab_requests_total counter" in response.text
