@@ -11,10 +11,16 @@ reports its price in kernel time:
   returned when freed, zeroed by the kernel when made again);
 - ``trim``: ``malloc_trim(0)`` after each checkpointed layer's forward (free pages inside the heap returned).
 
+Training applies tunelab's heap policy itself (a fixed 1 MiB mmap threshold for checkpointed runs and quantized
+loads on a CPU); ``--policy off`` trains without it (glibc's dynamic threshold), as before the policy. Huge pages
+are asked for from outside, at process start: ``THP_MEM_ALLOC_ENABLE=1`` (torch reads it once, at its first CPU
+allocation) or ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``; the JSON line says which were set.
+
 ``--live`` runs it under torch's profiler and adds the most bytes of tensors alive at once (every CPU allocation and
 free the profiler recorded, net of those alive before training; the profiler's own records raise the RSS).
 
-    python benchmarks/plan_heap.py --technique lora --micro-batch 14 [--checkpointing off] [--fix mmap|trim] [--live]
+    python benchmarks/plan_heap.py --technique lora --micro-batch 14 [--checkpointing off] [--policy off]
+        [--fix mmap|trim] [--threshold-mib 1] [--live]
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import resource
 import sys
 import time
@@ -30,8 +37,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import plan_grid as grid  # noqa: E402 - the grid's models, data and configs
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameters
+M_TRIM_THRESHOLD = -1
 MiB = 2**20
+# Huge pages are asked for from outside, at process start: torch reads THP_MEM_ALLOC_ENABLE once, at its first CPU
+# allocation, glibc its tunables at start.
+HUGE_PAGE_ENV = ("THP_MEM_ALLOC_ENABLE", "GLIBC_TUNABLES")
 
 
 class MallInfo2(ctypes.Structure):
@@ -46,6 +57,10 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=14)
     parser.add_argument("--checkpointing", choices=("on", "off"), default="on")
     parser.add_argument("--fix", choices=("none", "mmap", "trim"), default="none")
+    parser.add_argument("--threshold-mib", type=float, default=1.0, help="the fixed mmap threshold of --fix mmap")
+    parser.add_argument("--trim-threshold-mib", type=float, default=None,
+                        help="with --fix mmap: glibc's trim threshold (a fixed mmap threshold also fixes it, at 128 KiB)")
+    parser.add_argument("--policy", choices=("on", "off"), default="on", help="tunelab's heap policy")
     parser.add_argument("--live", action="store_true", help="also the live tensors' peak (torch's profiler)")
     parser.add_argument("--work", default="/tmp/tunelab-plan-heap")
     args = parser.parse_args()
@@ -54,9 +69,9 @@ def main() -> None:
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     from tunelab.config import build_config
-    from tunelab.plan import plan_memory, resident_bytes
+    from tunelab.plan import plan_memory, planner, resident_bytes
     from tunelab.run_info import own_peak_rss_bytes
-    from tunelab.training import train
+    from tunelab.training import session, train
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -92,7 +107,12 @@ def main() -> None:
     if args.fix == "trim":
         torch.nn.modules.module.register_module_forward_hook(after_layer)
     if args.fix == "mmap":
-        libc.mallopt(M_MMAP_THRESHOLD, MiB)
+        libc.mallopt(M_MMAP_THRESHOLD, int(args.threshold_mib * MiB))
+        if args.trim_threshold_mib is not None:
+            libc.mallopt(M_TRIM_THRESHOLD, int(args.trim_threshold_mib * MiB))
+    if args.policy == "off":  # neither applied nor planned
+        session.heap_policy = lambda *args: None
+        planner.heap_mmap_threshold = lambda *args: None
     built = build_config(config)
     planned = plan_memory(built, "cpu").peak_bytes
     before = resource.getrusage(resource.RUSAGE_SELF)
@@ -107,13 +127,23 @@ def main() -> None:
     after = resource.getrusage(resource.RUSAGE_SELF)
     show("end")
     print(json.dumps({"model": args.model, "technique": args.technique, "micro_batch": args.micro_batch,
-                      "checkpointing": args.checkpointing, "fix": args.fix, "planned_MiB": round(planned / MiB),
+                      "checkpointing": args.checkpointing, "policy": args.policy, "fix": args.fix,
+                      "threshold_MiB": args.threshold_mib if args.fix == "mmap" else None,
+                      "trim_threshold_MiB": args.trim_threshold_mib if args.fix == "mmap" else None,
+                      "env": {k: os.environ[k] for k in HUGE_PAGE_ENV if k in os.environ},
+                      "anon_huge_MiB": anon_huge_bytes() // MiB, "planned_MiB": round(planned / MiB),
                       "peak_rss_MiB": round(own_peak_rss_bytes() / MiB), "wall_s": round(time.time() - started, 1),
                       "user_s": round(after.ru_utime - before.ru_utime, 1),
                       "sys_s": round(after.ru_stime - before.ru_stime, 1),
                       "minor_faults": after.ru_minflt - before.ru_minflt, "trims": trims[0],
                       "trim_s": round(trims[1], 2),
                       "live_tensors_peak_MiB": None if live_peak is None else round(live_peak / MiB)}))
+
+
+def anon_huge_bytes() -> int:
+    """The process's memory in transparent huge pages now (/proc/self/smaps' AnonHugePages, summed)."""
+    with open("/proc/self/smaps") as smaps:
+        return sum(int(line.split()[1]) * 1024 for line in smaps if line.startswith("AnonHugePages:"))
 
 
 def peak_live_bytes(prof: object) -> int:

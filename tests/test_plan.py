@@ -3,6 +3,7 @@ answer against the planner and a real run, and the tiny grid cells' measured pea
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import subprocess
@@ -17,8 +18,10 @@ from support.tiny import toy_chat_records, write_jsonl
 from tunelab.models import load_model, load_model_config, model_skeleton
 from tunelab.objectives.base import HeadOutput, full_logits_memory
 from tunelab.objectives.sft import chunked_loss_memory
-from tunelab.plan import Shape, plan_memory, resident_bytes
-from tunelab.plan.memory import decoder_layers, is_quantized_4bit, saved_for_backward, unique_parameters
+from tunelab.plan import Shape, heap_policy, plan_memory, resident_bytes
+from tunelab.objectives import OBJECTIVES
+from tunelab.plan.memory import (Saved, activations_returned_bytes, decoder_layers, is_quantized_4bit, loss_bytes,
+                                 saved_for_backward, unique_parameters)
 from tunelab.plan.solve import solve
 from tunelab import precision
 from tunelab.precision import keep_trainable_in_float32
@@ -470,3 +473,126 @@ def test_the_command_line_plans_one_process_of_n(tiny_model_dir, tmp_path):
     assert two["optimizer_state"] == -(-one["optimizer_state"] // 2)
     refused = invoke("plan", path, "--processes", 0)
     assert refused.exit_code != 0 and "--processes 0: expected 1 or more" in refused.clean
+
+
+def test_the_heap_policy_fixes_the_threshold_of_checkpointed_and_quantized_cpu_runs_only(tiny_model_dir, tmp_path):
+    """Activation checkpointing (memory chosen over speed) or a quantized load on a CPU: glibc's mmap threshold is
+    fixed at 1 MiB; an ordinary run, or any run on a GPU, keeps glibc's dynamic one (negative controls)."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    plain = config_for(tiny_model_dir, tmp_path, "lora")
+    checkpointed = config_for(tiny_model_dir, tmp_path, "lora", gradient_checkpointing=True)
+    quantized = config_for(tiny_model_dir, tmp_path, "qlora", "bfloat16")
+    assert heap_policy(plain, cpu) is None
+    assert heap_policy(checkpointed, cpu) == heap_policy(quantized, cpu) == 2**20
+    assert heap_policy(checkpointed, gpu) is None
+    assert plan_memory(checkpointed, "cpu", SHAPE, runtime=RUNTIME).heap_mmap_threshold == 2**20
+    assert plan_memory(plain, "cpu", SHAPE, runtime=RUNTIME).heap_mmap_threshold is None
+
+
+def test_activations_returned_are_the_large_chunks_backward_has_freed():
+    """At the end of backward the first layer's saves are alive (its backward is the last); every other chunk of
+    the threshold or more went back to the system. With checkpointing the layers kept only their inputs (the first
+    layer's is still needed) and the saves outside the layers."""
+    head = HeadOutput(rows=1, columns=1, hidden=1, element_bytes=4, trainable=False, plain=True)
+    chunks = [(3, 0), (5, 0), (6, 1), (2, 1), (7, 2), (9, -1), (1, -1)]  # (bytes, layer or -1: outside)
+    saved = Saved(layers=[8, 8, 7], layer_inputs=[4, 4, 8], outside=10, head=head, chunks=chunks)
+    assert activations_returned_bytes(saved, checkpointing=False, threshold=5) == 6 + 7 + 9
+    assert activations_returned_bytes(saved, checkpointing=True, threshold=5) == 8 + 9
+
+
+def test_under_the_heap_policy_backward_ends_without_the_activations_it_returned(tiny_model_dir, tmp_path,
+                                                                                  monkeypatch):
+    """A checkpointed 16 x 512 micro-batch of the tiny model: each layer input is (16, 512, 64) float32, 2 MiB, a
+    chunk the fixed threshold returns once backward has freed it; the dynamic threshold (32 MiB) keeps it."""
+    from tunelab.plan import planner
+
+    config = config_for(tiny_model_dir, tmp_path, "full", gradient_checkpointing=True)
+    shape = Shape(16, 512)
+    fixed = plan_memory(config, "cpu", shape, runtime=RUNTIME)
+    monkeypatch.setattr(planner, "heap_mmap_threshold", lambda *args: None)
+    dynamic = plan_memory(config, "cpu", shape, runtime=RUNTIME)
+    assert fixed.heap_mmap_threshold == 2**20 and dynamic.heap_mmap_threshold is None
+    assert fixed.phases["loss"] == dynamic.phases["loss"]  # the top of backward: live tensors either way
+    skeleton = TECHNIQUES["full"].apply(model_skeleton(load_model_config(config.model)), config.technique, RunContext())
+    saved = saved_for_backward(skeleton, shape, decoder_layers(skeleton))
+    returned = activations_returned_bytes(saved, True, 2**20)
+    assert returned >= 16 * 512 * 64 * 4  # the second layer's input at least
+    declared = OBJECTIVES["sft"].loss_memory(saved.head)
+    loss_returned = loss_bytes(declared, 2**20)[1] - loss_bytes(declared)[1]  # the loss's 1 to 32 MiB chunks
+    assert dynamic.phases["backward"] - fixed.phases["backward"] == returned + loss_returned
+
+
+class FakeGlibc:
+    """mallopt's calls, each with whether the model was loaded yet (the policy must hold from the load on)."""
+
+    def __init__(self, events: list) -> None:
+        self.events = events
+
+    def mallopt(self, parameter: int, value: int) -> int:
+        self.events.append(("mallopt", parameter, value))
+        return 1
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_training_runs_under_the_heap_policy_and_records_it(tiny_model_dir, tmp_path, monkeypatch, checkpointing):
+    """A checkpointed run fixes glibc's mmap threshold before its model loads and gives glibc back the thresholds
+    its dynamic ones reach at the end (32 MiB, trim 64 MiB); run_info.json and the log say which policy ran. An
+    ordinary run leaves the allocator alone (the negative control)."""
+    from tunelab import models
+    from tunelab.training import session
+
+    events: list = []
+    monkeypatch.setattr(models, "_glibc", lambda: FakeGlibc(events))
+    load = session.load_model
+    monkeypatch.setattr(session, "load_model", lambda *a, **k: events.append(("load",)) or load(*a, **k))
+    config = config_for(tiny_model_dir, tmp_path, "lora", gradient_checkpointing=checkpointing)
+    session.train(config, progress=False)
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    if checkpointing:
+        assert events[0] == ("mallopt", -3, 2**20) and events[1] == ("load",)
+        assert events[-2:] == [("mallopt", -3, 32 * 2**20), ("mallopt", -1, 64 * 2**20)]
+        assert info["heap_policy"]["mmap_threshold"] == 2**20
+    else:
+        assert [e for e in events if e[0] == "mallopt"] == []
+        assert info["heap_policy"]["mmap_threshold"] is None
+
+
+HEAP_CHILD = """
+import ctypes, json, torch
+from tunelab.models import fixed_mmap_threshold
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+
+def mapped_while_alive():
+    # a tensor larger than all the heap has free: the heap must grow for it, or glibc maps it on its own
+    before = libc.mallinfo2()
+    tensor = torch.ones((before.fordblks + 2**22) // 4)
+    mapped = libc.mallinfo2().hblkhd - before.hblkhd
+    del tensor
+    return mapped
+
+large = torch.ones(6 * 2**20)  # 24 MiB, mapped on its own; freed, glibc's dynamic threshold rises to it
+del large
+seen = [mapped_while_alive()]
+with fixed_mmap_threshold(2**20) as taken:
+    seen.append(mapped_while_alive())
+seen.append(mapped_while_alive())
+print(json.dumps([taken, *seen]))
+"""
+
+
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallinfo2"), reason="glibc 2.33 or later")
+def test_a_fixed_threshold_gives_each_large_chunk_its_own_mapping_until_it_is_left():
+    """The mechanism, for real (a fresh process: a small heap): a tensor of a few MiB is one of glibc's own
+    mappings (returned to the system when freed) inside ``fixed_mmap_threshold(1 MiB)``, and grows the heap
+    before and after it, once the dynamic threshold has risen (the negative controls)."""
+    done = subprocess.run([sys.executable, "-c", HEAP_CHILD], capture_output=True, text=True, env=os.environ.copy())
+    assert done.returncode == 0, done.stderr[-2000:]
+    taken, before, inside, after = json.loads(done.stdout.strip().splitlines()[-1])
+    assert taken and before == 0 and after == 0
+    assert inside >= 2**22

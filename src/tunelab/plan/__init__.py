@@ -3,7 +3,7 @@
 ranked (``recommend``)."""
 
 from tunelab.plan.memory import MemoryPlan, Shape
-from tunelab.plan.planner import data_shape, plan_memory, shape_of
+from tunelab.plan.planner import data_shape, heap_policy, plan_memory, shape_of
 from tunelab.plan.runtime import resident_bytes
 
-__all__ = ["MemoryPlan", "Shape", "data_shape", "plan_memory", "resident_bytes", "shape_of"]
+__all__ = ["MemoryPlan", "Shape", "data_shape", "heap_policy", "plan_memory", "resident_bytes", "shape_of"]

@@ -10,7 +10,9 @@ lengths, without reading a weight.
 
 Memory freed during backward stays in the process's heap (glibc keeps its arenas), so the end of backward still
 holds the activations beside every gradient; chunks of 32 MiB or more (glibc's mmap threshold) go back to the
-system when freed, so the loss's large (N, V) tensors count only at the top of backward.
+system when freed, so the loss's large (N, V) tensors count only at the top of backward. Under the heap policy
+(``heap_mmap_threshold``: checkpointed runs and quantized loads on a CPU) the threshold is 1 MiB: the chunks of
+1 MiB or more that backward frees, activations included, go back, and the end of backward holds only the rest.
 
 - weights: every parameter after the technique is applied, in the dtype it trains in (trainable ones in float32:
   master weights; PEFT's k-bit preparation upcasts the non-quantized ones to float32), 4-bit blocks as half a byte
@@ -41,6 +43,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from tunelab.models import DYNAMIC_MMAP_THRESHOLD_MAX
 from tunelab.objectives.base import HeadOutput
 
 # A 4-bit weight: two per byte, one absmax per block of 64 (bitsandbytes' blocksize for 4-bit).
@@ -78,9 +81,12 @@ class MemoryPlan:
     notes: list[str] = field(default_factory=list)
     trainable_parameters: int = 0
     total_parameters: int = 0
+    heap_mmap_threshold: int | None = None  # the heap policy's fixed mmap threshold, None: glibc's dynamic one
+    phases: dict[str, int] = field(default_factory=dict)  # each phase's bytes, the runtime term not included
 
     def as_dict(self) -> dict[str, Any]:
         return {"peak_bytes": self.peak_bytes, "peak_phase": self.phase, "device": self.device, "dtype": self.dtype,
+                "heap_mmap_threshold": self.heap_mmap_threshold, "phases": self.phases,
                 "micro_batch_size": self.shape.micro_batch_size, "rows": self.shape.rows, "length": self.shape.length,
                 "supervised_tokens": self.shape.supervised, "trainable_parameters": self.trainable_parameters,
                 "total_parameters": self.total_parameters, "components": self.components, "notes": self.notes}
@@ -130,17 +136,26 @@ def mapped_views_bytes(model: nn.Module, checkpoint_dtype: torch.dtype) -> int:
 
 # glibc serves a chunk this large or larger with its own mmap and returns it to the system when freed (its
 # dynamic mmap threshold stops growing here on 64-bit); smaller freed chunks stay in the heap.
-MMAP_THRESHOLD_MAX = 32 * 2**20
+MMAP_THRESHOLD_MAX = DYNAMIC_MMAP_THRESHOLD_MAX
+# The heap policy (docs/choosing.md): on a CPU, a run that chose memory over speed (activation checkpointing) or
+# loads a quantized base trains with glibc's mmap threshold fixed here, so that freed transients go back to the
+# system instead of staying in the heap as holes (the price: the kernel maps and zeroes them again).
+FIXED_MMAP_THRESHOLD = 2**20
 
 
-def master_cast_leftover_bytes(model: nn.Module, load_dtype: torch.dtype) -> int:
+def heap_mmap_threshold(device_type: str, checkpointing: bool, quantized: bool) -> int | None:
+    """The fixed mmap threshold a run trains under (the heap policy), None where glibc's dynamic one stays."""
+    return FIXED_MMAP_THRESHOLD if device_type == "cpu" and (checkpointing or quantized) else None
+
+
+def master_cast_leftover_bytes(model: nn.Module, load_dtype: torch.dtype, threshold: int = MMAP_THRESHOLD_MAX) -> int:
     """The loaded half-precision copies of the trainable weights, freed when they become float32 master weights:
     the heap keeps the chunks below glibc's mmap threshold (the larger ones go back to the system)."""
     if load_dtype == torch.float32:
         return 0
     size = torch.empty((), dtype=load_dtype).element_size()
     return sum(size * p.numel() for p in unique_parameters(model)
-               if p.requires_grad and size * p.numel() < MMAP_THRESHOLD_MAX)
+               if p.requires_grad and size * p.numel() < threshold)
 
 
 def autocast_copy_bytes(model: nn.Module, half_bytes: int = 2) -> int:
@@ -174,12 +189,13 @@ class Saved:
     layer_inputs: list[int]  # the hidden states entering each layer (what checkpointing keeps)
     outside: int  # embeddings, final norm, the head's input
     head: HeadOutput
+    chunks: list[tuple[int, int]] = field(default_factory=list)  # every saved storage: (bytes, layer index or -1)
 
 
-def loss_bytes(tensors: tuple[int, ...]) -> tuple[int, int]:
+def loss_bytes(tensors: tuple[int, ...], threshold: int = MMAP_THRESHOLD_MAX) -> tuple[int, int]:
     """(all of them, the part in chunks glibc maps on their own and returns to the system once freed) of the
     tensors a loss holds at once: the large ones are alive only around the loss, the others stay in the heap."""
-    return sum(tensors), sum(size for size in tensors if size >= MMAP_THRESHOLD_MAX)
+    return sum(tensors), sum(size for size in tensors if size >= threshold)
 
 
 @contextmanager
@@ -265,7 +281,7 @@ def saved_for_backward(model: nn.Module, shape: Shape, layers: list[nn.Module]) 
     described = HeadOutput(rows=output.shape[0], columns=output.shape[-1], element_bytes=output.element_size(),
                            hidden=weight.shape[-1] if weight is not None else 0,
                            trainable=bool(weight is not None and weight.requires_grad), plain=type(head) is nn.Linear)
-    return Saved(per_layer, inputs[: len(layers)], outside, described)
+    return Saved(per_layer, inputs[: len(layers)], outside, described, chunks=list(saved.values()))
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -281,3 +297,16 @@ def activation_bytes(saved: Saved, checkpointing: bool) -> int:
     if not checkpointing or not saved.layers:
         return sum(saved.layers) + saved.outside
     return sum(saved.layer_inputs) + max(saved.layers) + saved.outside
+
+
+def activations_returned_bytes(saved: Saved, checkpointing: bool, threshold: int) -> int:
+    """The activations that are back with the system at the end of backward: chunks of ``threshold`` bytes or
+    more that backward has freed (glibc maps them on their own). The first decoder layer's saves are alive until
+    its own backward, the last; every other layer's, and those outside the layers (the final norm's, the head's
+    input), are freed by then. With checkpointing a layer's saves are its recomputation's: only its input was
+    kept, and the recomputed layer is counted at its largest (``activation_bytes``), so only inputs return."""
+    if checkpointing and saved.layers:
+        freed = saved.layer_inputs[1:] + [size for size, where in saved.chunks if where == -1]
+    else:
+        freed = [size for size, where in saved.chunks if where != 0]
+    return sum(size for size in freed if size >= threshold)

@@ -13,9 +13,9 @@ from tunelab.data import PreparedData, prepare_data
 from tunelab.models import ModelConfig, cache_root, load_model_config, load_tokenizer, model_skeleton, resolve_model_path
 from tunelab.objectives import OBJECTIVES
 from tunelab.objectives.base import attach_own_module
-from tunelab.plan.memory import (MemoryPlan, Shape, activation_bytes, autocast_copy_bytes, decoder_layers,
-                                 loaded_bytes, loss_bytes, mapped_views_bytes, master_cast_leftover_bytes, parameter_bytes,
-                                 saved_for_backward)
+from tunelab.plan.memory import (MMAP_THRESHOLD_MAX, MemoryPlan, Shape, activation_bytes, activations_returned_bytes,
+                                 autocast_copy_bytes, decoder_layers, heap_mmap_threshold, loaded_bytes, loss_bytes,
+                                 mapped_views_bytes, master_cast_leftover_bytes, parameter_bytes, saved_for_backward)
 from tunelab.plan.runtime import runtime_bytes
 from tunelab.precision import adapters_compute_in_autocast_dtype, technique_precision
 from tunelab.techniques import TECHNIQUES, RunContext
@@ -71,9 +71,15 @@ def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None 
         _as_under_autocast(skeleton, precision.load_dtype)
     # the virtual tokens a prompt-learning technique prepends lengthen every row: the forward sees them
     saved = saved_for_backward(skeleton, shape, decoder_layers(skeleton))
-    activations = activation_bytes(saved, config.training.gradient_checkpointing)
+    checkpointing = config.training.gradient_checkpointing
+    activations = activation_bytes(saved, checkpointing)
+    # the heap policy: glibc's mmap threshold, fixed (1 MiB: freed chunks from that size on go back to the system)
+    # or dynamic (risen to 32 MiB: smaller freed chunks stay in the heap)
+    fixed = heap_mmap_threshold(target.type, checkpointing, base_load.quantization_config is not None)
+    threshold = fixed or MMAP_THRESHOLD_MAX
+    returned = activations_returned_bytes(saved, checkpointing, fixed) if fixed else 0
     # what the loss holds at once is the objective's own declaration (SFT's loss runs the head in chunks)
-    loss, loss_returned = loss_bytes(objective.loss_memory(saved.head))
+    loss, loss_returned = loss_bytes(objective.loss_memory(saved.head), threshold)
     checkpoint = checkpoint_file_bytes(config.model, total * checkpoint_dtype.itemsize)
     components = {
         "weights": weights,
@@ -84,7 +90,7 @@ def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None 
         "activations": activations,
         "logits_and_loss": loss,
         "autocast_copies": autocast,
-        "master_cast_leftovers": master_cast_leftover_bytes(skeleton, precision.load_dtype),
+        "master_cast_leftovers": master_cast_leftover_bytes(skeleton, precision.load_dtype, threshold),
     }
     views = mapped_views_bytes(skeleton, checkpoint_dtype) if precision.load_dtype == checkpoint_dtype else 0
     if base_load.quantization_config is not None and views:
@@ -107,9 +113,9 @@ def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None 
         "load": checkpoint + loaded,
         # the top of backward: the loss's (N, V) tensors, before any weight's gradient exists
         "loss": static + activations + loss + components["autocast_copies"] + gathered,
-        # the end of backward: every gradient, the activations (freed into the heap) and the logits tensors small
-        # enough to stay in the heap
-        "backward": static + components["gradients"] + activations + loss - loss_returned +
+        # the end of backward: every gradient, the activations (freed into the heap, less those that went back
+        # to the system under the heap policy) and the logits tensors small enough to stay in the heap
+        "backward": static + components["gradients"] + activations - returned + loss - loss_returned +
         components["autocast_copies"] + gathered,
         "optimizer step": static + components["gradients"] + components["optimizer_step_temporaries"],
     }
@@ -131,7 +137,16 @@ def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None 
                      "whole base (the load phase). Not yet checked against a measured GPU run")
     return MemoryPlan(device=target.type, peak_bytes=components["runtime"] + phases[phase], components=components,
                       phase=phase, shape=shape, dtype=str(precision.load_dtype).removeprefix("torch."),
-                      notes=notes, trainable_parameters=trainable, total_parameters=total)
+                      notes=notes, trainable_parameters=trainable, total_parameters=total,
+                      heap_mmap_threshold=fixed, phases=phases)
+
+
+def heap_policy(config: TunelabConfig, device: torch.device) -> int | None:
+    """The fixed mmap threshold ``config`` trains under on ``device`` (the heap policy: ``heap_mmap_threshold``),
+    None where glibc's dynamic one is left alone. Training applies what the plan assumed."""
+    base_load = TECHNIQUES[config.technique.name].base_load(config.technique, device)
+    return heap_mmap_threshold(device.type, config.training.gradient_checkpointing,
+                               base_load.quantization_config is not None)
 
 
 def sharded_terms(components: dict[str, int], skeleton: torch.nn.Module, processes: int) -> None:

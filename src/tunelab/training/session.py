@@ -31,12 +31,12 @@ from tunelab.data.prepare import records_fingerprint, tokenizer_fingerprint
 from tunelab.eval.before_after import BaseFiguresCache, base_evaluation, base_figures_cache, compare_with_base, forgetting_after
 from tunelab.eval.training import OverfittingSignal
 from tunelab.generation import sample_prompts
-from tunelab.models import (cache_root, default_device, load_model, load_tokenizer, meta_twin, model_fingerprint,
-                            model_skeleton, write_head_config)
+from tunelab.models import (cache_root, default_device, fixed_mmap_threshold, load_model, load_tokenizer, meta_twin,
+                            model_fingerprint, model_skeleton, write_head_config)
 from tunelab.objectives import OBJECTIVES
 from tunelab.objectives.base import attach_own_module, without_own_module
 from tunelab.objectives.reference import copies_the_base, live_reference, same_model
-from tunelab.plan import plan_memory, resident_bytes, shape_of
+from tunelab.plan import heap_policy, plan_memory, resident_bytes, shape_of
 from tunelab.precision import adapters_compute_in_autocast_dtype, keep_trainable_in_float32
 from tunelab.fs import read_json, write_entry_json
 from tunelab.schedule import make_scheduler
@@ -85,13 +85,16 @@ def _train(config: TunelabConfig, resume: bool, progress: bool) -> RunResult:
     run_precision(config)  # a refusal (float16 on a CPU) before any folder exists
     created = not Path(config.output.dir or "runs/run").exists()
     run_dir = distributed.main_decides(lambda: prepare_run_dir(config, resume))  # one process claims the folder
+    threshold = heap_policy(config, default_device())  # what the plan assumed: from the model's load on
     try:
-        return _train_in(config, run_dir, resume, progress, created)
+        with fixed_mmap_threshold(threshold) as taken:
+            return _train_in(config, run_dir, resume, progress, created, threshold if taken else None)
     finally:
         fs.release_lock(run_dir)
 
 
-def _train_in(config: TunelabConfig, run_dir: Path, resume: bool, progress: bool, created: bool) -> RunResult:
+def _train_in(config: TunelabConfig, run_dir: Path, resume: bool, progress: bool, created: bool,
+              heap_threshold: int | None = None) -> RunResult:
     distributed.quiet_other_processes()
     chosen = run_precision(config)
     if chosen.note:
@@ -105,6 +108,7 @@ def _train_in(config: TunelabConfig, run_dir: Path, resume: bool, progress: bool
     ctx = TrainingContext(config, run_dir, progress)
     if resume:  # the sessions the run already spent count in its run_info.json
         ctx.info.continue_from(read_json(run_dir / "run_info.json"))
+    _record_heap_policy(ctx, heap_threshold)
     state, phase = LoopState(), "set-up"
     try:
         if not resume:
@@ -287,6 +291,18 @@ def _shard(ctx: TrainingContext, on_main: bool) -> None:
     if on_main:
         distributed.receive_shards(ctx.model, full)
     ctx.info.figures["fsdp_loaded_by"] = "main process" if on_main else "every process"
+
+
+def _record_heap_policy(ctx: TrainingContext, threshold: int | None) -> None:
+    """Say which allocator policy this run trains under (docs/choosing.md, the heap policy): the log and
+    run_info.json's ``heap_policy``."""
+    if threshold is None:
+        policy = "glibc's dynamic mmap threshold (freed chunks under 32 MiB stay in the heap)"
+    else:
+        policy = (f"mmap threshold fixed at {threshold // 2**20} MiB (checkpointing or a quantized load on a CPU: "
+                  "freed chunks from that size on go back to the system)")
+    ctx.info.figures["heap_policy"] = {"mmap_threshold": threshold, "policy": policy}
+    log.info("heap policy: %s", policy)
 
 
 def _announce_plan(ctx: TrainingContext) -> None:
