@@ -468,18 +468,22 @@ def test_a_full_fine_tune_is_served_alone_and_not_mixed(runs: dict[str, Path], t
 def test_rows_of_one_adapter_run_it_as_the_active_adapter(client: openai.OpenAI, server: BackgroundServer,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """One client's requests ask for one adapter: its batches skip PEFT's per-row sub-batches (the active adapter
-    does the same sums at once, and the answers equal the mixed batches' above); a mixed batch still uses them.
+    does the same sums at once, and the answers equal the mixed batches' above); a mixed batch computes its
+    rows per row, through LoRA's stacked adapters (its row_forward), not PEFT's sub-batches.
     The base's rows alone keep the adapters enabled (see below)."""
     from peft.tuners.lora.layer import Linear
 
-    calls = []
-    mixed = Linear._mixed_batch_forward
+    from tunelab.techniques.lora import _StackedRows
+
+    calls, peft_calls = [], []
+    mixed, stacked = Linear._mixed_batch_forward, _StackedRows.forward
 
     def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
         calls.append(1)
-        return mixed(self, *args, **kwargs)
+        return stacked(self, *args, **kwargs)
 
-    monkeypatch.setattr(Linear, "_mixed_batch_forward", counted)
+    monkeypatch.setattr(_StackedRows, "forward", counted)
+    monkeypatch.setattr(Linear, "_mixed_batch_forward", lambda *a, **k: (peft_calls.append(1), mixed(*a, **k))[1])
     ask = lambda name, text: client.chat.completions.create(  # noqa: E731
         model=name, messages=[{"role": "user", "content": text}], max_tokens=6).choices[0].message.content
     assert "cat" in ask("cats", "say something 2") and "owl" in ask("owls", "say something 2") and not calls
@@ -495,9 +499,10 @@ def test_rows_of_one_adapter_run_it_as_the_active_adapter(client: openai.OpenAI,
     ask("cats", "say something 3"), ask("cats", "say something 4")  # 6 decode steps each, one adapter
     cats = engine.served["cats"].adapter
     assert switches in ([cats], []) and engine.model.active_adapter == cats  # set once at most, not at every step
-    with ThreadPoolExecutor(8) as pool:  # control: cats and dogs rows in one batch take PEFT's per-row path
+    calls.clear()  # the base's rows went through the installed row forward (every adapter skipped)
+    with ThreadPoolExecutor(8) as pool:  # control: cats and dogs rows in one batch take the per-row path
         list(pool.map(lambda i: ask(["cats", "dogs"][i % 2], f"say something {i}"), range(8)))
-    assert calls
+    assert calls and not peft_calls
 
 
 def test_mixed_rows_install_peft_hooks_once_and_remove_them_when_the_batch_empties(runs: dict[str, Path]) -> None:
@@ -622,3 +627,81 @@ def find_adapter(run: Path) -> Path:
     from tunelab.result import find_result
 
     return find_result(run).result_dir
+
+
+# ---------------------------------------------------------------- LoRA's stacked rows (its row_forward)
+
+
+def two_lora_model(model_dir: Path, **extra: Any) -> Any:
+    """The tiny model with two LoRA adapters of other ranks and scalings, B not zero (trained-like)."""
+    from peft import LoraConfig, get_peft_model
+
+    from support.tiny import fresh_model
+
+    torch.manual_seed(0)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(fresh_model(model_dir), LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                              init_lora_weights=False, **extra), adapter_name="one")
+    model.add_adapter("two", LoraConfig(r=2, lora_alpha=7, target_modules=targets, init_lora_weights=False, **extra))
+    return model.eval()
+
+
+def test_stacked_rows_compute_what_peft_per_row_adapters_compute(tiny_model_dir: Path, tiny_tokenizer: Any) -> None:
+    """LoRA's row_forward (each layer's adapters stacked, each row keeping its own rank columns) gives every row of
+    a batch that mixes two adapters of other ranks and the base the logits of PEFT's per-row path and of the row
+    run alone with its adapter, and the same greedy tokens in a ContinuousBatch. Negative controls: the names
+    of two rows swapped change those rows; a batch with fewer names than rows is refused."""
+    from tunelab.generation import PEFT_BASE, ContinuousBatch, GenerationRequest, Sampling
+    from tunelab.techniques.lora import TECHNIQUE, stacked_rows
+
+    assert TECHNIQUE.row_forward is stacked_rows
+    model = two_lora_model(tiny_model_dir)
+    torch.manual_seed(1)
+    ids = torch.randint(3, 60, (5, 7))  # (B, T)
+    names = ["one", "two", PEFT_BASE, "two", "one"]
+    with torch.no_grad():
+        peft = model(input_ids=ids, adapter_names=names).logits  # (B, T, V)
+        alone = []
+        for row, name in enumerate(names):
+            if name == PEFT_BASE:
+                with model.disable_adapter():
+                    alone.append(model(input_ids=ids[row:row + 1]).logits[0])
+            else:
+                model.set_adapter(name)
+                alone.append(model(input_ids=ids[row:row + 1]).logits[0])
+        rows = list(names)
+        with stacked_rows(model, rows):
+            stacked = model(input_ids=ids).logits
+            rows[:2] = rows[1::-1]  # negative control: rows 0 and 1 swap adapters
+            swapped = model(input_ids=ids).logits
+            rows[:] = names[:4]
+            with pytest.raises(ValueError, match="5 rows in the batch but 4 adapter names"):
+                model(input_ids=ids)
+        assert not any("forward" in vars(m) for m in model.modules())  # nothing left on the layers
+    torch.testing.assert_close(stacked, peft, rtol=0, atol=1e-5)
+    torch.testing.assert_close(stacked, torch.stack(alone), rtol=0, atol=1e-5)
+    assert (stacked[:2] - swapped[:2]).abs().amax() > 1e-2 and torch.equal(stacked[2:], swapped[2:])
+
+    def tokens(row_forward: Any) -> list[list[int]]:
+        batch = ContinuousBatch(model, tiny_tokenizer, {"one": "one", "two": "two", "base": PEFT_BASE}, prefix_tokens=0,
+                                row_forward=row_forward)
+        requests = [GenerationRequest(ids[i].tolist(), Sampling(6, min_new_tokens=6), adapter="base" if n == PEFT_BASE else n)
+                    for i, n in enumerate(names)]
+        for request in requests:
+            batch.add(request)
+        while not batch.idle:
+            batch.step()
+        assert batch.mixed.own == (row_forward is not None) and batch.mixed.installs == 1
+        return [r.token_ids for r in requests]
+
+    assert tokens(stacked_rows) == tokens(None)
+
+
+def test_stacked_rows_leave_other_lora_layers_to_peft(tiny_model_dir: Path) -> None:
+    """A model holding a layer the stacked forward does not compute (DoRA's magnitudes, a LoRA bias) gets None: the
+    batch uses PEFT's per-row path there (PEFT itself refuses adapter_names with DoRA)."""
+    from tunelab.techniques.lora import stacked_rows
+
+    assert stacked_rows(two_lora_model(tiny_model_dir), ["one"]) is not None
+    assert stacked_rows(two_lora_model(tiny_model_dir, use_dora=True), ["one"]) is None
+    assert stacked_rows(two_lora_model(tiny_model_dir, lora_bias=True), ["one"]) is None

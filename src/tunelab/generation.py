@@ -356,6 +356,12 @@ def steps_supported(model: Any) -> tuple[bool, str]:
 PREFILL_TOKENS = 128
 
 
+# A technique's computation of rows that ask for different adapters (``Technique.row_forward``): given the model
+# and the rows' PEFT adapter names (a list refilled in place before each forward pass), a context manager that
+# computes them while it is open, or None when it cannot for this model.
+RowForward = Callable[[Any, list[str]], Any]
+
+
 class _MixedRows:
     """PEFT's per-row adapter hooks, installed once for as long as the running batch mixes adapters (or holds
     only rows of the base).
@@ -369,13 +375,18 @@ class _MixedRows:
     a batch of one adapter runs it as the active adapter instead (``row_adapters``), and an empty batch holds
     none. Rows of the base alone keep the hooks too, each layer skipping every adapter for '__base__': PEFT's
     ``disable_adapter``, the alternative, walks the model twice and reads every layer's status at each forward
-    pass (one base row decoded at 362 ms a step that way, 73 ms through the hooks; cProfile, one thread)."""
+    pass (one base row decoded at 362 ms a step that way, 73 ms through the hooks; cProfile, one thread).
 
-    def __init__(self, model: Any) -> None:
-        self.model = model
+    A technique may compute such rows its own way (``row_forward``, which its serving caller passes: LoRA stacks
+    each layer's adapters and masks the rows' rank columns, one pair of matrix products per layer instead of one
+    per adapter); it is installed in place of PEFT's hooks, over the same list, when it takes the model."""
+
+    def __init__(self, model: Any, row_forward: RowForward | None = None) -> None:
+        self.model, self.row_forward = model, row_forward
         self.names: list[str] = []  # the rows' PEFT adapter names, refilled before each forward pass
         self.hooks: ExitStack | None = None  # open while installed
         self.installs = 0  # how many times the hooks were installed (tests)
+        self.own = False  # whether the installed ones are the technique's row_forward (else PEFT's hooks)
 
     @contextmanager
     def rows(self, names: list[str] | None) -> Iterator[dict[str, Any]]:
@@ -391,8 +402,9 @@ class _MixedRows:
         self.names[:] = names
         if self.hooks is None:
             hooks = ExitStack()
-            hooks.enter_context(self.model._enable_peft_forward_hooks(adapter_names=self.names))
-            self.hooks, self.installs = hooks, self.installs + 1
+            own = self.row_forward(self.model, self.names) if self.row_forward is not None else None
+            hooks.enter_context(own if own is not None else self.model._enable_peft_forward_hooks(adapter_names=self.names))
+            self.hooks, self.installs, self.own = hooks, self.installs + 1, own is not None
         yield {}
 
     def release(self) -> None:
@@ -540,6 +552,8 @@ class ContinuousBatch:
     A joining row whose prompt starts with the prefix its adapter's prompts share (``PrefixCache``: the chat
     template's system prompt and user header at least, learned from the prompts themselves) prefills only the rest
     of it over that prefix's cached keys and values (``prefix_tokens``: the longest prefix kept, 0: none cached).
+    Rows of different adapters are computed by ``row_forward`` where the serving caller passes the technique's
+    (``Technique.row_forward``), else by PEFT's per-row hooks.
 
     Every row has its own sampling settings (temperature, top-p, top-k, repetition penalty, min_new_tokens,
     seed), applied in transformers' order, and its own adapter (PEFT's ``adapter_names``, one per row). A model
@@ -550,7 +564,7 @@ class ContinuousBatch:
 
     def __init__(self, model: Any, tokenizer: PreTrainedTokenizerBase, adapter_names: dict[str, str] | None = None,
                  max_rows: int = 16, prefill_tokens: int = PREFILL_TOKENS, mix_adapters: bool = True,
-                 prefix_tokens: int = PREFIX_TOKENS) -> None:
+                 prefix_tokens: int = PREFIX_TOKENS, row_forward: RowForward | None = None) -> None:
         self.model, self.tokenizer, self.adapter_names = model, tokenizer, adapter_names
         self.max_rows, self.prefill_tokens = max_rows, prefill_tokens
         # None: every prompt is prefilled in full
@@ -568,7 +582,7 @@ class ContinuousBatch:
         self.cache_argument = _cache_argument(model)
         # None: the model's generation_config (as generate_batch passes no repetition_penalty then)
         self.default_penalty = getattr(getattr(model, "generation_config", None), "repetition_penalty", None)
-        self.mixed = _MixedRows(model)
+        self.mixed = _MixedRows(model, row_forward)
         self.waiting: list[GenerationRequest] = []
         self.rows: list[_Row] = []
         self.cache: DynamicCache | None = None
@@ -658,6 +672,7 @@ class ContinuousBatch:
         state = _adapter_state(self.model)
         if state != self.adapters_seen:
             self.adapters_seen = state
+            self.mixed.release()  # installed over the adapters of the time: installed again at the next pass
             if self.prefixes is not None:
                 self.prefixes.forget()
 

@@ -45,6 +45,7 @@ class ServedModel:
     run_dir: Path | None  # None for the base
     adapter: str  # PEFT adapter name ('__base__' for the base)
     tokenizer: Any  # the run's own tokenizer (its chat template)
+    row_forward: Any = None  # its technique's computation of mixed-adapter rows (Technique.row_forward)
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -116,7 +117,7 @@ def load_models(runs: list[Path], device: Any = None, allow_remote_code: bool = 
     model = loaded.model
     base_config = first.config.model if first.config is not None else ModelConfig(name=first.base)
     served = {BASE: ServedModel(BASE, None, PEFT_BASE, load_tokenizer(base_config))}
-    served[names[0]] = ServedModel(names[0], first_path, "default", loaded.tokenizer)
+    served[names[0]] = ServedModel(names[0], first_path, "default", loaded.tokenizer, first.technique.row_forward)
     for index, (name, (path, result)) in enumerate(zip(names[1:], found[1:]), start=1):
         adapter = f"served{index}"  # PEFT names become module keys: run names with dots would not do
         try:
@@ -128,7 +129,7 @@ def load_models(runs: list[Path], device: Any = None, allow_remote_code: bool = 
         if len(tokenizer) != len(served[BASE].tokenizer):
             raise ConfigError(f"{path}: its tokenizer has {len(tokenizer)} tokens, the base's "
                               f"{len(served[BASE].tokenizer)}; a run with added tokens needs its own server")
-        served[name] = ServedModel(name, path, adapter, tokenizer)
+        served[name] = ServedModel(name, path, adapter, tokenizer, result.technique.row_forward)
     model.eval()
     return model, served
 
@@ -155,8 +156,11 @@ class Engine:
         self.tokenizer = next(iter(served.values())).tokenizer  # decoding: every served tokenizer shares the vocab
         mixed = any(m.adapter for m in served.values())  # adapters: pass adapter_names to PEFT
         adapters = {m.name: m.adapter for m in served.values()} if mixed else None
+        # the adapters' techniques compute mixed rows their own way when they all declare the same one
+        forwards = {m.row_forward for m in served.values() if m.adapter not in ("", PEFT_BASE)}
+        row_forward = forwards.pop() if len(forwards) == 1 else None
         self.batch = ContinuousBatch(model, self.tokenizer, adapters, max_rows=max_batch_size,
-                                     prefill_tokens=prefill_tokens, mix_adapters=mix_adapters)
+                                     prefill_tokens=prefill_tokens, mix_adapters=mix_adapters, row_forward=row_forward)
         self.batch.continuous = continuous
         if not self.batch.stepwise:
             log.info("whole batches, no continuous batching: %s", self.batch.why_not)

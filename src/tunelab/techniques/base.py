@@ -11,7 +11,8 @@ A technique declares, in one place:
 - how its result is saved, reloaded (``load_result``) and merged (``merge``);
 - how its result opens: which ``adapter_config.json`` types it writes (``adapter_types``) and the loader that
   attaches such a folder to a plain base model (``attach``), so one function opens any result folder;
-- whether its result can share a mixed-adapter batch in ``tunelab serve`` (``mixed_batch``);
+- whether its result can share a mixed-adapter batch in ``tunelab serve`` (``mixed_batch``), and how such a batch
+  computes its rows (``row_forward``);
 - what its model card shows (``card``) and how the console shows its own eval figures (``figure_tables``).
 """
 
@@ -192,6 +193,11 @@ class Technique:
       base, loaded as the technique loads it, with ``attach``.
     - ``mixed_batch(folder)`` says why the result in ``folder`` cannot share a batch with other adapters in
       ``tunelab serve`` (it is then served alone), or None when it can.
+    - ``row_forward(model, names)`` computes a batch whose rows ask for different adapters of ``model``: a context
+      manager in which every forward pass gives row i the adapter ``names[i]`` (PEFT adapter names, '__base__'
+      for none; the caller refills the list in place before each pass), exactly as PEFT's per-row
+      ``adapter_names`` would, or None when the model holds a layer it cannot compute so (PEFT's own per-row
+      path runs then). None (the default): PEFT's per-row path always.
     - ``card`` says how the model card tells a reader to load the result without tunelab.
     - ``figure_tables(figures)`` turns what ``evaluate`` returned into tables for the console.
     - ``cpu_bf16_refusal`` says why ``model.dtype: auto`` keeps this technique in float32 on a CPU with native
@@ -220,6 +226,7 @@ class Technique:
     adapter_types: tuple[str, ...] = ()
     attach: Callable[[nn.Module, Path], nn.Module] | None = None
     mixed_batch: Callable[[Path], str | None] = served_alone
+    row_forward: Callable[[nn.Module, list[str]], AbstractContextManager[Any] | None] | None = None
     card: CardUsage | None = None
     figure_tables: Callable[[dict[str, Any]], list[FigureTable]] | None = None
     cpu_bf16_refusal: str | None = None

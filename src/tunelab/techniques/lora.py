@@ -236,6 +236,114 @@ def variant_label(settings: LoraOptions) -> str | None:
                                       (settings.init, settings.init in BASE_CHANGING_INITS),
                                       ("lora+", settings.loraplus_lr_ratio is not None)) if on]
     return ", ".join(chosen) or None
+# ---------------------------------------------------------------- mixed-adapter batches in tunelab serve
+
+
+class _StackedRows:
+    """Rows of different LoRA adapters in one forward pass, with every adapted layer's adapters stacked.
+
+    PEFT's per-row path (``adapter_names``) splits a layer's input (B, T, d_in) into one sub-batch per adapter,
+    runs each adapter's A and B on it and adds the result back row by row: 2 small matrix products, a gather and
+    a scatter per adapter, in every adapted layer of every forward pass. Here a layer holds its adapters' A
+    matrices stacked, A_s (R, d_in) with R = r_1 + ... + r_n, and their B matrices side by side, B_s (d_out, R);
+    each row keeps only its own adapter's rank columns, M (B, 1, R) is 1 there and 0 elsewhere, and its scaling
+    s (B, 1, 1) multiplies after B as PEFT's does:
+
+        h = W0 x + s * ((x A_s^T) * M) B_s^T
+
+    two matrix products over the whole batch, whatever its mix. The terms of the other adapters are exact zeros,
+    and a row of the base ('__base__', M = 0, s = 0) adds exactly 0. Measured on SmolLM2-135M with two adapters
+    and the base (``docs/deployment.md``): a mixed prefill costs what a one-adapter prefill costs."""
+
+    def __init__(self, layers: list[nn.Module], names: list[str]) -> None:
+        self.layers, self.names = layers, names  # names: one PEFT adapter per row, refilled before each pass
+        self.stacks: dict[int, tuple[tuple[str, ...], Any, Any, dict[str, tuple[int, int, float]]]] = {}
+        self.masks: dict[tuple[Any, ...], tuple[Any, Any] | None] = {}  # (layer layout, rows' names) -> (M, s)
+
+    def __enter__(self) -> _StackedRows:
+        for layer in self.layers:  # an instance attribute shadows the class's forward until __exit__
+            layer.forward = lambda x, *args, _layer=layer, **kwargs: self.forward(_layer, x, *args, **kwargs)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for layer in self.layers:
+            layer.__dict__.pop("forward", None)
+
+    def stack(self, layer: nn.Module) -> tuple[tuple[str, ...], Any, Any, dict[str, tuple[int, int, float]]]:
+        """The layer's adapters (names in order), A_s (R, d_in), B_s (d_out, R), and per adapter its first rank
+        column, rank and scaling; rebuilt when an adapter is loaded or deleted."""
+        import torch  # here, not at import: the CLI's start-up time (techniques are imported by --help)
+
+        adapters = tuple(layer.lora_A.keys())
+        found = self.stacks.get(id(layer))
+        if found is None or found[0] != adapters:
+            columns, start = {}, 0
+            for name in adapters:
+                columns[name] = (start, layer.r[name], layer.scaling[name])
+                start += layer.r[name]
+            a = torch.cat([layer.lora_A[name].weight for name in adapters])  # (R, d_in)
+            b = torch.cat([layer.lora_B[name].weight for name in adapters], dim=1)  # (d_out, R)
+            found = self.stacks[id(layer)] = (adapters, a, b, columns)
+        return found
+
+    def mask(self, key: tuple[Any, ...], columns: dict[str, tuple[int, int, float]], a: Any) -> tuple[Any, Any] | None:
+        """The rows' M (B, 1, R) and s (B, 1, 1) for this pass (None: no row has an adapter in this layer), built
+        once per layout and mix of rows."""
+        if key not in self.masks:
+            if len(self.masks) > 256:  # mixes come and go with the rows: keep the dictionary small
+                self.masks.clear()
+            rows = [columns.get(name) for name in self.names]
+            if all(row is None for row in rows):
+                self.masks[key] = None
+            else:
+                keep = a.new_zeros((len(rows), 1, a.shape[0]))
+                scale = a.new_zeros((len(rows), 1, 1))
+                for index, row in enumerate(rows):
+                    if row is not None:
+                        start, rank, scaling = row
+                        keep[index, :, start:start + rank] = 1
+                        scale[index] = scaling
+                self.masks[key] = (keep, scale)
+        return self.masks[key]
+
+    def forward(self, layer: nn.Module, x: Any, *args: Any, **kwargs: Any) -> Any:
+        from torch.nn import functional  # here, not at import: the CLI's start-up time
+
+        if layer.training or kwargs.get("adapter_names") is not None:  # dropout would apply: PEFT's own path
+            return type(layer).forward(layer, x, *args, **{"adapter_names": list(self.names), **kwargs})
+        if x.shape[0] != len(self.names):  # a row without its adapter name would take another row's
+            raise ValueError(f"{x.shape[0]} rows in the batch but {len(self.names)} adapter names")
+        for key in PEFT_ROW_KWARGS:
+            kwargs.pop(key, None)
+        result = layer.base_layer(x, *args, **kwargs)  # (B, T, d_out)
+        if layer.disable_adapters:
+            return result
+        adapters, a, b, columns = self.stack(layer)
+        rows = self.mask((id(layer), adapters, tuple(self.names)), columns, a)
+        if rows is None:
+            return result
+        keep, scale = rows
+        low = functional.linear(x.to(a.dtype), a) * keep  # (B, T, R): each row's own rank columns
+        return result + (functional.linear(low, b) * scale).to(result.dtype)
+
+
+# Keyword arguments PEFT's LoRA layers take besides the input, which the base layer must not get.
+PEFT_ROW_KWARGS = ("alora_offsets",)
+
+
+def stacked_rows(model: nn.Module, names: list[str]) -> _StackedRows | None:
+    """The ``row_forward`` of LoRA: ``_StackedRows`` over every LoRA layer of ``model``, or None (PEFT's per-row
+    path) when one of them is not a plain LoRA linear layer (DoRA and the other variants, a LoRA bias, a merged
+    adapter, an embedding or a quantized layer)."""
+    from peft.tuners.lora.layer import LoraLayer, Linear  # here, not at import: peft loads slowly
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    plain = all(type(m) is Linear and not m.merged and not m.lora_variant and not any(m.use_dora.values())
+                and not getattr(m, "fan_in_fan_out", False)
+                and all(m.lora_B[name].bias is None for name in m.lora_B) for m in layers)
+    return _StackedRows(layers, names) if layers and plain else None
+
+
 DORA_ALONE = ("a DoRA adapter: PEFT refuses adapter_names (one batch shared by several adapters) when DoRA is "
               "enabled, so it is served alone")
 
@@ -261,4 +369,5 @@ TECHNIQUE = Technique(
     variant_label=variant_label,
     adapter_types=("LORA",),  # PEFT's peft_type
     mixed_batch=mixed_batch,
+    row_forward=stacked_rows,
 )
