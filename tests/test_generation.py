@@ -402,3 +402,45 @@ def test_the_head_gets_a_contiguous_input_in_a_prefill(model_and_tokenizer: tupl
     finally:
         handle.remove()
     assert len(seen) == 1 + 3 and all(seen[1:])  # a prefill of the three rows, then two decoding steps
+
+
+def test_decoding_steps_write_the_cache_in_place_and_compute_what_concatenation_computes(
+        model_and_tokenizer: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decoding step writes its token's keys and values into the room the cache layers keep (no copy of the
+    cache: the same buffer from step to step, the views one column wider each time); rows that join or leave get
+    new buffers. The logits at every step are bitwise those of transformers' DynamicLayer, which concatenates."""
+    import tunelab.generation as generation
+
+    model, tokenizer = model_and_tokenizer
+    texts = prompts(tokenizer)
+
+    def serve() -> tuple[list[list[int]], list[torch.Tensor], list[tuple[int, int, int]]]:
+        batch = ContinuousBatch(model, tokenizer, prefix_tokens=0)
+        logits, layers = [], []
+        choose = batch._choose
+        batch._choose = lambda scores, rows: (logits.append(scores.clone()), choose(scores, rows))[1]  # type: ignore[method-assign]
+        requests = [GenerationRequest(encode(tokenizer, texts[0]), Sampling(14, min_new_tokens=14)),
+                    GenerationRequest(encode(tokenizer, texts[1]), Sampling(6, min_new_tokens=6)),
+                    GenerationRequest(encode(tokenizer, texts[2]), Sampling(5, min_new_tokens=5))]
+        batch.add(requests[0]), batch.add(requests[1])
+        for step in range(13):
+            if step == 3:
+                batch.add(requests[2])  # joins at the 4th step; the second row leaves after its 6th token
+            batch.step()
+            layer = batch.cache.layers[0]
+            layers.append((getattr(layer, "key_room", layer.keys).data_ptr(), layer.keys.data_ptr(), layer.keys.shape[2]))
+        run_to_the_end(batch)
+        return [r.token_ids for r in requests], logits, layers
+
+    tokens, logits, layers = serve()
+    # steps 0-2: the first two rows' prefill and two decoding steps; 3: the third row joins (its prefill, merged by
+    # concatenation); 4: the next decoding step takes new buffers; 6 and 7: rows leave; 8-12: the last row decodes
+    for steady in (layers[0:3], layers[4:6], layers[8:13]):  # one buffer, the keys at its start, one column more a step
+        assert len({room for room, _, _ in steady}) == 1 and all(room == keys for room, keys, _ in steady)
+        assert [w for _, _, w in steady] == list(range(steady[0][2], steady[0][2] + len(steady)))
+    assert layers[3][1] != layers[3][0] and layers[4][0] != layers[2][0]  # a row joined: new buffers
+    monkeypatch.setattr(generation, "_new_cache", lambda model: generation.DynamicCache(config=model.config))
+    plain_tokens, plain_logits, plain_layers = serve()
+    assert len({keys for _, keys, _ in plain_layers[8:13]}) == 5  # control: concatenation copies at every step
+    assert tokens == plain_tokens and len(logits) == len(plain_logits) >= 15
+    assert all(torch.equal(a, b) for a, b in zip(logits, plain_logits))

@@ -705,3 +705,39 @@ def test_stacked_rows_leave_other_lora_layers_to_peft(tiny_model_dir: Path) -> N
     assert stacked_rows(two_lora_model(tiny_model_dir), ["one"]) is not None
     assert stacked_rows(two_lora_model(tiny_model_dir, use_dora=True), ["one"]) is None
     assert stacked_rows(two_lora_model(tiny_model_dir, lora_bias=True), ["one"]) is None
+
+
+def test_stacked_rows_follow_an_adapter_replaced_under_its_name(tiny_model_dir: Path, tiny_tokenizer: Any) -> None:
+    """The stacked adapters are those of the time: an adapter deleted and another loaded under the same name while
+    its row is decoding gives that row the new weights from the batch's next step on (the batch sees PEFT's
+    adapters change and installs the stacks anew), as PEFT's per-row path does. Negative control: without the
+    replacement the row gets other tokens."""
+    from peft import LoraConfig
+
+    from tunelab.generation import PEFT_BASE, ContinuousBatch, GenerationRequest, Sampling
+    from tunelab.techniques.lora import stacked_rows
+
+    def serve(row_forward: Any, replace: bool = True) -> list[list[int]]:
+        model = two_lora_model(tiny_model_dir)
+        batch = ContinuousBatch(model, tiny_tokenizer, {"one": "one", "two": "two", "base": PEFT_BASE},
+                                prefix_tokens=0, row_forward=row_forward)
+        requests = [GenerationRequest(p, Sampling(12, min_new_tokens=12), adapter=a)
+                    for p, a in [([5, 9, 14, 20], "one"), ([7, 3, 30, 11], "two"), ([12, 40, 8, 6], "base")]]
+        for request in requests:
+            batch.add(request)
+        for _ in range(3):  # the prefill and two decoding steps, the rows mixed
+            batch.step()
+        if replace:
+            model.delete_adapter("two")
+            torch.manual_seed(5)
+            model.add_adapter("two", LoraConfig(r=2, lora_alpha=7, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                init_lora_weights=False))
+            model.eval()
+        while not batch.idle:
+            batch.step()
+        return [r.token_ids for r in requests]
+
+    replaced = serve(stacked_rows)
+    assert replaced == serve(None)
+    kept = serve(stacked_rows, replace=False)
+    assert replaced[1][:3] == kept[1][:3] and replaced[1] != kept[1] and replaced[0::2] == kept[0::2]
