@@ -43,7 +43,7 @@ from tunelab.schedule import make_scheduler
 from tunelab.techniques import TECHNIQUES, RunContext, TechniqueError, count_parameters
 from tunelab.tracking import Trackers
 from tunelab.training.context import LoopState, TrainingContext, run_precision
-from tunelab.training.attention import kv_heads_shared_in_kernel
+from tunelab.training.attention import attention_per_packed_example, kv_heads_shared_in_kernel
 from tunelab.training.dropout import use_cpu_dropout
 from tunelab.training.loop import run_loop
 from tunelab.training.plan import make_plan
@@ -64,7 +64,8 @@ class RunResult:
 
 def train(config: TunelabConfig, resume: bool = False, progress: bool = True) -> RunResult:
     """Fine-tune ``config.model`` on ``config.data`` with ``config.technique``; see the module docstring."""
-    with _library_progress_bars(progress), kv_heads_shared_in_kernel(default_device()):
+    device = default_device()
+    with _library_progress_bars(progress), kv_heads_shared_in_kernel(device), attention_per_packed_example(device):
         return _train(config, resume, progress)
 
 
