@@ -8,9 +8,11 @@ the first (warm-up). Variants:
 - ``no-cpu-dropout``: torch's ``nn.Dropout`` for the adapters' input dropout (one 32-bit draw per element);
 - ``float32``: ``model.dtype: float32`` (no bf16 autocast; only meaningful on a CPU with native bf16);
 - ``no-packing``: ``data.packing: false`` (rows padded to their batch's longest example);
+- ``packed-mask``: transformers' SDPA attention on the packed rows' block-diagonal mask (instead of causal
+  attention per packed example, re-batched by length, ``training/attention.py``);
 - ``full-logits``: the head over every position, (B, T, V) logits and a float32 cross-entropy, as transformers'
   own causal-LM loss computes it (instead of the chunked head at supervised positions only);
-- ``none``: all four switched off at once.
+- ``none``: all five switched off at once.
 
 Each feature's share is shipped tokens/s over that variant's (how much slower the run is without it). Speed is
 measured here, never in a test; run it alone on a quiet machine, and compare figures within one invocation::
@@ -31,9 +33,10 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = ["shipped", "no-cpu-dropout", "float32", "no-packing", "full-logits", "none"]
+VARIANTS = ["shipped", "no-cpu-dropout", "float32", "no-packing", "packed-mask", "full-logits", "none"]
 OFF = {"no-cpu-dropout": {"cpu-dropout"}, "float32": {"bf16"}, "no-packing": {"packing"},
-       "full-logits": {"supervised-head"}, "none": {"cpu-dropout", "bf16", "packing", "supervised-head"}}
+       "packed-mask": {"per-example-attention"}, "full-logits": {"supervised-head"},
+       "none": {"cpu-dropout", "bf16", "packing", "per-example-attention", "supervised-head"}}
 
 
 def switch_off(features: set[str]) -> list[str]:
@@ -43,6 +46,12 @@ def switch_off(features: set[str]) -> list[str]:
         overrides.append("model.dtype=float32")
     if "packing" in features:
         overrides.append("data.packing=false")
+    if "per-example-attention" in features:
+        from contextlib import nullcontext
+
+        from tunelab.training import session
+
+        session.attention_per_packed_example = lambda device: nullcontext(False)
     if "cpu-dropout" in features:
         from tunelab.training import session
 

@@ -36,7 +36,8 @@ def bench_position_ids() -> list[torch.Tensor]:
     tokenizer = AutoTokenizer.from_pretrained(cache_root() / "models" / "smollm2-135m-instruct")
     records = [json.loads(line) for line in (HERE.parent / "src/tunelab/assets/pydoc_qa/pydoc_qa.jsonl")
                .read_text().splitlines()[:128]]
-    lengths = [min(LENGTH, len(tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"])) for r in records]
+    chats = [tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=True) for r in records]
+    lengths = [min(LENGTH, len(chat["input_ids"])) for chat in chats]
     rows = pack_rows(lengths, LENGTH)
     out = []
     for batch in epoch_batches([sum(lengths[i] for i in row) for row in rows], BATCH, 0, 0, False):
@@ -77,14 +78,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--call-cost", type=int, default=attention.CALL_COST)
-    parser.add_argument("--wall", action="store_true", help="time wall seconds, not process CPU seconds (several threads)")
+    parser.add_argument("--wall", action="store_true",
+                        help="time wall seconds, not process CPU seconds (several threads)")
     args = parser.parse_args()
     batches = bench_position_ids()
     names = ["mask", "per_example"]
     seconds: dict[str, list[float]] = {n: [] for n in names}
     for index in range(args.rounds):
         for name in names if index % 2 == 0 else names[::-1]:
-            seconds[name].append(sum(one_pass(p, name, args.call_cost, time.perf_counter if args.wall else time.process_time) for p in batches) / len(batches))
+            clock = time.perf_counter if args.wall else time.process_time
+            seconds[name].append(sum(one_pass(p, name, args.call_cost, clock) for p in batches) / len(batches))
     ratios = [a / b for a, b in zip(seconds["mask"], seconds["per_example"])]
     plans = [attention.packed_plan(p) for p in batches]
     print(json.dumps({"threads": torch.get_num_threads(), "batches": len(batches), "rounds": args.rounds,

@@ -49,7 +49,8 @@ def kv_heads_shared_in_kernel(device: torch.device) -> Iterator[bool]:
 # faster (the per-call cost ate the skipped pairs), hence a few calls, the groups chosen by ``length_groups``.
 
 MAX_GROUPS = 3  # SDPA calls per layer at most
-CALL_COST = 4096  # one SDPA call's fixed cost, in (query, key) pairs of work (measured: benchmarks/packed_attention.py)
+MAX_CUTS = 64  # places a length group may end that ``length_groups`` weighs
+CALL_COST = 4096  # a call's fixed cost in (query, key) pairs: set by hand (3-8 groups measured alike)
 PACKED_SDPA = "sdpa"  # the attention implementation this replaces while a CPU run trains
 _last_plan: tuple[Any, Any, "PackedPlan | None"] | None = None  # (mask, position ids) weak references, and their plan
 
@@ -80,27 +81,31 @@ def segments(position_ids: torch.Tensor) -> torch.Tensor:
 def length_groups(lengths: list[int], max_groups: int = MAX_GROUPS, call_cost: int = CALL_COST) -> list[list[int]]:
     """Split examples (their indices) into at most ``max_groups`` groups, each run as one right-padded causal batch,
     minimising sum over groups of (call_cost + n_g * L_g^2), L_g the group's longest example: examples sorted by
-    length, groups contiguous in that order, by dynamic programming (O(max_groups * n^2), n = examples)."""
+    length, groups contiguous in that order, by dynamic programming over the places a group may end: every example
+    up to ``MAX_CUTS`` of them, else ``MAX_CUTS`` evenly spaced ones (O(max_groups * MAX_CUTS^2) whatever the batch:
+    a long-context micro-batch holds hundreds of examples, and this runs once per forward)."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     n = len(order)
+    cuts = list(range(n + 1)) if n <= MAX_CUTS else sorted({round(c * n / MAX_CUTS) for c in range(MAX_CUTS + 1)})
     inf = float("inf")
-    # best[k][j]: the cheapest split of the j shortest examples into k groups; cut[k][j]: where its last group starts
-    best = [[inf] * (n + 1) for _ in range(max_groups + 1)]
-    cut = [[0] * (n + 1) for _ in range(max_groups + 1)]
+    # best[k][b]: the cheapest split of the cuts[b] shortest examples into k groups; start[k][b]: its last group's
+    # first cut
+    best = [[inf] * len(cuts) for _ in range(max_groups + 1)]
+    start = [[0] * len(cuts) for _ in range(max_groups + 1)]
     best[0][0] = 0.0
     for k in range(1, max_groups + 1):
-        for j in range(1, n + 1):
-            longest = lengths[order[j - 1]] ** 2
-            for i in range(k - 1, j):
-                cost = best[k - 1][i] + call_cost + (j - i) * longest
-                if cost < best[k][j]:
-                    best[k][j], cut[k][j] = cost, i
-    k = min(range(1, max_groups + 1), key=lambda g: best[g][n])
-    groups, j = [], n
+        for b in range(1, len(cuts)):
+            longest = lengths[order[cuts[b] - 1]] ** 2
+            for a in range(k - 1, b):
+                cost = best[k - 1][a] + call_cost + (cuts[b] - cuts[a]) * longest
+                if cost < best[k][b]:
+                    best[k][b], start[k][b] = cost, a
+    k = min(range(1, max_groups + 1), key=lambda g: best[g][-1])
+    groups, b = [], len(cuts) - 1
     while k:
-        i = cut[k][j]
-        groups.append(order[i:j])
-        j, k = i, k - 1
+        a = start[k][b]
+        groups.append(order[cuts[a] : cuts[b]])
+        b, k = a, k - 1
     return groups[::-1]
 
 
