@@ -131,6 +131,9 @@ def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None 
     phase = max(phases, key=phases.__getitem__)
     if precision.note:
         notes.append(precision.note)
+    if fixed:
+        notes.append(f"heap policy: glibc's mmap threshold fixed at {fixed // 2**20} MiB (checkpointing or a quantized "
+                     "load on a CPU): freed chunks from that size on go back to the system, at a price in kernel time")
     if sharded:
         notes.append(f"fsdp over {processes} processes: each holds 1/{processes} of the weights, gradients and "
                      "optimizer state plus the units it gathers (fsdp_gathered); the main process alone loads the "
