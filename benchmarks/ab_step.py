@@ -16,7 +16,8 @@ A variants file is a Python module with ``VARIANTS = ["a", "b"]`` (the first is 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ab_step.py my_variants.py --rounds 8 [--profile]
 
 Run at one thread (``OMP_NUM_THREADS=1``): at two, a thread descheduled by another process stalls every parallel
-region and the CPU time of the waiting thread counts too. Speed is measured here, never in a test.
+region and the CPU time of the waiting thread counts too (``--wall`` times wall seconds instead, for the bench's two
+threads on a quiet host). Speed is measured here, never in a test.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def load_variants(path: Path) -> ModuleType:
     return module
 
 
-def measure(variants: ModuleType, rounds: int, profiled: bool, overrides: list[str]) -> dict[str, Any]:
+def measure(variants: ModuleType, rounds: int, profiled: bool, overrides: list[str],
+            clock: Any = time.process_time) -> dict[str, Any]:
     """Train the bench's run to its second step and time that step's passes per variant (see module doc)."""
     sys.path.insert(0, str(HERE))
     from profile_step import bench_config
@@ -67,9 +69,9 @@ def measure(variants: ModuleType, rounds: int, profiled: bool, overrides: list[s
         prof = profile(activities=[ProfilerActivity.CPU]) if profiled else None
         if prof is not None:
             prof.__enter__()
-        start = time.process_time()
+        start = clock()
         accumulate(model, window, *args, **kwargs)
-        seconds[name].append(time.process_time() - start)
+        seconds[name].append(clock() - start)
         if prof is not None:
             prof.__exit__(None, None, None)
             for event in prof.key_averages():
@@ -92,7 +94,10 @@ def measure(variants: ModuleType, rounds: int, profiled: bool, overrides: list[s
             session.train(config, progress=False)
     finally:
         loop.accumulate_gradients = accumulate
-    return report(names, seconds, ops if profiled else None)
+    result = report(names, seconds, ops if profiled else None)
+    if clock is not time.process_time:
+        result["median_wall_s"] = result.pop("median_cpu_s")
+    return result
 
 
 def report(names: list[str], seconds: dict[str, list[float]], ops: dict[str, dict[str, float]] | None) -> dict[str, Any]:
@@ -117,8 +122,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--profile", action="store_true", help="also list the ops whose self CPU time moved most")
     parser.add_argument("--set", action="append", default=[], dest="overrides")
+    parser.add_argument("--wall", action="store_true", help="time wall seconds (for several threads, quiet host only)")
     args = parser.parse_args()
-    print(json.dumps(measure(load_variants(args.variants), args.rounds, args.profile, args.overrides), indent=1))
+    clock = time.perf_counter if args.wall else time.process_time
+    print(json.dumps(measure(load_variants(args.variants), args.rounds, args.profile, args.overrides, clock), indent=1))
 
 
 if __name__ == "__main__":
