@@ -226,17 +226,21 @@ def _group_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     def by_kv_head(x: torch.Tensor) -> torch.Tensor:  # (n, H, L, ...) -> (n, K, G*L, ...)
         return x.reshape(n, kv, rows, *x.shape[3:])
 
-    q, d_out = by_kv_head(query), by_kv_head(grad)  # (n, K, G*L, D)
+    q, d_out = by_kv_head(query).flatten(0, 1), by_kv_head(grad).flatten(0, 1)  # (n*K, G*L, D)
+    keys, values = key.flatten(0, 1), value.flatten(0, 1)  # (n*K, L, D)
     future = torch.ones(length, length, dtype=torch.bool, device=query.device).triu(1)  # (L, L) keys after the query
-    scores = torch.matmul(q.float(), key.float().transpose(-1, -2)).mul_(scale)  # (n, K, G*L, L) float32
-    scores.view(n, kv, -1, length, length).masked_fill_(future, float("-inf"))
-    probs = scores.sub_(by_kv_head(lse.unsqueeze(-1))).exp_()  # P, (n, K, G*L, L) float32
-    d_probs = torch.matmul(d_out.float(), value.float().transpose(-1, -2))  # dP, (n, K, G*L, L) float32
-    d_sum = (d_out.float() * by_kv_head(out).float()).sum(-1, keepdim=True)  # (n, K, G*L, 1)
-    d_scores = d_probs.sub_(d_sum).mul_(probs).mul_(scale).to(query.dtype)  # scale * dS
-    d_value = torch.matmul(probs.to(query.dtype).transpose(-1, -2), d_out)  # (n, K, L, D)
-    d_query = torch.matmul(d_scores, key).view(n, heads, length, dim)  # (n, H, L, D)
-    d_key = torch.matmul(d_scores.transpose(-1, -2), q)  # (n, K, L, D)
+    # scale * S - logsumexp in one batched matmul (the subtrahend broadcast as its addend), then P in place
+    scores = torch.baddbmm(lse.reshape(n * kv, rows, 1).neg(), q.float(), keys.float().transpose(1, 2), alpha=scale)
+    scores.view(n * kv, -1, length, length).masked_fill_(future, float("-inf"))
+    probs = scores.exp_()  # P, (n*K, G*L, L) float32
+    d_out32 = d_out.float()
+    d_sum = (d_out32 * by_kv_head(out).flatten(0, 1).float()).sum(-1, keepdim=True)  # (n*K, G*L, 1)
+    # scale * (dP - rowsum(dO * O)) in one batched matmul, times P: scale * dS
+    d_scores = torch.baddbmm(d_sum, d_out32, values.float().transpose(1, 2), beta=-scale, alpha=scale)
+    d_scores = d_scores.mul_(probs).to(query.dtype)  # (n*K, G*L, L)
+    d_value = torch.bmm(probs.to(query.dtype).transpose(1, 2), d_out).view(n, kv, length, dim)
+    d_query = torch.bmm(d_scores, keys).view(n, heads, length, dim)
+    d_key = torch.bmm(d_scores.transpose(1, 2), q).view(n, kv, length, dim)
     return d_query, d_key, d_value
 
 
