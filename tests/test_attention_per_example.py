@@ -148,3 +148,12 @@ def test_a_cpu_run_attends_per_example_and_restores_the_registry(tiny_model_dir:
     train(config, progress=False)
     assert counted
     assert attention.PACKED_SDPA not in ALL_ATTENTION_FUNCTIONS._local_mapping
+
+
+def test_the_switch_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(attention.PACKED_SWITCH, "0")
+    with attention.attention_per_packed_example(CPU) as switched:
+        assert not switched and attention.PACKED_SDPA not in ALL_ATTENTION_FUNCTIONS._local_mapping
+    monkeypatch.delenv(attention.PACKED_SWITCH)
+    with attention.attention_per_packed_example(CPU) as switched:
+        assert switched and ALL_ATTENTION_FUNCTIONS[attention.PACKED_SDPA] is attention.packed_sdpa_attention

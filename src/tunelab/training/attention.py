@@ -52,6 +52,7 @@ MAX_GROUPS = 3  # SDPA calls per layer at most
 MAX_CUTS = 64  # places a length group may end that ``length_groups`` weighs
 CALL_COST = 4096  # a call's fixed cost in (query, key) pairs: set by hand (3-8 groups measured alike)
 PACKED_SDPA = "sdpa"  # the attention implementation this replaces while a CPU run trains
+PACKED_SWITCH = "TUNELAB_PACKED_ATTENTION"  # "0": keep transformers' attention on the packed mask
 _last_plan: tuple[Any, Any, "PackedPlan | None"] | None = None  # (mask, position ids) weak references, and their plan
 
 
@@ -284,11 +285,13 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
 @contextmanager
 def attention_per_packed_example(device: torch.device) -> Iterator[bool]:
     """While the block runs, transformers' "sdpa" attention on ``device`` (a CPU) attends per packed example
-    (``packed_sdpa_attention``); yields whether it was switched on here (not on other devices, nor when something
-    else already replaced "sdpa" in this process's attention registry)."""
+    (``packed_sdpa_attention``); yields whether it was switched on here (not on other devices, not when something
+    else already replaced "sdpa" in this process's attention registry, nor with ``TUNELAB_PACKED_ATTENTION=0``: its
+    many small operations wait for a descheduled thread on a busy host, see docs/performance.md)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # why: only a CPU run needs it
 
-    if device.type != "cpu" or PACKED_SDPA in ALL_ATTENTION_FUNCTIONS._local_mapping:
+    if device.type != "cpu" or os.environ.get(PACKED_SWITCH) == "0" \
+            or PACKED_SDPA in ALL_ATTENTION_FUNCTIONS._local_mapping:
         yield False
         return
     ALL_ATTENTION_FUNCTIONS[PACKED_SDPA] = packed_sdpa_attention
