@@ -157,3 +157,11 @@ def test_the_switch_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(attention.PACKED_SWITCH)
     with attention.attention_per_packed_example(CPU) as switched:
         assert switched and ALL_ATTENTION_FUNCTIONS[attention.PACKED_SDPA] is attention.packed_sdpa_attention
+
+
+def test_multi_axis_position_ids_keep_transformers_attention() -> None:
+    """Position ids with one row per rotary axis (3, B, T: Qwen2-VL's mrope) say nothing this reads about examples."""
+    q = k = torch.zeros(2, 1, POSITIONS.shape[1], 4)
+    mask = attention.block_causal(POSITIONS)
+    assert attention._plan_for(mask, POSITIONS, q, k) is not None
+    assert attention._plan_for(mask, POSITIONS.expand(3, -1, -1), q, k) is None

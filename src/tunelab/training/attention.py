@@ -252,7 +252,7 @@ def _plan_for(attention_mask: torch.Tensor | None, position_ids: torch.Tensor | 
     (a padding mask a caller passed, say). Checked and built once per forward: every layer gets the same mask and
     position ids objects, so the result is kept against (weak references to) them."""
     global _last_plan
-    if attention_mask is None or position_ids is None or attention_mask.dtype != torch.bool:
+    if attention_mask is None or position_ids is None or position_ids.dim() != 2 or attention_mask.dtype != torch.bool:
         return None
     batch, _, length, _ = query.shape
     if key.shape[2] != length or attention_mask.shape != (batch, 1, length, length) or position_ids.shape[-1] != length:
