@@ -6,6 +6,7 @@ is caught."""
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,8 @@ def test_a_cpu_run_attends_per_example_and_restores_the_registry(tiny_model_dir:
     train(config, progress=False)
     assert counted
     assert attention.PACKED_SDPA not in ALL_ATTENTION_FUNCTIONS._local_mapping
+    assert json.loads((tmp_path / "run" / "run_info.json").read_text())["attention"].startswith("causal per packed")
+    assert attention.attention_in_use().startswith("transformers' SDPA")  # negative control: after the run
 
 
 def test_the_switch_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -299,3 +299,12 @@ def attention_per_packed_example(device: torch.device) -> Iterator[bool]:
         yield True
     finally:
         ALL_ATTENTION_FUNCTIONS._local_mapping.pop(PACKED_SDPA, None)
+
+
+def attention_in_use() -> str:
+    """What this process's "sdpa" attention does on packed training rows, for the run's log and run_info.json."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # why: only a CPU run needs it
+
+    if ALL_ATTENTION_FUNCTIONS._local_mapping.get(PACKED_SDPA) is packed_sdpa_attention:
+        return "causal per packed example, re-batched by length (CPU; TUNELAB_PACKED_ATTENTION=0 turns it off)"
+    return "transformers' SDPA on the packed rows' block-diagonal mask"

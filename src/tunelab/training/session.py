@@ -43,7 +43,7 @@ from tunelab.schedule import make_scheduler
 from tunelab.techniques import TECHNIQUES, RunContext, TechniqueError, count_parameters
 from tunelab.tracking import Trackers
 from tunelab.training.context import LoopState, TrainingContext, run_precision
-from tunelab.training.attention import attention_per_packed_example, kv_heads_shared_in_kernel
+from tunelab.training.attention import attention_in_use, attention_per_packed_example, kv_heads_shared_in_kernel
 from tunelab.training.dropout import use_cpu_dropout
 from tunelab.training.loop import run_loop
 from tunelab.training.plan import make_plan
@@ -221,6 +221,9 @@ def _set_up(ctx: TrainingContext, resume: bool) -> tuple[LoopState, dict[str, An
         ctx.info.figures["dropout"] = f"{switched} dropout layers draw their masks four elements per 64-bit number " \
                                       "(CPU; p rounded to a multiple of 1/32768)"
         log.info("dropout: %s", ctx.info.figures["dropout"])
+    if ctx.accelerator.device.type == "cpu":  # which attention trained: it changes bf16 rounding (docs/performance.md)
+        ctx.info.figures["attention"] = attention_in_use()
+        log.info("attention: %s", ctx.info.figures["attention"])
     if ctx.sharded:  # after the technique and the dtypes are set: FSDP2 shards the parameters as they are then
         _shard(ctx, on_main)
     trainable, total = count_parameters(ctx.model)
