@@ -489,6 +489,17 @@ def test_the_heap_policy_fixes_the_threshold_of_checkpointed_and_quantized_cpu_r
     assert plan_memory(plain, "cpu", SHAPE, runtime=RUNTIME).heap_mmap_threshold is None
 
 
+def test_training_return_freed_memory_overrides_the_heap_policy_and_the_plan_follows(tiny_model_dir, tmp_path):
+    """The config's choice wins both ways: off for a checkpointed run, on for an ordinary one; the plan assumes it."""
+    cpu = torch.device("cpu")
+    kept = config_for(tiny_model_dir, tmp_path, "lora", gradient_checkpointing=True, return_freed_memory=False)
+    returned = config_for(tiny_model_dir, tmp_path, "lora", return_freed_memory=True)
+    assert heap_policy(kept, cpu) is None and heap_policy(returned, cpu) == 2**20
+    assert heap_policy(returned, torch.device("cuda")) is None  # glibc's heap only matters on a CPU
+    assert plan_memory(kept, "cpu", SHAPE, runtime=RUNTIME).heap_mmap_threshold is None
+    assert plan_memory(returned, "cpu", SHAPE, runtime=RUNTIME).heap_mmap_threshold == 2**20
+
+
 def test_activations_returned_are_the_large_chunks_backward_has_freed():
     """At the end of backward the first layer's saves are alive (its backward is the last); every other chunk of
     the threshold or more went back to the system. With checkpointing the layers kept only their inputs (the first

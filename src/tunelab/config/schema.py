@@ -83,6 +83,12 @@ class TrainingConfig(Settings):
         5, gt=0, description="A non-finite loss or gradient skips the step; this many in a row aborts the run."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    return_freed_memory: bool | None = Field(
+        None, description="On a CPU, give every freed chunk of 1 MiB or more back to the system at once (glibc's mmap "
+        "threshold fixed at 1 MiB): a lower, predictable peak for more kernel time (each chunk is zeroed again when "
+        "next needed). None: on with gradient_checkpointing or a quantized load, off otherwise (docs/choosing.md, "
+        "the heap policy); `tunelab plan` plans whichever the run will use."
+    )
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp", description="How the processes of a torchrun launch share the model: 'ddp' gives each a whole copy and "
         "averages gradients; 'fsdp' shards weights, gradients and optimizer state over them (torch FSDP2, one unit per "

@@ -143,9 +143,13 @@ MMAP_THRESHOLD_MAX = DYNAMIC_MMAP_THRESHOLD_MAX
 FIXED_MMAP_THRESHOLD = 2**20
 
 
-def heap_mmap_threshold(device_type: str, checkpointing: bool, quantized: bool) -> int | None:
-    """The fixed mmap threshold a run trains under (the heap policy), None where glibc's dynamic one stays."""
-    return FIXED_MMAP_THRESHOLD if device_type == "cpu" and (checkpointing or quantized) else None
+def heap_mmap_threshold(device_type: str, checkpointing: bool, quantized: bool,
+                        requested: bool | None = None) -> int | None:
+    """The fixed mmap threshold a run trains under (the heap policy), None where glibc's dynamic one stays.
+    ``requested`` is the config's ``training.return_freed_memory``: None lets checkpointing or a quantized load
+    decide."""
+    wanted = (checkpointing or quantized) if requested is None else requested
+    return FIXED_MMAP_THRESHOLD if device_type == "cpu" and wanted else None
 
 
 def master_cast_leftover_bytes(model: nn.Module, load_dtype: torch.dtype, threshold: int = MMAP_THRESHOLD_MAX) -> int:

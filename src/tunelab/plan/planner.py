@@ -75,7 +75,8 @@ def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None 
     activations = activation_bytes(saved, checkpointing)
     # the heap policy: glibc's mmap threshold, fixed (1 MiB: freed chunks from that size on go back to the system)
     # or dynamic (risen to 32 MiB: smaller freed chunks stay in the heap)
-    fixed = heap_mmap_threshold(target.type, checkpointing, base_load.quantization_config is not None)
+    fixed = heap_mmap_threshold(target.type, checkpointing, base_load.quantization_config is not None,
+                                config.training.return_freed_memory)
     threshold = fixed or MMAP_THRESHOLD_MAX
     returned = activations_returned_bytes(saved, checkpointing, fixed) if fixed else 0
     # what the loss holds at once is the objective's own declaration (SFT's loss runs the head in chunks)
@@ -132,8 +133,9 @@ def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None 
     if precision.note:
         notes.append(precision.note)
     if fixed:
-        notes.append(f"heap policy: glibc's mmap threshold fixed at {fixed // 2**20} MiB (checkpointing or a quantized "
-                     "load on a CPU): freed chunks from that size on go back to the system, at a price in kernel time")
+        notes.append(f"heap policy: glibc's mmap threshold fixed at {fixed // 2**20} MiB (training.return_freed_memory, "
+                     "by default on with checkpointing or a quantized load on a CPU): freed chunks from that size on go "
+                     "back to the system, at a price in kernel time")
     if sharded:
         notes.append(f"fsdp over {processes} processes: each holds 1/{processes} of the weights, gradients and "
                      "optimizer state plus the units it gathers (fsdp_gathered); the main process alone loads the "
@@ -149,7 +151,7 @@ def heap_policy(config: TunelabConfig, device: torch.device) -> int | None:
     None where glibc's dynamic one is left alone. Training applies what the plan assumed."""
     base_load = TECHNIQUES[config.technique.name].base_load(config.technique, device)
     return heap_mmap_threshold(device.type, config.training.gradient_checkpointing,
-                               base_load.quantization_config is not None)
+                               base_load.quantization_config is not None, config.training.return_freed_memory)
 
 
 def sharded_terms(components: dict[str, int], skeleton: torch.nn.Module, processes: int) -> None:

@@ -303,8 +303,8 @@ def _record_heap_policy(ctx: TrainingContext, threshold: int | None) -> None:
     if threshold is None:
         policy = "glibc's dynamic mmap threshold (freed chunks under 32 MiB stay in the heap)"
     else:
-        policy = (f"mmap threshold fixed at {threshold // 2**20} MiB (checkpointing or a quantized load on a CPU: "
-                  "freed chunks from that size on go back to the system)")
+        policy = (f"mmap threshold fixed at {threshold // 2**20} MiB (training.return_freed_memory; by default "
+                  "checkpointing or a quantized load on a CPU): freed chunks from that size on go back to the system")
     ctx.info.figures["heap_policy"] = {"mmap_threshold": threshold, "policy": policy}
     log.info("heap policy: %s", policy)
 
