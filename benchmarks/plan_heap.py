@@ -1,7 +1,7 @@
 """Where a checkpointed run's memory goes beyond the plan: live tensors or glibc's heap (docs/choosing.md, the
 solver section).
 
-Trains one cell of the planner's grid (``plan_grid.py``: 256-token rows) at a chosen micro-batch for 2 steps in this
+Trains one cell of the planner's grid (``plan_grid.py``: 256-token rows, or ``--length``) at a chosen micro-batch for 2 steps in this
 process and prints, at every 5th decoder layer of the forward passes, the process's RSS and glibc's own account of
 its heap (``mallinfo2``: the heap's size, the bytes in use, the bytes free inside it). Bytes in use are every live
 allocation, tensors included; bytes free inside the heap are RSS no tensor holds. ``--fix`` tries a remedy and
@@ -19,7 +19,7 @@ allocation) or ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``; the JSON line says whi
 ``--live`` runs it under torch's profiler and adds the most bytes of tensors alive at once (every CPU allocation and
 free the profiler recorded, net of those alive before training; the profiler's own records raise the RSS).
 
-    python benchmarks/plan_heap.py --technique lora --micro-batch 14 [--checkpointing off] [--policy off]
+    python benchmarks/plan_heap.py --technique lora --micro-batch 14 [--length 256] [--checkpointing off] [--policy off]
         [--fix mmap|trim] [--threshold-mib 1] [--live]
 """
 
@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--technique", default="lora")
     parser.add_argument("--micro-batch", type=int, default=14)
+    parser.add_argument("--length", type=int, default=256, help="tokens per row (the grid's lengths: 64, 256)")
     parser.add_argument("--checkpointing", choices=("on", "off"), default="on")
     parser.add_argument("--fix", choices=("none", "mmap", "trim"), default="none")
     parser.add_argument("--threshold-mib", type=float, default=1.0, help="the fixed mmap threshold of --fix mmap")
@@ -75,7 +76,7 @@ def main() -> None:
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    config = grid.cell_config(grid.model_dir(args.model, work), args.technique, args.checkpointing == "on", 256, work,
+    config = grid.cell_config(grid.model_dir(args.model, work), args.technique, args.checkpointing == "on", args.length, work,
                               work / "runs" / str(time.time_ns()))
     config["training"]["micro_batch_size"] = args.micro_batch
     libc = ctypes.CDLL("libc.so.6")
@@ -127,6 +128,7 @@ def main() -> None:
     after = resource.getrusage(resource.RUSAGE_SELF)
     show("end")
     print(json.dumps({"model": args.model, "technique": args.technique, "micro_batch": args.micro_batch,
+                      "length": args.length,
                       "checkpointing": args.checkpointing, "policy": args.policy, "fix": args.fix,
                       "threshold_MiB": args.threshold_mib if args.fix == "mmap" else None,
                       "trim_threshold_MiB": args.trim_threshold_mib if args.fix == "mmap" else None,
