@@ -404,6 +404,21 @@ def test_the_head_gets_a_contiguous_input_in_a_prefill(model_and_tokenizer: tupl
     assert len(seen) == 1 + 3 and all(seen[1:])  # a prefill of the three rows, then two decoding steps
 
 
+def test_generate_batch_hands_the_head_a_contiguous_input(model_and_tokenizer: tuple) -> None:
+    """``generate_batch`` (eval, samples, online objectives' rollouts) prefills through transformers' ``generate``,
+    whose head gets the last position as a strided view: without gradients torch then copies the (V, H) weight once
+    per row (a (B, H, V) tensor: +432 MiB of a GRPO rollout of 8 rows on SmolLM2). Every head call of the batch,
+    the prefill's included, gets a contiguous input."""
+    model, tokenizer = model_and_tokenizer
+    seen: list[bool] = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda module, args, out: seen.append(args[0].is_contiguous()))
+    try:
+        generate_batch(model, tokenizer, rows(tokenizer, prompts(tokenizer), Sampling(3, min_new_tokens=3)))
+    finally:
+        handle.remove()
+    assert len(seen) == 3 and all(seen)  # the prefill of the three rows, then two decoding steps
+
+
 def test_decoding_steps_write_the_cache_in_place_and_compute_what_concatenation_computes(
         model_and_tokenizer: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
     """A decoding step writes its token's keys and values into the room the cache layers keep (no copy of the
