@@ -434,6 +434,92 @@ def test_ppo_plans_its_value_head(tiny_model_dir, tmp_path):
     assert ppo.trainable_parameters - grpo.trainable_parameters == hidden + 1
 
 
+def test_the_rollout_cache_is_counted_as_the_model_makes_it(tiny_model_dir, tmp_path):
+    """The KV cache a rollout ends with (``rollout_cache_bytes``, a meta forward): what the real model's forward
+    caches at the same shape, and (rows, layers, 2, heads_kv, T, head_dim) float32 values."""
+    from tunelab.plan.memory import rollout_cache_bytes
+
+    config = online_config(tiny_model_dir, tmp_path, "grpo")
+    model_config = load_model_config(config.model)
+    skeleton = TECHNIQUES["lora"].apply(model_skeleton(model_config), config.technique, RunContext())
+    shape = Shape(micro_batch_size=3, length=20, rows_per_record=2)
+    with torch.no_grad():
+        cache = prepared_model(config)(input_ids=torch.ones(6, 20, dtype=torch.long), use_cache=True).past_key_values
+    real = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    head_dim = model_config.hidden_size // model_config.num_attention_heads
+    assert rollout_cache_bytes(skeleton, shape) == real == \
+        6 * model_config.num_hidden_layers * 2 * model_config.num_key_value_heads * 20 * head_dim * 4
+
+
+def test_an_online_plan_has_a_generation_phase_that_grows_with_its_completions(tiny_model_dir, tmp_path):
+    """An online objective's rollout is a phase of the plan (``generation``): the weights and optimizer state, the
+    autocast copies and what the rollout holds (``rollout``). It grows with num_generations (rows) and
+    max_completion_length (the cache's length) by at least the KV cache's growth; SFT has no such phase. The
+    training pass, not the rollout, is the peak, as measured on GRPO's example once the prefill's head stopped
+    copying its weight per row (docs/choosing.md)."""
+    from tunelab.data import prepare_data
+    from tunelab.models import load_tokenizer
+    from tunelab.plan import shape_of
+
+    def planned(**settings):  # noqa: ANN003, ANN202
+        config = online_config(tiny_model_dir, tmp_path, "grpo", **settings)
+        data = prepare_data(config.data, load_tokenizer(config.model), tmp_path / "cache", prompts=True)
+        shape = shape_of(config, data)
+        return plan_memory(config, "cpu", shape, runtime=RUNTIME), shape
+
+    model_config = load_model_config(tiny_config(tiny_model_dir).model)
+    head_dim = model_config.hidden_size // model_config.num_attention_heads
+    per_token = model_config.num_hidden_layers * 2 * model_config.num_key_value_heads * head_dim * 4  # float32
+    base, shape = planned(num_generations=2, max_completion_length=8)
+    c = base.components
+    assert base.phases["generation"] == c["weights"] + c["optimizer_state"] + c["master_cast_leftovers"] + \
+        c["autocast_copies"] + c["rollout"]
+    assert c["rollout"] >= shape.rows * shape.length * per_token
+    more_rows, _ = planned(num_generations=4, max_completion_length=8)
+    assert more_rows.components["rollout"] - c["rollout"] >= shape.rows * shape.length * per_token  # twice the rows
+    longer, _ = planned(num_generations=2, max_completion_length=24)
+    assert longer.components["rollout"] - c["rollout"] >= shape.rows * 16 * per_token
+    assert base.phase in ("loss", "backward") and base.phases["generation"] < base.phases[base.phase]
+    sft = plan_memory(config_for(tiny_model_dir, tmp_path, "lora"), "cpu", SHAPE, runtime=RUNTIME)
+    assert "generation" not in sft.phases and "rollout" not in sft.components
+
+
+@pytest.mark.parametrize("objective", ["grpo", "ppo"])
+def test_an_online_loss_plans_its_entropy_figure(tiny_model_dir, tmp_path, objective):
+    """GRPO's and PPO's loss is largest where it computes the entropy figure: the float32 logits, cross-entropy's
+    saved log-softmax, and the entropy's log-softmax, exp and product, five (N, V) float32 tensors (with the (N,)
+    int64 targets), not the default's half-precision output, float32 copy, log-softmax and two gradients."""
+    plan = plan_memory(online_config(tiny_model_dir, tmp_path, objective), "cpu", SHAPE, runtime=RUNTIME)
+    head = plan.components["logits_and_loss"]
+    n = SHAPE.supervised
+    vocab = load_model_config(tiny_config(tiny_model_dir).model).vocab_size
+    assert head == 5 * 4 * n * vocab + 8 * n
+
+
+def test_an_online_rollout_plans_the_scoring_passes_its_objective_declares(tiny_model_dir, tmp_path):
+    """``Objective.rollout_memory``: GRPO scores its completions without gradients only to compare with them (beta >
+    0 or num_iterations > 1), PPO always (log-probs and values), holding the first pass's float32 logits through the
+    reference's; the planner's rollout holds at least the declared tensors beside one layer's activations."""
+    from tunelab.objectives.base import scoring_pass_memory
+
+    head = HeadOutput(rows=10, columns=7, hidden=4, element_bytes=2, trainable=False, plain=True)
+    grpo, ppo = OBJECTIVES["grpo"], OBJECTIVES["ppo"]
+    config = online_config(tiny_model_dir, tmp_path, "grpo")
+    assert grpo.rollout_memory_of(head, config.objective) == ()
+    assert grpo.rollout_memory_of(head, config.objective.model_copy(update={"beta": 0.1})) == scoring_pass_memory(head)
+    assert scoring_pass_memory(head) == (2 * 70, 4 * 70, 4 * 70)
+    ppo_settings = online_config(tiny_model_dir, tmp_path, "ppo").objective
+    assert ppo.rollout_memory_of(head, ppo_settings) == scoring_pass_memory(head) + (4 * 70,)  # beta 0.05
+    assert ppo.rollout_memory_of(head, ppo_settings.model_copy(update={"beta": 0.0})) == scoring_pass_memory(head)
+    # on the tiny model PPO's scoring passes outweigh its sampling: the reference's pass (beta > 0) adds the held
+    # (N, V) float32 logits to the rollout, exactly
+    shape = Shape(micro_batch_size=2, length=48, rows_per_record=1)
+    with_kl = plan_memory(online_config(tiny_model_dir, tmp_path, "ppo"), "cpu", shape, runtime=RUNTIME)
+    without = plan_memory(online_config(tiny_model_dir, tmp_path, "ppo", beta=0.0), "cpu", shape, runtime=RUNTIME)
+    vocab = load_model_config(config.model).vocab_size
+    assert with_kl.components["rollout"] - without.components["rollout"] == 4 * shape.supervised * vocab
+
+
 def test_an_fsdp_process_plans_its_share_and_the_units_it_gathers(tiny_model_dir, tmp_path):
     """training.distributed: fsdp over 2 processes: each holds half the weights, gradients and optimizer state
     (rounded up), plus the root (embeddings, norm, head) and one decoder layer gathered, and that layer's whole

@@ -26,7 +26,8 @@ An objective declares, in one place (its own file):
   without one, a run is evaluated as SFT (loss and generations);
 - what its loss holds in memory at once, from the head's output shape (``loss_memory``, see ``HeadOutput``), and
   how many rows of which lengths a record becomes in a batch (``batch_rows``: a pair is two rows): the memory
-  planner (``tunelab plan``) reads them instead of knowing how each loss lays out its batch and computes its logits.
+  planner (``tunelab plan``) reads them instead of knowing how each loss lays out its batch and computes its logits;
+  for an online objective, what its ``prepare`` holds when it scores the sampled completions (``rollout_memory``).
 """
 
 from __future__ import annotations
@@ -169,6 +170,19 @@ def full_logits_memory(head: HeadOutput) -> tuple[int, ...]:
     return (head.element_bytes * cells, copy, 4 * cells, 4 * cells, 4 * cells, 8 * head.rows)
 
 
+def scoring_pass_memory(head: HeadOutput) -> tuple[int, ...]:
+    """Bytes of the tensors a pass that scores completion tokens without gradients holds at once (token log-probs:
+    ``cross_entropy(logits.float(), targets, reduction="none")``): the head's (N, V) output, its float32 copy when
+    it is not float32 already, and cross-entropy's (N, V) float32 log-softmax."""
+    cells = head.rows * head.columns
+    return (head.element_bytes * cells, 4 * cells if head.element_bytes != 4 else 0, 4 * cells)
+
+
+def no_scoring_pass(head: HeadOutput) -> tuple[int, ...]:
+    """The default ``rollout_memory``: the rollout's batch is made without scoring the completions."""
+    return ()
+
+
 @dataclass(frozen=True)
 class Objective:
     name: str
@@ -217,6 +231,11 @@ class Objective:
     # (one training record[, settings]) -> the most positions its loss scores (the head's rows), where the objective
     # makes its own targets (an online objective: its completions' tokens); None: the data's supervised share.
     batch_targets: Callable[..., int] | None = None
+    # An online objective (``prepare``): (the head's output at the completions' tokens[, settings]) -> bytes of each
+    # tensor its ``prepare`` holds at once when it scores the sampled completions without gradients (the sampling
+    # policy's or the reference's log-probs). The planner's ``generation`` phase (the rollout) counts the larger of
+    # the sampling (its KV cache and logits) and this. Default: no scoring pass.
+    rollout_memory: Callable[..., tuple[int, ...]] = no_scoring_pass
 
     def wants_reference(self, settings: Settings) -> bool:
         return self.needs_reference and (self.reference_when is None or self.reference_when(settings))
@@ -244,6 +263,10 @@ class Objective:
     def targets_of(self, record: Any, settings: Settings) -> int | None:
         """``batch_targets`` of one record under these settings; None when the objective does not declare them."""
         return None if self.batch_targets is None else _bound(self.batch_targets, 1, settings, None)(record)
+
+    def rollout_memory_of(self, head: HeadOutput, settings: Settings) -> tuple[int, ...]:
+        """``rollout_memory`` under these settings (it takes them or not)."""
+        return _bound(self.rollout_memory, 1, settings, None)(head)
 
     def refusal(self, feature: str) -> str | None:
         return self.refuses.get(feature)

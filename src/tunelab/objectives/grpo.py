@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from tunelab.data import IGNORE, TokenizedExample, collate
-from tunelab.objectives.base import Batch, LossSum, Objective, Reference, USER_REWARDS
+from tunelab.objectives.base import (Batch, HeadOutput, LossSum, Objective, Reference, USER_REWARDS,
+                                     scoring_pass_memory)
 from tunelab.objectives.online import REWARDED_ANSWERS, OnlineSettings, Rollout, rollout_rows, rollout_targets
 from tunelab.objectives.sft import logits_only_where
 from tunelab.techniques.base import forward_inputs
@@ -155,6 +156,21 @@ def grpo_loss_sum(model: nn.Module, batch: Batch, settings: GrpoSettings) -> Los
     return LossSum(per_sequence(losses), keep.shape[0], {k: per_sequence(v) for k, v in figures.items()})
 
 
+def policy_loss_memory(head: HeadOutput) -> tuple[int, ...]:
+    """What the loss (GRPO's, PPO's) holds at once at its largest moment, the entropy figure: the (N, V) logits in
+    float32 (the head's half-precision output, if any, is freed by then), cross-entropy's saved (N, V) float32
+    log-softmax, the entropy's own log-softmax, its exp and their product (float32, without gradients), and the (N,)
+    int64 targets. Backward holds less: the saved log-softmax and two or three (N, V) gradients."""
+    cells = head.rows * head.columns
+    return (4 * cells, 4 * cells, 4 * cells, 4 * cells, 4 * cells, 8 * head.rows)
+
+
+def grpo_rollout_memory(head: HeadOutput, settings: GrpoSettings) -> tuple[int, ...]:
+    """``prepare`` scores the completions without gradients, one pass at a time, only to compare with them: the
+    sampling policy's log-probs when a rollout is reused (num_iterations > 1), the reference's when beta > 0."""
+    return scoring_pass_memory(head) if settings.num_iterations > 1 or settings.beta > 0 else ()
+
+
 def collate_prompts(rows: list[list[TokenizedExample]], pad_id: int) -> Batch:
     """Prompts as a batch (their ids, nothing supervised): what evaluation's loss would see, were it asked."""
     return collate([[record.example for record in row] for row in rows], pad_id)
@@ -167,6 +183,6 @@ OBJECTIVE = Objective(
     collate=collate_prompts, batch_rows=rollout_rows, batch_targets=rollout_targets, needs_reference=True, reference_when=lambda settings: settings.beta > 0,
     metrics=("clip_fraction", "entropy", "kl"), refuses={"packing": NEVER_PACKED, "fsdp": NOT_SHARDED}, records="prompt",
     evaluation=REWARDED_ANSWERS,
-    prepare=grpo_prepare,
+    prepare=grpo_prepare, loss_memory=policy_loss_memory, rollout_memory=grpo_rollout_memory,
     base_figures_uncached=USER_REWARDS,
 )

@@ -42,8 +42,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from tunelab.data import IGNORE, TokenizedExample, collate
-from tunelab.objectives.base import Batch, LossSum, Objective, OwnModule, Reference, USER_REWARDS
-from tunelab.objectives.grpo import NEVER_PACKED, as_grid, collate_prompts, clipped_token_losses, token_logps
+from tunelab.objectives.base import (Batch, HeadOutput, LossSum, Objective, OwnModule, Reference, USER_REWARDS,
+                                     scoring_pass_memory)
+from tunelab.objectives.grpo import (NEVER_PACKED, as_grid, collate_prompts, clipped_token_losses, policy_loss_memory,
+                                     token_logps)
 from tunelab.objectives.online import REWARDED_ANSWERS, OnlineSettings, Rollout, rollout_rows, rollout_targets
 from tunelab.objectives.sft import rows_at
 from tunelab.techniques.base import forward_inputs
@@ -212,6 +214,13 @@ def ppo_prepare(model: nn.Module, rollout: Rollout, settings: PpoSettings, refer
     return batch
 
 
+def ppo_rollout_memory(head: HeadOutput, settings: PpoSettings) -> tuple[int, ...]:
+    """``prepare`` scores the completions without gradients: the rollout policy's pass (log-probs and values), then,
+    with beta > 0, the reference's, while the first pass's (N, V) float32 logits are still held (its ``_``)."""
+    held = (4 * head.rows * head.columns,) if settings.beta > 0 else ()
+    return scoring_pass_memory(head) + held
+
+
 def count_ppo_units(batch: Batch) -> int:
     return int((batch["targets"] != IGNORE).sum())
 
@@ -243,6 +252,6 @@ OBJECTIVE = Objective(
     collate=collate_prompts, batch_rows=rollout_rows, batch_targets=rollout_targets, needs_reference=True, reference_when=lambda settings: settings.beta > 0,
     metrics=("clip_fraction", "entropy", "kl", "value_loss", "value_clip_fraction", "explained_variance"),
     refuses={"packing": NEVER_PACKED, "fsdp": NOT_SHARDED}, records="prompt", evaluation=REWARDED_ANSWERS, prepare=ppo_prepare,
-    own_module=VALUE_HEAD,
+    own_module=VALUE_HEAD, loss_memory=policy_loss_memory, rollout_memory=ppo_rollout_memory,
     base_figures_uncached=USER_REWARDS,
 )

@@ -7,6 +7,7 @@ lengths, without reading a weight.
     loss             = activations + the loss's tensors + autocast copies           (the top of backward)
     backward         = gradients + activations + the loss's tensors in the heap + autocast copies   (its end)
     optimizer step   = gradients + AdamW's temporaries (two of the largest trainable tensor: one tensor at a time)
+    generation       = autocast copies + the rollout            (an online objective's sampling, before its loss)
 
 Memory freed during backward stays in the process's heap (glibc keeps its arenas), so the end of backward still
 holds the activations beside every gradient; chunks of 32 MiB or more (glibc's mmap threshold) go back to the
@@ -29,6 +30,10 @@ system when freed, so the loss's large (N, V) tensors count only at the top of b
   heap (chunks under glibc's 32 MiB mmap threshold);
 - checkpoint kept mapped: a quantized load keeps the frozen weights it did not convert as views of the
   memory-mapped checkpoint, so the whole file stays resident (measured on SmolLM2: RssFile +400 MiB);
+- rollout (online objectives): one decoder layer's activations (a bound on the prefill's, which has no gradients),
+  and the larger of the sampling (the KV cache at the full rollout shape, counted by a meta forward with
+  ``use_cache=True``, and one decoding step's (rows, V) logits and sampling tensors) and the scoring passes the
+  objective declares (``Objective.rollout_memory``);
 - runtime: the resident memory of a process that imported the training stack (measured once, see ``runtime``).
 On CUDA the runtime term is the CUDA context.
 """
@@ -75,7 +80,7 @@ class MemoryPlan:
     device: str
     peak_bytes: int
     components: dict[str, int]
-    phase: str  # which phase peaks: "load", "loss", "backward" or "optimizer step"
+    phase: str  # which phase peaks: "load", "loss", "backward", "optimizer step" or "generation"
     shape: Shape
     dtype: str
     notes: list[str] = field(default_factory=list)
@@ -286,6 +291,32 @@ def saved_for_backward(model: nn.Module, shape: Shape, layers: list[nn.Module]) 
                            hidden=weight.shape[-1] if weight is not None else 0,
                            trainable=bool(weight is not None and weight.requires_grad), plain=type(head) is nn.Linear)
     return Saved(per_layer, inputs[: len(layers)], outside, described, chunks=list(saved.values()))
+
+
+def rollout_cache_bytes(model: nn.Module, shape: Shape) -> int:
+    """Bytes of the KV cache an online objective's rollout ends with: every row of the micro-batch (its completions)
+    at the full rollout length (prompt plus max_completion_length), (rows, layers, 2, heads_kv, T, d) in the dtype
+    the layers compute in. Counted as the model makes it: a meta forward with ``use_cache=True`` at that shape, its
+    cache's tensors summed (no architecture's layout is assumed)."""
+    ids = torch.zeros(shape.rows, shape.length, dtype=torch.long, device="meta")
+    with torch.no_grad(), _four_bit_as_plain(model), _no_packed_sequence_search():
+        output = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    cache = getattr(output, "cache", None) or output.past_key_values
+    layers = getattr(cache, "layers", None)
+    if layers is None:  # a legacy cache: a (key, value) tuple per layer
+        return sum(t.numel() * t.element_size() for pair in cache for t in pair)
+    return sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values) if t is not None)
+
+
+# transformers' sampling of one token, from the head's (rows, V) output: its float32 copy, the temperature's quotient,
+# softmax's probabilities, and torch's multinomial on a CPU (an exponential draw of the same shape, the quotient it
+# takes the argmax of): float32 (rows, V) tensors alive at once, beside the head's output
+SAMPLING_FLOAT32_COPIES = 5
+
+
+def sampling_bytes(head: HeadOutput, rows: int) -> int:
+    """Bytes of one decoding step's logits and the sampling's (rows, V) tensors (``SAMPLING_FLOAT32_COPIES``)."""
+    return rows * head.columns * (head.element_bytes + 4 * SAMPLING_FLOAT32_COPIES)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

@@ -15,7 +15,8 @@ from tunelab.objectives import OBJECTIVES
 from tunelab.objectives.base import attach_own_module
 from tunelab.plan.memory import (MMAP_THRESHOLD_MAX, MemoryPlan, Shape, activation_bytes, activations_returned_bytes,
                                  autocast_copy_bytes, decoder_layers, heap_mmap_threshold, loaded_bytes, loss_bytes,
-                                 mapped_views_bytes, master_cast_leftover_bytes, parameter_bytes, saved_for_backward)
+                                 mapped_views_bytes, master_cast_leftover_bytes, parameter_bytes, rollout_cache_bytes,
+                                 sampling_bytes, saved_for_backward)
 from tunelab.plan.runtime import runtime_bytes
 from tunelab.precision import adapters_compute_in_autocast_dtype, technique_precision
 from tunelab.techniques import TECHNIQUES, RunContext
@@ -120,6 +121,10 @@ def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None 
         components["autocast_copies"] + gathered,
         "optimizer step": static + components["gradients"] + components["optimizer_step_temporaries"],
     }
+    if objective.prepare is not None:  # an online objective samples its batch, then trains on it
+        components["rollout"] = rollout_bytes(skeleton, shape, saved, objective.rollout_memory_of(saved.head, config.objective))
+        # the rollout runs before the step's loss, gradients freed (set to None), under autocast (its weight copies)
+        phases["generation"] = static + components["autocast_copies"] + components["rollout"]
     components["loading"] = phases["load"]  # a phase of its own (the model is not trained yet): not part of the sum
     notes = []
     if target.type == "cpu":
@@ -144,6 +149,16 @@ def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None 
                       phase=phase, shape=shape, dtype=str(precision.load_dtype).removeprefix("torch."),
                       notes=notes, trainable_parameters=trainable, total_parameters=total,
                       heap_mmap_threshold=fixed, phases=phases)
+
+
+def rollout_bytes(skeleton: torch.nn.Module, shape: Shape, saved: Any, scoring: tuple[int, ...]) -> int:
+    """What an online objective's rollout of one micro-batch holds at once beyond the weights: one decoder layer's
+    activations (a bound on what the prefill, without gradients, holds at once: the layer's saves for backward at the
+    full rollout shape), and the larger of the sampling (the KV cache at the full rollout length, with one decoding
+    step's (rows, V) logits and sampling tensors) and the objective's scoring passes (``Objective.rollout_memory``)."""
+    layer = max(saved.layers, default=0)
+    sampling = rollout_cache_bytes(skeleton, shape) + sampling_bytes(saved.head, shape.rows)
+    return layer + max(sampling, sum(scoring))
 
 
 def heap_policy(config: TunelabConfig, device: torch.device) -> int | None:
