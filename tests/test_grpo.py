@@ -353,3 +353,33 @@ def test_an_online_objective_refuses_fsdp_and_takes_ddp(tiny_model_dir: Path, tm
     with pytest.raises(ValueError, match=r"training.distributed: objective 'grpo' cannot be sharded with fsdp \(rollouts"):
         _config(tiny_model_dir, tmp_path, "fsdp", 1, distributed="fsdp")
     assert _config(tiny_model_dir, tmp_path, "ddp", 1, distributed="ddp").training.distributed == "ddp"  # control
+
+
+@pytest.mark.parametrize("return_freed_memory,trims", [(None, 4), (False, 0)])
+def test_an_online_run_returns_its_heap_before_each_forward(tiny_model_dir: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch, return_freed_memory: bool | None,
+                                                            trims: int) -> None:
+    """On a CPU an online run gives the heap's free pages back before each micro-batch's forward (the activations a
+    backward freed, which the next forward reused too little of: docs/choosing.md), unless
+    training.return_freed_memory is false: 2 steps x 2 micro-batches, 4 trims."""
+    calls: list[int] = []
+    monkeypatch.setattr(loop, "release_freed_heap", lambda: calls.append(1) or True)
+    config = _config(tiny_model_dir, tmp_path, "trim", 2, {"num_generations": 2}, grad_accum=2,
+                     return_freed_memory=return_freed_memory)
+    train(config.model_copy(update={"eval": config.eval.model_copy(update={"num_samples": 0})}), progress=False)
+    assert len(calls) == trims
+
+
+def test_a_run_that_samples_nothing_keeps_its_heap(tiny_model_dir: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The control: an SFT run (its batches are the data) trims nothing between its micro-batches."""
+    from support.tiny import toy_chat_records
+
+    calls: list[int] = []
+    monkeypatch.setattr(loop, "release_freed_heap", lambda: calls.append(1) or True)
+    data = write_jsonl(tmp_path / "chat.jsonl", toy_chat_records(16))
+    train(tiny_config(tiny_model_dir, output={"dir": str(tmp_path / "sft")}, technique={"name": "lora"},
+                      data={"train": [str(data)], "val_size": 0, "max_length": 64},
+                      training={"max_steps": 2, "micro_batch_size": 2, "grad_accum": 2},
+                      eval={"num_samples": 0, "before_after": False, "forgetting": False}), progress=False)
+    assert calls == []

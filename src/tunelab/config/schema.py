@@ -87,7 +87,8 @@ class TrainingConfig(Settings):
         None, description="On a CPU, give every freed chunk of 1 MiB or more back to the system at once (glibc's mmap "
         "threshold fixed at 1 MiB): a lower, predictable peak for more kernel time (each chunk is zeroed again when "
         "next needed). None: on with gradient_checkpointing or a quantized load, off otherwise (docs/choosing.md, "
-        "the heap policy); `tunelab plan` plans whichever the run will use."
+        "the heap policy); `tunelab plan` plans whichever the run will use. An online objective's run also gives the "
+        "heap's free pages back before each micro-batch's forward (malloc_trim) unless this is false."
     )
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp", description="How the processes of a torchrun launch share the model: 'ddp' gives each a whole copy and "
