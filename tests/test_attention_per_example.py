@@ -114,6 +114,28 @@ def test_the_backward_matches_the_flash_kernels_and_float64() -> None:
                 assert (a.double() - t).abs().max() <= (b.double() - t).abs().max() * 1.25 + 1e-3
 
 
+def test_under_autocast_mixed_inputs_are_cast_as_sdpa_casts_them() -> None:
+    """Full fine-tuning under bf16 autocast gives float32 q and k (rotary embedding in the float32 embeddings'
+    dtype) and a bf16 v: the per-example kernel computes in autocast's dtype, as SDPA does, and the gradients
+    reach the float32 inputs in float32."""
+    gen = torch.Generator().manual_seed(2)
+    positions = torch.arange(21).expand(2, 21)  # one example per row
+    q, k = torch.randn(2, 4, 21, 8, generator=gen), torch.randn(2, 2, 21, 8, generator=gen)
+    v = torch.randn(2, 2, 21, 8, generator=gen).bfloat16()
+    inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+    twins = [x.clone().requires_grad_() for x in (q, k, v)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = attention.attend_per_example(*inputs, attention.packed_plan(positions), None).transpose(1, 2)
+        sdpa = torch.nn.functional.scaled_dot_product_attention(*twins, is_causal=True, enable_gqa=True)
+    assert ours.dtype == sdpa.dtype == torch.bfloat16
+    assert torch.allclose(ours.float(), sdpa.float(), atol=2e-2)
+    ours.float().sum().backward()
+    sdpa.float().sum().backward()
+    for mine, theirs in zip(inputs, twins):
+        assert mine.grad.dtype == theirs.grad.dtype == mine.dtype
+        assert torch.allclose(mine.grad.float(), theirs.grad.float(), atol=5e-2, rtol=5e-2)
+
+
 def test_length_groups_cover_every_example_once_at_the_least_cost() -> None:
     def cost(groups: list[list[int]], lengths: list[int]) -> int:
         return sum(attention.CALL_COST + len(g) * max(lengths[i] for i in g) ** 2 for g in groups)

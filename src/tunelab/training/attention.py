@@ -143,6 +143,13 @@ def attend_per_example(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
                        scaling: float | None) -> torch.Tensor:
     """Causal attention within each example: query (B, H, T, D), key/value (B, K, T, D) -> (B, T, H, D)."""
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    device = query.device.type
+    if torch.is_autocast_enabled(device):
+        # SDPA is on autocast's lower-precision list; the kernel called below is not, and refuses mixed inputs.
+        # Full fine-tuning under bf16 autocast meets them: rotary embedding turns q and k float32 (cos and sin
+        # take the float32 embeddings' dtype) while v stays the bf16 projection. Cast as SDPA would.
+        dtype = torch.get_autocast_dtype(device)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     return PackedCausalAttention.apply(query, key, value, plan, scale)
 
 
