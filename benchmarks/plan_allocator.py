@@ -8,12 +8,15 @@ asked for, and prints its own peak RSS (VmHWM) against the plan, with the child'
 - ``aligned-malloc``: glibc, with ``posix_memalign`` (torch's CPU allocation call, 64-byte alignment) served by
   plain ``malloc`` (``alignshim.c``, compiled here with ``cc`` and preloaded): the same heap without glibc's
   padded aligned requests, whose freed blocks cannot serve the same request again before glibc 2.38;
+- ``no-tcache``: glibc with its per-thread cache off (``GLIBC_TUNABLES=glibc.malloc.tcache_count=0``, read at
+  process start): before glibc 2.38 the remainders ``posix_memalign`` cuts off its padded chunk went into that
+  cache, where the heap cannot merge them with the block beside when it is freed (glibc bug 30723);
 - ``jemalloc``: a different allocator (``--jemalloc PATH`` to its ``libjemalloc.so.2``), preloaded.
 
-Tensors are the same under the three; what differs is what the heap keeps. A peak that falls to the plan under the
+Tensors are the same under all of them; what differs is what the heap keeps. A peak that falls to the plan under the
 other allocators is the heap's, not a missing term.
 
-    python benchmarks/plan_allocator.py --cell smollm2,qlora,on,64 [--allocators glibc,aligned-malloc,jemalloc]
+    python benchmarks/plan_allocator.py --cell smollm2,qlora,on,64 [--allocators glibc,aligned-malloc,no-tcache,jemalloc]
         [--jemalloc /usr/lib/x86_64-linux-gnu/libjemalloc.so.2]
 """
 
@@ -44,9 +47,14 @@ def shim(folder: Path) -> Path:
     return target
 
 
-def run_child(config: dict, preload: Path | None) -> dict:
-    """One training process (the grid's child) with ``preload`` in LD_PRELOAD: its peak and times."""
-    env = dict(os.environ)
+# the environment each allocator's training process starts with (besides LD_PRELOAD)
+TUNABLES = {"no-tcache": {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"}}
+
+
+def run_child(config: dict, preload: Path | None, extra_env: dict[str, str] | None = None) -> dict:
+    """One training process (the grid's child) with ``preload`` in LD_PRELOAD and ``extra_env``: its peak and
+    times."""
+    env = dict(os.environ, **(extra_env or {}))
     if preload is not None:
         env["LD_PRELOAD"] = str(preload)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -75,7 +83,7 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        preloads = {"glibc": None, "aligned-malloc": shim(Path(tmp)),
+        preloads = {"glibc": None, "no-tcache": None, "aligned-malloc": shim(Path(tmp)),
                     "jemalloc": Path(args.jemalloc) if args.jemalloc else None}
         for allocator in args.allocators.split(","):
             if allocator == "jemalloc" and preloads["jemalloc"] is None:
@@ -83,7 +91,7 @@ def main() -> None:
             config = grid.cell_config(grid.model_dir(model, work), technique, checkpointing == "on", int(length),
                                       work, work / "runs" / str(time.time_ns()))
             planned = plan_memory(build_config(config), "cpu")
-            measured = run_child(config, preloads[allocator])
+            measured = run_child(config, preloads[allocator], TUNABLES.get(allocator))
             print(json.dumps({"cell": [model, technique, checkpointing, int(length)], "allocator": allocator,
                               "libc": " ".join(platform.libc_ver()), "planned_MiB": round(planned.peak_bytes / MiB),
                               "planned_phase": planned.phase, **measured,
