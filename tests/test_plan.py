@@ -520,6 +520,16 @@ def test_an_online_rollout_plans_the_scoring_passes_its_objective_declares(tiny_
     assert with_kl.components["rollout"] - without.components["rollout"] == 4 * shape.supervised * vocab
 
 
+def test_a_later_micro_batch_of_a_window_plans_the_gradients_accumulated(tiny_model_dir, tmp_path):
+    """With grad_accum > 1 the second micro-batch's forward runs beside the gradients the first one's backward made
+    (measured on GRPO's example: its second forward peaked above its first), so the top of backward holds them;
+    with one micro-batch a step no gradient exists there yet."""
+    one = plan_memory(config_for(tiny_model_dir, tmp_path, "lora"), "cpu", SHAPE, runtime=RUNTIME)
+    two = plan_memory(config_for(tiny_model_dir, tmp_path, "lora", grad_accum=2), "cpu", SHAPE, runtime=RUNTIME)
+    assert two.phases["loss"] - one.phases["loss"] == one.components["gradients"] > 0
+    assert two.phases["backward"] == one.phases["backward"]
+
+
 def test_an_fsdp_process_plans_its_share_and_the_units_it_gathers(tiny_model_dir, tmp_path):
     """training.distributed: fsdp over 2 processes: each holds half the weights, gradients and optimizer state
     (rounded up), plus the root (embeddings, norm, head) and one decoder layer gathered, and that layer's whole

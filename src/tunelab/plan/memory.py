@@ -5,6 +5,7 @@ lengths, without reading a weight.
     load             = checkpoint file (its pages, memory-mapped while read) + the weights it loads into
     static           = weights + optimizer state + checkpoint kept mapped (quantized loads) + master-cast leftovers
     loss             = activations + the loss's tensors + autocast copies           (the top of backward)
+                       (+ gradients with grad_accum > 1: a later micro-batch's forward holds the earlier ones')
     backward         = gradients + activations + the loss's tensors in the heap + autocast copies   (its end)
     optimizer step   = gradients + AdamW's temporaries (two of the largest trainable tensor: one tensor at a time)
     generation       = autocast copies + the rollout            (an online objective's sampling, before its loss)

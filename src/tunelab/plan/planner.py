@@ -109,12 +109,14 @@ def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None 
     static = components["weights"] + components["optimizer_state"] + components.get("reference_model", 0) + \
         components.get("checkpoint_mapped", 0) + components["master_cast_leftovers"]
     gathered = components.get("fsdp_gathered", 0)  # fsdp: the units gathered during forward and backward
+    accumulated = components["gradients"] if config.training.grad_accum > 1 else 0
     phases = {
         # from_pretrained reads the memory-mapped checkpoint (its pages resident) into the weights it builds
         # (sharded: the main process only; the others receive their shards)
         "load": checkpoint + loaded,
-        # the top of backward: the loss's (N, V) tensors, before any weight's gradient exists
-        "loss": static + activations + loss + components["autocast_copies"] + gathered,
+        # the top of backward: the loss's (N, V) tensors, beside the gradients the window's earlier micro-batches
+        # accumulated (none with one micro-batch a step: no weight's gradient exists yet)
+        "loss": static + activations + loss + components["autocast_copies"] + gathered + accumulated,
         # the end of backward: every gradient, the activations (freed into the heap, less those that went back
         # to the system under the heap policy) and the logits tensors small enough to stay in the heap
         "backward": static + components["gradients"] + activations - returned + loss - loss_returned +
