@@ -20,8 +20,8 @@ from tunelab.objectives.base import HeadOutput, full_logits_memory
 from tunelab.objectives.sft import chunked_loss_memory
 from tunelab.plan import Shape, heap_policy, plan_memory, resident_bytes
 from tunelab.objectives import OBJECTIVES
-from tunelab.plan.memory import (Saved, activations_returned_bytes, decoder_layers, is_quantized_4bit, loss_bytes,
-                                 saved_for_backward, unique_parameters)
+from tunelab.plan.memory import (Saved, activations_returned_bytes, aligned_blocks_kept, decoder_layers,
+                                 is_quantized_4bit, loss_bytes, saved_for_backward, unique_parameters)
 from tunelab.plan.solve import solve
 from tunelab import precision
 from tunelab.precision import keep_trainable_in_float32
@@ -583,6 +583,35 @@ def test_the_heap_policy_fixes_the_threshold_of_checkpointed_and_quantized_cpu_r
     assert heap_policy(checkpointed, gpu) is None
     assert plan_memory(checkpointed, "cpu", SHAPE, runtime=RUNTIME).heap_mmap_threshold == 2**20
     assert plan_memory(plain, "cpu", SHAPE, runtime=RUNTIME).heap_mmap_threshold is None
+
+
+def test_glibc_before_2_38_with_its_tcache_on_is_named_as_keeping_aligned_blocks():
+    """glibc before 2.38 keeps the remainders posix_memalign cuts off in its per-thread cache (bug 30723); 2.38
+    merges them, the cache off (GLIBC_TUNABLES) avoids it, and another C library is not glibc (negative controls)."""
+    assert aligned_blocks_kept(("glibc", "2.36"), "") == "glibc 2.36"
+    assert aligned_blocks_kept(("glibc", "2.37"), "glibc.malloc.mxfast=0") == "glibc 2.37"  # fastbins: not the cause
+    assert aligned_blocks_kept(("glibc", "2.38"), "") is None
+    assert aligned_blocks_kept(("glibc", "2.41"), "") is None
+    assert aligned_blocks_kept(("glibc", "2.36"), "glibc.malloc.mxfast=0:glibc.malloc.tcache_count=0") is None
+    assert aligned_blocks_kept(("", ""), "") is None  # musl, or not found
+
+
+def test_a_quantized_cpu_plan_says_when_glibc_keeps_aligned_blocks(tiny_model_dir, tmp_path, monkeypatch):
+    """The note names the C library and the remedy on a CPU plan with a quantized base; a plain base, or the
+    cache off, gets none."""
+    monkeypatch.setattr("platform.libc_ver", lambda *args: ("glibc", "2.36"))
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    quantized = config_for(tiny_model_dir, tmp_path, "qlora", "bfloat16")
+    plain = config_for(tiny_model_dir, tmp_path, "lora")
+
+    def noted(config) -> bool:  # noqa: ANN001
+        notes = plan_memory(config, "cpu", SHAPE, runtime=RUNTIME).notes
+        return any("glibc 2.36 keeps freed aligned blocks" in n and "tcache_count=0" in n for n in notes)
+
+    assert noted(quantized)
+    assert not noted(plain)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.tcache_count=0")
+    assert not noted(quantized)
 
 
 def test_training_return_freed_memory_overrides_the_heap_policy_and_the_plan_follows(tiny_model_dir, tmp_path):

@@ -42,6 +42,8 @@ On CUDA the runtime term is the CUDA context.
 from __future__ import annotations
 
 import math
+import os
+import platform
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -156,6 +158,28 @@ def heap_mmap_threshold(device_type: str, checkpointing: bool, quantized: bool,
     decide."""
     wanted = (checkpointing or quantized) if requested is None else requested
     return FIXED_MMAP_THRESHOLD if device_type == "cpu" and wanted else None
+
+
+# glibc from this version on merges the remainders posix_memalign cuts off (glibc bug 30723)
+MEMALIGN_MERGES_FROM = (2, 38)
+NO_TCACHE = "glibc.malloc.tcache_count=0"  # a GLIBC_TUNABLES entry: the per-thread cache off, read at process start
+
+
+def aligned_blocks_kept(libc: tuple[str, str] | None = None, tunables: str | None = None) -> str | None:
+    """The C library, when it keeps freed aligned blocks out of reach (else None). torch allocates every CPU tensor
+    with posix_memalign(64, n); glibc before 2.38 cuts the aligned block out of a larger chunk and puts the
+    remainders in its per-thread cache, where the heap cannot merge them back, so a freed block cannot serve the
+    next identical request and the heap grows (docs/choosing.md, known gaps: measured with quantized bases). The
+    cache off (``GLIBC_TUNABLES=glibc.malloc.tcache_count=0``) avoids it. ``libc``, ``tunables``: this process's."""
+    name, version = libc if libc is not None else platform.libc_ver()
+    tunables = os.environ.get("GLIBC_TUNABLES", "") if tunables is None else tunables
+    try:
+        release = tuple(int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return None
+    if name != "glibc" or len(release) < 2 or release >= MEMALIGN_MERGES_FROM or NO_TCACHE in tunables.split(":"):
+        return None
+    return f"glibc {version}"
 
 
 def master_cast_leftover_bytes(model: nn.Module, load_dtype: torch.dtype, threshold: int = MMAP_THRESHOLD_MAX) -> int:

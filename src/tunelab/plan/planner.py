@@ -14,9 +14,9 @@ from tunelab.models import ModelConfig, cache_root, load_model_config, load_toke
 from tunelab.objectives import OBJECTIVES
 from tunelab.objectives.base import attach_own_module
 from tunelab.plan.memory import (MMAP_THRESHOLD_MAX, MemoryPlan, Shape, activation_bytes, activations_returned_bytes,
-                                 autocast_copy_bytes, decoder_layers, heap_mmap_threshold, loaded_bytes, loss_bytes,
-                                 mapped_views_bytes, master_cast_leftover_bytes, parameter_bytes, rollout_cache_bytes,
-                                 sampling_bytes, saved_for_backward)
+                                 aligned_blocks_kept, autocast_copy_bytes, decoder_layers, heap_mmap_threshold,
+                                 loaded_bytes, loss_bytes, mapped_views_bytes, master_cast_leftover_bytes,
+                                 parameter_bytes, rollout_cache_bytes, sampling_bytes, saved_for_backward)
 from tunelab.plan.runtime import runtime_bytes
 from tunelab.precision import adapters_compute_in_autocast_dtype, technique_precision
 from tunelab.techniques import TECHNIQUES, RunContext
@@ -143,6 +143,11 @@ def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None 
         notes.append(f"heap policy: glibc's mmap threshold fixed at {fixed // 2**20} MiB (training.return_freed_memory, "
                      "by default on with checkpointing or a quantized load on a CPU): freed chunks from that size on go "
                      "back to the system, at a price in kernel time")
+    kept_by = aligned_blocks_kept() if target.type == "cpu" and base_load.quantization_config is not None else None
+    if kept_by:
+        notes.append(f"{kept_by} keeps freed aligned blocks in its heap (glibc bug 30723, fixed in 2.38): with a "
+                     "quantized base on a CPU the peak has measured above this plan; start the run with "
+                     "GLIBC_TUNABLES=glibc.malloc.tcache_count=0 to avoid it (docs/choosing.md, known gaps)")
     if sharded:
         notes.append(f"fsdp over {processes} processes: each holds 1/{processes} of the weights, gradients and "
                      "optimizer state plus the units it gathers (fsdp_gathered); the main process alone loads the "
