@@ -2,7 +2,7 @@
    tunelab. posix_memalign with an alignment of 64 bytes or less (torch's CPU allocator asks for 64) is served by
    plain malloc, over-allocated by 80 bytes, the aligned pointer behind a tagged header; free recognises the tag.
 
-   Why: glibc before 2.38 serves posix_memalign(64, n) by asking its heap for n + 16 + 64 + 32 bytes and cutting
+   Why: glibc before 2.39 serves posix_memalign(64, n) by asking its heap for n + 16 + 64 + 32 bytes and cutting
    the aligned block out; the remainders it cuts off go to the per-thread cache, where the heap cannot merge them
    back (glibc bug 30723), so a freed block of exactly that size cannot serve the same request again (the
    pattern of sourceware bug 14581). With small transients interleaved with kept tensors, freed blocks stay in

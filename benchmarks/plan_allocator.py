@@ -7,9 +7,9 @@ asked for, and prints its own peak RSS (VmHWM) against the plan, with the child'
 - ``glibc``: the process as ``tunelab train`` runs it;
 - ``aligned-malloc``: glibc, with ``posix_memalign`` (torch's CPU allocation call, 64-byte alignment) served by
   plain ``malloc`` (``alignshim.c``, compiled here with ``cc`` and preloaded): the same heap without glibc's
-  padded aligned requests, whose freed blocks cannot serve the same request again before glibc 2.38;
+  padded aligned requests, whose freed blocks cannot serve the same request again before glibc 2.38-2.39;
 - ``no-tcache``: glibc with its per-thread cache off (``GLIBC_TUNABLES=glibc.malloc.tcache_count=0``, read at
-  process start): before glibc 2.38 the remainders ``posix_memalign`` cuts off its padded chunk went into that
+  process start): before glibc 2.39 the remainders ``posix_memalign`` cuts off its padded chunk went into that
   cache, where the heap cannot merge them with the block beside when it is freed (glibc bug 30723);
 - ``jemalloc``: a different allocator (``--jemalloc PATH`` to its ``libjemalloc.so.2``), preloaded.
 

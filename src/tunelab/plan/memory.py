@@ -160,14 +160,15 @@ def heap_mmap_threshold(device_type: str, checkpointing: bool, quantized: bool,
     return FIXED_MMAP_THRESHOLD if device_type == "cpu" and wanted else None
 
 
-# glibc from this version on merges the remainders posix_memalign cuts off (glibc bug 30723)
-MEMALIGN_MERGES_FROM = (2, 38)
+# glibc's memalign was changed in 2.38 (it looks for aligned free chunks) and for 2.39 (it merges the remainders it
+# cuts off, glibc bug 30723): the releases before this one are named (measured here on 2.36 only)
+MEMALIGN_MERGES_FROM = (2, 39)
 NO_TCACHE = "glibc.malloc.tcache_count=0"  # a GLIBC_TUNABLES entry: the per-thread cache off, read at process start
 
 
 def aligned_blocks_kept(libc: tuple[str, str] | None = None, tunables: str | None = None) -> str | None:
     """The C library, when it keeps freed aligned blocks out of reach (else None). torch allocates every CPU tensor
-    with posix_memalign(64, n); glibc before 2.38 cuts the aligned block out of a larger chunk and puts the
+    with posix_memalign(64, n); glibc before 2.39 cuts the aligned block out of a larger chunk and puts the
     remainders in its per-thread cache, where the heap cannot merge them back, so a freed block cannot serve the
     next identical request and the heap grows (docs/choosing.md, known gaps: measured with quantized bases). The
     cache off (``GLIBC_TUNABLES=glibc.malloc.tcache_count=0``) avoids it. ``libc``, ``tunables``: this process's."""

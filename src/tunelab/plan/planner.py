@@ -145,8 +145,8 @@ def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None 
                      "back to the system, at a price in kernel time")
     kept_by = aligned_blocks_kept() if target.type == "cpu" and base_load.quantization_config is not None else None
     if kept_by:
-        notes.append(f"{kept_by} keeps freed aligned blocks in its heap (glibc bug 30723, fixed in 2.38): with a "
-                     "quantized base on a CPU the peak has measured above this plan; start the run with "
+        notes.append(f"{kept_by} keeps freed aligned blocks in its heap (glibc bug 30723, changed in 2.38-2.39): "
+                     "with a quantized base on a CPU the peak has measured above this plan; start the run with "
                      "GLIBC_TUNABLES=glibc.malloc.tcache_count=0 to avoid it (docs/choosing.md, known gaps)")
     if sharded:
         notes.append(f"fsdp over {processes} processes: each holds 1/{processes} of the weights, gradients and "
