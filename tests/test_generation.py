@@ -456,6 +456,9 @@ def test_decoding_steps_write_the_cache_in_place_and_compute_what_concatenation_
     assert layers[3][1] != layers[3][0] and layers[4][0] != layers[2][0]  # a row joined: new buffers
     monkeypatch.setattr(generation, "_new_cache", lambda model: generation.DynamicCache(config=model.config))
     plain_tokens, plain_logits, plain_layers = serve()
-    assert len({keys for _, keys, _ in plain_layers[8:13]}) == 5  # control: concatenation copies at every step
+    # control: concatenation copies at every step (each step's keys are a new tensor made while the last is alive;
+    # the allocator may hand a freed one's address out again two steps later, so only neighbours are compared)
+    plain_keys = [keys for _, keys, _ in plain_layers[8:13]]
+    assert all(a != b for a, b in zip(plain_keys, plain_keys[1:]))
     assert tokens == plain_tokens and len(logits) == len(plain_logits) >= 15
     assert all(torch.equal(a, b) for a, b in zip(logits, plain_logits))
