@@ -598,21 +598,28 @@ def test_glibc_before_2_39_with_its_tcache_on_is_named_as_keeping_aligned_blocks
 
 
 def test_a_quantized_cpu_plan_says_when_glibc_keeps_aligned_blocks(tiny_model_dir, tmp_path, monkeypatch):
-    """The note names the C library and the remedy on a CPU plan with a quantized base; a plain base, or the
-    cache off, gets none."""
+    """A CPU plan with a quantized base, on a glibc that keeps aligned blocks: `tunelab train` restarts it with the
+    cache off, as the plan says; with the restart refused (training.glibc_tcache_off: false) or planned for a
+    process that keeps the cache (``tunables``: a training process's own) the note warns instead. A plain base,
+    or the cache already off, gets neither (negative controls)."""
     monkeypatch.setattr("platform.libc_ver", lambda *args: ("glibc", "2.36"))
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     quantized = config_for(tiny_model_dir, tmp_path, "qlora", "bfloat16")
+    refused = config_for(tiny_model_dir, tmp_path, "qlora", "bfloat16", glibc_tcache_off=False)
     plain = config_for(tiny_model_dir, tmp_path, "lora")
 
-    def noted(config) -> bool:  # noqa: ANN001
-        notes = plan_memory(config, "cpu", SHAPE, runtime=RUNTIME).notes
-        return any("glibc 2.36 keeps freed aligned blocks" in n and "tcache_count=0" in n for n in notes)
+    def notes(config, tunables=None) -> str:  # noqa: ANN001
+        return "\n".join(plan_memory(config, "cpu", SHAPE, runtime=RUNTIME, tunables=tunables).notes)
 
-    assert noted(quantized)
-    assert not noted(plain)
+    restarts = "tunelab train restarts with GLIBC_TUNABLES=glibc.malloc.tcache_count=0 for this run (a quantized base"
+    warns = "glibc 2.36 keeps freed aligned blocks in its heap (glibc bug 30723"
+    assert restarts in notes(quantized) and warns not in notes(quantized)
+    assert warns in notes(refused) and "restarts" not in notes(refused)
+    assert warns in notes(quantized, tunables="") and "restarts" not in notes(quantized, tunables="")
+    assert "glibc" not in notes(plain).replace("glibc's mmap", "")
+    assert "aligned" not in notes(quantized, tunables="glibc.malloc.tcache_count=0")
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.tcache_count=0")
-    assert not noted(quantized)
+    assert "aligned" not in notes(quantized)
 
 
 def test_training_return_freed_memory_overrides_the_heap_policy_and_the_plan_follows(tiny_model_dir, tmp_path):

@@ -365,6 +365,31 @@ def fixed_mmap_threshold(threshold: int | None) -> Iterator[bool]:
         libc.mallopt(M_TRIM_THRESHOLD, 2 * DYNAMIC_MMAP_THRESHOLD_MAX)
 
 
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def glibc_tcache_on(blocks: int = 20, size: int = 1000) -> bool | None:
+    """Whether glibc's per-thread cache (tcache) holds freed blocks in this process, as glibc really runs (the
+    tunables it read at start), not as the environment says; None where there is no glibc 2.33+ (mallinfo2).
+
+    ``blocks`` allocations of ``size`` bytes empty the cache's bin of that size; freeing them, the cache takes up
+    to 7 of them (glibc's default tcache_count), which mallinfo2 still counts in use, and the heap's bins the rest.
+    So the bytes in use fall by all ``blocks`` chunks with the cache off and by ``blocks - 7`` with it on."""
+    libc = _glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        return None
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.mallinfo2.restype = _Mallinfo2
+    pointers = [libc.malloc(size) for _ in range(blocks)]
+    before = libc.mallinfo2().uordblks
+    for pointer in pointers:
+        libc.free(pointer)
+    return before - libc.mallinfo2().uordblks < blocks * size
+
+
 def _glibc() -> Any:
     """This process's C library when it is glibc (it has mallopt and malloc_trim), else None."""
     try:

@@ -163,7 +163,11 @@ def heap_mmap_threshold(device_type: str, checkpointing: bool, quantized: bool,
 # glibc's memalign was changed in 2.38 (it looks for aligned free chunks) and for 2.39 (it merges the remainders it
 # cuts off, glibc bug 30723): the releases before this one are named (measured here on 2.36 only)
 MEMALIGN_MERGES_FROM = (2, 39)
-NO_TCACHE = "glibc.malloc.tcache_count=0"  # a GLIBC_TUNABLES entry: the per-thread cache off, read at process start
+TCACHE_COUNT = "glibc.malloc.tcache_count"  # a GLIBC_TUNABLES name, read by glibc at process start only
+NO_TCACHE = f"{TCACHE_COUNT}=0"  # a GLIBC_TUNABLES entry: the per-thread cache off
+# Set (to the reason) in the environment of a process `tunelab train` restarted with NO_TCACHE: the run records
+# that tunelab set it, and a restarted process never restarts again.
+RESTARTED_WITHOUT_TCACHE = "TUNELAB_RESTARTED_WITHOUT_TCACHE"
 
 
 def aligned_blocks_kept(libc: tuple[str, str] | None = None, tunables: str | None = None) -> str | None:
@@ -181,6 +185,17 @@ def aligned_blocks_kept(libc: tuple[str, str] | None = None, tunables: str | Non
     if name != "glibc" or len(release) < 2 or release >= MEMALIGN_MERGES_FROM or NO_TCACHE in tunables.split(":"):
         return None
     return f"glibc {version}"
+
+
+def tunables_without_tcache(libc: tuple[str, str] | None = None, tunables: str | None = None) -> str | None:
+    """The GLIBC_TUNABLES a process must start with for its per-thread cache to be off: the given ones (this
+    process's by default) plus ``NO_TCACHE``. None where nothing is to be set: the C library does not keep aligned
+    blocks (``aligned_blocks_kept``), or the user's tunables already set the cache's count (theirs stands)."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "") if tunables is None else tunables
+    entries = [entry for entry in tunables.split(":") if entry]
+    if aligned_blocks_kept(libc, tunables) is None or any(e.startswith(f"{TCACHE_COUNT}=") for e in entries):
+        return None
+    return ":".join([*entries, NO_TCACHE])
 
 
 def master_cast_leftover_bytes(model: nn.Module, load_dtype: torch.dtype, threshold: int = MMAP_THRESHOLD_MAX) -> int:

@@ -14,7 +14,8 @@ from tunelab.models import ModelConfig, cache_root, load_model_config, load_toke
 from tunelab.objectives import OBJECTIVES
 from tunelab.objectives.base import attach_own_module
 from tunelab.plan.memory import (MMAP_THRESHOLD_MAX, MemoryPlan, Shape, activation_bytes, activations_returned_bytes,
-                                 aligned_blocks_kept, autocast_copy_bytes, decoder_layers, heap_mmap_threshold,
+                                 NO_TCACHE, aligned_blocks_kept, autocast_copy_bytes, decoder_layers,
+                                 heap_mmap_threshold, tunables_without_tcache,
                                  loaded_bytes, loss_bytes, mapped_views_bytes, master_cast_leftover_bytes,
                                  parameter_bytes, rollout_cache_bytes, sampling_bytes, saved_for_backward)
 from tunelab.plan.runtime import runtime_bytes
@@ -45,12 +46,14 @@ def shape_of(config: TunelabConfig, data: PreparedData) -> Shape:
 
 
 def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None = None,
-                runtime: int | None = None, processes: int = 1) -> MemoryPlan:
+                runtime: int | None = None, processes: int = 1, tunables: str | None = None) -> MemoryPlan:
     """Predict the peak memory of training ``config`` on ``device`` (CPU: the process's peak RSS; CUDA:
     max_memory_allocated plus the context), without loading weights. ``runtime``: the runtime term when the caller
     knows it (a training process before it loads the model: its own resident memory), else measured once.
     ``processes``: how many train together (torchrun); the plan is one process's, which with
-    ``training.distributed: fsdp`` holds a share of the model (``sharded_terms``), and with DDP all of it."""
+    ``training.distributed: fsdp`` holds a share of the model (``sharded_terms``), and with DDP all of it.
+    ``tunables``: the GLIBC_TUNABLES the run trains under (a training process: its own); None: those `tunelab
+    train` starts it with (``tcache_off_reason``)."""
     target = torch.device(device)
     shape = shape or data_shape(config)
     technique = TECHNIQUES[config.technique.name]
@@ -143,11 +146,7 @@ def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None 
         notes.append(f"heap policy: glibc's mmap threshold fixed at {fixed // 2**20} MiB (training.return_freed_memory, "
                      "by default on with checkpointing or a quantized load on a CPU): freed chunks from that size on go "
                      "back to the system, at a price in kernel time")
-    kept_by = aligned_blocks_kept() if target.type == "cpu" and base_load.quantization_config is not None else None
-    if kept_by:
-        notes.append(f"{kept_by} keeps freed aligned blocks in its heap (glibc bug 30723, changed in 2.38-2.39): "
-                     "with a quantized base on a CPU the peak has measured above this plan; start the run with "
-                     "GLIBC_TUNABLES=glibc.malloc.tcache_count=0 to avoid it (docs/choosing.md, known gaps)")
+    notes.extend(tcache_notes(config, target.type, tunables))
     if sharded:
         notes.append(f"fsdp over {processes} processes: each holds 1/{processes} of the weights, gradients and "
                      "optimizer state plus the units it gathers (fsdp_gathered); the main process alone loads the "
@@ -166,6 +165,49 @@ def rollout_bytes(skeleton: torch.nn.Module, shape: Shape, saved: Any, scoring: 
     layer = max(saved.layers, default=0)
     sampling = rollout_cache_bytes(skeleton, shape) + sampling_bytes(saved.head, shape.rows)
     return layer + max(sampling, sum(scoring))
+
+
+def tcache_needed(config: TunelabConfig, device_type: str) -> str | None:
+    """Why ``config`` is a run glibc's per-thread cache hurts (before 2.39: ``aligned_blocks_kept``), None where it
+    was not measured to: on a CPU, a quantized base (its dequantized transients) or an online objective (its
+    micro-batches of changing lengths) (docs/choosing.md, the heap policy)."""
+    if device_type != "cpu":
+        return None
+    if TECHNIQUES[config.technique.name].base_load(config.technique, torch.device(device_type)).quantization_config:
+        return "a quantized base on a CPU"
+    if OBJECTIVES[config.objective.name].prepare is not None:
+        return "an online objective on a CPU"
+    return None
+
+
+def tcache_off_reason(config: TunelabConfig, device_type: str) -> str | None:
+    """Why ``config`` trains with glibc's per-thread cache off (`tunelab train` restarts itself with it where the C
+    library keeps aligned blocks: ``tunables_without_tcache``), None where it keeps the cache:
+    ``training.glibc_tcache_off`` (true: every CPU run, false: none), by default ``tcache_needed``."""
+    requested = config.training.glibc_tcache_off
+    if device_type != "cpu" or requested is False:
+        return None
+    return "training.glibc_tcache_off: true" if requested else tcache_needed(config, device_type)
+
+
+def tcache_notes(config: TunelabConfig, device_type: str, tunables: str | None = None) -> list[str]:
+    """The plan's word on glibc's per-thread cache: that `tunelab train` turns it off for this run, or, where the
+    run keeps it and is one that needs it off (``tcache_needed``), that the peak has measured above the plan.
+    ``tunables``: the run's GLIBC_TUNABLES; None: this process's, plus what `tunelab train` would add."""
+    reason = tcache_off_reason(config, device_type)
+    restarts_with = tunables_without_tcache() if tunables is None and reason else None
+    if restarts_with:
+        return [f"tunelab train restarts with GLIBC_TUNABLES={restarts_with} for this run ({reason}; "
+                f"{aligned_blocks_kept()} keeps freed aligned blocks in its heap with the cache on: glibc bug 30723), "
+                "as this plan assumes; training.glibc_tcache_off: false refuses it, and the peak has then measured "
+                "up to 13% above this plan (docs/choosing.md)"]
+    kept_by, needs = aligned_blocks_kept(tunables=tunables), tcache_needed(config, device_type)
+    if kept_by and needs:
+        return [f"{kept_by} keeps freed aligned blocks in its heap (glibc bug 30723, changed in 2.38-2.39) and this "
+                f"run keeps glibc's per-thread cache on ({needs}): the peak has measured up to 13% above this plan; "
+                f"`tunelab train` turns it off (GLIBC_TUNABLES={NO_TCACHE}) unless training.glibc_tcache_off is "
+                "false or GLIBC_TUNABLES sets tcache_count (docs/choosing.md, the heap policy)"]
+    return []
 
 
 def heap_policy(config: TunelabConfig, device: torch.device) -> int | None:

@@ -10,6 +10,7 @@ A failure leaves the folder resumable, and status.json says what happened.
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +32,14 @@ from tunelab.data.prepare import records_fingerprint, tokenizer_fingerprint
 from tunelab.eval.before_after import BaseFiguresCache, base_evaluation, base_figures_cache, compare_with_base, forgetting_after
 from tunelab.eval.training import OverfittingSignal
 from tunelab.generation import sample_prompts
-from tunelab.models import (cache_root, default_device, fixed_mmap_threshold, load_model, load_tokenizer, meta_twin,
-                            model_fingerprint, model_skeleton, write_head_config)
+from tunelab.models import (cache_root, default_device, fixed_mmap_threshold, glibc_tcache_on, load_model,
+                            load_tokenizer, meta_twin, model_fingerprint, model_skeleton, write_head_config)
 from tunelab.objectives import OBJECTIVES
 from tunelab.objectives.base import attach_own_module, without_own_module
 from tunelab.objectives.reference import copies_the_base, live_reference, same_model
 from tunelab.plan import heap_policy, plan_memory, resident_bytes, shape_of
+from tunelab.plan.memory import NO_TCACHE, RESTARTED_WITHOUT_TCACHE
+from tunelab.plan.planner import tcache_notes
 from tunelab.precision import adapters_compute_in_autocast_dtype, keep_trainable_in_float32
 from tunelab.fs import read_json, write_entry_json
 from tunelab.schedule import make_scheduler
@@ -305,8 +308,25 @@ def _record_heap_policy(ctx: TrainingContext, threshold: int | None) -> None:
     else:
         policy = (f"mmap threshold fixed at {threshold // 2**20} MiB (training.return_freed_memory; by default "
                   "checkpointing or a quantized load on a CPU): freed chunks from that size on go back to the system")
-    ctx.info.figures["heap_policy"] = {"mmap_threshold": threshold, "policy": policy}
+    ctx.info.figures["heap_policy"] = {"mmap_threshold": threshold, "policy": policy, "tcache": _tcache_record(ctx)}
     log.info("heap policy: %s", policy)
+
+
+def _tcache_record(ctx: TrainingContext) -> dict[str, Any]:
+    """glibc's per-thread cache in this process (the tunables glibc read when it started): off or on, who turned
+    it off (`tunelab train`'s restart, with its reason, or the environment), and a warning in the log where a run
+    that needs it off keeps it (the Python API, training.glibc_tcache_off: false, the user's own tcache_count)."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    restarted = os.environ.get(RESTARTED_WITHOUT_TCACHE)
+    on = glibc_tcache_on()  # measured: what glibc does, whatever the environment says
+    off = NO_TCACHE in tunables.split(":") if on is None else not on
+    record = {"glibc_tunables": tunables or None, "off": off,
+              "set_by": (f"tunelab train (restarted: {restarted})" if restarted else "the environment") if off else None}
+    if off:
+        log.info("glibc's per-thread cache: off (GLIBC_TUNABLES=%s, set by %s)", tunables, record["set_by"])
+    for note in tcache_notes(ctx.config, ctx.device.type, tunables):
+        log.warning(note)
+    return record
 
 
 def _announce_plan(ctx: TrainingContext) -> None:
@@ -317,7 +337,7 @@ def _announce_plan(ctx: TrainingContext) -> None:
         return
     try:
         plan = plan_memory(ctx.config, ctx.device.type, shape_of(ctx.config, ctx.data), runtime=resident_bytes(),
-                           processes=ctx.accelerator.num_processes)
+                           processes=ctx.accelerator.num_processes, tunables=os.environ.get("GLIBC_TUNABLES", ""))
     except Exception as exc:  # a plan is advice: a planner that cannot model this run never stops training
         log.warning("memory plan unavailable (%s: %s)", type(exc).__name__, exc)
         return

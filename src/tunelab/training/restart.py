@@ -1,0 +1,57 @@
+"""Restart `tunelab train` with glibc's per-thread cache off, for the runs that need it (docs/choosing.md, the heap
+policy).
+
+On glibc before 2.39, torch's CPU allocations (``posix_memalign(64, n)``) leave remainders in glibc's per-thread
+cache (tcache) where the heap cannot merge them with their neighbours when those are freed (glibc bug 30723): a
+freed block then cannot serve the next identical request, and the heap grows past the plan (SmolLM2 QLoRA at
+2 x 64 tokens: 1426 MiB against 1280 planned; with the cache off 1277-1315). glibc reads GLIBC_TUNABLES only
+when a process starts, so the CLI replaces its own process (``os.execve``: the same pid, so Ctrl-C, a compare's
+wait and torchrun's watch of its workers all see one process) by the same command with the tunable added, before
+anything is trained. Every torchrun worker restarts itself the same way, each with its own environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Mapping, Sequence
+
+from tunelab.config import TunelabConfig
+from tunelab.models import default_device
+from tunelab.plan.memory import RESTARTED_WITHOUT_TCACHE, tunables_without_tcache
+from tunelab.plan.planner import tcache_off_reason
+
+log = logging.getLogger(__name__)
+
+
+def restart_command(executable: str, orig_argv: Sequence[str], environ: Mapping[str, str], tunables: str,
+                    reason: str) -> tuple[str, list[str], dict[str, str]]:
+    """(program, argv, environment) that run this same command again with GLIBC_TUNABLES=``tunables``:
+    ``orig_argv`` is the interpreter's whole command line (``sys.orig_argv``: ``python -m tunelab ...`` keeps its
+    ``-m``, a console script its path, torchrun's ``-u``), its program named by ``executable`` (the same
+    interpreter, found without PATH); the environment is this one plus the tunables and the marker that says why
+    (a restarted process never restarts again)."""
+    env = dict(environ)
+    env["GLIBC_TUNABLES"] = tunables
+    env[RESTARTED_WITHOUT_TCACHE] = reason
+    return executable, [executable, *orig_argv[1:]], env
+
+
+def restart_without_tcache(config: TunelabConfig) -> None:
+    """Replace this process by the same command with glibc's per-thread cache off when ``config`` is a run that
+    trains with it off (``tcache_off_reason``) and this process has it on (``tunables_without_tcache``); else
+    return. Logs why first. Never twice: a restarted process carries the marker."""
+    if os.environ.get(RESTARTED_WITHOUT_TCACHE) is not None:
+        return
+    reason = tcache_off_reason(config, default_device().type)
+    tunables = tunables_without_tcache() if reason else None
+    if tunables is None:
+        return
+    program, argv, env = restart_command(sys.executable, sys.orig_argv, os.environ, tunables, reason)
+    log.info("restarting with GLIBC_TUNABLES=%s because of %s: glibc before 2.39 keeps freed aligned blocks out "
+             "of reach with its per-thread cache on (glibc bug 30723), which raises the peak above the plan "
+             "(training.glibc_tcache_off: false keeps this process)", tunables, reason)
+    for stream in (sys.stdout, sys.stderr):  # execve drops what Python has not written yet
+        stream.flush()
+    os.execve(program, argv, env)

@@ -1,0 +1,134 @@
+"""glibc's per-thread cache (tcache) off for the runs that need it: which runs (a quantized base or an online
+objective on a CPU, the config's switch), the GLIBC_TUNABLES a restart sets, the command `tunelab train` re-runs
+itself with (built here, not exec'd), glibc's real behaviour under the tunable, and one real CLI run that restarts
+(docs/choosing.md, the heap policy)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from support.runs import tiny_config
+from support.tiny import toy_chat_records, write_jsonl
+from tunelab.models import glibc_tcache_on
+from tunelab.plan.memory import NO_TCACHE, RESTARTED_WITHOUT_TCACHE, tunables_without_tcache
+from tunelab.plan.planner import tcache_off_reason
+from tunelab.training import restart
+from tunelab.training.restart import restart_command, restart_without_tcache
+
+GLIBC_236 = ("glibc", "2.36")
+HAS_OLD_GLIBC = tunables_without_tcache(tunables="") is not None  # this host keeps aligned blocks with the cache on
+
+
+def _config(model_dir: Path, tmp_path: Path, technique: str = "lora", objective: dict | None = None, **training):  # noqa: ANN001, ANN201
+    data = write_jsonl(tmp_path / "train.jsonl", toy_chat_records(24))
+    sections = {"objective": objective} if objective else {}
+    return tiny_config(model_dir, data={"train": [str(data)], "val_size": 0, "max_length": 64},
+                       technique={"name": technique}, training={"max_steps": 2, "micro_batch_size": 2, **training},
+                       eval={"before_after": False, "forgetting": False, "num_samples": 0},
+                       output={"dir": str(tmp_path / "run")}, **sections)
+
+
+def test_the_tunables_a_restart_sets():
+    """The cache's entry is added to the user's own tunables; none where glibc merges the remainders (2.39 on),
+    where it is not glibc, or where the user's tunables already set the cache's count (theirs stands)."""
+    assert tunables_without_tcache(GLIBC_236, "") == NO_TCACHE
+    assert tunables_without_tcache(GLIBC_236, "glibc.malloc.mxfast=0") == f"glibc.malloc.mxfast=0:{NO_TCACHE}"
+    assert tunables_without_tcache(GLIBC_236, "glibc.malloc.tcache_count=7") is None
+    assert tunables_without_tcache(GLIBC_236, f"glibc.malloc.mxfast=0:{NO_TCACHE}") is None
+    assert tunables_without_tcache(("glibc", "2.39"), "") is None
+    assert tunables_without_tcache(("", ""), "") is None
+
+
+def test_which_runs_train_with_the_cache_off(tiny_model_dir, tmp_path):
+    """A quantized base or an online objective on a CPU by default; an ordinary run and any GPU run keep it; the
+    config's switch wins both ways (negative controls)."""
+    grpo = {"name": "grpo", "num_generations": 2, "max_completion_length": 8, "rewards": ["rouge_l"]}
+    assert tcache_off_reason(_config(tiny_model_dir, tmp_path, "qlora"), "cpu") == "a quantized base on a CPU"
+    assert tcache_off_reason(_config(tiny_model_dir, tmp_path, objective=grpo), "cpu") == "an online objective on a CPU"
+    assert tcache_off_reason(_config(tiny_model_dir, tmp_path), "cpu") is None
+    assert tcache_off_reason(_config(tiny_model_dir, tmp_path, "qlora"), "cuda") is None
+    assert tcache_off_reason(_config(tiny_model_dir, tmp_path, "qlora", glibc_tcache_off=False), "cpu") is None
+    assert tcache_off_reason(_config(tiny_model_dir, tmp_path, glibc_tcache_off=True), "cpu") == \
+        "training.glibc_tcache_off: true"
+    assert tcache_off_reason(_config(tiny_model_dir, tmp_path, glibc_tcache_off=True), "cuda") is None
+
+
+def test_the_restart_command_is_the_same_command_with_the_tunable_and_the_marker():
+    """The interpreter's whole command line again (`-m tunelab`, a console script, torchrun's `-u`), its program
+    the same interpreter by path (argv[0] may be a bare `python`), the environment this one plus the tunables
+    and the marker; the caller's environment is not changed."""
+    environ = {"PATH": "/bin", "RANK": "1"}
+    program, argv, env = restart_command("/venv/bin/python", ["python", "-u", "-m", "tunelab", "train", "c.yaml",
+                                                               "--set", "a.b=1"], environ, NO_TCACHE, "why")
+    assert program == "/venv/bin/python"
+    assert argv == ["/venv/bin/python", "-u", "-m", "tunelab", "train", "c.yaml", "--set", "a.b=1"]
+    assert env == {"PATH": "/bin", "RANK": "1", "GLIBC_TUNABLES": NO_TCACHE, RESTARTED_WITHOUT_TCACHE: "why"}
+    assert environ == {"PATH": "/bin", "RANK": "1"}
+
+
+def test_restart_execs_once_and_only_for_the_runs_that_need_it(tiny_model_dir, tmp_path, monkeypatch):
+    """A quantized run on an old glibc with the cache on replaces its process (os.execve, faked here) by the same
+    command with the tunable; an ordinary run, the switch off, the cache already off or a process already restarted
+    (the marker) go on in place."""
+    execs: list[tuple[str, list[str], dict[str, str]]] = []
+    monkeypatch.setattr(restart.os, "execve", lambda program, argv, env: execs.append((program, argv, env)))
+    monkeypatch.setattr("platform.libc_ver", lambda *args: GLIBC_236)
+    monkeypatch.setattr(sys, "orig_argv", ["python", "-m", "tunelab", "train", "q.yaml"])
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mxfast=0")
+    monkeypatch.delenv(RESTARTED_WITHOUT_TCACHE, raising=False)
+    quantized = _config(tiny_model_dir, tmp_path, "qlora")
+    restart_without_tcache(quantized)
+    assert len(execs) == 1
+    program, argv, env = execs[0]
+    assert program == sys.executable and argv == [sys.executable, "-m", "tunelab", "train", "q.yaml"]
+    assert env["GLIBC_TUNABLES"] == f"glibc.malloc.mxfast=0:{NO_TCACHE}"
+    assert env[RESTARTED_WITHOUT_TCACHE] == "a quantized base on a CPU"
+    restart_without_tcache(_config(tiny_model_dir, tmp_path))
+    restart_without_tcache(_config(tiny_model_dir, tmp_path, "qlora", glibc_tcache_off=False))
+    monkeypatch.setenv(RESTARTED_WITHOUT_TCACHE, "a quantized base on a CPU")
+    restart_without_tcache(quantized)
+    monkeypatch.delenv(RESTARTED_WITHOUT_TCACHE)
+    monkeypatch.setenv("GLIBC_TUNABLES", NO_TCACHE)
+    restart_without_tcache(quantized)
+    assert len(execs) == 1
+
+
+@pytest.mark.skipif(glibc_tcache_on() is None, reason="glibc 2.33 or later (mallinfo2)")
+def test_the_probe_sees_what_glibc_does():
+    """``glibc_tcache_on`` reads glibc's behaviour: on in this process (started without the tunable), off in a
+    process started with it."""
+    if NO_TCACHE in os.environ.get("GLIBC_TUNABLES", "").split(":"):
+        pytest.skip("this test process was started with the cache off")
+    assert glibc_tcache_on() is True
+    probe = "from tunelab.models import glibc_tcache_on; print(glibc_tcache_on())"
+    started = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                             env={**os.environ, "GLIBC_TUNABLES": NO_TCACHE})
+    assert started.stdout.strip() == "False"
+
+
+@pytest.mark.skipif(not HAS_OLD_GLIBC, reason="glibc before 2.39 with its cache on: the restart applies")
+def test_tunelab_train_restarts_itself_with_the_cache_off(tiny_model_dir, tmp_path):
+    """A real `tunelab train` asked for the cache off says why it restarts, and the process that trains has the
+    cache off (run_info.json: glibc's measured behaviour, the tunables it read, who set them)."""
+    data = write_jsonl(tmp_path / "train.jsonl", toy_chat_records(12))
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {{name: {tiny_model_dir}}}\ndata: {{train: {data}, val_size: 0, max_length: 32}}\n"
+                      "technique: {name: lora, r: 2}\ntraining: {max_steps: 1, micro_batch_size: 2}\n"
+                      "eval: {before_after: false, forgetting: false, num_samples: 0}\n"
+                      f"output: {{dir: {tmp_path / 'run'}}}\n")
+    env = {key: value for key, value in os.environ.items() if key not in ("GLIBC_TUNABLES", RESTARTED_WITHOUT_TCACHE)}
+    done = subprocess.run([sys.executable, "-c", "from tunelab.cli import main; main()", "train", str(config),
+                           "--no-progress", "--set", "training.glibc_tcache_off=true"],
+                          env={**env, "OMP_NUM_THREADS": "1", "COLUMNS": "400"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"restarting with GLIBC_TUNABLES={NO_TCACHE} because of training.glibc_tcache_off: true" in done.stderr
+    tcache = json.loads((tmp_path / "run" / "run_info.json").read_text())["heap_policy"]["tcache"]
+    assert tcache == {"glibc_tunables": NO_TCACHE, "off": True,
+                      "set_by": "tunelab train (restarted: training.glibc_tcache_off: true)"}
