@@ -64,6 +64,7 @@ def run_once(config: Path, overrides: list[str], run_dir: Path, variant: str) ->
     command = [sys.executable, "-m", "tunelab", "train", str(config), "--no-progress", *sets, *VARIANTS[variant]]
     env = {key: value for key, value in os.environ.items() if key not in ("GLIBC_TUNABLES",
                                                                           "TUNELAB_RESTARTED_WITHOUT_TCACHE")}
+    env["COLUMNS"] = "400"  # one log record a line
     log = run_dir.parent / f"{run_dir.name}.{variant}.log"
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
