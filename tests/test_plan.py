@@ -434,6 +434,39 @@ def test_ppo_plans_its_value_head(tiny_model_dir, tmp_path):
     assert ppo.trainable_parameters - grpo.trainable_parameters == hidden + 1
 
 
+def test_a_reward_model_run_is_planned_as_it_loads(tiny_model_dir, tmp_path):
+    """An online objective that scores with a reward model run (``Objective.scoring_runs``) holds that model for
+    the whole run: the plan counts its weights as ``tunelab.load_run`` materialises them (counted here on the
+    loaded model itself), in every phase after it is read, and a phase for reading it beside the policy."""
+    from support.preference import toy_pair_texts
+    from support.runs import tiny_run_config
+
+    from tunelab.plan.memory import unique_parameters
+    from tunelab.result import load_run
+    from tunelab.training import train
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": p, "chosen": c, "rejected": r}
+                                                    for p, c, r in toy_pair_texts(0, 24)])
+    reward = train(tiny_run_config(tiny_model_dir, tmp_path / "reward", pairs, objective={"name": "reward"},
+                                   training={"max_steps": 1, "grad_accum": 1},
+                                   eval={"before_after": False, "num_samples": 0}), progress=False).run_dir
+    loaded = load_run(reward, "cpu").model
+    loaded_weights = sum(p.numel() * p.element_size() for p in unique_parameters(loaded))
+    shape = Shape(micro_batch_size=2, length=32)
+    for objective in ("ppo", "grpo"):
+        scored = plan_memory(online_config(tiny_model_dir, tmp_path, objective, rewards=[{"run": str(reward)}]),
+                             "cpu", shape, runtime=RUNTIME)
+        plain = plan_memory(online_config(tiny_model_dir, tmp_path, objective), "cpu", shape, runtime=RUNTIME)
+        assert scored.components["scoring_models"] == loaded_weights
+        assert "scoring_models" not in plain.components and "scoring model load" not in plain.phases
+        for phase in ("loss", "backward", "optimizer step", "generation"):
+            assert scored.phases[phase] - plain.phases[phase] == loaded_weights, phase
+        # read after the policy's loaded weights: its checkpoint's pages (the same tiny checkpoint as the policy's)
+        # and its weights beside them
+        assert scored.phases["scoring model load"] == plain.phases["load"] + loaded_weights
+        assert scored.peak_bytes - plain.peak_bytes >= loaded_weights
+
+
 def test_the_rollout_cache_is_counted_as_the_model_makes_it(tiny_model_dir, tmp_path):
     """The KV cache a rollout ends with (``rollout_cache_bytes``, a meta forward): what the real model's forward
     caches at the same shape, and (rows, layers, 2, heads_kv, T, head_dim) float32 values."""

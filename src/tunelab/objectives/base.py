@@ -27,7 +27,8 @@ An objective declares, in one place (its own file):
 - what its loss holds in memory at once, from the head's output shape (``loss_memory``, see ``HeadOutput``), and
   how many rows of which lengths a record becomes in a batch (``batch_rows``: a pair is two rows): the memory
   planner (``tunelab plan``) reads them instead of knowing how each loss lays out its batch and computes its logits;
-  for an online objective, what its ``prepare`` holds when it scores the sampled completions (``rollout_memory``).
+  for an online objective, what its ``prepare`` holds when it scores the sampled completions (``rollout_memory``),
+  and the finished runs its rollout loads beside the model to score them (``scoring_runs``: reward model runs).
 """
 
 from __future__ import annotations
@@ -236,6 +237,10 @@ class Objective:
     # policy's or the reference's log-probs). The planner's ``generation`` phase (the rollout) counts the larger of
     # the sampling (its KV cache and logits) and this. Default: no scoring pass.
     rollout_memory: Callable[..., tuple[int, ...]] = no_scoring_pass
+    # The run folders (as the settings give them) of the models its rollout loads for the whole run to score the
+    # sampled completions (an online objective's reward model runs): the planner counts each one's weights beside
+    # the policy's. Default: none.
+    scoring_runs: Callable[[Any], tuple[str, ...]] = lambda settings: ()
 
     def wants_reference(self, settings: Settings) -> bool:
         return self.needs_reference and (self.reference_when is None or self.reference_when(settings))

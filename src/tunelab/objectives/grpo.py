@@ -33,7 +33,8 @@ from pydantic import Field
 from tunelab.data import IGNORE, TokenizedExample, collate
 from tunelab.objectives.base import (Batch, HeadOutput, LossSum, Objective, Reference, USER_REWARDS,
                                      scoring_pass_memory)
-from tunelab.objectives.online import REWARDED_ANSWERS, OnlineSettings, Rollout, rollout_rows, rollout_targets
+from tunelab.objectives.online import (REWARDED_ANSWERS, OnlineSettings, Rollout, reward_model_runs, rollout_rows,
+                                      rollout_targets)
 from tunelab.objectives.sft import logits_only_where
 from tunelab.techniques.base import forward_inputs
 from torch import nn
@@ -184,5 +185,6 @@ OBJECTIVE = Objective(
     metrics=("clip_fraction", "entropy", "kl"), refuses={"packing": NEVER_PACKED, "fsdp": NOT_SHARDED}, records="prompt",
     evaluation=REWARDED_ANSWERS,
     prepare=grpo_prepare, loss_memory=policy_loss_memory, rollout_memory=grpo_rollout_memory,
+    scoring_runs=reward_model_runs,
     base_figures_uncached=USER_REWARDS,
 )

@@ -84,6 +84,11 @@ class OnlineSettings(Settings):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of the completions (1: off).")
 
 
+def reward_model_runs(settings: OnlineSettings) -> tuple[str, ...]:
+    """The reward model runs the rollout loads (``Objective.scoring_runs``): each stays loaded for the whole run."""
+    return tuple(reward.run for reward in settings.rewards if reward.run)
+
+
 def rollout_rows(prompt: Any, settings: OnlineSettings) -> tuple[int, ...]:
     """A prompt's rows in the loss's batch (``Objective.batch_rows``): its ``num_generations`` completions, each the
     prompt followed by up to ``max_completion_length`` sampled tokens (a row is padded to the batch's longest)."""

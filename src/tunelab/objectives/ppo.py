@@ -46,7 +46,8 @@ from tunelab.objectives.base import (Batch, HeadOutput, LossSum, Objective, OwnM
                                      scoring_pass_memory)
 from tunelab.objectives.grpo import (NEVER_PACKED, as_grid, collate_prompts, clipped_token_losses, policy_loss_memory,
                                      token_logps)
-from tunelab.objectives.online import REWARDED_ANSWERS, OnlineSettings, Rollout, rollout_rows, rollout_targets
+from tunelab.objectives.online import (REWARDED_ANSWERS, OnlineSettings, Rollout, reward_model_runs, rollout_rows,
+                                      rollout_targets)
 from tunelab.objectives.sft import rows_at
 from tunelab.techniques.base import forward_inputs
 
@@ -253,5 +254,6 @@ OBJECTIVE = Objective(
     metrics=("clip_fraction", "entropy", "kl", "value_loss", "value_clip_fraction", "explained_variance"),
     refuses={"packing": NEVER_PACKED, "fsdp": NOT_SHARDED}, records="prompt", evaluation=REWARDED_ANSWERS, prepare=ppo_prepare,
     own_module=VALUE_HEAD, loss_memory=policy_loss_memory, rollout_memory=ppo_rollout_memory,
+    scoring_runs=reward_model_runs,
     base_figures_uncached=USER_REWARDS,
 )

@@ -8,9 +8,10 @@ from typing import Any
 
 import torch
 
-from tunelab.config import TunelabConfig, build_config
+from tunelab.config import TunelabConfig, build_config, read_run_config
 from tunelab.data import PreparedData, prepare_data
-from tunelab.models import ModelConfig, cache_root, load_model_config, load_tokenizer, model_skeleton, resolve_model_path
+from tunelab.models import (ModelConfig, cache_root, load_model_config, load_tokenizer, model_skeleton, resolve_dtype,
+                            resolve_model_path)
 from tunelab.objectives import OBJECTIVES
 from tunelab.objectives.base import attach_own_module
 from tunelab.plan.memory import (MMAP_THRESHOLD_MAX, MemoryPlan, Shape, activation_bytes, activations_returned_bytes,
@@ -104,13 +105,16 @@ def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None 
         components["checkpoint_mapped"] = checkpoint
         components["weights"] -= views
     components.update(_reference(config, objective, components["weights"], trainable_bytes))
+    scorers = [scoring_model_bytes(run, target) for run in objective.scoring_runs(config.objective)]
+    if scorers:  # reward model runs, loaded after the policy and kept for the whole run
+        components["scoring_models"] = sum(weights for weights, _ in scorers)
     sharded = config.training.distributed == "fsdp" and processes > 1
     if sharded:
         sharded_terms(components, skeleton, processes)
     # On a CPU, memory freed during backward stays in the process's heap (glibc keeps its arenas), so the second
     # step's backward holds weights, moments, gradients, activations and logits at once: their sum is the peak.
     static = components["weights"] + components["optimizer_state"] + components.get("reference_model", 0) + \
-        components.get("checkpoint_mapped", 0) + components["master_cast_leftovers"]
+        components.get("checkpoint_mapped", 0) + components["master_cast_leftovers"] + components.get("scoring_models", 0)
     gathered = components.get("fsdp_gathered", 0)  # fsdp: the units gathered during forward and backward
     accumulated = components["gradients"] if config.training.grad_accum > 1 else 0
     phases = {
@@ -126,6 +130,11 @@ def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None 
         components["autocast_copies"] + gathered,
         "optimizer step": static + components["gradients"] + components["optimizer_step_temporaries"],
     }
+    if scorers:
+        # each scoring model is read (its checkpoint's pages resident) beside the policy's loaded weights and the
+        # scoring models read before it; the optimizer state does not exist yet
+        phases["scoring model load"] = loaded + max(
+            sum(weights for weights, _ in scorers[:i]) + reading for i, (_, reading) in enumerate(scorers))
     if objective.prepare is not None:  # an online objective samples its batch, then trains on it
         components["rollout"] = rollout_bytes(skeleton, shape, saved, objective.rollout_memory_of(saved.head, config.objective))
         # the rollout runs before the step's loss, gradients freed (set to None), under autocast (its weight copies)
@@ -208,6 +217,27 @@ def tcache_notes(config: TunelabConfig, device_type: str, tunables: str | None =
                 f"`tunelab train` turns it off (GLIBC_TUNABLES={NO_TCACHE}) unless training.glibc_tcache_off is "
                 "false or GLIBC_TUNABLES sets tcache_count (docs/choosing.md, the heap policy)"]
     return []
+
+
+def scoring_model_bytes(run: str, target: torch.device) -> tuple[int, int]:
+    """(weights, bytes while reading it) of a finished run loaded for inference as ``tunelab.load_run`` loads it
+    (a reward model run): its base as its technique loads it, in its ``model.dtype`` for inference on ``target``,
+    with its trained head and its technique's weights; reading adds its checkpoint file's mapped pages. Its
+    scoring forward (no gradients, a few rows) holds one decoder layer's transients at a time: under the rollout's
+    own per-layer bound when it is no wider than the policy, so not added."""
+    run_config = build_config(read_run_config(Path(run)))
+    technique = TECHNIQUES[run_config.technique.name]
+    objective = OBJECTIVES[run_config.objective.name]
+    base_load = technique.base_load(run_config.technique, target)
+    model_config = load_model_config(run_config.model)
+    checkpoint_dtype = _checkpoint_dtype(model_config)  # before the skeleton: building it sets the config's dtype
+    skeleton = model_skeleton(model_config, base_load, dtype=base_load.dtype or resolve_dtype(run_config.model.dtype, target),
+                              num_labels=objective.num_labels)
+    double_quant = bool(getattr(base_load.quantization_config, "bnb_4bit_use_double_quant", False))
+    checkpoint = checkpoint_file_bytes(run_config.model, parameter_bytes(skeleton, double_quant)[3] * checkpoint_dtype.itemsize)
+    skeleton = technique.apply(skeleton, run_config.technique, RunContext(task_type=objective.task_type))
+    weights = loaded_bytes(skeleton, double_quant)  # frozen for inference: every weight in the dtype it loads in
+    return weights, weights + checkpoint
 
 
 def heap_policy(config: TunelabConfig, device: torch.device) -> int | None:
