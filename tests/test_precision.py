@@ -86,6 +86,24 @@ def test_precision_rules_on_a_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
         precision.training_precision("float16", CPU)
 
 
+def test_a_finished_run_generates_in_bfloat16_only_where_the_cpu_has_it_and_the_run_leaves_it_open(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tunelab serve`, `generate` and `chat` load a run by one rule: --dtype auto follows the run's model.dtype,
+    and auto on both is bfloat16 weights on a CPU with native bfloat16, float32 elsewhere, each with its reason."""
+    rule = precision.generation_precision
+    monkeypatch.setattr(precision, "detect_cpu_bf16", lambda: NATIVE)
+    chosen = rule("auto", "auto", CPU)
+    assert chosen.dtype == "bfloat16" and "test: native" in chosen.reason
+    assert rule("auto", "float32", CPU).dtype == "float32"  # the run pinned float32
+    assert rule("float32", "auto", CPU).dtype == "float32" and rule("bfloat16", "float32", CPU).dtype == "bfloat16"
+    monkeypatch.setattr(precision, "detect_cpu_bf16", lambda: EMULATED)
+    assert rule("auto", "auto", CPU) == precision.GenerationPrecision("float32", "dtype auto: float32 weights, test: emulated")
+    fallback = rule("bfloat16", "auto", CPU)  # emulated bfloat16 is about 15x slower: float32, and why
+    assert fallback.dtype == "float32" and "test: emulated" in fallback.reason
+    with pytest.raises(ConfigError, match="--dtype float16"):
+        rule("float16", "auto", CPU)
+
+
 def test_bfloat16_on_a_cpu_without_native_bf16_trains_in_float32_and_says_why(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:

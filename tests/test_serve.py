@@ -164,6 +164,47 @@ def test_completions_and_models(client: openai.OpenAI, offline: dict) -> None:
     assert {m.id for m in client.models.list()} == {"base", "cats", "dogs", "owls"}
 
 
+def test_in_bfloat16_concurrent_served_answers_equal_tunelab_generate(runs: dict[str, Path],
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU with native bfloat16, `tunelab serve` (dtype auto) loads bfloat16 weights, says so in /health and
+    /metrics, and 12 concurrent requests mixing three adapters (stacked rows, cached prefixes) get exactly what
+    `tunelab generate` gives each prompt alone, which loads the run by the same rule. The CPU is declared native
+    here (TUNELAB_CPU_BF16=1's effect): on a host without it bfloat16 is emulated, slow, so the model is tiny."""
+    from tunelab import precision, use
+    from tunelab.generation import Sampling
+
+    monkeypatch.setattr(precision, "detect_cpu_bf16", lambda: precision.CpuBf16(True, "test: native bfloat16"))
+    generated_in, generate = set(), use.generate_batch
+    monkeypatch.setattr(use, "generate_batch", lambda model, *args: (
+        generated_in.add(model.get_input_embeddings().weight.dtype), generate(model, *args))[1])
+    names = ["cats", "dogs", "owls"]
+    cases = [(names[i % 3], f"say something {i}" + " again" * (i % 2)) for i in range(12)]
+    alone = [next(use.generate_from_run(runs[name], [question], None, Sampling(max_new_tokens=8)))["output"]
+             for name, question in cases]
+    assert generated_in == {torch.bfloat16}  # `tunelab generate` loads the run as the server does
+    app = build_app([runs[name] for name in names], LIMITS, device="cpu")
+    with BackgroundServer(app) as running:
+        engine = running.app.state.engine
+        base = {p.dtype for n, p in engine.model.named_parameters() if "lora_" not in n}
+        adapters = {p.dtype for n, p in engine.model.named_parameters() if "lora_" in n}
+        assert base == {torch.bfloat16} and adapters == {torch.float32}  # PEFT keeps adapters float32
+        health = httpx.get(f"{running.url}/health").json()
+        assert health["dtype"] == "bfloat16" and "test: native bfloat16" in health["dtype_reason"]
+        assert 'tunelab_model_info{dtype="bfloat16"' in httpx.get(f"{running.url}/metrics").text
+        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="unused", max_retries=0)
+
+        def ask(case: tuple[str, str]) -> str:
+            return client.chat.completions.create(model=case[0], messages=[{"role": "user", "content": case[1]}],
+                                                  max_tokens=8, temperature=0).choices[0].message.content.strip()
+
+        passes, rows = engine.batches, engine.batch_rows
+        with ThreadPoolExecutor(12) as pool:
+            together = list(pool.map(ask, cases))
+        assert (engine.batch_rows - rows) / (engine.batches - passes) > 1.5  # they really shared batches
+        assert engine.batch.mixed.installs > 0 and engine.batch.mixed.own  # mixed rows went through stacked rows
+    assert together == alone and len(set(alone)) == 3  # each adapter its own answer
+
+
 def test_32_concurrent_mixed_requests_equal_single_requests(client: openai.OpenAI, server: BackgroundServer) -> None:
     names = ["cats", "dogs", "owls", "base"]
     cases = [(names[i % 4], f"say something {i}" + " again" * (i % 3)) for i in range(32)]
@@ -695,6 +736,39 @@ def test_stacked_rows_compute_what_peft_per_row_adapters_compute(tiny_model_dir:
         return [r.token_ids for r in requests]
 
     assert tokens(stacked_rows) == tokens(None)
+
+
+def test_stacked_rows_over_a_bfloat16_base_round_as_one_adapter_does(tiny_model_dir: Path) -> None:
+    """Served in bfloat16 (float32 adapters over bfloat16 base weights), a stacked row adds its adapter's float32
+    term to the base output and rounds once, as PEFT's one-adapter forward does (what the row gets alone, and
+    offline generation): bitwise equal. Rounding the term to bfloat16 before the addition (what PEFT's per-row
+    path does) gave other tokens from a bfloat16 SmolLM2."""
+    from peft.tuners.lora.layer import LoraLayer
+
+    from tunelab.generation import PEFT_BASE
+    from tunelab.techniques.lora import stacked_rows
+
+    model = two_lora_model(tiny_model_dir)
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    for layer in layers:
+        layer.base_layer.to(torch.bfloat16)
+    torch.manual_seed(2)
+    layer = layers[0]
+    x = torch.randn(4, 6, layer.in_features).to(torch.bfloat16)  # (B, T, d_in)
+    names = ["two", "one", PEFT_BASE, "two"]
+    with torch.no_grad():
+        alone = []
+        for row, name in enumerate(names):
+            if name == PEFT_BASE:
+                with model.disable_adapter():
+                    alone.append(layer(x[row:row + 1]))
+            else:
+                model.set_adapter(name)
+                alone.append(layer(x[row:row + 1]))  # (1, T, d_out) bfloat16
+        with stacked_rows(model, names):
+            stacked = layer(x)
+    assert stacked.dtype == torch.bfloat16
+    assert torch.equal(stacked, torch.cat(alone))
 
 
 def test_stacked_rows_leave_other_lora_layers_to_peft(tiny_model_dir: Path) -> None:

@@ -534,6 +534,8 @@ TopKOption = Annotated[int, typer.Option("--top-k", min=0, help="Sample only fro
 RepetitionPenaltyOption = Annotated[Optional[float], typer.Option("--repetition-penalty", min=0.0, help="Above 1 makes tokens already in the prompt or answer less likely (greedy too); default: the model's own setting")]
 StopOption = Annotated[Optional[list[str]], typer.Option("--stop", metavar="TEXT", help="End the answer where this text appears, without it (repeatable)")]
 SeedOption = Annotated[Optional[int], typer.Option(help="Seed for sampling: the same seed gives the same answers")]
+# generate, chat and serve load a run alike (result.load_for_generation), so their greedy answers are equal
+GenerationDtypeOption = Annotated[str, typer.Option("--dtype", help="Weights' dtype: auto (the run's model.dtype; if that is auto too, bfloat16 on a CPU with native bfloat16 (AMX, AVX512-BF16), else float32), float32 or bfloat16")]
 
 
 def _sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int, repetition_penalty: float | None,
@@ -564,6 +566,7 @@ def generate(
     raw: Annotated[Optional[bool], typer.Option("--raw/--chat", help="Raw text or the run's chat template (default: as the run was trained)")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts generated together")] = 8,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON line per prompt (prompt, output, finish reason)")] = False,
+    dtype: GenerationDtypeOption = "auto",
 ) -> None:
     """Generate from a finished run: one-shot (--prompt) or batch (--data), greedy by default."""
     _setup_logging()
@@ -573,7 +576,7 @@ def generate(
         _fail("give --prompt TEXT (repeatable) or --data FILE, not both and not neither")
     try:
         sampling = _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed)
-        for record in generate_from_run(run, prompt, data, sampling, raw, batch_size):
+        for record in generate_from_run(run, prompt, data, sampling, raw, batch_size, dtype):
             typer.echo(json.dumps(record, ensure_ascii=False) if as_json or data else record["output"])
     except _USER_ERRORS as exc:
         _fail(str(exc))
@@ -590,6 +593,7 @@ def chat(
     repetition_penalty: RepetitionPenaltyOption = None,
     stop: StopOption = None,
     seed: SeedOption = None,
+    dtype: GenerationDtypeOption = "auto",
 ) -> None:
     """Talk to a finished run in the terminal, with the run's chat template and end tokens.
     /reset starts over, /exit (or Ctrl-D) leaves; Ctrl-C stops a reply."""
@@ -597,7 +601,8 @@ def chat(
     from tunelab.use import chat_loop  # start-up time
 
     try:
-        chat_loop(run, system, _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed))
+        chat_loop(run, system, _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed),
+                  dtype=dtype)
     except _USER_ERRORS as exc:
         _fail(str(exc))
 
@@ -626,6 +631,7 @@ def serve(
     max_body_bytes: MaxBodyOption = DEFAULT_MAX_BODY_BYTES,
     scheduling: Annotated[str, typer.Option(hidden=True, help=f"{' | '.join(SCHEDULINGS)}: the server as it runs, "
                                             "or a comparison point of benchmarks/serve.py")] = "continuous",
+    dtype: GenerationDtypeOption = "auto",
 ) -> None:
     """OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics) and web UI
     over one base with each run's adapter; a request picks its adapter with `model` (run name, or 'base')."""
@@ -640,7 +646,7 @@ def serve(
         settings = ServeSettings(max_concurrent=max_concurrent, max_tokens_limit=max_tokens_limit,
                                  request_timeout_s=timeout, max_batch_size=max_batch_size,
                                  runs_root=runs_root or runs[0].resolve().parent, api_key=api_key,
-                                 max_body_bytes=max_body_bytes, continuous=continuous, mix_adapters=mixed)
+                                 max_body_bytes=max_body_bytes, continuous=continuous, mix_adapters=mixed, dtype=dtype)
         application = build_app(runs, settings, allow_remote_code=trust_remote_code)
     except _USER_ERRORS as exc:
         _fail(str(exc))
@@ -657,9 +663,11 @@ def _announce(application: Any, host: str, port: int) -> None:
     elif application.state.settings.api_key is not None:
         err_console.print(f"every route but /health and the page needs 'Authorization: Bearer <key>'; the page asks "
                           f"for the key, or open http://{host}:{port}/#key=<key>", highlight=False)
-    names = ", ".join(application.state.engine.served)
+    engine = application.state.engine
+    names = ", ".join(engine.served)
     if names:
         err_console.print(f"serving {names} at http://{host}:{port}/v1 ; web UI at http://{host}:{port}/", highlight=False)
+        err_console.print(f"weights in {engine.precision.dtype}: {engine.precision.reason}", highlight=False)
     else:
         err_console.print(f"web UI at http://{host}:{port}/ (runs in {application.state.settings.runs_root}; no model "
                           "loaded: give run folders to chat with them)", highlight=False)

@@ -9,7 +9,8 @@ trained at all without loss scaling, and a gradient scaler refuses float16 gradi
 - ``auto``: bfloat16 on a GPU that supports it. For training on a CPU: bfloat16 autocast (frozen weights stored in
   bfloat16, trainable ones float32) when the CPU computes bfloat16 natively (AMX or AVX512-BF16, read from
   /proc/cpuinfo, else oneDNN's check), float32 otherwise; the run's log and run_info.json say which and why.
-  A bfloat16 matmul there takes about 0.43x the float32 time. Inference (``load_dtype``) stays float32 on a CPU.
+  A bfloat16 matmul there takes about 0.43x the float32 time. Generation from a finished run (serve, generate,
+  chat: ``generation_precision``) loads the weights in bfloat16 on such a CPU too; other inference stays float32.
 - ``bfloat16``: on a CPU without native bfloat16 (no AVX512-BF16/AMX), bfloat16 is emulated and about 15x slower
   than float32, so float32 is used instead and the reason logged. A GPU without bfloat16 is refused.
 - ``float16``: on a GPU, autocast with a gradient scaler (accelerate's) over float32 master weights. On a CPU it
@@ -121,6 +122,40 @@ def load_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "bfloat16" and device.type == "cpu" and not native_cpu_bf16():
         return torch.float32
     return getattr(torch, dtype)
+
+
+# What `tunelab serve --dtype` (and the generating commands) accept: auto follows the run's model.dtype.
+GENERATION_DTYPES = ("auto", "float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class GenerationPrecision:
+    dtype: str  # the model.dtype a finished run is loaded with to generate: float32, bfloat16 (or float16)
+    reason: str  # why, for the server's log, /health and /metrics
+
+
+def generation_precision(requested: str, configured: str, device: torch.device) -> GenerationPrecision:
+    """The dtype a finished run generates in, for every caller that generates from one (``tunelab serve``,
+    ``generate``, ``chat``): one rule, so that a served answer equals the offline one.
+
+    ``requested`` is the caller's choice (``--dtype``; auto: the run's own), ``configured`` the run's ``model.dtype``.
+    auto on both, on a CPU: bfloat16 weights where the CPU computes bfloat16 natively (a (270, 576) x (576, 1536)
+    product, a burst's prefill through one MLP projection of SmolLM2, took 0.66 ms in bfloat16 against 3.4 ms in
+    float32 on one core of an AMX host), float32 elsewhere (emulated bfloat16 is about 15x slower). A bfloat16
+    request on such a CPU falls back to float32 (``load_dtype``), said here."""
+    if requested not in GENERATION_DTYPES:
+        raise ConfigError(f"--dtype {requested}: expected one of {', '.join(GENERATION_DTYPES)}")
+    chosen, why = requested, f"--dtype {requested}"
+    if requested == "auto" and configured != "auto":
+        chosen, why = configured, f"the run's model.dtype {configured}"
+    if chosen == "auto" and device.type == "cpu":
+        support = detect_cpu_bf16()
+        chosen = "bfloat16" if support.native else "float32"
+        return GenerationPrecision(chosen, f"dtype auto: {chosen} weights, {support.reason}")
+    if chosen == "bfloat16" and device.type == "cpu" and not native_cpu_bf16():
+        return GenerationPrecision("float32", f"{why}: float32 instead, {detect_cpu_bf16().reason}")
+    loaded = str(load_dtype(chosen, device)).removeprefix("torch.")
+    return GenerationPrecision(loaded, f"{why}: {loaded} weights on {device.type}")
 
 
 def training_precision(dtype: str, device: torch.device, fixed_base: str | None = None) -> Precision:

@@ -21,6 +21,7 @@ from tunelab.config import TunelabConfig, build_config, read_run_config
 from tunelab.errors import ConfigError, TechniqueError
 from tunelab.models import (ModelConfig, adapter_num_labels, apply_head_config, check_model_available, default_device,
                             load_model, load_tokenizer, saved_head_config)
+from tunelab.precision import GenerationPrecision, generation_precision
 from tunelab.techniques import TECHNIQUES, Technique, technique_for_adapter
 from tunelab.techniques.attach import adapter_dir, load_adapter
 from tunelab.techniques.base import ADAPTER_CONFIG
@@ -50,6 +51,7 @@ class LoadedRun:
     technique: Technique | None = None
     base: str | None = None  # the base model it was trained from (what `--against base` means)
     name: str = ""
+    precision: GenerationPrecision | None = None  # the dtype it generates in and why (``load_for_generation``)
 
 
 def result_dir(run_dir: Path, technique_name: str) -> Path:
@@ -114,6 +116,20 @@ def load_run(run: str | Path | FoundResult, device: torch.device | str | None = 
     model.eval()
     return LoadedRun(found.run_dir or found.result_dir, found.config, model, tokenizer, found.result_dir,
                      found.technique, found.base, found.name)
+
+
+def load_for_generation(run: str | Path | FoundResult, device: torch.device | str | None = None,
+                        dtype: str = "auto") -> LoadedRun:
+    """``load_run`` in the dtype a finished run generates in (``precision.generation_precision``: bfloat16 weights
+    on a CPU with native bfloat16 when ``dtype`` and the run's model.dtype are auto). The one loader of `tunelab
+    serve`, `generate` and `chat`, so that their greedy outputs are equal."""
+    found = run if isinstance(run, FoundResult) else find_result(run)
+    device = torch.device(device) if device is not None else default_device()
+    configured = found.config.model.dtype if found.config is not None else "auto"
+    chosen = generation_precision(dtype, configured, device)
+    loaded = load_run(found, device=device, dtype=chosen.dtype)
+    loaded.precision = chosen
+    return loaded
 
 
 def _read_json(path: Path) -> Any:

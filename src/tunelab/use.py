@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterator, TextIO
 from tunelab.data.formats import read_records
 from tunelab.errors import DataError
 from tunelab.generation import GREEDY, GenerationRequest, Sampling, encode, generate_batch, render_chat
-from tunelab.result import load_run
+from tunelab.result import load_for_generation
 from tunelab.runs import read_json
 
 
@@ -54,9 +54,10 @@ def _prompt_text(tokenizer: Any, chat: bool, messages: list[dict[str, str]], raw
 
 
 def generate_from_run(run: Path, prompts: list[str] | None, data: Path | None, sampling: Sampling = GREEDY,
-                      raw: bool | None = None, batch_size: int = 8) -> Iterator[dict[str, Any]]:
-    """Yield one record per prompt: {source, prompt, output, finish_reason, tokens}, in input order."""
-    loaded = load_run(run)
+                      raw: bool | None = None, batch_size: int = 8, dtype: str = "auto") -> Iterator[dict[str, Any]]:
+    """Yield one record per prompt: {source, prompt, output, finish_reason, tokens}, in input order. The run is
+    loaded as `tunelab serve` loads it (``load_for_generation``, ``dtype``), so the answers are the served ones."""
+    loaded = load_for_generation(run, dtype=dtype)
     chat = uses_chat_template(run, loaded.tokenizer) if raw is None else not raw
     items: list[tuple[str, str]] = []  # (source, rendered prompt)
     if data is not None:
@@ -77,9 +78,9 @@ def generate_from_run(run: Path, prompts: list[str] | None, data: Path | None, s
 
 
 def chat_loop(run: Path, system: str | None, sampling: Sampling = GREEDY,
-              read: Callable[[str], str] = input, out: TextIO = sys.stdout) -> list[dict[str, str]]:
+              read: Callable[[str], str] = input, out: TextIO = sys.stdout, dtype: str = "auto") -> list[dict[str, str]]:
     """An interactive chat: each reply streams as it is generated. Returns the conversation (for tests)."""
-    loaded = load_run(run)
+    loaded = load_for_generation(run, dtype=dtype)
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
     out.write(f"Chatting with {loaded.name} ({loaded.technique.name} on {loaded.base}). "

@@ -52,6 +52,7 @@ class ServeSettings:
     runs_root: Path | None = None  # the folder the web UI browses
     api_key: str | None = field(default=None, repr=False)  # None: no authentication (a loopback-only server)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # a larger request body gets 413 before it is parsed
+    dtype: str = "auto"  # the weights' dtype (precision.generation_precision; auto: the run's, bfloat16 where native)
 
     def __post_init__(self) -> None:
         if self.api_key is not None and not self.api_key.strip():
@@ -202,8 +203,10 @@ def create_app(engine: Engine | NoModels, settings: ServeSettings | None = None)
     @app.get("/health")
     async def health() -> JSONResponse:
         alive = engine.alive()
+        precision = engine.precision  # None: a page-only server, no model
         return JSONResponse({"status": "ok" if alive else "worker stopped", "models": list(engine.served),
-                             "in_flight": app.state.in_flight}, status_code=200 if alive else 503)
+                             "in_flight": app.state.in_flight, "dtype": precision and precision.dtype,
+                             "dtype_reason": precision and precision.reason}, status_code=200 if alive else 503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:

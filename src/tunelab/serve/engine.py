@@ -30,7 +30,8 @@ from transformers import AutoTokenizer
 from tunelab.errors import ConfigError
 from tunelab.generation import BASE, PEFT_BASE, PREFILL_TOKENS, ContinuousBatch, GenerationRequest
 from tunelab.models import ModelConfig, load_tokenizer, same_base_model
-from tunelab.result import find_result, load_run
+from tunelab.precision import GenerationPrecision
+from tunelab.result import find_result, load_for_generation
 from tunelab.techniques.base import ADAPTER_CONFIG
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class ServedModel:
     adapter: str  # PEFT adapter name ('__base__' for the base)
     tokenizer: Any  # the run's own tokenizer (its chat template)
     row_forward: Any = None  # its technique's computation of mixed-adapter rows (Technique.row_forward)
+    precision: GenerationPrecision | None = None  # the dtype the shared model generates in, and why
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -91,11 +93,14 @@ def _adapter_config(folder: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def load_models(runs: list[Path], device: Any = None, allow_remote_code: bool = False) -> tuple[Any, dict[str, ServedModel]]:
+def load_models(runs: list[Path], device: Any = None, allow_remote_code: bool = False,
+                dtype: str = "auto") -> tuple[Any, dict[str, ServedModel]]:
     """The shared model and the table of servable names.
 
     Several results share one base and one batch, with 'base' servable too, when each technique declares that
-    its result can (``mixed_batch``); one result that cannot is served alone, under its own name only."""
+    its result can (``mixed_batch``); one result that cannot is served alone, under its own name only. The model
+    is loaded as `tunelab generate` loads it (``load_for_generation``: ``dtype`` auto is the first run's
+    model.dtype, and on a CPU with native bfloat16 bfloat16 weights), so that served answers equal offline ones."""
     if not runs:
         raise ConfigError("give at least one run folder to serve")
     found = [(Path(r), _find(Path(r), allow_remote_code)) for r in runs]
@@ -109,15 +114,19 @@ def load_models(runs: list[Path], device: Any = None, allow_remote_code: bool = 
                           "each served model needs its own name")
     first_path, first = found[0]
     if len(found) == 1 and first.technique.mixed_batch(first.result_dir) is not None:  # served alone, as it opens
-        loaded = load_run(first, device=device)
-        return loaded.model, {names[0]: ServedModel(names[0], first_path, "", loaded.tokenizer)}
+        loaded = load_for_generation(first, device=device, dtype=dtype)
+        return loaded.model, {names[0]: ServedModel(names[0], first_path, "", loaded.tokenizer,
+                                                    precision=loaded.precision)}
     for path, result in found:
         _check_mixable(path, result, first.base)
-    loaded = load_run(first, device=device)  # the base with the first adapter, as PEFT's "default"
-    model = loaded.model
+    # the base with the first adapter, as PEFT's "default"; the other adapters load in their own dtype (PEFT keeps
+    # float32 adapter weights over a bfloat16 base), as load_for_generation loads each of them alone
+    loaded = load_for_generation(first, device=device, dtype=dtype)
+    model, precision = loaded.model, loaded.precision
     base_config = first.config.model if first.config is not None else ModelConfig(name=first.base)
-    served = {BASE: ServedModel(BASE, None, PEFT_BASE, load_tokenizer(base_config))}
-    served[names[0]] = ServedModel(names[0], first_path, "default", loaded.tokenizer, first.technique.row_forward)
+    served = {BASE: ServedModel(BASE, None, PEFT_BASE, load_tokenizer(base_config), precision=precision)}
+    served[names[0]] = ServedModel(names[0], first_path, "default", loaded.tokenizer, first.technique.row_forward,
+                                   precision)
     for index, (name, (path, result)) in enumerate(zip(names[1:], found[1:]), start=1):
         adapter = f"served{index}"  # PEFT names become module keys: run names with dots would not do
         try:
@@ -129,7 +138,7 @@ def load_models(runs: list[Path], device: Any = None, allow_remote_code: bool = 
         if len(tokenizer) != len(served[BASE].tokenizer):
             raise ConfigError(f"{path}: its tokenizer has {len(tokenizer)} tokens, the base's "
                               f"{len(served[BASE].tokenizer)}; a run with added tokens needs its own server")
-        served[name] = ServedModel(name, path, adapter, tokenizer, result.technique.row_forward)
+        served[name] = ServedModel(name, path, adapter, tokenizer, result.technique.row_forward, precision)
     model.eval()
     return model, served
 
@@ -165,6 +174,8 @@ class Engine:
         if not self.batch.stepwise:
             log.info("whole batches, no continuous batching: %s", self.batch.why_not)
         self.context_length = _context_length(model, self.tokenizer)
+        self.precision = next(iter(served.values())).precision or _as_loaded(model)
+        log.info("generating in %s (%s)", self.precision.dtype, self.precision.reason)
         self.batch_wait_s = 0.01  # whole batches only (``continuous`` off): how long a batch waits for more requests
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._jobs: dict[int, Job] = {}  # id(request) -> its job, while it is in the batch
@@ -258,6 +269,7 @@ class NoModels:
         self.served: dict[str, ServedModel] = {}
         self.batches = self.batch_rows = self.prefix_reused_tokens = self.prefix_bytes = 0
         self.context_length = 0
+        self.precision: GenerationPrecision | None = None
 
     def alive(self) -> bool:
         return True
@@ -267,6 +279,12 @@ class NoModels:
 
     def close(self) -> None:
         pass
+
+
+def _as_loaded(model: Any) -> GenerationPrecision:
+    """The precision of a model handed to the engine as it is (tests, notebooks): its weights' dtype."""
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return GenerationPrecision(dtype, f"the model as it was handed to the server ({dtype} weights)")
 
 
 def _context_length(model: Any, tokenizer: Any) -> int:

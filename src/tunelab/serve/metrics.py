@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Info, generate_latest
 
 
 class Metrics:
@@ -31,6 +31,10 @@ class Metrics:
         held = Gauge("tunelab_prefix_cache_bytes", "Memory held by the cached prompt prefixes' keys and values "
                      "(at most one prefix per adapter)", registry=registry)
         held.set_function(lambda: engine.prefix_bytes)
+        precision = engine.precision  # None: a page-only server, no model
+        if precision is not None:
+            Info("tunelab_model", "The served model's weights dtype and why it was chosen",
+                 registry=registry).info({"dtype": precision.dtype, "dtype_reason": precision.reason})
 
     def request(self, endpoint: str, model: str, status: int) -> None:
         self.requests.labels(endpoint, model, str(status)).inc()

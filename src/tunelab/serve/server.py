@@ -16,9 +16,10 @@ from tunelab.serve.engine import Engine, NoModels, load_models
 
 def build_app(runs: list[Path], settings: ServeSettings | None = None, device: Any = None,
               allow_remote_code: bool = False) -> Any:
-    """Load the runs (checked: same base, safetensors only) and return the FastAPI app over them."""
+    """Load the runs (checked: same base, safetensors only; in ``settings.dtype``) and return the FastAPI app
+    over them."""
     settings = settings or ServeSettings()
-    model, served = load_models(runs, device=device, allow_remote_code=allow_remote_code)
+    model, served = load_models(runs, device=device, allow_remote_code=allow_remote_code, dtype=settings.dtype)
     engine = Engine(model, served, max_batch_size=settings.max_batch_size, mix_adapters=settings.mix_adapters,
                     continuous=settings.continuous)
     return create_app(engine, settings)

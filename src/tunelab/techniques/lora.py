@@ -324,7 +324,9 @@ class _StackedRows:
             return result
         keep, scale = rows
         low = functional.linear(x.to(a.dtype), a) * keep  # (B, T, R): each row's own rank columns
-        return result + (functional.linear(low, b) * scale).to(result.dtype)
+        # added in the adapters' dtype and rounded once, as PEFT's one-adapter forward does (what a row alone, or
+        # offline generation, computes): over a bfloat16 base, rounding the float32 term first gave other tokens
+        return (result + functional.linear(low, b) * scale).to(result.dtype)
 
 
 # Keyword arguments PEFT's LoRA layers take besides the input, which the base layer must not get.
