@@ -3,7 +3,16 @@ no network."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
+
+# OpenMP threads that wait by sleeping, not spinning, set before torch loads its OpenMP runtime (children inherit
+# it): on a loaded host (a shared CI runner, other jobs) a process's spinning threads take the cores another
+# process computes on. Measured on the 2-core machine at load average 12-13: two SmolLM2 LoRA steps through the
+# CLI in 87 s spinning (libgomp's default), 18 s waiting passively; tests/test_real_model.py's two LoRA steps
+# 350 s against 61 s.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from pathlib import Path  # noqa: E402
 from typing import Iterator
 
 import pytest
