@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -90,10 +91,12 @@ print(own_peak_rss_bytes())
 """
 
 
-def measure_cell(config: dict[str, Any]) -> tuple[int, float]:
-    """(peak RSS in bytes, wall seconds) of one training process: the peak it reports itself."""
+def measure_cell(config: dict[str, Any], env: dict[str, str] | None = None) -> tuple[int, float]:
+    """(peak RSS in bytes, wall seconds) of one training process: the peak it reports itself. ``env``: variables
+    added to the child's environment (read at its start, as glibc's tunables are)."""
     started = time.time()
-    done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(config)], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(config)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
     if done.returncode != 0:
         raise RuntimeError(f"cell failed ({done.returncode}): {done.stderr[-2000:]}")
     return int(done.stdout.strip().splitlines()[-1]), time.time() - started

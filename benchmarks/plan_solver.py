@@ -14,7 +14,13 @@ Every run is a fresh process, 2 optimizer steps, one at a time (peak RSS does no
     python benchmarks/plan_solver.py measure --out bench/plan_solver.jsonl [--models smollm2,llama-narrow]
     python benchmarks/plan_solver.py report bench/plan_solver.jsonl     # runs the recommended set-ups it lacks
 
-Records already in the output file are reused, so an interrupted measurement continues.
+Records already in the output file are reused, so an interrupted measurement continues. A run whose base is
+quantized starts with glibc's per-thread cache off where glibc keeps freed aligned blocks (``child_env``: tunelab's
+remedy for glibc bug 30723, docs/choosing.md). ``report --measured-only`` trains nothing (a pair whose solved value
+lacks a run is listed as not measured). The run-to-run spread of a cell's peak, each run a fresh process::
+
+    python benchmarks/plan_solver.py spread --out bench/spread.jsonl --cells llama-narrow:adapter:off:3 \
+        --variants glibc,no-tcache,fixed-threshold --repeats 3
 """
 
 from __future__ import annotations
@@ -43,12 +49,34 @@ def _load(out: Path) -> dict[str, dict[str, Any]]:
     return {_key(r): r for r in map(json.loads, out.read_text().splitlines())} if out.is_file() else {}
 
 
-def _measure(out: Path, known: dict[str, dict[str, Any]], key: list[Any], config: dict[str, Any]) -> dict[str, Any]:
+def child_env(config: dict[str, Any], tcache: str = "quantized") -> dict[str, str]:
+    """The environment a training process starts with: glibc's per-thread cache off
+    (``GLIBC_TUNABLES=glibc.malloc.tcache_count=0``) where ``tcache`` says: ``quantized``, for a run whose base
+    is quantized on a CPU whose glibc keeps freed aligned blocks (``aligned_blocks_kept``, glibc bug 30723; what
+    tunelab's remedy is for those runs), ``off`` for every run, ``on`` for none."""
+    import torch
+
+    from tunelab.config import build_config
+    from tunelab.plan.memory import NO_TCACHE, aligned_blocks_kept
+    from tunelab.techniques import TECHNIQUES
+
+    if tcache == "quantized":
+        built = build_config(config)
+        base = TECHNIQUES[built.technique.name].base_load(built.technique, torch.device("cpu"))
+        wanted = base.quantization_config is not None and aligned_blocks_kept() is not None
+    else:
+        wanted = tcache == "off"
+    return {"GLIBC_TUNABLES": NO_TCACHE} if wanted else {}
+
+
+def _measure(out: Path, known: dict[str, dict[str, Any]], key: list[Any], config: dict[str, Any],
+             tcache: str = "quantized") -> dict[str, Any]:
     """The record of ``key``: known, or measured now (one training process) and appended to ``out``."""
     record = known.get(json.dumps(key))
     if record is None:
-        peak, seconds = grid.measure_cell(config)
-        record = {"key": key, "config": config, "peak_rss": peak, "seconds": round(seconds, 1)}
+        env = child_env(config, tcache)
+        peak, seconds = grid.measure_cell(config, env)
+        record = {"key": key, "config": config, "env": env, "peak_rss": peak, "seconds": round(seconds, 1)}
         with out.open("a") as f:
             f.write(json.dumps(record) + "\n")
         known[_key(record)] = record
@@ -81,6 +109,42 @@ def measure(args: argparse.Namespace) -> None:
                         print(f"{key}: {exc}", file=sys.stderr)
 
 
+VARIANTS = {"glibc": ("on", None), "no-tcache": ("off", None), "fixed-threshold": ("on", True),
+            "dynamic-threshold": ("on", False)}
+
+
+def spread(args: argparse.Namespace) -> None:
+    """Each cell (MODEL:TECHNIQUE:on|off:MICRO_BATCH) trained ``--repeats`` times, each a fresh process, under each
+    variant: glibc as tunelab runs it (no-tcache: its per-thread cache off; fixed- or dynamic-threshold:
+    training.return_freed_memory forced on or off); every run appended to ``--out``, then each cell's peaks."""
+    out, work = Path(args.out), Path(args.out).parent / "plan_grid_work"
+    work.mkdir(parents=True, exist_ok=True)
+    records = list(map(json.loads, out.read_text().splitlines())) if out.is_file() else []
+    for repeat in range(args.repeats):  # repeats interleaved, so a drift in the machine spreads over variants
+        for cell in args.cells.split(","):
+            model, technique, checkpointing, micro_batch = cell.split(":")
+            for variant in args.variants.split(","):
+                tcache, returned = VARIANTS[variant]
+                key = ["spread", model, technique, checkpointing == "on", int(micro_batch), variant, repeat]
+                if any(r["key"] == key for r in records):
+                    continue
+                config = _solver_config(model, technique, checkpointing == "on", int(micro_batch), work)
+                if returned is not None:
+                    config["training"]["return_freed_memory"] = returned
+                config["output"] = {"dir": str(work / "runs" / "-".join(map(str, key)))}
+                env = child_env(config, "off" if tcache == "off" else "quantized")
+                peak, seconds = grid.measure_cell(config, env)
+                records.append({"key": key, "config": config, "env": env, "peak_rss": peak, "seconds": round(seconds, 1)})
+                with out.open("a") as f:
+                    f.write(json.dumps(records[-1]) + "\n")
+                print(f"{key}: {peak / 2**20:.1f} MiB in {seconds:.0f} s", flush=True)
+    cells: dict[tuple[Any, ...], list[float]] = {}
+    for r in records:
+        cells.setdefault(tuple(r["key"][1:6]), []).append(r["peak_rss"] / 2**20)
+    for cell, peaks in sorted(cells.items()):
+        print(f"{cell}: {', '.join(f'{p:.0f}' for p in peaks)} MiB (spread {max(peaks) - min(peaks):.0f})")
+
+
 def _plan(config: dict[str, Any]) -> Any:
     from tunelab.config import build_config
     from tunelab.plan import data_shape
@@ -89,7 +153,7 @@ def _plan(config: dict[str, Any]) -> Any:
     return built, data_shape(built)
 
 
-def solver_rows(out: Path, known: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def solver_rows(out: Path, known: dict[str, dict[str, Any]], measured_only: bool = False) -> list[dict[str, Any]]:
     """Each measured (m, m + 1) pair's budget, the solver's answer for it, and the measured peaks at the answer and
     one above (trained now when not yet measured: a flat cell's answer can be far above m)."""
     from tunelab.plan import plan_memory
@@ -111,11 +175,16 @@ def solver_rows(out: Path, known: dict[str, dict[str, Any]]) -> list[dict[str, A
         peaks = []
         for value in ([] if solved is None else [solved, solved + 1]):
             key = ["solver", model, technique, checkpointing, value]
+            if measured_only and json.dumps(key) not in known:  # the solved value or the next not yet run
+                break
             peaks.append(_measure(out, known, key, _solver_config(model, technique, checkpointing, value, work))["peak_rss"])
+        measured = solved is None or len(peaks) == 2
+        # the plans' step: the criterion holds only if the plan's error at m and at m + 1 is under half of it
         rows.append({"model": model, "technique": technique, "checkpointing": checkpointing, "m": m,
-                     "budget": budget, "solved": solved, "peak_m": peaks[0] if peaks else None,
-                     "peak_next": peaks[1] if peaks else None,
-                     "ok": bool(peaks) and peaks[0] <= budget < peaks[1]})
+                     "budget": budget, "plan_step": planned[1] - planned[0], "solved": solved,
+                     "peak_m": peaks[0] if measured and peaks else None,
+                     "peak_next": peaks[1] if measured and peaks else None,
+                     "ok": None if not measured else bool(peaks) and peaks[0] <= budget < peaks[1]})
     return rows
 
 
@@ -146,20 +215,29 @@ def recommend_rows(out: Path, known: dict[str, dict[str, Any]], models: list[str
     return rows
 
 
+def _verdict(ok: bool | None) -> str:
+    return "not measured" if ok is None else "yes" if ok else "NO"
+
+
 def report(args: argparse.Namespace) -> None:
     out = Path(args.results)
     known = _load(out)
-    solver = sorted(solver_rows(out, known), key=lambda r: (r["model"], r["technique"], r["checkpointing"], r["m"]))
+    solver = sorted(solver_rows(out, known, args.measured_only), key=lambda r: (r["model"], r["technique"], r["checkpointing"], r["m"]))
     mib = 2**20
-    print("| model | technique | checkpointing | budget MiB (between the plans at m and m+1) | m | solved | peak at the solved value MiB | one above MiB | ok |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | technique | checkpointing | budget MiB (between the plans at m and m+1) | plans' step MiB | m | solved | peak at the solved value MiB | one above MiB | ok |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in solver:
         peaks = ("-", "-") if r["peak_m"] is None else (f"{r['peak_m'] / mib:.0f}", f"{r['peak_next'] / mib:.0f}")
         print(f"| {r['model']} | {r['technique']} | {'on' if r['checkpointing'] else 'off'} | {r['budget'] / mib:.0f} | "
-              f"{r['m']} | {r['solved']} | {peaks[0]} | {peaks[1]} | {'yes' if r['ok'] else 'NO'} |")
-    good = sum(r["ok"] for r in solver)
-    print(f"\nsolver: in {good} of {len(solver)} ({100 * good / max(len(solver), 1):.0f}%) the solved micro-batch ran within "
+              f"{r['plan_step'] / mib:.0f} | {r['m']} | {r['solved']} | {peaks[0]} | {peaks[1]} | {_verdict(r['ok'])} |")
+    good, unmeasured = sum(r["ok"] is True for r in solver), sum(r["ok"] is None for r in solver)
+    if unmeasured:
+        print(f"\n{unmeasured} pairs not measured at their solved value (--measured-only)")
+    decided = len(solver) - unmeasured
+    print(f"\nsolver: in {good} of {decided} ({100 * good / max(decided, 1):.0f}%) the solved micro-batch ran within "
           "the budget and the next one up did not fit (target 90%)\n")
+    if args.measured_only:
+        return
     models = sorted({r["model"] for r in solver}, key=list(BUDGETS_GIB).index)
     rows = recommend_rows(out, known, models)
     print("| model | budget GiB | first recommended set-up | planned GiB | measured GiB | fits |")
@@ -180,10 +258,18 @@ def main() -> None:
     m.add_argument("--out", required=True)
     m.add_argument("--models", default="smollm2,llama-narrow")
     m.add_argument("--techniques", default="", help="only these (comma-separated); default all")
+    s = sub.add_parser("spread")
+    s.add_argument("--out", required=True)
+    s.add_argument("--cells", required=True, help="MODEL:TECHNIQUE:on|off:MICRO_BATCH, comma-separated")
+    s.add_argument("--variants", default="glibc,no-tcache")
+    s.add_argument("--repeats", type=int, default=3)
     r = sub.add_parser("report")
     r.add_argument("results")
+    r.add_argument("--measured-only", action="store_true",
+                   help="train nothing: pairs whose solved value (or the next) lacks a run are listed as not measured, "
+                        "and the recommended set-ups are left out")
     args = parser.parse_args()
-    measure(args) if args.command == "measure" else report(args)
+    {"measure": measure, "spread": spread, "report": report}[args.command](args)
 
 
 if __name__ == "__main__":
