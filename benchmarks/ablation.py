@@ -10,9 +10,11 @@ the first (warm-up). Variants:
 - ``no-packing``: ``data.packing: false`` (rows padded to their batch's longest example);
 - ``packed-mask``: transformers' SDPA attention on the packed rows' block-diagonal mask (instead of causal
   attention per packed example, re-batched by length, ``training/attention.py``);
+- ``transformers-rms-norm``: transformers' RMSNorm (a float32 island, autograd's backward) instead of the same
+  values in fewer passes (``norms.py``);
 - ``full-logits``: the head over every position, (B, T, V) logits and a float32 cross-entropy, as transformers'
   own causal-LM loss computes it (instead of the chunked head at supervised positions only);
-- ``none``: all five switched off at once.
+- ``none``: all six switched off at once.
 
 Each feature's share is shipped tokens/s over that variant's (how much slower the run is without it). Speed is
 measured here, never in a test; run it alone on a quiet machine, and compare figures within one invocation::
@@ -33,10 +35,12 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = ["shipped", "no-cpu-dropout", "float32", "no-packing", "packed-mask", "full-logits", "none"]
+VARIANTS = ["shipped", "no-cpu-dropout", "float32", "no-packing", "packed-mask", "transformers-rms-norm", "full-logits",
+            "none"]
 OFF = {"no-cpu-dropout": {"cpu-dropout"}, "float32": {"bf16"}, "no-packing": {"packing"},
-       "packed-mask": {"per-example-attention"}, "full-logits": {"supervised-head"},
-       "none": {"cpu-dropout", "bf16", "packing", "per-example-attention", "supervised-head"}}
+       "packed-mask": {"per-example-attention"}, "transformers-rms-norm": {"rms-norm"},
+       "full-logits": {"supervised-head"},
+       "none": {"cpu-dropout", "bf16", "packing", "per-example-attention", "rms-norm", "supervised-head"}}
 
 
 def switch_off(features: set[str]) -> list[str]:
@@ -56,6 +60,10 @@ def switch_off(features: set[str]) -> list[str]:
         from tunelab.training import session
 
         session.use_cpu_dropout = lambda model: 0
+    if "rms-norm" in features:
+        from tunelab.training import session
+
+        session.use_cpu_rms_norm = lambda model: 0
     if "supervised-head" in features:
         import torch
         import torch.nn.functional as F

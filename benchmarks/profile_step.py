@@ -99,7 +99,8 @@ def matmul_flops(name: str, shapes: list[list[int]]) -> float:
         (m, k), (_, n) = shapes[1], shapes[2]
         return 2.0 * m * k * n
     if name in ("aten::bmm", "aten::baddbmm"):
-        (b, m, k), (_, _, n) = shapes[-2], shapes[-1]
+        # baddbmm(input, batch1, batch2, beta, alpha): the scalars' shapes come last and are empty
+        (b, m, k), (_, _, n) = shapes[:2] if name == "aten::bmm" else shapes[1:3]
         return 2.0 * b * m * k * n
     if name.startswith("aten::_scaled_dot_product_flash_attention_for_cpu"):
         if name.endswith("_backward"):

@@ -12,6 +12,7 @@ from tunelab.config import TunelabConfig, build_config, read_run_config
 from tunelab.data import PreparedData, prepare_data
 from tunelab.models import (ModelConfig, cache_root, load_model_config, load_tokenizer, model_skeleton, resolve_dtype,
                             resolve_model_path)
+from tunelab.norms import use_cpu_rms_norm
 from tunelab.objectives import OBJECTIVES
 from tunelab.objectives.base import attach_own_module
 from tunelab.plan.memory import (MMAP_THRESHOLD_MAX, MemoryPlan, Shape, activation_bytes, activations_returned_bytes,
@@ -69,6 +70,8 @@ def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None 
     skeleton = technique.apply(skeleton, config.technique, RunContext(task_type=objective.task_type))
     # a module the objective trains beside the model (PPO's value head): its weights, gradients and moments
     attach_own_module(objective.own_module, skeleton, config.objective)
+    if target.type == "cpu":  # as training on a CPU does: its norms save x in its dtype, not a float32 copy
+        use_cpu_rms_norm(skeleton)
     weights, trainable_bytes, trainable, total = parameter_bytes(skeleton, double_quant)
     largest_trainable = max((4 * p.numel() for p in skeleton.parameters() if p.requires_grad), default=0)
     autocast = autocast_copy_bytes(skeleton) if precision.mixed_precision != "no" else 0

@@ -34,6 +34,7 @@ from tunelab.eval.training import OverfittingSignal
 from tunelab.generation import sample_prompts
 from tunelab.models import (cache_root, default_device, fixed_mmap_threshold, glibc_tcache_on, load_model,
                             load_tokenizer, meta_twin, model_fingerprint, model_skeleton, write_head_config)
+from tunelab.norms import use_cpu_rms_norm
 from tunelab.objectives import OBJECTIVES
 from tunelab.objectives.base import attach_own_module, without_own_module
 from tunelab.objectives.reference import copies_the_base, live_reference, same_model
@@ -224,6 +225,10 @@ def _set_up(ctx: TrainingContext, resume: bool) -> tuple[LoopState, dict[str, An
         ctx.info.figures["dropout"] = f"{switched} dropout layers draw their masks four elements per 64-bit number " \
                                       "(CPU; p rounded to a multiple of 1/32768)"
         log.info("dropout: %s", ctx.info.figures["dropout"])
+    if ctx.accelerator.device.type == "cpu" and (switched := use_cpu_rms_norm(ctx.model)):
+        ctx.info.figures["rms_norm"] = f"{switched} RMSNorm layers with frozen weights run in fewer passes (CPU; " \
+                                       "the same values bit for bit)"
+        log.info("rms_norm: %s", ctx.info.figures["rms_norm"])
     if ctx.accelerator.device.type == "cpu":  # which attention trained: it changes bf16 rounding (docs/performance.md)
         ctx.info.figures["attention"] = attention_in_use()
         log.info("attention: %s", ctx.info.figures["attention"])
