@@ -104,3 +104,25 @@ def test_a_lora_models_loss_and_gradients_are_unchanged_by_the_swap(tiny_model_d
     (loss_a, grads_a), (loss_b, grads_b) = results
     assert torch.equal(loss_a, loss_b) and grads_a.keys() == grads_b.keys()
     assert all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
+
+
+def test_a_cpu_bf16_plan_counts_x_in_bf16_not_transformers_float32_copy(tiny_model_dir: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The memory plan's meta probe swaps the norms as a CPU run does: each norm that receives a gradient (all but
+    the first layer's input norm: the frozen embeddings need none) saves x in bfloat16, 2 bytes an element less
+    than transformers' float32 copy."""
+    from tunelab import precision
+    from tunelab.plan import Shape, plan_memory, planner
+
+    monkeypatch.setattr(precision, "detect_cpu_bf16", lambda: precision.CpuBf16(True, "tests: native bfloat16"))
+    data = write_jsonl(tmp_path / "train.jsonl", toy_chat_records(24))
+    config = tiny_config(tiny_model_dir, {"dtype": "auto"}, data={"train": [str(data)], "val_size": 0, "max_length": 64},
+                         technique={"name": "lora"}, training={"max_steps": 2, "micro_batch_size": 2},
+                         eval={"before_after": False, "forgetting": False, "num_samples": 0},
+                         output={"dir": str(tmp_path / "run")})
+    shape = Shape(micro_batch_size=2, length=32)
+    swapped = plan_memory(config, "cpu", shape, runtime=0).components["activations"]
+    monkeypatch.setattr(planner, "use_cpu_rms_norm", lambda model: 0)
+    unswapped = plan_memory(config, "cpu", shape, runtime=0).components["activations"]
+    hidden, layers = 64, 2  # support.tiny's model
+    assert unswapped - swapped == 2 * 2 * 32 * hidden * (2 * layers - 1 + 1)  # 2 per layer, minus the first, plus the final
