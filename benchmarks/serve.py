@@ -2,14 +2,16 @@
 Not part of the test suite (speed is measured here, never asserted in tests). Usage:
 
     .venv/bin/python benchmarks/serve.py [--runs RUN RUN] [--clients 1 4 16 64] [--modes continuous whole-batch]
-                                         [--threads 2] [--max-tokens 32] [--out FILE.json]
+                                         [--threads 2] [--max-tokens 32] [--dtype auto] [--out FILE.json]
 
 Without ``--runs`` it first trains two small LoRA runs on the embedded SmolLM2 (two steps each, on the bicycle
 support chats and on the pydoc questions) into ``--work`` and reuses them on the next call.
 
 The server is what a user runs: ``python -m tunelab serve RUN RUN`` in its own process (one per mode, its torch
 threads set by ``OMP_NUM_THREADS``), so the clients, which run on this process's asyncio loop, never share its
-interpreter lock. Its log goes to ``--work/serve-MODE.log``.
+interpreter lock. Its log goes to ``--work/serve-MODE.log``. ``--dtype`` is the server's (auto: bfloat16 weights on a
+CPU with native bfloat16, float32 elsewhere; the dtype it chose, from /health, is in the JSON and the table's
+heading).
 
 What is measured: closed-loop clients (each sends its next request when the previous one has finished), every
 request a streamed ``/v1/chat/completions`` with ``max_tokens`` new tokens at most, greedy; the requests cycle
@@ -78,12 +80,14 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.command = [sys.executable, "-m", "tunelab", "serve", *map(str, runs), "--port", str(self.port),
                         "--max-concurrent", str(max(args.clients) * 2), "--max-tokens-limit", str(args.max_tokens),
-                        "--max-batch-size", str(args.max_batch_size), "--timeout", "900", "--scheduling", mode]
+                        "--max-batch-size", str(args.max_batch_size), "--timeout", "900", "--scheduling", mode,
+                        "--dtype", args.dtype]
         self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
         if args.threads:
             self.env["OMP_NUM_THREADS"] = str(args.threads)  # torch's intra-op threads in the server
         self.log_path = args.work / f"serve-{mode}.log"
         self.process: subprocess.Popen | None = None
+        self.dtype: str | None = None  # the weights' dtype the server chose, from /health
 
     def __enter__(self) -> "Server":
         started = time.perf_counter()
@@ -93,7 +97,9 @@ class Server:
             if self.process.poll() is not None:
                 raise RuntimeError(f"tunelab serve exited with {self.process.returncode}; see {self.log_path}")
             try:
-                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
+                health = httpx.get(f"{self.url}/health", timeout=5)
+                if health.status_code == 200:
+                    self.dtype = health.json().get("dtype")
                     break
             except httpx.HTTPError:
                 pass
@@ -209,6 +215,7 @@ def run_mode(runs: list[Path], mode: str, args: argparse.Namespace, report: dict
         models = [m for m in models if m != "base"] + ["base"]
         report.update(models=models)
         report["server_start_s"][mode] = round(server.start_s, 2)
+        report["dtype"][mode] = server.dtype  # what the server chose (/health)
         asyncio.run(level(server.url, models, 1, 1, 4))  # warm-up: first-call allocations are not measured
         counts = args.clients if mode == "continuous" else args.other_clients
         plan = [(c, "burst") for c in counts] + [(c, "staggered") for c in args.staggered if mode == "continuous"]
@@ -256,6 +263,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None, help="the server's torch threads (default: torch's)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="the server's --dtype")
     parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
     args = parser.parse_args()
 
@@ -264,7 +272,7 @@ def main() -> None:
     report: dict[str, Any] = {
         "machine": machine(args.threads), "runs": [str(r) for r in runs], "max_tokens": args.max_tokens,
         "rounds": args.rounds, "max_batch_size": args.max_batch_size, "modes": args.modes,
-        "max_requests": args.max_requests, "server_start_s": {}, "levels": [],
+        "max_requests": args.max_requests, "server_start_s": {}, "dtype": {}, "levels": [],
     }
     started = time.perf_counter()
     for mode in args.modes:
@@ -282,7 +290,7 @@ def print_table(report: dict[str, Any]) -> None:
           f"{report['rounds']} requests per client (8 at least, {report['max_requests']} at most); server in its own "
           f"process, {m['server_torch_threads']} torch threads; {m['cpus']} CPUs ({', '.join(m['cpu_flags'])}); "
           f"load average {m['load_average_at_start'][0]:.2f} at the start, {m['load_average_at_end'][0]:.2f} at the "
-          f"end; {report['wall_s']:.0f} s\n")
+          f"end; {report['wall_s']:.0f} s; weights in {', '.join(sorted(set(report['dtype'].values())))}\n")
     print("| scheduling | arrivals | clients | requests | TTFT p50 / p95 (s) | steady TTFT p50 / p95 (s) | "
           "total p50 / p95 (s) | tokens/s | mean batch | load (1 min) |")
     print("| --- | --- | ---: | ---: | --- | --- | --- | ---: | ---: | ---: |")
