@@ -4,6 +4,7 @@ error shape, never a 500; adapters load only from the given run folders; limits,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -166,7 +167,7 @@ def test_completions_and_models(client: openai.OpenAI, offline: dict) -> None:
 
 def test_in_bfloat16_concurrent_served_answers_equal_tunelab_generate(runs: dict[str, Path],
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """On a CPU with native bfloat16, `tunelab serve` (dtype auto) loads bfloat16 weights, says so in /health and
+    """On a CPU with native bfloat16, `tunelab serve --dtype bfloat16` loads bfloat16 weights, says so in /health and
     /metrics, and 12 concurrent requests mixing three adapters (stacked rows, cached prefixes) get exactly what
     `tunelab generate` gives each prompt alone, which loads the run by the same rule. The CPU is declared native
     here (TUNELAB_CPU_BF16=1's effect): on a host without it bfloat16 is emulated, slow, so the model is tiny."""
@@ -179,17 +180,17 @@ def test_in_bfloat16_concurrent_served_answers_equal_tunelab_generate(runs: dict
         generated_in.add(model.get_input_embeddings().weight.dtype), generate(model, *args))[1])
     names = ["cats", "dogs", "owls"]
     cases = [(names[i % 3], f"say something {i}" + " again" * (i % 2)) for i in range(12)]
-    alone = [next(use.generate_from_run(runs[name], [question], None, Sampling(max_new_tokens=8)))["output"]
-             for name, question in cases]
-    assert generated_in == {torch.bfloat16}  # `tunelab generate` loads the run as the server does
-    app = build_app([runs[name] for name in names], LIMITS, device="cpu")
+    alone = [next(use.generate_from_run(runs[name], [question], None, Sampling(max_new_tokens=8),
+                                        dtype="bfloat16"))["output"] for name, question in cases]
+    assert generated_in == {torch.bfloat16}  # `tunelab generate --dtype bfloat16` loads the run as the server does
+    app = build_app([runs[name] for name in names], dataclasses.replace(LIMITS, dtype="bfloat16"), device="cpu")
     with BackgroundServer(app) as running:
         engine = running.app.state.engine
         base = {p.dtype for n, p in engine.model.named_parameters() if "lora_" not in n}
         adapters = {p.dtype for n, p in engine.model.named_parameters() if "lora_" in n}
         assert base == {torch.bfloat16} and adapters == {torch.float32}  # PEFT keeps adapters float32
         health = httpx.get(f"{running.url}/health").json()
-        assert health["dtype"] == "bfloat16" and "test: native bfloat16" in health["dtype_reason"]
+        assert health["dtype"] == "bfloat16" and "--dtype bfloat16" in health["dtype_reason"]
         assert 'tunelab_model_info{dtype="bfloat16"' in httpx.get(f"{running.url}/metrics").text
         client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="unused", max_retries=0)
 

@@ -139,10 +139,13 @@ def generation_precision(requested: str, configured: str, device: torch.device) 
     ``generate``, ``chat``): one rule, so that a served answer equals the offline one.
 
     ``requested`` is the caller's choice (``--dtype``; auto: the run's own), ``configured`` the run's ``model.dtype``.
-    auto on both, on a CPU: bfloat16 weights where the CPU computes bfloat16 natively (a (270, 576) x (576, 1536)
-    product, a burst's prefill through one MLP projection of SmolLM2, took 0.66 ms in bfloat16 against 3.4 ms in
-    float32 on one core of an AMX host), float32 elsewhere (emulated bfloat16 is about 15x slower). A bfloat16
-    request on such a CPU falls back to float32 (``load_dtype``), said here."""
+    auto on both, on a CPU: float32 weights, so that a served answer is the one the request gets alone, whatever
+    else shares its batch (in bfloat16 a row's rounding depends on its batch: 5 of 16 SmolLM2 answers of a
+    concurrent burst differed from their one-request greedy answers after a few tokens). ``--dtype bfloat16`` is
+    the faster choice where the CPU computes bfloat16 natively (a (270, 576) x (576, 1536) product, a burst's
+    prefill through one MLP projection of SmolLM2, took 0.66 ms in bfloat16 against 3.4 ms in float32 on one core
+    of an AMX host); on a CPU without it, it falls back to float32 (emulated bfloat16 is about 15x slower), said
+    here."""
     if requested not in GENERATION_DTYPES:
         raise ConfigError(f"--dtype {requested}: expected one of {', '.join(GENERATION_DTYPES)}")
     chosen, why = requested, f"--dtype {requested}"
@@ -150,8 +153,9 @@ def generation_precision(requested: str, configured: str, device: torch.device) 
         chosen, why = configured, f"the run's model.dtype {configured}"
     if chosen == "auto" and device.type == "cpu":
         support = detect_cpu_bf16()
-        chosen = "bfloat16" if support.native else "float32"
-        return GenerationPrecision(chosen, f"dtype auto: {chosen} weights, {support.reason}")
+        faster = "--dtype bfloat16 is faster here, its batched answers may differ" if support.native else support.reason
+        return GenerationPrecision("float32", f"dtype auto on a CPU: float32 weights, every answer the one a request "
+                                              f"gets alone whatever shares its batch ({faster})")
     if chosen == "bfloat16" and device.type == "cpu" and not native_cpu_bf16():
         return GenerationPrecision("float32", f"{why}: float32 instead, {detect_cpu_bf16().reason}")
     loaded = str(load_dtype(chosen, device)).removeprefix("torch.")

@@ -120,8 +120,8 @@ def load_run(run: str | Path | FoundResult, device: torch.device | str | None = 
 
 def load_for_generation(run: str | Path | FoundResult, device: torch.device | str | None = None,
                         dtype: str = "auto") -> LoadedRun:
-    """``load_run`` in the dtype a finished run generates in (``precision.generation_precision``: bfloat16 weights
-    on a CPU with native bfloat16 when ``dtype`` and the run's model.dtype are auto). The one loader of `tunelab
+    """``load_run`` in the dtype a finished run generates in (``precision.generation_precision``: float32 weights
+    on a CPU when ``dtype`` and the run's model.dtype are auto, bfloat16 where asked for and native). The one loader of `tunelab
     serve`, `generate` and `chat`, so that their greedy outputs are equal."""
     found = run if isinstance(run, FoundResult) else find_result(run)
     device = torch.device(device) if device is not None else default_device()

@@ -52,7 +52,7 @@ class ServeSettings:
     runs_root: Path | None = None  # the folder the web UI browses
     api_key: str | None = field(default=None, repr=False)  # None: no authentication (a loopback-only server)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # a larger request body gets 413 before it is parsed
-    dtype: str = "auto"  # the weights' dtype (precision.generation_precision; auto: the run's, bfloat16 where native)
+    dtype: str = "auto"  # the weights' dtype (precision.generation_precision; auto: the run's; float32 on a CPU)
 
     def __post_init__(self) -> None:
         if self.api_key is not None and not self.api_key.strip():

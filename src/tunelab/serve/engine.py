@@ -100,7 +100,7 @@ def load_models(runs: list[Path], device: Any = None, allow_remote_code: bool = 
     Several results share one base and one batch, with 'base' servable too, when each technique declares that
     its result can (``mixed_batch``); one result that cannot is served alone, under its own name only. The model
     is loaded as `tunelab generate` loads it (``load_for_generation``: ``dtype`` auto is the first run's
-    model.dtype, and on a CPU with native bfloat16 bfloat16 weights), so that served answers equal offline ones."""
+    model.dtype, on a CPU float32 unless bfloat16 is asked for), so that served answers equal offline ones."""
     if not runs:
         raise ConfigError("give at least one run folder to serve")
     found = [(Path(r), _find(Path(r), allow_remote_code)) for r in runs]
