@@ -9,7 +9,8 @@ import os
 # it): on a loaded host (a shared CI runner, other jobs) a process's spinning threads take the cores another
 # process computes on. Measured on the 2-core machine at load average 12-13: two SmolLM2 LoRA steps through the
 # CLI in 87 s spinning (libgomp's default), 18 s waiting passively; tests/test_real_model.py's two LoRA steps
-# 350 s against 61 s.
+# 350 s against 61 s. The price on a quiet host: the bench's two-thread bf16 training at 140-198 tokens/s against
+# 244-335 (tiny-model tests run on one thread, where no thread waits): a slower best case for a far better worst.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from pathlib import Path  # noqa: E402
