@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 
-# OpenMP threads that wait by sleeping, not spinning, set before torch loads its OpenMP runtime (children inherit
-# it): on a loaded host (a shared CI runner, other jobs) a process's spinning threads take the cores another
-# process computes on. Measured on the 2-core machine at load average 12-13: two SmolLM2 LoRA steps through the
-# CLI in 87 s spinning (libgomp's default), 18 s waiting passively; tests/test_real_model.py's two LoRA steps
-# 350 s against 61 s. The price on a quiet host: the bench's two-thread bf16 training at 140-198 tokens/s against
-# 244-335 (tiny-model tests run on one thread, where no thread waits): a slower best case for a far better worst.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP threads that spin only briefly before they sleep, set before torch loads its OpenMP runtime (children
+# inherit it): on a loaded host (a shared CI runner, other jobs) libgomp's default spinning makes a process's
+# threads take the cores another process computes on. The bench's two-thread bf16 training (docs/performance.md,
+# "A host shared with other work"): default 244-312 tokens/s quiet and 15 beside six busy loops;
+# GOMP_SPINCOUNT=20000 249-335 quiet and 32 loaded; OMP_WAIT_POLICY=PASSIVE 140-198 quiet and 63 loaded. The
+# suite took passive first (a real-tier test at load 12: 350 s spinning, 61 s passive), but the real tier then ran
+# about twice as long on a quiet machine; a short spin keeps the quiet speed and still halves the loaded time.
+os.environ.setdefault("GOMP_SPINCOUNT", "20000")
 
 from pathlib import Path  # noqa: E402
 from typing import Iterator
