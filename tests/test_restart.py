@@ -83,19 +83,21 @@ def test_restart_execs_once_and_only_for_the_runs_that_need_it(tiny_model_dir, t
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mxfast=0")
     monkeypatch.delenv(RESTARTED_WITHOUT_TCACHE, raising=False)
     quantized = _config(tiny_model_dir, tmp_path, "qlora")
-    restart_without_tcache(quantized)
+    restart_without_tcache(quantized, process_is_the_command=False)  # in-process: a CliRunner, a notebook
+    assert execs == []
+    restart_without_tcache(quantized, process_is_the_command=True)
     assert len(execs) == 1
     program, argv, env = execs[0]
     assert program == sys.executable and argv == [sys.executable, "-m", "tunelab", "train", "q.yaml"]
     assert env["GLIBC_TUNABLES"] == f"glibc.malloc.mxfast=0:{NO_TCACHE}"
     assert env[RESTARTED_WITHOUT_TCACHE] == "a quantized base on a CPU"
-    restart_without_tcache(_config(tiny_model_dir, tmp_path))
-    restart_without_tcache(_config(tiny_model_dir, tmp_path, "qlora", glibc_tcache_off=False))
+    restart_without_tcache(_config(tiny_model_dir, tmp_path), process_is_the_command=True)
+    restart_without_tcache(_config(tiny_model_dir, tmp_path, "qlora", glibc_tcache_off=False), process_is_the_command=True)
     monkeypatch.setenv(RESTARTED_WITHOUT_TCACHE, "a quantized base on a CPU")
-    restart_without_tcache(quantized)
+    restart_without_tcache(quantized, process_is_the_command=True)
     monkeypatch.delenv(RESTARTED_WITHOUT_TCACHE)
     monkeypatch.setenv("GLIBC_TUNABLES", NO_TCACHE)
-    restart_without_tcache(quantized)
+    restart_without_tcache(quantized, process_is_the_command=True)
     assert len(execs) == 1
 
 
@@ -132,3 +134,42 @@ def test_tunelab_train_restarts_itself_with_the_cache_off(tiny_model_dir, tmp_pa
     tcache = json.loads((tmp_path / "run" / "run_info.json").read_text())["heap_policy"]["tcache"]
     assert tcache == {"glibc_tunables": NO_TCACHE, "off": True,
                       "set_by": "tunelab train (restarted: training.glibc_tcache_off: true)"}
+
+
+def test_only_the_command_itself_restarts_not_a_cli_called_in_process(tiny_model_dir, tmp_path, monkeypatch):
+    """`tunelab train` started by the entry point (`main`) replaces its process; the same command invoked in-process
+    (a CliRunner, as tests and notebooks do) must not: execve would start the calling program over with its output
+    still redirected (a pytest run restarted itself silently this way). os.execve and training are faked here."""
+    from typer.testing import CliRunner
+
+    from tunelab import cli
+
+    class Execed(Exception):
+        pass
+
+    class Trained(Exception):
+        pass
+
+    def fake_execve(program: str, argv: list[str], env: dict[str, str]) -> None:
+        raise Execed(argv)
+
+    def fake_train(*args: object, **kwargs: object) -> None:
+        raise Trained()
+
+    monkeypatch.setattr(restart.os, "execve", fake_execve)
+    monkeypatch.setattr("tunelab.api.train", fake_train)
+    monkeypatch.setattr("platform.libc_ver", lambda *args: GLIBC_236)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv(RESTARTED_WITHOUT_TCACHE, raising=False)
+    monkeypatch.setattr(cli, "_PROCESS_IS_THE_COMMAND", False)
+    data = write_jsonl(tmp_path / "train.jsonl", toy_chat_records(12))
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {{name: {tiny_model_dir}}}\ndata: {{train: {data}, val_size: 0, max_length: 32}}\n"
+                      "technique: {name: lora, r: 2}\ntraining: {max_steps: 1, glibc_tcache_off: true}\n"
+                      f"output: {{dir: {tmp_path / 'run'}}}\n")
+    args = ["train", str(config), "--no-progress"]
+    done = CliRunner().invoke(cli.app, args)
+    assert isinstance(done.exception, Trained), done.output  # trained in place, the cache kept
+    monkeypatch.setattr(sys, "argv", ["tunelab", *args])
+    with pytest.raises(Execed):  # restarted before training
+        cli.main()

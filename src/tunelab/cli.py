@@ -55,6 +55,10 @@ def invoked_as(argv0: str | None = None) -> str:
     return "tunelab"  # an embedding program (tests, a notebook): the documented name
 
 
+# True only when `main` started this process (`tunelab`, `python -m tunelab`, a torchrun worker): then a command may
+# replace the process (training.restart); invoked in-process (CliRunner, a notebook) it must not.
+_PROCESS_IS_THE_COMMAND = False
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune open language models, measure, ship.",
                   epilog=f"Start with `{invoked_as()} quickstart`; `{invoked_as()} COMMAND --help` shows each command's "
                          "examples.")
@@ -135,7 +139,7 @@ def train(
 
     try:
         cfg = load_config(config, set_)
-        restart_without_tcache(cfg)  # before anything is trained: glibc reads its tunables at process start only
+        restart_without_tcache(cfg, _PROCESS_IS_THE_COMMAND)  # before anything is trained: glibc reads its tunables at process start only
         # The way back after Ctrl-C: this very command with --resume, every --set repeated.
         again = ["train", str(config), "--resume", *(f"--set={item}" for item in set_ or [])]
         _run_training(lambda: run_train(cfg, resume=resume, progress=progress),
@@ -518,7 +522,7 @@ def quickstart(
     from tunelab.training.restart import restart_without_tcache  # start-up time
 
     try:
-        restart_without_tcache(quickstart_config(set_))  # glibc reads its tunables at process start only
+        restart_without_tcache(quickstart_config(set_), _PROCESS_IS_THE_COMMAND)  # glibc reads its tunables at process start only
         # Running the same command again resumes an interrupted quickstart by itself.
         again = f"{invoked_as()} {shlex.join(['quickstart', *(f'--set={item}' for item in set_ or [])])}"
         _run_training(lambda: run_quickstart(set_, progress=progress), resume_command=again)
@@ -763,6 +767,8 @@ def export(
 
 
 def main() -> None:
+    global _PROCESS_IS_THE_COMMAND
+    _PROCESS_IS_THE_COMMAND = True
     app(prog_name="tunelab")
 
 

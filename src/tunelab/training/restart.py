@@ -38,11 +38,14 @@ def restart_command(executable: str, orig_argv: Sequence[str], environ: Mapping[
     return executable, [executable, *orig_argv[1:]], env
 
 
-def restart_without_tcache(config: TunelabConfig) -> None:
+def restart_without_tcache(config: TunelabConfig, process_is_the_command: bool) -> None:
     """Replace this process by the same command with glibc's per-thread cache off when ``config`` is a run that
     trains with it off (``tcache_off_reason``) and this process has it on (``tunables_without_tcache``); else
-    return. Logs why first. Never twice: a restarted process carries the marker."""
-    if os.environ.get(RESTARTED_WITHOUT_TCACHE) is not None:
+    return. Logs why first. Never twice: a restarted process carries the marker. Only when
+    ``process_is_the_command`` (started as `tunelab`, `python -m tunelab` or a torchrun worker): called in-process
+    (a test's CliRunner, a notebook), execve would start the calling program over, its output still redirected;
+    there the run keeps the cache and the session warns."""
+    if not process_is_the_command or os.environ.get(RESTARTED_WITHOUT_TCACHE) is not None:
         return
     reason = tcache_off_reason(config, default_device().type)
     tunables = tunables_without_tcache() if reason else None
