@@ -6,6 +6,7 @@ tiny model, and a constant reward that changes nothing."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -383,3 +384,29 @@ def test_a_run_that_samples_nothing_keeps_its_heap(tiny_model_dir: Path, tmp_pat
                       training={"max_steps": 2, "micro_batch_size": 2, "grad_accum": 2},
                       eval={"num_samples": 0, "before_after": False, "forgetting": False}), progress=False)
     assert calls == []
+
+
+@pytest.mark.parametrize("environment,record", [
+    ({"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "32", "TUNELAB_BOUNDED_ONEDNN_CACHE": "an online objective on a CPU"},
+     {"capacity": 32, "set_by": "tunelab train (an online objective on a CPU)"}),
+    ({"DNNL_PRIMITIVE_CACHE_CAPACITY": "16"}, {"capacity": 16, "set_by": "the environment"}),
+    ({}, {"capacity": None, "set_by": None}),
+])
+def test_an_online_run_records_onednns_cache_bound_and_warns_without_it(
+        tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        environment: dict[str, str], record: dict[str, Any]) -> None:
+    """run_info.json's heap_policy says the capacity of oneDNN's primitive cache the run had and who set it (`tunelab
+    train`, or the environment: oneDNN's older variable too); where an online run keeps oneDNN's default (the
+    Python API: only the command's own process may set it), the log warns that the peak measured above the plan."""
+    for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY", "TUNELAB_BOUNDED_ONEDNN_CACHE"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    config = _config(tiny_model_dir, tmp_path, "onednn", 1, {"num_generations": 2})
+    with caplog.at_level(logging.WARNING, logger="tunelab"):
+        train(config.model_copy(update={"eval": config.eval.model_copy(update={"num_samples": 0})}), progress=False)
+    info = json.loads((Path(config.output.dir) / "run_info.json").read_text())
+    assert info["heap_policy"]["onednn_primitive_cache"] == record
+    warned = [r.getMessage() for r in caplog.records if "oneDNN's primitive cache keeps" in r.getMessage()]
+    assert len(warned) == (0 if environment else 1)

@@ -1,7 +1,8 @@
 """glibc's per-thread cache (tcache) off for the runs that need it: which runs (a quantized base or an online
 objective on a CPU, the config's switch), the GLIBC_TUNABLES a restart sets, the command `tunelab train` re-runs
-itself with (built here, not exec'd), glibc's real behaviour under the tunable, and one real CLI run that restarts
-(docs/choosing.md, the heap policy)."""
+itself with (built here, not exec'd), glibc's real behaviour under the tunable, and one real CLI run that restarts;
+oneDNN's primitive cache bounded for online runs by the command before any matmul (docs/choosing.md, the heap
+policy)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from support.runs import tiny_config
 from support.tiny import toy_chat_records, write_jsonl
@@ -22,6 +24,7 @@ from tunelab.training import restart
 from tunelab.training.restart import restart_command, restart_without_tcache
 
 GLIBC_236 = ("glibc", "2.36")
+ONEDNN_NAMES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY", "TUNELAB_BOUNDED_ONEDNN_CACHE")
 HAS_OLD_GLIBC = tunables_without_tcache(tunables="") is not None  # this host keeps aligned blocks with the cache on
 
 
@@ -151,7 +154,7 @@ def test_only_the_command_itself_restarts_not_a_cli_called_in_process(tiny_model
         pass
 
     def fake_execve(program: str, argv: list[str], env: dict[str, str]) -> None:
-        raise Execed(argv)
+        raise Execed(argv, env)
 
     def fake_train(*args: object, **kwargs: object) -> None:
         raise Trained()
@@ -173,3 +176,83 @@ def test_only_the_command_itself_restarts_not_a_cli_called_in_process(tiny_model
     monkeypatch.setattr(sys, "argv", ["tunelab", *args])
     with pytest.raises(Execed):  # restarted before training
         cli.main()
+    for name in ONEDNN_NAMES:  # an online run: oneDNN's cache bounded first, and the restart keeps the bound
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    grpo = tmp_path / "grpo.yaml"
+    grpo.write_text(_config(tiny_model_dir, tmp_path, objective={"name": "grpo", "num_generations": 2,
+                                                                 "max_completion_length": 8,
+                                                                 "rewards": ["rouge_l"]}).to_yaml())
+    monkeypatch.setattr(sys, "argv", ["tunelab", "train", str(grpo), "--no-progress"])
+    with pytest.raises(Execed) as execed:
+        cli.main()
+    assert execed.value.args[1]["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "32"
+
+
+
+def test_the_command_bounds_onednns_cache_for_online_runs_on_a_cpu_only(tiny_model_dir, tmp_path, monkeypatch):
+    """An online objective on a CPU, in the command's own process, gets oneDNN's primitive cache bounded (the
+    variable and tunelab's marker, which a restart keeps); an SFT run, a GPU run, a process that is not the command
+    and a capacity the user set (either of oneDNN's names) are left alone (negative controls)."""
+    from tunelab.plan.planner import onednn_cache_bound, onednn_note
+    from tunelab.training.restart import bound_onednn_cache
+
+    for name in ONEDNN_NAMES:
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    grpo = _config(tiny_model_dir, tmp_path, objective={"name": "grpo", "num_generations": 2,
+                                                        "max_completion_length": 8, "rewards": ["rouge_l"]})
+    assert onednn_cache_bound(grpo, "cpu") == "an online objective on a CPU"
+    assert onednn_cache_bound(grpo, "cuda") is None
+    assert onednn_cache_bound(_config(tiny_model_dir, tmp_path, "qlora"), "cpu") is None
+    why = "an online objective on a CPU"  # the plan's notes: tunelab bounds it; the user's within; the user's above
+    assert onednn_note(None, why).startswith("tunelab train bounds oneDNN's primitive cache to 32 primitives")
+    assert "within this plan's bound" in onednn_note(16, why)
+    assert "keeps 1024 primitives" in onednn_note(1024, why) and "keeps its default" in onednn_note(None, why, False)
+    bound_onednn_cache(_config(tiny_model_dir, tmp_path), process_is_the_command=True)
+    bound_onednn_cache(grpo, process_is_the_command=False)
+    assert not any(name in os.environ for name in ONEDNN_NAMES)
+    bound_onednn_cache(grpo, process_is_the_command=True)
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "32"
+    assert os.environ["TUNELAB_BOUNDED_ONEDNN_CACHE"] == "an online objective on a CPU"
+    _, _, env = restart_command(sys.executable, ["python", "-m", "tunelab"], os.environ, NO_TCACHE, "why")
+    assert env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "32"
+    for name in ONEDNN_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DNNL_PRIMITIVE_CACHE_CAPACITY", "500")
+    bound_onednn_cache(grpo, process_is_the_command=True)
+    assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in os.environ
+
+
+ONEDNN_CHILD = """
+import os, sys, torch
+if sys.argv[1] == "bounded":
+    from tunelab.training.restart import bound_onednn_cache
+    from tunelab.config import build_config
+    import yaml
+    bound_onednn_cache(build_config(yaml.safe_load(open(sys.argv[2]))), process_is_the_command=True)
+torch.set_num_threads(1)
+weight = torch.randn(576, 1536, dtype=torch.bfloat16)
+def resident():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+start = resident()
+for rows in range(1, 301):  # a new shape each time, as an online run's micro-batches
+    torch.randn(rows, 576, dtype=torch.bfloat16) @ weight
+print(resident() - start)
+"""
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="bfloat16 matmuls through oneDNN")
+def test_the_bound_set_in_the_process_takes_effect_before_the_first_matmul(tiny_model_dir, tmp_path):
+    """oneDNN reads its capacity once, at its first primitive: set by the command before any matmul, it holds.
+    300 new shapes grow the process by far less with the bound than with oneDNN's default (measured here: about
+    210 against 410 MiB for 400 shapes)."""
+    grpo = _config(tiny_model_dir, tmp_path, objective={"name": "grpo", "num_generations": 2,
+                                                        "max_completion_length": 8, "rewards": ["rouge_l"]})
+    path = tmp_path / "grpo.yaml"
+    path.write_text(grpo.to_yaml())
+    env = {key: value for key, value in os.environ.items() if key not in ONEDNN_NAMES}
+    grown = {variant: int(subprocess.run([sys.executable, "-c", ONEDNN_CHILD, variant, str(path)], env=env,
+                                         capture_output=True, text=True, check=True, timeout=300).stdout.split()[-1])
+             for variant in ("default", "bounded")}
+    assert grown["bounded"] < grown["default"] - 64 * 2**20, grown

@@ -46,7 +46,7 @@ import os
 import platform
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -168,6 +168,27 @@ NO_TCACHE = f"{TCACHE_COUNT}=0"  # a GLIBC_TUNABLES entry: the per-thread cache 
 # Set (to the reason) in the environment of a process `tunelab train` restarted with NO_TCACHE: the run records
 # that tunelab set it, and a restarted process never restarts again.
 RESTARTED_WITHOUT_TCACHE = "TUNELAB_RESTARTED_WITHOUT_TCACHE"
+
+
+# oneDNN, which runs torch's bfloat16 matmuls on a CPU, keeps each primitive it creates (one per new shape) in a
+# cache of 1024 by default. An online objective's micro-batches change length each time, so that cache and the heap
+# under it grow step after step past the plan (the GRPO example: VmHWM 0.940-0.942 of its plan); bounded at 32
+# primitives, 0.969-0.980 (docs/choosing.md, the heap policy). oneDNN reads the variable once, when it creates its
+# first primitive: `tunelab train` sets it when it starts (training.restart), before any bfloat16 matmul.
+ONEDNN_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY")  # oneDNN's, older
+BOUNDED_ONEDNN_CACHE = 32
+# Set (to the reason) beside the capacity by `tunelab train`: the run records that tunelab bounded the cache.
+BOUNDED_ONEDNN_CACHE_BY = "TUNELAB_BOUNDED_ONEDNN_CACHE"
+
+
+def onednn_cache_capacity(environ: Mapping[str, str] | None = None) -> int | None:
+    """The oneDNN primitive cache's capacity this environment sets (the newer variable wins), None where it sets
+    none (oneDNN's default, 1024)."""
+    environ = os.environ if environ is None else environ
+    for name in ONEDNN_CACHE_VARIABLES:
+        if environ.get(name, "").strip().isdigit():
+            return int(environ[name])
+    return None
 
 
 def aligned_blocks_kept(libc: tuple[str, str] | None = None, tunables: str | None = None) -> str | None:

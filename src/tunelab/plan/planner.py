@@ -15,9 +15,9 @@ from tunelab.models import (ModelConfig, cache_root, load_model_config, load_tok
 from tunelab.norms import use_cpu_rms_norm
 from tunelab.objectives import OBJECTIVES
 from tunelab.objectives.base import attach_own_module
-from tunelab.plan.memory import (MMAP_THRESHOLD_MAX, MemoryPlan, Shape, activation_bytes, activations_returned_bytes,
+from tunelab.plan.memory import (BOUNDED_ONEDNN_CACHE, MMAP_THRESHOLD_MAX, ONEDNN_CACHE_VARIABLES, MemoryPlan, Shape, activation_bytes, activations_returned_bytes,
                                  NO_TCACHE, aligned_blocks_kept, autocast_copy_bytes, decoder_layers,
-                                 heap_mmap_threshold, tunables_without_tcache,
+                                 heap_mmap_threshold, onednn_cache_capacity, tunables_without_tcache,
                                  loaded_bytes, loss_bytes, mapped_views_bytes, master_cast_leftover_bytes,
                                  parameter_bytes, rollout_cache_bytes, sampling_bytes, saved_for_backward)
 from tunelab.plan.runtime import runtime_bytes
@@ -159,6 +159,8 @@ def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None 
                      "by default on with checkpointing or a quantized load on a CPU): freed chunks from that size on go "
                      "back to the system, at a price in kernel time")
     notes.extend(tcache_notes(config, target.type, tunables))
+    if onednn_cache_bound(config, target.type):
+        notes.append(onednn_note(onednn_cache_capacity(), onednn_cache_bound(config, target.type)))
     if sharded:
         notes.append(f"fsdp over {processes} processes: each holds 1/{processes} of the weights, gradients and "
                      "optimizer state plus the units it gathers (fsdp_gathered); the main process alone loads the "
@@ -190,6 +192,30 @@ def tcache_needed(config: TunelabConfig, device_type: str) -> str | None:
     if OBJECTIVES[config.objective.name].prepare is not None:
         return "an online objective on a CPU"
     return None
+
+
+def onednn_cache_bound(config: TunelabConfig, device_type: str) -> str | None:
+    """Why ``config`` trains with oneDNN's primitive cache bounded (``BOUNDED_ONEDNN_CACHE``), None where it keeps
+    oneDNN's default: an online objective on a CPU, whose micro-batches change length at every step (each new
+    shape a primitive kept)."""
+    if device_type == "cpu" and OBJECTIVES[config.objective.name].prepare is not None:
+        return "an online objective on a CPU"
+    return None
+
+
+def onednn_note(capacity: int | None, reason: str, by_tunelab: bool = True) -> str:
+    """The plan's word on oneDNN's primitive cache for a run that needs it bounded (``onednn_cache_bound``):
+    that `tunelab train` bounds it (``by_tunelab``: the environment leaves it to tunelab), that the environment's
+    capacity is within the plan's bound, or that the cache is larger than the plan assumes."""
+    if capacity is None and by_tunelab:
+        return (f"tunelab train bounds oneDNN's primitive cache to {BOUNDED_ONEDNN_CACHE} primitives "
+                f"({ONEDNN_CACHE_VARIABLES[0]}; {reason}: each new micro-batch length adds primitives), as this plan "
+                "assumes; with oneDNN's default (1024) the peak measured up to 6% above it (docs/choosing.md)")
+    if capacity is not None and capacity <= BOUNDED_ONEDNN_CACHE:
+        return f"oneDNN's primitive cache: {capacity} primitives, as the environment sets, within this plan's bound"
+    return (f"oneDNN's primitive cache keeps {capacity or 'its default 1024'} primitives in this process; this plan "
+            f"assumes at most {BOUNDED_ONEDNN_CACHE} ({reason}), and with 1024 the peak measured up to 6% above "
+            f"it: `tunelab train` bounds it, or set {ONEDNN_CACHE_VARIABLES[0]} before the process starts")
 
 
 def tcache_off_reason(config: TunelabConfig, device_type: str) -> str | None:

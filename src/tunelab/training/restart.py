@@ -19,8 +19,9 @@ from typing import Mapping, Sequence
 
 from tunelab.config import TunelabConfig
 from tunelab.models import default_device
-from tunelab.plan.memory import RESTARTED_WITHOUT_TCACHE, tunables_without_tcache
-from tunelab.plan.planner import tcache_off_reason
+from tunelab.plan.memory import (BOUNDED_ONEDNN_CACHE, BOUNDED_ONEDNN_CACHE_BY, ONEDNN_CACHE_VARIABLES,
+                                 RESTARTED_WITHOUT_TCACHE, onednn_cache_capacity, tunables_without_tcache)
+from tunelab.plan.planner import onednn_cache_bound, tcache_off_reason
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,23 @@ def restart_command(executable: str, orig_argv: Sequence[str], environ: Mapping[
     env["GLIBC_TUNABLES"] = tunables
     env[RESTARTED_WITHOUT_TCACHE] = reason
     return executable, [executable, *orig_argv[1:]], env
+
+
+def bound_onednn_cache(config: TunelabConfig, process_is_the_command: bool) -> None:
+    """Bound oneDNN's primitive cache (``BOUNDED_ONEDNN_CACHE``) for a run whose shapes change at every step
+    (``onednn_cache_bound``), by setting its variable in this process's environment, which a restart keeps; logged.
+    Not where the environment sets a capacity (the user's stands), nor in a process that is not the command
+    itself: oneDNN reads the variable once, at its first primitive, which there may have come before."""
+    if not process_is_the_command or onednn_cache_capacity() is not None:
+        return
+    reason = onednn_cache_bound(config, default_device().type)
+    if reason is None:
+        return
+    os.environ[ONEDNN_CACHE_VARIABLES[0]] = str(BOUNDED_ONEDNN_CACHE)
+    os.environ[BOUNDED_ONEDNN_CACHE_BY] = reason
+    log.info("oneDNN's primitive cache bounded to %d primitives (%s) because of %s: each new micro-batch length "
+             "adds primitives, which oneDNN's default (1024) keeps, raising the peak above the plan (set %s yourself "
+             "to choose)", BOUNDED_ONEDNN_CACHE, ONEDNN_CACHE_VARIABLES[0], reason, ONEDNN_CACHE_VARIABLES[0])
 
 
 def restart_without_tcache(config: TunelabConfig, process_is_the_command: bool) -> None:

@@ -39,8 +39,9 @@ from tunelab.objectives import OBJECTIVES
 from tunelab.objectives.base import attach_own_module, without_own_module
 from tunelab.objectives.reference import copies_the_base, live_reference, same_model
 from tunelab.plan import heap_policy, plan_memory, resident_bytes, shape_of
-from tunelab.plan.memory import NO_TCACHE, RESTARTED_WITHOUT_TCACHE
-from tunelab.plan.planner import tcache_notes
+from tunelab.plan.memory import (BOUNDED_ONEDNN_CACHE, BOUNDED_ONEDNN_CACHE_BY, NO_TCACHE, RESTARTED_WITHOUT_TCACHE,
+                                 onednn_cache_capacity)
+from tunelab.plan.planner import onednn_cache_bound, onednn_note, tcache_notes
 from tunelab.precision import adapters_compute_in_autocast_dtype, keep_trainable_in_float32
 from tunelab.fs import read_json, write_entry_json
 from tunelab.schedule import make_scheduler
@@ -313,8 +314,23 @@ def _record_heap_policy(ctx: TrainingContext, threshold: int | None) -> None:
     else:
         policy = (f"mmap threshold fixed at {threshold // 2**20} MiB (training.return_freed_memory; by default "
                   "checkpointing or a quantized load on a CPU): freed chunks from that size on go back to the system")
-    ctx.info.figures["heap_policy"] = {"mmap_threshold": threshold, "policy": policy, "tcache": _tcache_record(ctx)}
+    ctx.info.figures["heap_policy"] = {"mmap_threshold": threshold, "policy": policy, "tcache": _tcache_record(ctx),
+                                       "onednn_primitive_cache": _onednn_record(ctx)}
     log.info("heap policy: %s", policy)
+
+
+def _onednn_record(ctx: TrainingContext) -> dict[str, Any]:
+    """oneDNN's primitive cache in this process: its capacity (None: oneDNN's default, 1024) and who set it
+    (`tunelab train`, with its reason, or the environment); a warning where a run that needs it bounded keeps the
+    default (the Python API: oneDNN reads its variable once, at its first primitive, so tunelab sets it only in
+    a process that runs nothing else)."""
+    capacity, bounded_by = onednn_cache_capacity(), os.environ.get(BOUNDED_ONEDNN_CACHE_BY)
+    record = {"capacity": capacity,
+              "set_by": None if capacity is None else f"tunelab train ({bounded_by})" if bounded_by else "the environment"}
+    reason = onednn_cache_bound(ctx.config, ctx.device.type)
+    if reason and (capacity is None or capacity > BOUNDED_ONEDNN_CACHE):
+        log.warning(onednn_note(capacity, reason, by_tunelab=False))
+    return record
 
 
 def _tcache_record(ctx: TrainingContext) -> dict[str, Any]:
