@@ -381,3 +381,18 @@ def test_build_config_never_edits_the_callers_dict() -> None:
     data = {"training": {"max_steps": 5}}
     build_config(data, ["training.max_steps=7"])
     assert data == {"training": {"max_steps": 5}}
+
+
+def test_a_score_head_turns_off_text_figures_once_and_says_which(caplog: pytest.LogCaptureFixture) -> None:
+    """A reward model's config turns the sample generations and the forgetting check off and logs which; its saved
+    config (both off already, as a finished run's is read again by the plan or eval) logs nothing (the control)."""
+    raw = {"model": {"name": "m"}, "data": {"train": ["p.jsonl"]}, "objective": {"name": "reward"}}
+    with caplog.at_level("INFO", logger="tunelab"):
+        config = build_config(raw)
+    said = [r.getMessage() for r in caplog.records if "no sample generations" in r.getMessage()]
+    assert len(said) == 1 and said[0].endswith("eval.forgetting: false, eval.num_samples: 0")
+    assert (config.eval.forgetting, config.eval.num_samples) == (False, 0)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="tunelab"):
+        build_config(yaml.safe_load(config.to_yaml()))
+    assert not [r for r in caplog.records if "no sample generations" in r.getMessage()]

@@ -115,7 +115,9 @@ SCORE_HEAD_OFF = {"forgetting": False, "num_samples": 0}  # eval settings that n
 
 def _no_text_figures(config: Any) -> None:
     """A score head (reward, classification) neither generates nor has a language-model loss on text: the sample
-    generations and the forgetting check are turned off (and logged), and refused when asked for explicitly."""
+    generations and the forgetting check are turned off (and logged, when one was on), and refused when asked for
+    explicitly."""
+    turned_off = []
     for key, off in SCORE_HEAD_OFF.items():
         if getattr(config.eval, key) == off:
             continue
@@ -123,10 +125,13 @@ def _no_text_figures(config: Any) -> None:
             raise ValueError(f"eval.{key}: objective '{config.objective.name}' trains a score head, which generates no "
                              f"text; set eval.{key}: {str(off).lower()}")
         object.__setattr__(config.eval, key, off)
+        turned_off.append(f"eval.{key}: {str(off).lower()}")
     if config.training.eval_metrics:
         raise ValueError(f"training.eval_metrics: objective '{config.objective.name}' trains a score head, which "
                          "generates no text to score; its own figures (e.g. pairwise_accuracy) are logged at every evaluation")
-    log.info("eval: no sample generations and no forgetting check for objective '%s' (a score head)", config.objective.name)
+    if turned_off:  # a finished run's saved config has them off already: nothing to say when it is read again
+        log.info("eval: no sample generations and no forgetting check for objective '%s' (a score head): %s",
+                 config.objective.name, ", ".join(turned_off))
 
 
 def main(argv: list[str]) -> int:
