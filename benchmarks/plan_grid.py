@@ -2,9 +2,10 @@
 
 Cells: model (SmolLM2-135M, two random-initialised Llama shapes, the second ~3x wider) x technique {full, lora,
 qlora, prompt_tuning, adapter} x activation checkpointing {off, on} x 2 sequence lengths. Each cell trains
-2 optimizer steps (the second step's backward is the peak: weights, Adam moments and activations at once) in a
-fresh subprocess, which reports its own peak RSS (VmHWM, ``run_info.own_peak_rss_bytes``; not ru_maxrss, which
-holds at least this process's peak: once it had built the Llama models, every smaller cell read as that figure). Every example is longer than data.max_length, so every row is exactly max_length tokens (the planner's
+2 optimizer steps (the second step's backward is the peak: weights, Adam moments and activations at once) as a
+`python -m tunelab train` process (the CLI path users take, with its restart where it restarts), whose run_info.json
+records its own peak RSS (VmHWM, ``run_info.own_peak_rss_bytes``; not ru_maxrss, which holds at least the parent's
+peak: once it had built the Llama models, every smaller cell read as that figure). Every example is longer than data.max_length, so every row is exactly max_length tokens (the planner's
 input, from the same data report `tunelab train` writes).
 
     python benchmarks/plan_grid.py measure --out bench/plan_grid.jsonl [--models smollm2] [--lengths 64,256]
@@ -81,25 +82,23 @@ def cell_config(model: str, technique: str, checkpointing: bool, length: int, wo
     }
 
 
-CHILD = """
-import json, sys
-from tunelab.config import build_config
-from tunelab.run_info import own_peak_rss_bytes
-from tunelab.training import train
-train(build_config(json.loads(sys.argv[1])), progress=False)
-print(own_peak_rss_bytes())
-"""
-
-
 def measure_cell(config: dict[str, Any], env: dict[str, str] | None = None) -> tuple[int, float]:
-    """(peak RSS in bytes, wall seconds) of one training process: the peak it reports itself. ``env``: variables
-    added to the child's environment (read at its start, as glibc's tunables are)."""
+    """(peak RSS in bytes, wall seconds) of one training process, run as users run it: `python -m tunelab train`
+    on the cell's config (so the process restarts itself with glibc's per-thread cache off where `tunelab train`
+    does), its peak the VmHWM its run_info.json records. ``env``: variables added to the child's environment (read
+    at its start, as glibc's tunables are)."""
+    run_dir = Path(config["output"]["dir"])
+    path = run_dir.with_name(run_dir.name + ".yaml")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config))  # JSON is YAML
     started = time.time()
-    done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(config)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "tunelab", "train", str(path), "--no-progress",
+                           "--set", "output.overwrite=true"], capture_output=True, text=True,
                           env={**os.environ, **(env or {})})
     if done.returncode != 0:
         raise RuntimeError(f"cell failed ({done.returncode}): {done.stderr[-2000:]}")
-    return int(done.stdout.strip().splitlines()[-1]), time.time() - started
+    info = json.loads((run_dir / "run_info.json").read_text())
+    return int(info["peak_memory"]["rss_bytes"]), time.time() - started
 
 
 def cells(models: list[str], lengths: list[int], techniques: tuple[str, ...] = TECHNIQUES) -> list[tuple[str, str, bool, int]]:
