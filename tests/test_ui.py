@@ -121,7 +121,8 @@ def test_tunelab_ui_without_runs_browses_and_says_how_to_chat(started_by_cli, ru
         chat = httpx.post(f"{server.url}/v1/chat/completions", json={
             "model": "base", "messages": [{"role": "user", "content": "hi"}]})
         assert chat.status_code == 404 and "tunelab ui RUN" in chat.json()["error"]["message"]
-        assert httpx.get(f"{server.url}/health").json() == {"status": "ok", "models": [], "in_flight": 0}
+        assert httpx.get(f"{server.url}/health").json() == {"status": "ok", "models": [], "in_flight": 0, "dtype": None,
+                                                            "dtype_reason": None}  # no model: no dtype
         chromium = shutil.which("chromium") or shutil.which("chromium-browser")
         if chromium is None:  # the checks above ran; the page's own message needs a browser: say so, never pass
             pytest.skip("Debian's chromium is not installed (make test and make mutants install it when they run as "
