@@ -172,8 +172,8 @@ RESTARTED_WITHOUT_TCACHE = "TUNELAB_RESTARTED_WITHOUT_TCACHE"
 
 # oneDNN, which runs torch's bfloat16 matmuls on a CPU, keeps each primitive it creates (one per new shape) in a
 # cache of 1024 by default. An online objective's micro-batches change length each time, so that cache and the heap
-# under it grow step after step past the plan (the GRPO example: VmHWM 0.940-0.942 of its plan); bounded at 32
-# primitives, 0.969-0.980 (docs/choosing.md, the heap policy). oneDNN reads the variable once, when it creates its
+# under it grow step after step past the plan (the GRPO example: planned/VmHWM 0.935-0.942); bounded at 32
+# primitives, 0.969-1.006 (docs/choosing.md, the heap policy). oneDNN reads the variable once, when it creates its
 # first primitive: `tunelab train` sets it when it starts (training.restart), before any bfloat16 matmul.
 ONEDNN_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY")  # oneDNN's, older
 BOUNDED_ONEDNN_CACHE = 32

@@ -15,11 +15,12 @@ from tunelab.models import (ModelConfig, cache_root, load_model_config, load_tok
 from tunelab.norms import use_cpu_rms_norm
 from tunelab.objectives import OBJECTIVES
 from tunelab.objectives.base import attach_own_module
-from tunelab.plan.memory import (BOUNDED_ONEDNN_CACHE, MMAP_THRESHOLD_MAX, ONEDNN_CACHE_VARIABLES, MemoryPlan, Shape, activation_bytes, activations_returned_bytes,
-                                 NO_TCACHE, aligned_blocks_kept, autocast_copy_bytes, decoder_layers,
-                                 heap_mmap_threshold, onednn_cache_capacity, tunables_without_tcache,
-                                 loaded_bytes, loss_bytes, mapped_views_bytes, master_cast_leftover_bytes,
-                                 parameter_bytes, rollout_cache_bytes, sampling_bytes, saved_for_backward)
+from tunelab.plan.memory import (BOUNDED_ONEDNN_CACHE, MMAP_THRESHOLD_MAX, NO_TCACHE, ONEDNN_CACHE_VARIABLES, MemoryPlan,
+                                 Shape, activation_bytes, activations_returned_bytes, aligned_blocks_kept,
+                                 autocast_copy_bytes, decoder_layers, heap_mmap_threshold, loaded_bytes, loss_bytes,
+                                 mapped_views_bytes, master_cast_leftover_bytes, onednn_cache_capacity,
+                                 parameter_bytes, rollout_cache_bytes, sampling_bytes, saved_for_backward,
+                                 tunables_without_tcache)
 from tunelab.plan.runtime import runtime_bytes
 from tunelab.precision import adapters_compute_in_autocast_dtype, technique_precision
 from tunelab.techniques import TECHNIQUES, RunContext
@@ -159,8 +160,9 @@ def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None 
                      "by default on with checkpointing or a quantized load on a CPU): freed chunks from that size on go "
                      "back to the system, at a price in kernel time")
     notes.extend(tcache_notes(config, target.type, tunables))
-    if onednn_cache_bound(config, target.type):
-        notes.append(onednn_note(onednn_cache_capacity(), onednn_cache_bound(config, target.type)))
+    onednn_reason = onednn_cache_bound(config, target.type)
+    if onednn_reason:
+        notes.append(onednn_note(onednn_cache_capacity(), onednn_reason))
     if sharded:
         notes.append(f"fsdp over {processes} processes: each holds 1/{processes} of the weights, gradients and "
                      "optimizer state plus the units it gathers (fsdp_gathered); the main process alone loads the "
@@ -210,11 +212,11 @@ def onednn_note(capacity: int | None, reason: str, by_tunelab: bool = True) -> s
     if capacity is None and by_tunelab:
         return (f"tunelab train bounds oneDNN's primitive cache to {BOUNDED_ONEDNN_CACHE} primitives "
                 f"({ONEDNN_CACHE_VARIABLES[0]}; {reason}: each new micro-batch length adds primitives), as this plan "
-                "assumes; with oneDNN's default (1024) the peak measured up to 6% above it (docs/choosing.md)")
+                "assumes; with oneDNN's default (1024) the peak measured up to 7% above it (docs/choosing.md)")
     if capacity is not None and capacity <= BOUNDED_ONEDNN_CACHE:
         return f"oneDNN's primitive cache: {capacity} primitives, as the environment sets, within this plan's bound"
     return (f"oneDNN's primitive cache keeps {capacity or 'its default 1024'} primitives in this process; this plan "
-            f"assumes at most {BOUNDED_ONEDNN_CACHE} ({reason}), and with 1024 the peak measured up to 6% above "
+            f"assumes at most {BOUNDED_ONEDNN_CACHE} ({reason}), and with 1024 the peak measured up to 7% above "
             f"it: `tunelab train` bounds it, or set {ONEDNN_CACHE_VARIABLES[0]} before the process starts")
 
 
