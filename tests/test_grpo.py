@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import pytest
 import torch
 from support.ddp_driver import StopAfter
-from support.online import ANIMALS, starts_with_a_vowel, toy_prompts_file
+from support.online import ANIMALS, starts_with_a_vowel, toy_prompts_file, without_onednn_bound
 from support.runs import checkpoint_tensors, tiny_config
 from support.tiny import fresh_model, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -398,9 +398,7 @@ def test_an_online_run_records_onednns_cache_bound_and_warns_without_it(
     """run_info.json's heap_policy says the capacity of oneDNN's primitive cache the run had and who set it (`tunelab
     train`, or the environment: oneDNN's older variable too); where an online run keeps oneDNN's default (the
     Python API: only the command's own process may set it), the log warns that the peak measured above the plan."""
-    for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY", "TUNELAB_BOUNDED_ONEDNN_CACHE"):
-        monkeypatch.setenv(name, "")
-        monkeypatch.delenv(name)
+    without_onednn_bound(monkeypatch)
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
     config = _config(tiny_model_dir, tmp_path, "onednn", 1, {"num_generations": 2})

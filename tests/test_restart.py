@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from support.online import ONEDNN_VARIABLES, without_onednn_bound
 from support.runs import tiny_config
 from support.tiny import toy_chat_records, write_jsonl
 from tunelab.models import glibc_tcache_on
@@ -24,7 +25,7 @@ from tunelab.training import restart
 from tunelab.training.restart import restart_command, restart_without_tcache
 
 GLIBC_236 = ("glibc", "2.36")
-ONEDNN_NAMES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY", "TUNELAB_BOUNDED_ONEDNN_CACHE")
+GRPO = {"name": "grpo", "num_generations": 2, "max_completion_length": 8, "rewards": ["rouge_l"]}
 HAS_OLD_GLIBC = tunables_without_tcache(tunables="") is not None  # this host keeps aligned blocks with the cache on
 
 
@@ -51,9 +52,8 @@ def test_the_tunables_a_restart_sets():
 def test_which_runs_train_with_the_cache_off(tiny_model_dir, tmp_path):
     """A quantized base or an online objective on a CPU by default; an ordinary run and any GPU run keep it; the
     config's switch wins both ways (negative controls)."""
-    grpo = {"name": "grpo", "num_generations": 2, "max_completion_length": 8, "rewards": ["rouge_l"]}
     assert tcache_off_reason(_config(tiny_model_dir, tmp_path, "qlora"), "cpu") == "a quantized base on a CPU"
-    assert tcache_off_reason(_config(tiny_model_dir, tmp_path, objective=grpo), "cpu") == "an online objective on a CPU"
+    assert tcache_off_reason(_config(tiny_model_dir, tmp_path, objective=GRPO), "cpu") == "an online objective on a CPU"
     assert tcache_off_reason(_config(tiny_model_dir, tmp_path), "cpu") is None
     assert tcache_off_reason(_config(tiny_model_dir, tmp_path, "qlora"), "cuda") is None
     assert tcache_off_reason(_config(tiny_model_dir, tmp_path, "qlora", glibc_tcache_off=False), "cpu") is None
@@ -176,13 +176,9 @@ def test_only_the_command_itself_restarts_not_a_cli_called_in_process(tiny_model
     monkeypatch.setattr(sys, "argv", ["tunelab", *args])
     with pytest.raises(Execed):  # restarted before training
         cli.main()
-    for name in ONEDNN_NAMES:  # an online run: oneDNN's cache bounded first, and the restart keeps the bound
-        monkeypatch.setenv(name, "")
-        monkeypatch.delenv(name)
+    without_onednn_bound(monkeypatch)  # an online run: oneDNN's cache bounded first, and the restart keeps the bound
     grpo = tmp_path / "grpo.yaml"
-    grpo.write_text(_config(tiny_model_dir, tmp_path, objective={"name": "grpo", "num_generations": 2,
-                                                                 "max_completion_length": 8,
-                                                                 "rewards": ["rouge_l"]}).to_yaml())
+    grpo.write_text(_config(tiny_model_dir, tmp_path, objective=GRPO).to_yaml())
     monkeypatch.setattr(sys, "argv", ["tunelab", "train", str(grpo), "--no-progress"])
     with pytest.raises(Execed) as execed:
         cli.main()
@@ -197,11 +193,8 @@ def test_the_command_bounds_onednns_cache_for_online_runs_on_a_cpu_only(tiny_mod
     from tunelab.plan.planner import onednn_cache_bound, onednn_note
     from tunelab.training.restart import bound_onednn_cache
 
-    for name in ONEDNN_NAMES:
-        monkeypatch.setenv(name, "")
-        monkeypatch.delenv(name)
-    grpo = _config(tiny_model_dir, tmp_path, objective={"name": "grpo", "num_generations": 2,
-                                                        "max_completion_length": 8, "rewards": ["rouge_l"]})
+    without_onednn_bound(monkeypatch)
+    grpo = _config(tiny_model_dir, tmp_path, objective=GRPO)
     assert onednn_cache_bound(grpo, "cpu") == "an online objective on a CPU"
     assert onednn_cache_bound(grpo, "cuda") is None
     assert onednn_cache_bound(_config(tiny_model_dir, tmp_path, "qlora"), "cpu") is None
@@ -211,13 +204,13 @@ def test_the_command_bounds_onednns_cache_for_online_runs_on_a_cpu_only(tiny_mod
     assert "keeps 1024 primitives" in onednn_note(1024, why) and "keeps its default" in onednn_note(None, why, False)
     bound_onednn_cache(_config(tiny_model_dir, tmp_path), process_is_the_command=True)
     bound_onednn_cache(grpo, process_is_the_command=False)
-    assert not any(name in os.environ for name in ONEDNN_NAMES)
+    assert not any(name in os.environ for name in ONEDNN_VARIABLES)
     bound_onednn_cache(grpo, process_is_the_command=True)
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "32"
     assert os.environ["TUNELAB_BOUNDED_ONEDNN_CACHE"] == "an online objective on a CPU"
     _, _, env = restart_command(sys.executable, ["python", "-m", "tunelab"], os.environ, NO_TCACHE, "why")
     assert env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "32"
-    for name in ONEDNN_NAMES:
+    for name in ONEDNN_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("DNNL_PRIMITIVE_CACHE_CAPACITY", "500")
     bound_onednn_cache(grpo, process_is_the_command=True)
@@ -247,12 +240,33 @@ def test_the_bound_set_in_the_process_takes_effect_before_the_first_matmul(tiny_
     """oneDNN reads its capacity once, at its first primitive: set by the command before any matmul, it holds.
     300 new shapes grow the process by far less with the bound than with oneDNN's default (measured here: about
     210 against 410 MiB for 400 shapes)."""
-    grpo = _config(tiny_model_dir, tmp_path, objective={"name": "grpo", "num_generations": 2,
-                                                        "max_completion_length": 8, "rewards": ["rouge_l"]})
+    grpo = _config(tiny_model_dir, tmp_path, objective=GRPO)
     path = tmp_path / "grpo.yaml"
     path.write_text(grpo.to_yaml())
-    env = {key: value for key, value in os.environ.items() if key not in ONEDNN_NAMES}
+    env = {key: value for key, value in os.environ.items() if key not in ONEDNN_VARIABLES}
     grown = {variant: int(subprocess.run([sys.executable, "-c", ONEDNN_CHILD, variant, str(path)], env=env,
                                          capture_output=True, text=True, check=True, timeout=300).stdout.split()[-1])
              for variant in ("default", "bounded")}
     assert grown["bounded"] < grown["default"] - 64 * 2**20, grown
+
+
+def test_quickstart_prepares_its_process_as_train_does(monkeypatch):
+    """`tunelab quickstart` started by the entry point restarts as `tunelab train` would for its run (here the
+    switch asks for the cache off on any CPU run); os.execve is faked."""
+    from tunelab import cli
+
+    class Execed(Exception):
+        pass
+
+    def fake_execve(program: str, argv: list[str], env: dict[str, str]) -> None:
+        raise Execed(env)
+
+    monkeypatch.setattr(restart.os, "execve", fake_execve)
+    monkeypatch.setattr("platform.libc_ver", lambda *args: GLIBC_236)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv(RESTARTED_WITHOUT_TCACHE, raising=False)
+    monkeypatch.setattr(cli, "_PROCESS_IS_THE_COMMAND", False)
+    monkeypatch.setattr(sys, "argv", ["tunelab", "quickstart", "--no-progress", "--set", "training.glibc_tcache_off=true"])
+    with pytest.raises(Execed) as execed:
+        cli.main()
+    assert execed.value.args[0][RESTARTED_WITHOUT_TCACHE] == "training.glibc_tcache_off: true"

@@ -135,12 +135,11 @@ def train(
     _setup_logging()
     from tunelab.api import load_config, train as run_train  # start-up time (torch), as every command below
     from tunelab.distributed import launcher_prefix  # start-up time (accelerate)
-    from tunelab.training.restart import bound_onednn_cache, restart_without_tcache  # start-up time
+    from tunelab.training.restart import prepare_training_process  # start-up time
 
     try:
         cfg = load_config(config, set_)
-        bound_onednn_cache(cfg, _PROCESS_IS_THE_COMMAND)  # before any matmul, and kept by the restart
-        restart_without_tcache(cfg, _PROCESS_IS_THE_COMMAND)  # before anything is trained: glibc reads its tunables at process start only
+        prepare_training_process(cfg, _PROCESS_IS_THE_COMMAND)  # before anything is computed (may restart)
         # The way back after Ctrl-C: this very command with --resume, every --set repeated.
         again = ["train", str(config), "--resume", *(f"--set={item}" for item in set_ or [])]
         _run_training(lambda: run_train(cfg, resume=resume, progress=progress),
@@ -520,12 +519,10 @@ def quickstart(
     """LoRA on the embedded SmolLM2-135M-Instruct with the shipped pydoc Q&A data, then a before/after table."""
     _setup_logging()
     from tunelab.api import quickstart as run_quickstart, quickstart_config  # start-up time
-    from tunelab.training.restart import bound_onednn_cache, restart_without_tcache  # start-up time
+    from tunelab.training.restart import prepare_training_process  # start-up time
 
     try:
-        planned = quickstart_config(set_)
-        bound_onednn_cache(planned, _PROCESS_IS_THE_COMMAND)  # before any matmul, and kept by the restart
-        restart_without_tcache(planned, _PROCESS_IS_THE_COMMAND)  # glibc reads its tunables at process start only
+        prepare_training_process(quickstart_config(set_), _PROCESS_IS_THE_COMMAND)  # before anything is computed
         # Running the same command again resumes an interrupted quickstart by itself.
         again = f"{invoked_as()} {shlex.join(['quickstart', *(f'--set={item}' for item in set_ or [])])}"
         _run_training(lambda: run_quickstart(set_, progress=progress), resume_command=again)

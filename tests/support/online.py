@@ -26,3 +26,15 @@ def starts_with_a_vowel(prompts: list[Any], completions: list[str], **columns: l
 
 def constant(prompts: list[Any], completions: list[str], **columns: list[Any]) -> list[float]:
     return [1.0] * len(completions)
+
+
+# oneDNN's cache variables (its name and the older one) and the marker `tunelab train` sets beside them
+ONEDNN_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY", "TUNELAB_BOUNDED_ONEDNN_CACHE")
+
+
+def without_onednn_bound(monkeypatch: Any) -> None:
+    """Start the test with none of ``ONEDNN_VARIABLES`` set, and take back whatever the code under test sets in
+    them (pytest's delenv records nothing for a variable that is absent, so each is set first)."""
+    for name in ONEDNN_VARIABLES:
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)

@@ -76,3 +76,11 @@ def restart_without_tcache(config: TunelabConfig, process_is_the_command: bool) 
     for stream in (sys.stdout, sys.stderr):  # execve drops what Python has not written yet
         stream.flush()
     os.execve(program, argv, env)
+
+
+def prepare_training_process(config: TunelabConfig, process_is_the_command: bool) -> None:
+    """What the process must hold before anything is computed, in this order: oneDNN's primitive cache bounded
+    (``bound_onednn_cache``: an environment variable, which the restart then keeps), then glibc's per-thread cache
+    off (``restart_without_tcache``: may replace the process). Both only in the command's own process."""
+    bound_onednn_cache(config, process_is_the_command)
+    restart_without_tcache(config, process_is_the_command)
