@@ -226,6 +226,16 @@ def test_set_unknown_technique_names_the_option(tmp_path: Path) -> None:
     assert "--set technique.name" in message and "'qlorra'" in message and "full, freeze, lora" in message
 
 
+def test_unknown_objective_name_is_named_with_the_objectives_not_the_techniques(tmp_path: Path) -> None:
+    """A misspelt objective.name is an objective error: the key and the registered objectives, not technique.name
+    and the techniques (the message used to say 'technique.name must be one of full, freeze, ...')."""
+    message = config_error(write_config(tmp_path, "{}\n"), ["objective.name=dpoo"])
+    assert "--set objective.name=dpoo: objective.name must be one of sft, dpo" in message
+    assert "technique" not in message and "Did you mean 'dpo'?" in message
+    in_file = config_error(write_config(tmp_path, "objective:\n  name: rewrd\n", "o.yaml"))
+    assert "o.yaml:2: objective.name must be one of" in in_file and "Did you mean 'reward'?" in in_file
+
+
 def test_set_wrong_type_errors(tmp_path: Path) -> None:
     message = config_error(write_config(tmp_path, "{}\n"), ["training.max_steps=abc"])
     assert "training.max_steps" in message and "valid integer" in message

@@ -167,6 +167,17 @@ TAGGED: dict[str, tuple[dict[str, Any], str]] = {"technique": (TECHNIQUES, DEFAU
                                                  "objective": (OBJECTIVES, DEFAULT_OBJECTIVE)}
 
 
+def _name_hint(section: str, name: Any) -> str | None:
+    """Did-you-mean for a tagged section's `name` that is not registered: the technique registry's own hint
+    (which knows its variants' names), else the nearest registered name."""
+    if section == "technique":
+        return technique_name_hint(name)
+    if not isinstance(name, str):
+        return None
+    close = difflib.get_close_matches(name.strip().lower(), list(TAGGED[section][0]), n=1, cutoff=0.6)
+    return f"Did you mean '{close[0]}'?" if close else None
+
+
 def _model_at(path: tuple[Any, ...], data: dict[str, Any]) -> type[BaseModel] | None:
     """The pydantic section class that owns `path` (used to suggest the nearest valid key)."""
     model: type[BaseModel] = TunelabConfig
@@ -314,10 +325,10 @@ def format_validation_error(
             close = _nearest_key(str(loc[-1]), valid)
             hint = f" Did you mean '{close}'?" if close else ""
             messages.append(f"{where}: unknown key '{dotted}'.{hint} Valid keys here: {', '.join(valid)}")
-        elif err["type"] == "union_tag_invalid":
+        elif err["type"] == "union_tag_invalid":  # loc is (section, "name"): the section's registry lists the names
             got = err.get("ctx", {}).get("tag", err["input"])
-            hint = technique_name_hint(got)
-            messages.append(f"{where}: technique.name must be one of {', '.join(TECHNIQUES)} (got {got!r})"
+            hint = _name_hint(loc[0], got)
+            messages.append(f"{where}: {dotted} must be one of {', '.join(TAGGED[loc[0]][0])} (got {got!r})"
                             + (f". {hint}" if hint else ""))
         else:
             got = err.get("input")
