@@ -392,6 +392,24 @@ def test_a_preference_pair_is_planned_as_two_rows_as_long_as_its_longest_side(ti
     assert 0.95 <= plan_memory(config, "cpu").peak_bytes / measured_peak(config) <= 1.10
 
 
+def test_plan_refuses_data_of_another_kind_than_its_objectives_records_as_training_does(tiny_model_dir, tmp_path):
+    """`tunelab plan` reads the data as the run will and refuses, as `tunelab train` does, chats given to a
+    preference objective: an error naming the objective, the file and the records it needs, not a traceback
+    (it was AttributeError: 'TokenizedExample' object has no attribute 'chosen')."""
+    import yaml
+    from support.cli import invoke
+
+    chats = write_jsonl(tmp_path / "chats.jsonl", toy_chat_records(8))
+    config = dpo_config(tiny_model_dir, tmp_path)
+    config.data.train = [str(chats)]
+    path = tmp_path / "dpo.yaml"
+    path.write_text(yaml.safe_dump(yaml.safe_load(config.to_yaml())))
+    result = invoke("plan", path)
+    assert result.exit_code == 2, result.clean
+    assert f"objective.name=dpo trains on preference pairs {{prompt, chosen, rejected}}, but {chats} holds SFT " \
+           "records" in result.clean.replace("\n", "") and "Traceback" not in result.clean
+
+
 def online_config(tiny_model_dir: Path, tmp_path: Path, objective: str, **settings):  # noqa: ANN201, ANN003
     from support.online import toy_prompts_file
 

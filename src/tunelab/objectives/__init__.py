@@ -12,13 +12,18 @@ before backward, whatever the units are.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Callable, Union, get_args
 
 import torch
 from pydantic import Field
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
+from tunelab.data import PreparedData, prepare_data
+from tunelab.data.config import DataConfig
 from tunelab.data.formats import RECORD_KINDS
+from tunelab.errors import ConfigError
 from tunelab.objectives import classification, dpo, grpo, ipo, kto, orpo, ppo, reward, sft, simpo
 from tunelab.objectives.base import Batch, LossSum, Objective, ObjectiveSpec, Reference
 from tunelab.objectives.sft import logits_only_where  # shared with eval's loss (objectives' own helper)
@@ -64,6 +69,25 @@ def default_objective_settings() -> Any:
     return OBJECTIVES[DEFAULT_OBJECTIVE].config_class()
 
 
+def prepare_objective_data(settings: Any, data: DataConfig, tokenizer: PreTrainedTokenizerBase,
+                           cache_dir: Path | None) -> PreparedData:
+    """The data as a run of ``settings``' objective reads it (``tunelab train`` and ``tunelab plan`` alike): an
+    objective that reads classes may fix their order (its ``labels`` setting), else the data's, sorted; an online
+    objective reads prompts, which data.format 'auto' then detects."""
+    prompts = OBJECTIVES[settings.name].records == "prompt"
+    return prepare_data(data, tokenizer, cache_dir, class_names_given=getattr(settings, "labels", None),
+                        prompts=prompts)
+
+
+def check_records(settings: Any, data: PreparedData, files: list[str]) -> None:
+    """The objective trains on the kind of records the data holds (pairs for a preference objective...)."""
+    wanted, found = OBJECTIVES[settings.name].records, data.records
+    if wanted != found:
+        raise ConfigError(f"objective.name={settings.name} trains on {RECORD_KINDS[wanted]}, but "
+                          f"{', '.join(files)} holds {RECORD_KINDS[found]}; give data of that shape "
+                          "(data.columns can rename its keys) or choose another objective")
+
+
 __all__ = ["DEFAULT_OBJECTIVE", "OBJECTIVES", "Batch", "LossFunction", "LossSum", "Objective", "ObjectiveConfig",
-           "ObjectiveField", "ObjectiveSpec", "Reference", "default_objective_settings",
-           "logits_only_where"]
+           "ObjectiveField", "ObjectiveSpec", "Reference", "check_records", "default_objective_settings",
+           "logits_only_where", "prepare_objective_data"]

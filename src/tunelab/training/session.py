@@ -26,8 +26,7 @@ from tunelab import checkpoint as ckpt
 from tunelab import distributed, fs
 from tunelab.card import write_card
 from tunelab.config import ConfigError, TunelabConfig
-from tunelab.data import PreparedData, prepare_data
-from tunelab.data.formats import RECORD_KINDS
+from tunelab.data import PreparedData
 from tunelab.data.prepare import records_fingerprint, tokenizer_fingerprint
 from tunelab.eval.before_after import BaseFiguresCache, base_evaluation, base_figures_cache, compare_with_base, forgetting_after
 from tunelab.eval.training import OverfittingSignal
@@ -35,7 +34,7 @@ from tunelab.generation import sample_prompts
 from tunelab.models import (cache_root, default_device, fixed_mmap_threshold, glibc_tcache_on, load_model,
                             load_tokenizer, meta_twin, model_fingerprint, model_skeleton, write_head_config)
 from tunelab.norms import use_cpu_rms_norm
-from tunelab.objectives import OBJECTIVES
+from tunelab.objectives import check_records, prepare_objective_data
 from tunelab.objectives.base import attach_own_module, without_own_module
 from tunelab.objectives.reference import copies_the_base, live_reference, same_model
 from tunelab.plan import heap_policy, plan_memory, resident_bytes, shape_of
@@ -176,7 +175,7 @@ def _set_up(ctx: TrainingContext, resume: bool) -> tuple[LoopState, dict[str, An
     if config.training.eval_every and not ctx.data.validation:
         raise ConfigError("training.eval_every needs validation data, and there is none: set data.val_size above 0 "
                           "or give data.validation (or leave eval_every unset)")
-    _check_records(ctx)
+    check_records(ctx.config.objective, ctx.data, ctx.config.data.train)
     _announce_plan(ctx)
     on_main = _weights_on_main_only(ctx)
     ctx.model = _load_base(ctx, on_main)
@@ -393,20 +392,7 @@ def _base_figures_cache(ctx: TrainingContext) -> BaseFiguresCache | None:
 
 def _tokenizer_and_data(config: TunelabConfig) -> tuple[Any, PreparedData]:
     tokenizer = load_tokenizer(config.model)
-    # an objective that reads classes may fix their order (its `labels` setting); else the data's, sorted
-    classes = getattr(config.objective, "labels", None)
-    prompts = OBJECTIVES[config.objective.name].records == "prompt"  # an online objective: 'auto' finds prompts
-    return tokenizer, prepare_data(config.data, tokenizer, cache_root() / "data", class_names_given=classes,
-                                   prompts=prompts)
-
-
-def _check_records(ctx: TrainingContext) -> None:
-    """The objective trains on the kind of records the data holds (pairs for a preference objective...)."""
-    wanted, found = ctx.objective_kind.records, ctx.data.records
-    if wanted != found:
-        raise ConfigError(f"objective.name={ctx.config.objective.name} trains on {RECORD_KINDS[wanted]}, but "
-                          f"{', '.join(ctx.config.data.train)} holds {RECORD_KINDS[found]}; give data of that shape "
-                          "(data.columns can rename its keys) or choose another objective")
+    return tokenizer, prepare_objective_data(config.objective, config.data, tokenizer, cache_root() / "data")
 
 
 
