@@ -36,6 +36,15 @@ def test_missing_local_folder_and_folder_without_config(tmp_path: Path) -> None:
         resolve_model_path(str(tmp_path))
 
 
+def test_a_path_that_is_neither_a_folder_nor_a_hub_id_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A relative path such as runs/sft/merged (the PPO example's base, before its SFT run is merged) cannot be a
+    hub id (owner/name): the error says the folder is not there, not huggingface_hub's HFValidationError."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoadError, match=r"'runs/sft/merged' is not a folder here \(.*runs/sft/merged does not "
+                                             r"exist\) and not a Hugging Face hub id"):
+        resolve_model_path("runs/sft/merged")
+
+
 def test_embedded_alias_needs_its_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("TUNELAB_MODEL_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)

@@ -163,7 +163,21 @@ def resolve_model_path(name: str) -> str:
     if near is not None:
         raise ModelLoadError(f"model.name: '{name}' is neither a local folder nor an embedded model; did you mean "
                              f"'{near}' (embedded, works offline)? A hub id has the form owner/name.")
+    if not _hub_id_form(name):  # e.g. runs/sft/merged before that run exists: the Hub would refuse it untried
+        raise ModelLoadError(f"model.name: '{name}' is not a folder here ({path.resolve()} does not exist) and not a "
+                             "Hugging Face hub id (owner/name); train or download the model first, or fix the path")
     return name
+
+
+def _hub_id_form(name: str) -> bool:
+    """Whether ``name`` can be a hub repo id at all (huggingface_hub's own rule: owner/name, at most one slash)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id  # why: only this check needs it
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def _near_embedded_alias(name: str) -> str | None:
