@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from tunelab.config import TunelabConfig, build_config, read_run_config
+from tunelab.config import ConfigError, TunelabConfig, build_config, read_run_config
 from tunelab.data import PreparedData
 from tunelab.models import (ModelConfig, cache_root, load_model_config, load_tokenizer, model_skeleton, resolve_dtype,
                             resolve_model_path)
@@ -259,9 +259,13 @@ def scoring_model_bytes(run: str, target: torch.device) -> tuple[int, int]:
     with its trained head and its technique's weights; reading adds its checkpoint file's mapped pages. Its
     scoring forward (no gradients, a few rows) holds one decoder layer's transients at a time: under the rollout's
     own per-layer bound when it is no wider than the policy, so not added."""
+    if not (Path(run) / "config.yaml").is_file():  # as training refuses it (rewards.reward_model), before any work
+        raise ConfigError(f"reward run {run}: not a tunelab run folder (no config.yaml); train the reward model first")
     run_config = build_config(read_run_config(Path(run)))
     technique = TECHNIQUES[run_config.technique.name]
     objective = OBJECTIVES[run_config.objective.name]
+    if objective.num_labels != 1:
+        raise ConfigError(f"reward run {run}: not a reward model (a run trained with a one-score head)")
     base_load = technique.base_load(run_config.technique, target)
     model_config = load_model_config(run_config.model)
     checkpoint_dtype = _checkpoint_dtype(model_config)  # before the skeleton: building it sets the config's dtype
