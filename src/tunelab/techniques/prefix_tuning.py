@@ -44,5 +44,8 @@ TECHNIQUE = Technique(
     default_learning_rate=1e-2,
     summary="learned key/value prefixes at every attention layer (not mergeable, no packing)",
     refuses={**REFUSES, "gradient_checkpointing": "PEFT refuses it: the learned prefix is passed as a key/value cache, "
-                                                 "which recomputing activations in backward cannot use"},
+                                                 "which recomputing activations in backward cannot use",
+             "score_head": "PEFT passes the learned prefix to a sequence classifier as past_key_values, which "
+                           "transformers' classifiers no longer accept (PEFT's ValueError in the first forward); "
+                           "use lora or full"},
 )
