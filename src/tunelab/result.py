@@ -19,6 +19,7 @@ from transformers import AutoTokenizer
 
 from tunelab.config import TunelabConfig, build_config, read_run_config
 from tunelab.errors import ConfigError, TechniqueError
+from tunelab.objectives import OBJECTIVES
 from tunelab.models import (ModelConfig, adapter_num_labels, apply_head_config, check_model_available, default_device,
                             load_model, load_tokenizer, saved_head_config)
 from tunelab.precision import GenerationPrecision, generation_precision
@@ -124,12 +125,30 @@ def load_for_generation(run: str | Path | FoundResult, device: torch.device | st
     on a CPU when ``dtype`` and the run's model.dtype are auto, bfloat16 where asked for and native). The one loader of `tunelab
     serve`, `generate` and `chat`, so that their greedy outputs are equal."""
     found = run if isinstance(run, FoundResult) else find_result(run)
+    check_generates(found)
     device = torch.device(device) if device is not None else default_device()
     configured = found.config.model.dtype if found.config is not None else "auto"
     chosen = generation_precision(dtype, configured, device)
     loaded = load_run(found, device=device, dtype=chosen.dtype)
     loaded.precision = chosen
     return loaded
+
+
+def check_generates(found: FoundResult) -> None:
+    """Refuse, before any weight is read, a result with a score head (a reward model, a classifier): it gives a
+    score or a class for a text and generates none, so `generate`, `chat` and `serve` have nothing to call."""
+    if found.config is not None:
+        objective = found.config.objective.name
+        heads = OBJECTIVES[objective].num_labels
+        trained = f"was trained with objective '{objective}'"
+    else:
+        heads = adapter_num_labels(found.result_dir)
+        trained = "is an adapter with a score head (task type SEQ_CLS)"
+    if heads is not None:
+        target = found.run_dir or found.result_dir
+        raise ConfigError(f"{target} {trained}: its score head scores a text and generates none; measure it with "
+                          f"`tunelab eval {target} --data FILE` (the objective's own figures), or generate from a run "
+                          "of a text objective")
 
 
 def _read_json(path: Path) -> Any:

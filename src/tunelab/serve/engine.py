@@ -31,7 +31,7 @@ from tunelab.errors import ConfigError
 from tunelab.generation import BASE, PEFT_BASE, PREFILL_TOKENS, ContinuousBatch, GenerationRequest
 from tunelab.models import ModelConfig, load_tokenizer, same_base_model
 from tunelab.precision import GenerationPrecision
-from tunelab.result import find_result, load_for_generation
+from tunelab.result import check_generates, find_result, load_for_generation
 from tunelab.techniques.base import ADAPTER_CONFIG
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ def _find(path: Path, allow_remote_code: bool) -> Any:
     """What one served folder holds (a run, or an adapter folder on its own), after every check that needs no
     weights."""
     found = find_result(path)
+    check_generates(found)  # a served model answers with text: a score head has none to give
     if found.config is not None and found.config.model.trust_remote_code and not allow_remote_code:
         raise ConfigError(f"{path}: its model needs remote code (model.trust_remote_code); serving it runs that "
                           "code, so it needs --trust-remote-code")
