@@ -237,6 +237,21 @@ def test_brackets_in_samples_print_as_they_are(capsys: pytest.CaptureFixture[str
     assert out.count("[/INST]") == 4 and "d[key]" in out and "[b]val.jsonl:1" in out
 
 
+def test_a_negative_loss_that_falls_is_shown_as_a_fall(capsys: pytest.CaptureFixture[str]) -> None:
+    """An online objective's validation loss is minus its reward (negative): -0.6985 -> -0.7394 is a fall of 5.9%,
+    printed -5.9% (green) and saved as relative_loss_change -0.0586; it was +5.9% in red, read as a worse model."""
+    from tunelab.config import EvalConfig
+    from tunelab.console import print_before_after
+    from tunelab.eval.before_after import compare_with_base
+
+    base, tuned = {"loss": -0.6985, "samples": []}, {"loss": -0.7394}
+    comparison = compare_with_base(EvalConfig(), base, tuned, [], None, seed=0)
+    assert comparison["relative_loss_change"] == pytest.approx(-0.0586)
+    print_before_after(comparison)
+    out = capsys.readouterr().out
+    assert "-5.9%" in out and "+5.9%" not in out
+
+
 def test_brackets_in_a_data_error_print_as_they_are(tmp_path: Path, tiny_config: Path) -> None:
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "[/INST]", "content": "x"}]}])
     result = invoke("data", "inspect", bad, "--config", tiny_config)

@@ -177,7 +177,8 @@ def compare_with_base(eval_config: EvalConfig, base: dict[str, Any] | None, tune
     outputs = generate() if generate is not None else []
     comparison["base"] = {k: v for k, v in base.items() if k not in ("samples", "forgetting", "settings")}
     comparison["loss_change"] = round(tuned["loss"] - base["loss"], 6)
-    comparison["relative_loss_change"] = round((tuned["loss"] - base["loss"]) / base["loss"], 4) if base["loss"] else None
+    # over |base|: a loss may be negative (an online objective's: minus its reward); a fall is a negative change
+    comparison["relative_loss_change"] = round((tuned["loss"] - base["loss"]) / abs(base["loss"]), 4) if base["loss"] else None
     comparison["samples"] = [{**s, "base": b, "tuned": t} for s, b, t in zip(samples, base["samples"], outputs)]
     if generate is not None and eval_config.metrics:  # task metrics of the samples, with paired bootstrap intervals
         comparison["metrics"] = compare_samples(eval_config.metrics, base["samples"], outputs,
