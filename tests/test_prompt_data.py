@@ -99,3 +99,14 @@ def test_a_given_prompt_format_reads_a_chat_s_last_answer_as_its_reference(tmp_p
     assert example.messages == (("user", "2 + 2?"),) and dict(example.columns) == {"reference": "4"}
     with pytest.raises(DataError, match="c2.jsonl:1: the chat ends with an answer"):
         load_file(write_jsonl(tmp_path / "c2.jsonl", [{**chat, "reference": "four"}]), "prompt")
+
+
+def test_a_prompt_s_sample_reference_is_its_reference_column(tiny_tokenizer: PreTrainedTokenizerFast) -> None:
+    """The before/after samples of an online run are measured (exact_match, rouge_l) against the prompt record's
+    'reference' column, the answer the rewards read; it was always empty, so every sample scored 0."""
+    from tunelab.data.tokenize import prompt_for_generation
+
+    with_reference = Example("prompt", "p.jsonl:1", prompt=PROMPT["prompt"], columns=(("reference", "paris"),))
+    assert prompt_for_generation(tiny_tokenizer, with_reference) == (PROMPT["prompt"], "paris")
+    without = Example("prompt", "p.jsonl:2", prompt=PROMPT["prompt"], columns=(("score", 3),))
+    assert prompt_for_generation(tiny_tokenizer, without) == (PROMPT["prompt"], "")

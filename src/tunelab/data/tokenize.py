@@ -180,12 +180,15 @@ def apply_length_policy(example: TokenizedExample, max_length: int, policy: str)
 
 def prompt_for_generation(tokenizer: PreTrainedTokenizerBase, example: Example) -> tuple[str, str]:
     """(prompt text, reference answer) for a sample generation: the conversation up to its last assistant turn.
-    A preference pair's reference is its chosen answer; a labeled text's is its label."""
+    A preference pair's reference is its chosen answer; a labeled text's is its label; a prompt record's is its
+    'reference' column (empty without one)."""
     if example.format in ("preference", "unpaired_preference"):
         prompt = render_chat(tokenizer, example.messages) if example.messages else example.prompt
         return prompt, example.chosen if example.format == "preference" else example.completion
-    if example.format == "prompt":  # no answer to compare with: the prompt alone
-        return (render_chat(tokenizer, example.messages) if example.messages else example.prompt), ""
+    if example.format == "prompt":  # its 'reference' column (the rewards' default one) is the answer, if it has one
+        reference = dict(example.columns).get("reference")
+        prompt = render_chat(tokenizer, example.messages) if example.messages else example.prompt
+        return prompt, reference if isinstance(reference, str) else ""
     if example.format == "labeled":
         text = render_chat(tokenizer, example.messages, add_generation_prompt=False) if example.messages else example.prompt
         return text, str(example.label)
