@@ -199,3 +199,31 @@ def test_save_leaves_a_folder_of_the_user_alone(run_copy: Path, monkeypatch: pyt
     with pytest.raises(ConfigError, match="not created by tunelab"):
         quantize_run(run_copy, ["int8"], device="cpu", save="int8")
     assert (run_copy / "quantized-int8" / "notes.txt").read_text() == "mine"
+
+
+def test_runs_quantize_cannot_measure_are_refused_before_any_work(tiny_model_dir: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """quantize scores each method by the validation loss of SFT records and by greedy answers: a DPO run (pairs)
+    is refused with what it can do instead, and a reward model (a score head: no answers) with what it is, before
+    any merge; both ended in AttributeError: 'TokenizedPair' object has no attribute 'labels'. `tunelab export`
+    refuses the reward model too (it said: no GGUF name for the tensor score.weight)."""
+    from support.preference import toy_pair_texts
+    from support.runs import tiny_run_config
+    from support.tiny import write_jsonl
+
+    from tunelab.export.gguf import export_gguf
+    from tunelab.training import train
+
+    monkeypatch.setattr(quantize, "merged_float", lambda *a: pytest.fail("merged before refusing"))
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": p, "chosen": c, "rejected": r}
+                                                    for p, c, r in toy_pair_texts(0, 16)])
+    runs = {name: train(tiny_run_config(tiny_model_dir, tmp_path / name, pairs, objective={"name": name},
+                                        training={"max_steps": 1, "grad_accum": 1},
+                                        eval={"before_after": False, "num_samples": 0, "forgetting": False}),
+                        progress=False).run_dir for name in ("dpo", "reward")}
+    with pytest.raises(ConfigError, match=r"objective 'dpo'\) trained on preference pairs .* not supported yet.*"
+                                          r"tunelab merge"):
+        quantize_run(runs["dpo"], ["int8"], device="cpu")
+    for refused in (lambda: quantize_run(runs["reward"], ["int8"], device="cpu"), lambda: export_gguf(runs["reward"])):
+        with pytest.raises(ConfigError, match=r"trained with objective 'reward': its score head scores a text"):
+            refused()

@@ -36,6 +36,7 @@ import torch
 
 from tunelab import fs
 from tunelab.data import prepare_data
+from tunelab.data.formats import RECORD_KINDS
 from tunelab.errors import ConfigError
 from tunelab.eval import validation_loss
 from tunelab.eval.report import QUANTIZE_REPORT as REPORT_NAME  # the eval reports of the run read it too
@@ -43,7 +44,7 @@ from tunelab.eval.report import refresh_reports
 from tunelab.generation import GenerationRequest, Sampling, encode, generate_batch, sample_prompts
 from tunelab.models import cache_root, default_device
 from tunelab.objectives import OBJECTIVES
-from tunelab.result import find_result, load_run
+from tunelab.result import check_generates, find_result, load_run
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +207,7 @@ def merged_float(run_dir: Path, device: torch.device) -> tuple[Any, Any, Any]:
     if found.run_dir is None:
         raise ConfigError(f"{run_dir}: an adapter folder on its own; give its run folder (quantize and export read "
                           "the run's config and data)")
+    check_generates(found)  # both ship a text generator (and measure its greedy answers): a score head has none
     loaded = load_run(found, device=device, dtype="float32")
     technique = found.technique
     if technique.attach is None:  # a standalone model result
@@ -218,6 +220,22 @@ def merged_float(run_dir: Path, device: torch.device) -> tuple[Any, Any, Any]:
     return merge(loaded.config, loaded.result_dir, device).model.eval(), loaded.tokenizer, loaded.config
 
 
+def _check_measurable(run_dir: Path) -> None:
+    """Refuse, before minutes of merging, a run whose validation data quantize cannot score: each method's
+    validation loss is the language-model loss of SFT records (``validation_loss`` with the SFT collate); pairs,
+    labeled texts or prompts need their objective's reference, head or rollouts, which quantize does not build."""
+    found = find_result(run_dir)
+    if found.config is None:
+        return  # an adapter folder on its own: merged_float names it
+    check_generates(found)
+    name = found.config.objective.name
+    kind = OBJECTIVES[name].records
+    if kind != "sft":
+        raise ConfigError(f"{run_dir}: quantize measures each method by its validation loss on SFT records, and this "
+                          f"run (objective '{name}') trained on {RECORD_KINDS[kind]}; that is not supported yet. "
+                          f"`tunelab merge {run_dir}` gives its merged model, `tunelab export {run_dir}` a GGUF file")
+
+
 def quantize_run(run: Path, methods: list[str], samples: int = 4, max_new_tokens: int = 16,
                  device: torch.device | str | None = None,
                  on_row: Callable[[Measured], None] | None = None, save: str | None = None) -> dict[str, Any]:
@@ -226,6 +244,7 @@ def quantize_run(run: Path, methods: list[str], samples: int = 4, max_new_tokens
     ``methods`` lacks it)."""
     run_dir = Path(run)
     device = torch.device(device) if device is not None else default_device()
+    _check_measurable(run_dir)
     if save is not None:  # refused before minutes of merging and measuring
         refusal = save_refusal(save, device)
         if refusal:
