@@ -249,3 +249,16 @@ def test_an_adapter_with_a_score_head_given_alone_is_refused_with_its_run_folder
         with pytest.raises(ConfigError, match=r"score head of 3 outputs.*give the run folder"):
             evaluate(target, [held_out], output=tmp_path / "out", settings=SETTINGS, adapter=adapter)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_ranking_is_described_as_it_is_and_chance_ranks_neither_answer_first() -> None:
+    """The per-pair cell of `tunelab eval`'s improved/worsened tables: chance (0.5 a pair, no margin) and an exact
+    tie rank neither answer first; chance used to read 'chosen ranked first (log-prob margin +0.000)'."""
+    from tunelab.objectives.preference import chance, describe_ranking
+
+    describe = describe_ranking("preference_accuracy", "logp_margin", "log-prob")
+    _, baseline = chance("preference_accuracy", "logp_margin")({"input_ids": torch.zeros(2, 3)}, [])
+    per_pair = {name: values[0].tolist() for name, values in baseline.items()}  # one pair's (value, weight)
+    assert describe(per_pair, []) == "neither ranked first (log-prob margin +0.000)"
+    assert describe({"preference_accuracy": [1.0], "logp_margin": [2.5]}, []) == "chosen ranked first (log-prob margin +2.500)"
+    assert describe({"preference_accuracy": [0.0], "logp_margin": [-1.0]}, []) == "rejected ranked first (log-prob margin -1.000)"

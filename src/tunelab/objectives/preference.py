@@ -125,8 +125,10 @@ def chance(accuracy: str, mean_margin: str) -> Callable[[Batch, list[str]], tupl
 
 def describe_ranking(accuracy: str, mean_margin: str, unit: str) -> Callable[[Mapping[str, list[float]], list[str]], str]:
     def describe(stats: Mapping[str, list[float]], classes: list[str]) -> str:
-        first = "chosen" if stats[accuracy][0] > 0 else "rejected"
-        return f"{first} ranked first ({unit} margin {stats[mean_margin][0]:+.3f})"
+        # a pair is ranked right (1) or wrong (0); chance scores every pair 0.5 with no margin: it ranks neither
+        ranked, margin = stats[accuracy][0], stats[mean_margin][0]
+        first = "neither" if margin == 0 or ranked not in (0, 1) else "chosen" if ranked == 1 else "rejected"
+        return f"{first} ranked first ({unit} margin {margin:+.3f})"
     return describe
 
 
