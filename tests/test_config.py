@@ -46,6 +46,15 @@ def test_an_objective_key_error_reads_as_the_user_wrote_it_with_the_objective_s_
     assert "objective.beta:" in bound and "grpo" not in bound.split("objective.beta")[0]
 
 
+def test_an_unknown_key_in_a_list_item_of_settings_gets_its_valid_keys_and_the_nearest(tmp_path: Path) -> None:
+    """A misspelt key inside one reward term (objective.rewards.0.max_wrds) is named at its line with the reward
+    term's valid keys and the nearest one; the list item used to stop the lookup ('Valid keys here: ' and nothing)."""
+    path = write_config(tmp_path, "objective:\n  name: grpo\n  rewards:\n    - function: length\n      max_wrds: 4\n")
+    message = config_error(path)
+    assert f"{path}:5: unknown key 'objective.rewards.0.max_wrds'. Did you mean 'max_words'?" in message
+    assert "Valid keys here: function, run, weight, column, pattern, max_words" in message
+
+
 @pytest.mark.parametrize("objective", ["grpo", "ppo"])
 @pytest.mark.parametrize(("key", "value", "expected"), [
     ("max_completion_length", "0", "greater than 0"), ("temperature", "0", "greater than 0"),

@@ -181,11 +181,18 @@ def _name_hint(section: str, name: Any) -> str | None:
 def _model_at(path: tuple[Any, ...], data: dict[str, Any]) -> type[BaseModel] | None:
     """The pydantic section class that owns `path` (used to suggest the nearest valid key)."""
     model: type[BaseModel] = TunelabConfig
+    items: type[BaseModel] | None = None  # the settings class of a list's items, when the last part was that list
     for depth, part in enumerate(path[:-1]):
+        if items is not None and str(part).isdigit():  # objective.rewards.0.KEY: an item of a list of settings
+            model, items = items, None
+            continue
         field = model.model_fields.get(str(part))
         if field is None:
             return None
         annotation = field.annotation
+        items = _settings_items(annotation)
+        if items is not None:
+            continue
         if str(part) in TAGGED and depth == 0:  # a discriminated section: its class is the one `name` picks
             registry, default = TAGGED[str(part)]
             name = (data.get(str(part)) or {}).get("name", default)
@@ -198,6 +205,12 @@ def _model_at(path: tuple[Any, ...], data: dict[str, Any]) -> type[BaseModel] | 
         else:
             return None
     return model
+
+
+def _settings_items(annotation: Any) -> type[BaseModel] | None:
+    """X of a ``list[X]`` field whose items are settings (objective.rewards), else None."""
+    item = get_args(annotation)[0] if get_origin(annotation) is list and get_args(annotation) else None
+    return item if isinstance(item, type) and issubclass(item, BaseModel) else None
 
 
 _SYNONYMS = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
