@@ -485,24 +485,6 @@ def test_a_reward_model_run_is_planned_as_it_loads(tiny_model_dir, tmp_path):
         assert scored.peak_bytes - plain.peak_bytes >= loaded_weights
 
 
-def test_a_reward_run_that_is_missing_or_no_reward_model_is_refused_by_the_plan_as_by_training(tiny_model_dir, tmp_path):
-    """`tunelab plan` of an online config whose reward model run is not there yet (the PPO example before its
-    reward run) or is no reward model says so, as training does, instead of a FileNotFoundError traceback (a
-    missing run) or a plan of a run training would refuse (another objective's run)."""
-    from tunelab.config import ConfigError
-
-    missing = tmp_path / "no-reward-run"
-    with pytest.raises(ConfigError, match=rf"reward run {missing}: not a tunelab run folder \(no config.yaml\)"):
-        plan_memory(online_config(tiny_model_dir, tmp_path, "ppo", rewards=[{"run": str(missing)}]), "cpu",
-                    Shape(micro_batch_size=2, length=32), runtime=RUNTIME)
-    sft_run = tmp_path / "sft-run"  # a run folder of another objective: its config is all the planner reads
-    sft_run.mkdir()
-    (sft_run / "config.yaml").write_text(config_for(tiny_model_dir, tmp_path, "lora").to_yaml())
-    with pytest.raises(ConfigError, match=rf"reward run {sft_run}: not a reward model"):
-        plan_memory(online_config(tiny_model_dir, tmp_path, "ppo", rewards=[{"run": str(sft_run)}]), "cpu",
-                    Shape(micro_batch_size=2, length=32), runtime=RUNTIME)
-
-
 def test_the_rollout_cache_is_counted_as_the_model_makes_it(tiny_model_dir, tmp_path):
     """The KV cache a rollout ends with (``rollout_cache_bytes``, a meta forward): what the real model's forward
     caches at the same shape, and (rows, layers, 2, heads_kv, T, head_dim) float32 values."""
