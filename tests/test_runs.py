@@ -113,3 +113,16 @@ def test_show_draws_a_policy_s_reward_curve_from_its_metrics(tmp_path: Path) -> 
     shown = CliRunner(env={"COLUMNS": "250"}).invoke(app, ["runs", "show", str(run_dir)])
     assert shown.exit_code == 0 and "reward by step" in shown.output and "▂▁▅█" in shown.output
     assert "reward" not in run_details(_run(tmp_path, "sft"))["curves"]  # control: an SFT run has no reward curve
+
+
+def test_show_says_why_a_run_failed(tmp_path: Path) -> None:
+    """`runs show` of a failed run gives the error status.json recorded, next to its status; it said only
+    'failed at step 0'."""
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    failed = _run(tmp_path, "failed", '{"status": "failed", "step": 0, "error": "Model does not support past key values"}')
+    shown = CliRunner(env={"COLUMNS": "250"}).invoke(app, ["runs", "show", str(failed)])
+    assert shown.exit_code == 0 and "failed at step 0" in shown.output
+    assert "Model does not support past key values" in shown.output

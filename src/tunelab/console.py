@@ -326,6 +326,9 @@ def print_run_details(details: dict[str, Any]) -> None:
             ("duration", duration(summary.get("duration_s"))), ("model", summary["model"]),
             ("technique", technique_label(summary)), ("learning rate", _figure(summary["learning_rate"], ".2e")),
             ("train loss: last / final-10% mean", f"{_figure(summary['train_loss'])} / {_figure(summary['train_loss_smoothed'])}")]
+    error = (details.get("status") or {}).get("error")
+    if error:  # a failed or interrupted run: why, as status.json recorded it
+        rows.insert(1, ("error", str(error)))
     if info:
         params = info.get("trainable_parameters"), info.get("total_parameters")
         if params[0] is not None:
