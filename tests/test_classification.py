@@ -169,3 +169,26 @@ def test_no_perplexity_beside_a_classifiers_loss(tiny_model_dir: Path, tmp_path:
     assert "│ loss" in out and "perplexity" not in out
     with pytest.raises(Exception, match=r"training.best_metric 'perplexity' is not computed"):
         classification_config(tiny_model_dir, tmp_path, training={"best_metric": "perplexity"})
+
+
+def test_the_plan_builds_the_classifier_s_head_as_wide_as_the_data_s_classes(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A classifier's head has one output per class the data holds (Objective.head_size): the plan's skeleton is
+    built with the data's 3 classes, so it counts the head's 3 x H trainable weights beside the same LoRA's, and
+    builds no zero-width head (which printed torch's 'Initializing zero-element tensors is a no-op' warning in
+    every classification `tunelab plan` and `train`)."""
+    import warnings
+
+    from tunelab.plan import data_shape, plan_memory
+
+    config = classification_config(tiny_model_dir, tmp_path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="Initializing zero-element tensors")
+        shape = data_shape(config)
+        plan = plan_memory(config, "cpu", shape, runtime=0)
+    assert shape.head_size == len(CLASSES)
+    sft = tiny_config(tiny_model_dir, data={**config.data.model_dump(), "train": [str(write_jsonl(
+        tmp_path / "chats.jsonl", toy_chat_records(24)))], "validation": []}, technique=TINY_RUN["technique"],
+        training=TINY_RUN["training"])
+    lm = plan_memory(sft, "cpu", shape.__class__(shape.micro_batch_size, shape.length), runtime=0)
+    hidden = AutoConfig.from_pretrained(tiny_model_dir).hidden_size
+    assert plan.trainable_parameters - lm.trainable_parameters == len(CLASSES) * hidden

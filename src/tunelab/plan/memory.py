@@ -68,6 +68,7 @@ class Shape:
     length: int  # the longest row, which every row of the micro-batch is padded to
     supervised_share: float = 1.0
     rows_per_record: int = 1
+    head_size: int | None = None  # a score head's outputs from the data (a classifier's classes); None: the objective's
 
     @property
     def rows(self) -> int:

@@ -48,7 +48,8 @@ def shape_of(config: TunelabConfig, data: PreparedData) -> Shape:
     targets = [objective.targets_of(record, config.objective) for record in data.train]
     if targets and targets[0] is not None:  # the objective makes its targets (completions): N = records x targets
         share = min(1.0, max(t or 0 for t in targets) / (per_record * longest))
-    return Shape(config.training.micro_batch_size, longest, share, rows_per_record=per_record)
+    return Shape(config.training.micro_batch_size, longest, share, rows_per_record=per_record,
+                 head_size=objective.head_size(data.classes))
 
 
 def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None = None,
@@ -68,7 +69,9 @@ def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None 
     precision = technique_precision(config.model.dtype, target, base_load, technique.cpu_bf16_refusal)
     model_config = load_model_config(config.model)
     checkpoint_dtype = _checkpoint_dtype(model_config)  # before the skeleton: building it sets the config's dtype
-    skeleton = model_skeleton(model_config, base_load, dtype=precision.load_dtype, num_labels=objective.num_labels)
+    # the head the run builds: a classifier's is as wide as the data's classes (Objective.head_size)
+    num_labels = shape.head_size if shape.head_size is not None else objective.num_labels
+    skeleton = model_skeleton(model_config, base_load, dtype=precision.load_dtype, num_labels=num_labels)
     double_quant = bool(getattr(base_load.quantization_config, "bnb_4bit_use_double_quant", False))
     loaded = loaded_bytes(skeleton, double_quant)  # before the technique: what from_pretrained materialises
     skeleton = technique.apply(skeleton, config.technique, RunContext(task_type=objective.task_type))
