@@ -35,7 +35,7 @@ from typing import Any, Callable
 import torch
 
 from tunelab import fs
-from tunelab.data import prepare_data
+from tunelab.data import collate, prepare_data
 from tunelab.data.formats import RECORD_KINDS
 from tunelab.errors import ConfigError
 from tunelab.eval import validation_loss
@@ -229,8 +229,9 @@ def _check_measurable(run_dir: Path) -> None:
         return  # an adapter folder on its own: merged_float names it
     check_generates(found)
     name = found.config.objective.name
-    kind = OBJECTIVES[name].records
-    if kind != "sft":
+    objective = OBJECTIVES[name]
+    if objective.collate is not collate:  # its records make batches of their own (pairs, labels, prompts)
+        kind = objective.records
         raise ConfigError(f"{run_dir}: quantize measures each method by its validation loss on SFT records, and this "
                           f"run (objective '{name}') trained on {RECORD_KINDS[kind]}; that is not supported yet. "
                           f"`tunelab merge {run_dir}` gives its merged model, `tunelab export {run_dir}` a GGUF file")
