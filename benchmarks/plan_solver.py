@@ -198,7 +198,7 @@ def recommend_rows(out: Path, known: dict[str, dict[str, Any]], models: list[str
             budget = int(gib * 2**30)
             base = _solver_config(model, "lora", False, 2, work)
             config, shape = _plan(base)
-            ranked = recommend(config, shape, budget)
+            ranked = recommend(config, shape, budget).set_ups
             if not ranked:
                 rows.append({"model": model, "budget": budget, "set_up": None, "peak": None, "ok": True})
                 continue

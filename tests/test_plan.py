@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -270,22 +271,34 @@ def no_runtime_probe(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(planner, "runtime_bytes", lambda *args: 500 * 2**20)
 
 
-def test_recommend_lists_only_set_ups_that_fit_most_trainable_first(tiny_model_dir, tmp_path, no_runtime_probe):
+@pytest.fixture
+def no_speed_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--recommend's time per step from fixed probe figures: the probe has its own tests (test_plan_speed.py)."""
+    from tunelab.plan import speed
+
+    def fixed(config, shape, settings, device="cpu"):  # noqa: ANN001, ANN202
+        return {s: speed.StepTime(rest=0.5, layer=0.01 * (2 if s[1] else 1), layer_parameters=1e4) for s in settings}
+
+    monkeypatch.setattr(speed, "measure_step_times", fixed)
+
+
+def test_recommend_lists_only_set_ups_that_fit_most_trainable_first(tiny_model_dir, tmp_path, no_runtime_probe,
+                                                                   no_speed_probe):
     from tunelab.plan.solve import recommend
 
     config = config_for(tiny_model_dir, tmp_path, "lora")
     full = [plan_memory(config_for(tiny_model_dir, tmp_path, "full", gradient_checkpointing=on), "cpu", SHAPE)
             for on in (False, True)]
     budget = min(p.peak_bytes for p in full) - 1  # full fine-tuning fits in no set-up
-    found = recommend(config, SHAPE, budget)
+    found = recommend(config, SHAPE, budget).set_ups
     assert found and all(s.plan.peak_bytes <= budget for s in found)
     assert "full" not in {s.technique for s in found} and "lora" in {s.technique for s in found}
-    ranks = [(-s.plan.trainable_parameters, s.seconds_per_step) for s in found]
+    ranks = [(-s.plan.trainable_parameters, s.seconds_per_step or float("inf")) for s in found]
     assert ranks == sorted(ranks)
 
 
 def test_recommend_on_a_cpu_with_native_bf16_ranks_the_bfloat16_set_ups_auto_trains(tiny_model_dir, tmp_path,
-                                                                                      no_runtime_probe):
+                                                                                      no_runtime_probe, no_speed_probe):
     """On a CPU with native bfloat16 (this module's fixture says so, as detection would) --recommend ranks the
     bfloat16 set-ups ``model.dtype: auto`` trains (each planned exactly as auto plans it) beside float32, and says
     why; a technique auto keeps in float32 (QLoRA loads its base quantized) gets no bfloat16 set-up."""
@@ -294,7 +307,7 @@ def test_recommend_on_a_cpu_with_native_bf16_ranks_the_bfloat16_set_ups_auto_tra
     dtypes, why = recommend_dtypes("cpu")
     assert dtypes == ["float32", "bfloat16"] and "model.dtype: auto" in why and "tests: native bfloat16" in why
     config = config_for(tiny_model_dir, tmp_path, "lora")
-    found = recommend(config, SHAPE, 2**40)
+    found = recommend(config, SHAPE, 2**40).set_ups
     ranked = {(s.technique, s.dtype) for s in found}
     assert {("full", "bfloat16"), ("lora", "bfloat16"), ("lora", "float32")} <= ranked
     assert ("qlora", "float32") in ranked and ("qlora", "bfloat16") not in ranked
@@ -306,20 +319,20 @@ def test_recommend_on_a_cpu_with_native_bf16_ranks_the_bfloat16_set_ups_auto_tra
 
 
 def test_recommend_on_a_cpu_without_native_bf16_stays_float32_and_says_why(tiny_model_dir, tmp_path, monkeypatch,
-                                                                          no_runtime_probe):
+                                                                          no_runtime_probe, no_speed_probe):
     from tunelab.plan.solve import recommend, recommend_dtypes
 
     monkeypatch.setattr(precision, "detect_cpu_bf16", lambda: precision.CpuBf16(False, "tests: no native bfloat16"))
     dtypes, why = recommend_dtypes("cpu")
     assert dtypes == ["float32"] and "float32 only" in why and "tests: no native bfloat16" in why
-    found = recommend(config_for(tiny_model_dir, tmp_path, "lora", "bfloat16"), SHAPE, 2**40)
+    found = recommend(config_for(tiny_model_dir, tmp_path, "lora", "bfloat16"), SHAPE, 2**40).set_ups
     assert found and {s.dtype for s in found} == {"float32"}
     assert recommend_dtypes("cuda")[0] == ["float32", "bfloat16"]
 
 
 @pytest.mark.parametrize("native", [True, False])
 def test_the_command_line_prints_why_the_set_ups_are_in_their_dtypes(tiny_model_dir, tmp_path, monkeypatch, native,
-                                                                   no_runtime_probe):
+                                                                   no_runtime_probe, no_speed_probe):
     import yaml
     from support.cli import invoke
 
@@ -332,6 +345,10 @@ def test_the_command_line_prints_why_the_set_ups_are_in_their_dtypes(tiny_model_
     dtypes = "float32, bfloat16" if native else "float32"
     assert f"set-ups ranked in {dtypes}: " in result.clean and reason in result.clean
     assert (" lora bfloat16 checkpointing" in result.clean) == native
+    assert "time per step measured for lora" in result.clean
+    # each note once, after the list, naming the set-ups it is about (the heap policy: every checkpointed one)
+    assert result.clean.count("heap policy:") == 1
+    assert re.search(r"note \(set-ups \d+(, \d+)+\): heap policy:", result.clean.replace("\n", " "))
     as_json = json.loads(invoke("plan", path, "--budget", "1TiB", "--recommend", "--json").stdout)
     assert reason in as_json["recommend_dtypes"]["why"]
 

@@ -378,7 +378,8 @@ def plan(
     device: Annotated[str, typer.Option(help="cpu (peak RSS) or cuda (max_memory_allocated + context)")] = "cpu",
     budget: Annotated[Optional[str], typer.Option(help="Memory budget for --solve and --recommend, e.g. 24GiB")] = None,
     solve: Annotated[Optional[str], typer.Option(help="Find the largest micro_batch_size or max_length that fits --budget")] = None,
-    recommend: Annotated[bool, typer.Option("--recommend", help="Rank technique x dtype x checkpointing set-ups that fit --budget")] = False,
+    recommend: Annotated[bool, typer.Option("--recommend", help="Rank technique x dtype x checkpointing set-ups that fit --budget; "
+                                     "times the config's technique by training shallow copies of the model (about a minute on a CPU)")] = False,
     processes: Annotated[int, typer.Option(help="Processes training together (torchrun --nproc_per_node x nodes); "
                                            "with training.distributed: fsdp each holds 1/N of the model")] = 1,
     as_json: JsonOption = False,
@@ -410,9 +411,12 @@ def plan(
         if recommend:
             dtypes, why = recommend_dtypes(device)
             out["recommend_dtypes"] = {"dtypes": dtypes, "why": why}
+            ranked = rank_setups(cfg, shape, limit or 0, device, processes)
+            out["recommend_timing"] = ranked.timing
             out["recommend"] = [{"technique": s.technique, "gradient_checkpointing": s.checkpointing, "dtype": s.dtype,
-                                 "peak_bytes": s.plan.peak_bytes, "seconds_per_step": round(s.seconds_per_step, 3),
-                                 "why": s.why} for s in rank_setups(cfg, shape, limit or 0, device, processes)]
+                                 "peak_bytes": s.plan.peak_bytes, "seconds_per_step":
+                                 None if s.seconds_per_step is None else round(s.seconds_per_step, 3),
+                                 "why": s.why, "notes": s.plan.notes} for s in ranked.set_ups]
     except _USER_ERRORS as exc:
         _fail(str(exc))
     if as_json:
@@ -451,9 +455,21 @@ def _print_plan(out: dict[str, Any]) -> None:
                       f"{out['recommend_dtypes']['why']}", highlight=False)
         if not out["recommend"]:
             console.print("no set-up fits the budget", highlight=False)
+    if "recommend_timing" in out:
+        console.print(out["recommend_timing"], highlight=False)
+    noted: dict[str, list[int]] = {}  # each note once, after the list, with the set-ups it is about
     for rank, setup in enumerate(out.get("recommend", []), 1):
         console.print(f"{rank}. {setup['technique']} {setup['dtype']} checkpointing "
                       f"{'on' if setup['gradient_checkpointing'] else 'off'}: {setup['why']}", highlight=False)
+        for note in setup["notes"]:
+            noted.setdefault(note, []).append(rank)
+    for note, ranks in noted.items():
+        console.print(f"note ({_ranks(ranks)}): {note}", highlight=False)
+
+
+def _ranks(ranks: list[int]) -> str:
+    """'set-up 3' or 'set-ups 2, 4, 5'."""
+    return f"set-up {ranks[0]}" if len(ranks) == 1 else f"set-ups {', '.join(map(str, ranks))}"
 
 
 @app.command()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -11,6 +10,8 @@ import torch
 
 from tunelab.config import TunelabConfig
 from tunelab.errors import ConfigError
+from tunelab.models import load_model_config
+from tunelab.plan import speed
 from tunelab.plan.memory import MemoryPlan, Shape
 from tunelab.plan.planner import plan_memory
 from tunelab import precision
@@ -52,36 +53,21 @@ class SetUp:
     checkpointing: bool
     dtype: str
     plan: MemoryPlan
-    seconds_per_step: float
+    seconds_per_step: float | None  # None: not timed (another technique than the probe's, or no probe here)
 
     @property
     def why(self) -> str:
         trains = f"trains {self.plan.trainable_parameters:,} parameters"
-        spare = "; ".join(self.plan.notes[:1])
-        return (f"{trains}; peak {self.plan.peak_bytes / 2**30:.2f} GiB ({self.plan.phase}); "
-                f"~{self.seconds_per_step:.2f} s/step" + (f"; {spare}" if spare else ""))
+        time = f"; ~{self.seconds_per_step:.2f} s/step" if self.seconds_per_step is not None else ""
+        return f"{trains}; peak {self.plan.peak_bytes / 2**30:.2f} GiB ({self.plan.phase}){time}"
 
 
-def matmul_flops_per_second(device: str = "cpu", size: int = 512, repeats: int = 5,
-                            dtype: torch.dtype = torch.float32) -> float:
-    """The device's measured matmul throughput in ``dtype`` (the short calibration behind the time per step: a
-    bfloat16 set-up's matmuls run in bfloat16 under autocast)."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    torch.mm(a, a)  # warm-up: kernels chosen, threads started
-    started = time.perf_counter()
-    for _ in range(repeats):
-        torch.mm(a, a)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return repeats * 2 * size**3 / max(time.perf_counter() - started, 1e-9)
+@dataclass
+class Recommendation:
+    """The set-ups that fit, ranked, and how their time per step was found (``speed.measure_step_times``)."""
 
-
-def step_seconds(plan: MemoryPlan, total_parameters: int, checkpointing: bool, flops: float) -> float:
-    """Forward 2·P·tokens, backward 2·P·tokens for the inputs' gradients plus 2·P_trainable·tokens for the weights',
-    plus one more forward when activations are recomputed, at the measured throughput."""
-    tokens = plan.shape.rows * plan.shape.length
-    passes = (2 + 2 + (2 if checkpointing else 0)) * total_parameters + 2 * plan.trainable_parameters
-    return passes * tokens / flops
+    set_ups: list[SetUp]
+    timing: str
 
 
 def recommend_dtypes(device: str = "cpu") -> tuple[list[str], str]:
@@ -108,13 +94,40 @@ def auto_trains_in_bfloat16(technique: Technique, settings: object, device: str)
     return trains.load_dtype == torch.bfloat16
 
 
-def recommend(config: TunelabConfig, shape: Shape, budget: int, device: str = "cpu", processes: int = 1) -> list[SetUp]:
+def recommend(config: TunelabConfig, shape: Shape, budget: int, device: str = "cpu",
+              processes: int = 1) -> Recommendation:
     """Every registered technique (default settings) x checkpointing x the dtypes this device trains in
     (``recommend_dtypes``; on a CPU, bfloat16 only for the techniques ``model.dtype: auto`` trains in bfloat16),
     planned; those that fit ``budget``, most trainable parameters first (closest to full fine-tuning's quality),
-    then fastest (each dtype's time from its own measured matmul throughput)."""
+    then fastest. The config's technique is timed by the speed probe's measured steps in each setting
+    (``plan/speed.py``); the others are left untimed rather than guessed."""
     dtypes, _ = recommend_dtypes(device)
-    flops = {dtype: matmul_flops_per_second(device, dtype=getattr(torch, dtype)) for dtype in dtypes}
+    found = _fitting(config, shape, budget, device, processes, dtypes)
+    layers = load_model_config(config.model).num_hidden_layers
+    timed = [s for s in found if s.technique == config.technique.name]  # the probe trains this technique only
+    try:
+        if not timed:
+            raise RuntimeError(f"no {config.technique.name} set-up (the config's technique, the one the speed probe "
+                               "trains) fits the budget")
+        times = speed.measure_step_times(config, shape, sorted({(s.dtype, s.checkpointing) for s in timed}), device)
+        timing = (f"time per step measured for {config.technique.name} (the config's technique, its defaults) on "
+                  f"{speed.PROBE_LAYERS[0]}- and {speed.PROBE_LAYERS[1]}-layer copies of the model at "
+                  f"{shape.rows} x {shape.length} tokens, scaled to {layers} layers; to time another technique, run "
+                  "this with --set technique.name=NAME")
+    except RuntimeError as exc:  # the probe could not train here: no time rather than a guessed one
+        times, timing = {}, f"time per step not measured: {exc}"
+    for setup in timed:
+        if (measured := times.get((setup.dtype, setup.checkpointing))) is not None:
+            setup.seconds_per_step = measured.predict(layers)
+    untimed = float("inf")
+    ranked = sorted(found, key=lambda s: (-s.plan.trainable_parameters,
+                                          untimed if s.seconds_per_step is None else s.seconds_per_step))
+    return Recommendation(ranked, timing)
+
+
+def _fitting(config: TunelabConfig, shape: Shape, budget: int, device: str, processes: int,
+             dtypes: list[str]) -> list[SetUp]:
+    """The set-ups whose plan fits ``budget``, not yet timed."""
     found = []
     for name, technique in TECHNIQUES.items():
         try:  # a technique whose defaults cannot stand alone (adapter routing needs adapters) is skipped
@@ -134,6 +147,5 @@ def recommend(config: TunelabConfig, shape: Shape, budget: int, device: str = "c
                 except (TechniqueError, ConfigError, ValueError):  # a technique that does not fit this model
                     continue
                 if plan.peak_bytes <= budget:
-                    found.append(SetUp(name, checkpointing, dtype, plan,
-                                       step_seconds(plan, plan.total_parameters, checkpointing, flops[dtype])))
-    return sorted(found, key=lambda s: (-s.plan.trainable_parameters, s.seconds_per_step))
+                    found.append(SetUp(name, checkpointing, dtype, plan, None))
+    return found
