@@ -238,3 +238,24 @@ def test_a_default_the_config_resolved_stays_a_default_for_each_technique(tiny_m
     explicit = tiny_config(tiny_model_dir, data={"train": [str(data)], "packing": True})
     with pytest.raises(ConfigError, match=r"technique prompt_tuning: (.|\n)*cannot pack"):
         run_config(explicit, PlannedRun("p-seed1", "prompt_tuning", 0.03, 1), tmp_path / "out")
+
+
+def test_a_preference_compare_is_judged_by_the_objectives_own_figure(tmp_path: Path) -> None:
+    """compare's quality (the Pareto flag, the learning-rate choice) for DPO runs is their validation pairs'
+    preference accuracy, not the exact match of their one or two generated samples (the config's eval metrics)."""
+    from tunelab.compare.table import run_figures, technique_row
+
+    rows = []
+    for technique, accuracy, exact in (("lora", 0.75, 0.0), ("ia3", 0.5, 1.0)):
+        run_dir = tmp_path / technique
+        run_dir.mkdir()
+        (run_dir / "eval.json").write_text(json.dumps({
+            "base": {"loss": 0.693, "preference_accuracy": 0.25}, "tuned": {"loss": 0.6, "preference_accuracy": accuracy},
+            "metrics": {"exact_match": {"base": 0.0, "tuned": exact, "higher_is_better": True}}}))
+        config = {"objective": {"name": "dpo"}, "training": {}}
+        figures = run_figures(run_dir, config)
+        assert list(figures["metrics"])[0] == "preference_accuracy" and figures["metrics"]["exact_match"] == exact
+        rows.append(technique_row(technique, 1e-4, [figures]))
+    assert primary_metric(rows) == ("preference_accuracy", True)
+    sft = run_figures(tmp_path / "lora", {"training": {}})  # no objective section: SFT, judged by its task metrics
+    assert "preference_accuracy" not in sft["metrics"]

@@ -94,6 +94,24 @@ def test_runs_table_has_the_comparison_columns_and_show_puts_runs_side_by_side(t
     assert [d["summary"]["trainable_parameters"] for d in both] == [8000, 16000]
 
 
+def test_a_preference_run_is_judged_by_its_objectives_own_figure_not_its_few_samples(tmp_path: Path) -> None:
+    """A DPO run's primary figure is its validation pairs' preference accuracy (its evaluation's primary metric),
+    not the exact match of its one or two generated samples; an objective without one (KTO's validation reports no
+    preference accuracy) keeps the task metrics, and SFT is judged as before."""
+    run_dir = _compared_run(tmp_path, "dpo", "lora", 8, 0.5)
+    (run_dir / "config.yaml").write_text("model: {name: m}\ntechnique: {name: lora}\nobjective: {name: dpo}\n")
+    (run_dir / "eval.json").write_text(json.dumps({
+        "base": {"loss": 0.693, "preference_accuracy": 0.25}, "tuned": {"loss": 0.64, "preference_accuracy": 0.75},
+        "metrics": {"exact_match": {"base": 0.0, "tuned": 0.5, "higher_is_better": True}}}))
+    assert list_runs(tmp_path)[0]["primary_metric"] == {"name": "preference_accuracy", "base": 0.25, "tuned": 0.75,
+                                                        "delta": 0.5, "higher_is_better": True}
+    (run_dir / "config.yaml").write_text("model: {name: m}\ntechnique: {name: lora}\nobjective: {name: kto}\n")
+    (run_dir / "eval.json").write_text(json.dumps({
+        "base": {"loss": 0.7, "kl": 0.0}, "tuned": {"loss": 0.5, "kl": 0.1},
+        "metrics": {"exact_match": {"base": 0.0, "tuned": 0.5, "higher_is_better": True}}}))
+    assert list_runs(tmp_path)[0]["primary_metric"]["name"] == "exact_match"
+
+
 def test_show_draws_a_policy_s_reward_curve_from_its_metrics(tmp_path: Path) -> None:
     """A policy's loss stays near 0 whatever it learns: `runs show` (and the UI, from the same run_details) also
     draw its reward, sampled at every step and greedy at every evaluation, point for point from metrics.jsonl."""

@@ -44,6 +44,7 @@ import yaml
 from tunelab.config import read_run_config
 from tunelab.errors import ConfigError
 from tunelab.fs import read_json  # also the name the readers of run files import from here
+from tunelab.objectives import quality_figure
 from tunelab.objectives.online import MEAN_REWARD, STEP_REWARD
 from tunelab.techniques import technique_variant
 from tunelab.techniques.base import RESULT_DIRS
@@ -118,13 +119,20 @@ def summarize_run(run_dir: Path) -> dict[str, Any] | None:
         # on a GPU the most torch allocated there, else the process's peak RSS (as tunelab compare reads it)
         "peak_memory_bytes": (info.get("peak_memory") or {}).get("gpu_max_allocated_bytes",
                                                                  (info.get("peak_memory") or {}).get("rss_bytes")),
-        "primary_metric": primary_metric(evaluation),
+        "primary_metric": primary_metric(evaluation, quality_figure((config.get("objective") or {}).get("name"))),
     }
 
 
-def primary_metric(evaluation: dict[str, Any]) -> dict[str, Any] | None:
-    """The figure a run is judged by, against its base: the first task metric of eval.json (the config's
-    ``eval.metrics`` order), else the validation loss; None when the run was not evaluated before and after."""
+def primary_metric(evaluation: dict[str, Any], quality: tuple[str, bool] | None = None) -> dict[str, Any] | None:
+    """The figure a run is judged by, against its base: its objective's own validation figure (``quality``:
+    ``objectives.quality_figure``, e.g. a DPO run's preference accuracy) when both models have it, else the first
+    task metric of eval.json (the config's ``eval.metrics`` order), else the validation loss; None when the run was
+    not evaluated before and after."""
+    if quality is not None:
+        name, higher = quality
+        base, tuned = (evaluation.get("base") or {}).get(name), (evaluation.get("tuned") or {}).get(name)
+        if base is not None and tuned is not None:
+            return {"name": name, "base": base, "tuned": tuned, "delta": tuned - base, "higher_is_better": higher}
     for name, figures in (evaluation.get("metrics") or {}).items():
         if figures.get("tuned") is not None and figures.get("base") is not None:
             return {"name": name, "base": figures["base"], "tuned": figures["tuned"],

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.compare.stats import mean_interval, pareto_flags
+from tunelab.objectives import quality_figure
 from tunelab.runs import read_json, read_metrics
 from tunelab.techniques.base import RESULT_DIRS
 
@@ -25,6 +26,10 @@ def run_figures(run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
     memory = info.get("peak_memory") or {}
     metrics: dict[str, float] = {}
     directions: dict[str, bool] = {}  # metric -> higher is better
+    quality = quality_figure((config.get("objective") or {}).get("name"))
+    if quality is not None and (evaluation.get("tuned") or {}).get(quality[0]) is not None:
+        # first: the objective's own validation figure is the task metric that judges it (primary_metric)
+        metrics[quality[0]], directions[quality[0]] = evaluation["tuned"][quality[0]], quality[1]
     if (evaluation.get("tuned") or {}).get("loss") is not None:
         metrics[VAL_LOSS], directions[VAL_LOSS] = evaluation["tuned"]["loss"], False
     for name, figures in (evaluation.get("metrics") or {}).items():

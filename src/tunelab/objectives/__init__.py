@@ -88,6 +88,20 @@ def check_records(settings: Any, data: PreparedData, files: list[str]) -> None:
                           "(data.columns can rename its keys) or choose another objective")
 
 
+def quality_figure(name: str | None) -> tuple[str, bool] | None:
+    """The validation figure a run of objective ``name`` is judged by (the runs table's delta column, compare's
+    Pareto flag and learning-rate choice), with whether higher is better: its evaluation's primary metric (the first
+    of ``Evaluation.metrics``, what ``tunelab eval`` ranks by), which its validation reports under the same name
+    (eval.json's base and tuned figures). None for an objective that declares no evaluation (SFT: the config's task
+    metrics judge it). A preference run's generated samples are one or two answers: judged by them, a DPO compare
+    ranked techniques on the exact match of two samples instead of the preference accuracy of its validation pairs."""
+    objective = OBJECTIVES.get(name or DEFAULT_OBJECTIVE)
+    if objective is None or objective.evaluation is None:
+        return None
+    primary = objective.evaluation.metrics([])[0]  # the class names change no metric's name or direction
+    return primary.name, primary.higher_is_better
+
+
 __all__ = ["DEFAULT_OBJECTIVE", "OBJECTIVES", "Batch", "LossFunction", "LossSum", "Objective", "ObjectiveConfig",
            "ObjectiveField", "ObjectiveSpec", "Reference", "check_records", "default_objective_settings",
-           "logits_only_where", "prepare_objective_data"]
+           "logits_only_where", "prepare_objective_data", "quality_figure"]
