@@ -808,3 +808,16 @@ def test_a_fixed_threshold_gives_each_large_chunk_its_own_mapping_until_it_is_le
     taken, before, inside, after = json.loads(done.stdout.strip().splitlines()[-1])
     assert taken and before == 0 and after == 0
     assert inside >= 2**22
+
+
+def test_a_budget_without_a_unit_is_refused_with_the_units_it_could_mean(tiny_model_dir, tmp_path):
+    """'--budget 8' was 8 bytes, and the plan said 'budget 0.00 GiB: does NOT fit' to a user who meant 8 GiB."""
+    import yaml
+    from support.cli import invoke
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(yaml.safe_load(config_for(tiny_model_dir, tmp_path, "lora").to_yaml())))
+    refused = invoke("plan", path, "--budget", "8")
+    assert refused.exit_code == 2 and "'8': give a unit, e.g. 8GiB or 8GB (B for bytes)" in refused.clean
+    assert invoke("plan", path, "--budget", "8GiB", "--json").exit_code == 0
+

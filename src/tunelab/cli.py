@@ -161,7 +161,8 @@ def _run_training(start: Callable[[], Any], resume_command: str) -> None:
                       soft_wrap=True)  # soft_wrap: no line breaks inside a command meant to be copied
         raise typer.Exit(130)
     print_before_after(result.evaluation)
-    console.print(Text.assemble((result.status, "bold green"), f" after {result.step} steps. Run folder: {result.run_dir}"))
+    steps = "step" if result.step == 1 else "steps"
+    console.print(Text.assemble((result.status, "bold green"), f" after {result.step} {steps}. Run folder: {result.run_dir}"))
 
 
 @app.command(epilog=_examples(
@@ -180,7 +181,9 @@ def compare(
     """Train techniques head to head on the same data and token budget, and compare them.
 
     Each technique trains at its own default learning rate; each run is an ordinary run folder under --out. Run
-    the same command again after Ctrl-C: finished runs are kept, the interrupted one resumes.
+    the same command again after Ctrl-C: finished runs are kept, the interrupted one resumes. Quality is the
+    objective's own validation figure (a DPO run's preference accuracy), else the config's first task metric, else
+    the validation loss; how to read the report: docs/choosing.md, "How to read a compare report".
     """
     _setup_logging()
     from tunelab.api import compare as run_compare, load_config  # start-up time
@@ -356,14 +359,15 @@ def eval_command(
 
 
 def _bytes(text: str) -> int:
-    """'24GiB', '512MiB', '8GB' or a plain number of bytes."""
+    """'24GiB', '512MiB', '8GB' or '1000000B'. A bare number is refused: '--budget 8' meant 8 bytes, and the plan
+    answered 'budget 0.00 GiB: does NOT fit' to a user who meant 8 GiB."""
     units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
     lowered = text.strip().lower()
     for unit, factor in units.items():
         if lowered.endswith(unit) and lowered[: -len(unit)].strip().replace(".", "", 1).isdigit():
             return int(float(lowered[: -len(unit)]) * factor)
-    if lowered.isdigit():
-        return int(lowered)
+    if lowered.replace(".", "", 1).isdigit():
+        raise typer.BadParameter(f"'{text}': give a unit, e.g. {text}GiB or {text}GB (B for bytes)")
     raise typer.BadParameter(f"'{text}': expected a size such as 24GiB, 512MiB or 8GB")
 
 
@@ -384,8 +388,8 @@ def plan(
                                            "with training.distributed: fsdp each holds 1/N of the model")] = 1,
     as_json: JsonOption = False,
 ) -> None:
-    """Predict a run's peak memory, term by term, without loading weights (docs/choosing.md). The plan is one
-    process's."""
+    """Predict a run's peak memory, term by term, without loading weights (docs/choosing.md). With --processes N
+    (torchrun) the figures are each process's."""
     _setup_logging()
     from tunelab.api import load_config  # start-up time
     from tunelab.plan import data_shape, plan_memory  # start-up time (torch, transformers)
