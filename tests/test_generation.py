@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tunelab.generation import (BASE, ContinuousBatch, GenerationRequest, PrefixCache, Sampling, _Prefix, adjusted_scores,
                                 common_prefix, encode, generate_batch, generate_texts, stop_token_ids)
+from tunelab.techniques import TECHNIQUES, generation_view
 
 QUESTIONS = ["hello", "what is the capital of france? tell me in one word please", "count from one to five"]
 
@@ -462,3 +463,59 @@ def test_decoding_steps_write_the_cache_in_place_and_compute_what_concatenation_
     assert all(a != b for a, b in zip(plain_keys, plain_keys[1:]))
     assert tokens == plain_tokens and len(logits) == len(plain_logits) >= 15
     assert all(torch.equal(a, b) for a, b in zip(logits, plain_logits))
+
+
+# ---------------------------------------------------------------- prompt learning: generate computes the forward
+
+
+@pytest.fixture(scope="module")
+def prefix_model(tiny_model_dir: Path) -> torch.nn.Module:
+    """The tiny model with a prefix-tuning adapter whose prefix is far from zero (4 virtual tokens, per layer keys
+    and values drawn N(0, 1) by PEFT's embedding, scaled by 4 so that the tokens attend to them)."""
+    technique = TECHNIQUES["prefix_tuning"]
+    torch.manual_seed(0)
+    model = technique.apply(AutoModelForCausalLM.from_pretrained(tiny_model_dir), technique.config_class(num_virtual_tokens=4))
+    with torch.no_grad():
+        for parameter in model.prompt_encoder.parameters():
+            parameter.mul_(4)
+    return model.eval()
+
+
+def forward_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:  # noqa: ANN001
+    """Greedy decoding by repeated full forward passes of ``model`` over the prompt and the tokens so far (no
+    cache, no padding): the argmax of the last position's logits, cut before the first end-of-turn token."""
+    ids, stops, new = encode(tokenizer, prompt), stop_token_ids(model, tokenizer), []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = int(model(input_ids=torch.tensor([ids + new]), use_cache=False).logits[0, -1].argmax())
+            if token in stops:
+                break
+            new.append(token)
+    return new
+
+
+def test_prefix_tuning_generates_what_its_forward_computes(model_and_tokenizer: tuple, prefix_model: torch.nn.Module) -> None:
+    """generate_batch (left-padded rows, KV-cached) and a ContinuousBatch (which runs a prompt-learning model's
+    batches through generate_batch, and says so) give each row the tokens of a step-by-step greedy decode by the
+    PEFT model's own forward; with the adapter disabled they are other tokens (the prefix matters)."""
+    tokenizer = model_and_tokenizer[1]
+    texts = prompts(tokenizer)
+    expected = [forward_greedy(prefix_model, tokenizer, t, 10) for t in texts]
+    assert all(len(e) >= 3 for e in expected)  # several tokens per row, not an early end of turn
+    batch = generate_batch(prefix_model, tokenizer, rows(tokenizer, texts, Sampling(10)))
+    assert [r.token_ids for r in batch] == expected
+    continuous = ContinuousBatch(prefix_model, tokenizer)
+    assert not continuous.stepping and "prompt-learning" in continuous.why_not
+    for request in rows(tokenizer, texts, Sampling(10)):
+        continuous.add(request)
+    assert sorted(r.token_ids for r in run_to_the_end(continuous)) == sorted(expected)
+    with prefix_model.disable_adapter():
+        base = [r.token_ids for r in generate_batch(prefix_model, tokenizer, rows(tokenizer, texts, Sampling(10)))]
+        assert base == [forward_greedy(prefix_model, tokenizer, t, 10) for t in texts]
+    assert all(b != e for b, e in zip(base, expected))
+    # generate without a cache: every step's forward reads the prefix alone, rebuilt by PEFT
+    ids = torch.tensor([encode(tokenizer, texts[1])])
+    with torch.no_grad(), generation_view(prefix_model):
+        out = prefix_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(expected[1]),
+                                    do_sample=False, pad_token_id=tokenizer.pad_token_id, use_cache=False)
+    assert out[0, ids.shape[1]:].tolist() == expected[1]

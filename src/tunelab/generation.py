@@ -38,6 +38,7 @@ from transformers.generation.streamers import BaseStreamer
 from tunelab.data.formats import Example
 from tunelab.data.tokenize import pad_token_id, prompt_for_generation, render_chat
 from tunelab.errors import ConfigError
+from tunelab.techniques import generation_view
 
 __all__ = ["BASE", "GREEDY", "PEFT_BASE", "SMALLEST_DIVISOR", "ContinuousBatch", "GenerationRequest", "PrefixCache",
            "Sampling", "common_prefix", "divisor_problem", "encode", "generate_batch", "generate_samples",
@@ -263,7 +264,8 @@ def generate_batch(model: Any, tokenizer: PreTrainedTokenizerBase, requests: lis
     try:
         # the prefill's head input contiguous: else torch broadcasts the (V, H) weight into a (B, H, V) copy, rows x
         # the head's bytes (8 rows on SmolLM2: +432 MiB of RSS, measured)
-        with row_adapters(model, names) as adapter_kwargs, contiguous_head_input(model):
+        # the rows' adapter active first: its technique's generation view is the one entered
+        with row_adapters(model, names) as adapter_kwargs, contiguous_head_input(model), generation_view(model):
             model.generate(
                 input_ids=input_ids.to(device), attention_mask=attention.to(device),
                 max_new_tokens=max(r.sampling.max_new_tokens for r in requests), eos_token_id=stops, pad_token_id=pad,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, Union, get_args
 
@@ -106,6 +107,19 @@ def technique_for_adapter(folder: Path) -> Technique:
     raise TechniqueError(f"{Path(folder) / ADAPTER_CONFIG}: unknown adapter type {kind!r}; tunelab opens {', '.join(known)}")
 
 
+def generation_view(model: Any) -> AbstractContextManager[Any]:
+    """The context in which ``generate`` on ``model`` computes what its forward computes: the ``generation_view``
+    of the technique that declares the type of its active PEFT adapter (``adapter_types``), else nothing to do
+    (a plain model, or a technique whose adapter ``generate`` already applies)."""
+    configs, active = getattr(model, "peft_config", None), getattr(model, "active_adapter", None)
+    config = configs.get(active) if isinstance(configs, dict) and isinstance(active, str) else None
+    kind = getattr(getattr(config, "peft_type", None), "value", None)  # PEFT's PeftType is a str enum
+    for technique in _ALL:
+        if kind is not None and kind in technique.adapter_types:
+            return technique.generation_view(model) if technique.generation_view is not None else nullcontext()
+    return nullcontext()
+
+
 def figure_tables(figures: dict[str, Any]) -> list[FigureTable]:
     """The console tables of a technique's own eval figures (``{"technique": name, ...}``), as it declares them."""
     technique = TECHNIQUES.get(figures.get("technique", ""))
@@ -118,5 +132,5 @@ def figure_tables(figures: dict[str, Any]) -> list[FigureTable]:
 TechniqueConfig = Union[tuple(t.config_class for t in _ALL)]  # type: ignore[valid-type]
 
 __all__ = ["DEFAULT_TECHNIQUE", "TECHNIQUES", "BaseLoad", "MergeResult", "RunContext", "Technique", "TechniqueConfig",
-           "TechniqueError", "adapter_type", "count_parameters", "figure_tables", "technique_for_adapter",
+           "TechniqueError", "adapter_type", "count_parameters", "figure_tables", "generation_view", "technique_for_adapter",
            "technique_name_hint", "technique_variant"]

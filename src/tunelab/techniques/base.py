@@ -13,6 +13,7 @@ A technique declares, in one place:
   attaches such a folder to a plain base model (``attach``), so one function opens any result folder;
 - whether its result can share a mixed-adapter batch in ``tunelab serve`` (``mixed_batch``), and how such a batch
   computes its rows (``row_forward``);
+- what ``generate`` needs to compute what the prepared model computes (``generation_view``);
 - what its model card shows (``card``) and how the console shows its own eval figures (``figure_tables``).
 """
 
@@ -198,6 +199,10 @@ class Technique:
       for none; the caller refills the list in place before each pass), exactly as PEFT's per-row
       ``adapter_names`` would, or None when the model holds a layer it cannot compute so (PEFT's own per-row
       path runs then). None (the default): PEFT's per-row path always.
+    - ``generation_view(model)`` is a context manager in which transformers' ``generate`` on the prepared model
+      computes what its forward computes, for a technique whose adapter PEFT hands ``generate`` in a form it no
+      longer reads; None (the default): ``generate`` already does. Generation enters it around every ``generate``
+      call, with the adapter the rows ask for active.
     - ``card`` says how the model card tells a reader to load the result without tunelab.
     - ``figure_tables(figures)`` turns what ``evaluate`` returned into tables for the console.
     - ``cpu_bf16_refusal`` says why ``model.dtype: auto`` keeps this technique in float32 on a CPU with native
@@ -227,6 +232,7 @@ class Technique:
     attach: Callable[[nn.Module, Path], nn.Module] | None = None
     mixed_batch: Callable[[Path], str | None] = served_alone
     row_forward: Callable[[nn.Module, list[str]], AbstractContextManager[Any] | None] | None = None
+    generation_view: Callable[[nn.Module], AbstractContextManager[Any]] | None = None
     card: CardUsage | None = None
     figure_tables: Callable[[dict[str, Any]], list[FigureTable]] | None = None
     cpu_bf16_refusal: str | None = None
