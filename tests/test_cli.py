@@ -264,3 +264,17 @@ def test_inspect_marks_supervised_tokens_without_colour(chat_file: Path, tiny_co
     assert "⟦...⟧ = supervised tokens" in result.clean
     marked = re.findall(r"⟦(.*?)⟧", result.clean.split("supervised tokens, which take the loss")[1], re.S)
     assert marked and all(m.endswith("<|im_end|>") for m in marked), marked  # each answer with its end token
+
+
+def test_the_cli_silences_rouge_scores_info_line() -> None:
+    """rouge-score logs 'Using default tokenizer.' at INFO (through absl) for every scorer: eval and train's
+    sample figures printed it among tunelab's own lines."""
+    import logging
+
+    from rouge_score import rouge_scorer  # noqa: F401 - absl's logger as rouge-score leaves it
+
+    from tunelab import cli
+
+    logging.getLogger("absl").setLevel(logging.NOTSET)  # whatever an earlier test set
+    cli._setup_logging()
+    assert logging.getLogger("absl").level == logging.WARNING

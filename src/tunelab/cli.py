@@ -112,7 +112,8 @@ def _setup_logging() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     # bitsandbytes warns on import (through peft) that an optional CPU kernel package is absent: not actionable.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    for noisy in ("httpx", "datasets", "urllib3", "filelock"):
+    # absl: rouge-score logs "Using default tokenizer." at INFO for every scorer it builds (eval, train's samples)
+    for noisy in ("httpx", "datasets", "urllib3", "filelock", "absl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     import transformers
 
