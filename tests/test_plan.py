@@ -821,3 +821,18 @@ def test_a_budget_without_a_unit_is_refused_with_the_units_it_could_mean(tiny_mo
     assert refused.exit_code == 2 and "'8': give a unit, e.g. 8GiB or 8GB (B for bytes)" in refused.clean
     assert invoke("plan", path, "--budget", "8GiB", "--json").exit_code == 0
 
+
+def test_recommend_prints_no_info_line_per_planned_set_up(tiny_model_dir, tmp_path, no_runtime_probe, no_speed_probe,
+                                                          caplog):
+    """Dozens of set-ups are planned: their INFO lines (the data cache read again, multitask prompt tuning's default
+    task) buried the ranking; tunelab's logger is back at its level afterwards."""
+    import logging
+
+    from tunelab.plan.solve import recommend
+
+    caplog.set_level(logging.INFO)
+    level = logging.getLogger("tunelab").level
+    assert recommend(config_for(tiny_model_dir, tmp_path, "lora"), SHAPE, 2**40).set_ups
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("tunelab") and r.levelno == logging.INFO] == []
+    assert logging.getLogger("tunelab").level == level
+

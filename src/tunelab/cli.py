@@ -110,6 +110,9 @@ def _setup_logging() -> None:
     # Logs go to stderr so that stdout stays clean for results (`data inspect --json`, `config show`).
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=err_console, show_path=False)])
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    # PEFT hands prompt-learning prefixes to the model as `past_key_values`, which transformers 5 renamed `cache`
+    # (and maps itself); its deprecation warning is attributed to torch's module call, so the filter above misses it
+    warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
     # bitsandbytes warns on import (through peft) that an optional CPU kernel package is absent: not actionable.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     # absl: rouge-score logs "Using default tokenizer." at INFO for every scorer it builds (eval, train's samples)

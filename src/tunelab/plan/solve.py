@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -125,9 +127,29 @@ def recommend(config: TunelabConfig, shape: Shape, budget: int, device: str = "c
     return Recommendation(ranked, timing)
 
 
+@contextmanager
+def _quiet_info() -> Iterator[None]:
+    """While --recommend plans dozens of set-ups, tunelab's INFO lines (the data cache read again for a technique
+    that tokenizes differently, a technique's note on its defaults) are not printed: they buried the ranking.
+    Warnings still are."""
+    logger = logging.getLogger("tunelab")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _fitting(config: TunelabConfig, shape: Shape, budget: int, device: str, processes: int,
              dtypes: list[str]) -> list[SetUp]:
     """The set-ups whose plan fits ``budget``, not yet timed."""
+    with _quiet_info():
+        return _planned(config, shape, budget, device, processes, dtypes)
+
+
+def _planned(config: TunelabConfig, shape: Shape, budget: int, device: str, processes: int,
+             dtypes: list[str]) -> list[SetUp]:
     found = []
     for name, technique in TECHNIQUES.items():
         try:  # a technique whose defaults cannot stand alone (adapter routing needs adapters) is skipped
