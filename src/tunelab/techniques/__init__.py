@@ -100,9 +100,9 @@ def technique_for_adapter(folder: Path) -> Technique:
     """The technique that opens the adapter folder ``folder``: the first registered one that declares the type
     its adapter_config.json carries (so a plain LORA folder opens as 'lora', not as 'qlora')."""
     kind = adapter_type(read_config(folder))
-    for technique in _ALL:
-        if kind is not None and kind in technique.adapter_types:
-            return technique
+    technique = declaring_adapter_type(kind)
+    if technique is not None:
+        return technique
     known = sorted({t for technique in _ALL for t in technique.adapter_types})
     raise TechniqueError(f"{Path(folder) / ADAPTER_CONFIG}: unknown adapter type {kind!r}; tunelab opens {', '.join(known)}")
 
@@ -114,10 +114,18 @@ def generation_view(model: Any) -> AbstractContextManager[Any]:
     configs, active = getattr(model, "peft_config", None), getattr(model, "active_adapter", None)
     config = configs.get(active) if isinstance(configs, dict) and isinstance(active, str) else None
     kind = getattr(getattr(config, "peft_type", None), "value", None)  # PEFT's PeftType is a str enum
+    technique = declaring_adapter_type(kind)
+    if technique is None or technique.generation_view is None:
+        return nullcontext()
+    return technique.generation_view(model)
+
+
+def declaring_adapter_type(kind: str | None) -> Technique | None:
+    """The first registered technique that declares the PEFT adapter type ``kind`` (``adapter_types``), or None."""
     for technique in _ALL:
         if kind is not None and kind in technique.adapter_types:
-            return technique.generation_view(model) if technique.generation_view is not None else nullcontext()
-    return nullcontext()
+            return technique
+    return None
 
 
 def figure_tables(figures: dict[str, Any]) -> list[FigureTable]:
