@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from support.planning import config_for, online_config
 from support.runs import tiny_config
 from support.tiny import toy_chat_records, write_jsonl
 from tunelab.models import load_model, load_model_config, model_skeleton
@@ -38,15 +39,6 @@ def native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(precision, "detect_cpu_bf16", lambda: precision.CpuBf16(True, "tests: native bfloat16"))
     monkeypatch.setattr(precision, "native_cpu_bf16", lambda: True)
 RUNTIME = 0  # the runtime term is measured in its own test; the others compare model-dependent terms only
-
-
-def config_for(tiny_model_dir: Path, tmp_path: Path, technique: str, dtype: str = "float32", **training):  # noqa: ANN201
-    data = write_jsonl(tmp_path / "train.jsonl", toy_chat_records(24))
-    return tiny_config(tiny_model_dir, {"dtype": dtype}, data={"train": [str(data)], "val_size": 0, "max_length": 64},
-                       technique={"name": technique},
-                       training={"max_steps": 2, "micro_batch_size": 2, **training},
-                       eval={"before_after": False, "forgetting": False, "num_samples": 0},
-                       output={"dir": str(tmp_path / "run")})
 
 
 def real_bytes(model: torch.nn.Module) -> tuple[int, int]:
@@ -425,19 +417,6 @@ def test_plan_refuses_data_of_another_kind_than_its_objectives_records_as_traini
     assert result.exit_code == 2, result.clean
     assert f"objective.name=dpo trains on preference pairs {{prompt, chosen, rejected}}, but {chats} holds SFT " \
            "records" in result.clean.replace("\n", "") and "Traceback" not in result.clean
-
-
-def online_config(tiny_model_dir: Path, tmp_path: Path, objective: str, **settings):  # noqa: ANN201, ANN003
-    from support.online import toy_prompts_file
-
-    return tiny_config(tiny_model_dir, {"dtype": "float32"},
-                       data={"train": [str(toy_prompts_file(tmp_path, 24))], "val_size": 0, "max_length": 64},
-                       technique={"name": "lora"},
-                       objective={"name": objective, "rewards": [{"function": "length", "max_words": 4}],
-                                  "max_completion_length": 8, **settings},
-                       training={"max_steps": 2, "micro_batch_size": 2},
-                       eval={"before_after": False, "forgetting": False, "num_samples": 0},
-                       output={"dir": str(tmp_path / "run")})
 
 
 @pytest.mark.parametrize("objective,generations", [("grpo", 4), ("ppo", 3)])

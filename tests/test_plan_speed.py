@@ -10,22 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from support.runs import tiny_config
-from support.tiny import toy_chat_records, write_jsonl
+from support.planning import config_for
 from tunelab.models import load_model, load_model_config
 from tunelab.plan import Shape, speed
 from tunelab.plan.speed import PROBE_LAYERS, StepTime, step_times
 
 SHAPE = Shape(micro_batch_size=2, length=32)
-
-
-def config_for(tiny_model_dir: Path, tmp_path: Path, technique: str):  # noqa: ANN201
-    data = write_jsonl(tmp_path / "train.jsonl", toy_chat_records(24))
-    return tiny_config(tiny_model_dir, {"dtype": "float32"},
-                       data={"train": [str(data)], "val_size": 0, "max_length": 64},
-                       technique={"name": technique}, training={"max_steps": 2, "micro_batch_size": 2},
-                       eval={"before_after": False, "forgetting": False, "num_samples": 0},
-                       output={"dir": str(tmp_path / "run")})
 
 
 def probe_result(dtype: str, checkpointing: bool, layers: int, seconds: float, parameters: int = 1000) -> dict:
