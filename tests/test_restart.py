@@ -270,3 +270,24 @@ def test_quickstart_prepares_its_process_as_train_does(monkeypatch):
     with pytest.raises(Execed) as execed:
         cli.main()
     assert execed.value.args[0][RESTARTED_WITHOUT_TCACHE] == "training.glibc_tcache_off: true"
+
+
+def test_only_the_first_torchrun_worker_says_it_bounds_onednns_cache(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    """Every worker bounds its own cache (each is its own process), but the line was printed once per worker."""
+    import logging
+
+    from tunelab.distributed import first_launched_process
+    from tunelab.training.restart import bound_onednn_cache
+
+    assert first_launched_process({}) and first_launched_process({"RANK": "0"})
+    assert not first_launched_process({"RANK": "1"})
+    grpo = _config(tiny_model_dir, tmp_path, objective=GRPO)
+    caplog.set_level(logging.INFO, logger="tunelab")
+    for rank in ("1", "0"):
+        without_onednn_bound(monkeypatch)
+        monkeypatch.setenv("RANK", rank)
+        caplog.clear()
+        bound_onednn_cache(grpo, process_is_the_command=True)
+        assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "32"  # bounded on every worker
+        said = [r for r in caplog.records if "primitive cache bounded" in r.getMessage()]
+        assert len(said) == (1 if rank == "0" else 0)

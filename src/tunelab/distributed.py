@@ -28,7 +28,7 @@ import shutil
 import sys
 from pathlib import Path
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -83,6 +83,13 @@ def main_decides(compute: Callable[[], T]) -> T:
     if kind == "error":
         raise value
     return value
+
+
+def first_launched_process(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether this process is the launcher's first (torchrun's RANK 0) or was not launched by one: known from the
+    environment torchrun sets, before any process group exists (a process's set-up logs, such as its restart,
+    would otherwise be printed once per worker)."""
+    return (os.environ if environ is None else environ).get("RANK", "0") == "0"
 
 
 def quiet_other_processes() -> None:

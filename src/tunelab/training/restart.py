@@ -18,6 +18,7 @@ import sys
 from typing import Mapping, Sequence
 
 from tunelab.config import TunelabConfig
+from tunelab.distributed import first_launched_process
 from tunelab.models import default_device
 from tunelab.plan.memory import (BOUNDED_ONEDNN_CACHE, BOUNDED_ONEDNN_CACHE_BY, ONEDNN_CACHE_VARIABLES,
                                  RESTARTED_WITHOUT_TCACHE, onednn_cache_capacity, tunables_without_tcache)
@@ -51,9 +52,10 @@ def bound_onednn_cache(config: TunelabConfig, process_is_the_command: bool) -> N
         return
     os.environ[ONEDNN_CACHE_VARIABLES[0]] = str(BOUNDED_ONEDNN_CACHE)
     os.environ[BOUNDED_ONEDNN_CACHE_BY] = reason
-    log.info("oneDNN's primitive cache bounded to %d primitives (%s) because of %s: each new micro-batch length "
-             "adds primitives, which oneDNN's default (1024) keeps, raising the peak above the plan (set %s yourself "
-             "to choose)", BOUNDED_ONEDNN_CACHE, ONEDNN_CACHE_VARIABLES[0], reason, ONEDNN_CACHE_VARIABLES[0])
+    if first_launched_process():  # each torchrun worker sets it; the first says so
+        log.info("oneDNN's primitive cache bounded to %d primitives (%s) because of %s: each new micro-batch length "
+                 "adds primitives, which oneDNN's default (1024) keeps, raising the peak above the plan (set %s "
+                 "yourself to choose)", BOUNDED_ONEDNN_CACHE, ONEDNN_CACHE_VARIABLES[0], reason, ONEDNN_CACHE_VARIABLES[0])
 
 
 def restart_without_tcache(config: TunelabConfig, process_is_the_command: bool) -> None:
@@ -70,9 +72,10 @@ def restart_without_tcache(config: TunelabConfig, process_is_the_command: bool) 
     if tunables is None:
         return
     program, argv, env = restart_command(sys.executable, sys.orig_argv, os.environ, tunables, reason)
-    log.info("restarting with GLIBC_TUNABLES=%s because of %s: glibc before 2.39 keeps freed aligned blocks out "
-             "of reach with its per-thread cache on (glibc bug 30723), which raises the peak above the plan "
-             "(training.glibc_tcache_off: false keeps this process)", tunables, reason)
+    if first_launched_process():  # each torchrun worker restarts; the first says so
+        log.info("restarting with GLIBC_TUNABLES=%s because of %s: glibc before 2.39 keeps freed aligned blocks out "
+                 "of reach with its per-thread cache on (glibc bug 30723), which raises the peak above the plan "
+                 "(training.glibc_tcache_off: false keeps this process)", tunables, reason)
     for stream in (sys.stdout, sys.stderr):  # execve drops what Python has not written yet
         stream.flush()
     os.execve(program, argv, env)
