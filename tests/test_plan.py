@@ -797,7 +797,7 @@ def test_a_budget_without_a_unit_is_refused_with_the_units_it_could_mean(tiny_mo
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(yaml.safe_load(config_for(tiny_model_dir, tmp_path, "lora").to_yaml())))
     refused = invoke("plan", path, "--budget", "8")
-    assert refused.exit_code == 2 and "'8': give a unit, e.g. 8GiB or 8GB (B for bytes)" in refused.clean
+    assert refused.exit_code == 2 and "'8': give a unit, e.g. 8GiB or 8MiB (8B for bytes)" in refused.clean
     assert invoke("plan", path, "--budget", "8GiB", "--json").exit_code == 0
 
 

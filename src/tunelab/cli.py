@@ -371,7 +371,7 @@ def _bytes(text: str) -> int:
         if lowered.endswith(unit) and lowered[: -len(unit)].strip().replace(".", "", 1).isdigit():
             return int(float(lowered[: -len(unit)]) * factor)
     if lowered.replace(".", "", 1).isdigit():
-        raise typer.BadParameter(f"'{text}': give a unit, e.g. {text}GiB or {text}GB (B for bytes)")
+        raise typer.BadParameter(f"'{text}': give a unit, e.g. {text}GiB or {text}MiB ({text}B for bytes)")
     raise typer.BadParameter(f"'{text}': expected a size such as 24GiB, 512MiB or 8GB")
 
 
