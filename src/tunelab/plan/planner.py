@@ -12,6 +12,7 @@ from tunelab.config import ConfigError, TunelabConfig, build_config, read_run_co
 from tunelab.data import PreparedData
 from tunelab.models import (ModelConfig, cache_root, load_model_config, load_tokenizer, model_skeleton, resolve_dtype,
                             resolve_model_path)
+from tunelab.dropout import use_cpu_dropout
 from tunelab.norms import use_cpu_rms_norm
 from tunelab.objectives import OBJECTIVES, check_records, prepare_objective_data
 from tunelab.objectives.base import attach_own_module
@@ -77,8 +78,9 @@ def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None 
     skeleton = technique.apply(skeleton, config.technique, RunContext(task_type=objective.task_type))
     # a module the objective trains beside the model (PPO's value head): its weights, gradients and moments
     attach_own_module(objective.own_module, skeleton, config.objective)
-    if target.type == "cpu":  # as training on a CPU does: its norms save x in its dtype, not a float32 copy
-        use_cpu_rms_norm(skeleton)
+    if target.type == "cpu":  # as training on a CPU does: norms that save x in its dtype (not a float32 copy),
+        use_cpu_rms_norm(skeleton)  # and a dropout that saves the positions it drops (not a one-byte mask)
+        use_cpu_dropout(skeleton)
     weights, trainable_bytes, trainable, total = parameter_bytes(skeleton, double_quant)
     largest_trainable = max((4 * p.numel() for p in skeleton.parameters() if p.requires_grad), default=0)
     autocast = autocast_copy_bytes(skeleton) if precision.mixed_precision != "no" else 0

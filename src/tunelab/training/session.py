@@ -33,6 +33,7 @@ from tunelab.eval.training import OverfittingSignal
 from tunelab.generation import sample_prompts
 from tunelab.models import (cache_root, default_device, fixed_mmap_threshold, glibc_tcache_on, load_model,
                             load_tokenizer, meta_twin, model_fingerprint, model_skeleton, write_head_config)
+from tunelab.dropout import use_cpu_dropout
 from tunelab.norms import use_cpu_rms_norm
 from tunelab.objectives import check_records, prepare_objective_data
 from tunelab.objectives.base import attach_own_module, without_own_module
@@ -48,7 +49,6 @@ from tunelab.techniques import TECHNIQUES, RunContext, TechniqueError, count_par
 from tunelab.tracking import Trackers
 from tunelab.training.context import LoopState, TrainingContext, run_precision
 from tunelab.training.attention import attention_in_use, attention_per_packed_example, kv_heads_shared_in_kernel
-from tunelab.training.dropout import use_cpu_dropout
 from tunelab.training.loop import run_loop
 from tunelab.training.plan import make_plan
 from tunelab.training.rollout import Rollouts
@@ -222,8 +222,8 @@ def _set_up(ctx: TrainingContext, resume: bool) -> tuple[LoopState, dict[str, An
     if ctx.precision.mixed_precision != "no":  # autocast: adapter inputs stay in the half-precision dtype
         adapters_compute_in_autocast_dtype(ctx.model)
     if ctx.accelerator.device.type == "cpu" and (switched := use_cpu_dropout(ctx.model)):
-        ctx.info.figures["dropout"] = f"{switched} dropout layers draw their masks four elements per 64-bit number " \
-                                      "(CPU; p rounded to a multiple of 1/32768)"
+        ctx.info.figures["dropout"] = f"{switched} dropout layers draw the positions they drop, not a mask " \
+                                      "(CPU; each element still dropped with probability p)"
         log.info("dropout: %s", ctx.info.figures["dropout"])
     if ctx.accelerator.device.type == "cpu" and (switched := use_cpu_rms_norm(ctx.model)):
         ctx.info.figures["rms_norm"] = f"{switched} RMSNorm layers with frozen weights run in fewer passes (CPU; " \
