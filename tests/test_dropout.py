@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.planning import config_for, cpu_activations_with_and_without
 from support.runs import tiny_config
 from support.tiny import toy_chat_records, write_jsonl
 from torch import nn
@@ -153,24 +154,14 @@ def test_zero_rate_layers_are_left_alone() -> None:
 
 
 def test_a_cpu_plan_counts_the_positions_not_a_mask(tiny_model_dir: Path, tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """The memory plan's meta probe swaps the dropout as a CPU run does: an adapted layer's input dropout saves
     round(n p) int64 positions where nn.Dropout saves a mask in x's dtype (4 n bytes in float32). Only the second
     layer's dropouts save anything: the first layer's input descends from the frozen embeddings, so no gradient
     flows back through its dropouts."""
-    from tunelab.plan import Shape, plan_memory, planner
-
-    data = write_jsonl(tmp_path / "train.jsonl", toy_chat_records(24))
-    config = tiny_config(tiny_model_dir, {"dtype": "float32"},
-                         data={"train": [str(data)], "val_size": 0, "max_length": 64},
-                         technique={"name": "lora", "r": 4, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]},
-                         training={"max_steps": 2, "micro_batch_size": 2},
-                         eval={"before_after": False, "forgetting": False, "num_samples": 0},
-                         output={"dir": str(tmp_path / "run")})
-    shape = Shape(micro_batch_size=2, length=32)
-    swapped = plan_memory(config, "cpu", shape, runtime=0).components["activations"]
-    monkeypatch.setattr(planner, "use_cpu_dropout", lambda model: 0)
-    unswapped = plan_memory(config, "cpu", shape, runtime=0).components["activations"]
+    config = config_for(tiny_model_dir, tmp_path, {"name": "lora", "r": 4, "dropout": 0.05,
+                                                   "target_modules": ["q_proj", "v_proj"]})
+    swapped, unswapped = cpu_activations_with_and_without(config, "use_cpu_dropout", monkeypatch)
     n = 2 * 32 * 64  # (micro-batch, length, hidden) of support.tiny's model
     sites = 2  # q_proj and v_proj of the second layer
     assert unswapped - swapped == sites * (4 * n - 8 * round(n * 0.05))

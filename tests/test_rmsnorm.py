@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.planning import config_for, cpu_activations_with_and_without
 from support.runs import tiny_config
 from support.tiny import toy_chat_records, write_jsonl
 from torch import nn
@@ -112,17 +113,9 @@ def test_a_cpu_bf16_plan_counts_x_in_bf16_not_transformers_float32_copy(tiny_mod
     the first layer's input norm: the frozen embeddings need none) saves x in bfloat16, 2 bytes an element less
     than transformers' float32 copy."""
     from tunelab import precision
-    from tunelab.plan import Shape, plan_memory, planner
 
     monkeypatch.setattr(precision, "detect_cpu_bf16", lambda: precision.CpuBf16(True, "tests: native bfloat16"))
-    data = write_jsonl(tmp_path / "train.jsonl", toy_chat_records(24))
-    config = tiny_config(tiny_model_dir, {"dtype": "auto"}, data={"train": [str(data)], "val_size": 0, "max_length": 64},
-                         technique={"name": "lora"}, training={"max_steps": 2, "micro_batch_size": 2},
-                         eval={"before_after": False, "forgetting": False, "num_samples": 0},
-                         output={"dir": str(tmp_path / "run")})
-    shape = Shape(micro_batch_size=2, length=32)
-    swapped = plan_memory(config, "cpu", shape, runtime=0).components["activations"]
-    monkeypatch.setattr(planner, "use_cpu_rms_norm", lambda model: 0)
-    unswapped = plan_memory(config, "cpu", shape, runtime=0).components["activations"]
+    config = config_for(tiny_model_dir, tmp_path, "lora", dtype="auto")
+    swapped, unswapped = cpu_activations_with_and_without(config, "use_cpu_rms_norm", monkeypatch)
     hidden, layers = 64, 2  # support.tiny's model
     assert unswapped - swapped == 2 * 2 * 32 * hidden * (2 * layers - 1 + 1)  # 2 per layer, minus the first, plus the final
