@@ -11,6 +11,7 @@ import torch
 from pydantic import ValidationError
 from support.tiny import fresh_model
 
+from tunelab.errors import TechniqueError
 from tunelab.techniques import TECHNIQUES
 from tunelab.techniques.prefix_tuning import DEFAULT_INIT_TEXT
 
@@ -71,3 +72,20 @@ def test_settings_refuse_what_cannot_work() -> None:
                       ({"init_text": "  "}, "init_text is empty")):
         with pytest.raises(ValidationError, match=says):
             _settings(**bad)
+
+
+def test_text_init_leaves_the_models_mode_and_refuses_a_text_without_tokens(tiny_model_dir: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The text's cache is computed in eval mode and the model goes back to training; a text the tokenizer turns
+    into no tokens is refused by name (there is nothing to repeat into the prefix)."""
+    model = PREFIX.apply(fresh_model(tiny_model_dir).train(), _settings(num_virtual_tokens=4))
+    assert model.base_model.training
+    import transformers
+
+    class NoTokens:
+        def __call__(self, text: str, **kwargs: object) -> dict[str, list[int]]:
+            return {"input_ids": []}
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *args, **kwargs: NoTokens())
+    with pytest.raises(TechniqueError, match="has no tokens"):
+        PREFIX.apply(fresh_model(tiny_model_dir), _settings(num_virtual_tokens=4, init_text="x"))

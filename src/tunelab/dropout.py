@@ -85,10 +85,8 @@ class CpuDropout(nn.Dropout):
     """``nn.Dropout`` that draws the positions it drops on a CPU (see the module doc)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0 or x.device.type not in ("cpu", "meta") or self.inplace:
-            return super().forward(x)
-        if self.p >= 1:
-            return x * 0
+        if not self.training or not 0 < self.p < 1 or x.device.type not in ("cpu", "meta") or self.inplace:
+            return super().forward(x)  # p = 1: nn.Dropout's zeros
         if x.is_meta:  # the memory plan's probe: no draws on meta tensors; the expected number of positions
             positions = torch.empty(round(x.numel() * self.p), dtype=torch.int64, device="meta")
         else:

@@ -248,6 +248,12 @@ def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
     )
 
 
+def output_cache(output: Any) -> Any:
+    """The key/value cache of a forward run with ``use_cache=True``: transformers 5 returns it as ``cache``, earlier
+    versions (and some model classes) as ``past_key_values``."""
+    return getattr(output, "cache", None) or output.past_key_values
+
+
 def head_class(num_labels: int | None) -> Any:
     """The transformers auto class of a head: the causal LM's (None), or a sequence classifier with ``num_labels``
     outputs (1: a scalar score, as a reward model), whose new head starts from the base's hidden states."""

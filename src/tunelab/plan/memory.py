@@ -51,7 +51,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
-from tunelab.models import DYNAMIC_MMAP_THRESHOLD_MAX
+from tunelab.models import DYNAMIC_MMAP_THRESHOLD_MAX, output_cache
 from tunelab.objectives.base import HeadOutput
 
 # A 4-bit weight: two per byte, one absmax per block of 64 (bitsandbytes' blocksize for 4-bit).
@@ -364,7 +364,7 @@ def rollout_cache_bytes(model: nn.Module, shape: Shape) -> int:
     ids = torch.zeros(shape.rows, shape.length, dtype=torch.long, device="meta")
     with torch.no_grad(), _four_bit_as_plain(model), _no_packed_sequence_search():
         output = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    cache = getattr(output, "cache", None) or output.past_key_values
+    cache = output_cache(output)
     layers = getattr(cache, "layers", None)
     if layers is None:  # a legacy cache: a (key, value) tuple per layer
         return sum(t.numel() * t.element_size() for pair in cache for t in pair)

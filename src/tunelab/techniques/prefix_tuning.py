@@ -25,7 +25,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from tunelab.errors import TechniqueError
-
+from tunelab.models import output_cache
 from tunelab.techniques.base import RunContext, Technique, peft_disabled_view, peft_task_type, save_peft_adapter
 from tunelab.techniques.lora import wrap
 from tunelab.techniques.prompt_learning import REFUSES, VirtualTokens, model_path
@@ -82,13 +82,20 @@ def text_cache(model: nn.Module, settings: PrefixTuningSettings) -> list[tuple[t
 
     text = settings.init_text or DEFAULT_INIT_TEXT
     ids = AutoTokenizer.from_pretrained(model_path(model))(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise TechniqueError(f"prefix_tuning: init_text {text!r} has no tokens; give a text, or use init: zero")
     n = settings.num_virtual_tokens
     ids = (ids * (n // len(ids) + 1))[:n]
     log.info("prefix_tuning: the prefixes start as the base model's keys and values of %r (%d tokens)", text, n)
     device = next(model.parameters()).device
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor([ids], device=device), use_cache=True)
-    cache = getattr(out, "cache", None) or out.past_key_values
+    training = model.training
+    model.eval()  # the text's cache as inference computes it: no dropout, and no draw from the run's generator
+    try:
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([ids], device=device), use_cache=True)
+    finally:
+        model.train(training)
+    cache = output_cache(out)
     return [(layer.keys[0], layer.values[0]) for layer in cache.layers]  # (kv_heads, n, head_dim) each
 
 
