@@ -84,9 +84,10 @@ def _measure(out: Path, known: dict[str, dict[str, Any]], key: list[Any], config
     return record
 
 
-def _solver_config(model: str, technique: str, checkpointing: bool, micro_batch: int, work: Path) -> dict[str, Any]:
-    name = "-".join(map(str, (model, technique, checkpointing, micro_batch)))
-    config = grid.cell_config(grid.model_dir(model, work), technique, checkpointing, LENGTH, work,
+def _solver_config(model: str, technique: str, checkpointing: bool, micro_batch: int, work: Path,
+                   length: int = LENGTH) -> dict[str, Any]:
+    name = "-".join(map(str, (model, technique, checkpointing, micro_batch) + ((length,) if length != LENGTH else ())))
+    config = grid.cell_config(grid.model_dir(model, work), technique, checkpointing, length, work,
                               work / "runs" / name)
     config["training"]["micro_batch_size"] = micro_batch
     return config
@@ -105,6 +106,52 @@ def measure(args: argparse.Namespace) -> None:
                     key = ["solver", model, technique, checkpointing, micro_batch]
                     try:
                         _measure(out, known, key, _solver_config(model, technique, checkpointing, micro_batch, work))
+                    except RuntimeError as exc:
+                        print(f"{key}: {exc}", file=sys.stderr)
+
+
+# The decidable design: a pair (m, m + 1) can only test the solver where half the plans' step exceeds the plan's own
+# error; below that, which side of the budget a run lands on is the planner's error and the run-to-run spread, not the
+# solver. So each cell (model x technique x checkpointing) is trained at the shortest of these lengths where both of
+# its pairs' planned steps are at least DECIDABLE_STEP of the plan at m + 1 (half a step: the planner's 5% median-error
+# target), chosen from the plans before anything is measured; a cell decidable at none of them is listed, not run.
+DECIDABLE_LENGTHS = (256, 1024, 2048)
+DECIDABLE_STEP = 0.10
+
+
+def decidable_length(model: str, technique: str, checkpointing: bool, work: Path) -> tuple[int | None, list[int]]:
+    """The length the decidable design trains ``model``'s cell at (None: none qualifies), and its plans at
+    micro-batches 2, 3 and 4 there (or at the longest length tried)."""
+    from tunelab.plan import plan_memory
+
+    peaks: list[int] = []
+    for length in DECIDABLE_LENGTHS:
+        peaks = [plan_memory(_plan(_solver_config(model, technique, checkpointing, m, work, length))[0], "cpu").peak_bytes
+                 for m in MICRO_BATCHES]
+        if all(upper - lower >= DECIDABLE_STEP * upper for lower, upper in zip(peaks, peaks[1:])):
+            return length, peaks
+    return None, peaks
+
+
+def measure_decidable(args: argparse.Namespace) -> None:
+    out, work = Path(args.out), Path(args.out).parent / "plan_grid_work"
+    work.mkdir(parents=True, exist_ok=True)
+    known = _load(out)
+    for model in args.models.split(","):
+        for technique in SOLVER_TECHNIQUES:
+            if args.techniques and technique not in args.techniques.split(","):
+                continue
+            for checkpointing in (False, True):
+                length, peaks = decidable_length(model, technique, checkpointing, work)
+                print(f"{model} {technique} checkpointing {'on' if checkpointing else 'off'}: length {length}, plans "
+                      f"{', '.join(f'{p / 2**20:.0f}' for p in peaks)} MiB", flush=True)
+                if length is None:
+                    continue
+                for micro_batch in MICRO_BATCHES:
+                    key = ["decidable", model, technique, checkpointing, length, micro_batch]
+                    try:
+                        _measure(out, known, key, _solver_config(model, technique, checkpointing, micro_batch, work,
+                                                                 length))
                     except RuntimeError as exc:
                         print(f"{key}: {exc}", file=sys.stderr)
 
@@ -162,11 +209,11 @@ def solver_rows(out: Path, known: dict[str, dict[str, Any]], measured_only: bool
     work = out.parent / "plan_grid_work"
     rows = []
     for record in list(known.values()):
-        if record["key"][0] != "solver":  # the recommended set-ups' runs
+        if record["key"][0] not in ("solver", "decidable"):  # the recommended set-ups' runs
             continue
-        kind, model, technique, checkpointing, m = record["key"]
-        upper = known.get(json.dumps([kind, model, technique, checkpointing, m + 1]))
-        if kind != "solver" or upper is None or m not in MICRO_BATCHES[:-1]:  # the budgets: the measured grid's
+        kind, model, technique, checkpointing, *length, m = record["key"]  # "decidable" keys carry the length
+        upper = known.get(json.dumps([kind, model, technique, checkpointing, *length, m + 1]))
+        if upper is None or m not in MICRO_BATCHES[:-1]:  # the budgets: the measured grid's
             continue
         config, shape = _plan(record["config"])
         planned = [plan_memory(_plan(r["config"])[0], "cpu").peak_bytes for r in (record, upper)]
@@ -174,13 +221,15 @@ def solver_rows(out: Path, known: dict[str, dict[str, Any]], measured_only: bool
         solved, _ = solve(config, shape, budget, "micro_batch_size", ceiling=16)
         peaks = []
         for value in ([] if solved is None else [solved, solved + 1]):
-            key = ["solver", model, technique, checkpointing, value]
+            key = [kind, model, technique, checkpointing, *length, value]
             if measured_only and json.dumps(key) not in known:  # the solved value or the next not yet run
                 break
-            peaks.append(_measure(out, known, key, _solver_config(model, technique, checkpointing, value, work))["peak_rss"])
+            config = _solver_config(model, technique, checkpointing, value, work, *length)
+            peaks.append(_measure(out, known, key, config)["peak_rss"])
         measured = solved is None or len(peaks) == 2
         # the plans' step: the criterion holds only if the plan's error at m and at m + 1 is under half of it
-        rows.append({"model": model, "technique": technique, "checkpointing": checkpointing, "m": m,
+        rows.append({"design": kind, "length": length[0] if length else LENGTH,
+                     "model": model, "technique": technique, "checkpointing": checkpointing, "m": m,
                      "budget": budget, "plan_step": planned[1] - planned[0], "solved": solved,
                      "peak_m": peaks[0] if measured and peaks else None,
                      "peak_next": peaks[1] if measured and peaks else None,
@@ -222,20 +271,28 @@ def _verdict(ok: bool | None) -> str:
 def report(args: argparse.Namespace) -> None:
     out = Path(args.results)
     known = _load(out)
-    solver = sorted(solver_rows(out, known, args.measured_only), key=lambda r: (r["model"], r["technique"], r["checkpointing"], r["m"]))
+    every = solver_rows(out, known, args.measured_only)
     mib = 2**20
-    print("| model | technique | checkpointing | budget MiB (between the plans at m and m+1) | plans' step MiB | m | solved | peak at the solved value MiB | one above MiB | ok |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in solver:
-        peaks = ("-", "-") if r["peak_m"] is None else (f"{r['peak_m'] / mib:.0f}", f"{r['peak_next'] / mib:.0f}")
-        print(f"| {r['model']} | {r['technique']} | {'on' if r['checkpointing'] else 'off'} | {r['budget'] / mib:.0f} | "
-              f"{r['plan_step'] / mib:.0f} | {r['m']} | {r['solved']} | {peaks[0]} | {peaks[1]} | {_verdict(r['ok'])} |")
-    good, unmeasured = sum(r["ok"] is True for r in solver), sum(r["ok"] is None for r in solver)
-    if unmeasured:
-        print(f"\n{unmeasured} pairs not measured at their solved value (--measured-only)")
-    decided = len(solver) - unmeasured
-    print(f"\nsolver: in {good} of {decided} ({100 * good / max(decided, 1):.0f}%) the solved micro-batch ran within "
-          "the budget and the next one up did not fit (target 90%)\n")
+    for design in ("solver", "decidable"):  # each design's table and count
+        solver = sorted((r for r in every if r["design"] == design),
+                        key=lambda r: (r["model"], r["technique"], r["checkpointing"], r["m"]))
+        if not solver:
+            continue
+        print(f"design: {'every cell at 256 tokens' if design == 'solver' else 'the decidable cells (DECIDABLE_STEP)'}\n")
+        print("| model | technique | checkpointing | length | budget MiB (between the plans at m and m+1) | plans' step MiB | m | solved | peak at the solved value MiB | one above MiB | ok |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in solver:
+            peaks = ("-", "-") if r["peak_m"] is None else (f"{r['peak_m'] / mib:.0f}", f"{r['peak_next'] / mib:.0f}")
+            print(f"| {r['model']} | {r['technique']} | {'on' if r['checkpointing'] else 'off'} | {r['length']} | "
+                  f"{r['budget'] / mib:.0f} | {r['plan_step'] / mib:.0f} | {r['m']} | {r['solved']} | {peaks[0]} | "
+                  f"{peaks[1]} | {_verdict(r['ok'])} |")
+        good, unmeasured = sum(r["ok"] is True for r in solver), sum(r["ok"] is None for r in solver)
+        if unmeasured:
+            print(f"\n{unmeasured} pairs not measured at their solved value (--measured-only)")
+        decided = len(solver) - unmeasured
+        print(f"\nsolver ({design}): in {good} of {decided} ({100 * good / max(decided, 1):.0f}%) the solved micro-batch ran "
+              "within the budget and the next one up did not fit (target 90%)\n")
+    solver = every
     if args.measured_only:
         return
     models = sorted({r["model"] for r in solver}, key=list(BUDGETS_GIB).index)
@@ -254,6 +311,10 @@ def report(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("measure-decidable", help="the decidable design: each cell at the length DECIDABLE_STEP picks")
+    d.add_argument("--out", required=True)
+    d.add_argument("--models", default="smollm2,llama-narrow")
+    d.add_argument("--techniques", default="", help="only these (comma-separated); default all")
     m = sub.add_parser("measure")
     m.add_argument("--out", required=True)
     m.add_argument("--models", default="smollm2,llama-narrow")
@@ -269,7 +330,7 @@ def main() -> None:
                    help="train nothing: pairs whose solved value (or the next) lacks a run are listed as not measured, "
                         "and the recommended set-ups are left out")
     args = parser.parse_args()
-    {"measure": measure, "spread": spread, "report": report}[args.command](args)
+    {"measure": measure, "measure-decidable": measure_decidable, "spread": spread, "report": report}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from support.tiny import toy_chat_records, write_jsonl
 from transformers import AutoModelForCausalLM
 
 from tunelab.training import train
-from tunelab.training.attention import FORCE_GQA, kv_heads_shared_in_kernel
+from tunelab.training.attention import FORCE_GQA, PACKED_SWITCH, kv_heads_shared_in_kernel
 
 CPU = torch.device("cpu")
 
@@ -62,7 +62,11 @@ def test_shared_heads_give_the_same_forward_and_gradients_as_close_to_float32(ti
 
 def test_a_cpu_run_shares_the_heads_and_restores_the_switch(tiny_model_dir: Path, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers' SDPA on the packed rows (the per-example path off: it calls the kernel itself) gets
+    ``enable_gqa`` in the training forwards; the memory plan's probe, which runs before them, calls no SDPA that
+    reaches here (its meta attention is the kernel's, tunelab.plan.memory)."""
     monkeypatch.delenv(FORCE_GQA, raising=False)
+    monkeypatch.setenv(PACKED_SWITCH, "0")
     data = write_jsonl(tmp_path / "train.jsonl", toy_chat_records(8))
     config = tiny_config(tiny_model_dir, data={"train": [str(data)], "val_size": 0, "max_length": 64},
                          training={"max_steps": 1}, eval={"before_after": False}, output={"dir": str(tmp_path / "run")})

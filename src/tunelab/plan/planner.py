@@ -20,7 +20,7 @@ from tunelab.plan.memory import (BOUNDED_ONEDNN_CACHE, MMAP_THRESHOLD_MAX, NO_TC
                                  Shape, activation_bytes, activations_returned_bytes, aligned_blocks_kept,
                                  autocast_copy_bytes, decoder_layers, heap_mmap_threshold, loaded_bytes, loss_bytes,
                                  mapped_views_bytes, master_cast_leftover_bytes, onednn_cache_capacity,
-                                 parameter_bytes, rollout_cache_bytes, sampling_bytes, saved_for_backward,
+                                 heap_holes_bytes, parameter_bytes, rollout_cache_bytes, sampling_bytes, saved_for_backward,
                                  tunables_without_tcache)
 from tunelab.plan.runtime import runtime_bytes
 from tunelab.precision import adapters_compute_in_autocast_dtype, technique_precision
@@ -87,7 +87,7 @@ def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None 
     if precision.mixed_precision != "no":
         _as_under_autocast(skeleton, precision.load_dtype)
     # the virtual tokens a prompt-learning technique prepends lengthen every row: the forward sees them
-    saved = saved_for_backward(skeleton, shape, decoder_layers(skeleton))
+    saved = saved_for_backward(skeleton, shape, decoder_layers(skeleton), target.type)
     checkpointing = config.training.gradient_checkpointing
     activations = activation_bytes(saved, checkpointing)
     # the heap policy: glibc's mmap threshold, fixed (1 MiB: freed chunks from that size on go back to the system)
@@ -96,6 +96,8 @@ def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None 
                                 config.training.return_freed_memory)
     threshold = fixed or MMAP_THRESHOLD_MAX
     returned = activations_returned_bytes(saved, checkpointing, fixed) if fixed else 0
+    # on a CPU the forward's freed tensors leave free chunks in the heap, resident when backward starts
+    holes = heap_holes_bytes(saved, fixed) if target.type == "cpu" else 0
     # what the loss holds at once is the objective's own declaration (SFT's loss runs the head in chunks)
     loss, loss_returned = loss_bytes(objective.loss_memory(saved.head), threshold)
     checkpoint = checkpoint_file_bytes(config.model, total * checkpoint_dtype.itemsize)
@@ -109,6 +111,7 @@ def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None 
         "logits_and_loss": loss,
         "autocast_copies": autocast,
         "master_cast_leftovers": master_cast_leftover_bytes(skeleton, precision.load_dtype, threshold),
+        "heap_holes": holes,
     }
     views = mapped_views_bytes(skeleton, checkpoint_dtype) if precision.load_dtype == checkpoint_dtype else 0
     if base_load.quantization_config is not None and views:
@@ -135,10 +138,10 @@ def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None 
         "load": checkpoint + loaded,
         # the top of backward: the loss's (N, V) tensors, beside the gradients the window's earlier micro-batches
         # accumulated (none with one micro-batch a step: no weight's gradient exists yet)
-        "loss": static + activations + loss + components["autocast_copies"] + gathered + accumulated,
+        "loss": static + activations + holes + loss + components["autocast_copies"] + gathered + accumulated,
         # the end of backward: every gradient, the activations (freed into the heap, less those that went back
         # to the system under the heap policy) and the logits tensors small enough to stay in the heap
-        "backward": static + components["gradients"] + activations - returned + loss - loss_returned +
+        "backward": static + components["gradients"] + activations - returned + holes + loss - loss_returned +
         components["autocast_copies"] + gathered,
         "optimizer step": static + components["gradients"] + components["optimizer_step_temporaries"],
     }

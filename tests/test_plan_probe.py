@@ -1,0 +1,122 @@
+"""The memory plan's probe against real forwards: attention saves what its kernel saves on the target device (not
+what torch's math path saves on meta tensors), and the tensors the forward makes and frees, whose share glibc's heap
+keeps under its dynamic mmap threshold (``heap_holes``)."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from support.planning import config_for
+from tunelab.models import load_model_config, model_skeleton
+from tunelab.plan import Shape, plan_memory
+from tunelab.plan import memory
+from tunelab.training.attention import kv_heads_shared_in_kernel
+from tunelab.plan.memory import HEAP_HOLES_SHARE, MMAP_THRESHOLD_MAX, decoder_layers, heap_holes_bytes, saved_for_backward
+
+CPU = torch.device("cpu")
+
+
+def real_saved_per_layer(model: torch.nn.Module, length: int) -> list[int]:
+    """Bytes autograd saves in each decoder layer during a real CPU forward of one row of ``length`` tokens, counted
+    by storage as the probe counts them (parameters left out)."""
+    parameters = {p.untyped_storage()._cdata for p in model.parameters()}
+    layers = decoder_layers(model)
+    saved: dict[int, tuple[int, int]] = {}
+    where = [-1]
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage._cdata not in parameters and storage._cdata not in saved:
+            saved[storage._cdata] = (storage.nbytes(), where[0])
+        return tensor
+
+    handles = [layer.register_forward_pre_hook(lambda m, a, i=i: where.__setitem__(0, i)) for i, layer in enumerate(layers)]
+    handles += [layer.register_forward_hook(lambda m, a, o: where.__setitem__(0, -1)) for layer in layers]
+    ids = torch.randint(3, 100, (1, length))
+    try:
+        with kv_heads_shared_in_kernel(CPU), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logits = model(input_ids=ids, use_cache=False).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert logits.grad_fn is not None
+    per_layer = [0] * len(layers)
+    for size, index in saved.values():
+        if index >= 0:
+            per_layer[index] += size
+    return per_layer
+
+
+def probe_per_layer(tiny_model_dir, tmp_path, length: int, device_type: str = "cpu") -> list[int]:  # noqa: ANN001
+    config = config_for(tiny_model_dir, tmp_path, "full")
+    skeleton = model_skeleton(load_model_config(config.model))
+    return saved_for_backward(skeleton, Shape(1, length), decoder_layers(skeleton), device_type).layers
+
+
+def test_the_probe_saves_what_a_cpu_forward_saves(tiny_model_dir, tmp_path):
+    """Byte for byte, per layer: the meta forward's attention is torch's CPU flash kernel (query, key and value with
+    the key/value heads shared, the output, a float32 logsumexp), as a real CPU training forward runs it."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).train()
+    for length in (64, 256):
+        assert probe_per_layer(tiny_model_dir, tmp_path, length) == real_saved_per_layer(model, length)
+
+
+def test_without_the_kernels_the_probe_counts_the_math_paths_attention_weights(tiny_model_dir, tmp_path, monkeypatch):
+    """The negative control: torch's SDPA on meta tensors takes its math path, which saves (B, H, T, T) float32
+    attention weights; the real forward does not."""
+    monkeypatch.setattr(memory, "_attention_as_on", lambda device_type: nullcontext())
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).train()
+    math_path = probe_per_layer(tiny_model_dir, tmp_path, 256)
+    real = real_saved_per_layer(model, 256)
+    heads = model.config.num_attention_heads
+    assert all(m - r >= heads * 256 * 256 * 4 for m, r in zip(math_path, real))
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_the_probes_attention_grows_linearly_with_length(tiny_model_dir, tmp_path, device_type):
+    """The fused kernels (a CPU's flash kernel; CUDA's flash kernel without a mask) save O(T) per layer: doubling
+    the length doubles every layer's saves, where the math path's (T, T) weights would quadruple their share."""
+    short = probe_per_layer(tiny_model_dir, tmp_path, 128, device_type)
+    long = probe_per_layer(tiny_model_dir, tmp_path, 256, device_type)
+    assert all(2 * s - 64 <= l <= 2 * s + 64 for s, l in zip(short, long))  # within CUDA's seed and offset
+
+
+def test_the_probe_records_the_tensors_the_forward_frees():
+    """Outputs that alias no input are counted once each; those still alive when the forward ends (saved by autograd
+    or returned) are not freed. y = 2x and z = y + 1 are freed (exp saves its result, not its input); views are not
+    allocations."""
+    x = torch.empty(4, 4, device="meta", requires_grad=True)
+    allocations = memory._Allocations()
+    with allocations:
+        y = x * 2
+        z = (y + 1).view(16)
+        del y
+        w = z.exp()
+        del z
+    assert allocations.freed() == [4 * 4 * 4, 4 * 4 * 4]
+    assert [size for size, _ in allocations.made] == [64, 64, 64]
+    assert w.grad_fn is not None
+
+
+def test_the_heaps_holes_count_under_the_dynamic_threshold_only(tiny_model_dir, tmp_path, monkeypatch):
+    """Under glibc's dynamic threshold the plan's top of backward holds ``HEAP_HOLES_SHARE`` of the forward's freed
+    tensors besides what is alive; under the heap policy's fixed 1 MiB threshold, none (measured: 0.01)."""
+    from tunelab.plan import planner
+
+    config = config_for(tiny_model_dir, tmp_path, "lora")
+    shape = Shape(4, 128)
+    skeleton = model_skeleton(load_model_config(config.model))
+    saved = saved_for_backward(skeleton, shape, decoder_layers(skeleton))
+    assert saved.transients and heap_holes_bytes(saved, 2**20) == 0
+    assert heap_holes_bytes(saved, None) == int(HEAP_HOLES_SHARE * sum(s for s in saved.transients if s < MMAP_THRESHOLD_MAX))
+    dynamic = plan_memory(config, "cpu", shape, runtime=0)
+    monkeypatch.setattr(planner, "heap_mmap_threshold", lambda *args: 2**20)
+    fixed = plan_memory(config, "cpu", shape, runtime=0)
+    holes = dynamic.components["heap_holes"]
+    assert holes > 0 and fixed.components["heap_holes"] == 0
+    assert dynamic.phases["loss"] - fixed.phases["loss"] == holes
+    assert plan_memory(config, "cuda", shape, runtime=0).components["heap_holes"] == 0  # CUDA's allocator caches
