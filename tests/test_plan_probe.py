@@ -118,5 +118,30 @@ def test_the_heaps_holes_count_under_the_dynamic_threshold_only(tiny_model_dir, 
     fixed = plan_memory(config, "cpu", shape, runtime=0)
     holes = dynamic.components["heap_holes"]
     assert holes > 0 and fixed.components["heap_holes"] == 0
-    assert dynamic.phases["loss"] - fixed.phases["loss"] == holes
+    assert dynamic.phases["loss"] - fixed.phases["loss"] == holes + dynamic.components["freed_gradients_kept"]
     assert plan_memory(config, "cuda", shape, runtime=0).components["heap_holes"] == 0  # CUDA's allocator caches
+
+
+def test_freed_gradients_smaller_than_the_activations_stay_free_at_the_next_forward(tiny_model_dir, tmp_path,
+                                                                                    monkeypatch):
+    """Full fine-tuning frees every float32 gradient before the forward; those in chunks smaller than the largest
+    saved tensor count beside the activations at the top of backward (``freed_gradients_kept``), under glibc's
+    dynamic threshold only, and not at the end of backward (the new gradients reuse them)."""
+    from tunelab.plan import planner
+    from tunelab.plan.memory import gradients_not_reused_bytes, unique_parameters
+
+    config = config_for(tiny_model_dir, tmp_path, "full")
+    shape = Shape(1, 48)  # the largest saved tensor (1, 48, 128) float32: 24 KiB, between the layers' weights' sizes
+    skeleton = model_skeleton(load_model_config(config.model))
+    saved = saved_for_backward(skeleton, shape, decoder_layers(skeleton))
+    largest = max(size for size, _ in saved.chunks)
+    expected = sum(4 * p.numel() for p in unique_parameters(skeleton) if p.requires_grad and 4 * p.numel() < largest)
+    assert 0 < expected < sum(4 * p.numel() for p in unique_parameters(skeleton))  # the embedding's is larger
+    assert gradients_not_reused_bytes(skeleton, saved, None) == expected
+    assert gradients_not_reused_bytes(skeleton, saved, 2**20) == 0
+    dynamic = plan_memory(config, "cpu", shape, runtime=0)
+    assert dynamic.components["freed_gradients_kept"] == expected
+    monkeypatch.setattr(planner, "gradients_not_reused_bytes", lambda *args: 0)
+    without = plan_memory(config, "cpu", shape, runtime=0)
+    assert dynamic.phases["loss"] - without.phases["loss"] == expected
+    assert dynamic.phases["backward"] == without.phases["backward"]

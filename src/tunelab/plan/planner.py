@@ -20,7 +20,7 @@ from tunelab.plan.memory import (BOUNDED_ONEDNN_CACHE, MMAP_THRESHOLD_MAX, NO_TC
                                  Shape, activation_bytes, activations_returned_bytes, aligned_blocks_kept,
                                  autocast_copy_bytes, decoder_layers, heap_mmap_threshold, loaded_bytes, loss_bytes,
                                  mapped_views_bytes, master_cast_leftover_bytes, onednn_cache_capacity,
-                                 heap_holes_bytes, parameter_bytes, rollout_cache_bytes, sampling_bytes, saved_for_backward,
+                                 gradients_not_reused_bytes, heap_holes_bytes, parameter_bytes, rollout_cache_bytes, sampling_bytes, saved_for_backward,
                                  tunables_without_tcache)
 from tunelab.plan.runtime import runtime_bytes
 from tunelab.precision import adapters_compute_in_autocast_dtype, technique_precision
@@ -98,6 +98,8 @@ def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None 
     returned = activations_returned_bytes(saved, checkpointing, fixed) if fixed else 0
     # on a CPU the forward's freed tensors leave free chunks in the heap, resident when backward starts
     holes = heap_holes_bytes(saved, fixed) if target.type == "cpu" else 0
+    # and the previous step's gradients, freed before the forward, stay free where its activations are larger
+    unreused = gradients_not_reused_bytes(skeleton, saved, fixed) if target.type == "cpu" else 0
     # what the loss holds at once is the objective's own declaration (SFT's loss runs the head in chunks)
     loss, loss_returned = loss_bytes(objective.loss_memory(saved.head), threshold)
     checkpoint = checkpoint_file_bytes(config.model, total * checkpoint_dtype.itemsize)
@@ -112,6 +114,7 @@ def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None 
         "autocast_copies": autocast,
         "master_cast_leftovers": master_cast_leftover_bytes(skeleton, precision.load_dtype, threshold),
         "heap_holes": holes,
+        "freed_gradients_kept": unreused,
     }
     views = mapped_views_bytes(skeleton, checkpoint_dtype) if precision.load_dtype == checkpoint_dtype else 0
     if base_load.quantization_config is not None and views:
@@ -138,7 +141,7 @@ def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None 
         "load": checkpoint + loaded,
         # the top of backward: the loss's (N, V) tensors, beside the gradients the window's earlier micro-batches
         # accumulated (none with one micro-batch a step: no weight's gradient exists yet)
-        "loss": static + activations + holes + loss + components["autocast_copies"] + gathered + accumulated,
+        "loss": static + activations + holes + unreused + loss + components["autocast_copies"] + gathered + accumulated,
         # the end of backward: every gradient, the activations (freed into the heap, less those that went back
         # to the system under the heap policy) and the logits tensors small enough to stay in the heap
         "backward": static + components["gradients"] + activations - returned + holes + loss - loss_returned +
