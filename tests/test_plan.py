@@ -395,7 +395,7 @@ def test_a_preference_pair_is_planned_as_two_rows_as_long_as_its_longest_side(ti
     assert shape.rows == 2 * shape.micro_batch_size == 4
     assert shape.length == widest.shape[1] < max(len(pair.input_ids) for pair in data.train)
     plan = plan_memory(config, "cpu", shape, runtime=RUNTIME)
-    rows = Shape(shape.rows, shape.length, shape.supervised_share)  # the same rows, planned as SFT rows
+    rows = Shape(shape.rows, shape.length, shape.supervised_share, padded=shape.padded)  # the same rows, as SFT rows
     sft = plan_memory(config_for(tiny_model_dir, tmp_path, "lora"), "cpu", rows, runtime=RUNTIME)
     assert plan.components["activations"] == sft.components["activations"] > 0
     assert 0.95 <= plan_memory(config, "cpu").peak_bytes / measured_peak(config) <= 1.10

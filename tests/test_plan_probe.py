@@ -20,9 +20,10 @@ from tunelab.plan.memory import HEAP_HOLES_SHARE, MMAP_THRESHOLD_MAX, decoder_la
 CPU = torch.device("cpu")
 
 
-def real_saved_per_layer(model: torch.nn.Module, length: int) -> list[int]:
-    """Bytes autograd saves in each decoder layer during a real CPU forward of one row of ``length`` tokens, counted
-    by storage as the probe counts them (parameters left out)."""
+def real_saved_per_layer(model: torch.nn.Module, length: int, padded: bool = False) -> list[int]:
+    """Bytes autograd saves in each decoder layer during a real CPU forward of one row of ``length`` tokens (two rows,
+    the second left-padded by 10 tokens, when ``padded``), counted by storage as the probe counts them (parameters
+    left out)."""
     parameters = {p.untyped_storage()._cdata for p in model.parameters()}
     layers = decoder_layers(model)
     saved: dict[int, tuple[int, int]] = {}
@@ -36,10 +37,14 @@ def real_saved_per_layer(model: torch.nn.Module, length: int) -> list[int]:
 
     handles = [layer.register_forward_pre_hook(lambda m, a, i=i: where.__setitem__(0, i)) for i, layer in enumerate(layers)]
     handles += [layer.register_forward_hook(lambda m, a, o: where.__setitem__(0, -1)) for layer in layers]
-    ids = torch.randint(3, 100, (1, length))
+    ids = torch.randint(3, 100, (2 if padded else 1, length))
+    mask = None
+    if padded:
+        mask = torch.ones_like(ids)
+        mask[1, :10] = 0
     try:
         with kv_heads_shared_in_kernel(CPU), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            logits = model(input_ids=ids, use_cache=False).logits
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     finally:
         for handle in handles:
             handle.remove()
@@ -51,10 +56,12 @@ def real_saved_per_layer(model: torch.nn.Module, length: int) -> list[int]:
     return per_layer
 
 
-def probe_per_layer(tiny_model_dir, tmp_path, length: int, device_type: str = "cpu") -> list[int]:  # noqa: ANN001
+def probe_per_layer(tiny_model_dir, tmp_path, length: int, device_type: str = "cpu",  # noqa: ANN001
+                    padded: bool = False) -> list[int]:
     config = config_for(tiny_model_dir, tmp_path, "full")
     skeleton = model_skeleton(load_model_config(config.model))
-    return saved_for_backward(skeleton, Shape(1, length), decoder_layers(skeleton), device_type).layers
+    shape = Shape(2, length, padded=True) if padded else Shape(1, length)
+    return saved_for_backward(skeleton, shape, decoder_layers(skeleton), device_type).layers
 
 
 def test_the_probe_saves_what_a_cpu_forward_saves(tiny_model_dir, tmp_path):
@@ -65,10 +72,35 @@ def test_the_probe_saves_what_a_cpu_forward_saves(tiny_model_dir, tmp_path):
         assert probe_per_layer(tiny_model_dir, tmp_path, length) == real_saved_per_layer(model, length)
 
 
+def test_padded_rows_save_a_mask_a_layer_as_a_real_forward_does(tiny_model_dir, tmp_path):
+    """Rows padded to the longest: SDPA converts the (B, 1, T, T) mask to the compute dtype at every layer and the
+    kernel saves it. The probe (whose rows are all real tokens) counts it when the shape says the rows are padded,
+    byte for byte as the real forward; unpadded, each layer saves B * T * T * 4 bytes less."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).train()
+    real = real_saved_per_layer(model, 128, padded=True)
+    assert probe_per_layer(tiny_model_dir, tmp_path, 128, padded=True) == real
+    skeleton = model_skeleton(load_model_config(config_for(tiny_model_dir, tmp_path, "full").model))
+    unpadded = saved_for_backward(skeleton, Shape(2, 128), decoder_layers(skeleton)).layers
+    assert [r - u for r, u in zip(real, unpadded)] == [2 * 128 * 128 * 4] * len(real)
+
+
+def test_the_shape_says_whether_rows_are_padded_or_packed(tiny_model_dir, tmp_path):
+    """Unpacked rows of different lengths are padded; packed ones are not (their mask is the packing's)."""
+    from support.tiny import toy_chat_records, write_jsonl
+    from tunelab.plan import data_shape
+
+    data = write_jsonl(tmp_path / "train.jsonl", toy_chat_records(8))
+    for packing in (False, True):
+        config = config_for(tiny_model_dir, tmp_path, "full").model_copy(deep=True)
+        config = config.model_copy(update={"data": config.data.model_copy(update={"train": [str(data)], "packing": packing})})
+        shape = data_shape(config)
+        assert (shape.padded, shape.packed) == (not packing, packing)
+
+
 def test_without_the_kernels_the_probe_counts_the_math_paths_attention_weights(tiny_model_dir, tmp_path, monkeypatch):
     """The negative control: torch's SDPA on meta tensors takes its math path, which saves (B, H, T, T) float32
     attention weights; the real forward does not."""
-    monkeypatch.setattr(memory, "_attention_as_on", lambda device_type: nullcontext())
+    monkeypatch.setattr(memory, "_attention_as_on", lambda *args: nullcontext())
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).train()
     math_path = probe_per_layer(tiny_model_dir, tmp_path, 256)
     real = real_saved_per_layer(model, 256)

@@ -71,6 +71,8 @@ class Shape:
     supervised_share: float = 1.0
     rows_per_record: int = 1
     head_size: int | None = None  # a score head's outputs from the data (a classifier's classes); None: the objective's
+    padded: bool = False  # rows of different lengths padded to the longest: attention gets a (B, 1, T, T) mask
+    packed: bool = False  # packed rows (a CPU attends per example without a mask; other devices get the packed mask)
 
     @property
     def rows(self) -> int:
@@ -361,7 +363,7 @@ def _no_packed_sequence_search() -> Iterator[None]:
         yield
 
 
-def _sdpa_as_kernels_save(device_type: str) -> Any:
+def _sdpa_as_kernels_save(device_type: str, masked: bool = False) -> Any:
     """``torch.nn.functional.scaled_dot_product_attention`` for the probe: on meta tensors torch takes its math path,
     which saves the (B, H, T, T) float32 attention weights and float32 copies of the query, key and value, while on
     a device the fused kernels run and save the query, key, value, output and a float32 logsumexp (B, H, T): linear
@@ -370,7 +372,9 @@ def _sdpa_as_kernels_save(device_type: str) -> Any:
     implementation), and autograd saves what that kernel's backward keeps: a CPU's flash kernel (it takes fewer
     key/value heads than query heads: transformers asks for that without a mask, the probe's case), CUDA's flash
     kernel without a mask and its memory-efficient one with a mask (both take as many key/value heads as query
-    heads: SDPA repeats them first)."""
+    heads: SDPA repeats them first). ``masked``: the run's attention gets a mask (padded rows), which SDPA converts to
+    the query's dtype at each call and the kernel saves: a (B, 1, T, T) tensor a layer; the probe's forward has none
+    (its rows are all real tokens), so it makes one of that shape."""
     math_path = torch.nn.functional.scaled_dot_product_attention
 
     def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
@@ -379,6 +383,9 @@ def _sdpa_as_kernels_save(device_type: str) -> Any:
         if not query.is_meta or dropout_p:  # attention dropout: the math path on a CPU too
             return math_path(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                              scale=scale, enable_gqa=enable_gqa)
+        if attn_mask is None and masked:  # the padded rows' mask, causal within it
+            attn_mask, is_causal = torch.zeros(query.shape[0], 1, query.shape[-2], key.shape[-2], dtype=torch.bool,
+                                               device=query.device), False
         if attn_mask is not None and attn_mask.dtype == torch.bool:  # SDPA turns a boolean mask into an additive one
             attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device)
         if device_type == "cpu":
@@ -397,11 +404,12 @@ def _sdpa_as_kernels_save(device_type: str) -> Any:
 
 
 @contextmanager
-def _attention_as_on(device_type: str) -> Iterator[None]:
+def _attention_as_on(device_type: str, masked: bool = False) -> Iterator[None]:
     """While the probe runs, SDPA saves what it saves on ``device_type`` (``_sdpa_as_kernels_save``)."""
     from unittest import mock
 
-    with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _sdpa_as_kernels_save(device_type)):
+    sdpa = _sdpa_as_kernels_save(device_type, masked)
+    with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", sdpa):
         yield
 
 
@@ -442,8 +450,10 @@ def saved_for_backward(model: nn.Module, shape: Shape, layers: list[nn.Module], 
         handles.append(head.register_forward_pre_hook(supervised_only))
     ids = torch.zeros(shape.rows, shape.length, dtype=torch.long, device="meta")
     allocations = _Allocations()
+    # a CPU attends packed rows per example without a mask (training/attention.py); other devices get the mask
+    masked = shape.padded or (shape.packed and device_type != "cpu")
     try:
-        with _four_bit_as_plain(model), _no_packed_sequence_search(), _attention_as_on(device_type), \
+        with _four_bit_as_plain(model), _no_packed_sequence_search(), _attention_as_on(device_type, masked), \
                 torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), allocations:
             output = model(input_ids=ids, use_cache=False).logits  # (N, V)
     finally:

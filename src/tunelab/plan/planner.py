@@ -49,8 +49,10 @@ def shape_of(config: TunelabConfig, data: PreparedData) -> Shape:
     targets = [objective.targets_of(record, config.objective) for record in data.train]
     if targets and targets[0] is not None:  # the objective makes its targets (completions): N = records x targets
         share = min(1.0, max(t or 0 for t in targets) / (per_record * longest))
+    lengths = [length for lengths in rows for length in lengths]
+    padded = not config.data.packing and min(lengths) < max(lengths)  # equal rows: transformers drops the mask
     return Shape(config.training.micro_batch_size, longest, share, rows_per_record=per_record,
-                 head_size=objective.head_size(data.classes))
+                 head_size=objective.head_size(data.classes), padded=padded, packed=config.data.packing)
 
 
 def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None = None,
