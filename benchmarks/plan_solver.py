@@ -292,10 +292,9 @@ def report(args: argparse.Namespace) -> None:
         decided = len(solver) - unmeasured
         print(f"\nsolver ({design}): in {good} of {decided} ({100 * good / max(decided, 1):.0f}%) the solved micro-batch ran "
               "within the budget and the next one up did not fit (target 90%)\n")
-    solver = every
     if args.measured_only:
         return
-    models = sorted({r["model"] for r in solver}, key=list(BUDGETS_GIB).index)
+    models = sorted({r["model"] for r in every}, key=list(BUDGETS_GIB).index)
     rows = recommend_rows(out, known, models)
     print("| model | budget GiB | first recommended set-up | planned GiB | measured GiB | fits |")
     print("|---|---|---|---|---|---|")

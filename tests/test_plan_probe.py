@@ -84,6 +84,21 @@ def test_padded_rows_save_a_mask_a_layer_as_a_real_forward_does(tiny_model_dir, 
     assert [r - u for r, u in zip(real, unpadded)] == [2 * 128 * 128 * 4] * len(real)
 
 
+def test_packed_rows_save_the_packings_mask_except_on_a_cpu(tiny_model_dir, tmp_path):
+    """Packed rows: a CPU attends per example without a mask (training/attention.py), so its plan saves none; on
+    CUDA transformers' SDPA gets the packing's (B, 1, T, T) mask, which each layer's kernel saves (checked on meta
+    tensors only: no GPU here)."""
+    skeleton = model_skeleton(load_model_config(config_for(tiny_model_dir, tmp_path, "full").model))
+    layers = decoder_layers(skeleton)
+
+    def per_layer(device_type: str, **flags: bool) -> list[int]:
+        return saved_for_backward(skeleton, Shape(2, 128, **flags), layers, device_type).layers
+
+    assert per_layer("cpu", packed=True) == per_layer("cpu")
+    # the mask at least (the memory-efficient kernel a mask needs keeps more than the flash kernel besides)
+    assert all(p - u >= 2 * 128 * 128 * 4 for p, u in zip(per_layer("cuda", packed=True), per_layer("cuda")))
+
+
 def test_the_shape_says_whether_rows_are_padded_or_packed(tiny_model_dir, tmp_path):
     """Unpacked rows of different lengths are padded; packed ones are not (their mask is the packing's)."""
     from support.tiny import toy_chat_records, write_jsonl

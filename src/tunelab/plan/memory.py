@@ -294,9 +294,8 @@ def gradients_not_reused_bytes(model: nn.Module, saved: Saved, fixed_threshold: 
     largest tensor autograd saves (both under glibc's dynamic mmap threshold): from the second step on the heap holds
     them free while the forward's larger activations take new memory; backward's new gradients, of the same sizes,
     reuse them. Measured: SmolLM2 full fine-tuning 2 x 1024 tokens (activations of 6 MiB, its layers' gradients
-    0.4-3.4 MiB) peaked 5180 MiB at the second step's loss against 4781 planned without this term (5186 with it);
-    at 2 x 256 tokens (activations of at most 1.5 MiB) its first and second steps peak alike. None under a fixed
-    threshold (the heap policy)."""
+    0.4-3.4 MiB) peaked 5180 MiB at the second step's loss against 4781 planned without this term (4990 with it).
+    None under a fixed threshold (the heap policy)."""
     if fixed_threshold is not None:
         return 0
     largest = max((size for size, _ in saved.chunks if size < MMAP_THRESHOLD_MAX), default=0)
@@ -383,10 +382,10 @@ def _sdpa_as_kernels_save(device_type: str, masked: bool = False) -> Any:
         if not query.is_meta or dropout_p:  # attention dropout: the math path on a CPU too
             return math_path(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                              scale=scale, enable_gqa=enable_gqa)
-        if attn_mask is None and masked:  # the padded rows' mask, causal within it
+        if attn_mask is None and masked:  # the padded rows' mask (B, 1, T, T), causal within it
             attn_mask, is_causal = torch.zeros(query.shape[0], 1, query.shape[-2], key.shape[-2], dtype=torch.bool,
                                                device=query.device), False
-        if attn_mask is not None and attn_mask.dtype == torch.bool:  # SDPA turns a boolean mask into an additive one
+        if attn_mask is not None and attn_mask.dtype == torch.bool:  # SDPA makes an additive mask of each call's
             attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device)
         if device_type == "cpu":
             return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(

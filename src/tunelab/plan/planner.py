@@ -20,8 +20,8 @@ from tunelab.plan.memory import (BOUNDED_ONEDNN_CACHE, MMAP_THRESHOLD_MAX, NO_TC
                                  Shape, activation_bytes, activations_returned_bytes, aligned_blocks_kept,
                                  autocast_copy_bytes, decoder_layers, heap_mmap_threshold, loaded_bytes, loss_bytes,
                                  mapped_views_bytes, master_cast_leftover_bytes, onednn_cache_capacity,
-                                 gradients_not_reused_bytes, heap_holes_bytes, parameter_bytes, rollout_cache_bytes, sampling_bytes, saved_for_backward,
-                                 tunables_without_tcache)
+                                 gradients_not_reused_bytes, heap_holes_bytes, parameter_bytes, rollout_cache_bytes,
+                                 sampling_bytes, saved_for_backward, tunables_without_tcache)
 from tunelab.plan.runtime import runtime_bytes
 from tunelab.precision import adapters_compute_in_autocast_dtype, technique_precision
 from tunelab.techniques import TECHNIQUES, RunContext
