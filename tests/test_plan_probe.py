@@ -8,6 +8,7 @@ from contextlib import nullcontext
 
 import pytest
 import torch
+from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM
 
 from support.planning import config_for
@@ -15,6 +16,7 @@ from tunelab.models import load_model_config, model_skeleton
 from tunelab.plan import Shape, plan_memory
 from tunelab.plan import memory
 from tunelab.training.attention import kv_heads_shared_in_kernel
+from tunelab.techniques import TECHNIQUES, RunContext
 from tunelab.plan.memory import HEAP_HOLES_SHARE, MMAP_THRESHOLD_MAX, decoder_layers, heap_holes_bytes, saved_for_backward
 
 CPU = torch.device("cpu")
@@ -192,3 +194,41 @@ def test_freed_gradients_smaller_than_the_activations_stay_free_at_the_next_forw
     without = plan_memory(config, "cpu", shape, runtime=0)
     assert dynamic.phases["loss"] - without.phases["loss"] == expected
     assert dynamic.phases["backward"] == without.phases["backward"]
+
+
+def saved_by_dropout(x: torch.Tensor, device_type: str) -> list[tuple[torch.dtype, tuple[int, ...]]]:
+    """What autograd saves for one training dropout of ``x`` (p = 0.1) while the probe's dropout stands in."""
+    saved: list[tuple[torch.dtype, tuple[int, ...]]] = []
+    with memory._dropout_as_on(device_type), torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append((t.dtype, tuple(t.shape))) or t, lambda t: t):
+        torch.nn.functional.dropout(x, 0.1, training=True)
+    return saved
+
+
+def test_the_probes_dropout_saves_what_the_devices_kernel_saves():
+    """On CUDA torch runs the fused ``native_dropout``, whose backward keeps a one-byte bool mask; on meta tensors
+    (and on a CPU) it multiplies by a noise tensor of x's dtype and keeps that. The probe's CPU dropout is a real CPU
+    forward's; off the CPU it is the bool mask."""
+    meta = torch.empty(2, 8, 16, dtype=torch.bfloat16, device="meta", requires_grad=True)
+    real = torch.randn(2, 8, 16, dtype=torch.bfloat16, requires_grad=True)
+    assert saved_by_dropout(meta, "cpu") == saved_by_dropout(real, "cpu") == [(torch.bfloat16, (2, 8, 16))]
+    assert saved_by_dropout(meta, "cuda") == [(torch.bool, (2, 8, 16))]
+
+
+def test_a_cuda_plan_counts_a_byte_an_element_of_loras_dropout(tiny_model_dir, tmp_path, monkeypatch):
+    """LoRA's input dropout in a float32 CUDA plan: each adapted layer's mask is one byte an element of its input
+    (B, T, in_features), 3 bytes an element less than meta's float32 noise (the negative control). The first
+    layer's q, k and v take the frozen embeddings through a frozen norm: that input needs no gradient, so their
+    dropout saves nothing either way."""
+    config = config_for(tiny_model_dir, tmp_path, {"name": "lora", "dropout": 0.1})
+    shape = Shape(micro_batch_size=2, length=32)
+    fused = plan_memory(config, "cuda", shape, runtime=0).components["activations"]
+    monkeypatch.setattr(memory, "_dropout_as_on", lambda device_type: nullcontext())
+    noise = plan_memory(config, "cuda", shape, runtime=0).components["activations"]
+    skeleton = model_skeleton(load_model_config(config.model))
+    adapted = TECHNIQUES["lora"].apply(skeleton, config.technique, RunContext(task_type="CAUSAL_LM"))
+    first = decoder_layers(adapted)[0].self_attn
+    inputs = sum(m.in_features for m in adapted.modules() if isinstance(m, LoraLayer)
+                 and m not in (first.q_proj, first.k_proj, first.v_proj))
+    assert inputs > 0
+    assert noise - fused == 3 * 2 * 32 * inputs

@@ -412,6 +412,33 @@ def _attention_as_on(device_type: str, masked: bool = False) -> Iterator[None]:
         yield
 
 
+def _dropout_as_kernels_save(device_type: str) -> Any:
+    """``torch.nn.functional.dropout`` for the probe. On a CPU (and on meta tensors) torch multiplies x by a noise
+    tensor of x's dtype and saves that, which is what a CPU run of ``nn.Dropout`` keeps (its adapters' dropout is
+    tunelab's own, swapped in by the planner). On other devices torch runs its fused kernel, ``native_dropout``, whose
+    backward keeps a one-byte bool mask: 2 (bfloat16) or 4 (float32) bytes an element less. So off the CPU the probe
+    calls that kernel, on meta tensors (it has a meta implementation), where torch's choice would (training,
+    0 < p < 1, not in place)."""
+    plain = torch.nn.functional.dropout
+
+    def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
+        if device_type == "cpu" or not input.is_meta or inplace or not training or not 0.0 < p < 1.0 \
+                or input.numel() == 0:
+            return plain(input, p, training, inplace)
+        return torch.native_dropout(input, p, training)[0]
+
+    return dropout
+
+
+@contextmanager
+def _dropout_as_on(device_type: str) -> Iterator[None]:
+    """While the probe runs, dropout saves what it saves on ``device_type`` (``_dropout_as_kernels_save``)."""
+    from unittest import mock
+
+    with mock.patch.object(torch.nn.functional, "dropout", _dropout_as_kernels_save(device_type)):
+        yield
+
+
 def saved_for_backward(model: nn.Module, shape: Shape, layers: list[nn.Module], device_type: str = "cpu") -> Saved:
     """Run ``model``'s forward on meta tensors, the head on the supervised rows only, and count what autograd saves
     (see module doc), attention as its kernels on ``device_type`` save it."""
@@ -453,6 +480,7 @@ def saved_for_backward(model: nn.Module, shape: Shape, layers: list[nn.Module], 
     masked = shape.padded or (shape.packed and device_type != "cpu")
     try:
         with _four_bit_as_plain(model), _no_packed_sequence_search(), _attention_as_on(device_type, masked), \
+                _dropout_as_on(device_type), \
                 torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), allocations:
             output = model(input_ids=ids, use_cache=False).logits  # (N, V)
     finally:
