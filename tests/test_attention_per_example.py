@@ -17,6 +17,7 @@ from support.tiny import toy_chat_records, write_jsonl
 from transformers import AutoModelForCausalLM
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from tunelab.models import PACKED_ATTENTION_SWITCH
 from tunelab.training import attention, train
 
 CPU = torch.device("cpu")
@@ -176,10 +177,10 @@ def test_a_cpu_run_attends_per_example_and_restores_the_registry(tiny_model_dir:
 
 
 def test_the_switch_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(attention.PACKED_SWITCH, "0")
+    monkeypatch.setenv(PACKED_ATTENTION_SWITCH, "0")
     with attention.attention_per_packed_example(CPU) as switched:
         assert not switched and attention.PACKED_SDPA not in ALL_ATTENTION_FUNCTIONS._local_mapping
-    monkeypatch.delenv(attention.PACKED_SWITCH)
+    monkeypatch.delenv(PACKED_ATTENTION_SWITCH)
     with attention.attention_per_packed_example(CPU) as switched:
         assert switched and ALL_ATTENTION_FUNCTIONS[attention.PACKED_SDPA] is attention.packed_sdpa_attention
 

@@ -15,7 +15,8 @@ from support.tiny import toy_chat_records, write_jsonl
 from transformers import AutoModelForCausalLM
 
 from tunelab.training import train
-from tunelab.training.attention import FORCE_GQA, PACKED_SWITCH, kv_heads_shared_in_kernel
+from tunelab.models import PACKED_ATTENTION_SWITCH
+from tunelab.training.attention import FORCE_GQA, kv_heads_shared_in_kernel
 
 CPU = torch.device("cpu")
 
@@ -66,7 +67,7 @@ def test_a_cpu_run_shares_the_heads_and_restores_the_switch(tiny_model_dir: Path
     ``enable_gqa`` in the training forwards; the memory plan's probe, which runs before them, calls no SDPA that
     reaches here (its meta attention is the kernel's, tunelab.plan.memory)."""
     monkeypatch.delenv(FORCE_GQA, raising=False)
-    monkeypatch.setenv(PACKED_SWITCH, "0")
+    monkeypatch.setenv(PACKED_ATTENTION_SWITCH, "0")
     data = write_jsonl(tmp_path / "train.jsonl", toy_chat_records(8))
     config = tiny_config(tiny_model_dir, data={"train": [str(data)], "val_size": 0, "max_length": 64},
                          training={"max_steps": 1}, eval={"before_after": False}, output={"dir": str(tmp_path / "run")})

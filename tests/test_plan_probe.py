@@ -12,7 +12,7 @@ from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM
 
 from support.planning import config_for
-from tunelab.models import load_model_config, model_skeleton
+from tunelab.models import PACKED_ATTENTION_SWITCH, load_model_config, model_skeleton
 from tunelab.plan import Shape, plan_memory
 from tunelab.plan import memory
 from tunelab.training.attention import kv_heads_shared_in_kernel
@@ -86,10 +86,11 @@ def test_padded_rows_save_a_mask_a_layer_as_a_real_forward_does(tiny_model_dir, 
     assert [r - u for r, u in zip(real, unpadded)] == [2 * 128 * 128 * 4] * len(real)
 
 
-def test_packed_rows_save_the_packings_mask_except_on_a_cpu(tiny_model_dir, tmp_path):
+def test_packed_rows_save_the_packings_mask_except_on_a_cpu(tiny_model_dir, tmp_path, monkeypatch):
     """Packed rows: a CPU attends per example without a mask (training/attention.py), so its plan saves none; on
     CUDA transformers' SDPA gets the packing's (B, 1, T, T) mask, which each layer's kernel saves (checked on meta
-    tensors only: no GPU here)."""
+    tensors only: no GPU here). A CPU run with TUNELAB_PACKED_ATTENTION=0 keeps transformers' attention on that
+    mask, which its CPU kernel saves in the query's dtype: B * T * T * 4 bytes a layer in float32."""
     skeleton = model_skeleton(load_model_config(config_for(tiny_model_dir, tmp_path, "full").model))
     layers = decoder_layers(skeleton)
 
@@ -99,6 +100,8 @@ def test_packed_rows_save_the_packings_mask_except_on_a_cpu(tiny_model_dir, tmp_
     assert per_layer("cpu", packed=True) == per_layer("cpu")
     # the mask at least (the memory-efficient kernel a mask needs keeps more than the flash kernel besides)
     assert all(p - u >= 2 * 128 * 128 * 4 for p, u in zip(per_layer("cuda", packed=True), per_layer("cuda")))
+    monkeypatch.setenv(PACKED_ATTENTION_SWITCH, "0")
+    assert [p - u for p, u in zip(per_layer("cpu", packed=True), per_layer("cpu"))] == [2 * 128 * 128 * 4] * len(layers)
 
 
 def test_the_shape_says_whether_rows_are_padded_or_packed(tiny_model_dir, tmp_path):

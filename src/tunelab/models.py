@@ -105,6 +105,18 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+# "0": a CPU run keeps transformers' attention on packed rows' block-diagonal mask instead of attending per packed
+# example (training/attention.py). The memory plan reads it too: that mask is saved by every layer.
+PACKED_ATTENTION_SWITCH = "TUNELAB_PACKED_ATTENTION"
+
+
+def attends_per_packed_example(device_type: str, environ: dict[str, str] | None = None) -> bool:
+    """Whether training on ``device_type`` attends packed rows per example, without a mask: on a CPU unless this
+    environment (the process's by default) sets ``TUNELAB_PACKED_ATTENTION=0``."""
+    environ = os.environ if environ is None else environ
+    return device_type == "cpu" and environ.get(PACKED_ATTENTION_SWITCH) != "0"
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """'auto' is float32 on CPU and bf16 on GPUs that support it; bfloat16 on a CPU without native bf16 is float32
     (emulated bf16 is ~15x slower). The rules live in ``tunelab.precision``."""

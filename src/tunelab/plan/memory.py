@@ -53,7 +53,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tunelab.models import DYNAMIC_MMAP_THRESHOLD_MAX, output_cache
+from tunelab.models import DYNAMIC_MMAP_THRESHOLD_MAX, attends_per_packed_example, output_cache
 from tunelab.objectives.base import HeadOutput
 
 # A 4-bit weight: two per byte, one absmax per block of 64 (bitsandbytes' blocksize for 4-bit).
@@ -476,8 +476,9 @@ def saved_for_backward(model: nn.Module, shape: Shape, layers: list[nn.Module], 
         handles.append(head.register_forward_pre_hook(supervised_only))
     ids = torch.zeros(shape.rows, shape.length, dtype=torch.long, device="meta")
     allocations = _Allocations()
-    # a CPU attends packed rows per example without a mask (training/attention.py); other devices get the mask
-    masked = shape.padded or (shape.packed and device_type != "cpu")
+    # a CPU attends packed rows per example without a mask (training/attention.py), unless switched off; other
+    # devices get the packing's mask
+    masked = shape.padded or (shape.packed and not attends_per_packed_example(device_type))
     try:
         with _four_bit_as_plain(model), _no_packed_sequence_search(), _attention_as_on(device_type, masked), \
                 _dropout_as_on(device_type), \

@@ -21,6 +21,8 @@ from typing import Any, Iterator
 
 import torch
 
+from tunelab.models import attends_per_packed_example
+
 FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
 
 
@@ -52,7 +54,6 @@ MAX_GROUPS = 3  # SDPA calls per layer at most
 MAX_CUTS = 64  # places a length group may end that ``length_groups`` weighs
 CALL_COST = 4096  # a call's fixed cost in (query, key) pairs: set by hand (3-8 groups measured alike)
 PACKED_SDPA = "sdpa"  # the attention implementation this replaces while a CPU run trains
-PACKED_SWITCH = "TUNELAB_PACKED_ATTENTION"  # "0": keep transformers' attention on the packed mask
 _last_plan: tuple[Any, Any, "PackedPlan | None"] | None = None  # (mask, position ids) weak references, and their plan
 
 
@@ -297,8 +298,7 @@ def attention_per_packed_example(device: torch.device) -> Iterator[bool]:
     many small operations wait for a descheduled thread on a busy host, see docs/performance.md)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # why: only a CPU run needs it
 
-    if device.type != "cpu" or os.environ.get(PACKED_SWITCH) == "0" \
-            or PACKED_SDPA in ALL_ATTENTION_FUNCTIONS._local_mapping:
+    if not attends_per_packed_example(device.type) or PACKED_SDPA in ALL_ATTENTION_FUNCTIONS._local_mapping:
         yield False
         return
     ALL_ATTENTION_FUNCTIONS[PACKED_SDPA] = packed_sdpa_attention
