@@ -819,3 +819,23 @@ def test_recommend_prints_no_info_line_per_planned_set_up(tiny_model_dir, tmp_pa
     assert [r.getMessage() for r in caplog.records if r.name.startswith("tunelab") and r.levelno == logging.INFO] == []
     assert logging.getLogger("tunelab").level == level
 
+
+
+def test_time_on_the_command_line_times_more_techniques_and_refuses_without_recommend(tiny_model_dir, tmp_path,
+                                                                                       no_runtime_probe, no_speed_probe):
+    """`--time full` adds full fine-tuning's probe to --recommend's (the timing line names both); a misspelt name is
+    refused with the names it could be; --time alone (no --recommend) is refused, not ignored."""
+    import yaml
+    from support.cli import invoke
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(yaml.safe_load(config_for(tiny_model_dir, tmp_path, "lora").to_yaml())))
+    timed = invoke("plan", path, "--budget", "1TiB", "--recommend", "--time", "full", "--json")
+    assert timed.exit_code == 0, timed.clean
+    out = json.loads(timed.stdout)
+    assert "measured for lora, full (each with its default settings)" in out["recommend_timing"]
+    assert {s["technique"] for s in out["recommend"] if s["seconds_per_step"] is not None} == {"lora", "full"}
+    misspelt = invoke("plan", path, "--budget", "1TiB", "--recommend", "--time", "ful")
+    assert misspelt.exit_code == 2 and "--time ful: no such technique; expected all or names from:" in misspelt.clean
+    alone = invoke("plan", path, "--time", "full")
+    assert alone.exit_code == 2 and "--time times --recommend's set-ups: add --recommend" in alone.clean

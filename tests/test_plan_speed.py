@@ -98,6 +98,52 @@ def test_recommend_times_each_set_up_by_its_own_dtype_and_checkpointing(tiny_mod
     assert all(s.seconds_per_step is None and "s/step" not in s.why for s in ranked.set_ups if s.technique != "lora")
 
 
+def test_recommend_times_the_techniques_named_by_time_each_by_its_own_probe(tiny_model_dir, tmp_path, monkeypatch):
+    """--time full: the config's technique (LoRA) and full fine-tuning are each probed with their own technique (its
+    default settings), and each set-up gets its own technique's prediction; the rest stay untimed. --time all probes
+    every technique with a set-up that fits."""
+    from tunelab.plan import planner
+    from tunelab.plan.solve import recommend
+
+    monkeypatch.setattr(planner, "runtime_bytes", lambda *args: 500 * 2**20)
+    probed: list[str] = []
+
+    def fake(config, shape, settings, device):  # noqa: ANN001, ANN202 - measure_step_times' signature
+        probed.append(config.technique.name)
+        rest = {"lora": 1.0, "full": 3.0}.get(config.technique.name, 2.0)
+        return {s: StepTime(rest=rest, layer=0.1, layer_parameters=5000) for s in settings}
+
+    monkeypatch.setattr(speed, "measure_step_times", fake)
+    config = config_for(tiny_model_dir, tmp_path, "lora")
+    layers = load_model_config(config.model).num_hidden_layers
+    ranked = recommend(config, SHAPE, 2**40, time=["full", "lora"])
+    assert probed == ["lora", "full"]  # the config's first, each once
+    assert "measured for lora, full (each with its default settings)" in ranked.timing
+    for setup in ranked.set_ups:
+        expected = {"lora": 1.0, "full": 3.0}.get(setup.technique)
+        if expected is None:
+            assert setup.seconds_per_step is None
+        else:
+            assert setup.seconds_per_step == pytest.approx(expected + 0.1 * layers)
+    probed.clear()
+    everything = recommend(config, SHAPE, 2**40, time=["all"])
+    assert sorted(probed) == sorted({s.technique for s in everything.set_ups})
+    assert all(s.seconds_per_step is not None for s in everything.set_ups)
+
+
+def test_time_names_a_technique_that_does_not_exist():
+    """A misspelt --time name is refused with the names it could be, not silently left untimed."""
+    from tunelab.errors import ConfigError
+    from tunelab.plan.solve import timed_techniques
+
+    class Named:
+        technique = type("T", (), {"name": "lora"})()
+
+    assert timed_techniques(Named(), ["full", "lora"]) == ["lora", "full"]
+    with pytest.raises(ConfigError, match=r"--time fulll: no such technique; expected all or names from: .*full"):
+        timed_techniques(Named(), ["fulll"])
+
+
 def test_a_probe_that_cannot_train_leaves_no_time_and_says_why(tiny_model_dir, tmp_path, monkeypatch):
     """No guessed time: when the probe fails, every set-up's time is None and the timing line gives the reason."""
     from tunelab.plan import planner
@@ -111,7 +157,7 @@ def test_a_probe_that_cannot_train_leaves_no_time_and_says_why(tiny_model_dir, t
     monkeypatch.setattr(speed, "measure_step_times", failing)
     ranked = recommend(config_for(tiny_model_dir, tmp_path, "lora"), SHAPE, 2**40)
     assert ranked.set_ups and all(s.seconds_per_step is None for s in ranked.set_ups)
-    assert ranked.timing == "time per step not measured: the speed probe failed: no memory"
+    assert ranked.timing == "time per step not measured: lora: the speed probe failed: no memory"
     assert all("s/step" not in s.why for s in ranked.set_ups)
 
 

@@ -388,6 +388,8 @@ def plan(
     solve: Annotated[Optional[str], typer.Option(help="Find the largest micro_batch_size or max_length that fits --budget")] = None,
     recommend: Annotated[bool, typer.Option("--recommend", help="Rank technique x dtype x checkpointing set-ups that fit --budget; "
                                      "times the config's technique by training shallow copies of the model (about a minute on a CPU)")] = False,
+    time: Annotated[Optional[str], typer.Option("--time", metavar="TECHNIQUES", help="With --recommend: time these techniques' "
+                                                "set-ups too (comma-separated names, or all; about a minute each on a CPU)")] = None,
     processes: Annotated[int, typer.Option(help="Processes training together (torchrun --nproc_per_node x nodes); "
                                            "with training.distributed: fsdp each holds 1/N of the model")] = 1,
     as_json: JsonOption = False,
@@ -403,6 +405,8 @@ def plan(
         _fail(f"--device {device}: expected cpu or cuda")
     if (solve or recommend) and budget is None:
         _fail("--solve and --recommend need --budget (e.g. --budget 24GiB)")
+    if time is not None and not recommend:
+        _fail("--time times --recommend's set-ups: add --recommend (and --budget)")
     if processes < 1:
         _fail(f"--processes {processes}: expected 1 or more")
     limit = _bytes(budget) if budget is not None else None
@@ -419,7 +423,8 @@ def plan(
         if recommend:
             dtypes, why = recommend_dtypes(device)
             out["recommend_dtypes"] = {"dtypes": dtypes, "why": why}
-            ranked = rank_setups(cfg, shape, limit or 0, device, processes)
+            ranked = rank_setups(cfg, shape, limit or 0, device, processes,
+                                 [name.strip() for name in time.split(",") if name.strip()] if time else None)
             out["recommend_timing"] = ranked.timing
             out["recommend"] = [{"technique": s.technique, "gradient_checkpointing": s.checkpointing, "dtype": s.dtype,
                                  "peak_bytes": s.plan.peak_bytes, "seconds_per_step":

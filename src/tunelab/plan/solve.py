@@ -96,35 +96,65 @@ def auto_trains_in_bfloat16(technique: Technique, settings: object, device: str)
     return trains.load_dtype == torch.bfloat16
 
 
+def timed_techniques(config: TunelabConfig, requested: list[str] | None) -> list[str]:
+    """The techniques whose set-ups --recommend times: the config's, then those ``requested`` (``--time``: names,
+    or "all" for every registered technique), each once. Raises ConfigError for a name no technique has."""
+    names = [config.technique.name]
+    for name in requested or []:
+        if name == "all":
+            names += list(TECHNIQUES)
+        elif name in TECHNIQUES:
+            names.append(name)
+        else:
+            raise ConfigError(f"--time {name}: no such technique; expected all or names from: {', '.join(TECHNIQUES)}")
+    return list(dict.fromkeys(names))
+
+
 def recommend(config: TunelabConfig, shape: Shape, budget: int, device: str = "cpu",
-              processes: int = 1) -> Recommendation:
+              processes: int = 1, time: list[str] | None = None) -> Recommendation:
     """Every registered technique (default settings) x checkpointing x the dtypes this device trains in
     (``recommend_dtypes``; on a CPU, bfloat16 only for the techniques ``model.dtype: auto`` trains in bfloat16),
     planned; those that fit ``budget``, most trainable parameters first (closest to full fine-tuning's quality),
-    then fastest. The config's technique is timed by the speed probe's measured steps in each setting
-    (``plan/speed.py``); the others are left untimed rather than guessed."""
+    then fastest. The config's technique, and those named in ``time`` (``timed_techniques``), are timed by the
+    speed probe's measured steps in each setting that fits (``plan/speed.py``: one probe per technique, about a
+    minute each on a CPU); the others are left untimed rather than guessed (a FLOP ratio from another technique's
+    probe came out 1.5-1.7 times off)."""
     dtypes, _ = recommend_dtypes(device)
     found = _fitting(config, shape, budget, device, processes, dtypes)
     layers = load_model_config(config.model).num_hidden_layers
-    timed = [s for s in found if s.technique == config.technique.name]  # the probe trains this technique only
-    try:
-        if not timed:
-            raise RuntimeError(f"no {config.technique.name} set-up (the config's technique, the one the speed probe "
-                               "trains) fits the budget")
-        times = speed.measure_step_times(config, shape, sorted({(s.dtype, s.checkpointing) for s in timed}), device)
-        timing = (f"time per step measured for {config.technique.name} (the config's technique, its defaults) on "
-                  f"{speed.PROBE_LAYERS[0]}- and {speed.PROBE_LAYERS[1]}-layer copies of the model at "
-                  f"{shape.rows} x {shape.length} tokens, scaled to {layers} layers; to time another technique, run "
-                  "this with --set technique.name=NAME")
-    except RuntimeError as exc:  # the probe could not train here: no time rather than a guessed one
-        times, timing = {}, f"time per step not measured: {exc}"
-    for setup in timed:
-        if (measured := times.get((setup.dtype, setup.checkpointing))) is not None:
-            setup.seconds_per_step = measured.predict(layers)
+    measured, failed = [], []
+    for name in timed_techniques(config, time):
+        timed = [s for s in found if s.technique == name]
+        try:
+            if not timed:
+                raise RuntimeError(f"no {name} set-up fits the budget")
+            probe = config.model_copy(update={"technique": TECHNIQUES[name].config_class()})  # its defaults
+            times = speed.measure_step_times(probe, shape, sorted({(s.dtype, s.checkpointing) for s in timed}), device)
+        except RuntimeError as exc:  # the probe could not train here: no time rather than a guessed one
+            failed.append(f"{name}: {exc}")
+            continue
+        measured.append(name)
+        for setup in timed:
+            if (step := times.get((setup.dtype, setup.checkpointing))) is not None:
+                setup.seconds_per_step = step.predict(layers)
     untimed = float("inf")
     ranked = sorted(found, key=lambda s: (-s.plan.trainable_parameters,
                                           untimed if s.seconds_per_step is None else s.seconds_per_step))
-    return Recommendation(ranked, timing)
+    return Recommendation(ranked, _timing_line(config, shape, layers, measured, failed))
+
+
+def _timing_line(config: TunelabConfig, shape: Shape, layers: int, measured: list[str], failed: list[str]) -> str:
+    """How the ranked set-ups' time per step was found, and how to time the others."""
+    parts = []
+    if measured:
+        which = f"{measured[0]} (the config's technique, its defaults)" if measured == [config.technique.name] \
+            else f"{', '.join(measured)} (each with its default settings)"
+        parts.append(f"time per step measured for {which} on {speed.PROBE_LAYERS[0]}- and {speed.PROBE_LAYERS[1]}-layer "
+                     f"copies of the model at {shape.rows} x {shape.length} tokens, scaled to {layers} layers; to time "
+                     "other techniques, add --time NAME,NAME (or --time all: about a minute each)")
+    if failed:
+        parts.append(f"time per step not measured: {'; '.join(failed)}")
+    return "; ".join(parts)
 
 
 @contextmanager
