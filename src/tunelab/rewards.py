@@ -7,23 +7,18 @@ value that is not a finite number stops the run with one error naming the functi
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
 from tunelab.errors import ConfigError, TrainingAborted
 from tunelab.metrics import Normalization
 from tunelab.objectives import OBJECTIVES
-from tunelab.objectives.online import RewardSettings
+from tunelab.objectives.online import RewardFunction, RewardSettings, missing_column, user_function
 from tunelab.result import load_run
-
-RewardFunction = Callable[..., Sequence[float]]  # fn(prompts, completions, **columns) -> one value per completion
 
 
 @dataclass
@@ -43,9 +38,8 @@ class Scored:
 
 
 def _column(columns: dict[str, list[Any]], name: str, reward: str) -> list[Any]:
-    if name not in columns:
-        raise ConfigError(f"reward {reward} reads the column {name!r}, which the prompt records do not have (they have: "
-                          f"{', '.join(sorted(columns)) or 'none'}); set the reward's `column`")
+    if name not in columns:  # the run checked its records up front (check_rewards); a batch may still lack it
+        raise missing_column(reward, name, columns)
     return columns[name]
 
 
@@ -82,27 +76,7 @@ def length(max_words: int) -> RewardFunction:
     return lambda prompts, completions, **columns: [one(c) for c in completions]
 
 
-# ---------------------------------------------------------------- a user's function, a reward model run
-
-
-def user_function(path: str) -> RewardFunction:
-    """'module:function' (importable) or 'path/to/file.py:function' (relative to the working directory)."""
-    module_name, _, function_name = path.rpartition(":")
-    try:
-        if module_name.endswith(".py"):
-            spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
-            if spec is None or spec.loader is None or not Path(module_name).is_file():
-                raise ImportError(f"no file {module_name}")
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"reward {path!r}: cannot import {module_name!r} ({exc})") from None
-    function = getattr(module, function_name, None)
-    if not callable(function):
-        raise ConfigError(f"reward {path!r}: {module_name!r} has no function {function_name!r}")
-    return function
+# ---------------------------------------------------------------- a reward model run
 
 
 def reward_model(run: str, device: torch.device, batch_size: int = 8) -> RewardFunction:

@@ -26,6 +26,7 @@ from tunelab.data.formats import RECORD_KINDS
 from tunelab.errors import ConfigError
 from tunelab.objectives import classification, dpo, grpo, ipo, kto, orpo, ppo, reward, sft, simpo
 from tunelab.objectives.base import Batch, LossSum, Objective, ObjectiveSpec, Reference
+from tunelab.objectives.online import OnlineSettings, check_rewards as check_reward_settings
 from tunelab.objectives.sft import logits_only_where  # shared with eval's loss (objectives' own helper)
 
 _ALL: tuple[Objective, ...] = (
@@ -88,6 +89,15 @@ def check_records(settings: Any, data: PreparedData, files: list[str]) -> None:
                           "(data.columns can rename its keys) or choose another objective")
 
 
+def check_rewards(settings: Any, data: PreparedData) -> None:
+    """An online objective's rewards can be computed on the data's prompt records: each column a reward reads is
+    one of theirs, each user's function imports (``online.check_rewards``). `tunelab train` and `tunelab plan`
+    both call it before reading any weight, so that plan refuses what train would, in the same words."""
+    if isinstance(settings, OnlineSettings):
+        columns = {name for record in data.train + data.validation for name in record.columns}
+        check_reward_settings(settings, columns)
+
+
 def quality_figure(name: str | None) -> tuple[str, bool] | None:
     """The validation figure a run of objective ``name`` is judged by (the runs table's delta column, compare's
     Pareto flag and learning-rate choice), with whether higher is better: its evaluation's primary metric (the first
@@ -103,5 +113,5 @@ def quality_figure(name: str | None) -> tuple[str, bool] | None:
 
 
 __all__ = ["DEFAULT_OBJECTIVE", "OBJECTIVES", "Batch", "LossFunction", "LossSum", "Objective", "ObjectiveConfig",
-           "ObjectiveField", "ObjectiveSpec", "Reference", "check_records", "default_objective_settings",
+           "ObjectiveField", "ObjectiveSpec", "Reference", "check_records", "check_rewards", "default_objective_settings",
            "logits_only_where", "prepare_objective_data", "quality_figure"]

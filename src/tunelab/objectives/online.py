@@ -13,17 +13,24 @@ as strings, and every reference column of the records as a keyword (a list, one 
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable, Collection, Sequence
 
 import torch
 from pydantic import Field, model_validator
 
+from tunelab.errors import ConfigError
 from tunelab.metrics import unit_mean
 from tunelab.objectives.base import Evaluation
 from tunelab.settings import Settings
 
 BUILT_IN_REWARDS = ("exact_match", "rouge_l", "regex", "length")
+COLUMN_REWARDS = ("exact_match", "rouge_l")  # the built-ins that compare a completion with a record's `column`
+
+RewardFunction = Callable[..., Sequence[float]]  # fn(prompts, completions, **columns) -> one value per completion
 
 
 class RewardSettings(Settings):
@@ -82,6 +89,47 @@ class OnlineSettings(Settings):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of the completions (above 0: the policy "
                                "learns from sampled completions; GRPO's group needs different ones to compare).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of the completions (1: off).")
+
+
+def user_function(path: str) -> RewardFunction:
+    """A user's reward, 'module:function' (importable) or 'path/to/file.py:function' (relative to the working
+    directory), imported; a ConfigError when it cannot be. Here, below both, so that `tunelab train` (through
+    ``tunelab.rewards``) and `tunelab plan` (through ``check_rewards``) resolve it with the same code."""
+    module_name, _, function_name = path.rpartition(":")
+    try:
+        if module_name.endswith(".py"):
+            spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
+            if spec is None or spec.loader is None or not Path(module_name).is_file():
+                raise ImportError(f"no file {module_name}")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"reward {path!r}: cannot import {module_name!r} ({exc})") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise ConfigError(f"reward {path!r}: {module_name!r} has no function {function_name!r}")
+    return function
+
+
+def missing_column(reward: str, name: str, columns: Collection[str]) -> ConfigError:
+    """The refusal of a reward that reads a column the prompt records do not have (one wording, up front and while
+    scoring a rollout)."""
+    return ConfigError(f"reward {reward} reads the column {name!r}, which the prompt records do not have (they have: "
+                       f"{', '.join(sorted(columns)) or 'none'}); set the reward's `column`")
+
+
+def check_rewards(settings: OnlineSettings, columns: Collection[str]) -> None:
+    """Refuse, before any weight is read, rewards the run could not compute on records with these reference
+    ``columns``: a built-in reading a column they lack, a user's function that does not import. `tunelab train`
+    and `tunelab plan` both call it (through ``objectives.check_rewards``), so plan refuses what train would.
+    A reward model run is checked where it is read (``tunelab.rewards.reward_model``, the planner's scoring model)."""
+    for reward in settings.rewards:
+        if reward.function in COLUMN_REWARDS and reward.column not in columns:
+            raise missing_column(reward.function, reward.column, columns)
+        if reward.function is not None and reward.function not in BUILT_IN_REWARDS:
+            user_function(reward.function)
 
 
 def reward_model_runs(settings: OnlineSettings) -> tuple[str, ...]:

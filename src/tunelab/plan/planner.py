@@ -14,7 +14,7 @@ from tunelab.models import (ModelConfig, cache_root, load_model_config, load_tok
                             resolve_model_path)
 from tunelab.dropout import use_cpu_dropout
 from tunelab.norms import use_cpu_rms_norm
-from tunelab.objectives import OBJECTIVES, check_records, prepare_objective_data
+from tunelab.objectives import OBJECTIVES, check_records, check_rewards, prepare_objective_data
 from tunelab.objectives.base import attach_own_module
 from tunelab.plan.memory import (BOUNDED_ONEDNN_CACHE, MMAP_THRESHOLD_MAX, NO_TCACHE, ONEDNN_CACHE_VARIABLES, MemoryPlan,
                                  Shape, activation_bytes, activations_returned_bytes, aligned_blocks_kept,
@@ -32,9 +32,10 @@ ADAM_MOMENTS = 2  # AdamW keeps exp_avg and exp_avg_sq, float32, per trainable w
 def data_shape(config: TunelabConfig) -> Shape:
     """The longest micro-batch: packed rows are max_length long; otherwise the longest example (rows of a batch
     are padded to its longest). Tokenizes the data (cached) as the run will read it, and refuses, as the run
-    does, data of another kind than its objective's records; reads no weight."""
+    does, data of another kind than its objective's records and rewards it could not compute; reads no weight."""
     data = prepare_objective_data(config.objective, config.data, load_tokenizer(config.model), cache_root() / "data")
     check_records(config.objective, data, config.data.train)
+    check_rewards(config.objective, data)  # training's own check: a missing column, a user's reward that won't import
     return shape_of(config, data)
 
 

@@ -35,7 +35,7 @@ from tunelab.models import (cache_root, default_device, fixed_mmap_threshold, gl
                             load_tokenizer, meta_twin, model_fingerprint, model_skeleton, write_head_config)
 from tunelab.dropout import use_cpu_dropout
 from tunelab.norms import use_cpu_rms_norm
-from tunelab.objectives import check_records, prepare_objective_data
+from tunelab.objectives import check_records, check_rewards, prepare_objective_data
 from tunelab.objectives.base import attach_own_module, without_own_module
 from tunelab.objectives.reference import copies_the_base, live_reference, same_model
 from tunelab.plan import heap_policy, plan_memory, resident_bytes, shape_of
@@ -176,6 +176,7 @@ def _set_up(ctx: TrainingContext, resume: bool) -> tuple[LoopState, dict[str, An
         raise ConfigError("training.eval_every needs validation data, and there is none: set data.val_size above 0 "
                           "or give data.validation (or leave eval_every unset)")
     check_records(ctx.config.objective, ctx.data, ctx.config.data.train)
+    check_rewards(ctx.config.objective, ctx.data)  # before minutes of loading and base evaluation, as plan refuses
     _announce_plan(ctx)
     on_main = _weights_on_main_only(ctx)
     ctx.model = _load_base(ctx, on_main)
