@@ -372,6 +372,23 @@ def test_to_yaml_round_trips() -> None:
     assert again.technique == config.technique and again.training.max_steps == 3
 
 
+@pytest.mark.parametrize(("given", "echoed"), [(32, "32"), (32.0, "32"), ("32.0", "32"), (0, "0"), (0.05, "0.05")])
+def test_val_size_is_echoed_as_a_count_or_a_fraction(tmp_path: Path, given: object, echoed: str) -> None:
+    """A count of validation records is echoed as a count (config.yaml, `tunelab config show`), not as 32.0 (the
+    field is a float, and pydantic wrote every count as one); a fraction stays a fraction."""
+    from tunelab.config.describe import describe_yaml
+
+    config = load_config(write_config(tmp_path, "model:\n  dtype: float32\n"), [f"data.val_size={given}"])
+    assert f"  val_size: {echoed}\n" in config.to_yaml()
+    assert f"\n  val_size: {echoed}\n" in describe_yaml(config, yaml.safe_load(config.to_yaml()))
+
+
+def test_val_size_above_one_must_be_a_whole_count(tmp_path: Path) -> None:
+    """2.5 was silently cut to a count of 2: neither a fraction nor a count, it is refused."""
+    message = config_error(write_config(tmp_path, "data:\n  val_size: 2.5\n"))
+    assert "data.val_size: expected a fraction below 1 or a whole count of records (got 2.5)" in message
+
+
 def test_every_field_has_a_description() -> None:
     missing = []
     sections = [TunelabConfig, *(f.annotation for f in TunelabConfig.model_fields.values() if isinstance(f.annotation, type))]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_serializer, field_validator, model_validator
 
 from tunelab.data.formats import CANONICAL_KEYS
 from tunelab.settings import Settings
@@ -35,7 +35,7 @@ class DataConfig(Settings):
         "format may add a 'task' name (multi-task data: counted per task, validation split stratified by task).",
     )
     val_size: float = Field(
-        0.05, ge=0, description="Validation split taken from `train` when `validation` is empty: a fraction (<1) or a count."
+        0.05, ge=0, description="Validation split taken from `train` when `validation` is empty: a fraction (<1) or a whole count of records."
     )
     max_length: int = Field(1024, gt=8, description="Maximum tokens per example (and per packed row).")
     overlong: Literal["truncate", "drop", "error"] = Field(
@@ -91,6 +91,22 @@ class DataConfig(Settings):
         if any(not p.strip() for p in paths):
             raise ValueError("empty path: give a data file")
         return paths
+
+    @field_validator("val_size")
+    @classmethod
+    def _a_count_or_a_fraction(cls, value: float) -> float:
+        """A count (1 or more) is a whole number of records, held as an int: 32.0 (YAML, --set) is the count 32 and
+        is echoed as 32. A count such as 2.5 was cut to 2 without a word: refused instead."""
+        if 0 < value < 1:
+            return value  # a fraction of the train records
+        if value != int(value):
+            raise ValueError("expected a fraction below 1 or a whole count of records")
+        return int(value)
+
+    @field_serializer("val_size")
+    def _count_kept_whole(self, value: float) -> int | float:
+        # as a float (this field's type) pydantic would write the count as 32.0 in config.yaml and `config show`
+        return value
 
     @field_validator("columns")
     @classmethod
