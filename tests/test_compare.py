@@ -240,6 +240,28 @@ def test_a_default_the_config_resolved_stays_a_default_for_each_technique(tiny_m
         run_config(explicit, PlannedRun("p-seed1", "prompt_tuning", 0.03, 1), tmp_path / "out")
 
 
+def test_a_technique_compare_cannot_run_is_refused_at_the_users_file_line_and_key(tiny_model_dir: Path,
+                                                                                 tmp_path: Path) -> None:
+    """compare refused a config one of its techniques cannot take with '<config>: (top level): data.packing: ...'.
+    It now reads as `tunelab train`'s refusal of the file: the file and line (or the --set item) that gave the
+    key, the key, what is expected."""
+    from tunelab.compare.runner import PlannedRun, run_config
+    from tunelab.config import load_config
+
+    data = write_jsonl(tmp_path / "train.jsonl", toy_chat_records(8))
+    path = tmp_path / "compare.yaml"
+    path.write_text(f"model:\n  name: {tiny_model_dir}\ndata:\n  train: [{data}]\n  packing: true\n")
+    prompt_tuning = PlannedRun("p-seed1", "prompt_tuning", 0.03, 1)
+    with pytest.raises(ConfigError) as refused:
+        run_config(load_config(path), prompt_tuning, tmp_path / "out")
+    assert str(refused.value).startswith(f"technique prompt_tuning: invalid config:\n  {path}:5: data.packing: "
+                                         "technique 'prompt_tuning' cannot pack examples")
+    path.write_text(f"model:\n  name: {tiny_model_dir}\ndata:\n  train: [{data}]\n")
+    with pytest.raises(ConfigError) as refused:
+        run_config(load_config(path, ["data.packing=true"]), prompt_tuning, tmp_path / "out")
+    assert "\n  --set data.packing=true: data.packing: technique 'prompt_tuning' cannot pack" in str(refused.value)
+
+
 def test_a_preference_compare_is_judged_by_the_objectives_own_figure(tmp_path: Path) -> None:
     """compare's quality (the Pareto flag, the learning-rate choice) for DPO runs is their validation pairs'
     preference accuracy, not the exact match of their one or two generated samples (the config's eval metrics)."""

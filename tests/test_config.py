@@ -174,6 +174,17 @@ def test_early_stopping_needs_eval_every(tmp_path: Path) -> None:
     assert ok.training.early_stopping_patience == 3
 
 
+def test_a_check_of_the_whole_config_is_blamed_at_the_key_it_names(tmp_path: Path) -> None:
+    """A check across sections (the technique refuses packing) named no key: '<file>: (top level): ...'. It is
+    blamed where the key it names is given, as any other error: the file's line, or the --set item."""
+    path = write_config(tmp_path, "data:\n  packing: true\ntechnique:\n  name: prompt_tuning\n")
+    message = config_error(path)
+    assert f"\n  {path}:2: data.packing: technique 'prompt_tuning' cannot pack" in message
+    assert "(top level)" not in message
+    message = config_error(write_config(tmp_path, "model:\n  dtype: float32\n", "other.yaml"), ["training.best_metric=bleu"])
+    assert "\n  --set training.best_metric=bleu: training.best_metric 'bleu' is not computed" in message
+
+
 def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
     message = config_error(write_config(tmp_path, "- a\n- b\n"))
     assert "expected a mapping" in message

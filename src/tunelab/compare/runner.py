@@ -72,8 +72,8 @@ def run_config(config: TunelabConfig, run: PlannedRun, out: Path) -> dict[str, A
         data["technique"] = {"name": run.technique}
     data.setdefault("training", {}).update(seed=run.seed, learning_rate=run.learning_rate)
     data.setdefault("output", {}).update(dir=str((out / run.name).resolve()), overwrite=False)
-    try:
-        return build_config(data).model_dump(mode="json")
+    try:  # refused as the user's file would be: at its line or --set item, not at an anonymous '<config>'
+        return build_config(data, origin=config.origin).model_dump(mode="json")
     except ConfigError as exc:
         raise ConfigError(f"technique {run.technique}: {exc}") from None
 

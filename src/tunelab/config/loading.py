@@ -18,7 +18,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from tunelab.config.schema import TunelabConfig
+from tunelab.config.schema import ConfigOrigin, TunelabConfig
 from tunelab.errors import ConfigError
 from tunelab.objectives import DEFAULT_OBJECTIVE, OBJECTIVES
 from tunelab.techniques import DEFAULT_TECHNIQUE, TECHNIQUES, technique_name_hint
@@ -318,6 +318,12 @@ def _where(loc: tuple[str, ...], msg: str, source: str, lines_of: dict[tuple[str
     return " and ".join([f"{source}:{line}" if line else source, *mentioned])
 
 
+def _key_named_first(msg: str) -> tuple[str, ...]:
+    """The key path a whole-config check's message starts with ('data.packing: technique ...'), or ()."""
+    match = re.match(r"([a-z_]+(?:\.[a-z_0-9]+)+)\b", msg)
+    return tuple(match.group(1).split(".")) if match else ()
+
+
 def format_validation_error(
     exc: ValidationError, data: dict[str, Any], source: str, text: str | None,
     overridden: Mapping[str, str] | None = None,
@@ -330,8 +336,9 @@ def format_validation_error(
         loc = err["loc"]
         if err["type"] == "union_tag_invalid":  # the offending value is technique.name, not the section
             loc = loc + ("name",)
-        dotted = ".".join(loc) or "(top level)"
-        where = _where(loc, err["msg"], source, lines_of, overridden)
+        dotted = ".".join(loc)
+        # a check of the whole config (loc empty) names the key it is about first: blamed where that key is given
+        where = _where(loc or _key_named_first(err["msg"]), err["msg"], source, lines_of, overridden)
         if err["type"] == "extra_forbidden":
             owner = _model_at(loc, data)
             valid = list(owner.model_fields) if owner else []
@@ -346,7 +353,8 @@ def format_validation_error(
         else:
             got = err.get("input")
             got_text = f" (got {got!r})" if not isinstance(got, dict) else ""
-            messages.append(f"{where}: {dotted}: {err['msg']}{got_text}")
+            key = f"{dotted}: " if dotted else ""  # a check of the whole config names its keys in its message
+            messages.append(f"{where}: {key}{err['msg']}{got_text}")
     return "invalid config:\n  " + "\n  ".join(messages)
 
 
@@ -375,10 +383,14 @@ def _resolve_paths(config: TunelabConfig, base_dir: Path, overridden: Mapping[st
 
 def build_config(
     data: dict[str, Any], overrides: list[str] | None = None, source: str = "<config>", text: str | None = None,
-    base_dir: Path | None = None,
+    base_dir: Path | None = None, origin: ConfigOrigin | None = None,
 ) -> TunelabConfig:
-    """Apply ``--set`` overrides to parsed YAML, validate, and resolve relative paths (file ones against `base_dir`)."""
-    overridden = _override_items(overrides)
+    """Apply ``--set`` overrides to parsed YAML, validate, and resolve relative paths (file ones against `base_dir`).
+    ``origin``: ``data`` derives from that loaded config (compare's run of a technique), whose --set items it
+    already holds: errors name its file, line and --set items (``source``, ``text`` are ignored)."""
+    if origin is not None:
+        source, text = origin.path, origin.text
+    overridden = _override_items(list(origin.overrides) if origin else overrides)
     data = apply_overrides(copy.deepcopy(data), overrides)  # deep: never edit the caller's nested sections
     try:
         config = TunelabConfig.model_validate(data)
@@ -399,6 +411,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Tunelab
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping with sections model, data, technique, training, eval, output")
     config = build_config(data, overrides, source=str(path), text=text, base_dir=path.parent.resolve())
+    config._origin = ConfigOrigin(str(path), text, tuple(overrides or ()))
     if config.output.dir is None:
         config.output.dir = str(Path("runs") / path.stem)
     return config

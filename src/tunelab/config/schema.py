@@ -12,10 +12,11 @@ folder) sit above the config in the layering.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from tunelab.config.compat import check_config
 from tunelab.data.config import DataConfig
@@ -25,8 +26,8 @@ from tunelab.objectives import DEFAULT_OBJECTIVE, OBJECTIVES, ObjectiveConfig, O
 from tunelab.settings import Settings
 from tunelab.techniques import DEFAULT_TECHNIQUE, TECHNIQUES, TechniqueConfig
 
-__all__ = ["EMBEDDED_DEFAULT_MODEL", "DataConfig", "EvalConfig", "ModelConfig", "ObjectiveConfig", "OutputConfig",
-           "TrainingConfig", "TunelabConfig"]
+__all__ = ["EMBEDDED_DEFAULT_MODEL", "ConfigOrigin", "DataConfig", "EvalConfig", "ModelConfig", "ObjectiveConfig",
+           "OutputConfig", "TrainingConfig", "TunelabConfig"]
 
 class TrainingConfig(Settings):
     seed: int = Field(42, description="Seed for initialisation, shuffling and dropout. Same seed, same run.")
@@ -177,6 +178,17 @@ class OutputConfig(Settings):
 TechniqueField = Annotated[TechniqueConfig, Field(discriminator="name")]
 
 
+@dataclass(frozen=True)
+class ConfigOrigin:
+    """Where a config was read from: its file, the file's text and the --set items applied on top of it. A config
+    derived from it (compare's run of each technique) is refused at the file's line or the --set item, as the file
+    itself would be, rather than at an anonymous '<config>'."""
+
+    path: str
+    text: str
+    overrides: tuple[str, ...] = ()
+
+
 class TunelabConfig(Settings):
     model: ModelConfig = Field(default_factory=ModelConfig, description="Which model to load and how.")
     data: DataConfig = Field(default_factory=DataConfig, description="Training and validation data.")
@@ -192,6 +204,8 @@ class TunelabConfig(Settings):
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="Optimisation loop.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation and before/after report.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where the run folder goes.")
+    # set by load_config; not a setting (never dumped), so a config built from a dict has none
+    _origin: ConfigOrigin | None = PrivateAttr(None)
 
     @model_validator(mode="before")
     @classmethod
@@ -213,6 +227,11 @@ class TunelabConfig(Settings):
             raise ValueError(f"training.best_metric {self.training.best_metric!r} is not computed: use one of "
                              f"{', '.join(computed)}, or add it to training.eval_metrics")
         return self
+
+    @property
+    def origin(self) -> ConfigOrigin | None:
+        """The file (and --set items) this config was loaded from; None when it was built from a dict."""
+        return self._origin
 
     @property
     def learning_rate(self) -> float:
