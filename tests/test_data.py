@@ -103,7 +103,7 @@ def test_json_array_bad_record_is_named(tmp_path: Path) -> None:
     path = tmp_path / "data.json"
     path.write_text(json.dumps([ALPACA, ALPACA, {"foo": "bar"}]))
     message = data_error(path)
-    assert f"{path}: record 3" in message and "Expected shapes" in message
+    assert f"{path}: record 3" in message and "The alpaca format expects {\"instruction\": str" in message
 
 
 def test_csv_file(tmp_path: Path) -> None:
@@ -254,13 +254,26 @@ def test_wrong_role_in_the_middle_is_named(tmp_path: Path) -> None:
     assert "'bot'" in message and "system, user, assistant" in message
 
 
-def test_missing_keys_in_the_middle_name_line_and_shapes(tmp_path: Path) -> None:
+def test_a_record_missing_keys_is_told_its_files_format_and_line_not_every_shape(tmp_path: Path) -> None:
+    """A record lacking the keys of its file's format (detected from the first record, or configured) is told that
+    format, how it was chosen, what it lacks and that format's shape, at its line. Every format's shape, listed
+    before, buried the one that applied; it is listed only when the format cannot be told."""
     path = jsonl_lines(tmp_path / "bad.jsonl", [GOOD, GOOD, GOOD, json.dumps({"question": "hi", "answer": "yo"}), GOOD])
     message = data_error(path)
-    assert f"{path}:4" in message
-    assert "messages" in message and "Expected shapes" in message
-    for shape in ('"instruction"', '"prompt"', '"completion"', '"text"'):
-        assert shape in message
+    assert message.startswith(f"{path}:4: record does not match the 'messages' format of this file (detected from "
+                              "its first record; it lacks 'messages'; its keys: answer, question). The messages "
+                              "format expects {\"messages\": [{\"role\"")
+    for other in ('"instruction"', '"completion"', '"chosen"', "alpaca:", "preference:"):
+        assert other not in message
+    configured = data_error(path, "prompt_completion")
+    assert configured.startswith(f"{path}:1: record does not match the 'prompt_completion' format of this file "
+                                 "(configured; it lacks 'prompt', 'completion'; its keys: messages). The "
+                                 "prompt_completion format expects {\"prompt\": str, \"completion\": str}")
+    assert '"instruction"' not in configured
+    unknown = data_error(jsonl_lines(tmp_path / "unknown.jsonl", [json.dumps({"question": "hi"})]))
+    assert "cannot tell the format" in unknown and "Expected shapes: messages:" in unknown
+    for shape in ('"instruction"', '"prompt"', '"completion"', '"text"', '"chosen"'):
+        assert shape in unknown
 
 
 def test_line_numbers_count_blank_lines(tmp_path: Path) -> None:

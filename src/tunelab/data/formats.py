@@ -1,7 +1,8 @@
 """Reading data files and checking every record against one of the formats.
 
 Files are read through ``datasets`` (JSONL, JSON, CSV, Parquet). When a read fails, or a record has the wrong
-shape, the error names the file, the line (or row) and the expected shapes, instead of an opaque Arrow error.
+shape, the error names the file, the line (or row) and the expected shape (its file's format's, or every format's
+when the format cannot be told), instead of an opaque Arrow error.
 Every record becomes an :class:`Example`: either a chat (``messages``) or a prompt/completion pair of plain text
 (the four SFT formats); a preference pair (a prompt, a chosen and a rejected answer); an unpaired completion with a
 desirable/undesirable label; a text (or chat) with a class label; or a prompt alone (a string, or messages ending
@@ -32,19 +33,29 @@ RECORD_KINDS = {
     "prompt": "prompts {prompt} (or {messages} ending in a user turn), plus any reference columns",
 }
 ROLES = ("system", "user", "assistant")
-EXPECTED_SHAPES = (
-    "messages: {\"messages\": [{\"role\": \"system\"|\"user\"|\"assistant\", \"content\": str, \"weight\"?: 0|1}, ...]}; "
-    "alpaca: {\"instruction\": str, \"input\"?: str, \"output\": str, \"system\"?: str}; "
-    "prompt_completion: {\"prompt\": str, \"completion\": str}; "
-    "text: {\"text\": str}; "
-    "preference: {\"prompt\": str, \"chosen\": str, \"rejected\": str} (or prompt: [messages], chosen/rejected: "
-    "[{\"role\": \"assistant\", \"content\": str}]); "
-    "unpaired_preference: {\"prompt\", \"completion\", \"label\": true|false} (strings or messages, as preference); "
-    "labeled: {\"text\": str, \"label\": str|int} (or \"messages\" plus \"label\"); "
-    "prompt: {\"prompt\": str or [messages]} or {\"messages\": [..., {\"role\": \"user\", ...}]} (ending in a user "
-    "turn), any other key a reference column (e.g. \"reference\": str); "
-    "any format may add \"task\": str (multi-task data)"
-)
+# What each format's records look like, for errors: a record of a file whose format is known is told its own
+# format's shape; the list of them all is for a record whose format cannot be told.
+SHAPES: dict[str, str] = {
+    "messages": "{\"messages\": [{\"role\": \"system\"|\"user\"|\"assistant\", \"content\": str, \"weight\"?: 0|1}, ...]}",
+    "alpaca": "{\"instruction\": str, \"input\"?: str, \"output\": str, \"system\"?: str}",
+    "prompt_completion": "{\"prompt\": str, \"completion\": str}",
+    "text": "{\"text\": str}",
+    "preference": "{\"prompt\": str, \"chosen\": str, \"rejected\": str} (or prompt: [messages], chosen/rejected: "
+                  "[{\"role\": \"assistant\", \"content\": str}])",
+    "unpaired_preference": "{\"prompt\", \"completion\", \"label\": true|false} (strings or messages, as preference)",
+    "labeled": "{\"text\": str, \"label\": str|int} (or \"messages\" plus \"label\")",
+    "prompt": "{\"prompt\": str or [messages]} or {\"messages\": [..., {\"role\": \"user\", ...}]} (ending in a user "
+              "turn), any other key a reference column (e.g. \"reference\": str)",
+}
+TASK_KEY_NOTE = "any format may add \"task\": str (multi-task data)"
+EXPECTED_SHAPES = "; ".join(f"{fmt}: {shape}" for fmt, shape in SHAPES.items()) + "; " + TASK_KEY_NOTE
+
+
+def expected_shape(fmt: str) -> str:
+    """What a record of format ``fmt`` looks like, as an error about a record of a file of that format ends."""
+    return f"The {fmt} format expects {SHAPES[fmt]}; {TASK_KEY_NOTE}"
+
+
 SUFFIX_TO_BUILDER = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 GIVE_A_DATA_FILE = "give a data file (.jsonl, .json, .csv or .parquet)"
 
@@ -342,7 +353,7 @@ def _require_str(record: dict[str, Any], key: str, where: str, fmt: str, optiona
         return ""
     if not isinstance(value, str):
         got = "missing" if value is None else f"a {type(value).__name__}"
-        raise DataError(f"{where}: '{key}' is {got}; the {fmt} format expects a string. Expected shapes: {EXPECTED_SHAPES}")
+        raise DataError(f"{where}: '{key}' is {got}; the {fmt} format expects a string. {expected_shape(fmt)}")
     return value
 
 
@@ -394,23 +405,18 @@ def _task(record: dict[str, Any], where: str) -> str | None:
     return task
 
 
-def to_example(record: dict[str, Any], fmt: str, where: str) -> Example:
-    """Check one record against `fmt` and return its canonical form (or raise DataError naming `where`)."""
-    return replace(_content(record, fmt, where), task=_task(record, where))
+def to_example(record: dict[str, Any], fmt: str, where: str, detected: bool = False) -> Example:
+    """Check one record against `fmt` and return its canonical form (or raise DataError naming `where`).
+    ``detected``: `fmt` was told from the file's first record (data.format 'auto'), not configured."""
+    return replace(_content(record, fmt, where, detected), task=_task(record, where))
 
 
-def _content(record: dict[str, Any], fmt: str, where: str) -> Example:
+def _content(record: dict[str, Any], fmt: str, where: str, detected: bool = False) -> Example:
     if fmt == "prompt":  # any record with a prompt: its other keys (even 'completion') are reference columns
         return _prompt_record(record, where)
     found = detect_format(record)
     if found != fmt:
-        keys = ", ".join(sorted(_present_keys(record))) or "none"
-        missing = [k for k in REQUIRED_KEYS[fmt] if k not in _present_keys(record)]
-        lacks = f"it lacks {', '.join(repr(k) for k in missing)}; " if missing else ""
-        raise DataError(
-            f"{where}: record does not match the '{fmt}' format of this file ({lacks}its keys: {keys}). "
-            f"Expected shapes: {EXPECTED_SHAPES}"
-        )
+        raise DataError(_mismatch_message(record, fmt, where, detected))
     if fmt == "messages":
         turns, untrained = _messages(record, where)
         return Example(fmt, where, messages=turns, untrained_turns=untrained)
@@ -425,13 +431,13 @@ def _content(record: dict[str, Any], fmt: str, where: str) -> Example:
         return Example(fmt, where, prompt=_require_str(record, "prompt", where, fmt),
                        completion=_require_str(record, "completion", where, fmt))
     if fmt == "preference":
-        prompt, turns = _prompt(record, where)
+        prompt, turns = _prompt(record, where, fmt)
         conversational = bool(turns)
         return Example(fmt, where, messages=turns, prompt=prompt,
                        chosen=_answer(record, "chosen", where, conversational),
                        rejected=_answer(record, "rejected", where, conversational))
     if fmt == "unpaired_preference":
-        prompt, turns = _prompt(record, where)
+        prompt, turns = _prompt(record, where, fmt)
         return Example(fmt, where, messages=turns, prompt=prompt,
                        completion=_answer(record, "completion", where, bool(turns)), label=_desirable(record, where))
     if fmt == "labeled":
@@ -441,6 +447,17 @@ def _content(record: dict[str, Any], fmt: str, where: str) -> Example:
             return Example(fmt, where, messages=turns, label=label)
         return Example(fmt, where, prompt=_require_str(record, "text", where, fmt), label=label)
     return Example(fmt, where, completion=_require_str(record, "text", where, fmt))
+
+
+def _mismatch_message(record: dict[str, Any], fmt: str, where: str, detected: bool) -> str:
+    """A record that is not of its file's format: the format, how it was chosen, what the record lacks, and that
+    format's shape alone (the file's format is known: the other formats' shapes would only bury it)."""
+    keys = ", ".join(sorted(_present_keys(record))) or "none"
+    missing = [k for k in REQUIRED_KEYS[fmt] if k not in _present_keys(record)]
+    lacks = f"it lacks {', '.join(repr(k) for k in missing)}; " if missing else ""
+    how = "detected from its first record" if detected else "configured"
+    return (f"{where}: record does not match the '{fmt}' format of this file ({how}; {lacks}its keys: {keys}). "
+            f"{expected_shape(fmt)}")
 
 
 PROMPT_KEYS = ("prompt", "messages", "task")  # what a prompt record is made of; its other keys are columns
@@ -458,7 +475,7 @@ def _prompt_record(record: dict[str, Any], where: str) -> Example:
         prompt, turns = record["prompt"], ()
     else:
         if not isinstance(record.get(key), list):
-            _prompt(record, where)  # raises the usual message about the prompt's type
+            _prompt(record, where, "prompt")  # raises the usual message about the prompt's type
         turns, _ = _messages(record, where, need_assistant=False, key=key)
         prompt = ""
         answered = key == "messages" and turns[-1][0] == "assistant" and len(turns) > 1
@@ -475,7 +492,7 @@ def _prompt_record(record: dict[str, Any], where: str) -> Example:
     return Example("prompt", where, messages=turns, prompt=prompt, columns=columns)
 
 
-def _prompt(record: dict[str, Any], where: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+def _prompt(record: dict[str, Any], where: str, fmt: str) -> tuple[str, tuple[tuple[str, str], ...]]:
     """A pair's prompt: a string, or (TRL's conversational format) the messages before the answer."""
     prompt = record.get("prompt")
     if isinstance(prompt, str):
@@ -488,7 +505,7 @@ def _prompt(record: dict[str, Any], where: str) -> tuple[str, tuple[tuple[str, s
         return "", turns
     got = "missing" if prompt is None else f"a {type(prompt).__name__}"
     raise DataError(f"{where}: 'prompt' is {got}; expected a string or a list of {{role, content}} messages. "
-                    f"Expected shapes: {EXPECTED_SHAPES}")
+                    f"{expected_shape(fmt)}")
 
 
 def _answer(record: dict[str, Any], key: str, where: str, conversational: bool) -> str:
@@ -551,11 +568,12 @@ def load_file(path: str | Path, fmt: str = "auto", columns: dict[str, str] | Non
     if columns:
         _check_mapped_columns(path, records, columns, column_word)
         records = [rename_columns(r, columns, _location(path, row, lines)) for row, r in enumerate(records)]
-    if fmt == "auto":
+    detected = fmt == "auto"
+    if detected:
         fmt = detect_format(records[0], prompts) or ""
         if not fmt:
             raise DataError(_unknown_format_message(records[0], _location(path, 0, lines), column_word))
     loaded = LoadedFile(path, fmt)
     for row, record in enumerate(records):
-        loaded.examples.append(to_example(record, fmt, _location(path, row, lines)))
+        loaded.examples.append(to_example(record, fmt, _location(path, row, lines), detected))
     return loaded
