@@ -44,6 +44,28 @@ def test_a_user_function_gets_prompts_completions_and_columns_and_weights_add_up
     assert scored.total.tolist() == [0.5 * 1 + 2 * 1, 0.0]
 
 
+def test_a_users_reward_file_runs_once_for_the_check_and_the_run_and_again_once_edited(tmp_path: Path) -> None:
+    """Training checks its rewards before loading weights (``check_rewards``) and then builds them: the user's file
+    is executed once for both, not twice (its top-level code may be costly or have effects); an edited file is read
+    again."""
+    import os
+    from types import SimpleNamespace
+
+    from tunelab.objectives.online import check_rewards
+
+    runs = tmp_path / "runs.txt"
+    reward = tmp_path / "counted.py"
+    reward.write_text(f"open({str(runs)!r}, 'a').write('x')\ndef r(prompts, completions, **k):\n    return [1.0] * len(completions)\n")
+    spec = f"{reward}:r"
+    check_rewards(SimpleNamespace(rewards=[RewardSettings(function=spec)]), [])
+    build_rewards([RewardSettings(function=spec)], CPU)
+    assert runs.read_text() == "x"
+    reward.write_text(reward.read_text() + "# edited\n")
+    os.utime(reward, ns=(reward.stat().st_atime_ns, reward.stat().st_mtime_ns + 10**9))
+    build_rewards([RewardSettings(function=spec)], CPU)
+    assert runs.read_text() == "xx"
+
+
 @pytest.mark.parametrize(("function", "message"), [
     (lambda p, c, **k: 1 / 0, r"reward bad raised ZeroDivisionError: division by zero \(on the completions of f:1, f:2\)"),
     (lambda p, c, **k: [1.0], r"reward bad returned 1 values for 2 completions \(of f:1, f:2\)"),

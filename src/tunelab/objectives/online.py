@@ -13,6 +13,7 @@ as strings, and every reference column of the records as a keyword (a list, one 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 from dataclasses import dataclass
@@ -94,7 +95,18 @@ class OnlineSettings(Settings):
 def user_function(path: str) -> RewardFunction:
     """A user's reward, 'module:function' (importable) or 'path/to/file.py:function' (relative to the working
     directory), imported; a ConfigError when it cannot be. Here, below both, so that `tunelab train` (through
-    ``tunelab.rewards``) and `tunelab plan` (through ``check_rewards``) resolve it with the same code."""
+    ``tunelab.rewards``) and `tunelab plan` (through ``check_rewards``) resolve it with the same code. A file is
+    executed once per version (its modification time): training's up-front check and its rewards share it."""
+    module_name = path.rpartition(":")[0]
+    file = Path(module_name)
+    stamp = file.stat().st_mtime_ns if module_name.endswith(".py") and file.is_file() else None
+    return _imported(path, str(file.resolve()) if stamp is not None else None, stamp)
+
+
+@functools.lru_cache(maxsize=64)
+def _imported(path: str, resolved: str | None, stamp: int | None) -> RewardFunction:
+    """``user_function``'s import, cached on the file's resolved path and modification time (a failure is not
+    cached: it raises)."""
     module_name, _, function_name = path.rpartition(":")
     try:
         if module_name.endswith(".py"):
