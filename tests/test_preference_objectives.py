@@ -109,6 +109,17 @@ def test_step_zero_dpo_loss_is_ln2(tiny_model_dir: Path, tiny_tokenizer: Any, te
     result = bound.loss_sum(model, batch)
     assert result.num_units == 6
     assert result.loss_sum.item() / result.num_units == pytest.approx(LN2, abs=1e-4)
+    # the policy is its reference: every pair is a tie, which counts half (chance), not wrong
+    assert result.stats["preference_accuracy"].item() == 3.0
+
+
+def test_preference_accuracy_counts_a_tie_half() -> None:
+    """pair_stats on fixed rewards: chosen above rejected 1, a tie 0.5, below 0 (summed over pairs)."""
+    from tunelab.objectives.preference import pair_stats
+
+    stats = pair_stats(torch.tensor([1.0, 0.0, -1.0, 0.25]), torch.tensor([0.0, 0.0, 0.0, 0.25]))
+    assert stats["preference_accuracy"].item() == 1.0 + 0.5 + 0.0 + 0.5
+    assert stats["reward_margin"].item() == 0.0
 
 
 def test_precomputed_and_live_reference_give_the_same_first_loss(tiny_model_dir: Path, tiny_tokenizer: Any,

@@ -89,10 +89,14 @@ def reference_logps(model: nn.Module, batch: Batch, reference: Reference | None)
 
 def pair_stats(reward_chosen: torch.Tensor, reward_rejected: torch.Tensor) -> dict[str, torch.Tensor]:
     """The figures every pair objective logs, summed over pairs (the loop divides by the pair count): the implicit
-    rewards of each side, their margin, and preference accuracy (chosen rewarded above rejected)."""
+    rewards of each side, their margin, and preference accuracy (chosen rewarded above rejected; a tie counts half,
+    as a coin toss would rank it). Ties are exact where the policy is its reference (the base model before/after
+    compares, step 0): every reward is 0 there, and counting ties wrong showed the base at 0.0, as if it ranked
+    every pair the wrong way round (TRL's logged accuracy counts them wrong)."""
     chosen, rejected = reward_chosen.detach(), reward_rejected.detach()
+    ranked = (chosen > rejected).float() + 0.5 * (chosen == rejected).float()
     return {"reward_chosen": chosen.sum(), "reward_rejected": rejected.sum(), "reward_margin": (chosen - rejected).sum(),
-            "preference_accuracy": (chosen > rejected).float().sum()}
+            "preference_accuracy": ranked.sum()}
 
 
 def _ranking_metrics(classes: list[str]) -> list[Metric]:
