@@ -252,6 +252,21 @@ def test_a_negative_loss_that_falls_is_shown_as_a_fall(capsys: pytest.CaptureFix
     assert "-5.9%" in out and "+5.9%" not in out
 
 
+def test_the_before_after_table_shows_the_objectives_own_figures(capsys: pytest.CaptureFixture[str]) -> None:
+    """A pair objective's eval.json holds preference accuracy and reward margin beside the loss: the table shows them
+    with their change (the confusion matrix's cells and the token count are not rows); a loss that rounds to zero
+    prints without a minus sign (GRPO's -0.0)."""
+    from tunelab.console import print_before_after
+
+    base = {"loss": 0.693147, "tokens": 2, "reward_margin": 0.0, "preference_accuracy": 0.5, "confusion_0_1": 0.5}
+    tuned = {"loss": -0.0, "tokens": 2, "reward_margin": 0.01931, "preference_accuracy": 1.0, "confusion_0_1": 0.5}
+    print_before_after({"base": base, "tuned": tuned, "samples": []})
+    out = capsys.readouterr().out
+    assert re.search(r"preference_accuracy\s+│\s+0\.5000\s+│\s+1\.0000\s+│\s+\+0\.5000", out), out
+    assert re.search(r"reward_margin\s+│\s+0\.0000\s+│\s+0\.0193\s+│\s+\+0\.0193", out), out
+    assert "confusion" not in out and "tokens" not in out and "-0.0000" not in out
+
+
 def test_brackets_in_a_data_error_print_as_they_are(tmp_path: Path, tiny_config: Path) -> None:
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "[/INST]", "content": "x"}]}])
     result = invoke("data", "inspect", bad, "--config", tiny_config)

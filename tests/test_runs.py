@@ -144,3 +144,21 @@ def test_show_says_why_a_run_failed(tmp_path: Path) -> None:
     shown = CliRunner(env={"COLUMNS": "250"}).invoke(app, ["runs", "show", str(failed)])
     assert shown.exit_code == 0 and "failed at step 0" in shown.output
     assert "Model does not support past key values" in shown.output
+
+
+def test_show_gives_the_objectives_own_figures_base_and_tuned(tmp_path: Path) -> None:
+    """A classifier's eval.json holds accuracy and macro F1 beside the loss: `runs show` prints them base -> tuned
+    (not the confusion matrix's cells, not the token count)."""
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    run_dir = _run(tmp_path, "cls")
+    (run_dir / "eval.json").write_text(json.dumps({
+        "base": {"loss": 1.2, "tokens": 4, "accuracy": 0.5, "confusion_0_1": 0.5, "macro_f1": 0.3333},
+        "tuned": {"loss": 1.1, "tokens": 4, "accuracy": 0.75, "confusion_0_1": 0.25, "macro_f1": 0.7}}))
+    shown = CliRunner(env={"COLUMNS": "250"}).invoke(app, ["runs", "show", str(run_dir)])
+    assert shown.exit_code == 0, shown.output
+    assert "accuracy base -> tuned" in shown.output and "0.5000 -> 0.7500 (+0.2500)" in shown.output
+    assert "macro_f1 base -> tuned" in shown.output and "0.3333 -> 0.7000 (+0.3667)" in shown.output
+    assert "confusion" not in shown.output and "tokens base" not in shown.output

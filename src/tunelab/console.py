@@ -107,6 +107,23 @@ def training_progress(total: int, done: int, enabled: bool = True, plain_every: 
                                                        speed="-", note=""))
 
 
+NOT_OBJECTIVE_FIGURES = ("loss", "perplexity", "tokens")  # shown above them, or a count
+
+
+def objective_figures(base: dict[str, Any], tuned: dict[str, Any]) -> list[str]:
+    """The objective's own validation figures both sides have (a pair objective's preference accuracy and reward
+    margin, a classifier's accuracy): eval.json holds them, so the before/after table shows them too."""
+    return [k for k, v in tuned.items() if k not in NOT_OBJECTIVE_FIGURES and not k.startswith("confusion_")  # cells
+            and isinstance(v, (int, float))
+            and not isinstance(v, bool) and isinstance(base.get(k), (int, float))]
+
+
+def _four(value: float, signed: bool = False) -> str:
+    """Four decimals, without a minus sign on a value that rounds to zero (-0.0000)."""
+    text = f"{value:+.4f}" if signed else f"{value:.4f}"
+    return text.replace("-", "+" if signed else "", 1) if float(text) == 0 else text
+
+
 def print_before_after(evaluation: dict[str, Any] | None) -> None:
     if not evaluation:
         return
@@ -126,7 +143,9 @@ def print_before_after(evaluation: dict[str, Any] | None) -> None:
         # over |base|: an online objective's loss is minus its reward, so a fall from -0.70 to -0.74 is -5.9%
         change = (tuned[key] - base[key]) / abs(base[key]) if base[key] else 0.0
         style = "green" if change < 0 else "red"
-        table.add_row(key, f"{base[key]:.4f}", f"{tuned[key]:.4f}", Text(f"{change:+.1%}", style=style))
+        table.add_row(key, _four(base[key]), _four(tuned[key]), Text(f"{change:+.1%}", style=style))
+    for key in objective_figures(base, tuned):  # the objective's own (preference accuracy, reward margin, ...)
+        table.add_row(key, _four(base[key]), _four(tuned[key]), _four(tuned[key] - base[key], signed=True))
     for name, m in (evaluation.get("metrics") or {}).items():
         good = m["delta"] * (1 if m["higher_is_better"] else -1)
         style = "green" if m["ci_low" if m["higher_is_better"] else "ci_high"] * (1 if m["higher_is_better"] else -1) > 0 else (
@@ -346,6 +365,9 @@ def print_run_details(details: dict[str, Any]) -> None:
     base, tuned = evaluation.get("base") or {}, evaluation.get("tuned") or {}
     if tuned:
         rows.append(("validation loss base -> tuned", f"{_figure(base.get('loss'))} -> {_figure(tuned.get('loss'))}"))
+    for key in objective_figures(base, tuned) if base else []:  # the objective's own, as the end of training shows
+        rows.append((f"{key} base -> tuned", f"{_four(base[key])} -> {_four(tuned[key])} "
+                                             f"({_four(tuned[key] - base[key], signed=True)})"))
     for name, m in (evaluation.get("metrics") or {}).items():
         rows.append((f"{name} base -> tuned", f"{m['base']:.4f} -> {m['tuned']:.4f} ({m['delta']:+.4f}, 95% interval "
                                               f"[{m['ci_low']:+.4f}, {m['ci_high']:+.4f}])"))
