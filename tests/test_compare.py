@@ -58,6 +58,15 @@ def test_t_interval_matches_closed_forms() -> None:
     half = t_quantile(0.975, 2) * statistics.stdev([1.0, 2.0, 4.0]) / math.sqrt(3)
     assert (summary["low"], summary["high"]) == pytest.approx((7 / 3 - half, 7 / 3 + half))
     assert mean_interval([3.0])["low"] is None
+    # a cost cannot be negative: two seeds' wide interval is cut at its floor (the high end is not moved)
+    cut, wide = mean_interval([10.0, 1000.0], floor=0.0), mean_interval([10.0, 1000.0])
+    assert wide["low"] < 0 and cut["low"] == 0.0 and cut["high"] == wide["high"]
+    from tunelab.compare.table import technique_row
+
+    runs = [{"run": f"r{i}", "metrics": {}, "higher_is_better": {}, "forgetting_change": None,
+             "forgetting_flagged": None, "trainable_parameters": 1, "peak_memory_bytes": 1.0, "wall_time_s": t,
+             "tokens_per_s": 1.0, "artefact_bytes": 1.0, "training_tokens": 1.0} for i, t in enumerate((10.0, 1000.0))]
+    assert technique_row("lora", 1e-4, runs)["wall_time_s"]["low"] == 0.0
 
 
 def _config(tiny_model_dir: Path, tmp_path: Path, steps: int) -> Path:
@@ -281,3 +290,29 @@ def test_a_preference_compare_is_judged_by_the_objectives_own_figure(tmp_path: P
     assert primary_metric(rows) == ("preference_accuracy", True)
     sft = run_figures(tmp_path / "lora", {"training": {}})  # no objective section: SFT, judged by its task metrics
     assert "preference_accuracy" not in sft["metrics"]
+
+
+def test_a_metric_on_too_few_generations_does_not_judge_quality(tmp_path: Path) -> None:
+    """An SFT compare with the default 4 generations: exact match (0 or 0.25 by chance) does not judge quality; the
+    validation loss does, and compare says why. With 20 generations it judges."""
+    from tunelab.compare.table import MIN_QUALITY_SAMPLES, quality_note, run_figures, technique_row
+
+    def rows(generations: int) -> list[dict]:
+        made = []
+        for technique, loss, exact in (("lora", 1.5, 0.0), ("ia3", 1.9, 0.25)):
+            run_dir = tmp_path / f"{technique}-{generations}"
+            run_dir.mkdir()
+            (run_dir / "eval.json").write_text(json.dumps({
+                "base": {"loss": 2.0}, "tuned": {"loss": loss},
+                "metrics": {"exact_match": {"base": 0.0, "tuned": exact, "higher_is_better": True,
+                                            "examples": generations}}}))
+            made.append(technique_row(technique, 1e-4, [run_figures(run_dir, {"training": {}})]))
+        return made
+
+    few = rows(4)
+    assert primary_metric(few) == ("val_loss", False)
+    assert quality_note(few, primary_metric(few)) == (
+        "quality is val_loss, not exact_match (4 generations): a generation metric judges quality from 20 "
+        "generations up (raise eval.num_samples)")
+    enough = rows(MIN_QUALITY_SAMPLES)
+    assert primary_metric(enough) == ("exact_match", True) and quality_note(enough, ("exact_match", True)) is None

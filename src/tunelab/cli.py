@@ -186,8 +186,9 @@ def compare(
 
     Each technique trains at its own default learning rate; each run is an ordinary run folder under --out. Run
     the same command again after Ctrl-C: finished runs are kept, the interrupted one resumes. Quality is the
-    objective's own validation figure (a DPO run's preference accuracy), else the config's first task metric, else
-    the validation loss; how to read the report: docs/choosing.md, "How to read a compare report".
+    objective's own validation figure (a DPO run's preference accuracy), else the config's first task metric
+    computed on 20 generations or more (eval.num_samples), else the validation loss; how to read the report:
+    docs/choosing.md, "How to read a compare report".
     """
     _setup_logging()
     from tunelab.api import compare as run_compare, load_config  # start-up time
@@ -209,6 +210,10 @@ def compare(
     for row in rows:
         grid.add_row(*row)
     console.print(grid)
+    if result["primary_metric"]:
+        quality = result["primary_metric"]
+        console.print(f"quality: {quality['name']} ({'higher' if quality['higher_is_better'] else 'lower'} is better)"
+                      + (f"; {quality['note']}" if quality.get("note") else ""), highlight=False)
     for warning in result["warnings"]:
         err_console.print(warning, style="bold yellow", highlight=False)
     console.print(f"compare.json, report.md and report.html in {out}", highlight=False)
@@ -369,7 +374,10 @@ def _bytes(text: str) -> int:
     lowered = text.strip().lower()
     for unit, factor in units.items():
         if lowered.endswith(unit) and lowered[: -len(unit)].strip().replace(".", "", 1).isdigit():
-            return int(float(lowered[: -len(unit)]) * factor)
+            size = int(float(lowered[: -len(unit)]) * factor)
+            if size <= 0:
+                raise typer.BadParameter(f"'{text}': expected a size above zero, such as 24GiB")
+            return size
     if lowered.replace(".", "", 1).isdigit():
         raise typer.BadParameter(f"'{text}': give a unit, e.g. {text}GiB or {text}MiB ({text}B for bytes)")
     raise typer.BadParameter(f"'{text}': expected a size such as 24GiB, 512MiB or 8GB")
@@ -464,8 +472,8 @@ def _print_plan(out: dict[str, Any]) -> None:
         console.print(f"largest {solved['knob']} that fits: {solved['value']}" if solved["value"] is not None
                       else f"no {solved['knob']} fits the budget", highlight=False)
     if "recommend_dtypes" in out:
-        console.print(f"set-ups ranked in {', '.join(out['recommend_dtypes']['dtypes'])}: "
-                      f"{out['recommend_dtypes']['why']}", highlight=False)
+        console.print(f"set-ups ranked in {' and '.join(out['recommend_dtypes']['dtypes'])} "
+                      f"({out['recommend_dtypes']['why']})", highlight=False)
         if not out["recommend"]:
             console.print("no set-up fits the budget", highlight=False)
     if "recommend_timing" in out:

@@ -54,7 +54,8 @@ def markdown(result: dict[str, Any]) -> str:
         better = "higher" if metric["higher_is_better"] else "lower"
         lines += [f"Quality: `{metric['name']}` ({better} is better). Each figure is the mean over seeds with its "
                   "Student-t 95% interval in brackets. Pareto: no other technique is at least as good in quality, "
-                  "peak memory and wall time together and better in one.", ""]
+                  "peak memory and wall time together and better in one."
+                  + (f" Note: {metric['note']}." if metric.get("note") else ""), ""]
     lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
     if result["warnings"]:

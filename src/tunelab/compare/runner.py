@@ -17,7 +17,7 @@ import yaml
 
 from tunelab.checkpoint import latest_checkpoint
 from tunelab.compare.report import write_reports
-from tunelab.compare.table import flag_pareto, primary_metric, quality_cost, run_figures, technique_row
+from tunelab.compare.table import flag_pareto, primary_metric, quality_cost, quality_note, run_figures, technique_row
 from tunelab.config import TunelabConfig, build_config
 from tunelab.errors import ConfigError
 from tunelab.fs import claim, own_entry, write_entry_json, write_text
@@ -158,7 +158,9 @@ def summarize(planned: list[PlannedRun], configs: dict[str, dict[str, Any]], out
     metric = primary_metric(sweep_rows)
     rows, warnings = best_rows(sweep_rows, metric)
     flag_pareto(rows, metric)
-    return {"primary_metric": {"name": metric[0], "higher_is_better": metric[1]} if metric else None,
+    note = quality_note(sweep_rows, metric)
+    return {"primary_metric": {"name": metric[0], "higher_is_better": metric[1], **({"note": note} if note else {})}
+            if metric else None,
             "techniques": rows, "learning_rate_sweep": sweep_rows if len(sweep_rows) > len(rows) else None,
             "warnings": warnings, "runs": list(figures.values())}
 

@@ -30,15 +30,19 @@ def t_quantile(p: float, df: int) -> float:
     return (low + high) / 2
 
 
-def mean_interval(values: Sequence[float], confidence: float = 0.95) -> dict[str, float | int | None]:
-    """Mean over seeds with its Student-t interval; no interval from a single seed (its spread is unknown)."""
+def mean_interval(values: Sequence[float], confidence: float = 0.95,
+                  floor: float | None = None) -> dict[str, float | int | None]:
+    """Mean over seeds with its Student-t interval; no interval from a single seed (its spread is unknown).
+    ``floor``: the least the quantity can be (0 for a time, a size, a rate): the interval is cut there, as two
+    seeds' wide interval would otherwise reach below it (a wall time of -636 s)."""
     n = len(values)
     mean = sum(values) / n
     if n < 2:
         return {"mean": mean, "low": None, "high": None, "n": n}
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     half = t_quantile(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
-    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
+    low = mean - half if floor is None else max(mean - half, floor)
+    return {"mean": mean, "low": low, "high": mean + half, "n": n}
 
 
 def pareto_flags(costs: Sequence[Sequence[float]]) -> list[bool]:
