@@ -35,6 +35,18 @@ def test_unknown_key_names_path_nearest_key_and_line(tmp_path: Path) -> None:
     assert "did you mean 'learning_rate'" in message.lower()
 
 
+def test_switching_a_sections_name_by_set_says_how_to_replace_the_section(tmp_path: Path) -> None:
+    """--set technique.name=adapter over a file written for LoRA keeps its `r`, which the adapter refuses: the error
+    says how to switch (replace the section); the same key wrong in the file alone gets no such hint."""
+    path = write_config(tmp_path, "technique:\n  name: lora\n  r: 8\n")
+    switched = config_error(path, ["technique.name=adapter"])
+    assert f"{path}:3: unknown key 'technique.r'" in switched
+    assert "to switch, replace the section: --set 'technique={name: adapter}'" in switched
+    assert load_config(path, ["technique={name: adapter}"]).technique.name == "adapter"
+    plain = config_error(write_config(tmp_path, "technique:\n  name: adapter\n  r: 8\n", "b.yaml"))
+    assert "unknown key 'technique.r'" in plain and "replace the section" not in plain
+
+
 def test_an_objective_key_error_reads_as_the_user_wrote_it_with_the_objective_s_keys(tmp_path: Path) -> None:
     """The objective's settings class is picked by its name (a tagged union): errors say `objective.KEY`, at its
     line, with that objective's valid keys, as technique errors do."""

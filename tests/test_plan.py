@@ -334,8 +334,8 @@ def test_the_command_line_prints_why_the_set_ups_are_in_their_dtypes(tiny_model_
     path.write_text(yaml.safe_dump(yaml.safe_load(config_for(tiny_model_dir, tmp_path, "lora").to_yaml())))
     result = invoke("plan", path, "--budget", "1TiB", "--recommend")
     assert result.exit_code == 0, result.clean
-    dtypes = "float32, bfloat16" if native else "float32"
-    assert f"set-ups ranked in {dtypes}: " in result.clean and reason in result.clean
+    dtypes = "float32 and bfloat16" if native else "float32"
+    assert f"set-ups ranked in {dtypes} (" in result.clean and reason in result.clean
     assert (" lora bfloat16 checkpointing" in result.clean) == native
     assert "time per step measured for lora" in result.clean
     # each note once, after the list, naming the set-ups it is about (the heap policy: every checkpointed one)
@@ -803,6 +803,8 @@ def test_a_budget_without_a_unit_is_refused_with_the_units_it_could_mean(tiny_mo
     refused = invoke("plan", path, "--budget", "8")
     assert refused.exit_code == 2 and "'8': give a unit, e.g. 8GiB or 8MiB (8B for bytes)" in refused.clean
     assert invoke("plan", path, "--budget", "8GiB", "--json").exit_code == 0
+    zero = invoke("plan", path, "--budget", "0GiB")  # nothing fits nothing: a typo, not a question
+    assert zero.exit_code == 2 and "'0GiB': expected a size above zero" in zero.clean
 
 
 def test_recommend_prints_no_info_line_per_planned_set_up(tiny_model_dir, tmp_path, no_runtime_probe, no_speed_probe,

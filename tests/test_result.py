@@ -45,3 +45,6 @@ def test_load_run_gives_the_logits_training_ended_with(tiny_model_dir: Path, tmp
 def test_load_run_refuses_what_is_not_a_finished_run(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not a tunelab run folder"):
         load_run(tmp_path)
+    # a path that does not exist is named as such, not as a folder of the wrong kind
+    with pytest.raises(ConfigError, match=r"runs/nonexistent: no such folder \(a run folder"):
+        load_run(tmp_path / "runs" / "nonexistent")

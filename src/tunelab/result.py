@@ -64,6 +64,8 @@ def find_result(path: str | Path) -> FoundResult:
 
     A run that has not finished (no result folder) and a folder that is neither are refused with the reason."""
     path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such folder (a run folder, its result folder or an adapter folder)")
     if not (path / RUN_CONFIG).is_file() and (path / ADAPTER_CONFIG).is_file() and (path.parent / RUN_CONFIG).is_file():
         run = find_result(path.parent)
         if run.result_dir.resolve() == path.resolve():  # the result folder of that run: open the run

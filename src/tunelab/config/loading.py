@@ -324,6 +324,17 @@ def _key_named_first(msg: str) -> tuple[str, ...]:
     return tuple(match.group(1).split(".")) if match else ()
 
 
+def _switched_section_hint(loc: tuple[str, ...], data: dict[str, Any], overridden: Mapping[str, str]) -> str:
+    """For a key the section's new ``name`` (given by --set) does not take: how to replace the whole section, since
+    the file's other keys were written for the name it replaced."""
+    section = loc[0] if len(loc) == 2 and loc[0] in TAGGED else None
+    if section is None or f"{section}.name" not in overridden:
+        return ""
+    name = (data.get(section) or {}).get("name")
+    return (f". --set {section}.name={name} keeps the file's other {section} keys; to switch, replace the section: "
+            f"--set '{section}={{name: {name}}}'")
+
+
 def format_validation_error(
     exc: ValidationError, data: dict[str, Any], source: str, text: str | None,
     overridden: Mapping[str, str] | None = None,
@@ -344,7 +355,8 @@ def format_validation_error(
             valid = list(owner.model_fields) if owner else []
             close = _nearest_key(str(loc[-1]), valid)
             hint = f" Did you mean '{close}'?" if close else ""
-            messages.append(f"{where}: unknown key '{dotted}'.{hint} Valid keys here: {', '.join(valid)}")
+            messages.append(f"{where}: unknown key '{dotted}'.{hint} Valid keys here: {', '.join(valid)}"
+                            + _switched_section_hint(loc, data, overridden))
         elif err["type"] == "union_tag_invalid":  # loc is (section, "name"): the section's registry lists the names
             got = err.get("ctx", {}).get("tag", err["input"])
             hint = _name_hint(loc[0], got)

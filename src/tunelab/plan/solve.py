@@ -78,12 +78,12 @@ def recommend_dtypes(device: str = "cpu") -> tuple[list[str], str]:
     ``TUNELAB_CPU_BF16``), where auto trains in bfloat16 autocast. Without it bfloat16 is emulated, so auto, and
     the ranking, stay float32."""
     if device == "cuda":
-        return ["float32", "bfloat16"], "CUDA: float32 and bfloat16 (autocast) set-ups"
+        return ["float32", "bfloat16"], "CUDA trains both (bfloat16 as autocast)"
     support = precision.detect_cpu_bf16()  # through the module: the test suite's override reaches it
     if support.native:
-        return ["float32", "bfloat16"], ("float32 and the bfloat16 set-ups model.dtype: auto trains here (bfloat16 "
-                                         f"autocast, frozen weights in bfloat16): {support.reason}")
-    return ["float32"], f"float32 only, as model.dtype: auto trains here: {support.reason}"
+        return ["float32", "bfloat16"], ("model.dtype: auto trains in bfloat16 autocast here, frozen weights in "
+                                         f"bfloat16, because {support.reason}")
+    return ["float32"], f"float32 only: model.dtype: auto trains in float32 here, because {support.reason}"
 
 
 def auto_trains_in_bfloat16(technique: Technique, settings: object, device: str) -> bool:
