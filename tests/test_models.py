@@ -29,6 +29,16 @@ def test_offline_hub_id_says_what_to_download_and_where(monkeypatch: pytest.Monk
     assert "model.name: models/SmolLM2-360M-Instruct" in message and "smollm2-135m-instruct" in message
 
 
+def test_a_folder_name_read_as_a_hub_id_says_where_it_was_looked_for(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """'merged_sft' (a merged run's folder, run from another directory) is also a valid hub id: offline, the error
+    names the folder it looked for (the working directory's), not only the Hub."""
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout_s=3.0: False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoadError) as error:
+        load_model(ModelConfig(name="merged_sft"))
+    assert f"There is no folder {tmp_path.resolve() / 'merged_sft'} (a local model.name is read from the working directory)" in str(error.value)
+
+
 def test_missing_local_folder_and_folder_without_config(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="does not exist"):
         resolve_model_path(str(tmp_path / "nope"))
