@@ -172,3 +172,98 @@ def test_a_bottleneck_run_gets_the_same_true_advice_from_merge_and_export(tiny_m
         assert "tunelab serve RUN" in flat and "no single model" in flat, flat
         assert "export the base model" not in flat and "a adapter" not in flat, flat
     assert not (run / "merged").exists() and not (run / "exports").exists()
+
+
+def _pairs_run(root: Path, model_dir: Path, objective: dict) -> Path:
+    """A 2-step run of a pair objective (DPO, reward) on the toy pairs."""
+    from support.preference import toy_pair_texts
+
+    data = write_jsonl(root / "pairs.jsonl", [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in toy_pair_texts(0, 16)])
+    config = tiny_config(
+        model_dir, technique={"name": "lora", "r": 4, "dropout": 0.0}, objective=objective,
+        data={"train": [str(data)], "val_size": 4, "max_length": 64},
+        training={"max_steps": 2, "micro_batch_size": 2, "learning_rate": 1e-2},
+        eval={"before_after": False, "num_samples": 0}, output={"dir": str(root / "run")},
+    )
+    return train(config, progress=False).run_dir
+
+
+@pytest.fixture(scope="module")
+def dpo_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _pairs_run(tmp_path_factory.mktemp("dpo"), tiny_model_dir, {"name": "dpo"})
+
+
+@pytest.fixture(scope="module")
+def classification_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from support.labeled import classification_config
+
+    root = tmp_path_factory.mktemp("classification")
+    config = classification_config(tiny_model_dir, root, technique={"name": "lora", "r": 4, "dropout": 0.0},
+                                   training={"max_steps": 2}, data={"val_size": 4})
+    return train(config, progress=False).run_dir
+
+
+def _merged_check(run: Path, out: Path) -> dict:
+    result = runner.invoke(app, ["merge", str(run), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "loss per unit: adapter" in result.output
+    return json.loads((out / "merge_check.json").read_text())
+
+
+def test_a_dpo_run_merges_checked_on_its_pairs(dpo_run: Path, tmp_path: Path) -> None:
+    """A pair objective's merge is checked on its own pair batches: the merged model's token logits and DPO
+    figures (against the base as reference) equal the adapter model's."""
+    check = _merged_check(dpo_run, tmp_path / "merged")
+    assert check["objective"] == "dpo" and check["source"] == "validation records" and check["tokens"] > 0
+    assert check["max_logit_diff"] < 1e-4 and abs(check["mean_kl"]) < 1e-9
+    adapter, merged = check["figures"]["adapter"], check["figures"]["merged"]
+    assert adapter.keys() == merged.keys() >= {"loss", "reward_margin", "preference_accuracy"}
+    assert check["max_figure_diff"] < 1e-4
+    assert adapter["loss"] == pytest.approx(merged["loss"], abs=1e-4)
+    assert adapter["reward_margin"] != 0  # scored against the base (adapter off), not against itself
+
+
+def test_a_classification_run_merges_checked_on_its_labeled_texts(classification_run: Path, tmp_path: Path) -> None:
+    """A class head's merge is checked on the labeled batches: its (rows, classes) outputs and loss per example."""
+    from transformers import AutoModelForSequenceClassification
+
+    check = _merged_check(classification_run, tmp_path / "merged")
+    assert check["objective"] == "classification" and check["tokens"] == 4  # one output row per validation text
+    assert check["max_logit_diff"] < 1e-4 and abs(check["mean_kl"]) < 1e-9 and check["max_figure_diff"] < 1e-4
+    assert {"loss", "accuracy"} <= check["figures"]["merged"].keys()
+    assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").config.num_labels == 3
+
+
+def test_an_sft_merge_check_keeps_its_figures_only(lora_run: Path, tmp_path: Path) -> None:
+    """An SFT run's merge_check.json holds what it always held: no objective figures beside them."""
+    out = tmp_path / "merged"
+    assert runner.invoke(app, ["merge", str(lora_run), "--out", str(out)]).exit_code == 0
+    check = json.loads((out / "merge_check.json").read_text())
+    assert set(check) == {"max_logit_diff", "mean_kl", "tokens", "batches", "source", "note"}
+
+
+def test_a_reward_run_merges_checked_on_its_scores(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A one-score head: each row's score of the pair batches, and the Bradley-Terry loss per pair."""
+    check = _merged_check(_pairs_run(tmp_path, tiny_model_dir, {"name": "reward"}), tmp_path / "merged")
+    assert check["objective"] == "reward" and check["tokens"] == 8  # 4 validation pairs: 8 scored rows
+    assert check["max_logit_diff"] < 1e-4 and check["max_figure_diff"] < 1e-4
+    assert {"loss", "pairwise_accuracy", "score_margin"} <= check["figures"]["adapter"].keys()
+
+
+@pytest.mark.parametrize("run_name", ["dpo_run", "classification_run"])
+def test_the_objective_merge_check_sees_a_wrong_merge(run_name: str, request: pytest.FixtureRequest) -> None:
+    """Negative control: a merged model whose weights are slightly off differs in its outputs and its figures."""
+    from tunelab.export.merge import _objective_batches, compare_objective
+    from tunelab.objectives import OBJECTIVES
+    from tunelab.result import load_run
+
+    run = request.getfixturevalue(run_name)
+    loaded = load_run(run, device="cpu")
+    objective = OBJECTIVES[loaded.config.objective.name]
+    batches, source = _objective_batches(loaded, objective, 2, 2)
+    wrong = load_run(run, device="cpu").model.merge_and_unload()
+    with torch.no_grad():
+        for param in wrong.parameters():
+            param.add_(0.01 * torch.randn(param.shape, generator=torch.Generator().manual_seed(0)))
+    check = compare_objective(loaded, objective, wrong, batches, source, "a wrong merge")
+    assert check.max_logit_diff > 1e-2 and check.mean_kl > 1e-6 and check.max_figure_diff > 1e-3, check

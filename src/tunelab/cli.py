@@ -541,6 +541,10 @@ def merge(
     console.print(check.note, highlight=False)
     console.print(f"merge check on {check.tokens} tokens of {check.batches} batches ({check.source}): "
                   f"max logit difference {check.max_logit_diff:.3g}, mean KL {check.mean_kl:.3g}", highlight=False)
+    if check.figures is not None:  # an objective's own batches: its loss per unit, adapter against merged
+        adapter, merged = check.figures["adapter"]["loss"], check.figures["merged"]["loss"]
+        console.print(f"{check.objective} loss per unit: adapter {adapter:.6g}, merged {merged:.6g}; largest "
+                      f"difference of its figures {check.max_figure_diff:.3g}", highlight=False)
     console.print(Text.assemble(("merged", "bold green"), f" into {outcome.out_dir} (loads with plain transformers; "
                                 "the check is saved there as merge_check.json)"), highlight=False)
 
