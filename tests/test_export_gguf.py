@@ -67,6 +67,49 @@ def test_cli_export(run: Path, tmp_path: Path) -> None:
     result = CliRunner(env={"COLUMNS": "300"}).invoke(app, ["export", str(run), "--quant", "f32", "--out", str(tmp_path / "m.gguf")])
     assert result.exit_code == 0, result.output
     assert "greedy tokens equal on 100%" in result.output and "chat template carried" in result.output
-    assert not (tmp_path / "m.json").exists()  # nothing besides what was asked for in the user's folder
+    # the check is saved beside the file with --out too (docs/deployment.md), and it is of this file
+    assert json.loads((tmp_path / "m.json").read_text())["check"]["passed"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "m.json"]  # nothing else in the user's folder
     result = CliRunner().invoke(app, ["export", str(run), "--quant", "q4_k_m"])
     assert result.exit_code == 2 and "llama-quantize" in result.output
+
+
+def _failing_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """f32 held to more than every prompt: no file can pass its check."""
+    from tunelab.export import gguf
+
+    monkeypatch.setitem(gguf.TYPES, "f32", (*gguf.TYPES["f32"][:2], 1.01))
+
+
+def test_a_file_that_fails_its_check_is_not_left_at_out(run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed export leaves no file where it could be used by mistake; its check is saved beside where it was
+    to be, and the error says the file was removed and where the check is."""
+    _failing_check(monkeypatch)
+    out = tmp_path / "deploy" / "m.gguf"
+    result = CliRunner(env={"COLUMNS": "300"}).invoke(app, ["export", str(run), "--quant", "f32", "--out", str(out)])
+    flat = " ".join(result.output.split())
+    assert result.exit_code == 1, result.output
+    assert "does not reproduce the model" in flat and "so it was removed" in flat and "m.json" in flat, flat
+    assert "wrote" not in flat
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m.json"]  # no file, no temporary
+    report = json.loads((tmp_path / "deploy" / "m.json").read_text())
+    assert report["kept"] is False and report["check"]["passed"] is False
+
+
+def test_a_failed_export_in_the_run_replaces_the_earlier_one_by_nothing(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In RUN/exports/, an earlier export at the same name is not left beside a report saying the export failed."""
+    path = Path(export_gguf(run, "f32", check=False)["file"])
+    assert path.is_file()
+    _failing_check(monkeypatch)
+    report = export_gguf(run, "f32")
+    assert not report["kept"] and not path.exists()
+    assert json.loads(path.with_suffix(".json").read_text()) == report
+    assert not list(path.parent.glob(".*.tmp"))
+
+
+def test_a_users_check_file_at_out_is_never_replaced(run: Path, tmp_path: Path) -> None:
+    mine = tmp_path / "m.json"
+    mine.write_text("the user's notes")
+    with pytest.raises(ConfigError, match="exists"):
+        export_gguf(run, "f32", out=tmp_path / "m.gguf")
+    assert mine.read_text() == "the user's notes" and not (tmp_path / "m.gguf").exists()

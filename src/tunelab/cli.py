@@ -796,15 +796,18 @@ def export(
         report = export_gguf(run, quant, out, check=check)
     except _USER_ERRORS as exc:
         _fail(str(exc))
-    console.print(f"wrote {report['file']} ({report['size_mb']} MiB, {report['type']})", highlight=False)
+    if report["kept"]:
+        console.print(f"wrote {report['file']} ({report['size_mb']} MiB, {report['type']})", highlight=False)
     result = report.get("check")
     if result:
         console.print(f"check ({result['loader']}): greedy tokens equal on {result['same_greedy_tokens']:.0%} of "
                       f"{result['prompts']} prompts (required {result['required_same_greedy_tokens']:.0%} for "
                       f"{report['type']}), tokenization equal on {result['same_tokenization']:.0%}, chat template "
                       f"{'carried' if result['chat_template_carried'] else 'LOST'}", highlight=False)
-        if not result["passed"]:
-            _fail("the exported file does not reproduce the model within this type's tolerance", code=1)
+        if not result["passed"]:  # the file was never put at its name: a failed export is not there to be used
+            _fail(f"the exported file does not reproduce the model within this type's tolerance, so it was removed "
+                  f"(nothing was written at {report['file']}); the check is in "
+                  f"{Path(report['file']).with_suffix('.json')}", code=1)
 
 
 def main() -> None:

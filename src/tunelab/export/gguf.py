@@ -197,9 +197,19 @@ def check_roundtrip(path: Path, reference: Any, tokenizer: Any, quant: str, prom
     return result
 
 
+class _CheckFailed(Exception):
+    """Raised inside the atomic write of a file that failed its check: the write is abandoned, so the file is
+    never put in place (not even while the check runs, nor when the command is interrupted)."""
+
+    def __init__(self, report: dict[str, Any]) -> None:
+        super().__init__("the exported file failed its check")
+        self.report = report
+
+
 def export_gguf(run: Path, quant: str = "f16", out: Path | None = None, check: bool = True,
                 device: torch.device | str | None = "cpu") -> dict[str, Any]:
-    """Merge the run, write the GGUF file (default RUN/exports/<run>-<quant>.gguf), check it; return the report."""
+    """Merge the run, write the GGUF file (default RUN/exports/<run>-<quant>.gguf), check it; return the report,
+    which is saved beside the file as <file stem>.json. A file that fails its check is not kept (``kept``)."""
     quant = check_type(quant)
     run_dir = Path(run)
     model, tokenizer, config = merged_float(run_dir, torch.device(device or "cpu"))
@@ -210,20 +220,35 @@ def export_gguf(run: Path, quant: str = "f16", out: Path | None = None, check: b
     own_folder = path.parent.resolve() == (run_dir / "exports").resolve()  # tunelab's folder in the run
     if own_folder:
         fs.own_entry(run_dir, "exports")  # recorded in the run's ownership record (refused if exports/ is the user's)
-    if path.exists() and not own_folder:
-        raise ConfigError(f"--out {path}: the file exists; remove it or give another name (tunelab never replaces "
-                          "a file it did not write)")
+    for existing in (path, path.with_suffix(".json")):  # the file and its check report beside it
+        if existing.exists() and not own_folder:
+            raise ConfigError(f"--out {path}: {existing} exists; remove it or give another name (tunelab never "
+                              "replaces a file it did not write)")
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        report = _write_checked(model, tokenizer, path, quant, name, config.model.name, check, run_dir)
+    except _CheckFailed as failed:
+        report = failed.report
+        if own_folder:  # an earlier export of tunelab's at this name is not this run's checked file any more
+            fs.remove(path)
+    fs.write_json(path.with_suffix(".json"), report)  # beside the file, as the docs say, --out or not
+    return report
+
+
+def _write_checked(model: Any, tokenizer: Any, path: Path, quant: str, name: str, model_name: str, check: bool,
+                   run_dir: Path) -> dict[str, Any]:
+    """Write the file under its temporary name, check it there and only then put it at ``path``; raise
+    ``_CheckFailed`` (with the report) when it does not pass, leaving nothing at ``path``."""
     started = time.perf_counter()
     with fs.atomic_file(path) as tmp:
-        write_gguf(model, tokenizer, tmp, quant, name, config.model.name)
-    report: dict[str, Any] = {"run": str(run_dir), "file": str(path), "type": quant,
-                              "size_mb": round(path.stat().st_size / 2**20, 2),
-                              "write_s": round(time.perf_counter() - started, 2)}
-    if check:
-        chat = bool(tokenizer.chat_template)
-        prompts = [render_chat(tokenizer, [{"role": "user", "content": p}]) if chat else p for p in CHECK_PROMPTS]
-        report["check"] = check_roundtrip(path, model, tokenizer, quant, prompts)
-    if own_folder:  # the check report beside the file; elsewhere the user's folder gets only what was asked for
-        fs.write_json(path.with_suffix(".json"), report)
+        write_gguf(model, tokenizer, tmp, quant, name, model_name)
+        report: dict[str, Any] = {"run": str(run_dir), "file": str(path), "type": quant,
+                                  "size_mb": round(tmp.stat().st_size / 2**20, 2),
+                                  "write_s": round(time.perf_counter() - started, 2), "kept": True}
+        if check:
+            chat = bool(tokenizer.chat_template)
+            prompts = [render_chat(tokenizer, [{"role": "user", "content": p}]) if chat else p for p in CHECK_PROMPTS]
+            report["check"] = check_roundtrip(tmp, model, tokenizer, quant, prompts)
+            if not report["check"]["passed"]:
+                raise _CheckFailed({**report, "kept": False})
     return report
