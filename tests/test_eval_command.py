@@ -113,6 +113,40 @@ def test_eval_output_folder_with_the_users_files_is_refused(runs: dict[str, Path
                  settings=EvalSettings(metrics=["exact_match"]))
 
 
+def test_a_training_run_folder_is_refused_as_output_even_with_overwrite(runs: dict[str, Path]) -> None:
+    """`--output RUN` once took --overwrite (as its refusal advised) and replaced the run's eval.json, its own
+    before/after figures, with the report: a run folder is refused either way, and a subfolder is offered."""
+    before = {p.name: p.read_bytes() for p in runs["b"].iterdir() if p.is_file()}
+    for extra in ([], ["--overwrite"]):
+        result = CliRunner(env={"COLUMNS": "250"}).invoke(app, [
+            "eval", str(runs["a"]), "--data", str(runs["test"]), "--output", str(runs["b"]), "--metric", "exact_match",
+            "--max-new-tokens", "4", "--resamples", "20", "--no-progress", *extra])
+        assert result.exit_code != 0
+        flat = " ".join(result.output.split())
+        assert "is a training run's folder" in flat and str(runs["b"] / "evals" / "test") in flat, flat
+        assert "--overwrite" not in flat  # the advice that destroyed the run's figures
+    assert {p.name: p.read_bytes() for p in runs["b"].iterdir() if p.is_file()} == before
+
+
+@pytest.mark.parametrize("marker", ["record", "legacy"])
+def test_a_run_folder_known_by_its_ownership_record_is_refused_as_output(tmp_path: Path, marker: str) -> None:
+    """A run folder without its config.yaml is still a run: its ownership record says tunelab train wrote it
+    (or an older tunelab's run record marks it). Refused before any model is opened."""
+    from tunelab import fs
+    from tunelab.runs import WRITER
+
+    run_dir = tmp_path / "run"
+    if marker == "record":
+        fs.claim(run_dir, WRITER)
+        fs.write_entry_json(run_dir, "eval.json", {"base": {"loss": 2.0}, "tuned": {"loss": 1.5}})
+    else:
+        run_dir.mkdir()
+        (run_dir / fs.LEGACY_RUN_RECORD).write_text(json.dumps({"entries": []}))
+    with pytest.raises(ConfigError, match="training run's folder") as refused:
+        evaluate("no-such-model", [tmp_path / "test.jsonl"], output=run_dir, overwrite=True)
+    assert f"a subfolder such as {run_dir / 'evals' / 'test'}," in str(refused.value)
+
+
 def _plain_model(runs: dict[str, Path]) -> str:
     import yaml
 

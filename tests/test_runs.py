@@ -162,3 +162,26 @@ def test_show_gives_the_objectives_own_figures_base_and_tuned(tmp_path: Path) ->
     assert "accuracy base -> tuned" in shown.output and "0.5000 -> 0.7500 (+0.2500)" in shown.output
     assert "macro_f1 base -> tuned" in shown.output and "0.3333 -> 0.7000 (+0.3667)" in shown.output
     assert "confusion" not in shown.output and "tokens base" not in shown.output
+
+
+def test_show_names_what_an_eval_json_without_before_after_figures_lacks(tmp_path: Path) -> None:
+    """A run whose eval.json is a `tunelab eval` report (an older `eval --output RUN --overwrite` wrote it there)
+    is still shown, alone and side by side, and says what it lacks; it failed with KeyError: 'base'."""
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    damaged = _run(tmp_path, "damaged")
+    (damaged / "eval.json").write_text(json.dumps({
+        "target": "a", "comparisons": [],
+        "metrics": {"rouge_l": {"higher_is_better": True, "scores": {"a": 0.5}}}}))
+    good = _compared_run(tmp_path, "good", "lora", 8, 0.375)
+    runner = CliRunner(env={"COLUMNS": "300", "NO_COLOR": "1"})
+    shown = runner.invoke(app, ["runs", "show", str(damaged)])
+    assert shown.exit_code == 0, shown.output
+    flat = " ".join(shown.output.split())
+    assert "lacks 'base' and 'tuned'" in flat and "no before/after figures for rouge_l" in flat, flat
+    side = runner.invoke(app, ["runs", "show", str(damaged), str(good)])
+    assert side.exit_code == 0, side.output
+    row = next(line for line in side.output.splitlines() if "rouge_l base -> tuned" in line)
+    assert "lacks its before/after figures" in row and "0.2500 -> 0.3750" in row, row

@@ -369,8 +369,12 @@ def print_run_details(details: dict[str, Any]) -> None:
         rows.append((f"{key} base -> tuned", f"{_four(base[key])} -> {_four(tuned[key])} "
                                              f"({_four(tuned[key] - base[key], signed=True)})"))
     for name, m in (evaluation.get("metrics") or {}).items():
-        rows.append((f"{name} base -> tuned", f"{m['base']:.4f} -> {m['tuned']:.4f} ({m['delta']:+.4f}, 95% interval "
-                                              f"[{m['ci_low']:+.4f}, {m['ci_high']:+.4f}])"))
+        cell = before_after_cell(m, "95% interval ")
+        if cell is not None:
+            rows.append((f"{name} base -> tuned", cell))
+    missing = missing_before_after(evaluation)
+    if missing:
+        rows.append(("eval.json", missing))
     forgetting = evaluation.get("forgetting") or {}
     if "flagged" in forgetting:
         rows.append(("forgetting check", f"held-out loss {forgetting['base_loss']:.4f} -> {forgetting['tuned_loss']:.4f} "
@@ -408,8 +412,7 @@ def print_runs_side_by_side(details: list[dict[str, Any]]) -> None:
         cells = []
         for d in details:
             m = (d["eval"].get("metrics") or {}).get(name)
-            cells.append("-" if not m else f"{m['base']:.4f} -> {m['tuned']:.4f} ({m['delta']:+.4f}, "
-                                           f"[{m['ci_low']:+.4f}, {m['ci_high']:+.4f}])")
+            cells.append("-" if not m else before_after_cell(m) or "lacks its before/after figures")
         rows.append((f"{name} base -> tuned", cells))
     rows.append(("forgetting check", [_forgetting_cell(d["eval"]) for d in details]))
     for key, values in config_differences([d["config"] for d in details]).items():
@@ -417,6 +420,34 @@ def print_runs_side_by_side(details: list[dict[str, Any]]) -> None:
     for key, values in rows:
         table.add_row(key, *values)
     print_table(table)
+
+
+BEFORE_AFTER = ("base", "tuned", "delta", "ci_low", "ci_high")  # a metric's entry in a run's eval.json
+
+
+def before_after_cell(figures: Any, interval: str = "") -> str | None:
+    """One metric of a run's eval.json: base -> tuned (delta, [interval]); None when the entry lacks them."""
+    entry = figures if isinstance(figures, dict) else {}
+    if not all(isinstance(entry.get(key), (int, float)) for key in BEFORE_AFTER):
+        return None
+    return (f"{entry['base']:.4f} -> {entry['tuned']:.4f} ({entry['delta']:+.4f}, {interval}"
+            f"[{entry['ci_low']:+.4f}, {entry['ci_high']:+.4f}])")
+
+
+def missing_before_after(evaluation: dict[str, Any]) -> str | None:
+    """What a run's eval.json lacks of the before/after figures training wrote, or None. Older folders may lack
+    them: `tunelab eval --output RUN --overwrite` once wrote its own report over the run's eval.json, and
+    `runs show` must still show the rest of the run."""
+    if not evaluation:
+        return None  # not evaluated (yet): nothing is missing
+    keys = [repr(key) for key in ("base", "tuned") if key not in evaluation]
+    metrics = [name for name, m in (evaluation.get("metrics") or {}).items() if before_after_cell(m) is None]
+    if not keys and not metrics:
+        return None
+    parts = ([f"lacks {' and '.join(keys)}"] if keys else []) + (
+        [f"has no before/after figures for {', '.join(metrics)}"] if metrics else [])
+    source = " (it holds a `tunelab eval` report)" if "comparisons" in evaluation else ""
+    return f"{'; '.join(parts)}: not the run's before/after figures{source}"
 
 
 def _forgetting_cell(evaluation: dict[str, Any]) -> str:

@@ -234,13 +234,18 @@ def _write_record(folder: Path, entries: set[str], by: str) -> None:
         (folder / legacy).unlink(missing_ok=True)
 
 
-def _by(folder: Path, default: str) -> str:
-    """Who the folder's record says wrote it (kept when the record is rewritten)."""
+def recorded_writer(folder: Path) -> str | None:
+    """Who the folder's record says wrote it ('tunelab train', 'tunelab eval', ...); None without a readable one."""
     try:
         record = read_json(folder / RECORD)
     except (OSError, ValueError):
         record = None
-    return record["by"] if isinstance(record, dict) and isinstance(record.get("by"), str) else default
+    return record["by"] if isinstance(record, dict) and isinstance(record.get("by"), str) else None
+
+
+def _by(folder: Path, default: str) -> str:
+    """Who the folder's record says wrote it (kept when the record is rewritten)."""
+    return recorded_writer(folder) or default
 
 
 def claim(folder: Path, by: str) -> None:

@@ -43,6 +43,7 @@ import yaml
 
 from tunelab.config import read_run_config
 from tunelab.errors import ConfigError
+from tunelab.fs import LEGACY_RUN_RECORD, recorded_writer
 from tunelab.fs import read_json  # also the name the readers of run files import from here
 from tunelab.objectives import quality_figure
 from tunelab.objectives.online import MEAN_REWARD, STEP_REWARD
@@ -57,6 +58,14 @@ RUN_ENTRIES = frozenset({"config.yaml", "data_report.json", "metrics.jsonl", "ev
                          "run_info.json", "evals", "tensorboard", "mlruns", "wandb",
                          "quantize.json", "exports", "merged"})
 WRITER = "tunelab train"  # who a run folder's ownership record says wrote it
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether ``folder`` is a training run's: it holds a config.yaml (what ``load_run`` and ``tunelab runs`` open a
+    run by), or its ownership record says ``tunelab train`` wrote it (a run that lost or never wrote its config),
+    or it carries an older tunelab's run record."""
+    return ((folder / "config.yaml").is_file() or recorded_writer(folder) == WRITER
+            or (folder / LEGACY_RUN_RECORD).is_file())
 
 
 # ---------------------------------------------------------------- reading files

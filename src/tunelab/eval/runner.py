@@ -39,6 +39,7 @@ from tunelab.metrics import (Classification, Metric, Normalization, example_scor
 from tunelab.models import default_device
 from tunelab.result import check_openable, open_model
 from tunelab.rewards import build_rewards
+from tunelab.runs import is_run_folder
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +82,28 @@ class SystemScores:
 def default_output(target: str | Path, data_files: list[Path], against: list[str] | None = None) -> Path:
     """RUN/evals/<data>[-vs-<systems>] for a run, else evals/<target>-<data>[-vs-<systems>]: one folder per
     comparison, so `--against base` and `--against RUN` on one file keep both reports."""
-    stem = "-".join(p.stem for p in data_files)[:80]
-    if against:
-        stem += "-vs-" + "-".join(re.sub(r"[^\w.+-]", "_", Path(a).name or a) for a in against)[:80]
+    stem = report_name(data_files, against)
     if (Path(target) / "config.yaml").is_file():  # a run: its evaluations live with it
         return Path(target) / "evals" / stem
     return Path("evals") / f"{Path(str(target)).name or 'model'}-{stem}"
+
+
+def report_name(data_files: list[Path], against: list[str] | None = None) -> str:
+    """<data>[-vs-<systems>]: the name of a comparison's report folder."""
+    stem = "-".join(p.stem for p in data_files)[:80]
+    if against:
+        stem += "-vs-" + "-".join(re.sub(r"[^\w.+-]", "_", Path(a).name or a) for a in against)[:80]
+    return stem
+
+
+def refuse_a_run_folder(folder: Path, suggestion: Path) -> None:
+    """Refuse a training run's folder as the output, with or without --overwrite: its eval.json is the run's own
+    before/after figures (what `tunelab runs` reads), so a report there would destroy them, and the report's other
+    files would lie among the run's entries. ``suggestion``: a folder of its own to offer instead."""
+    if is_run_folder(folder):
+        raise ConfigError(f"--output {folder} is a training run's folder: its eval.json holds the run's own "
+                          "before/after figures, which the report would replace. Give the report a folder of its "
+                          f"own: a subfolder such as {suggestion}, or another path")
 
 
 def check_replaceable(folder: Path, request: dict[str, Any], overwrite: bool) -> None:
@@ -270,6 +287,7 @@ def evaluate(target: str | Path, data_files: list[str | Path], against: list[str
     if not files:
         raise ConfigError("no evaluation data: give --data FILE")
     out_dir = Path(output) if output is not None else default_output(target, files, against)
+    refuse_a_run_folder(out_dir, out_dir / "evals" / report_name(files, against))  # before any work
     metrics = resolve_metrics([] if settings.labels and settings.metrics == EvalSettings().metrics else settings.metrics,
                               settings.normalization)
     device = torch.device(device) if device is not None else default_device()
