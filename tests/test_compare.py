@@ -213,6 +213,25 @@ def test_a_compare_measures_the_base_once(tiny_model_dir: Path, tmp_path: Path) 
     assert first == second
 
 
+def test_a_run_trained_on_data_since_rewritten_is_refused_not_kept(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The same compare after the config's data file was rewritten logged 'completed earlier, kept' and reported
+    the old run's figures (its data_report.json counted the old records). It is refused as `train --resume`
+    refuses it: the run and the file named, and how to go on; nothing of the compare is replaced."""
+    config = _config(tiny_model_dir, tmp_path, steps=1)
+    out = tmp_path / "cmp"
+    command = _tunelab("compare", str(config), "--techniques", "ia3", "--out", str(out))
+    first = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout + first.stderr
+    kept = {name: (out / name).read_bytes() for name in ("compare.json", "ia3-seed42/data_report.json")}
+    write_jsonl(tmp_path / "train.jsonl", toy_chat_records(60)[20:])  # other records, the same path
+    again = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=900)
+    flat = " ".join((again.stdout + again.stderr).split())
+    assert again.returncode != 0 and "completed earlier, kept" not in flat, flat
+    assert "run ia3-seed42 trained on other data" in flat and str(tmp_path / "train.jsonl") in flat, flat
+    assert "another --out" in flat and f"remove {out / 'ia3-seed42'}" in flat, flat
+    assert {name: (out / name).read_bytes() for name in kept} == kept
+
+
 def test_html_report_is_self_contained_with_both_plots() -> None:
     from tunelab.compare.report import html_report
 

@@ -68,6 +68,14 @@ def is_run_folder(folder: Path) -> bool:
             or (folder / LEGACY_RUN_RECORD).is_file())
 
 
+def changed_data(run_dir: Path, fingerprint: str) -> str | None:
+    """The content hash of the data files ``run_dir`` was trained on (its data_report.json) when ``fingerprint``,
+    the files' hash now (``data.prepare.data_fingerprint``), differs from it; None when they agree or the run
+    saved none. The one comparison behind the refusals of `train --resume` and `compare` to mix two datasets."""
+    saved = (read_json(run_dir / "data_report.json") or {}).get("data_fingerprint")
+    return saved if saved is not None and saved != fingerprint else None
+
+
 # ---------------------------------------------------------------- reading files
 
 

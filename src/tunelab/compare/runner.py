@@ -19,9 +19,10 @@ from tunelab.checkpoint import latest_checkpoint
 from tunelab.compare.report import write_reports
 from tunelab.compare.table import flag_pareto, primary_metric, quality_cost, quality_note, run_figures, technique_row
 from tunelab.config import TunelabConfig, build_config
+from tunelab.data.prepare import data_fingerprint
 from tunelab.errors import ConfigError
 from tunelab.fs import claim, own_entry, write_entry_json, write_text
-from tunelab.runs import COMPARE_PLAN, read_json
+from tunelab.runs import COMPARE_PLAN, changed_data, read_json
 from tunelab.techniques import TECHNIQUES
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,40 @@ def _check_plan(out: Path, plan: dict[str, Any]) -> None:
     write_entry_json(out, PLAN, plan)
 
 
+def _earlier_run(run_dir: Path) -> str | None:
+    """What an earlier compare left of a run: 'completed' (kept as it is), 'checkpoint' (resumed from it), or None
+    (nothing worth keeping: trained anew)."""
+    status = (read_json(run_dir / "status.json") or {}).get("status") if run_dir.is_dir() else None
+    if status == "completed":
+        return "completed"
+    if status is not None and latest_checkpoint(run_dir / "checkpoints") is not None:
+        return "checkpoint"
+    return None
+
+
+def _check_same_data(config: TunelabConfig, planned: list[PlannedRun], out: Path) -> None:
+    """Refuse to keep or resume a run trained on data the config's files no longer hold: its figures would be
+    reported beside runs of the new data (the plan compares file names, not contents). `train --resume` refuses
+    the same case, by the same comparison (``runs.changed_data``)."""
+    earlier = [run.name for run in planned if _earlier_run(out / run.name) is not None]
+    files = [Path(path) for path in [*config.data.train, *config.data.validation]]
+    if not earlier or not all(path.is_file() for path in files):  # a missing file: training names it
+        return
+    fingerprint = data_fingerprint(config.data)  # hashes every data file: once, and only when a run is kept
+    changed = {name: saved for name in earlier if (saved := changed_data(out / name, fingerprint)) is not None}
+    if changed:
+        raise ConfigError(_changed_data_message(out, changed, files, fingerprint))
+
+
+def _changed_data_message(out: Path, changed: dict[str, str], files: list[Path], fingerprint: str) -> str:
+    """``changed``: each run trained on other data -> the content hash it was trained on."""
+    runs, them = (f"run {next(iter(changed))}", "it") if len(changed) == 1 else (f"runs {', '.join(changed)}", "them")
+    return (f"{out}: {runs} trained on other data: the data files changed since "
+            f"({', '.join(map(str, files))}: content hash {next(iter(changed.values()))} -> {fingerprint}); keeping "
+            f"{them} would report figures of the old data beside the new. Give another --out, or remove "
+            f"{', '.join(str(out / name) for name in changed)} to train {them} again on the new data")
+
+
 def _train_command(config_path: Path, resume: bool, overwrite: bool) -> list[str]:
     command = [sys.executable, "-m", "tunelab", "train", str(config_path), "--no-progress"]
     return command + ["--resume"] * resume + ["--set", "output.overwrite=true"] * overwrite
@@ -95,11 +130,11 @@ def _train(run: PlannedRun, config: dict[str, Any], out: Path) -> None:
     """Train one planned run to completion in its own process: kept when completed, resumed from its checkpoint
     when interrupted, started again (its folder is tunelab's own) when it stopped before any checkpoint."""
     run_dir = Path(config["output"]["dir"])
-    status = (read_json(run_dir / "status.json") or {}).get("status") if run_dir.is_dir() else None
-    if status == "completed":
+    earlier = _earlier_run(run_dir)
+    if earlier == "completed":
         log.info("%s: completed earlier, kept", run.name)
         return
-    resume = status is not None and latest_checkpoint(run_dir / "checkpoints") is not None
+    resume = earlier == "checkpoint"
     overwrite = run_dir.exists() and not resume
     config_path = own_entry(out, "configs") / f"{run.name}.yaml"
     config_path.parent.mkdir(exist_ok=True)
@@ -135,6 +170,7 @@ def compare(config: TunelabConfig, techniques: list[str], out: Path, seeds: int 
     configs = {run.name: run_config(config, run, out) for run in planned}
     claim(out, WRITER)
     _check_plan(out, {"config": config.model_dump(mode="json"), "runs": [asdict(run) for run in planned]})
+    _check_same_data(config, planned, out)  # before any run trains: nothing is kept beside runs of other data
     for index, run in enumerate(planned, start=1):
         log.info("[%d/%d] %s, learning rate %g, seed %d", index, len(planned), run.technique, run.learning_rate,
                  run.seed)

@@ -20,7 +20,7 @@ from tunelab import fs
 from tunelab.checkpoint import latest_checkpoint
 from tunelab.config import TunelabConfig, read_run_config
 from tunelab.errors import ConfigError
-from tunelab.runs import WRITER, read_json, read_metrics
+from tunelab.runs import WRITER, changed_data, read_json, read_metrics
 from tunelab.techniques.base import RESULT_DIRS
 
 log = logging.getLogger(__name__)
@@ -140,8 +140,8 @@ def resume_config_changes(config: TunelabConfig, run_dir: Path) -> tuple[list[st
 
 def check_same_data(run_dir: Path, report: dict[str, Any]) -> None:
     """Refuse a resume whose data files differ from the run's (their content hash is in data_report.json)."""
-    saved = (read_json(run_dir / "data_report.json") or {}).get("data_fingerprint")
-    if saved is not None and saved != report["data_fingerprint"]:
+    saved = changed_data(run_dir, report["data_fingerprint"])
+    if saved is not None:
         raise ConfigError(f"--resume: the data files changed since {run_dir} started (content hash {saved} -> "
                           f"{report['data_fingerprint']}); resuming would mix two datasets. Restore the files, or "
                           "start a new run in another output.dir")
