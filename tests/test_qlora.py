@@ -148,3 +148,69 @@ def test_a_quantized_load_gives_the_heap_it_freed_back(tiny_model_dir, monkeypat
         pytest.skip("no glibc malloc_trim here")
     assert before - anonymous_resident_bytes() >= 64 * 2**20
     del pin
+
+
+def score_head_weights(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if ".score." in f".{n}" and p.requires_grad]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_new_score_head_stays_full_precision_and_trains(tiny_model_dir: Path, bits: int) -> None:
+    """A classifier's (or reward model's) new score head is left out of quantization: PEFT copies it to train it
+    (modules_to_save), which a 4/8-bit weight refused ('incompatible tensor type'), and it takes a gradient."""
+    from tunelab.techniques import RunContext
+
+    config = tiny_config(tiny_model_dir, technique={"name": "qlora", "bits": bits, "r": 4})
+    technique = TECHNIQUES["qlora"]
+    model = load_model(config.model, CPU, technique.base_load(config.technique, CPU, 3), num_labels=3)
+    model = technique.apply(model, config.technique, RunContext(task_type="SEQ_CLS"))
+    heads = score_head_weights(model)
+    assert heads and all(type(p) is torch.nn.Parameter and p.dtype == torch.float32 for _, p in heads), heads
+    model(input_ids=torch.tensor([[5, 6, 7, 8]])).logits.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in heads)
+
+
+
+def prepared_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every parameter as loaded and prepared, 4-bit blocks with their scales (test_plan's measure)."""
+    from tunelab.plan.memory import unique_parameters
+
+    total = 0
+    for tensor in unique_parameters(model):
+        total += tensor.numel() * tensor.element_size()
+        state = getattr(tensor, "quant_state", None)
+        if state is not None:
+            total += state.absmax.numel() * state.absmax.element_size()
+            if state.state2 is not None:
+                total += state.state2.absmax.numel() * state.state2.absmax.element_size()
+    return total
+
+
+def test_qlora_classification_trains_and_plans_its_head_as_held(tiny_model_dir: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """End to end: a qlora classifier trains, and `tunelab plan`'s weights term is the prepared model's bytes
+    exactly, its head counted as the run holds it: the frozen original and PEFT's trainable copy in float32, not
+    4-bit blocks. (A bfloat16 base, so that no frozen weight is a view of the float32 checkpoint: every byte is
+    in the weights term.)"""
+    from support.labeled import classification_config
+
+    from tunelab import precision
+    from tunelab.plan import data_shape, plan_memory
+    from tunelab.precision import keep_trainable_in_float32
+    from tunelab.techniques import RunContext
+    from tunelab.training import train
+
+    config = classification_config(tiny_model_dir, tmp_path, technique={"name": "qlora", "r": 4},
+                                   training={"max_steps": 2})
+    assert train(config, progress=False).status == "completed"
+    monkeypatch.setattr(precision, "native_cpu_bf16", lambda: True)
+    config = config.model_copy(update={"model": config.model.model_copy(update={"dtype": "bfloat16"})})
+    shape = data_shape(config)
+    plan = plan_memory(config, "cpu", shape, runtime=0)
+    technique = TECHNIQUES["qlora"]
+    model = load_model(config.model, CPU, technique.base_load(config.technique, CPU, shape.head_size),
+                       num_labels=shape.head_size, dtype=torch.bfloat16)
+    model = technique.apply(model, config.technique, RunContext(task_type="SEQ_CLS"))
+    keep_trainable_in_float32(model)
+    assert len(score_head_weights(model)) == 1
+    assert plan.components["weights"] == prepared_bytes(model)

@@ -479,7 +479,9 @@ def model_skeleton(model_config: Any, base_load: BaseLoad | None = None, dtype: 
     if quantization is not None:
         from transformers.integrations import replace_with_bnb_linear
 
-        skeleton = replace_with_bnb_linear(skeleton, modules_to_not_convert=["lm_head"], quantization_config=quantization)
+        # the modules the technique keeps in full precision, as from_pretrained reads them (a score head too)
+        keep = getattr(quantization, "llm_int8_skip_modules", None) or ["lm_head"]
+        skeleton = replace_with_bnb_linear(skeleton, modules_to_not_convert=keep, quantization_config=quantization)
         skeleton.is_loaded_in_4bit = bool(getattr(quantization, "load_in_4bit", False))
         skeleton.is_loaded_in_8bit = bool(getattr(quantization, "load_in_8bit", False))
         skeleton.is_quantized = True

@@ -69,12 +69,12 @@ def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None 
     shape = shape or data_shape(config)
     technique = TECHNIQUES[config.technique.name]
     objective = OBJECTIVES[config.objective.name]
-    base_load = technique.base_load(config.technique, target)
+    # the head the run builds: a classifier's is as wide as the data's classes (Objective.head_size)
+    num_labels = shape.head_size if shape.head_size is not None else objective.num_labels
+    base_load = technique.base_load(config.technique, target, num_labels)  # loaded as training loads it, head included
     precision = technique_precision(config.model.dtype, target, base_load, technique.cpu_bf16_refusal)
     model_config = load_model_config(config.model)
     checkpoint_dtype = _checkpoint_dtype(model_config)  # before the skeleton: building it sets the config's dtype
-    # the head the run builds: a classifier's is as wide as the data's classes (Objective.head_size)
-    num_labels = shape.head_size if shape.head_size is not None else objective.num_labels
     skeleton = model_skeleton(model_config, base_load, dtype=precision.load_dtype, num_labels=num_labels)
     double_quant = bool(getattr(base_load.quantization_config, "bnb_4bit_use_double_quant", False))
     loaded = loaded_bytes(skeleton, double_quant)  # before the technique: what from_pretrained materialises
@@ -280,7 +280,7 @@ def scoring_model_bytes(run: str, target: torch.device) -> tuple[int, int]:
     objective = OBJECTIVES[run_config.objective.name]
     if objective.num_labels != 1:
         raise ConfigError(f"reward run {run}: not a reward model (a run trained with a one-score head)")
-    base_load = technique.base_load(run_config.technique, target)
+    base_load = technique.base_load(run_config.technique, target, objective.num_labels)
     model_config = load_model_config(run_config.model)
     checkpoint_dtype = _checkpoint_dtype(model_config)  # before the skeleton: building it sets the config's dtype
     skeleton = model_skeleton(model_config, base_load, dtype=base_load.dtype or resolve_dtype(run_config.model.dtype, target),

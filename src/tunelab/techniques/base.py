@@ -101,7 +101,7 @@ def peft_task_type(context: RunContext | None) -> str:
     return (context or RunContext()).task_type
 
 
-def plain_load(settings: Settings, device: torch.device) -> BaseLoad:
+def plain_load(settings: Settings, device: torch.device, num_labels: int | None = None) -> BaseLoad:
     return BaseLoad()
 
 
@@ -164,8 +164,9 @@ class Technique:
     - ``result_dir_name`` is 'adapter' (a standard PEFT adapter) or 'model' (a plain transformers model).
     - ``load_result(config, folder, device)`` rebuilds the trained model from that folder (``tunelab.load_run``
       calls it); the default opens a plain transformers model or the configured base with a PEFT adapter.
-    - ``base_load(settings, device)`` says how the base is loaded (``models.load_model`` and the meta-device
-      skeleton both use it).
+    - ``base_load(settings, device, num_labels)`` says how the base is loaded (``models.load_model`` and the
+      meta-device skeleton both use it), with the head the objective trains (``num_labels``: None for the causal
+      LM head, else a new score head's outputs); a two-argument ``base_load(settings, device)`` is accepted too.
     - ``refuses`` maps a feature of ``FEATURES`` (or ``objective:<name>``) to the reason it cannot work; what
       is not listed is supported.
     - ``param_groups(model, settings, lr, weight_decay)`` gives the optimizer's parameter groups.
@@ -217,7 +218,7 @@ class Technique:
     default_learning_rate: float
     summary: str
     load_result: Callable[[Any, Path, torch.device], nn.Module] | None = None
-    base_load: Callable[[Any, torch.device], BaseLoad] = plain_load
+    base_load: Callable[..., BaseLoad] = plain_load  # (settings, device[, num_labels])
     refuses: Mapping[str, str] = field(default_factory=dict)
     param_groups: Callable[[nn.Module, Any, float, float], list[dict[str, Any]]] | None = None
     on_step: Callable[[nn.Module, Any, int], dict[str, Any] | None] | None = None
@@ -238,6 +239,10 @@ class Technique:
     cpu_bf16_refusal: str | None = None
 
     def __post_init__(self) -> None:
+        if len(inspect.signature(self.base_load).parameters) == 2:  # base_load(settings, device): any head loads alike
+            loads_alike = self.base_load
+            object.__setattr__(self, "base_load",
+                               lambda settings, device, num_labels=None: loads_alike(settings, device))
         adapter = self.result_dir_name == ADAPTER_DIR
         if self.attach is None and adapter:
             object.__setattr__(self, "attach", attach_peft_adapter)
@@ -329,12 +334,13 @@ def attach_peft_adapter(model: nn.Module, folder: Path) -> nn.Module:
 
 
 def load_adapter_on_base(attach: Callable[[nn.Module, Path], nn.Module],
-                         base_load_of: Callable[[Any, torch.device], BaseLoad], config: Any, folder: Path,
+                         base_load_of: Callable[..., BaseLoad], config: Any, folder: Path,
                          device: torch.device) -> nn.Module:
     """An ``adapter/`` result: the run's base model, loaded as the technique loads it (``base_load_of``, its
     ``base_load``), with the head it was trained on (a score head when the adapter says SEQ_CLS), with ``attach``."""
-    base_load = base_load_of(config.technique, device)
-    base = load_model(config.model, device, base_load, num_labels=adapter_num_labels(folder))
+    num_labels = adapter_num_labels(folder)
+    base_load = base_load_of(config.technique, device, num_labels)
+    base = load_model(config.model, device, base_load, num_labels=num_labels)
     model = attach(apply_head_config(base, saved_head_config(folder)), folder)
     placed = base_load.device_map is not None or base_load.quantization_config is not None  # placed while loading
     return model if placed else model.to(device)
@@ -344,7 +350,7 @@ def load_adapter_on_base(attach: Callable[[nn.Module, Path], nn.Module],
 load_peft_adapter = partial(load_adapter_on_base, attach_peft_adapter, plain_load)
 
 
-def merge_peft_adapter(base_load_of: Callable[[Any, torch.device], BaseLoad], config: Any, folder: Path,
+def merge_peft_adapter(base_load_of: Callable[..., BaseLoad], config: Any, folder: Path,
                        device: torch.device) -> MergeResult:
     """Fold the adapter into the base weights it was trained on (loaded as the technique loads it,
     ``base_load_of``): W = W0 + delta(W), exact for additive and multiplicative weight adapters (LoRA family, IA3,

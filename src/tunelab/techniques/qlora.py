@@ -8,7 +8,7 @@ and every forward dequantizes it on the fly in ``compute_dtype``:
 Double quantization also quantizes the scales c (8-bit, blocks of 256), saving ~0.37 bits per weight. Only A and
 B train (all of LoRA's options apply). Memory of the linear weights: ~0.5 byte per weight in 4-bit (1/8 of fp32),
 1 byte in 8-bit (LLM.int8, Dettmers et al. 2022, https://arxiv.org/abs/2208.07339). Embeddings, norms and the output
-head stay in full precision.
+head stay in full precision; so does a new score head (an objective with ``num_labels``), which trains in full.
 The saved adapter is a standard PEFT LoRA adapter; tunelab reloads it on the same quantized base. ``tunelab merge``
 folds it into the *dequantized* 4/8-bit base (the weights it was trained against), and says so.
 """
@@ -22,7 +22,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from tunelab.models import load_model, resolve_dtype
+from tunelab.models import adapter_num_labels, apply_head_config, load_model, resolve_dtype, saved_head_config
 from tunelab.techniques import lora
 from tunelab.techniques.base import BaseLoad, MergeResult, RunContext, Technique, peft_disabled_view
 
@@ -52,21 +52,32 @@ class QloraSettings(lora.LoraOptions):
         return self
 
 
-def quantization_config(settings: QloraSettings, device: torch.device) -> Any:
+def full_precision_modules(num_labels: int | None) -> list[str]:
+    """The modules left out of quantization: the output head, and a new score head (``num_labels`` set) under any
+    of the names PEFT trains in full for a SEQ_CLS adapter (modules_to_save): PEFT copies that head to train it,
+    and a 4/8-bit weight can neither be copied into a trainable float parameter nor take a gradient. Naming
+    skip modules replaces transformers' defaults (which would keep the last module), so each is named here."""
+    from peft.utils.constants import SEQ_CLS_HEAD_NAMES
+
+    return ["lm_head"] + (list(SEQ_CLS_HEAD_NAMES) if num_labels is not None else [])
+
+
+def quantization_config(settings: QloraSettings, device: torch.device, num_labels: int | None = None) -> Any:
     from transformers import BitsAndBytesConfig
 
+    skip = full_precision_modules(num_labels)
     if settings.bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["lm_head"])
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=settings.quant_type, bnb_4bit_use_double_quant=settings.double_quant,
         bnb_4bit_compute_dtype=resolve_dtype(settings.compute_dtype, device),
-        bnb_4bit_quant_storage=getattr(torch, settings.storage_dtype), llm_int8_skip_modules=["lm_head"],
+        bnb_4bit_quant_storage=getattr(torch, settings.storage_dtype), llm_int8_skip_modules=skip,
     )
 
 
-def base_load(settings: QloraSettings, device: torch.device) -> BaseLoad:
+def base_load(settings: QloraSettings, device: torch.device, num_labels: int | None = None) -> BaseLoad:
     detail = f"{settings.quant_type}, double quant {'on' if settings.double_quant else 'off'}" if settings.bits == 4 else "LLM.int8"
-    return BaseLoad(quantization_config=quantization_config(settings, device), device_map={"": str(device)},
+    return BaseLoad(quantization_config=quantization_config(settings, device, num_labels), device_map={"": str(device)},
                     note=f"linear layers quantized to {settings.bits}-bit by bitsandbytes ({detail})")
 
 
@@ -84,8 +95,9 @@ def merge(config: Any, folder: Path, device: torch.device) -> MergeResult:
     from peft import PeftModel
 
     settings = config.technique
-    base = load_model(config.model, device, base_load(settings, device))
-    base = base.dequantize(dtype=resolve_dtype(config.model.dtype, device))
+    num_labels = adapter_num_labels(folder)  # a score head's adapter merges onto a base with that head
+    base = load_model(config.model, device, base_load(settings, device, num_labels), num_labels=num_labels)
+    base = apply_head_config(base.dequantize(dtype=resolve_dtype(config.model.dtype, device)), saved_head_config(folder))
     merged = PeftModel.from_pretrained(base, folder).merge_and_unload()
     return MergeResult(merged, f"QLoRA: merged the adapter into the DEQUANTIZED {settings.bits}-bit base "
                                f"({base_load(settings, device).note}); the merged model is full precision, and its "

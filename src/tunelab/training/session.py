@@ -268,7 +268,7 @@ def _load_base(ctx: TrainingContext, on_main: bool) -> torch.nn.Module:
     """The base model as the technique and objective want it loaded; with ``on_main``, read by the main process
     only, the others get its meta-device twin (built from the main's config: the same modules and dtypes)."""
     config = ctx.config
-    base_load = ctx.technique.base_load(config.technique, ctx.device)
+    base_load = ctx.technique.base_load(config.technique, ctx.device, ctx.head_size)
     load = lambda: load_model(config.model, ctx.device, base_load, num_labels=ctx.head_size,  # noqa: E731
                               dtype=ctx.precision.load_dtype)
     if not on_main:
@@ -379,7 +379,7 @@ def _base_figures_cache(ctx: TrainingContext) -> BaseFiguresCache | None:
     model = model_fingerprint(config.model)
     if model is None:
         return None
-    base_load = ctx.technique.base_load(config.technique, ctx.device)
+    base_load = ctx.technique.base_load(config.technique, ctx.device, ctx.head_size)
     quantization = base_load.quantization_config
     load = {"dtype": str(ctx.precision.load_dtype), "autocast": ctx.precision.mixed_precision,
             "base_dtype": str(base_load.dtype), "head": ctx.head_size, "device": ctx.device.type,
@@ -400,7 +400,7 @@ def _tokenizer_and_data(config: TunelabConfig) -> tuple[Any, PreparedData]:
 def _check_technique_fits(ctx: TrainingContext) -> None:
     """Apply the technique to a weightless (meta-device) copy of the model, so a setting that does not fit it
     (a layer index, a module name) is reported at once, not after minutes of base evaluation."""
-    base_load = ctx.technique.base_load(ctx.config.technique, ctx.device)
+    base_load = ctx.technique.base_load(ctx.config.technique, ctx.device, ctx.head_size)
     skeleton = model_skeleton(ctx.model.config, base_load, num_labels=ctx.head_size)  # the same module types as the loaded base
     try:
         ctx.technique.apply(skeleton, ctx.config.technique,
