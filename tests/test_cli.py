@@ -293,3 +293,21 @@ def test_the_cli_silences_rouge_scores_info_line() -> None:
     logging.getLogger("absl").setLevel(logging.NOTSET)  # whatever an earlier test set
     cli._setup_logging()
     assert logging.getLogger("absl").level == logging.WARNING
+
+
+@pytest.mark.parametrize("records, holds", [
+    ([{"text": f"the cat {i}", "labell": "cat"} for i in range(8)], "holds SFT records"),  # a misspelt label key
+    ([{"prompt": f"say {i}", "chosen": f" {i}", "rejected": " no"} for i in range(8)], "holds preference pairs"),
+    (toy_chat_records(8), "holds SFT records"),
+])
+def test_data_inspect_refuses_data_the_config_s_objective_cannot_train_on(
+        tmp_path: Path, tiny_model_dir: Path, records: list[dict], holds: str) -> None:
+    """With --config, inspect checks the records against the config's objective as `tunelab train` does, in its
+    words, instead of printing a report of data the run would refuse (or blaming data.max_length)."""
+    config = tmp_path / "classify.yaml"
+    config.write_text(f"model:\n  name: {tiny_model_dir}\nobjective:\n  name: classification\ndata:\n  val_size: 0\n")
+    path = write_jsonl(tmp_path / "data.jsonl", records)
+    result = invoke("data", "inspect", path, "--config", config)
+    assert result.exit_code == 2, result.output
+    assert "objective.name=classification trains on labeled texts" in result.clean
+    assert f"{path} {holds}" in result.clean and "Traceback" not in result.clean

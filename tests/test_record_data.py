@@ -207,7 +207,8 @@ def test_data_inspect_shows_both_sides_of_a_pair_and_its_counts(tmp_path: Path, 
 
     records = pairs(6) + [{"prompt": "same?", "chosen": "the cat.", "rejected": "the cat."}]
     config = tmp_path / "config.yaml"
-    config.write_text(json.dumps(tiny_config_dict(tiny_model_dir)))
+    # a preference objective's config: inspect refuses pairs for one that trains on other records, as train does
+    config.write_text(json.dumps(tiny_config_dict(tiny_model_dir, objective={"name": "dpo"})))
     result = invoke("data", "inspect", str(write_jsonl(tmp_path / "p.jsonl", records)), "--config", str(config), "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)

@@ -9,13 +9,14 @@ from typing import Any
 
 from tunelab.compare import compare as run_compare
 from tunelab.config import TunelabConfig, build_config, load_config
-from tunelab.data import DataError, load_file, prepare_data
+from tunelab.data import DataError, load_file
 from tunelab.data.prepare import tokenized_sides
 from tunelab.data.report import mask_segments
 from tunelab.errors import ConfigError
 from tunelab.eval.runner import EvalSettings
 from tunelab.eval.runner import evaluate as run_eval
 from tunelab.models import load_tokenizer
+from tunelab.objectives import check_records, prepare_objective_data
 from tunelab.result import LoadedRun
 from tunelab.result import load_run as open_run
 from tunelab.checkpoint import latest_checkpoint
@@ -87,7 +88,12 @@ def inspect_data(files: list[str | Path] | str | Path, config: TunelabConfig | s
     cfg = as_config(config or {}, overrides)
     data_config = cfg.data.model_copy(update={"train": [str(Path(f).resolve()) for f in files], "cache": False})
     tokenizer = load_tokenizer(cfg.model)
-    report = prepare_data(data_config, tokenizer).report  # also sets the tokenizer's chat template as training would
+    # read as a run of the config's objective reads it (its classes, prompts); also sets the chat template as training would
+    data = prepare_objective_data(cfg.objective, data_config, tokenizer, None)
+    if config is not None:
+        # the config's objective trains on one kind of records: data that train refuses is refused here, in its words
+        check_records(cfg.objective, data, data_config.train)
+    report = data.report
     report["examples"] = _tokenized_records(data_config, tokenizer, index, count)
     return report
 

@@ -254,7 +254,7 @@ def _print_json(data: Any) -> None:
 ))
 def data_inspect(
     file: Annotated[list[Path], typer.Argument(metavar="FILE...", help="Data file(s) to inspect")],
-    config: Annotated[Optional[Path], typer.Option(help="Config whose model/tokenizer and data settings to use")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="Config whose model/tokenizer and data settings to use; the records must be the kind its objective trains on")] = None,
     set_: DataSetOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
     index: Annotated[int, typer.Option(min=0, help="First record to show tokenized (0 = the first, counted over the files in order)")] = 0,
