@@ -116,12 +116,11 @@ def _check(loaded: Any, merged_model: torch.nn.Module, note: str, batches: int, 
     objective's records as its own ``collate`` batches them (falling back to the fixed texts as SFT records when
     the run's data cannot be read)."""
     objective = OBJECTIVES[loaded.config.objective.name]
-    if objective.collate is not collate:  # pairs, labeled texts, prompts: the objective's own batches
-        own = _objective_batches(loaded, objective, batches, batch_size)
-        if own is not None:
-            return compare_objective(loaded, objective, merged_model, *own, note=note)
-    if objective.collate is collate:
+    if objective.collate is collate:  # SFT records
         return compare(loaded.model, merged_model, *_check_batches(loaded, batches, batch_size), note=note)
+    own = _objective_batches(loaded, objective, batches, batch_size)  # pairs, labeled texts, prompts
+    if own is not None:
+        return compare_objective(loaded, objective, merged_model, *own, note=note)
     # its records cannot be read: the head's outputs on the fixed texts (a score head has no token logits)
     return compare_objective(loaded, None, merged_model, [_fixed_batch(loaded.tokenizer)], "fixed texts", note=note)
 
