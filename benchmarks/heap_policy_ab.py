@@ -10,7 +10,9 @@ share is where page faults show), and counts its minor page faults.
     OMP_NUM_THREADS=1 python benchmarks/heap_policy_ab.py --a default --b mmap1+thp --rounds 4 [--steps 10]
 
 Policies: ``default`` (glibc's dynamic mmap threshold), ``mmapN`` (a fixed threshold of N MiB), ``thp`` (torch's
-huge pages for its allocations of 2 MiB or more), joined with ``+``.
+huge pages for its allocations of 2 MiB or more), ``notcache`` (glibc's per-thread cache off,
+``GLIBC_TUNABLES=glibc.malloc.tcache_count=0``, as `tunelab train` restarts itself), ``onednnN`` (oneDNN's
+primitive cache bounded to N primitives, ``ONEDNN_PRIMITIVE_CACHE_CAPACITY``), joined with ``+``.
 """
 
 from __future__ import annotations
@@ -54,6 +56,11 @@ def run(policy: str, steps: int) -> dict[str, float]:
     env = dict(os.environ)
     if "thp" in policy.split("+"):
         env["THP_MEM_ALLOC_ENABLE"] = "1"
+    for part in policy.split("+"):
+        if part.startswith("onednn"):  # oneDNN reads it at its first primitive
+            env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = part[len("onednn"):]
+    if "notcache" in policy.split("+"):  # glibc reads its tunables only when a process starts
+        env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES", ""), "glibc.malloc.tcache_count=0"]))
     with tempfile.TemporaryDirectory() as work:
         done = subprocess.run([sys.executable, "-c", CHILD, str(Path(__file__).parent), policy, str(steps), work],
                               capture_output=True, text=True, env=env)

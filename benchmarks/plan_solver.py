@@ -14,9 +14,9 @@ Every run is a fresh process, 2 optimizer steps, one at a time (peak RSS does no
     python benchmarks/plan_solver.py measure --out bench/plan_solver.jsonl [--models smollm2,llama-narrow]
     python benchmarks/plan_solver.py report bench/plan_solver.jsonl     # runs the recommended set-ups it lacks
 
-Records already in the output file are reused, so an interrupted measurement continues. A run whose base is
-quantized starts with glibc's per-thread cache off where glibc keeps freed aligned blocks (``child_env``: tunelab's
-remedy for glibc bug 30723, docs/choosing.md). ``report --measured-only`` trains nothing (a pair whose solved value
+Records already in the output file are reused, so an interrupted measurement continues. Every run starts with
+glibc's per-thread cache off where glibc keeps freed aligned blocks (``child_env``: tunelab's remedy for glibc bug
+30723, docs/choosing.md). ``report --measured-only`` trains nothing (a pair whose solved value
 lacks a run is listed as not measured). The run-to-run spread of a cell's peak, each run a fresh process::
 
     python benchmarks/plan_solver.py spread --out bench/spread.jsonl --cells llama-narrow:adapter:off:3 \
@@ -49,28 +49,27 @@ def _load(out: Path) -> dict[str, dict[str, Any]]:
     return {_key(r): r for r in map(json.loads, out.read_text().splitlines())} if out.is_file() else {}
 
 
-def child_env(config: dict[str, Any], tcache: str = "quantized") -> dict[str, str]:
+def child_env(config: dict[str, Any], tcache: str = "tunelab") -> dict[str, str]:
     """The environment a training process starts with: glibc's per-thread cache off
-    (``GLIBC_TUNABLES=glibc.malloc.tcache_count=0``) where ``tcache`` says: ``quantized``, for a run whose base
-    is quantized on a CPU whose glibc keeps freed aligned blocks (``aligned_blocks_kept``, glibc bug 30723; what
-    tunelab's remedy is for those runs), ``off`` for every run, ``on`` for none."""
-    import torch
-
+    (``GLIBC_TUNABLES=glibc.malloc.tcache_count=0``) where ``tcache`` says: ``tunelab``, as `tunelab train` has it
+    (``tcache_off_reason``: every CPU run, where glibc keeps freed aligned blocks, ``aligned_blocks_kept``, glibc
+    bug 30723; set here so the process need not restart itself), ``off`` for every run; ``on`` keeps it (a
+    tcache_count of glibc's default, which tunelab leaves as the user's)."""
     from tunelab.config import build_config
-    from tunelab.plan.memory import NO_TCACHE, aligned_blocks_kept
-    from tunelab.techniques import TECHNIQUES
+    from tunelab.plan.memory import NO_TCACHE, TCACHE_COUNT, aligned_blocks_kept
+    from tunelab.plan.planner import tcache_off_reason
 
-    if tcache == "quantized":
-        built = build_config(config)
-        base = TECHNIQUES[built.technique.name].base_load(built.technique, torch.device("cpu"))
-        wanted = base.quantization_config is not None and aligned_blocks_kept() is not None
+    if tcache == "on":
+        return {"GLIBC_TUNABLES": f"{TCACHE_COUNT}=7"}
+    if tcache == "tunelab":
+        wanted = tcache_off_reason(build_config(config), "cpu") is not None and aligned_blocks_kept() is not None
     else:
         wanted = tcache == "off"
     return {"GLIBC_TUNABLES": NO_TCACHE} if wanted else {}
 
 
 def _measure(out: Path, known: dict[str, dict[str, Any]], key: list[Any], config: dict[str, Any],
-             tcache: str = "quantized") -> dict[str, Any]:
+             tcache: str = "tunelab") -> dict[str, Any]:
     """The record of ``key``: known, or measured now (one training process) and appended to ``out``."""
     record = known.get(json.dumps(key))
     if record is None:
@@ -156,13 +155,13 @@ def measure_decidable(args: argparse.Namespace) -> None:
                         print(f"{key}: {exc}", file=sys.stderr)
 
 
-VARIANTS = {"glibc": ("on", None), "no-tcache": ("off", None), "fixed-threshold": ("on", True),
-            "dynamic-threshold": ("on", False)}
+VARIANTS = {"glibc": ("tunelab", None), "no-tcache": ("off", None), "fixed-threshold": ("tunelab", True),
+            "dynamic-threshold": ("tunelab", False), "tcache-kept": ("on", None)}
 
 
 def spread(args: argparse.Namespace) -> None:
     """Each cell (MODEL:TECHNIQUE:on|off:MICRO_BATCH) trained ``--repeats`` times, each a fresh process, under each
-    variant: glibc as tunelab runs it (no-tcache: its per-thread cache off; fixed- or dynamic-threshold:
+    variant: glibc as tunelab runs it (no-tcache: its per-thread cache off; tcache-kept: on; fixed- or dynamic-threshold:
     training.return_freed_memory forced on or off); every run appended to ``--out``, then each cell's peaks."""
     out, work = Path(args.out), Path(args.out).parent / "plan_grid_work"
     work.mkdir(parents=True, exist_ok=True)
@@ -179,7 +178,7 @@ def spread(args: argparse.Namespace) -> None:
                 if returned is not None:
                     config["training"]["return_freed_memory"] = returned
                 config["output"] = {"dir": str(work / "runs" / "-".join(map(str, key)))}
-                env = child_env(config, "off" if tcache == "off" else "quantized")
+                env = child_env(config, tcache)
                 peak, seconds = grid.measure_cell(config, env)
                 records.append({"key": key, "config": config, "env": env, "peak_rss": peak, "seconds": round(seconds, 1)})
                 with out.open("a") as f:

@@ -647,8 +647,8 @@ def test_glibc_before_2_39_with_its_tcache_on_is_named_as_keeping_aligned_blocks
 def test_a_quantized_cpu_plan_says_when_glibc_keeps_aligned_blocks(tiny_model_dir, tmp_path, monkeypatch):
     """A CPU plan with a quantized base, on a glibc that keeps aligned blocks: `tunelab train` restarts it with the
     cache off, as the plan says; with the restart refused (training.glibc_tcache_off: false) or planned for a
-    process that keeps the cache (``tunables``: a training process's own) the note warns instead. A plain base,
-    or the cache already off, gets neither (negative controls)."""
+    process that keeps the cache (``tunables``: a training process's own) the note warns instead. A plain base
+    restarts too, for its own reason; a GPU plan, or the cache already off, gets neither (negative controls)."""
     monkeypatch.setattr("platform.libc_ver", lambda *args: ("glibc", "2.36"))
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     quantized = config_for(tiny_model_dir, tmp_path, "qlora", "bfloat16")
@@ -663,7 +663,9 @@ def test_a_quantized_cpu_plan_says_when_glibc_keeps_aligned_blocks(tiny_model_di
     assert restarts in notes(quantized) and warns not in notes(quantized)
     assert warns in notes(refused) and "restarts" not in notes(refused)
     assert warns in notes(quantized, tunables="") and "restarts" not in notes(quantized, tunables="")
-    assert "glibc" not in notes(plain).replace("glibc's mmap", "")
+    assert "restarts with GLIBC_TUNABLES=glibc.malloc.tcache_count=0 for this run (training on a CPU" in notes(plain)
+    gpu = "\n".join(plan_memory(plain, "cuda", SHAPE, runtime=RUNTIME).notes)
+    assert "tcache" not in gpu and "aligned" not in gpu
     assert "aligned" not in notes(quantized, tunables="glibc.malloc.tcache_count=0")
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.tcache_count=0")
     assert "aligned" not in notes(quantized)

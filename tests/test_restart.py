@@ -50,11 +50,12 @@ def test_the_tunables_a_restart_sets():
 
 
 def test_which_runs_train_with_the_cache_off(tiny_model_dir, tmp_path):
-    """A quantized base or an online objective on a CPU by default; an ordinary run and any GPU run keep it; the
+    """Every run on a CPU by default (a quantized base and an online objective say so); any GPU run keeps it; the
     config's switch wins both ways (negative controls)."""
     assert tcache_off_reason(_config(tiny_model_dir, tmp_path, "qlora"), "cpu") == "a quantized base on a CPU"
     assert tcache_off_reason(_config(tiny_model_dir, tmp_path, objective=GRPO), "cpu") == "an online objective on a CPU"
-    assert tcache_off_reason(_config(tiny_model_dir, tmp_path), "cpu") is None
+    assert tcache_off_reason(_config(tiny_model_dir, tmp_path), "cpu") == "training on a CPU"
+    assert tcache_off_reason(_config(tiny_model_dir, tmp_path), "cuda") is None
     assert tcache_off_reason(_config(tiny_model_dir, tmp_path, "qlora"), "cuda") is None
     assert tcache_off_reason(_config(tiny_model_dir, tmp_path, "qlora", glibc_tcache_off=False), "cpu") is None
     assert tcache_off_reason(_config(tiny_model_dir, tmp_path, glibc_tcache_off=True), "cpu") == \
@@ -76,9 +77,9 @@ def test_the_restart_command_is_the_same_command_with_the_tunable_and_the_marker
 
 
 def test_restart_execs_once_and_only_for_the_runs_that_need_it(tiny_model_dir, tmp_path, monkeypatch):
-    """A quantized run on an old glibc with the cache on replaces its process (os.execve, faked here) by the same
-    command with the tunable; an ordinary run, the switch off, the cache already off or a process already restarted
-    (the marker) go on in place."""
+    """A CPU run on an old glibc with the cache on replaces its process (os.execve, faked here) by the same
+    command with the tunable; the switch off, the cache already off or a process already restarted (the marker)
+    go on in place."""
     execs: list[tuple[str, list[str], dict[str, str]]] = []
     monkeypatch.setattr(restart.os, "execve", lambda program, argv, env: execs.append((program, argv, env)))
     monkeypatch.setattr("platform.libc_ver", lambda *args: GLIBC_236)
@@ -94,8 +95,11 @@ def test_restart_execs_once_and_only_for_the_runs_that_need_it(tiny_model_dir, t
     assert program == sys.executable and argv == [sys.executable, "-m", "tunelab", "train", "q.yaml"]
     assert env["GLIBC_TUNABLES"] == f"glibc.malloc.mxfast=0:{NO_TCACHE}"
     assert env[RESTARTED_WITHOUT_TCACHE] == "a quantized base on a CPU"
-    restart_without_tcache(_config(tiny_model_dir, tmp_path), process_is_the_command=True)
     restart_without_tcache(_config(tiny_model_dir, tmp_path, "qlora", glibc_tcache_off=False), process_is_the_command=True)
+    assert len(execs) == 1
+    restart_without_tcache(_config(tiny_model_dir, tmp_path), process_is_the_command=True)  # an ordinary run too
+    assert len(execs) == 2 and execs[1][2][RESTARTED_WITHOUT_TCACHE] == "training on a CPU"
+    execs.pop()
     monkeypatch.setenv(RESTARTED_WITHOUT_TCACHE, "a quantized base on a CPU")
     restart_without_tcache(quantized, process_is_the_command=True)
     monkeypatch.delenv(RESTARTED_WITHOUT_TCACHE)
@@ -186,10 +190,10 @@ def test_only_the_command_itself_restarts_not_a_cli_called_in_process(tiny_model
 
 
 
-def test_the_command_bounds_onednns_cache_for_online_runs_on_a_cpu_only(tiny_model_dir, tmp_path, monkeypatch):
-    """An online objective on a CPU, in the command's own process, gets oneDNN's primitive cache bounded (the
-    variable and tunelab's marker, which a restart keeps); an SFT run, a GPU run, a process that is not the command
-    and a capacity the user set (either of oneDNN's names) are left alone (negative controls)."""
+def test_the_command_bounds_onednns_cache_for_runs_on_a_cpu_only(tiny_model_dir, tmp_path, monkeypatch):
+    """Every run on a CPU, in the command's own process, gets oneDNN's primitive cache bounded (the variable and
+    tunelab's marker, which a restart keeps); a GPU run, a process that is not the command and a capacity the user
+    set (either of oneDNN's names) are left alone (negative controls)."""
     from tunelab.plan.planner import onednn_cache_bound, onednn_note
     from tunelab.training.restart import bound_onednn_cache
 
@@ -197,14 +201,22 @@ def test_the_command_bounds_onednns_cache_for_online_runs_on_a_cpu_only(tiny_mod
     grpo = _config(tiny_model_dir, tmp_path, objective=GRPO)
     assert onednn_cache_bound(grpo, "cpu") == "an online objective on a CPU"
     assert onednn_cache_bound(grpo, "cuda") is None
-    assert onednn_cache_bound(_config(tiny_model_dir, tmp_path, "qlora"), "cpu") is None
+    assert onednn_cache_bound(_config(tiny_model_dir, tmp_path, "qlora"), "cpu") == "training on a CPU"
+    assert onednn_cache_bound(_config(tiny_model_dir, tmp_path), "cpu") == "training on a CPU"
+    assert onednn_cache_bound(_config(tiny_model_dir, tmp_path), "cuda") is None
     why = "an online objective on a CPU"  # the plan's notes: tunelab bounds it; the user's within; the user's above
     assert onednn_note(None, why).startswith("tunelab train bounds oneDNN's primitive cache to 32 primitives")
     assert "within this plan's bound" in onednn_note(16, why)
     assert "keeps 1024 primitives" in onednn_note(1024, why) and "keeps its default" in onednn_note(None, why, False)
-    bound_onednn_cache(_config(tiny_model_dir, tmp_path), process_is_the_command=True)
     bound_onednn_cache(grpo, process_is_the_command=False)
+    with monkeypatch.context() as on_a_gpu:
+        on_a_gpu.setattr("tunelab.training.restart.default_device", lambda: torch.device("cuda"))
+        bound_onednn_cache(_config(tiny_model_dir, tmp_path), process_is_the_command=True)
     assert not any(name in os.environ for name in ONEDNN_VARIABLES)
+    bound_onednn_cache(_config(tiny_model_dir, tmp_path), process_is_the_command=True)
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "32"
+    assert os.environ["TUNELAB_BOUNDED_ONEDNN_CACHE"] == "training on a CPU"
+    without_onednn_bound(monkeypatch)
     bound_onednn_cache(grpo, process_is_the_command=True)
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "32"
     assert os.environ["TUNELAB_BOUNDED_ONEDNN_CACHE"] == "an online objective on a CPU"

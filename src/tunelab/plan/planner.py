@@ -202,24 +202,29 @@ def rollout_bytes(skeleton: torch.nn.Module, shape: Shape, saved: Any, scoring: 
 
 def tcache_needed(config: TunelabConfig, device_type: str) -> str | None:
     """Why ``config`` is a run glibc's per-thread cache hurts (before 2.39: ``aligned_blocks_kept``), None where it
-    was not measured to: on a CPU, a quantized base (its dequantized transients) or an online objective (its
-    micro-batches of changing lengths) (docs/choosing.md, the heap policy)."""
+    was not measured to: every training run on a CPU. A quantized base's dequantized transients, an online
+    objective's micro-batches of changing lengths, and an ordinary run's step after step: its loss rows and packed
+    examples change shape, and the blocks freed by one step do not serve the next one's. The quickstart (LoRA, 40
+    steps) grew from 2067 to 2461 MiB over 20 steps with the cache on, from 1898 to 1997 with it off and oneDNN's
+    cache bounded (``onednn_cache_bound``), at no measured cost in time (docs/choosing.md, the heap policy)."""
     if device_type != "cpu":
         return None
     if TECHNIQUES[config.technique.name].base_load(config.technique, torch.device(device_type)).quantization_config:
         return "a quantized base on a CPU"
     if OBJECTIVES[config.objective.name].prepare is not None:
         return "an online objective on a CPU"
-    return None
+    return "training on a CPU"
 
 
 def onednn_cache_bound(config: TunelabConfig, device_type: str) -> str | None:
     """Why ``config`` trains with oneDNN's primitive cache bounded (``BOUNDED_ONEDNN_CACHE``), None where it keeps
-    oneDNN's default: an online objective on a CPU, whose micro-batches change length at every step (each new
-    shape a primitive kept)."""
-    if device_type == "cpu" and OBJECTIVES[config.objective.name].prepare is not None:
-        return "an online objective on a CPU"
-    return None
+    oneDNN's default: every training run on a CPU. An online objective's micro-batches change length at every step,
+    and an ordinary run's loss rows (the supervised positions of a micro-batch) do too: each new shape is a
+    primitive oneDNN's default keeps (1024 of them), and its memory grew by about 4 MiB a step on the quickstart
+    (2 with the bound)."""
+    if device_type != "cpu":
+        return None
+    return "an online objective on a CPU" if OBJECTIVES[config.objective.name].prepare is not None else "training on a CPU"
 
 
 def onednn_note(capacity: int | None, reason: str, by_tunelab: bool = True) -> str:
@@ -228,7 +233,7 @@ def onednn_note(capacity: int | None, reason: str, by_tunelab: bool = True) -> s
     capacity is within the plan's bound, or that the cache is larger than the plan assumes."""
     if capacity is None and by_tunelab:
         return (f"tunelab train bounds oneDNN's primitive cache to {BOUNDED_ONEDNN_CACHE} primitives "
-                f"({ONEDNN_CACHE_VARIABLES[0]}; {reason}: each new micro-batch length adds primitives), as this plan "
+                f"({ONEDNN_CACHE_VARIABLES[0]}; {reason}: each new shape adds primitives), as this plan "
                 "assumes; with oneDNN's default (1024) the peak measured up to 7% above it (docs/choosing.md)")
     if capacity is not None and capacity <= BOUNDED_ONEDNN_CACHE:
         return f"oneDNN's primitive cache: {capacity} primitives, as the environment sets, within this plan's bound"
