@@ -335,3 +335,41 @@ def test_a_metric_on_too_few_generations_does_not_judge_quality(tmp_path: Path) 
         "generations up (raise eval.num_samples)")
     enough = rows(MIN_QUALITY_SAMPLES)
     assert primary_metric(enough) == ("exact_match", True) and quality_note(enough, ("exact_match", True)) is None
+
+
+def test_out_must_be_new_empty_or_an_earlier_compare(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`--out` naming a file gave a FileExistsError traceback; naming a run folder (or a folder of the user's
+    files) had the compare's runs, configs and logs written into it, recorded as that folder's own (an overwrite
+    of the run would then have deleted them). Both are refused, naming the folder and what it holds, and nothing
+    is written there."""
+    from tunelab.compare.runner import compare
+
+    data = write_jsonl(tmp_path / "train.jsonl", toy_chat_records(8))
+    config = tiny_config(tiny_model_dir, data={"train": [str(data)]}, technique={"name": "lora", "r": 4})
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    with pytest.raises(ConfigError, match=r"--out .*notes.txt is a file; give a folder for the compare"):
+        compare(config, ["lora"], a_file)
+    assert a_file.read_text() == "mine"
+    run_dir = tmp_path / "a-run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("model: {name: x}\n")
+    (run_dir / ".tunelab.json").write_text(json.dumps({"format": 2, "by": "tunelab train", "entries": ["config.yaml"]}))
+    users = tmp_path / "mine"
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
+    for folder, what in ((run_dir, "it holds a training run"), (users, "it holds notes.txt, which tunelab compare")):
+        before = sorted(p.name for p in folder.iterdir())
+        with pytest.raises(ConfigError) as refused:
+            compare(config, ["lora"], folder)
+        assert f"--out {folder} is not empty and is not a tunelab compare folder ({what}" in str(refused.value)
+        assert sorted(p.name for p in folder.iterdir()) == before  # nothing written there
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    from tunelab.compare import runner
+
+    runner._check_out(empty)  # a new or empty folder is taken
+    runner._check_out(tmp_path / "new")
+    runner.claim(empty, runner.WRITER)
+    (empty / "notes.txt").write_text("mine")  # an earlier compare's folder, whatever else the user put there
+    runner._check_out(empty)

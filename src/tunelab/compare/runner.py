@@ -21,8 +21,8 @@ from tunelab.compare.table import flag_pareto, primary_metric, quality_cost, qua
 from tunelab.config import TunelabConfig, build_config
 from tunelab.data.prepare import data_fingerprint
 from tunelab.errors import ConfigError
-from tunelab.fs import claim, own_entry, write_entry_json, write_text
-from tunelab.runs import COMPARE_PLAN, changed_data, read_json
+from tunelab.fs import claim, foreign_entries, own_entry, owned_entries, recorded_writer, write_entry_json, write_text
+from tunelab.runs import COMPARE_PLAN, changed_data, is_run_folder, read_json
 from tunelab.techniques import TECHNIQUES
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,26 @@ def run_config(config: TunelabConfig, run: PlannedRun, out: Path) -> dict[str, A
         return build_config(data, origin=config.origin).model_dump(mode="json")
     except ConfigError as exc:
         raise ConfigError(f"technique {run.technique}: {exc}") from None
+
+
+def _check_out(out: Path) -> None:
+    """Use ``out`` only if it is new, empty, or an earlier compare's folder. A file gave a traceback; a run folder
+    (or another command's output, or a folder of the user's files) had the compare's runs, configs and logs written
+    into it, recorded as that folder's own: an overwrite of the run would then have deleted the compare."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder for the compare")
+    if not out.is_dir() or not any(out.iterdir()) or recorded_writer(out) == WRITER or PLAN in owned_entries(out):
+        return
+    writer = recorded_writer(out)
+    if is_run_folder(out):
+        what = "it holds a training run"
+    elif writer is not None:
+        what = f"it was written by {writer}"
+    else:
+        names = foreign_entries(out) or sorted(p.name for p in out.iterdir())
+        what = f"it holds {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}, which tunelab compare did not create"
+    raise ConfigError(f"--out {out} is not empty and is not a tunelab compare folder ({what}); give a new or empty "
+                      "folder, or the --out of an earlier compare to resume it")
 
 
 def _check_plan(out: Path, plan: dict[str, Any]) -> None:
@@ -168,6 +188,7 @@ def compare(config: TunelabConfig, techniques: list[str], out: Path, seeds: int 
                     config.training.learning_rate, "" if lr_sweep else "; --lr-sweep tries 3 around it")
     planned = plan_runs(config, techniques, seeds, lr_sweep)
     configs = {run.name: run_config(config, run, out) for run in planned}
+    _check_out(out)  # before anything is written there
     claim(out, WRITER)
     _check_plan(out, {"config": config.model_dump(mode="json"), "runs": [asdict(run) for run in planned]})
     _check_same_data(config, planned, out)  # before any run trains: nothing is kept beside runs of other data
