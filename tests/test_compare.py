@@ -354,7 +354,10 @@ def test_out_must_be_new_empty_or_an_earlier_compare(tiny_model_dir: Path, tmp_p
     run_dir = tmp_path / "a-run"
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text("model: {name: x}\n")
-    (run_dir / ".tunelab.json").write_text(json.dumps({"format": 2, "by": "tunelab train", "entries": ["config.yaml"]}))
+    # as an earlier compare into it left it: the compare's plan recorded as the run's own
+    (run_dir / "compare_plan.json").write_text("{}")
+    (run_dir / ".tunelab.json").write_text(json.dumps({"format": 2, "by": "tunelab train",
+                                                       "entries": ["config.yaml", "compare_plan.json"]}))
     users = tmp_path / "mine"
     users.mkdir()
     (users / "notes.txt").write_text("mine")

@@ -85,11 +85,13 @@ def _check_out(out: Path) -> None:
     into it, recorded as that folder's own: an overwrite of the run would then have deleted the compare."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder for the compare")
-    if not out.is_dir() or not any(out.iterdir()) or recorded_writer(out) == WRITER or PLAN in owned_entries(out):
+    if not out.is_dir() or not any(out.iterdir()):
         return
     writer = recorded_writer(out)
-    if is_run_folder(out):
+    if is_run_folder(out):  # first: a run folder an older compare wrote into records the compare's plan as its own
         what = "it holds a training run"
+    elif writer == WRITER or PLAN in owned_entries(out):
+        return
     elif writer is not None:
         what = f"it was written by {writer}"
     else:
