@@ -185,3 +185,31 @@ def test_show_names_what_an_eval_json_without_before_after_figures_lacks(tmp_pat
     assert side.exit_code == 0, side.output
     row = next(line for line in side.output.splitlines() if "rouge_l base -> tuned" in line)
     assert "lacks its before/after figures" in row and "0.2500 -> 0.3750" in row, row
+
+
+def test_damaged_run_files_are_errors_naming_the_file_not_tracebacks(tmp_path: Path) -> None:
+    """`tunelab runs show` on a run whose run_info.json was cut short printed a JSONDecodeError traceback (a JSON
+    list: AttributeError); `tunelab runs` crashed in the table on a status.json whose status was not text. Now show
+    names the file and what was expected, and the list says it in the run's row and lists the others."""
+    from support.cli import invoke
+
+    cut = _run(tmp_path, "cut")
+    (cut / "run_info.json").write_text('{"peak_memory": {"rss')
+    listed_json = _run(tmp_path, "listed")
+    (listed_json / "eval.json").write_text("[1, 2]")
+    numbered = _run(tmp_path, "numbered", status='{"status": 3, "step": 2}')
+    nested = _run(tmp_path, "nested")
+    (nested / "run_info.json").write_text('{"peak_memory": 5, "wall_time_s": "x"}')
+    shown = invoke("runs", "show", cut)
+    assert shown.exit_code == 2 and "Traceback" not in shown.clean, shown.clean
+    assert f"error: {cut / 'run_info.json'}: not readable as JSON (" in " ".join(shown.clean.split())
+    shown = invoke("runs", "show", listed_json)
+    assert f"error: {listed_json / 'eval.json'}: expected a JSON object, found a JSON list" in " ".join(shown.clean.split())
+    shown = invoke("runs", "show", nested)
+    assert shown.exit_code == 2 and "Traceback" not in shown.clean and str(nested) in shown.clean, shown.clean
+    listed = invoke("runs", tmp_path)
+    assert listed.exit_code == 0 and "Traceback" not in listed.clean, listed.clean
+    rows = {Path(r["run"]).name: r for r in json.loads(invoke("runs", tmp_path, "--json").stdout)}
+    assert rows["cut"]["status"].startswith("unreadable: run_info.json: not readable as JSON (")
+    assert rows["listed"]["status"] == "unreadable: eval.json: expected a JSON object, found a JSON list"
+    assert rows["numbered"]["status"] == "3" and rows["nested"]["status"] == "completed"

@@ -293,12 +293,16 @@ def runs(
             details = [run_details(path) for path in run]
         except _USER_ERRORS as exc:
             _fail(str(exc))
-        if as_json:
-            _print_json(details[0] if len(details) == 1 else details)
-        elif len(details) == 1:
-            print_run_details(details[0])
-        else:
-            print_runs_side_by_side(details)
+        try:
+            if as_json:
+                _print_json(details[0] if len(details) == 1 else details)
+            elif len(details) == 1:
+                print_run_details(details[0])
+            else:
+                print_runs_side_by_side(details)
+        except (AttributeError, TypeError, KeyError, ValueError) as exc:  # a run file edited into other types
+            _fail(f"{', '.join(map(str, run))}: a run file (run_info.json, eval.json, status.json) holds a value of "
+                  f"another type than tunelab writes ({type(exc).__name__}: {exc})")
         return
     if run:
         _fail(f"unexpected argument {run[0]}: use `tunelab runs [FOLDER]` or `tunelab runs show RUN [RUN ...]`")

@@ -253,12 +253,17 @@ def print_supervised_example(example: dict[str, Any]) -> None:
 
 
 def _figure(value: Any, spec: str = ".4f") -> str:
-    return "-" if value is None else format(value, spec)
+    """A number as ``spec`` formats it; '-' when absent, and a run file's non-number (edited by hand) as it is."""
+    if value is None:
+        return "-"
+    return format(value, spec) if isinstance(value, (int, float)) else str(value)
 
 
 def duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
+    if not isinstance(seconds, (int, float)):  # a run file edited by hand: shown as it is, not a traceback
+        return str(seconds)
     minutes, secs = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
@@ -274,8 +279,8 @@ def print_runs(runs: list[dict[str, Any]]) -> None:
         table.add_column(column, **(NAME_COLUMN if column in ("technique", "model") else {"overflow": "fold"}))
     for run in runs:
         started = (run.get("started") or "-").replace("T", " ")[:16]
-        table.add_row(run["run"], run["status"], started, duration(run.get("duration_s")), technique_label(run),
-                      str(run.get("model")), _figure(run.get("learning_rate"), ".1e"), str(run.get("step")),
+        table.add_row(run["run"], str(run["status"]), started, duration(run.get("duration_s")), technique_label(run),
+                      str(run.get("model") or "-"), _figure(run.get("learning_rate"), ".1e"), "-" if run.get("step") is None else str(run["step"]),
                       trainable_label(run), memory_label(run.get("peak_memory_bytes")),
                       _figure(run.get("tokens_per_s"), ",.0f"), _figure(run.get("train_loss_smoothed")),
                       metric_label(run))
@@ -311,7 +316,7 @@ def metric_label(summary: dict[str, Any]) -> str:
 def technique_label(summary: dict[str, Any]) -> str:
     """A run's technique and the variant its settings chose, as tables show it: 'lora (dora)'."""
     variant = summary.get("variant")
-    return f"{summary.get('technique')}" + (f" ({variant})" if variant else "")
+    return f"{summary.get('technique') or '-'}" + (f" ({variant})" if variant else "")
 
 
 BARS = "▁▂▃▄▅▆▇█"

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -103,20 +104,37 @@ def smoothed_loss(losses: list[float], share: float = 0.1, most: int = 50) -> fl
     return sum(losses[-window:]) / window
 
 
+def run_file(run_dir: Path, name: str) -> dict[str, Any]:
+    """The JSON object of the run file ``name`` ({} when the run has none). A file that is not one (damaged, cut
+    short, edited by hand) is a ConfigError naming it and what was expected: `tunelab runs show` printed a
+    JSONDecodeError or AttributeError traceback."""
+    path = run_dir / name
+    try:
+        data = read_json(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: not readable as JSON ({exc}); expected the JSON object tunelab writes there") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object, found a JSON {type(data).__name__}")
+    return data
+
+
 def summarize_run(run_dir: Path) -> dict[str, Any] | None:
     """Key figures of one run folder, or None when the folder is not a tunelab run."""
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         return None
     config = read_run_config(run_dir)
-    status = read_json(run_dir / "status.json") or {}
-    evaluation = read_json(run_dir / "eval.json") or {}
-    info = read_json(run_dir / "run_info.json") or {}
+    status = run_file(run_dir, "status.json")
+    evaluation = run_file(run_dir, "eval.json")
+    info = run_file(run_dir, "run_info.json")
+    memory = info.get("peak_memory") if isinstance(info.get("peak_memory"), dict) else {}
     train_losses = [m["loss"] for m in read_metrics(run_dir) if m.get("kind") == "train" and not m.get("skipped")]
     forgetting = evaluation.get("forgetting") or {}
     return {
         "run": str(run_dir),
-        "status": status.get("status", "unknown"),
+        "status": str(status.get("status", "unknown")),  # a table cell: text, whatever the file holds
         "started": info.get("started") or _modified(config_path),
         "duration_s": info.get("wall_time_s"),
         "model": config.get("model", {}).get("name"),
@@ -130,12 +148,11 @@ def summarize_run(run_dir: Path) -> dict[str, Any] | None:
         "tuned_val_loss": (evaluation.get("tuned") or {}).get("loss"),
         "forgetting_flagged": forgetting.get("flagged"),
         "tokens_per_s": info.get("tokens_per_s"),
-        "peak_rss_gib": (info.get("peak_memory") or {}).get("rss_gib"),
+        "peak_rss_gib": memory.get("rss_gib"),
         "trainable_parameters": info.get("trainable_parameters"),
         "total_parameters": info.get("total_parameters"),
         # on a GPU the most torch allocated there, else the process's peak RSS (as tunelab compare reads it)
-        "peak_memory_bytes": (info.get("peak_memory") or {}).get("gpu_max_allocated_bytes",
-                                                                 (info.get("peak_memory") or {}).get("rss_bytes")),
+        "peak_memory_bytes": memory.get("gpu_max_allocated_bytes", memory.get("rss_bytes")),
         "primary_metric": primary_metric(evaluation, quality_figure((config.get("objective") or {}).get("name"))),
     }
 
@@ -180,6 +197,8 @@ def list_runs(root: Path) -> list[dict[str, Any]]:
 def _summary_or_damage(run_dir: Path) -> dict[str, Any] | None:
     try:
         return summarize_run(run_dir)
+    except ConfigError as exc:  # it names the file and what was expected: said in the row, relative to the run
+        return {"run": str(run_dir), "status": f"unreadable: {str(exc).removeprefix(f'{run_dir}{os.sep}')}"}
     except (OSError, ValueError, yaml.YAMLError, AttributeError, TypeError) as exc:  # one damaged run must not hide the rest
         return {"run": str(run_dir), "status": f"unreadable ({type(exc).__name__})"}
 
@@ -245,17 +264,21 @@ def run_curves(run_dir: Path) -> dict[str, list[list[float]]]:
 
 def run_details(run_dir: Path) -> dict[str, Any]:
     """Everything ``tunelab runs show`` prints: the summary plus the run's files, read as they are."""
-    summary = summarize_run(run_dir)
+    try:
+        summary = summarize_run(run_dir)
+    except (AttributeError, TypeError, KeyError) as exc:  # a file's value of another type than tunelab writes
+        raise ConfigError(f"{run_dir}: a run file holds a value of an unexpected type ({type(exc).__name__}: {exc}); "
+                          "expected the files as tunelab wrote them") from None
     if summary is None:
         raise ConfigError(f"{run_dir}: not a tunelab run folder (no config.yaml)")
     evals = run_dir / "evals"
     return {
         "summary": summary,
         "config": read_run_config(run_dir),
-        "status": read_json(run_dir / "status.json") or {},
-        "run_info": read_json(run_dir / "run_info.json") or {},
-        "eval": read_json(run_dir / "eval.json") or {},
-        "data": {k: v for k, v in (read_json(run_dir / "data_report.json") or {}).items()
+        "status": run_file(run_dir, "status.json"),
+        "run_info": run_file(run_dir, "run_info.json"),
+        "eval": run_file(run_dir, "eval.json"),
+        "data": {k: v for k, v in run_file(run_dir, "data_report.json").items()
                  if k in ("records", "train", "validation", "truncation_rate", "warnings")},
         "evaluations": sorted(str(p.relative_to(run_dir)) for p in evals.glob("*/eval.json")) if evals.is_dir() else [],
         "curves": run_curves(run_dir),
