@@ -213,3 +213,19 @@ def test_damaged_run_files_are_errors_naming_the_file_not_tracebacks(tmp_path: P
     assert rows["cut"]["status"].startswith("unreadable: run_info.json: not readable as JSON (")
     assert rows["listed"]["status"] == "unreadable: eval.json: expected a JSON object, found a JSON list"
     assert rows["numbered"]["status"] == "3" and rows["nested"]["status"] == "completed"
+
+
+def test_runs_lists_the_runs_of_a_compare_folder_in_it(tmp_path: Path) -> None:
+    """`tunelab compare` writes to runs/compare by default; `tunelab runs` (runs/) then said 'no runs in runs'.
+    The runs of each compare folder under FOLDER are listed with the others."""
+    from support.cli import invoke
+
+    compared = tmp_path / "compare"
+    _run(compared, "lora-seed42")
+    _run(compared, "ia3-seed42")
+    (compared / "compare_plan.json").write_text("{}")
+    listed = invoke("runs", tmp_path)
+    assert listed.exit_code == 0 and "no runs" not in listed.clean, listed.clean
+    assert str(compared / "lora-seed42") in listed.clean and str(compared / "ia3-seed42") in listed.clean
+    found = json.loads(invoke("runs", tmp_path, "--json").stdout)
+    assert sorted((Path(r["run"]).name, r["group"]) for r in found) == [("ia3-seed42", "compare"), ("lora-seed42", "compare")]

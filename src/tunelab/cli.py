@@ -277,7 +277,7 @@ def data_inspect(
 @app.command(epilog=_examples("tunelab runs", "tunelab runs path/to/folder-of-runs",
                              "tunelab runs show runs/quickstart"))
 def runs(
-    folder: Annotated[Path, typer.Argument(metavar="FOLDER|show", help="Folder holding run folders (default runs/), or 'show'")] = Path("runs"),
+    folder: Annotated[Path, typer.Argument(metavar="FOLDER|show", help="Folder holding run folders and compare folders (default runs/), or 'show'")] = Path("runs"),
     run: Annotated[Optional[list[Path]], typer.Argument(metavar="[RUN]...", help="With 'show': the run folder to describe, or several to show side by side")] = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -286,7 +286,7 @@ def runs(
 
     Figures come from each run folder's files (config.yaml, status.json, metrics.jsonl, eval.json, run_info.json).
     """
-    from tunelab.runs import list_runs, run_details  # start-up time
+    from tunelab.runs import list_run_groups, run_details  # start-up time
 
     if str(folder) == "show" and run:
         try:
@@ -308,7 +308,9 @@ def runs(
         _fail(f"unexpected argument {run[0]}: use `tunelab runs [FOLDER]` or `tunelab runs show RUN [RUN ...]`")
     if not folder.is_dir():
         _fail(f"{folder}: no such folder (give the folder that holds run folders, by default runs/)")
-    found = list_runs(folder)
+    # with the runs of each compare folder in it: `tunelab compare` writes to runs/compare by default, and
+    # `tunelab runs` then said 'no runs in runs'
+    found = list_run_groups(folder)[0]
     if as_json:
         _print_json(found)
     elif not found:
