@@ -376,3 +376,31 @@ def test_out_must_be_new_empty_or_an_earlier_compare(tiny_model_dir: Path, tmp_p
     runner.claim(empty, runner.WRITER)
     (empty / "notes.txt").write_text("mine")  # an earlier compare's folder, whatever else the user put there
     runner._check_out(empty)
+
+
+def test_a_terminated_compare_does_not_leave_its_run_training(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The run a compare trains is a process of its own session (a terminal's Ctrl-C reaches the compare only, which
+    passes it on once). A compare ended by SIGTERM (`kill PID`, `timeout`) or SIGHUP (its terminal closed) died
+    alone and left that run training, orphaned, holding its run folder's lock. The signal is passed on: the run
+    ends with the compare."""
+    config = _config(tiny_model_dir, tmp_path, steps=100_000)  # far longer than the test waits
+    out = tmp_path / "cmp"
+    metrics = out / "lora-seed42" / "metrics.jsonl"
+    process = subprocess.Popen(_tunelab("compare", str(config), "--techniques", "lora", "--out", str(out)), env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count('"train"') >= 2):
+        time.sleep(0.05)
+    child = json.loads((out / "lora-seed42" / ".tunelab-lock").read_text())["pid"]
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == -signal.SIGTERM  # the compare ends as the signal ends a process
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the compare's run kept training after the compare was terminated")

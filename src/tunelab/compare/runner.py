@@ -9,6 +9,7 @@ import logging
 import signal
 import subprocess
 import sys
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -169,7 +170,7 @@ def _train(run: PlannedRun, config: dict[str, Any], out: Path) -> None:
         process = subprocess.Popen(_train_command(config_path, resume, overwrite), stdout=log_file,
                                    stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            code = process.wait()
+            code = _wait_passing_on_termination(process)
         except KeyboardInterrupt:
             process.send_signal(signal.SIGINT)  # the run finishes its step and saves a checkpoint
             process.wait()
@@ -178,6 +179,32 @@ def _train(run: PlannedRun, config: dict[str, Any], out: Path) -> None:
         raise CompareInterrupted(run.name)
     if code != 0:
         raise ConfigError(f"run {run.name} failed (exit code {code}); its output is in {log_path}")
+
+
+TERMINATING = (signal.SIGTERM, signal.SIGHUP)  # `kill PID`, `timeout`, a closed terminal
+
+
+def _wait_passing_on_termination(process: subprocess.Popen) -> int:
+    """Wait for the run's process, passing on a SIGTERM or SIGHUP the compare receives meanwhile, then end the
+    compare by that signal. The run is a session of its own (Ctrl-C reaches it once, through the compare), so
+    without this a terminated compare died alone and left its run training, orphaned, holding the run's lock."""
+    received: list[int] = []
+
+    def pass_on(signum: int, _frame: Any) -> None:
+        received.append(signum)
+        process.send_signal(signum)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # handlers can only be set there (the CLI's case)
+        previous = {sig: signal.signal(sig, pass_on) for sig in TERMINATING}
+    try:
+        code = process.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        signal.raise_signal(received[0])  # as the signal would have ended the compare, now that its run ended too
+    return code
 
 
 def compare(config: TunelabConfig, techniques: list[str], out: Path, seeds: int = 1,
