@@ -843,3 +843,48 @@ def test_time_on_the_command_line_times_more_techniques_and_refuses_without_reco
     assert misspelt.exit_code == 2 and "--time ful: no such technique; expected all or names from:" in misspelt.clean
     alone = invoke("plan", path, "--time", "full")
     assert alone.exit_code == 2 and "--time times --recommend's set-ups: add --recommend" in alone.clean
+
+
+def test_solve_says_when_it_stopped_at_its_ceiling_and_what_the_smallest_needs(tiny_model_dir, tmp_path, no_runtime_probe):
+    """--solve with a budget more than the search's ceiling needs said 'largest micro_batch_size that fits: 4096'
+    (more fits); with a budget too small for even 1 it said 'no micro_batch_size fits the budget', not what 1 needs."""
+    import yaml
+    from support.cli import invoke
+
+    from tunelab.plan.solve import SOLVE_CEILING
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(yaml.safe_load(config_for(tiny_model_dir, tmp_path, "lora").to_yaml())))
+    huge = invoke("plan", path, "--budget", "1000TiB", "--solve", "micro_batch_size")
+    assert huge.exit_code == 0, huge.clean
+    assert f"micro_batch_size {SOLVE_CEILING} fits, and more may: the search stops at {SOLVE_CEILING}" in huge.clean
+    assert "largest micro_batch_size that fits" not in huge.clean
+    solved = json.loads(invoke("plan", path, "--budget", "1000TiB", "--solve", "micro_batch_size", "--json").stdout)
+    assert solved["solve"]["value"] == SOLVE_CEILING and solved["solve"]["at_ceiling"] is True
+    tiny = invoke("plan", path, "--budget", "1MiB", "--solve", "micro_batch_size")
+    one = json.loads(invoke("plan", path, "--budget", "1MiB", "--solve", "micro_batch_size", "--json").stdout)["solve"]
+    assert one["value"] is None and one["smallest"]["value"] == 1 and one["smallest"]["peak_bytes"] > 2**20
+    assert f"no micro_batch_size fits the budget: even 1 needs {one['smallest']['peak_bytes'] / 2**30:.2f} GiB" in tiny.clean
+    fitting = json.loads(invoke("plan", path, "--budget", "1TiB", "--solve", "max_length", "--json").stdout)["solve"]
+    assert fitting["at_ceiling"] == (fitting["value"] == SOLVE_CEILING) and "smallest" not in fitting
+
+
+def test_a_misspelt_solve_or_time_name_is_refused_before_anything_is_planned(tiny_model_dir, tmp_path, monkeypatch):
+    """`--solve max_lenght` was refused after the plan (seconds), `--recommend --time lroa` after every set-up was
+    planned (a minute on SmolLM2)."""
+    import yaml
+    from support.cli import invoke
+
+    import tunelab.plan
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(yaml.safe_load(config_for(tiny_model_dir, tmp_path, "lora").to_yaml())))
+
+    def planned(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("planned before the names were checked")
+
+    monkeypatch.setattr(tunelab.plan, "data_shape", planned)
+    solve_refused = invoke("plan", path, "--budget", "1GiB", "--solve", "max_lenght")
+    assert solve_refused.exit_code == 2 and "--solve max_lenght: expected one of micro_batch_size, max_length" in solve_refused.clean
+    time_refused = invoke("plan", path, "--budget", "1GiB", "--recommend", "--time", "lora,lroa")
+    assert time_refused.exit_code == 2 and "--time lroa: no such technique" in time_refused.clean, time_refused.clean

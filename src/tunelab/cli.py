@@ -413,6 +413,7 @@ def plan(
     _setup_logging()
     from tunelab.api import load_config  # start-up time
     from tunelab.plan import data_shape, plan_memory  # start-up time (torch, transformers)
+    from tunelab.plan.solve import SOLVABLE, SOLVE_CEILING, check_time_names  # start-up time
     from tunelab.plan.solve import recommend as rank_setups, recommend_dtypes, solve as solve_knob  # start-up time
 
     if device not in ("cpu", "cuda"):
@@ -423,6 +424,13 @@ def plan(
         _fail("--time times --recommend's set-ups: add --recommend (and --budget)")
     if processes < 1:
         _fail(f"--processes {processes}: expected 1 or more")
+    if solve is not None and solve not in SOLVABLE:  # before planning, which takes seconds to minutes
+        _fail(f"--solve {solve}: expected one of {', '.join(SOLVABLE)}")
+    times = [name.strip() for name in time.split(",") if name.strip()] if time else None
+    try:
+        check_time_names(times or [])
+    except ConfigError as exc:
+        _fail(str(exc))
     limit = _bytes(budget) if budget is not None else None
     try:
         cfg = load_config(config, set_)
@@ -433,12 +441,15 @@ def plan(
             out["budget_bytes"], out["fits"] = limit, result.peak_bytes <= limit
         if solve:
             value, solved = solve_knob(cfg, shape, limit or 0, solve, device, processes=processes)
-            out["solve"] = {"knob": solve, "value": value, "peak_bytes": solved.peak_bytes if solved else None}
+            out["solve"] = {"knob": solve, "value": value, "peak_bytes": solved.peak_bytes if value is not None else None,
+                            "at_ceiling": value == SOLVE_CEILING}  # more may fit: the search stops there
+            if value is None:  # what the smallest value (1, or 16 tokens) would need
+                out["solve"]["smallest"] = {"value": solved.shape.micro_batch_size if solve == "micro_batch_size"
+                                            else solved.shape.length, "peak_bytes": solved.peak_bytes}
         if recommend:
             dtypes, why = recommend_dtypes(device)
             out["recommend_dtypes"] = {"dtypes": dtypes, "why": why}
-            ranked = rank_setups(cfg, shape, limit or 0, device, processes,
-                                 [name.strip() for name in time.split(",") if name.strip()] if time else None)
+            ranked = rank_setups(cfg, shape, limit or 0, device, processes, times)
             out["recommend_timing"] = ranked.timing
             out["recommend"] = [{"technique": s.technique, "gradient_checkpointing": s.checkpointing, "dtype": s.dtype,
                                  "peak_bytes": s.plan.peak_bytes, "seconds_per_step":
@@ -475,8 +486,15 @@ def _print_plan(out: dict[str, Any]) -> None:
         console.print(f"budget {out['budget_bytes'] / gib:.2f} GiB: {'fits' if out['fits'] else 'does NOT fit'}", highlight=False)
     if "solve" in out:
         solved = out["solve"]
-        console.print(f"largest {solved['knob']} that fits: {solved['value']}" if solved["value"] is not None
-                      else f"no {solved['knob']} fits the budget", highlight=False)
+        if solved["value"] is None:
+            smallest = solved["smallest"]
+            console.print(f"no {solved['knob']} fits the budget: even {smallest['value']} needs "
+                          f"{smallest['peak_bytes'] / gib:.2f} GiB", highlight=False)
+        elif solved.get("at_ceiling"):
+            console.print(f"{solved['knob']} {solved['value']} fits, and more may: the search stops at "
+                          f"{solved['value']}", highlight=False)
+        else:
+            console.print(f"largest {solved['knob']} that fits: {solved['value']}", highlight=False)
     if "recommend_dtypes" in out:
         console.print(f"set-ups ranked in {' and '.join(out['recommend_dtypes']['dtypes'])} "
                       f"({out['recommend_dtypes']['why']})", highlight=False)

@@ -20,6 +20,7 @@ from tunelab import precision
 from tunelab.techniques import TECHNIQUES, Technique, TechniqueError
 
 SOLVABLE = ("micro_batch_size", "max_length")
+SOLVE_CEILING = 4096  # the largest value --solve tries: a value found there may be exceeded (said so, not hidden)
 
 
 def largest_fitting(fits: Callable[[int], bool], low: int, high: int) -> int | None:
@@ -33,9 +34,10 @@ def largest_fitting(fits: Callable[[int], bool], low: int, high: int) -> int | N
 
 
 def solve(config: TunelabConfig, shape: Shape, budget: int, knob: str, device: str = "cpu",
-          ceiling: int = 4096, processes: int = 1) -> tuple[int | None, MemoryPlan | None]:
+          ceiling: int = SOLVE_CEILING, processes: int = 1) -> tuple[int | None, MemoryPlan | None]:
     """The largest ``knob`` (micro_batch_size, or max_length with every row that long) whose planned peak fits
-    ``budget`` bytes, with its plan; (None, None) when even 1 (or 16 tokens) does not fit."""
+    ``budget`` bytes, with its plan; when even 1 (or 16 tokens) does not fit, None with that smallest value's plan
+    (what the budget would have to hold)."""
     if knob not in SOLVABLE:
         raise ConfigError(f"--solve {knob}: expected one of {', '.join(SOLVABLE)}")
     plans: dict[int, MemoryPlan] = {}
@@ -45,8 +47,9 @@ def solve(config: TunelabConfig, shape: Shape, budget: int, knob: str, device: s
         plans[value] = plan_memory(config, device, dataclasses.replace(shape, **changed), processes=processes)
         return plans[value].peak_bytes <= budget
 
-    best = largest_fitting(fits, 1 if knob == "micro_batch_size" else 16, ceiling)
-    return best, plans.get(best) if best is not None else None
+    smallest = 1 if knob == "micro_batch_size" else 16
+    best = largest_fitting(fits, smallest, ceiling)
+    return best, plans[best if best is not None else smallest]
 
 
 @dataclass
@@ -100,14 +103,18 @@ def timed_techniques(config: TunelabConfig, requested: list[str] | None) -> list
     """The techniques whose set-ups --recommend times: the config's, then those ``requested`` (``--time``: names,
     or "all" for every registered technique), each once. Raises ConfigError for a name no technique has."""
     names = [config.technique.name]
+    check_time_names(requested or [])
     for name in requested or []:
-        if name == "all":
-            names += list(TECHNIQUES)
-        elif name in TECHNIQUES:
-            names.append(name)
-        else:
-            raise ConfigError(f"--time {name}: no such technique; expected all or names from: {', '.join(TECHNIQUES)}")
+        names += list(TECHNIQUES) if name == "all" else [name]
     return list(dict.fromkeys(names))
+
+
+def check_time_names(requested: list[str]) -> None:
+    """Raise ConfigError for a --time name no technique has (the CLI checks before planning: a misspelt name was
+    refused after the minute --recommend spends planning every set-up)."""
+    for name in requested:
+        if name != "all" and name not in TECHNIQUES:
+            raise ConfigError(f"--time {name}: no such technique; expected all or names from: {', '.join(TECHNIQUES)}")
 
 
 def recommend(config: TunelabConfig, shape: Shape, budget: int, device: str = "cpu",
