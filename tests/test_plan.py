@@ -888,3 +888,22 @@ def test_a_misspelt_solve_or_time_name_is_refused_before_anything_is_planned(tin
     assert solve_refused.exit_code == 2 and "--solve max_lenght: expected one of micro_batch_size, max_length" in solve_refused.clean
     time_refused = invoke("plan", path, "--budget", "1GiB", "--recommend", "--time", "lora,lroa")
     assert time_refused.exit_code == 2 and "--time lroa: no such technique" in time_refused.clean, time_refused.clean
+
+
+def test_a_cuda_plan_of_a_quantized_load_counts_no_host_mapped_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    """On a CPU a quantized load keeps the checkpoint mapped (its frozen weights are views of it); on a GPU those
+    weights are copied to the device and the file's pages are host memory. The CUDA plan counted the whole file in
+    the GPU's peak (`checkpoint_mapped`, 0.5 GiB for SmolLM2's QLoRA) and left the copied weights out. And a CUDA plan
+    made where no GPU is visible had a runtime term of 0 without saying the CUDA context was not measured."""
+    from tunelab.plan import planner
+
+    config = config_for(tiny_model_dir, tmp_path, "qlora")
+    cpu = plan_memory(config, "cpu", SHAPE, runtime=RUNTIME)
+    cuda = plan_memory(config, "cuda", SHAPE, runtime=0)
+    assert "checkpoint_mapped" in cpu.components and "checkpoint_mapped" not in cuda.components
+    assert cuda.components["weights"] > cpu.components["weights"]  # the frozen weights the file held, on the GPU
+    assert not any("no GPU is visible" in note for note in cuda.notes)  # the caller gave the runtime term
+    monkeypatch.setattr(planner.torch.cuda, "is_available", lambda: False)
+    unmeasured = plan_memory(config, "cuda", SHAPE)
+    assert unmeasured.components["runtime"] == 0
+    assert any("no GPU is visible here, so the CUDA context is not measured" in note for note in unmeasured.notes)

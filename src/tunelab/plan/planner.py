@@ -120,9 +120,11 @@ def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None 
         "freed_gradients_kept": unreused,
     }
     views = mapped_views_bytes(skeleton, checkpoint_dtype) if precision.load_dtype == checkpoint_dtype else 0
-    if base_load.quantization_config is not None and views:
+    if target.type == "cpu" and base_load.quantization_config is not None and views:
         # a quantized load (a device map) reads every weight through the memory-mapped checkpoint and keeps the
-        # frozen weights it does not convert as views of it: the whole file stays mapped, resident, for the run
+        # frozen weights it does not convert as views of it: the whole file stays mapped, resident, for the run.
+        # Host memory: on a GPU those weights are copied to the device (the weights term) and the file's pages are
+        # not the GPU's (a CUDA plan of QLoRA on SmolLM2 counted the 0.5 GiB file in the GPU's peak)
         components["checkpoint_mapped"] = checkpoint
         components["weights"] -= views
     components.update(_reference(config, objective, components["weights"], trainable_bytes))
@@ -168,6 +170,9 @@ def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None 
     else:
         components["runtime"] = runtime if runtime is not None else cuda_context_bytes()
         notes.append("CUDA: the peak is max_memory_allocated plus the CUDA context (runtime)")
+        if runtime is None and not torch.cuda.is_available():  # planned here for a GPU elsewhere: said, not hidden
+            notes.append("no GPU is visible here, so the CUDA context is not measured and the runtime term is 0: the "
+                         "peak leaves it out; plan on the GPU's machine to count it")
         phases["load"] = loaded  # the checkpoint's pages are host memory, not the GPU's
     phase = max(phases, key=phases.__getitem__)
     if precision.note:
