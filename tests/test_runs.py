@@ -229,3 +229,19 @@ def test_runs_lists_the_runs_of_a_compare_folder_in_it(tmp_path: Path) -> None:
     assert str(compared / "lora-seed42") in listed.clean and str(compared / "ia3-seed42") in listed.clean
     found = json.loads(invoke("runs", tmp_path, "--json").stdout)
     assert sorted((Path(r["run"]).name, r["group"]) for r in found) == [("ia3-seed42", "compare"), ("lora-seed42", "compare")]
+
+
+def test_runs_show_says_what_is_missing_or_what_the_folder_is(tmp_path: Path) -> None:
+    """`tunelab runs show` without a run said 'show: no such folder'; a missing path and a compare folder were
+    'not a tunelab run folder (no config.yaml)'."""
+    from support.cli import invoke
+
+    alone = invoke("runs", "show")
+    assert alone.exit_code == 2 and "tunelab runs show needs the run folder(s) to describe" in alone.clean, alone.clean
+    missing = invoke("runs", "show", tmp_path / "nowhere")
+    assert missing.exit_code == 2 and f"{tmp_path / 'nowhere'}: no such run folder" in missing.clean, missing.clean
+    compared = tmp_path / "cmp"
+    _run(compared, "lora-seed42")
+    (compared / "compare_plan.json").write_text("{}")
+    shown = " ".join(invoke("runs", "show", compared).clean.split())
+    assert f"{compared}: a compare folder, not a run: `tunelab runs {compared}` lists its runs" in shown, shown

@@ -306,6 +306,8 @@ def runs(
         return
     if run:
         _fail(f"unexpected argument {run[0]}: use `tunelab runs [FOLDER]` or `tunelab runs show RUN [RUN ...]`")
+    if str(folder) == "show" and not folder.is_dir():  # 'show' alone said "show: no such folder"
+        _fail("tunelab runs show needs the run folder(s) to describe: tunelab runs show RUN [RUN ...]")
     if not folder.is_dir():
         _fail(f"{folder}: no such folder (give the folder that holds run folders, by default runs/)")
     # with the runs of each compare folder in it: `tunelab compare` writes to runs/compare by default, and

@@ -270,6 +270,11 @@ def run_details(run_dir: Path) -> dict[str, Any]:
         raise ConfigError(f"{run_dir}: a run file holds a value of an unexpected type ({type(exc).__name__}: {exc}); "
                           "expected the files as tunelab wrote them") from None
     if summary is None:
+        if not run_dir.exists():
+            raise ConfigError(f"{run_dir}: no such run folder")
+        if is_compare_folder(run_dir):
+            raise ConfigError(f"{run_dir}: a compare folder, not a run: `tunelab runs {run_dir}` lists its runs, "
+                              f"{run_dir / COMPARE_RESULT} and report.md compare them")
         raise ConfigError(f"{run_dir}: not a tunelab run folder (no config.yaml)")
     evals = run_dir / "evals"
     return {
