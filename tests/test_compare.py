@@ -404,3 +404,28 @@ def test_a_terminated_compare_does_not_leave_its_run_training(tiny_model_dir: Pa
     else:
         os.kill(child, signal.SIGKILL)
         pytest.fail("the compare's run kept training after the compare was terminated")
+
+
+def test_a_compare_with_other_settings_in_the_same_out_is_refused_naming_what_differs(tiny_model_dir: Path,
+                                                                                      tmp_path: Path) -> None:
+    """The refusal said only 'holds a compare with other settings': the user had to diff compare_plan.json by
+    hand. It names the runs (techniques, seeds) and the config keys that differ, each value there and here."""
+    from tunelab.compare.runner import PLAN, PlannedRun, _check_plan
+
+    data = write_jsonl(tmp_path / "train.jsonl", toy_chat_records(8))
+    out = tmp_path / "cmp"
+    out.mkdir()
+
+    def plan(steps: int, seeds: int) -> dict[str, Any]:
+        config = tiny_config(tiny_model_dir, data={"train": [str(data)]}, training={"max_steps": steps})
+        return {"config": config.model_dump(mode="json"),
+                "runs": [PlannedRun(f"lora-seed{42 + i}", "lora", 2e-4, 42 + i).__dict__ for i in range(seeds)]}
+
+    _check_plan(out, plan(2, 1))
+    saved = (out / PLAN).read_text()
+    with pytest.raises(ConfigError) as refused:
+        _check_plan(out, plan(3, 2))
+    message = str(refused.value)
+    assert "runs lora-seed42 there, lora-seed42, lora-seed43 here" in message, message
+    assert "config training.max_steps 2 there, 3 here" in message, message
+    assert (out / PLAN).read_text() == saved  # the folder's compare is left as it was

@@ -105,9 +105,31 @@ def _check_out(out: Path) -> None:
 def _check_plan(out: Path, plan: dict[str, Any]) -> None:
     saved = read_json(out / PLAN) if (out / PLAN).is_file() else None
     if saved is not None and saved != plan:
-        raise ConfigError(f"{out} holds a compare with other settings ({out / PLAN}); give another --out, or the "
-                          "same config, techniques, seeds and --lr-sweep to resume it")
+        raise ConfigError(f"{out} holds a compare with other settings ({out / PLAN}: {_plan_differences(saved, plan)}); "
+                          "give another --out, or the same config, techniques, seeds and --lr-sweep to resume it")
     write_entry_json(out, PLAN, plan)
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): value}
+
+
+def _plan_differences(saved: Any, plan: dict[str, Any]) -> str:
+    """What differs between the folder's compare and this one: its runs (techniques, seeds, learning rates) and the
+    config keys. The refusal said only 'other settings', leaving the user to diff compare_plan.json by hand."""
+    saved = saved if isinstance(saved, dict) else {}
+    parts = []
+    runs = [run.get("name") for run in saved.get("runs") or [] if isinstance(run, dict)]
+    if runs != [run["name"] for run in plan["runs"]]:
+        parts.append(f"runs {', '.join(map(str, runs)) or '(none)'} there, {', '.join(r['name'] for r in plan['runs'])} here")
+    before, now = _flat(saved.get("config")), _flat(plan["config"])
+    keys = [key for key in dict.fromkeys([*before, *now]) if before.get(key) != now.get(key)]
+    if keys:
+        shown = [f"{key} {before.get(key)!r} there, {now.get(key)!r} here" for key in keys[:5]]
+        parts.append("config " + "; ".join(shown) + (f"; and {len(keys) - 5} more" if len(keys) > 5 else ""))
+    return "; ".join(parts) or "written by another version of tunelab"
 
 
 def _earlier_run(run_dir: Path) -> str | None:
