@@ -429,3 +429,18 @@ def test_a_compare_with_other_settings_in_the_same_out_is_refused_naming_what_di
     assert "runs lora-seed42 there, lora-seed42, lora-seed43 here" in message, message
     assert "config training.max_steps 2 there, 3 here" in message, message
     assert (out / PLAN).read_text() == saved  # the folder's compare is left as it was
+
+
+def test_a_run_that_fails_says_why_in_the_compares_own_error(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A run refused at set-up (multi-task prompt tuning on records without a task) made the compare say only
+    'run ... failed (exit code 2); its output is in LOG', and the refused run leaves no folder: the reason was in the
+    log alone. The compare's error now carries the run's own."""
+    config = _config(tiny_model_dir, tmp_path, steps=1)
+    out = tmp_path / "cmp"
+    failed = subprocess.run(_tunelab("compare", str(config), "--techniques", "multitask_prompt_tuning", "--out", str(out)),
+                            env=ENV, capture_output=True, text=True, timeout=900)
+    flat = " ".join((failed.stdout + failed.stderr).split())
+    assert failed.returncode == 2, flat
+    assert ("run multitask_prompt_tuning-seed42 failed: technique 'multitask_prompt_tuning' needs multi-task data: "
+            "give every training record a 'task' field") in flat, flat
+    assert "(exit code 2); its output is in " in flat and (out / "logs" / "multitask_prompt_tuning-seed42.log").is_file()

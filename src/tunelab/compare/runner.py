@@ -200,7 +200,23 @@ def _train(run: PlannedRun, config: dict[str, Any], out: Path) -> None:
     if code == 130:
         raise CompareInterrupted(run.name)
     if code != 0:
-        raise ConfigError(f"run {run.name} failed (exit code {code}); its output is in {log_path}")
+        reason = _error_in_log(log_path)
+        raise ConfigError(f"run {run.name} failed{f': {reason}' if reason else ''} (exit code {code}); its output is "
+                          f"in {log_path}")
+
+
+def _error_in_log(log_path: Path) -> str | None:
+    """The run's own one-line error (`tunelab train` ends a refusal with 'error: ...', wrapped over several lines
+    in the log), or None: the compare said only 'failed (exit code 2)', and the run folder of a run refused at
+    set-up is removed, so the reason was in the log alone."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    starts = [i for i, line in enumerate(lines) if line.startswith("error: ")]
+    if not starts:
+        return None
+    return " ".join(" ".join(lines[starts[-1]:]).split()).removeprefix("error: ")
 
 
 TERMINATING = (signal.SIGTERM, signal.SIGHUP)  # `kill PID`, `timeout`, a closed terminal
