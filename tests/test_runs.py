@@ -245,3 +245,18 @@ def test_runs_show_says_what_is_missing_or_what_the_folder_is(tmp_path: Path) ->
     (compared / "compare_plan.json").write_text("{}")
     shown = " ".join(invoke("runs", "show", compared).clean.split())
     assert f"{compared}: a compare folder, not a run: `tunelab runs {compared}` lists its runs" in shown, shown
+
+
+def test_a_generation_metric_on_too_few_generations_does_not_judge_a_run(tmp_path: Path) -> None:
+    """`tunelab runs` showed a compare's runs by their exact match over 2 generations (0 -> 0) where the compare
+    judged them by the validation loss: the same rule now, a generation metric from 20 generations up."""
+    from tunelab.runs import MIN_QUALITY_SAMPLES
+
+    run_dir = _compared_run(tmp_path, "few", "lora", 8, 0.5)
+    figures = {"base": {"loss": 2.0}, "tuned": {"loss": 1.5},
+               "metrics": {"exact_match": {"base": 0.0, "tuned": 0.0, "higher_is_better": True, "examples": 2}}}
+    (run_dir / "eval.json").write_text(json.dumps(figures))
+    assert list_runs(tmp_path)[0]["primary_metric"]["name"] == "val_loss"
+    figures["metrics"]["exact_match"]["examples"] = MIN_QUALITY_SAMPLES
+    (run_dir / "eval.json").write_text(json.dumps(figures))
+    assert list_runs(tmp_path)[0]["primary_metric"]["name"] == "exact_match"

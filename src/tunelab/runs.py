@@ -157,18 +157,26 @@ def summarize_run(run_dir: Path) -> dict[str, Any] | None:
     }
 
 
+# A generation metric judges a run only when computed on at least this many generations: on the default 4
+# (eval.num_samples) exact match is 0 or 0.25 by chance. `tunelab runs` and `tunelab compare` judge by the same rule.
+MIN_QUALITY_SAMPLES = 20
+
+
 def primary_metric(evaluation: dict[str, Any], quality: tuple[str, bool] | None = None) -> dict[str, Any] | None:
     """The figure a run is judged by, against its base: its objective's own validation figure (``quality``:
     ``objectives.quality_figure``, e.g. a DPO run's preference accuracy) when both models have it, else the first
-    task metric of eval.json (the config's ``eval.metrics`` order), else the validation loss; None when the run was
-    not evaluated before and after."""
+    task metric of eval.json (the config's ``eval.metrics`` order) computed on ``MIN_QUALITY_SAMPLES`` generations
+    or more (as compare chooses; `tunelab runs` showed a compare's runs by an exact match of 2 generations where the
+    compare judged them by the validation loss), else the validation loss; None when the run was not evaluated
+    before and after."""
     if quality is not None:
         name, higher = quality
         base, tuned = (evaluation.get("base") or {}).get(name), (evaluation.get("tuned") or {}).get(name)
         if base is not None and tuned is not None:
             return {"name": name, "base": base, "tuned": tuned, "delta": tuned - base, "higher_is_better": higher}
     for name, figures in (evaluation.get("metrics") or {}).items():
-        if figures.get("tuned") is not None and figures.get("base") is not None:
+        if figures.get("tuned") is not None and figures.get("base") is not None \
+                and figures.get("examples", MIN_QUALITY_SAMPLES) >= MIN_QUALITY_SAMPLES:
             return {"name": name, "base": figures["base"], "tuned": figures["tuned"],
                     "delta": figures["tuned"] - figures["base"], "higher_is_better": figures.get("higher_is_better", True)}
     base, tuned = (evaluation.get("base") or {}).get("loss"), (evaluation.get("tuned") or {}).get("loss")

@@ -8,15 +8,15 @@ from typing import Any
 
 from tunelab.compare.stats import mean_interval, pareto_flags
 from tunelab.objectives import quality_figure
-from tunelab.runs import read_json, read_metrics
+from tunelab.runs import MIN_QUALITY_SAMPLES, read_json, read_metrics
 from tunelab.techniques.base import RESULT_DIRS
 
 VAL_LOSS = "val_loss"  # the tuned model's validation loss (eval.json), the quality figure every run has
 AT_LAST_EVAL = "@last_eval"  # suffix of a training.eval_metrics figure, read from the run's last evaluation
-# A generation metric judges quality only when computed on at least this many generations: on the default 4
-# (eval.num_samples) exact match is 0 or 0.25 by chance, and judging by it made the Pareto flag and the learning-rate
-# choice ignore quality. With fewer, the validation loss (every validation example) judges, and compare.json says why.
-MIN_QUALITY_SAMPLES = 20
+# A generation metric judges quality only when computed on at least MIN_QUALITY_SAMPLES generations (runs.py: the
+# rule `tunelab runs` follows too): on the default 4 (eval.num_samples) exact match is 0 or 0.25 by chance, and
+# judging by it made the Pareto flag and the learning-rate choice ignore quality. With fewer, the validation loss
+# (every validation example) judges, and compare.json says why.
 
 
 def folder_bytes(folder: Path) -> int:
