@@ -60,7 +60,8 @@ def run_figures(run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
         "trainable_parameters": info.get("trainable_parameters"),
         "total_parameters": info.get("total_parameters"),
         "training_tokens": trained[-1].get("tokens") if trained else None,  # the whole run's, resumes included
-        # cost figures measured by the run's last session (a resumed run's: the resumed part)
+        # cost figures of the whole run: a resumed run's run_info.json sums its sessions (wall time, tokens) and keeps
+        # the highest peak (run_info.py)
         # on a GPU the most torch allocated there, else the process's peak RSS (each run is its own process)
         "peak_memory_bytes": memory.get("gpu_max_allocated_bytes", memory.get("rss_bytes")),
         "wall_time_s": info.get("wall_time_s"),
