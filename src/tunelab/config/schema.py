@@ -96,8 +96,9 @@ class TrainingConfig(Settings):
         "cache off (GLIBC_TUNABLES=glibc.malloc.tcache_count=0, which glibc reads only at process start): on glibc "
         "2.36 that cache keeps the remainders of torch's aligned allocations out of the heap's reach (glibc bug "
         "30723), so freed blocks are not reused and the peak grows step after step past the plan. None or true: every CPU "
-        "run (the quickstart's 40 steps peaked at 0.79 of its plan with the cache on); false: never (the peak then "
-        "measured up to 21% above the plan; no time was measured saved on the speed bench). GLIBC_TUNABLES that "
+        "run (the quickstart's 40 steps peaked at 0.79 of its plan with the cache on and oneDNN's unbounded, 0.99 "
+        "with both off or bounded); false: never (the peak then grows past the plan; no time was measured saved on "
+        "the speed bench). GLIBC_TUNABLES that "
         "already set tcache_count are left as they are (docs/choosing.md, the heap policy)."
     )
     distributed: Literal["ddp", "fsdp"] = Field(
