@@ -431,6 +431,25 @@ def test_a_compare_with_other_settings_in_the_same_out_is_refused_naming_what_di
     assert (out / PLAN).read_text() == saved  # the folder's compare is left as it was
 
 
+def test_the_same_runs_in_another_order_are_the_same_compare(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """``--techniques ia3,lora`` after ``lora,ia3`` plans the same runs (each folder named by technique and seed):
+    it resumes that compare instead of being refused as one with other settings; another technique still is."""
+    from tunelab.compare.runner import PlannedRun, _check_plan
+
+    data = write_jsonl(tmp_path / "train.jsonl", toy_chat_records(8))
+    out = tmp_path / "cmp"
+    out.mkdir()
+    config = tiny_config(tiny_model_dir, data={"train": [str(data)]}).model_dump(mode="json")
+
+    def plan(*techniques: str) -> dict[str, Any]:
+        return {"config": config, "runs": [PlannedRun(f"{t}-seed42", t, 2e-4, 42).__dict__ for t in techniques]}
+
+    _check_plan(out, plan("lora", "ia3"))
+    _check_plan(out, plan("ia3", "lora"))
+    with pytest.raises(ConfigError, match="runs ia3-seed42, lora-seed42 there, ia3-seed42, adapter-seed42 here"):
+        _check_plan(out, plan("ia3", "adapter"))
+
+
 def test_a_run_that_fails_says_why_in_the_compares_own_error(tiny_model_dir: Path, tmp_path: Path) -> None:
     """A run refused at set-up (multi-task prompt tuning on records without a task) made the compare say only
     'run ... failed (exit code 2); its output is in LOG', and the refused run leaves no folder: the reason was in the

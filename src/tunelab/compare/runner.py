@@ -102,9 +102,18 @@ def _check_out(out: Path) -> None:
                       "folder, or the --out of an earlier compare to resume it")
 
 
+def _in_run_order(plan: Any) -> Any:
+    """``plan`` with its runs sorted by name: ``--techniques ia3,lora`` after ``lora,ia3`` plans the same runs (each
+    its own folder, named by technique and seed), and was refused as a compare with other settings."""
+    runs = plan.get("runs") if isinstance(plan, dict) else None
+    if not isinstance(runs, list) or not all(isinstance(run, dict) for run in runs):
+        return plan
+    return {**plan, "runs": sorted(runs, key=lambda run: str(run.get("name")))}
+
+
 def _check_plan(out: Path, plan: dict[str, Any]) -> None:
     saved = read_json(out / PLAN) if (out / PLAN).is_file() else None
-    if saved is not None and saved != plan:
+    if saved is not None and _in_run_order(saved) != _in_run_order(plan):
         raise ConfigError(f"{out} holds a compare with other settings ({out / PLAN}: {_plan_differences(saved, plan)}); "
                           "give another --out, or the same config, techniques, seeds and --lr-sweep to resume it")
     write_entry_json(out, PLAN, plan)
@@ -122,7 +131,7 @@ def _plan_differences(saved: Any, plan: dict[str, Any]) -> str:
     saved = saved if isinstance(saved, dict) else {}
     parts = []
     runs = [run.get("name") for run in saved.get("runs") or [] if isinstance(run, dict)]
-    if runs != [run["name"] for run in plan["runs"]]:
+    if sorted(map(str, runs)) != sorted(run["name"] for run in plan["runs"]):
         parts.append(f"runs {', '.join(map(str, runs)) or '(none)'} there, {', '.join(r['name'] for r in plan['runs'])} here")
     before, now = _flat(saved.get("config")), _flat(plan["config"])
     keys = [key for key in dict.fromkeys([*before, *now]) if before.get(key) != now.get(key)]
