@@ -42,6 +42,10 @@ def test_runs_on_a_missing_folder_is_an_error(tmp_path: Path) -> None:
 
     result = CliRunner(env={"COLUMNS": "250"}).invoke(app, ["runs", str(tmp_path / "nowhere")])
     assert result.exit_code == 2 and "no such folder" in result.output
+    (tmp_path / "notes.txt").write_text("mine")  # a file is named as one (it was 'no such folder' too)
+    result = CliRunner(env={"COLUMNS": "250"}).invoke(app, ["runs", str(tmp_path / "notes.txt")])
+    assert result.exit_code == 2 and "is a file, not a folder" in result.output, result.output
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def _compared_run(root: Path, name: str, technique: str, rank: int, tuned: float) -> Path:

@@ -308,8 +308,9 @@ def runs(
         _fail(f"unexpected argument {run[0]}: use `tunelab runs [FOLDER]` or `tunelab runs show RUN [RUN ...]`")
     if str(folder) == "show" and not folder.is_dir():  # 'show' alone said "show: no such folder"
         _fail("tunelab runs show needs the run folder(s) to describe: tunelab runs show RUN [RUN ...]")
-    if not folder.is_dir():
-        _fail(f"{folder}: no such folder (give the folder that holds run folders, by default runs/)")
+    if not folder.is_dir():  # a file was named 'no such folder' too
+        what = "is a file, not a folder" if folder.exists() else "no such folder"
+        _fail(f"{folder}: {what} (give the folder that holds run folders, by default runs/)")
     # with the runs of each compare folder in it: `tunelab compare` writes to runs/compare by default, and
     # `tunelab runs` then said 'no runs in runs'
     found = list_run_groups(folder)[0]
