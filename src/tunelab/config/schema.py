@@ -95,11 +95,11 @@ class TrainingConfig(Settings):
         None, description="On a CPU with glibc before 2.39, `tunelab train` restarts itself with glibc's per-thread "
         "cache off (GLIBC_TUNABLES=glibc.malloc.tcache_count=0, which glibc reads only at process start): on glibc "
         "2.36 that cache keeps the remainders of torch's aligned allocations out of the heap's reach (glibc bug "
-        "30723), so freed blocks are not reused and the peak grows step after step past the plan. None or true: every CPU "
-        "run (the quickstart's 40 steps peaked at 0.79 of its plan with the cache on and oneDNN's unbounded, 0.99 "
-        "with both off or bounded); false: never (the peak then grows past the plan; no time was measured saved on "
-        "the speed bench). GLIBC_TUNABLES that "
-        "already set tcache_count are left as they are (docs/choosing.md, the heap policy)."
+        "30723), so freed blocks are not reused and the peak grows step after step past the plan. None or true: "
+        "every CPU run (the quickstart's 40 steps peaked at 0.79 of its plan with the cache on and oneDNN's "
+        "unbounded, 0.99 with both off or bounded); false: never (the peak then grows past the plan; no time was "
+        "measured saved on the speed bench). GLIBC_TUNABLES that already set tcache_count are left as they are "
+        "(docs/choosing.md, the heap policy)."
     )
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp", description="How the processes of a torchrun launch share the model: 'ddp' gives each a whole copy and "

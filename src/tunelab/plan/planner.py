@@ -206,8 +206,8 @@ def rollout_bytes(skeleton: torch.nn.Module, shape: Shape, saved: Any, scoring: 
 
 
 def tcache_needed(config: TunelabConfig, device_type: str) -> str | None:
-    """Why ``config`` is a run glibc's per-thread cache hurts (before 2.39: ``aligned_blocks_kept``), None where it
-    was not measured to: every training run on a CPU. A quantized base's dequantized transients, an online
+    """Why ``config`` is a run glibc's per-thread cache hurts (before 2.39: ``aligned_blocks_kept``): every training
+    run on a CPU (None on a GPU, whose memory glibc does not manage). A quantized base's dequantized transients, an online
     objective's micro-batches of changing lengths, and an ordinary run's step after step: its loss rows and packed
     examples change shape, and the blocks freed by one step do not serve the next one's. The quickstart (LoRA, 40
     steps) grew from 2067 to 2461 MiB over 20 steps with the cache on, from 1898 to 1997 with it off and oneDNN's

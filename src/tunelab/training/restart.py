@@ -55,7 +55,8 @@ def bound_onednn_cache(config: TunelabConfig, process_is_the_command: bool) -> N
     if first_launched_process():  # each torchrun worker sets it; the first says so
         log.info("oneDNN's primitive cache bounded to %d primitives (%s) because of %s: each new shape (a "
                  "micro-batch length, a micro-batch's count of supervised tokens) adds primitives, which oneDNN's "
-                 "default (1024) keeps, raising the peak above the plan (set %s yourself to choose)", BOUNDED_ONEDNN_CACHE, ONEDNN_CACHE_VARIABLES[0], reason, ONEDNN_CACHE_VARIABLES[0])
+                 "default (1024) keeps, raising the peak above the plan (set %s yourself to choose)",
+                 BOUNDED_ONEDNN_CACHE, ONEDNN_CACHE_VARIABLES[0], reason, ONEDNN_CACHE_VARIABLES[0])
 
 
 def restart_without_tcache(config: TunelabConfig, process_is_the_command: bool) -> None:
