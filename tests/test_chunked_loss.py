@@ -127,3 +127,36 @@ def test_declared_loss_memory_is_the_peak_the_chunked_loss_allocates(rows: int, 
     if half and trainable:  # autocast's cached bfloat16 copy of the weight: the planner's autocast_copies term
         declared += 2 * vocab * width
     assert 0.97 * measured <= declared <= 1.03 * measured, (declared, measured)
+
+
+def half_chunk_allocations(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int) -> int:
+    """How many (C, V) half-precision tensors LinearCrossEntropySum allocates in its forward and backward."""
+    size = 2 * chunk_rows * weight.shape[0]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            LinearCrossEntropySum.apply(hidden, weight, None, targets, chunk_rows).backward()
+    return sum(1 for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.nbytes() == size)
+
+
+def test_a_frozen_half_head_computes_every_chunk_into_one_tensor() -> None:
+    """A frozen bfloat16 head (LoRA and the other adapters on a bfloat16 base) makes one (C, V) bfloat16 tensor for
+    all its chunks' logits and gradient casts, not two a chunk: fresh 24 MiB tensors moved a run's peak RSS by ~100
+    MiB with the heap's history (docs/choosing.md). Negative control: a float32 head under autocast (a cast weight)
+    still makes its own each chunk. The loss and gradient are what per-chunk tensors gave (checked bit for bit
+    against the former code when this landed; here against full logits)."""
+    vocab, width, chunk_rows, rows = 4096, 32, 64, 200  # 4 chunks, the last partial
+    torch.manual_seed(0)
+    frozen = (0.05 * torch.randn(vocab, width)).to(torch.bfloat16)
+    hidden = torch.randn(rows, width, dtype=torch.bfloat16, requires_grad=True)  # (N, H)
+    targets = torch.randint(0, vocab, (rows,))
+    assert half_chunk_allocations(hidden, frozen, targets, chunk_rows) == 1
+    assert half_chunk_allocations(hidden, frozen.float(), targets, chunk_rows) >= 4  # the control
+    hidden.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = LinearCrossEntropySum.apply(hidden, frozen, None, targets, chunk_rows)
+    loss.backward()
+    reference_hidden = hidden.detach().clone().requires_grad_(True)
+    reference = F.cross_entropy(F.linear(reference_hidden, frozen).float(), targets, reduction="sum")
+    reference.backward()
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(hidden.grad.float(), reference_hidden.grad.float(), rtol=2e-2, atol=2e-3)

@@ -81,6 +81,13 @@ def hidden_only_where(model: nn.Module, keep: torch.Tensor) -> Iterator[list[tor
         handle.remove()
 
 
+def _reusable_half(logits: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether the next chunks can compute their logits into this chunk's: a half-precision product of operands
+    already in its dtype (no autocast cast of a float32 weight in between) and no bias, so that ``torch.mm`` with
+    ``out=`` runs the product ``F.linear`` ran."""
+    return logits.dtype != torch.float32 and rows.dtype == weight.dtype == logits.dtype and bias is None
+
+
 class LinearCrossEntropySum(torch.autograd.Function):
     """sum_n CE(hidden[n] @ weight.T + bias, targets[n]), ``chunk_rows`` rows at a time, gradients included.
 
@@ -102,10 +109,22 @@ class LinearCrossEntropySum(torch.autograd.Function):
         # float32 tensor (50 MB on SmolLM2) is above glibc's mmap threshold, so each chunk faulted its pages in again
         # (30 ms against 3.6 ms for the copy into reused memory). The values are the same bit for bit.
         buffer: torch.Tensor | None = None
+        # A half-precision head whose product needs no cast (a frozen head on a bfloat16 base: every technique but
+        # full fine-tuning) writes each chunk's (C, V) logits, and then the gradient's half-precision copy, into the
+        # first chunk's output. A fresh one per chunk (24 MiB on SmolLM2) fell under glibc's dynamic mmap threshold
+        # or above it, depending on what the heap had freed before; in the heap it took new memory, and a run's peak
+        # RSS moved by ~100 MiB with the order of earlier allocations (Python's hash seed moved it between two runs
+        # of one config; docs/choosing.md). The same products, bit for bit.
+        half: torch.Tensor | None = None  # (C, V) in the head's dtype, reused by every chunk
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = hidden[start : start + chunk_rows]  # (C, H)
             labels = targets[start : start + chunk_rows]  # (C,)
-            logits = F.linear(rows, weight, bias)  # (C, V)
+            if half is not None:
+                logits = torch.mm(rows, weight.t(), out=half[: len(rows)])  # (C, V), as F.linear computes it
+            else:
+                logits = F.linear(rows, weight, bias)  # (C, V)
+                if _reusable_half(logits, rows, weight, bias):
+                    half = logits
             if logits.dtype != torch.float32:
                 if buffer is None:
                     buffer = torch.empty((min(chunk_rows, hidden.shape[0]), logits.shape[1]), dtype=torch.float32,
@@ -122,7 +141,8 @@ class LinearCrossEntropySum(torch.autograd.Function):
             grad_logits.div_(total)  # (C, V) the softmax
             grad_logits[torch.arange(len(labels), device=labels.device), labels] -= 1.0
             if grad_hidden is not None:
-                grad_hidden[start : start + chunk_rows] = grad_logits.to(weight.dtype) @ weight  # (C, H)
+                cast = half[: len(rows)].copy_(grad_logits) if half is not None else grad_logits.to(weight.dtype)
+                grad_hidden[start : start + chunk_rows] = cast @ weight  # (C, H)
             if grad_weight is not None:
                 grad_weight += grad_logits.T @ rows.float()
             if grad_bias is not None:
