@@ -147,6 +147,32 @@ def test_a_run_folder_known_by_its_ownership_record_is_refused_as_output(tmp_pat
     assert f"a subfolder such as {run_dir / 'evals' / 'test'}," in str(refused.value)
 
 
+@pytest.mark.parametrize("marker", ["plan", "record"])
+def test_a_compare_folder_is_refused_as_output_even_with_overwrite(tmp_path: Path, marker: str) -> None:
+    """`--output COMPARE_DIR` (a `tunelab compare --out` folder) replaced the comparison's report.md and report.html:
+    its ownership record lists them, so eval's writes looked like tunelab replacing its own files. A compare folder
+    (known by its plan, or by its record alone) is refused either way, naming the folder and what it is."""
+    from tunelab import fs
+    from tunelab.runs import COMPARE_PLAN, COMPARE_WRITER
+
+    compare = tmp_path / "cmp"
+    fs.claim(compare, COMPARE_WRITER)
+    if marker == "plan":
+        fs.write_entry_json(compare, COMPARE_PLAN, {"runs": []})
+    fs.write_entry_text(compare, "report.md", "# the comparison")
+    fs.write_entry_text(compare, "report.html", "<p>the comparison</p>")
+    before = {p.name: p.read_bytes() for p in compare.iterdir()}
+    test = write_jsonl(tmp_path / "test.jsonl", toy_chat_records(4))
+    for extra in ([], ["--overwrite"]):
+        result = CliRunner(env={"COLUMNS": "250"}).invoke(app, [
+            "eval", "no-such-model", "--data", str(test), "--output", str(compare), "--no-progress", *extra])
+        assert result.exit_code != 0
+        flat = " ".join(result.output.split())
+        assert f"--output {compare} is a tunelab compare folder" in flat, flat
+        assert "report.md and report.html" in flat and "--overwrite" not in flat, flat
+    assert {p.name: p.read_bytes() for p in compare.iterdir()} == before
+
+
 def _plain_model(runs: dict[str, Path]) -> str:
     import yaml
 

@@ -215,10 +215,14 @@ def _summary_or_damage(run_dir: Path) -> dict[str, Any] | None:
 # once every run finished. A folder holding either is a comparison: its run folders are one group.
 COMPARE_PLAN = "compare_plan.json"
 COMPARE_RESULT = "compare.json"
+COMPARE_WRITER = "tunelab compare"  # who a compare folder's ownership record says wrote it
 
 
 def is_compare_folder(folder: Path) -> bool:
-    return (folder / COMPARE_PLAN).is_file() or (folder / COMPARE_RESULT).is_file()
+    """Whether ``folder`` is a `tunelab compare --out` folder: it holds the compare's plan or result, or its
+    ownership record says tunelab compare wrote it (a compare that lost both files)."""
+    return ((folder / COMPARE_PLAN).is_file() or (folder / COMPARE_RESULT).is_file()
+            or recorded_writer(folder) == COMPARE_WRITER)
 
 
 def list_run_groups(root: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -23,12 +23,12 @@ from tunelab.config import TunelabConfig, build_config
 from tunelab.data.prepare import data_fingerprint
 from tunelab.errors import ConfigError
 from tunelab.fs import claim, foreign_entries, own_entry, owned_entries, recorded_writer, write_entry_json, write_text
-from tunelab.runs import COMPARE_PLAN, changed_data, is_run_folder, read_json
+from tunelab.runs import COMPARE_PLAN, COMPARE_WRITER, changed_data, is_run_folder, read_json
 from tunelab.techniques import TECHNIQUES
 
 log = logging.getLogger(__name__)
 
-WRITER = "tunelab compare"
+WRITER = COMPARE_WRITER
 PLAN = COMPARE_PLAN  # what this folder's compare trains: a rerun with other settings is refused
 LR_SWEEP_FACTORS = (1 / 3, 1.0, 3.0)  # around each technique's default learning rate
 

@@ -39,7 +39,7 @@ from tunelab.metrics import (Classification, Metric, Normalization, example_scor
 from tunelab.models import default_device
 from tunelab.result import check_openable, open_model
 from tunelab.rewards import build_rewards
-from tunelab.runs import is_run_folder
+from tunelab.runs import is_compare_folder, is_run_folder
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,16 @@ def refuse_a_run_folder(folder: Path, suggestion: Path) -> None:
         raise ConfigError(f"--output {folder} is a training run's folder: its eval.json holds the run's own "
                           "before/after figures, which the report would replace. Give the report a folder of its "
                           f"own: a subfolder such as {suggestion}, or another path")
+
+
+def refuse_a_compare_folder(folder: Path, suggestion: Path) -> None:
+    """Refuse a `tunelab compare --out` folder as the output, with or without --overwrite: its report.md and
+    report.html are the comparison's own report (its ownership record lists them, so the eval's writes would be
+    taken as replacing tunelab's files), and the eval's eval.json would lie beside its compare.json."""
+    if is_compare_folder(folder):
+        raise ConfigError(f"--output {folder} is a tunelab compare folder: its report.md and report.html are the "
+                          "comparison's own report, which this report would replace. Give the report a folder of "
+                          f"its own, such as {suggestion}, or another path")
 
 
 def check_replaceable(folder: Path, request: dict[str, Any], overwrite: bool) -> None:
@@ -288,6 +298,7 @@ def evaluate(target: str | Path, data_files: list[str | Path], against: list[str
         raise ConfigError("no evaluation data: give --data FILE")
     out_dir = Path(output) if output is not None else default_output(target, files, against)
     refuse_a_run_folder(out_dir, out_dir / "evals" / report_name(files, against))  # before any work
+    refuse_a_compare_folder(out_dir, default_output(target, files, against))
     metrics = resolve_metrics([] if settings.labels and settings.metrics == EvalSettings().metrics else settings.metrics,
                               settings.normalization)
     device = torch.device(device) if device is not None else default_device()
