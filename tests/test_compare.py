@@ -232,6 +232,29 @@ def test_a_run_trained_on_data_since_rewritten_is_refused_not_kept(tiny_model_di
     assert {name: (out / name).read_bytes() for name in kept} == kept
 
 
+def test_a_run_of_changed_data_is_refused_naming_only_the_file_that_changed(tiny_model_dir: Path,
+                                                                             tmp_path: Path) -> None:
+    """The refusal named every data file of the config (the run saved one hash over them all): with a train and a
+    validation file and only the validation file rewritten, it names that file alone."""
+    from tunelab.compare.runner import PlannedRun, _check_same_data
+    from tunelab.data.prepare import data_file_hashes, fingerprint_of
+
+    train = write_jsonl(tmp_path / "train.jsonl", toy_chat_records(8))
+    validation = write_jsonl(tmp_path / "val.jsonl", toy_chat_records(12)[8:])
+    config = tiny_config(tiny_model_dir, data={"train": [str(train)], "validation": [str(validation)]})
+    out, run = tmp_path / "cmp", PlannedRun("lora-seed42", "lora", 1e-4, 42)
+    (out / run.name).mkdir(parents=True)
+    (out / run.name / "status.json").write_text(json.dumps({"status": "completed", "step": 1}))
+    hashes = data_file_hashes(config.data)
+    (out / run.name / "data_report.json").write_text(json.dumps({"data_fingerprint": fingerprint_of(hashes),
+                                                                 "data_file_hashes": hashes}))
+    _check_same_data(config, [run], out)  # the same data: kept
+    write_jsonl(validation, toy_chat_records(12)[9:])
+    with pytest.raises(ConfigError, match="run lora-seed42 trained on other data") as refused:
+        _check_same_data(config, [run], out)
+    assert f"({validation}: content hash" in str(refused.value) and str(train) not in str(refused.value)
+
+
 def test_html_report_is_self_contained_with_both_plots() -> None:
     from tunelab.compare.report import html_report
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from tunelab.runs import list_runs, read_metrics
 from tunelab.training.resume import truncate_metrics
@@ -264,3 +265,39 @@ def test_a_generation_metric_on_too_few_generations_does_not_judge_a_run(tmp_pat
     figures["metrics"]["exact_match"]["examples"] = MIN_QUALITY_SAMPLES
     (run_dir / "eval.json").write_text(json.dumps(figures))
     assert list_runs(tmp_path)[0]["primary_metric"]["name"] == "exact_match"
+
+
+def _trained_on(run_dir: Path, config: Any, single_hash: bool = False) -> None:
+    """A run folder whose data_report.json records ``config``'s files as they are now (``single_hash``: only the
+    one hash over them all, as a run of an older tunelab saved)."""
+    from tunelab.data.prepare import data_file_hashes, fingerprint_of
+
+    hashes = data_file_hashes(config)
+    report = {"data_fingerprint": fingerprint_of(hashes), **({} if single_hash else {"data_file_hashes": hashes})}
+    run_dir.mkdir(parents=True)
+    (run_dir / "data_report.json").write_text(json.dumps(report))
+
+
+def test_changed_data_names_only_the_files_that_changed_and_all_of_them_for_an_older_run(tmp_path: Path) -> None:
+    """The refusals of `train --resume` and `compare` named every data file, whichever changed: the run saved one
+    hash over all of them. Each file's hash is saved now, and only the changed ones are named; a run folder of an
+    older tunelab (its one hash) is still checked, naming all files."""
+    from tunelab.config import DataConfig
+    from tunelab.data.prepare import data_file_hashes, fingerprint_of
+    from tunelab.runs import changed_data
+
+    paths = [tmp_path / name for name in ("a.jsonl", "b.jsonl", "val.jsonl")]
+    for path in paths:
+        path.write_text(f'{{"text": "{path.stem}"}}\n')
+    config = DataConfig(train=[str(paths[0]), str(paths[1])], validation=[str(paths[2])])
+    _trained_on(tmp_path / "new", config)
+    _trained_on(tmp_path / "old", config, single_hash=True)
+    hashes = data_file_hashes(config)
+    assert changed_data(tmp_path / "new", fingerprint_of(hashes), hashes) is None
+    assert changed_data(tmp_path / "old", fingerprint_of(hashes), hashes) is None  # the same hash as before
+    paths[1].write_text('{"text": "b, rewritten"}\n')
+    hashes = data_file_hashes(config)
+    change = changed_data(tmp_path / "new", fingerprint_of(hashes), hashes)
+    assert change is not None and change.files == [str(paths[1])]
+    old = changed_data(tmp_path / "old", fingerprint_of(hashes), hashes)
+    assert old is not None and old.files == [str(p) for p in paths] and old.saved == change.saved

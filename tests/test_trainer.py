@@ -454,8 +454,9 @@ def test_resume_refuses_changed_data_and_a_step_count_below_the_checkpoint(
     with pytest.raises(ConfigError, match="checkpoint is at step 3, past the 2 steps"):
         train(shorter, resume=True, progress=False)
     write_jsonl(data, toy_chat_records(24)[::-1])  # same records, another order: another run
-    with pytest.raises(ConfigError, match="data files changed"):
+    with pytest.raises(ConfigError, match="data files changed") as refused:
         train(config, resume=True, progress=False)
+    assert f"({data}: content hash" in str(refused.value)  # the file that changed, named
     write_jsonl(data, toy_chat_records(24))  # control: the original data resumes
     assert train(config, resume=True, progress=False).step == 6
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,12 +70,42 @@ def is_run_folder(folder: Path) -> bool:
             or (folder / LEGACY_RUN_RECORD).is_file())
 
 
-def changed_data(run_dir: Path, fingerprint: str) -> str | None:
-    """The content hash of the data files ``run_dir`` was trained on (its data_report.json) when ``fingerprint``,
-    the files' hash now (``data.prepare.data_fingerprint``), differs from it; None when they agree or the run
-    saved none. The one comparison behind the refusals of `train --resume` and `compare` to mix two datasets."""
-    saved = (read_json(run_dir / "data_report.json") or {}).get("data_fingerprint")
-    return saved if saved is not None and saved != fingerprint else None
+@dataclass(frozen=True)
+class DataChange:
+    """How the data ``changed_data`` found differs from the data a run was trained on."""
+    saved: str  # the content hash of the files the run was trained on
+    files: list[str]  # the files that changed (every file, for a run that saved only the one hash)
+
+
+def changed_data(run_dir: Path, fingerprint: str, hashes: list[dict[str, str]]) -> DataChange | None:
+    """How the data files ``run_dir`` was trained on (its data_report.json) differ from the files now, when
+    ``fingerprint`` (their one hash, ``data.prepare.fingerprint_of``) differs from the saved one; None when they
+    agree or the run saved none. ``hashes``: each file's (``data.prepare.data_file_hashes``). The one comparison
+    behind the refusals of `train --resume` and `compare` to mix two datasets."""
+    report = read_json(run_dir / "data_report.json") or {}
+    saved = report.get("data_fingerprint")
+    if saved is None or saved == fingerprint:
+        return None
+    return DataChange(saved, changed_files(report.get("data_file_hashes"), hashes))
+
+
+def changed_files(saved: Any, hashes: list[dict[str, str]]) -> list[str]:
+    """The files whose content differs between ``saved`` and ``hashes`` (both as ``data_file_hashes`` lists), matched
+    by role and position as the fingerprint orders them; a file added or removed counts as changed. Every file now
+    when ``saved`` is no such list: a run of an older tunelab saved only one hash over all the files."""
+    if not (isinstance(saved, list) and all(isinstance(h, dict) and {"role", "path", "sha256"} <= h.keys()
+                                            for h in saved)):
+        return [h["path"] for h in hashes]
+    changed = []
+    for role in ("train", "validation"):
+        before = [h for h in saved if h["role"] == role]
+        now = [h for h in hashes if h["role"] == role]
+        for index in range(max(len(before), len(now))):
+            if index >= len(now):
+                changed.append(str(before[index]["path"]))
+            elif index >= len(before) or before[index]["sha256"] != now[index]["sha256"]:
+                changed.append(now[index]["path"])
+    return list(dict.fromkeys(changed)) or [h["path"] for h in hashes]  # none differs: a damaged list, name them all
 
 
 # ---------------------------------------------------------------- reading files

@@ -20,10 +20,10 @@ from tunelab.checkpoint import latest_checkpoint
 from tunelab.compare.report import write_reports
 from tunelab.compare.table import flag_pareto, primary_metric, quality_cost, quality_note, run_figures, technique_row
 from tunelab.config import TunelabConfig, build_config
-from tunelab.data.prepare import data_fingerprint
+from tunelab.data.prepare import data_file_hashes, fingerprint_of
 from tunelab.errors import ConfigError
 from tunelab.fs import claim, foreign_entries, own_entry, owned_entries, recorded_writer, write_entry_json, write_text
-from tunelab.runs import COMPARE_PLAN, COMPARE_WRITER, changed_data, is_run_folder, read_json
+from tunelab.runs import COMPARE_PLAN, COMPARE_WRITER, DataChange, changed_data, is_run_folder, read_json
 from tunelab.techniques import TECHNIQUES
 
 log = logging.getLogger(__name__)
@@ -160,17 +160,20 @@ def _check_same_data(config: TunelabConfig, planned: list[PlannedRun], out: Path
     files = [Path(path) for path in [*config.data.train, *config.data.validation]]
     if not earlier or not all(path.is_file() for path in files):  # a missing file: training names it
         return
-    fingerprint = data_fingerprint(config.data)  # hashes every data file: once, and only when a run is kept
-    changed = {name: saved for name in earlier if (saved := changed_data(out / name, fingerprint)) is not None}
+    hashes = data_file_hashes(config.data)  # hashes every data file: once, and only when a run is kept
+    fingerprint = fingerprint_of(hashes)
+    changed = {name: change for name in earlier
+               if (change := changed_data(out / name, fingerprint, hashes)) is not None}
     if changed:
-        raise ConfigError(_changed_data_message(out, changed, files, fingerprint))
+        raise ConfigError(_changed_data_message(out, changed, fingerprint))
 
 
-def _changed_data_message(out: Path, changed: dict[str, str], files: list[Path], fingerprint: str) -> str:
-    """``changed``: each run trained on other data -> the content hash it was trained on."""
+def _changed_data_message(out: Path, changed: dict[str, DataChange], fingerprint: str) -> str:
+    """``changed``: each run trained on other data -> how its data differs (the files that changed)."""
     runs, them = (f"run {next(iter(changed))}", "it") if len(changed) == 1 else (f"runs {', '.join(changed)}", "them")
+    files = dict.fromkeys(path for change in changed.values() for path in change.files)
     return (f"{out}: {runs} trained on other data: the data files changed since "
-            f"({', '.join(map(str, files))}: content hash {next(iter(changed.values()))} -> {fingerprint}); keeping "
+            f"({', '.join(files)}: content hash {next(iter(changed.values())).saved} -> {fingerprint}); keeping "
             f"{them} would report figures of the old data beside the new. Give another --out, or remove "
             f"{', '.join(str(out / name) for name in changed)} to train {them} again on the new data")
 

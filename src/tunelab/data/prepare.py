@@ -76,14 +76,23 @@ def records_fingerprint(records: list[Any]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
-def data_fingerprint(config: DataConfig) -> str:
-    """Hash of the data files' contents, in order: a resumed run checks it trains on the same data."""
-    contents = [[file_sha256(Path(p)) for p in config.train], [file_sha256(Path(p)) for p in config.validation]]
+def data_file_hashes(config: DataConfig) -> list[dict[str, str]]:
+    """Each data file's role (train, validation), path and content hash, in the config's order: saved with a run
+    (data_report.json), so a refusal to mix two datasets can name the files that changed, not all of them."""
+    return [{"role": role, "path": str(path), "sha256": file_sha256(Path(path))}
+            for role, paths in (("train", config.train), ("validation", config.validation)) for path in paths]
+
+
+def fingerprint_of(hashes: list[dict[str, str]]) -> str:
+    """One hash over the files of ``data_file_hashes``, in order: the run's data fingerprint (a resumed run checks
+    it trains on the same data) and part of the cache key."""
+    contents = [[h["sha256"] for h in hashes if h["role"] == role] for role in ("train", "validation")]
     return hashlib.sha256(json.dumps(contents).encode()).hexdigest()[:24]
 
 
 def cache_key(config: DataConfig, tokenizer: PreTrainedTokenizerBase, fingerprint: str) -> str:
-    """``fingerprint``: ``data_fingerprint(config)``, computed once per run (hashing large files takes time)."""
+    """``fingerprint``: ``fingerprint_of(data_file_hashes(config))``, computed once per run (hashing large files
+    takes time)."""
     relevant = config.model_dump(exclude={"packing", "cache"})
     # Paths too, not only contents: cached examples carry their file:line sources for error messages and reports.
     relevant["contents"] = fingerprint
@@ -335,7 +344,8 @@ def prepare_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, cache_d
         log.info("data: prompt_completion records rendered as %s", PROMPT_COMPLETION_RENDERING[pair_mode])
     empty = _empty_responses(train_files + val_files)
 
-    fingerprint = data_fingerprint(config)
+    hashes = data_file_hashes(config)
+    fingerprint = fingerprint_of(hashes)
     # Only SFT data is cached: pairs and labels are few and quick to tokenize (a cache entry holds SFT rows only).
     key = cache_key(config, tokenizer, fingerprint) if config.cache and cache_dir and kind == "sft" else None
     if key:
@@ -343,7 +353,7 @@ def prepare_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, cache_d
         if cached is not None:
             log.info("tokenized data loaded from cache %s", cache_dir / key)
             cached.report["tokenizer_changes"] = changes
-            cached.report["data_fingerprint"] = fingerprint
+            cached.report.update(data_fingerprint=fingerprint, data_file_hashes=hashes)  # an older entry lacks them
             return cached
 
     render = as_chat if pair_mode == "chat" else (lambda e: e)
@@ -371,7 +381,7 @@ def prepare_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, cache_d
              for role, group in (("train", train_files), ("validation", val_files)) for f in group]
     if kind != "sft":
         return _prepare_records(kind, config, tokenizer, train, validation, task_ids, counts, files, empty, changes,
-                                pair_mode, fingerprint, class_names_given)
+                                pair_mode, hashes, class_names_given)
     zero: list[str] = []
     train_tok = _with_task_ids(_tokenize_all(train, tokenizer, config, counts, zero), task_ids)
     val_tok = _with_task_ids(_tokenize_all(validation, tokenizer, config, counts, zero), task_ids)
@@ -382,7 +392,7 @@ def prepare_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, cache_d
                           zero_supervised=zero, empty_responses=empty, tokenizer_changes=changes,
                           max_length=config.max_length, tasks=list(task_ids),
                           prompt_completion=PROMPT_COMPLETION_RENDERING[pair_mode] if pair_mode else None)
-    report["data_fingerprint"] = fingerprint
+    report.update(data_fingerprint=fingerprint, data_file_hashes=hashes)
     data = PreparedData(train_tok, val_tok, [e for e in validation if e.source in kept_val_sources], report)
     if key:
         save_cache(cache_dir / key, data)
@@ -426,7 +436,7 @@ def tokenize_records(examples: list[Example], tokenizer: PreTrainedTokenizerBase
 def _prepare_records(kind: str, config: DataConfig, tokenizer: PreTrainedTokenizerBase, train: list[Example],
                      validation: list[Example], task_ids: dict[str, int], counts: dict[str, int],
                      files: list[dict[str, Any]], empty: dict[str, Any], changes: list[str], pair_mode: str | None,
-                     fingerprint: str, class_names_given: list[str] | None) -> PreparedData:
+                     hashes: list[dict[str, str]], class_names_given: list[str] | None) -> PreparedData:
     """Preference pairs, unpaired completions or labeled texts after the split: tokenized, counted, reported."""
     train_rec, train_kept, train_len = _tokenize_records(kind, train, tokenizer, config, counts)
     val_rec, val_kept, val_len = _tokenize_records(kind, validation, tokenizer, config, counts)
@@ -452,7 +462,7 @@ def _prepare_records(kind: str, config: DataConfig, tokenizer: PreTrainedTokeniz
                                  record_counts=record_counts, tasks=list(task_ids),
                                  prompt_completion=PROMPT_COMPLETION_RENDERING[pair_mode] if pair_mode else None)
     report["record_kind"] = kind
-    report["data_fingerprint"] = fingerprint
+    report.update(data_fingerprint=fingerprint_of(hashes), data_file_hashes=hashes)
     return PreparedData(train_rec, val_rec, val_kept, report)
 
 

@@ -139,12 +139,13 @@ def resume_config_changes(config: TunelabConfig, run_dir: Path) -> tuple[list[st
 
 
 def check_same_data(run_dir: Path, report: dict[str, Any]) -> None:
-    """Refuse a resume whose data files differ from the run's (their content hash is in data_report.json)."""
-    saved = changed_data(run_dir, report["data_fingerprint"])
-    if saved is not None:
-        raise ConfigError(f"--resume: the data files changed since {run_dir} started (content hash {saved} -> "
-                          f"{report['data_fingerprint']}); resuming would mix two datasets. Restore the files, or "
-                          "start a new run in another output.dir")
+    """Refuse a resume whose data files differ from the run's (their content hashes are in data_report.json),
+    naming the files that changed."""
+    change = changed_data(run_dir, report["data_fingerprint"], report.get("data_file_hashes") or [])
+    if change is not None:
+        raise ConfigError(f"--resume: the data files changed since {run_dir} started ({', '.join(change.files)}: "
+                          f"content hash {change.saved} -> {report['data_fingerprint']}); resuming would mix two "
+                          "datasets. Restore the files, or start a new run in another output.dir")
 
 
 def truncate_metrics(run_dir: Path, last_step: int) -> None:
