@@ -66,6 +66,30 @@ def test_a_users_reward_file_runs_once_for_the_check_and_the_run_and_again_once_
     assert runs.read_text() == "xx"
 
 
+def test_a_reward_file_edited_within_the_same_modification_time_is_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The cache of users' reward files was keyed on the modification time: on a filesystem with coarse times, an
+    edit within the same second (here: the same size, the time set back exactly) kept the old function. It is keyed
+    on the content, which is also what is executed: Python's own __pycache__ copy, written by default (the tests
+    turn it off), is validated by the same time and size."""
+    import os
+    import sys
+
+    from tunelab.objectives.online import user_function
+
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)  # as a user's Python runs
+
+    reward = tmp_path / "same_second.py"
+    reward.write_text("def r(prompts, completions, **k):\n    return [1.0] * len(completions)\n")
+    stamp = reward.stat()
+    assert user_function(f"{reward}:r")([], ["a"]) == [1.0]
+    reward.write_text("def r(prompts, completions, **k):\n    return [2.0] * len(completions)\n")
+    os.utime(reward, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert reward.stat().st_mtime_ns == stamp.st_mtime_ns and reward.stat().st_size == stamp.st_size
+    assert user_function(f"{reward}:r")([], ["a"]) == [2.0]
+
+
 @pytest.mark.parametrize(("function", "message"), [
     (lambda p, c, **k: 1 / 0, r"reward bad raised ZeroDivisionError: division by zero \(on the completions of f:1, f:2\)"),
     (lambda p, c, **k: [1.0], r"reward bad returned 1 values for 2 completions \(of f:1, f:2\)"),

@@ -96,25 +96,27 @@ def user_function(path: str) -> RewardFunction:
     """A user's reward, 'module:function' (importable) or 'path/to/file.py:function' (relative to the working
     directory), imported; a ConfigError when it cannot be. Here, below both, so that `tunelab train` (through
     ``tunelab.rewards``) and `tunelab plan` (through ``check_rewards``) resolve it with the same code. A file is
-    executed once per version (its modification time): training's up-front check and its rewards share it."""
+    executed once per content: training's up-front check and its rewards share it, and an edit is always seen."""
     module_name = path.rpartition(":")[0]
     file = Path(module_name)
-    stamp = file.stat().st_mtime_ns if module_name.endswith(".py") and file.is_file() else None
-    return _imported(path, str(file.resolve()) if stamp is not None else None, stamp)
+    source = file.read_bytes() if module_name.endswith(".py") and file.is_file() else None
+    return _imported(path, str(file.resolve()) if source is not None else None, source)
 
 
 @functools.lru_cache(maxsize=64)
-def _imported(path: str, resolved: str | None, stamp: int | None) -> RewardFunction:
-    """``user_function``'s import, cached on the file's resolved path and modification time (a failure is not
-    cached: it raises)."""
+def _imported(path: str, resolved: str | None, source: bytes | None) -> RewardFunction:
+    """``user_function``'s import, cached on the file's resolved path and its bytes, not its modification time: an
+    edit within the same second (a filesystem with coarse times) kept the old function. The bytes read are the
+    ones executed, never a __pycache__ copy (validated by modification time and size too). A failure is not cached:
+    it raises."""
     module_name, _, function_name = path.rpartition(":")
     try:
         if module_name.endswith(".py"):
             spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
-            if spec is None or spec.loader is None or not Path(module_name).is_file():
+            if spec is None or spec.loader is None or source is None:
                 raise ImportError(f"no file {module_name}")
             module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
+            exec(compile(source, module_name, "exec"), module.__dict__)  # noqa: S102 - the user's own reward file
         else:
             module = importlib.import_module(module_name)
     except ImportError as exc:
