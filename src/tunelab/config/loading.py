@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import difflib
+import logging
+import os
 import re
 import types
 from collections.abc import Mapping
@@ -20,8 +22,11 @@ from pydantic import BaseModel, ValidationError
 
 from tunelab.config.schema import ConfigOrigin, TunelabConfig
 from tunelab.errors import ConfigError
+from tunelab.models import EMBEDDED_MODELS, hub_id_form
 from tunelab.objectives import DEFAULT_OBJECTIVE, OBJECTIVES
 from tunelab.techniques import DEFAULT_TECHNIQUE, TECHNIQUES, technique_name_hint
+
+log = logging.getLogger(__name__)
 
 
 def parse_overrides(overrides: list[str] | None) -> list[tuple[list[str], Any]]:
@@ -370,14 +375,14 @@ def format_validation_error(
     return "invalid config:\n  " + "\n  ".join(messages)
 
 
-def _resolve_paths(config: TunelabConfig, base_dir: Path, overridden: Mapping[str, str]) -> TunelabConfig:
+def _resolve_paths(config: TunelabConfig, file_dir: Path | None, overridden: Mapping[str, str]) -> TunelabConfig:
     """Make data files and a local model folder absolute, each against the folder its text is relative to.
 
     A path written in the config file is relative to the file's folder (so a config and its data move together);
     one given with --set is relative to the working directory, as anything typed in a shell is.
     """
     def base_for(dotted: str) -> Path:
-        return Path.cwd() if _set_on_command_line(dotted, overridden) is not None else base_dir
+        return Path.cwd() if _set_on_command_line(dotted, overridden) is not None or file_dir is None else file_dir
 
     def resolve(path: str, base: Path) -> str:
         p = Path(path).expanduser()
@@ -387,10 +392,38 @@ def _resolve_paths(config: TunelabConfig, base_dir: Path, overridden: Mapping[st
     config.data.validation = [resolve(p, base_for("data.validation")) for p in config.data.validation]
     if config.eval.forgetting_text:
         config.eval.forgetting_text = resolve(config.eval.forgetting_text, base_for("eval.forgetting_text"))
-    model_base = base_for("model.name")
-    if config.model.name.startswith((".", "/", "~")) or (model_base / config.model.name).is_dir():
-        config.model.name = resolve(config.model.name, model_base)
+    _resolve_model_name(config, file_dir, overridden)
     return config
+
+
+def _resolve_model_name(config: TunelabConfig, file_dir: Path | None, overridden: Mapping[str, str]) -> None:
+    """A relative model.name that is a path is read from the same folder as the data files: the config file's
+    (``file_dir``), or the working directory for --set and a config built in Python. from_pretrained read a name
+    that was no folder beside the config from the working directory, so one config found different models from
+    different folders, and a run's config.yaml kept the relative name. A hub id and an embedded alias stay names."""
+    name = config.model.name
+    path = Path(name).expanduser()
+    if path.is_absolute():
+        config.model.name = str(path)
+        return
+    from_file = file_dir is not None and _set_on_command_line("model.name", overridden) is None
+    base = file_dir if from_file else Path.cwd()
+    where = f"the config file's folder {file_dir}, as its data paths" if from_file else "the working directory"
+    # named as written (a link is not followed, so a message says the place the user looks at); stored resolved
+    here, elsewhere = (Path(os.path.normpath(folder / path)) for folder in (base, Path.cwd()))
+    if here.is_dir():
+        log.info("model.name %s: the folder %s (a relative path, read from %s)", name, here, where)
+        config.model.name = str(here.resolve())
+    elif name in EMBEDDED_MODELS:
+        return
+    elif elsewhere != here and elsewhere.is_dir():  # what from_pretrained would have opened: say why not
+        raise ConfigError(f"model.name {name}: no folder at {here} (a relative path is read from {where}), though "
+                          f"there is one at {elsewhere} in the working directory. Write model.name relative to the "
+                          f"config file's folder or absolute ({elsewhere}), or give it with --set model.name={name}")
+    elif name.startswith(".") or not hub_id_form(name):  # a path, not a hub id: opening it names both places
+        config.model.name = str(here.resolve())
+        config.model._looked_in = (config.model.name, f"model.name {name} is read from {where}" + (
+            f"; nor is there a folder at {elsewhere} in the working directory" if elsewhere != here else ""))
 
 
 def build_config(
@@ -408,7 +441,7 @@ def build_config(
         config = TunelabConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, data, source, text, overridden)) from None
-    return _resolve_paths(config, base_dir or Path.cwd(), overridden)
+    return _resolve_paths(config, base_dir, overridden)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> TunelabConfig:

@@ -350,7 +350,7 @@ def _checkpoint_dtype(model_config: Any) -> torch.dtype:
 def checkpoint_file_bytes(model: ModelConfig, fallback: int) -> int:
     """Bytes of the model's weight files where they are in a local folder (safetensors, else PyTorch .bin);
     ``fallback`` (the skeleton's weights in the checkpoint's dtype) for a hub model."""
-    path = Path(resolve_model_path(model.name))
+    path = Path(resolve_model_path(model.name, model.looked_in))
     if path.is_dir():
         files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
         if files:
