@@ -36,7 +36,8 @@ def test_a_folder_name_read_as_a_hub_id_says_where_it_was_looked_for(monkeypatch
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ModelLoadError) as error:
         load_model(ModelConfig(name="merged_sft"))
-    assert f"There is no folder {tmp_path.resolve() / 'merged_sft'} (a local model.name is read from the working directory)" in str(error.value)
+    assert f"read from the config file's folder, and with --set or in Python from the working directory, where " \
+           f"{tmp_path.resolve() / 'merged_sft'} is no folder" in str(error.value)
 
 
 def test_missing_local_folder_and_folder_without_config(tmp_path: Path) -> None:

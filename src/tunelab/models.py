@@ -248,7 +248,8 @@ def _from_hub_or_cache(loader, path: str, name: str, **kwargs):
 def _offline_help(name: str, exc: Exception) -> ModelLoadError:
     folder = Path("models") / name.split("/")[-1]
     # a folder name the user meant (a merged run, say) reads as a hub id too: say where it was looked for
-    local = f"There is no folder {Path(name).resolve()} (a local model.name is read from the working directory). "
+    local = (f"No folder holds it: a relative model.name is read from the config file's folder, and with --set or in "
+             f"Python from the working directory, where {Path(name).resolve()} is no folder. ")
     return ModelLoadError(
         f"model.name: could not load '{name}' ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). {local}"
         f"This machine cannot reach the Hugging Face Hub. Download it where the Hub is reachable with "
