@@ -907,3 +907,27 @@ def test_a_cuda_plan_of_a_quantized_load_counts_no_host_mapped_checkpoint(tiny_m
     unmeasured = plan_memory(config, "cuda", SHAPE)
     assert unmeasured.components["runtime"] == 0
     assert any("no GPU is visible here, so the CUDA context is not measured" in note for note in unmeasured.notes)
+
+
+def test_the_printed_plan_adds_up_to_its_peak(tiny_model_dir, tmp_path, no_runtime_probe):
+    """The terms table listed every term of every phase (the loading phase and the runtime term among them) under
+    the peak, and did not add up to it. It now lists the peak phase's terms and the runtime term, summed to the
+    peak; the phases line says each phase's sum, and --json keeps its keys and adds each phase's terms."""
+    import yaml
+    from support.cli import invoke
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(yaml.safe_load(config_for(tiny_model_dir, tmp_path, "lora").to_yaml())))
+    out = json.loads(invoke("plan", path, "--json").stdout)
+    assert {"peak_bytes", "peak_phase", "phases", "components"} <= set(out)
+    phase, terms = out["peak_phase"], out["phase_terms"][out["peak_phase"]]
+    assert sum(terms.values()) + out["components"]["runtime"] == out["peak_bytes"]
+    assert out["phases"] == {name: sum(held.values()) for name, held in out["phase_terms"].items()}
+    text = invoke("plan", path).clean
+    table = text[text.index(f"Peak at the {phase}"):]
+    rows = re.findall(r"│ (\w+) +│ +(-?[\d.]+) │", table[:table.index("phases (GiB")])
+    assert [name for name, _ in rows] == [*terms, "runtime", "peak"], text
+    shown = {name: float(value) for name, value in rows}
+    assert abs(sum(shown.values()) - 2 * shown["peak"]) <= 0.0005 * len(rows)  # the terms add up to the peak row
+    assert shown["peak"] == round(out["peak_bytes"] / 2**30, 3)
+    assert "loading" not in shown and f"load {out['phases']['load'] / 2**30:.3f}" in text

@@ -477,12 +477,7 @@ def _print_plan(out: dict[str, Any]) -> None:
     console.print(f"Planned peak ({'RSS' if out['device'] == 'cpu' else 'max_memory_allocated + context'}): "
                   f"{out['peak_bytes'] / gib:.2f} GiB at the {out['peak_phase']}, "
                   f"micro-batch {out['micro_batch_size']}{_rows(out)} x {out['length']} tokens, {out['dtype']}", highlight=False)
-    table = Table(title="Terms", title_justify="left")
-    table.add_column("term", **NAME_COLUMN)
-    table.add_column("GiB", justify="right")
-    for name, value in out["components"].items():
-        table.add_row(name, f"{value / gib:.3f}")
-    print_table(table)
+    _print_peak_terms(out)
     for note in out["notes"]:
         console.print(f"note: {note}", highlight=False)
     if "fits" in out:
@@ -513,6 +508,27 @@ def _print_plan(out: dict[str, Any]) -> None:
             noted.setdefault(note, []).append(rank)
     for note, ranks in noted.items():
         console.print(f"note ({_ranks(ranks)}): {note}", highlight=False)
+
+
+def _print_peak_terms(out: dict[str, Any]) -> None:
+    """How the peak is made: the runtime term and the peak phase's terms, summed to the peak, then every phase's sum
+    (the largest is the peak) and the terms held in other phases only. Every term of every phase in one table
+    (loading and runtime among them) did not add up to the peak, and did not say which terms did."""
+    gib, phase = 2**30, out["peak_phase"]
+    terms = {**out["phase_terms"][phase], "runtime": out["components"]["runtime"]}
+    table = Table(title=f"Peak at the {phase}", title_justify="left", show_footer=True)
+    table.add_column("term", footer="peak", **NAME_COLUMN)
+    table.add_column("GiB", justify="right", footer=f"{out['peak_bytes'] / gib:.3f}")
+    for name, value in terms.items():
+        table.add_row(name, f"{value / gib:.3f}")
+    print_table(table)
+    phases = ", ".join(f"{name} {value / gib:.3f}" for name, value in out["phases"].items())
+    console.print(f"phases (GiB, runtime not included; the peak is the largest): {phases}", highlight=False)
+    # the loading term is the load phase's sum, on the phases line
+    elsewhere = {name: value for name, value in out["components"].items() if name not in terms and name != "loading"}
+    if elsewhere:
+        listed = ", ".join(f"{name} {value / gib:.3f}" for name, value in elsewhere.items())
+        console.print(f"terms of other phases only (GiB): {listed}; --json lists each phase's terms", highlight=False)
 
 
 def _ranks(ranks: list[int]) -> str:

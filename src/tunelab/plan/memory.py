@@ -95,14 +95,26 @@ class MemoryPlan:
     trainable_parameters: int = 0
     total_parameters: int = 0
     heap_mmap_threshold: int | None = None  # the heap policy's fixed mmap threshold, None: glibc's dynamic one
-    phases: dict[str, int] = field(default_factory=dict)  # each phase's bytes, the runtime term not included
+    # each phase's terms (the runtime term not included; a negative one is memory that phase returned to the system):
+    # the peak is the runtime term plus the largest phase's sum, and the plan shows which terms make it
+    phase_terms: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def phases(self) -> dict[str, int]:
+        """Each phase's bytes, the runtime term not included."""
+        return phase_sums(self.phase_terms)
 
     def as_dict(self) -> dict[str, Any]:
         return {"peak_bytes": self.peak_bytes, "peak_phase": self.phase, "device": self.device, "dtype": self.dtype,
-                "heap_mmap_threshold": self.heap_mmap_threshold, "phases": self.phases,
+                "heap_mmap_threshold": self.heap_mmap_threshold, "phases": self.phases, "phase_terms": self.phase_terms,
                 "micro_batch_size": self.shape.micro_batch_size, "rows": self.shape.rows, "length": self.shape.length,
                 "supervised_tokens": self.shape.supervised, "trainable_parameters": self.trainable_parameters,
                 "total_parameters": self.total_parameters, "components": self.components, "notes": self.notes}
+
+
+def phase_sums(phase_terms: Mapping[str, Mapping[str, int]]) -> dict[str, int]:
+    """Each phase's bytes: the sum of its terms."""
+    return {name: sum(terms.values()) for name, terms in phase_terms.items()}
 
 
 def is_quantized_4bit(param: nn.Parameter) -> bool:

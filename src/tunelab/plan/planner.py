@@ -19,7 +19,7 @@ from tunelab.objectives.base import attach_own_module
 from tunelab.plan.memory import (BOUNDED_ONEDNN_CACHE, MMAP_THRESHOLD_MAX, NO_TCACHE, ONEDNN_CACHE_VARIABLES, MemoryPlan,
                                  Shape, activation_bytes, activations_returned_bytes, aligned_blocks_kept,
                                  autocast_copy_bytes, decoder_layers, heap_mmap_threshold, loaded_bytes, loss_bytes,
-                                 mapped_views_bytes, master_cast_leftover_bytes, onednn_cache_capacity,
+                                 mapped_views_bytes, master_cast_leftover_bytes, onednn_cache_capacity, phase_sums,
                                  gradients_not_reused_bytes, heap_holes_bytes, parameter_bytes, rollout_cache_bytes,
                                  sampling_bytes, saved_for_backward, tunables_without_tcache)
 from tunelab.plan.runtime import runtime_bytes
@@ -27,6 +27,9 @@ from tunelab.precision import adapters_compute_in_autocast_dtype, technique_prec
 from tunelab.techniques import TECHNIQUES, RunContext
 
 ADAM_MOMENTS = 2  # AdamW keeps exp_avg and exp_avg_sq, float32, per trainable weight
+# the terms held from the first step to the last, in every training phase
+STATIC_TERMS = ("weights", "optimizer_state", "reference_model", "checkpoint_mapped", "master_cast_leftovers",
+                "scoring_models")
 
 
 def data_shape(config: TunelabConfig) -> Shape:
@@ -136,33 +139,39 @@ def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None 
         sharded_terms(components, skeleton, processes)
     # On a CPU, memory freed during backward stays in the process's heap (glibc keeps its arenas), so the second
     # step's backward holds weights, moments, gradients, activations and logits at once: their sum is the peak.
-    static = components["weights"] + components["optimizer_state"] + components.get("reference_model", 0) + \
-        components.get("checkpoint_mapped", 0) + components["master_cast_leftovers"] + components.get("scoring_models", 0)
-    gathered = components.get("fsdp_gathered", 0)  # fsdp: the units gathered during forward and backward
+    # Each phase is kept as its terms, not only their sum, so that `tunelab plan` can show what makes the peak.
+    static = {term: components[term] for term in STATIC_TERMS if term in components}
+    gathered = {"fsdp_gathered": components["fsdp_gathered"]} if sharded else {}  # the units gathered in passes
     accumulated = components["gradients"] if config.training.grad_accum > 1 else 0
-    phases = {
+    autocast_copies = components["autocast_copies"]
+    phase_terms = {
         # from_pretrained reads the memory-mapped checkpoint (its pages resident) into the weights it builds
         # (sharded: the main process only; the others receive their shards)
-        "load": checkpoint + loaded,
+        "load": {"checkpoint_file": checkpoint, "loaded_weights": loaded},
         # the top of backward: the loss's (N, V) tensors, beside the gradients the window's earlier micro-batches
         # accumulated (none with one micro-batch a step: no weight's gradient exists yet)
-        "loss": static + activations + holes + unreused + loss + components["autocast_copies"] + gathered + accumulated,
+        "loss": {**static, "activations": activations, "heap_holes": holes, "freed_gradients_kept": unreused,
+                 "logits_and_loss": loss, "autocast_copies": autocast_copies, **gathered, "gradients": accumulated},
         # the end of backward: every gradient, the activations (freed into the heap, less those that went back
         # to the system under the heap policy) and the logits tensors small enough to stay in the heap
-        "backward": static + components["gradients"] + activations - returned + holes + loss - loss_returned +
-        components["autocast_copies"] + gathered,
-        "optimizer step": static + components["gradients"] + components["optimizer_step_temporaries"],
+        "backward": {**static, "gradients": components["gradients"], "activations": activations,
+                     "activations_returned": -returned, "heap_holes": holes,
+                     "logits_and_loss": loss, "logits_returned": -loss_returned,
+                     "autocast_copies": autocast_copies, **gathered},
+        "optimizer step": {**static, "gradients": components["gradients"],
+                           "optimizer_step_temporaries": components["optimizer_step_temporaries"]},
     }
     if scorers:
         # each scoring model is read (its checkpoint's pages resident) beside the policy's loaded weights and the
         # scoring models read before it; the optimizer state does not exist yet
-        phases["scoring model load"] = loaded + max(
-            sum(weights for weights, _ in scorers[:i]) + reading for i, (_, reading) in enumerate(scorers))
+        phase_terms["scoring model load"] = {"loaded_weights": loaded, "scoring_models_read": max(
+            sum(weights for weights, _ in scorers[:i]) + reading for i, (_, reading) in enumerate(scorers))}
     if objective.prepare is not None:  # an online objective samples its batch, then trains on it
         components["rollout"] = rollout_bytes(skeleton, shape, saved, objective.rollout_memory_of(saved.head, config.objective))
         # the rollout runs before the step's loss, gradients freed (set to None), under autocast (its weight copies)
-        phases["generation"] = static + components["autocast_copies"] + components["rollout"]
-    components["loading"] = phases["load"]  # a phase of its own (the model is not trained yet): not part of the sum
+        phase_terms["generation"] = {**static, "autocast_copies": autocast_copies, "rollout": components["rollout"]}
+    # a phase of its own (the model is not trained yet): not part of the sum
+    components["loading"] = sum(phase_terms["load"].values())
     notes = []
     if target.type == "cpu":
         components["runtime"] = runtime if runtime is not None else runtime_bytes(
@@ -173,7 +182,10 @@ def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None 
         if runtime is None and not torch.cuda.is_available():  # planned here for a GPU elsewhere: said, not hidden
             notes.append("no GPU is visible here, so the CUDA context is not measured and the runtime term is 0: the "
                          "peak leaves it out; plan on the GPU's machine to count it")
-        phases["load"] = loaded  # the checkpoint's pages are host memory, not the GPU's
+        phase_terms["load"] = {"loaded_weights": loaded}  # the checkpoint's pages are host memory, not the GPU's
+    # a term a phase does not hold (0) is left out of it
+    phase_terms = {name: {t: v for t, v in terms.items() if v} for name, terms in phase_terms.items()}
+    phases = phase_sums(phase_terms)
     phase = max(phases, key=phases.__getitem__)
     if precision.note:
         notes.append(precision.note)
@@ -192,7 +204,7 @@ def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None 
     return MemoryPlan(device=target.type, peak_bytes=components["runtime"] + phases[phase], components=components,
                       phase=phase, shape=shape, dtype=str(precision.load_dtype).removeprefix("torch."),
                       notes=notes, trainable_parameters=trainable, total_parameters=total,
-                      heap_mmap_threshold=fixed, phases=phases)
+                      heap_mmap_threshold=fixed, phase_terms=phase_terms)
 
 
 def rollout_bytes(skeleton: torch.nn.Module, shape: Shape, saved: Any, scoring: tuple[int, ...]) -> int:
