@@ -866,7 +866,27 @@ def test_solve_says_when_it_stopped_at_its_ceiling_and_what_the_smallest_needs(t
     assert one["value"] is None and one["smallest"]["value"] == 1 and one["smallest"]["peak_bytes"] > 2**20
     assert f"no micro_batch_size fits the budget: even 1 needs {one['smallest']['peak_bytes'] / 2**30:.2f} GiB" in tiny.clean
     fitting = json.loads(invoke("plan", path, "--budget", "1TiB", "--solve", "max_length", "--json").stdout)["solve"]
-    assert fitting["at_ceiling"] == (fitting["value"] == SOLVE_CEILING) and "smallest" not in fitting
+    assert fitting["at_ceiling"] == (fitting["value"] == fitting["ceiling"]) and "smallest" not in fitting
+
+
+def test_solve_max_length_stops_at_the_models_context(tiny_model_dir, tmp_path, no_runtime_probe):
+    """--solve max_length searched up to 4096 tokens whatever the model: past the tiny model's 512 positions, and
+    short of a model of 8192. It now stops at the model's context (config.json's max_position_embeddings, which
+    the plan reads) and says that the answer is the model's context, not that more may fit."""
+    import yaml
+    from support.cli import invoke
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(yaml.safe_load(config_for(tiny_model_dir, tmp_path, "lora").to_yaml())))
+    context = load_model_config(config_for(tiny_model_dir, tmp_path, "lora").model).max_position_embeddings
+    assert context == 512
+    solved = json.loads(invoke("plan", path, "--budget", "1000TiB", "--solve", "max_length", "--json").stdout)["solve"]
+    assert solved["value"] == solved["ceiling"] == context and solved["at_ceiling"] and solved["ceiling_is_context"]
+    text = invoke("plan", path, "--budget", "1000TiB", "--solve", "max_length").clean
+    assert f"max_length {context} fits: the model's context (its config's max_position_embeddings)" in text, text
+    assert "more may" not in text
+    batch = json.loads(invoke("plan", path, "--budget", "1000TiB", "--solve", "micro_batch_size", "--json").stdout)
+    assert batch["solve"]["ceiling"] == 4096 and not batch["solve"]["ceiling_is_context"]  # no context for batches
 
 
 def test_a_misspelt_solve_or_time_name_is_refused_before_anything_is_planned(tiny_model_dir, tmp_path, monkeypatch):

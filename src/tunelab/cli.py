@@ -416,7 +416,7 @@ def plan(
     _setup_logging()
     from tunelab.api import load_config  # start-up time
     from tunelab.plan import data_shape, plan_memory  # start-up time (torch, transformers)
-    from tunelab.plan.solve import SOLVABLE, SOLVE_CEILING, check_time_names  # start-up time
+    from tunelab.plan.solve import SOLVABLE, check_time_names, solve_ceiling  # start-up time
     from tunelab.plan.solve import recommend as rank_setups, recommend_dtypes, solve as solve_knob  # start-up time
 
     if device not in ("cpu", "cuda"):
@@ -444,8 +444,10 @@ def plan(
             out["budget_bytes"], out["fits"] = limit, result.peak_bytes <= limit
         if solve:
             value, solved = solve_knob(cfg, shape, limit or 0, solve, device, processes=processes)
+            ceiling = solve_ceiling(solve, solved)  # the model's context for max_length, where its config says it
             out["solve"] = {"knob": solve, "value": value, "peak_bytes": solved.peak_bytes if value is not None else None,
-                            "at_ceiling": value == SOLVE_CEILING}  # more may fit: the search stops there
+                            "at_ceiling": value == ceiling, "ceiling": ceiling,  # the search stops there
+                            "ceiling_is_context": ceiling == solved.context_length and solve == "max_length"}
             if value is None:  # what the smallest value (1, or 16 tokens) would need
                 out["solve"]["smallest"] = {"value": solved.shape.micro_batch_size if solve == "micro_batch_size"
                                             else solved.shape.length, "peak_bytes": solved.peak_bytes}
@@ -488,6 +490,9 @@ def _print_plan(out: dict[str, Any]) -> None:
             smallest = solved["smallest"]
             console.print(f"no {solved['knob']} fits the budget: even {smallest['value']} needs "
                           f"{smallest['peak_bytes'] / gib:.2f} GiB", highlight=False)
+        elif solved.get("at_ceiling") and solved.get("ceiling_is_context"):
+            console.print(f"{solved['knob']} {solved['value']} fits: the model's context (its config's "
+                          "max_position_embeddings), the longest the search tries", highlight=False)
         elif solved.get("at_ceiling"):
             console.print(f"{solved['knob']} {solved['value']} fits, and more may: the search stops at "
                           f"{solved['value']}", highlight=False)

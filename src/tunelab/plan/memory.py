@@ -98,6 +98,7 @@ class MemoryPlan:
     # each phase's terms (the runtime term not included; a negative one is memory that phase returned to the system):
     # the peak is the runtime term plus the largest phase's sum, and the plan shows which terms make it
     phase_terms: dict[str, dict[str, int]] = field(default_factory=dict)
+    context_length: int | None = None  # the model's context (its config's max_position_embeddings), None: unsaid
 
     @property
     def phases(self) -> dict[str, int]:
@@ -107,6 +108,7 @@ class MemoryPlan:
     def as_dict(self) -> dict[str, Any]:
         return {"peak_bytes": self.peak_bytes, "peak_phase": self.phase, "device": self.device, "dtype": self.dtype,
                 "heap_mmap_threshold": self.heap_mmap_threshold, "phases": self.phases, "phase_terms": self.phase_terms,
+                "context_length": self.context_length,
                 "micro_batch_size": self.shape.micro_batch_size, "rows": self.shape.rows, "length": self.shape.length,
                 "supervised_tokens": self.shape.supervised, "trainable_parameters": self.trainable_parameters,
                 "total_parameters": self.total_parameters, "components": self.components, "notes": self.notes}

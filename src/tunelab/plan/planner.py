@@ -204,7 +204,13 @@ def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None 
     return MemoryPlan(device=target.type, peak_bytes=components["runtime"] + phases[phase], components=components,
                       phase=phase, shape=shape, dtype=str(precision.load_dtype).removeprefix("torch."),
                       notes=notes, trainable_parameters=trainable, total_parameters=total,
-                      heap_mmap_threshold=fixed, phase_terms=phase_terms)
+                      heap_mmap_threshold=fixed, phase_terms=phase_terms, context_length=context_length(model_config))
+
+
+def context_length(model_config: Any) -> int | None:
+    """The longest row the model takes: its config's max_position_embeddings, None where it does not say one."""
+    length = getattr(model_config, "max_position_embeddings", None)
+    return length if isinstance(length, int) and length > 0 else None
 
 
 def rollout_bytes(skeleton: torch.nn.Module, shape: Shape, saved: Any, scoring: tuple[int, ...]) -> int:

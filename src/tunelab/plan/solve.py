@@ -20,7 +20,7 @@ from tunelab import precision
 from tunelab.techniques import TECHNIQUES, Technique, TechniqueError
 
 SOLVABLE = ("micro_batch_size", "max_length")
-SOLVE_CEILING = 4096  # the largest value --solve tries: a value found there may be exceeded (said so, not hidden)
+SOLVE_CEILING = 4096  # the largest micro_batch_size --solve tries: a value found there may be exceeded (said so)
 
 
 def largest_fitting(fits: Callable[[int], bool], low: int, high: int) -> int | None:
@@ -34,22 +34,34 @@ def largest_fitting(fits: Callable[[int], bool], low: int, high: int) -> int | N
 
 
 def solve(config: TunelabConfig, shape: Shape, budget: int, knob: str, device: str = "cpu",
-          ceiling: int = SOLVE_CEILING, processes: int = 1) -> tuple[int | None, MemoryPlan | None]:
+          ceiling: int | None = None, processes: int = 1) -> tuple[int | None, MemoryPlan | None]:
     """The largest ``knob`` (micro_batch_size, or max_length with every row that long) whose planned peak fits
-    ``budget`` bytes, with its plan; when even 1 (or 16 tokens) does not fit, None with that smallest value's plan
-    (what the budget would have to hold)."""
+    ``budget`` bytes, up to ``ceiling`` (by default ``solve_ceiling``), with its plan; when even 1 (or 16 tokens)
+    does not fit, None with that smallest value's plan (what the budget would have to hold)."""
     if knob not in SOLVABLE:
         raise ConfigError(f"--solve {knob}: expected one of {', '.join(SOLVABLE)}")
     plans: dict[int, MemoryPlan] = {}
 
     def fits(value: int) -> bool:
-        changed = {"micro_batch_size": value} if knob == "micro_batch_size" else {"length": value}
-        plans[value] = plan_memory(config, device, dataclasses.replace(shape, **changed), processes=processes)
+        if value not in plans:  # the smallest value is planned first, for the ceiling, and asked for again
+            changed = {"micro_batch_size": value} if knob == "micro_batch_size" else {"length": value}
+            plans[value] = plan_memory(config, device, dataclasses.replace(shape, **changed), processes=processes)
         return plans[value].peak_bytes <= budget
 
     smallest = 1 if knob == "micro_batch_size" else 16
-    best = largest_fitting(fits, smallest, ceiling)
+    if not fits(smallest):
+        return None, plans[smallest]
+    best = largest_fitting(fits, smallest, ceiling or solve_ceiling(knob, plans[smallest]))
     return best, plans[best if best is not None else smallest]
+
+
+def solve_ceiling(knob: str, plan: MemoryPlan) -> int:
+    """The largest value ``solve`` tries: for max_length the model's context (``plan.context_length``: its config's
+    max_position_embeddings), where it says one, since a longer row is one the model cannot take (a fixed 4096 cut
+    a model of 8192 short); else ``SOLVE_CEILING``, where more may fit (said so, not hidden)."""
+    if knob == "max_length" and plan.context_length is not None:
+        return plan.context_length
+    return SOLVE_CEILING
 
 
 @dataclass
