@@ -313,6 +313,25 @@ def test_a_technique_compare_cannot_run_is_refused_at_the_users_file_line_and_ke
     assert "\n  --set data.packing=true: data.packing: technique 'prompt_tuning' cannot pack" in str(refused.value)
 
 
+def test_a_technique_named_by_techniques_is_refused_at_that_option(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`tunelab compare CONFIG --techniques adapter_routing` (which needs adapters the config does not give) was
+    refused at the config file's technique line, which names another technique; the user named this one on the
+    command line. The refusal now names --techniques (a key the file gives is still refused at its line:
+    test_a_technique_compare_cannot_run_is_refused_at_the_users_file_line_and_key)."""
+    from tunelab.compare.runner import PlannedRun, run_config
+    from tunelab.config import load_config
+
+    data = write_jsonl(tmp_path / "train.jsonl", toy_chat_records(8))
+    path = tmp_path / "compare.yaml"
+    path.write_text(f"model:\n  name: {tiny_model_dir}\ndata:\n  train: [{data}]\ntechnique:\n  name: lora\n")
+    routing = PlannedRun("adapter_routing-seed1", "adapter_routing", 1e-3, 1)
+    with pytest.raises(ConfigError) as refused:
+        run_config(load_config(path), routing, tmp_path / "out")
+    assert str(refused.value).startswith("technique adapter_routing: invalid config:\n  --techniques adapter_routing: "
+                                         "technique: routing needs at least two adapters"), str(refused.value)
+    assert f"{path}:" not in str(refused.value)
+
+
 def test_a_preference_compare_is_judged_by_the_objectives_own_figure(tmp_path: Path) -> None:
     """compare's quality (the Pareto flag, the learning-rate choice) for DPO runs is their validation pairs'
     preference accuracy, not the exact match of their one or two generated samples (the config's eval metrics)."""

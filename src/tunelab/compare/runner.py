@@ -70,12 +70,15 @@ def run_config(config: TunelabConfig, run: PlannedRun, out: Path) -> dict[str, A
     # only what the user set: a default the config resolved for its own technique (data.packing turned off, say)
     # must stay a default, which the run's technique resolves again, not become an explicit setting it refuses
     data = config.model_dump(mode="json", exclude_unset=True)
+    given = {}
     if data.get("technique", {}).get("name", config.technique.name) != run.technique:
         data["technique"] = {"name": run.technique}
+        # the user named this technique on the command line: a refusal of it is not at the file's technique line
+        given = {"technique": f"--techniques {run.technique}"}
     data.setdefault("training", {}).update(seed=run.seed, learning_rate=run.learning_rate)
     data.setdefault("output", {}).update(dir=str((out / run.name).resolve()), overwrite=False)
     try:  # refused as the user's file would be: at its line or --set item, not at an anonymous '<config>'
-        return build_config(data, origin=config.origin).model_dump(mode="json")
+        return build_config(data, origin=config.origin, given=given).model_dump(mode="json")
     except ConfigError as exc:
         raise ConfigError(f"technique {run.technique}: {exc}") from None
 

@@ -48,8 +48,10 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[list[str], Any]]:
 
 
 def _override_items(overrides: list[str] | None) -> dict[str, str]:
-    """Map each key path set on the command line to its ``--set`` item, as the user typed it (the last one wins)."""
-    return {".".join(path): item.strip() for (path, _), item in zip(parse_overrides(overrides), overrides or [])}
+    """Map each key path set on the command line to its ``--set`` item, as the user typed it (the last one wins),
+    as an error names it: '--set KEY=VALUE'."""
+    parsed = zip(parse_overrides(overrides), overrides or [])
+    return {".".join(path): f"--set {item.strip()}" for (path, _), item in parsed}
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
@@ -67,7 +69,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
 
 
 def _set_on_command_line(dotted: str, overridden: Mapping[str, str]) -> str | None:
-    """The --set item that gave the value at `dotted` (itself or a whole section above it), if any."""
+    """The command-line item that gave the value at `dotted` (itself or a whole section above it), if any: a --set
+    item, or another option (``build_config``'s ``given``)."""
     for key, item in overridden.items():
         if dotted == key or dotted.startswith(key + "."):
             return item
@@ -313,13 +316,12 @@ def _where(loc: tuple[str, ...], msg: str, source: str, lines_of: dict[tuple[str
     dotted = ".".join(loc)
     item = _set_on_command_line(dotted, overridden)
     if item is not None:
-        return f"--set {item}"
+        return item
     inside = {key: item for key, item in overridden.items() if not loc or key.startswith(dotted + ".")}
-    mentioned = [f"--set {item}" for key, item in inside.items()
-                 if re.search(rf"\b{re.escape(key.split('.')[-1])}\b", msg)]
+    mentioned = [item for key, item in inside.items() if re.search(rf"\b{re.escape(key.split('.')[-1])}\b", msg)]
     line = lines_of.get(loc)
     if line is None and inside:
-        return " and ".join(mentioned or [f"--set {item}" for item in inside.values()])
+        return " and ".join(mentioned or list(inside.values()))
     return " and ".join([f"{source}:{line}" if line else source, *mentioned])
 
 
@@ -428,14 +430,16 @@ def _resolve_model_name(config: TunelabConfig, file_dir: Path | None, overridden
 
 def build_config(
     data: dict[str, Any], overrides: list[str] | None = None, source: str = "<config>", text: str | None = None,
-    base_dir: Path | None = None, origin: ConfigOrigin | None = None,
+    base_dir: Path | None = None, origin: ConfigOrigin | None = None, given: Mapping[str, str] | None = None,
 ) -> TunelabConfig:
     """Apply ``--set`` overrides to parsed YAML, validate, and resolve relative paths (file ones against `base_dir`).
     ``origin``: ``data`` derives from that loaded config (compare's run of a technique), whose --set items it
-    already holds: errors name its file, line and --set items (``source``, ``text`` are ignored)."""
+    already holds: errors name its file, line and --set items (``source``, ``text`` are ignored). ``given``: key
+    paths another command-line option gave, each with that option as the user typed it (compare's --techniques
+    gives each run's technique section): errors there name the option, not the line of the file's own value."""
     if origin is not None:
         source, text = origin.path, origin.text
-    overridden = _override_items(list(origin.overrides) if origin else overrides)
+    overridden = {**(given or {}), **_override_items(list(origin.overrides) if origin else overrides)}
     data = apply_overrides(copy.deepcopy(data), overrides)  # deep: never edit the caller's nested sections
     try:
         config = TunelabConfig.model_validate(data)
