@@ -492,6 +492,22 @@ def test_the_same_runs_in_another_order_are_the_same_compare(tiny_model_dir: Pat
         _check_plan(out, plan("ia3", "adapter"))
 
 
+def test_a_failed_runs_error_is_quoted_as_written_not_as_wrapped(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The compare quotes a failed run's error from its log, where the console wrapped it at 80 columns: a long
+    path came back with a space where it had been broken. The run now writes its error unwrapped, and the compare
+    quotes it as written."""
+    from tunelab.compare.runner import PlannedRun, _train
+
+    missing = tmp_path / ("a-folder-name-long-enough-to-be-wrapped-" * 3) / "train.jsonl"
+    out = tmp_path / "cmp"
+    out.mkdir()
+    config = tiny_config_dict(tiny_model_dir, data={"train": [str(missing)]}, technique={"name": "lora"},
+                              output={"dir": str(out / "lora-seed42")})
+    with pytest.raises(ConfigError) as failed:
+        _train(PlannedRun("lora-seed42", "lora", 2e-4, 42), config, out)
+    assert f"run lora-seed42 failed: {missing}: data file not found (exit code 2)" in str(failed.value), failed.value
+
+
 def test_a_run_that_fails_says_why_in_the_compares_own_error(tiny_model_dir: Path, tmp_path: Path) -> None:
     """A run refused at set-up (multi-task prompt tuning on records without a task) made the compare say only
     'run ... failed (exit code 2); its output is in LOG', and the refused run leaves no folder: the reason was in the

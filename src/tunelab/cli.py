@@ -94,7 +94,9 @@ def _main(
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err_console.print(Text.assemble(("error: ", "bold red"), message), highlight=False)
+    # soft_wrap: no line breaks of the console's own, so a log (a compare's run) holds the error as written: a path
+    # wrapped at 80 columns was quoted back with a space inside it
+    err_console.print(Text.assemble(("error: ", "bold red"), message), highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

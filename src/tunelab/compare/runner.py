@@ -221,9 +221,10 @@ def _train(run: PlannedRun, config: dict[str, Any], out: Path) -> None:
 
 
 def _error_in_log(log_path: Path) -> str | None:
-    """The run's own one-line error (`tunelab train` ends a refusal with 'error: ...', wrapped over several lines
-    in the log), or None: the compare said only 'failed (exit code 2)', and the run folder of a run refused at
-    set-up is removed, so the reason was in the log alone."""
+    """The run's own error on one line (`tunelab train` ends a refusal with 'error: ...', unwrapped: its lines are
+    the message's own, such as an invalid config's one per mistake), or None: the compare said only 'failed (exit
+    code 2)', and the run folder of a run refused at set-up is removed, so the reason was in the log alone. The
+    lines are joined as they are: rejoining the console's 80-column wrapping put a space inside long paths."""
     try:
         lines = log_path.read_text(errors="replace").splitlines()
     except OSError:
@@ -231,7 +232,8 @@ def _error_in_log(log_path: Path) -> str | None:
     starts = [i for i, line in enumerate(lines) if line.startswith("error: ")]
     if not starts:
         return None
-    return " ".join(" ".join(lines[starts[-1]:]).split()).removeprefix("error: ")
+    message = " ".join(line.strip() for line in lines[starts[-1]:] if line.strip())
+    return message.removeprefix("error: ")
 
 
 TERMINATING = (signal.SIGTERM, signal.SIGHUP)  # `kill PID`, `timeout`, a closed terminal
