@@ -190,6 +190,24 @@ def test_only_the_command_itself_restarts_not_a_cli_called_in_process(tiny_model
 
 
 
+def test_both_bounds_give_one_reason_in_the_same_words(tiny_model_dir, tmp_path):
+    """glibc's per-thread cache and oneDNN's primitive cache are bounded for the same runs, for the same reason in
+    the same words (the restart records it, notes and run_info.json quote it): the two functions were near-copies
+    and could drift apart. Only a quantized base is a reason of glibc's own; oneDNN's reason is then the run's
+    next kind (an online objective, else training on a CPU)."""
+    from tunelab.plan.planner import onednn_cache_bound, tcache_needed
+
+    kinds = {"plain": _config(tiny_model_dir, tmp_path), "online": _config(tiny_model_dir, tmp_path, objective=GRPO),
+             "quantized": _config(tiny_model_dir, tmp_path, "qlora"),
+             "quantized online": _config(tiny_model_dir, tmp_path, "qlora", objective=GRPO)}
+    reasons = {kind: (tcache_needed(config, "cpu"), onednn_cache_bound(config, "cpu")) for kind, config in kinds.items()}
+    assert reasons == {"plain": ("training on a CPU", "training on a CPU"),
+                       "online": ("an online objective on a CPU", "an online objective on a CPU"),
+                       "quantized": ("a quantized base on a CPU", "training on a CPU"),
+                       "quantized online": ("a quantized base on a CPU", "an online objective on a CPU")}
+    assert all(tcache_needed(config, "cuda") is onednn_cache_bound(config, "cuda") is None for config in kinds.values())
+
+
 def test_the_command_bounds_onednns_cache_for_runs_on_a_cpu_only(tiny_model_dir, tmp_path, monkeypatch):
     """Every run on a CPU, in the command's own process, gets oneDNN's primitive cache bounded (the variable and
     tunelab's marker, which a restart keeps); a GPU run, a process that is not the command and a capacity the user

@@ -230,13 +230,7 @@ def tcache_needed(config: TunelabConfig, device_type: str) -> str | None:
     examples change shape, and the blocks freed by one step do not serve the next one's. The quickstart (LoRA, 40
     steps) grew from 2067 to 2461 MiB over 20 steps with the cache on, from 1898 to 1997 with it off and oneDNN's
     cache bounded (``onednn_cache_bound``), at no measured cost in time (docs/choosing.md, the heap policy)."""
-    if device_type != "cpu":
-        return None
-    if TECHNIQUES[config.technique.name].base_load(config.technique, torch.device(device_type)).quantization_config:
-        return "a quantized base on a CPU"
-    if OBJECTIVES[config.objective.name].prepare is not None:
-        return "an online objective on a CPU"
-    return "training on a CPU"
+    return _cpu_run_reason(config, device_type, quantized_base=True)
 
 
 def onednn_cache_bound(config: TunelabConfig, device_type: str) -> str | None:
@@ -245,9 +239,22 @@ def onednn_cache_bound(config: TunelabConfig, device_type: str) -> str | None:
     and an ordinary run's loss rows (the supervised positions of a micro-batch) do too: each new shape is a
     primitive oneDNN's default keeps (1024 of them), and its memory grew by about 4 MiB a step on the quickstart
     (2 with the bound)."""
+    return _cpu_run_reason(config, device_type, quantized_base=False)
+
+
+def _cpu_run_reason(config: TunelabConfig, device_type: str, quantized_base: bool) -> str | None:
+    """The reason both caches are bounded (``tcache_needed``, ``onednn_cache_bound``), in one place so that their
+    words stay the same (the restart records it, the plan's notes and run_info.json quote it): None on a GPU; else
+    the kind of CPU run: a quantized base first where it is a reason of its own (``quantized_base``: glibc's cache,
+    for its dequantized transients), then an online objective, then any training."""
     if device_type != "cpu":
         return None
-    return "an online objective on a CPU" if OBJECTIVES[config.objective.name].prepare is not None else "training on a CPU"
+    if quantized_base and \
+            TECHNIQUES[config.technique.name].base_load(config.technique, torch.device(device_type)).quantization_config:
+        return "a quantized base on a CPU"
+    if OBJECTIVES[config.objective.name].prepare is not None:
+        return "an online objective on a CPU"
+    return "training on a CPU"
 
 
 def onednn_note(capacity: int | None, reason: str, by_tunelab: bool = True) -> str:
