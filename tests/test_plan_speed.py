@@ -144,6 +144,26 @@ def test_time_names_a_technique_that_does_not_exist():
         timed_techniques(Named(), ["fulll"])
 
 
+def test_recommend_checks_the_time_names_once_before_planning(tiny_model_dir, tmp_path, monkeypatch):
+    """--time's names had two checks: the CLI's before planning, and timed_techniques' inside recommend, after the
+    minute recommend spends planning every set-up (a Python caller waited for it). One check now serves both:
+    recommend makes it first, and the CLI makes the same one before planning and hands recommend its answer, which
+    checked again is the same answer."""
+    from tunelab.errors import ConfigError
+    from tunelab.plan import solve
+    from tunelab.plan.solve import recommend, timed_techniques
+
+    def planned(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("set-ups planned before the --time names were checked")
+
+    monkeypatch.setattr(solve, "_fitting", planned)
+    config = config_for(tiny_model_dir, tmp_path, "lora")
+    with pytest.raises(ConfigError, match="--time lroa: no such technique"):
+        recommend(config, SHAPE, 2**40, time=["full", "lroa"])
+    everything = timed_techniques(config, ["all"])
+    assert everything[0] == "lora" and timed_techniques(config, everything) == everything
+
+
 def test_a_probe_that_cannot_train_leaves_no_time_and_says_why(tiny_model_dir, tmp_path, monkeypatch):
     """No guessed time: when the probe fails, every set-up's time is None and the timing line gives the reason."""
     from tunelab.plan import planner

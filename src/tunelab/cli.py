@@ -418,7 +418,7 @@ def plan(
     _setup_logging()
     from tunelab.api import load_config  # start-up time
     from tunelab.plan import data_shape, plan_memory  # start-up time (torch, transformers)
-    from tunelab.plan.solve import SOLVABLE, check_time_names, solve_ceiling  # start-up time
+    from tunelab.plan.solve import SOLVABLE, solve_ceiling, timed_techniques  # start-up time
     from tunelab.plan.solve import recommend as rank_setups, recommend_dtypes, solve as solve_knob  # start-up time
 
     if device not in ("cpu", "cuda"):
@@ -432,13 +432,10 @@ def plan(
     if solve is not None and solve not in SOLVABLE:  # before planning, which takes seconds to minutes
         _fail(f"--solve {solve}: expected one of {', '.join(SOLVABLE)}")
     times = [name.strip() for name in time.split(",") if name.strip()] if time else None
-    try:
-        check_time_names(times or [])
-    except ConfigError as exc:
-        _fail(str(exc))
     limit = _bytes(budget) if budget is not None else None
     try:
         cfg = load_config(config, set_)
+        timed = timed_techniques(cfg, times)  # recommend's own check of the names, made here before any planning
         shape = data_shape(cfg)
         result = plan_memory(cfg, device, shape, processes=processes)
         out: dict[str, Any] = result.as_dict()
@@ -456,7 +453,7 @@ def plan(
         if recommend:
             dtypes, why = recommend_dtypes(device)
             out["recommend_dtypes"] = {"dtypes": dtypes, "why": why}
-            ranked = rank_setups(cfg, shape, limit or 0, device, processes, times)
+            ranked = rank_setups(cfg, shape, limit or 0, device, processes, timed)
             out["recommend_timing"] = ranked.timing
             out["recommend"] = [{"technique": s.technique, "gradient_checkpointing": s.checkpointing, "dtype": s.dtype,
                                  "peak_bytes": s.plan.peak_bytes, "seconds_per_step":

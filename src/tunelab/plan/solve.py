@@ -113,20 +113,15 @@ def auto_trains_in_bfloat16(technique: Technique, settings: object, device: str)
 
 def timed_techniques(config: TunelabConfig, requested: list[str] | None) -> list[str]:
     """The techniques whose set-ups --recommend times: the config's, then those ``requested`` (``--time``: names,
-    or "all" for every registered technique), each once. Raises ConfigError for a name no technique has."""
+    or "all" for every registered technique), each once; its own answer given again is the same answer. Raises
+    ConfigError for a name no technique has: the one check of --time's names, which ``recommend`` and the CLI
+    make before any planning (a misspelt name was refused after the minute --recommend spends planning)."""
     names = [config.technique.name]
-    check_time_names(requested or [])
     for name in requested or []:
-        names += list(TECHNIQUES) if name == "all" else [name]
-    return list(dict.fromkeys(names))
-
-
-def check_time_names(requested: list[str]) -> None:
-    """Raise ConfigError for a --time name no technique has (the CLI checks before planning: a misspelt name was
-    refused after the minute --recommend spends planning every set-up)."""
-    for name in requested:
         if name != "all" and name not in TECHNIQUES:
             raise ConfigError(f"--time {name}: no such technique; expected all or names from: {', '.join(TECHNIQUES)}")
+        names += list(TECHNIQUES) if name == "all" else [name]
+    return list(dict.fromkeys(names))
 
 
 def recommend(config: TunelabConfig, shape: Shape, budget: int, device: str = "cpu",
@@ -138,11 +133,12 @@ def recommend(config: TunelabConfig, shape: Shape, budget: int, device: str = "c
     speed probe's measured steps in each setting that fits (``plan/speed.py``: one probe per technique, about a
     minute each on a CPU); the others are left untimed rather than guessed (a FLOP ratio from another technique's
     probe came out 1.5-1.7 times off)."""
+    timed_names = timed_techniques(config, time)  # first: a misspelt name is refused before the set-ups are planned
     dtypes, _ = recommend_dtypes(device)
     found = _fitting(config, shape, budget, device, processes, dtypes)
     layers = load_model_config(config.model).num_hidden_layers
     measured, failed = [], []
-    for name in timed_techniques(config, time):
+    for name in timed_names:
         timed = [s for s in found if s.technique == name]
         try:
             if not timed:
