@@ -521,3 +521,38 @@ def test_a_run_that_fails_says_why_in_the_compares_own_error(tiny_model_dir: Pat
     assert ("run multitask_prompt_tuning-seed42 failed: technique 'multitask_prompt_tuning' needs multi-task data: "
             "give every training record a 'task' field") in flat, flat
     assert "(exit code 2); its output is in " in flat and (out / "logs" / "multitask_prompt_tuning-seed42.log").is_file()
+
+
+_FAILS_AFTER_SET_UP = """
+import json, sys
+from pathlib import Path
+run_dir, write = Path(sys.argv[1]), sys.argv[2] == "write"
+if write:  # as tunelab train records a failure after set-up, then lets the traceback through
+    (run_dir / "status.json").write_text(json.dumps({"status": "failed", "step": 3, "error": "CUDA error: an\\n  illegal memory access"}))
+print("Traceback (most recent call last):\\nRuntimeError: CUDA error: an", file=sys.stderr)
+sys.exit(1)
+"""
+
+
+def test_a_run_that_fails_after_set_up_is_quoted_from_its_status(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that failed after set-up ends with a traceback, no 'error:' line: the compare said only 'failed (exit
+    code 1)', though the run's status.json held the error. It now quotes status.json; a status.json the run did
+    not write this time (an earlier session's failure) is not quoted as this run's."""
+    from tunelab.compare import runner
+    from tunelab.compare.runner import PlannedRun, _train
+
+    out = tmp_path / "cmp"
+    out.mkdir()
+    run_dir = out / "lora-seed42"
+    config = {"output": {"dir": str(run_dir)}}
+    for write, expected in (("write", "failed: CUDA error: an illegal memory access (exit code 1)"),
+                            ("keep", "failed (exit code 1)")):
+        monkeypatch.setattr(runner, "_train_command", lambda *_, w=write: [sys.executable, "-c", _FAILS_AFTER_SET_UP,
+                                                                          str(run_dir), w])
+        run_dir.mkdir(exist_ok=True)
+        if write == "keep":  # an earlier session's failure, left as it was by a run that did not get that far
+            (run_dir / "status.json").write_text(json.dumps({"status": "failed", "step": 1, "error": "earlier"}))
+            os.utime(run_dir / "status.json", ns=(1, 1))
+        with pytest.raises(ConfigError) as failed:
+            _train(PlannedRun("lora-seed42", "lora", 2e-4, 42), config, out)
+        assert f"run lora-seed42 {expected}; its output is in " in str(failed.value), failed.value

@@ -6,6 +6,7 @@ interrupted one."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -202,6 +203,7 @@ def _train(run: PlannedRun, config: dict[str, Any], out: Path) -> None:
     log_path = own_entry(out, "logs") / f"{run.name}.log"
     log_path.parent.mkdir(exist_ok=True)
     log.info("%s: %s (log: %s)", run.name, "resuming" if resume else "training", log_path)
+    status_before = _file_stamp(run_dir / "status.json")
     with open(log_path, "a") as log_file:
         # its own session: a terminal's Ctrl-C reaches this process only, which passes it on exactly once
         process = subprocess.Popen(_train_command(config_path, resume, overwrite), stdout=log_file,
@@ -215,9 +217,34 @@ def _train(run: PlannedRun, config: dict[str, Any], out: Path) -> None:
     if code == 130:
         raise CompareInterrupted(run.name)
     if code != 0:
-        reason = _error_in_log(log_path)
+        reason = _error_in_status(run_dir / "status.json", status_before) or _error_in_log(log_path)
         raise ConfigError(f"run {run.name} failed{f': {reason}' if reason else ''} (exit code {code}); its output is "
                           f"in {log_path}")
+
+
+def _file_stamp(path: Path) -> tuple[int, int] | None:
+    """Which version of a file is there (inode, modification time), or None: status.json is replaced whole
+    (written to a temporary file, then renamed), so a run that wrote it leaves another stamp."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
+
+
+def _error_in_status(status_path: Path, stamp_before: tuple[int, int] | None) -> str | None:
+    """The error the run recorded in its own status.json when it failed after set-up, on one line, or None. Such a
+    failure (a traceback) prints no 'error:' line, so the compare said only its exit code. A status.json this
+    run did not write (its stamp unchanged: the run was refused at set-up) holds an earlier session's error."""
+    if _file_stamp(status_path) in (None, stamp_before):
+        return None
+    try:
+        status = read_json(status_path)
+    except (OSError, ValueError):  # unreadable: the log or the exit code says what it can
+        return None
+    if not isinstance(status, dict) or status.get("status") != "failed" or not status.get("error"):
+        return None
+    return " ".join(line.strip() for line in str(status["error"]).splitlines() if line.strip()) or None
 
 
 def _error_in_log(log_path: Path) -> str | None:
