@@ -556,3 +556,58 @@ def test_a_run_that_fails_after_set_up_is_quoted_from_its_status(tmp_path: Path,
         with pytest.raises(ConfigError) as failed:
             _train(PlannedRun("lora-seed42", "lora", 2e-4, 42), config, out)
         assert f"run lora-seed42 {expected}; its output is in " in str(failed.value), failed.value
+
+
+def test_a_set_technique_item_applies_to_every_technique_compared(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`compare CONFIG --techniques lora,loha,ia3 --set technique.r=8`: the item was validated against the file's
+    technique alone and silently left out of every other technique's runs. It now applies to each technique
+    compared, is refused for one that has no such setting (naming the item and the technique), and a bad value
+    is refused at the --set item, not at --techniques."""
+    from tunelab.compare.runner import PlannedRun, run_config, split_technique_items
+    from tunelab.config import load_config
+
+    data = write_jsonl(tmp_path / "train.jsonl", toy_chat_records(8))
+    path = tmp_path / "compare.yaml"
+    path.write_text(f"model:\n  name: {tiny_model_dir}\ndata:\n  train: [{data}]\ntechnique:\n  name: lora\n  r: 4\n")
+    items = ["technique.r=8", "data.packing=false", "technique.name=lora"]
+    config_items, technique_items = split_technique_items(items)
+    assert (config_items, technique_items) == (["data.packing=false", "technique.name=lora"], ["technique.r=8"])
+    config = load_config(path, config_items)
+    out = tmp_path / "out"
+    for technique in ("lora", "loha"):
+        run = run_config(config, PlannedRun(f"{technique}-seed1", technique, 1e-3, 1), out, technique_items)
+        assert run["technique"]["name"] == technique and run["technique"]["r"] == 8 and not run["data"]["packing"]
+    with pytest.raises(ConfigError) as refused:
+        run_config(config, PlannedRun("ia3-seed1", "ia3", 1e-3, 1), out, technique_items)
+    assert str(refused.value).startswith("technique ia3: --set technique.r=8: ia3 has no setting 'r'"), refused.value
+    # a setting the file's technique lacks is the compared technique's: not refused for the file's lora
+    virtual = split_technique_items(["technique.num_virtual_tokens=3"])[1]
+    prompt = run_config(load_config(path), PlannedRun("p-seed1", "prompt_tuning", 0.03, 1), out, virtual)
+    assert prompt["technique"]["num_virtual_tokens"] == 3
+    with pytest.raises(ConfigError) as refused:
+        run_config(config, PlannedRun("loha-seed1", "loha", 1e-3, 1), out, ["technique.r=0"])
+    assert "\n  --set technique.r=0: technique.r: " in str(refused.value), refused.value
+
+
+def test_compare_refuses_a_set_technique_item_a_compared_technique_lacks(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The command line's --set technique.KEY reaches every technique compared: refused before anything trains."""
+    config = _config(tiny_model_dir, tmp_path, steps=1)
+    out = tmp_path / "cmp"
+    refused = subprocess.run(_tunelab("compare", str(config), "--techniques", "lora,ia3", "--set", "technique.r=8",
+                                      "--out", str(out)), env=ENV, capture_output=True, text=True, timeout=300)
+    flat = " ".join((refused.stdout + refused.stderr).split())
+    assert refused.returncode == 2 and "technique ia3: --set technique.r=8: ia3 has no setting 'r'" in flat, flat
+    assert not out.exists()
+
+
+def test_a_rerun_with_other_set_technique_items_is_refused(tmp_path: Path) -> None:
+    """The technique items are not in the config the plan records: recorded beside it, so runs trained with
+    technique.r=8 are not kept by a rerun with technique.r=16."""
+    from tunelab.compare.runner import _check_plan
+
+    out = tmp_path / "cmp"
+    out.mkdir()
+    plan = {"config": {"technique": {"name": "lora"}}, "runs": [{"name": "lora-seed1"}]}
+    _check_plan(out, {**plan, "technique_set": ["technique.r=8"]})
+    with pytest.raises(ConfigError, match=r"--set technique items \['technique.r=8'\] there, \['technique.r=16'\] here"):
+        _check_plan(out, {**plan, "technique_set": ["technique.r=16"]})

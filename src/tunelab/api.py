@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.compare import compare as run_compare
+from tunelab.compare import split_technique_items
 from tunelab.config import TunelabConfig, build_config, load_config
 from tunelab.data import DataError, load_file
 from tunelab.data.prepare import tokenized_sides
@@ -49,8 +50,11 @@ def train(config: TunelabConfig | str | Path | dict[str, Any], overrides: list[s
 def compare(config: TunelabConfig | str | Path | dict[str, Any], techniques: list[str], out: str | Path,
             seeds: int = 1, lr_sweep: bool = False, overrides: list[str] | None = None) -> dict[str, Any]:
     """``tunelab compare`` in Python: train each technique (x seeds, x 3 learning rates with ``lr_sweep``) as run
-    folders under ``out``, resuming an interrupted compare there; returns compare.json's content."""
-    return run_compare(as_config(config, overrides), techniques, Path(out), seeds=seeds, lr_sweep=lr_sweep)
+    folders under ``out``, resuming an interrupted compare there; returns compare.json's content. An override
+    ``technique.KEY=VALUE`` applies to every technique compared (refused for one that has no KEY)."""
+    config_items, technique_items = split_technique_items(overrides)
+    return run_compare(as_config(config, config_items), techniques, Path(out), seeds=seeds, lr_sweep=lr_sweep,
+                       technique_items=technique_items)
 
 
 def load_run(run: str | Path, device: Any = None, dtype: str | None = None) -> LoadedRun:

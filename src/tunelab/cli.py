@@ -187,19 +187,21 @@ def compare(
     """Train techniques head to head on the same data and token budget, and compare them.
 
     Each technique trains at its own default learning rate; each run is an ordinary run folder under --out. Run
-    the same command again after Ctrl-C: finished runs are kept, the interrupted one resumes. Quality is the
+    the same command again after Ctrl-C: finished runs are kept, the interrupted one resumes. --set
+    technique.KEY=VALUE applies to every technique compared (refused where one has no KEY). Quality is the
     objective's own validation figure (a DPO run's preference accuracy), else the config's first task metric
     computed on 20 generations or more (eval.num_samples), else the validation loss; how to read the report:
     docs/choosing.md, "How to read a compare report".
     """
     _setup_logging()
-    from tunelab.api import compare as run_compare, load_config  # start-up time
+    from tunelab.api import compare as run_compare  # start-up time
     from tunelab.compare import CompareInterrupted  # start-up time
     from tunelab.compare.report import table  # start-up time
 
     names = [name.strip() for name in techniques.split(",") if name.strip()]
     try:
-        result = run_compare(load_config(config, set_), names, out, seeds=seeds, lr_sweep=lr_sweep)
+        # the Python API's compare: it gives --set technique.KEY=VALUE to every technique compared
+        result = run_compare(config, names, out, seeds=seeds, lr_sweep=lr_sweep, overrides=set_)
     except (CompareInterrupted, KeyboardInterrupt) as exc:  # KeyboardInterrupt: while planning or writing the report
         _fail(f"interrupted{f' during run {exc}' if str(exc) else ''}; run the same command again to resume "
               "(finished runs are kept)", code=130)

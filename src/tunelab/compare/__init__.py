@@ -2,6 +2,6 @@
 run folder, summarised per technique (task metrics with 95% intervals over seeds, forgetting, trainable
 parameters, peak memory, time, artefact size, a Pareto flag) in compare.json, report.md and report.html."""
 
-from tunelab.compare.runner import CompareInterrupted, compare
+from tunelab.compare.runner import CompareInterrupted, compare, split_technique_items
 
-__all__ = ["CompareInterrupted", "compare"]
+__all__ = ["CompareInterrupted", "compare", "split_technique_items"]

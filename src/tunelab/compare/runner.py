@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import yaml
 from tunelab.checkpoint import latest_checkpoint
 from tunelab.compare.report import write_reports
 from tunelab.compare.table import flag_pareto, primary_metric, quality_cost, quality_note, run_figures, technique_row
-from tunelab.config import TunelabConfig, build_config
+from tunelab.config import TunelabConfig, build_config, parse_overrides
 from tunelab.data.prepare import data_file_hashes, fingerprint_of
 from tunelab.errors import ConfigError
 from tunelab.fs import claim, foreign_entries, own_entry, owned_entries, recorded_writer, write_entry_json, write_text
@@ -64,10 +64,39 @@ def plan_runs(config: TunelabConfig, techniques: list[str], seeds: int, lr_sweep
     return runs
 
 
-def run_config(config: TunelabConfig, run: PlannedRun, out: Path) -> dict[str, Any]:
+def split_technique_items(items: list[str] | None) -> tuple[list[str], list[str]]:
+    """Compare's --set items: (those of the config, the ``technique.KEY=VALUE`` ones). A technique item applies to
+    every technique compared (``run_config``); loaded with the config, it was validated against the file's
+    technique alone (compared or not) and dropped, unsaid, from every other technique's runs. ``technique.name``
+    and a whole ``technique=...`` section stay the config's: they say which technique the file's section is."""
+    config_items, technique_items = [], []
+    for item in items or []:
+        path = item.partition("=")[0].strip().split(".")
+        is_technique = len(path) > 1 and path[0] == "technique" and path[1] != "name"
+        (technique_items if is_technique else config_items).append(item)
+    return config_items, technique_items
+
+
+def _check_technique_items(items: list[str], technique: str) -> None:
+    """Refuse a --set technique.KEY item for a technique that has no KEY: compare applies it to every technique
+    compared, and leaving it out of this one's runs would change the comparison without a word."""
+    fields = TECHNIQUES[technique].config_class.model_fields
+    for item, (path, _) in zip(items, parse_overrides(items)):
+        if path[1] not in fields:
+            raise ConfigError(
+                f"technique {technique}: --set {item.strip()}: {technique} has no setting '{path[1]}' (its settings: "
+                f"{', '.join(name for name in fields if name != 'name')}). A --set technique.KEY item applies to "
+                "every technique compared; to give it to one technique only, write it in the config file's "
+                "technique section (which applies to the file's technique only), or compare that technique apart")
+
+
+def run_config(config: TunelabConfig, run: PlannedRun, out: Path,
+               technique_items: list[str] | None = None) -> dict[str, Any]:
     """The config of one run: the user's, with the run's technique (the user's settings of it when the config
-    names the same technique), learning rate, seed and folder. Validated here, so a technique that refuses the
-    config fails before anything trains."""
+    names the same technique) and ``technique_items`` (--set technique.KEY=VALUE, for every technique), learning
+    rate, seed and folder. Validated here, so a technique that refuses the config fails before anything trains."""
+    technique_items = technique_items or []
+    _check_technique_items(technique_items, run.technique)
     # only what the user set: a default the config resolved for its own technique (data.packing turned off, say)
     # must stay a default, which the run's technique resolves again, not become an explicit setting it refuses
     data = config.model_dump(mode="json", exclude_unset=True)
@@ -78,8 +107,10 @@ def run_config(config: TunelabConfig, run: PlannedRun, out: Path) -> dict[str, A
         given = {"technique": f"--techniques {run.technique}"}
     data.setdefault("training", {}).update(seed=run.seed, learning_rate=run.learning_rate)
     data.setdefault("output", {}).update(dir=str((out / run.name).resolve()), overwrite=False)
+    # the technique items are --set items of the user's command line: a refusal names them as load_config would
+    origin = config.origin and replace(config.origin, overrides=(*config.origin.overrides, *technique_items))
     try:  # refused as the user's file would be: at its line or --set item, not at an anonymous '<config>'
-        return build_config(data, origin=config.origin, given=given).model_dump(mode="json")
+        return build_config(data, technique_items, origin=origin, given=given).model_dump(mode="json")
     except ConfigError as exc:
         raise ConfigError(f"technique {run.technique}: {exc}") from None
 
@@ -137,6 +168,9 @@ def _plan_differences(saved: Any, plan: dict[str, Any]) -> str:
     runs = [run.get("name") for run in saved.get("runs") or [] if isinstance(run, dict)]
     if sorted(map(str, runs)) != sorted(run["name"] for run in plan["runs"]):
         parts.append(f"runs {', '.join(map(str, runs)) or '(none)'} there, {', '.join(r['name'] for r in plan['runs'])} here")
+    if saved.get("technique_set") != plan.get("technique_set"):
+        parts.append(f"--set technique items {saved.get('technique_set') or '(none)'} there, "
+                     f"{plan.get('technique_set') or '(none)'} here")
     before, now = _flat(saved.get("config")), _flat(plan["config"])
     keys = [key for key in dict.fromkeys([*before, *now]) if before.get(key) != now.get(key)]
     if keys:
@@ -289,19 +323,22 @@ def _wait_passing_on_termination(process: subprocess.Popen) -> int:
     return code
 
 
-def compare(config: TunelabConfig, techniques: list[str], out: Path, seeds: int = 1,
-            lr_sweep: bool = False) -> dict[str, Any]:
+def compare(config: TunelabConfig, techniques: list[str], out: Path, seeds: int = 1, lr_sweep: bool = False,
+            technique_items: list[str] | None = None) -> dict[str, Any]:
     """Train every planned run (or keep it, when a previous compare finished it) and write compare.json,
-    report.md and report.html into ``out``; returns compare.json's content."""
+    report.md and report.html into ``out``; returns compare.json's content. ``technique_items``: --set
+    technique.KEY=VALUE items, for every technique compared (``split_technique_items``)."""
     if config.training.learning_rate is not None:
         log.warning("training.learning_rate %g is not used: each technique trains at its own default learning "
                     "rate (one rate does not fit full fine-tuning and prompt tuning alike)%s",
                     config.training.learning_rate, "" if lr_sweep else "; --lr-sweep tries 3 around it")
     planned = plan_runs(config, techniques, seeds, lr_sweep)
-    configs = {run.name: run_config(config, run, out) for run in planned}
+    configs = {run.name: run_config(config, run, out, technique_items) for run in planned}
     _check_out(out)  # before anything is written there
     claim(out, WRITER)
-    _check_plan(out, {"config": config.model_dump(mode="json"), "runs": [asdict(run) for run in planned]})
+    # the technique items are not in the config: recorded beside it, so a rerun with other ones is refused
+    items = {"technique_set": technique_items} if technique_items else {}
+    _check_plan(out, {"config": config.model_dump(mode="json"), **items, "runs": [asdict(run) for run in planned]})
     _check_same_data(config, planned, out)  # before any run trains: nothing is kept beside runs of other data
     for index, run in enumerate(planned, start=1):
         log.info("[%d/%d] %s, learning rate %g, seed %d", index, len(planned), run.technique, run.learning_rate,

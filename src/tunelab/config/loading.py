@@ -70,11 +70,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
 
 def _set_on_command_line(dotted: str, overridden: Mapping[str, str]) -> str | None:
     """The command-line item that gave the value at `dotted` (itself or a whole section above it), if any: a --set
-    item, or another option (``build_config``'s ``given``)."""
-    for key, item in overridden.items():
-        if dotted == key or dotted.startswith(key + "."):
-            return item
-    return None
+    item, or another option (``build_config``'s ``given``). The nearest one: compare's --techniques gives the
+    whole technique section and a --set item one key of it, whose bad value is the --set item's."""
+    matches = [key for key in overridden if dotted == key or dotted.startswith(key + ".")]
+    return overridden[max(matches, key=len)] if matches else None
 
 
 def _line_index(text: str) -> dict[tuple[str, ...], int]:
