@@ -889,6 +889,30 @@ def test_solve_max_length_stops_at_the_models_context(tiny_model_dir, tmp_path, 
     assert batch["solve"]["ceiling"] == 4096 and not batch["solve"]["ceiling_is_context"]  # no context for batches
 
 
+def test_solve_max_length_leaves_the_context_its_virtual_tokens(tiny_model_dir, tmp_path, no_runtime_probe):
+    """Prompt learning adds its virtual tokens before every row, in the model's context too: --solve max_length
+    answered the whole context (512 on the tiny model) for prompt tuning, a length whose rows the model cannot take
+    with 7 tokens more. The ceiling is now the context less the virtual tokens, which the plan reads from the built
+    model (prompt embeddings or prefix keys and values alike), and the answer says so."""
+    import yaml
+    from support.cli import invoke
+
+    from tunelab.plan import plan_memory
+
+    for settings, virtual in (({"name": "prefix_tuning", "num_virtual_tokens": 5}, 5), ({"name": "lora"}, 0),
+                              ({"name": "p_tuning", "num_virtual_tokens": 3}, 3)):
+        assert plan_memory(config_for(tiny_model_dir, tmp_path, settings)).virtual_tokens == virtual, settings
+    config = config_for(tiny_model_dir, tmp_path, {"name": "prompt_tuning", "num_virtual_tokens": 7})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(yaml.safe_load(config.to_yaml())))
+    solved = json.loads(invoke("plan", path, "--budget", "1000TiB", "--solve", "max_length", "--json").stdout)["solve"]
+    assert solved["value"] == solved["ceiling"] == 512 - 7 and solved["ceiling_is_context"], solved
+    assert solved["virtual_tokens"] == 7
+    text = invoke("plan", path, "--budget", "1000TiB", "--solve", "max_length").clean
+    assert ("max_length 505 fits: the model's context (its config's max_position_embeddings) less the technique's 7 "
+            "virtual tokens, which every row adds, the longest the search tries") in " ".join(text.split()), text
+
+
 def test_a_misspelt_solve_or_time_name_is_refused_before_anything_is_planned(tiny_model_dir, tmp_path, monkeypatch):
     """`--solve max_lenght` was refused after the plan (seconds), `--recommend --time lroa` after every set-up was
     planned (a minute on SmolLM2)."""

@@ -420,7 +420,7 @@ def plan(
     _setup_logging()
     from tunelab.api import load_config  # start-up time
     from tunelab.plan import data_shape, plan_memory  # start-up time (torch, transformers)
-    from tunelab.plan.solve import SOLVABLE, solve_ceiling, timed_techniques  # start-up time
+    from tunelab.plan.solve import SOLVABLE, context_ceiling, solve_ceiling, timed_techniques  # start-up time
     from tunelab.plan.solve import recommend as rank_setups, recommend_dtypes, solve as solve_knob  # start-up time
 
     if device not in ("cpu", "cuda"):
@@ -448,7 +448,8 @@ def plan(
             ceiling = solve_ceiling(solve, solved)  # the model's context for max_length, where its config says it
             out["solve"] = {"knob": solve, "value": value, "peak_bytes": solved.peak_bytes if value is not None else None,
                             "at_ceiling": value == ceiling, "ceiling": ceiling,  # the search stops there
-                            "ceiling_is_context": ceiling == solved.context_length and solve == "max_length"}
+                            "ceiling_is_context": ceiling == context_ceiling(solved) and solve == "max_length",
+                            "virtual_tokens": solved.virtual_tokens}  # what the context holds beside max_length
             if value is None:  # what the smallest value (1, or 16 tokens) would need
                 out["solve"]["smallest"] = {"value": solved.shape.micro_batch_size if solve == "micro_batch_size"
                                             else solved.shape.length, "peak_bytes": solved.peak_bytes}
@@ -492,8 +493,10 @@ def _print_plan(out: dict[str, Any]) -> None:
             console.print(f"no {solved['knob']} fits the budget: even {smallest['value']} needs "
                           f"{smallest['peak_bytes'] / gib:.2f} GiB", highlight=False)
         elif solved.get("at_ceiling") and solved.get("ceiling_is_context"):
+            virtual = solved.get("virtual_tokens") or 0
+            less = f" less the technique's {virtual} virtual tokens, which every row adds" if virtual else ""
             console.print(f"{solved['knob']} {solved['value']} fits: the model's context (its config's "
-                          "max_position_embeddings), the longest the search tries", highlight=False)
+                          f"max_position_embeddings){less}, the longest the search tries", highlight=False)
         elif solved.get("at_ceiling"):
             console.print(f"{solved['knob']} {solved['value']} fits, and more may: the search stops at "
                           f"{solved['value']}", highlight=False)

@@ -99,6 +99,9 @@ class MemoryPlan:
     # the peak is the runtime term plus the largest phase's sum, and the plan shows which terms make it
     phase_terms: dict[str, dict[str, int]] = field(default_factory=dict)
     context_length: int | None = None  # the model's context (its config's max_position_embeddings), None: unsaid
+    # the positions the technique adds before every row (prompt learning's virtual tokens): a row of max_length
+    # tokens takes max_length plus these of the context
+    virtual_tokens: int = 0
 
     @property
     def phases(self) -> dict[str, int]:
@@ -108,7 +111,7 @@ class MemoryPlan:
     def as_dict(self) -> dict[str, Any]:
         return {"peak_bytes": self.peak_bytes, "peak_phase": self.phase, "device": self.device, "dtype": self.dtype,
                 "heap_mmap_threshold": self.heap_mmap_threshold, "phases": self.phases, "phase_terms": self.phase_terms,
-                "context_length": self.context_length,
+                "context_length": self.context_length, "virtual_tokens": self.virtual_tokens,
                 "micro_batch_size": self.shape.micro_batch_size, "rows": self.shape.rows, "length": self.shape.length,
                 "supervised_tokens": self.shape.supervised, "trainable_parameters": self.trainable_parameters,
                 "total_parameters": self.total_parameters, "components": self.components, "notes": self.notes}

@@ -24,7 +24,7 @@ from tunelab.plan.memory import (BOUNDED_ONEDNN_CACHE, MMAP_THRESHOLD_MAX, NO_TC
                                  sampling_bytes, saved_for_backward, tunables_without_tcache)
 from tunelab.plan.runtime import runtime_bytes
 from tunelab.precision import adapters_compute_in_autocast_dtype, technique_precision
-from tunelab.techniques import TECHNIQUES, RunContext
+from tunelab.techniques import TECHNIQUES, RunContext, virtual_tokens
 
 ADAM_MOMENTS = 2  # AdamW keeps exp_avg and exp_avg_sq, float32, per trainable weight
 # the terms held from the first step to the last, in every training phase
@@ -204,7 +204,8 @@ def plan_memory(config: TunelabConfig, device: str = "cpu", shape: Shape | None 
     return MemoryPlan(device=target.type, peak_bytes=components["runtime"] + phases[phase], components=components,
                       phase=phase, shape=shape, dtype=str(precision.load_dtype).removeprefix("torch."),
                       notes=notes, trainable_parameters=trainable, total_parameters=total,
-                      heap_mmap_threshold=fixed, phase_terms=phase_terms, context_length=context_length(model_config))
+                      heap_mmap_threshold=fixed, phase_terms=phase_terms, context_length=context_length(model_config),
+                      virtual_tokens=virtual_tokens(skeleton))
 
 
 def context_length(model_config: Any) -> int | None:

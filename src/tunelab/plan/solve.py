@@ -56,12 +56,21 @@ def solve(config: TunelabConfig, shape: Shape, budget: int, knob: str, device: s
 
 
 def solve_ceiling(knob: str, plan: MemoryPlan) -> int:
-    """The largest value ``solve`` tries: for max_length the model's context (``plan.context_length``: its config's
-    max_position_embeddings), where it says one, since a longer row is one the model cannot take (a fixed 4096 cut
-    a model of 8192 short); else ``SOLVE_CEILING``, where more may fit (said so, not hidden)."""
-    if knob == "max_length" and plan.context_length is not None:
-        return plan.context_length
-    return SOLVE_CEILING
+    """The largest value ``solve`` tries: for max_length the longest row the model's context takes
+    (``context_ceiling``), where its config says one, since a longer row is one the model cannot take (a fixed 4096
+    cut a model of 8192 short); else ``SOLVE_CEILING``, where more may fit (said so, not hidden)."""
+    ceiling = context_ceiling(plan) if knob == "max_length" else None
+    return ceiling if ceiling is not None else SOLVE_CEILING
+
+
+def context_ceiling(plan: MemoryPlan) -> int | None:
+    """The longest max_length the model's context (``plan.context_length``: its config's max_position_embeddings)
+    takes, less the virtual tokens the technique adds before every row (``plan.virtual_tokens``: prompt learning's),
+    which take positions too: the full context, solved for prompt tuning, was a length the run cannot take. None
+    where the config says no context."""
+    if plan.context_length is None:
+        return None
+    return max(plan.context_length - plan.virtual_tokens, 1)
 
 
 @dataclass

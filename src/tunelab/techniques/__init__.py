@@ -20,6 +20,7 @@ from tunelab.techniques import (adalora, adapter, adapter_routing, freeze, full,
 from tunelab.errors import TechniqueError
 from tunelab.techniques.bottleneck import read_config  # reads and checks the JSON, with the file's name in errors
 from tunelab.techniques.base import ADAPTER_CONFIG, ADAPTER_DIR, RESULT_DIRS, BaseLoad, FigureTable, MergeResult, RunContext, Technique, count_parameters
+from tunelab.techniques.base import virtual_tokens  # the positions a prepared model adds before every row
 
 _ALL: tuple[Technique, ...] = (
     full.TECHNIQUE, freeze.TECHNIQUE, lora.TECHNIQUE, qlora.TECHNIQUE, adalora.TECHNIQUE, ia3.TECHNIQUE, loha.TECHNIQUE,

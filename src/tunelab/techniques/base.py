@@ -272,6 +272,18 @@ def peft_disabled_view(model: nn.Module) -> AbstractContextManager[Any]:
     return getattr(model, "module", model).disable_adapter()  # DDP keeps the model in .module
 
 
+def virtual_tokens(model: nn.Module) -> int:
+    """The positions a prepared model adds before every row: a PEFT prompt-learning adapter's virtual tokens
+    (prompt embeddings prepended to the input, or prefix keys and values the row's positions follow), 0 for any
+    other model. Read from the built model, not from a technique's settings: a row of max_length tokens takes
+    max_length plus these of the model's context, whichever technique prepends them."""
+    configs = getattr(getattr(model, "module", model), "peft_config", None)  # DDP keeps the model in .module
+    if not isinstance(configs, dict):
+        return 0
+    return max((int(c.num_virtual_tokens) for c in configs.values()
+                if getattr(c, "is_prompt_learning", False) and c.num_virtual_tokens), default=0)
+
+
 def forward_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The batch tensors a technique's model reads besides input ids and positions (e.g. multitask prompt tuning's
     ``task_ids``): the model its ``prepare`` returned names them in ``tunelab_forward_inputs``."""
