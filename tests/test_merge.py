@@ -267,3 +267,20 @@ def test_the_objective_merge_check_sees_a_wrong_merge(run_name: str, request: py
             param.add_(0.01 * torch.randn(param.shape, generator=torch.Generator().manual_seed(0)))
     check = compare_objective(loaded, objective, wrong, batches, source, "a wrong merge")
     assert check.max_logit_diff > 1e-2 and check.mean_kl > 1e-6 and check.max_figure_diff > 1e-3, check
+
+
+def test_the_merge_check_says_why_its_figures_are_not_trainings(tmp_path: Path) -> None:
+    """A DPO run trained with model.dtype auto on a CPU with native bfloat16 (frozen weights in bfloat16, bf16
+    autocast) logged a final validation loss of 0.6736; its merge check, in float32, scored the same 4 pairs 0.6378
+    (same loss, reference, beta and averaging: the rounding of the log-probabilities). The check now says so."""
+    from tunelab.export.merge import figures_note
+
+    info = tmp_path / "run_info.json"
+    info.write_text(json.dumps({"precision": {"dtype": "bfloat16", "autocast": "bf16"}}))
+    assert figures_note(tmp_path, torch.float32) == (
+        "computed in float32; training's validation figures (bfloat16 weights, bf16 autocast) differ from these by "
+        "that rounding, not by the merge")
+    info.write_text(json.dumps({"precision": {"dtype": "float32", "autocast": "no"}}))
+    assert figures_note(tmp_path, torch.float32) is None  # computed alike: nothing to explain
+    info.unlink()
+    assert figures_note(tmp_path, torch.float32) is None

@@ -597,6 +597,8 @@ def merge(
         adapter, merged = check.figures["adapter"]["loss"], check.figures["merged"]["loss"]
         console.print(f"{check.objective} loss per unit: adapter {adapter:.6g}, merged {merged:.6g}; largest "
                       f"difference of its figures {check.max_figure_diff:.3g}", highlight=False)
+        if check.figures_note:  # training's final validation loss of the same records may read otherwise
+            console.print(f"note: {check.figures_note}", highlight=False)
     console.print(Text.assemble(("merged", "bold green"), f" into {outcome.out_dir} (loads with plain transformers; "
                                 "the check is saved there as merge_check.json)"), highlight=False)
 

@@ -64,6 +64,7 @@ class MergeCheck:
     objective: str | None = None
     figures: dict[str, dict[str, float]] | None = None  # {"adapter": {loss, stats...}, "merged": {...}} per unit
     max_figure_diff: float | None = None
+    figures_note: str | None = None  # why training's validation figures of the same records differ, where they do
 
 
 @dataclass
@@ -95,6 +96,8 @@ def merge_run(run: str | Path, out: str | Path | None = None, device: str | torc
     merged = technique.merge(loaded.config, loaded.result_dir, device)
     merged.model.eval()
     check = _check(loaded, merged.model, merged.note, batches, batch_size)
+    if check.figures is not None:
+        check.figures_note = figures_note(run_dir, next(merged.model.parameters()).dtype)
     if in_run:
         with fs.new_entry_folder(run_dir, out_dir.name) as tmp:
             _fill(tmp, merged.model, loaded.tokenizer, check)
@@ -109,6 +112,26 @@ def _fill(folder: Path, model: torch.nn.Module, tokenizer: Any, check: MergeChec
     tokenizer.save_pretrained(folder)
     figures = {key: value for key, value in asdict(check).items() if value is not None}  # SFT's: as it always was
     (folder / CHECK_FILE).write_text(json.dumps(figures, indent=2) + "\n")
+
+
+def figures_note(run_dir: Path, dtype: torch.dtype) -> str | None:
+    """Why the check's figures are not training's final validation figures of the same records, or None when they
+    are computed alike: training ran under autocast or with its frozen weights in another dtype (run_info.json's
+    precision; ``model.dtype: auto`` on a CPU with native bfloat16), the check in ``dtype``. A DPO run's loss
+    (0.6736 in training, 0.6378 here, 4 pairs) differs by that rounding of its log-probabilities: the same loss,
+    reference, beta and averaging, in float32."""
+    try:
+        precision = (fs.read_json(run_dir / "run_info.json") or {}).get("precision")
+    except (OSError, ValueError, AttributeError):  # no readable record: nothing to say
+        return None
+    checked = str(dtype).removeprefix("torch.")
+    if not isinstance(precision, dict) or (precision.get("autocast") in (None, "no")
+                                           and precision.get("dtype") in (None, checked)):
+        return None
+    autocast = precision.get("autocast")
+    trained = f"{precision.get('dtype')} weights" + (f", {autocast} autocast" if autocast not in (None, "no") else "")
+    return (f"computed in {checked}; training's validation figures ({trained}) differ from these by that rounding, "
+            "not by the merge")
 
 
 def _check(loaded: Any, merged_model: torch.nn.Module, note: str, batches: int, batch_size: int) -> MergeCheck:
