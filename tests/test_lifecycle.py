@@ -125,3 +125,22 @@ def test_status_json_follows_the_run_at_every_metrics_line(tiny_model_dir: Path,
     assert [step for step, _, _ in seen] == [2, 3, 4, 6, 6], seen  # train lines at 2, 4, 6; evaluations at 3, 6
     assert all(status == "running" and on_disk == step for step, status, on_disk in seen), seen
     assert json.loads((result.run_dir / "status.json").read_text())["step"] == 6
+
+
+@pytest.mark.parametrize("raised, recorded", [(KeyError("learning_rate"), "KeyError: 'learning_rate'"),
+                                              (DataError("data.jsonl:3: no text"), "data.jsonl:3: no text")])
+def test_a_failed_run_records_its_error_with_its_type(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       raised: Exception, recorded: str) -> None:
+    """status.json, which `tunelab runs` and compare quote, names the type of an error that is not tunelab's own (a
+    KeyError's message is only the key); tunelab's own errors are recorded as written, to be read as they are."""
+    from tunelab.training import session
+
+    def fail(ctx, state):  # noqa: ANN001, ANN202 - run_loop's signature
+        raise raised
+
+    monkeypatch.setattr(session, "run_loop", fail)
+    config = tiny_run_config(tiny_model_dir, tmp_path, output={"dir": str(tmp_path / "run")})
+    with pytest.raises(type(raised)):
+        train(config, progress=False)
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["status"] == "failed" and status["error"] == recorded

@@ -23,3 +23,15 @@ class TechniqueError(ValueError):
 
 class TrainingAborted(RuntimeError):
     """The run stopped on an error the user must fix (repeated non-finite steps, ...)."""
+
+
+USER_ERRORS = (ConfigError, DataError, ModelLoadError, TechniqueError, TrainingAborted)
+
+
+def error_text(exc: BaseException) -> str:
+    """An error as a run's status.json records it: tunelab's own errors are written to be read as they are; any
+    other is prefixed with its type, which its message alone may not name (a KeyError's is only the key)."""
+    text = str(exc)
+    if isinstance(exc, USER_ERRORS):
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -29,6 +29,7 @@ from tunelab.config import ConfigError, TunelabConfig
 from tunelab.data import PreparedData
 from tunelab.data.prepare import records_fingerprint, tokenizer_fingerprint
 from tunelab.eval.before_after import BaseFiguresCache, base_evaluation, base_figures_cache, compare_with_base, forgetting_after
+from tunelab.errors import error_text
 from tunelab.eval.training import OverfittingSignal
 from tunelab.generation import sample_prompts
 from tunelab.models import (cache_root, default_device, fixed_mmap_threshold, glibc_tcache_on, load_model,
@@ -535,7 +536,7 @@ def _record_failure(ctx: TrainingContext, state: LoopState, phase: str, resume: 
     interrupted = isinstance(exc, KeyboardInterrupt)
     if interrupted and phase == "trained":  # Ctrl-C during the final evaluation: keep the trained steps
         ctx.save_checkpoint(state)
-    ctx.write_status("interrupted" if interrupted else "failed", state, str(exc))
+    ctx.write_status("interrupted" if interrupted else "failed", state, error_text(exc))
     try:
         _finish_tracking(ctx, state, "interrupted" if interrupted else "failed")
     except Exception as secondary:  # the run's own error is the one to report
