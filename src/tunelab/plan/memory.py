@@ -289,12 +289,16 @@ class Saved:
 # The share of the forward's freed tensors that glibc's heap still holds as free chunks when backward starts, under
 # its dynamic mmap threshold. Each layer's forward frees tensors (a linear's output once an adapter's is added to it,
 # an activation's input, the casts) between the tensors autograd keeps, and the next allocations are of other sizes
-# or come before the frees, so the heap grows past what is alive; RSS counts those free chunks. Measured on SmolLM2
-# at 256 tokens without checkpointing (measured peak less the plan without them, against this probe's freed bytes):
-# LoRA 0.17, 0.16 and 0.15 at 2, 3 and 4 rows, prompt tuning 0.22 at 4 (glibc's mallinfo2 agrees: 232 MiB of free
-# chunks at LoRA's first backward, 2 rows). Under the fixed 1 MiB threshold of the heap policy the same runs left
-# 0.01 (QLoRA) and planned within 1.6% without the term, so it counts only under the dynamic threshold.
-HEAP_HOLES_SHARE = 0.17
+# or come before the frees, so the heap grows past what is alive; RSS counts those free chunks. First measured on
+# SmolLM2 at 256 tokens (measured peak less the plan without them, over this probe's freed bytes: LoRA 0.15-0.17,
+# prompt tuning 0.22) with glibc's per-thread cache on and a fresh (C, V) loss chunk each time. Fitted again on the
+# 90-cell grid once every CPU run trained with the cache off (9920438) and the loss reused its chunk (8b7a6e8): the
+# cells' implied shares were 0.06-0.11 for LoRA and 0.10-0.16 for the adapter and prompt tuning at 1024 tokens;
+# 0.15 keeps every grid cell at or above 0.95 of its measured peak (max error 12.1%), the solver's decidable pairs
+# at 20 of 22, and the shipped whole runs at 0.98 (0.13 fitted the grid and the solver better, 9.5% and 21 of 22,
+# but left the quickstart's 40 steps at 0.96; docs/choosing.md). Under the fixed 1 MiB threshold of the heap policy
+# the runs left 0.01 (QLoRA) and planned within 1.6% without the term, so it counts only under the dynamic threshold.
+HEAP_HOLES_SHARE = 0.15
 
 
 def heap_holes_bytes(saved: Saved, fixed_threshold: int | None) -> int:
