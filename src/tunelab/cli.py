@@ -421,7 +421,8 @@ def plan(
     from tunelab.api import load_config  # start-up time
     from tunelab.plan import data_shape, plan_memory  # start-up time (torch, transformers)
     from tunelab.plan.solve import SOLVABLE, context_ceiling, solve_ceiling, timed_techniques  # start-up time
-    from tunelab.plan.solve import recommend as rank_setups, recommend_dtypes, solve as solve_knob  # start-up time
+    from tunelab.plan.solve import (RECOMMEND_HEADROOM, recommend as rank_setups, recommend_dtypes,  # start-up time
+                                    solve as solve_knob)
 
     if device not in ("cpu", "cuda"):
         _fail(f"--device {device}: expected cpu or cuda")
@@ -456,6 +457,7 @@ def plan(
         if recommend:
             dtypes, why = recommend_dtypes(device)
             out["recommend_dtypes"] = {"dtypes": dtypes, "why": why}
+            out["recommend_within"] = f"{1 - RECOMMEND_HEADROOM:.0%}"
             ranked = rank_setups(cfg, shape, limit or 0, device, processes, timed)
             out["recommend_timing"] = ranked.timing
             out["recommend"] = [{"technique": s.technique, "gradient_checkpointing": s.checkpointing, "dtype": s.dtype,
@@ -504,7 +506,8 @@ def _print_plan(out: dict[str, Any]) -> None:
             console.print(f"largest {solved['knob']} that fits: {solved['value']}", highlight=False)
     if "recommend_dtypes" in out:
         console.print(f"set-ups ranked in {' and '.join(out['recommend_dtypes']['dtypes'])} "
-                      f"({out['recommend_dtypes']['why']})", highlight=False)
+                      f"({out['recommend_dtypes']['why']}), each planned within {out['recommend_within']} of the "
+                      f"budget (the planner's measured error)", highlight=False)
         if not out["recommend"]:
             console.print("no set-up fits the budget", highlight=False)
     if "recommend_timing" in out:
