@@ -35,6 +35,11 @@ class SftSettings(Settings):
     name: Literal["sft"] = Field("sft", description="Training objective (see the section's description).")
 
 
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The model's output head; under DDP, the wrapped model's (the wrapper has none)."""
+    return extract_model_from_parallel(model).get_output_embeddings()
+
+
 def rows_at(hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """The hidden states (B, T', H) at the ``keep`` (B, T) positions: (N, H). Techniques that prepend virtual
     tokens make T' longer than T: the mask is left-padded with False to match."""
@@ -51,7 +56,7 @@ def logits_only_where(model: nn.Module, keep: torch.Tensor) -> Iterator[None]:
     label. A forward pre-hook on the head replaces its input (B, T, H) by hidden[keep] (N, H), so the model
     returns logits (N, V) (``rows_at``).
     """
-    head = extract_model_from_parallel(model).get_output_embeddings()  # under DDP, the wrapped model's head
+    head = output_head(model)
 
     def select(module: nn.Module, args: tuple) -> tuple:
         return (rows_at(args[0], keep),) + tuple(args[1:])  # (B, T', H) -> (N, H)
@@ -67,7 +72,7 @@ def logits_only_where(model: nn.Module, keep: torch.Tensor) -> Iterator[None]:
 def hidden_only_where(model: nn.Module, keep: torch.Tensor) -> Iterator[list[torch.Tensor]]:
     """Like ``logits_only_where``, but the head is left for the caller to run: the yielded list receives the hidden
     states at ``keep`` (N, H) and the head itself projects no rows (its output is (0, V))."""
-    head = extract_model_from_parallel(model).get_output_embeddings()
+    head = output_head(model)
     hidden_rows: list[torch.Tensor] = []
 
     def select(module: nn.Module, args: tuple) -> tuple:
@@ -167,7 +172,7 @@ def chunked_sft_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk
     keep = targets != IGNORE  # (B, T)
     inputs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
                   **forward_inputs(model, batch))
-    head = extract_model_from_parallel(model).get_output_embeddings()
+    head = output_head(model)
     if type(head) is not nn.Linear:  # a head a technique wraps (an adapter on it): it runs as itself, unchunked
         with logits_only_where(model, keep):
             logits = model(**inputs).logits  # (N, V)
