@@ -17,7 +17,7 @@ from rich.text import Text
 from tunelab.console import (NAME_COLUMN, console, err_console, print_before_after, print_data_report,
                              print_eval_report, print_quantize_table, print_run_details, print_runs,
                              print_runs_side_by_side, print_table)
-from tunelab.errors import ConfigError, DataError, ModelLoadError, TechniqueError, TrainingAborted
+from tunelab.errors import USER_ERRORS, ConfigError
 from tunelab.serve import DEFAULT_MAX_BODY_BYTES, SCHEDULINGS  # constants: no FastAPI, no pydantic
 
 if TYPE_CHECKING:
@@ -101,7 +101,7 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 # Errors a user can fix: one line, no traceback, exit code 2.
-_USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, ModelLoadError, TechniqueError, TrainingAborted)
+_USER_ERRORS = USER_ERRORS  # tunelab's own errors, printed in one line without a traceback
 
 
 def _setup_logging() -> None:

@@ -52,7 +52,7 @@ def solve(config: TunelabConfig, shape: Shape, budget: int, knob: str, device: s
     if not fits(smallest):
         return None, plans[smallest]
     best = largest_fitting(fits, smallest, ceiling or solve_ceiling(knob, plans[smallest]))
-    return best, plans[best if best is not None else smallest]
+    return best, plans[best]  # the smallest fits, so the search found one
 
 
 def solve_ceiling(knob: str, plan: MemoryPlan) -> int:
