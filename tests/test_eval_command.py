@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -19,8 +20,13 @@ from typer.testing import CliRunner
 
 from tunelab.training import session
 from tunelab.cli import app
+from tunelab.data.formats import load_file
+from tunelab.data.tokenize import prompt_for_generation
 from tunelab.errors import ConfigError
 from tunelab.eval.runner import EvalSettings, evaluate
+from tunelab.generation import Sampling, generate_texts
+from tunelab.metrics import Normalization
+from tunelab.result import open_model
 
 
 @pytest.fixture(scope="module")
@@ -89,18 +95,38 @@ def test_eval_against_base_and_another_run_writes_every_report(runs: dict[str, P
 
 
 def test_predictions_recompute_the_reported_rouge_l(runs: dict[str, Path], tmp_path: Path) -> None:
-    report = evaluate(runs["a"], [runs["test"]], ["base"], output=tmp_path / "r",
+    """predictions.jsonl holds each system's exact output: its metrics and loss recompute to the report's figures.
+    The references are the target's own greedy outputs, generated here outside eval's pipeline (open_model and
+    generate_texts on the same prompts), so the target's ROUGE-L is well above 0 and a changed prediction changes
+    the recomputed score. Against the toy task's references the tiny model scores 0, and any change to the
+    predictions kept that 0."""
+    opened = open_model(runs["a"], device="cpu")
+    examples = load_file(runs["test"]).examples
+    prompts = [prompt_for_generation(opened.tokenizer, e)[0] for e in examples]
+    if opened.tokenizer.pad_token_id is None:
+        opened.tokenizer.pad_token = opened.tokenizer.eos_token  # as eval batches
+    offline = generate_texts(opened.model, opened.tokenizer, prompts, Sampling(max_new_tokens=6), 8)
+    assert all(re.search(r"[a-z0-9]", text) for text in offline), offline  # ROUGE scores words: each has some
+    records = toy_chat_records(60)[48:]
+    for record, text in zip(records, offline):
+        record["messages"][1]["content"] = text
+    own = write_jsonl(tmp_path / "own.jsonl", records)
+    report = evaluate(runs["a"], [own], ["base"], output=tmp_path / "r",
                       settings=EvalSettings(metrics=["rouge_l", "exact_match"], max_new_tokens=6, resamples=50))
     rows = [json.loads(line) for line in (tmp_path / "r" / "predictions.jsonl").read_text().splitlines()]
-    assert len(rows) == report["examples"]
+    assert len(rows) == report["examples"] == len(offline)
+    assert [r["outputs"][report["target"]] for r in rows] == offline
+    assert report["metrics"]["rouge_l"]["scores"][report["target"]] == pytest.approx(1.0)
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     for system in report["systems"]:
         name = system["name"]
         recomputed = float(np.mean([scorer.score(r["reference"], r["outputs"][name])["rougeL"].fmeasure for r in rows]))
         assert recomputed == pytest.approx(report["metrics"]["rouge_l"]["scores"][name], rel=1e-12, abs=1e-15)
+        same = Normalization()  # exact match's default normalisation
+        exact = float(np.mean([same(r["outputs"][name]) == same(r["reference"]) for r in rows]))
+        assert exact == pytest.approx(report["metrics"]["exact_match"]["scores"][name], rel=1e-12, abs=1e-15)
         loss = sum(r["loss"][name]["loss_sum"] for r in rows) / sum(r["loss"][name]["tokens"] for r in rows)
         assert loss == pytest.approx(report["metrics"]["loss"]["scores"][name], rel=1e-12)
-    assert any(r["outputs"][report["target"]] for r in rows)  # real generations, not empty strings
 
 
 def test_eval_output_folder_with_the_users_files_is_refused(runs: dict[str, Path], tmp_path: Path) -> None:
