@@ -11,7 +11,7 @@ import torch
 from support.ddp_driver import StopAfter
 from support.runs import tiny_config, tiny_run_config
 from support.tiny import toy_chat_records, write_jsonl
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from tunelab.config import ConfigError, build_config
 from tunelab.data import TokenizedExample, collate
@@ -163,6 +163,44 @@ def test_every_allowed_pair_runs_two_steps(name: str, tiny_model_dir: Path, tmp_
     result = train(config, progress=False)
     assert result.status == "completed" and result.step == 2
     assert (result.run_dir / technique.result_dir_name).is_dir()
+
+
+@pytest.mark.parametrize("name", ["prompt_tuning", "prefix_tuning", "p_tuning", "lora"])
+def test_rows_past_the_models_context_with_the_virtual_tokens_are_refused_before_the_base_evaluation(
+        name: str, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A row takes data.max_length positions of the model's context (max_position_embeddings) plus the virtual
+    tokens a prompt-learning technique puts before it: past the context, training is refused at set-up, with the
+    keys and the numbers; exactly the context trains. LoRA adds none, and packs rows to data.max_length."""
+    from tunelab.training import train
+
+    context = AutoConfig.from_pretrained(tiny_model_dir).max_position_embeddings
+    virtual = 8 if name != "lora" else 0
+    long = [{"messages": [{"role": "user", "content": "say cat"}, {"role": "assistant", "content": "cat " * context}]}]
+    data = write_jsonl(tmp_path / "long.jsonl", long * 4)  # each cut at data.max_length: rows of exactly that
+
+    def config(max_length: int, out: str):  # noqa: ANN202
+        technique = {"name": name, "num_virtual_tokens": virtual} if virtual else {"name": name, "r": 2}
+        return tiny_config(tiny_model_dir, technique=technique,
+                           data={"train": [str(data)], "val_size": 0, "max_length": max_length},
+                           training={"max_steps": 1, "micro_batch_size": 1},
+                           eval={"num_samples": 0, "before_after": False}, output={"dir": str(tmp_path / out)})
+
+    over = context - virtual + 1
+    with pytest.raises(ConfigError) as refused:
+        train(config(over, "over"), progress=False)
+    message = " ".join(str(refused.value).split())
+    if virtual:
+        assert (f"the longest row of this data, {over} tokens (data.max_length {over}) plus the {virtual} virtual "
+                f"tokens of technique.num_virtual_tokens, {context + 1} positions, is past the model's context: "
+                f"{context} positions (max_position_embeddings in the config.json of model.name {tiny_model_dir})"
+                ) in message, message
+        assert f"Set data.max_length to at most {context - virtual} or lower technique.num_virtual_tokens." in message
+    else:
+        assert (f"data.max_length {over} (packed rows are that long) is past the model's context: {context} "
+                f"positions") in message and f"Set data.max_length to at most {context}." in message, message
+    assert not (tmp_path / "over" / "base_eval.json").exists()  # at set-up, before the base evaluation
+    result = train(config(context - virtual, "fits"), progress=False)  # max_length + virtual tokens == the context
+    assert result.status == "completed" and result.step == 1
 
 
 def _rows_loss(model: torch.nn.Module, rows: list[list[TokenizedExample]]) -> float:

@@ -42,11 +42,11 @@ from tunelab.objectives.reference import copies_the_base, live_reference, same_m
 from tunelab.plan import heap_policy, plan_memory, resident_bytes, shape_of
 from tunelab.plan.memory import (BOUNDED_ONEDNN_CACHE, BOUNDED_ONEDNN_CACHE_BY, NO_TCACHE, RESTARTED_WITHOUT_TCACHE,
                                  onednn_cache_capacity)
-from tunelab.plan.planner import onednn_cache_bound, onednn_note, tcache_notes
+from tunelab.plan.planner import context_length, onednn_cache_bound, onednn_note, tcache_notes
 from tunelab.precision import adapters_compute_in_autocast_dtype, keep_trainable_in_float32
 from tunelab.fs import read_json, write_entry_json
 from tunelab.schedule import make_scheduler
-from tunelab.techniques import TECHNIQUES, RunContext, TechniqueError, count_parameters
+from tunelab.techniques import TECHNIQUES, RunContext, TechniqueError, count_parameters, virtual_tokens
 from tunelab.tracking import Trackers
 from tunelab.training.context import LoopState, TrainingContext, run_precision
 from tunelab.training.attention import attention_in_use, attention_per_packed_example, kv_heads_shared_in_kernel
@@ -404,10 +404,35 @@ def _check_technique_fits(ctx: TrainingContext) -> None:
     base_load = ctx.technique.base_load(ctx.config.technique, ctx.device, ctx.head_size)
     skeleton = model_skeleton(ctx.model.config, base_load, num_labels=ctx.head_size)  # the same module types as the loaded base
     try:
-        ctx.technique.apply(skeleton, ctx.config.technique,
-                            RunContext(tasks=tuple(ctx.data.tasks), task_type=ctx.objective_kind.task_type))
+        prepared = ctx.technique.apply(skeleton, ctx.config.technique,
+                                       RunContext(tasks=tuple(ctx.data.tasks), task_type=ctx.objective_kind.task_type))
     except TechniqueError as exc:
         raise TechniqueError(f"{exc} (model {ctx.config.model.name})") from None
+    check_rows_fit_context(ctx.config, ctx.data, ctx.objective_kind, context_length(ctx.model.config),
+                           virtual_tokens(prepared))
+
+
+def check_rows_fit_context(config: TunelabConfig, data: PreparedData, objective: Any, context: int | None,
+                           virtual: int) -> None:
+    """Refuse rows longer than the model's context (its config's max_position_embeddings): the longest row the run
+    trains on (data.max_length when packed, else the longest the data's records make) plus the virtual tokens a
+    prompt-learning technique puts before every row. Past the context a model with learned positions fails in its
+    first forward, and one with rotary positions trains on positions it never saw. The data's own longest row, not
+    data.max_length alone: a cap the rows never reach (the default 1024 on a short data set) takes no position."""
+    if context is None:
+        return
+    limit = config.data.max_length
+    longest = limit if config.data.packing else max(
+        (max(objective.rows_of(record, config.objective), default=0) for record in data.train), default=0)
+    if longest + virtual <= context:
+        return
+    rows = (f"data.max_length {limit} (packed rows are that long)" if config.data.packing
+            else f"the longest row of this data, {longest} tokens (data.max_length {limit})")
+    added = f" plus the {virtual} virtual tokens of technique.num_virtual_tokens, {longest + virtual} positions," if virtual else ""
+    raise ConfigError(
+        f"{rows}{added} is past the model's context: {context} positions (max_position_embeddings in the config.json "
+        f"of model.name {config.model.name}). Set data.max_length to at most {context - virtual}"
+        + (" or lower technique.num_virtual_tokens" if virtual else "") + ".")
 
 
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:
