@@ -311,3 +311,54 @@ def test_data_inspect_refuses_data_the_config_s_objective_cannot_train_on(
     assert result.exit_code == 2, result.output
     assert "objective.name=classification trains on labeled texts" in result.clean
     assert f"{path} {holds}" in result.clean and "Traceback" not in result.clean
+
+
+def test_an_error_on_a_narrow_terminal_breaks_at_spaces_and_never_inside_a_path(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user error on a terminal is broken at spaces to its width (the terminal broke it mid-word at its edge),
+    never inside a path, which keeps a line of its own when wider than the terminal; in a log (not a terminal)
+    it stays one line as written, so a run's log quotes a path back whole."""
+    import io
+
+    from rich.console import Console
+
+    from tunelab import cli
+
+    missing = tmp_path / "a-folder-with-a-long-hyphenated-name" / "missing-config.yaml"
+    printed = {}
+    for terminal in (True, False):
+        out = io.StringIO()
+        monkeypatch.setattr(cli, "err_console", Console(file=out, width=40, force_terminal=terminal, markup=False,
+                                                        color_system=None))
+        assert invoke("config", "show", missing).exit_code == 2
+        printed[terminal] = out.getvalue().rstrip("\n").split("\n")
+    assert len(printed[False]) == 1 and printed[False][0].startswith("error: ")
+    wrapped = printed[True]
+    assert len(wrapped) >= 3, wrapped
+    assert " ".join(wrapped).split(" ") == printed[False][0].split(" ")  # the same words: none broken, none lost
+    assert f"{missing}:" in wrapped, wrapped  # the path, wider than the terminal, on a line of its own
+    assert all(len(line) <= 40 or " " not in line for line in wrapped), wrapped
+    assert "config file not found" in wrapped, wrapped  # words share a line up to the width
+
+
+def test_the_resume_command_after_ctrl_c_is_never_broken_on_a_narrow_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The error after Ctrl-C holds a command to copy: a line break inside it would run it cut short when pasted
+    into a shell (without --resume), so it stays one line even on a terminal."""
+    import io
+
+    import typer
+    from rich.console import Console
+
+    from tunelab import cli
+
+    out = io.StringIO()
+    monkeypatch.setattr(cli, "err_console", Console(file=out, width=40, force_terminal=True, markup=False,
+                                                    color_system=None))
+    command = "tunelab train examples/beginner/quickstart-lora.yaml --resume --set=training.max_steps=20"
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(typer.Exit):
+        cli._run_training(interrupted, resume_command=command)
+    assert command in out.getvalue().split("\n")[0]

@@ -16,7 +16,7 @@ from rich.text import Text
 
 from tunelab.console import (NAME_COLUMN, console, err_console, print_before_after, print_data_report,
                              print_eval_report, print_quantize_table, print_run_details, print_runs,
-                             print_runs_side_by_side, print_table)
+                             print_runs_side_by_side, print_table, wrap_words)
 from tunelab.errors import USER_ERRORS, ConfigError
 from tunelab.serve import DEFAULT_MAX_BODY_BYTES, SCHEDULINGS  # constants: no FastAPI, no pydantic
 
@@ -93,10 +93,18 @@ def _main(
     """Fine-tune open language models, measure, ship."""
 
 
-def _fail(message: str, code: int = 2) -> None:
-    # soft_wrap: no line breaks of the console's own, so a log (a compare's run) holds the error as written: a path
-    # wrapped at 80 columns was quoted back with a space inside it
-    err_console.print(Text.assemble(("error: ", "bold red"), message), highlight=False, soft_wrap=True)
+def _fail(message: str, code: int = 2, wrap: bool = True) -> None:
+    """Print a user error and exit. On a terminal the message is broken at spaces to its width (``wrap_words``:
+    never inside a path or another run without spaces), as the terminal would otherwise break it mid-word at its
+    edge. Anywhere else (a log: a compare's run) it is one line as written: soft_wrap, no line breaks of the
+    console's own (a path wrapped at 80 columns was quoted back with a space inside it). ``wrap=False``: a message
+    with a command to copy, which a line break would cut short when pasted into a shell."""
+    text = f"error: {message}"
+    if wrap and err_console.is_terminal:
+        text = wrap_words(text, err_console.width)
+    line = Text(text)
+    line.stylize("bold red", 0, len("error:"))
+    err_console.print(line, highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -160,7 +168,7 @@ def _run_training(start: Callable[[], Any], resume_command: str) -> None:
         result = start()
     except KeyboardInterrupt:  # Ctrl-C outside the loop's step boundary (set-up, final evaluation) or a second one
         _fail(f"interrupted. If the run folder has a checkpoint, continue with: {resume_command} ; if it has none, "
-              "the same command without --resume starts over.", code=130)
+              "the same command without --resume starts over.", code=130, wrap=False)  # a command to copy
     if result.status == "interrupted":
         console.print(Text.assemble((f"Interrupted at step {result.step}.", "yellow"), " Continue with: ", resume_command),
                       highlight=False,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 import time
 from contextlib import contextmanager
 from datetime import timedelta
@@ -30,6 +31,18 @@ def print_table(table: Table) -> None:
     fits = size.minimum <= console.width
     (console if fits else Console(markup=False, width=size.maximum)).print(table, crop=False)
 err_console = Console(stderr=True, markup=False)  # logs and errors; stdout is for results
+
+
+def wrap_words(text: str, width: int) -> str:
+    """``text`` with its lines broken at spaces to fit ``width`` columns, each continuation indented as its line
+    is; a path, flag or any other run without a space is never broken, and one wider than ``width`` has a line
+    of its own. A terminal wraps at its edge mid-word, and rich folds a long word: both broke paths."""
+    lines = []
+    for line in text.split("\n"):
+        indent = line[: len(line) - len(line.lstrip(" "))]
+        lines.extend(textwrap.wrap(line, max(width, 1), subsequent_indent=indent, break_long_words=False,
+                                   break_on_hyphens=False) or [line])
+    return "\n".join(lines)
 
 
 class _SilentProgress:
