@@ -20,11 +20,12 @@ A technique declares, in one place:
 from __future__ import annotations
 
 import inspect
-from contextlib import AbstractContextManager
+import warnings
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -338,11 +339,25 @@ def load_full_model(config: Any, folder: Path, device: torch.device) -> nn.Modul
     return model.to(device)
 
 
+@contextmanager
+def peft_wrapping() -> Iterator[None]:
+    """Around PEFT's wrapping of a model (``get_peft_model``, ``PeftModel.from_pretrained``): PeftModel's
+    constructor reads ``model.is_gradient_checkpointing`` (peft 0.21), an alias transformers 5 deprecated for
+    ``is_activation_checkpointing`` with a FutureWarning. PEFT's read, not tunelab's nor the user's, and the same
+    value: nothing anyone running tunelab can act on. The CLI drops transformers' FutureWarnings; through the Python
+    API it was shown at the first run of every process. Only that message, only here: a user's own read of the
+    alias still warns."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def attach_peft_adapter(model: nn.Module, folder: Path) -> nn.Module:
     """A PEFT adapter folder on ``model``: a ``peft.PeftModel``."""
     from peft import PeftModel  # peft is imported when an adapter is used, not on every start
 
-    return PeftModel.from_pretrained(model, folder)
+    with peft_wrapping():
+        return PeftModel.from_pretrained(model, folder)
 
 
 def load_adapter_on_base(attach: Callable[[nn.Module, Path], nn.Module],

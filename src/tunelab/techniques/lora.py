@@ -29,7 +29,7 @@ from torch import nn
 from tunelab.errors import TechniqueError
 from tunelab.settings import Settings
 from tunelab.techniques.base import (ADAPTER_CONFIG, RunContext, Technique, decay_param_groups, peft_disabled_view,
-                                     peft_task_type)
+                                     peft_task_type, peft_wrapping)
 from tunelab.techniques.freeze import decoder_layers
 
 INITS = {"default": True, "gaussian": "gaussian", "pissa": "pissa_niter_16", "olora": "olora"}
@@ -142,7 +142,8 @@ def wrap(model: nn.Module, peft_config: Any) -> nn.Module:
     from peft import get_peft_model
 
     try:
-        return get_peft_model(model, peft_config)
+        with peft_wrapping():
+            return get_peft_model(model, peft_config)
     except (ValueError, TypeError, NotImplementedError) as exc:  # e.g. a module type PEFT cannot adapt
         raise TechniqueError(f"technique: {exc}") from exc
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from tunelab.models import adapter_num_labels, apply_head_config, load_model, resolve_dtype, saved_head_config
 from tunelab.techniques import lora
-from tunelab.techniques.base import BaseLoad, MergeResult, RunContext, Technique, peft_disabled_view
+from tunelab.techniques.base import BaseLoad, MergeResult, RunContext, Technique, peft_disabled_view, peft_wrapping
 
 
 class QloraSettings(lora.LoraOptions):
@@ -98,7 +98,8 @@ def merge(config: Any, folder: Path, device: torch.device) -> MergeResult:
     num_labels = adapter_num_labels(folder)  # a score head's adapter merges onto a base with that head
     base = load_model(config.model, device, base_load(settings, device, num_labels), num_labels=num_labels)
     base = apply_head_config(base.dequantize(dtype=resolve_dtype(config.model.dtype, device)), saved_head_config(folder))
-    merged = PeftModel.from_pretrained(base, folder).merge_and_unload()
+    with peft_wrapping():
+        merged = PeftModel.from_pretrained(base, folder).merge_and_unload()
     return MergeResult(merged, f"QLoRA: merged the adapter into the DEQUANTIZED {settings.bits}-bit base "
                                f"({base_load(settings, device).note}); the merged model is full precision, and its "
                                "base weights carry the quantization error the adapter was trained against")
