@@ -86,15 +86,16 @@ def test_precision_rules_on_a_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
         precision.training_precision("float16", CPU)
 
 
-def test_a_finished_run_generates_in_float32_on_a_cpu_unless_bfloat16_is_asked_for_and_native(
+def test_a_finished_run_generates_in_bfloat16_on_a_cpu_that_computes_it_natively(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """`tunelab serve`, `generate` and `chat` load a run by one rule: --dtype auto follows the run's model.dtype,
-    and auto on both is float32 weights on any CPU (batch-independent answers), saying that bfloat16 is the faster
-    choice where the CPU has it; --dtype bfloat16 (or a run's pinned bfloat16) loads bfloat16 only where native."""
+    and auto on both is bfloat16 weights on a CPU with native bfloat16 (computed row by row: the loader's part,
+    tests/test_invariance.py), float32 on any other; --dtype bfloat16 (or a run's pinned bfloat16) loads bfloat16
+    only where native."""
     rule = precision.generation_precision
     monkeypatch.setattr(precision, "detect_cpu_bf16", lambda: NATIVE)
     chosen = rule("auto", "auto", CPU)
-    assert chosen.dtype == "float32" and "--dtype bfloat16 is faster here" in chosen.reason
+    assert chosen.dtype == "bfloat16" and "test: native" in chosen.reason
     assert rule("bfloat16", "auto", CPU).dtype == "bfloat16" and rule("auto", "bfloat16", CPU).dtype == "bfloat16"
     assert rule("auto", "float32", CPU).dtype == "float32"  # the run pinned float32
     assert rule("float32", "auto", CPU).dtype == "float32" and rule("bfloat16", "float32", CPU).dtype == "bfloat16"

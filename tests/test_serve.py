@@ -171,7 +171,7 @@ def test_in_bfloat16_concurrent_served_answers_equal_tunelab_generate(runs: dict
     /metrics, and 12 concurrent requests mixing three adapters (stacked rows, cached prefixes) get exactly what
     `tunelab generate` gives each prompt alone, which loads the run by the same rule. The CPU is declared native
     here (TUNELAB_CPU_BF16=1's effect): on a host without it bfloat16 is emulated, slow, so the model is tiny."""
-    from tunelab import precision, use
+    from tunelab import invariance, precision, use
     from tunelab.generation import Sampling
 
     monkeypatch.setattr(precision, "detect_cpu_bf16", lambda: precision.CpuBf16(True, "test: native bfloat16"))
@@ -189,8 +189,11 @@ def test_in_bfloat16_concurrent_served_answers_equal_tunelab_generate(runs: dict
         base = {p.dtype for n, p in engine.model.named_parameters() if "lora_" not in n}
         adapters = {p.dtype for n, p in engine.model.named_parameters() if "lora_" in n}
         assert base == {torch.bfloat16} and adapters == {torch.float32}  # PEFT keeps adapters float32
+        # row-invariant (tunelab.invariance): every product padded, the adapters loaded after the first included
+        assert all(invariance.min_rows(m) == invariance.MIN_ROWS for m in engine.model.modules() if type(m) is torch.nn.Linear)
         health = httpx.get(f"{running.url}/health").json()
         assert health["dtype"] == "bfloat16" and "--dtype bfloat16" in health["dtype_reason"]
+        assert "computed row by row" in health["dtype_reason"]
         assert 'tunelab_model_info{dtype="bfloat16"' in httpx.get(f"{running.url}/metrics").text
         client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="unused", max_retries=0)
 
@@ -770,6 +773,30 @@ def test_stacked_rows_over_a_bfloat16_base_round_as_one_adapter_does(tiny_model_
             stacked = layer(x)
     assert stacked.dtype == torch.bfloat16
     assert torch.equal(stacked, torch.cat(alone))
+
+
+def test_stacked_rows_of_a_row_invariant_model_pad_their_adapter_products(tiny_model_dir: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Served in bfloat16 on a CPU the model is row-invariant (tunelab.invariance): a decoding row's adapter
+    products (x A_s^T, then B_s), like its base layer's, run with at least MIN_ROWS rows, as the row's products
+    run alone: a one-row product takes another kernel, which rounds otherwise."""
+    import types
+
+    import torch.nn.functional as F
+    from peft.tuners.lora.layer import LoraLayer
+
+    from tunelab import invariance
+    from tunelab.techniques.lora import stacked_rows
+
+    model = two_lora_model(tiny_model_dir)
+    invariance.make_row_invariant(model)
+    rows = []
+    spy = types.SimpleNamespace(**{**vars(F), "linear": lambda x, w, b=None: (rows.append(x.shape[0]), F.linear(x, w, b))[1]})
+    monkeypatch.setattr(invariance, "F", spy)
+    layer = next(m for m in model.modules() if isinstance(m, LoraLayer))
+    with torch.no_grad(), stacked_rows(model, ["one"]):
+        layer(torch.randn(1, 1, layer.in_features))  # one row decoding
+    assert rows == [invariance.MIN_ROWS] * 3  # the base layer's product, then the adapters' two
 
 
 def test_stacked_rows_leave_other_lora_layers_to_peft(tiny_model_dir: Path) -> None:

@@ -170,7 +170,9 @@ def test_rows_past_the_models_context_with_the_virtual_tokens_are_refused_before
         name: str, tiny_model_dir: Path, tmp_path: Path) -> None:
     """A row takes data.max_length positions of the model's context (max_position_embeddings) plus the virtual
     tokens a prompt-learning technique puts before it: past the context, training is refused at set-up, with the
-    keys and the numbers; exactly the context trains. LoRA adds none, and packs rows to data.max_length."""
+    keys and the numbers; exactly the context trains. LoRA adds none; its packed rows count positions per example,
+    so a packed row as long as data.max_length is not refused for its length (tests/test_serve.py's full fine-tune
+    packs 1024-token rows of short examples on this 512-position model)."""
     from tunelab.training import train
 
     context = AutoConfig.from_pretrained(tiny_model_dir).max_position_embeddings
@@ -189,15 +191,13 @@ def test_rows_past_the_models_context_with_the_virtual_tokens_are_refused_before
     with pytest.raises(ConfigError) as refused:
         train(config(over, "over"), progress=False)
     message = " ".join(str(refused.value).split())
-    if virtual:
-        assert (f"the longest row of this data, {over} tokens (data.max_length {over}) plus the {virtual} virtual "
-                f"tokens of technique.num_virtual_tokens, {context + 1} positions, is past the model's context: "
-                f"{context} positions (max_position_embeddings in the config.json of model.name {tiny_model_dir})"
-                ) in message, message
-        assert f"Set data.max_length to at most {context - virtual} or lower technique.num_virtual_tokens." in message
-    else:
-        assert (f"data.max_length {over} (packed rows are that long) is past the model's context: {context} "
-                f"positions") in message and f"Set data.max_length to at most {context}." in message, message
+    added = (f" plus the {virtual} virtual tokens of technique.num_virtual_tokens, {context + 1} positions,"
+             if virtual else "")
+    assert (f"the longest row of this data, {over} tokens (data.max_length {over}){added} is past the model's "
+            f"context: {context} positions (max_position_embeddings in the config.json of model.name {tiny_model_dir})"
+            ) in message, message
+    tail = " or lower technique.num_virtual_tokens." if virtual else "."
+    assert f"Set data.max_length to at most {context - virtual}{tail}" in message
     assert not (tmp_path / "over" / "base_eval.json").exists()  # at set-up, before the base evaluation
     result = train(config(context - virtual, "fits"), progress=False)  # max_length + virtual tokens == the context
     assert result.status == "completed" and result.step == 1

@@ -10,7 +10,8 @@ trained at all without loss scaling, and a gradient scaler refuses float16 gradi
   bfloat16, trainable ones float32) when the CPU computes bfloat16 natively (AMX or AVX512-BF16, read from
   /proc/cpuinfo, else oneDNN's check), float32 otherwise; the run's log and run_info.json say which and why.
   A bfloat16 matmul there takes about 0.43x the float32 time. Generation from a finished run (serve, generate,
-  chat: ``generation_precision``) loads the weights in bfloat16 on such a CPU too; other inference stays float32.
+  chat: ``generation_precision``) loads the weights in bfloat16 on such a CPU too, computed row by row
+  (``invariance``); other inference stays float32.
 - ``bfloat16``: on a CPU without native bfloat16 (no AVX512-BF16/AMX), bfloat16 is emulated and about 15x slower
   than float32, so float32 is used instead and the reason logged. A GPU without bfloat16 is refused.
 - ``float16``: on a GPU, autocast with a gradient scaler (accelerate's) over float32 master weights. On a CPU it
@@ -139,13 +140,13 @@ def generation_precision(requested: str, configured: str, device: torch.device) 
     ``generate``, ``chat``): one rule, so that a served answer equals the offline one.
 
     ``requested`` is the caller's choice (``--dtype``; auto: the run's own), ``configured`` the run's ``model.dtype``.
-    auto on both, on a CPU: float32 weights, so that a served answer is the one the request gets alone, whatever
-    else shares its batch (in bfloat16 a row's rounding depends on its batch: 5 of 16 SmolLM2 answers of a
-    concurrent burst differed from their one-request greedy answers after a few tokens). ``--dtype bfloat16`` is
-    the faster choice where the CPU computes bfloat16 natively (a (270, 576) x (576, 1536) product, a burst's
-    prefill through one MLP projection of SmolLM2, took 0.66 ms in bfloat16 against 3.4 ms in float32 on one core
-    of an AMX host); on a CPU without it, it falls back to float32 (emulated bfloat16 is about 15x slower), said
-    here."""
+    auto on both, on a CPU: bfloat16 weights where the CPU computes bfloat16 natively, else float32. bfloat16 on a
+    CPU is computed row by row (``invariance``: small products padded, attention per row; the loader checks the
+    kernels on the model and falls back to float32 where they are not row-invariant), so that a served answer is
+    the one the request gets alone whatever else shares its batch; plain bfloat16 batches changed 5 of 16 SmolLM2
+    answers of a concurrent burst. It is the faster choice there: a burst's prefill through one MLP projection of
+    SmolLM2, (270, 576) x (576, 1536), took 0.66 ms in bfloat16 against 3.4 ms in float32 on one core of an AMX
+    host. On a CPU without native bfloat16 (emulated, about 15x slower) bfloat16 falls back to float32, said here."""
     if requested not in GENERATION_DTYPES:
         raise ConfigError(f"--dtype {requested}: expected one of {', '.join(GENERATION_DTYPES)}")
     chosen, why = requested, f"--dtype {requested}"
@@ -153,9 +154,9 @@ def generation_precision(requested: str, configured: str, device: torch.device) 
         chosen, why = configured, f"the run's model.dtype {configured}"
     if chosen == "auto" and device.type == "cpu":
         support = detect_cpu_bf16()
-        faster = "--dtype bfloat16 is faster here, its batched answers may differ" if support.native else support.reason
-        return GenerationPrecision("float32", f"dtype auto on a CPU: float32 weights, every answer the one a request "
-                                              f"gets alone whatever shares its batch ({faster})")
+        if not support.native:
+            return GenerationPrecision("float32", f"dtype auto on a CPU: float32 weights ({support.reason})")
+        return GenerationPrecision("bfloat16", f"dtype auto on a CPU: bfloat16 weights ({support.reason})")
     if chosen == "bfloat16" and device.type == "cpu" and not native_cpu_bf16():
         return GenerationPrecision("float32", f"{why}: float32 instead, {detect_cpu_bf16().reason}")
     loaded = str(load_dtype(chosen, device)).removeprefix("torch.")

@@ -19,6 +19,7 @@ from transformers import AutoTokenizer
 
 from tunelab.config import TunelabConfig, build_config, read_run_config
 from tunelab.errors import ConfigError, TechniqueError
+from tunelab.invariance import PROBE_SIZES, make_row_invariant, probe
 from tunelab.objectives import OBJECTIVES
 from tunelab.models import (ModelConfig, adapter_num_labels, apply_head_config, check_model_available, default_device,
                             load_model, load_tokenizer, saved_head_config)
@@ -133,7 +134,31 @@ def load_for_generation(run: str | Path | FoundResult, device: torch.device | st
     chosen = generation_precision(dtype, configured, device)
     loaded = load_run(found, device=device, dtype=chosen.dtype)
     loaded.precision = chosen
+    if chosen.dtype == "bfloat16" and device.type == "cpu":
+        problem = row_invariant(loaded.model, loaded.tokenizer)
+        if problem is not None:  # this host's kernels round a row with its batch: float32, which the tests hold
+            loaded = load_run(found, device=device, dtype="float32")
+            loaded.precision = GenerationPrecision("float32", f"{chosen.reason}, but on this CPU {problem}: float32 "
+                                                              "weights instead, so that a batched answer is the one "
+                                                              "a request gets alone")
+        else:
+            loaded.precision = GenerationPrecision("bfloat16", f"{chosen.reason}, computed row by row: every answer "
+                                                               "the one a request gets alone whatever shares its batch")
     return loaded
+
+
+# A text whose tokens give ``invariance.probe`` the model's own activations: more than 128 tokens on any tokenizer.
+_PROBE_TEXT = ("A bicycle chain wears as it runs; measure it every few months, and replace it before it stretches the "
+               "cassette. Python's standard library reads CSV files, walks folders, parses dates and starts threads; "
+               "its documentation shows an example for nearly every function. ") * 3
+
+
+def row_invariant(model: nn.Module, tokenizer: Any) -> str | None:
+    """Make ``model`` compute each row of a batch as it computes it alone (``invariance``), and check its products
+    on its own activations; None when they hold, else what differed (the caller loads float32 instead)."""
+    make_row_invariant(model)
+    ids = tokenizer(_PROBE_TEXT, return_tensors="pt")["input_ids"][:, :PROBE_SIZES[-1]]  # (1, T)
+    return probe(model, ids.to(next(model.parameters()).device))
 
 
 def check_generates(found: FoundResult) -> None:

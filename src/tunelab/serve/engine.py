@@ -30,6 +30,7 @@ from transformers import AutoTokenizer
 from tunelab.errors import ConfigError
 from tunelab.generation import BASE, PEFT_BASE, PREFILL_TOKENS, ContinuousBatch, GenerationRequest
 from tunelab.models import ModelConfig, load_tokenizer, same_base_model
+from tunelab.invariance import is_row_invariant, make_row_invariant
 from tunelab.precision import GenerationPrecision
 from tunelab.result import check_generates, find_result, load_for_generation
 from tunelab.techniques.base import ADAPTER_CONFIG
@@ -140,6 +141,8 @@ def load_models(runs: list[Path], device: Any = None, allow_remote_code: bool = 
             raise ConfigError(f"{path}: its tokenizer has {len(tokenizer)} tokens, the base's "
                               f"{len(served[BASE].tokenizer)}; a run with added tokens needs its own server")
         served[name] = ServedModel(name, path, adapter, tokenizer, result.technique.row_forward, precision)
+    if is_row_invariant(model):  # the adapters loaded since compute their rows as the first one's do
+        make_row_invariant(model)
     model.eval()
     return model, served
 

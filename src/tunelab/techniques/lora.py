@@ -26,6 +26,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
+from tunelab import invariance
 from tunelab.errors import TechniqueError
 from tunelab.settings import Settings
 from tunelab.techniques.base import (ADAPTER_CONFIG, RunContext, Technique, decay_param_groups, peft_disabled_view,
@@ -308,7 +309,6 @@ class _StackedRows:
         return self.masks[key]
 
     def forward(self, layer: nn.Module, x: Any, *args: Any, **kwargs: Any) -> Any:
-        from torch.nn import functional  # here, not at import: the CLI's start-up time
 
         if layer.training or kwargs.get("adapter_names") is not None:  # dropout would apply: PEFT's own path
             return type(layer).forward(layer, x, *args, **{"adapter_names": list(self.names), **kwargs})
@@ -324,10 +324,11 @@ class _StackedRows:
         if rows is None:
             return result
         keep, scale = rows
-        low = functional.linear(x.to(a.dtype), a) * keep  # (B, T, R): each row's own rank columns
+        pad = invariance.min_rows(layer.base_layer)  # a row-invariant model's products: as many rows as alone
+        low = invariance.linear(x.to(a.dtype), a, min_rows=pad) * keep  # (B, T, R): each row's own rank columns
         # added in the adapters' dtype and rounded once, as PEFT's one-adapter forward does (what a row alone, or
         # offline generation, computes): over a bfloat16 base, rounding the float32 term first gave other tokens
-        return (result + functional.linear(low, b) * scale).to(result.dtype)
+        return (result + invariance.linear(low, b, min_rows=pad) * scale).to(result.dtype)
 
 
 # Keyword arguments PEFT's LoRA layers take besides the input, which the base layer must not get.

@@ -414,20 +414,19 @@ def _check_technique_fits(ctx: TrainingContext) -> None:
 
 def check_rows_fit_context(config: TunelabConfig, data: PreparedData, objective: Any, context: int | None,
                            virtual: int) -> None:
-    """Refuse rows longer than the model's context (its config's max_position_embeddings): the longest row the run
-    trains on (data.max_length when packed, else the longest the data's records make) plus the virtual tokens a
-    prompt-learning technique puts before every row. Past the context a model with learned positions fails in its
-    first forward, and one with rotary positions trains on positions it never saw. The data's own longest row, not
-    data.max_length alone: a cap the rows never reach (the default 1024 on a short data set) takes no position."""
+    """Refuse rows longer than the model's context (its config's max_position_embeddings): the longest example the
+    run trains on plus the virtual tokens a prompt-learning technique puts before every row. Past the context a
+    model with learned positions fails in its first forward, and one with rotary positions trains on positions it
+    never saw. The data's own longest example, not data.max_length: a cap the rows never reach (the default 1024 on
+    a short data set) takes no position, and packed rows count positions per example (each starts at 0), so a
+    packed row longer than the context uses none past it."""
     if context is None:
         return
     limit = config.data.max_length
-    longest = limit if config.data.packing else max(
-        (max(objective.rows_of(record, config.objective), default=0) for record in data.train), default=0)
+    longest = max((max(objective.rows_of(record, config.objective), default=0) for record in data.train), default=0)
     if longest + virtual <= context:
         return
-    rows = (f"data.max_length {limit} (packed rows are that long)" if config.data.packing
-            else f"the longest row of this data, {longest} tokens (data.max_length {limit})")
+    rows = f"the longest row of this data, {longest} tokens (data.max_length {limit})"
     added = f" plus the {virtual} virtual tokens of technique.num_virtual_tokens, {longest + virtual} positions," if virtual else ""
     raise ConfigError(
         f"{rows}{added} is past the model's context: {context} positions (max_position_embeddings in the config.json "

@@ -1,0 +1,51 @@
+"""Real tier: SmolLM2-135M in bfloat16, made row-invariant (tunelab.invariance), gives every request of a
+continuous batch, and every row of a left-padded offline batch, the tokens the same prompt gets alone. In plain
+bfloat16 4-6 of 16 such answers departed after 5-22 tokens on the development host (docs/deployment.md)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tunelab import invariance
+from tunelab.generation import ContinuousBatch, GenerationRequest, Sampling, generate_batch
+from tunelab.models import EMBEDDED_DEFAULT_MODEL, embedded_model_dir, load_tokenizer, ModelConfig
+from tunelab.result import row_invariant
+
+pytestmark = pytest.mark.real
+
+QUESTIONS = ["My chain keeps slipping. What should I check?", "How do I use `json.dumps`?",
+             "What tyre pressure should I use?", "Explain `atexit.register`.", "How often should I oil my chain?",
+             "What does `os.path.join` do?", "My brakes squeal. Why?", "How do I sort a list of tuples by the second item?"]
+
+
+def test_smollm2_in_bfloat16_answers_each_request_of_a_batch_as_alone() -> None:
+    path = embedded_model_dir(EMBEDDED_DEFAULT_MODEL)
+    tokenizer = load_tokenizer(ModelConfig(name=str(path)))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    assert row_invariant(model, tokenizer) is None  # the probe: every product shape keeps its rows' bits
+    questions = QUESTIONS + [q + " Please be brief." for q in QUESTIONS[:4]]
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                             tokenize=True, return_dict=True)["input_ids"] for q in questions]
+    sampling = Sampling(max_new_tokens=16)
+    alone = []
+    for prompt in prompts:
+        request = GenerationRequest(list(prompt), sampling)
+        generate_batch(model, tokenizer, [request])
+        alone.append(request.token_ids)
+    batch = ContinuousBatch(model, tokenizer)  # with the prompt-prefix cache
+    joining = [GenerationRequest(list(p), sampling) for p in prompts]
+    for request in joining[:3]:
+        batch.add(request)
+    batch.step()
+    batch.step()
+    for request in joining[3:]:
+        batch.add(request)
+    while not batch.idle:
+        batch.step()
+    offline = [GenerationRequest(list(p), sampling) for p in prompts]
+    generate_batch(model, tokenizer, offline)
+    assert [r.token_ids for r in joining] == alone
+    assert [r.token_ids for r in offline] == alone
+    assert batch.prefixes.reused_tokens > 0 and invariance.is_row_invariant(model)
