@@ -51,9 +51,9 @@ def _batch(queries: int, lengths: list[int], gap: tuple[int, int, int] | None = 
     return q, k, v, real, real[:, None, None, :] & causal
 
 
-@pytest.mark.parametrize("queries,lengths,gap", [(1, [37, 20, 64, 5], None), (6, [37, 20, 64, 9], None),
-                                                 (6, [40, 30, 64, 12], (0, 26, 30))],
-                         ids=["decoding", "prefill", "prefill-over-a-cached-prefix"])
+@pytest.mark.parametrize("queries,lengths,gap", [(1, [37, 20, 64, 5], None), (1, [37, 20, 37, 64, 37], (4, 40, 44)),
+                                                 (6, [37, 20, 64, 9], None), (6, [40, 30, 64, 12], (0, 26, 30))],
+                         ids=["decoding", "decoding-rows-of-one-width", "prefill", "prefill-over-a-cached-prefix"])
 def test_each_row_attends_bit_for_bit_as_alone(queries: int, lengths: list[int], gap: tuple | None) -> None:
     """A left-padded batch (and a row whose columns have a gap): each row's real queries get exactly what the row
     alone (its own columns, no padding, no mask) gets, and what SDPA gives them over the padded batch up to
