@@ -73,9 +73,11 @@ def test_clipped_token_losses_equal_hand_computed_values() -> None:
 
 @contextmanager
 def fixed_logps(values: torch.Tensor, vocab: int = 4) -> Iterator[None]:
-    """grpo's token log-probs replaced by ``values`` (N,) (with uniform logits over ``vocab``), as if from a model."""
+    """grpo's token log-probs replaced by ``values`` (N,) (with the entropy of uniform logits over ``vocab``), as if
+    from a model."""
     original = grpo.token_logps
-    grpo.token_logps = lambda model, batch: (values.clone().requires_grad_(True), torch.zeros(len(values), vocab))
+    grpo.token_logps = lambda model, batch, with_entropy=False: (values.clone().requires_grad_(True),
+                                                                 torch.full((len(values),), math.log(vocab)))
     try:
         yield
     finally:
@@ -112,7 +114,7 @@ def test_with_one_iteration_the_ratio_is_one_and_its_gradient_is_the_policy_grad
     batch = {k: v for k, v in _fixed_batch().items() if k not in ("old_logps", "ref_logps")}
     logps = torch.tensor([-1.0, -2.0, -1.0, -1.0], requires_grad=True)
     original = grpo.token_logps
-    grpo.token_logps = lambda model, b: (logps, torch.zeros(4, 4))
+    grpo.token_logps = lambda model, b, with_entropy=False: (logps, torch.full((4,), math.log(4)))
     try:
         result = OBJECTIVES["grpo"].bind(settings()).loss_sum(None, batch)
     finally:

@@ -19,6 +19,7 @@ from support.runs import tiny_config
 from support.tiny import toy_chat_records, write_jsonl
 from tunelab.models import load_model, load_model_config, model_skeleton
 from tunelab.objectives.base import HeadOutput, full_logits_memory
+from tunelab.objectives.logps import chunked_logps_memory
 from tunelab.objectives.sft import chunked_loss_memory
 from tunelab.plan import Shape, heap_policy, plan_memory, resident_bytes
 from tunelab.objectives import OBJECTIVES
@@ -545,38 +546,59 @@ def test_an_online_plan_has_a_generation_phase_that_grows_with_its_completions(t
 
 @pytest.mark.parametrize("objective", ["grpo", "ppo"])
 def test_an_online_loss_plans_its_entropy_figure(tiny_model_dir, tmp_path, objective):
-    """GRPO's and PPO's loss is largest where it computes the entropy figure: the float32 logits, cross-entropy's
-    saved log-softmax, and the entropy's log-softmax, exp and product, five (N, V) float32 tensors (with the (N,)
-    int64 targets), not the default's half-precision output, float32 copy, log-softmax and two gradients."""
+    """GRPO's and PPO's loss with a plain head runs it in chunks (``chunked_logps_memory``: the entropy figure is
+    computed in place in the same chunks). A head a technique wraps runs unchunked, and is largest where it computes
+    the entropy figure: the float32 logits, cross-entropy's saved log-softmax, and the entropy's log-softmax, exp and
+    product, five (N, V) float32 tensors (with the (N,) int64 targets), not the default's half-precision output,
+    float32 copy, log-softmax and two gradients."""
     plan = plan_memory(online_config(tiny_model_dir, tmp_path, objective), "cpu", SHAPE, runtime=RUNTIME)
-    head = plan.components["logits_and_loss"]
     n = SHAPE.supervised
-    vocab = load_model_config(tiny_config(tiny_model_dir).model).vocab_size
-    assert head == 5 * 4 * n * vocab + 8 * n
+    model_config = load_model_config(tiny_config(tiny_model_dir).model)
+    vocab, width = model_config.vocab_size, model_config.hidden_size
+    head = HeadOutput(rows=n, columns=vocab, hidden=width, element_bytes=4, trainable=False, plain=True)
+    assert plan.components["logits_and_loss"] == sum(chunked_logps_memory(head))
+    wrapped = HeadOutput(rows=n, columns=vocab, hidden=width, element_bytes=2, trainable=False, plain=False)
+    assert sum(OBJECTIVES[objective].loss_memory(wrapped)) == 5 * 4 * n * vocab + 8 * n
+
+
+@pytest.mark.parametrize("objective", ["dpo", "ipo", "kto", "orpo", "simpo"])
+def test_a_preference_loss_plans_its_chunked_logps(objective):
+    """The DPO family's log-probs run a plain head in chunks (``chunked_logps_memory``); a head a technique wraps
+    runs unchunked over the whole (N, V) logits (``full_logits_memory``)."""
+    for trainable, half in ((False, True), (True, False)):
+        head = HeadOutput(rows=1000, columns=500, hidden=8, element_bytes=2 if half else 4, trainable=trainable,
+                          plain=True)
+        assert OBJECTIVES[objective].loss_memory(head) == chunked_logps_memory(head)
+        assert sum(chunked_logps_memory(head)) < sum(full_logits_memory(head)) / 4
+    wrapped = HeadOutput(rows=1000, columns=500, hidden=8, element_bytes=2, trainable=False, plain=False)
+    assert OBJECTIVES[objective].loss_memory(wrapped) == full_logits_memory(wrapped)
 
 
 def test_an_online_rollout_plans_the_scoring_passes_its_objective_declares(tiny_model_dir, tmp_path):
     """``Objective.rollout_memory``: GRPO scores its completions without gradients only to compare with them (beta >
-    0 or num_iterations > 1), PPO always (log-probs and values), holding the first pass's float32 logits through the
-    reference's; the planner's rollout holds at least the declared tensors beside one layer's activations."""
+    0 or num_iterations > 1), PPO always (log-probs and values). A plain head scores in chunks (``scoring_memory``),
+    and nothing of the first pass is held through the reference's; a head a technique wraps runs unchunked
+    (``scoring_pass_memory``), PPO holding the first pass's float32 logits through the reference's. The planner's
+    rollout holds at least the declared tensors beside one layer's activations."""
     from tunelab.objectives.base import scoring_pass_memory
+    from tunelab.objectives.logps import scoring_memory
 
-    head = HeadOutput(rows=10, columns=7, hidden=4, element_bytes=2, trainable=False, plain=True)
     grpo, ppo = OBJECTIVES["grpo"], OBJECTIVES["ppo"]
     config = online_config(tiny_model_dir, tmp_path, "grpo")
-    assert grpo.rollout_memory_of(head, config.objective) == ()
-    assert grpo.rollout_memory_of(head, config.objective.model_copy(update={"beta": 0.1})) == scoring_pass_memory(head)
-    assert scoring_pass_memory(head) == (2 * 70, 4 * 70, 4 * 70)
     ppo_settings = online_config(tiny_model_dir, tmp_path, "ppo").objective
-    assert ppo.rollout_memory_of(head, ppo_settings) == scoring_pass_memory(head) + (4 * 70,)  # beta 0.05
-    assert ppo.rollout_memory_of(head, ppo_settings.model_copy(update={"beta": 0.0})) == scoring_pass_memory(head)
-    # on the tiny model PPO's scoring passes outweigh its sampling: the reference's pass (beta > 0) adds the held
-    # (N, V) float32 logits to the rollout, exactly
+    for plain, scoring, held in ((True, scoring_memory, ()), (False, scoring_pass_memory, (4 * 70,))):
+        head = HeadOutput(rows=10, columns=7, hidden=4, element_bytes=2, trainable=False, plain=plain)
+        assert grpo.rollout_memory_of(head, config.objective) == ()
+        assert grpo.rollout_memory_of(head, config.objective.model_copy(update={"beta": 0.1})) == scoring(head)
+        assert ppo.rollout_memory_of(head, ppo_settings) == scoring(head) + held  # beta 0.05
+        assert ppo.rollout_memory_of(head, ppo_settings.model_copy(update={"beta": 0.0})) == scoring(head)
+        assert scoring(head) == ((2 * 70, 4 * 70, 4 * 70) if not plain else (4 * 70, 2 * 70, 4 * 40, 4 * 10))
+    # on the tiny model (LoRA: a plain head) PPO's reference pass (beta > 0) runs after the first pass's chunks are
+    # gone: the rollout is the same with it as without
     shape = Shape(micro_batch_size=2, length=48, rows_per_record=1)
     with_kl = plan_memory(online_config(tiny_model_dir, tmp_path, "ppo"), "cpu", shape, runtime=RUNTIME)
     without = plan_memory(online_config(tiny_model_dir, tmp_path, "ppo", beta=0.0), "cpu", shape, runtime=RUNTIME)
-    vocab = load_model_config(config.model).vocab_size
-    assert with_kl.components["rollout"] - without.components["rollout"] == 4 * shape.supervised * vocab
+    assert with_kl.components["rollout"] == without.components["rollout"]
 
 
 def test_a_later_micro_batch_of_a_window_plans_the_gradients_accumulated(tiny_model_dir, tmp_path):

@@ -86,9 +86,11 @@ def test_clipped_value_losses_equal_hand_computed_values() -> None:
 
 @contextmanager
 def fixed_policy(logps: torch.Tensor, values: torch.Tensor, vocab: int = 4) -> Iterator[None]:
-    """ppo's forward replaced: the token log-probs ``logps`` (N,), uniform logits over ``vocab``, values (N,)."""
+    """ppo's forward replaced: the token log-probs ``logps`` (N,), the entropy of uniform logits over ``vocab``,
+    values (N,)."""
     original = ppo.policy_and_values
-    ppo.policy_and_values = lambda model, batch: (logps, torch.zeros(len(logps), vocab), values)
+    ppo.policy_and_values = lambda model, batch, with_entropy=False: (logps, torch.full((len(logps),), math.log(vocab)),
+                                                                      values)
     try:
         yield
     finally:

@@ -27,16 +27,13 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 
 from tunelab.data import IGNORE, TokenizedExample, collate
-from tunelab.objectives.base import (Batch, HeadOutput, LossSum, Objective, Reference, USER_REWARDS,
-                                     scoring_pass_memory)
+from tunelab.objectives.base import Batch, HeadOutput, LossSum, Objective, Reference, USER_REWARDS
+from tunelab.objectives.logps import chunked_logps_memory, scoring_memory, supervised_token_logps
 from tunelab.objectives.online import (REWARDED_ANSWERS, OnlineSettings, Rollout, reward_model_runs, rollout_rows,
                                       rollout_targets)
-from tunelab.objectives.sft import logits_only_where
-from tunelab.techniques.base import forward_inputs
 from torch import nn
 
 NEVER_PACKED = "each completion is scored on a row of its own, against its group; prompts are never packed"
@@ -78,13 +75,10 @@ def group_advantages(rewards: torch.Tensor, group: int, scale: bool) -> torch.Te
     return centred.reshape(-1)
 
 
-def token_logps(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob of each completion token (N,), in the order of ``targets != IGNORE``, and the logits (N, V)."""
-    keep = batch["targets"] != IGNORE  # (R, T)
-    with logits_only_where(model, keep):  # logits (N, V) at the completion's positions only
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                       **forward_inputs(model, batch)).logits.float()
-    return -F.cross_entropy(logits, batch["targets"][keep], reduction="none"), logits
+def token_logps(model: nn.Module, batch: Batch, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-prob of each completion token (N,), in the order of ``targets != IGNORE``, and with ``with_entropy`` the
+    policy's entropy at each (N,), without gradient (else None): the head runs in chunks, no (N, V) logits."""
+    return supervised_token_logps(model, batch, with_entropy)
 
 
 def as_grid(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -135,14 +129,11 @@ def clipped_token_losses(logps: torch.Tensor, old_logps: torch.Tensor, advantage
 def grpo_loss_sum(model: nn.Module, batch: Batch, settings: GrpoSettings) -> LossSum:
     keep = batch["targets"] != IGNORE  # (R, T)
     rows = keep.nonzero()[:, 0]  # (N,) the completion of each token
-    logps, logits = token_logps(model, batch)  # (N,), (N, V)
+    logps, entropy = token_logps(model, batch, with_entropy=True)  # (N,), (N,)
     old = batch["old_logps"][keep] if "old_logps" in batch else logps.detach()  # (N,)
     losses, was_clipped = clipped_token_losses(logps, old, batch["advantages"][rows], settings.epsilon_low,
                                                settings.epsilon_high)
-    figures = {"clip_fraction": was_clipped.float()}
-    with torch.no_grad():
-        log_probs = F.log_softmax(logits.detach(), dim=-1)
-        figures["entropy"] = -(log_probs.exp() * log_probs).sum(dim=-1)  # (N,)
+    figures = {"clip_fraction": was_clipped.float(), "entropy": entropy}
     if settings.beta > 0:
         delta = batch["ref_logps"][keep] - logps  # (N,)
         kl = torch.exp(delta) - delta - 1
@@ -158,10 +149,14 @@ def grpo_loss_sum(model: nn.Module, batch: Batch, settings: GrpoSettings) -> Los
 
 
 def policy_loss_memory(head: HeadOutput) -> tuple[int, ...]:
-    """What the loss (GRPO's, PPO's) holds at once at its largest moment, the entropy figure: the (N, V) logits in
-    float32 (the head's half-precision output, if any, is freed by then), cross-entropy's saved (N, V) float32
-    log-softmax, the entropy's own log-softmax, its exp and their product (float32, without gradients), and the (N,)
-    int64 targets. Backward holds less: the saved log-softmax and two or three (N, V) gradients."""
+    """What the loss (GRPO's, PPO's) holds at once at its largest moment. A plain head: the chunked log-probs'
+    (``chunked_logps_memory``; the entropy figure is computed in place in the same chunks). A head a technique wraps
+    runs unchunked, largest at the entropy figure: the (N, V) logits in float32 (the head's half-precision output,
+    if any, is freed by then), cross-entropy's saved (N, V) float32 log-softmax, the entropy's own log-softmax, its
+    exp and their product (float32, without gradients), and the (N,) int64 targets. Backward holds less: the saved
+    log-softmax and two or three (N, V) gradients."""
+    if head.plain:
+        return chunked_logps_memory(head)
     cells = head.rows * head.columns
     return (4 * cells, 4 * cells, 4 * cells, 4 * cells, 4 * cells, 8 * head.rows)
 
@@ -169,7 +164,7 @@ def policy_loss_memory(head: HeadOutput) -> tuple[int, ...]:
 def grpo_rollout_memory(head: HeadOutput, settings: GrpoSettings) -> tuple[int, ...]:
     """``prepare`` scores the completions without gradients, one pass at a time, only to compare with them: the
     sampling policy's log-probs when a rollout is reused (num_iterations > 1), the reference's when beta > 0."""
-    return scoring_pass_memory(head) if settings.num_iterations > 1 or settings.beta > 0 else ()
+    return scoring_memory(head) if settings.num_iterations > 1 or settings.beta > 0 else ()
 
 
 def collate_prompts(rows: list[list[TokenizedExample]], pad_id: int) -> Batch:

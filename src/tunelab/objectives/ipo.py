@@ -20,6 +20,7 @@ from pydantic import Field
 from torch import nn
 
 from tunelab.objectives.base import Batch, LossSum, Objective, Reference
+from tunelab.objectives.logps import logps_memory
 from tunelab.objectives.dpo import PAIR_METRICS
 from tunelab.objectives.preference import (pair_rows, LOG_PROB_RANKING, NEVER_PACKED, REFERENCE_FIELD, ReferenceMode,
                                            attach_reference, collate_pairs, count_pairs, pair_stats, reference_logps, sequence_logps, split)
@@ -53,4 +54,5 @@ OBJECTIVE = Objective(
     summary="identity preference optimisation: a squared loss on the log-ratio margin, against a reference",
     collate=collate_pairs, batch_rows=pair_rows, needs_reference=True, precompute=attach_reference, metrics=PAIR_METRICS, refuses={"packing": NEVER_PACKED},
     records="preference", evaluation=LOG_PROB_RANKING,
+    loss_memory=logps_memory,  # the head runs in chunks (objectives.logps)
 )

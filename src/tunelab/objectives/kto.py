@@ -25,6 +25,7 @@ from torch import nn
 from tunelab.data import IGNORE, TokenizedExample, collate
 from tunelab.data.pairs import TokenizedCompletion
 from tunelab.objectives.base import Batch, LossSum, Objective, Reference
+from tunelab.objectives.logps import logps_memory
 from tunelab.objectives.preference import LOG_PROB_RANKING, NEVER_PACKED, reference_logps, sequence_logps, split
 from tunelab.settings import Settings
 
@@ -96,4 +97,5 @@ OBJECTIVE = Objective(
     summary="Kahneman-Tversky optimisation on unpaired {prompt, completion, label} records, against a reference",
     collate=collate_completions, batch_rows=completion_rows, needs_reference=True, metrics=("kl", "reward"), refuses={"packing": NEVER_PACKED},
     records="unpaired_preference", evaluation=LOG_PROB_RANKING,  # evaluated on pairs, as the policies above
+    loss_memory=logps_memory,  # the head runs in chunks (objectives.logps)
 )

@@ -35,20 +35,19 @@ from pathlib import Path
 from typing import Iterator, Literal
 
 import torch
-import torch.nn.functional as F
 from accelerate.utils import extract_model_from_parallel
 from pydantic import Field
 from safetensors.torch import load_file
 from torch import nn
 
 from tunelab.data import IGNORE, TokenizedExample, collate
-from tunelab.objectives.base import (Batch, HeadOutput, LossSum, Objective, OwnModule, Reference, USER_REWARDS,
-                                     scoring_pass_memory)
+from tunelab.objectives.base import Batch, HeadOutput, LossSum, Objective, OwnModule, Reference, USER_REWARDS
 from tunelab.objectives.grpo import (NEVER_PACKED, as_grid, collate_prompts, clipped_token_losses, policy_loss_memory,
                                      token_logps)
 from tunelab.objectives.online import (REWARDED_ANSWERS, OnlineSettings, Rollout, reward_model_runs, rollout_rows,
                                       rollout_targets)
-from tunelab.objectives.sft import rows_at
+from tunelab.objectives.logps import head_token_logps, logits_token_logps, scoring_memory
+from tunelab.objectives.sft import output_head, rows_at
 from tunelab.techniques.base import forward_inputs
 
 VALUE_HEAD = OwnModule("value_head", lambda model, settings: new_value_head(model))
@@ -109,34 +108,41 @@ def load_value_head(run_dir: Path | str) -> nn.Linear:
 
 
 @contextmanager
-def values_beside_logits(model: nn.Module, keep: torch.Tensor) -> Iterator[list[torch.Tensor]]:
-    """Like ``logits_only_where``: the output head projects only the hidden states at ``keep`` (N, H); the yielded
-    list receives the value head's (N,) values of those same states, computed inside the model's forward (so a DDP
-    wrapper sees the value head's use as part of it)."""
+def values_beside_hidden(model: nn.Module, keep: torch.Tensor, project: bool) -> Iterator[list[torch.Tensor]]:
+    """Like ``hidden_only_where`` (``project``: ``logits_only_where``): the yielded list receives the hidden states
+    at ``keep`` (N, H) and the value head's (N,) values of them, computed inside the model's forward (so a DDP
+    wrapper sees the value head's use as part of it); the output head projects those rows (``project``) or none."""
     inner = extract_model_from_parallel(model)
     head, value_head = inner.get_output_embeddings(), getattr(inner, VALUE_HEAD.name)
-    values: list[torch.Tensor] = []
+    seen: list[torch.Tensor] = []
 
     def select(module: nn.Module, args: tuple) -> tuple:
         rows = rows_at(args[0], keep)  # (B, T', H) -> (N, H)
-        values.append(value_head(rows.to(value_head.weight.dtype)).squeeze(-1).float())  # (N,)
-        return (rows,) + tuple(args[1:])
+        seen[:] = [rows, value_head(rows.to(value_head.weight.dtype)).squeeze(-1).float()]  # (N, H), (N,)
+        return (rows if project else rows[:0],) + tuple(args[1:])  # (0, H): the head's rows run in chunks after
 
     handle = head.register_forward_pre_hook(select)
     try:
-        yield values
+        yield seen
     finally:
         handle.remove()
 
 
-def policy_and_values(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Log-prob (N,) of each completion token (in the order of ``targets != IGNORE``), the logits (N, V) and the
-    value (N,) of the state before each token, from one forward pass."""
-    keep = batch["targets"] != IGNORE  # (R, T)
-    with values_beside_logits(model, keep) as values:
+def policy_and_values(model: nn.Module, batch: Batch,
+                      with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Log-prob (N,) of each completion token (in the order of ``targets != IGNORE``), with ``with_entropy`` the
+    policy's entropy at each (N,), without gradient (else None), and the value (N,) of the state before each token,
+    from one forward pass. A plain head runs in chunks (no (N, V) logits); a head a technique wraps, as itself."""
+    targets = batch["targets"]  # (R, T)
+    keep = targets != IGNORE  # (R, T)
+    plain = type(output_head(model)) is nn.Linear
+    with values_beside_hidden(model, keep, project=not plain) as seen:
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                       **forward_inputs(model, batch)).logits.float()
-    return -F.cross_entropy(logits, batch["targets"][keep], reduction="none"), logits, values[0]
+                       **forward_inputs(model, batch)).logits  # (N, V), or (0, V) for a plain head
+    hidden, values = seen
+    if plain:
+        return (*head_token_logps(output_head(model), hidden, targets[keep], with_entropy), values)
+    return (*logits_token_logps(logits, targets[keep], with_entropy), values)
 
 
 # ---------------------------------------------------------------- closed forms
@@ -194,7 +200,7 @@ def ppo_prepare(model: nn.Module, rollout: Rollout, settings: PpoSettings, refer
     batch = {k: v.to(device) for k, v in collate([[r] for r in rows], 0).items()}  # padding is IGNORE, never read
     keep = batch["targets"] != IGNORE  # (R, T)
     with torch.no_grad():
-        logps, _, values = policy_and_values(model, batch)  # (N,), _, (N,)
+        logps, _, values = policy_and_values(model, batch)  # (N,), None, (N,)
         old_logps, old_values = as_grid(logps, keep), as_grid(values, keep)  # (R, T)
         kl = torch.zeros_like(old_logps)
         if settings.beta > 0:  # a reference pass only with a KL penalty to fold in
@@ -217,9 +223,10 @@ def ppo_prepare(model: nn.Module, rollout: Rollout, settings: PpoSettings, refer
 
 def ppo_rollout_memory(head: HeadOutput, settings: PpoSettings) -> tuple[int, ...]:
     """``prepare`` scores the completions without gradients: the rollout policy's pass (log-probs and values), then,
-    with beta > 0, the reference's, while the first pass's (N, V) float32 logits are still held (its ``_``)."""
-    held = (4 * head.rows * head.columns,) if settings.beta > 0 else ()
-    return scoring_pass_memory(head) + held
+    with beta > 0, the reference's; a head a technique wraps runs unchunked, and the first pass's (N, V) float32
+    logits are still held then (a plain head's chunks are gone)."""
+    held = (4 * head.rows * head.columns,) if settings.beta > 0 and not head.plain else ()
+    return scoring_memory(head) + held
 
 
 def count_ppo_units(batch: Batch) -> int:
@@ -229,7 +236,7 @@ def count_ppo_units(batch: Batch) -> int:
 def ppo_loss_sum(model: nn.Module, batch: Batch, settings: PpoSettings) -> LossSum:
     keep = batch["targets"] != IGNORE  # (R, T)
     rows = keep.nonzero()[:, 0]  # (N,) the completion of each token
-    logps, logits, values = policy_and_values(model, batch)  # (N,), (N, V), (N,)
+    logps, entropy, values = policy_and_values(model, batch, with_entropy=True)  # (N,) each
     # steps on reused rollouts compare with the rollout's policy; on fresh ones the policy is that policy
     old = batch["old_logps"][keep] if settings.num_iterations > 1 else logps.detach()
     policy_losses, clipped = clipped_token_losses(logps, old, batch["advantages"][keep], settings.epsilon,
@@ -237,12 +244,9 @@ def ppo_loss_sum(model: nn.Module, batch: Batch, settings: PpoSettings) -> LossS
     value_losses, value_clipped = clipped_value_losses(values, batch["old_values"][keep], batch["returns"][keep],
                                                        settings.value_clip)
     losses = policy_losses + settings.vf_coef * value_losses
-    with torch.no_grad():
-        log_probs = F.log_softmax(logits.detach(), dim=-1)
-        figures = {"clip_fraction": clipped.float(), "entropy": -(log_probs.exp() * log_probs).sum(dim=-1),
-                   "kl": batch["kl"][keep], "value_loss": value_losses.detach(),
-                   "value_clip_fraction": value_clipped.float(),
-                   "explained_variance": batch["explained_variance"][rows]}  # (N,) each
+    figures = {"clip_fraction": clipped.float(), "entropy": entropy, "kl": batch["kl"][keep],
+               "value_loss": value_losses.detach(), "value_clip_fraction": value_clipped.float(),
+               "explained_variance": batch["explained_variance"][rows]}  # (N,) each
     return LossSum(losses.sum(), len(losses), {k: v.sum() for k, v in figures.items()})
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Callable, Literal, Mapping
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -23,8 +22,7 @@ from tunelab.data import IGNORE, collate
 from tunelab.data.pairs import TokenizedPair
 from tunelab.metrics import Metric, unit_mean
 from tunelab.objectives.base import Batch, Evaluation, Reference
-from tunelab.objectives.sft import logits_only_where
-from tunelab.techniques.base import forward_inputs
+from tunelab.objectives.logps import supervised_token_logps
 
 NEVER_PACKED = "each pair is scored side by side on rows of its own; pairs are never packed across examples"
 ReferenceMode = Literal["live", "precomputed"]
@@ -58,14 +56,10 @@ def count_pairs(batch: Batch) -> int:
 
 def sequence_logps(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-prob of each row's supervised tokens (2B,) and their count (2B,): log pi(answer | prompt)."""
-    targets = batch["targets"]  # (R, T), shifted
-    keep = targets != IGNORE  # (R, T)
-    with logits_only_where(model, keep):  # logits only where there is a label: (N, V), not (R, T, V)
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                       **forward_inputs(model, batch)).logits  # (N, V)
-    token_logps = -F.cross_entropy(logits.float(), targets[keep], reduction="none")  # (N,)
+    keep = batch["targets"] != IGNORE  # (R, T)
+    token_logps, _ = supervised_token_logps(model, batch)  # (N,), the head run in chunks: no (N, V) logits
     rows = keep.nonzero()[:, 0]  # (N,) the row of each supervised position
-    sums = torch.zeros(targets.shape[0], device=token_logps.device).index_add(0, rows, token_logps)  # (R,)
+    sums = torch.zeros(keep.shape[0], device=token_logps.device).index_add(0, rows, token_logps)  # (R,)
     return sums, keep.sum(dim=1)
 
 

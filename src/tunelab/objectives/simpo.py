@@ -18,6 +18,7 @@ from pydantic import Field
 from torch import nn
 
 from tunelab.objectives.base import Batch, LossSum, Objective
+from tunelab.objectives.logps import logps_memory
 from tunelab.objectives.dpo import PAIR_METRICS
 from tunelab.objectives.preference import (pair_rows, LOG_PROB_RANKING, NEVER_PACKED, collate_pairs, count_pairs, pair_stats,
                                            sequence_logps, split)
@@ -49,4 +50,5 @@ OBJECTIVE = Objective(
     summary="simple preference optimisation: length-normalised log-prob rewards with a margin gamma (no reference)",
     refuses={"packing": NEVER_PACKED},
     records="preference", evaluation=LOG_PROB_RANKING,
+    loss_memory=logps_memory,  # the head runs in chunks (objectives.logps)
 )
