@@ -645,7 +645,7 @@ RepetitionPenaltyOption = Annotated[Optional[float], typer.Option("--repetition-
 StopOption = Annotated[Optional[list[str]], typer.Option("--stop", metavar="TEXT", help="End the answer where this text appears, without it (repeatable)")]
 SeedOption = Annotated[Optional[int], typer.Option(help="Seed for sampling: the same seed gives the same answers")]
 # generate, chat and serve load a run alike (result.load_for_generation), so their greedy answers are equal
-GenerationDtypeOption = Annotated[str, typer.Option("--dtype", help="Weights' dtype: auto (the run's model.dtype; if that is auto too, float32 on a CPU: every answer the one a request gets alone), float32 or bfloat16 (faster on a CPU with native bfloat16, AMX or AVX512-BF16; batched answers may differ from a lone request's)")]
+GenerationDtypeOption = Annotated[str, typer.Option("--dtype", help="Weights' dtype: auto (the run's model.dtype; if that is auto too, bfloat16 on a CPU with native bfloat16, AMX or AVX512-BF16, else float32), float32 or bfloat16. bfloat16 on a CPU is computed row by row, so a batched answer is the one a request gets alone (float32 where this CPU's kernels do not allow it, said at start)")]
 
 
 def _sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int, repetition_penalty: float | None,
