@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from support.greedy import tokens_alone_offline_and_joining
 from support.trained import adapter_runs
 from torch import nn
 from transformers import AutoModelForCausalLM
 
 from tunelab import invariance, precision
-from tunelab.generation import ContinuousBatch, GenerationRequest, Sampling, generate_batch
+from tunelab.generation import Sampling
 from tunelab.result import load_for_generation
 
 HEADS, KV_HEADS, WIDTH = 6, 2, 16
@@ -98,25 +99,9 @@ def test_a_row_invariant_model_generates_every_row_as_alone(tiny_model_dir: Path
     assert invariance.is_row_invariant(model)
     assert all(invariance.min_rows(m) == invariance.MIN_ROWS for m in model.modules() if type(m) is nn.Linear)
     prompts = [tiny_tokenizer(f"the quick brown fox {i} " + "jumps " * i)["input_ids"] for i in range(6)]
-    sampling = Sampling(max_new_tokens=10)
-    alone = []
-    for prompt in prompts:
-        request = GenerationRequest(list(prompt), sampling)
-        generate_batch(model, tiny_tokenizer, [request])
-        alone.append(request.token_ids)
-    offline = [GenerationRequest(list(p), sampling) for p in prompts]
-    generate_batch(model, tiny_tokenizer, offline)
-    batch = ContinuousBatch(model, tiny_tokenizer, prefix_tokens=0)
-    joining = [GenerationRequest(list(p), sampling) for p in prompts]
-    for request in joining[:2]:
-        batch.add(request)
-    batch.step()
-    batch.step()
-    for request in joining[2:]:
-        batch.add(request)
-    while not batch.idle:
-        batch.step()
-    assert [r.token_ids for r in offline] == alone and [r.token_ids for r in joining] == alone
+    alone, offline, joining, _ = tokens_alone_offline_and_joining(model, tiny_tokenizer, prompts,
+                                                                  Sampling(max_new_tokens=10), 2, prefix_tokens=0)
+    assert offline == alone and joining == alone
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support.greedy import tokens_alone_offline_and_joining
 from transformers import AutoModelForCausalLM
 
 from tunelab import invariance
-from tunelab.generation import ContinuousBatch, GenerationRequest, Sampling, generate_batch
+from tunelab.generation import Sampling
 from tunelab.models import EMBEDDED_DEFAULT_MODEL, embedded_model_dir, load_tokenizer, ModelConfig
 from tunelab.result import row_invariant
 
@@ -28,24 +29,8 @@ def test_smollm2_in_bfloat16_answers_each_request_of_a_batch_as_alone() -> None:
     questions = QUESTIONS + [q + " Please be brief." for q in QUESTIONS[:4]]
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                              tokenize=True, return_dict=True)["input_ids"] for q in questions]
-    sampling = Sampling(max_new_tokens=16)
-    alone = []
-    for prompt in prompts:
-        request = GenerationRequest(list(prompt), sampling)
-        generate_batch(model, tokenizer, [request])
-        alone.append(request.token_ids)
-    batch = ContinuousBatch(model, tokenizer)  # with the prompt-prefix cache
-    joining = [GenerationRequest(list(p), sampling) for p in prompts]
-    for request in joining[:3]:
-        batch.add(request)
-    batch.step()
-    batch.step()
-    for request in joining[3:]:
-        batch.add(request)
-    while not batch.idle:
-        batch.step()
-    offline = [GenerationRequest(list(p), sampling) for p in prompts]
-    generate_batch(model, tokenizer, offline)
-    assert [r.token_ids for r in joining] == alone
-    assert [r.token_ids for r in offline] == alone
+    alone, offline, joining, batch = tokens_alone_offline_and_joining(model, tokenizer, prompts,
+                                                                      Sampling(max_new_tokens=16), 3)  # prefix cache on
+    assert joining == alone
+    assert offline == alone
     assert batch.prefixes.reused_tokens > 0 and invariance.is_row_invariant(model)
