@@ -9,7 +9,7 @@ For the N supervised rows h_n (N, H) of a plain head z_n = W h_n + b (W: (V, H))
     d log p(y_n) / d h_n = (onehot(y_n) - softmax(z_n)) W
     entropy_n = - sum_v softmax(z_n)[v] log softmax(z_n)[v]          (a figure: no gradient)
 
-``LinearTokenLogps`` computes them ``chunk_rows`` rows at a time (the rows a chunk makes: C x V float32, ~50 MB on
+``LinearTokenLogps`` computes them ``chunk_rows`` rows at a time (the rows a chunk makes: C x V float32, ~48 MiB on
 SmolLM2 with C = 256). The upstream gradient is per token here, not the scalar of SFT's ``LinearCrossEntropySum``:
 with a frozen head (every technique but full fine-tuning) d log p / d h_n (N, H) is computed in the forward, chunk by
 chunk, and the backward only scales each row by its token's upstream gradient; a trainable head's weight gradient
@@ -27,7 +27,7 @@ from tunelab.objectives.base import Batch, HeadOutput, full_logits_memory, scori
 from tunelab.objectives.sft import LOSS_CHUNK_ROWS, hidden_only_where, logits_only_where, output_head
 from tunelab.techniques.base import forward_inputs
 
-CHUNK_ROWS = LOSS_CHUNK_ROWS  # rows of the (N, V) logits computed at once, as SFT's loss: (256, V) float32 ~50 MB
+CHUNK_ROWS = LOSS_CHUNK_ROWS  # rows of the (N, V) logits computed at once, as SFT's loss: (256, V) float32 ~48 MiB
 
 
 class ChunkLogits:
