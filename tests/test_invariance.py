@@ -24,7 +24,10 @@ from tunelab.result import load_for_generation
 HEADS, KV_HEADS, WIDTH = 6, 2, 16
 
 
-def test_a_product_of_fewer_than_min_rows_is_computed_in_a_product_of_min_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_product_is_computed_with_a_multiple_of_min_rows_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fewer than MIN_ROWS rows are padded to MIN_ROWS (a one-row bfloat16 product rounds otherwise), and any other
+    count to the next multiple of it (at two threads a float32 product of 9-11 rows rounded its first rows otherwise
+    than alone)."""
     shapes = []
     spy = types.SimpleNamespace(**{**vars(F), "linear": lambda x, w, b=None: (shapes.append(tuple(x.shape)), F.linear(x, w, b))[1]})
     monkeypatch.setattr(invariance, "F", spy)
@@ -32,8 +35,11 @@ def test_a_product_of_fewer_than_min_rows_is_computed_in_a_product_of_min_rows(m
     small = invariance.linear(x[:1, :2], weight)  # 2 rows
     assert shapes == [(invariance.MIN_ROWS, 5)] and small.shape == (1, 2, 7)
     assert torch.equal(small[0], F.linear(F.pad(x[0, :2], (0, 0, 0, invariance.MIN_ROWS - 2)), weight)[:2])
-    invariance.linear(x.repeat(2, 2, 1), weight)  # 12 rows: as they are
-    assert shapes[-1] == (4, 6, 5)
+    rows = invariance.MIN_ROWS + 1
+    nine = invariance.linear(torch.randn(rows, 5), weight)
+    assert shapes[-1] == (2 * invariance.MIN_ROWS, 5) and nine.shape == (rows, 7)
+    invariance.linear(x.repeat(4, 4, 1), weight)  # 96 rows, a multiple: as they are
+    assert shapes[-1] == (8, 12, 5)
 
 
 def _batch(queries: int, lengths: list[int], gap: tuple[int, int, int] | None = None):

@@ -34,3 +34,20 @@ def test_smollm2_in_bfloat16_answers_each_request_of_a_batch_as_alone() -> None:
     assert joining == alone
     assert offline == alone
     assert batch.prefixes.reused_tokens > 0 and invariance.is_row_invariant(model)
+
+
+def test_smollm2_with_float32_lora_adapters_keeps_its_rows_at_this_hosts_threads() -> None:
+    """Served adapters keep float32 weights under a bfloat16 base (PEFT's default), and their products are the ones
+    that rounded with the batch: at two threads a (9-11, 8) x (8, 576) float32 product gave its first rows other bits
+    than each alone, so `tunelab serve` at torch's default threads fell back to float32. The probe runs at the real
+    tier's threads (every core)."""
+    from peft import LoraConfig, get_peft_model
+
+    path = embedded_model_dir(EMBEDDED_DEFAULT_MODEL)
+    tokenizer = load_tokenizer(ModelConfig(name=str(path)))
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False)).eval()
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+    assert row_invariant(model, tokenizer) is None
+

@@ -11,6 +11,10 @@ batch (SmolLM2-135M, an AMD host with avx512_bf16, 2026-12-04; docs/deployment.m
    product of up to 320 rows gave each row the bits it gets in its own padded product (one and two threads).
    So ``linear`` pads a product of fewer than ``MIN_ROWS`` rows to ``MIN_ROWS``: one more kernel call's worth of
    weight reading at most (0.08 -> 0.15 ms for a (1, 576) x (576, 1536) product, 6.7 -> 8.6 ms for the output head).
+   At two threads a float32 product (a LoRA adapter's B, rank 8 -> 576) also gave its first rows other bits among
+   9-11 rows than in its padded one-row product (2026-12-05): padded to a multiple of 8, no product of 1-320 rows
+   differs at one thread or two, so ``linear`` pads every product to a multiple of ``MIN_ROWS`` (at most 7 zero
+   rows: a prefill's copy of its input, against its product).
 2. **Attention over a left-padded batch.** The kernel reduces over the batch's widest key row, the other rows'
    padding included (masked), so the order of a row's sums follows the batch's width. ``rows_attention`` runs each
    row in its own call over its own key columns only (the padding and a cached prefix's gap removed) with an
@@ -31,20 +35,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MIN_ROWS = 8  # a product of fewer rows is padded to this many (oneDNN's small-row kernels round otherwise)
+MIN_ROWS = 8  # a product's rows are padded to a multiple of this (oneDNN's small-row kernels round otherwise)
 ATTENTION = "tunelab_rows"  # the attention implementation a row-invariant model uses (transformers' registry)
 _MARK = "tunelab_min_rows"  # set on every nn.Linear whose forward pads its rows (read by ``min_rows``)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            min_rows: int | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` (..., d_in) -> (..., d_out), computed with at least ``min_rows`` rows
-    (default ``MIN_ROWS``): a smaller product is padded with zero rows, which are dropped from its output."""
+    """``F.linear(x, weight, bias)`` (..., d_in) -> (..., d_out), computed with a multiple of ``min_rows`` rows
+    (default ``MIN_ROWS``): any other product is padded with zero rows, which are dropped from its output."""
     min_rows = MIN_ROWS if min_rows is None else min_rows
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if rows >= min_rows or rows == 0:
+    padded = -(-rows // min_rows) * min_rows  # rows rounded up to a multiple of min_rows
+    if padded == rows:
         return F.linear(x, weight, bias)
-    flat = F.pad(x.reshape(rows, x.shape[-1]), (0, 0, 0, min_rows - rows))  # (min_rows, d_in)
+    flat = F.pad(x.reshape(rows, x.shape[-1]), (0, 0, 0, padded - rows))  # (padded, d_in)
     return F.linear(flat, weight, bias)[:rows].reshape(*x.shape[:-1], weight.shape[0])
 
 
