@@ -129,6 +129,21 @@ def test_declared_loss_memory_is_the_peak_the_chunked_loss_allocates(rows: int, 
     assert 0.97 * measured <= declared <= 1.03 * measured, (declared, measured)
 
 
+def test_a_head_with_a_bias_frees_each_chunk_before_the_next() -> None:
+    """A head with a bias makes a fresh (C, V) output each chunk (``torch.mm`` into the previous chunk's cannot add
+    the bias): the previous chunk is freed first, so the peak is one chunk's, as ``chunked_loss_memory`` declares
+    (it has no bias term: a (V,) vector)."""
+    vocab, width, chunk_rows, rows = 32768, 64, 128, 300  # three chunks
+    torch.manual_seed(0)
+    weight, bias = torch.randn(vocab, width), torch.randn(vocab)
+    hidden = torch.randn(rows, width, requires_grad=True)  # (N, H)
+    targets = torch.randint(0, vocab, (rows,))
+    measured = peak_allocated(lambda: LinearCrossEntropySum.apply(hidden, weight, bias, targets, chunk_rows).backward())
+    head = HeadOutput(rows=rows, columns=vocab, hidden=width, element_bytes=4, trainable=False, plain=True)
+    declared = sum(chunked_loss_memory(head, chunk_rows)) - 4 * rows * width  # the (N, H) rows exist before
+    assert 0.97 * measured <= declared <= 1.03 * measured, (declared, measured)
+
+
 def half_chunk_allocations(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int) -> int:
     """How many (C, V) half-precision tensors LinearCrossEntropySum allocates in its forward and backward."""
     size = 2 * chunk_rows * weight.shape[0]

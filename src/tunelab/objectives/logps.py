@@ -24,57 +24,9 @@ from torch import nn
 
 from tunelab.data import IGNORE
 from tunelab.objectives.base import Batch, HeadOutput, full_logits_memory, scoring_pass_memory
-from tunelab.objectives.sft import LOSS_CHUNK_ROWS, hidden_only_where, logits_only_where, output_head
+from tunelab.objectives.chunks import CHUNK_ROWS, ChunkLogits, softmax_in_place
+from tunelab.objectives.sft import hidden_only_where, logits_only_where, output_head
 from tunelab.techniques.base import forward_inputs
-
-CHUNK_ROWS = LOSS_CHUNK_ROWS  # rows of the (N, V) logits computed at once, as SFT's loss: (256, V) float32 ~48 MiB
-
-
-class ChunkLogits:
-    """Each chunk's (C, V) float32 logits, written into tensors every chunk reuses, as ``LinearCrossEntropySum`` does
-    (a fresh (C, V) tensor per chunk faults its pages in again, and moves a run's peak RSS with the heap's history):
-    a head whose product needs no cast (its weight, the rows and its output of one dtype, no bias: a frozen head, or
-    any float32 one without autocast) computes every chunk into the first chunk's output, and a half-precision
-    output is copied into one float32 buffer."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> None:
-        self.weight, self.bias, self.rows = weight, bias, rows  # rows: the largest chunk
-        self.product: torch.Tensor | None = None  # (C, V) in the head's dtype, reused by every chunk
-        self.buffer: torch.Tensor | None = None  # (C, V) float32, when the product is half precision
-
-    def logits(self, rows: torch.Tensor) -> torch.Tensor:
-        """(C, H) hidden rows -> their (C, V) float32 logits (in a tensor the next chunk overwrites)."""
-        if self.product is not None:
-            logits = torch.mm(rows, self.weight.t(), out=self.product[: len(rows)])  # (C, V), as F.linear computes it
-        else:
-            logits = F.linear(rows, self.weight, self.bias)  # (C, V)
-            if rows.dtype == self.weight.dtype == logits.dtype and self.bias is None:
-                self.product = logits
-        if logits.dtype == torch.float32:
-            return logits
-        if self.buffer is None:
-            self.buffer = torch.empty((self.rows, logits.shape[1]), dtype=torch.float32, device=logits.device)
-        return self.buffer[: len(rows)].copy_(logits)  # (C, V) float32; a fresh half output is freed here
-
-    def times_weight(self, grad_logits: torch.Tensor) -> torch.Tensor:
-        """(C, V) float32 gradient of the logits -> (C, H) gradient of the hidden rows, in the head's matmul dtype
-        (a half-precision copy of the gradient goes into the reused product, whose logits are spent by now)."""
-        half = self.product is not None and self.product.dtype != torch.float32
-        cast = self.product[: len(grad_logits)].copy_(grad_logits) if half else grad_logits.to(self.weight.dtype)
-        return cast @ self.weight
-
-
-def softmax_in_place(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(C, V) float32 logits -> their softmax (C, V), in place, and the labels' log-probs (C,), in float32 (a
-    bfloat16 logsumexp over 49k logits loses the differences a log-ratio is made of). One exp pass: log Z = peak +
-    log sum exp(logits - peak), whose exps are also the softmax's numerators."""
-    target = logits.gather(1, labels[:, None]).squeeze(1)  # (C,)
-    peak = logits.amax(dim=-1, keepdim=True)  # (C, 1)
-    exps = logits.sub_(peak).exp_()  # (C, V)
-    total = exps.sum(dim=-1, keepdim=True)  # (C, 1)
-    logps = target - peak.squeeze(1) - total.log().squeeze(1)  # (C,)
-    return exps.div_(total), logps
-
 
 def entropy_in_place(probs: torch.Tensor) -> torch.Tensor:
     """-sum_v p log p (C,) of a (C, V) softmax, which it overwrites (p log p, in place: no (C, V) temporary); a p

@@ -21,12 +21,11 @@ from torch import nn
 
 from tunelab.data.tokenize import IGNORE
 from tunelab.objectives.base import HeadOutput, LossSum, Objective, full_logits_memory
+from tunelab.objectives.chunks import CHUNK_ROWS, ChunkLogits, softmax_in_place
 from tunelab.settings import Settings
 from tunelab.techniques.base import forward_inputs
 
-# Rows of the (N, V) logits computed at once: 256 x 49k fp32 is ~50 MB, small next to the model, and large enough
-# that each chunk's two matmuls stay efficient.
-LOSS_CHUNK_ROWS = 256
+LOSS_CHUNK_ROWS = CHUNK_ROWS  # rows of the (N, V) logits computed at once (objectives/chunks.py)
 
 
 class SftSettings(Settings):
@@ -86,13 +85,6 @@ def hidden_only_where(model: nn.Module, keep: torch.Tensor) -> Iterator[list[tor
         handle.remove()
 
 
-def _reusable_half(logits: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether the next chunks can compute their logits into this chunk's: a half-precision product of operands
-    already in its dtype (no autocast cast of a float32 weight in between) and no bias, so that ``torch.mm`` with
-    ``out=`` runs the product ``F.linear`` ran."""
-    return logits.dtype != torch.float32 and rows.dtype == weight.dtype == logits.dtype and bias is None
-
-
 class LinearCrossEntropySum(torch.autograd.Function):
     """sum_n CE(hidden[n] @ weight.T + bias, targets[n]), ``chunk_rows`` rows at a time, gradients included.
 
@@ -100,7 +92,7 @@ class LinearCrossEntropySum(torch.autograd.Function):
     the chunk: no (N, V) tensor is ever stored for the backward, which only scales the saved gradients. Under
     autocast the matmuls run in bfloat16 as the head would; the softmax, logsumexp and loss are float32 (a bfloat16
     logsumexp over 49k logits loses the small differences the loss is made of), and the weight gradient
-    accumulates in float32.
+    accumulates in float32. The chunks' tensors are reused (``chunks.ChunkLogits``).
     """
 
     @staticmethod
@@ -110,48 +102,20 @@ class LinearCrossEntropySum(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None  # (N, H)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None  # (V, H)
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if ctx.needs_input_grad[2] else None  # (V,)
-        # A half-precision head output is copied to float32 into one buffer reused by every chunk: a fresh (C, V)
-        # float32 tensor (50 MB on SmolLM2) is above glibc's mmap threshold, so each chunk faulted its pages in again
-        # (30 ms against 3.6 ms for the copy into reused memory). The values are the same bit for bit.
-        buffer: torch.Tensor | None = None
-        # A half-precision head whose product needs no cast (a frozen head on a bfloat16 base: every technique but
-        # full fine-tuning) writes each chunk's (C, V) logits, and then the gradient's half-precision copy, into the
-        # first chunk's output. A fresh one per chunk (24 MiB on SmolLM2) fell under glibc's dynamic mmap threshold
-        # or above it, depending on what the heap had freed before; in the heap it took new memory, and a run's peak
-        # RSS moved by ~100 MiB with the order of earlier allocations (Python's hash seed moved it between two runs
-        # of one config; docs/choosing.md). The same products, bit for bit.
-        half: torch.Tensor | None = None  # (C, V) in the head's dtype, reused by every chunk
+        chunks = ChunkLogits(weight, bias, min(chunk_rows, hidden.shape[0]))
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = hidden[start : start + chunk_rows]  # (C, H)
             labels = targets[start : start + chunk_rows]  # (C,)
-            if half is not None:
-                logits = torch.mm(rows, weight.t(), out=half[: len(rows)])  # (C, V), as F.linear computes it
-            else:
-                logits = F.linear(rows, weight, bias)  # (C, V)
-                if _reusable_half(logits, rows, weight, bias):
-                    half = logits
-            if logits.dtype != torch.float32:
-                if buffer is None:
-                    buffer = torch.empty((min(chunk_rows, hidden.shape[0]), logits.shape[1]), dtype=torch.float32,
-                                         device=logits.device)
-                logits = buffer[: len(rows)].copy_(logits)  # (C, V) float32; the half output is freed here
-            target = logits.gather(1, labels[:, None]).squeeze(1)  # (C,)
-            # log Z = peak + log sum exp(logits - peak), with one exp pass, in place, whose result is also the
-            # softmax's numerator: logsumexp and then exp(logits - log Z) took two exp passes over (C, V) and two
-            # fresh (C, V) tensors, the largest non-matmul cost of a CPU step after the dropout masks
-            peak = logits.amax(dim=-1, keepdim=True)  # (C, 1)
-            grad_logits = logits.sub_(peak).exp_()  # (C, V) exp(logits - peak), in place of the logits
-            total = grad_logits.sum(dim=-1, keepdim=True)  # (C, 1)
-            loss_sum += (peak.squeeze(1) + total.log().squeeze(1) - target).sum()
-            grad_logits.div_(total)  # (C, V) the softmax
-            grad_logits[torch.arange(len(labels), device=labels.device), labels] -= 1.0
+            grad_logits, logps = softmax_in_place(chunks.logits(rows), labels)  # (C, V) softmax, (C,)
+            loss_sum += (-logps).sum()
+            grad_logits[torch.arange(len(labels), device=labels.device), labels] -= 1.0  # softmax - onehot
             if grad_hidden is not None:
-                cast = half[: len(rows)].copy_(grad_logits) if half is not None else grad_logits.to(weight.dtype)
-                grad_hidden[start : start + chunk_rows] = cast @ weight  # (C, H)
+                grad_hidden[start : start + chunk_rows] = chunks.times_weight(grad_logits)  # (C, H)
             if grad_weight is not None:
                 grad_weight += grad_logits.T @ rows.float()
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
+            del grad_logits  # a fresh (C, V) output (a head with a bias) is made beside no earlier chunk's
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return loss_sum
@@ -191,10 +155,9 @@ def chunked_loss_memory(head: HeadOutput, chunk_rows: int = LOSS_CHUNK_ROWS) -> 
     N) rows a chunk, CV = C x V cells, at the largest of its moments:
 
     - a chunk's float32 logits, which become its gradient in place (4·CV), with the gradient's half-precision copy
-      the matmuls read (2·CV, under autocast or with a half-precision head);
-    - with more than one chunk, between two chunks: the previous chunk's gradient is still alive while the next
-      chunk's head output is made (4·CV in float32; in half precision, 2·CV copied into the float32 buffer the
-      previous gradient occupies, which every chunk reuses, so that moment is the chunk's own);
+      the matmuls read (2·CV, under autocast or with a half-precision head); no chunk outlives the next one's head
+      output (a float32 product is computed into the previous chunk's, a half one copied into the float32 buffer
+      every chunk reuses, and a fresh one is made after the previous chunk is freed);
     - with a trainable head, a chunk's gradient beside its weight-gradient matmul's (V, H) output and, when that
       output is half precision, its float32 copy (adding it to the float32 gradient promotes it);
     and what lives through it: a trainable head's (V, H) float32 gradient (made in the forward, kept for backward),
@@ -206,8 +169,6 @@ def chunked_loss_memory(head: HeadOutput, chunk_rows: int = LOSS_CHUNK_ROWS) -> 
     half = head.element_bytes != 4
     chunk = (4 * cells,) + ((2 * cells,) if half else ())
     moments = [chunk]
-    if head.rows > chunk_rows:
-        moments.append((4 * cells, head.element_bytes * cells))
     kept = (4 * head.rows * head.hidden, 4 * head.rows * head.hidden)  # (N, H) rows and their gradient
     if head.trainable:
         product = head.element_bytes * head.columns * head.hidden  # the (V, H) output of grad_logits.T @ rows
