@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from typer.testing import CliRunner
 
 from tunelab.card import file_sha256
 from tunelab.cli import app
+from tunelab.errors import DataError
 from tunelab.generation import GenerationRequest, Sampling, encode, generate_batch, render_chat
 from tunelab.result import load_run
 from tunelab.use import chat_loop, generate_from_run
@@ -44,6 +46,16 @@ def test_generate_equals_plain_greedy_decoding_with_the_chat_template(runs: dict
     assert "cat" in got[0]  # the adapter learned its answer: the comparison is not between two empties
 
 
+def test_generate_and_chat_say_the_weights_dtype_and_why(runs: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+    """A user comparing `generate` with `serve` needs to know which weights answered: float32 and bfloat16 can give
+    other tokens. Both say it, with the reason, as serve does."""
+    with caplog.at_level(logging.INFO, logger="tunelab.use"):
+        list(generate_from_run(runs["cats"], ["hello"], None, Sampling(2), dtype="float32"))
+        chat_loop(runs["cats"], None, Sampling(2), read=lambda _: "/exit", out=io.StringIO(), dtype="float32")
+    said = [r.getMessage() for r in caplog.records if r.name == "tunelab.use"]
+    assert len(said) == 2 and all(m.startswith("weights in float32: ") and len(m) > 30 for m in said), said
+
+
 def test_batched_rows_equal_single_rows_and_budgets_are_per_row(runs: dict[str, Path]) -> None:
     loaded = load_run(runs["dogs"], device="cpu")
     prompts = [render_chat(loaded.tokenizer, [{"role": "user", "content": q}]) for q in ["say something 1", "hi there you"]]
@@ -52,6 +64,41 @@ def test_batched_rows_equal_single_rows_and_budgets_are_per_row(runs: dict[str, 
                               [GenerationRequest(encode(loaded.tokenizer, p), Sampling(n)) for p, n in zip(prompts, [8, 2])])
     assert together[0].token_ids == alone[0].token_ids
     assert together[1].token_ids == alone[1].token_ids[:2] and together[1].finish_reason == "length"
+
+
+def test_a_row_ends_where_the_models_context_ends_and_a_prompt_that_fills_it_is_refused(
+        runs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline generation (generate, eval, a run's samples) stops a row at the model's context, with finish reason
+    "length" as for its own budget: past max_position_embeddings a model with learned positions fails in its
+    forward and a rotary one generates from positions it never saw. A prompt that leaves no room is refused, named."""
+    loaded = load_run(runs["dogs"], device="cpu")
+    ids = encode(loaded.tokenizer, render_chat(loaded.tokenizer, [{"role": "user", "content": "say something 1"}]))
+    monkeypatch.setattr(loaded.model.config, "max_position_embeddings", len(ids) + 3)
+    capped, short = generate_batch(loaded.model, loaded.tokenizer, [GenerationRequest(ids, Sampling(8, min_new_tokens=8)),
+                                                                    GenerationRequest(ids[1:], Sampling(8, min_new_tokens=8))])
+    assert len(capped.token_ids) == 3 and capped.finish_reason == "length"
+    assert len(short.token_ids) == 4 and short.finish_reason == "length"  # its own room: one token more
+    with pytest.raises(DataError, match=rf"^prompts.jsonl:7: the prompt has {len(ids) + 3} tokens, and this model takes"):
+        generate_batch(loaded.model, loaded.tokenizer, [GenerationRequest(ids + ids[:3], Sampling(8), source="prompts.jsonl:7")])
+    # the CLI refuses before it prints anything, naming the file and line
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"prompt": "hi"}) + "\n" + json.dumps({"prompt": "word " * 600}) + "\n")
+    result = CliRunner(env={"COLUMNS": "400"}).invoke(app, ["generate", str(runs["dogs"]), "--data", str(data),
+                                                            "--batch-size", "1"])
+    assert result.exit_code == 2 and f"{data}:2: the prompt has" in result.output, result.output
+    assert '"source"' not in result.output
+
+
+def test_the_context_is_the_smaller_limit_less_the_virtual_tokens() -> None:
+    from types import SimpleNamespace
+
+    from tunelab.generation import context_length
+
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=64))
+    assert context_length(model, SimpleNamespace(model_max_length=10**30)) == 64  # the tokenizer's "no limit"
+    assert context_length(model, SimpleNamespace(model_max_length=48)) == 48
+    model.peft_config = {"default": SimpleNamespace(is_prompt_learning=True, num_virtual_tokens=8)}
+    assert context_length(model, SimpleNamespace(model_max_length=10**30)) == 56
 
 
 def test_a_stop_string_ends_the_row_and_is_not_returned(runs: dict[str, Path]) -> None:

@@ -37,12 +37,13 @@ from transformers.generation.streamers import BaseStreamer
 
 from tunelab.data.formats import Example
 from tunelab.data.tokenize import pad_token_id, prompt_for_generation, render_chat
-from tunelab.errors import ConfigError
+from tunelab.errors import ConfigError, DataError
 from tunelab.techniques import generation_view
+from tunelab.techniques.base import virtual_tokens
 
 __all__ = ["BASE", "GREEDY", "PEFT_BASE", "SMALLEST_DIVISOR", "ContinuousBatch", "GenerationRequest", "PrefixCache",
-           "Sampling", "common_prefix", "divisor_problem", "encode", "generate_batch", "generate_samples",
-           "generate_texts", "render_chat", "sample_prompts", "steps_supported", "stop_token_ids"]
+           "Sampling", "common_prefix", "context_length", "divisor_problem", "encode", "fit_context", "generate_batch",
+           "generate_samples", "generate_texts", "render_chat", "sample_prompts", "steps_supported", "stop_token_ids"]
 
 BASE = "base"  # the name that means "no adapter", in requests and in the CLI
 PEFT_BASE = "__base__"  # PEFT's own name for it in adapter_names
@@ -124,15 +125,46 @@ class GenerationRequest:
     deadline: float | None = None  # time.monotonic() value
     cancelled: threading.Event = field(default_factory=threading.Event)
     on_text: Callable[[str], None] | None = None
+    source: str = ""  # where the prompt came from (a file and line), named when it is refused
     # Filled in by generate_batch:
     token_ids: list[int] = field(default_factory=list)  # the new tokens, without the end-of-turn token
     text: str = ""  # their text, without special tokens, cut at the first stop string
     finish_reason: str | None = None  # stop | length | cancelled | timeout
+    room: int | None = None  # the new tokens the model's context leaves after the prompt (generate_batch's cap)
     end_token: int | None = None  # the end-of-turn token that stopped it (RL rollouts train on it: when to stop)
 
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def budget(self) -> int:
+        """The most new tokens this row generates: its sampling's max_new_tokens, or fewer where the context ends."""
+        return self.sampling.max_new_tokens if self.room is None else min(self.sampling.max_new_tokens, self.room)
+
+
+def context_length(model: Any, tokenizer: Any) -> int:
+    """The positions a prompt and its new tokens may take: the model config's max_position_embeddings (or the
+    tokenizer's model_max_length, where smaller; 2048 where neither says one), less the virtual tokens a
+    prompt-learning adapter puts before every row. Past it a model with learned positions fails and one with rotary
+    positions generates from positions it never saw."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None)
+    model_max = getattr(tokenizer, "model_max_length", None)
+    candidates = [v for v in (limit, model_max) if isinstance(v, int) and 0 < v < 10**8]
+    return (min(candidates) if candidates else 2048) - virtual_tokens(model)
+
+
+def fit_context(requests: list[GenerationRequest], context: int) -> None:
+    """Cap each request's new tokens at the room its prompt leaves in ``context`` positions (its finish reason is then
+    "length", as for its own budget), and refuse, naming its source, a prompt that leaves none."""
+    for request in requests:
+        if len(request.prompt_ids) >= context:
+            where = f"{request.source}: " if request.source else ""
+            raise DataError(f"{where}the prompt has {len(request.prompt_ids)} tokens, and this model takes {context} "
+                            "positions (max_position_embeddings in its config.json, less any virtual tokens), so no "
+                            "token can follow it: shorten the prompt")
+        request.room = context - len(request.prompt_ids)
 
 
 def stop_token_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -160,7 +192,7 @@ def _accept(tokenizer: PreTrainedTokenizerBase, request: GenerationRequest, toke
         return emitted
     request.token_ids.append(token)
     emitted = _follow_text(tokenizer, request, emitted)
-    if len(request.token_ids) >= request.sampling.max_new_tokens and not request.done:
+    if len(request.token_ids) >= request.budget and not request.done:
         request.finish_reason = "length"
     return emitted
 
@@ -250,6 +282,7 @@ def generate_batch(model: Any, tokenizer: PreTrainedTokenizerBase, requests: lis
     sampling = requests[0].sampling
     if any(r.sampling.batch_key != sampling.batch_key for r in requests):
         raise ValueError("the rows of one generation batch need the same sampling settings (Sampling.batch_key)")
+    fit_context(requests, context_length(model, tokenizer))
     device = next(model.parameters()).device
     stops = stop_token_ids(model, tokenizer)
     pad = pad_token_id(tokenizer)
@@ -268,7 +301,7 @@ def generate_batch(model: Any, tokenizer: PreTrainedTokenizerBase, requests: lis
         with row_adapters(model, names) as adapter_kwargs, contiguous_head_input(model), generation_view(model):
             model.generate(
                 input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                max_new_tokens=max(r.sampling.max_new_tokens for r in requests), eos_token_id=stops, pad_token_id=pad,
+                max_new_tokens=max(r.budget for r in requests), eos_token_id=stops, pad_token_id=pad,
                 streamer=tracker, stopping_criteria=StoppingCriteriaList([tracker]), **kwargs, **adapter_kwargs,
             )
     finally:
@@ -300,13 +333,16 @@ def row_adapters(model: Any, names: list[str] | None) -> Iterator[dict[str, Any]
 
 
 def generate_texts(model: Any, tokenizer: PreTrainedTokenizerBase, prompts: list[str], sampling: Sampling = GREEDY,
-                   batch_size: int = 8, special_tokens: bool = False) -> list[str]:
+                   batch_size: int = 8, special_tokens: bool = False, sources: list[str] | None = None) -> list[str]:
     """One output text per prompt (already rendered), stripped, in order, ``batch_size`` prompts at a time.
     Order-preserving batches keep each output independent of the rest of the set (grouping prompts of similar
-    length would pad less). ``special_tokens``: encode as plain text, with the tokenizer's own BOS/EOS."""
+    length would pad less). ``special_tokens``: encode as plain text, with the tokenizer's own BOS/EOS. ``sources``:
+    where each prompt came from, named if the model's context refuses it."""
     texts: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        rows = [GenerationRequest(encode(tokenizer, p, special_tokens), sampling) for p in prompts[start:start + batch_size]]
+        rows = [GenerationRequest(encode(tokenizer, p, special_tokens), sampling,
+                                  source=sources[start + offset] if sources else "")
+                for offset, p in enumerate(prompts[start:start + batch_size])]
         texts.extend(r.text.strip() for r in generate_batch(model, tokenizer, rows))
     return texts
 
@@ -324,7 +360,7 @@ def generate_samples(model: Any, tokenizer: PreTrainedTokenizerBase, samples: li
                      max_new_tokens: int, plain_text: bool = False, batch_size: int = 8) -> list[str]:
     """Greedy outputs for ``sample_prompts``' samples (the before/after samples of a run)."""
     return generate_texts(model, tokenizer, [s["prompt"] for s in samples], Sampling(max_new_tokens=max_new_tokens),
-                          batch_size, special_tokens=plain_text)
+                          batch_size, special_tokens=plain_text, sources=[s["source"] for s in samples])
 
 
 # ---------------------------------------------------------------- continuous batching (iteration-level scheduling)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
 
 from tunelab.data.formats import read_records
 from tunelab.errors import DataError
-from tunelab.generation import GREEDY, GenerationRequest, Sampling, encode, generate_batch, render_chat
+from tunelab.generation import (GREEDY, GenerationRequest, Sampling, context_length, encode, fit_context, generate_batch,
+                                render_chat)
 from tunelab.result import load_for_generation
 from tunelab.runs import read_json
+
+log = logging.getLogger(__name__)
 
 
 def uses_chat_template(run_dir: Path, tokenizer: Any) -> bool:
@@ -58,6 +62,7 @@ def generate_from_run(run: Path, prompts: list[str] | None, data: Path | None, s
     """Yield one record per prompt: {source, prompt, output, finish_reason, tokens}, in input order. The run is
     loaded as `tunelab serve` loads it (``load_for_generation``, ``dtype``), so the answers are the served ones."""
     loaded = load_for_generation(run, dtype=dtype)
+    log.info("weights in %s: %s", loaded.precision.dtype, loaded.precision.reason)  # as serve says it
     chat = uses_chat_template(run, loaded.tokenizer) if raw is None else not raw
     items: list[tuple[str, str]] = []  # (source, rendered prompt)
     if data is not None:
@@ -68,11 +73,13 @@ def generate_from_run(run: Path, prompts: list[str] | None, data: Path | None, s
             items.append((where, _prompt_text(loaded.tokenizer, chat, messages, text, where)))
     for index, text in enumerate(prompts or []):
         items.append((f"--prompt {index + 1}", render_chat(loaded.tokenizer, [{"role": "user", "content": text}]) if chat else text))
+    requests = [GenerationRequest(encode(loaded.tokenizer, text, special=not chat), sampling, source=source)
+                for source, text in items]
+    fit_context(requests, context_length(loaded.model, loaded.tokenizer))  # a prompt too long: refused before any
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        requests = [GenerationRequest(encode(loaded.tokenizer, text, special=not chat), sampling) for _, text in chunk]
-        generate_batch(loaded.model, loaded.tokenizer, requests)
-        for (source, text), request in zip(chunk, requests):
+        generate_batch(loaded.model, loaded.tokenizer, requests[start:start + batch_size])
+        for (source, text), request in zip(chunk, requests[start:start + batch_size]):
             yield {"source": source, "prompt": text, "output": request.text.strip(),
                    "finish_reason": request.finish_reason, "tokens": len(request.token_ids)}
 
@@ -81,6 +88,7 @@ def chat_loop(run: Path, system: str | None, sampling: Sampling = GREEDY,
               read: Callable[[str], str] = input, out: TextIO = sys.stdout, dtype: str = "auto") -> list[dict[str, str]]:
     """An interactive chat: each reply streams as it is generated. Returns the conversation (for tests)."""
     loaded = load_for_generation(run, dtype=dtype)
+    log.info("weights in %s: %s", loaded.precision.dtype, loaded.precision.reason)
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
     out.write(f"Chatting with {loaded.name} ({loaded.technique.name} on {loaded.base}). "

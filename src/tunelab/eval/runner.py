@@ -178,7 +178,7 @@ def score_system(opened: Any, examples: list[Any], prompts: list[str], plain_tex
                          for i in chunk]
             losses = list(example_losses(model, tokenized, pad_id, settings.batch_size, device))
             outputs = (generate_texts(model, tokenizer, [prompts[i] for i in chunk], sampling, len(chunk),
-                                      special_tokens=plain_text)
+                                      special_tokens=plain_text, sources=[examples[i].source for i in chunk])
                        if metrics else [None] * len(chunk))
             scored = (label_log_likelihoods(model, tokenizer, [examples[i] for i in chunk], settings.labels, pad_id,
                                             settings.batch_size, device) if classification else [None] * len(chunk))

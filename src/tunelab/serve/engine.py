@@ -28,7 +28,7 @@ from typing import Any, Callable
 from transformers import AutoTokenizer
 
 from tunelab.errors import ConfigError
-from tunelab.generation import BASE, PEFT_BASE, PREFILL_TOKENS, ContinuousBatch, GenerationRequest
+from tunelab.generation import BASE, PEFT_BASE, PREFILL_TOKENS, ContinuousBatch, GenerationRequest, context_length
 from tunelab.models import ModelConfig, load_tokenizer, same_base_model
 from tunelab.invariance import is_row_invariant, make_row_invariant
 from tunelab.precision import GenerationPrecision
@@ -177,7 +177,7 @@ class Engine:
         self.batch.continuous = continuous
         if not self.batch.stepwise:
             log.info("whole batches, no continuous batching: %s", self.batch.why_not)
-        self.context_length = _context_length(model, self.tokenizer)
+        self.context_length = context_length(model, self.tokenizer)
         self.precision = next(iter(served.values())).precision or _as_loaded(model)
         log.info("generating in %s (%s)", self.precision.dtype, self.precision.reason)
         self.batch_wait_s = 0.01  # whole batches only (``continuous`` off): how long a batch waits for more requests
@@ -289,11 +289,3 @@ def _as_loaded(model: Any) -> GenerationPrecision:
     """The precision of a model handed to the engine as it is (tests, notebooks): its weights' dtype."""
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     return GenerationPrecision(dtype, f"the model as it was handed to the server ({dtype} weights)")
-
-
-def _context_length(model: Any, tokenizer: Any) -> int:
-    config = getattr(model, "config", None)
-    limit = getattr(config, "max_position_embeddings", None)
-    model_max = getattr(tokenizer, "model_max_length", None)
-    candidates = [v for v in (limit, model_max) if isinstance(v, int) and 0 < v < 10**8]
-    return min(candidates) if candidates else 2048
