@@ -129,6 +129,29 @@ def test_declared_loss_memory_is_the_peak_the_chunked_loss_allocates(rows: int, 
     assert 0.97 * measured <= declared <= 1.03 * measured, (declared, measured)
 
 
+def test_a_frozen_float32_head_under_autocast_is_cast_once_not_at_every_chunk() -> None:
+    """QLoRA's head stays float32 (PEFT upcasts it) and frozen; under bfloat16 autocast each chunk's product cast its
+    (V, H) weight again (autocast caches only the casts of weights that train). It is cast once per forward now:
+    one (V, H) bfloat16 tensor however many chunks, and the loss and gradient of autocast's own casts."""
+    vocab, width, chunk_rows, rows = 4096, 32, 64, 200  # 4 chunks
+    torch.manual_seed(0)
+    weight = 0.05 * torch.randn(vocab, width)  # float32, frozen
+    hidden = torch.randn(rows, width, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, vocab, (rows,))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = LinearCrossEntropySum.apply(hidden, weight, None, targets, chunk_rows)
+    copies = sum(1 for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.nbytes() == 2 * vocab * width)
+    assert copies == 1
+    loss.backward()
+    reference_hidden = hidden.detach().clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # whole logits, cast by autocast
+        reference = F.cross_entropy(F.linear(reference_hidden, weight).float(), targets, reduction="sum")
+    reference.backward()
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(hidden.grad.float(), reference_hidden.grad.float(), rtol=2e-2, atol=2e-3)
+
+
 def test_a_head_with_a_bias_frees_each_chunk_before_the_next() -> None:
     """A head with a bias makes a fresh (C, V) output each chunk (``torch.mm`` into the previous chunk's cannot add
     the bias): the previous chunk is freed first, so the peak is one chunk's, as ``chunked_loss_memory`` declares
@@ -156,16 +179,18 @@ def half_chunk_allocations(hidden: torch.Tensor, weight: torch.Tensor, targets: 
 def test_a_frozen_half_head_computes_every_chunk_into_one_tensor() -> None:
     """A frozen bfloat16 head (LoRA and the other adapters on a bfloat16 base) makes one (C, V) bfloat16 tensor for
     all its chunks' logits and gradient casts, not two a chunk: fresh 24 MiB tensors moved a run's peak RSS by ~100
-    MiB with the heap's history (docs/choosing.md). Negative control: a float32 head under autocast (a cast weight)
-    still makes its own each chunk. The loss and gradient are what per-chunk tensors gave (checked bit for bit
-    against the former code when this landed; here against full logits)."""
+    MiB with the heap's history (docs/choosing.md). A frozen float32 head under autocast (QLoRA's) is cast once and
+    reuses its chunk too. Negative control: a trainable float32 head under autocast (a cast weight, its gradient
+    needed) still makes its own each chunk. The loss and gradient are what per-chunk tensors gave (checked bit for
+    bit against the former code when this landed; here against full logits)."""
     vocab, width, chunk_rows, rows = 4096, 32, 64, 200  # 4 chunks, the last partial
     torch.manual_seed(0)
     frozen = (0.05 * torch.randn(vocab, width)).to(torch.bfloat16)
     hidden = torch.randn(rows, width, dtype=torch.bfloat16, requires_grad=True)  # (N, H)
     targets = torch.randint(0, vocab, (rows,))
     assert half_chunk_allocations(hidden, frozen, targets, chunk_rows) == 1
-    assert half_chunk_allocations(hidden, frozen.float(), targets, chunk_rows) >= 4  # the control
+    assert half_chunk_allocations(hidden, frozen.float(), targets, chunk_rows) == 1  # QLoRA's upcast head: cast once
+    assert half_chunk_allocations(hidden, frozen.float().requires_grad_(), targets, chunk_rows) >= 4  # the control
     hidden.grad = None
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = LinearCrossEntropySum.apply(hidden, frozen, None, targets, chunk_rows)

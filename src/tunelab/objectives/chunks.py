@@ -27,7 +27,14 @@ class ChunkLogits:
     peak RSS moved by ~100 MiB with the order of earlier allocations (Python's hash seed moved it between two runs of
     one config; docs/choosing.md)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int, trains: bool = False) -> None:
+        device = weight.device.type
+        if not trains and weight.dtype == torch.float32 and torch.is_autocast_enabled(device):
+            # A frozen float32 head under autocast (QLoRA's, upcast by PEFT) would be cast to the autocast dtype at
+            # every chunk's product (autocast caches only the casts of weights that train): 28M values on SmolLM2.
+            # Cast once, as autocast casts it, so every chunk reads one copy and its product is reused.
+            low = torch.get_autocast_dtype(device)
+            weight, bias = weight.to(low), None if bias is None else bias.to(low)
         self.weight, self.bias, self.rows = weight, bias, rows  # rows: the largest chunk
         self.product: torch.Tensor | None = None  # (C, V) in the head's dtype, reused by every chunk
         self.buffer: torch.Tensor | None = None  # (C, V) float32, when the product is half precision

@@ -50,7 +50,7 @@ class LinearTokenLogps(torch.autograd.Function):
         head_trains = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         # (N, H) d(-log p)/d hidden of a frozen head: (softmax - onehot) W, made here, only scaled in backward
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] and not head_trains else None
-        chunks = ChunkLogits(weight, bias, min(chunk_rows, hidden.shape[0]))
+        chunks = ChunkLogits(weight, bias, min(chunk_rows, hidden.shape[0]), trains=head_trains)
         logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (N,)
         entropy = torch.empty(hidden.shape[0] if with_entropy else 0, dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_rows):
@@ -95,7 +95,7 @@ def head_gradients(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     grad_hidden = torch.empty_like(hidden) if needs[0] else None  # (N, H)
     grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs[1] else None  # (V, H)
     grad_bias = torch.zeros_like(bias, dtype=torch.float32) if needs[2] else None  # (V,)
-    chunks = ChunkLogits(weight, bias, min(chunk_rows, hidden.shape[0]))
+    chunks = ChunkLogits(weight, bias, min(chunk_rows, hidden.shape[0]), trains=True)
     for start in range(0, hidden.shape[0], chunk_rows):
         part = slice(start, start + chunk_rows)
         rows, labels = hidden[part], targets[part]  # (C, H), (C,)

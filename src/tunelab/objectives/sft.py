@@ -102,7 +102,7 @@ class LinearCrossEntropySum(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None  # (N, H)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None  # (V, H)
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if ctx.needs_input_grad[2] else None  # (V,)
-        chunks = ChunkLogits(weight, bias, min(chunk_rows, hidden.shape[0]))
+        chunks = ChunkLogits(weight, bias, min(chunk_rows, hidden.shape[0]), trains=grad_weight is not None)
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = hidden[start : start + chunk_rows]  # (C, H)
             labels = targets[start : start + chunk_rows]  # (C,)
