@@ -111,14 +111,14 @@ def test_csv_file(tmp_path: Path) -> None:
 
     path = tmp_path / "data.csv"
     pd.DataFrame({
-        "prompt": ["1 + 1 =", "2 + 2 =", "what does f() return?"],
-        "completion": ["2", "4", "None"],  # CSV has no types: these are text, not a number or a null
+        "prompt": ["1 + 1 =", "what does\nf() return?", "2 + 2 ="],  # a quoted cell over two lines
+        "completion": ["2", "None", "4"],  # CSV has no types: these are text, not a number or a null
     }).to_csv(path, index=False)
     loaded = load_file(path)
     assert loaded.format == "prompt_completion"
     assert [(e.prompt, e.completion) for e in loaded.examples] == [
-        ("1 + 1 =", "2"), ("2 + 2 =", "4"), ("what does f() return?", "None")]
-    assert loaded.examples[0].source == f"{path}: row 1 (after the header)"
+        ("1 + 1 =", "2"), ("what does\nf() return?", "None"), ("2 + 2 =", "4")]
+    assert [e.source for e in loaded.examples] == [f"{path}:2", f"{path}:3", f"{path}:5"]  # the line each row starts on
 
 
 def test_csv_alpaca_with_empty_optional_cell(tmp_path: Path) -> None:
@@ -711,7 +711,7 @@ def test_empty_responses_are_kept_counted_and_logged(tiny_tokenizer, tmp_path: P
     config = DataConfig(train=[str(chats), str(alpaca), str(pairs)], val_size=0, cache=False)
     with caplog.at_level("WARNING", logger="tunelab.data.prepare"):
         data = prepare_data(config, tiny_tokenizer)
-    sources = [f"{chats}:5", f"{chats}:8", f"{alpaca}:2", f"{pairs}: row 2 (after the header)"]
+    sources = [f"{chats}:5", f"{chats}:8", f"{alpaca}:2", f"{pairs}:3"]
     assert data.report["empty_responses"] == {"count": 4, "examples": sources}
     assert len(data.train) == 16  # kept: a blank answer can be what the user wants
     (warning,) = [w for w in data.report["warnings"] if "empty response" in w]

@@ -314,6 +314,14 @@ def test_a_missing_run_folder_is_named_not_sent_to_the_hub(runs: dict[str, Path]
         assert "hf download" not in flat
 
 
+def test_eval_refuses_a_zero_budget_before_it_loads_anything(runs: dict[str, Path]) -> None:
+    """--max-new-tokens 0 (or --batch-size 0) is a usage error at once, not a traceback after the model loads."""
+    for option in ("--max-new-tokens", "--batch-size", "--max-examples"):
+        result = CliRunner(env={"COLUMNS": "250"}).invoke(app, ["eval", str(runs["a"]), "--data", str(runs["test"]),
+                                                                option, "0"])
+        assert result.exit_code == 2 and option in result.output and "greater than or equal to 1" in result.output, result.output
+
+
 QUICK = dict(metrics=["exact_match"], max_new_tokens=4, resamples=20)
 
 

@@ -89,6 +89,25 @@ def test_a_row_ends_where_the_models_context_ends_and_a_prompt_that_fills_it_is_
     assert '"source"' not in result.output
 
 
+def test_chat_refuses_a_message_past_the_context_and_goes_on(runs: dict[str, Path],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A message (or a conversation grown) past the model's context is refused with the reason, dropped, and the chat
+    goes on: the conversation so far is kept, not lost with the process."""
+    monkeypatch.setattr("tunelab.generation.context_length", lambda model, tokenizer: 60)
+    lines = iter(["word " * 80, "say something 1", "/exit"])
+    out = io.StringIO()
+    conversation = chat_loop(runs["dogs"], None, Sampling(4), read=lambda _: next(lines), out=out)
+    assert "[refused: the prompt has" in out.getvalue() and "takes 60 positions" in out.getvalue()
+    assert [m["content"] for m in conversation if m["role"] == "user"] == ["say something 1"]
+    assert conversation[-1]["role"] == "assistant" and conversation[-1]["content"]
+
+
+def test_an_empty_prompt_is_refused_with_its_source(runs: dict[str, Path]) -> None:
+    loaded = load_run(runs["dogs"], device="cpu")
+    with pytest.raises(DataError, match=r"^p.jsonl:2: the prompt is empty \(it encodes to no tokens\)"):
+        generate_batch(loaded.model, loaded.tokenizer, [GenerationRequest([], Sampling(4), source="p.jsonl:2")])
+
+
 def test_the_context_is_the_smaller_limit_less_the_virtual_tokens() -> None:
     from types import SimpleNamespace
 

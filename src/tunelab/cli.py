@@ -344,9 +344,9 @@ def eval_command(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the report of a different evaluation (other data, systems or settings) in the output folder")] = False,
     metric: Annotated[Optional[list[str]], typer.Option("--metric", help="Generation metric (repeatable): exact_match, bleu, chrf, rouge_1, rouge_2, rouge_l, or module:function. Default: all built-in ones")] = None,
     labels: Annotated[Optional[str], typer.Option(help="Classification: comma-separated labels, chosen by their log-likelihood")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Token budget of each generation")] = 128,
-    batch_size: Annotated[int, typer.Option(help="Examples per forward pass / generation batch")] = 8,
-    max_examples: Annotated[Optional[int], typer.Option(help="Evaluate only the first N examples")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Token budget of each generation")] = 128,
+    batch_size: Annotated[int, typer.Option(min=1, help="Examples per forward pass / generation batch")] = 8,
+    max_examples: Annotated[Optional[int], typer.Option(min=1, help="Evaluate only the first N examples")] = None,
     sample: Annotated[bool, typer.Option("--sample", help="Sample instead of greedy decoding (seeded by --seed)")] = False,
     temperature: Annotated[float, typer.Option(help="Sampling temperature (with --sample)")] = 1.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling (with --sample)")] = 1.0,
@@ -777,7 +777,6 @@ def _announce(application: Any, host: str, port: int) -> None:
     names = ", ".join(engine.served)
     if names:
         err_console.print(f"serving {names} at http://{host}:{port}/v1 ; web UI at http://{host}:{port}/", highlight=False)
-        err_console.print(f"weights in {engine.precision.dtype}: {engine.precision.reason}", highlight=False)
     else:
         err_console.print(f"web UI at http://{host}:{port}/ (runs in {application.state.settings.runs_root}; no model "
                           "loaded: give run folders to chat with them)", highlight=False)

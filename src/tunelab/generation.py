@@ -157,10 +157,12 @@ def context_length(model: Any, tokenizer: Any) -> int:
 
 def fit_context(requests: list[GenerationRequest], context: int) -> None:
     """Cap each request's new tokens at the room its prompt leaves in ``context`` positions (its finish reason is then
-    "length", as for its own budget), and refuse, naming its source, a prompt that leaves none."""
+    "length", as for its own budget), and refuse, naming its source, a prompt that leaves none or has no token."""
     for request in requests:
+        where = f"{request.source}: " if request.source else ""
+        if not request.prompt_ids:
+            raise DataError(f"{where}the prompt is empty (it encodes to no tokens): give it some text")
         if len(request.prompt_ids) >= context:
-            where = f"{request.source}: " if request.source else ""
             raise DataError(f"{where}the prompt has {len(request.prompt_ids)} tokens, and this model takes {context} "
                             "positions (max_position_embeddings in its config.json, less any virtual tokens), so no "
                             "token can follow it: shorten the prompt")

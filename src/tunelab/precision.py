@@ -155,8 +155,8 @@ def generation_precision(requested: str, configured: str, device: torch.device) 
     if chosen == "auto" and device.type == "cpu":
         support = detect_cpu_bf16()
         if not support.native:
-            return GenerationPrecision("float32", f"dtype auto on a CPU: float32 weights ({support.reason})")
-        return GenerationPrecision("bfloat16", f"dtype auto on a CPU: bfloat16 weights ({support.reason})")
+            return GenerationPrecision("float32", f"--dtype auto on a CPU: float32, as {support.reason}")
+        return GenerationPrecision("bfloat16", f"--dtype auto on a CPU: bfloat16, as {support.reason}")
     if chosen == "bfloat16" and device.type == "cpu" and not native_cpu_bf16():
         return GenerationPrecision("float32", f"{why}: float32 instead, {detect_cpu_bf16().reason}")
     loaded = str(load_dtype(chosen, device)).removeprefix("torch.")

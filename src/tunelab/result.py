@@ -139,11 +139,11 @@ def load_for_generation(run: str | Path | FoundResult, device: torch.device | st
         if problem is not None:  # this host's kernels round a row with its batch: float32, which the tests hold
             loaded = load_run(found, device=device, dtype="float32")
             loaded.precision = GenerationPrecision("float32", f"{chosen.reason}, but on this CPU {problem}: float32 "
-                                                              "weights instead, so that a batched answer is the one "
-                                                              "a request gets alone")
+                                                              "instead, so that a batched answer is the one its "
+                                                              "request gets alone")
         else:
-            loaded.precision = GenerationPrecision("bfloat16", f"{chosen.reason}, computed row by row: every answer "
-                                                               "the one a request gets alone whatever shares its batch")
+            loaded.precision = GenerationPrecision("bfloat16", f"{chosen.reason}; computed row by row, so each "
+                                                               "answer is the one its request gets alone")
     return loaded
 
 

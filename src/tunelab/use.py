@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
 
-from tunelab.data.formats import read_records
+from tunelab.data.formats import read_records, record_location
 from tunelab.errors import DataError
 from tunelab.generation import (GREEDY, GenerationRequest, Sampling, context_length, encode, fit_context, generate_batch,
                                 render_chat)
@@ -68,7 +68,7 @@ def generate_from_run(run: Path, prompts: list[str] | None, data: Path | None, s
     if data is not None:
         records, lines = read_records(Path(data))
         for index, record in enumerate(records):
-            where = f"{data}:{lines[index] if lines else index + 1}"
+            where = record_location(Path(data), index, lines)
             messages, text = prompt_from_record(record, where)
             items.append((where, _prompt_text(loaded.tokenizer, chat, messages, text, where)))
     for index, text in enumerate(prompts or []):
@@ -114,5 +114,9 @@ def chat_loop(run: Path, system: str | None, sampling: Sampling = GREEDY,
             generate_batch(loaded.model, loaded.tokenizer, [request])
         except KeyboardInterrupt:  # stop this reply, keep the conversation
             request.finish_reason = "cancelled"
+        except DataError as exc:  # the conversation no longer fits the context: this message is refused, not the chat
+            messages.pop()
+            out.write(f"\n[refused: {exc}. /reset starts over]\n")
+            continue
         out.write("\n" if request.finish_reason == "stop" else f"\n[{request.finish_reason}]\n")
         messages.append({"role": "assistant", "content": request.text.strip()})

@@ -107,7 +107,8 @@ class LoadedFile:
     examples: list[Example] = field(default_factory=list)
 
 
-def _location(path: Path, row: int, line_of_row: list[int] | None) -> str:
+def record_location(path: Path, row: int, line_of_row: list[int] | None) -> str:
+    """Where record ``row`` of ``path`` is, for a message: its line, or its row or record number."""
     if line_of_row is not None:
         return f"{path}:{line_of_row[row]}"
     if path.suffix == ".csv":
@@ -213,7 +214,7 @@ def _starts_with_bracket(path: Path) -> bool:
 
 
 def read_records(path: Path) -> tuple[list[dict[str, Any]], list[int] | None]:
-    """Rows of a data file as dicts, plus the line number of each row when the file is JSON Lines."""
+    """Rows of a data file as dicts, plus the line number of each row when the file is JSON Lines or CSV."""
     import datasets
 
     if path.is_dir():  # checked first: a directory has no suffix, and a "data.jsonl" folder is not "not found"
@@ -250,8 +251,16 @@ def read_records(path: Path) -> tuple[list[dict[str, Any]], list[int] | None]:
         raise DataError(detail or f"{path}: could not be read as {builder} ({type(cause).__name__}: {cause})") from None
     finally:
         datasets.utils.logging.set_verbosity(previous)
-    lines = _jsonl_lines(path) if builder == "json" else None
-    return dataset.to_list(), lines
+    lines = _jsonl_lines(path) if builder == "json" else None  # first: it names a line that is not UTF-8
+    records = dataset.to_list()
+    return records, _csv_lines(path, len(records)) if builder == "csv" else lines
+
+
+def _csv_lines(path: Path, records: int) -> list[int] | None:
+    """1-based line where each CSV row starts (a quoted cell may span lines), or None where csv's reading disagrees
+    with pandas' about the rows (then a row is named by its number)."""
+    starts = [line for line, _ in _csv_rows(path)][1:]  # the header's line left out
+    return starts if len(starts) == records else None
 
 
 # The keys each format needs, for naming what is missing when a record fits none (optional keys left out).
@@ -567,13 +576,13 @@ def load_file(path: str | Path, fmt: str = "auto", columns: dict[str, str] | Non
     columns = columns or {}
     if columns:
         _check_mapped_columns(path, records, columns, column_word)
-        records = [rename_columns(r, columns, _location(path, row, lines)) for row, r in enumerate(records)]
+        records = [rename_columns(r, columns, record_location(path, row, lines)) for row, r in enumerate(records)]
     detected = fmt == "auto"
     if detected:
         fmt = detect_format(records[0], prompts) or ""
         if not fmt:
-            raise DataError(_unknown_format_message(records[0], _location(path, 0, lines), column_word))
+            raise DataError(_unknown_format_message(records[0], record_location(path, 0, lines), column_word))
     loaded = LoadedFile(path, fmt)
     for row, record in enumerate(records):
-        loaded.examples.append(to_example(record, fmt, _location(path, row, lines), detected))
+        loaded.examples.append(to_example(record, fmt, record_location(path, row, lines), detected))
     return loaded

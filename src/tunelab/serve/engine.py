@@ -179,7 +179,7 @@ class Engine:
             log.info("whole batches, no continuous batching: %s", self.batch.why_not)
         self.context_length = context_length(model, self.tokenizer)
         self.precision = next(iter(served.values())).precision or _as_loaded(model)
-        log.info("generating in %s (%s)", self.precision.dtype, self.precision.reason)
+        log.info("weights in %s: %s", self.precision.dtype, self.precision.reason)  # as generate and chat say it
         self.batch_wait_s = 0.01  # whole batches only (``continuous`` off): how long a batch waits for more requests
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._jobs: dict[int, Job] = {}  # id(request) -> its job, while it is in the batch
