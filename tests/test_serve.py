@@ -332,6 +332,14 @@ def test_each_bad_chat_request_gets_its_4xx(server: BackgroundServer, case: str)
         assert error["param"] == "max_tokens"
 
 
+def test_a_bad_value_of_an_optional_field_names_the_field_alone(server: BackgroundServer) -> None:
+    """top_p 0 fails both branches of an optional number (> 0, and None): one problem, named by the request field,
+    not by pydantic's branch tags ("top_p.constrained-float ... (and 1 more problem)")."""
+    error = assert_openai_error(post(server, "/v1/chat/completions", {"model": "cats", "messages": USER, "top_p": 0}), 400)
+    assert error["param"] == "top_p" and error["message"].startswith("top_p: Input should be greater than 0")
+    assert "more problem" not in error["message"], error
+
+
 def test_malformed_json_and_other_paths(server: BackgroundServer) -> None:
     assert_openai_error(post(server, "/v1/chat/completions", None, raw=b'{"model": "cats", "messages": ['), 400)
     assert_openai_error(post(server, "/v1/completions", None, raw=b"\xff\xfe not json"), 400)

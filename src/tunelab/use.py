@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -30,6 +31,9 @@ def prompt_from_record(record: dict[str, Any], where: str) -> tuple[list[dict[st
     the reference answer, is dropped), an instruction, or a plain prompt/text."""
     record = {k: v for k, v in record.items() if v is not None}  # a table's rows carry every column, absent ones as None
     messages = record.get("messages")
+    if "messages" in record and not (isinstance(messages, list) and messages):
+        raise DataError(f"{where}: 'messages' should be a non-empty list of turns ({{\"role\": ..., \"content\": ...}}), "
+                        f"got {json.dumps(messages)[:80]}")
     if isinstance(messages, list) and messages:
         if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages):
             raise DataError(f"{where}: each message needs a string 'role' and 'content'")

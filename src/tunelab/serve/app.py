@@ -156,16 +156,28 @@ class LimitBody:
         await self.app(scope, replay, send)
 
 
+_TYPE_TAGS = {"int", "float", "str", "bool", "none", "list", "dict"}  # pydantic's names for a union's branches
+
+
+def _param(loc: tuple[Any, ...]) -> str | None:
+    """The request field an error's ``loc`` names: "top_p", "messages.0.role"; without "body" and pydantic's union
+    branch tags ("constrained-float", "function-after[...]"), which mean nothing to a client."""
+    parts = [str(p) for p in loc if p != "body" and (isinstance(p, int) or (
+        str(p).isidentifier() and str(p).lower() not in _TYPE_TAGS))]
+    return ".".join(parts) or None
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "invalid request body", None
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     if first.get("type") == "json_invalid":
         return f"the body is not valid JSON ({first.get('msg', '')})", None
-    param = ".".join(loc) or None
-    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    param = _param(first.get("loc", ()))
+    # a value that fits no branch of an optional field fails each branch ("should be > 0", "should be None"): one problem
+    others = len({_param(e.get("loc", ())) for e in errors} - {param})
+    more = f" (and {others} more problem{'s' if others > 1 else ''})" if others else ""
     return f"{param or 'body'}: {first.get('msg', 'invalid')}{more}", param
 
 
