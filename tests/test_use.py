@@ -155,7 +155,7 @@ def test_cli_generate_errors_name_the_problem(runs: dict[str, Path], tmp_path: P
     result = runner.invoke(app, ["generate", str(runs["owls"]), "--data", str(bad)])
     assert result.exit_code == 2 and f"{bad}:2" in result.output
     bad.write_text(json.dumps({"prompt": "fine"}) + "\n" + json.dumps({"messages": []}) + "\n")
-    result = runner.invoke(app, ["generate", str(runs["owls"]), "--data", str(bad)])
+    result = runner.invoke(app, ["generate", str(tmp_path / "no-run"), "--data", str(bad)])  # read before any weight
     assert result.exit_code == 2 and f"{bad}:2: 'messages' should be a non-empty list of turns" in result.output
     result = runner.invoke(app, ["generate", str(tmp_path), "--prompt", "x"])
     assert result.exit_code == 2 and "not a tunelab run folder" in result.output

@@ -65,16 +65,17 @@ def generate_from_run(run: Path, prompts: list[str] | None, data: Path | None, s
                       raw: bool | None = None, batch_size: int = 8, dtype: str = "auto") -> Iterator[dict[str, Any]]:
     """Yield one record per prompt: {source, prompt, output, finish_reason, tokens}, in input order. The run is
     loaded as `tunelab serve` loads it (``load_for_generation``, ``dtype``), so the answers are the served ones."""
-    loaded = load_for_generation(run, dtype=dtype)
-    log.info("weights in %s: %s", loaded.precision.dtype, loaded.precision.reason)  # as serve says it
-    chat = uses_chat_template(run, loaded.tokenizer) if raw is None else not raw
-    items: list[tuple[str, str]] = []  # (source, rendered prompt)
-    if data is not None:
+    parsed: list[tuple[str, list[dict[str, str]] | None, str | None]] = []  # (source, messages, raw text)
+    if data is not None:  # read and checked before the weights load (seconds): a bad record is named at once
         records, lines = read_records(Path(data))
         for index, record in enumerate(records):
             where = record_location(Path(data), index, lines)
-            messages, text = prompt_from_record(record, where)
-            items.append((where, _prompt_text(loaded.tokenizer, chat, messages, text, where)))
+            parsed.append((where, *prompt_from_record(record, where)))
+    loaded = load_for_generation(run, dtype=dtype)
+    log.info("weights in %s: %s", loaded.precision.dtype, loaded.precision.reason)  # as serve says it
+    chat = uses_chat_template(run, loaded.tokenizer) if raw is None else not raw
+    items: list[tuple[str, str]] = [(where, _prompt_text(loaded.tokenizer, chat, messages, text, where))
+                                    for where, messages, text in parsed]  # (source, rendered prompt)
     for index, text in enumerate(prompts or []):
         items.append((f"--prompt {index + 1}", render_chat(loaded.tokenizer, [{"role": "user", "content": text}]) if chat else text))
     requests = [GenerationRequest(encode(loaded.tokenizer, text, special=not chat), sampling, source=source)
