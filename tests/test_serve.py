@@ -338,6 +338,9 @@ def test_a_bad_value_of_an_optional_field_names_the_field_alone(server: Backgrou
     error = assert_openai_error(post(server, "/v1/chat/completions", {"model": "cats", "messages": USER, "top_p": 0}), 400)
     assert error["param"] == "top_p" and error["message"].startswith("top_p: Input should be greater than 0")
     assert "more problem" not in error["message"], error
+    over = {"model": "cats", "messages": USER, "max_completion_tokens": 10**6}  # the newer name of max_tokens
+    error = assert_openai_error(post(server, "/v1/chat/completions", over), 400)
+    assert error["param"] == "max_completion_tokens" and error["message"].startswith("max_completion_tokens is 1000000")
 
 
 def test_malformed_json_and_other_paths(server: BackgroundServer) -> None:

@@ -274,10 +274,12 @@ def _served(engine: Engine | NoModels, name: str) -> ServedModel:
     return engine.served[name]
 
 
-def _budget(engine: Engine, settings: ServeSettings, asked: int | None, prompt_len: int) -> int:
+def _budget(engine: Engine, settings: ServeSettings, asked: int | None, prompt_len: int,
+            field: str = "max_tokens") -> int:
+    """``asked`` new tokens (from the request's ``field``), or the default where the context allows it."""
     if asked is not None and asked > settings.max_tokens_limit:
-        raise APIError(400, f"max_tokens is {asked}, over this server's limit of {settings.max_tokens_limit}",
-                       param="max_tokens", code="max_tokens_exceeded")
+        raise APIError(400, f"{field} is {asked}, over this server's limit of {settings.max_tokens_limit}",
+                       param=field, code="max_tokens_exceeded")
     room = engine.context_length - prompt_len
     budget = asked if asked is not None else min(settings.default_max_tokens, room)
     if budget < 1 or prompt_len + budget > engine.context_length:
@@ -294,7 +296,8 @@ async def _generate(app: FastAPI, http: Request, body: ChatCompletionRequest | C
     if any(not i for i in ids):
         raise APIError(400, "the prompt is empty (it encodes to no tokens); give some text to continue",
                        param="prompt" if not chat else "messages")
-    budgets = [_budget(engine, settings, body.budget(), len(i)) for i in ids]
+    field = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+    budgets = [_budget(engine, settings, body.budget(), len(i), field) for i in ids]
     if app.state.in_flight >= settings.max_concurrent:
         metrics.rejected.labels("concurrency").inc()
         raise APIError(429, f"this server is at its limit of {settings.max_concurrent} concurrent requests; retry "
