@@ -25,9 +25,6 @@ from tunelab.objectives.chunks import CHUNK_ROWS, ChunkLogits, softmax_in_place
 from tunelab.settings import Settings
 from tunelab.techniques.base import forward_inputs
 
-LOSS_CHUNK_ROWS = CHUNK_ROWS  # rows of the (N, V) logits computed at once (objectives/chunks.py)
-
-
 class SftSettings(Settings):
     """Supervised fine-tuning has no settings of its own: what is supervised is the data's choice (data.train_on_prompt)."""
 
@@ -127,7 +124,7 @@ class LinearCrossEntropySum(torch.autograd.Function):
 
 
 def sft_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> LossSum:
-    return chunked_sft_loss_sum(model, batch, LOSS_CHUNK_ROWS)
+    return chunked_sft_loss_sum(model, batch, CHUNK_ROWS)
 
 
 def chunked_sft_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_rows: int) -> LossSum:
@@ -150,7 +147,7 @@ def chunked_sft_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk
     return LossSum(loss_sum, int(keep.sum()))
 
 
-def chunked_loss_memory(head: HeadOutput, chunk_rows: int = LOSS_CHUNK_ROWS) -> tuple[int, ...]:
+def chunked_loss_memory(head: HeadOutput, chunk_rows: int = CHUNK_ROWS) -> tuple[int, ...]:
     """Bytes of the tensors ``LinearCrossEntropySum`` holds at once (see ``Objective.loss_memory``), C = min(chunk_rows,
     N) rows a chunk, CV = C x V cells, at the largest of its moments:
 
